@@ -1,0 +1,15 @@
+//! The `TrainingRun` manifest, defined once for the worker and the operator.
+//!
+//! [`load_manifest`] reads a YAML file, [`parse_manifest`] a string; both
+//! return a [`TrainingRun`] that has passed [`validate`], or a [`SpecError`]
+//! naming the offending field (for example `spec.model.heads`).
+
+pub mod error;
+pub mod load;
+pub mod types;
+pub mod validate;
+
+pub use error::{FieldError, SpecError};
+pub use load::{load_manifest, parse_manifest};
+pub use types::*;
+pub use validate::validate;

@@ -1,0 +1,13 @@
+//! Numeric primitives the model calls, on the CPU.
+//!
+//! This is the device boundary: the layers in `model` call only these
+//! functions on plain row-major `f32` slices, so another backend can provide
+//! the same set. Matrix products go through the `gemm` crate (packed,
+//! vectorised, multithreaded with rayon); the rest is written so the compiler
+//! vectorises the inner loops, and parallelised over rows with rayon.
+
+pub mod attention;
+pub mod matmul;
+pub mod ops;
+
+pub use matmul::{matmul, matmul_stats, MatmulStats, Trans};

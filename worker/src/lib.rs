@@ -1,0 +1,18 @@
+//! Pipewright training runtime.
+//!
+//! `model` holds the transformer and its explicit forward/backward,
+//! `kernels` the numeric primitives they call, `optim` AdamW and the
+//! learning-rate schedule, `data` the corpus, tokenizer and sampler,
+//! `checkpoint` safetensors checkpoints and Hugging Face export, `train` the
+//! training loop, `link` the binary frames between stages, `sync` the
+//! data-parallel gradient all-reduce, `cli` the `pipewright` commands.
+
+pub mod checkpoint;
+pub mod cli;
+pub mod data;
+pub mod kernels;
+pub mod link;
+pub mod model;
+pub mod optim;
+pub mod sync;
+pub mod train;

@@ -1,0 +1,484 @@
+//! The semantic rules a well-formed manifest must also satisfy.
+//!
+//! Every rule lives in the one table [`RULES`], each with the field it is
+//! reported against and its requirement in words. On Kubernetes the same
+//! table is meant to be emitted as CEL `x-kubernetes-validations` on the CRD,
+//! so the API server and local mode refuse the same manifests; adding a rule
+//! anywhere but in this table would let the two drift apart.
+
+use crate::error::FieldError;
+use crate::types::{Codec, TokenizerKind, TrainingRun, API_VERSION, KIND};
+
+/// Smallest BPE vocabulary: the 256 byte tokens plus at least one merge.
+pub const MIN_BPE_VOCAB: usize = 257;
+/// Largest BPE vocabulary accepted; beyond this the embedding dwarfs any model
+/// this runtime trains, and the number is far more likely a typo.
+pub const MAX_BPE_VOCAB: usize = 1_000_000;
+/// Longest name a DNS-1123 label (and so a Kubernetes object name used in pod
+/// and service names) may have.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// One rule of the manifest.
+pub struct Rule {
+    /// Dotted path of the field a violation is reported against.
+    pub field: &'static str,
+    /// The requirement in words, as it would appear in a CEL rule's message.
+    pub requirement: &'static str,
+    /// Returns a description of the violation (with the offending values)
+    /// when `run` breaks the rule. Rules whose inputs are themselves invalid
+    /// (a zero divisor, say) stay silent: another rule already reports that.
+    check: fn(&TrainingRun) -> Option<String>,
+}
+
+impl Rule {
+    /// The violation of this rule by `run`, if any.
+    pub fn check(&self, run: &TrainingRun) -> Option<FieldError> {
+        (self.check)(run).map(|message| FieldError::new(self.field, message))
+    }
+}
+
+/// Checks `run` against every rule in [`RULES`].
+///
+/// # Errors
+/// Every violated rule, in table order (which follows the order of fields in
+/// a manifest), so a user fixes the whole file in one pass.
+pub fn validate(run: &TrainingRun) -> Result<(), Vec<FieldError>> {
+    let errors: Vec<FieldError> = RULES.iter().filter_map(|rule| rule.check(run)).collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+/// All rules, in the order of the fields in a manifest.
+pub static RULES: &[Rule] = &[
+    Rule {
+        field: "apiVersion",
+        requirement: "must be pipewright.dev/v1alpha1",
+        check: |r| {
+            (r.api_version != API_VERSION)
+                .then(|| format!("must be {API_VERSION}, got {:?}", r.api_version))
+        },
+    },
+    Rule {
+        field: "kind",
+        requirement: "must be TrainingRun",
+        check: |r| (r.kind != KIND).then(|| format!("must be {KIND}, got {:?}", r.kind)),
+    },
+    Rule {
+        field: "metadata.name",
+        requirement: "must be a DNS-1123 label: at most 63 lowercase letters, digits and '-', \
+                      starting and ending with a letter or digit",
+        check: |r| dns_label_problem(&r.metadata.name),
+    },
+    // --- spec.model
+    Rule {
+        field: "spec.model.dim",
+        requirement: "must be at least 1",
+        check: |r| at_least_one(r.spec.model.dim as u64),
+    },
+    Rule {
+        field: "spec.model.layers",
+        requirement: "must be at least 1",
+        check: |r| at_least_one(r.spec.model.layers as u64),
+    },
+    Rule {
+        field: "spec.model.heads",
+        requirement: "must be at least 1",
+        check: |r| at_least_one(r.spec.model.heads as u64),
+    },
+    Rule {
+        field: "spec.model.heads",
+        requirement: "must divide spec.model.dim",
+        check: |r| {
+            let m = &r.spec.model;
+            (m.heads > 0 && m.dim % m.heads != 0)
+                .then(|| format!("{} does not divide spec.model.dim ({})", m.heads, m.dim))
+        },
+    },
+    Rule {
+        field: "spec.model.heads",
+        requirement: "must leave an even head dimension (spec.model.dim / spec.model.heads), \
+                      since rotary position embedding rotates pairs of dimensions",
+        check: |r| {
+            let m = &r.spec.model;
+            let divides = m.heads > 0 && m.dim % m.heads == 0;
+            (divides && m.head_dim() % 2 != 0).then(|| {
+                format!(
+                    "head dimension {} (spec.model.dim {} / {} heads) is odd; \
+                     rotary position embedding needs pairs of dimensions",
+                    m.head_dim(),
+                    m.dim,
+                    m.heads
+                )
+            })
+        },
+    },
+    Rule {
+        field: "spec.model.kvHeads",
+        requirement: "must be at least 1 when set",
+        check: |r| r.spec.model.kv_heads.and_then(|kv| at_least_one(kv as u64)),
+    },
+    Rule {
+        field: "spec.model.kvHeads",
+        requirement: "must divide spec.model.heads",
+        check: |r| {
+            let m = &r.spec.model;
+            let kv = m.kv_heads?;
+            (kv > 0 && m.heads > 0 && m.heads % kv != 0)
+                .then(|| format!("{kv} does not divide spec.model.heads ({})", m.heads))
+        },
+    },
+    Rule {
+        field: "spec.model.ffnDim",
+        requirement: "must be at least 1",
+        check: |r| at_least_one(r.spec.model.ffn_dim as u64),
+    },
+    Rule {
+        field: "spec.model.seqLen",
+        requirement: "must be at least 1",
+        check: |r| at_least_one(r.spec.model.seq_len as u64),
+    },
+    Rule {
+        field: "spec.model.ropeTheta",
+        requirement: "must be a finite number > 0",
+        check: |r| above_zero(r.spec.model.rope_theta),
+    },
+    Rule {
+        field: "spec.model.normEps",
+        requirement: "must be a finite number > 0",
+        check: |r| above_zero(r.spec.model.norm_eps),
+    },
+    Rule {
+        field: "spec.model.initStd",
+        requirement: "must be a finite number > 0",
+        check: |r| above_zero(r.spec.model.init_std),
+    },
+    // --- spec.data
+    Rule {
+        field: "spec.data.sources",
+        requirement: "must list at least one file, directory or glob",
+        check: |r| {
+            r.spec
+                .data
+                .sources
+                .is_empty()
+                .then(|| "is empty; list at least one file, directory or glob".to_owned())
+        },
+    },
+    Rule {
+        field: "spec.data.sources",
+        requirement: "must not contain empty entries",
+        check: |r| {
+            let blank: Vec<String> = r
+                .spec
+                .data
+                .sources
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.trim().is_empty())
+                .map(|(i, _)| format!("[{i}]"))
+                .collect();
+            let (noun, verb) = if blank.len() == 1 {
+                ("entry", "is")
+            } else {
+                ("entries", "are")
+            };
+            (!blank.is_empty()).then(|| {
+                format!(
+                    "{noun} {} {verb} empty; each source must name a file, directory or glob",
+                    blank.join(", ")
+                )
+            })
+        },
+    },
+    Rule {
+        field: "spec.data.validationFraction",
+        requirement: "must be in (0, 0.5]",
+        check: |r| {
+            let v = r.spec.data.validation_fraction;
+            (!(v > 0.0 && v <= 0.5)).then(|| format!("must be in (0, 0.5], got {v}"))
+        },
+    },
+    Rule {
+        field: "spec.data.tokenizer",
+        requirement: "kind bpe needs path or vocabSize",
+        check: |r| {
+            let t = &r.spec.data.tokenizer;
+            (t.kind == TokenizerKind::Bpe && t.path.is_none() && t.vocab_size.is_none()).then(
+                || {
+                    "kind bpe needs either path (a tokenizer.json to load) \
+                     or vocabSize (to train one on the corpus)"
+                        .to_owned()
+                },
+            )
+        },
+    },
+    Rule {
+        field: "spec.data.tokenizer.path",
+        requirement: "must not be empty when set",
+        check: |r| {
+            let path = r.spec.data.tokenizer.path.as_deref()?;
+            path.trim()
+                .is_empty()
+                .then(|| "is empty; name a tokenizer.json or leave path out".to_owned())
+        },
+    },
+    Rule {
+        field: "spec.data.tokenizer.path",
+        requirement: "only applies to kind bpe",
+        check: |r| {
+            let t = &r.spec.data.tokenizer;
+            (t.kind == TokenizerKind::Byte && t.path.is_some())
+                .then(|| "must not be set for the byte tokenizer (only for kind bpe)".to_owned())
+        },
+    },
+    Rule {
+        field: "spec.data.tokenizer.vocabSize",
+        requirement: "only applies to kind bpe",
+        check: |r| {
+            let t = &r.spec.data.tokenizer;
+            (t.kind == TokenizerKind::Byte && t.vocab_size.is_some()).then(|| {
+                "must not be set for the byte tokenizer, whose vocabulary is always 256".to_owned()
+            })
+        },
+    },
+    Rule {
+        field: "spec.data.tokenizer.vocabSize",
+        requirement: "cannot be set together with path",
+        check: |r| {
+            let t = &r.spec.data.tokenizer;
+            (t.kind == TokenizerKind::Bpe && t.path.is_some() && t.vocab_size.is_some()).then(
+                || {
+                    "must not be set together with path: a loaded tokenizer.json \
+                     brings its own vocabulary, and vocabSize would be ignored"
+                        .to_owned()
+                },
+            )
+        },
+    },
+    Rule {
+        field: "spec.data.tokenizer.vocabSize",
+        requirement: "must be in [257, 1000000] for kind bpe",
+        check: |r| {
+            let t = &r.spec.data.tokenizer;
+            let size = t.vocab_size.filter(|_| t.kind == TokenizerKind::Bpe)?;
+            (!(MIN_BPE_VOCAB..=MAX_BPE_VOCAB).contains(&size)).then(|| {
+                format!(
+                    "must be in [{MIN_BPE_VOCAB}, {MAX_BPE_VOCAB}] \
+                     (256 byte tokens plus at least one merge), got {size}"
+                )
+            })
+        },
+    },
+    // --- spec.training
+    Rule {
+        field: "spec.training.steps",
+        requirement: "must be at least 1",
+        check: |r| at_least_one(r.spec.training.steps),
+    },
+    Rule {
+        field: "spec.training.microBatchSize",
+        requirement: "must be at least 1",
+        check: |r| at_least_one(r.spec.training.micro_batch_size as u64),
+    },
+    Rule {
+        field: "spec.training.microBatches",
+        requirement: "must be at least 1",
+        check: |r| at_least_one(r.spec.training.micro_batches as u64),
+    },
+    Rule {
+        field: "spec.training.learningRate",
+        requirement: "must be a finite number > 0",
+        check: |r| above_zero(r.spec.training.learning_rate),
+    },
+    Rule {
+        field: "spec.training.warmupSteps",
+        requirement: "must not exceed spec.training.steps",
+        check: |r| {
+            let t = &r.spec.training;
+            (t.warmup_steps > t.steps).then(|| {
+                format!(
+                    "{} exceeds spec.training.steps ({})",
+                    t.warmup_steps, t.steps
+                )
+            })
+        },
+    },
+    Rule {
+        field: "spec.training.minLrRatio",
+        requirement: "must be in [0, 1]",
+        check: |r| {
+            let v = r.spec.training.min_lr_ratio;
+            (!(0.0..=1.0).contains(&v)).then(|| format!("must be in [0, 1], got {v}"))
+        },
+    },
+    Rule {
+        field: "spec.training.weightDecay",
+        requirement: "must be a finite number >= 0",
+        check: |r| zero_or_above(r.spec.training.weight_decay),
+    },
+    Rule {
+        field: "spec.training.beta1",
+        requirement: "must be in [0, 1)",
+        check: |r| adam_beta(r.spec.training.beta1),
+    },
+    Rule {
+        field: "spec.training.beta2",
+        requirement: "must be in [0, 1)",
+        check: |r| adam_beta(r.spec.training.beta2),
+    },
+    Rule {
+        field: "spec.training.eps",
+        requirement: "must be a finite number > 0",
+        check: |r| above_zero(r.spec.training.eps),
+    },
+    Rule {
+        field: "spec.training.gradClip",
+        requirement: "must be a finite number >= 0 (0 disables clipping)",
+        check: |r| zero_or_above(r.spec.training.grad_clip),
+    },
+    Rule {
+        field: "spec.training.evalBatches",
+        requirement: "must be at least 1",
+        check: |r| at_least_one(r.spec.training.eval_batches as u64),
+    },
+    // --- spec.pipeline
+    Rule {
+        field: "spec.pipeline.stages",
+        requirement: "must be at least 1",
+        check: |r| at_least_one(r.spec.pipeline.stages as u64),
+    },
+    Rule {
+        field: "spec.pipeline.stages",
+        requirement: "must not exceed spec.model.layers",
+        check: |r| {
+            let (stages, layers) = (r.spec.pipeline.stages, r.spec.model.layers);
+            (layers > 0 && stages > layers).then(|| {
+                format!(
+                    "{stages} stages exceeds spec.model.layers ({layers}); \
+                     every stage needs at least one layer"
+                )
+            })
+        },
+    },
+    Rule {
+        field: "spec.pipeline.replicas",
+        requirement: "must be at least 1",
+        check: |r| at_least_one(r.spec.pipeline.replicas as u64),
+    },
+    Rule {
+        field: "spec.pipeline.codec",
+        requirement: "lowrank needs spec.pipeline.stages >= 2",
+        check: |r| {
+            let p = &r.spec.pipeline;
+            (p.codec == Codec::Lowrank && p.stages < 2).then(|| {
+                format!(
+                    "lowrank applies only at stage boundaries and needs \
+                     spec.pipeline.stages >= 2, got {}",
+                    p.stages
+                )
+            })
+        },
+    },
+    // --- spec.checkpoint
+    Rule {
+        field: "spec.checkpoint.dir",
+        requirement: "must not be empty when set",
+        check: |r| {
+            let dir = r.spec.checkpoint.dir.as_deref()?;
+            dir.trim()
+                .is_empty()
+                .then(|| "is empty; name a directory or leave dir out".to_owned())
+        },
+    },
+    Rule {
+        field: "spec.checkpoint.every",
+        requirement: "must not exceed spec.training.steps (0: only at the end)",
+        check: |r| {
+            let (every, steps) = (r.spec.checkpoint.every, r.spec.training.steps);
+            (every > steps).then(|| {
+                format!(
+                    "{every} exceeds spec.training.steps ({steps}), so no checkpoint \
+                     would be written before the end; use 0 for only at the end"
+                )
+            })
+        },
+    },
+];
+
+fn at_least_one(value: u64) -> Option<String> {
+    (value == 0).then(|| "must be at least 1, got 0".to_owned())
+}
+
+// The comparisons are written so that NaN fails them.
+fn above_zero(value: f64) -> Option<String> {
+    (!(value > 0.0 && value.is_finite()))
+        .then(|| format!("must be a finite number > 0, got {value}"))
+}
+
+fn zero_or_above(value: f64) -> Option<String> {
+    (!(value >= 0.0 && value.is_finite()))
+        .then(|| format!("must be a finite number >= 0, got {value}"))
+}
+
+fn adam_beta(value: f64) -> Option<String> {
+    (!(0.0..1.0).contains(&value)).then(|| format!("must be in [0, 1), got {value}"))
+}
+
+/// Why `name` is not a DNS-1123 label, if it is not one.
+fn dns_label_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("must not be empty".to_owned());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Some(format!(
+            "is {} characters long; a DNS-1123 label has at most {MAX_NAME_LEN}",
+            name.len()
+        ));
+    }
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let well_formed = name.chars().all(allowed) && name.starts_with(alnum) && name.ends_with(alnum);
+    (!well_formed).then(|| {
+        format!(
+            "{name:?} is not a DNS-1123 label: use lowercase letters, digits and '-', \
+             starting and ending with a letter or digit"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_labels() {
+        for good in ["quickstart", "a", "run-2", "0run", &"a".repeat(63)] {
+            assert_eq!(dns_label_problem(good), None, "{good}");
+        }
+        for bad in [
+            "",
+            "Quickstart",
+            "-run",
+            "run-",
+            "run_2",
+            "run.2",
+            &"a".repeat(64),
+        ] {
+            assert!(dns_label_problem(bad).is_some(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn float_checks_refuse_nan_and_infinity() {
+        assert!(above_zero(f64::NAN).is_some());
+        assert!(above_zero(f64::INFINITY).is_some());
+        assert!(zero_or_above(f64::NAN).is_some());
+        assert!(adam_beta(f64::NAN).is_some());
+        assert_eq!(zero_or_above(0.0), None);
+        assert!(adam_beta(1.0).is_some());
+        assert_eq!(adam_beta(0.0), None);
+    }
+}

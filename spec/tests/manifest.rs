@@ -1,0 +1,285 @@
+//! Parsing behaviour a user relies on: defaults, round trips, and refusals
+//! that list every problem at once.
+
+use std::collections::BTreeMap;
+
+use pipewright_spec::validate::RULES;
+use pipewright_spec::{
+    parse_manifest, validate, CheckpointSpec, Codec, DataSpec, Metadata, ModelSpec, PartitionKind,
+    PipelineSpec, ScheduleKind, SpecError, TokenizerKind, TokenizerSpec, TrainingRun,
+    TrainingRunSpec, TrainingSpec, API_VERSION, KIND,
+};
+
+/// Only the fields that have no default.
+const MINIMAL: &str = "
+apiVersion: pipewright.dev/v1alpha1
+kind: TrainingRun
+metadata: {name: tiny}
+spec:
+  model: {dim: 64, layers: 2, heads: 4, ffnDim: 176, seqLen: 32}
+  data: {sources: [corpus.txt]}
+  training: {steps: 10, microBatchSize: 2, learningRate: 0.001}
+";
+
+#[test]
+fn defaults_are_filled_in() {
+    let run = parse_manifest(MINIMAL).expect("minimal manifest");
+    let m = &run.spec.model;
+    assert_eq!(m.kv_heads, None);
+    assert_eq!(m.kv_heads(), 4, "kvHeads defaults to heads");
+    assert!(!m.tied_embeddings);
+    assert_eq!(
+        (m.rope_theta, m.norm_eps, m.init_std),
+        (10000.0, 1e-5, 0.02)
+    );
+
+    let d = &run.spec.data;
+    assert!(d.exclude.is_empty());
+    assert_eq!(d.validation_fraction, 0.05);
+    assert_eq!(d.tokenizer, TokenizerSpec::default());
+    assert_eq!(d.tokenizer.kind, TokenizerKind::Byte);
+
+    let t = &run.spec.training;
+    assert_eq!((t.micro_batches, t.warmup_steps, t.seed), (1, 0, 0));
+    assert_eq!((t.min_lr_ratio, t.weight_decay), (0.1, 0.0));
+    assert_eq!(
+        (t.beta1, t.beta2, t.eps, t.grad_clip),
+        (0.9, 0.95, 1e-8, 1.0)
+    );
+    assert_eq!((t.eval_every, t.eval_batches, t.threads), (0, 8, 0));
+
+    let p = &run.spec.pipeline;
+    assert_eq!((p.stages, p.replicas), (1, 1));
+    assert_eq!(p.schedule, ScheduleKind::OneFOneB);
+    assert_eq!(p.codec, Codec::F32);
+    assert_eq!(p.partition, PartitionKind::Balanced);
+
+    let c = &run.spec.checkpoint;
+    assert_eq!((&c.dir, c.every, c.keep), (&None, 0, 3));
+}
+
+/// A manifest with every optional field set away from its default.
+fn everything_set() -> TrainingRun {
+    TrainingRun {
+        api_version: API_VERSION.into(),
+        kind: KIND.into(),
+        metadata: Metadata {
+            name: "full-run-7".into(),
+            labels: BTreeMap::from([("team".into(), "lm".into())]),
+            annotations: BTreeMap::from([("note".into(), "round trip: yes".into())]),
+        },
+        spec: TrainingRunSpec {
+            model: ModelSpec {
+                dim: 512,
+                layers: 12,
+                heads: 8,
+                kv_heads: Some(2),
+                ffn_dim: 1376,
+                seq_len: 1024,
+                tied_embeddings: true,
+                rope_theta: 500000.0,
+                norm_eps: 1e-6,
+                init_std: 0.015,
+            },
+            data: DataSpec {
+                sources: vec!["data/*.txt".into(), "/srv/corpus".into()],
+                exclude: vec!["*.bin".into()],
+                validation_fraction: 0.1,
+                tokenizer: TokenizerSpec {
+                    kind: TokenizerKind::Bpe,
+                    path: None,
+                    vocab_size: Some(8192),
+                },
+            },
+            training: TrainingSpec {
+                steps: 5000,
+                micro_batch_size: 4,
+                micro_batches: 8,
+                learning_rate: 3e-4,
+                warmup_steps: 200,
+                min_lr_ratio: 0.0,
+                weight_decay: 0.05,
+                beta1: 0.85,
+                beta2: 0.99,
+                eps: 1e-10,
+                grad_clip: 0.0,
+                seed: 42,
+                eval_every: 250,
+                eval_batches: 4,
+                threads: 6,
+            },
+            pipeline: PipelineSpec {
+                stages: 4,
+                replicas: 3,
+                schedule: ScheduleKind::ZbH1,
+                codec: Codec::Lowrank,
+                partition: PartitionKind::Measured,
+            },
+            checkpoint: CheckpointSpec {
+                dir: Some("/var/lib/pipewright/full".into()),
+                every: 500,
+                keep: 0,
+            },
+        },
+    }
+}
+
+#[test]
+fn serialized_manifest_parses_back_unchanged() {
+    let minimal = parse_manifest(MINIMAL).expect("minimal manifest");
+    for run in [everything_set(), minimal] {
+        let yaml = serde_saphyr::to_string(&run).expect("serialize");
+        let back = parse_manifest(&yaml).unwrap_or_else(|e| panic!("{e}\n---\n{yaml}"));
+        assert_eq!(back, run, "\n{yaml}");
+    }
+}
+
+#[test]
+fn wire_names_are_camel_case_and_enums_lowercase() {
+    let yaml = serde_saphyr::to_string(&everything_set()).expect("serialize");
+    for needle in [
+        "apiVersion:",
+        "kvHeads: 2",
+        "ffnDim:",
+        "microBatchSize:",
+        "schedule: zb-h1",
+        "codec: lowrank",
+        "kind: bpe",
+        "vocabSize: 8192",
+    ] {
+        assert!(yaml.contains(needle), "{needle:?} not in\n{yaml}");
+    }
+}
+
+#[test]
+fn all_problems_are_reported_not_just_the_first() {
+    let yaml = "
+apiVersion: pipewright.dev/v2
+kind: TrainingRun
+metadata: {name: Bad_Name}
+spec:
+  model: {dim: 256, layers: 2, heads: 6, ffnDim: 0, seqLen: 128}
+  data: {sources: [], validationFraction: 0}
+  training: {steps: 10, microBatchSize: 8, learningRate: 0, warmupSteps: 20, beta1: 1}
+  pipeline: {stages: 3, codec: lowrank}
+  checkpoint: {every: 11}
+";
+    let Err(SpecError::Invalid(problems)) = parse_manifest(yaml) else {
+        panic!("expected Invalid");
+    };
+    let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "apiVersion",
+            "metadata.name",
+            "spec.model.heads",
+            "spec.model.ffnDim",
+            "spec.data.sources",
+            "spec.data.validationFraction",
+            "spec.training.learningRate",
+            "spec.training.warmupSteps",
+            "spec.training.beta1",
+            "spec.pipeline.stages",
+            "spec.checkpoint.every",
+        ]
+    );
+    // Each problem on its own line of the error text.
+    let text = SpecError::Invalid(problems.clone()).to_string();
+    assert_eq!(text.lines().count(), problems.len() + 1, "{text}");
+    for p in &problems {
+        assert!(text.lines().any(|l| l.trim() == p.to_string()), "{text}");
+    }
+}
+
+#[test]
+fn validate_accepts_a_valid_run_built_in_code() {
+    assert_eq!(validate(&everything_set()), Ok(()));
+}
+
+#[test]
+fn validate_refuses_non_finite_numbers_built_in_code() {
+    let mut run = everything_set();
+    run.spec.training.learning_rate = f64::NAN;
+    run.spec.model.rope_theta = f64::INFINITY;
+    run.spec.training.weight_decay = f64::NAN;
+    let fields: Vec<String> = validate(&run)
+        .unwrap_err()
+        .into_iter()
+        .map(|e| e.field)
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "spec.model.ropeTheta",
+            "spec.training.learningRate",
+            "spec.training.weightDecay"
+        ]
+    );
+}
+
+#[test]
+fn bpe_with_both_path_and_vocab_size_is_refused() {
+    let yaml = MINIMAL.replace(
+        "{sources: [corpus.txt]}",
+        "{sources: [corpus.txt], tokenizer: {kind: bpe, path: tok.json, vocabSize: 4096}}",
+    );
+    let err = parse_manifest(&yaml).unwrap_err().to_string();
+    assert!(err.contains("spec.data.tokenizer.vocabSize"), "{err}");
+    assert!(err.contains("together with path"), "{err}");
+}
+
+#[test]
+fn bpe_with_only_a_path_is_accepted() {
+    let yaml = MINIMAL.replace(
+        "{sources: [corpus.txt]}",
+        "{sources: [corpus.txt], tokenizer: {kind: bpe, path: tok.json}}",
+    );
+    let run = parse_manifest(&yaml).expect("bpe with path");
+    assert_eq!(run.spec.data.tokenizer.path.as_deref(), Some("tok.json"));
+}
+
+/// Rules are meant to be turned into CEL rules on the CRD, which address
+/// fields by their wire names: every rule's field must exist in a manifest.
+#[test]
+fn every_rule_names_a_real_field() {
+    let mut run = everything_set();
+    run.spec.data.tokenizer.path = Some("tok.json".into());
+    let tree = serde_json::to_value(&run).expect("to json");
+    for rule in RULES {
+        let mut node = &tree;
+        for key in rule.field.split('.') {
+            node = node
+                .get(key)
+                .unwrap_or_else(|| panic!("rule field {} does not exist", rule.field));
+        }
+        assert!(!rule.requirement.is_empty(), "{}", rule.field);
+    }
+}
+
+#[test]
+fn type_error_in_a_list_names_the_entry() {
+    let yaml = MINIMAL.replace("[corpus.txt]", "[corpus.txt, 7]");
+    let err = parse_manifest(&yaml).unwrap_err();
+    assert!(matches!(err, SpecError::Parse { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("spec.data.sources[1]: invalid type"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_document_that_is_not_a_mapping_is_refused_plainly() {
+    let err = parse_manifest("- apiVersion\n- kind\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("must be a YAML mapping"), "{err}");
+}
+
+#[test]
+fn several_documents_in_one_file_are_refused() {
+    let two = format!("{MINIMAL}---\n{MINIMAL}");
+    let err = parse_manifest(&two).unwrap_err().to_string();
+    assert!(err.contains("YAML error") && err.contains("line"), "{err}");
+}

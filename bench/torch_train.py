@@ -124,15 +124,17 @@ def matmul_flops_per_step(s: BenchSpec) -> float:
     """Analytical matmul FLOPs of one training step (forward + backward).
 
     Per token and layer the forward pass multiplies by the q, k, v, o, gate,
-    up and down matrices, and computes scores and the weighted sum of values
-    over the full seqLen x seqLen attention matrix; the LM head adds one
-    dim x vocab product. Backward costs twice the forward (input and weight
-    gradients), so a step is three forwards.
+    up and down matrices, and computes scores and the weighted sum of values;
+    causal attention uses about half of the seqLen x seqLen matrix, so those
+    two products cost seqLen x dim multiply-adds together. The LM head adds
+    one dim x vocab product. Backward costs twice the forward (input and
+    weight gradients), so a step is three forwards. This is the same count
+    `pipewright bench train` uses, so the two GFLOP/s figures compare.
     """
     head_dim = s.dim // s.heads
     kv_dim = s.kv_heads * head_dim
     per_layer_weights = 2 * s.dim * s.dim + 2 * s.dim * kv_dim + 3 * s.dim * s.ffn_dim
-    attention = 2 * s.seq_len * s.dim  # scores and values, per token
+    attention = s.seq_len * s.dim  # scores and values, per token (causal half)
     per_token = 2 * (s.layers * (per_layer_weights + attention) + s.dim * s.vocab_size)
     return 3.0 * per_token * s.tokens_per_step
 

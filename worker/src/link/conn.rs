@@ -1,0 +1,769 @@
+//! [`Link`]: an authenticated TCP connection carrying frames both ways.
+//!
+//! Each link owns two threads. The sender thread drains a queue bounded in
+//! frames and in bytes, so a producer that outruns the network blocks in
+//! [`Link::send`] instead of growing memory. The receiver thread reads and
+//! verifies frames and hands valid ones over a bounded channel, so a slow
+//! consumer stops the reader, which fills the TCP window, which in turn
+//! stops the remote sender: backpressure end to end.
+
+use std::collections::VecDeque;
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use super::frame::{self, Frame, FrameError, FrameLimits, RejectReason, RunId, RunKey, WorkerId};
+use super::handshake::{handshake, HandshakeError, Role};
+use super::stats::LinkStats;
+
+/// Buffer size for the socket reader and writer: large enough to batch
+/// small frames into few system calls, small enough that large payloads
+/// bypass it.
+const IO_BUFFER: usize = 64 << 10;
+
+/// Settings of a link.
+#[derive(Clone, Debug)]
+pub struct LinkConfig {
+    /// Run the link belongs to; frames for other runs are rejected.
+    pub run_id: RunId,
+    /// Key that authenticates the handshake and every frame.
+    pub key: RunKey,
+    /// This worker's id, sent in the handshake.
+    pub worker_id: WorkerId,
+    /// Most frames waiting to be sent.
+    pub send_queue_frames: usize,
+    /// Most encoded bytes waiting to be sent. A single frame larger than
+    /// this is still sent, but only once the queue is otherwise empty.
+    pub send_queue_bytes: usize,
+    /// Most verified frames waiting for [`Link::recv`].
+    pub recv_queue_frames: usize,
+    /// Limits applied to every incoming frame.
+    pub limits: FrameLimits,
+    /// Deadline for connecting and for the handshake.
+    pub handshake_timeout: Duration,
+    /// Deadline for one socket write; a peer that stops reading for this
+    /// long is treated as gone. `None` waits forever.
+    pub write_timeout: Option<Duration>,
+}
+
+impl LinkConfig {
+    /// Defaults suited to activation traffic: 8 frames / 64 MiB each way.
+    pub fn new(run_id: RunId, key: RunKey, worker_id: WorkerId) -> Self {
+        LinkConfig {
+            run_id,
+            key,
+            worker_id,
+            send_queue_frames: 8,
+            send_queue_bytes: 64 << 20,
+            recv_queue_frames: 8,
+            limits: FrameLimits::default(),
+            handshake_timeout: Duration::from_secs(10),
+            write_timeout: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// Why a link operation failed.
+#[derive(Debug, Error)]
+pub enum LinkError {
+    /// Connecting or accepting failed.
+    #[error("cannot open link to {addr}: {source}")]
+    Connect {
+        /// Address tried (or the listener's address).
+        addr: String,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The handshake failed.
+    #[error("link handshake failed: {0}")]
+    Handshake(#[from] HandshakeError),
+    /// The connection is closed; the reason is recorded when known.
+    #[error("link closed: {0}")]
+    Closed(String),
+    /// Nothing arrived (or no queue space opened) within the deadline.
+    #[error("link timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// Send queue shared between [`Link::send`] and the sender thread.
+struct SendQueue {
+    state: Mutex<QueueState>,
+    /// Signalled when space frees up or the link closes.
+    space: Condvar,
+    /// Signalled when a frame arrives or the link closes.
+    work: Condvar,
+    max_frames: usize,
+    max_bytes: usize,
+}
+
+struct QueueState {
+    frames: VecDeque<Frame>,
+    /// Frames queued plus the one being written.
+    occupied_frames: usize,
+    /// Encoded bytes queued plus the frame being written.
+    occupied_bytes: usize,
+    /// Set when the link can no longer send, with the reason.
+    closed: Option<String>,
+    /// Set by [`Link::finish`]: send what is queued, then stop.
+    draining: bool,
+}
+
+impl SendQueue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // A poisoned lock means a link thread panicked; the state itself is
+        // still consistent (every update is a few field writes), so carry on.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn close(&self, reason: String) {
+        let mut s = self.lock();
+        s.closed.get_or_insert(reason);
+        drop(s);
+        self.space.notify_all();
+        self.work.notify_all();
+    }
+}
+
+/// An authenticated, bidirectional frame connection to one peer.
+pub struct Link {
+    queue: Arc<SendQueue>,
+    /// Behind a mutex so a link can be shared: one thread sending while
+    /// another receives.
+    incoming: Mutex<Receiver<Frame>>,
+    stats: Arc<LinkStats>,
+    peer: WorkerId,
+    peer_addr: Option<SocketAddr>,
+    stream: TcpStream,
+    sender: Option<JoinHandle<()>>,
+    receiver: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("peer", &self.peer)
+            .field("peer_addr", &self.peer_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Link {
+    /// Connects to `addr` and runs the handshake as initiator.
+    pub fn connect<A: ToSocketAddrs + std::fmt::Debug>(
+        addr: A,
+        config: &LinkConfig,
+    ) -> Result<Link, LinkError> {
+        let connect_err = |source| LinkError::Connect {
+            addr: format!("{addr:?}"),
+            source,
+        };
+        let mut last = None;
+        for a in addr.to_socket_addrs().map_err(connect_err)? {
+            match TcpStream::connect_timeout(&a, config.handshake_timeout) {
+                Ok(s) => return Link::from_stream(s, Role::Initiator, config),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(connect_err(last.unwrap_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "address resolved to nothing")
+        })))
+    }
+
+    /// Accepts one connection on `listener` and runs the handshake as
+    /// acceptor.
+    pub fn accept(listener: &TcpListener, config: &LinkConfig) -> Result<Link, LinkError> {
+        let (stream, _) = listener.accept().map_err(|source| LinkError::Connect {
+            addr: listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "listener".into()),
+            source,
+        })?;
+        Link::from_stream(stream, Role::Acceptor, config)
+    }
+
+    /// Runs the handshake on an open stream and starts the link's threads.
+    pub fn from_stream(
+        mut stream: TcpStream,
+        role: Role,
+        config: &LinkConfig,
+    ) -> Result<Link, LinkError> {
+        let io_err = |source| LinkError::Connect {
+            addr: "stream".into(),
+            source,
+        };
+        // Small control frames must not wait for Nagle's timer; large ones
+        // are batched by the buffered writer anyway.
+        stream.set_nodelay(true).map_err(io_err)?;
+        let peer = handshake(
+            &mut stream,
+            role,
+            &config.key,
+            &config.run_id,
+            &config.worker_id,
+            config.handshake_timeout,
+        )?;
+        stream
+            .set_write_timeout(config.write_timeout)
+            .map_err(io_err)?;
+        let peer_addr = stream.peer_addr().ok();
+        let stats = Arc::new(LinkStats::default());
+        let queue = Arc::new(SendQueue {
+            state: Mutex::new(QueueState {
+                frames: VecDeque::new(),
+                occupied_frames: 0,
+                occupied_bytes: 0,
+                closed: None,
+                draining: false,
+            }),
+            space: Condvar::new(),
+            work: Condvar::new(),
+            max_frames: config.send_queue_frames.max(1),
+            max_bytes: config.send_queue_bytes,
+        });
+        let (tx, incoming) = mpsc::sync_channel(config.recv_queue_frames.max(1));
+
+        let sender = {
+            let stream = stream.try_clone().map_err(io_err)?;
+            let (queue, stats, key) = (queue.clone(), stats.clone(), config.key.clone());
+            thread::Builder::new()
+                .name("link-send".into())
+                .spawn(move || send_loop(stream, &queue, &stats, &key))
+                .map_err(io_err)?
+        };
+        let receiver = {
+            let reader = ReceiverThread {
+                stream: stream.try_clone().map_err(io_err)?,
+                queue: queue.clone(),
+                stats: stats.clone(),
+                key: config.key.clone(),
+                limits: config.limits,
+                run_id: config.run_id,
+                peer,
+                tx,
+            };
+            thread::Builder::new()
+                .name("link-recv".into())
+                .spawn(move || reader.run())
+                .map_err(io_err)?
+        };
+        Ok(Link {
+            queue,
+            incoming: Mutex::new(incoming),
+            stats,
+            peer,
+            peer_addr,
+            stream,
+            sender: Some(sender),
+            receiver: Some(receiver),
+        })
+    }
+
+    /// The peer's worker id, as proven in the handshake.
+    pub fn peer(&self) -> WorkerId {
+        self.peer
+    }
+
+    /// The peer's socket address, when known.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_addr
+    }
+
+    /// Counters of this link.
+    pub fn stats(&self) -> &Arc<LinkStats> {
+        &self.stats
+    }
+
+    /// Queues `frame` for sending, blocking while the queue is full.
+    pub fn send(&self, frame: Frame) -> Result<(), LinkError> {
+        self.enqueue(frame, None)
+    }
+
+    /// Like [`Link::send`] but gives up after `timeout` without queue space.
+    pub fn send_timeout(&self, frame: Frame, timeout: Duration) -> Result<(), LinkError> {
+        self.enqueue(frame, Some(timeout))
+    }
+
+    fn enqueue(&self, frame: Frame, timeout: Option<Duration>) -> Result<(), LinkError> {
+        let size = frame.encoded_len();
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let q = &*self.queue;
+        let mut s = q.lock();
+        loop {
+            if let Some(reason) = &s.closed {
+                return Err(LinkError::Closed(reason.clone()));
+            }
+            let fits = s.occupied_frames == 0
+                || (s.occupied_frames < q.max_frames && s.occupied_bytes + size <= q.max_bytes);
+            if fits {
+                break;
+            }
+            s = match deadline {
+                None => q.space.wait(s).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Err(LinkError::Timeout(timeout.unwrap_or_default()));
+                    }
+                    q.space
+                        .wait_timeout(s, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+        }
+        s.occupied_frames += 1;
+        s.occupied_bytes += size;
+        self.stats.record_queue(s.occupied_frames, s.occupied_bytes);
+        s.frames.push_back(frame);
+        drop(s);
+        q.work.notify_one();
+        Ok(())
+    }
+
+    fn incoming(&self) -> MutexGuard<'_, Receiver<Frame>> {
+        self.incoming.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for the next verified frame.
+    pub fn recv(&self) -> Result<Frame, LinkError> {
+        self.incoming().recv().map_err(|_| self.closed())
+    }
+
+    /// Waits at most `timeout` for the next verified frame.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Frame, LinkError> {
+        self.incoming().recv_timeout(timeout).map_err(|e| match e {
+            RecvTimeoutError::Timeout => LinkError::Timeout(timeout),
+            RecvTimeoutError::Disconnected => self.closed(),
+        })
+    }
+
+    /// The next verified frame if one is waiting.
+    pub fn try_recv(&self) -> Result<Option<Frame>, LinkError> {
+        let next = self.incoming().try_recv();
+        match next {
+            Ok(f) => Ok(Some(f)),
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => Err(self.closed()),
+        }
+    }
+
+    fn closed(&self) -> LinkError {
+        LinkError::Closed(
+            self.stats
+                .close_reason()
+                .unwrap_or_else(|| "connection closed".into()),
+        )
+    }
+
+    /// Sends everything queued, then closes the sending half so the peer
+    /// sees a clean end of stream after the last frame. Frames may still be
+    /// received until the peer closes its half.
+    pub fn finish(&mut self) -> Result<(), LinkError> {
+        {
+            let mut s = self.queue.lock();
+            s.draining = true;
+        }
+        self.queue.work.notify_all();
+        if let Some(h) = self.sender.take() {
+            // The sender thread never panics on peer input; a panic here is a
+            // bug in this module and is reported as a closed link.
+            if h.join().is_err() {
+                return Err(LinkError::Closed("sender thread panicked".into()));
+            }
+        }
+        match self.queue.lock().closed.clone() {
+            Some(reason) if reason != FINISHED => Err(LinkError::Closed(reason)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Close reason the sender thread records after a clean [`Link::finish`].
+const FINISHED: &str = "finished";
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.queue.close("link dropped".into());
+        // Shutting the socket down unblocks both threads wherever they are.
+        let _ = self.stream.shutdown(Shutdown::Both);
+        // Drop our end of the channel before joining, so a receiver thread
+        // blocked on a full channel wakes with an error.
+        let (_, dead) = mpsc::sync_channel(1);
+        let incoming = self.incoming.get_mut().unwrap_or_else(|p| p.into_inner());
+        drop(std::mem::replace(incoming, dead));
+        for h in [self.sender.take(), self.receiver.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = h.join();
+        }
+    }
+}
+
+/// What the sender thread should do next.
+enum Next {
+    /// Write this frame; `last` says whether the queue is now empty.
+    Write { frame: Frame, last: bool },
+    /// [`Link::finish`] was called and the queue is empty.
+    Finish,
+    /// The link is closed for the given reason.
+    Stop(String),
+}
+
+fn next_job(queue: &SendQueue) -> Next {
+    let mut s = queue.lock();
+    loop {
+        if let Some(reason) = &s.closed {
+            return Next::Stop(reason.clone());
+        }
+        if let Some(frame) = s.frames.pop_front() {
+            let last = s.frames.is_empty();
+            return Next::Write { frame, last };
+        }
+        if s.draining {
+            return Next::Finish;
+        }
+        s = queue.work.wait(s).unwrap_or_else(|p| p.into_inner());
+    }
+}
+
+fn send_loop(stream: TcpStream, queue: &SendQueue, stats: &LinkStats, key: &RunKey) {
+    let mut w = BufWriter::with_capacity(IO_BUFFER, stream);
+    let reason = loop {
+        let (frame, last) = match next_job(queue) {
+            Next::Write { frame, last } => (frame, last),
+            Next::Finish => {
+                let done = w
+                    .flush()
+                    .and_then(|()| w.get_ref().shutdown(Shutdown::Write));
+                break match done {
+                    Ok(()) => FINISHED.to_string(),
+                    Err(e) => format!("write failed: {e}"),
+                };
+            }
+            Next::Stop(reason) => break reason,
+        };
+        let result = frame::write_frame(&mut w, &frame, key).and_then(|n| {
+            // Flush only when nothing else is queued, so bursts of small
+            // frames share system calls but a lone frame is not delayed.
+            if last {
+                w.flush()?;
+            }
+            Ok(n)
+        });
+        let size = frame.encoded_len();
+        drop(frame);
+        match result {
+            Ok(n) => stats.record_sent(n),
+            Err(e) => break format!("write failed: {e}"),
+        }
+        let mut s = queue.lock();
+        s.occupied_frames -= 1;
+        s.occupied_bytes -= size;
+        drop(s);
+        queue.space.notify_all();
+    };
+    if reason != FINISHED {
+        stats.record_close(reason.clone());
+        // A failed write leaves the peer's view of the stream undefined;
+        // end the connection in both directions.
+        let _ = w.get_ref().shutdown(Shutdown::Both);
+    }
+    queue.close(reason);
+}
+
+struct ReceiverThread {
+    stream: TcpStream,
+    queue: Arc<SendQueue>,
+    stats: Arc<LinkStats>,
+    key: RunKey,
+    limits: FrameLimits,
+    run_id: RunId,
+    peer: WorkerId,
+    tx: SyncSender<Frame>,
+}
+
+impl ReceiverThread {
+    fn run(self) {
+        let mut r = BufReader::with_capacity(IO_BUFFER, &self.stream);
+        let reason = loop {
+            match frame::read_frame(&mut r, &self.key, &self.limits) {
+                Ok(f) => {
+                    // Authentic frames still must belong to this run and name
+                    // the peer proven in the handshake as their author.
+                    let verdict = if f.header.run_id != self.run_id {
+                        Some(RejectReason::WrongRun)
+                    } else if f.header.sender != self.peer {
+                        Some(RejectReason::WrongSender)
+                    } else {
+                        None
+                    };
+                    if let Some(reason) = verdict {
+                        self.stats.record_rejected(reason);
+                        continue;
+                    }
+                    self.stats.record_received(f.encoded_len() as u64);
+                    if self.tx.send(f).is_err() {
+                        break "link dropped".to_string();
+                    }
+                }
+                Err(FrameError::Closed) => {
+                    // The peer finished sending; our own sending half stays
+                    // usable until the peer closes the socket entirely.
+                    self.stats.record_close("peer closed the connection".into());
+                    return;
+                }
+                Err(e) => {
+                    if let Some(reason) = e.reason() {
+                        self.stats.record_rejected(reason);
+                    }
+                    if e.desynchronizes() {
+                        let reason = format!("stream out of sync: {e}");
+                        eprintln!(
+                            "pipewright link from {:?}: closing, {reason}",
+                            self.stream.peer_addr()
+                        );
+                        break reason;
+                    }
+                }
+            }
+        };
+        self.stats.record_close(reason.clone());
+        let _ = self.stream.shutdown(Shutdown::Both);
+        self.queue.close(reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::frame::{Codec, DType, FrameHeader, FrameKind, Shape};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const RUN: RunId = RunId([3; 16]);
+    const KEY: RunKey = RunKey([11; 32]);
+
+    fn config(id: u8) -> LinkConfig {
+        LinkConfig::new(RUN, KEY, WorkerId([id; 16]))
+    }
+
+    /// Opens a link between two configs on loopback: (initiator, acceptor).
+    fn pair(a: LinkConfig, b: LinkConfig) -> (Link, Link) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let acceptor = thread::spawn(move || Link::accept(&listener, &b));
+        let init = Link::connect(addr, &a).expect("connect");
+        (init, acceptor.join().expect("join").expect("accept"))
+    }
+
+    fn frame(from: u8, step: u64, len: usize) -> Frame {
+        Frame {
+            header: FrameHeader {
+                run_id: RUN,
+                step,
+                micro_batch: 0,
+                stage: 0,
+                replica: 0,
+                kind: FrameKind::Activation,
+                dtype: DType::I8,
+                codec: Codec::Raw,
+                shape: Shape::new(&[len as u32]).expect("rank 1"),
+                sender: WorkerId([from; 16]),
+                input_hash: [0; 32],
+            },
+            payload: (0..len).map(|i| (i as u64 + step) as u8).collect(),
+        }
+    }
+
+    #[test]
+    fn frames_arrive_in_order_both_ways() {
+        let (a, b) = pair(config(1), config(2));
+        assert_eq!(a.peer(), WorkerId([2; 16]));
+        assert_eq!(b.peer(), WorkerId([1; 16]));
+        let n = 300;
+        thread::scope(|s| {
+            s.spawn(|| {
+                for i in 0..n {
+                    a.send(frame(1, i, 1 + (i as usize * 997) % 70_000))
+                        .expect("send a");
+                }
+            });
+            s.spawn(|| {
+                for i in 0..n {
+                    b.send(frame(2, i, 10)).expect("send b");
+                }
+            });
+            for i in 0..n {
+                let f = b.recv_timeout(Duration::from_secs(10)).expect("recv at b");
+                assert_eq!(f, frame(1, i, 1 + (i as usize * 997) % 70_000));
+                let g = a.recv_timeout(Duration::from_secs(10)).expect("recv at a");
+                assert_eq!(g.header.step, i);
+            }
+        });
+        assert_eq!(b.stats().snapshot().frames_received, n);
+        assert_eq!(a.stats().snapshot().frames_sent, n);
+        assert_eq!(b.stats().rejected_total(), 0);
+    }
+
+    #[test]
+    fn slow_reader_blocks_the_writer_and_queue_stays_bounded() {
+        let payload = 1 << 20;
+        let one = frame(1, 0, payload).encoded_len();
+        let mut a_cfg = config(1);
+        a_cfg.send_queue_frames = 4;
+        a_cfg.send_queue_bytes = 3 * one;
+        let mut b_cfg = config(2);
+        b_cfg.recv_queue_frames = 2;
+        let (a, b) = pair(a_cfg, b_cfg);
+        let total = 64u64;
+        let accepted = AtomicUsize::new(0);
+        thread::scope(|s| {
+            s.spawn(|| {
+                for i in 0..total {
+                    a.send(frame(1, i, payload)).expect("send");
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+            thread::sleep(Duration::from_millis(700));
+            let stalled_at = accepted.load(Ordering::SeqCst);
+            // Whatever is in flight is bounded by the send queue, the socket
+            // buffers and the receive channel: far fewer than 64 MiB.
+            assert!(
+                stalled_at < 40,
+                "writer was not held back: {stalled_at} frames accepted"
+            );
+            thread::sleep(Duration::from_millis(200));
+            assert_eq!(
+                accepted.load(Ordering::SeqCst),
+                stalled_at,
+                "writer kept going"
+            );
+            for i in 0..total {
+                let f = b.recv_timeout(Duration::from_secs(10)).expect("recv");
+                assert_eq!(f.header.step, i);
+                assert_eq!(f.payload.len(), payload);
+            }
+        });
+        let snap = a.stats().snapshot();
+        assert_eq!(snap.frames_sent, total);
+        assert!(snap.queue_peak_bytes as usize <= 3 * one, "{snap:?}");
+        assert!(snap.queue_peak_frames <= 3, "{snap:?}");
+    }
+
+    /// A raw peer that completed the handshake with the right key and
+    /// writes whatever bytes it likes.
+    fn raw_peer() -> (TcpStream, Link) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let link = thread::spawn(move || Link::accept(&listener, &config(2)));
+        let mut raw = TcpStream::connect(addr).expect("connect");
+        handshake(
+            &mut raw,
+            Role::Initiator,
+            &KEY,
+            &RUN,
+            &WorkerId([1; 16]),
+            Duration::from_secs(5),
+        )
+        .expect("handshake");
+        (raw, link.join().expect("join").expect("accept"))
+    }
+
+    #[test]
+    fn forged_and_misattributed_frames_are_dropped_and_counted() {
+        let (mut raw, link) = raw_peer();
+        let good = frame(1, 7, 100);
+        let mut other_run = frame(1, 8, 100);
+        other_run.header.run_id = RunId([4; 16]);
+        let mut bytes = frame::encode(&good, &RunKey([12; 32]));
+        bytes.extend(frame::encode(&frame(9, 9, 100), &KEY));
+        bytes.extend(frame::encode(&other_run, &KEY));
+        let mut flipped = frame::encode(&good, &KEY);
+        flipped[frame::HEADER_LEN + 3] ^= 4;
+        bytes.extend(flipped);
+        bytes.extend(frame::encode(&good, &KEY));
+        raw.write_all(&bytes).expect("write");
+        let got = link
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the good frame");
+        assert_eq!(got, good);
+        let stats = link.stats();
+        assert_eq!(stats.rejected(RejectReason::BadTag), 2);
+        assert_eq!(stats.rejected(RejectReason::WrongSender), 1);
+        assert_eq!(stats.rejected(RejectReason::WrongRun), 1);
+        assert_eq!(
+            stats.close_reason(),
+            None,
+            "bad frames must not close the link"
+        );
+
+        // Garbage where a header should be cannot be skipped: the link closes.
+        raw.write_all(&[0x55; frame::HEADER_LEN]).expect("write");
+        let err = link.recv_timeout(Duration::from_secs(5)).unwrap_err();
+        assert!(
+            matches!(&err, LinkError::Closed(r) if r.contains("out of sync")),
+            "{err}"
+        );
+        assert_eq!(stats.rejected(RejectReason::BadMagic), 1);
+    }
+
+    #[test]
+    fn wrong_key_cannot_open_a_link() {
+        let mut bad = config(1);
+        bad.key = RunKey([0; 32]);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let acceptor = thread::spawn(move || Link::accept(&listener, &config(2)));
+        let err = Link::connect(addr, &bad).unwrap_err();
+        assert!(
+            matches!(err, LinkError::Handshake(HandshakeError::BadProof)),
+            "{err}"
+        );
+        assert!(matches!(
+            acceptor.join().expect("join"),
+            Err(LinkError::Handshake(HandshakeError::BadProof))
+        ));
+    }
+
+    #[test]
+    fn finish_delivers_everything_then_the_peer_sees_the_end() {
+        let (mut a, b) = pair(config(1), config(2));
+        for i in 0..5 {
+            a.send(frame(1, i, 1000)).expect("send");
+        }
+        a.finish().expect("finish");
+        assert!(matches!(a.send(frame(1, 9, 1)), Err(LinkError::Closed(_))));
+        for i in 0..5 {
+            assert_eq!(b.recv().expect("recv").header.step, i);
+        }
+        let end = b.recv_timeout(Duration::from_secs(5)).unwrap_err();
+        assert!(
+            matches!(&end, LinkError::Closed(r) if r.contains("peer closed")),
+            "{end}"
+        );
+        // The finished side can still receive.
+        b.send(frame(2, 1, 10)).expect("send back");
+        assert_eq!(
+            a.recv_timeout(Duration::from_secs(5))
+                .expect("reply")
+                .header
+                .step,
+            1
+        );
+    }
+
+    #[test]
+    fn dropped_peer_is_an_error_not_a_hang() {
+        let (a, b) = pair(config(1), config(2));
+        drop(b);
+        let err = a.recv_timeout(Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(err, LinkError::Closed(_)), "{err}");
+    }
+}

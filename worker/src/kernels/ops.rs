@@ -136,6 +136,7 @@ impl Rope {
 /// `[B, T, H, hd]` (token-major, as a linear layer writes it) to
 /// `[B, H, T, hd]` (head-major, as attention reads it).
 pub fn to_head_major(x: &[f32], b: usize, t: usize, h: usize, hd: usize) -> Vec<f32> {
+    debug_assert_eq!(x.len(), b * t * h * hd);
     let mut out = vec![0.0; x.len()];
     out.par_chunks_mut(t * hd).enumerate().for_each(|(bh, dst)| {
         let (bi, hi) = (bh / h, bh % h);
@@ -149,6 +150,7 @@ pub fn to_head_major(x: &[f32], b: usize, t: usize, h: usize, hd: usize) -> Vec<
 
 /// Inverse of [`to_head_major`].
 pub fn to_token_major(x: &[f32], b: usize, t: usize, h: usize, hd: usize) -> Vec<f32> {
+    debug_assert_eq!(x.len(), b * t * h * hd);
     let mut out = vec![0.0; x.len()];
     out.par_chunks_mut(h * hd).enumerate().for_each(|(bt, dst)| {
         let (bi, ti) = (bt / t, bt % t);

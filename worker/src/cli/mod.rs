@@ -1,0 +1,134 @@
+//! The `pipewright` command line.
+
+mod bench;
+mod train;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::checkpoint;
+use crate::data::{val_batches, Corpus};
+use crate::train::{infer_loss, logits};
+
+/// Train transformer language models split into pipeline stages.
+#[derive(Debug, Parser)]
+#[command(name = "pipewright", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train the run described by a TrainingRun manifest on this machine.
+    Train(train::TrainArgs),
+    /// Report validation loss and bits per byte of a checkpoint.
+    Eval {
+        /// Checkpoint (a step directory, or a run directory with `latest`).
+        checkpoint: PathBuf,
+        /// Validation batches to score.
+        #[arg(long, default_value_t = 32)]
+        batches: usize,
+        /// Score this manifest's data instead of the checkpoint's.
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+    /// Write a checkpoint as a Hugging Face `transformers` Llama directory.
+    Export {
+        /// Checkpoint (a step directory, or a run directory with `latest`).
+        checkpoint: PathBuf,
+        /// Output directory.
+        out: PathBuf,
+    },
+    /// Compute logits of a text with our model (to compare with an export).
+    Forward {
+        /// Checkpoint (a step directory, or a run directory with `latest`).
+        checkpoint: PathBuf,
+        /// Text to encode (truncated to the model's context).
+        #[arg(long)]
+        text: String,
+        /// Output safetensors file with `input_ids` and `logits`.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Measure training throughput.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Run the parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(args) => train::run(args),
+        Command::Eval { checkpoint, batches, data } => eval(&checkpoint, batches, data.as_deref()),
+        Command::Export { checkpoint, out } => {
+            let n = checkpoint::export::export(&checkpoint, &out)
+                .with_context(|| format!("exporting {}", checkpoint.display()))?;
+            println!("wrote {n} tensors, config.json and tokenizer to {}", out.display());
+            Ok(())
+        }
+        Command::Forward { checkpoint, text, out } => forward(&checkpoint, &text, &out),
+        Command::Bench(cmd) => bench::run(cmd),
+    }
+}
+
+fn eval(path: &Path, batches: usize, data: Option<&Path>) -> Result<()> {
+    let mut loaded = checkpoint::load(path).with_context(|| format!("loading {}", path.display()))?;
+    let manifest = match data {
+        Some(p) => pipewright_spec::load_manifest(p).with_context(|| format!("reading {}", p.display()))?,
+        None => loaded.meta.manifest.clone(),
+    };
+    let corpus = Corpus::load(&manifest.spec.data, &loaded.tokenizer)?;
+    corpus.check_seq_len(loaded.meta.model.seq_len)?;
+    let rows = manifest.spec.training.micro_batch_size;
+    let (mut sum, mut tokens) = (0.0f64, 0usize);
+    for batch in val_batches(&corpus, batches, rows, loaded.meta.model.seq_len) {
+        sum += infer_loss(&mut loaded.stages, &batch)? * batch.targets.len() as f64;
+        tokens += batch.targets.len();
+    }
+    let loss = sum / tokens.max(1) as f64;
+    let bytes_per_token = corpus.val_bytes() as f64 / corpus.val_tokens().len().max(1) as f64;
+    let bpb = loss / std::f64::consts::LN_2 / bytes_per_token;
+    println!("checkpoint      {}", checkpoint::resolve(path)?.display());
+    println!("step            {}", loaded.meta.step);
+    println!("tokens scored   {tokens}");
+    println!("val loss        {loss:.4} nats/token");
+    println!("val bits/byte   {bpb:.4}");
+    println!("unigram entropy {:.4} bits/byte", corpus.unigram_bits_per_byte());
+    Ok(())
+}
+
+fn forward(path: &Path, text: &str, out: &Path) -> Result<()> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let mut loaded = checkpoint::load(path).with_context(|| format!("loading {}", path.display()))?;
+    let seq = loaded.meta.model.seq_len;
+    let mut ids = loaded.tokenizer.encode(text)?;
+    anyhow::ensure!(!ids.is_empty(), "--text encodes to no tokens");
+    ids.truncate(seq);
+    // The model runs on full windows; pad by repeating the text (causal
+    // attention makes the first positions independent of the padding).
+    let n = ids.len();
+    let padded: Vec<u32> = ids.iter().cycle().take(seq).copied().collect();
+    let all = logits(&mut loaded.stages, &padded)?;
+    let vocab = loaded.meta.model.vocab;
+    let logits: Vec<u8> = all[..n * vocab].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let input: Vec<u8> = ids.iter().flat_map(|&t| (t as i64).to_le_bytes()).collect();
+    let views = vec![
+        ("input_ids".to_string(), TensorView::new(Dtype::I64, vec![1, n], &input)?),
+        ("logits".to_string(), TensorView::new(Dtype::F32, vec![1, n, vocab], &logits)?),
+    ];
+    safetensors::serialize_to_file(views, None, out).with_context(|| format!("writing {}", out.display()))?;
+    println!("wrote logits of {n} tokens to {}", out.display());
+    Ok(())
+}
+
+/// Size the global rayon pool (0: one thread per core).
+pub fn init_threads(threads: usize) {
+    let n = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
+    // Fails only if the pool was already built, which is harmless.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+}

@@ -1,0 +1,159 @@
+//! `pipewright train`: a whole run in this process, with a progress bar,
+//! periodic evaluation and checkpoints, and a summary at the end.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+
+use crate::train::{run_dir, Trainer};
+
+/// Arguments of `pipewright train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// TrainingRun manifest (YAML).
+    pub manifest: PathBuf,
+    /// Override `spec.training.steps`.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Stop (with a checkpoint) after this step, as if interrupted.
+    #[arg(long)]
+    pub stop_after: Option<u64>,
+    /// Resume from the latest checkpoint in the run's directory.
+    #[arg(long)]
+    pub resume: bool,
+    /// Run directory for checkpoints (default: `checkpoint.dir`, else `runs/<name>`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Kernel threads (default: `training.threads`, else all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// No progress bar (log lines instead).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Run `pipewright train`.
+pub fn run(args: TrainArgs) -> Result<()> {
+    let mut manifest = pipewright_spec::load_manifest(&args.manifest)
+        .with_context(|| format!("{} is not a valid TrainingRun", args.manifest.display()))?;
+    if let Some(steps) = args.steps {
+        manifest.spec.training.steps = steps;
+    }
+    super::init_threads(args.threads.unwrap_or(manifest.spec.training.threads));
+    let root = args.out.clone().unwrap_or_else(|| run_dir(&manifest));
+    let setup = Instant::now();
+    let mut trainer = if args.resume {
+        Trainer::resume(&root, Some(manifest.spec.training.steps))
+            .with_context(|| format!("resuming from {}", root.display()))?
+    } else {
+        Trainer::new(manifest).context("preparing the run")?
+    };
+    let spec = trainer.manifest.spec.clone();
+    let corpus = &trainer.corpus;
+    eprintln!(
+        "run {}: {:.1}M parameters in {} stage(s) × {} replica(s); corpus {} files, {:.2} MB train / {:.2} MB validation, {} tokens ({:.1}s to prepare)",
+        trainer.manifest.metadata.name,
+        trainer.model.total_params() as f64 / 1e6,
+        spec.pipeline.stages,
+        spec.pipeline.replicas,
+        corpus.files().len(),
+        corpus.train_bytes() as f64 / 1e6,
+        corpus.val_bytes() as f64 / 1e6,
+        corpus.train_tokens().len(),
+        setup.elapsed().as_secs_f64(),
+    );
+    for (s, stage) in trainer.stages.iter().enumerate() {
+        eprintln!("  stage {s}: layers {:?}", stage.layers);
+    }
+
+    let total = spec.training.steps;
+    let stop = args.stop_after.unwrap_or(total).min(total);
+    let bar = progress_bar(total, trainer.step, args.quiet);
+    let start = Instant::now();
+    let first_step = trainer.step;
+    let mut tokens = 0usize;
+    let mut recent: Vec<f32> = Vec::new();
+    let mut last_log = Instant::now();
+    while trainer.step < stop {
+        let r = trainer.train_step()?;
+        tokens += r.tokens;
+        recent.push(r.loss);
+        let tps = tokens as f64 / start.elapsed().as_secs_f64();
+        bar.set_position(trainer.step);
+        bar.set_message(format!("loss {:.4}  {:.0} tok/s  lr {:.2e}", r.loss, tps, r.lr));
+        if args.quiet && last_log.elapsed() > Duration::from_secs(10) {
+            eprintln!("step {}/{total} loss {:.4} {:.0} tok/s", trainer.step, r.loss, tps);
+            last_log = Instant::now();
+        }
+        let every = spec.training.eval_every;
+        if every > 0 && trainer.step % every == 0 && trainer.step < total {
+            let e = trainer.evaluate(spec.training.eval_batches)?;
+            bar.println(format!("step {}: val loss {:.4}, {:.3} bits/byte", trainer.step, e.loss, e.bits_per_byte));
+        }
+        let ck = spec.checkpoint.every;
+        if ck > 0 && trainer.step % ck == 0 && trainer.step < stop {
+            let dir = trainer.save_checkpoint(&root)?;
+            bar.println(format!("step {}: checkpoint {}", trainer.step, dir.display()));
+        }
+    }
+    bar.finish_and_clear();
+    let elapsed = start.elapsed().as_secs_f64();
+    let dir = trainer.save_checkpoint(&root)?;
+    let eval = trainer.evaluate(spec.training.eval_batches)?;
+    let unigram = trainer.corpus.unigram_bits_per_byte();
+    let tail = &recent[recent.len().saturating_sub(10)..];
+    let train_loss = tail.iter().sum::<f32>() / tail.len().max(1) as f32;
+    let steps_run = trainer.step - first_step;
+    let tps = tokens as f64 / elapsed.max(1e-9);
+    let finished = trainer.finished();
+
+    println!();
+    println!(
+        "{} {}: {steps_run} steps, {tokens} tokens in {elapsed:.1}s ({tps:.0} tokens/s)",
+        trainer.manifest.metadata.name,
+        if finished { "finished" } else { "stopped" },
+    );
+    println!("  train loss (last {:>2} steps) {train_loss:.4} nats/token", tail.len());
+    println!("  validation loss            {:.4} nats/token ({} tokens)", eval.loss, eval.tokens);
+    println!("  validation bits per byte   {:.3}", eval.bits_per_byte);
+    println!("  unigram entropy            {unigram:.3} bits per byte (order-0 baseline)");
+    println!(
+        "  model vs baseline          {:.3} bits per byte {}",
+        (unigram - eval.bits_per_byte).abs(),
+        if eval.bits_per_byte < unigram { "below" } else { "ABOVE" }
+    );
+    println!("  checkpoint                 {}", dir.display());
+    let summary = json!({
+        "name": trainer.manifest.metadata.name,
+        "step": trainer.step,
+        "finished": finished,
+        "tokens": tokens,
+        "seconds": elapsed,
+        "tokens_per_sec": tps,
+        "train_loss": train_loss,
+        "val_loss": eval.loss,
+        "val_bits_per_byte": eval.bits_per_byte,
+        "unigram_bits_per_byte": unigram,
+        "checkpoint": dir,
+    });
+    let path = root.join("summary.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&summary)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn progress_bar(total: u64, done: u64, quiet: bool) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    if quiet {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    let style = ProgressStyle::with_template("{bar:30.cyan/blue} step {pos}/{len} {msg}  [{elapsed_precise} < {eta_precise}]")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style.progress_chars("=> "));
+    bar.set_position(done);
+    bar
+}

@@ -1,0 +1,93 @@
+//! One transformer block (pre-norm):
+//! `h = x + attn(norm₁(x))`, `y = h + mlp(norm₂(h))`.
+
+use super::attention::{Attention, AttentionCache};
+use super::mlp::{Mlp, MlpCache};
+use super::rmsnorm::{RmsNorm, RmsNormCache};
+use super::{ModelConfig, Param};
+use crate::kernels::ops::{add_assign, Rope};
+
+/// A transformer block with its parameters.
+#[derive(Clone, Debug)]
+pub struct Block {
+    /// Norm before attention.
+    pub attn_norm: RmsNorm,
+    /// Attention sub-layer.
+    pub attn: Attention,
+    /// Norm before the MLP.
+    pub mlp_norm: RmsNorm,
+    /// MLP sub-layer.
+    pub mlp: Mlp,
+}
+
+/// Everything one forward of the block keeps for its backward.
+#[derive(Debug, Default)]
+pub struct BlockCache {
+    attn_norm: RmsNormCache,
+    attn: AttentionCache,
+    mlp_norm: RmsNormCache,
+    mlp: MlpCache,
+}
+
+impl Block {
+    /// Initialise block `layer`.
+    pub fn new(cfg: &ModelConfig, layer: usize, seed: u64) -> Self {
+        let norm = |name: &str| RmsNorm::new(format!("model.layers.{layer}.{name}.weight"), cfg.dim, cfg.norm_eps);
+        Self {
+            attn_norm: norm("input_layernorm"),
+            attn: Attention::new(cfg, layer, seed),
+            mlp_norm: norm("post_attention_layernorm"),
+            mlp: Mlp::new(cfg, layer, seed),
+        }
+    }
+
+    /// `x[B·T, D]` → `y[B·T, D]`.
+    pub fn forward(&self, x: Vec<f32>, batch: usize, seq: usize, rope: &Rope) -> (Vec<f32>, BlockCache) {
+        let (xn, attn_norm) = self.attn_norm.forward(x);
+        let (mut h, attn) = self.attn.forward(xn, batch, seq, rope);
+        add_assign(&mut h, attn_norm.input());
+        let (hn, mlp_norm) = self.mlp_norm.forward(h);
+        let (mut y, mlp) = self.mlp.forward(hn, batch * seq);
+        add_assign(&mut y, mlp_norm.input());
+        (y, BlockCache { attn_norm, attn, mlp_norm, mlp })
+    }
+
+    /// Input half of the backward: `dy` → `dx`.
+    pub fn backward_input(&self, cache: &mut BlockCache, dy: Vec<f32>, rope: &Rope) -> Vec<f32> {
+        let dhn = self.mlp.backward_input(&mut cache.mlp, dy.clone());
+        // The residual passes dy straight through; the norm adds its part.
+        let mut dh = dy;
+        self.mlp_norm.backward_input(&mut cache.mlp_norm, dhn, &mut dh);
+        let dxn = self.attn.backward_input(&mut cache.attn, dh.clone(), rope);
+        let mut dx = dh;
+        self.attn_norm.backward_input(&mut cache.attn_norm, dxn, &mut dx);
+        dx
+    }
+
+    /// Weight half of the backward.
+    pub fn backward_weight(&mut self, cache: &BlockCache) {
+        self.mlp.backward_weight(&cache.mlp);
+        self.mlp_norm.backward_weight(&cache.mlp_norm);
+        self.attn.backward_weight(&cache.attn);
+        self.attn_norm.backward_weight(&cache.attn_norm);
+    }
+
+    /// All parameters, in a fixed order.
+    pub fn params(&self) -> Vec<&Param> {
+        let mut v = vec![&self.attn_norm.weight];
+        v.extend(self.attn.params());
+        v.push(&self.mlp_norm.weight);
+        v.extend(self.mlp.params());
+        v
+    }
+
+    /// All parameters, mutably, in the order of [`Block::params`].
+    pub fn params_mut(&mut self) -> Vec<&mut Param> {
+        let mut v = vec![&mut self.attn_norm.weight];
+        v.extend(self.attn.params_mut());
+        v.push(&mut self.mlp_norm.weight);
+        v.extend(self.mlp.params_mut());
+        v
+    }
+}
+

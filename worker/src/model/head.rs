@@ -1,0 +1,84 @@
+//! Final RMSNorm, LM head and cross-entropy loss.
+
+use super::embedding::EMBED_NAME;
+use super::rmsnorm::{RmsNorm, RmsNormCache};
+use super::{init, linear, ModelConfig, Param};
+use crate::kernels::ops::cross_entropy;
+
+/// Name of the untied LM head matrix.
+pub const LM_HEAD_NAME: &str = "lm_head.weight";
+
+/// The last stage's extra layers.
+#[derive(Clone, Debug)]
+pub struct Head {
+    /// `model.norm.weight`
+    pub norm: RmsNorm,
+    /// `[V, D]`. When embeddings are tied this is a replica of the embedding
+    /// matrix: same initial values, and the pipeline sums the two gradients
+    /// so both copies take identical steps.
+    pub weight: Param,
+    /// Whether `weight` replicates the embedding.
+    pub tied: bool,
+}
+
+/// What the backward needs from one forward.
+#[derive(Debug, Default)]
+pub struct HeadCache {
+    norm: RmsNormCache,
+    xn: Vec<f32>,
+    dlogits: Vec<f32>,
+    rows: usize,
+}
+
+impl Head {
+    /// Initialise from the seed.
+    pub fn new(cfg: &ModelConfig, seed: u64) -> Self {
+        // A tied head draws from the embedding's stream, so the two copies
+        // start equal wherever they live.
+        let key = if cfg.tied { EMBED_NAME } else { LM_HEAD_NAME };
+        let data = init::normal(seed, key, cfg.vocab * cfg.dim, cfg.init_std);
+        Self {
+            norm: RmsNorm::new("model.norm.weight".into(), cfg.dim, cfg.norm_eps),
+            weight: Param {
+                grad: vec![0.0; data.len()],
+                data,
+                name: LM_HEAD_NAME.into(),
+                shape: vec![cfg.vocab, cfg.dim],
+                decay: true,
+            },
+            tied: cfg.tied,
+        }
+    }
+
+    /// Logits `[N, V]` of `x[N, D]` (evaluation and export checks).
+    pub fn logits(&self, x: Vec<f32>) -> Vec<f32> {
+        let rows = x.len() / self.norm.weight.len();
+        let (xn, _) = self.norm.forward(x);
+        linear::forward(&self.weight, &xn, rows)
+    }
+
+    /// Mean cross-entropy of `x[N, D]` against `targets[N]`. The backward
+    /// will produce the gradient of `scale · loss`.
+    pub fn forward(&self, x: Vec<f32>, targets: &[u32], scale: f32) -> (f32, HeadCache) {
+        let rows = targets.len();
+        let (xn, norm) = self.norm.forward(x);
+        let mut logits = linear::forward(&self.weight, &xn, rows);
+        let loss = cross_entropy(&mut logits, targets, self.weight.shape[0], scale);
+        (loss, HeadCache { norm, xn, dlogits: logits, rows })
+    }
+
+    /// Input half of the backward: the gradient w.r.t. the head's input.
+    pub fn backward_input(&self, cache: &mut HeadCache) -> Vec<f32> {
+        let mut dxn = vec![0.0; cache.xn.len()];
+        linear::backward_input(&self.weight, &cache.dlogits, &mut dxn, cache.rows, false);
+        let mut dx = vec![0.0; dxn.len()];
+        self.norm.backward_input(&mut cache.norm, dxn, &mut dx);
+        dx
+    }
+
+    /// Weight half of the backward.
+    pub fn backward_weight(&mut self, cache: &HeadCache) {
+        linear::backward_weight(&mut self.weight, &cache.dlogits, &cache.xn, cache.rows);
+        self.norm.backward_weight(&cache.norm);
+    }
+}

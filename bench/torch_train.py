@@ -9,8 +9,10 @@ global gradient norm clipped, then one AdamW step. Token ids are random: the
 throughput of a dense model does not depend on what the tokens are.
 
 It prints one JSON line with the same fields as `pipewright bench train`:
-tokens_per_sec, step_ms, matmul_gflops, peak_rss_mib, params, tokens_per_step
-(plus attn_implementation and torch_version). Each attention implementation
+tokens_per_sec, step_ms, matmul_gflops (the rate inside matrix-product
+kernels, from one profiled step), matmul_time_fraction, peak_rss_mib, params,
+tokens_per_step; plus model_gflops (the model's matmul FLOPs per step over
+the step time), attn_implementation and torch_version. Each attention implementation
 runs in its own process so that peak RSS is not inflated by the other one;
 by default both "sdpa" and "eager" run and the faster is reported.
 
@@ -32,7 +34,14 @@ from pathlib import Path
 
 import yaml
 
+# Kineto, torch's profiler backend, logs an error for every CUDA probe on a
+# machine without a GPU; only warnings that matter should reach stderr.
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+# The aten operators that run a dense matrix product on the CPU.
+MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,26 @@ def make_optimizer(model, s: BenchSpec):
     )
 
 
+def profile_matmuls(step) -> tuple[float, float]:
+    """FLOPs and seconds spent in matrix-product operators during one step.
+
+    Their ratio is the rate of the matmul kernels themselves, the figure that
+    `pipewright bench train` reports as matmul_gflops. Products inside a fused
+    attention kernel are not seen here, as they are not separate operators.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        step()
+    flops = 0.0
+    micros = 0.0
+    for event in prof.key_averages():
+        if event.key in MATMUL_OPS:
+            flops += event.flops
+            micros += event.cpu_time_total
+    return flops, micros / 1e6
+
+
 def run_one(s: BenchSpec, attn: str, steps: int, warmup: int) -> dict:
     """Time `steps` optimizer steps after `warmup` untimed ones."""
     import torch
@@ -229,12 +258,18 @@ def run_one(s: BenchSpec, attn: str, steps: int, warmup: int) -> dict:
         loss = step()
     elapsed = time.perf_counter() - start
 
+    # One more step under the profiler, outside the timed window: the
+    # profiler's bookkeeping would slow the timed steps down.
+    mm_flops, mm_seconds = profile_matmuls(step)
+
     step_s = elapsed / steps
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {
         "tokens_per_sec": s.tokens_per_step / step_s,
         "step_ms": step_s * 1e3,
-        "matmul_gflops": matmul_flops_per_step(s) / step_s / 1e9,
+        "matmul_gflops": mm_flops / mm_seconds / 1e9 if mm_seconds > 0 else 0.0,
+        "matmul_time_fraction": mm_seconds / step_s,
+        "model_gflops": matmul_flops_per_step(s) / step_s / 1e9,
         "peak_rss_mib": peak_kib / 1024.0,
         "params": params,
         "tokens_per_step": s.tokens_per_step,

@@ -86,6 +86,9 @@ import sys
 import torch
 import yaml
 
+sys.path.insert(0, "bench")
+import torch_train  # noqa: E402  (the same FLOP count for both rows)
+
 ours_file, torch_file, manifest, steps, warmup, threads, cpu, cores, rustc, commit = sys.argv[1:]
 ours = [json.loads(line) for line in open(ours_file) if line.strip()]
 ref = [json.loads(line) for line in open(torch_file) if line.strip()]
@@ -117,16 +120,27 @@ print(
     f"{len(ours)} alternating repeats of {steps} timed steps after {warmup} warm-up steps, "
     f"{threads} threads each; medians over repeats.\n"
 )
-print("| implementation | tokens/s | ours/torch | step ms | peak RSS MiB | matmul GFLOP/s |")
-print("| --- | ---: | ---: | ---: | ---: | ---: |")
+spec = torch_train.load_spec(manifest, int(threads))
+flops_per_step = torch_train.matmul_flops_per_step(spec)
+
+
+def row(name, rows, ratio):
+    step_ms = median(rows, "step_ms")
+    return (
+        f"| {name} | {median(rows, 'tokens_per_sec'):,.0f} | {ratio:.2f} | {step_ms:.1f} "
+        f"| {median(rows, 'peak_rss_mib'):.0f} | {median(rows, 'matmul_gflops'):.1f} "
+        f"| {100 * median(rows, 'matmul_time_fraction'):.0f}% "
+        f"| {flops_per_step / (step_ms / 1e3) / 1e9:.1f} |"
+    )
+
+
 print(
-    f"| pipewright | {ours_tps:,.0f} | {ours_tps / ref_tps:.2f} | {median(ours, 'step_ms'):.1f} "
-    f"| {median(ours, 'peak_rss_mib'):.0f} | {median(ours, 'matmul_gflops'):.1f} |"
+    "| implementation | tokens/s | ours/torch | step ms | peak RSS MiB "
+    "| matmul GFLOP/s | time in matmul | model GFLOP/s |"
 )
-print(
-    f"| torch ({attn}) | {ref_tps:,.0f} | 1.00 | {median(ref, 'step_ms'):.1f} "
-    f"| {median(ref, 'peak_rss_mib'):.0f} | {median(ref, 'matmul_gflops'):.1f} |"
-)
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+print(row("pipewright", ours, ours_tps / ref_tps))
+print(row(f"torch ({attn})", ref, 1.0))
 print()
 print("Per repeat, tokens/s: pipewright " + ", ".join(f"{r['tokens_per_sec']:,.0f}" for r in ours)
       + "; torch " + ", ".join(f"{r['tokens_per_sec']:,.0f}" for r in ref) + ".")
@@ -135,10 +149,12 @@ if variants:
     print("Torch attention implementations in the first repeat, tokens/s: "
           + ", ".join(f"{k} {v:,.0f}" for k, v in variants.items()) + ".")
 print(
-    "\nTorch's matmul GFLOP/s is estimated from the model's matmul FLOP count "
-    "(3 x forward, causal half of the seqLen x seqLen attention), the count "
-    "pipewright uses for its own; torch's peak RSS includes "
-    "the interpreter and the torch libraries.\n"
+    "\nmatmul GFLOP/s is the rate inside matrix-product kernels (pipewright: its "
+    "own counters; torch: aten mm/addmm/bmm operators in one profiled step, which "
+    "do not include the products inside a fused attention kernel). model GFLOP/s "
+    "is the model's matmul FLOPs per step (3 x forward, causal half of attention) "
+    "over the step time, the same count for both. Torch's peak RSS includes the "
+    "interpreter and the torch libraries.\n"
 )
 # The first lines of torch's build description name the compiler, the BLAS
 # (MKL or OpenBLAS), oneDNN, OpenMP and the SIMD level; the long build-settings

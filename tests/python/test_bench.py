@@ -12,7 +12,15 @@ import pytest
 from conftest import REPO_ROOT, run_cli, write_manifest
 
 TORCH_TRAIN = REPO_ROOT / "bench" / "torch_train.py"
-FIELDS = {"tokens_per_sec", "step_ms", "matmul_gflops", "peak_rss_mib", "params", "tokens_per_step"}
+FIELDS = {
+    "tokens_per_sec",
+    "step_ms",
+    "matmul_gflops",
+    "matmul_time_fraction",
+    "peak_rss_mib",
+    "params",
+    "tokens_per_step",
+}
 
 
 def llama_params(dim: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int, tied: bool) -> int:
@@ -52,6 +60,7 @@ def test_torch_reference_reports_the_manifest_model(tmp_path, tied):
     assert result["threads"] == 1
     assert result["tokens_per_sec"] == pytest.approx(128 / (result["step_ms"] / 1e3), rel=1e-6)
     assert result["matmul_gflops"] > 0 and result["peak_rss_mib"] > 0
+    assert 0 < result["matmul_time_fraction"] < 1
     # Random tokens over 256 ids: the loss starts near ln(256) = 5.55.
     assert 4.5 < result["loss"] < 6.5
 

@@ -134,9 +134,13 @@ impl Tokenizer {
                 Ok(String::from_utf8_lossy(&bytes).into_owned())
             }
             Self::Bpe(t) => {
-                let vocab_size = self.vocab_size();
-                if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab_size) {
-                    return Err(DataError::TokenId { id, vocab_size });
+                // The library silently drops ids it does not know; a model
+                // emitting one is a bug worth reporting.
+                if let Some(&id) = ids.iter().find(|&&id| t.id_to_token(id).is_none()) {
+                    return Err(DataError::TokenId {
+                        id,
+                        vocab_size: self.vocab_size(),
+                    });
                 }
                 t.decode(ids, false).map_err(|source| DataError::Tokenizer {
                     context: "decoding ids".into(),
@@ -491,6 +495,10 @@ mod tests {
         assert_eq!(back.vocab_size(), 300);
         let text = "the ledger of the worker\nlink model batch loss 🦀\n";
         assert_eq!(back.encode(text).unwrap(), t.encode(text).unwrap());
+        assert!(matches!(
+            back.decode(&[5, 300]),
+            Err(DataError::TokenId { id: 300, .. })
+        ));
         // The same file also loads as a `path` tokenizer.
         let spec = TokenizerSpec {
             kind: TokenizerKind::Bpe,

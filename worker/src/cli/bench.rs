@@ -1,7 +1,7 @@
 //! `pipewright bench`: throughput measurements printed as JSON, so a script
 //! can set them beside a reference implementation's.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -37,7 +37,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     }
 }
 
-fn train(path: &PathBuf, steps: u64, warmup: u64, threads: usize) -> Result<()> {
+fn train(path: &Path, steps: u64, warmup: u64, threads: usize) -> Result<()> {
     let mut manifest = pipewright_spec::load_manifest(path).with_context(|| format!("reading {}", path.display()))?;
     manifest.spec.training.steps = warmup + steps;
     super::init_threads(threads);

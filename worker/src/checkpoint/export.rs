@@ -67,7 +67,10 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<usize, CheckpointError> {
         "use_cache": true,
     });
     write_json(&out.join("config.json"), &config)?;
-    write_json(&out.join("generation_config.json"), &json!({ "do_sample": true, "max_length": cfg.seq_len }))?;
+    write_json(
+        &out.join("generation_config.json"),
+        &json!({ "do_sample": true, "max_length": cfg.seq_len }),
+    )?;
     loaded.tokenizer.save(out)?;
     Ok(blobs.len())
 }

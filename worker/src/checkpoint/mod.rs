@@ -46,11 +46,17 @@ pub enum CheckpointError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn corrupt(path: &Path, message: impl Into<String>) -> CheckpointError {
-    CheckpointError::Corrupt { path: path.to_path_buf(), message: message.into() }
+    CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
 }
 
 /// `meta.json` of a checkpoint.
@@ -86,12 +92,25 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn read_f32(st: &SafeTensors<'_>, name: &str, len: usize, path: &Path) -> Result<Vec<f32>, CheckpointError> {
-    let t = st.tensor(name).map_err(|e| corrupt(path, format!("tensor {name}: {e}")))?;
+fn read_f32(
+    st: &SafeTensors<'_>,
+    name: &str,
+    len: usize,
+    path: &Path,
+) -> Result<Vec<f32>, CheckpointError> {
+    let t = st
+        .tensor(name)
+        .map_err(|e| corrupt(path, format!("tensor {name}: {e}")))?;
     if t.dtype() != Dtype::F32 || t.data().len() != len * 4 {
-        return Err(corrupt(path, format!("tensor {name}: expected {len} f32 values")));
+        return Err(corrupt(
+            path,
+            format!("tensor {name}: expected {len} f32 values"),
+        ));
     }
-    Ok(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    Ok(t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
 }
 
 /// Write one stage's parameters and moments to `path`.
@@ -100,8 +119,16 @@ pub fn save_stage(path: &Path, params: &[&Param], opt: &AdamW) -> Result<(), Che
     for (i, p) in params.iter().enumerate() {
         blobs.push((p.name.clone(), p.shape.clone(), f32_bytes(&p.data)));
         if let (Some(m), Some(v)) = (opt.m.get(i), opt.v.get(i)) {
-            blobs.push((format!("optimizer.m.{}", p.name), p.shape.clone(), f32_bytes(m)));
-            blobs.push((format!("optimizer.v.{}", p.name), p.shape.clone(), f32_bytes(v)));
+            blobs.push((
+                format!("optimizer.m.{}", p.name),
+                p.shape.clone(),
+                f32_bytes(m),
+            ));
+            blobs.push((
+                format!("optimizer.v.{}", p.name),
+                p.shape.clone(),
+                f32_bytes(v),
+            ));
         }
     }
     let views = blobs
@@ -113,13 +140,18 @@ pub fn save_stage(path: &Path, params: &[&Param], opt: &AdamW) -> Result<(), Che
         })
         .collect::<Result<Vec<_>, _>>()?;
     let info = HashMap::from([("optimizer_steps".to_string(), opt.t.to_string())]);
-    safetensors::serialize_to_file(views, Some(info), path).map_err(|e| corrupt(path, e.to_string()))
+    safetensors::serialize_to_file(views, Some(info), path)
+        .map_err(|e| corrupt(path, e.to_string()))
 }
 
 /// Read parameters and moments saved by [`save_stage`] into `params` / `opt`.
 /// Every tensor is checked against the expected shape first, so a mismatched
 /// checkpoint is refused before anything is overwritten.
-pub fn load_stage(path: &Path, params: &mut [&mut Param], opt: &mut AdamW) -> Result<(), CheckpointError> {
+pub fn load_stage(
+    path: &Path,
+    params: &mut [&mut Param],
+    opt: &mut AdamW,
+) -> Result<(), CheckpointError> {
     let bytes = fs::read(path).map_err(io(path))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(path, e.to_string()))?;
     let mut data = Vec::new();
@@ -127,8 +159,18 @@ pub fn load_stage(path: &Path, params: &mut [&mut Param], opt: &mut AdamW) -> Re
     let mut v = Vec::new();
     for p in params.iter() {
         data.push(read_f32(&st, &p.name, p.len(), path)?);
-        m.push(read_f32(&st, &format!("optimizer.m.{}", p.name), p.len(), path)?);
-        v.push(read_f32(&st, &format!("optimizer.v.{}", p.name), p.len(), path)?);
+        m.push(read_f32(
+            &st,
+            &format!("optimizer.m.{}", p.name),
+            p.len(),
+            path,
+        )?);
+        v.push(read_f32(
+            &st,
+            &format!("optimizer.v.{}", p.name),
+            p.len(),
+            path,
+        )?);
     }
     let (_, header) =
         SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(path, format!("header: {e}")))?;
@@ -164,7 +206,11 @@ pub fn save(
     }
     fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     for (stage, opt) in stages.iter().zip(opts) {
-        save_stage(&tmp.join(format!("stage-{}.safetensors", stage.index)), &stage.params(), opt)?;
+        save_stage(
+            &tmp.join(format!("stage-{}.safetensors", stage.index)),
+            &stage.params(),
+            opt,
+        )?;
     }
     tokenizer.save(&tmp.join("tokenizer"))?;
     let meta_path = tmp.join("meta.json");
@@ -176,7 +222,10 @@ pub fn save(
     fs::rename(&tmp, &dir).map_err(io(&dir))?;
     let latest = root.join("latest");
     let latest_tmp = root.join(".latest.tmp");
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     fs::write(&latest_tmp, format!("{name}\n")).map_err(io(&latest_tmp))?;
     fs::rename(&latest_tmp, &latest).map_err(io(&latest))?;
     if keep > 0 {
@@ -189,7 +238,11 @@ fn prune(root: &Path, keep: usize) -> Result<(), CheckpointError> {
     let mut dirs: Vec<PathBuf> = fs::read_dir(root)
         .map_err(io(root))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+        })
         .collect();
     dirs.sort();
     let excess = dirs.len().saturating_sub(keep);
@@ -207,13 +260,19 @@ pub fn resolve(path: &Path) -> Result<PathBuf, CheckpointError> {
     }
     let latest = path.join("latest");
     let name = fs::read_to_string(&latest).map_err(|_| {
-        corrupt(path, "not a checkpoint (no meta.json) and no `latest` pointer in it")
+        corrupt(
+            path,
+            "not a checkpoint (no meta.json) and no `latest` pointer in it",
+        )
     })?;
     let dir = path.join(name.trim());
     if dir.join("meta.json").is_file() {
         Ok(dir)
     } else {
-        Err(corrupt(&latest, format!("points at {}, which has no meta.json", dir.display())))
+        Err(corrupt(
+            &latest,
+            format!("points at {}, which has no meta.json", dir.display()),
+        ))
     }
 }
 
@@ -223,7 +282,13 @@ pub fn read_meta(dir: &Path) -> Result<Meta, CheckpointError> {
     let text = fs::read_to_string(&path).map_err(io(&path))?;
     let meta: Meta = serde_json::from_str(&text).map_err(|e| corrupt(&path, e.to_string()))?;
     if meta.format_version != FORMAT_VERSION {
-        return Err(corrupt(&path, format!("format version {} (expected {FORMAT_VERSION})", meta.format_version)));
+        return Err(corrupt(
+            &path,
+            format!(
+                "format version {} (expected {FORMAT_VERSION})",
+                meta.format_version
+            ),
+        ));
     }
     Ok(meta)
 }
@@ -251,12 +316,21 @@ pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
     for (i, layers) in meta.stage_layers.iter().enumerate() {
         let mut stage = Stage::new(&meta.model, i, n, layers.clone(), meta.seed);
         let mut opt = AdamW::default();
-        load_stage(&dir.join(format!("stage-{i}.safetensors")), &mut stage.params_mut(), &mut opt)?;
+        load_stage(
+            &dir.join(format!("stage-{i}.safetensors")),
+            &mut stage.params_mut(),
+            &mut opt,
+        )?;
         stages.push(stage);
         opts.push(opt);
     }
     let tokenizer = Tokenizer::load(&dir.join("tokenizer"))?;
-    Ok(Loaded { meta, stages, opts, tokenizer })
+    Ok(Loaded {
+        meta,
+        stages,
+        opts,
+        tokenizer,
+    })
 }
 
 /// Hex form of a 32-byte digest.

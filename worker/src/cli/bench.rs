@@ -33,12 +33,18 @@ pub enum BenchCommand {
 /// Run a benchmark.
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
-        BenchCommand::Train { manifest, steps, warmup, threads } => train(&manifest, steps, warmup, threads),
+        BenchCommand::Train {
+            manifest,
+            steps,
+            warmup,
+            threads,
+        } => train(&manifest, steps, warmup, threads),
     }
 }
 
 fn train(path: &Path, steps: u64, warmup: u64, threads: usize) -> Result<()> {
-    let mut manifest = pipewright_spec::load_manifest(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut manifest = pipewright_spec::load_manifest(path)
+        .with_context(|| format!("reading {}", path.display()))?;
     manifest.spec.training.steps = warmup + steps;
     super::init_threads(threads);
     let mut trainer = Trainer::new(manifest)?;
@@ -53,7 +59,10 @@ fn train(path: &Path, steps: u64, warmup: u64, threads: usize) -> Result<()> {
     }
     let secs = start.elapsed().as_secs_f64();
     let mm1 = matmul_stats();
-    let mm = crate::kernels::MatmulStats { flops: mm1.flops - mm0.flops, seconds: mm1.seconds - mm0.seconds };
+    let mm = crate::kernels::MatmulStats {
+        flops: mm1.flops - mm0.flops,
+        seconds: mm1.seconds - mm0.seconds,
+    };
     let out = json!({
         "impl": "pipewright",
         "tokens_per_sec": tokens as f64 / secs,
@@ -74,9 +83,11 @@ fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
         })
         .map_or(0.0, |kb| kb / 1024.0)
 }

@@ -64,22 +64,36 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(args) => train::run(args),
-        Command::Eval { checkpoint, batches, data } => eval(&checkpoint, batches, data.as_deref()),
+        Command::Eval {
+            checkpoint,
+            batches,
+            data,
+        } => eval(&checkpoint, batches, data.as_deref()),
         Command::Export { checkpoint, out } => {
             let n = checkpoint::export::export(&checkpoint, &out)
                 .with_context(|| format!("exporting {}", checkpoint.display()))?;
-            println!("wrote {n} tensors, config.json and tokenizer to {}", out.display());
+            println!(
+                "wrote {n} tensors, config.json and tokenizer to {}",
+                out.display()
+            );
             Ok(())
         }
-        Command::Forward { checkpoint, text, out } => forward(&checkpoint, &text, &out),
+        Command::Forward {
+            checkpoint,
+            text,
+            out,
+        } => forward(&checkpoint, &text, &out),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }
 
 fn eval(path: &Path, batches: usize, data: Option<&Path>) -> Result<()> {
-    let mut loaded = checkpoint::load(path).with_context(|| format!("loading {}", path.display()))?;
+    let mut loaded =
+        checkpoint::load(path).with_context(|| format!("loading {}", path.display()))?;
     let manifest = match data {
-        Some(p) => pipewright_spec::load_manifest(p).with_context(|| format!("reading {}", p.display()))?,
+        Some(p) => {
+            pipewright_spec::load_manifest(p).with_context(|| format!("reading {}", p.display()))?
+        }
         None => loaded.meta.manifest.clone(),
     };
     let corpus = Corpus::load(&manifest.spec.data, &loaded.tokenizer)?;
@@ -98,13 +112,17 @@ fn eval(path: &Path, batches: usize, data: Option<&Path>) -> Result<()> {
     println!("tokens scored   {tokens}");
     println!("val loss        {loss:.4} nats/token");
     println!("val bits/byte   {bpb:.4}");
-    println!("unigram entropy {:.4} bits/byte", corpus.unigram_bits_per_byte());
+    println!(
+        "unigram entropy {:.4} bits/byte",
+        corpus.unigram_bits_per_byte()
+    );
     Ok(())
 }
 
 fn forward(path: &Path, text: &str, out: &Path) -> Result<()> {
     use safetensors::tensor::{Dtype, TensorView};
-    let mut loaded = checkpoint::load(path).with_context(|| format!("loading {}", path.display()))?;
+    let mut loaded =
+        checkpoint::load(path).with_context(|| format!("loading {}", path.display()))?;
     let seq = loaded.meta.model.seq_len;
     let mut ids = loaded.tokenizer.encode(text)?;
     anyhow::ensure!(!ids.is_empty(), "--text encodes to no tokens");
@@ -115,20 +133,36 @@ fn forward(path: &Path, text: &str, out: &Path) -> Result<()> {
     let padded: Vec<u32> = ids.iter().cycle().take(seq).copied().collect();
     let all = logits(&mut loaded.stages, &padded)?;
     let vocab = loaded.meta.model.vocab;
-    let logits: Vec<u8> = all[..n * vocab].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let logits: Vec<u8> = all[..n * vocab]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     let input: Vec<u8> = ids.iter().flat_map(|&t| (t as i64).to_le_bytes()).collect();
     let views = vec![
-        ("input_ids".to_string(), TensorView::new(Dtype::I64, vec![1, n], &input)?),
-        ("logits".to_string(), TensorView::new(Dtype::F32, vec![1, n, vocab], &logits)?),
+        (
+            "input_ids".to_string(),
+            TensorView::new(Dtype::I64, vec![1, n], &input)?,
+        ),
+        (
+            "logits".to_string(),
+            TensorView::new(Dtype::F32, vec![1, n, vocab], &logits)?,
+        ),
     ];
-    safetensors::serialize_to_file(views, None, out).with_context(|| format!("writing {}", out.display()))?;
+    safetensors::serialize_to_file(views, None, out)
+        .with_context(|| format!("writing {}", out.display()))?;
     println!("wrote logits of {n} tokens to {}", out.display());
     Ok(())
 }
 
 /// Size the global rayon pool (0: one thread per core).
 pub fn init_threads(threads: usize) {
-    let n = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
+    let n = if threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        threads
+    };
     // Fails only if the pool was already built, which is harmless.
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
 }

@@ -84,20 +84,33 @@ pub fn run(args: TrainArgs) -> Result<()> {
         recent.push(r.loss);
         let tps = tokens as f64 / start.elapsed().as_secs_f64();
         bar.set_position(trainer.step);
-        bar.set_message(format!("loss {:.4}  {:.0} tok/s  lr {:.2e}", r.loss, tps, r.lr));
+        bar.set_message(format!(
+            "loss {:.4}  {:.0} tok/s  lr {:.2e}",
+            r.loss, tps, r.lr
+        ));
         if args.quiet && last_log.elapsed() > Duration::from_secs(10) {
-            eprintln!("step {}/{total} loss {:.4} {:.0} tok/s", trainer.step, r.loss, tps);
+            eprintln!(
+                "step {}/{total} loss {:.4} {:.0} tok/s",
+                trainer.step, r.loss, tps
+            );
             last_log = Instant::now();
         }
         let every = spec.training.eval_every;
         if every > 0 && trainer.step % every == 0 && trainer.step < total {
             let e = trainer.evaluate(spec.training.eval_batches)?;
-            bar.println(format!("step {}: val loss {:.4}, {:.3} bits/byte", trainer.step, e.loss, e.bits_per_byte));
+            bar.println(format!(
+                "step {}: val loss {:.4}, {:.3} bits/byte",
+                trainer.step, e.loss, e.bits_per_byte
+            ));
         }
         let ck = spec.checkpoint.every;
         if ck > 0 && trainer.step % ck == 0 && trainer.step < stop {
             let dir = trainer.save_checkpoint(&root)?;
-            bar.println(format!("step {}: checkpoint {}", trainer.step, dir.display()));
+            bar.println(format!(
+                "step {}: checkpoint {}",
+                trainer.step,
+                dir.display()
+            ));
         }
     }
     bar.finish_and_clear();
@@ -117,14 +130,24 @@ pub fn run(args: TrainArgs) -> Result<()> {
         trainer.manifest.metadata.name,
         if finished { "finished" } else { "stopped" },
     );
-    println!("  train loss (last {:>2} steps) {train_loss:.4} nats/token", tail.len());
-    println!("  validation loss            {:.4} nats/token ({} tokens)", eval.loss, eval.tokens);
+    println!(
+        "  train loss (last {:>2} steps) {train_loss:.4} nats/token",
+        tail.len()
+    );
+    println!(
+        "  validation loss            {:.4} nats/token ({} tokens)",
+        eval.loss, eval.tokens
+    );
     println!("  validation bits per byte   {:.3}", eval.bits_per_byte);
     println!("  unigram entropy            {unigram:.3} bits per byte (order-0 baseline)");
     println!(
         "  model vs baseline          {:.3} bits per byte {}",
         (unigram - eval.bits_per_byte).abs(),
-        if eval.bits_per_byte < unigram { "below" } else { "ABOVE" }
+        if eval.bits_per_byte < unigram {
+            "below"
+        } else {
+            "ABOVE"
+        }
     );
     println!("  checkpoint                 {}", dir.display());
     let summary = json!({
@@ -151,8 +174,10 @@ fn progress_bar(total: u64, done: u64, quiet: bool) -> ProgressBar {
     if quiet {
         bar.set_draw_target(ProgressDrawTarget::hidden());
     }
-    let style = ProgressStyle::with_template("{bar:30.cyan/blue} step {pos}/{len} {msg}  [{elapsed_precise} < {eta_precise}]")
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style = ProgressStyle::with_template(
+        "{bar:30.cyan/blue} step {pos}/{len} {msg}  [{elapsed_precise} < {eta_precise}]",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style.progress_chars("=> "));
     bar.set_position(done);
     bar

@@ -40,7 +40,14 @@ impl AttnShape {
 /// Scores `s = scale·q·kᵀ` of one head, masked causally, turned into
 /// probabilities in place. With `lse` given (backward) it is reused;
 /// otherwise it is computed and written.
-fn probabilities(s: &mut [f32], q: &[f32], k: &[f32], shape: &AttnShape, lse: &mut [f32], known: bool) {
+fn probabilities(
+    s: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    shape: &AttnShape,
+    lse: &mut [f32],
+    known: bool,
+) {
     let (t, hd) = (shape.seq, shape.head_dim);
     matmul_serial(s, q, Trans::No, k, Trans::Yes, t, hd, t, false);
     let scale = shape.scale();
@@ -60,7 +67,14 @@ fn probabilities(s: &mut [f32], q: &[f32], k: &[f32], shape: &AttnShape, lse: &m
 }
 
 /// `out[B,H,T,hd] = softmax(q·kᵀ/√hd + causal mask)·v`; writes `lse[B,H,T]`.
-pub fn forward(out: &mut [f32], lse: &mut [f32], q: &[f32], k: &[f32], v: &[f32], shape: AttnShape) {
+pub fn forward(
+    out: &mut [f32],
+    lse: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttnShape,
+) {
     let (t, hd, g) = (shape.seq, shape.head_dim, shape.group());
     let head = t * hd;
     out.par_chunks_mut(g * head)
@@ -72,7 +86,17 @@ pub fn forward(out: &mut [f32], lse: &mut [f32], q: &[f32], k: &[f32], v: &[f32]
             for j in 0..g {
                 let lse = &mut lse[j * t..(j + 1) * t];
                 probabilities(&mut s, &q[j * head..(j + 1) * head], k, &shape, lse, false);
-                matmul_serial(&mut out[j * head..(j + 1) * head], &s, Trans::No, v, Trans::No, t, t, hd, false);
+                matmul_serial(
+                    &mut out[j * head..(j + 1) * head],
+                    &s,
+                    Trans::No,
+                    v,
+                    Trans::No,
+                    t,
+                    t,
+                    hd,
+                    false,
+                );
             }
         });
 }
@@ -108,7 +132,8 @@ pub fn backward(
             dv.iter_mut().for_each(|x| *x = 0.0);
             for j in 0..g {
                 let range = j * head..(j + 1) * head;
-                let (qh, douth, outh) = (&q[range.clone()], &dout[range.clone()], &out[range.clone()]);
+                let (qh, douth, outh) =
+                    (&q[range.clone()], &dout[range.clone()], &out[range.clone()]);
                 lse_row.copy_from_slice(&lse[j * t..(j + 1) * t]);
                 probabilities(&mut p, qh, k, &shape, &mut lse_row, true);
                 // dv += pᵀ·dout
@@ -128,7 +153,17 @@ pub fn backward(
                     dr[i + 1..].iter_mut().for_each(|x| *x = 0.0);
                 }
                 // dq = ds·k ; dk += dsᵀ·q
-                matmul_serial(&mut dq[range.clone()], &dp, Trans::No, k, Trans::No, t, t, hd, false);
+                matmul_serial(
+                    &mut dq[range.clone()],
+                    &dp,
+                    Trans::No,
+                    k,
+                    Trans::No,
+                    t,
+                    t,
+                    hd,
+                    false,
+                );
                 matmul_serial(dk, &dp, Trans::Yes, qh, Trans::No, t, t, hd, true);
             }
         });
@@ -149,13 +184,19 @@ mod tests {
                 let ko = (b * s.kv_heads + kvh) * t * hd;
                 for i in 0..t {
                     let scores: Vec<f32> = (0..=i)
-                        .map(|j| (0..hd).map(|d| q[qo + i * hd + d] * k[ko + j * hd + d]).sum::<f32>() * s.scale())
+                        .map(|j| {
+                            (0..hd)
+                                .map(|d| q[qo + i * hd + d] * k[ko + j * hd + d])
+                                .sum::<f32>()
+                                * s.scale()
+                        })
                         .collect();
                     let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                     let z: f32 = scores.iter().map(|x| (x - m).exp()).sum();
                     for d in 0..hd {
-                        out[qo + i * hd + d] =
-                            (0..=i).map(|j| (scores[j] - m).exp() / z * v[ko + j * hd + d]).sum();
+                        out[qo + i * hd + d] = (0..=i)
+                            .map(|j| (scores[j] - m).exp() / z * v[ko + j * hd + d])
+                            .sum();
                     }
                 }
             }
@@ -165,12 +206,24 @@ mod tests {
 
     #[test]
     fn forward_matches_reference_with_grouped_heads() {
-        let s = AttnShape { batch: 2, seq: 7, heads: 4, kv_heads: 2, head_dim: 6 };
+        let s = AttnShape {
+            batch: 2,
+            seq: 7,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 6,
+        };
         let nq = s.batch * s.heads * s.seq * s.head_dim;
         let nk = s.batch * s.kv_heads * s.seq * s.head_dim;
-        let q: Vec<f32> = (0..nq).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
-        let k: Vec<f32> = (0..nk).map(|i| ((i * 53 % 97) as f32 / 48.0) - 1.0).collect();
-        let v: Vec<f32> = (0..nk).map(|i| ((i * 29 % 89) as f32 / 44.0) - 1.0).collect();
+        let q: Vec<f32> = (0..nq)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+            .collect();
+        let k: Vec<f32> = (0..nk)
+            .map(|i| ((i * 53 % 97) as f32 / 48.0) - 1.0)
+            .collect();
+        let v: Vec<f32> = (0..nk)
+            .map(|i| ((i * 29 % 89) as f32 / 44.0) - 1.0)
+            .collect();
         let mut out = vec![0.0; nq];
         let mut lse = vec![0.0; s.batch * s.heads * s.seq];
         forward(&mut out, &mut lse, &q, &k, &v, s);

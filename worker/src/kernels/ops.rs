@@ -36,8 +36,18 @@ pub fn rmsnorm_backward_input(dx: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], 
         .zip(x.par_chunks(d * ROW_CHUNK))
         .zip(rstd.par_chunks(ROW_CHUNK))
         .for_each(|(((dx, dy), x), rstd)| {
-            for (((dx, dy), x), &s) in dx.chunks_mut(d).zip(dy.chunks(d)).zip(x.chunks(d)).zip(rstd) {
-                let dot: f32 = dy.iter().zip(x).zip(w).map(|((g, x), w)| g * w * x * s).sum();
+            for (((dx, dy), x), &s) in dx
+                .chunks_mut(d)
+                .zip(dy.chunks(d))
+                .zip(x.chunks(d))
+                .zip(rstd)
+            {
+                let dot: f32 = dy
+                    .iter()
+                    .zip(x)
+                    .zip(w)
+                    .map(|((g, x), w)| g * w * x * s)
+                    .sum();
                 let mean = dot / d as f32;
                 for (((dx, g), x), w) in dx.iter_mut().zip(dy).zip(x).zip(w) {
                     *dx += s * (g * w - x * s * mean);
@@ -138,13 +148,15 @@ impl Rope {
 pub fn to_head_major(x: &[f32], b: usize, t: usize, h: usize, hd: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), b * t * h * hd);
     let mut out = vec![0.0; x.len()];
-    out.par_chunks_mut(t * hd).enumerate().for_each(|(bh, dst)| {
-        let (bi, hi) = (bh / h, bh % h);
-        for ti in 0..t {
-            let src = ((bi * t + ti) * h + hi) * hd;
-            dst[ti * hd..(ti + 1) * hd].copy_from_slice(&x[src..src + hd]);
-        }
-    });
+    out.par_chunks_mut(t * hd)
+        .enumerate()
+        .for_each(|(bh, dst)| {
+            let (bi, hi) = (bh / h, bh % h);
+            for ti in 0..t {
+                let src = ((bi * t + ti) * h + hi) * hd;
+                dst[ti * hd..(ti + 1) * hd].copy_from_slice(&x[src..src + hd]);
+            }
+        });
     out
 }
 
@@ -152,13 +164,15 @@ pub fn to_head_major(x: &[f32], b: usize, t: usize, h: usize, hd: usize) -> Vec<
 pub fn to_token_major(x: &[f32], b: usize, t: usize, h: usize, hd: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), b * t * h * hd);
     let mut out = vec![0.0; x.len()];
-    out.par_chunks_mut(h * hd).enumerate().for_each(|(bt, dst)| {
-        let (bi, ti) = (bt / t, bt % t);
-        for hi in 0..h {
-            let src = ((bi * h + hi) * t + ti) * hd;
-            dst[hi * hd..(hi + 1) * hd].copy_from_slice(&x[src..src + hd]);
-        }
-    });
+    out.par_chunks_mut(h * hd)
+        .enumerate()
+        .for_each(|(bt, dst)| {
+            let (bi, ti) = (bt / t, bt % t);
+            for hi in 0..h {
+                let src = ((bi * h + hi) * t + ti) * hd;
+                dst[hi * hd..(hi + 1) * hd].copy_from_slice(&x[src..src + hd]);
+            }
+        });
     out
 }
 

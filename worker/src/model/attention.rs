@@ -48,7 +48,13 @@ impl Attention {
         let p = |name: &str, rows: usize, cols: usize, std: f64| {
             let name = format!("model.layers.{layer}.self_attn.{name}.weight");
             let data = init::normal(seed, &name, rows * cols, std);
-            Param { grad: vec![0.0; data.len()], data, name, shape: vec![rows, cols], decay: true }
+            Param {
+                grad: vec![0.0; data.len()],
+                data,
+                name,
+                shape: vec![rows, cols],
+                decay: true,
+            }
         };
         // Residual projections are scaled down so the residual stream's
         // variance does not grow with depth.
@@ -65,16 +71,46 @@ impl Attention {
     }
 
     fn shape(&self, batch: usize, seq: usize) -> AttnShape {
-        AttnShape { batch, seq, heads: self.heads, kv_heads: self.kv_heads, head_dim: self.head_dim }
+        AttnShape {
+            batch,
+            seq,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+        }
     }
 
     /// `x[B·T, D]` → `y[B·T, D]`.
-    pub fn forward(&self, x: Vec<f32>, batch: usize, seq: usize, rope: &Rope) -> (Vec<f32>, AttentionCache) {
+    pub fn forward(
+        &self,
+        x: Vec<f32>,
+        batch: usize,
+        seq: usize,
+        rope: &Rope,
+    ) -> (Vec<f32>, AttentionCache) {
         let rows = batch * seq;
         let hd = self.head_dim;
-        let mut q = to_head_major(&linear::forward(&self.q, &x, rows), batch, seq, self.heads, hd);
-        let mut k = to_head_major(&linear::forward(&self.k, &x, rows), batch, seq, self.kv_heads, hd);
-        let v = to_head_major(&linear::forward(&self.v, &x, rows), batch, seq, self.kv_heads, hd);
+        let mut q = to_head_major(
+            &linear::forward(&self.q, &x, rows),
+            batch,
+            seq,
+            self.heads,
+            hd,
+        );
+        let mut k = to_head_major(
+            &linear::forward(&self.k, &x, rows),
+            batch,
+            seq,
+            self.kv_heads,
+            hd,
+        );
+        let v = to_head_major(
+            &linear::forward(&self.v, &x, rows),
+            batch,
+            seq,
+            self.kv_heads,
+            hd,
+        );
         rope.forward(&mut q, seq);
         rope.forward(&mut k, seq);
         let mut out = vec![0.0; q.len()];
@@ -82,13 +118,29 @@ impl Attention {
         attn::forward(&mut out, &mut lse, &q, &k, &v, self.shape(batch, seq));
         let out_tokens = to_token_major(&out, batch, seq, self.heads, hd);
         let y = linear::forward(&self.o, &out_tokens, rows);
-        let cache = AttentionCache { x, q, k, v, out, out_tokens, lse, batch, seq, ..Default::default() };
+        let cache = AttentionCache {
+            x,
+            q,
+            k,
+            v,
+            out,
+            out_tokens,
+            lse,
+            batch,
+            seq,
+            ..Default::default()
+        };
         (y, cache)
     }
 
     /// Input half of the backward: `dy[B·T, D]` → `dx[B·T, D]`; keeps what
     /// the weight half needs in `cache`.
-    pub fn backward_input(&self, cache: &mut AttentionCache, dy: Vec<f32>, rope: &Rope) -> Vec<f32> {
+    pub fn backward_input(
+        &self,
+        cache: &mut AttentionCache,
+        dy: Vec<f32>,
+        rope: &Rope,
+    ) -> Vec<f32> {
         let (batch, seq, hd) = (cache.batch, cache.seq, self.head_dim);
         let rows = batch * seq;
         let mut dout_tokens = vec![0.0; cache.out_tokens.len()];
@@ -98,7 +150,10 @@ impl Attention {
         let mut dk = vec![0.0; cache.k.len()];
         let mut dv = vec![0.0; cache.v.len()];
         let shape = self.shape(batch, seq);
-        attn::backward(&mut dq, &mut dk, &mut dv, &dout, &cache.out, &cache.lse, &cache.q, &cache.k, &cache.v, shape);
+        attn::backward(
+            &mut dq, &mut dk, &mut dv, &dout, &cache.out, &cache.lse, &cache.q, &cache.k, &cache.v,
+            shape,
+        );
         rope.backward(&mut dq, seq);
         rope.backward(&mut dk, seq);
         cache.dq = to_token_major(&dq, batch, seq, self.heads, hd);

@@ -32,7 +32,13 @@ pub struct BlockCache {
 impl Block {
     /// Initialise block `layer`.
     pub fn new(cfg: &ModelConfig, layer: usize, seed: u64) -> Self {
-        let norm = |name: &str| RmsNorm::new(format!("model.layers.{layer}.{name}.weight"), cfg.dim, cfg.norm_eps);
+        let norm = |name: &str| {
+            RmsNorm::new(
+                format!("model.layers.{layer}.{name}.weight"),
+                cfg.dim,
+                cfg.norm_eps,
+            )
+        };
         Self {
             attn_norm: norm("input_layernorm"),
             attn: Attention::new(cfg, layer, seed),
@@ -42,14 +48,28 @@ impl Block {
     }
 
     /// `x[B·T, D]` → `y[B·T, D]`.
-    pub fn forward(&self, x: Vec<f32>, batch: usize, seq: usize, rope: &Rope) -> (Vec<f32>, BlockCache) {
+    pub fn forward(
+        &self,
+        x: Vec<f32>,
+        batch: usize,
+        seq: usize,
+        rope: &Rope,
+    ) -> (Vec<f32>, BlockCache) {
         let (xn, attn_norm) = self.attn_norm.forward(x);
         let (mut h, attn) = self.attn.forward(xn, batch, seq, rope);
         add_assign(&mut h, attn_norm.input());
         let (hn, mlp_norm) = self.mlp_norm.forward(h);
         let (mut y, mlp) = self.mlp.forward(hn, batch * seq);
         add_assign(&mut y, mlp_norm.input());
-        (y, BlockCache { attn_norm, attn, mlp_norm, mlp })
+        (
+            y,
+            BlockCache {
+                attn_norm,
+                attn,
+                mlp_norm,
+                mlp,
+            },
+        )
     }
 
     /// Input half of the backward: `dy` → `dx`.
@@ -57,10 +77,12 @@ impl Block {
         let dhn = self.mlp.backward_input(&mut cache.mlp, dy.clone());
         // The residual passes dy straight through; the norm adds its part.
         let mut dh = dy;
-        self.mlp_norm.backward_input(&mut cache.mlp_norm, dhn, &mut dh);
+        self.mlp_norm
+            .backward_input(&mut cache.mlp_norm, dhn, &mut dh);
         let dxn = self.attn.backward_input(&mut cache.attn, dh.clone(), rope);
         let mut dx = dh;
-        self.attn_norm.backward_input(&mut cache.attn_norm, dxn, &mut dx);
+        self.attn_norm
+            .backward_input(&mut cache.attn_norm, dxn, &mut dx);
         dx
     }
 
@@ -90,4 +112,3 @@ impl Block {
         v
     }
 }
-

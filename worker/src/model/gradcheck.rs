@@ -46,11 +46,19 @@ fn check(what: &str, x0: &[f32], analytic: &[f32], loss: impl Fn(&[f32]) -> f64)
         let v = init::normal(99 + trial, what, x0.len(), 1.0);
         let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         let v: Vec<f32> = v.iter().map(|x| x / norm).collect();
-        let shifted = |s: f64| -> Vec<f32> { x0.iter().zip(&v).map(|(x, d)| x + (s * *d as f64) as f32).collect() };
+        let shifted = |s: f64| -> Vec<f32> {
+            x0.iter()
+                .zip(&v)
+                .map(|(x, d)| x + (s * *d as f64) as f32)
+                .collect()
+        };
         let numeric = (loss(&shifted(EPS)) - loss(&shifted(-EPS))) / (2.0 * EPS);
         let exact = dot(analytic, &v);
         let err = (numeric - exact).abs() / numeric.abs().max(exact.abs()).max(1e-4);
-        assert!(err < TOL, "{what}: numeric {numeric:.6} vs analytic {exact:.6} (rel err {err:.2e})");
+        assert!(
+            err < TOL,
+            "{what}: numeric {numeric:.6} vs analytic {exact:.6} (rel err {err:.2e})"
+        );
     }
 }
 
@@ -69,12 +77,19 @@ fn rmsnorm_backward_matches_finite_differences() {
     let mut dx = vec![0.0; x.len()];
     norm.backward_input(&mut cache, r.clone(), &mut dx);
     norm.backward_weight(&cache);
-    check("rmsnorm dx", &x, &dx, |x| dot(&norm.forward(x.to_vec()).0, &r));
-    check("rmsnorm dw", &norm.weight.data.clone(), &norm.weight.grad, |w| {
-        let mut n = norm.clone();
-        n.weight.data = w.to_vec();
-        dot(&n.forward(x.clone()).0, &r)
+    check("rmsnorm dx", &x, &dx, |x| {
+        dot(&norm.forward(x.to_vec()).0, &r)
     });
+    check(
+        "rmsnorm dw",
+        &norm.weight.data.clone(),
+        &norm.weight.grad,
+        |w| {
+            let mut n = norm.clone();
+            n.weight.data = w.to_vec();
+            dot(&n.forward(x.clone()).0, &r)
+        },
+    );
 }
 
 #[test]
@@ -109,7 +124,9 @@ fn mlp_backward_matches_finite_differences() {
     let (_, mut cache) = mlp.forward(x.clone(), rows);
     let dx = mlp.backward_input(&mut cache, r.clone());
     mlp.backward_weight(&cache);
-    check("mlp dx", &x, &dx, |x| dot(&mlp.forward(x.to_vec(), rows).0, &r));
+    check("mlp dx", &x, &dx, |x| {
+        dot(&mlp.forward(x.to_vec(), rows).0, &r)
+    });
     for i in 0..3 {
         let p = mlp.params()[i].clone();
         check(&p.name, &p.data, &p.grad, |w| {
@@ -171,8 +188,12 @@ fn head_and_loss_backward_match_finite_differences() {
 
 fn batch(c: &ModelConfig) -> (Vec<u32>, Vec<u32>) {
     let n = BATCH * c.seq_len;
-    let tokens = (0..n as u32).map(|i| (i * 5 + 3) % c.vocab as u32).collect();
-    let targets = (0..n as u32).map(|i| (i * 3 + 1) % c.vocab as u32).collect();
+    let tokens = (0..n as u32)
+        .map(|i| (i * 5 + 3) % c.vocab as u32)
+        .collect();
+    let targets = (0..n as u32)
+        .map(|i| (i * 3 + 1) % c.vocab as u32)
+        .collect();
     (tokens, targets)
 }
 
@@ -221,7 +242,10 @@ fn loss_only(stages: &mut [Stage], c: &ModelConfig) -> f64 {
             None => StageInput::Tokens(&tokens),
             Some(h) => StageInput::Hidden(h),
         };
-        match s.infer(input, (i + 1 == n).then_some(&targets[..]), BATCH).expect("infer") {
+        match s
+            .infer(input, (i + 1 == n).then_some(&targets[..]), BATCH)
+            .expect("infer")
+        {
             StageOutput::Hidden(h) => x = Some(h),
             StageOutput::Loss(l) => return l as f64,
         }
@@ -268,7 +292,11 @@ fn whole_model_gradient_matches_finite_differences() {
             if tied {
                 // The head replica follows the embedding.
                 let emb = t[..emb_len].to_vec();
-                st.last_mut().and_then(|s| s.head_mut()).expect("head").0.data = emb;
+                st.last_mut()
+                    .and_then(|s| s.head_mut())
+                    .expect("head")
+                    .0
+                    .data = emb;
             }
             loss_only(&mut st, &c)
         });
@@ -285,15 +313,25 @@ fn split_model_reproduces_the_unsplit_model() {
         for stages in 2..=4 {
             let mut split = build(&c, stages);
             let loss = train_pass(&mut split, &c);
-            assert!((loss - want_loss).abs() <= 1e-6 * want_loss.abs(), "{stages} stages: loss {loss} vs {want_loss}");
-            let got: Vec<_> = split.iter().flat_map(|s| s.params().into_iter().cloned()).collect();
+            assert!(
+                (loss - want_loss).abs() <= 1e-6 * want_loss.abs(),
+                "{stages} stages: loss {loss} vs {want_loss}"
+            );
+            let got: Vec<_> = split
+                .iter()
+                .flat_map(|s| s.params().into_iter().cloned())
+                .collect();
             assert_eq!(got.len(), want.len());
             for (g, w) in got.iter().zip(&want) {
                 assert_eq!(g.name, w.name);
                 assert_eq!(g.data, w.data, "{}: initial values differ", g.name);
                 for (a, b) in g.grad.iter().zip(&w.grad) {
                     let scale = a.abs().max(b.abs()).max(1e-12);
-                    assert!((a - b).abs() <= 1e-6 * scale, "{stages} stages, {}: {a} vs {b}", g.name);
+                    assert!(
+                        (a - b).abs() <= 1e-6 * scale,
+                        "{stages} stages, {}: {a} vs {b}",
+                        g.name
+                    );
                 }
             }
         }

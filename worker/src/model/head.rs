@@ -64,7 +64,15 @@ impl Head {
         let (xn, norm) = self.norm.forward(x);
         let mut logits = linear::forward(&self.weight, &xn, rows);
         let loss = cross_entropy(&mut logits, targets, self.weight.shape[0], scale);
-        (loss, HeadCache { norm, xn, dlogits: logits, rows })
+        (
+            loss,
+            HeadCache {
+                norm,
+                xn,
+                dlogits: logits,
+                rows,
+            },
+        )
     }
 
     /// Input half of the backward: the gradient w.r.t. the head's input.

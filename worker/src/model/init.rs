@@ -21,7 +21,8 @@ fn key(seed: u64, name: &str) -> u64 {
 /// `n` samples of N(0, std²) for the tensor `name` (Box–Muller).
 pub fn normal(seed: u64, name: &str, n: usize, std: f64) -> Vec<f32> {
     let k = key(seed, name);
-    let uniform = |i: u64| ((splitmix64(k ^ splitmix64(i)) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    let uniform =
+        |i: u64| ((splitmix64(k ^ splitmix64(i)) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
     let mut out = Vec::with_capacity(n);
     let mut i = 0u64;
     while out.len() < n {

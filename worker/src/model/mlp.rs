@@ -33,7 +33,13 @@ impl Mlp {
         let p = |name: &str, rows: usize, cols: usize, std: f64| {
             let name = format!("model.layers.{layer}.mlp.{name}.weight");
             let data = init::normal(seed, &name, rows * cols, std);
-            Param { grad: vec![0.0; data.len()], data, name, shape: vec![rows, cols], decay: true }
+            Param {
+                grad: vec![0.0; data.len()],
+                data,
+                name,
+                shape: vec![rows, cols],
+                decay: true,
+            }
         };
         let out_std = cfg.init_std / (2.0 * cfg.layers as f64).sqrt();
         Self {
@@ -50,7 +56,17 @@ impl Mlp {
         let mut h = vec![0.0; g.len()];
         swiglu_forward(&mut h, &g, &u);
         let y = linear::forward(&self.down, &h, rows);
-        (y, MlpCache { x, g, u, h, rows, ..Default::default() })
+        (
+            y,
+            MlpCache {
+                x,
+                g,
+                u,
+                h,
+                rows,
+                ..Default::default()
+            },
+        )
     }
 
     /// Input half of the backward: `dy[N, D]` → `dx[N, D]`.

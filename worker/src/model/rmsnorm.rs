@@ -22,7 +22,10 @@ pub struct RmsNormCache {
 impl RmsNorm {
     /// A norm of width `dim` named `name` (the gain's full name).
     pub fn new(name: String, dim: usize, eps: f64) -> Self {
-        Self { weight: Param::filled(name, &[dim], 1.0, false), eps: eps as f32 }
+        Self {
+            weight: Param::filled(name, &[dim], 1.0, false),
+            eps: eps as f32,
+        }
     }
 
     /// `x[N, D]` → `y[N, D]`.
@@ -31,7 +34,14 @@ impl RmsNorm {
         let mut y = vec![0.0; x.len()];
         let mut rstd = vec![0.0; x.len() / d];
         rmsnorm_forward(&mut y, &mut rstd, &x, &self.weight.data, self.eps);
-        (y, RmsNormCache { x, rstd, dy: Vec::new() })
+        (
+            y,
+            RmsNormCache {
+                x,
+                rstd,
+                dy: Vec::new(),
+            },
+        )
     }
 
     /// Input half: adds the gradient w.r.t. `x` into `dx`; keeps `dy`.

@@ -106,7 +106,13 @@ pub struct Stage {
 impl Stage {
     /// Build stage `index` of `stages`, holding blocks `layers`, initialised
     /// from `seed` (identically to the same tensors of any other split).
-    pub fn new(cfg: &ModelConfig, index: usize, stages: usize, layers: Range<usize>, seed: u64) -> Self {
+    pub fn new(
+        cfg: &ModelConfig,
+        index: usize,
+        stages: usize,
+        layers: Range<usize>,
+        seed: u64,
+    ) -> Self {
         Self {
             index,
             stages,
@@ -140,12 +146,24 @@ impl Stage {
         self.inflight.len()
     }
 
-    fn check_tokens(&self, tokens: &[u32], expected: usize, what: &'static str) -> Result<(), StageError> {
+    fn check_tokens(
+        &self,
+        tokens: &[u32],
+        expected: usize,
+        what: &'static str,
+    ) -> Result<(), StageError> {
         if tokens.len() != expected {
-            return Err(StageError::Shape { what, got: tokens.len(), expected });
+            return Err(StageError::Shape {
+                what,
+                got: tokens.len(),
+                expected,
+            });
         }
         if let Some(&token) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
-            return Err(StageError::Token { token, vocab: self.cfg.vocab });
+            return Err(StageError::Token {
+                token,
+                vocab: self.cfg.vocab,
+            });
         }
         Ok(())
     }
@@ -190,7 +208,10 @@ impl Stage {
                 return Err(StageError::DuplicateMicroBatch(mb));
             }
         }
-        let mut cache = MicroBatchCache { rows, ..Default::default() };
+        let mut cache = MicroBatchCache {
+            rows,
+            ..Default::default()
+        };
         let mut x = match (input, &self.embed) {
             (StageInput::Tokens(tokens), Some(embed)) => {
                 self.check_tokens(tokens, rows, "tokens")?;
@@ -200,15 +221,33 @@ impl Stage {
             (StageInput::Hidden(h), None) => {
                 let expected = rows * self.cfg.dim;
                 if h.len() != expected {
-                    return Err(StageError::Shape { what: "hidden states", got: h.len(), expected });
+                    return Err(StageError::Shape {
+                        what: "hidden states",
+                        got: h.len(),
+                        expected,
+                    });
                 }
                 if let Some(bad) = h.iter().position(|v| !v.is_finite()) {
-                    return Err(StageError::Shape { what: "finite hidden states", got: bad, expected });
+                    return Err(StageError::Shape {
+                        what: "finite hidden states",
+                        got: bad,
+                        expected,
+                    });
                 }
                 h.to_vec()
             }
-            (_, Some(_)) => return Err(StageError::WrongInput { stage: self.index, expected: "token ids" }),
-            (_, None) => return Err(StageError::WrongInput { stage: self.index, expected: "hidden states" }),
+            (_, Some(_)) => {
+                return Err(StageError::WrongInput {
+                    stage: self.index,
+                    expected: "token ids",
+                })
+            }
+            (_, None) => {
+                return Err(StageError::WrongInput {
+                    stage: self.index,
+                    expected: "hidden states",
+                })
+            }
         };
         for block in &self.blocks {
             let (y, c) = block.forward(x, batch, seq, &self.rope);
@@ -240,21 +279,39 @@ impl Stage {
     /// w.r.t. this stage's output (`None` on the last stage, which starts
     /// from its loss) and returns the gradient for the previous stage
     /// (`None` on the first).
-    pub fn backward_input(&mut self, mb: u64, grad: Option<&[f32]>) -> Result<Option<Vec<f32>>, StageError> {
-        let cache = self.inflight.get_mut(&mb).ok_or(StageError::UnknownMicroBatch(mb))?;
+    pub fn backward_input(
+        &mut self,
+        mb: u64,
+        grad: Option<&[f32]>,
+    ) -> Result<Option<Vec<f32>>, StageError> {
+        let cache = self
+            .inflight
+            .get_mut(&mb)
+            .ok_or(StageError::UnknownMicroBatch(mb))?;
         if cache.input_done {
             return Err(StageError::DuplicateMicroBatch(mb));
         }
         let mut dx = match (&self.head, grad) {
-            (Some(head), _) => head.backward_input(cache.head.as_mut().ok_or(StageError::MissingTargets)?),
+            (Some(head), _) => {
+                head.backward_input(cache.head.as_mut().ok_or(StageError::MissingTargets)?)
+            }
             (None, Some(g)) => {
                 let expected = cache.rows * self.cfg.dim;
                 if g.len() != expected {
-                    return Err(StageError::Shape { what: "output gradient", got: g.len(), expected });
+                    return Err(StageError::Shape {
+                        what: "output gradient",
+                        got: g.len(),
+                        expected,
+                    });
                 }
                 g.to_vec()
             }
-            (None, None) => return Err(StageError::WrongInput { stage: self.index, expected: "an output gradient" }),
+            (None, None) => {
+                return Err(StageError::WrongInput {
+                    stage: self.index,
+                    expected: "an output gradient",
+                })
+            }
         };
         for (block, c) in self.blocks.iter().zip(cache.blocks.iter_mut()).rev() {
             dx = block.backward_input(c, dx, &self.rope);
@@ -276,7 +333,10 @@ impl Stage {
             Some(c) if !c.input_done => return Err(StageError::OutOfOrder(mb)),
             Some(_) => {}
         }
-        let cache = self.inflight.remove(&mb).ok_or(StageError::UnknownMicroBatch(mb))?;
+        let cache = self
+            .inflight
+            .remove(&mb)
+            .ok_or(StageError::UnknownMicroBatch(mb))?;
         if let (Some(head), Some(c)) = (self.head.as_mut(), cache.head.as_ref()) {
             head.backward_weight(c);
         }
@@ -290,7 +350,11 @@ impl Stage {
     }
 
     /// Both halves of the backward.
-    pub fn backward(&mut self, mb: u64, grad: Option<&[f32]>) -> Result<Option<Vec<f32>>, StageError> {
+    pub fn backward(
+        &mut self,
+        mb: u64,
+        grad: Option<&[f32]>,
+    ) -> Result<Option<Vec<f32>>, StageError> {
         let dx = self.backward_input(mb, grad)?;
         self.backward_weight(mb)?;
         Ok(dx)
@@ -367,7 +431,10 @@ pub fn tie_gradients(stages: &mut [Stage]) {
         return;
     }
     let (first, rest) = stages.split_at_mut(1);
-    if let (Some(e), Some(h)) = (first[0].embed.as_mut(), rest.last_mut().and_then(|s| s.head.as_mut())) {
+    if let (Some(e), Some(h)) = (
+        first[0].embed.as_mut(),
+        rest.last_mut().and_then(|s| s.head.as_mut()),
+    ) {
         sum_tied(&mut e.weight.grad, &mut h.weight.grad);
     }
 }

@@ -108,9 +108,18 @@ impl AdamW {
         let bc2_sqrt = bc2.sqrt() as f32;
         let eps = cfg.eps as f32;
         for ((p, m), v) in params.iter_mut().zip(&mut self.m).zip(&mut self.v) {
-            let decay = if p.decay { (1.0 - lr * cfg.weight_decay) as f32 } else { 1.0 };
+            let decay = if p.decay {
+                (1.0 - lr * cfg.weight_decay) as f32
+            } else {
+                1.0
+            };
             let Param { data, grad, .. } = &mut **p;
-            for (((w, &g), m), v) in data.iter_mut().zip(grad.iter()).zip(m.iter_mut()).zip(v.iter_mut()) {
+            for (((w, &g), m), v) in data
+                .iter_mut()
+                .zip(grad.iter())
+                .zip(m.iter_mut())
+                .zip(v.iter_mut())
+            {
                 let g = g * clip;
                 *m = b1 * *m + (1.0 - b1) * g;
                 *v = b2 * *v + (1.0 - b2) * g * g;
@@ -144,7 +153,10 @@ mod tests {
         assert!((c.lr_at(0) - 1e-4).abs() < 1e-12);
         assert!((c.lr_at(9) - 1e-3).abs() < 1e-12);
         assert!((c.lr_at(10) - 1e-3).abs() < 1e-12);
-        assert!((c.lr_at(60) - 0.55e-3).abs() < 1e-9, "half way is the mid point");
+        assert!(
+            (c.lr_at(60) - 0.55e-3).abs() < 1e-9,
+            "half way is the mid point"
+        );
         assert!((c.lr_at(110) - 1e-4).abs() < 1e-12);
         assert!((c.lr_at(500) - 1e-4).abs() < 1e-12);
         for s in 10..110 {
@@ -161,7 +173,10 @@ mod tests {
 
     #[test]
     fn first_step_moves_each_weight_by_lr_against_its_gradient_sign() {
-        let c = OptimConfig { weight_decay: 0.0, ..cfg() };
+        let c = OptimConfig {
+            weight_decay: 0.0,
+            ..cfg()
+        };
         let mut p = Param::filled("w", &[3], 1.0, true);
         p.grad = vec![0.5, -2.0, 0.0];
         let mut opt = AdamW::new(&[&mut p]);

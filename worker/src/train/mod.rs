@@ -111,7 +111,10 @@ impl Trainer {
             .map(|(i, layers)| Stage::new(&model, i, n, layers, seed))
             .collect();
         let mut stages = stages;
-        let opts = stages.iter_mut().map(|s| AdamW::new(&s.params_mut())).collect();
+        let opts = stages
+            .iter_mut()
+            .map(|s| AdamW::new(&s.params_mut()))
+            .collect();
         Ok(Self {
             optim: OptimConfig::from_spec(&spec.training),
             manifest,
@@ -156,7 +159,10 @@ impl Trainer {
     /// Tokens in one optimizer step (all replicas and micro-batches).
     pub fn tokens_per_step(&self) -> usize {
         let t = &self.manifest.spec.training;
-        self.manifest.spec.pipeline.replicas * t.micro_batches * t.micro_batch_size * self.model.seq_len
+        self.manifest.spec.pipeline.replicas
+            * t.micro_batches
+            * t.micro_batch_size
+            * self.model.seq_len
     }
 
     /// Whether every planned step is done.
@@ -198,7 +204,15 @@ impl Trainer {
         let mut loss_sum = 0.0f64;
         for replica in 0..replicas {
             for mb in 0..micro {
-                let batch = sample_train(&self.corpus, seed, step, mb as u64, replica as u64, rows, self.model.seq_len);
+                let batch = sample_train(
+                    &self.corpus,
+                    seed,
+                    step,
+                    mb as u64,
+                    replica as u64,
+                    rows,
+                    self.model.seq_len,
+                );
                 let id = (replica * micro + mb) as u64;
                 loss_sum += self.micro_batch(id, &batch, scale)? as f64;
             }
@@ -217,7 +231,14 @@ impl Trainer {
         }
         self.step += 1;
         self.losses.push(loss);
-        Ok(StepReport { step, loss, grad_norm, lr, tokens: self.tokens_per_step(), seconds: start.elapsed().as_secs_f64() })
+        Ok(StepReport {
+            step,
+            loss,
+            grad_norm,
+            lr,
+            tokens: self.tokens_per_step(),
+            seconds: start.elapsed().as_secs_f64(),
+        })
     }
 
     /// Norm of the whole model's gradient, a tied head counted once.
@@ -227,7 +248,11 @@ impl Trainer {
             .stages
             .iter()
             .map(|s| {
-                grad_sq_sum(s.params().into_iter().filter(|p| !(tied && p.name == crate::model::head::LM_HEAD_NAME)))
+                grad_sq_sum(
+                    s.params()
+                        .into_iter()
+                        .filter(|p| !(tied && p.name == crate::model::head::LM_HEAD_NAME)),
+                )
             })
             .sum();
         sq.sqrt()
@@ -245,8 +270,13 @@ impl Trainer {
             tokens += batch.targets.len();
         }
         let loss = sum / tokens.max(1) as f64;
-        let bytes_per_token = self.corpus.val_bytes() as f64 / self.corpus.val_tokens().len().max(1) as f64;
-        Ok(EvalReport { loss, bits_per_byte: loss / std::f64::consts::LN_2 / bytes_per_token, tokens })
+        let bytes_per_token =
+            self.corpus.val_bytes() as f64 / self.corpus.val_tokens().len().max(1) as f64;
+        Ok(EvalReport {
+            loss,
+            bits_per_byte: loss / std::f64::consts::LN_2 / bytes_per_token,
+            tokens,
+        })
     }
 
     /// Directory of this run's checkpoints.
@@ -267,7 +297,14 @@ impl Trainer {
             losses: self.losses.clone(),
         };
         let keep = self.manifest.spec.checkpoint.keep;
-        Ok(checkpoint::save(root, &meta, &self.stages, &self.opts, &self.tokenizer, keep)?)
+        Ok(checkpoint::save(
+            root,
+            &meta,
+            &self.stages,
+            &self.opts,
+            &self.tokenizer,
+            keep,
+        )?)
     }
 }
 
@@ -280,12 +317,18 @@ pub fn infer_loss(stages: &mut [Stage], batch: &Batch) -> Result<f64, TrainError
             None => StageInput::Tokens(&batch.tokens),
             Some(h) => StageInput::Hidden(h),
         };
-        match stage.infer(input, (i + 1 == n).then_some(&batch.targets[..]), batch.rows)? {
+        match stage.infer(
+            input,
+            (i + 1 == n).then_some(&batch.targets[..]),
+            batch.rows,
+        )? {
             StageOutput::Hidden(h) => hidden = Some(h),
             StageOutput::Loss(l) => return Ok(l as f64),
         }
     }
-    Err(TrainError::Mismatch("the last stage produced no loss".into()))
+    Err(TrainError::Mismatch(
+        "the last stage produced no loss".into(),
+    ))
 }
 
 /// Logits `[T, V]` of one sequence of up to `seq_len` tokens.
@@ -298,7 +341,9 @@ pub fn logits(stages: &mut [Stage], tokens: &[u32]) -> Result<Vec<f32>, TrainErr
         };
         match stage.infer(input, None, 1)? {
             StageOutput::Hidden(h) => hidden = Some(h),
-            StageOutput::Loss(_) => return Err(TrainError::Mismatch("loss without targets".into())),
+            StageOutput::Loss(_) => {
+                return Err(TrainError::Mismatch("loss without targets".into()))
+            }
         }
     }
     hidden.ok_or_else(|| TrainError::Mismatch("no stages".into()))

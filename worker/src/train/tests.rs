@@ -59,7 +59,10 @@ fn resume_continues_exactly_where_the_run_stopped() {
         }
         assert_eq!(resumed.losses.len(), straight.losses.len());
         for (i, (a, b)) in resumed.losses.iter().zip(&straight.losses).enumerate() {
-            assert!((a - b).abs() <= 1e-6 * b.abs(), "step {i}: resumed {a} vs straight {b}");
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs(),
+                "step {i}: resumed {a} vs straight {b}"
+            );
         }
         for (a, b) in resumed.stages.iter().zip(&straight.stages) {
             for (p, q) in a.params().iter().zip(b.params()) {
@@ -107,7 +110,9 @@ fn a_checkpoint_for_another_model_is_refused_without_damage() {
     let part = saved.join("stage-1.safetensors");
     let bytes = std::fs::read(&part).expect("read");
     std::fs::write(&part, &bytes[..bytes.len() / 2]).expect("truncate");
-    let err = Trainer::resume(&root, None).err().expect("corrupt checkpoint refused");
+    let err = Trainer::resume(&root, None)
+        .err()
+        .expect("corrupt checkpoint refused");
     assert!(err.to_string().contains("stage-1.safetensors"), "{err}");
     // The other stage's file is untouched.
     assert!(saved.join("stage-0.safetensors").is_file());

@@ -331,6 +331,30 @@ impl Link {
         self.incoming.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Waits until every queued frame has been handed to the operating
+    /// system, or `timeout` passes. Dropping a link discards queued frames,
+    /// so call this (or [`Link::finish`]) when they must arrive.
+    pub fn flush(&self, timeout: Duration) -> Result<(), LinkError> {
+        let deadline = Instant::now() + timeout;
+        let q = &*self.queue;
+        let mut s = q.lock();
+        while s.occupied_frames > 0 {
+            if let Some(reason) = &s.closed {
+                return Err(LinkError::Closed(reason.clone()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(LinkError::Timeout(timeout));
+            }
+            s = q
+                .space
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
     /// Waits for the next verified frame.
     pub fn recv(&self) -> Result<Frame, LinkError> {
         self.incoming().recv().map_err(|_| self.closed())
@@ -695,7 +719,8 @@ mod tests {
             .expect("the good frame");
         assert_eq!(got, good);
         let stats = link.stats();
-        assert_eq!(stats.rejected(RejectReason::BadTag), 2);
+        assert_eq!(stats.rejected(RejectReason::BadTag), 1);
+        assert_eq!(stats.rejected(RejectReason::BadContentHash), 1);
         assert_eq!(stats.rejected(RejectReason::WrongSender), 1);
         assert_eq!(stats.rejected(RejectReason::WrongRun), 1);
         assert_eq!(

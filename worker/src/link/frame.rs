@@ -1,12 +1,13 @@
 //! Length-prefixed, authenticated binary frames.
 //!
 //! A frame is a fixed 156-byte little-endian header, the tensor payload, and
-//! a 32-byte tag. The tag is a BLAKE3 keyed hash (the run key) over header and
-//! payload, so nothing a peer without the key sends is ever accepted; the
-//! header also carries a plain BLAKE3 hash of the payload, which validators
-//! use to bind an output tensor to the input it was computed from and to its
-//! author. The byte-by-byte layout is in `docs/protocol.md`; the constants
-//! below are the single source of truth for it.
+//! a 32-byte tag. The header carries the BLAKE3 hash of the payload, which
+//! validators use to bind an output tensor to the input it was computed from
+//! and to its author; the tag is a BLAKE3 keyed hash (the run key) of the
+//! header, and so, through that hash, of the payload as well. Nothing a peer
+//! without the key sends is ever accepted. The byte-by-byte layout is in
+//! `docs/protocol.md`; the constants below are the single source of truth
+//! for it.
 //!
 //! Decoding is written for hostile input: every field is checked before it is
 //! trusted, the payload length is bounded before anything is allocated, and
@@ -197,6 +198,14 @@ impl Shape {
             rank: dims.len() as u8,
             dims: all,
         })
+    }
+
+    /// Shape of a `[len]` vector.
+    pub fn vector(len: u32) -> Self {
+        Shape {
+            rank: 1,
+            dims: [len, 0, 0, 0],
+        }
     }
 
     /// Shape of a `[rows, cols]` matrix.
@@ -538,31 +547,18 @@ fn header_bytes(header: &FrameHeader, payload_len: u64, payload_hash: &Digest) -
     h
 }
 
-/// Size of the pieces the payload is hashed in; small enough to stay in
-/// cache between the two hashers, large enough for BLAKE3's SIMD lanes.
-const HASH_PIECE: usize = 64 << 10;
-
-/// Feeds the payload to the content hasher and the keyed tag hasher in one
-/// walk, a cache-sized piece at a time, so a large payload is read from
-/// memory once rather than twice. This is why the tag input is the payload
-/// followed by the header: the header holds the content hash, which is only
-/// known once the whole payload has been seen.
-fn hash_payload(payload: &[u8], key: &RunKey) -> (Digest, blake3::Hasher) {
-    let mut content = blake3::Hasher::new();
-    let mut tag = blake3::Hasher::new_keyed(&key.0);
-    for piece in payload.chunks(HASH_PIECE) {
-        content.update(piece);
-        tag.update(piece);
-    }
-    (*content.finalize().as_bytes(), tag)
+/// The tag of a frame: a keyed hash of its header. The header carries the
+/// payload's BLAKE3 hash, so the tag covers the payload too, while the
+/// payload is hashed once per side instead of twice (once plain, once keyed).
+fn tag_of(head: &[u8; HEADER_LEN], key: &RunKey) -> blake3::Hash {
+    blake3::keyed_hash(&key.0, head)
 }
 
 /// Header bytes and tag for sending `header` with `payload`.
 fn seal(header: &FrameHeader, payload: &[u8], key: &RunKey) -> ([u8; HEADER_LEN], Digest) {
-    let (payload_hash, mut tag) = hash_payload(payload, key);
-    let head = header_bytes(header, payload.len() as u64, &payload_hash);
-    tag.update(&head);
-    (head, *tag.finalize().as_bytes())
+    let head = header_bytes(header, payload.len() as u64, &content_hash(payload));
+    let tag = tag_of(&head, key);
+    (head, *tag.as_bytes())
 }
 
 /// Encodes `frame` into a fresh buffer, authenticated with `key`.
@@ -686,9 +682,9 @@ fn parse_header(head: &[u8; HEADER_LEN]) -> Result<ParsedHeader, FrameError> {
     })
 }
 
-/// Authenticates header + payload, then checks the content hash. The tag
-/// verdict comes first so that an unauthenticated frame is only ever
-/// reported as forged, never as anything more specific.
+/// Authenticates the header, then checks the payload against the content
+/// hash it carries. The tag verdict comes first so that an unauthenticated
+/// frame is only ever reported as forged, never as anything more specific.
 fn authenticate(
     head: &[u8; HEADER_LEN],
     parsed: ParsedHeader,
@@ -696,14 +692,12 @@ fn authenticate(
     tag: &[u8],
     key: &RunKey,
 ) -> Result<Frame, FrameError> {
-    let (payload_hash, mut expected_tag) = hash_payload(&payload, key);
-    expected_tag.update(head);
     // `blake3::Hash` equality is constant-time, so a forger learns nothing
     // from how long the comparison takes.
-    if expected_tag.finalize() != *tag {
+    if tag_of(head, key) != *tag {
         return Err(FrameError::BadTag);
     }
-    if payload_hash != parsed.payload_hash {
+    if content_hash(&payload) != parsed.payload_hash {
         return Err(FrameError::BadContentHash);
     }
     debug_assert_eq!(payload.len() as u64, parsed.payload_len);
@@ -838,9 +832,7 @@ mod tests {
     /// holder with a broken hasher would send.
     fn encode_with_hash(frame: &Frame, payload_hash: &Digest, key: &RunKey) -> Vec<u8> {
         let head = header_bytes(&frame.header, frame.payload.len() as u64, payload_hash);
-        let (_, mut tag) = hash_payload(&frame.payload, key);
-        tag.update(&head);
-        let tag = tag.finalize();
+        let tag = tag_of(&head, key);
         let mut out = head.to_vec();
         out.extend_from_slice(&frame.payload);
         out.extend_from_slice(tag.as_bytes());
@@ -940,7 +932,8 @@ mod tests {
         check(OFF_DTYPE, DType::U32 as u8, RejectReason::CodecMismatch);
         check(OFF_DIMS, 4, RejectReason::SizeMismatch);
         check(OFF_STEP, 43, RejectReason::BadTag);
-        check(HEADER_LEN + 5, 0xFF, RejectReason::BadTag);
+        check(HEADER_LEN + 5, 0xFF, RejectReason::BadContentHash);
+        check(base.len() - 1, 0, RejectReason::BadTag);
         assert!(matches!(
             decode(&base[..base.len() - 1], &KEY, &limits),
             Err(FrameError::Truncated { .. })
@@ -1025,9 +1018,12 @@ mod tests {
             let err = decode(&bytes, &KEY, &FrameLimits::default());
             prop_assert!(err.is_err(), "flip at {} accepted", at);
             let err = err.unwrap_err();
-            if at >= HEADER_LEN {
-                // Payload and tag bytes are covered by the tag alone.
-                prop_assert!(matches!(err, FrameError::BadTag), "payload flip gave {}", err);
+            if at >= HEADER_LEN + f.payload.len() {
+                prop_assert!(matches!(err, FrameError::BadTag), "tag flip gave {}", err);
+            } else if at >= HEADER_LEN {
+                // The header (and its tag) are intact: the payload no longer
+                // matches the authenticated content hash.
+                prop_assert!(matches!(err, FrameError::BadContentHash), "payload flip gave {}", err);
             }
             let streamed = read_frame(&mut bytes.as_slice(), &KEY, &FrameLimits::default());
             prop_assert!(streamed.is_err());

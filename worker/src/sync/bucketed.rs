@@ -1,0 +1,177 @@
+//! Overlapping gradient communication with backward.
+//!
+//! Backward produces gradients layer by layer, last layer first. Grouping
+//! them into buckets and reducing each bucket as soon as it is complete
+//! hides most of the all-reduce behind the remaining backward compute.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread::{self, JoinHandle};
+
+use super::ring::{RingError, RingMember};
+
+/// What the background thread hands back: the member (for the next step)
+/// and the averaged buckets in index order.
+type Outcome = Result<(RingMember, Vec<Vec<f32>>), RingError>;
+
+/// A step's worth of bucketed all-reduces running on a background thread.
+///
+/// Buckets are reduced strictly in index order (0, 1, 2, …) on every rank,
+/// which is what keeps the ranks' operations aligned; push them in the order
+/// backward produces them, numbered in that order, for the best overlap.
+#[derive(Debug)]
+pub struct BucketedAllReduce {
+    buckets: usize,
+    tx: Option<Sender<(usize, Vec<f32>)>>,
+    worker: Option<JoinHandle<Outcome>>,
+}
+
+impl BucketedAllReduce {
+    /// Starts a background thread that will average `buckets` buckets over
+    /// `member`'s ring.
+    pub fn start(member: RingMember, buckets: usize) -> Result<Self, RingError> {
+        let (tx, rx) = mpsc::channel();
+        let worker = thread::Builder::new()
+            .name("allreduce-buckets".into())
+            .spawn(move || reduce_in_order(member, buckets, rx))
+            .map_err(|e| RingError::Config(format!("cannot start the bucket thread: {e}")))?;
+        Ok(BucketedAllReduce {
+            buckets,
+            tx: Some(tx),
+            worker: Some(worker),
+        })
+    }
+
+    /// Hands bucket `index` over for averaging; returns at once.
+    pub fn push(&self, index: usize, data: Vec<f32>) -> Result<(), RingError> {
+        if index >= self.buckets {
+            return Err(RingError::Config(format!(
+                "bucket {index} is outside 0..{}",
+                self.buckets
+            )));
+        }
+        let sent = self.tx.as_ref().map(|tx| tx.send((index, data)));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            // The thread stopped early because an all-reduce failed; `wait`
+            // reports that error.
+            _ => Err(RingError::Broken),
+        }
+    }
+
+    /// Waits until every bucket is averaged and returns the ring member
+    /// together with the averaged buckets, in index order.
+    pub fn wait(mut self) -> Result<(RingMember, Vec<Vec<f32>>), RingError> {
+        // Closing the channel tells the thread no more buckets are coming.
+        drop(self.tx.take());
+        match self.worker.take().map(JoinHandle::join) {
+            Some(Ok(outcome)) => outcome,
+            _ => Err(RingError::Config("bucket thread panicked".into())),
+        }
+    }
+}
+
+impl Drop for BucketedAllReduce {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(h) = self.worker.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn reduce_in_order(
+    mut member: RingMember,
+    buckets: usize,
+    rx: Receiver<(usize, Vec<f32>)>,
+) -> Outcome {
+    let mut waiting: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
+    let mut done: Vec<Vec<f32>> = Vec::with_capacity(buckets);
+    while done.len() < buckets {
+        let next = done.len();
+        if let Some(mut data) = waiting.remove(&next) {
+            member.allreduce_mean(&mut data)?;
+            done.push(data);
+            continue;
+        }
+        let Ok((index, data)) = rx.recv() else {
+            return Err(RingError::Config(format!(
+                "wait() called before bucket {next} of {buckets} was pushed"
+            )));
+        };
+        if index < next || waiting.insert(index, data).is_some() {
+            return Err(RingError::Config(format!("bucket {index} pushed twice")));
+        }
+    }
+    Ok((member, done))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::ring::tests::{exact_mean, input, on_ring};
+
+    #[test]
+    fn buckets_pushed_out_of_order_are_averaged_and_returned_in_order() {
+        let sizes = [1000usize, 17, 0, 40_000];
+        let total: usize = sizes.iter().sum();
+        let results = on_ring(
+            3,
+            |_| {},
+            |member| {
+                let rank = member.rank();
+                let grads = input(rank, total);
+                let mut parts = Vec::new();
+                let mut at = 0;
+                for &n in &sizes {
+                    parts.push(grads[at..at + n].to_vec());
+                    at += n;
+                }
+                let job = BucketedAllReduce::start(member, sizes.len()).expect("start");
+                // Ranks push in different orders; reduction order is fixed.
+                let order: Vec<usize> = if rank % 2 == 0 {
+                    vec![3, 1, 0, 2]
+                } else {
+                    vec![0, 1, 2, 3]
+                };
+                for i in order {
+                    job.push(i, parts[i].clone()).expect("push");
+                }
+                let (mut member, out) = job.wait().expect("wait");
+                // The member is reusable for the next step.
+                let mut one = vec![rank as f32];
+                member.allreduce_mean(&mut one).expect("reuse");
+                assert_eq!(one, vec![1.0]);
+                out.concat()
+            },
+        );
+        let mean = exact_mean(3, total);
+        for got in &results {
+            assert_eq!(got.len(), total);
+            for (g, m) in got.iter().zip(&mean) {
+                assert!((f64::from(*g) - m).abs() <= 1e-6);
+            }
+            assert_eq!(got, &results[0]);
+        }
+    }
+
+    #[test]
+    fn missing_bucket_and_bad_index_are_errors() {
+        let results = on_ring(
+            1,
+            |_| {},
+            |member| {
+                let job = BucketedAllReduce::start(member, 2).expect("start");
+                let bad = job.push(2, vec![]).unwrap_err();
+                job.push(0, vec![1.0]).expect("push");
+                (bad, job.wait().unwrap_err())
+            },
+        );
+        let (bad, missing) = &results[0];
+        assert!(matches!(bad, RingError::Config(_)), "{bad}");
+        assert!(
+            matches!(missing, RingError::Config(m) if m.contains("bucket 1")),
+            "{missing}"
+        );
+    }
+}

@@ -550,10 +550,7 @@ impl ReceiverThread {
                     }
                     if e.desynchronizes() {
                         let reason = format!("stream out of sync: {e}");
-                        eprintln!(
-                            "pipewright link from {:?}: closing, {reason}",
-                            self.stream.peer_addr()
-                        );
+                        tracing::warn!(peer = ?self.stream.peer_addr().ok(), %reason, "closing link");
                         break reason;
                     }
                 }

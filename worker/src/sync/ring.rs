@@ -423,6 +423,14 @@ impl Exchange<'_> {
         }
     }
 
+    /// Re-addresses a received frame as our segment `seg` of ring `step`.
+    fn forward(&self, mut frame: Frame, step: usize, seg: usize) -> Frame {
+        frame.header.micro_batch = tag(step, seg);
+        frame.header.replica = self.config.rank as u32;
+        frame.header.sender = self.config.worker_id;
+        frame
+    }
+
     fn run(&self, buf: &mut [f32]) -> Result<(), RingError> {
         let n = self.config.world;
         let (to_send, outbox) = mpsc::channel::<Frame>();
@@ -501,30 +509,29 @@ impl Exchange<'_> {
             let chunk = self.chunk_index(step + 1);
             let last = step == n - 2;
             for (seg, range) in self.plan.segments(chunk).into_iter().enumerate() {
-                let frame = self.receive(step, seg, range.len())?;
-                let local = &mut buf[range.clone()];
+                let mut frame = self.receive(step, seg, range.len())?;
                 // Incoming partial sum first, then ours: the fixed order that
-                // makes the result independent of timing.
-                for (x, b) in local.iter_mut().zip(frame.payload.chunks_exact(4)) {
+                // makes the result independent of timing. The sum is written
+                // both into the buffer and back into the received frame,
+                // which is then forwarded without another allocation.
+                for (x, b) in buf[range].iter_mut().zip(frame.payload.chunks_exact_mut(4)) {
                     let sum = f32::from_le_bytes([b[0], b[1], b[2], b[3]]) + *x;
                     *x = if last { sum / inv_n } else { sum };
+                    b.copy_from_slice(&x.to_le_bytes());
                 }
-                send(self.frame(step + 1, seg, to_wire(local)))?;
+                send(self.forward(frame, step + 1, seg))?;
             }
         }
         // All-gather: finished chunks travel on around the ring verbatim.
         for step in n - 1..2 * (n - 1) {
             let chunk = self.chunk_index(step - (n - 1));
             for (seg, range) in self.plan.segments(chunk).into_iter().enumerate() {
-                let mut frame = self.receive(step, seg, range.len())?;
+                let frame = self.receive(step, seg, range.len())?;
                 for (x, b) in buf[range].iter_mut().zip(frame.payload.chunks_exact(4)) {
                     *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 }
                 if step + 1 < 2 * (n - 1) {
-                    frame.header.micro_batch = tag(step + 1, seg);
-                    frame.header.replica = self.config.rank as u32;
-                    frame.header.sender = self.config.worker_id;
-                    send(frame)?;
+                    send(self.forward(frame, step + 1, seg))?;
                 }
             }
         }

@@ -47,14 +47,7 @@ impl Attention {
         let (d, hd) = (cfg.dim, cfg.head_dim());
         let p = |name: &str, rows: usize, cols: usize, std: f64| {
             let name = format!("model.layers.{layer}.self_attn.{name}.weight");
-            let data = init::normal(seed, &name, rows * cols, std);
-            Param {
-                grad: vec![0.0; data.len()],
-                data,
-                name,
-                shape: vec![rows, cols],
-                decay: true,
-            }
+            init::matrix(seed, &name, &name, rows, cols, std)
         };
         // Residual projections are scaled down so the residual stream's
         // variance does not grow with depth.

@@ -15,15 +15,15 @@ pub const EMBED_NAME: &str = "model.embed_tokens.weight";
 impl Embedding {
     /// Initialise from the seed.
     pub fn new(cfg: &ModelConfig, seed: u64) -> Self {
-        let data = init::normal(seed, EMBED_NAME, cfg.vocab * cfg.dim, cfg.init_std);
         Self {
-            weight: Param {
-                grad: vec![0.0; data.len()],
-                data,
-                name: EMBED_NAME.into(),
-                shape: vec![cfg.vocab, cfg.dim],
-                decay: true,
-            },
+            weight: init::matrix(
+                seed,
+                EMBED_NAME,
+                EMBED_NAME,
+                cfg.vocab,
+                cfg.dim,
+                cfg.init_std,
+            ),
         }
     }
 

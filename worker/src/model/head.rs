@@ -36,16 +36,9 @@ impl Head {
         // A tied head draws from the embedding's stream, so the two copies
         // start equal wherever they live.
         let key = if cfg.tied { EMBED_NAME } else { LM_HEAD_NAME };
-        let data = init::normal(seed, key, cfg.vocab * cfg.dim, cfg.init_std);
         Self {
             norm: RmsNorm::new("model.norm.weight".into(), cfg.dim, cfg.norm_eps),
-            weight: Param {
-                grad: vec![0.0; data.len()],
-                data,
-                name: LM_HEAD_NAME.into(),
-                shape: vec![cfg.vocab, cfg.dim],
-                decay: true,
-            },
+            weight: init::matrix(seed, LM_HEAD_NAME, key, cfg.vocab, cfg.dim, cfg.init_std),
             tied: cfg.tied,
         }
     }

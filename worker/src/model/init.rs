@@ -4,6 +4,21 @@
 //! a tensor gets the same values whichever stage holds it and however many
 //! stages there are: a split model starts exactly where the unsplit one does.
 
+use super::Param;
+
+/// A `[rows, cols]` matrix parameter named `name`, drawn from N(0, std²)
+/// with weight decay on.
+pub fn matrix(seed: u64, name: &str, key: &str, rows: usize, cols: usize, std: f64) -> Param {
+    let data = normal(seed, key, rows * cols, std);
+    Param {
+        grad: vec![0.0; data.len()],
+        data,
+        name: name.to_string(),
+        shape: vec![rows, cols],
+        decay: true,
+    }
+}
+
 /// splitmix64: a counter-based generator, cheap and well mixed.
 fn splitmix64(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);

@@ -32,14 +32,7 @@ impl Mlp {
     pub fn new(cfg: &ModelConfig, layer: usize, seed: u64) -> Self {
         let p = |name: &str, rows: usize, cols: usize, std: f64| {
             let name = format!("model.layers.{layer}.mlp.{name}.weight");
-            let data = init::normal(seed, &name, rows * cols, std);
-            Param {
-                grad: vec![0.0; data.len()],
-                data,
-                name,
-                shape: vec![rows, cols],
-                decay: true,
-            }
+            init::matrix(seed, &name, &name, rows, cols, std)
         };
         let out_std = cfg.init_std / (2.0 * cfg.layers as f64).sqrt();
         Self {

@@ -14,5 +14,6 @@ pub mod kernels;
 pub mod link;
 pub mod model;
 pub mod optim;
+pub mod schedule;
 pub mod sync;
 pub mod train;

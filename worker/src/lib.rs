@@ -14,6 +14,7 @@ pub mod kernels;
 pub mod link;
 pub mod model;
 pub mod optim;
+pub mod pipeline;
 pub mod schedule;
 pub mod sync;
 pub mod train;

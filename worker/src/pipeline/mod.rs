@@ -1,0 +1,799 @@
+//! The multi-process pipeline's data plane: one [`StageWorker`] per shard
+//! (stage `s`, replica `r`) of an `S × R` layout, each a separate process
+//! (or thread) talking to its neighbours over authenticated TCP links.
+//!
+//! A step reproduces [`crate::train::Trainer::train_step`]:
+//!
+//! 1. The first stage of replica `r` samples micro-batch `m` with
+//!    `sample_train(seed, step, m, r)`, embeds it and sends the hidden
+//!    states (`Activation`) and the target ids (`Targets`) to the next
+//!    stage; middle stages relay the targets so the last stage can compute
+//!    the loss. Gradients flow back as `Gradient` frames. Tensors travel as
+//!    f32, so nothing is rounded on the wire.
+//! 2. Each micro-batch's loss is scaled by `1 / micro_batches`; the ring
+//!    all-reduce then takes the *mean* over the `R` replicas, which is the
+//!    trainer's sum over every replica's micro-batches at scale
+//!    `1 / (R · micro_batches)`.
+//! 3. With tied embeddings the first and last stage of a replica swap the
+//!    embedding and head gradients and both keep the sum.
+//! 4. Every stage's sum of squared gradients (tied head counted once) is
+//!    added up the pipeline in stage order, the same order as the
+//!    single-process trainer, and the total comes back down, so every stage
+//!    clips with the same factor before its AdamW step.
+//!
+//! Wiring is static: a stage talks to stages `s ± 1` of its own replica,
+//! and to the other replicas of its stage through the ring.
+
+mod wire;
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use pipewright_spec::TrainingRun;
+
+use crate::data::{sample_train, Corpus, DataError, Tokenizer};
+use crate::link::codec::CodecError;
+use crate::link::{
+    FrameKind, FrameLimits, Link, LinkConfig, LinkError, Role, RunId, RunKey, WorkerId,
+};
+use crate::model::head::LM_HEAD_NAME;
+use crate::model::stage::sum_tied;
+use crate::model::{partition, ModelConfig, Stage, StageError, StageInput, StageOutput};
+use crate::optim::{grad_sq_sum, AdamW, OptimConfig};
+use crate::sync::{RingConfig, RingError, RingMember};
+
+use wire::{decode_f32, decode_scalar, decode_targets, Inbox, Sender, TIE_SLOT};
+
+/// Why a stage worker failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// Corpus or tokenizer.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// The local stage refused an input (possibly sent by a peer).
+    #[error("stage: {0}")]
+    Stage(#[from] StageError),
+    /// A tensor could not be encoded or decoded.
+    #[error("codec: {0}")]
+    Codec(#[from] CodecError),
+    /// A neighbour link failed (closed, timed out, refused the handshake).
+    #[error("link to the {peer}: {source}")]
+    Link {
+        /// Which neighbour: previous stage, next stage, tied stage.
+        peer: &'static str,
+        /// The link's error.
+        #[source]
+        source: LinkError,
+    },
+    /// The replicas' gradient ring failed.
+    #[error("gradient ring: {0}")]
+    Ring(#[from] RingError),
+    /// The shard or its peer addresses do not fit the manifest.
+    #[error("layout: {0}")]
+    Layout(String),
+    /// A neighbour sent something the protocol does not allow here.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The loss stopped being a number.
+    #[error("loss is {loss} at step {step}: training diverged")]
+    Diverged {
+        /// Step at which it happened.
+        step: u64,
+        /// The loss value.
+        loss: f32,
+    },
+}
+
+/// Which part of the layout a worker runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Shard {
+    /// Pipeline stage, `0..stages`.
+    pub stage: usize,
+    /// Data-parallel replica, `0..replicas`.
+    pub replica: usize,
+}
+
+impl Shard {
+    /// The worker id carried in this shard's handshakes and frames.
+    pub fn worker_id(self) -> WorkerId {
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&(self.stage as u64).to_le_bytes());
+        id[8..].copy_from_slice(&(self.replica as u64).to_le_bytes());
+        WorkerId(id)
+    }
+}
+
+/// The ring among the replicas of this worker's stage.
+#[derive(Debug)]
+pub struct RingPeers {
+    /// Where the previous replica connects.
+    pub listener: TcpListener,
+    /// The next replica's ring listener.
+    pub next: SocketAddr,
+}
+
+/// Network endpoints of one worker.
+#[derive(Debug, Default)]
+pub struct Peers {
+    /// Where the previous stage connects (every stage but the first), and
+    /// where the last stage connects for the tied gradients (the first
+    /// stage of a tied model with three or more stages).
+    pub listener: Option<TcpListener>,
+    /// The next stage's listener (every stage but the last).
+    pub next: Option<SocketAddr>,
+    /// The first stage's listener, on the last stage of a tied model with
+    /// three or more stages (with two, the neighbour link carries them).
+    pub tie: Option<SocketAddr>,
+    /// The replicas' ring; required when the run has more than one replica.
+    pub ring: Option<RingPeers>,
+}
+
+/// Credentials of the run: every link proves knowledge of the key.
+#[derive(Clone, Debug)]
+pub struct Auth {
+    /// Run id carried in every frame.
+    pub run_id: RunId,
+    /// Shared key.
+    pub key: RunKey,
+}
+
+/// Outcome of one step on one worker.
+#[derive(Clone, Copy, Debug)]
+pub struct WorkerStep {
+    /// Step index (0-based) that was completed.
+    pub step: u64,
+    /// Mean loss over every replica's micro-batches; on last stages only.
+    pub loss: Option<f32>,
+    /// Global gradient norm before clipping (the same on every worker).
+    pub grad_norm: f64,
+    /// Wall time of the step on this worker.
+    pub seconds: f64,
+}
+
+/// One operation of a stage's schedule within a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Forward of a micro-batch.
+    Forward {
+        /// Micro-batch index within the step.
+        mb: u32,
+    },
+    /// Input and weight halves of a backward, back to back.
+    Backward {
+        /// Micro-batch index within the step.
+        mb: u32,
+    },
+    /// Input half of a backward (sends the previous stage its gradient).
+    BackwardInput {
+        /// Micro-batch index within the step.
+        mb: u32,
+    },
+    /// Weight half of a backward.
+    BackwardWeight {
+        /// Micro-batch index within the step.
+        mb: u32,
+    },
+}
+
+/// GPipe order: every forward, then every backward, both ascending. The
+/// ascending backward accumulates weight gradients in the trainer's order.
+pub fn gpipe_order(micro_batches: usize) -> Vec<Op> {
+    let m = u32::try_from(micro_batches).unwrap_or(u32::MAX);
+    (0..m)
+        .map(|mb| Op::Forward { mb })
+        .chain((0..m).map(|mb| Op::Backward { mb }))
+        .collect()
+}
+
+/// Binds every listener of an `stages × replicas` layout on loopback and
+/// wires them statically. Returns one `(shard, peers)` per worker, stage
+/// major.
+pub fn loopback_layout(
+    stages: usize,
+    replicas: usize,
+    tied: bool,
+) -> io::Result<Vec<(Shard, Peers)>> {
+    let bind = || TcpListener::bind(("127.0.0.1", 0));
+    let idx = |s: usize, r: usize| s * replicas + r;
+    let mut pipe = Vec::new();
+    let mut ring = Vec::new();
+    for s in 0..stages {
+        for _ in 0..replicas {
+            let needs = s > 0 || (tied && stages > 2);
+            pipe.push(if needs { Some(bind()?) } else { None });
+            ring.push(if replicas > 1 { Some(bind()?) } else { None });
+        }
+    }
+    let addr = |l: &Option<TcpListener>| -> io::Result<Option<SocketAddr>> {
+        l.as_ref().map(|l| l.local_addr()).transpose()
+    };
+    let mut pipe_addrs = Vec::new();
+    let mut ring_addrs = Vec::new();
+    for (p, q) in pipe.iter().zip(&ring) {
+        pipe_addrs.push(addr(p)?);
+        ring_addrs.push(addr(q)?);
+    }
+    let mut out = Vec::new();
+    let mut listeners = pipe.into_iter().zip(ring);
+    for s in 0..stages {
+        for r in 0..replicas {
+            let (listener, ring_listener) = listeners
+                .next()
+                .ok_or_else(|| io::Error::other("layout listener count"))?;
+            let next = if s + 1 < stages {
+                pipe_addrs[idx(s + 1, r)]
+            } else {
+                None
+            };
+            let tie = if tied && stages > 2 && s + 1 == stages {
+                pipe_addrs[idx(0, r)]
+            } else {
+                None
+            };
+            let ring = match (ring_listener, ring_addrs[idx(s, (r + 1) % replicas)]) {
+                (Some(listener), Some(next)) => Some(RingPeers { listener, next }),
+                _ => None,
+            };
+            out.push((
+                Shard {
+                    stage: s,
+                    replica: r,
+                },
+                Peers {
+                    listener,
+                    next,
+                    tie,
+                    ring,
+                },
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// One shard of the pipeline: a stage's layers and optimizer, its links to
+/// the neighbouring stages and the ring among its replicas.
+pub struct StageWorker {
+    shard: Shard,
+    stages: usize,
+    replicas: usize,
+    micro_batches: usize,
+    rows: usize,
+    seed: u64,
+    model: ModelConfig,
+    optim: OptimConfig,
+    stage: Stage,
+    opt: AdamW,
+    corpus: Option<Corpus>,
+    prev: Option<Inbox>,
+    next: Option<Inbox>,
+    tie: Option<Inbox>,
+    ring: Option<RingMember>,
+    sender: Sender,
+    timeout: Duration,
+    order: Vec<Op>,
+    step: u64,
+}
+
+impl std::fmt::Debug for StageWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StageWorker")
+            .field("shard", &self.shard)
+            .field("stages", &self.stages)
+            .field("replicas", &self.replicas)
+            .field("step", &self.step)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StageWorker {
+    /// Builds shard `shard` of the run in `manifest` and opens its links.
+    /// Every worker of the layout must be starting at about the same time:
+    /// links wait `timeout` for their peers.
+    pub fn new(
+        manifest: &TrainingRun,
+        shard: Shard,
+        peers: Peers,
+        auth: Auth,
+        timeout: Duration,
+    ) -> Result<Self, PipelineError> {
+        let spec = &manifest.spec;
+        let (stages, replicas) = (spec.pipeline.stages, spec.pipeline.replicas);
+        if shard.stage >= stages || shard.replica >= replicas {
+            return Err(PipelineError::Layout(format!(
+                "shard (stage {}, replica {}) is outside a {stages} × {replicas} layout",
+                shard.stage, shard.replica
+            )));
+        }
+        let files = crate::data::resolve_files(&spec.data)?;
+        let tokenizer = Tokenizer::from_spec(&spec.data.tokenizer, &files)?;
+        let model = ModelConfig::from_spec(&spec.model, tokenizer.vocab_size());
+        let corpus = if shard.stage == 0 {
+            let c = Corpus::load(&spec.data, &tokenizer)?;
+            c.check_seq_len(spec.model.seq_len)?;
+            Some(c)
+        } else {
+            None
+        };
+        let seed = spec.training.seed;
+        let layers = partition(&model, stages, &[])
+            .into_iter()
+            .nth(shard.stage)
+            .ok_or_else(|| {
+                PipelineError::Layout(format!("no layer range for stage {}", shard.stage))
+            })?;
+        let mut stage = Stage::new(&model, shard.stage, stages, layers, seed);
+        let opt = AdamW::new(&stage.params_mut());
+        let micro_batches = spec.training.micro_batches;
+        let rows = spec.training.micro_batch_size;
+        let worker_id = shard.worker_id();
+        let sender = Sender {
+            run_id: auth.run_id,
+            worker_id,
+            stage: shard.stage as u32,
+            replica: shard.replica as u32,
+        };
+        let mut link_config = LinkConfig::new(auth.run_id, auth.key.clone(), worker_id);
+        // Every frame of a step may be queued at once (a neighbour can run a
+        // whole GPipe half ahead), so the queues never make two stages wait
+        // on each other.
+        let frames = 2 * micro_batches + 8;
+        link_config.send_queue_frames = frames;
+        link_config.recv_queue_frames = frames;
+        let largest = [
+            rows * model.seq_len * model.dim * 4,
+            model.vocab * model.dim * 4,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0) as u64;
+        link_config.limits = FrameLimits {
+            max_payload: largest.max(FrameLimits::default().max_payload),
+        };
+        link_config.handshake_timeout = timeout;
+        link_config.write_timeout = Some(timeout);
+        let first = shard.stage == 0;
+        let last = shard.stage + 1 == stages;
+        let tie_far = model.tied && stages > 2;
+        if (!first || tie_far) != peers.listener.is_some()
+            || last == peers.next.is_some()
+            || (last && tie_far) != peers.tie.is_some()
+            || (replicas > 1) != peers.ring.is_some()
+        {
+            return Err(PipelineError::Layout(format!(
+                "peers of stage {} of {stages} (replicas {replicas}, tied {}) are incomplete or superfluous",
+                shard.stage, model.tied
+            )));
+        }
+        let max_early = frames;
+        let (accepted, next, tie) = thread::scope(|scope| {
+            let accepting = peers.listener.as_ref().map(|l| {
+                let c = &link_config;
+                scope.spawn(move || accept_within(l, c, timeout))
+            });
+            let next = peers
+                .next
+                .map(|a| connect_within(a, &link_config, timeout))
+                .transpose();
+            let tie = peers
+                .tie
+                .map(|a| connect_within(a, &link_config, timeout))
+                .transpose();
+            let accepted = accepting.map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(LinkError::Closed("accepting thread panicked".into())))
+            });
+            (accepted.transpose(), next, tie)
+        });
+        let link_err = |peer| move |source| PipelineError::Link { peer, source };
+        let accepted = accepted.map_err(link_err("previous stage"))?;
+        let next = next.map_err(link_err("next stage"))?;
+        let tie = tie.map_err(link_err("tied stage"))?;
+        let (prev, tie) = match (first, accepted, tie) {
+            (true, Some(l), None) => (None, Some(Inbox::new(l, "tied stage", max_early))),
+            (false, Some(l), t) => (
+                Some(Inbox::new(l, "previous stage", max_early)),
+                t.map(|l| Inbox::new(l, "tied stage", max_early)),
+            ),
+            (_, a, t) => (
+                a.map(|l| Inbox::new(l, "previous stage", max_early)),
+                t.map(|l| Inbox::new(l, "tied stage", max_early)),
+            ),
+        };
+        let ring = match peers.ring {
+            Some(RingPeers { listener, next }) => {
+                let mut c =
+                    RingConfig::new(shard.replica, replicas, auth.run_id, auth.key, worker_id);
+                c.stage = shard.stage as u32;
+                c.timeout = timeout;
+                Some(RingMember::connect(c, listener, next)?)
+            }
+            None => None,
+        };
+        Ok(StageWorker {
+            shard,
+            stages,
+            replicas,
+            micro_batches,
+            rows,
+            seed,
+            optim: OptimConfig::from_spec(&spec.training),
+            model,
+            stage,
+            opt,
+            corpus,
+            prev,
+            next: next.map(|l| Inbox::new(l, "next stage", max_early)),
+            tie,
+            ring,
+            sender,
+            timeout,
+            order: gpipe_order(micro_batches),
+            step: 0,
+        })
+    }
+
+    /// Replaces the order of operations within a step (GPipe by default).
+    /// Every forward and backward of `0..micro_batches` must appear once,
+    /// and the orders of all stages must fit together.
+    pub fn set_order(&mut self, order: Vec<Op>) {
+        self.order = order;
+    }
+
+    /// This worker's shard.
+    pub fn shard(&self) -> Shard {
+        self.shard
+    }
+
+    /// The stage's layers and parameters.
+    pub fn stage(&self) -> &Stage {
+        &self.stage
+    }
+
+    /// Steps completed.
+    pub fn steps_done(&self) -> u64 {
+        self.step
+    }
+
+    /// Runs steps until `steps` are done in total, returning each one's
+    /// outcome.
+    pub fn run(&mut self, steps: u64) -> Result<Vec<WorkerStep>, PipelineError> {
+        let mut out = Vec::new();
+        while self.step < steps {
+            out.push(self.train_step()?);
+        }
+        Ok(out)
+    }
+
+    /// Sends everything still queued to the neighbours and the ring, then
+    /// closes the links. Call after the last step: dropping a worker
+    /// closes its links at once and may cut off the last frames a
+    /// neighbour still waits for.
+    pub fn finish(mut self) -> Result<(), PipelineError> {
+        if let Some(ring) = &self.ring {
+            let (next, _) = ring.links();
+            if let Some(l) = next {
+                l.flush(self.timeout)
+                    .map_err(|source| PipelineError::Link {
+                        peer: "next replica",
+                        source,
+                    })?;
+            }
+        }
+        for inbox in [self.prev.as_mut(), self.next.as_mut(), self.tie.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            inbox.finish()?;
+        }
+        Ok(())
+    }
+
+    fn is_first(&self) -> bool {
+        self.shard.stage == 0
+    }
+
+    fn is_last(&self) -> bool {
+        self.shard.stage + 1 == self.stages
+    }
+
+    fn hidden_rows(&self) -> usize {
+        self.rows * self.model.seq_len
+    }
+
+    /// One optimizer step: the schedule's forwards and backwards, the
+    /// replicas' all-reduce, tied gradients, the global norm and AdamW.
+    pub fn train_step(&mut self) -> Result<WorkerStep, PipelineError> {
+        let start = Instant::now();
+        let step = self.step;
+        let scale = 1.0 / self.micro_batches as f32;
+        let mut loss_sum = 0.0f64;
+        for op in self.order.clone() {
+            match op {
+                Op::Forward { mb } => {
+                    if let Some(loss) = self.forward(step, mb as u64, scale)? {
+                        loss_sum += loss as f64;
+                    }
+                }
+                Op::Backward { mb } => {
+                    self.backward_input(step, mb as u64)?;
+                    self.stage.backward_weight(mb as u64)?;
+                }
+                Op::BackwardInput { mb } => self.backward_input(step, mb as u64)?,
+                Op::BackwardWeight { mb } => self.stage.backward_weight(mb as u64)?,
+            }
+        }
+        if self.stage.in_flight() != 0 {
+            self.stage.clear_in_flight();
+            return Err(PipelineError::Layout(
+                "the step's order left micro-batches without a backward".into(),
+            ));
+        }
+        let loss = self.reduce_replicas(loss_sum)?;
+        if let Some(l) = loss {
+            if !l.is_finite() {
+                return Err(PipelineError::Diverged { step, loss: l });
+            }
+        }
+        self.tie_gradients(step)?;
+        let grad_norm = self.global_norm(step)?;
+        let clip = self.optim.clip_factor(grad_norm);
+        let lr = self.optim.lr_at(step);
+        self.opt
+            .step(&mut self.stage.params_mut(), &self.optim, lr, clip);
+        self.stage.zero_grad();
+        self.step += 1;
+        Ok(WorkerStep {
+            step,
+            loss,
+            grad_norm,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Forward of micro-batch `mb`; the loss on the last stage.
+    fn forward(&mut self, step: u64, mb: u64, scale: f32) -> Result<Option<f32>, PipelineError> {
+        let (rows, seq, dim) = (self.rows, self.model.seq_len, self.model.dim);
+        let (tokens, hidden, targets) = if let Some(corpus) = &self.corpus {
+            let b = sample_train(
+                corpus,
+                self.seed,
+                step,
+                mb,
+                self.shard.replica as u64,
+                rows,
+                seq,
+            );
+            (Some(b.tokens), None, b.targets)
+        } else {
+            let prev = self.prev.as_mut().ok_or_else(|| {
+                PipelineError::Layout("a later stage has no previous stage".into())
+            })?;
+            let t = prev.take(FrameKind::Targets, step, mb, self.timeout)?;
+            let targets = decode_targets(&t, rows, seq)?;
+            let a = prev.take(FrameKind::Activation, step, mb, self.timeout)?;
+            (None, Some(decode_f32(&a, rows * seq, dim)?), targets)
+        };
+        let input = match (&tokens, &hidden) {
+            (Some(t), _) => StageInput::Tokens(t),
+            (None, Some(h)) => StageInput::Hidden(h),
+            (None, None) => return Err(PipelineError::Layout("no input".into())),
+        };
+        let last = self.is_last();
+        let out = self
+            .stage
+            .forward(mb, input, last.then_some(&targets[..]), rows, scale)?;
+        match out {
+            StageOutput::Loss(l) => Ok(Some(l)),
+            StageOutput::Hidden(h) => {
+                let next = self.next.as_ref().ok_or_else(|| {
+                    PipelineError::Layout("a non-final stage has no next stage".into())
+                })?;
+                next.send(self.sender.targets(step, mb, &targets, rows, seq)?)?;
+                next.send(self.sender.matrix(
+                    step,
+                    mb,
+                    FrameKind::Activation,
+                    &h,
+                    rows * seq,
+                    dim,
+                )?)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Input half of the backward of `mb`, sending the result upstream.
+    fn backward_input(&mut self, step: u64, mb: u64) -> Result<(), PipelineError> {
+        let (rows, dim) = (self.hidden_rows(), self.model.dim);
+        let grad = match self.next.as_mut() {
+            Some(next) => {
+                let f = next.take(FrameKind::Gradient, step, mb, self.timeout)?;
+                Some(decode_f32(&f, rows, dim)?)
+            }
+            None => None,
+        };
+        let dx = self.stage.backward_input(mb, grad.as_deref())?;
+        if let (Some(dx), Some(prev)) = (dx, self.prev.as_ref()) {
+            prev.send(
+                self.sender
+                    .matrix(step, mb, FrameKind::Gradient, &dx, rows, dim)?,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Mean of every gradient across the stage's replicas (one ring
+    /// operation over all parameters, plus the loss sum on the last stage);
+    /// returns the step's mean loss on the last stage.
+    fn reduce_replicas(&mut self, loss_sum: f64) -> Result<Option<f32>, PipelineError> {
+        let last = self.is_last();
+        let m = self.micro_batches as f64;
+        let Some(ring) = self.ring.as_mut() else {
+            return Ok(last.then_some((loss_sum / m) as f32));
+        };
+        let mut params = self.stage.params_mut();
+        let len: usize = params.iter().map(|p| p.grad.len()).sum();
+        let mut buf = Vec::with_capacity(len + 1);
+        for p in params.iter() {
+            buf.extend_from_slice(&p.grad);
+        }
+        if last {
+            buf.push(loss_sum as f32);
+        }
+        ring.allreduce_mean(&mut buf)?;
+        let mut at = 0;
+        for p in params.iter_mut() {
+            let n = p.grad.len();
+            p.grad.copy_from_slice(&buf[at..at + n]);
+            at += n;
+        }
+        Ok(last.then(|| (buf[len] as f64 / m) as f32))
+    }
+
+    /// Gives the tied embedding and head the sum of both gradients.
+    fn tie_gradients(&mut self, step: u64) -> Result<(), PipelineError> {
+        if !self.model.tied {
+            return Ok(());
+        }
+        let (vocab, dim) = (self.model.vocab, self.model.dim);
+        if self.stages == 1 {
+            let embed = self
+                .stage
+                .embedding_mut()
+                .map(|p| p.grad.clone())
+                .ok_or_else(|| PipelineError::Layout("single stage without embedding".into()))?;
+            let mut head = self
+                .stage
+                .head_mut()
+                .map(|(p, _)| p.grad.clone())
+                .ok_or_else(|| PipelineError::Layout("single stage without head".into()))?;
+            if let Some(p) = self.stage.embedding_mut() {
+                sum_tied(&mut p.grad, &mut head);
+            }
+            let mut embed = embed;
+            if let Some((p, _)) = self.stage.head_mut() {
+                sum_tied(&mut p.grad, &mut embed);
+            }
+            return Ok(());
+        }
+        if !self.is_first() && !self.is_last() {
+            return Ok(());
+        }
+        let first = self.is_first();
+        let mine = if first {
+            self.stage.embedding_mut().map(|p| p.grad.clone())
+        } else {
+            self.stage.head_mut().map(|(p, _)| p.grad.clone())
+        }
+        .ok_or_else(|| PipelineError::Layout("tied stage without its matrix".into()))?;
+        let link = match (&mut self.tie, first) {
+            (Some(t), _) => Some(t),
+            (None, true) => self.next.as_mut(),
+            (None, false) => self.prev.as_mut(),
+        }
+        .ok_or_else(|| PipelineError::Layout("no link to the tied stage".into()))?;
+        link.send(
+            self.sender
+                .matrix(step, TIE_SLOT, FrameKind::Gradient, &mine, vocab, dim)?,
+        )?;
+        let theirs = link.take(FrameKind::Gradient, step, TIE_SLOT, self.timeout)?;
+        let mut theirs = decode_f32(&theirs, vocab, dim)?;
+        let target = if first {
+            self.stage.embedding_mut()
+        } else {
+            self.stage.head_mut().map(|(p, _)| p)
+        };
+        if let Some(p) = target {
+            // a + b == b + a in IEEE arithmetic: both ends hold the same bits.
+            sum_tied(&mut p.grad, &mut theirs);
+        }
+        Ok(())
+    }
+
+    /// Global gradient norm: partial sums of squares added up the pipeline
+    /// in stage order, the total sent back down.
+    fn global_norm(&mut self, step: u64) -> Result<f64, PipelineError> {
+        let tied = self.model.tied;
+        let own = grad_sq_sum(
+            self.stage
+                .params()
+                .into_iter()
+                .filter(|p| !(tied && p.name == LM_HEAD_NAME)),
+        );
+        let timeout = self.timeout;
+        let acc = match self.prev.as_mut() {
+            Some(prev) => {
+                decode_scalar(&prev.take(FrameKind::Control, step, wire::NORM_SLOT, timeout)?)?
+                    + own
+            }
+            None => own,
+        };
+        let total = match self.next.as_mut() {
+            Some(next) => {
+                next.send(self.sender.scalar(step, acc))?;
+                decode_scalar(&next.take(FrameKind::Control, step, wire::NORM_SLOT, timeout)?)?
+            }
+            None => acc,
+        };
+        if let Some(prev) = self.prev.as_ref() {
+            prev.send(self.sender.scalar(step, total))?;
+        }
+        Ok(total.sqrt())
+    }
+}
+
+/// Accepts one connection within `timeout` (std's accept has no deadline).
+fn accept_within(
+    listener: &TcpListener,
+    config: &LinkConfig,
+    timeout: Duration,
+) -> Result<Link, LinkError> {
+    let io_err = |source| LinkError::Connect {
+        addr: listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "listener".into()),
+        source,
+    };
+    let deadline = Instant::now() + timeout;
+    listener.set_nonblocking(true).map_err(io_err)?;
+    let stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(LinkError::Timeout(timeout))
+            }
+            Err(e) => return Err(io_err(e)),
+        }
+    };
+    stream.set_nonblocking(false).map_err(io_err)?;
+    Link::from_stream(stream, Role::Acceptor, config)
+}
+
+/// Connects to `addr`, retrying until `timeout` while the peer is not yet
+/// listening (workers start in any order).
+fn connect_within(
+    addr: SocketAddr,
+    config: &LinkConfig,
+    timeout: Duration,
+) -> Result<Link, LinkError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(stream) => return Link::from_stream(stream, Role::Initiator, config),
+            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            Err(source) => {
+                return Err(LinkError::Connect {
+                    addr: addr.to_string(),
+                    source,
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! Frames a stage worker exchanges with its pipeline neighbours, and the
+//! inbox that hands them out by (kind, step, micro-batch) whatever order
+//! they arrive in.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::link::codec::{decode_matrix, encode_matrix};
+use crate::link::frame::{Frame, FrameHeader};
+use crate::link::{Codec, DType, FrameKind, Link, RunId, Shape, WorkerId};
+
+use super::PipelineError;
+
+/// Micro-batch slot of the frame carrying a tied embedding or head
+/// gradient between the first and the last stage.
+pub(crate) const TIE_SLOT: u64 = u64::MAX;
+/// Micro-batch slot of the gradient sum of squares travelling up the
+/// pipeline (partial sums) and back down (the total).
+pub(crate) const NORM_SLOT: u64 = u64::MAX - 1;
+
+/// Who is sending: the fields every outgoing frame shares.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Sender {
+    pub run_id: RunId,
+    pub worker_id: WorkerId,
+    pub stage: u32,
+    pub replica: u32,
+}
+
+impl Sender {
+    fn header(
+        &self,
+        step: u64,
+        mb: u64,
+        kind: FrameKind,
+        dtype: DType,
+        codec: Codec,
+        shape: Shape,
+    ) -> FrameHeader {
+        FrameHeader {
+            run_id: self.run_id,
+            step,
+            micro_batch: mb,
+            stage: self.stage,
+            replica: self.replica,
+            kind,
+            dtype,
+            codec,
+            shape,
+            sender: self.worker_id,
+            input_hash: [0; 32],
+        }
+    }
+
+    /// A `[rows, cols]` f32 tensor (activations, gradients) as f32 bytes.
+    pub fn matrix(
+        &self,
+        step: u64,
+        mb: u64,
+        kind: FrameKind,
+        data: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Frame, PipelineError> {
+        let shape = matrix_shape(rows, cols)?;
+        let payload = encode_matrix(data, rows, cols, Codec::F32)?;
+        Ok(Frame {
+            header: self.header(step, mb, kind, DType::F32, Codec::F32, shape),
+            payload,
+        })
+    }
+
+    /// Target token ids `[rows, seq]`.
+    pub fn targets(
+        &self,
+        step: u64,
+        mb: u64,
+        targets: &[u32],
+        rows: usize,
+        seq: usize,
+    ) -> Result<Frame, PipelineError> {
+        let shape = matrix_shape(rows, seq)?;
+        let payload = targets.iter().flat_map(|t| t.to_le_bytes()).collect();
+        Ok(Frame {
+            header: self.header(step, mb, FrameKind::Targets, DType::U32, Codec::Raw, shape),
+            payload,
+        })
+    }
+
+    /// One f64 (a sum of squares), as two little-endian u32 words so the
+    /// frame's dtype and length stay consistent.
+    pub fn scalar(&self, step: u64, value: f64) -> Frame {
+        Frame {
+            header: self.header(
+                step,
+                NORM_SLOT,
+                FrameKind::Control,
+                DType::U32,
+                Codec::Raw,
+                Shape::vector(2),
+            ),
+            payload: value.to_le_bytes().to_vec(),
+        }
+    }
+}
+
+fn matrix_shape(rows: usize, cols: usize) -> Result<Shape, PipelineError> {
+    let too_large = || {
+        PipelineError::Layout(format!(
+            "tensor [{rows}, {cols}] does not fit a frame shape"
+        ))
+    };
+    let r = u32::try_from(rows).map_err(|_| too_large())?;
+    let c = u32::try_from(cols).map_err(|_| too_large())?;
+    Ok(Shape::matrix(r, c))
+}
+
+/// Checks that `frame` holds a `[rows, cols]` tensor with the expected
+/// dtype and codec; a peer that disagrees is refused, never trusted.
+fn check_shape(
+    frame: &Frame,
+    dtype: DType,
+    codec: Codec,
+    rows: usize,
+    cols: usize,
+) -> Result<(), PipelineError> {
+    let h = &frame.header;
+    let dims = h.shape.dims();
+    let ok = h.dtype == dtype
+        && h.codec == codec
+        && dims.len() == 2
+        && dims[0] as usize == rows
+        && dims[1] as usize == cols;
+    if ok {
+        Ok(())
+    } else {
+        Err(PipelineError::Protocol(format!(
+            "{:?} frame of micro-batch {} is {:?}/{:?} {:?}, expected {dtype:?}/{codec:?} [{rows}, {cols}]",
+            h.kind, h.micro_batch, h.dtype, h.codec, dims
+        )))
+    }
+}
+
+/// Decodes an f32 `[rows, cols]` tensor frame.
+pub(crate) fn decode_f32(
+    frame: &Frame,
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f32>, PipelineError> {
+    check_shape(frame, DType::F32, Codec::F32, rows, cols)?;
+    Ok(decode_matrix(&frame.payload, rows, cols, Codec::F32)?)
+}
+
+/// Decodes a `[rows, seq]` target-id frame (ids are range-checked by the
+/// stage that consumes them).
+pub(crate) fn decode_targets(
+    frame: &Frame,
+    rows: usize,
+    seq: usize,
+) -> Result<Vec<u32>, PipelineError> {
+    check_shape(frame, DType::U32, Codec::Raw, rows, seq)?;
+    if frame.payload.len() != rows * seq * 4 {
+        return Err(PipelineError::Protocol(format!(
+            "targets payload has {} bytes, expected {}",
+            frame.payload.len(),
+            rows * seq * 4
+        )));
+    }
+    Ok(frame
+        .payload
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+/// Decodes a frame built by [`Sender::scalar`].
+pub(crate) fn decode_scalar(frame: &Frame) -> Result<f64, PipelineError> {
+    let bytes: [u8; 8] = frame.payload.as_slice().try_into().map_err(|_| {
+        PipelineError::Protocol(format!(
+            "scalar frame has {} bytes, expected 8",
+            frame.payload.len()
+        ))
+    })?;
+    let v = f64::from_le_bytes(bytes);
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(PipelineError::Protocol(format!("scalar frame holds {v}")))
+    }
+}
+
+/// One neighbour link plus the frames that arrived before they were asked
+/// for (a neighbour may run ahead by its schedule).
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    pub link: Link,
+    name: &'static str,
+    early: HashMap<(u8, u64, u64), Frame>,
+    max_early: usize,
+}
+
+impl Inbox {
+    pub fn new(link: Link, name: &'static str, max_early: usize) -> Self {
+        Inbox {
+            link,
+            name,
+            early: HashMap::new(),
+            max_early,
+        }
+    }
+
+    pub fn send(&self, frame: Frame) -> Result<(), PipelineError> {
+        self.link.send(frame).map_err(|e| PipelineError::Link {
+            peer: self.name,
+            source: e,
+        })
+    }
+
+    /// Sends what is queued and closes the sending half.
+    pub fn finish(&mut self) -> Result<(), PipelineError> {
+        self.link.finish().map_err(|e| PipelineError::Link {
+            peer: self.name,
+            source: e,
+        })
+    }
+
+    /// The frame of `kind` for (`step`, `mb`), waiting at most `timeout`
+    /// for each arriving frame.
+    pub fn take(
+        &mut self,
+        kind: FrameKind,
+        step: u64,
+        mb: u64,
+        timeout: Duration,
+    ) -> Result<Frame, PipelineError> {
+        let key = (kind as u8, step, mb);
+        if let Some(f) = self.early.remove(&key) {
+            return Ok(f);
+        }
+        loop {
+            let f = self
+                .link
+                .recv_timeout(timeout)
+                .map_err(|e| PipelineError::Link {
+                    peer: self.name,
+                    source: e,
+                })?;
+            let h = &f.header;
+            let got = (h.kind as u8, h.step, h.micro_batch);
+            if got == key {
+                return Ok(f);
+            }
+            // Neighbours never lag behind this worker: a step boundary
+            // needs the whole pipeline, so an older frame is a broken peer.
+            if h.step < step || self.early.len() >= self.max_early || self.early.contains_key(&got)
+            {
+                return Err(PipelineError::Protocol(format!(
+                    "{} sent {:?} for step {} micro-batch {} while step {step} micro-batch {mb} {kind:?} was expected",
+                    self.name, h.kind, h.step, h.micro_batch
+                )));
+            }
+            self.early.insert(got, f);
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Stage workers on threads, linked over loopback TCP, must train exactly
+//! like the single-process trainer: same per-step loss, same weights.
+
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use pipewright::link::{RunId, RunKey};
+use pipewright::pipeline::{loopback_layout, Auth, PipelineError, Shard, StageWorker, WorkerStep};
+use pipewright::train::Trainer;
+use pipewright_spec::{parse_manifest, TrainingRun};
+
+const STEPS: u64 = 10;
+
+/// Structured sentences generated here (tests commit no corpus).
+fn write_corpus(dir: &Path) {
+    let subjects = [
+        "the miller",
+        "a sailor",
+        "the baker",
+        "my aunt",
+        "our smith",
+    ];
+    let verbs = ["mends", "sells", "paints", "carries", "counts"];
+    let objects = ["nets", "loaves", "boats", "bells", "barrels", "lamps"];
+    let mut text = String::new();
+    for i in 0..3000usize {
+        let s = subjects[i % subjects.len()];
+        let v = verbs[(i / 2) % verbs.len()];
+        let o = objects[(i * 5 + 1) % objects.len()];
+        text.push_str(&format!("{s} {v} {} {o} on day {}.\n", i % 9 + 2, i % 31));
+    }
+    std::fs::write(dir.join("corpus.txt"), text).expect("write corpus");
+}
+
+fn manifest(dir: &Path, stages: usize, replicas: usize, tied: bool) -> TrainingRun {
+    let yaml = format!(
+        r#"
+apiVersion: pipewright.dev/v1alpha1
+kind: TrainingRun
+metadata: {{name: pipeline-test}}
+spec:
+  model: {{dim: 32, layers: 4, heads: 4, kvHeads: 2, ffnDim: 64, seqLen: 32, tiedEmbeddings: {tied}}}
+  data: {{sources: ["{}"]}}
+  training: {{steps: {STEPS}, microBatchSize: 4, microBatches: 4, learningRate: 0.01, warmupSteps: 2, seed: 7}}
+  pipeline: {{stages: {stages}, replicas: {replicas}}}
+  checkpoint: {{dir: "{}", keep: 0}}
+"#,
+        dir.join("corpus.txt").display(),
+        dir.join("ckpt").display(),
+    );
+    parse_manifest(&yaml).expect("test manifest is valid")
+}
+
+/// Every worker's step outcomes and final stage parameters, by shard.
+type Finished = Vec<(Shard, Vec<WorkerStep>, Vec<Vec<f32>>)>;
+
+fn run_pipeline(m: &TrainingRun) -> Result<Finished, PipelineError> {
+    let p = &m.spec.pipeline;
+    let layout = loopback_layout(p.stages, p.replicas, m.spec.model.tied_embeddings)
+        .expect("bind loopback listeners");
+    let auth = Auth {
+        run_id: RunId([3; 16]),
+        key: RunKey([9; 32]),
+    };
+    let handles: Vec<_> = layout
+        .into_iter()
+        .map(|(shard, peers)| {
+            let (m, auth) = (m.clone(), auth.clone());
+            thread::spawn(move || -> Result<_, PipelineError> {
+                let mut w = StageWorker::new(&m, shard, peers, auth, Duration::from_secs(60))?;
+                let steps = w.run(STEPS)?;
+                let params = w.stage().params().iter().map(|p| p.data.clone()).collect();
+                w.finish()?;
+                Ok((shard, steps, params))
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().expect("worker thread panicked"))
+        .collect();
+    // One failure makes the neighbours fail too; show every worker's error.
+    for r in &results {
+        if let Err(e) = r {
+            eprintln!("worker failed: {e}");
+        }
+    }
+    results.into_iter().collect()
+}
+
+fn reference(m: &TrainingRun) -> (Vec<f32>, Vec<Vec<Vec<f32>>>, f64) {
+    let mut t = Trainer::new(m.clone()).expect("trainer");
+    let start = Instant::now();
+    while !t.finished() {
+        t.train_step().expect("step");
+    }
+    let secs = start.elapsed().as_secs_f64() / STEPS as f64;
+    let params = t
+        .stages
+        .iter()
+        .map(|s| s.params().iter().map(|p| p.data.clone()).collect())
+        .collect();
+    (t.losses.clone(), params, secs)
+}
+
+fn check_layout(stages: usize, replicas: usize, tied: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_corpus(dir.path());
+    let m = manifest(dir.path(), stages, replicas, tied);
+    let (want, want_params, ref_secs) = reference(&m);
+    let start = Instant::now();
+    let done = run_pipeline(&m).expect("pipeline run");
+    let secs = start.elapsed().as_secs_f64() / STEPS as f64;
+    eprintln!(
+        "S={stages} R={replicas} tied={tied}: pipeline {:.1} ms/step (incl. setup), trainer {:.1} ms/step",
+        secs * 1e3,
+        ref_secs * 1e3
+    );
+    let mut last_stages = 0;
+    for (shard, steps, params) in &done {
+        assert_eq!(steps.len(), STEPS as usize);
+        // Every worker clips with the same global norm.
+        let norms: Vec<f64> = steps.iter().map(|s| s.grad_norm).collect();
+        let (_, first_steps, _) = done
+            .iter()
+            .find(|(s, _, _)| s.stage == 0 && s.replica == shard.replica)
+            .expect("first stage of the replica");
+        let first_norms: Vec<f64> = first_steps.iter().map(|s| s.grad_norm).collect();
+        assert_eq!(norms, first_norms, "{shard:?} clipped with another norm");
+        if shard.stage + 1 == stages {
+            last_stages += 1;
+            for (i, (s, w)) in steps.iter().zip(&want).enumerate() {
+                let got = s.loss.expect("last stage reports the loss");
+                assert!(
+                    (got - w).abs() <= 1e-4 * w.abs(),
+                    "{shard:?} step {i}: pipeline loss {got} vs trainer {w}"
+                );
+                if replicas == 1 {
+                    // Same operations in the same order: the same bits.
+                    assert_eq!(got, *w, "{shard:?} step {i}");
+                }
+            }
+        } else {
+            assert!(steps.iter().all(|s| s.loss.is_none()));
+        }
+        // Weights after training match the trainer's stage.
+        for (j, (p, q)) in params.iter().zip(&want_params[shard.stage]).enumerate() {
+            let worst = p
+                .iter()
+                .zip(q)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst <= 1e-3, "{shard:?} parameter {j} differs by {worst}");
+        }
+    }
+    assert_eq!(last_stages, replicas);
+    // Replicas of a stage hold identical weights.
+    for (shard, _, params) in &done {
+        let (_, _, base) = done
+            .iter()
+            .find(|(s, _, _)| s.stage == shard.stage && s.replica == 0)
+            .expect("replica 0");
+        assert_eq!(params, base, "{shard:?} drifted from replica 0");
+    }
+}
+
+#[test]
+fn two_stages_tied_match_the_trainer_bit_for_bit() {
+    check_layout(2, 1, true);
+}
+
+#[test]
+fn four_stages_one_replica_match_the_trainer_bit_for_bit() {
+    check_layout(4, 1, false);
+}
+
+#[test]
+fn four_stages_two_replicas_tied_match_the_trainer() {
+    check_layout(4, 2, true);
+}
+
+#[test]
+fn four_stages_two_replicas_match_the_trainer() {
+    check_layout(4, 2, false);
+}
+
+#[test]
+fn a_worker_with_the_wrong_key_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_corpus(dir.path());
+    let m = manifest(dir.path(), 2, 1, false);
+    let mut layout = loopback_layout(2, 1, false).expect("bind").into_iter();
+    let (s0, p0) = layout.next().expect("stage 0");
+    let (s1, p1) = layout.next().expect("stage 1");
+    let good = Auth {
+        run_id: RunId([3; 16]),
+        key: RunKey([9; 32]),
+    };
+    let bad = Auth {
+        key: RunKey([8; 32]),
+        ..good.clone()
+    };
+    let m1 = m.clone();
+    let h = thread::spawn(move || {
+        StageWorker::new(&m1, s1, p1, good, Duration::from_secs(5)).map(|_| ())
+    });
+    let first = StageWorker::new(&m, s0, p0, bad, Duration::from_secs(5));
+    assert!(
+        matches!(first, Err(PipelineError::Link { .. })),
+        "{first:?}"
+    );
+    assert!(h.join().expect("thread").is_err());
+}

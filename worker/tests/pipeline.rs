@@ -33,7 +33,7 @@ fn write_corpus(dir: &Path) {
     std::fs::write(dir.join("corpus.txt"), text).expect("write corpus");
 }
 
-fn manifest(dir: &Path, stages: usize, replicas: usize, tied: bool) -> TrainingRun {
+fn manifest(dir: &Path, stages: usize, replicas: usize, tied: bool, schedule: &str) -> TrainingRun {
     let yaml = format!(
         r#"
 apiVersion: pipewright.dev/v1alpha1
@@ -43,7 +43,7 @@ spec:
   model: {{dim: 32, layers: 4, heads: 4, kvHeads: 2, ffnDim: 64, seqLen: 32, tiedEmbeddings: {tied}}}
   data: {{sources: ["{}"]}}
   training: {{steps: {STEPS}, microBatchSize: 4, microBatches: 4, learningRate: 0.01, warmupSteps: 2, seed: 7}}
-  pipeline: {{stages: {stages}, replicas: {replicas}}}
+  pipeline: {{stages: {stages}, replicas: {replicas}, schedule: "{schedule}"}}
   checkpoint: {{dir: "{}", keep: 0}}
 "#,
         dir.join("corpus.txt").display(),
@@ -104,16 +104,16 @@ fn reference(m: &TrainingRun) -> (Vec<f32>, Vec<Vec<Vec<f32>>>, f64) {
     (t.losses.clone(), params, secs)
 }
 
-fn check_layout(stages: usize, replicas: usize, tied: bool) {
+fn check_layout(stages: usize, replicas: usize, tied: bool, schedule: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     write_corpus(dir.path());
-    let m = manifest(dir.path(), stages, replicas, tied);
+    let m = manifest(dir.path(), stages, replicas, tied, schedule);
     let (want, want_params, ref_secs) = reference(&m);
     let start = Instant::now();
     let done = run_pipeline(&m).expect("pipeline run");
     let secs = start.elapsed().as_secs_f64() / STEPS as f64;
     eprintln!(
-        "S={stages} R={replicas} tied={tied}: pipeline {:.1} ms/step (incl. setup), trainer {:.1} ms/step",
+        "S={stages} R={replicas} tied={tied} {schedule}: pipeline {:.1} ms/step (incl. setup), trainer {:.1} ms/step",
         secs * 1e3,
         ref_secs * 1e3
     );
@@ -167,29 +167,31 @@ fn check_layout(stages: usize, replicas: usize, tied: bool) {
 
 #[test]
 fn two_stages_tied_match_the_trainer_bit_for_bit() {
-    check_layout(2, 1, true);
+    check_layout(2, 1, true, "1f1b");
 }
 
 #[test]
-fn four_stages_one_replica_match_the_trainer_bit_for_bit() {
-    check_layout(4, 1, false);
+fn four_stages_match_the_trainer_bit_for_bit_under_every_schedule() {
+    for schedule in ["gpipe", "1f1b", "zb-h1"] {
+        check_layout(4, 1, false, schedule);
+    }
 }
 
 #[test]
 fn four_stages_two_replicas_tied_match_the_trainer() {
-    check_layout(4, 2, true);
+    check_layout(4, 2, true, "1f1b");
 }
 
 #[test]
 fn four_stages_two_replicas_match_the_trainer() {
-    check_layout(4, 2, false);
+    check_layout(4, 2, false, "zb-h1");
 }
 
 #[test]
 fn a_worker_with_the_wrong_key_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_corpus(dir.path());
-    let m = manifest(dir.path(), 2, 1, false);
+    let m = manifest(dir.path(), 2, 1, false, "1f1b");
     let mut layout = loopback_layout(2, 1, false).expect("bind").into_iter();
     let (s0, p0) = layout.next().expect("stage 0");
     let (s1, p1) = layout.next().expect("stage 1");

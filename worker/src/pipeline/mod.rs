@@ -10,6 +10,8 @@
 //!    stage; middle stages relay the targets so the last stage can compute
 //!    the loss. Gradients flow back as `Gradient` frames. Tensors travel as
 //!    f32, so nothing is rounded on the wire.
+//!    The forwards and backwards run in the order of the manifest's
+//!    `pipeline.schedule` (GPipe, 1F1B or ZB-H1, see [`crate::schedule`]).
 //! 2. Each micro-batch's loss is scaled by `1 / micro_batches`; the ring
 //!    all-reduce then takes the *mean* over the `R` replicas, which is the
 //!    trainer's sum over every replica's micro-batches at scale
@@ -42,6 +44,7 @@ use crate::model::head::LM_HEAD_NAME;
 use crate::model::stage::sum_tied;
 use crate::model::{partition, ModelConfig, Stage, StageError, StageInput, StageOutput};
 use crate::optim::{grad_sq_sum, AdamW, OptimConfig};
+use crate::schedule::{ops, plan, validate, Op, ScheduleError};
 use crate::sync::{RingConfig, RingError, RingMember};
 
 use wire::{decode_f32, decode_scalar, decode_targets, Inbox, Sender, TIE_SLOT};
@@ -70,6 +73,9 @@ pub enum PipelineError {
     /// The replicas' gradient ring failed.
     #[error("gradient ring: {0}")]
     Ring(#[from] RingError),
+    /// The manifest's schedule is not a valid step.
+    #[error("schedule: {0}")]
+    Schedule(#[from] ScheduleError),
     /// The shard or its peer addresses do not fit the manifest.
     #[error("layout: {0}")]
     Layout(String),
@@ -150,41 +156,6 @@ pub struct WorkerStep {
     pub grad_norm: f64,
     /// Wall time of the step on this worker.
     pub seconds: f64,
-}
-
-/// One operation of a stage's schedule within a step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op {
-    /// Forward of a micro-batch.
-    Forward {
-        /// Micro-batch index within the step.
-        mb: u32,
-    },
-    /// Input and weight halves of a backward, back to back.
-    Backward {
-        /// Micro-batch index within the step.
-        mb: u32,
-    },
-    /// Input half of a backward (sends the previous stage its gradient).
-    BackwardInput {
-        /// Micro-batch index within the step.
-        mb: u32,
-    },
-    /// Weight half of a backward.
-    BackwardWeight {
-        /// Micro-batch index within the step.
-        mb: u32,
-    },
-}
-
-/// GPipe order: every forward, then every backward, both ascending. The
-/// ascending backward accumulates weight gradients in the trainer's order.
-pub fn gpipe_order(micro_batches: usize) -> Vec<Op> {
-    let m = u32::try_from(micro_batches).unwrap_or(u32::MAX);
-    (0..m)
-        .map(|mb| Op::Forward { mb })
-        .chain((0..m).map(|mb| Op::Backward { mb }))
-        .collect()
 }
 
 /// Binds every listener of an `stages × replicas` layout on loopback and
@@ -318,6 +289,12 @@ impl StageWorker {
             None
         };
         let seed = spec.training.seed;
+        let micro_batches = spec.training.micro_batches;
+        let kind = spec.pipeline.schedule;
+        // Every worker checks the whole plan, so a schedule that could
+        // deadlock is refused before any link is opened.
+        validate(&plan(kind, stages, micro_batches))?;
+        let order = ops(kind, shard.stage, stages, micro_batches);
         let layers = partition(&model, stages, &[])
             .into_iter()
             .nth(shard.stage)
@@ -326,7 +303,6 @@ impl StageWorker {
             })?;
         let mut stage = Stage::new(&model, shard.stage, stages, layers, seed);
         let opt = AdamW::new(&stage.params_mut());
-        let micro_batches = spec.training.micro_batches;
         let rows = spec.training.micro_batch_size;
         let worker_id = shard.worker_id();
         let sender = Sender {
@@ -430,16 +406,15 @@ impl StageWorker {
             ring,
             sender,
             timeout,
-            order: gpipe_order(micro_batches),
+            order,
             step: 0,
         })
     }
 
-    /// Replaces the order of operations within a step (GPipe by default).
-    /// Every forward and backward of `0..micro_batches` must appear once,
-    /// and the orders of all stages must fit together.
-    pub fn set_order(&mut self, order: Vec<Op>) {
-        self.order = order;
+    /// The operations this stage runs in every step, from the manifest's
+    /// `pipeline.schedule`.
+    pub fn order(&self) -> &[Op] {
+        &self.order
     }
 
     /// This worker's shard.

@@ -119,9 +119,8 @@ impl Op {
 ///
 /// * [`ScheduleKind::Gpipe`]: forwards 0, 1, …, m−1, then backwards in the
 ///   same ascending order. The order of the backwards changes neither the
-///   makespan nor the memory (every activation is alive at the turn); the
-///   ascending order lets the last stage start the backward sweep with the
-///   micro-batch whose gradient the first stage will need first.
+///   makespan nor the memory (every activation is alive at the turn);
+///   ascending is the order 1F1B uses too.
 /// * [`ScheduleKind::OneFOneB`]: `w = min(stages − stage − 1, m)` warm-up
 ///   forwards, then, while forwards remain, one forward followed by the
 ///   backward of the oldest micro-batch, then the remaining backwards. A

@@ -263,3 +263,68 @@ impl Inbox {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sender() -> Sender {
+        Sender {
+            run_id: RunId([1; 16]),
+            worker_id: WorkerId([2; 16]),
+            stage: 1,
+            replica: 0,
+        }
+    }
+
+    #[test]
+    fn tensors_targets_and_scalars_round_trip_exactly() {
+        let s = sender();
+        let data: Vec<f32> = (0..12).map(|i| i as f32 * -0.37 + 1e-8).collect();
+        let f = s
+            .matrix(3, 1, FrameKind::Activation, &data, 3, 4)
+            .expect("encode");
+        assert_eq!(decode_f32(&f, 3, 4).expect("decode"), data);
+        let targets: Vec<u32> = (0..8).map(|i| i * 1000 + 7).collect();
+        let f = s.targets(3, 1, &targets, 2, 4).expect("encode");
+        assert_eq!(decode_targets(&f, 2, 4).expect("decode"), targets);
+        let v = 12345.678_901_234_5f64;
+        assert_eq!(decode_scalar(&s.scalar(3, v)).expect("decode"), v);
+    }
+
+    #[test]
+    fn frames_that_do_not_fit_the_expected_tensor_are_refused() {
+        let s = sender();
+        let data = vec![0.5f32; 12];
+        let f = s
+            .matrix(0, 0, FrameKind::Activation, &data, 3, 4)
+            .expect("encode");
+        // Same element count, other shape: a peer with another model.
+        assert!(matches!(
+            decode_f32(&f, 4, 3),
+            Err(PipelineError::Protocol(_))
+        ));
+        // Tensor bytes offered as token ids.
+        assert!(matches!(
+            decode_targets(&f, 3, 4),
+            Err(PipelineError::Protocol(_))
+        ));
+        let mut short = s.targets(0, 0, &[1, 2, 3, 4], 2, 2).expect("encode");
+        short.payload.pop();
+        assert!(matches!(
+            decode_targets(&short, 2, 2),
+            Err(PipelineError::Protocol(_))
+        ));
+        let mut bad = s.scalar(0, 1.0);
+        bad.payload = f64::NAN.to_le_bytes().to_vec();
+        assert!(matches!(
+            decode_scalar(&bad),
+            Err(PipelineError::Protocol(_))
+        ));
+        bad.payload.truncate(4);
+        assert!(matches!(
+            decode_scalar(&bad),
+            Err(PipelineError::Protocol(_))
+        ));
+    }
+}

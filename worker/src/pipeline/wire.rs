@@ -288,7 +288,7 @@ mod tests {
         let targets: Vec<u32> = (0..8).map(|i| i * 1000 + 7).collect();
         let f = s.targets(3, 1, &targets, 2, 4).expect("encode");
         assert_eq!(decode_targets(&f, 2, 4).expect("decode"), targets);
-        let v = 12345.678_901_234_5f64;
+        let v = 12_345.678_901_234_5_f64;
         assert_eq!(decode_scalar(&s.scalar(3, v)).expect("decode"), v);
     }
 

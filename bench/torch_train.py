@@ -12,9 +12,10 @@ It prints one JSON line with the same fields as `pipewright bench train`:
 tokens_per_sec, step_ms, matmul_gflops (the rate inside matrix-product
 kernels, from one profiled step), matmul_time_fraction, peak_rss_mib, params,
 tokens_per_step; plus model_gflops (the model's matmul FLOPs per step over
-the step time), attn_implementation and torch_version. Each attention implementation
-runs in its own process so that peak RSS is not inflated by the other one;
-by default both "sdpa" and "eager" run and the faster is reported.
+the step time), attn_implementation and torch_version. Each attention
+implementation runs in its own process so that peak RSS is not inflated by
+the other one; by default both "sdpa" and "eager" run and the faster is
+reported.
 
 Usage: torch_train.py MANIFEST.yaml [--steps N] [--warmup W] [--threads T]
                       [--attn best|sdpa|eager]

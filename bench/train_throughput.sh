@@ -55,6 +55,10 @@ trap 'rm -rf "$work"' EXIT
 # The last JSON object a command printed on stdout.
 last_json() { grep -E '^\{' | tail -1; }
 
+# Other processes on the machine skew both measurements (OpenMP-threaded torch
+# more than most), so the report records the load around the runs.
+load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
+
 # The first torch run tries both attention implementations; later runs reuse
 # the faster one so that every repeat compares like with like.
 torch_attn="best"
@@ -71,6 +75,7 @@ for ((r = 1; r <= repeats; r++)); do
     fi
 done
 
+load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
 cpu_model="$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
 cpu_model="${cpu_model:-unknown}"
 rustc_version="$(rustc --version 2>/dev/null || echo unknown)"
@@ -78,7 +83,7 @@ commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
 mkdir -p "$(dirname "$out")"
 "$py" - "$work/ours.jsonl" "$work/torch.jsonl" "$manifest" "$steps" "$warmup" "$threads" \
-    "$cpu_model" "$(nproc)" "$rustc_version" "$commit" >"$out" <<'PYEOF'
+    "$cpu_model" "$(nproc)" "$rustc_version" "$commit" "$load_before" "$load_after" >"$out" <<'PYEOF'
 import json
 import statistics
 import sys
@@ -89,7 +94,8 @@ import yaml
 sys.path.insert(0, "bench")
 import torch_train  # noqa: E402  (the same FLOP count for both rows)
 
-ours_file, torch_file, manifest, steps, warmup, threads, cpu, cores, rustc, commit = sys.argv[1:]
+(ours_file, torch_file, manifest, steps, warmup, threads, cpu, cores, rustc, commit,
+ load_before, load_after) = sys.argv[1:]
 ours = [json.loads(line) for line in open(ours_file) if line.strip()]
 ref = [json.loads(line) for line in open(torch_file) if line.strip()]
 if not ours or not ref:
@@ -163,6 +169,7 @@ build = [l.strip(" -") for l in torch.__config__.show().splitlines()[1:]]
 build = [l for l in build if l and not l.startswith("Build settings")][:8]
 print("## Machine\n")
 print(f"- CPU: {cpu}, {cores} cores visible")
+print(f"- load average (1, 5, 15 min): {load_before} before, {load_after} after")
 print(f"- pipewright {commit}, {rustc}")
 print(f"- torch {torch.__version__}, built with: " + "; ".join(build))
 PYEOF

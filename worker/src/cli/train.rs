@@ -9,6 +9,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
+use crate::checkpoint;
 use crate::train::{run_dir, Trainer};
 
 /// Arguments of `pipewright train`.
@@ -23,8 +24,12 @@ pub struct TrainArgs {
     #[arg(long)]
     pub stop_after: Option<u64>,
     /// Resume from the latest checkpoint in the run's directory.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// Start afresh even if the run directory already holds checkpoints
+    /// (they are replaced as the new run writes its own).
+    #[arg(long)]
+    pub overwrite: bool,
     /// Run directory for checkpoints (default: `checkpoint.dir`, else `runs/<name>`).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -45,6 +50,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     super::init_threads(args.threads.unwrap_or(manifest.spec.training.threads));
     let root = args.out.clone().unwrap_or_else(|| run_dir(&manifest));
+    if !args.resume && !args.overwrite {
+        if let Ok(latest) = checkpoint::resolve(&root) {
+            anyhow::bail!(
+                "{} already holds checkpoints (latest: {}); pass --resume to continue that run, \
+                 --overwrite to start over, or --out DIR to train elsewhere",
+                root.display(),
+                latest.display()
+            );
+        }
+    }
     let setup = Instant::now();
     let mut trainer = if args.resume {
         Trainer::resume(&root, Some(manifest.spec.training.steps))

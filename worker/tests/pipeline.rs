@@ -34,6 +34,17 @@ fn write_corpus(dir: &Path) {
 }
 
 fn manifest(dir: &Path, stages: usize, replicas: usize, tied: bool, schedule: &str) -> TrainingRun {
+    manifest_with_codec(dir, stages, replicas, tied, schedule, "f32")
+}
+
+fn manifest_with_codec(
+    dir: &Path,
+    stages: usize,
+    replicas: usize,
+    tied: bool,
+    schedule: &str,
+    codec: &str,
+) -> TrainingRun {
     let yaml = format!(
         r#"
 apiVersion: pipewright.dev/v1alpha1
@@ -43,7 +54,7 @@ spec:
   model: {{dim: 32, layers: 4, heads: 4, kvHeads: 2, ffnDim: 64, seqLen: 32, tiedEmbeddings: {tied}}}
   data: {{sources: ["{}"]}}
   training: {{steps: {STEPS}, microBatchSize: 4, microBatches: 4, learningRate: 0.01, warmupSteps: 2, seed: 7}}
-  pipeline: {{stages: {stages}, replicas: {replicas}, schedule: "{schedule}"}}
+  pipeline: {{stages: {stages}, replicas: {replicas}, schedule: "{schedule}", codec: {codec}}}
   checkpoint: {{dir: "{}", keep: 0}}
 "#,
         dir.join("corpus.txt").display(),
@@ -192,6 +203,32 @@ fn four_stages_two_replicas_tied_match_the_trainer() {
 #[test]
 fn four_stages_two_replicas_match_the_trainer() {
     check_layout(4, 2, false, "zb-h1");
+}
+
+#[test]
+fn a_lossy_activation_codec_still_trains_like_the_trainer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_corpus(dir.path());
+    let m = manifest_with_codec(dir.path(), 3, 1, false, "1f1b", "bf16");
+    let (want, _, _) = reference(&m);
+    let done = run_pipeline(&m).expect("pipeline run");
+    let (_, steps, _) = done
+        .iter()
+        .find(|(s, _, _)| s.stage == 2)
+        .expect("last stage");
+    let got: Vec<f32> = steps.iter().map(|s| s.loss.expect("loss")).collect();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-2 * w,
+            "step {i}: bf16 pipeline {g} vs trainer {w}"
+        );
+    }
+    // The codec really is on the wire: rounding shows in the losses.
+    assert_ne!(got, want);
+    assert!(
+        got[got.len() - 1] < got[0] - 0.5,
+        "bf16 pipeline did not learn: {got:?}"
+    );
 }
 
 #[test]

@@ -8,8 +8,10 @@
 //!    `sample_train(seed, step, m, r)`, embeds it and sends the hidden
 //!    states (`Activation`) and the target ids (`Targets`) to the next
 //!    stage; middle stages relay the targets so the last stage can compute
-//!    the loss. Gradients flow back as `Gradient` frames. Tensors travel as
-//!    f32, so nothing is rounded on the wire.
+//!    the loss. Gradients flow back as `Gradient` frames. Activations and
+//!    their gradients travel under `pipeline.codec`; only `f32` rounds
+//!    nothing on the wire and so reproduces the trainer bit for bit. Tied
+//!    gradients and norms are always sent exactly.
 //!    The forwards and backwards run in the order of the manifest's
 //!    `pipeline.schedule` (GPipe, 1F1B or ZB-H1, see [`crate::schedule`]).
 //! 2. Each micro-batch's loss is scaled by `1 / micro_batches`; the ring
@@ -33,12 +35,12 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use pipewright_spec::TrainingRun;
+use pipewright_spec::{Codec as SpecCodec, TrainingRun};
 
 use crate::data::{sample_train, Corpus, DataError, Tokenizer};
 use crate::link::codec::CodecError;
 use crate::link::{
-    FrameKind, FrameLimits, Link, LinkConfig, LinkError, Role, RunId, RunKey, WorkerId,
+    Codec, FrameKind, FrameLimits, Link, LinkConfig, LinkError, Role, RunId, RunKey, WorkerId,
 };
 use crate::model::head::LM_HEAD_NAME;
 use crate::model::stage::sum_tied;
@@ -243,6 +245,7 @@ pub struct StageWorker {
     tie: Option<Inbox>,
     ring: Option<RingMember>,
     sender: Sender,
+    codec: Codec,
     timeout: Duration,
     order: Vec<Op>,
     step: u64,
@@ -287,6 +290,17 @@ impl StageWorker {
             Some(c)
         } else {
             None
+        };
+        let codec = match spec.pipeline.codec {
+            SpecCodec::F32 => Codec::F32,
+            SpecCodec::F16 => Codec::F16,
+            SpecCodec::Bf16 => Codec::BF16,
+            SpecCodec::Int8 => Codec::Int8,
+            SpecCodec::Lowrank => {
+                return Err(PipelineError::Layout(
+                    "pipeline.codec lowrank needs the model's learned projection, which stage workers do not have yet".into(),
+                ))
+            }
         };
         let seed = spec.training.seed;
         let micro_batches = spec.training.micro_batches;
@@ -405,6 +419,7 @@ impl StageWorker {
             tie,
             ring,
             sender,
+            codec,
             timeout,
             order,
             step: 0,
@@ -549,7 +564,11 @@ impl StageWorker {
             let t = prev.take(FrameKind::Targets, step, mb, self.timeout)?;
             let targets = decode_targets(&t, rows, seq)?;
             let a = prev.take(FrameKind::Activation, step, mb, self.timeout)?;
-            (None, Some(decode_f32(&a, rows * seq, dim)?), targets)
+            (
+                None,
+                Some(decode_f32(&a, rows * seq, dim, self.codec)?),
+                targets,
+            )
         };
         let input = match (&tokens, &hidden) {
             (Some(t), _) => StageInput::Tokens(t),
@@ -574,6 +593,7 @@ impl StageWorker {
                     &h,
                     rows * seq,
                     dim,
+                    self.codec,
                 )?)?;
                 Ok(None)
             }
@@ -586,16 +606,21 @@ impl StageWorker {
         let grad = match self.next.as_mut() {
             Some(next) => {
                 let f = next.take(FrameKind::Gradient, step, mb, self.timeout)?;
-                Some(decode_f32(&f, rows, dim)?)
+                Some(decode_f32(&f, rows, dim, self.codec)?)
             }
             None => None,
         };
         let dx = self.stage.backward_input(mb, grad.as_deref())?;
         if let (Some(dx), Some(prev)) = (dx, self.prev.as_ref()) {
-            prev.send(
-                self.sender
-                    .matrix(step, mb, FrameKind::Gradient, &dx, rows, dim)?,
-            )?;
+            prev.send(self.sender.matrix(
+                step,
+                mb,
+                FrameKind::Gradient,
+                &dx,
+                rows,
+                dim,
+                self.codec,
+            )?)?;
         }
         Ok(())
     }
@@ -670,12 +695,17 @@ impl StageWorker {
             (None, false) => self.prev.as_mut(),
         }
         .ok_or_else(|| PipelineError::Layout("no link to the tied stage".into()))?;
-        link.send(
-            self.sender
-                .matrix(step, TIE_SLOT, FrameKind::Gradient, &mine, vocab, dim)?,
-        )?;
+        link.send(self.sender.matrix(
+            step,
+            TIE_SLOT,
+            FrameKind::Gradient,
+            &mine,
+            vocab,
+            dim,
+            Codec::F32,
+        )?)?;
         let theirs = link.take(FrameKind::Gradient, step, TIE_SLOT, self.timeout)?;
-        let mut theirs = decode_f32(&theirs, vocab, dim)?;
+        let mut theirs = decode_f32(&theirs, vocab, dim, Codec::F32)?;
         let target = if first {
             self.stage.embedding_mut()
         } else {

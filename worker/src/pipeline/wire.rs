@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::link::codec::{decode_matrix, encode_matrix};
+use crate::link::codec::{decode_matrix, encode_matrix, wire_dtype};
 use crate::link::frame::{Frame, FrameHeader};
 use crate::link::{Codec, DType, FrameKind, Link, RunId, Shape, WorkerId};
 
@@ -52,7 +52,9 @@ impl Sender {
         }
     }
 
-    /// A `[rows, cols]` f32 tensor (activations, gradients) as f32 bytes.
+    /// A `[rows, cols]` f32 tensor (activations, gradients) under `codec`
+    /// (one of the f32-tensor codecs).
+    #[allow(clippy::too_many_arguments)]
     pub fn matrix(
         &self,
         step: u64,
@@ -61,11 +63,13 @@ impl Sender {
         data: &[f32],
         rows: usize,
         cols: usize,
+        codec: Codec,
     ) -> Result<Frame, PipelineError> {
         let shape = matrix_shape(rows, cols)?;
-        let payload = encode_matrix(data, rows, cols, Codec::F32)?;
+        let dtype = wire_dtype(codec)?;
+        let payload = encode_matrix(data, rows, cols, codec)?;
         Ok(Frame {
-            header: self.header(step, mb, kind, DType::F32, Codec::F32, shape),
+            header: self.header(step, mb, kind, dtype, codec, shape),
             payload,
         })
     }
@@ -141,14 +145,15 @@ fn check_shape(
     }
 }
 
-/// Decodes an f32 `[rows, cols]` tensor frame.
+/// Decodes a `[rows, cols]` tensor frame that must use `codec`.
 pub(crate) fn decode_f32(
     frame: &Frame,
     rows: usize,
     cols: usize,
+    codec: Codec,
 ) -> Result<Vec<f32>, PipelineError> {
-    check_shape(frame, DType::F32, Codec::F32, rows, cols)?;
-    Ok(decode_matrix(&frame.payload, rows, cols, Codec::F32)?)
+    check_shape(frame, wire_dtype(codec)?, codec, rows, cols)?;
+    Ok(decode_matrix(&frame.payload, rows, cols, codec)?)
 }
 
 /// Decodes a `[rows, seq]` target-id frame (ids are range-checked by the
@@ -282,9 +287,9 @@ mod tests {
         let s = sender();
         let data: Vec<f32> = (0..12).map(|i| i as f32 * -0.37 + 1e-8).collect();
         let f = s
-            .matrix(3, 1, FrameKind::Activation, &data, 3, 4)
+            .matrix(3, 1, FrameKind::Activation, &data, 3, 4, Codec::F32)
             .expect("encode");
-        assert_eq!(decode_f32(&f, 3, 4).expect("decode"), data);
+        assert_eq!(decode_f32(&f, 3, 4, Codec::F32).expect("decode"), data);
         let targets: Vec<u32> = (0..8).map(|i| i * 1000 + 7).collect();
         let f = s.targets(3, 1, &targets, 2, 4).expect("encode");
         assert_eq!(decode_targets(&f, 2, 4).expect("decode"), targets);
@@ -297,11 +302,11 @@ mod tests {
         let s = sender();
         let data = vec![0.5f32; 12];
         let f = s
-            .matrix(0, 0, FrameKind::Activation, &data, 3, 4)
+            .matrix(0, 0, FrameKind::Activation, &data, 3, 4, Codec::F32)
             .expect("encode");
         // Same element count, other shape: a peer with another model.
         assert!(matches!(
-            decode_f32(&f, 4, 3),
+            decode_f32(&f, 4, 3, Codec::F32),
             Err(PipelineError::Protocol(_))
         ));
         // Tensor bytes offered as token ids.

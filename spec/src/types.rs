@@ -7,6 +7,14 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+// The status the operator writes; a sibling file so that local mode, which
+// builds without the feature, never sees it.
+#[cfg(feature = "kube")]
+#[path = "status.rs"]
+mod status;
+#[cfg(feature = "kube")]
+pub use status::{Reassignment, RunPhase, ShardStatus, StageStatus, TrainingRunStatus};
+
 /// API group and version of the manifest.
 pub const API_VERSION: &str = "pipewright.dev/v1alpha1";
 /// Kind of the manifest.
@@ -40,8 +48,58 @@ pub struct Metadata {
     pub annotations: std::collections::BTreeMap<String, String>,
 }
 
+// With the `kube` feature this also derives the Kubernetes custom resource.
+// Its Rust type is `TrainingRunResource` (`root`) because the name
+// `TrainingRun` already belongs to the local-mode manifest above; the
+// Kubernetes kind is `TrainingRun` either way, so both read the same YAML.
+// (A plain comment, not a doc comment: doc text becomes the CRD's
+// description, which `kubectl explain` shows to users.)
 /// What to train, on what data, split how, for how long.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+// The printer columns repeat `type_ = ...` pairs, which clippy mistakes for
+// duplicated attributes.
+#[cfg_attr(feature = "kube", allow(clippy::duplicated_attributes))]
+#[cfg_attr(
+    feature = "kube",
+    derive(kube::CustomResource),
+    kube(
+        group = "pipewright.dev",
+        version = "v1alpha1",
+        kind = "TrainingRun",
+        root = "TrainingRunResource",
+        plural = "trainingruns",
+        shortname = "tr",
+        category = "pipewright",
+        namespaced,
+        status = "TrainingRunStatus",
+        derive = "PartialEq",
+        doc = "A pipeline-parallel training run: one pod per shard (stage x replica).",
+        printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+        printcolumn(
+            name = "Stages",
+            type_ = "integer",
+            json_path = ".spec.pipeline.stages"
+        ),
+        printcolumn(
+            name = "Replicas",
+            type_ = "integer",
+            json_path = ".spec.pipeline.replicas"
+        ),
+        printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyShards"),
+        printcolumn(name = "Step", type_ = "integer", json_path = ".status.step"),
+        printcolumn(name = "Loss", type_ = "number", json_path = ".status.loss"),
+        printcolumn(
+            name = "Tokens/s",
+            type_ = "number",
+            json_path = ".status.tokensPerSecond"
+        ),
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrainingRunSpec {
     /// Shape of the transformer.

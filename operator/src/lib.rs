@@ -1,0 +1,4 @@
+//! The Pipewright Kubernetes operator: the `TrainingRun` custom resource
+//! definition and the controller that runs one pod per shard.
+
+pub mod crd;

@@ -1,4 +1,5 @@
 //! The Pipewright Kubernetes operator: the `TrainingRun` custom resource
 //! definition and the controller that runs one pod per shard.
 
+pub mod children;
 pub mod crd;

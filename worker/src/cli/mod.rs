@@ -1,6 +1,8 @@
 //! The `pipewright` command line.
 
 mod bench;
+mod launch;
+mod stage_worker;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -58,6 +60,9 @@ pub enum Command {
     /// Measure training throughput.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// One shard of a multi-process pipeline (started by a launcher).
+    #[command(hide = true)]
+    StageWorker(stage_worker::StageWorkerArgs),
 }
 
 /// Run the parsed command line.
@@ -84,6 +89,7 @@ pub fn run(cli: Cli) -> Result<()> {
             out,
         } => forward(&checkpoint, &text, &out),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::StageWorker(args) => stage_worker::run(args),
     }
 }
 

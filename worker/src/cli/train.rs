@@ -36,6 +36,10 @@ pub struct TrainArgs {
     /// Kernel threads (default: `training.threads`, else all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Run every shard (stage × replica) as its own `stage-worker` process,
+    /// linked over TCP on loopback, instead of all stages in this process.
+    #[arg(long, conflicts_with_all = ["resume", "stop_after"])]
+    pub processes: bool,
     /// No progress bar (log lines instead).
     #[arg(long)]
     pub quiet: bool,
@@ -46,7 +50,21 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut manifest = pipewright_spec::load_manifest(&args.manifest)
         .with_context(|| format!("{} is not a valid TrainingRun", args.manifest.display()))?;
     if let Some(steps) = args.steps {
-        manifest.spec.training.steps = steps;
+        // A shorter run keeps the manifest valid: warm-up and checkpoint
+        // period cannot exceed it.
+        let t = &mut manifest.spec.training;
+        t.steps = steps;
+        t.warmup_steps = t.warmup_steps.min(steps);
+        let ck = &mut manifest.spec.checkpoint;
+        if ck.every > steps {
+            ck.every = 0;
+        }
+        if t.eval_every > steps {
+            t.eval_every = 0;
+        }
+    }
+    if args.processes {
+        return super::launch::run(&manifest, &args.manifest, args.threads, args.quiet);
     }
     super::init_threads(args.threads.unwrap_or(manifest.spec.training.threads));
     let root = args.out.clone().unwrap_or_else(|| run_dir(&manifest));

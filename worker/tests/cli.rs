@@ -1,0 +1,106 @@
+//! The `pipewright` command as a user runs it: a bad manifest is refused
+//! with the field named; `train --processes` launches one process per shard
+//! and trains exactly like the single-process run.
+
+use std::path::Path;
+use std::process::Command;
+
+fn pipewright() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pipewright"))
+}
+
+/// Structured sentences generated here (tests commit no corpus).
+fn write_inputs(dir: &Path, stages: usize, replicas: usize, heads: usize) -> std::path::PathBuf {
+    let names = ["ada", "bo", "cy", "di", "ed"];
+    let mut text = String::new();
+    for i in 0..3000usize {
+        let a = names[i % names.len()];
+        let b = names[(i * 3 + 1) % names.len()];
+        text.push_str(&format!("{a} waves at {b} {} times.\n", i % 7 + 1));
+    }
+    std::fs::write(dir.join("corpus.txt"), text).expect("write corpus");
+    let yaml = format!(
+        r#"apiVersion: pipewright.dev/v1alpha1
+kind: TrainingRun
+metadata: {{name: cli-test}}
+spec:
+  model: {{dim: 32, layers: 4, heads: {heads}, kvHeads: 2, ffnDim: 64, seqLen: 32, tiedEmbeddings: true}}
+  data: {{sources: ["{}"]}}
+  training: {{steps: 6, microBatchSize: 4, microBatches: 2, learningRate: 0.01, warmupSteps: 2, seed: 3, threads: 1}}
+  pipeline: {{stages: {stages}, replicas: {replicas}}}
+"#,
+        dir.join("corpus.txt").display()
+    );
+    let path = dir.join("run.yaml");
+    std::fs::write(&path, yaml).expect("write manifest");
+    path
+}
+
+/// The final loss a run prints ("final loss X" or "train loss ... X").
+fn final_loss(stdout: &str) -> f64 {
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("final loss"))
+        .unwrap_or_else(|| panic!("no final loss in {stdout}"));
+    line.rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("a number")
+}
+
+#[test]
+fn a_malformed_manifest_is_refused_naming_the_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_inputs(dir.path(), 2, 1, 6);
+    let out = pipewright()
+        .arg("train")
+        .arg(&path)
+        .output()
+        .expect("run pipewright");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("spec.model.heads: 6 does not divide spec.model.dim (32)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn processes_train_like_the_single_process_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_inputs(dir.path(), 3, 2, 4);
+    let multi = pipewright()
+        .args(["train", "--processes", "--quiet"])
+        .arg(&path)
+        .output()
+        .expect("run pipewright");
+    let stdout = String::from_utf8_lossy(&multi.stdout);
+    assert!(
+        multi.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&multi.stderr)
+    );
+    let multi_loss = final_loss(&stdout);
+
+    // The same run in one process, reading its per-step losses back from
+    // the checkpoint it writes.
+    let local = pipewright()
+        .args(["train", "--quiet", "--out"])
+        .arg(dir.path().join("local"))
+        .arg(&path)
+        .output()
+        .expect("run pipewright");
+    assert!(
+        local.status.success(),
+        "{}",
+        String::from_utf8_lossy(&local.stderr)
+    );
+    let meta =
+        std::fs::read_to_string(dir.path().join("local/step-00000006/meta.json")).expect("meta");
+    let meta: serde_json::Value = serde_json::from_str(&meta).expect("json");
+    let last = meta["losses"][5].as_f64().expect("six losses");
+    assert!(
+        (multi_loss - last).abs() <= 1e-4 * last.abs() + 5e-5,
+        "processes {multi_loss} vs local {last}"
+    );
+}

@@ -41,11 +41,46 @@ fn main() {
     println!("| --- | --- | ---: |");
     let rows = 2048;
     let cases = [
-        ("linear forward x·Wᵀ (256→704)", rows, 256, 704, Trans::No, Trans::Yes),
-        ("linear input grad dy·W (704→256)", rows, 704, 256, Trans::No, Trans::No),
-        ("linear weight grad dyᵀ·x [704,256]", 704, rows, 256, Trans::Yes, Trans::No),
-        ("linear forward x·Wᵀ (256→256)", rows, 256, 256, Trans::No, Trans::Yes),
-        ("weight grad dyᵀ·x [256,256]", 256, rows, 256, Trans::Yes, Trans::No),
+        (
+            "linear forward x·Wᵀ (256→704)",
+            rows,
+            256,
+            704,
+            Trans::No,
+            Trans::Yes,
+        ),
+        (
+            "linear input grad dy·W (704→256)",
+            rows,
+            704,
+            256,
+            Trans::No,
+            Trans::No,
+        ),
+        (
+            "linear weight grad dyᵀ·x [704,256]",
+            704,
+            rows,
+            256,
+            Trans::Yes,
+            Trans::No,
+        ),
+        (
+            "linear forward x·Wᵀ (256→256)",
+            rows,
+            256,
+            256,
+            Trans::No,
+            Trans::Yes,
+        ),
+        (
+            "weight grad dyᵀ·x [256,256]",
+            256,
+            rows,
+            256,
+            Trans::Yes,
+            Trans::No,
+        ),
         ("square", 1024, 1024, 1024, Trans::No, Trans::No),
     ];
     for (name, m, k, n, ta, tb) in cases {

@@ -2,4 +2,5 @@
 //! definition and the controller that runs one pod per shard.
 
 pub mod children;
+pub mod controller;
 pub mod crd;

@@ -8,6 +8,8 @@
 //! one, keyed by that (field, requirement) pair. Messages are taken from the
 //! spec's table, never written here, and the tests fail when the two tables
 //! stop matching, so a rule added to the spec cannot silently miss the CRD.
+//! [`CEL_COST_BOUNDS`] adds the few size limits the API server needs to
+//! accept those rules.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -221,18 +223,68 @@ pub fn training_run_crd() -> Result<CustomResourceDefinition, CrdError> {
                 list.push(entry);
             }
         }
+        for bound in CEL_COST_BOUNDS {
+            let node = schema_at(root, bound.at).ok_or(CrdError::NoSchemaAt(bound.at))?;
+            let node = node.as_object_mut().ok_or(CrdError::NoSchemaAt(bound.at))?;
+            node.insert(bound.keyword.to_owned(), json!(bound.value));
+        }
     }
     Ok(serde_json::from_value(crd)?)
 }
 
 /// The schema object at the dotted property path `at` below `root`.
 fn object_schema_at<'a>(root: &'a mut Value, at: &str) -> Option<&'a mut Value> {
-    let mut node = root;
-    for part in at.split('.').filter(|p| !p.is_empty()) {
-        node = node.get_mut("properties")?.get_mut(part)?;
-    }
+    let node = schema_at(root, at)?;
     (node.get("type")? == "object").then_some(node)
 }
+
+/// The schema at the dotted property path `at` below `root`; a segment `[]`
+/// steps into the items of an array.
+fn schema_at<'a>(root: &'a mut Value, at: &str) -> Option<&'a mut Value> {
+    let mut node = root;
+    for part in at.split('.').filter(|p| !p.is_empty()) {
+        node = if part == "[]" {
+            node.get_mut("items")?
+        } else {
+            node.get_mut("properties")?.get_mut(part)?
+        };
+    }
+    Some(node)
+}
+
+/// A size limit added to the schema so the API server can bound the cost of
+/// a CEL rule.
+#[derive(Debug)]
+pub struct CostBound {
+    /// Dotted schema path (`[]` for array items).
+    pub at: &'static str,
+    /// `maxItems` or `maxLength`.
+    pub keyword: &'static str,
+    /// The limit.
+    pub value: u64,
+}
+
+/// Limits without which the API server would refuse the CRD: it estimates
+/// each rule's worst case from the largest object a request can carry, and
+/// `sources.all(s, s.trim() != '')` over an unbounded list of unbounded
+/// strings exceeds its budget by orders of magnitude (a rule on one unbounded
+/// string, such as `tokenizer.path`, stays well inside it). The limits are
+/// far beyond any real manifest: a source is a path or a glob.
+///
+/// They are the one place the CRD is stricter than local mode: the spec's
+/// rule table has no size limits yet, and these should move there.
+pub static CEL_COST_BOUNDS: &[CostBound] = &[
+    CostBound {
+        at: "spec.data.sources",
+        keyword: "maxItems",
+        value: 1024,
+    },
+    CostBound {
+        at: "spec.data.sources.[]",
+        keyword: "maxLength",
+        value: 4096,
+    },
+];
 
 /// The CRD as the YAML document committed at [`CRD_FILE`].
 ///
@@ -370,6 +422,15 @@ mod tests {
             pipeline["codec"]["enum"],
             json!(["f32", "f16", "bf16", "int8", "lowrank"])
         );
+    }
+
+    #[test]
+    fn source_list_is_bounded_for_the_cel_cost_budget() {
+        let crd = serde_json::to_value(training_run_crd().expect("CRD builds")).expect("json");
+        let sources = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+            ["spec"]["properties"]["data"]["properties"]["sources"];
+        assert_eq!(sources["maxItems"], 1024);
+        assert_eq!(sources["items"]["maxLength"], 4096);
     }
 
     #[test]

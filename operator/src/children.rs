@@ -14,9 +14,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, Pod, PodAffinity,
-    PodAffinityTerm, PodAntiAffinity, PodSpec, ResourceRequirements, Service, ServicePort,
-    ServiceSpec, Toleration, Volume, VolumeMount, WeightedPodAffinityTerm,
+    Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    Pod, PodAffinity, PodAffinityTerm, PodAntiAffinity, PodSpec, ResourceRequirements, Secret,
+    SecretKeySelector, Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
@@ -48,6 +49,10 @@ pub const RING_PORT: i32 = 7402;
 pub const MANIFEST_DIR: &str = "/etc/pipewright";
 /// File name of the manifest inside [`MANIFEST_DIR`].
 pub const MANIFEST_FILE: &str = "run.yaml";
+/// Key of the run key inside the run's Secret.
+pub const RUN_KEY_FIELD: &str = "runKey";
+/// Environment variable the worker reads the run key from (64 hex digits).
+pub const RUN_KEY_ENV: &str = "PIPEWRIGHT_RUN_KEY";
 /// Extended resource requested for GPUs.
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
@@ -110,6 +115,10 @@ pub struct Children {
 /// Name of the ConfigMap holding a run's manifest.
 pub fn manifest_name(run: &str) -> String {
     format!("{run}-manifest")
+}
+/// Name of the Secret holding a run's link-authentication key.
+pub fn run_key_name(run: &str) -> String {
+    format!("{run}-key")
 }
 /// Name of a run's headless shard Service.
 pub fn shard_service_name(run: &str) -> String {
@@ -313,6 +322,44 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
     }
 }
 
+/// The run key, read from the run's Secret so it never appears in a pod spec.
+fn run_key_env(names: &Names) -> EnvVar {
+    EnvVar {
+        name: RUN_KEY_ENV.to_owned(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: run_key_name(names.run),
+                key: RUN_KEY_FIELD.to_owned(),
+                ..SecretKeySelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+/// The Secret holding a run's key (`key_hex`: 64 hex digits). Not part of
+/// [`Children`]: it is created once and never re-applied, since a new key
+/// would cut every running link.
+pub fn run_key_secret(run: &TrainingRunResource, key_hex: String) -> Result<Secret, ChildrenError> {
+    let name = run.name_any();
+    let namespace = run
+        .namespace()
+        .ok_or_else(|| ChildrenError::NoNamespace(name.clone()))?;
+    let owner = run
+        .controller_owner_ref(&())
+        .ok_or_else(|| ChildrenError::NotStored(name.clone()))?;
+    let names = Names {
+        run: &name,
+        namespace: &namespace,
+    };
+    Ok(Secret {
+        metadata: meta(&names, &owner, run_key_name(&name), labels(&name, &[])),
+        string_data: Some(BTreeMap::from([(RUN_KEY_FIELD.to_owned(), key_hex)])),
+        ..Secret::default()
+    })
+}
+
 fn manifest_volume(names: &Names) -> (Volume, VolumeMount) {
     (
         Volume {
@@ -350,7 +397,7 @@ fn coordinator_pod(names: &Names, owner: &OwnerReference, settings: &Settings) -
                 name: "coordinator".to_owned(),
                 image: Some(settings.image.clone()),
                 args: Some(vec!["coordinator".to_owned(), manifest_path()]),
-                env: Some(vec![env("PIPEWRIGHT_RUN", names.run)]),
+                env: Some(vec![env("PIPEWRIGHT_RUN", names.run), run_key_env(names)]),
                 ports: Some(vec![container_port("coordinator", COORDINATOR_PORT)]),
                 volume_mounts: Some(vec![mount]),
                 ..Container::default()
@@ -396,6 +443,7 @@ fn shard_pod(
         env("PIPEWRIGHT_REPLICA", replica.to_string()),
         env("PIPEWRIGHT_COORDINATOR", names.coordinator_address()),
         env("PIPEWRIGHT_LISTEN", format!("0.0.0.0:{LINK_PORT}")),
+        run_key_env(names),
     ];
     if stage > 0 {
         env_vars.push(env(
@@ -693,6 +741,41 @@ spec:
         assert_eq!(
             children.shard_service.metadata.name.as_deref(),
             Some("demo-shards")
+        );
+    }
+
+    #[test]
+    fn run_key_comes_from_the_runs_secret() {
+        let children = desired_children(&run(), &settings(0)).expect("children");
+        for pod in children.shards.iter().chain([&children.coordinator]) {
+            let env = pod.spec.as_ref().expect("spec").containers[0]
+                .env
+                .clone()
+                .unwrap_or_default();
+            let key = env
+                .iter()
+                .find(|e| e.name == RUN_KEY_ENV)
+                .expect("run key variable");
+            assert_eq!(key.value, None, "the key must not be inlined");
+            let secret = key
+                .value_from
+                .as_ref()
+                .and_then(|v| v.secret_key_ref.as_ref())
+                .expect("secret reference");
+            assert_eq!(
+                (secret.name.as_str(), secret.key.as_str()),
+                ("demo-key", RUN_KEY_FIELD)
+            );
+        }
+        let secret = run_key_secret(&run(), "ab".repeat(32)).expect("secret");
+        assert_eq!(secret.metadata.name.as_deref(), Some("demo-key"));
+        assert_eq!(
+            secret
+                .metadata
+                .owner_references
+                .as_ref()
+                .map(|o| o[0].uid.as_str()),
+            Some("0b6c-uid")
         );
     }
 

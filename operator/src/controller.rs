@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -25,8 +25,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::children::{
-    desired_children, ChildrenError, Settings, LABEL_REPLICA, LABEL_ROLE, LABEL_RUN, LABEL_STAGE,
-    ROLE_SHARD,
+    desired_children, run_key_name, run_key_secret, ChildrenError, Settings, LABEL_REPLICA,
+    LABEL_ROLE, LABEL_RUN, LABEL_STAGE, ROLE_SHARD,
 };
 
 /// Field manager of every server-side apply this operator makes.
@@ -57,6 +57,9 @@ pub enum ReconcileError {
     /// The run arrived without a namespace.
     #[error("run {0:?} has no namespace")]
     NoNamespace(String),
+    /// The operating system's random source failed.
+    #[error("generating a run key: {0}")]
+    Random(String),
 }
 
 /// Reconciles one run; see the module documentation.
@@ -84,6 +87,16 @@ pub async fn reconcile(
     };
 
     let client = &ctx.client;
+    let secrets = Api::<Secret>::namespaced(client.clone(), &namespace);
+    if secrets.get_opt(&run_key_name(&name)).await?.is_none() {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(|e| ReconcileError::Random(e.to_string()))?;
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        // desired_children succeeded, so the run has a namespace and uid.
+        if let Ok(secret) = run_key_secret(&run, hex) {
+            secrets.create(&PostParams::default(), &secret).await?;
+        }
+    }
     apply(
         &Api::<ConfigMap>::namespaced(client.clone(), &namespace),
         &children.manifest,

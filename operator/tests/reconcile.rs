@@ -116,6 +116,31 @@ async fn reconcile_applies_children_replaces_a_failed_shard_and_reports_status()
     });
     let task = tokio::spawn(reconcile(Arc::new(run()), ctx));
 
+    // No key yet: one is generated and stored in the run's Secret.
+    let (_, _, send) = expect(
+        &mut fake,
+        Method::GET,
+        "/api/v1/namespaces/ml/secrets/demo-key",
+    )
+    .await;
+    let not_found = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
+    send.send_response(
+        Response::builder()
+            .status(404)
+            .body(Body::from(serde_json::to_vec(&not_found).expect("json")))
+            .expect("response"),
+    );
+    let (_, secret, send) = expect(&mut fake, Method::POST, "/api/v1/namespaces/ml/secrets").await;
+    let key = secret["stringData"]["runKey"]
+        .as_str()
+        .expect("key")
+        .to_owned();
+    assert_eq!(key.len(), 64);
+    assert!(key.chars().all(|c| c.is_ascii_hexdigit()));
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+    reply(send, &secret);
+
     let cm = expect_apply(&mut fake, "/api/v1/namespaces/ml/configmaps/demo-manifest").await;
     assert!(cm["data"]["run.yaml"]
         .as_str()

@@ -53,14 +53,22 @@ fn probabilities(
     let scale = shape.scale();
     for (i, row) in s.chunks_mut(t).enumerate() {
         let visible = &mut row[..=i];
-        if !known {
+        if known {
+            let l = lse[i];
+            for v in visible.iter_mut() {
+                *v = (*v * scale - l).exp();
+            }
+        } else {
+            // One exponential per score: normalise the shifted exponentials.
             let max = visible.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
-            let sum: f32 = visible.iter().map(|&v| (v * scale - max).exp()).sum();
+            let mut sum = 0.0f32;
+            for v in visible.iter_mut() {
+                *v = (*v * scale - max).exp();
+                sum += *v;
+            }
             lse[i] = max + sum.ln();
-        }
-        let l = lse[i];
-        for v in visible.iter_mut() {
-            *v = (*v * scale - l).exp();
+            let inv = 1.0 / sum;
+            visible.iter_mut().for_each(|v| *v *= inv);
         }
         row[i + 1..].iter_mut().for_each(|v| *v = 0.0);
     }

@@ -11,8 +11,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::checkpoint;
-use crate::data::{val_batches, Corpus};
-use crate::train::{infer_loss, logits};
+use crate::data::Corpus;
+use crate::train::{evaluate, logits};
 
 /// Train transformer language models split into pipeline stages.
 #[derive(Debug, Parser)]
@@ -105,14 +105,8 @@ fn eval(path: &Path, batches: usize, data: Option<&Path>) -> Result<()> {
     let corpus = Corpus::load(&manifest.spec.data, &loaded.tokenizer)?;
     corpus.check_seq_len(loaded.meta.model.seq_len)?;
     let rows = manifest.spec.training.micro_batch_size;
-    let (mut sum, mut tokens) = (0.0f64, 0usize);
-    for batch in val_batches(&corpus, batches, rows, loaded.meta.model.seq_len) {
-        sum += infer_loss(&mut loaded.stages, &batch)? * batch.targets.len() as f64;
-        tokens += batch.targets.len();
-    }
-    let loss = sum / tokens.max(1) as f64;
-    let bytes_per_token = corpus.val_bytes() as f64 / corpus.val_tokens().len().max(1) as f64;
-    let bpb = loss / std::f64::consts::LN_2 / bytes_per_token;
+    let e = evaluate(&mut loaded.stages, &corpus, batches, rows)?;
+    let (loss, bpb, tokens) = (e.loss, e.bits_per_byte, e.tokens);
     println!("checkpoint      {}", checkpoint::resolve(path)?.display());
     println!("step            {}", loaded.meta.step);
     println!("tokens scored   {tokens}");

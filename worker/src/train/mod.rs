@@ -261,22 +261,7 @@ impl Trainer {
     /// Mean validation loss over `batches` fixed validation batches.
     pub fn evaluate(&mut self, batches: usize) -> Result<EvalReport, TrainError> {
         let rows = self.manifest.spec.training.micro_batch_size;
-        let seq = self.model.seq_len;
-        let mut sum = 0.0f64;
-        let mut tokens = 0usize;
-        for batch in val_batches(&self.corpus, batches, rows, seq) {
-            let loss = infer_loss(&mut self.stages, &batch)?;
-            sum += loss * batch.targets.len() as f64;
-            tokens += batch.targets.len();
-        }
-        let loss = sum / tokens.max(1) as f64;
-        let bytes_per_token =
-            self.corpus.val_bytes() as f64 / self.corpus.val_tokens().len().max(1) as f64;
-        Ok(EvalReport {
-            loss,
-            bits_per_byte: loss / std::f64::consts::LN_2 / bytes_per_token,
-            tokens,
-        })
+        evaluate(&mut self.stages, &self.corpus, batches, rows)
     }
 
     /// Directory of this run's checkpoints.
@@ -306,6 +291,33 @@ impl Trainer {
             keep,
         )?)
     }
+}
+
+/// Mean validation loss and bits per byte of `stages` over `batches` fixed
+/// validation batches of `rows` sequences.
+pub fn evaluate(
+    stages: &mut [Stage],
+    corpus: &Corpus,
+    batches: usize,
+    rows: usize,
+) -> Result<EvalReport, TrainError> {
+    let seq = stages
+        .first()
+        .map(|s| s.config().seq_len)
+        .ok_or_else(|| TrainError::Mismatch("no stages".into()))?;
+    let mut sum = 0.0f64;
+    let mut tokens = 0usize;
+    for batch in val_batches(corpus, batches, rows, seq) {
+        sum += infer_loss(stages, &batch)? * batch.targets.len() as f64;
+        tokens += batch.targets.len();
+    }
+    let loss = sum / tokens.max(1) as f64;
+    let bytes_per_token = corpus.val_bytes() as f64 / corpus.val_tokens().len().max(1) as f64;
+    Ok(EvalReport {
+        loss,
+        bits_per_byte: loss / std::f64::consts::LN_2 / bytes_per_token,
+        tokens,
+    })
 }
 
 /// Mean loss of `batch` through `stages` without keeping activations.

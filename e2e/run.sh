@@ -1,0 +1,364 @@
+#!/usr/bin/env bash
+# End-to-end tests of the operator and its Helm chart against a real
+# Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler) whose nodes are played by kwok: 8 fake GPU nodes in 2 zones
+# and 4 racks. Pods are scheduled and go Running/Ready, but no container runs,
+# so the operator itself runs here as a local process, authenticated as the
+# chart's ServiceAccount so that the chart's RBAC is what it gets.
+#
+# Scenarios:
+#   chart     helm lint/template, values schema, CRD in the chart = crds/
+#   install   helm install; the operator runs with the Deployment's own args
+#   place     a 3-stage x 2-replica run: coordinator + one pod per shard,
+#             GPU requests, replicas of a stage on distinct nodes, printer columns
+#   refuse    malformed manifests refused by the API server, naming the field
+#   replace   a deleted shard pod comes back within 5 s; a failed one is replaced
+#   delete    deleting the run leaves nothing it owned
+#
+# Exits 0 with a SKIP line only when a tool cannot be built (no Go toolchain).
+# E2E_KEEP=1 keeps the cluster's directory (logs) after the run.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+e2e=$repo/e2e
+started=$SECONDS
+
+say() { printf '\n==> [e2e %3ds] %s\n' "$((SECONDS - started))" "$*"; }
+ok() { printf '    ok: %s\n' "$*"; }
+fail() {
+    printf '\nFAIL: %s\n' "$*" >&2
+    exit 1
+}
+
+# --- tools ---------------------------------------------------------------
+say "control-plane binaries (built once into ~/.cache/pipewright)"
+set +e
+bin=$("$e2e/build.sh" | tail -1)
+rc=$?
+set -e
+if [[ $rc -eq 3 ]]; then
+    echo "SKIP: the end-to-end tests need the Go toolchain to build Kubernetes" >&2
+    exit 0
+fi
+[[ $rc -eq 0 ]] || fail "e2e/build.sh failed ($rc)"
+export PATH="$bin:$PATH"
+for tool in openssl curl python3; do
+    command -v "$tool" >/dev/null || fail "$tool is needed"
+done
+
+say "operator binary"
+nice -n 10 cargo build --release --quiet -p pipewright-operator
+operator_bin=$repo/target/release/pipewright-operator
+[[ -x $operator_bin ]] || fail "no $operator_bin"
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/pipewright-e2e.XXXXXX")
+operator_pid=""
+cleanup() {
+    local rc=$?
+    if [[ -n $operator_pid ]]; then
+        kill "$operator_pid" 2>/dev/null || true
+        wait "$operator_pid" 2>/dev/null || true
+    fi
+    if [[ $rc -ne 0 && -d $work ]]; then
+        for log in "$work/operator.log" "$work/cluster/logs/"*.log; do
+            [[ -f $log ]] || continue
+            printf '\n--- last lines of %s ---\n' "${log#"$work"/}" >&2
+            tail -n 25 "$log" >&2
+        done
+    fi
+    "$e2e/cluster.sh" down "$work/cluster" || true
+    [[ ${E2E_KEEP:-0} == 1 ]] || rm -rf "$work"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Polls `$@` until it succeeds; fails the test after $1 seconds.
+eventually() {
+    local seconds=$1 what=$2
+    shift 2
+    local deadline=$((SECONDS + seconds))
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || fail "$what (not within ${seconds}s)"
+        sleep 0.2
+    done
+}
+
+chart=$repo/charts/pipewright
+release=pipewright
+system_ns=pipewright-system
+run_ns=e2e
+run="e2e-run"
+
+# --- chart ---------------------------------------------------------------
+say "chart: CRD, lint, template, values schema"
+cmp -s "$chart/crds/trainingruns.pipewright.dev.yaml" crds/trainingruns.pipewright.dev.yaml ||
+    fail "charts/pipewright/crds/trainingruns.pipewright.dev.yaml differs from crds/; copy it over"
+ok "the chart's CRD is crds/trainingruns.pipewright.dev.yaml"
+helm lint --strict "$chart" >"$work/lint.log" 2>&1 || { cat "$work/lint.log"; fail "helm lint"; }
+helm lint --strict "$chart" --set serviceMonitor.enabled=true --set grafanaDashboard.enabled=true \
+    >"$work/lint.log" 2>&1 || { cat "$work/lint.log"; fail "helm lint (all features on)"; }
+ok "helm lint --strict"
+helm template "$release" "$chart" -n "$system_ns" >"$work/default.yaml"
+kinds() { sed -n 's/^kind: //p' "$1" | sort | tr '\n' ' '; }
+[[ $(kinds "$work/default.yaml") == "ClusterRole ClusterRoleBinding Deployment Role RoleBinding Service ServiceAccount " ]] ||
+    fail "default render has kinds: $(kinds "$work/default.yaml")"
+helm template "$release" "$chart" -n "$system_ns" \
+    --set serviceMonitor.enabled=true --set grafanaDashboard.enabled=true >"$work/full.yaml"
+grep -q '^kind: ServiceMonitor' "$work/full.yaml" || fail "serviceMonitor.enabled renders no ServiceMonitor"
+grep -q 'grafana_dashboard: "1"' "$work/full.yaml" || fail "the dashboard ConfigMap lacks grafana_dashboard: \"1\""
+python3 - "$chart/dashboards/pipewright.json" <<'EOF' || fail "the Grafana dashboard"
+import json, sys
+d = json.load(open(sys.argv[1]))
+exprs = " ".join(t["expr"] for p in d["panels"] for t in p.get("targets", []))
+for metric in ["pipewright_step", "pipewright_loss", "pipewright_tokens_per_second",
+               "pipewright_reassignments_total", "pipewright_operator_runs",
+               "pipewright_operator_reconcile_duration_seconds_bucket"]:
+    assert metric in exprs, f"no panel queries {metric}"
+EOF
+ok "helm template: default objects, ServiceMonitor and dashboard when enabled"
+# Bad values are refused before anything reaches the cluster.
+refused_value() {
+    local expect=$1
+    shift
+    local out
+    if out=$(helm template "$release" "$chart" "$@" 2>&1); then
+        fail "helm template $* was accepted"
+    fi
+    grep -qF -- "$expect" <<<"$out" || fail "helm template $*: message lacks '$expect': $out"
+}
+refused_value gpusPerShard --set gpusPerShard=-1
+refused_value gpusPerShard --set-string gpusPerShard=lots
+refused_value replicaCount --set replicaCount=0
+refused_value colour --set colour=blue
+refused_value pullPolicy --set image.pullPolicy=Sometimes
+refused_value leaderElection --set replicaCount=2 --set leaderElection.enabled=false
+ok "values schema refuses bad values, naming them"
+
+# --- cluster -------------------------------------------------------------
+say "cluster up"
+"$e2e/cluster.sh" up "$work/cluster"
+# shellcheck disable=SC1091
+source "$work/cluster/env"
+k() { kubectl "$@"; }
+ok "$(k get nodes -l type=kwok --no-headers | wc -l) nodes"
+
+# --- install -------------------------------------------------------------
+say "install: helm install, operator as the chart's ServiceAccount"
+if helm install bad "$chart" -n "$system_ns" --create-namespace --set gpusPerShard=many \
+    >"$work/bad-install.log" 2>&1; then
+    fail "helm install with gpusPerShard=many succeeded"
+fi
+grep -q gpusPerShard "$work/bad-install.log" || fail "bad install: $(cat "$work/bad-install.log")"
+ok "helm install with a bad value fails, naming it"
+helm install "$release" "$chart" -n "$system_ns" --create-namespace \
+    --set workerImage.tag=e2e --set gpusPerShard=2 --wait --timeout 90s >"$work/install.log" 2>&1 ||
+    { cat "$work/install.log"; fail "helm install"; }
+k get crd trainingruns.pipewright.dev >/dev/null || fail "helm install did not create the CRD"
+eventually 30 "the CRD is established" \
+    k wait --for condition=established --timeout=1s crd/trainingruns.pipewright.dev
+k get deploy "$release" -n "$system_ns" >/dev/null || fail "the release has no Deployment $release"
+eventually 60 "the operator Deployment available (under kwok)" \
+    k wait --for condition=available --timeout=1s deploy/"$release" -n "$system_ns"
+ok "release installed; Deployment $release available"
+
+sa="system:serviceaccount:$system_ns:$release"
+can() { k auth can-i --as "$sa" "$@" 2>/dev/null || true; }
+for check in "create pods -n $run_ns" "patch trainingruns.pipewright.dev/status -n $run_ns" \
+    "watch trainingruns.pipewright.dev -A" "create secrets -n $run_ns" "list nodes" \
+    "create events.events.k8s.io -n $run_ns" "create poddisruptionbudgets.policy -n $run_ns" \
+    "update leases.coordination.k8s.io -n $system_ns"; do
+    # shellcheck disable=SC2086
+    [[ $(can $check) == yes ]] || fail "the operator's ServiceAccount cannot $check"
+done
+for check in "delete nodes" "list secrets -n $run_ns" "create deployments.apps -n $run_ns" \
+    "delete trainingruns.pipewright.dev -n $run_ns" "update leases.coordination.k8s.io -n $run_ns" \
+    "create clusterrolebindings.rbac.authorization.k8s.io"; do
+    # shellcheck disable=SC2086
+    [[ $(can $check) == no ]] || fail "the operator's ServiceAccount may $check; it should not"
+done
+ok "RBAC: the ServiceAccount may do what the operator needs and no more"
+
+# A kubeconfig holding a token of the chart's ServiceAccount.
+token=$(k create token "$release" -n "$system_ns" --duration 2h)
+cat >"$work/operator.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: e2e
+  cluster: {server: "$E2E_API_SERVER", certificate-authority: "$E2E_CA"}
+users:
+- name: operator
+  user: {token: "$token"}
+contexts:
+- name: e2e
+  context: {cluster: e2e, user: operator, namespace: $system_ns}
+current-context: e2e
+EOF
+# Run the binary with the Deployment's own arguments and environment (ports
+# moved to free local ones), so that the chart and the binary agree.
+read -r metrics_port health_port < <(python3 -c '
+import socket
+s = [socket.socket() for _ in range(2)]
+for x in s: x.bind(("127.0.0.1", 0))
+print(*(x.getsockname()[1] for x in s))')
+k get deploy "$release" -n "$system_ns" -o json >"$work/deployment.json"
+python3 - "$work/deployment.json" "$work/operator.cmd" "$metrics_port" "$health_port" <<'EOF'
+import json, shlex, sys
+d = json.load(open(sys.argv[1]))
+sys.argv.pop(1)
+c = d["spec"]["template"]["spec"]["containers"][0]
+port = {p["name"]: str(p["containerPort"]) for p in c["ports"]}
+local = {port["metrics"]: sys.argv[2], port["health"]: sys.argv[3]}
+args = []
+for a in c.get("args", []):
+    for remote, mine in local.items():
+        a = a.replace("0.0.0.0:" + remote, "127.0.0.1:" + mine)
+    args.append(a)
+env = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+env["POD_NAMESPACE"] = d["metadata"]["namespace"]
+env["POD_NAME"] = d["metadata"]["name"] + "-e2e"
+with open(sys.argv[1], "w") as f:
+    for name, value in env.items():
+        f.write(f"export {name}={shlex.quote(value)}\n")
+    f.write("args=(" + " ".join(shlex.quote(a) for a in args) + ")\n")
+EOF
+# shellcheck disable=SC1091
+(
+    source "$work/operator.cmd"
+    export KUBECONFIG=$work/operator.kubeconfig RUST_LOG="${RUST_LOG:-info}"
+    # shellcheck disable=SC2154 # args comes from operator.cmd
+    exec "$operator_bin" "${args[@]}"
+) >"$work/operator.log" 2>&1 &
+operator_pid=$!
+sleep 1
+kill -0 "$operator_pid" 2>/dev/null || fail "the operator exited: $(cat "$work/operator.log")"
+if grep -q -- "--health-addr" "$work/operator.cmd"; then
+    eventually 30 "operator /readyz" curl -sf "http://127.0.0.1:$health_port/readyz"
+    curl -sf "http://127.0.0.1:$health_port/healthz" >/dev/null || fail "operator /healthz"
+    curl -sf "http://127.0.0.1:$metrics_port/metrics" >"$work/metrics.txt" || fail "operator /metrics"
+    ok "operator healthy, ready, serving metrics"
+fi
+ok "operator running as $sa (pid $operator_pid)"
+
+# --- place ---------------------------------------------------------------
+say "place: a 3-stage x 2-replica run"
+k create namespace "$run_ns" >/dev/null
+eventually 30 "default ServiceAccount in $run_ns" k get serviceaccount default -n "$run_ns"
+k apply -n "$run_ns" -f "$e2e/manifests/run.yaml" >/dev/null
+shards=6
+sel="pipewright.dev/run=$run,pipewright.dev/role=shard"
+count_pods() {
+    [[ $(k get pods -n "$run_ns" -l "$1" --no-headers 2>/dev/null | grep -c Running) -eq $2 ]]
+}
+eventually 30 "coordinator pod Running" count_pods "pipewright.dev/run=$run,pipewright.dev/role=coordinator" 1
+eventually 30 "$shards shard pods Running" count_pods "$sel" "$shards"
+for stage in 0 1 2; do
+    for replica in 0 1; do
+        k get pod -n "$run_ns" "$run-s$stage-r$replica" >/dev/null 2>&1 ||
+            fail "no pod $run-s$stage-r$replica"
+    done
+done
+ok "coordinator $run-coordinator and shard pods $run-s{0,1,2}-r{0,1}"
+k get pods -n "$run_ns" -l "$sel" -o json >"$work/shards.json"
+python3 - "$work/shards.json" <<'EOF' || fail "shard pod placement"
+import json, sys
+pods = json.load(open(sys.argv[1]))["items"]
+by_stage = {}
+for p in pods:
+    name = p["metadata"]["name"]
+    c = p["spec"]["containers"][0]
+    req = c.get("resources", {}).get("requests", {})
+    assert req.get("nvidia.com/gpu") == "2", f"{name} requests {req}, not 2 nvidia.com/gpu"
+    owner = p["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "TrainingRun" and owner["controller"], f"{name} owner {owner}"
+    by_stage.setdefault(p["metadata"]["labels"]["pipewright.dev/stage"], []).append(p["spec"]["nodeName"])
+for stage, nodes in sorted(by_stage.items()):
+    assert len(set(nodes)) == len(nodes), f"stage {stage} replicas share a node: {nodes}"
+    print(f"    stage {stage}: {', '.join(sorted(nodes))}")
+EOF
+ok "each shard requests 2 nvidia.com/gpu; replicas of a stage are on distinct nodes"
+for child in "service/$run-shards" "service/$run-coordinator" "configmap/$run-manifest" "secret/$run-key"; do
+    k get -n "$run_ns" "$child" >/dev/null || fail "no $child"
+done
+ok "headless shard service, coordinator service, manifest, key"
+phase() { k get tr "$run" -n "$run_ns" -o jsonpath='{.status.phase}'; }
+is_phase() { [[ $(phase) == "$1" ]]; }
+eventually 30 "run phase Running (is $(phase))" is_phase Running
+header=$(k get tr -n "$run_ns" | head -1)
+for column in NAME PHASE STAGES REPLICAS READY STEP LOSS TOKENS/S AGE; do
+    grep -qw -- "$column" <<<"$header" || fail "kubectl get tr lacks column $column: $header"
+done
+row=$(k get trainingruns -n "$run_ns" --no-headers "$run")
+read -r -a cells <<<"$row"
+[[ ${cells[1]} == Running && ${cells[2]} == 3 && ${cells[3]} == 2 && ${cells[4]} == 6 ]] ||
+    fail "kubectl get tr row: $row"
+printf '    %s\n    %s\n' "$header" "$row"
+ok "kubectl get tr shows phase, stages, replicas, ready shards"
+
+# --- refuse --------------------------------------------------------------
+say "refuse: malformed manifests"
+refused=0
+for manifest in "$e2e"/manifests/bad/*.yaml; do
+    name=$(basename "$manifest" .yaml)
+    expect=$(sed -n 's/^# expect: //p' "$manifest")
+    [[ -n $expect ]] || fail "$manifest has no '# expect:' line"
+    if out=$(k create -n "$run_ns" -f "$manifest" 2>&1); then
+        fail "$name was accepted: $out"
+    fi
+    IFS=';' read -r -a needles <<<"$expect"
+    for needle in "${needles[@]}"; do
+        grep -qF -- "$needle" <<<"$out" || fail "$name: the refusal does not say '$needle': $out"
+    done
+    refused=$((refused + 1))
+done
+((refused >= 10)) || fail "only $refused malformed manifests"
+[[ $(k get tr -n "$run_ns" --no-headers | wc -l) -eq 1 ]] || fail "a malformed run was stored"
+ok "$refused malformed manifests refused, each naming its field"
+
+# --- replace -------------------------------------------------------------
+say "replace: deleted and failed shard pods"
+victim=$run-s1-r0
+old_uid=$(k get pod -n "$run_ns" "$victim" -o jsonpath='{.metadata.uid}')
+replaced() {
+    local uid
+    uid=$(k get pod -n "$run_ns" "$1" -o jsonpath='{.metadata.uid}{"/"}{.metadata.deletionTimestamp}')
+    [[ -n ${uid%/} && $uid != "$2"* && $uid == */ ]]
+}
+t0=$(date +%s%N)
+k delete pod -n "$run_ns" "$victim" --wait=false >/dev/null
+eventually 5 "a replacement for deleted pod $victim" replaced "$victim" "$old_uid"
+ms=$((($(date +%s%N) - t0) / 1000000))
+ok "deleted $victim replaced in ${ms} ms"
+eventually 10 "the replacement $victim Running" count_pods "$sel" "$shards"
+moved() {
+    k get tr "$run" -n "$run_ns" -o jsonpath='{range .status.reassignments[*]}{.fromPod}={.reason}{"\n"}{end}' |
+        grep -q "^$1=$2$"
+}
+eventually 10 "a PodLost reassignment of $victim in the status" moved "$victim" PodLost
+ok "status.reassignments records $victim (PodLost)"
+
+victim=$run-s2-r1
+old_uid=$(k get pod -n "$run_ns" "$victim" -o jsonpath='{.metadata.uid}')
+k patch pod -n "$run_ns" "$victim" --subresource status --type merge \
+    -p '{"status":{"phase":"Failed","reason":"Evicted","message":"e2e: failed on purpose"}}' >/dev/null
+eventually 15 "a replacement for failed pod $victim" replaced "$victim" "$old_uid"
+eventually 10 "an Evicted reassignment of $victim in the status" moved "$victim" Evicted
+ok "failed $victim replaced; status.reassignments records it (Evicted)"
+eventually 15 "run back to Running" is_phase Running
+
+# --- delete --------------------------------------------------------------
+say "delete: the run and everything it owns"
+k delete tr -n "$run_ns" "$run" --wait=false >/dev/null
+leftovers() {
+    k get pods,services,configmaps,secrets -n "$run_ns" -l "pipewright.dev/run=$run" --no-headers 2>/dev/null
+}
+none_left() { [[ -z $(leftovers) ]]; }
+eventually 30 "children of the deleted run gone: $(leftovers | awk '{print $1}' | tr '\n' ' ')" none_left
+ok "no pod, service, config map or secret of $run remains"
+
+kill -0 "$operator_pid" 2>/dev/null || fail "the operator died during the tests"
+if grep -E ' (ERROR|WARN) ' "$work/operator.log" | grep -v 'NotFound' >"$work/warnings.log"; then
+    printf '    operator warnings:\n' && sed 's/^/      /' "$work/warnings.log" | head -20
+fi
+say "all end-to-end scenarios passed in $((SECONDS - started)) s"

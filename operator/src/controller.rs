@@ -322,6 +322,7 @@ pub fn observed_status(
                 replica,
                 pod: pod.map(|p| p.name_any()),
                 node: pod.and_then(|p| p.spec.as_ref()?.node_name.clone()),
+                attempt: 0,
             });
         }
         let layers = previous
@@ -389,6 +390,7 @@ pub fn observed_status(
         step: previous.step,
         loss: previous.loss,
         tokens_per_second: previous.tokens_per_second,
+        ..previous
     }
 }
 

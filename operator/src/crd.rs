@@ -179,6 +179,27 @@ pub static CEL_RULES: &[CelRule] = &[
     cel!("spec.checkpoint.every", "must not exceed spec.training.steps (0: only at the end)", at "spec",
         Some(".checkpoint.every"),
         "!has(self.checkpoint) || !has(self.checkpoint.every) || self.checkpoint.every <= self.training.steps"),
+    // --- spec.placement
+    cel!("spec.placement.topologyKey", "must not be empty", at "spec.placement", Some(".topologyKey"),
+        "!has(self.topologyKey) || self.topologyKey.trim() != ''"),
+    cel!("spec.placement.minReplicas", "must be at least 1 when set", at "spec.placement",
+        Some(".minReplicas"), "!has(self.minReplicas) || self.minReplicas >= 1"),
+    cel!("spec.placement.minReplicas", "must not exceed spec.pipeline.replicas", at "spec",
+        Some(".placement.minReplicas"),
+        "!has(self.placement) || !has(self.placement.minReplicas) || self.placement.minReplicas <= \
+         (has(self.pipeline) && has(self.pipeline.replicas) ? self.pipeline.replicas : 1)"),
+    cel!("spec.placement.scheduleTimeoutSeconds", "must be at least 1", at "spec.placement",
+        Some(".scheduleTimeoutSeconds"),
+        "!has(self.scheduleTimeoutSeconds) || self.scheduleTimeoutSeconds >= 1"),
+    cel!("spec.placement.tolerations", "an entry with operator Exists must not set value",
+        at "spec.placement.tolerations.[]", Some(".value"),
+        "(has(self.operator) ? self.operator : 'Equal') != 'Exists' || !has(self.value)"),
+    cel!("spec.placement.tolerations", "an entry without key must use operator Exists",
+        at "spec.placement.tolerations.[]", Some(".operator"),
+        "(has(self.key) && self.key != '') || (has(self.operator) ? self.operator : 'Equal') == 'Exists'"),
+    cel!("spec.placement.tolerations", "tolerationSeconds needs effect NoExecute",
+        at "spec.placement.tolerations.[]", Some(".tolerationSeconds"),
+        "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')"),
 ];
 
 /// The CRD: schema from the spec's types, CEL rules from [`CEL_RULES`] with

@@ -229,6 +229,65 @@ fn cases() -> Vec<(&'static str, Value)> {
             with(&[("/spec/checkpoint/every", json!(200))]),
         ),
         (
+            "topologyKey blank",
+            with(&[("/spec/placement/topologyKey", json!(" "))]),
+        ),
+        (
+            "minReplicas 0",
+            with(&[("/spec/placement/minReplicas", json!(0))]),
+        ),
+        (
+            "minReplicas > replicas",
+            with(&[("/spec/placement/minReplicas", json!(2))]),
+        ),
+        (
+            "minReplicas = replicas",
+            with(&[
+                ("/spec/placement/minReplicas", json!(2)),
+                ("/spec/pipeline/replicas", json!(3)),
+            ]),
+        ),
+        (
+            "scheduleTimeoutSeconds 0",
+            with(&[("/spec/placement/scheduleTimeoutSeconds", json!(0))]),
+        ),
+        (
+            "toleration Exists with value",
+            with(&[(
+                "/spec/placement/tolerations",
+                json!([{"key": "gpu", "operator": "Exists", "value": "x"}]),
+            )]),
+        ),
+        (
+            "toleration without key",
+            with(&[(
+                "/spec/placement/tolerations",
+                json!([{"value": "x", "effect": "NoSchedule"}]),
+            )]),
+        ),
+        (
+            "toleration seconds without NoExecute",
+            with(&[(
+                "/spec/placement/tolerations",
+                json!([{"key": "spot", "tolerationSeconds": 30}]),
+            )]),
+        ),
+        (
+            "tolerations valid",
+            with(&[
+                (
+                    "/spec/placement/tolerations",
+                    json!([
+                        {"operator": "Exists"},
+                        {"key": "spot", "value": "yes", "effect": "NoExecute", "tolerationSeconds": 30},
+                    ]),
+                ),
+                ("/spec/placement/nodeSelector", json!({"pool": "gpu"})),
+                ("/spec/suspend", json!(true)),
+                ("/spec/ttlSecondsAfterFinished", json!(60)),
+            ]),
+        ),
+        (
             "name not a label",
             with(&[("/metadata/name", json!("Quick_Start"))]),
         ),
@@ -264,6 +323,8 @@ fn every_case_but_the_valid_ones_is_refused() {
         "bpe vocab 300",
         "stages = layers",
         "lowrank, two stages",
+        "minReplicas = replicas",
+        "tolerations valid",
     ]
     .into();
     for (name, run) in cases() {

@@ -48,6 +48,23 @@ pub struct TrainingRunStatus {
     /// Training throughput over the last reporting window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_second: Option<f64>,
+    /// Shard reassignments over the whole run (the list above keeps only
+    /// the latest); the run fails when this exceeds
+    /// `spec.placement.maxReassignments`.
+    #[serde(default)]
+    pub total_reassignments: u32,
+    /// Nodes on which a shard of this run failed; replacement pods are kept
+    /// off them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_nodes: Vec<String>,
+    /// Phase the coordinator last reported (`Initializing`, `Training`,
+    /// `Checkpointing`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training_phase: Option<String>,
+    /// When the run reached `Succeeded` or `Failed`; the clock of
+    /// `spec.ttlSecondsAfterFinished`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
 }
 
 /// Lifecycle states of a run.
@@ -64,6 +81,9 @@ pub enum RunPhase {
     Succeeded,
     /// The run stopped and will not resume without a spec change.
     Failed,
+    /// `spec.suspend` is set: the run's pods are deleted, everything else is
+    /// kept, and clearing it starts them again.
+    Suspended,
 }
 
 /// Health of one pipeline stage.
@@ -95,6 +115,10 @@ pub struct ShardStatus {
     /// Node that pod is scheduled on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// How many times the shard has been moved to a new pod; names the pod
+    /// (`<run>-s<stage>-r<replica>` for 0, with `-a<attempt>` after).
+    #[serde(default)]
+    pub attempt: u32,
 }
 
 /// One move of a shard to a new pod.

@@ -4,6 +4,8 @@
 //! from YAML in local mode, and the operator serves them as the CRD schema.
 //! Field names are camelCase on the wire, as Kubernetes conventions ask.
 
+use std::collections::BTreeMap;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -114,6 +116,159 @@ pub struct TrainingRunSpec {
     /// Where and how often checkpoints are written.
     #[serde(default)]
     pub checkpoint: CheckpointSpec,
+    /// Kubernetes only: where the operator places the run's pods and how
+    /// much failure it absorbs. Local mode ignores it.
+    #[serde(default, skip_serializing_if = "PlacementSpec::is_default")]
+    pub placement: PlacementSpec,
+    /// Kubernetes only: while true the operator deletes the run's pods and
+    /// keeps everything else (manifest, key, services, status); setting it
+    /// back to false starts the pods again. Local mode ignores it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub suspend: bool,
+    /// Kubernetes only: seconds after the run succeeded or failed at which
+    /// the operator deletes it (and so all its children). Absent: kept until
+    /// deleted by hand. Local mode ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds_after_finished: Option<u64>,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
+/// Where a run's pods go on Kubernetes and how many failures it absorbs.
+/// Every field has a default; local mode reads none of them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PlacementSpec {
+    /// GPUs (`nvidia.com/gpu`) each shard pod requests; 0 runs shards on CPU.
+    /// Absent: the operator's `--gpus-per-shard` setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus_per_worker: Option<u32>,
+    /// Node labels every pod of the run (coordinator and shards) requires.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the run's pods tolerate, in addition to the `nvidia.com/gpu`
+    /// taint that shard pods requesting GPUs always tolerate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Node label whose value names a topology domain: the shards of
+    /// adjacent stages prefer to run in one domain, since their links carry
+    /// every activation. Replicas of one stage always run on distinct nodes.
+    #[serde(default = "default_topology_key")]
+    pub topology_key: String,
+    /// Replicas of every stage that must be running before the run counts as
+    /// scheduled (gang start) and below which a stage stalls the pipeline.
+    /// Absent: `spec.pipeline.replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_replicas: Option<usize>,
+    /// Seconds the run may wait for its gang to be running before the
+    /// operator reports why pods do not schedule (condition `Scheduled`,
+    /// reason `Unschedulable` or `ScheduleTimeout`).
+    #[serde(default = "default_schedule_timeout")]
+    pub schedule_timeout_seconds: u64,
+    /// Shard reassignments (a shard moved to a new pod after its pod failed,
+    /// was evicted or deleted, or its node stopped being ready) the run
+    /// absorbs; one more fails the run. 0: the first lost shard fails it.
+    #[serde(default = "default_max_reassignments")]
+    pub max_reassignments: u32,
+}
+
+/// Default of `spec.placement.topologyKey`.
+pub const DEFAULT_TOPOLOGY_KEY: &str = "topology.kubernetes.io/zone";
+
+fn default_topology_key() -> String {
+    DEFAULT_TOPOLOGY_KEY.to_owned()
+}
+fn default_schedule_timeout() -> u64 {
+    600
+}
+fn default_max_reassignments() -> u32 {
+    10
+}
+
+impl Default for PlacementSpec {
+    fn default() -> Self {
+        Self {
+            gpus_per_worker: None,
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            topology_key: default_topology_key(),
+            min_replicas: None,
+            schedule_timeout_seconds: default_schedule_timeout(),
+            max_reassignments: default_max_reassignments(),
+        }
+    }
+}
+
+impl PlacementSpec {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// A taint the run's pods tolerate (the fields of a Kubernetes toleration).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Toleration {
+    /// Taint key; absent (with operator `Exists`) matches every taint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// `Equal` (the default) matches the taint's value; `Exists` any value.
+    #[serde(default)]
+    pub operator: TolerationOperator,
+    /// Taint value, for operator `Equal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// Taint effect to match; absent matches every effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect: Option<TaintEffect>,
+    /// For effect `NoExecute`: seconds the pod stays bound after the taint
+    /// appears; absent: forever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub toleration_seconds: Option<i64>,
+}
+
+/// How a toleration matches a taint's value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum TolerationOperator {
+    /// Key and value must match.
+    #[default]
+    Equal,
+    /// Key must match; any value.
+    Exists,
+}
+
+impl TolerationOperator {
+    /// The Kubernetes spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Equal => "Equal",
+            Self::Exists => "Exists",
+        }
+    }
+}
+
+/// Taint effects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum TaintEffect {
+    /// New pods are not scheduled onto the node.
+    NoSchedule,
+    /// The scheduler avoids the node when it can.
+    PreferNoSchedule,
+    /// Running pods are evicted too.
+    NoExecute,
+}
+
+impl TaintEffect {
+    /// The Kubernetes spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoSchedule => "NoSchedule",
+            Self::PreferNoSchedule => "PreferNoSchedule",
+            Self::NoExecute => "NoExecute",
+        }
+    }
 }
 
 /// Shape of a Llama-family decoder-only transformer.
@@ -389,5 +544,15 @@ impl ModelSpec {
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.dim / self.heads
+    }
+}
+
+impl TrainingRunSpec {
+    /// Replicas of every stage needed for the run to count as scheduled:
+    /// `spec.placement.minReplicas`, else every replica.
+    pub fn min_replicas(&self) -> usize {
+        self.placement
+            .min_replicas
+            .unwrap_or(self.pipeline.replicas)
     }
 }

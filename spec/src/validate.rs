@@ -7,7 +7,10 @@
 //! anywhere but in this table would let the two drift apart.
 
 use crate::error::FieldError;
-use crate::types::{Codec, TokenizerKind, TrainingRun, API_VERSION, KIND};
+use crate::types::{
+    Codec, TaintEffect, TokenizerKind, Toleration, TolerationOperator, TrainingRun, API_VERSION,
+    KIND,
+};
 
 /// Smallest BPE vocabulary: the 256 byte tokens plus at least one merge.
 pub const MIN_BPE_VOCAB: usize = 257;
@@ -406,7 +409,89 @@ pub static RULES: &[Rule] = &[
             })
         },
     },
+    // --- spec.placement (Kubernetes only)
+    Rule {
+        field: "spec.placement.topologyKey",
+        requirement: "must not be empty",
+        check: |r| {
+            r.spec.placement.topology_key.trim().is_empty().then(|| {
+                "is empty; name a node label such as topology.kubernetes.io/zone".to_owned()
+            })
+        },
+    },
+    Rule {
+        field: "spec.placement.minReplicas",
+        requirement: "must be at least 1 when set",
+        check: |r| {
+            r.spec
+                .placement
+                .min_replicas
+                .and_then(|m| at_least_one(m as u64))
+        },
+    },
+    Rule {
+        field: "spec.placement.minReplicas",
+        requirement: "must not exceed spec.pipeline.replicas",
+        check: |r| {
+            let min = r.spec.placement.min_replicas?;
+            let replicas = r.spec.pipeline.replicas;
+            (min > replicas).then(|| format!("{min} exceeds spec.pipeline.replicas ({replicas})"))
+        },
+    },
+    Rule {
+        field: "spec.placement.scheduleTimeoutSeconds",
+        requirement: "must be at least 1",
+        check: |r| at_least_one(r.spec.placement.schedule_timeout_seconds),
+    },
+    Rule {
+        field: "spec.placement.tolerations",
+        requirement: "an entry with operator Exists must not set value",
+        check: |r| {
+            tolerations_where(&r.spec.placement.tolerations, |t| {
+                t.operator == TolerationOperator::Exists && t.value.is_some()
+            })
+            .map(|at| format!("{at}: operator Exists matches any value; leave value out"))
+        },
+    },
+    Rule {
+        field: "spec.placement.tolerations",
+        requirement: "an entry without key must use operator Exists",
+        check: |r| {
+            tolerations_where(&r.spec.placement.tolerations, |t| {
+                t.key.as_deref().unwrap_or_default().is_empty()
+                    && t.operator != TolerationOperator::Exists
+            })
+            .map(|at| {
+                format!("{at}: without a key only operator Exists (match every taint) makes sense")
+            })
+        },
+    },
+    Rule {
+        field: "spec.placement.tolerations",
+        requirement: "tolerationSeconds needs effect NoExecute",
+        check: |r| {
+            tolerations_where(&r.spec.placement.tolerations, |t| {
+                t.toleration_seconds.is_some() && t.effect != Some(TaintEffect::NoExecute)
+            })
+            .map(|at| format!("{at}: tolerationSeconds applies only to effect NoExecute"))
+        },
+    },
 ];
+
+/// `entry [i], [j]` naming the tolerations that match `bad`, if any.
+fn tolerations_where(list: &[Toleration], bad: impl Fn(&Toleration) -> bool) -> Option<String> {
+    let at: Vec<String> = list
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| bad(t))
+        .map(|(i, _)| format!("[{i}]"))
+        .collect();
+    match at.len() {
+        0 => None,
+        1 => Some(format!("entry {}", at[0])),
+        _ => Some(format!("entries {}", at.join(", "))),
+    }
+}
 
 fn at_least_one(value: u64) -> Option<String> {
     (value == 0).then(|| "must be at least 1, got 0".to_owned())

@@ -136,6 +136,10 @@ const BAD: &[(&str, Refusal)] = &[
         "zero-norm-eps.yaml",
         Invalid(&["spec.model.normEps", "> 0"]),
     ),
+    (
+        "min-replicas-above-replicas.yaml",
+        Invalid(&["spec.placement.minReplicas: 2 exceeds spec.pipeline.replicas (1)"]),
+    ),
     ("syntax-error.yaml", Parse(&["YAML", "line 11", "column"])),
     (
         "duplicate-key.yaml",

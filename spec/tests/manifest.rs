@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use pipewright_spec::validate::RULES;
 use pipewright_spec::{
     parse_manifest, validate, CheckpointSpec, Codec, DataSpec, Metadata, ModelSpec, PartitionKind,
-    PipelineSpec, ScheduleKind, SpecError, TokenizerKind, TokenizerSpec, TrainingRun,
-    TrainingRunSpec, TrainingSpec, API_VERSION, KIND,
+    PipelineSpec, PlacementSpec, ScheduleKind, SpecError, TaintEffect, TokenizerKind,
+    TokenizerSpec, Toleration, TolerationOperator, TrainingRun, TrainingRunSpec, TrainingSpec,
+    API_VERSION, KIND,
 };
 
 /// Only the fields that have no default.
@@ -56,6 +57,66 @@ fn defaults_are_filled_in() {
 
     let c = &run.spec.checkpoint;
     assert_eq!((&c.dir, c.every, c.keep), (&None, 0, 3));
+
+    let k = &run.spec.placement;
+    assert_eq!(*k, PlacementSpec::default());
+    assert_eq!(k.topology_key, "topology.kubernetes.io/zone");
+    assert_eq!((k.gpus_per_worker, k.min_replicas), (None, None));
+    assert_eq!((k.schedule_timeout_seconds, k.max_reassignments), (600, 10));
+    assert_eq!(
+        run.spec.min_replicas(),
+        1,
+        "minReplicas defaults to replicas"
+    );
+    assert!(!run.spec.suspend);
+    assert_eq!(run.spec.ttl_seconds_after_finished, None);
+}
+
+#[test]
+fn kubernetes_only_fields_stay_out_of_a_local_manifest() {
+    // A manifest without them serializes without them, so files written by
+    // local mode (checkpoint metadata) do not grow Kubernetes settings.
+    let run = parse_manifest(MINIMAL).expect("minimal manifest");
+    let yaml = serde_saphyr::to_string(&run).expect("serialize");
+    for key in ["placement", "suspend", "ttlSecondsAfterFinished"] {
+        assert!(!yaml.contains(key), "{key} in\n{yaml}");
+    }
+}
+
+#[test]
+fn placement_problems_name_the_field_and_the_entry() {
+    let yaml = MINIMAL.replace(
+        "training: {steps: 10, microBatchSize: 2, learningRate: 0.001}",
+        "training: {steps: 10, microBatchSize: 2, learningRate: 0.001}
+  pipeline: {replicas: 2}
+  placement:
+    minReplicas: 3
+    topologyKey: ' '
+    scheduleTimeoutSeconds: 0
+    tolerations:
+    - {key: gpu, operator: Exists, value: 'yes'}
+    - {operator: Equal, value: x}
+    - {key: spot, effect: NoSchedule, tolerationSeconds: 30}",
+    );
+    let SpecError::Invalid(errors) = parse_manifest(&yaml).unwrap_err() else {
+        panic!("expected validation errors");
+    };
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    let expected = [
+        "spec.placement.topologyKey: is empty",
+        "spec.placement.minReplicas: 3 exceeds spec.pipeline.replicas (2)",
+        "spec.placement.scheduleTimeoutSeconds: must be at least 1, got 0",
+        "spec.placement.tolerations: entry [0]: operator Exists matches any value",
+        "spec.placement.tolerations: entry [1]: without a key only operator Exists",
+        "spec.placement.tolerations: entry [2]: tolerationSeconds applies only to effect NoExecute",
+    ];
+    assert_eq!(text.len(), expected.len(), "{text:#?}");
+    for (got, want) in text.iter().zip(expected) {
+        assert!(
+            got.starts_with(want),
+            "{got:?} does not start with {want:?}"
+        );
+    }
 }
 
 /// A manifest with every optional field set away from its default.
@@ -120,6 +181,32 @@ fn everything_set() -> TrainingRun {
                 every: 500,
                 keep: 0,
             },
+            placement: PlacementSpec {
+                gpus_per_worker: Some(2),
+                node_selector: BTreeMap::from([("pool".into(), "a100".into())]),
+                tolerations: vec![
+                    Toleration {
+                        key: Some("dedicated".into()),
+                        operator: TolerationOperator::Equal,
+                        value: Some("training".into()),
+                        effect: Some(TaintEffect::NoSchedule),
+                        toleration_seconds: None,
+                    },
+                    Toleration {
+                        key: None,
+                        operator: TolerationOperator::Exists,
+                        value: None,
+                        effect: Some(TaintEffect::NoExecute),
+                        toleration_seconds: Some(300),
+                    },
+                ],
+                topology_key: "topology.kubernetes.io/rack".into(),
+                min_replicas: Some(2),
+                schedule_timeout_seconds: 120,
+                max_reassignments: 3,
+            },
+            suspend: true,
+            ttl_seconds_after_finished: Some(3600),
         },
     }
 }

@@ -134,7 +134,7 @@ fn ring_time(world: usize, bytes: usize) -> Duration {
                         WorkerId([rank as u8; 16]),
                     );
                     let mut member =
-                        RingMember::connect(config, listener, addrs[(rank + 1) % world])
+                        RingMember::connect(config, listener, &addrs[(rank + 1) % world].to_string())
                             .expect("connect");
                     let mut buf = vec![rank as f32; bytes / 4];
                     (0..4)

@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod coord;
 pub mod data;
 pub mod kernels;
 pub mod link;

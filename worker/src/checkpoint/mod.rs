@@ -113,22 +113,28 @@ fn read_f32(
         .collect())
 }
 
-/// Write one stage's parameters and moments to `path`.
-pub fn save_stage(path: &Path, params: &[&Param], opt: &AdamW) -> Result<(), CheckpointError> {
+/// One stage's parameters and Adam moments in the checkpoint's safetensors
+/// layout (`NAME`, `optimizer.m.NAME`, `optimizer.v.NAME`, metadata
+/// `optimizer_steps`). `data` gives the values of `params` (their shapes
+/// and names come from `params`); `None` takes the live values.
+pub fn encode_stage(
+    params: &[&Param],
+    data: Option<&[Vec<f32>]>,
+    opt: &AdamW,
+) -> Result<Vec<u8>, String> {
     let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (i, p) in params.iter().enumerate() {
-        blobs.push((p.name.clone(), p.shape.clone(), f32_bytes(&p.data)));
+        let values = match data {
+            Some(d) => d.get(i).ok_or("fewer tensors than parameters")?,
+            None => &p.data,
+        };
+        if values.len() != p.len() {
+            return Err(format!("tensor {}: {} values for {:?}", p.name, values.len(), p.shape));
+        }
+        blobs.push((p.name.clone(), p.shape.clone(), f32_bytes(values)));
         if let (Some(m), Some(v)) = (opt.m.get(i), opt.v.get(i)) {
-            blobs.push((
-                format!("optimizer.m.{}", p.name),
-                p.shape.clone(),
-                f32_bytes(m),
-            ));
-            blobs.push((
-                format!("optimizer.v.{}", p.name),
-                p.shape.clone(),
-                f32_bytes(v),
-            ));
+            blobs.push((format!("optimizer.m.{}", p.name), p.shape.clone(), f32_bytes(m)));
+            blobs.push((format!("optimizer.v.{}", p.name), p.shape.clone(), f32_bytes(v)));
         }
     }
     let views = blobs
@@ -136,12 +142,45 @@ pub fn save_stage(path: &Path, params: &[&Param], opt: &AdamW) -> Result<(), Che
         .map(|(n, s, b)| {
             TensorView::new(Dtype::F32, s.clone(), b)
                 .map(|v| (n.clone(), v))
-                .map_err(|e| corrupt(path, format!("tensor {n}: {e}")))
+                .map_err(|e| format!("tensor {n}: {e}"))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let info = HashMap::from([("optimizer_steps".to_string(), opt.t.to_string())]);
-    safetensors::serialize_to_file(views, Some(info), path)
-        .map_err(|e| corrupt(path, e.to_string()))
+    safetensors::serialize(views, Some(info)).map_err(|e| e.to_string())
+}
+
+/// Parameter values and Adam moments read back from [`encode_stage`]'s
+/// bytes, each checked against `params`' names and sizes. `path` names the
+/// source in errors.
+pub fn decode_stage(
+    bytes: &[u8],
+    params: &[&Param],
+    path: &Path,
+) -> Result<(Vec<Vec<f32>>, AdamW), CheckpointError> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(path, e.to_string()))?;
+    let mut data = Vec::new();
+    let mut m = Vec::new();
+    let mut v = Vec::new();
+    for p in params {
+        data.push(read_f32(&st, &p.name, p.len(), path)?);
+        m.push(read_f32(&st, &format!("optimizer.m.{}", p.name), p.len(), path)?);
+        v.push(read_f32(&st, &format!("optimizer.v.{}", p.name), p.len(), path)?);
+    }
+    let (_, header) =
+        SafeTensors::read_metadata(bytes).map_err(|e| corrupt(path, format!("header: {e}")))?;
+    let t = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("optimizer_steps"))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| corrupt(path, "missing optimizer_steps"))?;
+    Ok((data, AdamW { m, v, t }))
+}
+
+/// Write one stage's parameters and moments to `path`.
+pub fn save_stage(path: &Path, params: &[&Param], opt: &AdamW) -> Result<(), CheckpointError> {
+    let bytes = encode_stage(params, None, opt).map_err(|e| corrupt(path, e))?;
+    fs::write(path, bytes).map_err(io(path))
 }
 
 /// Read parameters and moments saved by [`save_stage`] into `params` / `opt`.
@@ -153,38 +192,15 @@ pub fn load_stage(
     opt: &mut AdamW,
 ) -> Result<(), CheckpointError> {
     let bytes = fs::read(path).map_err(io(path))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(path, e.to_string()))?;
-    let mut data = Vec::new();
-    let mut m = Vec::new();
-    let mut v = Vec::new();
-    for p in params.iter() {
-        data.push(read_f32(&st, &p.name, p.len(), path)?);
-        m.push(read_f32(
-            &st,
-            &format!("optimizer.m.{}", p.name),
-            p.len(),
-            path,
-        )?);
-        v.push(read_f32(
-            &st,
-            &format!("optimizer.v.{}", p.name),
-            p.len(),
-            path,
-        )?);
-    }
-    let (_, header) =
-        SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(path, format!("header: {e}")))?;
-    let t = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("optimizer_steps"))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| corrupt(path, "missing optimizer_steps"))?;
+    let (data, loaded) = {
+        let view: Vec<&Param> = params.iter().map(|p| &**p).collect();
+        decode_stage(&bytes, &view, path)?
+    };
     for (p, d) in params.iter_mut().zip(data) {
         p.data = d;
         p.zero_grad();
     }
-    *opt = AdamW { m, v, t };
+    *opt = loaded;
     Ok(())
 }
 
@@ -199,8 +215,7 @@ pub fn save(
     keep: usize,
 ) -> Result<PathBuf, CheckpointError> {
     fs::create_dir_all(root).map_err(io(root))?;
-    let dir = step_dir(root, meta.step);
-    let tmp = root.join(format!(".tmp-step-{:08}", meta.step));
+    let tmp = tmp_dir(root, meta.step);
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
@@ -211,6 +226,34 @@ pub fn save(
             &stage.params(),
             opt,
         )?;
+    }
+    commit(root, meta, tokenizer, keep)
+}
+
+/// Temporary directory a checkpoint of `step` is assembled in.
+pub fn tmp_dir(root: &Path, step: u64) -> PathBuf {
+    root.join(format!(".tmp-step-{step:08}"))
+}
+
+/// Completes the checkpoint whose stage files are already in
+/// [`tmp_dir`]`(root, meta.step)` (written by one process, or by one worker
+/// per stage): adds the tokenizer and `meta.json`, renames it into place,
+/// points `root/latest` at it and keeps only the newest `keep` (0: all).
+/// Refused, leaving the previous checkpoint in place, when a stage file is
+/// missing.
+pub fn commit(
+    root: &Path,
+    meta: &Meta,
+    tokenizer: &Tokenizer,
+    keep: usize,
+) -> Result<PathBuf, CheckpointError> {
+    let dir = step_dir(root, meta.step);
+    let tmp = tmp_dir(root, meta.step);
+    for i in 0..meta.stage_layers.len() {
+        let f = tmp.join(format!("stage-{i}.safetensors"));
+        if !f.is_file() {
+            return Err(corrupt(&f, "stage file missing; checkpoint not committed"));
+        }
     }
     tokenizer.save(&tmp.join("tokenizer"))?;
     let meta_path = tmp.join("meta.json");

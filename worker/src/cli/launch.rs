@@ -1,195 +1,277 @@
-//! `pipewright train --processes`: the run as one OS process per shard
-//! (stage × replica), wired over authenticated TCP links on loopback, the
-//! same `stage-worker` processes a cluster runs.
-//!
-//! Wiring is static: every listener address is chosen here before the
-//! workers start. A worker that dies ends the run with its shard named (the
-//! coordinator that reassigns shards is not part of this launcher).
+//! `pipewright train --processes`: the run as a coordinator (in this
+//! process) and one `pipewright worker` process per shard (stage × replica),
+//! talking over authenticated TCP on loopback — the same processes a
+//! cluster runs. A worker process that dies is relaunched; the coordinator
+//! rewires the run and training goes on. `--kill-workers N` kills N random
+//! workers with SIGKILL during the run (a fault drill) and reports how long
+//! each recovery took.
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pipewright_spec::TrainingRun;
+use rand::{RngExt, SeedableRng};
+use serde_json::json;
 
-use super::stage_worker::RUN_KEY_ENV;
+use super::coordinator::{config, random_hex32};
+use super::worker::TOKEN_ENV;
+use crate::coord::Phase;
+
+/// How the launcher runs.
+pub struct LaunchOptions<'a> {
+    /// Run directory (checkpoints, coordinator state, summary).
+    pub root: &'a Path,
+    /// Kernel threads per worker (default: cores / shards).
+    pub threads: Option<usize>,
+    /// No progress bar.
+    pub quiet: bool,
+    /// Workers to kill during the run.
+    pub kills: usize,
+    /// Seed of the kills' timing and victims.
+    pub kill_seed: u64,
+    /// Where the coordinator listens.
+    pub coordinator_listen: &'a str,
+}
 
 struct Worker {
     stage: usize,
     replica: usize,
     child: Child,
+    done: bool,
 }
 
-fn free_port() -> Result<SocketAddr> {
-    let l = TcpListener::bind(("127.0.0.1", 0)).context("binding a loopback port")?;
-    Ok(l.local_addr()?)
-}
-
-/// A fresh 32-byte run key as hex, from the OS's randomness.
-fn run_key() -> String {
-    let bytes: [u8; 32] = rand::random();
-    crate::checkpoint::hex(&bytes)
+struct Kill {
+    at: Instant,
+    step: u64,
+    epoch: u64,
+    recovered: Option<f64>,
 }
 
 /// Launch every shard of `manifest` as a process and wait for the run.
-/// `file` is the manifest on disk (rewritten to a temporary copy when
-/// `manifest` differs from it, e.g. with `--steps`).
-pub fn run(manifest: &TrainingRun, file: &Path, threads: Option<usize>, quiet: bool) -> Result<()> {
+pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
     let p = &manifest.spec.pipeline;
     let (stages, replicas) = (p.stages, p.replicas);
-    let tied = manifest.spec.model.tied_embeddings;
     let shards = stages * replicas;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = threads.unwrap_or((cores / shards).max(1));
-
-    // Every worker reads the same manifest; write the effective one out.
+    let threads = opts.threads.unwrap_or((cores / shards).max(1));
+    let token = random_hex32();
+    let state_dir = opts.root.join("coordinator");
+    // A fresh run: the previous coordinator's state would resume it.
+    if state_dir.exists() {
+        std::fs::remove_dir_all(&state_dir)
+            .with_context(|| format!("clearing {}", state_dir.display()))?;
+    }
+    let cfg = config(
+        manifest,
+        token.clone(),
+        random_hex32(),
+        state_dir,
+        opts.root.to_path_buf(),
+        Duration::from_secs(2),
+    )?;
+    let coord = crate::coord::start(cfg, opts.coordinator_listen)?;
+    let url = format!("http://{}", coord.addr());
+    let exe = std::env::current_exe().context("locating the pipewright binary")?;
     let dir = tempfile::Builder::new()
         .prefix("pipewright-launch-")
         .tempdir()
         .context("creating a temporary directory")?;
-    let path: PathBuf = dir.path().join("manifest.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(manifest)?)
-        .with_context(|| format!("writing {}", path.display()))?;
-
-    let idx = |s: usize, r: usize| s * replicas + r;
-    let mut pipe = Vec::with_capacity(shards);
-    let mut ring = Vec::with_capacity(shards);
-    for s in 0..stages {
-        for _ in 0..replicas {
-            let needs = s > 0 || (tied && stages > 2);
-            pipe.push(if needs { Some(free_port()?) } else { None });
-            ring.push(if replicas > 1 {
-                Some(free_port()?)
-            } else {
-                None
-            });
-        }
-    }
-    let key = run_key();
-    let exe = std::env::current_exe().context("locating the pipewright binary")?;
+    let manifest_path = dir.path().join("manifest.json");
+    std::fs::write(&manifest_path, serde_json::to_vec_pretty(manifest)?)
+        .with_context(|| format!("writing {}", manifest_path.display()))?;
     eprintln!(
-        "launching {shards} stage-worker processes ({stages} stage(s) × {replicas} replica(s), {threads} kernel thread(s) each) for {}",
-        file.display()
+        "coordinator on {url}; launching {shards} worker processes ({stages} stage(s) × {replicas} replica(s), {threads} kernel thread(s) each)"
     );
-    let mut workers: Vec<Worker> = Vec::with_capacity(shards);
-    let (tx, rx) = mpsc::channel::<String>();
+    let spawn = |stage: usize, replica: usize| -> Result<Worker> {
+        let child = Command::new(&exe)
+            .arg("worker")
+            .arg(&manifest_path)
+            .args(["--coordinator", &url])
+            .args(["--stage", &stage.to_string(), "--replica", &replica.to_string()])
+            .args(["--threads", &threads.to_string()])
+            .env(TOKEN_ENV, &token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting stage {stage} replica {replica}"))?;
+        Ok(Worker {
+            stage,
+            replica,
+            child,
+            done: false,
+        })
+    };
+    let mut workers = Vec::with_capacity(shards);
     for s in 0..stages {
         for r in 0..replicas {
-            let mut cmd = Command::new(&exe);
-            cmd.arg("stage-worker")
-                .arg(&path)
-                .args(["--stage", &s.to_string(), "--replica", &r.to_string()])
-                .args(["--threads", &threads.to_string()])
-                .env(RUN_KEY_ENV, &key)
-                .stdin(Stdio::null());
-            let mut addr = |flag: &str, a: Option<SocketAddr>| {
-                if let Some(a) = a {
-                    cmd.args([flag, &a.to_string()]);
-                }
-            };
-            addr("--listen", pipe[idx(s, r)]);
-            addr(
-                "--next",
-                if s + 1 < stages {
-                    pipe[idx(s + 1, r)]
-                } else {
-                    None
-                },
-            );
-            let tie = tied && stages > 2 && s + 1 == stages;
-            addr("--tie", if tie { pipe[idx(0, r)] } else { None });
-            addr("--ring-listen", ring[idx(s, r)]);
-            addr("--ring-next", ring[idx(s, (r + 1) % replicas)]);
-            let reports = s + 1 == stages && r == 0;
-            cmd.stdout(if reports {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            });
-            let mut child = cmd
-                .spawn()
-                .with_context(|| format!("starting stage {s} replica {r}"))?;
-            if let Some(out) = child.stdout.take() {
-                let tx = tx.clone();
-                std::thread::spawn(move || {
-                    for line in BufReader::new(out).lines().map_while(Result::ok) {
-                        if tx.send(line).is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-            workers.push(Worker {
-                stage: s,
-                replica: r,
-                child,
-            });
+            workers.push(spawn(s, r)?);
         }
     }
-    drop(tx);
-    let result = supervise(&mut workers, &rx, manifest.spec.training.steps, quiet);
-    for w in &mut workers {
-        // Already exited on success; on failure the survivors are stopped.
-        let _ = w.child.kill();
-        let _ = w.child.wait();
+    let steps = manifest.spec.training.steps;
+    let bar = ProgressBar::new(steps);
+    if opts.quiet {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
     }
-    result
-}
-
-fn supervise(
-    workers: &mut [Worker],
-    rx: &mpsc::Receiver<String>,
-    steps: u64,
-    quiet: bool,
-) -> Result<()> {
+    if let Ok(style) = ProgressStyle::with_template(
+        "{bar:30.cyan/blue} step {pos}/{len} {msg}  [{elapsed_precise} < {eta_precise}]",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
     let start = Instant::now();
-    let mut last_loss = f64::NAN;
-    let mut report = |line: String| {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            return;
-        };
-        let step = v["step"].as_u64().unwrap_or(0);
-        last_loss = v["loss"].as_f64().unwrap_or(f64::NAN);
-        if !quiet || step % 10 == 0 || step + 1 == steps {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.kill_seed);
+    let mut kills: Vec<Kill> = Vec::new();
+    let mut next_kill = start + Duration::from_millis(rng.random_range(500..2500));
+    let mut relaunches = 0usize;
+    let mut last_log = Instant::now();
+    let result = loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let status = coord.status();
+        bar.set_position(status.step);
+        bar.set_message(format!(
+            "{:?} loss {}  {:.0} tok/s  epoch {}",
+            status.phase,
+            status.loss.map_or("-".into(), |l| format!("{l:.4}")),
+            status.tokens_per_second,
+            status.epoch
+        ));
+        if opts.quiet && last_log.elapsed() > Duration::from_secs(10) {
             eprintln!(
-                "step {}/{steps} loss {last_loss:.4} ({:.1}s)",
-                step + 1,
-                start.elapsed().as_secs_f64()
+                "step {}/{steps} loss {} {:.0} tok/s",
+                status.step,
+                status.loss.map_or("-".into(), |l| format!("{l:.4}")),
+                status.tokens_per_second
             );
+            last_log = Instant::now();
+        }
+        for k in kills.iter_mut().filter(|k| k.recovered.is_none()) {
+            if status.epoch > k.epoch && status.step > k.step {
+                k.recovered = Some(k.at.elapsed().as_secs_f64());
+            }
+        }
+        if status.phase == Phase::Failed {
+            break Err(anyhow::anyhow!("the run failed: {}", status.reason));
+        }
+        // Processes that ended: on success they are done; otherwise the
+        // coordinator forgets the worker at once and a new one starts.
+        let ids = coord.workers();
+        for w in workers.iter_mut().filter(|w| !w.done) {
+            let Some(exit) = w.child.try_wait()? else {
+                continue;
+            };
+            w.done = true;
+            if exit.success() {
+                continue;
+            }
+            if let Some((&id, _)) = ids.iter().find(|(_, &sh)| sh == (w.stage, w.replica)) {
+                coord.lose(id);
+            }
+            if status.phase == Phase::Succeeded {
+                continue;
+            }
+            relaunches += 1;
+            if relaunches > 10 * shards + opts.kills {
+                break;
+            }
+            bar.println(format!(
+                "stage {} replica {} exited ({exit}); starting a new worker",
+                w.stage, w.replica
+            ));
+            *w = spawn(w.stage, w.replica)?;
+        }
+        if relaunches > 10 * shards + opts.kills {
+            break Err(anyhow::anyhow!(
+                "workers keep dying ({relaunches} relaunches); giving up"
+            ));
+        }
+        if workers.iter().all(|w| w.done) && status.phase == Phase::Succeeded {
+            break Ok(status);
+        }
+        let quiet_now = kills.last().is_none_or(|k| k.recovered.is_some());
+        if kills.len() < opts.kills
+            && quiet_now
+            && Instant::now() >= next_kill
+            && status.phase == Phase::Training
+            && status.step + 2 < steps
+        {
+            let live: Vec<usize> = (0..workers.len()).filter(|&i| !workers[i].done).collect();
+            if !live.is_empty() {
+                let i = live[rng.random_range(0..live.len())];
+                let w = &mut workers[i];
+                bar.println(format!(
+                    "fault drill: kill -9 stage {} replica {} at step {}",
+                    w.stage, w.replica, status.step
+                ));
+                w.child.kill().context("killing a worker")?;
+                kills.push(Kill {
+                    at: Instant::now(),
+                    step: status.step,
+                    epoch: status.epoch,
+                    recovered: None,
+                });
+                next_kill = Instant::now() + Duration::from_millis(rng.random_range(300..2500));
+            }
         }
     };
-    loop {
-        while let Ok(line) = rx.try_recv() {
-            report(line);
+    bar.finish_and_clear();
+    for w in &mut workers {
+        if !w.done {
+            let _ = w.child.kill();
         }
-        let mut running = 0;
-        for w in workers.iter_mut() {
-            match w.child.try_wait()? {
-                None => running += 1,
-                Some(status) if status.success() => {}
-                Some(status) => bail!(
-                    "stage {} replica {} exited with {status}; the run stops (shard reassignment needs the coordinator)",
-                    w.stage,
-                    w.replica
-                ),
-            }
-        }
-        if running == 0 {
-            // The reporter's pipe is closed now; take its last lines.
-            for line in rx.iter() {
-                report(line);
-            }
-            println!(
-                "all {} workers finished {steps} steps in {:.1}s; final loss {last_loss:.4}",
-                workers.len(),
-                start.elapsed().as_secs_f64()
-            );
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        let _ = w.child.wait();
     }
+    coord.shutdown();
+    let status = result?;
+    let elapsed = start.elapsed().as_secs_f64();
+    let losses = coord.losses();
+    let final_loss = losses.last().copied().unwrap_or(f32::NAN);
+    let mut recoveries: Vec<f64> = kills.iter().filter_map(|k| k.recovered).collect();
+    recoveries.sort_by(f64::total_cmp);
+    let t = &manifest.spec.training;
+    let tokens =
+        (t.micro_batch_size * t.micro_batches * manifest.spec.model.seq_len * replicas) as u64 * steps;
+    println!(
+        "all {shards} workers finished {steps} steps in {elapsed:.1}s ({:.0} tokens/s); final loss {final_loss:.4}",
+        tokens as f64 / elapsed.max(1e-9)
+    );
+    println!(
+        "  shard reassignments {} (relaunched processes {relaunches})",
+        status.reassignments
+    );
+    if !kills.is_empty() {
+        let median = recoveries.get(recoveries.len() / 2).copied();
+        println!(
+            "  fault drill: {} kill(s), {} recovered, recovery to the next completed step: median {}, max {}",
+            kills.len(),
+            recoveries.len(),
+            median.map_or("-".into(), |m| format!("{m:.2}s")),
+            recoveries.last().map_or("-".into(), |m| format!("{m:.2}s")),
+        );
+    }
+    if let Some(step) = status.checkpoint_step {
+        println!(
+            "  checkpoint                 {}",
+            crate::checkpoint::step_dir(opts.root, step).display()
+        );
+    }
+    let summary = json!({
+        "name": manifest.metadata.name,
+        "steps": steps,
+        "seconds": elapsed,
+        "tokens_per_sec": tokens as f64 / elapsed.max(1e-9),
+        "losses": losses,
+        "final_loss": final_loss,
+        "reassignments": status.reassignments,
+        "kills": kills.len(),
+        "recovery_seconds": recoveries,
+    });
+    let path = opts.root.join("summary.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&summary)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    if kills.iter().any(|k| k.recovered.is_none()) {
+        bail!("a fault drill kill was never recovered from");
+    }
+    Ok(())
 }

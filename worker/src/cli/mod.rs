@@ -1,9 +1,10 @@
 //! The `pipewright` command line.
 
 mod bench;
+mod coordinator;
 mod launch;
-mod stage_worker;
 mod train;
+mod worker;
 
 use std::path::{Path, PathBuf};
 
@@ -60,9 +61,14 @@ pub enum Command {
     /// Measure training throughput.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
-    /// One shard of a multi-process pipeline (started by a launcher).
-    #[command(hide = true)]
-    StageWorker(stage_worker::StageWorkerArgs),
+    /// Run the coordinator of one run (registration, wiring, barrier,
+    /// leases, checkpoints, status and metrics over HTTP).
+    Coordinator(coordinator::CoordinatorArgs),
+    /// Serve one shard of a run, wired by its coordinator.
+    Worker(worker::WorkerArgs),
+    /// Volunteer for a running run: take the shard that most limits it, or
+    /// wait as a standby for one.
+    Join(worker::JoinArgs),
 }
 
 /// Run the parsed command line.
@@ -89,7 +95,9 @@ pub fn run(cli: Cli) -> Result<()> {
             out,
         } => forward(&checkpoint, &text, &out),
         Command::Bench(cmd) => bench::run(cmd),
-        Command::StageWorker(args) => stage_worker::run(args),
+        Command::Coordinator(args) => coordinator::run(args),
+        Command::Worker(args) => worker::run(args),
+        Command::Join(args) => worker::join(args),
     }
 }
 

@@ -36,10 +36,21 @@ pub struct TrainArgs {
     /// Kernel threads (default: `training.threads`, else all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Run every shard (stage × replica) as its own `stage-worker` process,
-    /// linked over TCP on loopback, instead of all stages in this process.
+    /// Run a coordinator and every shard (stage × replica) as its own
+    /// `pipewright worker` process, linked over TCP on loopback, instead of
+    /// all stages in this process.
     #[arg(long, conflicts_with_all = ["resume", "stop_after"])]
     pub processes: bool,
+    /// With `--processes`: kill -9 this many random workers during the run
+    /// (a fault drill) and report each recovery.
+    #[arg(long, default_value_t = 0, requires = "processes")]
+    pub kill_workers: usize,
+    /// Seed of the fault drill's timing and victims.
+    #[arg(long, default_value_t = 1)]
+    pub kill_seed: u64,
+    /// With `--processes`: address of the coordinator's HTTP API.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub coordinator_listen: String,
     /// No progress bar (log lines instead).
     #[arg(long)]
     pub quiet: bool,
@@ -63,11 +74,30 @@ pub fn run(args: TrainArgs) -> Result<()> {
             t.eval_every = 0;
         }
     }
+    let root = args.out.clone().unwrap_or_else(|| run_dir(&manifest));
     if args.processes {
-        return super::launch::run(&manifest, &args.manifest, args.threads, args.quiet);
+        if !args.overwrite {
+            if let Ok(latest) = checkpoint::resolve(&root) {
+                anyhow::bail!(
+                    "{} already holds checkpoints (latest: {}); pass --overwrite to start over, or --out DIR to train elsewhere",
+                    root.display(),
+                    latest.display()
+                );
+            }
+        }
+        return super::launch::run(
+            &manifest,
+            &super::launch::LaunchOptions {
+                root: &root,
+                threads: args.threads,
+                quiet: args.quiet,
+                kills: args.kill_workers,
+                kill_seed: args.kill_seed,
+                coordinator_listen: &args.coordinator_listen,
+            },
+        );
     }
     super::init_threads(args.threads.unwrap_or(manifest.spec.training.threads));
-    let root = args.out.clone().unwrap_or_else(|| run_dir(&manifest));
     if !args.resume && !args.overwrite {
         if let Ok(latest) = checkpoint::resolve(&root) {
             anyhow::bail!(

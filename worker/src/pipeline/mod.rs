@@ -25,13 +25,14 @@
 //!    single-process trainer, and the total comes back down, so every stage
 //!    clips with the same factor before its AdamW step.
 //!
-//! Wiring is static: a stage talks to stages `s ± 1` of its own replica,
-//! and to the other replicas of its stage through the ring.
+//! A stage talks to stages `s ± 1` of its own replica, and to the other
+//! replicas of its stage through the ring; who those are (the wiring) comes
+//! from the caller: a static layout in tests, the coordinator in a run.
 
 mod wire;
 
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -118,8 +119,9 @@ impl Shard {
 pub struct RingPeers {
     /// Where the previous replica connects.
     pub listener: TcpListener,
-    /// The next replica's ring listener.
-    pub next: SocketAddr,
+    /// The next replica's ring listener (`host:port`; names are resolved
+    /// on every connection attempt, so a peer's DNS record may appear late).
+    pub next: String,
 }
 
 /// Network endpoints of one worker.
@@ -129,11 +131,11 @@ pub struct Peers {
     /// where the last stage connects for the tied gradients (the first
     /// stage of a tied model with three or more stages).
     pub listener: Option<TcpListener>,
-    /// The next stage's listener (every stage but the last).
-    pub next: Option<SocketAddr>,
+    /// The next stage's listener, `host:port` (every stage but the last).
+    pub next: Option<String>,
     /// The first stage's listener, on the last stage of a tied model with
     /// three or more stages (with two, the neighbour link carries them).
-    pub tie: Option<SocketAddr>,
+    pub tie: Option<String>,
     /// The replicas' ring; required when the run has more than one replica.
     pub ring: Option<RingPeers>,
 }
@@ -158,6 +160,8 @@ pub struct WorkerStep {
     pub grad_norm: f64,
     /// Wall time of the step on this worker.
     pub seconds: f64,
+    /// Of that, time spent computing (the rest waited on peers).
+    pub busy_seconds: f64,
 }
 
 /// Binds every listener of an `stages × replicas` layout on loopback and
@@ -179,8 +183,11 @@ pub fn loopback_layout(
             ring.push(if replicas > 1 { Some(bind()?) } else { None });
         }
     }
-    let addr = |l: &Option<TcpListener>| -> io::Result<Option<SocketAddr>> {
-        l.as_ref().map(|l| l.local_addr()).transpose()
+    let addr = |l: &Option<TcpListener>| -> io::Result<Option<String>> {
+        Ok(l.as_ref()
+            .map(|l| l.local_addr())
+            .transpose()?
+            .map(|a| a.to_string()))
     };
     let mut pipe_addrs = Vec::new();
     let mut ring_addrs = Vec::new();
@@ -196,16 +203,16 @@ pub fn loopback_layout(
                 .next()
                 .ok_or_else(|| io::Error::other("layout listener count"))?;
             let next = if s + 1 < stages {
-                pipe_addrs[idx(s + 1, r)]
+                pipe_addrs[idx(s + 1, r)].clone()
             } else {
                 None
             };
             let tie = if tied && stages > 2 && s + 1 == stages {
-                pipe_addrs[idx(0, r)]
+                pipe_addrs[idx(0, r)].clone()
             } else {
                 None
             };
-            let ring = match (ring_listener, ring_addrs[idx(s, (r + 1) % replicas)]) {
+            let ring = match (ring_listener, ring_addrs[idx(s, (r + 1) % replicas)].clone()) {
                 (Some(listener), Some(next)) => Some(RingPeers { listener, next }),
                 _ => None,
             };
@@ -228,6 +235,12 @@ pub fn loopback_layout(
 
 /// One shard of the pipeline: a stage's layers and optimizer, its links to
 /// the neighbouring stages and the ring among its replicas.
+///
+/// A worker outlives its links: [`StageWorker::prepare`] loads the data and
+/// initialises the stage, [`StageWorker::link`] connects it to one set of
+/// peers, and [`StageWorker::unlink`] drops them again (after a peer died),
+/// keeping the parameters, the optimizer state and the step count, so the
+/// same worker can be wired anew and go on.
 pub struct StageWorker {
     shard: Shard,
     stages: usize,
@@ -248,7 +261,9 @@ pub struct StageWorker {
     codec: Codec,
     timeout: Duration,
     order: Vec<Op>,
+    link_config: LinkConfig,
     step: u64,
+    busy: Duration,
 }
 
 impl std::fmt::Debug for StageWorker {
@@ -262,6 +277,18 @@ impl std::fmt::Debug for StageWorker {
     }
 }
 
+/// A stage's whole training state at a step boundary: parameters, Adam
+/// moments and the number of steps completed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageState {
+    /// Steps completed.
+    pub step: u64,
+    /// Parameter values, in the stage's parameter order.
+    pub params: Vec<Vec<f32>>,
+    /// Adam moments.
+    pub opt: AdamW,
+}
+
 impl StageWorker {
     /// Builds shard `shard` of the run in `manifest` and opens its links.
     /// Every worker of the layout must be starting at about the same time:
@@ -271,6 +298,19 @@ impl StageWorker {
         shard: Shard,
         peers: Peers,
         auth: Auth,
+        timeout: Duration,
+    ) -> Result<Self, PipelineError> {
+        let mut worker = Self::prepare(manifest, shard, timeout)?;
+        worker.link(peers, &auth)?;
+        Ok(worker)
+    }
+
+    /// Builds shard `shard` of the run in `manifest` without any link: loads
+    /// the tokenizer (and, on the first stage, the corpus) and initialises
+    /// the stage from the seed, at step 0.
+    pub fn prepare(
+        manifest: &TrainingRun,
+        shard: Shard,
         timeout: Duration,
     ) -> Result<Self, PipelineError> {
         let spec = &manifest.spec;
@@ -320,12 +360,12 @@ impl StageWorker {
         let rows = spec.training.micro_batch_size;
         let worker_id = shard.worker_id();
         let sender = Sender {
-            run_id: auth.run_id,
+            run_id: RunId([0; 16]),
             worker_id,
             stage: shard.stage as u32,
             replica: shard.replica as u32,
         };
-        let mut link_config = LinkConfig::new(auth.run_id, auth.key.clone(), worker_id);
+        let mut link_config = LinkConfig::new(RunId([0; 16]), RunKey([0; 32]), worker_id);
         // Every frame of a step may be queued at once (a neighbour can run a
         // whole GPipe half ahead), so the queues never make two stages wait
         // on each other.
@@ -344,9 +384,47 @@ impl StageWorker {
         };
         link_config.handshake_timeout = timeout;
         link_config.write_timeout = Some(timeout);
+        Ok(StageWorker {
+            shard,
+            stages,
+            replicas,
+            micro_batches,
+            rows,
+            seed,
+            optim: OptimConfig::from_spec(&spec.training),
+            model,
+            stage,
+            opt,
+            corpus,
+            prev: None,
+            next: None,
+            tie: None,
+            ring: None,
+            sender,
+            codec,
+            timeout,
+            order,
+            link_config,
+            step: 0,
+            busy: Duration::ZERO,
+        })
+    }
+
+    /// Connects this worker to `peers`, authenticating with `auth`. Links
+    /// wait `timeout` (from [`StageWorker::prepare`]) for their peers; a
+    /// connection whose handshake fails (a stray or forged peer, or one
+    /// left over from an earlier wiring) is dropped and the wait goes on.
+    pub fn link(&mut self, peers: Peers, auth: &Auth) -> Result<(), PipelineError> {
+        self.unlink();
+        let (stages, replicas, shard, timeout) =
+            (self.stages, self.replicas, self.shard, self.timeout);
+        let worker_id = shard.worker_id();
+        self.sender.run_id = auth.run_id;
+        self.link_config.run_id = auth.run_id;
+        self.link_config.key = auth.key.clone();
         let first = shard.stage == 0;
         let last = shard.stage + 1 == stages;
-        let tie_far = model.tied && stages > 2;
+        let tie_far = self.model.tied && stages > 2;
         if (!first || tie_far) != peers.listener.is_some()
             || last == peers.next.is_some()
             || (last && tie_far) != peers.tie.is_some()
@@ -354,22 +432,25 @@ impl StageWorker {
         {
             return Err(PipelineError::Layout(format!(
                 "peers of stage {} of {stages} (replicas {replicas}, tied {}) are incomplete or superfluous",
-                shard.stage, model.tied
+                shard.stage, self.model.tied
             )));
         }
-        let max_early = frames;
+        let max_early = self.link_config.recv_queue_frames;
+        let link_config = &self.link_config;
         let (accepted, next, tie) = thread::scope(|scope| {
-            let accepting = peers.listener.as_ref().map(|l| {
-                let c = &link_config;
-                scope.spawn(move || accept_within(l, c, timeout))
-            });
+            let accepting = peers
+                .listener
+                .as_ref()
+                .map(|l| scope.spawn(move || accept_within(l, link_config, timeout)));
             let next = peers
                 .next
-                .map(|a| connect_within(a, &link_config, timeout))
+                .as_deref()
+                .map(|a| connect_within(a, link_config, timeout))
                 .transpose();
             let tie = peers
                 .tie
-                .map(|a| connect_within(a, &link_config, timeout))
+                .as_deref()
+                .map(|a| connect_within(a, link_config, timeout))
                 .transpose();
             let accepted = accepting.map(|h| {
                 h.join()
@@ -383,10 +464,6 @@ impl StageWorker {
         let tie = tie.map_err(link_err("tied stage"))?;
         let (prev, tie) = match (first, accepted, tie) {
             (true, Some(l), None) => (None, Some(Inbox::new(l, "tied stage", max_early))),
-            (false, Some(l), t) => (
-                Some(Inbox::new(l, "previous stage", max_early)),
-                t.map(|l| Inbox::new(l, "tied stage", max_early)),
-            ),
             (_, a, t) => (
                 a.map(|l| Inbox::new(l, "previous stage", max_early)),
                 t.map(|l| Inbox::new(l, "tied stage", max_early)),
@@ -394,36 +471,70 @@ impl StageWorker {
         };
         let ring = match peers.ring {
             Some(RingPeers { listener, next }) => {
-                let mut c =
-                    RingConfig::new(shard.replica, replicas, auth.run_id, auth.key, worker_id);
+                let mut c = RingConfig::new(
+                    shard.replica,
+                    replicas,
+                    auth.run_id,
+                    auth.key.clone(),
+                    worker_id,
+                );
                 c.stage = shard.stage as u32;
                 c.timeout = timeout;
-                Some(RingMember::connect(c, listener, next)?)
+                Some(RingMember::connect(c, listener, &next)?)
             }
             None => None,
         };
-        Ok(StageWorker {
-            shard,
-            stages,
-            replicas,
-            micro_batches,
-            rows,
-            seed,
-            optim: OptimConfig::from_spec(&spec.training),
-            model,
-            stage,
-            opt,
-            corpus,
-            prev,
-            next: next.map(|l| Inbox::new(l, "next stage", max_early)),
-            tie,
-            ring,
-            sender,
-            codec,
-            timeout,
-            order,
-            step: 0,
-        })
+        self.prev = prev;
+        self.next = next.map(|l| Inbox::new(l, "next stage", max_early));
+        self.tie = tie;
+        self.ring = ring;
+        Ok(())
+    }
+
+    /// Drops every link and whatever a broken step left behind (stashed
+    /// activations, partial gradients). Parameters, optimizer state and the
+    /// step count stay: they are those of the last completed step.
+    pub fn unlink(&mut self) {
+        self.prev = None;
+        self.next = None;
+        self.tie = None;
+        self.ring = None;
+        self.stage.clear_in_flight();
+        self.stage.zero_grad();
+    }
+
+    /// The stage's training state after the last completed step.
+    pub fn state(&self) -> StageState {
+        StageState {
+            step: self.step,
+            params: self.stage.params().iter().map(|p| p.data.clone()).collect(),
+            opt: self.opt.clone(),
+        }
+    }
+
+    /// Replaces the stage's training state (from a snapshot, a live replica
+    /// or a checkpoint). Refused, leaving everything as it was, when the
+    /// shapes do not match this stage.
+    pub fn restore(&mut self, state: &StageState) -> Result<(), PipelineError> {
+        let mut params = self.stage.params_mut();
+        let fits = |v: &[Vec<f32>]| {
+            v.len() == params.len() && v.iter().zip(params.iter()).all(|(a, p)| a.len() == p.len())
+        };
+        if !fits(&state.params) || !fits(&state.opt.m) || !fits(&state.opt.v) {
+            return Err(PipelineError::Layout(format!(
+                "a restored state does not fit stage {} ({} tensors)",
+                self.shard.stage,
+                params.len()
+            )));
+        }
+        for (p, d) in params.iter_mut().zip(&state.params) {
+            p.data.copy_from_slice(d);
+            p.zero_grad();
+        }
+        self.opt = state.opt.clone();
+        self.step = state.step;
+        self.stage.clear_in_flight();
+        Ok(())
     }
 
     /// The operations this stage runs in every step, from the manifest's
@@ -462,6 +573,12 @@ impl StageWorker {
     /// closes its links at once and may cut off the last frames a
     /// neighbour still waits for.
     pub fn finish(mut self) -> Result<(), PipelineError> {
+        self.flush()
+    }
+
+    /// Sends everything still queued to the neighbours and the ring,
+    /// keeping the links open.
+    pub fn flush(&mut self) -> Result<(), PipelineError> {
         if let Some(ring) = &self.ring {
             let (next, _) = ring.links();
             if let Some(l) = next {
@@ -500,6 +617,7 @@ impl StageWorker {
         let step = self.step;
         let scale = 1.0 / self.micro_batches as f32;
         let mut loss_sum = 0.0f64;
+        self.busy = Duration::ZERO;
         for op in self.order.clone() {
             match op {
                 Op::Forward { mb } => {
@@ -509,10 +627,16 @@ impl StageWorker {
                 }
                 Op::Backward { mb } => {
                     self.backward_input(step, mb as u64)?;
+                    let t = Instant::now();
                     self.stage.backward_weight(mb as u64)?;
+                    self.busy += t.elapsed();
                 }
                 Op::BackwardInput { mb } => self.backward_input(step, mb as u64)?,
-                Op::BackwardWeight { mb } => self.stage.backward_weight(mb as u64)?,
+                Op::BackwardWeight { mb } => {
+                    let t = Instant::now();
+                    self.stage.backward_weight(mb as u64)?;
+                    self.busy += t.elapsed();
+                }
             }
         }
         if self.stage.in_flight() != 0 {
@@ -531,15 +655,18 @@ impl StageWorker {
         let grad_norm = self.global_norm(step)?;
         let clip = self.optim.clip_factor(grad_norm);
         let lr = self.optim.lr_at(step);
+        let t = Instant::now();
         self.opt
             .step(&mut self.stage.params_mut(), &self.optim, lr, clip);
         self.stage.zero_grad();
+        self.busy += t.elapsed();
         self.step += 1;
         Ok(WorkerStep {
             step,
             loss,
             grad_norm,
             seconds: start.elapsed().as_secs_f64(),
+            busy_seconds: self.busy.as_secs_f64(),
         })
     }
 
@@ -576,9 +703,11 @@ impl StageWorker {
             (None, None) => return Err(PipelineError::Layout("no input".into())),
         };
         let last = self.is_last();
+        let t = Instant::now();
         let out = self
             .stage
             .forward(mb, input, last.then_some(&targets[..]), rows, scale)?;
+        self.busy += t.elapsed();
         match out {
             StageOutput::Loss(l) => Ok(Some(l)),
             StageOutput::Hidden(h) => {
@@ -610,7 +739,9 @@ impl StageWorker {
             }
             None => None,
         };
+        let t = Instant::now();
         let dx = self.stage.backward_input(mb, grad.as_deref())?;
+        self.busy += t.elapsed();
         if let (Some(dx), Some(prev)) = (dx, self.prev.as_ref()) {
             prev.send(self.sender.matrix(
                 step,
@@ -750,7 +881,9 @@ impl StageWorker {
     }
 }
 
-/// Accepts one connection within `timeout` (std's accept has no deadline).
+/// Accepts one authenticated connection within `timeout` (std's accept has
+/// no deadline). A connection whose handshake fails is dropped, logged and
+/// the wait goes on, so a stray or stale peer cannot take a link's place.
 fn accept_within(
     listener: &TcpListener,
     config: &LinkConfig,
@@ -765,33 +898,67 @@ fn accept_within(
     };
     let deadline = Instant::now() + timeout;
     listener.set_nonblocking(true).map_err(io_err)?;
-    let stream = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
+    let mut last_refusal = None;
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
                 thread::sleep(Duration::from_millis(5));
+                continue;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Err(LinkError::Timeout(timeout))
+                return Err(last_refusal.unwrap_or(LinkError::Timeout(timeout)))
             }
             Err(e) => return Err(io_err(e)),
+        };
+        stream.set_nonblocking(false).map_err(io_err)?;
+        let mut c = config.clone();
+        c.handshake_timeout = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        match Link::from_stream(stream, Role::Acceptor, &c) {
+            Ok(link) => return Ok(link),
+            Err(e) => {
+                tracing::warn!("refused a connection on {:?}: {e}", listener.local_addr());
+                last_refusal = Some(e);
+            }
         }
-    };
-    stream.set_nonblocking(false).map_err(io_err)?;
-    Link::from_stream(stream, Role::Acceptor, config)
+    }
 }
 
-/// Connects to `addr`, retrying until `timeout` while the peer is not yet
-/// listening (workers start in any order).
-fn connect_within(
-    addr: SocketAddr,
+/// Connects to `addr` (`host:port`), retrying until `timeout` while the
+/// peer is not yet listening or its name does not resolve yet (workers
+/// start in any order).
+pub(crate) fn connect_within(
+    addr: &str,
     config: &LinkConfig,
     timeout: Duration,
 ) -> Result<Link, LinkError> {
+    let stream = connect_stream(addr, timeout)?;
+    Link::from_stream(stream, Role::Initiator, config)
+}
+
+/// A TCP connection to `addr`, retried until `timeout`.
+pub(crate) fn connect_stream(addr: &str, timeout: Duration) -> Result<TcpStream, LinkError> {
     let deadline = Instant::now() + timeout;
     loop {
-        match TcpStream::connect_timeout(&addr, timeout) {
-            Ok(stream) => return Link::from_stream(stream, Role::Initiator, config),
+        let attempt = addr
+            .to_socket_addrs()
+            .and_then(|mut a| {
+                a.next().ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, "name resolves to no address")
+                })
+            })
+            .and_then(|a| {
+                TcpStream::connect_timeout(
+                    &a,
+                    deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(50)),
+                )
+            });
+        match attempt {
+            Ok(stream) => return Ok(stream),
             Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
             Err(source) => {
                 return Err(LinkError::Connect {

@@ -17,7 +17,7 @@
 //! owner's final bits are copied verbatim to everyone else, so every rank
 //! ends with bit-identical results.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -175,7 +175,7 @@ impl RingMember {
                 source: e,
             },
         })?;
-        RingMember::connect(config, listener, next_addr)
+        RingMember::connect(config, listener, &next_addr.to_string())
     }
 
     /// Joins the ring: accepts the previous rank on `listener` while
@@ -184,7 +184,7 @@ impl RingMember {
     pub fn connect(
         config: RingConfig,
         listener: TcpListener,
-        next_addr: SocketAddr,
+        next_addr: &str,
     ) -> Result<Self, RingError> {
         if config.world == 0 || config.rank >= config.world {
             return Err(RingError::Config(format!(
@@ -293,55 +293,57 @@ fn accept_prev(
         })
     };
     // std's accept has no deadline; poll a non-blocking listener instead.
+    // A connection whose handshake fails (stray, forged, or left from an
+    // earlier wiring) is dropped and the wait goes on.
     listener.set_nonblocking(true).map_err(io_err)?;
-    let stream = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
+    let mut last_refusal = None;
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {
-                    return Err(RingError::AcceptTimeout {
-                        prev,
-                        timeout: config.timeout,
+                    return Err(match last_refusal {
+                        Some(e) => link_err(e),
+                        None => RingError::AcceptTimeout {
+                            prev,
+                            timeout: config.timeout,
+                        },
                     });
                 }
                 thread::sleep(Duration::from_millis(5));
+                continue;
             }
             Err(e) => return Err(io_err(e)),
+        };
+        stream.set_nonblocking(false).map_err(io_err)?;
+        let mut c = link_config.clone();
+        c.handshake_timeout = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        match Link::from_stream(stream, Role::Acceptor, &c) {
+            Ok(link) => return Ok(link),
+            Err(e) => {
+                tracing::warn!("ring rank {} refused a connection: {e}", config.rank);
+                last_refusal = Some(e);
+            }
         }
-    };
-    stream.set_nonblocking(false).map_err(io_err)?;
-    Link::from_stream(stream, Role::Acceptor, link_config).map_err(link_err)
+    }
 }
 
 fn connect_next(
-    addr: SocketAddr,
+    addr: &str,
     config: &RingConfig,
     link_config: &LinkConfig,
 ) -> Result<Link, RingError> {
-    let deadline = Instant::now() + config.timeout;
     let link_err = |source| RingError::Connect {
         rank: config.rank,
         peer: config.next(),
         source,
     };
-    loop {
-        match TcpStream::connect_timeout(&addr, config.timeout) {
-            Ok(stream) => {
-                return Link::from_stream(stream, Role::Initiator, link_config).map_err(link_err)
-            }
-            // The next rank may simply not be listening yet.
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => {
-                return Err(link_err(LinkError::Connect {
-                    addr: addr.to_string(),
-                    source: e,
-                }))
-            }
-        }
-    }
+    // The next rank may simply not be listening yet: retried until the
+    // timeout.
+    let stream = crate::pipeline::connect_stream(addr, config.timeout).map_err(link_err)?;
+    Link::from_stream(stream, Role::Initiator, link_config).map_err(link_err)
 }
 
 /// How a buffer is cut into chunks and segments; identical on every rank
@@ -646,7 +648,7 @@ pub(crate) mod tests {
                     s.spawn(move || {
                         let mut c = config(rank, world);
                         tweak(&mut c);
-                        let member = RingMember::connect(c, listener, addrs[(rank + 1) % world])
+                        let member = RingMember::connect(c, listener, &addrs[(rank + 1) % world].to_string())
                             .expect("connect");
                         body(member)
                     })
@@ -798,7 +800,7 @@ pub(crate) mod tests {
     fn bad_rank_is_a_config_error() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let err = RingMember::connect(config(3, 3), listener, addr).unwrap_err();
+        let err = RingMember::connect(config(3, 3), listener, &addr.to_string()).unwrap_err();
         assert!(matches!(err, RingError::Config(_)), "{err}");
     }
 }

@@ -1,0 +1,518 @@
+//! `pipewright worker` and `pipewright join`: one shard of a run, wired by
+//! the run's coordinator.
+//!
+//! The worker binds its two listeners (pipeline link, replica ring),
+//! registers with the join token, and then loops over epochs: ask for the
+//! wiring, restore the stage's state from where the plan says, link, train
+//! step by step through the coordinator's barrier, and, when a peer is lost
+//! or the coordinator restarts, drop the links and ask again. It keeps a
+//! snapshot of its state one step back, so any plan can roll it back.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::checkpoint;
+use crate::coord::api::{CheckpointWritten, Failure, Register, StateSource, StepDone, Wiring};
+use crate::coord::{Client, ClientError};
+use crate::link::{RunId, RunKey};
+use crate::pipeline::{Auth, Peers, PipelineError, RingPeers, Shard, StageState, StageWorker};
+
+/// Environment variable holding the join token.
+pub const TOKEN_ENV: &str = "PIPEWRIGHT_JOIN_TOKEN";
+
+/// Arguments of `pipewright worker`.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// TrainingRun manifest (YAML); fetched from the coordinator when
+    /// omitted. It must be the coordinator's.
+    pub manifest: Option<PathBuf>,
+    /// Coordinator URL, e.g. `http://127.0.0.1:7070`.
+    #[arg(long, env = "PIPEWRIGHT_COORDINATOR")]
+    pub coordinator: String,
+    /// Stage to serve (default: the one the coordinator picks).
+    #[arg(long, env = "PIPEWRIGHT_STAGE")]
+    pub stage: Option<usize>,
+    /// Replica to serve, with `--stage`.
+    #[arg(long, env = "PIPEWRIGHT_REPLICA", requires = "stage")]
+    pub replica: Option<usize>,
+    /// Address of the pipeline link listener.
+    #[arg(long, env = "PIPEWRIGHT_LISTEN", default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// Address of the replica ring listener.
+    #[arg(long, env = "PIPEWRIGHT_RING_LISTEN", default_value = "127.0.0.1:0")]
+    pub ring_listen: String,
+    /// Host name peers use to reach this worker (default: the listen
+    /// address's IP; required when listening on 0.0.0.0).
+    #[arg(long, env = "PIPEWRIGHT_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Name shown in the coordinator's status (default: host name).
+    #[arg(long, env = "PIPEWRIGHT_NAME")]
+    pub name: Option<String>,
+    /// Seconds to wait for a peer link, and for a coordinator that does not
+    /// answer, before giving up.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+    /// Kernel threads (default: `training.threads`, else all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// Arguments of `pipewright join`.
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// Coordinator URL of the run to join.
+    #[arg(long)]
+    pub coordinator: String,
+    /// The run's join token.
+    #[arg(long, env = TOKEN_ENV)]
+    pub token: String,
+    /// Address of the pipeline link listener.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// Address of the replica ring listener.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub ring_listen: String,
+    /// Host name peers use to reach this machine.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Kernel threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// Run `pipewright join`: a volunteer worker that takes the vacancy on the
+/// stage that most limits the run, or waits as a standby for one.
+pub fn join(args: JoinArgs) -> Result<()> {
+    let w = WorkerArgs {
+        manifest: None,
+        coordinator: args.coordinator,
+        stage: None,
+        replica: None,
+        listen: args.listen,
+        ring_listen: args.ring_listen,
+        advertise: args.advertise,
+        name: None,
+        timeout: 60,
+        threads: args.threads,
+    };
+    serve(w, &args.token)
+}
+
+/// Run `pipewright worker` (the token comes from `PIPEWRIGHT_JOIN_TOKEN`).
+pub fn run(args: WorkerArgs) -> Result<()> {
+    let token = std::env::var(TOKEN_ENV)
+        .with_context(|| format!("{TOKEN_ENV} must hold the run's join token"))?;
+    serve(args, &token)
+}
+
+fn parse_hex<const N: usize>(what: &str, text: &str) -> Result<[u8; N]> {
+    let text = text.trim();
+    if text.len() != 2 * N || !text.is_ascii() {
+        bail!("{what} must be {} hex digits", 2 * N);
+    }
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
+            .with_context(|| format!("{what} must be {} hex digits", 2 * N))?;
+    }
+    Ok(out)
+}
+
+/// The link credentials of one epoch: links of different epochs cannot
+/// connect to each other.
+fn epoch_auth(run_id: &RunId, key: &RunKey, epoch: u64) -> Auth {
+    let mut h = blake3::Hasher::new();
+    h.update(b"pipewright epoch");
+    h.update(&run_id.0);
+    h.update(&epoch.to_le_bytes());
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    Auth {
+        run_id: RunId(id),
+        key: key.clone(),
+    }
+}
+
+fn bind(addr: &str, advertise: Option<&str>) -> Result<(TcpListener, String)> {
+    let l = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    let local = l.local_addr()?;
+    let host = match advertise {
+        Some(h) => h.to_string(),
+        None if local.ip().is_unspecified() => {
+            bail!("listening on {local} needs --advertise HOST (the name peers reach this worker by)")
+        }
+        None => local.ip().to_string(),
+    };
+    Ok((l, format!("{host}:{}", local.port())))
+}
+
+/// A step error that would happen again on any worker: the run fails.
+fn is_fatal(e: &PipelineError) -> bool {
+    matches!(
+        e,
+        PipelineError::Diverged { .. } | PipelineError::Data(_) | PipelineError::Schedule(_)
+    )
+}
+
+struct Session {
+    client: Client,
+    manifest: pipewright_spec::TrainingRun,
+    register: Register,
+    worker: u64,
+    run_id: RunId,
+    key: RunKey,
+    timeout: Duration,
+    epoch_seen: Arc<AtomicU64>,
+    id_seen: Arc<AtomicU64>,
+}
+
+impl Session {
+    /// Registers (again), keeping what the worker holds.
+    fn register(&mut self, held: Option<(u64, bool)>) -> Result<Option<(usize, usize)>> {
+        let mut r = self.register.clone();
+        if let Some((completed, snapshot)) = held {
+            r.completed = completed;
+            r.has_snapshot = snapshot;
+        }
+        if self.worker != 0 {
+            r.worker = Some(self.worker);
+        }
+        let reg = self.client.register(&r).context("registering with the coordinator")?;
+        self.worker = reg.worker;
+        self.id_seen.store(reg.worker, Ordering::Relaxed);
+        self.key = RunKey(parse_hex::<32>("run key", &reg.run_key)?);
+        self.run_id = RunId(parse_hex::<16>("run id", &reg.run_id)?);
+        if let Some((s, r)) = reg.shard {
+            // Keep asking for this shard after a coordinator restart.
+            self.register.stage = Some(s);
+            self.register.replica = Some(r);
+        }
+        Ok(reg.shard)
+    }
+
+    fn wiring(&mut self, after: u64, held: impl Fn() -> Option<(u64, bool)>) -> Result<Wiring> {
+        loop {
+            match self.client.wiring(self.worker, after) {
+                Ok(w) => return Ok(w),
+                Err(ClientError::Unknown) => {
+                    tracing::warn!("the coordinator lost track of this worker; registering again");
+                    self.register(held())?;
+                }
+                Err(e) => return Err(e).context("waiting for the wiring"),
+            }
+        }
+    }
+}
+
+fn serve(args: WorkerArgs, token: &str) -> Result<()> {
+    let timeout = Duration::from_secs(args.timeout);
+    let client = Client::new(&args.coordinator, token, timeout);
+    let manifest = match &args.manifest {
+        Some(p) => pipewright_spec::load_manifest(p)
+            .with_context(|| format!("{} is not a valid TrainingRun", p.display()))?,
+        None => client
+            .manifest()
+            .with_context(|| format!("fetching the run from {}", args.coordinator))?,
+    };
+    super::init_threads(args.threads.unwrap_or(manifest.spec.training.threads));
+    let (pipe_listener, pipe_addr) = bind(&args.listen, args.advertise.as_deref())?;
+    let (ring_listener, ring_addr) = bind(&args.ring_listen, args.advertise.as_deref())?;
+    let name = args.name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "worker".into())
+    });
+    let mut session = Session {
+        client: client.clone(),
+        manifest,
+        register: Register {
+            stage: args.stage,
+            replica: args.replica,
+            pipe_addr,
+            ring_addr,
+            worker: None,
+            completed: 0,
+            has_snapshot: false,
+            name: format!("{name}/{}", std::process::id()),
+        },
+        worker: 0,
+        run_id: RunId([0; 16]),
+        key: RunKey([0; 32]),
+        timeout,
+        epoch_seen: Arc::new(AtomicU64::new(0)),
+        id_seen: Arc::new(AtomicU64::new(0)),
+    };
+    let shard = session.register(None)?;
+    match shard {
+        Some((s, r)) => eprintln!("worker {}: stage {s} replica {r}", session.worker),
+        None => eprintln!(
+            "worker {}: every shard is taken; waiting as a standby",
+            session.worker
+        ),
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let heartbeat = {
+        let (client, epoch, id, stop) = (
+            client.clone(),
+            session.epoch_seen.clone(),
+            session.id_seen.clone(),
+            stop.clone(),
+        );
+        std::thread::Builder::new()
+            .name("heartbeat".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match client.heartbeat(id.load(Ordering::Relaxed)) {
+                        Ok(e) => {
+                            epoch.fetch_max(e, Ordering::Relaxed);
+                        }
+                        Err(ClientError::Unknown) | Err(ClientError::Finished) => {}
+                        Err(e) => tracing::warn!("heartbeat: {e}"),
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            })
+            .context("starting the heartbeat")?
+    };
+    let result = train(&mut session, pipe_listener, ring_listener);
+    stop.store(true, Ordering::Relaxed);
+    let _ = heartbeat.join();
+    result
+}
+
+fn restore(
+    worker: &mut StageWorker,
+    snapshot: &Option<StageState>,
+    w: &Wiring,
+    session: &Session,
+) -> Result<()> {
+    let stage = worker.shard().stage;
+    match &w.state {
+        StateSource::Held => {
+            if worker.steps_done() == w.step {
+                return Ok(());
+            }
+            match snapshot.as_ref().filter(|s| s.step == w.step) {
+                Some(s) => worker.restore(s)?,
+                None => bail!(
+                    "the coordinator expects state at step {} here, but this worker holds step {}",
+                    w.step,
+                    worker.steps_done()
+                ),
+            }
+        }
+        StateSource::Init => {
+            let fresh = StageWorker::prepare(&session.manifest, worker.shard(), session.timeout)?;
+            *worker = fresh;
+        }
+        StateSource::Replica => {
+            let bytes = session
+                .client
+                .get_state(stage, w.epoch)
+                .context("receiving the stage's state from a live replica")?;
+            let src = PathBuf::from(format!("replica of stage {stage}"));
+            let (params, opt) =
+                checkpoint::decode_stage(&bytes, &worker.stage().params(), &src)?;
+            worker.restore(&StageState {
+                step: w.step,
+                params,
+                opt,
+            })?;
+        }
+        StateSource::Checkpoint { dir } => {
+            let path = Path::new(dir).join(format!("stage-{stage}.safetensors"));
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let (params, opt) = checkpoint::decode_stage(&bytes, &worker.stage().params(), &path)?;
+            worker.restore(&StageState {
+                step: w.step,
+                params,
+                opt,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// This worker's state at `step` (current or snapshot) in checkpoint form.
+fn encode_at(worker: &StageWorker, snapshot: &Option<StageState>, step: u64) -> Result<Vec<u8>> {
+    let current;
+    let state = if worker.steps_done() == step {
+        current = worker.state();
+        &current
+    } else {
+        snapshot
+            .as_ref()
+            .filter(|s| s.step == step)
+            .with_context(|| format!("no state at step {step} to hand over"))?
+    };
+    checkpoint::encode_stage(&worker.stage().params(), Some(&state.params), &state.opt)
+        .map_err(|e| anyhow::anyhow!("encoding the stage's state: {e}"))
+}
+
+fn write_checkpoint(
+    session: &Session,
+    worker: &StageWorker,
+    snapshot: &Option<StageState>,
+    dir: &str,
+    step: u64,
+) -> Result<()> {
+    let dir = Path::new(dir);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("stage-{}.safetensors", worker.shard().stage));
+    let bytes = encode_at(worker, snapshot, step)?;
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming {}", tmp.display()))?;
+    session
+        .client
+        .checkpoint_written(&CheckpointWritten {
+            worker: session.worker,
+            step,
+        })
+        .context("reporting the checkpoint")?;
+    Ok(())
+}
+
+fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<()> {
+    let steps = session.manifest.spec.training.steps;
+    let tied_far =
+        session.manifest.spec.model.tied_embeddings && session.manifest.spec.pipeline.stages > 2;
+    let mut worker: Option<StageWorker> = None;
+    let mut snapshot: Option<StageState> = None;
+    let mut after = 0u64;
+    loop {
+        let held = worker.as_ref().map(|w| (w.steps_done(), snapshot.is_some()));
+        let w = session.wiring(after, || held)?;
+        if let Some(end) = &w.finished {
+            if end == "Succeeded" {
+                eprintln!("worker {}: the run succeeded", session.worker);
+                return Ok(());
+            }
+            bail!("the run ended: {end}");
+        }
+        let shard = Shard {
+            stage: w.shard.0,
+            replica: w.shard.1,
+        };
+        if worker.as_ref().is_none_or(|x| x.shard() != shard) {
+            worker = Some(StageWorker::prepare(&session.manifest, shard, session.timeout)?);
+            snapshot = None;
+        }
+        let Some(wk) = worker.as_mut() else {
+            unreachable!("prepared above")
+        };
+        after = w.epoch;
+        session.epoch_seen.fetch_max(w.epoch, Ordering::Relaxed);
+        if let Err(e) = restore(wk, &snapshot, &w, session) {
+            // Cannot take part in this plan: leave it to a fresh worker.
+            return Err(e.context(format!("restoring stage {} at step {}", shard.stage, w.step)));
+        }
+        if w.upload {
+            let bytes = encode_at(wk, &snapshot, w.step)?;
+            session
+                .client
+                .put_state(shard.stage, w.epoch, &bytes)
+                .context("handing the stage's state to a new replica")?;
+        }
+        snapshot = None;
+        if let Some(dir) = &w.checkpoint {
+            write_checkpoint(session, wk, &snapshot, dir, w.step)?;
+        }
+        if wk.steps_done() >= steps {
+            continue;
+        }
+        let auth = epoch_auth(&session.run_id, &session.key, w.epoch);
+        let listener = (shard.stage > 0 || tied_far)
+            .then(|| pipe.try_clone())
+            .transpose()?;
+        let ring_peers = match &w.ring_next {
+            Some(next) => Some(RingPeers {
+                listener: ring.try_clone()?,
+                next: next.clone(),
+            }),
+            None => None,
+        };
+        let peers = Peers {
+            listener,
+            next: w.next.clone(),
+            tie: w.tie.clone(),
+            ring: ring_peers,
+        };
+        if let Err(e) = wk.link(peers, &auth) {
+            tracing::warn!("epoch {}: linking failed: {e}", w.epoch);
+            report_failure(session, w.epoch, &e);
+            wk.unlink();
+            continue;
+        }
+        while wk.steps_done() < steps {
+            if session.epoch_seen.load(Ordering::Relaxed) > w.epoch {
+                break;
+            }
+            let before = wk.state();
+            match wk.train_step() {
+                Ok(s) => {
+                    snapshot = Some(before);
+                    let barrier = session.client.step(&StepDone {
+                        worker: session.worker,
+                        epoch: w.epoch,
+                        completed: wk.steps_done(),
+                        loss: s.loss,
+                        grad_norm: s.grad_norm,
+                        seconds: s.seconds,
+                        busy_seconds: s.busy_seconds,
+                    });
+                    let barrier = match barrier {
+                        Ok(b) => b,
+                        Err(ClientError::Unknown) => break,
+                        Err(e) => return Err(e).context("at the step barrier"),
+                    };
+                    if let Some(dir) = &barrier.checkpoint {
+                        write_checkpoint(session, wk, &snapshot, dir, wk.steps_done())?;
+                    }
+                    if !barrier.proceed {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    if is_fatal(&e) {
+                        let _ = session.client.fail(&Failure {
+                            worker: session.worker,
+                            epoch: w.epoch,
+                            error: e.to_string(),
+                            fatal: true,
+                        });
+                        return Err(e).context(format!("step {}", wk.steps_done()));
+                    }
+                    tracing::warn!("step {} broke off: {e}", wk.steps_done());
+                    report_failure(session, w.epoch, &e);
+                    break;
+                }
+            }
+        }
+        if wk.steps_done() >= steps {
+            if let Err(e) = wk.flush() {
+                tracing::warn!("flushing the last frames: {e}");
+            }
+        }
+        wk.unlink();
+    }
+}
+
+fn report_failure(session: &Session, epoch: u64, e: &PipelineError) {
+    let r = session.client.fail(&Failure {
+        worker: session.worker,
+        epoch,
+        error: e.to_string(),
+        fatal: false,
+    });
+    if let Err(e) = r {
+        tracing::warn!("reporting a broken step: {e}");
+    }
+}

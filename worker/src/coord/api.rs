@@ -1,0 +1,158 @@
+//! The coordinator's HTTP API: JSON bodies exchanged with workers. Every
+//! worker request carries the run's join token as `Authorization: Bearer`.
+
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/register`: a worker asks for a shard.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Register {
+    /// The shard it wants (a pod of the operator has one); `None` takes any
+    /// vacancy (a volunteer).
+    pub stage: Option<usize>,
+    /// Replica it wants, with `stage`.
+    pub replica: Option<usize>,
+    /// `host:port` where the previous stage (or the tied last stage)
+    /// reaches this worker.
+    pub pipe_addr: String,
+    /// `host:port` where the previous replica's ring link reaches it.
+    pub ring_addr: String,
+    /// Id it was given before, when it registers again (after the
+    /// coordinator restarted); `None` the first time.
+    pub worker: Option<u64>,
+    /// Steps of training state it holds (0 when fresh).
+    pub completed: u64,
+    /// Whether it also holds the state one step earlier (its snapshot).
+    pub has_snapshot: bool,
+    /// A name for status pages (host name, pod name).
+    pub name: String,
+}
+
+/// Answer to [`Register`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Registered {
+    /// The worker's id for later requests.
+    pub worker: u64,
+    /// Its shard; `None` while it waits as a standby for a vacancy.
+    pub shard: Option<(usize, usize)>,
+    /// Run key for the links, 64 hex digits.
+    pub run_key: String,
+    /// Run id, 32 hex digits.
+    pub run_id: String,
+    /// Heartbeat period the coordinator expects, in milliseconds.
+    pub heartbeat_ms: u64,
+}
+
+/// Where a worker's stage state comes from when it is (re)wired.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", tag = "from")]
+pub enum StateSource {
+    /// Its own state: the current one, or its snapshot one step back.
+    Held,
+    /// Initialisation from the seed (step 0).
+    Init,
+    /// A live replica of the same stage sends it through the coordinator:
+    /// `GET /v1/state/{stage}?epoch=E`.
+    Replica,
+    /// The checkpoint directory at `dir`.
+    Checkpoint {
+        /// Step directory.
+        dir: String,
+    },
+}
+
+/// `GET /v1/wiring?worker=W&after=E`: the worker's peers for the first epoch
+/// after `E` (long poll), or the run's end.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Wiring {
+    /// Wiring generation; links of different epochs cannot connect.
+    pub epoch: u64,
+    /// The run is over: `Succeeded` or `Failed` (the worker exits).
+    pub finished: Option<String>,
+    /// Its shard (a standby learns here that it got one).
+    pub shard: (usize, usize),
+    /// Step every worker resumes from.
+    pub step: u64,
+    /// Where this worker's state at `step` comes from.
+    pub state: StateSource,
+    /// Upload this worker's state at `step` for a new replica
+    /// (`PUT /v1/state/{stage}?epoch=E`).
+    pub upload: bool,
+    /// Next stage's `pipe_addr` (every stage but the last).
+    pub next: Option<String>,
+    /// First stage's `pipe_addr` (last stage of a tied model with three or
+    /// more stages).
+    pub tie: Option<String>,
+    /// Next replica's `ring_addr` (more than one replica).
+    pub ring_next: Option<String>,
+    /// Write this stage's part of the checkpoint at `step` into this
+    /// directory before training on (a writer lost before it wrote).
+    pub checkpoint: Option<String>,
+}
+
+/// `POST /v1/step`: a worker completed a step; the answer comes when every
+/// shard has (the step barrier) or the wiring changed.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StepDone {
+    /// Worker id.
+    pub worker: u64,
+    /// Epoch it trains in.
+    pub epoch: u64,
+    /// Steps completed now.
+    pub completed: u64,
+    /// Mean loss of the step (last stages).
+    pub loss: Option<f32>,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Wall time of the step.
+    pub seconds: f64,
+    /// Seconds of that spent computing (the rest waited on peers).
+    pub busy_seconds: f64,
+}
+
+/// Answer to [`StepDone`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Barrier {
+    /// Go on with the next step; `false`: the wiring changed, drop the
+    /// links and ask for the new one.
+    pub proceed: bool,
+    /// Write this stage's part of the checkpoint at the step just completed
+    /// into this directory, then `POST /v1/checkpoint`.
+    pub checkpoint: Option<String>,
+}
+
+/// `POST /v1/checkpoint`: a stage's part of a checkpoint is on disk.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointWritten {
+    /// Worker id.
+    pub worker: u64,
+    /// Step of the checkpoint.
+    pub step: u64,
+}
+
+/// `POST /v1/heartbeat`: the worker is alive.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Heartbeat {
+    /// Worker id.
+    pub worker: u64,
+}
+
+/// Answer to [`Heartbeat`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HeartbeatReply {
+    /// Current epoch (a worker behind it stops its step).
+    pub epoch: u64,
+}
+
+/// `POST /v1/fail`: a worker's step failed.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Failure {
+    /// Worker id.
+    pub worker: u64,
+    /// Epoch it was training in.
+    pub epoch: u64,
+    /// The error.
+    pub error: String,
+    /// The failure will repeat on any worker (divergence, bad data): the
+    /// run fails.
+    pub fatal: bool,
+}

@@ -1,0 +1,258 @@
+//! The worker's side of the coordinator API.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use ureq::Agent;
+
+use super::api::{
+    Barrier, CheckpointWritten, Failure, Heartbeat, HeartbeatReply, Register, Registered,
+    StepDone, Wiring,
+};
+
+/// Why a request to the coordinator failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The coordinator does not know this worker (it restarted, or the
+    /// worker's lease expired): register again.
+    #[error("the coordinator does not know this worker")]
+    Unknown,
+    /// The run is over.
+    #[error("the run has finished")]
+    Finished,
+    /// The coordinator refused the request.
+    #[error("the coordinator refused {what} ({code}): {message}")]
+    Refused {
+        /// Request.
+        what: &'static str,
+        /// HTTP status.
+        code: u16,
+        /// Its explanation.
+        message: String,
+    },
+    /// No answer for longer than the client's patience.
+    #[error("no answer from the coordinator at {url} for {seconds}s: {last}")]
+    Unreachable {
+        /// Coordinator URL.
+        url: String,
+        /// Seconds tried.
+        seconds: u64,
+        /// Last transport error.
+        last: String,
+    },
+    /// An answer that is not what the API promises.
+    #[error("malformed answer to {what}: {message}")]
+    Malformed {
+        /// Request.
+        what: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A connection to one run's coordinator, authenticated by the join token.
+/// Transport errors are retried for `patience` (a coordinator may be
+/// restarting); refusals are returned at once.
+#[derive(Clone, Debug)]
+pub struct Client {
+    base: String,
+    auth: String,
+    agent: Agent,
+    patience: Duration,
+}
+
+enum Body<'a> {
+    None,
+    Json(Vec<u8>),
+    Bytes(&'a [u8]),
+}
+
+impl Client {
+    /// A client of the coordinator at `url` (`http://host:port`).
+    pub fn new(url: &str, token: &str, patience: Duration) -> Self {
+        let config = Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build();
+        Client {
+            base: url.trim_end_matches('/').to_string(),
+            auth: format!("Bearer {token}"),
+            agent: Agent::new_with_config(config),
+            patience,
+        }
+    }
+
+    /// The coordinator's URL.
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    fn send(
+        &self,
+        what: &'static str,
+        method: &str,
+        path: &str,
+        body: Body<'_>,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let start = Instant::now();
+        loop {
+            let result = match (&body, method) {
+                (Body::None, _) => self.agent.get(&url).header("Authorization", &self.auth).call(),
+                (Body::Bytes(b), "PUT") => self
+                    .agent
+                    .put(&url)
+                    .header("Authorization", &self.auth)
+                    .send(*b),
+                (Body::Json(b), _) => self
+                    .agent
+                    .post(&url)
+                    .header("Authorization", &self.auth)
+                    .header("Content-Type", "application/json")
+                    .send(b.as_slice()),
+                (Body::Bytes(b), _) => self
+                    .agent
+                    .post(&url)
+                    .header("Authorization", &self.auth)
+                    .send(*b),
+            };
+            let mut resp = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    if start.elapsed() > self.patience {
+                        return Err(ClientError::Unreachable {
+                            url: self.base.clone(),
+                            seconds: self.patience.as_secs(),
+                            last: e.to_string(),
+                        });
+                    }
+                    thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            let code = resp.status().as_u16();
+            let bytes = resp
+                .body_mut()
+                .with_config()
+                .limit(u64::MAX)
+                .read_to_vec()
+                .map_err(|e| ClientError::Malformed {
+                    what,
+                    message: e.to_string(),
+                })?;
+            return match code {
+                200 => Ok(Some(bytes)),
+                204 => Ok(None),
+                404 if path.starts_with("/v1/") && !bytes.starts_with(b"no such endpoint") => {
+                    Err(ClientError::Unknown)
+                }
+                410 => Err(ClientError::Finished),
+                _ => Err(ClientError::Refused {
+                    what,
+                    code,
+                    message: String::from_utf8_lossy(&bytes).into_owned(),
+                }),
+            };
+        }
+    }
+
+    fn call<R: DeserializeOwned>(
+        &self,
+        what: &'static str,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<Option<R>, ClientError> {
+        let body = match body {
+            Some(b) => Body::Json(serde_json::to_vec(b).map_err(|e| ClientError::Malformed {
+                what,
+                message: e.to_string(),
+            })?),
+            None => Body::None,
+        };
+        match self.send(what, method, path, body)? {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| ClientError::Malformed {
+                    what,
+                    message: e.to_string(),
+                }),
+            None => Ok(None),
+        }
+    }
+
+    /// The run's manifest.
+    pub fn manifest(&self) -> Result<pipewright_spec::TrainingRun, ClientError> {
+        self.call::<pipewright_spec::TrainingRun>("manifest", "GET", "/v1/manifest", None::<&()>)?
+            .ok_or(ClientError::Malformed {
+                what: "manifest",
+                message: "empty answer".into(),
+            })
+    }
+
+    /// Registers, returning the worker's id, shard and the run's secrets.
+    pub fn register(&self, r: &Register) -> Result<Registered, ClientError> {
+        self.call("register", "POST", "/v1/register", Some(r))?
+            .ok_or(ClientError::Malformed {
+                what: "register",
+                message: "empty answer".into(),
+            })
+    }
+
+    /// Renews the lease; returns the current epoch.
+    pub fn heartbeat(&self, worker: u64) -> Result<u64, ClientError> {
+        let r: Option<HeartbeatReply> =
+            self.call("heartbeat", "POST", "/v1/heartbeat", Some(&Heartbeat { worker }))?;
+        Ok(r.map_or(0, |r| r.epoch))
+    }
+
+    /// Waits for the wiring of the first epoch after `after`.
+    pub fn wiring(&self, worker: u64, after: u64) -> Result<Wiring, ClientError> {
+        let path = format!("/v1/wiring?worker={worker}&after={after}");
+        loop {
+            if let Some(w) = self.call("wiring", "GET", &path, None::<&()>)? {
+                return Ok(w);
+            }
+        }
+    }
+
+    /// Reports a completed step and waits at the barrier.
+    pub fn step(&self, d: &StepDone) -> Result<Barrier, ClientError> {
+        loop {
+            if let Some(b) = self.call("step", "POST", "/v1/step", Some(d))? {
+                return Ok(b);
+            }
+        }
+    }
+
+    /// Reports this stage's part of a checkpoint as written.
+    pub fn checkpoint_written(&self, c: &CheckpointWritten) -> Result<(), ClientError> {
+        self.call::<serde_json::Value>("checkpoint", "POST", "/v1/checkpoint", Some(c))
+            .map(|_| ())
+    }
+
+    /// Reports a failed step.
+    pub fn fail(&self, f: &Failure) -> Result<(), ClientError> {
+        self.call::<serde_json::Value>("fail", "POST", "/v1/fail", Some(f))
+            .map(|_| ())
+    }
+
+    /// Hands this stage's state to a new replica.
+    pub fn put_state(&self, stage: usize, epoch: u64, bytes: &[u8]) -> Result<(), ClientError> {
+        let path = format!("/v1/state/{stage}?epoch={epoch}");
+        self.send("state upload", "PUT", &path, Body::Bytes(bytes))
+            .map(|_| ())
+    }
+
+    /// Waits for the state a live replica of `stage` hands over in `epoch`.
+    pub fn get_state(&self, stage: usize, epoch: u64) -> Result<Vec<u8>, ClientError> {
+        let path = format!("/v1/state/{stage}?epoch={epoch}");
+        loop {
+            if let Some(b) = self.send("state download", "GET", &path, Body::None)? {
+                return Ok(b);
+            }
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! The per-run coordinator: registration, wiring, the step barrier,
+//! leases, recovery from lost workers, checkpoints, and an HTTP API with the
+//! run's status and Prometheus metrics. See `docs/protocol.md`.
+
+pub mod api;
+pub mod client;
+pub mod server;
+pub mod state;
+
+pub use client::{Client, ClientError};
+pub use server::{start, Config, Handle};
+pub use state::{Coordinator, Layout, Persisted, Phase, Status};

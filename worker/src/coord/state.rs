@@ -1,0 +1,941 @@
+//! The coordinator's state machine, free of I/O and clocks (every method
+//! takes `now`), so each rule is unit-tested directly.
+//!
+//! * **Slots.** A run of `S × R` shards has one slot per shard. A worker
+//!   registers into a slot (the one it asks for, or the vacancy on the stage
+//!   that most limits the run); with every slot taken, a volunteer waits as a
+//!   standby and fills the next vacancy.
+//! * **Epochs.** Every change of wiring (a slot lost or refilled, a broken
+//!   step) starts a new epoch. Once every slot is filled, the coordinator
+//!   makes the epoch's plan: the step `T` every worker resumes from and
+//!   where each one's state at `T` comes from (its own, a live replica of its
+//!   stage, the last checkpoint, or the seed). Links are authenticated per
+//!   epoch, so stale connections cannot cross epochs.
+//! * **Barrier.** A worker reports each completed step and waits until every
+//!   slot has completed it; the committed step is the last barrier passed.
+//!   Workers of one epoch are never more than one step apart, so each keeps
+//!   a snapshot one step back and the plan can always roll a worker back to
+//!   `T`.
+//! * **Leases.** A slot whose worker has not been heard from for the lease
+//!   (2 s) is vacated; so is one whose process the launcher saw exit.
+//! * **Checkpoints.** After the barrier of a checkpoint step the lowest live
+//!   replica of each stage writes the stage's file; when every stage has,
+//!   the checkpoint is committed (written under a temporary name and renamed,
+//!   by the caller).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::api::{Barrier, Failure, Register, StateSource, StepDone, Wiring};
+
+/// Recoveries after which a run that keeps failing is given up.
+pub const MAX_EPOCHS: u64 = 1000;
+
+/// The shape of the run the coordinator drives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layout {
+    /// Pipeline stages.
+    pub stages: usize,
+    /// Replicas of each stage.
+    pub replicas: usize,
+    /// Steps of the run.
+    pub steps: u64,
+    /// Tied embeddings (with three or more stages the last stage links to
+    /// the first).
+    pub tied: bool,
+    /// Layer range of each stage.
+    pub stage_layers: Vec<Range<usize>>,
+    /// Checkpoint period in steps (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Tokens trained per step (all replicas).
+    pub tokens_per_step: u64,
+}
+
+/// Run phases, as reported in the status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Waiting for workers to register.
+    Pending,
+    /// Every slot filled; workers are restoring state and linking.
+    Initializing,
+    /// Steps are being completed.
+    Training,
+    /// A checkpoint is being written.
+    Checkpointing,
+    /// Every step done and the final checkpoint committed.
+    Succeeded,
+    /// Given up; `reason` says why.
+    Failed,
+}
+
+/// A request the coordinator refuses.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CoordError {
+    /// An id the coordinator does not know (it restarted, or the worker's
+    /// slot was given away after its lease expired): register again.
+    #[error("unknown worker {0}; register again")]
+    UnknownWorker(u64),
+    /// The request does not fit the run.
+    #[error("{0}")]
+    Invalid(String),
+    /// The requested shard belongs to a live worker.
+    #[error("stage {0} replica {1} is taken by a live worker")]
+    Taken(usize, usize),
+    /// The run is over.
+    #[error("the run has finished ({0:?})")]
+    Finished(Phase),
+}
+
+#[derive(Clone, Debug)]
+struct Slot {
+    worker: u64,
+    name: String,
+    pipe_addr: String,
+    ring_addr: String,
+    last_seen: Instant,
+    completed: u64,
+    has_snapshot: bool,
+    step_seconds: f64,
+    busy_seconds: f64,
+}
+
+impl Slot {
+    fn holds(&self, step: u64) -> bool {
+        self.completed == step || (self.completed == step + 1 && self.has_snapshot)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Standby {
+    worker: u64,
+    req: Register,
+    last_seen: Instant,
+}
+
+#[derive(Clone, Debug)]
+struct Plan {
+    epoch: u64,
+    step: u64,
+    sources: Vec<StateSource>,
+    upload: Vec<bool>,
+}
+
+#[derive(Clone, Debug)]
+struct PendingCheckpoint {
+    step: u64,
+    written: BTreeSet<usize>,
+}
+
+/// What survives a coordinator restart (written to its state directory).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Persisted {
+    /// Epoch at the time of writing.
+    pub epoch: u64,
+    /// Next worker id to hand out.
+    pub next_worker: u64,
+    /// Last step every worker completed.
+    pub committed: u64,
+    /// Mean loss of each completed step.
+    pub losses: Vec<f32>,
+    /// Last committed checkpoint: step and directory.
+    pub checkpoint: Option<(u64, String)>,
+    /// Shards reassigned so far.
+    pub reassignments: u64,
+    /// Final phase and reason, once finished.
+    pub finished: Option<(Phase, String)>,
+}
+
+/// One shard's line in the status.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ShardStatus {
+    /// Stage.
+    pub stage: usize,
+    /// Replica.
+    pub replica: usize,
+    /// Worker id, when the slot is filled.
+    pub worker: Option<u64>,
+    /// Worker's name.
+    pub name: Option<String>,
+    /// Its pipeline address.
+    pub address: Option<String>,
+    /// `live` or `vacant`.
+    pub state: String,
+    /// Steps it has completed.
+    pub completed: u64,
+    /// Seconds since it was last heard from.
+    pub seconds_since_heartbeat: Option<f64>,
+    /// Its last step's wall time.
+    pub step_seconds: f64,
+    /// Of that, time spent computing.
+    pub busy_seconds: f64,
+}
+
+/// One stage's line in the status.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StageStatus {
+    /// Stage.
+    pub stage: usize,
+    /// Layer range `[start, end)`.
+    pub layers: [usize; 2],
+    /// Replicas wanted.
+    pub desired: usize,
+    /// Replicas with a live worker.
+    pub ready: usize,
+    /// Fraction of the last step its workers waited (the bubble).
+    pub bubble: f64,
+}
+
+/// `GET /status`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    /// Run name.
+    pub run: String,
+    /// Phase.
+    pub phase: Phase,
+    /// Why the run failed or what it waits for.
+    pub reason: String,
+    /// Steps completed by every worker.
+    pub step: u64,
+    /// Steps of the run.
+    pub steps: u64,
+    /// Loss of the last committed step.
+    pub loss: Option<f32>,
+    /// Training tokens per second over the last steps.
+    pub tokens_per_second: f64,
+    /// Wiring generation.
+    pub epoch: u64,
+    /// Shards given to a new worker after theirs was lost.
+    pub reassignments: u64,
+    /// Last committed checkpoint step.
+    pub checkpoint_step: Option<u64>,
+    /// Volunteers waiting for a vacancy.
+    pub standby: usize,
+    /// Per stage.
+    pub stages: Vec<StageStatus>,
+    /// Per shard.
+    pub shards: Vec<ShardStatus>,
+}
+
+/// The coordinator of one run.
+#[derive(Debug)]
+pub struct Coordinator {
+    run: String,
+    layout: Layout,
+    lease: Duration,
+    slots: Vec<Option<Slot>>,
+    standby: Vec<Standby>,
+    epoch: u64,
+    plan: Option<Plan>,
+    next_worker: u64,
+    committed: u64,
+    losses: Vec<f32>,
+    checkpoint: Option<(u64, String)>,
+    pending: Option<PendingCheckpoint>,
+    checkpoint_root: Option<String>,
+    reassignments: u64,
+    finished: Option<(Phase, String)>,
+    suspect_since: Option<(u64, Instant)>,
+    barrier_times: Vec<(u64, Instant)>,
+    started_training: bool,
+}
+
+impl Coordinator {
+    /// A coordinator for `layout`, resuming `persisted` state when the
+    /// previous coordinator of this run left some. `checkpoint_root` is the
+    /// run's checkpoint directory (`None`: no checkpoints).
+    pub fn new(
+        run: &str,
+        layout: Layout,
+        lease: Duration,
+        checkpoint_root: Option<String>,
+        persisted: Option<Persisted>,
+    ) -> Self {
+        let shards = layout.stages * layout.replicas;
+        let p = persisted.unwrap_or_default();
+        Coordinator {
+            run: run.to_string(),
+            layout,
+            lease,
+            slots: vec![None; shards],
+            standby: Vec::new(),
+            // A restarted coordinator starts a new epoch: every worker
+            // re-registers and is wired afresh.
+            epoch: p.epoch + 1,
+            plan: None,
+            next_worker: p.next_worker.max(1),
+            committed: p.committed,
+            losses: p.losses,
+            checkpoint: p.checkpoint,
+            pending: None,
+            checkpoint_root,
+            reassignments: p.reassignments,
+            finished: p.finished,
+            suspect_since: None,
+            barrier_times: Vec::new(),
+            started_training: false,
+        }
+    }
+
+    /// The state to write to disk.
+    pub fn persisted(&self) -> Persisted {
+        Persisted {
+            epoch: self.epoch,
+            next_worker: self.next_worker,
+            committed: self.committed,
+            losses: self.losses.clone(),
+            checkpoint: self.checkpoint.clone(),
+            reassignments: self.reassignments,
+            finished: self.finished.clone(),
+        }
+    }
+
+    /// The run's layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Current epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Steps every worker completed.
+    pub fn committed(&self) -> u64 {
+        self.committed
+    }
+
+    /// Mean loss of each committed step.
+    pub fn losses(&self) -> &[f32] {
+        &self.losses
+    }
+
+    /// The final phase once the run is over.
+    pub fn finished(&self) -> Option<&(Phase, String)> {
+        self.finished.as_ref()
+    }
+
+    fn idx(&self, stage: usize, replica: usize) -> usize {
+        stage * self.layout.replicas + replica
+    }
+
+    fn shard_of(&self, idx: usize) -> (usize, usize) {
+        (idx / self.layout.replicas, idx % self.layout.replicas)
+    }
+
+    fn find(&self, worker: u64) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| s.worker == worker))
+    }
+
+    fn check_running(&self) -> Result<(), CoordError> {
+        match &self.finished {
+            Some((phase, _)) => Err(CoordError::Finished(*phase)),
+            None => Ok(()),
+        }
+    }
+
+    fn new_epoch(&mut self) {
+        self.epoch += 1;
+        self.plan = None;
+        self.suspect_since = None;
+        if self.epoch > MAX_EPOCHS {
+            self.fail_run(format!(
+                "gave up after {MAX_EPOCHS} rewirings: the run keeps losing workers"
+            ));
+        }
+    }
+
+    fn fail_run(&mut self, reason: String) {
+        if self.finished.is_none() {
+            self.finished = Some((Phase::Failed, reason));
+        }
+    }
+
+    /// The vacancy a volunteer should fill: on the stage with the fewest
+    /// live replicas, then the slowest, then the lowest.
+    fn best_vacancy(&self) -> Option<usize> {
+        let r = self.layout.replicas;
+        (0..self.slots.len())
+            .filter(|&i| self.slots[i].is_none())
+            .min_by(|&a, &b| {
+                let live = |i: usize| {
+                    let s = i / r;
+                    self.slots[s * r..(s + 1) * r]
+                        .iter()
+                        .filter(|x| x.is_some())
+                        .count()
+                };
+                let slowest = |i: usize| {
+                    let s = i / r;
+                    self.slots[s * r..(s + 1) * r]
+                        .iter()
+                        .flatten()
+                        .map(|x| x.busy_seconds)
+                        .fold(0.0f64, f64::max)
+                };
+                live(a)
+                    .cmp(&live(b))
+                    .then(slowest(b).total_cmp(&slowest(a)))
+                    .then(a.cmp(&b))
+            })
+    }
+
+    /// A worker asks for a shard. Returns its id and its shard (`None`: a
+    /// standby).
+    pub fn register(
+        &mut self,
+        req: Register,
+        now: Instant,
+    ) -> Result<(u64, Option<(usize, usize)>), CoordError> {
+        self.check_running()?;
+        let (stages, replicas) = (self.layout.stages, self.layout.replicas);
+        let wanted = match (req.stage, req.replica) {
+            (Some(s), r) => {
+                let r = r.unwrap_or(0);
+                if s >= stages || r >= replicas {
+                    return Err(CoordError::Invalid(format!(
+                        "stage {s} replica {r} is outside this run's {stages} × {replicas} layout"
+                    )));
+                }
+                Some(self.idx(s, r))
+            }
+            (None, Some(_)) => {
+                return Err(CoordError::Invalid("a replica needs its stage".into()));
+            }
+            (None, None) => None,
+        };
+        if req.pipe_addr.is_empty() || req.ring_addr.is_empty() {
+            return Err(CoordError::Invalid(
+                "pipe_addr and ring_addr must be host:port".into(),
+            ));
+        }
+        // The same worker registering again (its answer was lost) keeps its slot.
+        if let Some(id) = req.worker {
+            if let Some(i) = self.find(id) {
+                return Ok((id, Some(self.shard_of(i))));
+            }
+        }
+        let id = match req.worker {
+            Some(id) if id < self.next_worker => id,
+            _ => {
+                let id = self.next_worker;
+                self.next_worker += 1;
+                id
+            }
+        };
+        let target = match wanted {
+            Some(i) if self.slots[i].is_some() => {
+                let (s, r) = self.shard_of(i);
+                return Err(CoordError::Taken(s, r));
+            }
+            Some(i) => Some(i),
+            None => self.best_vacancy(),
+        };
+        let Some(i) = target else {
+            self.standby.retain(|s| s.worker != id);
+            self.standby.push(Standby {
+                worker: id,
+                req,
+                last_seen: now,
+            });
+            return Ok((id, None));
+        };
+        self.fill(i, id, &req, now);
+        Ok((id, Some(self.shard_of(i))))
+    }
+
+    fn fill(&mut self, i: usize, worker: u64, req: &Register, now: Instant) {
+        self.slots[i] = Some(Slot {
+            worker,
+            name: req.name.clone(),
+            pipe_addr: req.pipe_addr.clone(),
+            ring_addr: req.ring_addr.clone(),
+            last_seen: now,
+            completed: req.completed,
+            has_snapshot: req.has_snapshot,
+            step_seconds: 0.0,
+            busy_seconds: 0.0,
+        });
+        self.make_plan();
+    }
+
+    /// The worker is alive. Returns the current epoch.
+    pub fn heartbeat(&mut self, worker: u64, now: Instant) -> Result<u64, CoordError> {
+        if let Some(i) = self.find(worker) {
+            if let Some(s) = self.slots[i].as_mut() {
+                s.last_seen = now;
+            }
+        } else if let Some(s) = self.standby.iter_mut().find(|s| s.worker == worker) {
+            s.last_seen = now;
+        } else {
+            return Err(CoordError::UnknownWorker(worker));
+        }
+        Ok(self.epoch)
+    }
+
+    /// Vacates `worker`'s slot (its lease expired or its process exited)
+    /// and starts a new epoch; a standby takes the slot at once.
+    pub fn lose(&mut self, worker: u64, now: Instant) -> bool {
+        if let Some(i) = self.find(worker) {
+            self.slots[i] = None;
+            if self.finished.is_none() {
+                self.reassignments += 1;
+            }
+            self.new_epoch();
+            if !self.standby.is_empty() {
+                let sb = self.standby.remove(0);
+                self.fill(i, sb.worker, &sb.req, now);
+            }
+            true
+        } else {
+            let before = self.standby.len();
+            self.standby.retain(|s| s.worker != worker);
+            before != self.standby.len()
+        }
+    }
+
+    /// Vacates every slot whose lease expired, and starts a new epoch when
+    /// a broken step was reported but nobody was lost within a lease.
+    /// Returns the shards vacated.
+    pub fn expire(&mut self, now: Instant) -> Vec<(usize, usize)> {
+        let mut lost = Vec::new();
+        let stale: Vec<u64> = self
+            .slots
+            .iter()
+            .flatten()
+            .filter(|s| now.saturating_duration_since(s.last_seen) > self.lease)
+            .map(|s| s.worker)
+            .collect();
+        for w in stale {
+            if let Some(i) = self.find(w) {
+                lost.push(self.shard_of(i));
+            }
+            self.lose(w, now);
+        }
+        let lease = self.lease;
+        self.standby
+            .retain(|s| now.saturating_duration_since(s.last_seen) <= lease);
+        if let Some((epoch, since)) = self.suspect_since {
+            if epoch == self.epoch && now.saturating_duration_since(since) > self.lease {
+                self.new_epoch();
+                self.make_plan();
+            }
+        }
+        lost
+    }
+
+    /// A worker's step failed.
+    pub fn fail(&mut self, f: &Failure, now: Instant) -> Result<(), CoordError> {
+        if self.find(f.worker).is_none() {
+            return Err(CoordError::UnknownWorker(f.worker));
+        }
+        if f.fatal {
+            self.fail_run(format!("worker {}: {}", f.worker, f.error));
+        } else if f.epoch == self.epoch && self.suspect_since.is_none() {
+            // A peer is probably dead; its lease will tell. If nobody is
+            // lost within a lease the wiring is renewed anyway.
+            self.suspect_since = Some((self.epoch, now));
+        }
+        Ok(())
+    }
+
+    /// Makes the current epoch's plan once every slot is filled.
+    fn make_plan(&mut self) {
+        if self.finished.is_some()
+            || self.plan.as_ref().is_some_and(|p| p.epoch == self.epoch)
+            || self.slots.iter().any(|s| s.is_none())
+        {
+            return;
+        }
+        let slots: Vec<&Slot> = self.slots.iter().flatten().collect();
+        let n = slots.len();
+        let r = self.layout.replicas;
+        let with_state: Vec<u64> = slots
+            .iter()
+            .filter(|s| s.completed > 0)
+            .map(|s| s.completed)
+            .collect();
+        let target = match with_state.iter().min() {
+            Some(&m) => {
+                // A worker one step ahead rolls back to its snapshot.
+                if slots.iter().any(|s| s.completed > 0 && !s.holds(m)) {
+                    None
+                } else {
+                    Some(m)
+                }
+            }
+            None => Some(self.checkpoint.as_ref().map_or(0, |c| c.0)),
+        };
+        let mut sources = vec![StateSource::Held; n];
+        let mut upload = vec![false; n];
+        let mut ok = target.is_some();
+        if let Some(t) = target {
+            for s in 0..self.layout.stages {
+                let stage = s * r..(s + 1) * r;
+                let donor = stage.clone().find(|&i| slots[i].holds(t));
+                for i in stage {
+                    if slots[i].holds(t) {
+                        continue;
+                    }
+                    match donor {
+                        Some(d) if t > 0 => {
+                            sources[i] = StateSource::Replica;
+                            upload[d] = true;
+                        }
+                        _ => ok = false,
+                    }
+                }
+            }
+        }
+        let step = if ok {
+            target.unwrap_or(0)
+        } else {
+            // A stage lost every holder of the step: everyone goes back to
+            // the last checkpoint (or the seed).
+            let (step, dir) = match &self.checkpoint {
+                Some((s, d)) => (*s, Some(d.clone())),
+                None => (0, None),
+            };
+            upload = vec![false; n];
+            for (i, s) in slots.iter().enumerate() {
+                sources[i] = if s.holds(step) && (step > 0 || s.completed == 0) {
+                    StateSource::Held
+                } else {
+                    match &dir {
+                        Some(d) => StateSource::Checkpoint { dir: d.clone() },
+                        None => StateSource::Init,
+                    }
+                };
+            }
+            step
+        };
+        if self.pending.as_ref().is_some_and(|p| p.step != step) {
+            self.pending = None;
+        }
+        // After restoring, every worker holds exactly `step`.
+        for s in self.slots.iter_mut().flatten() {
+            s.completed = step;
+            s.has_snapshot = false;
+        }
+        self.committed = step;
+        self.losses.truncate(step as usize);
+        self.plan = Some(Plan {
+            epoch: self.epoch,
+            step,
+            sources,
+            upload,
+        });
+    }
+
+    /// The wiring of `worker` for the first epoch after `after`: `None`
+    /// while there is none yet (poll again).
+    pub fn wiring(&mut self, worker: u64, after: u64) -> Result<Option<Wiring>, CoordError> {
+        let Some(i) = self.find(worker) else {
+            if let Some((phase, _)) = &self.finished {
+                return Ok(Some(self.finished_wiring(*phase)));
+            }
+            if self.standby.iter().any(|s| s.worker == worker) {
+                return Ok(None);
+            }
+            return Err(CoordError::UnknownWorker(worker));
+        };
+        if let Some((phase, _)) = &self.finished {
+            return Ok(Some(self.finished_wiring(*phase)));
+        }
+        let Some(plan) = self.plan.as_ref().filter(|p| p.epoch > after) else {
+            return Ok(None);
+        };
+        let (s, rep) = self.shard_of(i);
+        let (stages, replicas) = (self.layout.stages, self.layout.replicas);
+        let addr = |st: usize, re: usize, ring: bool| {
+            self.slots[self.idx(st, re)]
+                .as_ref()
+                .map(|x| if ring { x.ring_addr.clone() } else { x.pipe_addr.clone() })
+        };
+        let next = if s + 1 < stages { addr(s + 1, rep, false) } else { None };
+        let tie = if self.layout.tied && stages > 2 && s + 1 == stages {
+            addr(0, rep, false)
+        } else {
+            None
+        };
+        let ring_next = if replicas > 1 {
+            addr(s, (rep + 1) % replicas, true)
+        } else {
+            None
+        };
+        let checkpoint = self.checkpoint_order(i, plan.step);
+        Ok(Some(Wiring {
+            epoch: plan.epoch,
+            finished: None,
+            shard: (s, rep),
+            step: plan.step,
+            state: plan.sources[i].clone(),
+            upload: plan.upload[i],
+            next,
+            tie,
+            ring_next,
+            checkpoint,
+        }))
+    }
+
+    fn finished_wiring(&self, phase: Phase) -> Wiring {
+        Wiring {
+            epoch: self.epoch,
+            finished: Some(format!("{phase:?}")),
+            shard: (0, 0),
+            step: self.committed,
+            state: StateSource::Held,
+            upload: false,
+            next: None,
+            tie: None,
+            ring_next: None,
+            checkpoint: None,
+        }
+    }
+
+    /// The checkpoint directory slot `i` must write into at `step`, if it is
+    /// its stage's writer and the stage's part is still missing.
+    fn checkpoint_order(&self, i: usize, step: u64) -> Option<String> {
+        let p = self.pending.as_ref().filter(|p| p.step == step)?;
+        let (s, _) = self.shard_of(i);
+        if p.written.contains(&s) {
+            return None;
+        }
+        let r = self.layout.replicas;
+        let writer = (s * r..(s + 1) * r).find(|&j| self.slots[j].is_some())?;
+        if writer != i {
+            return None;
+        }
+        let root = self.checkpoint_root.as_ref()?;
+        Some(
+            crate::checkpoint::tmp_dir(std::path::Path::new(root), step)
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+
+    fn is_checkpoint_step(&self, step: u64) -> bool {
+        let every = self.layout.checkpoint_every;
+        self.checkpoint_root.is_some()
+            && step > 0
+            && (step == self.layout.steps || (every > 0 && step % every == 0))
+            && self.checkpoint.as_ref().is_none_or(|c| c.0 < step)
+    }
+
+    /// A worker completed a step. Returns the barrier's answer when it is
+    /// decided (`None`: wait and ask [`Coordinator::barrier`] again).
+    pub fn step_done(&mut self, d: &StepDone, now: Instant) -> Result<Option<Barrier>, CoordError> {
+        let Some(i) = self.find(d.worker) else {
+            self.check_running()?;
+            return Err(CoordError::UnknownWorker(d.worker));
+        };
+        if d.epoch == self.epoch {
+            if let Some(s) = self.slots[i].as_mut() {
+                s.completed = d.completed;
+                s.has_snapshot = true;
+                s.last_seen = now;
+                s.step_seconds = d.seconds;
+                s.busy_seconds = d.busy_seconds;
+            }
+            self.started_training = true;
+            if let Some(loss) = d.loss {
+                // Every last stage reports the same mean over all replicas.
+                let at = d.completed as usize - 1;
+                if self.losses.len() == at {
+                    self.losses.push(loss);
+                } else if at < self.losses.len() {
+                    self.losses[at] = loss;
+                }
+            }
+        }
+        Ok(self.barrier(d.worker, d.epoch, d.completed, now))
+    }
+
+    /// The barrier's answer for `worker`, who completed `completed` steps in
+    /// `epoch`; `None` while other slots have not.
+    pub fn barrier(&mut self, worker: u64, epoch: u64, completed: u64, now: Instant) -> Option<Barrier> {
+        let stop = Some(Barrier {
+            proceed: false,
+            checkpoint: None,
+        });
+        if epoch != self.epoch || self.finished.is_some() {
+            return stop;
+        }
+        let i = self.find(worker)?;
+        if self.slots.iter().any(|s| s.as_ref().is_none_or(|s| s.completed < completed)) {
+            return None;
+        }
+        if completed > self.committed {
+            self.committed = completed;
+            self.barrier_times.push((completed, now));
+            if self.barrier_times.len() > 20 {
+                self.barrier_times.remove(0);
+            }
+            if self.is_checkpoint_step(completed) {
+                self.pending = Some(PendingCheckpoint {
+                    step: completed,
+                    written: BTreeSet::new(),
+                });
+            }
+        }
+        Some(Barrier {
+            proceed: true,
+            checkpoint: self.checkpoint_order(i, completed),
+        })
+    }
+
+    /// A stage's part of the pending checkpoint is written. Returns the
+    /// step when that completes the checkpoint: the caller commits it
+    /// (renames the directory into place) and then calls
+    /// [`Coordinator::checkpoint_committed`].
+    pub fn checkpoint_written(&mut self, worker: u64, step: u64) -> Result<Option<u64>, CoordError> {
+        let i = self.find(worker).ok_or(CoordError::UnknownWorker(worker))?;
+        let (s, _) = self.shard_of(i);
+        let stages = self.layout.stages;
+        let Some(p) = self.pending.as_mut().filter(|p| p.step == step) else {
+            return Err(CoordError::Invalid(format!(
+                "no checkpoint of step {step} is being written"
+            )));
+        };
+        p.written.insert(s);
+        Ok((p.written.len() == stages).then_some(step))
+    }
+
+    /// The checkpoint of `step` is committed at `dir`.
+    pub fn checkpoint_committed(&mut self, step: u64, dir: String) {
+        if self.pending.as_ref().is_some_and(|p| p.step == step) {
+            self.pending = None;
+        }
+        self.checkpoint = Some((step, dir));
+        if step == self.layout.steps && self.committed == step {
+            self.finished = Some((Phase::Succeeded, format!("{step} steps trained")));
+        }
+    }
+
+    /// Ends a run that has nothing to checkpoint once every slot completed
+    /// the last step.
+    pub fn finish_without_checkpoint(&mut self) {
+        if self.checkpoint_root.is_none()
+            && self.finished.is_none()
+            && self.committed == self.layout.steps
+        {
+            self.finished = Some((
+                Phase::Succeeded,
+                format!("{} steps trained", self.layout.steps),
+            ));
+        }
+    }
+
+    /// Marks the run failed (e.g. a checkpoint could not be committed).
+    pub fn abort(&mut self, reason: String) {
+        self.fail_run(reason);
+    }
+
+    fn phase(&self) -> (Phase, String) {
+        if let Some((p, reason)) = &self.finished {
+            return (*p, reason.clone());
+        }
+        let vacant = self.slots.iter().filter(|s| s.is_none()).count();
+        if vacant > 0 {
+            let phase = if self.started_training {
+                Phase::Initializing
+            } else {
+                Phase::Pending
+            };
+            return (phase, format!("waiting for {vacant} worker(s)"));
+        }
+        if self.pending.is_some() {
+            return (Phase::Checkpointing, String::new());
+        }
+        if !self.started_training {
+            return (Phase::Initializing, "workers are linking".into());
+        }
+        (Phase::Training, String::new())
+    }
+
+    /// The run's status.
+    pub fn status(&self, now: Instant) -> Status {
+        let (phase, reason) = self.phase();
+        let r = self.layout.replicas;
+        let tps = match (self.barrier_times.first(), self.barrier_times.last()) {
+            (Some(a), Some(b)) if b.0 > a.0 => {
+                let secs = b.1.saturating_duration_since(a.1).as_secs_f64();
+                (b.0 - a.0) as f64 * self.layout.tokens_per_step as f64 / secs.max(1e-9)
+            }
+            _ => 0.0,
+        };
+        let stages = (0..self.layout.stages)
+            .map(|s| {
+                let live: Vec<&Slot> = self.slots[s * r..(s + 1) * r].iter().flatten().collect();
+                let bubble = live
+                    .iter()
+                    .filter(|x| x.step_seconds > 0.0)
+                    .map(|x| 1.0 - (x.busy_seconds / x.step_seconds).min(1.0))
+                    .fold(0.0f64, f64::max);
+                let layers = self.layout.stage_layers.get(s).cloned().unwrap_or(0..0);
+                StageStatus {
+                    stage: s,
+                    layers: [layers.start, layers.end],
+                    desired: r,
+                    ready: live.len(),
+                    bubble,
+                }
+            })
+            .collect();
+        let shards = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| {
+                let (stage, replica) = self.shard_of(i);
+                ShardStatus {
+                    stage,
+                    replica,
+                    worker: slot.as_ref().map(|s| s.worker),
+                    name: slot.as_ref().map(|s| s.name.clone()),
+                    address: slot.as_ref().map(|s| s.pipe_addr.clone()),
+                    state: if slot.is_some() { "live" } else { "vacant" }.into(),
+                    completed: slot.as_ref().map_or(0, |s| s.completed),
+                    seconds_since_heartbeat: slot
+                        .as_ref()
+                        .map(|s| now.saturating_duration_since(s.last_seen).as_secs_f64()),
+                    step_seconds: slot.as_ref().map_or(0.0, |s| s.step_seconds),
+                    busy_seconds: slot.as_ref().map_or(0.0, |s| s.busy_seconds),
+                }
+            })
+            .collect();
+        Status {
+            run: self.run.clone(),
+            phase,
+            reason,
+            step: self.committed,
+            steps: self.layout.steps,
+            loss: self
+                .committed
+                .checked_sub(1)
+                .and_then(|i| self.losses.get(i as usize).copied()),
+            tokens_per_second: tps,
+            epoch: self.epoch,
+            reassignments: self.reassignments,
+            checkpoint_step: self.checkpoint.as_ref().map(|c| c.0),
+            standby: self.standby.len(),
+            stages,
+            shards,
+        }
+    }
+
+    /// Workers by id with their shard, for callers that supervise
+    /// processes.
+    pub fn workers(&self) -> BTreeMap<u64, (usize, usize)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (s.worker, self.shard_of(i))))
+            .collect()
+    }
+}
+

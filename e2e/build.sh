@@ -17,7 +17,9 @@ root="${PIPEWRIGHT_CACHE:-$HOME/.cache/pipewright}"
 dir="$root/k8s-$KUBERNETES_VERSION"
 bin="$dir/bin"
 stamp="$dir/stamp"
-want="kubernetes=$KUBERNETES_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION helm=$HELM_VERSION"
+# Bump `recipe` when the way the tools are built changes, to rebuild them.
+recipe=2
+want="recipe=$recipe kubernetes=$KUBERNETES_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION helm=$HELM_VERSION"
 
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     echo "$bin"
@@ -62,8 +64,18 @@ mkdir -p "$work/k8s"
     for m in $modules; do
         go mod edit -replace="$m=$m@$staging_version"
     done
+    # A release build stamps its version into the binaries; without it they
+    # report v0.0.0 and clients checking the server version (helm's
+    # kubeVersion) refuse it.
+    minor=${KUBERNETES_VERSION#v1.}
+    minor=${minor%%.*}
+    stamp_version=""
+    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+        stamp_version+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1"
+        stamp_version+=" -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+    done
     say "building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl"
-    build -o "$bin/" \
+    ldflags="$ldflags$stamp_version" build -o "$bin/" \
         k8s.io/kubernetes/cmd/kube-apiserver \
         k8s.io/kubernetes/cmd/kube-controller-manager \
         k8s.io/kubernetes/cmd/kube-scheduler \

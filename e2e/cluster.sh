@@ -142,10 +142,12 @@ EOF
 }
 
 up() {
+    # A start that fails part-way stops what it started.
+    trap 'down_on_error $?' EXIT
     local bin
     bin=$("$here/build.sh" | tail -1)
     [[ -e $dir/pids ]] && die "$dir already holds a cluster; run 'down' first"
-    mkdir -p "$dir/logs" "$dir/etcd"
+    mkdir -p "$dir/logs" && mkdir -m 700 "$dir/etcd"
     : >"$dir/pids"
     local started=$SECONDS
     local etcd_port peer_port
@@ -201,7 +203,7 @@ up() {
     # kwok plays the kubelet of every node annotated kwok.x-k8s.io/node=fake:
     # heartbeats, and pods scheduled there go to Running and Ready.
     start kwok "$bin/kwok" \
-        --kubeconfig "$dir/admin.kubeconfig" \
+        --kubeconfig "$dir/admin.kubeconfig" --config "$here/kwok-stages.yaml" \
         --manage-all-nodes=false \
         --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
         --node-ip 127.0.0.1 --node-lease-duration-seconds 40 \
@@ -220,6 +222,14 @@ export E2E_API_SERVER=https://127.0.0.1:$api_port
 export E2E_CA=$dir/pki/ca.crt
 EOF
     say "control plane and ${E2E_NODES:-8} nodes ready in $((SECONDS - started)) s (state in $dir)"
+    trap - EXIT
+}
+
+down_on_error() {
+    if [[ $1 -ne 0 && -f $dir/pids ]]; then
+        say "start failed; stopping what was started (logs kept in $dir/logs)"
+        E2E_KEEP=1 down
+    fi
 }
 
 ready_nodes() {

@@ -17,10 +17,14 @@
 #
 # Exits 0 with a SKIP line only when a tool cannot be built (no Go toolchain).
 # E2E_KEEP=1 keeps the cluster's directory (logs) after the run.
-set -euo pipefail
+set -Eeuo pipefail
+# Any command failing outside a check names itself.
+trap 'printf "\nFAIL: line %s: %s (exit %s)\n" "$LINENO" "$BASH_COMMAND" "$?" >&2' ERR
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 e2e=$repo/e2e
+# shellcheck source=e2e/versions.sh
+source "$e2e/versions.sh"
 started=$SECONDS
 
 say() { printf '\n==> [e2e %3ds] %s\n' "$((SECONDS - started))" "$*"; }
@@ -47,8 +51,12 @@ for tool in openssl curl python3; do
 done
 
 say "operator binary"
-nice -n 10 cargo build --release --quiet -p pipewright-operator
-operator_bin=$repo/target/release/pipewright-operator
+# PIPEWRIGHT_OPERATOR_BIN runs a given binary instead of building this tree's.
+operator_bin=${PIPEWRIGHT_OPERATOR_BIN:-}
+if [[ -z $operator_bin ]]; then
+    nice -n 10 cargo build --release --quiet -p pipewright-operator
+    operator_bin=$repo/target/release/pipewright-operator
+fi
 [[ -x $operator_bin ]] || fail "no $operator_bin"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/pipewright-e2e.XXXXXX")
@@ -59,11 +67,17 @@ cleanup() {
         kill "$operator_pid" 2>/dev/null || true
         wait "$operator_pid" 2>/dev/null || true
     fi
+    if [[ $rc -ne 0 && -n ${KUBECONFIG:-} ]]; then
+        printf '\n--- pods, runs and events at the failure ---\n' >&2
+        kubectl get pods -A -o wide >&2 2>&1 || true
+        kubectl get trainingruns -A -o jsonpath='{range .items[*]}{.metadata.name}: {.status}{"\n"}{end}' >&2 2>&1 || true
+        kubectl get events -n "$run_ns" >&2 2>&1 || true
+    fi
     if [[ $rc -ne 0 && -d $work ]]; then
         for log in "$work/operator.log" "$work/cluster/logs/"*.log; do
             [[ -f $log ]] || continue
             printf '\n--- last lines of %s ---\n' "${log#"$work"/}" >&2
-            tail -n 25 "$log" >&2
+            tail -n 15 "$log" >&2
         done
     fi
     "$e2e/cluster.sh" down "$work/cluster" || true
@@ -99,11 +113,11 @@ helm lint --strict "$chart" >"$work/lint.log" 2>&1 || { cat "$work/lint.log"; fa
 helm lint --strict "$chart" --set serviceMonitor.enabled=true --set grafanaDashboard.enabled=true \
     >"$work/lint.log" 2>&1 || { cat "$work/lint.log"; fail "helm lint (all features on)"; }
 ok "helm lint --strict"
-helm template "$release" "$chart" -n "$system_ns" >"$work/default.yaml"
+helm template "$release" "$chart" -n "$system_ns" --kube-version "$KUBERNETES_VERSION" >"$work/default.yaml"
 kinds() { sed -n 's/^kind: //p' "$1" | sort | tr '\n' ' '; }
 [[ $(kinds "$work/default.yaml") == "ClusterRole ClusterRoleBinding Deployment Role RoleBinding Service ServiceAccount " ]] ||
     fail "default render has kinds: $(kinds "$work/default.yaml")"
-helm template "$release" "$chart" -n "$system_ns" \
+helm template "$release" "$chart" -n "$system_ns" --kube-version "$KUBERNETES_VERSION" \
     --set serviceMonitor.enabled=true --set grafanaDashboard.enabled=true >"$work/full.yaml"
 grep -q '^kind: ServiceMonitor' "$work/full.yaml" || fail "serviceMonitor.enabled renders no ServiceMonitor"
 grep -q 'grafana_dashboard: "1"' "$work/full.yaml" || fail "the dashboard ConfigMap lacks grafana_dashboard: \"1\""
@@ -113,6 +127,8 @@ d = json.load(open(sys.argv[1]))
 exprs = " ".join(t["expr"] for p in d["panels"] for t in p.get("targets", []))
 for metric in ["pipewright_step", "pipewright_loss", "pipewright_tokens_per_second",
                "pipewright_reassignments_total", "pipewright_operator_runs",
+               "pipewright_operator_reconciles_total", "pipewright_operator_reconcile_errors_total",
+               "pipewright_operator_shard_reassignments_total",
                "pipewright_operator_reconcile_duration_seconds_bucket"]:
     assert metric in exprs, f"no panel queries {metric}"
 EOF
@@ -122,7 +138,7 @@ refused_value() {
     local expect=$1
     shift
     local out
-    if out=$(helm template "$release" "$chart" "$@" 2>&1); then
+    if out=$(helm template "$release" "$chart" --kube-version "$KUBERNETES_VERSION" "$@" 2>&1); then
         fail "helm template $* was accepted"
     fi
     grep -qF -- "$expect" <<<"$out" || fail "helm template $*: message lacks '$expect': $out"
@@ -160,11 +176,24 @@ eventually 30 "the CRD is established" \
 k get deploy "$release" -n "$system_ns" >/dev/null || fail "the release has no Deployment $release"
 eventually 60 "the operator Deployment available (under kwok)" \
     k wait --for condition=available --timeout=1s deploy/"$release" -n "$system_ns"
-ok "release installed; Deployment $release available"
+python3 - <(k get deploy "$release" -n "$system_ns" -o json) <<'EOF' || fail "the operator Deployment"
+import json, sys
+d = json.load(open(sys.argv[1]))
+pod = d["spec"]["template"]["spec"]
+c = pod["containers"][0]
+assert pod["securityContext"]["runAsNonRoot"] is True, "runAsNonRoot"
+assert c["securityContext"]["readOnlyRootFilesystem"] is True, "readOnlyRootFilesystem"
+assert c["securityContext"]["allowPrivilegeEscalation"] is False, "allowPrivilegeEscalation"
+assert c["livenessProbe"]["httpGet"]["path"] == "/healthz", "liveness probe"
+assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", "readiness probe"
+assert pod["serviceAccountName"] == d["metadata"]["name"], "service account"
+EOF
+ok "release installed; Deployment $release available, non-root, read-only root, probed"
 
 sa="system:serviceaccount:$system_ns:$release"
 can() { k auth can-i --as "$sa" "$@" 2>/dev/null || true; }
-for check in "create pods -n $run_ns" "patch trainingruns.pipewright.dev/status -n $run_ns" \
+for check in "create pods -n $run_ns" "patch trainingruns.pipewright.dev --subresource=status -n $run_ns" \
+    "update trainingruns.pipewright.dev --subresource=finalizers -n $run_ns" "patch secrets -n $run_ns" \
     "watch trainingruns.pipewright.dev -A" "create secrets -n $run_ns" "list nodes" \
     "create events.events.k8s.io -n $run_ns" "create poddisruptionbudgets.policy -n $run_ns" \
     "update leases.coordination.k8s.io -n $system_ns"; do
@@ -285,7 +314,9 @@ ok "headless shard service, coordinator service, manifest, key"
 phase() { k get tr "$run" -n "$run_ns" -o jsonpath='{.status.phase}'; }
 is_phase() { [[ $(phase) == "$1" ]]; }
 eventually 30 "run phase Running (is $(phase))" is_phase Running
-header=$(k get tr -n "$run_ns" | head -1)
+# (Not `| head -1`: with pipefail, kubectl dying of SIGPIPE would fail the test.)
+listing=$(k get tr -n "$run_ns")
+header=${listing%%$'\n'*}
 for column in NAME PHASE STAGES REPLICAS READY STEP LOSS TOKENS/S AGE; do
     grep -qw -- "$column" <<<"$header" || fail "kubectl get tr lacks column $column: $header"
 done
@@ -318,47 +349,90 @@ ok "$refused malformed manifests refused, each naming its field"
 
 # --- replace -------------------------------------------------------------
 say "replace: deleted and failed shard pods"
-victim=$run-s1-r0
-old_uid=$(k get pod -n "$run_ns" "$victim" -o jsonpath='{.metadata.uid}')
-replaced() {
-    local uid
-    uid=$(k get pod -n "$run_ns" "$1" -o jsonpath='{.metadata.uid}{"/"}{.metadata.deletionTimestamp}')
-    [[ -n ${uid%/} && $uid != "$2"* && $uid == */ ]]
+# The live (not terminating) pod of shard (stage $1, replica $2): "name uid node".
+shard_pod() {
+    k get pods -n "$run_ns" -l "$sel,pipewright.dev/stage=$1,pipewright.dev/replica=$2" \
+        -o jsonpath='{range .items[*]}{.metadata.name} {.metadata.uid} {.spec.nodeName} {.status.phase} {.metadata.deletionTimestamp}{"\n"}{end}' |
+        awk 'NF == 4 { print $1, $2, $3, $4 }'
 }
+# Succeeds once shard ($1, $2) has a Running pod other than uid $3.
+replaced() {
+    local pod
+    pod=$(shard_pod "$1" "$2")
+    [[ -n $pod && $pod != *" $3 "* && $pod == *" Running" ]]
+}
+# Prints the reason recorded in the status for a move away from pod $1.
+moved_reason() {
+    k get tr "$run" -n "$run_ns" \
+        -o jsonpath='{range .status.reassignments[*]}{.fromPod} {.reason}{"\n"}{end}' |
+        awk -v pod="$1" '$1 == pod { print $2 }' | tail -1
+}
+recorded() { [[ -n $(moved_reason "$1") ]]; }
+
+read -r victim old_uid old_node _ <<<"$(shard_pod 1 0)"
+[[ -n $victim ]] || fail "no live pod for shard (1, 0)"
 t0=$(date +%s%N)
 k delete pod -n "$run_ns" "$victim" --wait=false >/dev/null
-eventually 5 "a replacement for deleted pod $victim" replaced "$victim" "$old_uid"
+eventually 5 "a Running replacement for deleted pod $victim" replaced 1 0 "$old_uid"
 ms=$((($(date +%s%N) - t0) / 1000000))
-ok "deleted $victim replaced in ${ms} ms"
-eventually 10 "the replacement $victim Running" count_pods "$sel" "$shards"
-moved() {
-    k get tr "$run" -n "$run_ns" -o jsonpath='{range .status.reassignments[*]}{.fromPod}={.reason}{"\n"}{end}' |
-        grep -q "^$1=$2$"
-}
-eventually 10 "a PodLost reassignment of $victim in the status" moved "$victim" PodLost
-ok "status.reassignments records $victim (PodLost)"
+read -r new_pod _ new_node _ <<<"$(shard_pod 1 0)"
+ok "deleted $victim ($old_node) -> $new_pod ($new_node) Running after ${ms} ms"
+eventually 10 "the move of $victim recorded in status.reassignments" recorded "$victim"
+ok "status.reassignments records $victim ($(moved_reason "$victim"))"
+eventually 10 "an event about the move of $victim" \
+    grep -q "$victim" < <(k get events -n "$run_ns" --field-selector "involvedObject.name=$run" -o jsonpath='{.items[*].message}')
+ok "an event on the run names $victim"
 
-victim=$run-s2-r1
-old_uid=$(k get pod -n "$run_ns" "$victim" -o jsonpath='{.metadata.uid}')
+read -r victim old_uid old_node _ <<<"$(shard_pod 2 1)"
 k patch pod -n "$run_ns" "$victim" --subresource status --type merge \
-    -p '{"status":{"phase":"Failed","reason":"Evicted","message":"e2e: failed on purpose"}}' >/dev/null
-eventually 15 "a replacement for failed pod $victim" replaced "$victim" "$old_uid"
-eventually 10 "an Evicted reassignment of $victim in the status" moved "$victim" Evicted
-ok "failed $victim replaced; status.reassignments records it (Evicted)"
-eventually 15 "run back to Running" is_phase Running
+    -p '{"status":{"phase":"Failed","reason":"Evicted","message":"failed on purpose by the e2e tests"}}' >/dev/null
+t0=$(date +%s%N)
+eventually 10 "a Running replacement for failed pod $victim" replaced 2 1 "$old_uid"
+ms=$((($(date +%s%N) - t0) / 1000000))
+read -r new_pod _ new_node _ <<<"$(shard_pod 2 1)"
+ok "failed $victim ($old_node) -> $new_pod ($new_node) Running after ${ms} ms"
+eventually 10 "the move of $victim recorded in status.reassignments" recorded "$victim"
+[[ $(moved_reason "$victim") == Evicted ]] || fail "$victim moved for $(moved_reason "$victim"), not Evicted"
+ok "status.reassignments records $victim (Evicted)"
+eventually 15 "run back to Running (is $(phase))" is_phase Running
+eventually 15 "$shards shard pods Running" count_pods "$sel" "$shards"
+
+if [[ -s $work/metrics.txt ]]; then
+    curl -sf "http://127.0.0.1:$metrics_port/metrics" >"$work/metrics.txt" || fail "operator /metrics"
+    python3 - "$work/metrics.txt" "$chart/dashboards/pipewright.json" <<'EOF' || fail "operator metrics"
+import json, re, sys
+text = open(sys.argv[1]).read()
+def value(name, labels=""):
+    m = re.search(r"^" + re.escape(name + labels) + r" (\S+)$", text, re.M)
+    assert m, f"/metrics has no {name}{labels}"
+    return float(m.group(1))
+assert value("pipewright_operator_reconciles_total") > 0, "no reconcile counted"
+assert value("pipewright_operator_shard_reassignments_total") >= 1, "the move was not counted"
+assert value("pipewright_operator_runs", '{phase="Running"}') == 1, "runs by phase"
+# Every operator metric the dashboard plots exists.
+d = json.load(open(sys.argv[2]))
+exprs = " ".join(t["expr"] for p in d["panels"] for t in p.get("targets", []))
+for name in set(re.findall(r"pipewright_operator_[a-z_]+", exprs)):
+    base = re.sub(r"_(bucket|count|sum)$", "", name)
+    assert re.search(r"^" + re.escape(base), text, re.M), f"the dashboard plots {name}; /metrics lacks it"
+EOF
+    ok "/metrics counts reconciles, the move, runs by phase; every operator metric the dashboard plots exists"
+fi
 
 # --- delete --------------------------------------------------------------
 say "delete: the run and everything it owns"
 k delete tr -n "$run_ns" "$run" --wait=false >/dev/null
 leftovers() {
-    k get pods,services,configmaps,secrets -n "$run_ns" -l "pipewright.dev/run=$run" --no-headers 2>/dev/null
+    k get pods,services,configmaps,secrets,poddisruptionbudgets -n "$run_ns" \
+        -l "pipewright.dev/run=$run" --no-headers 2>/dev/null
 }
 none_left() { [[ -z $(leftovers) ]]; }
 eventually 30 "children of the deleted run gone: $(leftovers | awk '{print $1}' | tr '\n' ' ')" none_left
-ok "no pod, service, config map or secret of $run remains"
+ok "no pod, service, config map, secret or disruption budget of $run remains"
 
 kill -0 "$operator_pid" 2>/dev/null || fail "the operator died during the tests"
 if grep -E ' (ERROR|WARN) ' "$work/operator.log" | grep -v 'NotFound' >"$work/warnings.log"; then
-    printf '    operator warnings:\n' && sed 's/^/      /' "$work/warnings.log" | head -20
+    printf '    operator warnings:\n'
+    head -n 20 "$work/warnings.log" | sed 's/^/      /'
 fi
 say "all end-to-end scenarios passed in $((SECONDS - started)) s"

@@ -21,7 +21,16 @@ stamp="$dir/stamp"
 recipe=2
 want="recipe=$recipe kubernetes=$KUBERNETES_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION helm=$HELM_VERSION"
 
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+built() { [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; }
+if built; then
+    echo "$bin"
+    exit 0
+fi
+# One build at a time; a second caller waits for the first and reuses it.
+mkdir -p "$root"
+exec 9>"$dir.lock"
+flock 9
+if built; then
     echo "$bin"
     exit 0
 fi

@@ -133,9 +133,12 @@ fn ring_time(world: usize, bytes: usize) -> Duration {
                         RunKey([4; 32]),
                         WorkerId([rank as u8; 16]),
                     );
-                    let mut member =
-                        RingMember::connect(config, listener, &addrs[(rank + 1) % world].to_string())
-                            .expect("connect");
+                    let mut member = RingMember::connect(
+                        config,
+                        listener,
+                        &addrs[(rank + 1) % world].to_string(),
+                    )
+                    .expect("connect");
                     let mut buf = vec![rank as f32; bytes / 4];
                     (0..4)
                         .map(|_| {

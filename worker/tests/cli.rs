@@ -111,9 +111,15 @@ fn processes_train_like_the_single_process_run() {
     assert_eq!(local.len(), 6);
     assert_eq!(multi.len(), 6);
     for (l, m) in local.iter().zip(&multi) {
-        assert!((l - m).abs() <= 1e-4 * l.abs(), "processes {multi:?} vs local {local:?}");
+        assert!(
+            (l - m).abs() <= 1e-4 * l.abs(),
+            "processes {multi:?} vs local {local:?}"
+        );
     }
-    assert!((multi_loss - multi[5]).abs() < 1e-3, "{multi_loss} vs {multi:?}");
+    assert!(
+        (multi_loss - multi[5]).abs() < 1e-3,
+        "{multi_loss} vs {multi:?}"
+    );
     // The checkpoint the workers wrote is a whole one: `eval` reads it.
     let eval = pipewright()
         .arg("eval")
@@ -121,6 +127,10 @@ fn processes_train_like_the_single_process_run() {
         .args(["--batches", "2"])
         .output()
         .expect("run eval");
-    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
     assert!(String::from_utf8_lossy(&eval.stdout).contains("val bits/byte"));
 }

@@ -129,12 +129,25 @@ pub fn encode_stage(
             None => &p.data,
         };
         if values.len() != p.len() {
-            return Err(format!("tensor {}: {} values for {:?}", p.name, values.len(), p.shape));
+            return Err(format!(
+                "tensor {}: {} values for {:?}",
+                p.name,
+                values.len(),
+                p.shape
+            ));
         }
         blobs.push((p.name.clone(), p.shape.clone(), f32_bytes(values)));
         if let (Some(m), Some(v)) = (opt.m.get(i), opt.v.get(i)) {
-            blobs.push((format!("optimizer.m.{}", p.name), p.shape.clone(), f32_bytes(m)));
-            blobs.push((format!("optimizer.v.{}", p.name), p.shape.clone(), f32_bytes(v)));
+            blobs.push((
+                format!("optimizer.m.{}", p.name),
+                p.shape.clone(),
+                f32_bytes(m),
+            ));
+            blobs.push((
+                format!("optimizer.v.{}", p.name),
+                p.shape.clone(),
+                f32_bytes(v),
+            ));
         }
     }
     let views = blobs
@@ -163,8 +176,18 @@ pub fn decode_stage(
     let mut v = Vec::new();
     for p in params {
         data.push(read_f32(&st, &p.name, p.len(), path)?);
-        m.push(read_f32(&st, &format!("optimizer.m.{}", p.name), p.len(), path)?);
-        v.push(read_f32(&st, &format!("optimizer.v.{}", p.name), p.len(), path)?);
+        m.push(read_f32(
+            &st,
+            &format!("optimizer.m.{}", p.name),
+            p.len(),
+            path,
+        )?);
+        v.push(read_f32(
+            &st,
+            &format!("optimizer.v.{}", p.name),
+            p.len(),
+            path,
+        )?);
     }
     let (_, header) =
         SafeTensors::read_metadata(bytes).map_err(|e| corrupt(path, format!("header: {e}")))?;

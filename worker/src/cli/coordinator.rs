@@ -25,7 +25,11 @@ pub struct CoordinatorArgs {
     /// TrainingRun manifest (YAML).
     pub manifest: PathBuf,
     /// Address of the HTTP API (workers, status, metrics).
-    #[arg(long, env = "PIPEWRIGHT_COORDINATOR_LISTEN", default_value = "127.0.0.1:7070")]
+    #[arg(
+        long,
+        env = "PIPEWRIGHT_COORDINATOR_LISTEN",
+        default_value = "127.0.0.1:7070"
+    )]
     pub listen: String,
     /// Directory for the coordinator's state (survives restarts).
     #[arg(long, env = "PIPEWRIGHT_STATE_DIR")]
@@ -131,7 +135,10 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         .filter(|t| !t.trim().is_empty())
         .with_context(|| format!("{TOKEN_ENV} must hold the run's join token"))?;
     let root = args.out.clone().unwrap_or_else(|| run_dir(&manifest));
-    let state_dir = args.state.clone().unwrap_or_else(|| root.join("coordinator"));
+    let state_dir = args
+        .state
+        .clone()
+        .unwrap_or_else(|| root.join("coordinator"));
     let key = run_key(&state_dir)?;
     let cfg = config(
         &manifest,

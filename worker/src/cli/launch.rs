@@ -90,7 +90,12 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
             .arg("worker")
             .arg(&manifest_path)
             .args(["--coordinator", &url])
-            .args(["--stage", &stage.to_string(), "--replica", &replica.to_string()])
+            .args([
+                "--stage",
+                &stage.to_string(),
+                "--replica",
+                &replica.to_string(),
+            ])
             .args(["--threads", &threads.to_string()])
             .env(TOKEN_ENV, &token)
             .stdin(Stdio::null())
@@ -121,9 +126,14 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
         bar.set_style(style.progress_chars("=> "));
     }
     let start = Instant::now();
+    // The drill's kills fall at seeded random steps, spread over the run,
+    // each at whatever moment of that step the launcher gets to it.
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.kill_seed);
+    let mut kill_steps: Vec<u64> = (0..opts.kills)
+        .map(|_| rng.random_range(1..steps.saturating_sub(2).max(2)))
+        .collect();
+    kill_steps.sort_unstable();
     let mut kills: Vec<Kill> = Vec::new();
-    let mut next_kill = start + Duration::from_millis(rng.random_range(500..2500));
     let mut relaunches = 0usize;
     let mut last_log = Instant::now();
     let result = loop {
@@ -192,9 +202,9 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
         let quiet_now = kills.last().is_none_or(|k| k.recovered.is_some());
         if kills.len() < opts.kills
             && quiet_now
-            && Instant::now() >= next_kill
+            && status.step >= kill_steps[kills.len()]
             && status.phase == Phase::Training
-            && status.step + 2 < steps
+            && status.step + 1 < steps
         {
             let live: Vec<usize> = (0..workers.len()).filter(|&i| !workers[i].done).collect();
             if !live.is_empty() {
@@ -211,7 +221,6 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
                     epoch: status.epoch,
                     recovered: None,
                 });
-                next_kill = Instant::now() + Duration::from_millis(rng.random_range(300..2500));
             }
         }
     };
@@ -230,8 +239,9 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
     let mut recoveries: Vec<f64> = kills.iter().filter_map(|k| k.recovered).collect();
     recoveries.sort_by(f64::total_cmp);
     let t = &manifest.spec.training;
-    let tokens =
-        (t.micro_batch_size * t.micro_batches * manifest.spec.model.seq_len * replicas) as u64 * steps;
+    let tokens = (t.micro_batch_size * t.micro_batches * manifest.spec.model.seq_len * replicas)
+        as u64
+        * steps;
     println!(
         "all {shards} workers finished {steps} steps in {elapsed:.1}s ({:.0} tokens/s); final loss {final_loss:.4}",
         tokens as f64 / elapsed.max(1e-9)

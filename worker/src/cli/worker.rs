@@ -145,7 +145,9 @@ fn bind(addr: &str, advertise: Option<&str>) -> Result<(TcpListener, String)> {
     let host = match advertise {
         Some(h) => h.to_string(),
         None if local.ip().is_unspecified() => {
-            bail!("listening on {local} needs --advertise HOST (the name peers reach this worker by)")
+            bail!(
+                "listening on {local} needs --advertise HOST (the name peers reach this worker by)"
+            )
         }
         None => local.ip().to_string(),
     };
@@ -183,7 +185,20 @@ impl Session {
         if self.worker != 0 {
             r.worker = Some(self.worker);
         }
-        let reg = self.client.register(&r).context("registering with the coordinator")?;
+        // A shard may still belong to its previous worker until that one's
+        // lease runs out (a pod replaced faster than the lease): retry.
+        let deadline = std::time::Instant::now() + self.timeout;
+        let reg = loop {
+            match self.client.register(&r) {
+                Err(ClientError::Refused {
+                    code: 409, message, ..
+                }) if std::time::Instant::now() < deadline => {
+                    tracing::info!("{message}; retrying");
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                other => break other.context("registering with the coordinator")?,
+            }
+        };
         self.worker = reg.worker;
         self.id_seen.store(reg.worker, Ordering::Relaxed);
         self.key = RunKey(parse_hex::<32>("run key", &reg.run_key)?);
@@ -317,8 +332,7 @@ fn restore(
                 .get_state(stage, w.epoch)
                 .context("receiving the stage's state from a live replica")?;
             let src = PathBuf::from(format!("replica of stage {stage}"));
-            let (params, opt) =
-                checkpoint::decode_stage(&bytes, &worker.stage().params(), &src)?;
+            let (params, opt) = checkpoint::decode_stage(&bytes, &worker.stage().params(), &src)?;
             worker.restore(&StageState {
                 step: w.step,
                 params,
@@ -388,7 +402,9 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
     let mut snapshot: Option<StageState> = None;
     let mut after = 0u64;
     loop {
-        let held = worker.as_ref().map(|w| (w.steps_done(), snapshot.is_some()));
+        let held = worker
+            .as_ref()
+            .map(|w| (w.steps_done(), snapshot.is_some()));
         let w = session.wiring(after, || held)?;
         if let Some(end) = &w.finished {
             if end == "Succeeded" {
@@ -402,7 +418,11 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
             replica: w.shard.1,
         };
         if worker.as_ref().is_none_or(|x| x.shard() != shard) {
-            worker = Some(StageWorker::prepare(&session.manifest, shard, session.timeout)?);
+            worker = Some(StageWorker::prepare(
+                &session.manifest,
+                shard,
+                session.timeout,
+            )?);
             snapshot = None;
         }
         let Some(wk) = worker.as_mut() else {
@@ -412,7 +432,10 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
         session.epoch_seen.fetch_max(w.epoch, Ordering::Relaxed);
         if let Err(e) = restore(wk, &snapshot, &w, session) {
             // Cannot take part in this plan: leave it to a fresh worker.
-            return Err(e.context(format!("restoring stage {} at step {}", shard.stage, w.step)));
+            return Err(e.context(format!(
+                "restoring stage {} at step {}",
+                shard.stage, w.step
+            )));
         }
         if w.upload {
             let bytes = encode_at(wk, &snapshot, w.step)?;

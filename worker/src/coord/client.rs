@@ -8,8 +8,8 @@ use serde::Serialize;
 use ureq::Agent;
 
 use super::api::{
-    Barrier, CheckpointWritten, Failure, Heartbeat, HeartbeatReply, Register, Registered,
-    StepDone, Wiring,
+    Barrier, CheckpointWritten, Failure, Heartbeat, HeartbeatReply, Register, Registered, StepDone,
+    Wiring,
 };
 
 /// Why a request to the coordinator failed.
@@ -100,7 +100,11 @@ impl Client {
         let start = Instant::now();
         loop {
             let result = match (&body, method) {
-                (Body::None, _) => self.agent.get(&url).header("Authorization", &self.auth).call(),
+                (Body::None, _) => self
+                    .agent
+                    .get(&url)
+                    .header("Authorization", &self.auth)
+                    .call(),
                 (Body::Bytes(b), "PUT") => self
                     .agent
                     .put(&url)
@@ -173,14 +177,25 @@ impl Client {
             None => Body::None,
         };
         match self.send(what, method, path, body)? {
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| ClientError::Malformed {
-                    what,
-                    message: e.to_string(),
-                }),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| ClientError::Malformed {
+                        what,
+                        message: e.to_string(),
+                    })
+            }
             None => Ok(None),
         }
+    }
+
+    /// The run's status (`GET /status`).
+    pub fn status(&self) -> Result<super::Status, ClientError> {
+        self.call::<super::Status>("status", "GET", "/status", None::<&()>)?
+            .ok_or(ClientError::Malformed {
+                what: "status",
+                message: "empty answer".into(),
+            })
     }
 
     /// The run's manifest.
@@ -203,8 +218,12 @@ impl Client {
 
     /// Renews the lease; returns the current epoch.
     pub fn heartbeat(&self, worker: u64) -> Result<u64, ClientError> {
-        let r: Option<HeartbeatReply> =
-            self.call("heartbeat", "POST", "/v1/heartbeat", Some(&Heartbeat { worker }))?;
+        let r: Option<HeartbeatReply> = self.call(
+            "heartbeat",
+            "POST",
+            "/v1/heartbeat",
+            Some(&Heartbeat { worker }),
+        )?;
         Ok(r.map_or(0, |r| r.epoch))
     }
 

@@ -7,6 +7,9 @@ pub mod client;
 pub mod server;
 pub mod state;
 
+#[cfg(test)]
+mod tests;
+
 pub use client::{Client, ClientError};
 pub use server::{start, Config, Handle};
 pub use state::{Coordinator, Layout, Persisted, Phase, Status};

@@ -100,7 +100,11 @@ impl Metrics {
             rejected: Counter::default(),
         };
         registry.register("step", "Steps completed by every worker", m.step.clone());
-        registry.register("loss", "Mean training loss of the last committed step", m.loss.clone());
+        registry.register(
+            "loss",
+            "Mean training loss of the last committed step",
+            m.loss.clone(),
+        );
         registry.register(
             "tokens_per_second",
             "Training tokens per second over recent steps",
@@ -112,7 +116,11 @@ impl Metrics {
             "Shards given to a new worker after theirs was lost",
             m.reassignments.clone(),
         );
-        registry.register("workers_live", "Shards with a live worker", m.workers.clone());
+        registry.register(
+            "workers_live",
+            "Shards with a live worker",
+            m.workers.clone(),
+        );
         registry.register("phase", "1 for the run's current phase", m.phase.clone());
         registry.register(
             "stage_bubble_ratio",
@@ -247,7 +255,10 @@ impl Shared {
     }
 
     /// Waits (up to [`POLL`]) until `f` decides; `None` on timeout.
-    fn poll<T>(&self, mut f: impl FnMut(&mut Coordinator) -> Result<Option<T>, CoordError>) -> Result<Option<T>, CoordError> {
+    fn poll<T>(
+        &self,
+        mut f: impl FnMut(&mut Coordinator) -> Result<Option<T>, CoordError>,
+    ) -> Result<Option<T>, CoordError> {
         let deadline = Instant::now() + POLL;
         let mut c = lock(&self.coord);
         loop {
@@ -330,8 +341,8 @@ pub fn start(config: Config, listen: &str) -> Result<Handle> {
         root,
         persisted,
     );
-    let server = Server::http(listen)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let server =
+        Server::http(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let addr = server
         .server_addr()
         .to_ip()
@@ -486,8 +497,16 @@ fn endpoint_label(path: &str) -> String {
         "/v1/state".into()
     } else if matches!(
         path,
-        "/healthz" | "/status" | "/metrics" | "/v1/manifest" | "/v1/register" | "/v1/heartbeat"
-            | "/v1/wiring" | "/v1/step" | "/v1/checkpoint" | "/v1/fail"
+        "/healthz"
+            | "/status"
+            | "/metrics"
+            | "/v1/manifest"
+            | "/v1/register"
+            | "/v1/heartbeat"
+            | "/v1/wiring"
+            | "/v1/step"
+            | "/v1/checkpoint"
+            | "/v1/fail"
     ) {
         path.into()
     } else {

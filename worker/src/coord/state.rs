@@ -146,6 +146,10 @@ pub struct Persisted {
     pub reassignments: u64,
     /// Final phase and reason, once finished.
     pub finished: Option<(Phase, String)>,
+    /// Worker id of each slot (stage major), so a restarted coordinator
+    /// keeps every shard for the worker that held it for one lease.
+    #[serde(default)]
+    pub shard_map: Vec<Option<u64>>,
 }
 
 /// One shard's line in the status.
@@ -240,6 +244,9 @@ pub struct Coordinator {
     suspect_since: Option<(u64, Instant)>,
     barrier_times: Vec<(u64, Instant)>,
     started_training: bool,
+    /// Slots kept for the worker that held them before a restart: worker
+    /// id and when the reservation was first seen by the sweeper.
+    reserved: Vec<Option<(u64, Option<Instant>)>>,
 }
 
 impl Coordinator {
@@ -255,6 +262,10 @@ impl Coordinator {
     ) -> Self {
         let shards = layout.stages * layout.replicas;
         let p = persisted.unwrap_or_default();
+        let mut reserved: Vec<Option<(u64, Option<Instant>)>> = vec![None; shards];
+        for (slot, id) in reserved.iter_mut().zip(&p.shard_map) {
+            *slot = id.map(|id| (id, None));
+        }
         Coordinator {
             run: run.to_string(),
             layout,
@@ -276,6 +287,7 @@ impl Coordinator {
             suspect_since: None,
             barrier_times: Vec::new(),
             started_training: false,
+            reserved,
         }
     }
 
@@ -289,6 +301,11 @@ impl Coordinator {
             checkpoint: self.checkpoint.clone(),
             reassignments: self.reassignments,
             finished: self.finished.clone(),
+            shard_map: self
+                .slots
+                .iter()
+                .map(|s| s.as_ref().map(|s| s.worker))
+                .collect(),
         }
     }
 
@@ -360,7 +377,7 @@ impl Coordinator {
     fn best_vacancy(&self) -> Option<usize> {
         let r = self.layout.replicas;
         (0..self.slots.len())
-            .filter(|&i| self.slots[i].is_none())
+            .filter(|&i| self.slots[i].is_none() && self.reserved[i].is_none())
             .min_by(|&a, &b| {
                 let live = |i: usize| {
                     let s = i / r;
@@ -427,6 +444,11 @@ impl Coordinator {
                 id
             }
         };
+        let returning = self
+            .reserved
+            .iter()
+            .position(|r| r.is_some_and(|(w, _)| Some(w) == req.worker));
+        let wanted = wanted.or(returning);
         let target = match wanted {
             Some(i) if self.slots[i].is_some() => {
                 let (s, r) = self.shard_of(i);
@@ -449,6 +471,7 @@ impl Coordinator {
     }
 
     fn fill(&mut self, i: usize, worker: u64, req: &Register, now: Instant) {
+        self.reserved[i] = None;
         self.slots[i] = Some(Slot {
             worker,
             name: req.name.clone(),
@@ -519,6 +542,24 @@ impl Coordinator {
         let lease = self.lease;
         self.standby
             .retain(|s| now.saturating_duration_since(s.last_seen) <= lease);
+        let mut freed = false;
+        for r in self.reserved.iter_mut() {
+            match r {
+                Some((_, since @ None)) => *since = Some(now),
+                Some((_, Some(t))) if now.saturating_duration_since(*t) > lease => {
+                    *r = None;
+                    freed = true;
+                }
+                _ => {}
+            }
+        }
+        if freed {
+            // Standbys may take the slots nobody came back for.
+            while let (Some(i), false) = (self.best_vacancy(), self.standby.is_empty()) {
+                let sb = self.standby.remove(0);
+                self.fill(i, sb.worker, &sb.req, now);
+            }
+        }
         if let Some((epoch, since)) = self.suspect_since {
             if epoch == self.epoch && now.saturating_duration_since(since) > self.lease {
                 self.new_epoch();
@@ -561,7 +602,16 @@ impl Coordinator {
             .collect();
         let target = match with_state.iter().min() {
             Some(&m) => {
-                // A worker one step ahead rolls back to its snapshot.
+                // A worker one step ahead rolls back to its snapshot. A step
+                // whose loss never reached this coordinator (it restarted
+                // while the workers waited at that step's barrier) is
+                // trained again: the replay is exact.
+                let known = self.losses.len() as u64;
+                let m = if known < m && slots.iter().all(|s| s.holds(known)) {
+                    known
+                } else {
+                    m
+                };
                 if slots.iter().any(|s| s.completed > 0 && !s.holds(m)) {
                     None
                 } else {
@@ -652,11 +702,19 @@ impl Coordinator {
         let (s, rep) = self.shard_of(i);
         let (stages, replicas) = (self.layout.stages, self.layout.replicas);
         let addr = |st: usize, re: usize, ring: bool| {
-            self.slots[self.idx(st, re)]
-                .as_ref()
-                .map(|x| if ring { x.ring_addr.clone() } else { x.pipe_addr.clone() })
+            self.slots[self.idx(st, re)].as_ref().map(|x| {
+                if ring {
+                    x.ring_addr.clone()
+                } else {
+                    x.pipe_addr.clone()
+                }
+            })
         };
-        let next = if s + 1 < stages { addr(s + 1, rep, false) } else { None };
+        let next = if s + 1 < stages {
+            addr(s + 1, rep, false)
+        } else {
+            None
+        };
         let tie = if self.layout.tied && stages > 2 && s + 1 == stages {
             addr(0, rep, false)
         } else {
@@ -757,7 +815,13 @@ impl Coordinator {
 
     /// The barrier's answer for `worker`, who completed `completed` steps in
     /// `epoch`; `None` while other slots have not.
-    pub fn barrier(&mut self, worker: u64, epoch: u64, completed: u64, now: Instant) -> Option<Barrier> {
+    pub fn barrier(
+        &mut self,
+        worker: u64,
+        epoch: u64,
+        completed: u64,
+        now: Instant,
+    ) -> Option<Barrier> {
         let stop = Some(Barrier {
             proceed: false,
             checkpoint: None,
@@ -766,7 +830,11 @@ impl Coordinator {
             return stop;
         }
         let i = self.find(worker)?;
-        if self.slots.iter().any(|s| s.as_ref().is_none_or(|s| s.completed < completed)) {
+        if self
+            .slots
+            .iter()
+            .any(|s| s.as_ref().is_none_or(|s| s.completed < completed))
+        {
             return None;
         }
         if completed > self.committed {
@@ -792,7 +860,11 @@ impl Coordinator {
     /// step when that completes the checkpoint: the caller commits it
     /// (renames the directory into place) and then calls
     /// [`Coordinator::checkpoint_committed`].
-    pub fn checkpoint_written(&mut self, worker: u64, step: u64) -> Result<Option<u64>, CoordError> {
+    pub fn checkpoint_written(
+        &mut self,
+        worker: u64,
+        step: u64,
+    ) -> Result<Option<u64>, CoordError> {
         let i = self.find(worker).ok_or(CoordError::UnknownWorker(worker))?;
         let (s, _) = self.shard_of(i);
         let stages = self.layout.stages;
@@ -938,4 +1010,3 @@ impl Coordinator {
             .collect()
     }
 }
-

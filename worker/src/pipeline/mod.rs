@@ -212,7 +212,10 @@ pub fn loopback_layout(
             } else {
                 None
             };
-            let ring = match (ring_listener, ring_addrs[idx(s, (r + 1) % replicas)].clone()) {
+            let ring = match (
+                ring_listener,
+                ring_addrs[idx(s, (r + 1) % replicas)].clone(),
+            ) {
                 (Some(listener), Some(next)) => Some(RingPeers { listener, next }),
                 _ => None,
             };

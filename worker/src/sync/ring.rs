@@ -648,8 +648,12 @@ pub(crate) mod tests {
                     s.spawn(move || {
                         let mut c = config(rank, world);
                         tweak(&mut c);
-                        let member = RingMember::connect(c, listener, &addrs[(rank + 1) % world].to_string())
-                            .expect("connect");
+                        let member = RingMember::connect(
+                            c,
+                            listener,
+                            &addrs[(rank + 1) % world].to_string(),
+                        )
+                        .expect("connect");
                         body(member)
                     })
                 })

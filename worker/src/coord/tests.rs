@@ -1,0 +1,454 @@
+//! The coordinator's rules, driven through the state machine with a fake
+//! clock.
+
+use std::time::{Duration, Instant};
+
+use super::api::{Failure, Register, StateSource, StepDone};
+use super::state::{CoordError, Coordinator, Layout, Phase};
+
+const LEASE: Duration = Duration::from_secs(2);
+
+fn layout(stages: usize, replicas: usize, tied: bool) -> Layout {
+    Layout {
+        stages,
+        replicas,
+        steps: 10,
+        tied,
+        stage_layers: (0..stages).map(|s| s..s + 1).collect(),
+        checkpoint_every: 4,
+        tokens_per_step: 100,
+    }
+}
+
+fn coord(stages: usize, replicas: usize, tied: bool) -> Coordinator {
+    Coordinator::new(
+        "t",
+        layout(stages, replicas, tied),
+        LEASE,
+        Some("/ck".into()),
+        None,
+    )
+}
+
+fn reg(stage: Option<usize>, replica: Option<usize>, tag: &str) -> Register {
+    Register {
+        stage,
+        replica,
+        pipe_addr: format!("{tag}:1"),
+        ring_addr: format!("{tag}:2"),
+        name: tag.into(),
+        ..Register::default()
+    }
+}
+
+/// Registers every shard in order; returns the ids, stage major.
+fn fill(c: &mut Coordinator, now: Instant) -> Vec<u64> {
+    let l = c.layout().clone();
+    let mut ids = Vec::new();
+    for s in 0..l.stages {
+        for r in 0..l.replicas {
+            let (id, shard) = c
+                .register(reg(Some(s), Some(r), &format!("w{s}{r}")), now)
+                .expect("register");
+            assert_eq!(shard, Some((s, r)));
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+fn done(worker: u64, epoch: u64, completed: u64) -> StepDone {
+    StepDone {
+        worker,
+        epoch,
+        completed,
+        loss: Some(1.0 / completed as f32),
+        grad_norm: 1.0,
+        seconds: 0.1,
+        busy_seconds: 0.08,
+    }
+}
+
+/// Every worker completes `steps` more steps in `epoch`.
+fn train(c: &mut Coordinator, ids: &[u64], epoch: u64, from: u64, to: u64, now: Instant) {
+    for step in from + 1..=to {
+        for &id in ids {
+            c.step_done(&done(id, epoch, step), now).expect("step");
+        }
+        for &id in ids {
+            let b = c.barrier(id, epoch, step, now).expect("decided");
+            assert!(b.proceed);
+        }
+    }
+}
+
+#[test]
+fn the_plan_waits_for_every_shard_and_wires_neighbours() {
+    let now = Instant::now();
+    let mut c = coord(3, 2, true);
+    let (first, _) = c
+        .register(reg(Some(0), Some(0), "a"), now)
+        .expect("register");
+    assert_eq!(c.wiring(first, 0), Ok(None), "no plan with vacancies");
+    assert_eq!(c.status(now).phase, Phase::Pending);
+    let l = c.layout().clone();
+    for s in 0..l.stages {
+        for r in 0..l.replicas {
+            if (s, r) != (0, 0) {
+                c.register(reg(Some(s), Some(r), &format!("w{s}{r}")), now)
+                    .expect("register");
+            }
+        }
+    }
+    let w = c.wiring(first, 0).expect("ok").expect("a plan");
+    assert_eq!(w.shard, (0, 0));
+    assert_eq!(w.step, 0);
+    assert_eq!(w.state, StateSource::Held);
+    assert_eq!(w.next.as_deref(), Some("w10:1"));
+    assert_eq!(w.ring_next.as_deref(), Some("w01:2"));
+    assert_eq!(w.tie, None);
+    let last = c
+        .workers()
+        .into_iter()
+        .find(|(_, s)| *s == (2, 1))
+        .expect("last")
+        .0;
+    let w = c.wiring(last, 0).expect("ok").expect("plan");
+    assert_eq!(w.next, None);
+    assert_eq!(
+        w.tie.as_deref(),
+        Some("w01:1"),
+        "tied last stage links to stage 0"
+    );
+    assert_eq!(
+        w.ring_next.as_deref(),
+        Some("w20:2"),
+        "the ring wraps around"
+    );
+    // Nothing newer than the plan's epoch yet.
+    assert_eq!(c.wiring(last, w.epoch), Ok(None));
+}
+
+#[test]
+fn bad_registrations_are_refused() {
+    let now = Instant::now();
+    let mut c = coord(2, 1, false);
+    assert!(matches!(
+        c.register(reg(Some(2), Some(0), "x"), now),
+        Err(CoordError::Invalid(_))
+    ));
+    assert!(matches!(
+        c.register(reg(None, Some(0), "x"), now),
+        Err(CoordError::Invalid(_))
+    ));
+    let mut empty = reg(Some(0), None, "x");
+    empty.pipe_addr.clear();
+    assert!(matches!(
+        c.register(empty, now),
+        Err(CoordError::Invalid(_))
+    ));
+    c.register(reg(Some(0), None, "a"), now).expect("first");
+    assert_eq!(
+        c.register(reg(Some(0), Some(0), "b"), now),
+        Err(CoordError::Taken(0, 0))
+    );
+    assert_eq!(c.heartbeat(99, now), Err(CoordError::UnknownWorker(99)));
+}
+
+#[test]
+fn the_barrier_holds_until_every_shard_completed_the_step() {
+    let now = Instant::now();
+    let mut c = coord(2, 2, false);
+    let ids = fill(&mut c, now);
+    let epoch = c.epoch();
+    assert_eq!(c.step_done(&done(ids[0], epoch, 1), now), Ok(None));
+    assert_eq!(c.barrier(ids[0], epoch, 1, now), None);
+    for &id in &ids[1..] {
+        c.step_done(&done(id, epoch, 1), now).expect("step");
+    }
+    assert!(c.barrier(ids[0], epoch, 1, now).expect("decided").proceed);
+    assert_eq!(c.committed(), 1);
+    assert_eq!(c.status(now).phase, Phase::Training);
+    assert_eq!(c.status(now).loss, Some(1.0));
+}
+
+#[test]
+fn checkpoints_are_written_by_one_replica_per_stage_and_end_the_run() {
+    let now = Instant::now();
+    let mut c = coord(2, 2, false);
+    let ids = fill(&mut c, now);
+    let epoch = c.epoch();
+    train(&mut c, &ids, epoch, 0, 3, now);
+    for &id in &ids {
+        c.step_done(&done(id, epoch, 4), now).expect("step");
+    }
+    let orders: Vec<Option<String>> = ids
+        .iter()
+        .map(|&id| c.barrier(id, epoch, 4, now).expect("decided").checkpoint)
+        .collect();
+    assert!(orders[0]
+        .as_deref()
+        .is_some_and(|d| d.ends_with(".tmp-step-00000004")));
+    assert_eq!(orders[1], None, "replica 1 does not write");
+    assert!(orders[2].is_some());
+    assert_eq!(orders[3], None);
+    assert_eq!(c.status(now).phase, Phase::Checkpointing);
+    assert_eq!(c.checkpoint_written(ids[0], 4), Ok(None));
+    assert_eq!(c.checkpoint_written(ids[2], 4), Ok(Some(4)));
+    c.checkpoint_committed(4, "/ck/step-00000004".into());
+    assert_eq!(c.status(now).checkpoint_step, Some(4));
+    train(&mut c, &ids, epoch, 4, 10, now);
+    assert_eq!(c.finished(), None, "the final checkpoint is still missing");
+    c.checkpoint_written(ids[0], 10).expect("written");
+    assert_eq!(c.checkpoint_written(ids[2], 10), Ok(Some(10)));
+    c.checkpoint_committed(10, "/ck/step-00000010".into());
+    assert_eq!(c.status(now).phase, Phase::Succeeded);
+    let w = c.wiring(ids[1], epoch).expect("ok").expect("the end");
+    assert_eq!(w.finished.as_deref(), Some("Succeeded"));
+}
+
+#[test]
+fn a_lost_worker_is_replaced_and_takes_its_state_from_a_live_replica() {
+    let now = Instant::now();
+    let mut c = coord(2, 2, false);
+    let ids = fill(&mut c, now);
+    let e1 = c.epoch();
+    train(&mut c, &ids, e1, 0, 5, now);
+    // Step 6: three workers finish it, stage 1 replica 1 dies mid-step.
+    for &id in &ids[..3] {
+        c.step_done(&done(id, e1, 6), now).expect("step");
+    }
+    assert!(c.lose(ids[3], now));
+    let e2 = c.epoch();
+    assert!(e2 > e1);
+    let b = c.barrier(ids[0], e1, 6, now).expect("decided");
+    assert!(!b.proceed, "the old epoch's barrier stops");
+    assert_eq!(c.status(now).reassignments, 1);
+    assert_eq!(c.wiring(ids[0], e1), Ok(None), "no plan with a vacancy");
+    let (new, shard) = c.register(reg(None, None, "new"), now).expect("volunteer");
+    assert_eq!(shard, Some((1, 1)), "a volunteer fills the vacancy");
+    // The survivors all completed step 6 (the lost worker died after its
+    // all-reduce), so the run goes on from 6: the newcomer gets the state
+    // of stage 1 replica 0.
+    for &id in &ids[..3] {
+        let w = c.wiring(id, e1).expect("ok").expect("plan");
+        assert_eq!((w.epoch, w.step, w.state), (e2, 6, StateSource::Held));
+        assert_eq!(w.upload, id == ids[2], "the donor uploads");
+    }
+    let w = c.wiring(new, e1).expect("ok").expect("plan");
+    assert_eq!((w.step, w.state), (6, StateSource::Replica));
+    assert_eq!(c.committed(), 6);
+}
+
+#[test]
+fn workers_a_step_apart_resume_from_the_earlier_step() {
+    let now = Instant::now();
+    let mut c = coord(2, 1, false);
+    let ids = fill(&mut c, now);
+    let e1 = c.epoch();
+    train(&mut c, &ids, e1, 0, 2, now);
+    // Stage 1 completes step 3 (it applies its update first); stage 0
+    // breaks off before it does.
+    c.step_done(&done(ids[1], e1, 3), now).expect("step");
+    let f = Failure {
+        worker: ids[0],
+        epoch: e1,
+        error: "link closed".into(),
+        fatal: false,
+    };
+    c.fail(&f, now).expect("reported");
+    let later = now + LEASE + Duration::from_millis(1);
+    for &id in &ids {
+        c.heartbeat(id, later).expect("alive");
+    }
+    c.expire(later);
+    for &id in &ids {
+        let w = c.wiring(id, e1).expect("ok").expect("plan");
+        assert_eq!(
+            (w.step, w.state),
+            (2, StateSource::Held),
+            "stage 1 rolls back"
+        );
+    }
+    assert_eq!(c.losses().len(), 2);
+}
+
+#[test]
+fn a_stage_without_survivors_goes_back_to_the_last_checkpoint() {
+    let now = Instant::now();
+    let mut c = coord(2, 1, false);
+    let ids = fill(&mut c, now);
+    let e1 = c.epoch();
+    train(&mut c, &ids, e1, 0, 3, now);
+    // Without a checkpoint: back to the seed.
+    c.lose(ids[1], now);
+    let (new, _) = c
+        .register(reg(Some(1), Some(0), "n"), now)
+        .expect("register");
+    let w = c.wiring(ids[0], e1).expect("ok").expect("plan");
+    assert_eq!((w.step, w.state), (0, StateSource::Init));
+    let e2 = w.epoch;
+    let ids = [ids[0], new];
+    train(&mut c, &ids, e2, 0, 4, now);
+    c.checkpoint_written(ids[0], 4).expect("written");
+    c.checkpoint_written(ids[1], 4).expect("written");
+    c.checkpoint_committed(4, "/ck/step-00000004".into());
+    train(&mut c, &ids, e2, 4, 6, now);
+    c.lose(ids[0], now);
+    c.register(reg(Some(0), Some(0), "m"), now)
+        .expect("register");
+    let w = c.wiring(ids[1], e2).expect("ok").expect("plan");
+    assert_eq!(w.step, 4);
+    assert_eq!(
+        w.state,
+        StateSource::Checkpoint {
+            dir: "/ck/step-00000004".into()
+        }
+    );
+}
+
+#[test]
+fn a_silent_worker_loses_its_slot_after_the_lease() {
+    let t0 = Instant::now();
+    let mut c = coord(1, 2, false);
+    let ids = fill(&mut c, t0);
+    let t1 = t0 + Duration::from_millis(1500);
+    c.heartbeat(ids[0], t1).expect("alive");
+    assert!(c.expire(t1).is_empty());
+    let t2 = t0 + Duration::from_millis(2500);
+    assert_eq!(c.expire(t2), vec![(0, 1)]);
+    assert_eq!(c.status(t2).stages[0].ready, 1);
+    assert_eq!(
+        c.heartbeat(ids[1], t2),
+        Err(CoordError::UnknownWorker(ids[1]))
+    );
+}
+
+#[test]
+fn a_broken_step_without_a_loss_rewires_after_a_lease() {
+    let t0 = Instant::now();
+    let mut c = coord(2, 1, false);
+    let ids = fill(&mut c, t0);
+    let e1 = c.epoch();
+    let f = Failure {
+        worker: ids[0],
+        epoch: e1,
+        error: "timed out".into(),
+        fatal: false,
+    };
+    c.fail(&f, t0).expect("reported");
+    let t1 = t0 + Duration::from_millis(2100);
+    for &id in &ids {
+        c.heartbeat(id, t1).expect("alive");
+    }
+    c.expire(t1);
+    let w = c.wiring(ids[1], e1).expect("ok").expect("a new plan");
+    assert!(w.epoch > e1);
+}
+
+#[test]
+fn a_fatal_failure_fails_the_run() {
+    let now = Instant::now();
+    let mut c = coord(2, 1, false);
+    let ids = fill(&mut c, now);
+    let f = Failure {
+        worker: ids[1],
+        epoch: c.epoch(),
+        error: "loss is NaN at step 3".into(),
+        fatal: true,
+    };
+    c.fail(&f, now).expect("reported");
+    let s = c.status(now);
+    assert_eq!(s.phase, Phase::Failed);
+    assert!(s.reason.contains("NaN"), "{}", s.reason);
+    let w = c.wiring(ids[0], 0).expect("ok").expect("the end");
+    assert_eq!(w.finished.as_deref(), Some("Failed"));
+    assert!(matches!(
+        c.register(reg(None, None, "late"), now),
+        Err(CoordError::Finished(Phase::Failed))
+    ));
+}
+
+#[test]
+fn volunteers_wait_as_standbys_and_fill_the_most_limiting_stage() {
+    let now = Instant::now();
+    let mut c = coord(2, 2, false);
+    let ids = fill(&mut c, now);
+    let (sb, shard) = c.register(reg(None, None, "spare"), now).expect("standby");
+    assert_eq!(shard, None);
+    assert_eq!(c.status(now).standby, 1);
+    assert_eq!(c.wiring(sb, 0), Ok(None));
+    c.lose(ids[2], now);
+    assert_eq!(
+        c.workers().get(&sb),
+        Some(&(1, 0)),
+        "the standby took the slot"
+    );
+    // Two vacancies, on stages with 1 and 0 live replicas: a volunteer
+    // goes to the emptier stage.
+    c.lose(ids[0], now);
+    c.lose(ids[1], now);
+    let (_, shard) = c.register(reg(None, None, "v"), now).expect("volunteer");
+    assert_eq!(shard.map(|s| s.0), Some(0));
+}
+
+#[test]
+fn a_restarted_coordinator_resumes_where_its_state_file_left_off() {
+    let now = Instant::now();
+    let mut c = coord(2, 1, false);
+    let ids = fill(&mut c, now);
+    let e1 = c.epoch();
+    train(&mut c, &ids, e1, 0, 3, now);
+    // Both workers finish step 4; the coordinator dies before it hears.
+    let saved = c.persisted();
+    let mut c = Coordinator::new(
+        "t",
+        layout(2, 1, false),
+        LEASE,
+        Some("/ck".into()),
+        Some(saved),
+    );
+    assert!(c.epoch() > e1);
+    assert_eq!(c.committed(), 3);
+    for (s, &id) in ids.iter().enumerate() {
+        let mut r = reg(Some(s), Some(0), &format!("w{s}"));
+        r.worker = Some(id);
+        r.completed = 4;
+        r.has_snapshot = true;
+        assert_eq!(c.register(r, now), Ok((id, Some((s, 0)))));
+    }
+    // Step 4's loss never arrived: everyone replays it from step 3.
+    let w = c.wiring(ids[0], e1).expect("ok").expect("plan");
+    assert_eq!((w.step, w.state), (3, StateSource::Held));
+    train(&mut c, &ids, w.epoch, 3, 4, now);
+    assert_eq!(c.losses().len(), 4);
+}
+
+#[test]
+fn after_a_restart_volunteers_do_not_take_the_shards_of_returning_workers() {
+    let now = Instant::now();
+    let mut c = coord(1, 2, false);
+    let ids = fill(&mut c, now);
+    let saved = c.persisted();
+    let mut c = Coordinator::new(
+        "t",
+        layout(1, 2, false),
+        LEASE,
+        Some("/ck".into()),
+        Some(saved),
+    );
+    let (vol, shard) = c
+        .register(reg(None, None, "volunteer"), now)
+        .expect("register");
+    assert_eq!(shard, None, "both slots are kept for their workers");
+    let mut back = reg(None, None, "w00");
+    back.worker = Some(ids[0]);
+    assert_eq!(c.register(back, now), Ok((ids[0], Some((0, 0)))));
+    // The other never comes back: after a lease the volunteer takes it.
+    c.heartbeat(ids[0], now + LEASE).expect("alive");
+    c.heartbeat(vol, now + LEASE).expect("alive");
+    c.expire(now);
+    c.expire(now + LEASE + Duration::from_millis(1));
+    assert_eq!(c.status(now).standby, 0);
+    assert_eq!(c.status(now).stages[0].ready, 2);
+}

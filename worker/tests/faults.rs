@@ -1,0 +1,225 @@
+//! Runs that lose processes: workers killed with SIGKILL, a coordinator
+//! killed and restarted, a volunteer that joins. Each must finish with the
+//! same per-step losses as an undisturbed run: recovery replays from a
+//! state every survivor holds, and sampling is a pure function of the step.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pipewright::coord::{Client, Phase};
+
+fn pipewright() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pipewright"))
+}
+
+fn write_inputs(dir: &Path, name: &str, stages: usize, replicas: usize, steps: u64) -> PathBuf {
+    let names = ["ada", "bo", "cy", "di", "ed"];
+    let mut text = String::new();
+    for i in 0..3000usize {
+        let a = names[i % names.len()];
+        let b = names[(i * 3 + 1) % names.len()];
+        text.push_str(&format!("{a} waves at {b} {} times.\n", i % 7 + 1));
+    }
+    std::fs::write(dir.join("corpus.txt"), text).expect("write corpus");
+    let yaml = format!(
+        r#"apiVersion: pipewright.dev/v1alpha1
+kind: TrainingRun
+metadata: {{name: {name}}}
+spec:
+  model: {{dim: 32, layers: 3, heads: 4, kvHeads: 2, ffnDim: 64, seqLen: 32, tiedEmbeddings: true}}
+  data: {{sources: ["{}"]}}
+  training: {{steps: {steps}, microBatchSize: 4, microBatches: 4, learningRate: 0.01, warmupSteps: 2, seed: 5, threads: 1}}
+  pipeline: {{stages: {stages}, replicas: {replicas}}}
+  checkpoint: {{every: 25}}
+"#,
+        dir.join("corpus.txt").display()
+    );
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml).expect("write manifest");
+    path
+}
+
+fn summary_losses(root: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(root.join("summary.json")).expect("summary.json");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    v["losses"]
+        .as_array()
+        .expect("losses")
+        .iter()
+        .map(|x| x.as_f64().expect("a number"))
+        .collect()
+}
+
+fn checkpoint_losses(root: &Path, step: u64) -> Vec<f64> {
+    let path = root.join(format!("step-{step:08}/meta.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    v["losses"]
+        .as_array()
+        .expect("losses")
+        .iter()
+        .map(|x| x.as_f64().expect("a number"))
+        .collect()
+}
+
+fn assert_same(a: &[f64], b: &[f64]) {
+    assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= 1e-6 * x.abs(), "step {i}: {x} vs {y}");
+    }
+}
+
+fn train_processes(manifest: &Path, out: &Path, extra: &[&str]) -> String {
+    let o = pipewright()
+        .args(["train", "--processes", "--quiet", "--out"])
+        .arg(out)
+        .args(extra)
+        .arg(manifest)
+        .output()
+        .expect("run pipewright");
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn killed_workers_are_replaced_and_the_run_trains_as_if_nothing_happened() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = write_inputs(dir.path(), "drill", 3, 2, 60);
+    train_processes(&m, &dir.path().join("clean"), &[]);
+    let out = train_processes(
+        &m,
+        &dir.path().join("drill"),
+        &["--kill-workers", "4", "--kill-seed", "11"],
+    );
+    assert!(out.contains("fault drill: 4 kill(s), 4 recovered"), "{out}");
+    assert!(out.contains("shard reassignments 4"), "{out}");
+    assert_same(
+        &summary_losses(&dir.path().join("clean")),
+        &summary_losses(&dir.path().join("drill")),
+    );
+    // The checkpoints written between kills are whole and agree too.
+    assert_same(
+        &checkpoint_losses(&dir.path().join("clean"), 60),
+        &checkpoint_losses(&dir.path().join("drill"), 60),
+    );
+}
+
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn coordinator(manifest: &Path, out: &Path, port: u16) -> Child {
+    pipewright()
+        .arg("coordinator")
+        .arg(manifest)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--out"])
+        .arg(out)
+        .env("PIPEWRIGHT_JOIN_TOKEN", "t0ken")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the coordinator")
+}
+
+fn worker(manifest: &Path, url: &str, shard: Option<(usize, usize)>) -> Child {
+    let mut c = pipewright();
+    c.arg("worker")
+        .arg(manifest)
+        .args(["--coordinator", url, "--threads", "1"]);
+    if let Some((s, r)) = shard {
+        c.args(["--stage", &s.to_string(), "--replica", &r.to_string()]);
+    }
+    c.env("PIPEWRIGHT_JOIN_TOKEN", "t0ken")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start a worker")
+}
+
+fn wait_for(client: &Client, what: &str, mut f: impl FnMut(&pipewright::coord::Status) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(s) = client.status() {
+            if f(&s) {
+                return;
+            }
+            assert_ne!(s.phase, Phase::Failed, "{}", s.reason);
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_restarted_coordinator_and_a_volunteer_keep_the_run_going() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = write_inputs(dir.path(), "restart", 2, 2, 120);
+    train_processes(&m, &dir.path().join("clean"), &[]);
+
+    let out = dir.path().join("run");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let client = Client::new(&url, "t0ken", Duration::from_secs(30));
+    let mut procs = Procs(vec![coordinator(&m, &out, port)]);
+    for s in 0..2 {
+        for r in 0..2 {
+            procs.0.push(worker(&m, &url, Some((s, r))));
+        }
+    }
+    wait_for(&client, "every shard", |s| {
+        s.shards.iter().all(|x| x.worker.is_some())
+    });
+    // A volunteer with neither manifest nor shard waits as a standby.
+    let volunteer = pipewright()
+        .args(["join", "--coordinator", &url, "--token", "t0ken"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("join");
+    procs.0.push(volunteer);
+    wait_for(&client, "training with a standby", |s| {
+        s.step >= 20 && s.standby == 1
+    });
+
+    // kill -9 the coordinator; a new one takes over from its state file.
+    let coord = &mut procs.0[0];
+    coord.kill().expect("kill the coordinator");
+    coord.wait().expect("reap");
+    std::thread::sleep(Duration::from_millis(300));
+    procs.0[0] = coordinator(&m, &out, port);
+    wait_for(&client, "training after the restart", |s| {
+        s.step >= 50 && s.phase == Phase::Training
+    });
+
+    // kill -9 a worker: the volunteer takes its shard.
+    let before = client.status().expect("status");
+    procs.0[3].kill().expect("kill a worker");
+    wait_for(&client, "the volunteer to step in", |s| {
+        s.reassignments > before.reassignments && s.standby == 0 && s.step > before.step + 5
+    });
+    wait_for(&client, "the end", |s| s.phase == Phase::Succeeded);
+    assert_same(
+        &checkpoint_losses(&dir.path().join("clean"), 120),
+        &checkpoint_losses(&out, 120),
+    );
+}

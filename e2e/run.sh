@@ -7,13 +7,17 @@
 # chart's ServiceAccount so that the chart's RBAC is what it gets.
 #
 # Scenarios:
-#   chart     helm lint/template, values schema, CRD in the chart = crds/
-#   install   helm install; the operator runs with the Deployment's own args
+#   chart     helm lint/template, values schema; the chart's CRD = crds/ = the
+#             operator's `crd` output
+#   install   helm install; RBAC; the operator runs with the Deployment's own
+#             args and answers /healthz, /readyz, /metrics
 #   place     a 3-stage x 2-replica run: coordinator + one pod per shard,
 #             GPU requests, replicas of a stage on distinct nodes, printer columns
 #   refuse    malformed manifests refused by the API server, naming the field
-#   replace   a deleted shard pod comes back within 5 s; a failed one is replaced
+#   replace   a deleted shard pod comes back within 5 s; a failed one is
+#             replaced; status, events and metrics record the moves
 #   delete    deleting the run leaves nothing it owned
+#   shutdown  SIGTERM: clean exit, lease released; helm uninstall
 #
 # Exits 0 with a SKIP line only when a tool cannot be built (no Go toolchain).
 # E2E_KEEP=1 keeps the cluster's directory (logs) after the run.

@@ -16,8 +16,13 @@
 #   refuse    malformed manifests refused by the API server, naming the field
 #   replace   a deleted shard pod comes back within 5 s; a failed one is
 #             replaced; status, events and metrics record the moves
+#   node lost a shard whose node goes NotReady moves to another node
+#   suspend   spec.suspend deletes the pods and keeps the rest; resuming
+#             brings them back
+#   failover  a standby replica takes the lease when the leader stops (clean
+#             exit on SIGTERM, lease released) and carries on
 #   delete    deleting the run leaves nothing it owned
-#   shutdown  SIGTERM: clean exit, lease released; helm uninstall
+#   shutdown  the last replica stops cleanly; helm uninstall
 #
 # Exits 0 with a SKIP line only when a tool cannot be built (no Go toolchain).
 # E2E_KEEP=1 keeps the cluster's directory (logs) after the run.
@@ -62,13 +67,13 @@ fi
 [[ -x $operator_bin ]] || fail "no $operator_bin"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/pipewright-e2e.XXXXXX")
-operator_pid=""
+declare -A op_pid=()
 cleanup() {
-    local rc=$?
-    if [[ -n $operator_pid ]]; then
-        kill "$operator_pid" 2>/dev/null || true
-        wait "$operator_pid" 2>/dev/null || true
-    fi
+    local rc=$? pid
+    for pid in "${op_pid[@]}"; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
     if [[ $rc -ne 0 && -n ${KUBECONFIG:-} ]]; then
         printf '\n--- pods, runs and events at the failure ---\n' >&2
         kubectl get pods -A -o wide >&2 2>&1 || true
@@ -76,7 +81,7 @@ cleanup() {
         kubectl get events -n "$run_ns" >&2 2>&1 || true
     fi
     if [[ $rc -ne 0 && -d $work ]]; then
-        for log in "$work/operator.log" "$work/cluster/logs/"*.log; do
+        for log in "$work/"operator-*.log "$work/cluster/logs/"*.log; do
             [[ -f $log ]] || continue
             printf '\n--- last lines of %s ---\n' "${log#"$work"/}" >&2
             tail -n 15 "$log" >&2
@@ -232,21 +237,24 @@ contexts:
   context: {cluster: e2e, user: operator, namespace: $system_ns}
 current-context: e2e
 EOF
-# Run the binary with the Deployment's own arguments and environment (ports
-# moved to free local ones), so that the chart and the binary agree.
-read -r metrics_port health_port < <(python3 -c '
-import socket
-s = [socket.socket() for _ in range(2)]
+# Operator replicas run the binary with the Deployment's own arguments and
+# environment (ports moved to free local ones), so the chart and the binary
+# must agree.
+free_ports() {
+    python3 - "$1" <<'EOF'
+import socket, sys
+s = [socket.socket() for _ in range(int(sys.argv[1]))]
 for x in s: x.bind(("127.0.0.1", 0))
-print(*(x.getsockname()[1] for x in s))')
+print(*(x.getsockname()[1] for x in s))
+EOF
+}
 k get deploy "$release" -n "$system_ns" -o json >"$work/deployment.json"
-python3 - "$work/deployment.json" "$work/operator.cmd" "$metrics_port" "$health_port" <<'EOF'
+python3 - "$work/deployment.json" "$work/operator.cmd" <<'EOF'
 import json, shlex, sys
 d = json.load(open(sys.argv[1]))
-sys.argv.pop(1)
 c = d["spec"]["template"]["spec"]["containers"][0]
 port = {p["name"]: str(p["containerPort"]) for p in c["ports"]}
-local = {port["metrics"]: sys.argv[2], port["health"]: sys.argv[3]}
+local = {port["metrics"]: "@METRICS@", port["health"]: "@HEALTH@"}
 args = []
 for a in c.get("args", []):
     for remote, mine in local.items():
@@ -254,29 +262,61 @@ for a in c.get("args", []):
     args.append(a)
 env = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
 env["POD_NAMESPACE"] = d["metadata"]["namespace"]
-env["POD_NAME"] = d["metadata"]["name"] + "-e2e"
-with open(sys.argv[1], "w") as f:
+with open(sys.argv[2], "w") as f:
     for name, value in env.items():
         f.write(f"export {name}={shlex.quote(value)}\n")
     f.write("args=(" + " ".join(shlex.quote(a) for a in args) + ")\n")
 EOF
-# shellcheck disable=SC1091
-(
-    source "$work/operator.cmd"
-    export KUBECONFIG=$work/operator.kubeconfig RUST_LOG="${RUST_LOG:-info}"
-    # shellcheck disable=SC2154 # args comes from operator.cmd
-    exec "$operator_bin" "${args[@]}"
-) >"$work/operator.log" 2>&1 &
-operator_pid=$!
+for flag in --leader-elect --metrics-addr --health-addr; do
+    grep -q -- "$flag" "$work/operator.cmd" || fail "the Deployment does not pass $flag"
+done
+declare -A op_metrics=() op_health=()
+# Starts operator replica $1; its identity (POD_NAME) is $release-$1.
+start_operator() {
+    local id=$1 metrics health
+    read -r metrics health <<<"$(free_ports 2)"
+    (
+        # shellcheck disable=SC1091
+        source "$work/operator.cmd"
+        export KUBECONFIG=$work/operator.kubeconfig RUST_LOG="${RUST_LOG:-info}"
+        export POD_NAME=$release-$id
+        mine=()
+        # shellcheck disable=SC2154 # args comes from operator.cmd
+        for arg in "${args[@]}"; do
+            arg=${arg//@METRICS@/$metrics}
+            mine+=("${arg//@HEALTH@/$health}")
+        done
+        exec "$operator_bin" "${mine[@]}"
+    ) >"$work/operator-$id.log" 2>&1 &
+    op_pid[$id]=$!
+    op_metrics[$id]=$metrics
+    op_health[$id]=$health
+}
+# Stops operator replica $1 with SIGTERM; it must exit 0 within 15 s.
+stop_operator() {
+    local id=$1 pid=${op_pid[$1]} rc=0 deadline=$((SECONDS + 15))
+    kill -TERM "$pid"
+    while kill -0 "$pid" 2>/dev/null; do
+        ((SECONDS < deadline)) || fail "operator $id did not stop within 15 s of SIGTERM"
+        sleep 0.2
+    done
+    wait "$pid" || rc=$?
+    unset "op_pid[$id]"
+    [[ $rc -eq 0 ]] || fail "operator $id exited with $rc on SIGTERM"
+}
+lease_holder() {
+    k get lease "$release" -n "$system_ns" -o jsonpath='{.spec.holderIdentity}' 2>/dev/null
+}
+holds_lease() { [[ $(lease_holder) == "$release-$1" ]]; }
+
+start_operator a
 sleep 1
-kill -0 "$operator_pid" 2>/dev/null || fail "the operator exited: $(cat "$work/operator.log")"
-if grep -q -- "--health-addr" "$work/operator.cmd"; then
-    eventually 30 "operator /readyz" curl -sf "http://127.0.0.1:$health_port/readyz"
-    curl -sf "http://127.0.0.1:$health_port/healthz" >/dev/null || fail "operator /healthz"
-    curl -sf "http://127.0.0.1:$metrics_port/metrics" >"$work/metrics.txt" || fail "operator /metrics"
-    ok "operator healthy, ready, serving metrics"
-fi
-ok "operator running as $sa (pid $operator_pid)"
+kill -0 "${op_pid[a]}" 2>/dev/null || fail "the operator exited: $(cat "$work/operator-a.log")"
+eventually 30 "operator /readyz" curl -sf "http://127.0.0.1:${op_health[a]}/readyz"
+curl -sf "http://127.0.0.1:${op_health[a]}/healthz" >/dev/null || fail "operator /healthz"
+curl -sf "http://127.0.0.1:${op_metrics[a]}/metrics" >/dev/null || fail "operator /metrics"
+eventually 15 "operator a holds the leader lease (holder: $(lease_holder))" holds_lease a
+ok "operator running as $sa: healthy, ready, serving metrics, leader"
 
 # --- place ---------------------------------------------------------------
 say "place: a 3-stage x 2-replica run"
@@ -405,8 +445,8 @@ ok "status.reassignments records $victim (Evicted)"
 eventually 15 "run back to Running (is $(phase))" is_phase Running
 eventually 15 "$shards shard pods Running" count_pods "$sel" "$shards"
 
-if [[ -s $work/metrics.txt ]]; then
-    curl -sf "http://127.0.0.1:$metrics_port/metrics" >"$work/metrics.txt" || fail "operator /metrics"
+if true; then
+    curl -sf "http://127.0.0.1:${op_metrics[a]}/metrics" >"$work/metrics.txt" || fail "operator /metrics"
     python3 - "$work/metrics.txt" "$chart/dashboards/pipewright.json" <<'EOF' || fail "operator metrics"
 import json, re, sys
 text = open(sys.argv[1]).read()
@@ -427,6 +467,68 @@ EOF
     ok "/metrics counts reconciles, the move, runs by phase; every operator metric the dashboard plots exists"
 fi
 
+# --- node lost -----------------------------------------------------------
+say "node lost: a shard's node stops reporting Ready"
+read -r victim old_uid old_node _ <<<"$(shard_pod 0 1)"
+# kwok stops playing the node's kubelet, and the node reports NotReady.
+k annotate node "$old_node" kwok.x-k8s.io/node- >/dev/null
+k patch node "$old_node" --subresource status --type strategic \
+    -p '{"status":{"conditions":[{"type":"Ready","status":"False","reason":"KubeletStopped","message":"stopped by the e2e tests"}]}}' >/dev/null
+t0=$(date +%s%N)
+eventually 15 "a Running replacement for $victim, whose node $old_node is NotReady" replaced 0 1 "$old_uid"
+ms=$((($(date +%s%N) - t0) / 1000000))
+read -r new_pod _ new_node _ <<<"$(shard_pod 0 1)"
+[[ $new_node != "$old_node" ]] || fail "the replacement of $victim is on the NotReady node $old_node"
+ok "$victim on NotReady $old_node -> $new_pod ($new_node) Running after ${ms} ms"
+eventually 10 "the move of $victim recorded in status.reassignments" recorded "$victim"
+ok "status.reassignments records $victim ($(moved_reason "$victim"))"
+node_ready() {
+    [[ $(k get node "$1" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}') == True ]]
+}
+# The node comes back: kwok plays it again and finishes its terminating pods.
+k annotate node "$old_node" kwok.x-k8s.io/node=fake >/dev/null
+eventually 30 "$old_node Ready again" node_ready "$old_node"
+eventually 15 "run back to Running (is $(phase))" is_phase Running
+
+# --- suspend -------------------------------------------------------------
+say "suspend: the pods go, everything else stays; resuming brings them back"
+live_pods() {
+    k get pods -n "$run_ns" -l "pipewright.dev/run=$run" \
+        -o jsonpath='{range .items[*]}{.metadata.name} {.metadata.deletionTimestamp}{"\n"}{end}' |
+        awk 'NF == 1' | wc -l
+}
+no_live_pods() { [[ $(live_pods) -eq 0 ]]; }
+k patch tr "$run" -n "$run_ns" --type merge -p '{"spec":{"suspend":true}}' >/dev/null
+eventually 15 "phase Suspended (is $(phase))" is_phase Suspended
+eventually 15 "no pods of the suspended run ($(live_pods) left)" no_live_pods
+for child in "service/$run-shards" "service/$run-coordinator" "configmap/$run-manifest" "secret/$run-key"; do
+    k get -n "$run_ns" "$child" >/dev/null || fail "suspending deleted $child"
+done
+ok "suspended: no pods; services, manifest and key kept"
+k patch tr "$run" -n "$run_ns" --type merge -p '{"spec":{"suspend":false}}' >/dev/null
+eventually 20 "$shards shard pods Running after resuming" count_pods "$sel" "$shards"
+eventually 10 "coordinator Running after resuming" count_pods "pipewright.dev/run=$run,pipewright.dev/role=coordinator" 1
+eventually 15 "phase Running after resuming (is $(phase))" is_phase Running
+ok "resumed: coordinator and $shards shard pods Running"
+
+# --- failover ------------------------------------------------------------
+say "failover: a standby operator takes over when the leader stops"
+start_operator b
+eventually 30 "operator b /healthz" curl -sf "http://127.0.0.1:${op_health[b]}/healthz"
+sleep 2
+holds_lease a || fail "the lease moved to $(lease_holder) while operator a runs"
+ok "operator b runs as a standby; a keeps the lease"
+stop_operator a
+! holds_lease a || fail "operator a still holds the lease after stopping"
+ok "operator a stopped cleanly on SIGTERM and released the lease"
+t0=$(date +%s%N)
+eventually 20 "operator b takes the lease (holder: $(lease_holder))" holds_lease b
+ok "operator b leads after $((($(date +%s%N) - t0) / 1000000)) ms"
+read -r victim old_uid old_node _ <<<"$(shard_pod 2 0)"
+k delete pod -n "$run_ns" "$victim" --wait=false >/dev/null
+eventually 10 "operator b replaces deleted pod $victim" replaced 2 0 "$old_uid"
+ok "operator b replaced $victim"
+
 # --- delete --------------------------------------------------------------
 say "delete: the run and everything it owns"
 k delete tr -n "$run_ns" "$run" --wait=false >/dev/null
@@ -440,32 +542,13 @@ none_left() { [[ -z $(leftovers) ]]; }
 eventually 60 "children of the deleted run gone: $(leftovers | awk '{print $1}' | tr '\n' ' ')" none_left
 ok "no pod, service, config map, secret or disruption budget of $run remains"
 
-kill -0 "$operator_pid" 2>/dev/null || fail "the operator died during the tests"
+kill -0 "${op_pid[b]}" 2>/dev/null || fail "operator b died during the tests"
 
 # --- shutdown ------------------------------------------------------------
-say "shutdown: the operator stops on SIGTERM and hands its lease back; helm uninstall"
-lease_holder() {
-    k get lease -n "$system_ns" -o jsonpath='{range .items[*]}{.metadata.name}={.spec.holderIdentity}{"\n"}{end}'
-}
-if grep -q -- "--leader-elect" "$work/operator.cmd"; then
-    grep -q "=$release-e2e$" <<<"$(lease_holder)" || fail "the operator does not hold a lease: $(lease_holder)"
-fi
-kill -TERM "$operator_pid"
-stop_deadline=$((SECONDS + 15))
-while kill -0 "$operator_pid" 2>/dev/null; do
-    ((SECONDS < stop_deadline)) || fail "the operator did not stop within 15 s of SIGTERM"
-    sleep 0.2
-done
-operator_rc=0
-wait "$operator_pid" || operator_rc=$?
-operator_pid=""
-[[ $operator_rc -eq 0 ]] || fail "the operator exited with $operator_rc on SIGTERM"
-if grep -q -- "--leader-elect" "$work/operator.cmd"; then
-    ! grep -q "=$release-e2e$" <<<"$(lease_holder)" || fail "the lease is still held after shutdown: $(lease_holder)"
-    ok "stopped cleanly on SIGTERM and released the lease"
-else
-    ok "stopped cleanly on SIGTERM"
-fi
+say "shutdown: the last operator stops; helm uninstall"
+stop_operator b
+! holds_lease b || fail "operator b still holds the lease after stopping"
+ok "operator b stopped cleanly on SIGTERM and released the lease"
 helm uninstall "$release" -n "$system_ns" --wait --timeout 60s >/dev/null
 for object in "clusterrole/$release" "clusterrolebinding/$release" "deploy/$release -n $system_ns" \
     "serviceaccount/$release -n $system_ns"; do
@@ -474,8 +557,12 @@ for object in "clusterrole/$release" "clusterrolebinding/$release" "deploy/$rele
 done
 k get crd trainingruns.pipewright.dev >/dev/null || fail "helm uninstall removed the CRD (and every run with it)"
 ok "helm uninstall removes the operator and its RBAC, keeps the CRD"
-if grep -E ' (ERROR|WARN) ' "$work/operator.log" | grep -v 'NotFound' >"$work/warnings.log"; then
-    printf '    operator warnings:\n'
-    head -n 20 "$work/warnings.log" | sed 's/^/      /'
+# Warnings of the operator replicas, once each, for whoever reads the log;
+# events about a run already deleted are expected and left out.
+sed 's/\x1b\[[0-9;]*m//g' "$work/"operator-*.log | grep -E '^\S+ +(ERROR|WARN) ' |
+    grep -v 'not found in local store' | sed -E 's/^\S+ +//' | sort | uniq -c | sort -rn >"$work/warnings.log" || true
+if [[ -s $work/warnings.log ]]; then
+    printf '    operator warnings (count, message):\n'
+    head -n 10 "$work/warnings.log" | cut -c1-300 | sed 's/^/      /'
 fi
 say "all end-to-end scenarios passed in $((SECONDS - started)) s"

@@ -260,6 +260,46 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
             recoveries.last().map_or("-".into(), |m| format!("{m:.2}s")),
         );
     }
+    let efficiency = pipeline_efficiency(manifest, &status);
+    if let Some((measured, bound)) = efficiency {
+        println!(
+            "  pipeline efficiency        {:.1}% of the {} bound ({:.1} ms per step measured, {:.1} ms from measured stage times)",
+            100.0 * bound / measured,
+            serde_json::to_value(manifest.spec.pipeline.schedule)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            measured * 1e3,
+            bound * 1e3
+        );
+    }
+    // Score the final checkpoint the workers wrote, as a single-process run
+    // scores its model.
+    let mut loaded = crate::checkpoint::load(opts.root)
+        .with_context(|| format!("loading the final checkpoint in {}", opts.root.display()))?;
+    let corpus = crate::data::Corpus::load(&manifest.spec.data, &loaded.tokenizer)?;
+    let eval = crate::train::evaluate(
+        &mut loaded.stages,
+        &corpus,
+        manifest.spec.training.eval_batches,
+        manifest.spec.training.micro_batch_size,
+    )?;
+    let unigram = corpus.unigram_bits_per_byte();
+    println!(
+        "  validation loss            {:.4} nats/token ({} tokens)",
+        eval.loss, eval.tokens
+    );
+    println!("  validation bits per byte   {:.3}", eval.bits_per_byte);
+    println!("  unigram entropy            {unigram:.3} bits per byte (order-0 baseline)");
+    println!(
+        "  model vs baseline          {:.3} bits per byte {}",
+        (unigram - eval.bits_per_byte).abs(),
+        if eval.bits_per_byte < unigram {
+            "below"
+        } else {
+            "ABOVE"
+        }
+    );
     if let Some(step) = status.checkpoint_step {
         println!(
             "  checkpoint                 {}",
@@ -267,6 +307,12 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
         );
     }
     let summary = json!({
+        "val_loss": eval.loss,
+        "val_bits_per_byte": eval.bits_per_byte,
+        "unigram_bits_per_byte": unigram,
+        "processes": shards,
+        "step_seconds_measured": efficiency.map(|e| e.0),
+        "step_seconds_bound": efficiency.map(|e| e.1),
         "name": manifest.metadata.name,
         "steps": steps,
         "seconds": elapsed,
@@ -284,4 +330,48 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
         bail!("a fault drill kill was never recovered from");
     }
     Ok(())
+}
+
+/// Mean step time measured against the schedule's theoretical bound from
+/// the stages' measured compute times: each stage's forward and backward
+/// time per micro-batch (split 1 : 1 : 1 between forward, input gradient
+/// and weight gradient; only their sum matters for GPipe and 1F1B) and its
+/// optimizer update. `None` before any step was timed.
+fn pipeline_efficiency(
+    manifest: &TrainingRun,
+    status: &crate::coord::Status,
+) -> Option<(f64, f64)> {
+    use crate::schedule::{theoretical_bound, OpCosts, StageCosts};
+    let m = manifest.spec.training.micro_batches;
+    let mut stages = Vec::new();
+    let mut update = 0.0f64;
+    let mut measured = 0.0f64;
+    for st in 0..status.stages.len() {
+        let shards: Vec<&crate::coord::state::ShardStatus> =
+            status.shards.iter().filter(|s| s.stage == st).collect();
+        let busy = shards.iter().map(|s| s.mean_seconds[1]).fold(0.0, f64::max);
+        update = shards
+            .iter()
+            .map(|s| s.mean_seconds[2])
+            .fold(update, f64::max);
+        measured = shards
+            .iter()
+            .map(|s| s.mean_seconds[0])
+            .fold(measured, f64::max);
+        let t = busy / m as f64 / 3.0;
+        stages.push(OpCosts {
+            forward: t,
+            backward_input: t,
+            backward_weight: t,
+        });
+    }
+    if measured <= 0.0 {
+        return None;
+    }
+    let costs = StageCosts {
+        stages,
+        link_latency: 0.0,
+    };
+    let bound = theoretical_bound(manifest.spec.pipeline.schedule, m, &costs) + update;
+    Some((measured, bound))
 }

@@ -490,6 +490,7 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
                         grad_norm: s.grad_norm,
                         seconds: s.seconds,
                         busy_seconds: s.busy_seconds,
+                        update_seconds: s.update_seconds,
                     });
                     let barrier = match barrier {
                         Ok(b) => b,

@@ -105,8 +105,11 @@ pub struct StepDone {
     pub grad_norm: f64,
     /// Wall time of the step.
     pub seconds: f64,
-    /// Seconds of that spent computing (the rest waited on peers).
+    /// Seconds of that spent in the schedule's forwards and backwards.
     pub busy_seconds: f64,
+    /// Seconds spent in the optimizer update.
+    #[serde(default)]
+    pub update_seconds: f64,
 }
 
 /// Answer to [`StepDone`].

@@ -169,11 +169,14 @@ impl Metrics {
     }
 }
 
+/// Stage states handed from a live replica to a new one, by (epoch, stage).
+type Handoffs = HashMap<(u64, usize), Arc<Vec<u8>>>;
+
 struct Shared {
     coord: Mutex<Coordinator>,
     changed: Condvar,
     config: Config,
-    handoff: Mutex<HashMap<(u64, usize), Arc<Vec<u8>>>>,
+    handoff: Mutex<Handoffs>,
     metrics: Metrics,
     written: Mutex<Option<Persisted>>,
 }

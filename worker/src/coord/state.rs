@@ -100,6 +100,10 @@ struct Slot {
     has_snapshot: bool,
     step_seconds: f64,
     busy_seconds: f64,
+    /// Sums over this slot's steps after its first: wall, busy, update.
+    sums: [f64; 3],
+    counted: u64,
+    reported: u64,
 }
 
 impl Slot {
@@ -175,6 +179,9 @@ pub struct ShardStatus {
     pub step_seconds: f64,
     /// Of that, time spent computing.
     pub busy_seconds: f64,
+    /// Mean over its steps (the first left out) of: wall time, time in
+    /// forwards and backwards, time in the optimizer update.
+    pub mean_seconds: [f64; 3],
 }
 
 /// One stage's line in the status.
@@ -482,6 +489,9 @@ impl Coordinator {
             has_snapshot: req.has_snapshot,
             step_seconds: 0.0,
             busy_seconds: 0.0,
+            sums: [0.0; 3],
+            counted: 0,
+            reported: 0,
         });
         self.make_plan();
     }
@@ -780,7 +790,7 @@ impl Coordinator {
         let every = self.layout.checkpoint_every;
         self.checkpoint_root.is_some()
             && step > 0
-            && (step == self.layout.steps || (every > 0 && step % every == 0))
+            && (step == self.layout.steps || (every > 0 && step.is_multiple_of(every)))
             && self.checkpoint.as_ref().is_none_or(|c| c.0 < step)
     }
 
@@ -798,6 +808,14 @@ impl Coordinator {
                 s.last_seen = now;
                 s.step_seconds = d.seconds;
                 s.busy_seconds = d.busy_seconds;
+                s.reported += 1;
+                // The first step of a worker pays for warm-up; leave it out.
+                if s.reported > 1 {
+                    s.sums[0] += d.seconds;
+                    s.sums[1] += d.busy_seconds;
+                    s.sums[2] += d.update_seconds;
+                    s.counted += 1;
+                }
             }
             self.started_training = true;
             if let Some(loss) = d.loss {
@@ -977,6 +995,10 @@ impl Coordinator {
                         .map(|s| now.saturating_duration_since(s.last_seen).as_secs_f64()),
                     step_seconds: slot.as_ref().map_or(0.0, |s| s.step_seconds),
                     busy_seconds: slot.as_ref().map_or(0.0, |s| s.busy_seconds),
+                    mean_seconds: slot.as_ref().map_or([0.0; 3], |s| {
+                        let n = s.counted.max(1) as f64;
+                        [s.sums[0] / n, s.sums[1] / n, s.sums[2] / n]
+                    }),
                 }
             })
             .collect();

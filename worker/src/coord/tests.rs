@@ -66,6 +66,7 @@ fn done(worker: u64, epoch: u64, completed: u64) -> StepDone {
         grad_norm: 1.0,
         seconds: 0.1,
         busy_seconds: 0.08,
+        update_seconds: 0.01,
     }
 }
 

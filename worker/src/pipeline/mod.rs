@@ -160,8 +160,10 @@ pub struct WorkerStep {
     pub grad_norm: f64,
     /// Wall time of the step on this worker.
     pub seconds: f64,
-    /// Of that, time spent computing (the rest waited on peers).
+    /// Of that, time spent in the schedule's forwards and backwards.
     pub busy_seconds: f64,
+    /// Time spent in the optimizer update.
+    pub update_seconds: f64,
 }
 
 /// Binds every listener of an `stages × replicas` layout on loopback and
@@ -662,7 +664,7 @@ impl StageWorker {
         self.opt
             .step(&mut self.stage.params_mut(), &self.optim, lr, clip);
         self.stage.zero_grad();
-        self.busy += t.elapsed();
+        let update = t.elapsed();
         self.step += 1;
         Ok(WorkerStep {
             step,
@@ -670,6 +672,7 @@ impl StageWorker {
             grad_norm,
             seconds: start.elapsed().as_secs_f64(),
             busy_seconds: self.busy.as_secs_f64(),
+            update_seconds: update.as_secs_f64(),
         })
     }
 

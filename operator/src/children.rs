@@ -1,30 +1,43 @@
 //! The Kubernetes objects a `TrainingRun` consists of, computed from the run
-//! alone so that reconciling is "compute, then apply" and the computation is
-//! tested without an API server.
+//! (and, for shard pods, from what its status remembers) so that reconciling
+//! is "compute, then apply" and the computation is tested without an API
+//! server.
 //!
 //! Per run:
 //! - a ConfigMap holding the manifest in its local-mode form, so every
 //!   process reads the same file through the same loader as `pipewright train`;
-//! - the coordinator: one Pod and a Service in front of it;
-//! - a headless Service giving every shard pod a stable DNS name
-//!   (`<pod>.<run>-shards.<namespace>.svc`) that exists before the pod is
-//!   ready, because neighbours connect to each other while starting;
-//! - one Pod per shard (stage × replica).
+//! - a Secret with the run key and the join token (created once, never
+//!   re-applied);
+//! - the coordinator: one Pod (`pipewright coordinator`) and a Service in
+//!   front of it;
+//! - a headless Service giving every shard pod a DNS name
+//!   (`<pod>.<run>-shards.<namespace>.svc`) that it advertises to the
+//!   coordinator, which wires the workers to each other;
+//! - one Pod per shard (stage × replica, `pipewright worker`), named
+//!   `<run>-s<stage>-r<replica>` and, after the shard moved `n` times,
+//!   `<run>-s<stage>-r<replica>-a<n>`;
+//! - one PodDisruptionBudget per stage with two or more replicas.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    Pod, PodAffinity, PodAffinityTerm, PodAntiAffinity, PodSpec, ResourceRequirements, Secret,
-    SecretKeySelector, Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
-    WeightedPodAffinityTerm,
+    Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, NodeAffinity, NodeSelector, NodeSelectorRequirement,
+    NodeSelectorTerm, Pod, PodAffinity, PodAffinityTerm, PodAntiAffinity, PodSpec, Probe,
+    ResourceRequirements, Secret, SecretKeySelector, Service, ServicePort, ServiceSpec, Toleration,
+    Volume, VolumeMount, WeightedPodAffinityTerm,
 };
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     LabelSelector, LabelSelectorRequirement, ObjectMeta, OwnerReference,
 };
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
-use pipewright_spec::{Metadata, TrainingRun, TrainingRunResource, API_VERSION, KIND};
+use pipewright_spec::{
+    validate, Metadata, PlacementSpec, TrainingRun, TrainingRunResource, TrainingRunSpec,
+    API_VERSION, KIND,
+};
 
 /// Label naming the run an object belongs to.
 pub const LABEL_RUN: &str = "pipewright.dev/run";
@@ -34,35 +47,48 @@ pub const LABEL_ROLE: &str = "pipewright.dev/role";
 pub const LABEL_STAGE: &str = "pipewright.dev/stage";
 /// Label holding a shard pod's replica within its stage.
 pub const LABEL_REPLICA: &str = "pipewright.dev/replica";
+/// Label holding how many times a shard had moved when its pod was made.
+pub const LABEL_ATTEMPT: &str = "pipewright.dev/attempt";
 /// Role of the coordinator pod.
 pub const ROLE_COORDINATOR: &str = "coordinator";
 /// Role of a shard pod.
 pub const ROLE_SHARD: &str = "shard";
 
-/// Port the coordinator serves workers on.
-pub const COORDINATOR_PORT: i32 = 7400;
-/// Port a shard accepts its previous stage's link on.
-pub const LINK_PORT: i32 = 7401;
-/// Port a shard accepts its previous ring neighbour (same stage) on.
-pub const RING_PORT: i32 = 7402;
+/// Port the coordinator serves workers and `/status` on.
+pub const COORDINATOR_PORT: i32 = 7070;
+/// Port a shard accepts pipeline links (from its neighbour stages) on.
+pub const LINK_PORT: i32 = 7071;
+/// Port a shard accepts its ring neighbour (same stage) on.
+pub const RING_PORT: i32 = 7072;
 /// Directory the manifest ConfigMap is mounted at.
 pub const MANIFEST_DIR: &str = "/etc/pipewright";
 /// File name of the manifest inside [`MANIFEST_DIR`].
 pub const MANIFEST_FILE: &str = "run.yaml";
+/// Directory of the coordinator's durable state (ledger, registrations).
+pub const STATE_DIR: &str = "/var/lib/pipewright";
 /// Key of the run key inside the run's Secret.
 pub const RUN_KEY_FIELD: &str = "runKey";
-/// Environment variable the worker reads the run key from (64 hex digits).
+/// Key of the join token inside the run's Secret.
+pub const JOIN_TOKEN_FIELD: &str = "joinToken";
+/// Environment variable the coordinator reads the run key from (64 hex digits).
 pub const RUN_KEY_ENV: &str = "PIPEWRIGHT_RUN_KEY";
+/// Environment variable coordinator and workers read the join token from.
+pub const JOIN_TOKEN_ENV: &str = "PIPEWRIGHT_JOIN_TOKEN";
 /// Extended resource requested for GPUs.
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// Node label that tells nodes apart: replicas of one stage never share one.
+pub const HOSTNAME_KEY: &str = "kubernetes.io/hostname";
+/// Longest name a pod host name or a Service may have.
+const MAX_LABEL: usize = 63;
 
 /// Operator-wide settings that shape the children but are not part of a run's
 /// spec (they describe the cluster, not the training).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
-    /// Container image holding the `pipewright` binary.
+    /// Container image holding the `pipewright` binary (its entry point).
     pub image: String,
-    /// GPUs each shard pod requests; 0 runs shards on CPU.
+    /// GPUs each shard pod requests when the run does not say
+    /// (`spec.placement.gpusPerWorker`); 0 runs shards on CPU.
     pub gpus_per_shard: u32,
 }
 
@@ -76,6 +102,10 @@ pub enum ChildrenError {
     /// The run has no UID yet, so children cannot name it as their owner.
     #[error("run {0:?} has no uid; it has not been stored by the API server")]
     NotStored(String),
+    /// The spec breaks a rule of the manifest (the CRD's rules normally stop
+    /// such a run at the API server; an older CRD may not have).
+    #[error("invalid spec: {0}")]
+    Invalid(String),
     /// A child's name would not be a valid DNS label (pod host names and
     /// service names are limited to 63 characters).
     #[error(
@@ -97,7 +127,8 @@ pub enum ChildrenError {
     },
 }
 
-/// All children of one run.
+/// The children of a run that do not change while it runs (everything but
+/// the shard pods and the Secret).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Children {
     /// The manifest, mounted into every pod.
@@ -106,17 +137,17 @@ pub struct Children {
     pub shard_service: Service,
     /// Service in front of the coordinator pod.
     pub coordinator_service: Service,
+    /// One budget per stage with two or more replicas.
+    pub disruption_budgets: Vec<PodDisruptionBudget>,
     /// The coordinator pod.
     pub coordinator: Pod,
-    /// One pod per shard, stage-major (stage 0 replicas first).
-    pub shards: Vec<Pod>,
 }
 
 /// Name of the ConfigMap holding a run's manifest.
 pub fn manifest_name(run: &str) -> String {
     format!("{run}-manifest")
 }
-/// Name of the Secret holding a run's link-authentication key.
+/// Name of the Secret holding a run's key and join token.
 pub fn run_key_name(run: &str) -> String {
     format!("{run}-key")
 }
@@ -128,84 +159,500 @@ pub fn shard_service_name(run: &str) -> String {
 pub fn coordinator_name(run: &str) -> String {
     format!("{run}-coordinator")
 }
-/// Name (and host name) of the pod of shard (`stage`, `replica`).
-pub fn shard_pod_name(run: &str, stage: usize, replica: usize) -> String {
-    format!("{run}-s{stage}-r{replica}")
+/// Name of the disruption budget of one stage.
+pub fn budget_name(run: &str, stage: usize) -> String {
+    format!("{run}-s{stage}")
 }
-
-/// Per-run names and addresses shared by every child.
-struct Names<'a> {
-    run: &'a str,
-    namespace: &'a str,
-}
-
-impl Names<'_> {
-    /// DNS name and link port of shard (`stage`, `replica`).
-    fn shard_address(&self, stage: usize, replica: usize, port: i32) -> String {
-        format!(
-            "{}.{}.{}.svc:{port}",
-            shard_pod_name(self.run, stage, replica),
-            shard_service_name(self.run),
-            self.namespace
-        )
-    }
-    fn coordinator_address(&self) -> String {
-        format!(
-            "{}.{}.svc:{COORDINATOR_PORT}",
-            coordinator_name(self.run),
-            self.namespace
-        )
+/// Name (and host name) of the pod of shard (`stage`, `replica`) after it
+/// moved `attempt` times.
+pub fn shard_pod_name(run: &str, stage: usize, replica: usize, attempt: u32) -> String {
+    if attempt == 0 {
+        format!("{run}-s{stage}-r{replica}")
+    } else {
+        format!("{run}-s{stage}-r{replica}-a{attempt}")
     }
 }
+/// Base URL of a run's coordinator, as workers and the operator reach it.
+pub fn coordinator_url(run: &str, namespace: &str) -> String {
+    format!(
+        "http://{}.{namespace}.svc:{COORDINATOR_PORT}",
+        coordinator_name(run)
+    )
+}
 
-/// The children `run` should have, given the operator's `settings`.
-///
-/// # Errors
-/// [`ChildrenError`] when the run lacks a namespace or uid, when a child
-/// name would be too long, or when the manifest cannot be rendered.
-pub fn desired_children(
-    run: &TrainingRunResource,
-    settings: &Settings,
-) -> Result<Children, ChildrenError> {
-    let name = run.name_any();
-    let namespace = run
-        .namespace()
-        .ok_or_else(|| ChildrenError::NoNamespace(name.clone()))?;
-    let owner = run
-        .controller_owner_ref(&())
-        .ok_or_else(|| ChildrenError::NotStored(name.clone()))?;
-    let names = Names {
-        run: &name,
-        namespace: &namespace,
-    };
-    let stages = run.spec.pipeline.stages;
-    let replicas = run.spec.pipeline.replicas;
-    for child in [
-        shard_service_name(&name),
-        coordinator_name(&name),
-        shard_pod_name(&name, stages.saturating_sub(1), replicas.saturating_sub(1)),
-    ] {
-        if child.len() > 63 {
-            return Err(ChildrenError::NameTooLong {
-                run: name.clone(),
-                name: child,
+/// A run checked for being buildable, with what every child shares.
+pub struct Blueprint<'a> {
+    run: &'a TrainingRunResource,
+    settings: &'a Settings,
+    name: String,
+    namespace: String,
+    owner: OwnerReference,
+}
+
+impl<'a> Blueprint<'a> {
+    /// Checks that `run` can have children: stored (namespace and uid), a
+    /// valid spec, and names that fit even after the last reassignment the
+    /// spec allows.
+    ///
+    /// # Errors
+    /// [`ChildrenError`] naming the problem.
+    pub fn new(
+        run: &'a TrainingRunResource,
+        settings: &'a Settings,
+    ) -> Result<Self, ChildrenError> {
+        let name = run.name_any();
+        let namespace = run
+            .namespace()
+            .ok_or_else(|| ChildrenError::NoNamespace(name.clone()))?;
+        let owner = run
+            .controller_owner_ref(&())
+            .ok_or_else(|| ChildrenError::NotStored(name.clone()))?;
+        let mut manifest = local_manifest(&name, run);
+        // Checked whole: the Kubernetes-only fields have rules too.
+        manifest.spec = run.spec.clone();
+        if let Err(errors) = validate(&manifest) {
+            let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            return Err(ChildrenError::Invalid(text.join("; ")));
+        }
+        let pipeline = &run.spec.pipeline;
+        for child in [
+            shard_service_name(&name),
+            coordinator_name(&name),
+            shard_pod_name(
+                &name,
+                pipeline.stages.saturating_sub(1),
+                pipeline.replicas.saturating_sub(1),
+                run.spec.placement.max_reassignments,
+            ),
+        ] {
+            if child.len() > MAX_LABEL {
+                return Err(ChildrenError::NameTooLong {
+                    run: name.clone(),
+                    name: child,
+                });
+            }
+        }
+        Ok(Self {
+            run,
+            settings,
+            name,
+            namespace,
+            owner,
+        })
+    }
+
+    /// The run's spec.
+    pub fn spec(&self) -> &TrainingRunSpec {
+        &self.run.spec
+    }
+
+    /// The children other than shard pods and the Secret.
+    ///
+    /// # Errors
+    /// [`ChildrenError::Manifest`] when the manifest cannot be rendered.
+    pub fn children(&self) -> Result<Children, ChildrenError> {
+        let replicas = self.run.spec.pipeline.replicas;
+        let disruption_budgets = if replicas >= 2 {
+            (0..self.run.spec.pipeline.stages)
+                .map(|stage| self.disruption_budget(stage, replicas))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Children {
+            manifest: self.manifest_config_map()?,
+            shard_service: self.shard_service(),
+            coordinator_service: self.coordinator_service(),
+            disruption_budgets,
+            coordinator: self.coordinator_pod(),
+        })
+    }
+
+    fn meta(&self, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(vec![self.owner.clone()]),
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn labels(&self, extra: &[(&str, String)]) -> BTreeMap<String, String> {
+        labels(&self.name, extra)
+    }
+
+    fn manifest_config_map(&self) -> Result<ConfigMap, ChildrenError> {
+        let yaml = serde_saphyr::to_string(&local_manifest(&self.name, self.run)).map_err(|e| {
+            ChildrenError::Manifest {
+                run: self.name.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        Ok(ConfigMap {
+            metadata: self.meta(manifest_name(&self.name), self.labels(&[])),
+            data: Some(BTreeMap::from([(MANIFEST_FILE.to_owned(), yaml)])),
+            ..ConfigMap::default()
+        })
+    }
+
+    fn shard_service(&self) -> Service {
+        Service {
+            metadata: self.meta(shard_service_name(&self.name), self.labels(&[])),
+            spec: Some(ServiceSpec {
+                cluster_ip: Some("None".to_owned()),
+                // A worker advertises its DNS name while it starts, before it
+                // is ready; the record must exist from the start.
+                publish_not_ready_addresses: Some(true),
+                selector: Some(self.labels(&[(LABEL_ROLE, ROLE_SHARD.to_owned())])),
+                ports: Some(vec![
+                    service_port("link", LINK_PORT),
+                    service_port("ring", RING_PORT),
+                ]),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        }
+    }
+
+    fn coordinator_service(&self) -> Service {
+        Service {
+            metadata: self.meta(coordinator_name(&self.name), self.labels(&[])),
+            spec: Some(ServiceSpec {
+                selector: Some(self.labels(&[(LABEL_ROLE, ROLE_COORDINATOR.to_owned())])),
+                ports: Some(vec![service_port("coordinator", COORDINATOR_PORT)]),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        }
+    }
+
+    /// At most one replica of a stage may be taken down voluntarily (a node
+    /// drain) at a time: `minAvailable` is replicas − 1. Pods without a
+    /// scalable controller only allow an integer `minAvailable`. A budget of
+    /// all replicas would block drains for the whole run, and a stage with one
+    /// replica gets none, since its budget could never allow an eviction; the
+    /// operator moves an evicted shard to another node either way. Unhealthy
+    /// pods may always be evicted, so a broken shard never blocks a drain.
+    fn disruption_budget(&self, stage: usize, replicas: usize) -> PodDisruptionBudget {
+        let min_available = i32::try_from(replicas - 1).unwrap_or(i32::MAX);
+        PodDisruptionBudget {
+            metadata: self.meta(
+                budget_name(&self.name, stage),
+                self.labels(&[(LABEL_STAGE, stage.to_string())]),
+            ),
+            spec: Some(PodDisruptionBudgetSpec {
+                min_available: Some(IntOrString::Int(min_available)),
+                selector: Some(LabelSelector {
+                    match_labels: Some(self.shard_selector(stage)),
+                    ..LabelSelector::default()
+                }),
+                unhealthy_pod_eviction_policy: Some("AlwaysAllow".to_owned()),
+                ..PodDisruptionBudgetSpec::default()
+            }),
+            ..PodDisruptionBudget::default()
+        }
+    }
+
+    fn shard_selector(&self, stage: usize) -> BTreeMap<String, String> {
+        self.labels(&[
+            (LABEL_ROLE, ROLE_SHARD.to_owned()),
+            (LABEL_STAGE, stage.to_string()),
+        ])
+    }
+
+    /// The Secret holding the run key (`key_hex`: 64 hex digits) and the join
+    /// token workers present to the coordinator. Created once and never
+    /// re-applied, since new values would cut every running link.
+    pub fn secret(&self, key_hex: String, join_token: String) -> Secret {
+        Secret {
+            metadata: self.meta(run_key_name(&self.name), self.labels(&[])),
+            string_data: Some(BTreeMap::from([
+                (RUN_KEY_FIELD.to_owned(), key_hex),
+                (JOIN_TOKEN_FIELD.to_owned(), join_token),
+            ])),
+            ..Secret::default()
+        }
+    }
+
+    fn coordinator_pod(&self) -> Pod {
+        let placement = &self.run.spec.placement;
+        let mut container = self.container(
+            "coordinator",
+            vec![
+                "coordinator".to_owned(),
+                manifest_path(),
+                "--listen".to_owned(),
+                format!("0.0.0.0:{COORDINATOR_PORT}"),
+                "--state".to_owned(),
+                STATE_DIR.to_owned(),
+            ],
+            vec![
+                self.secret_env(RUN_KEY_ENV, RUN_KEY_FIELD),
+                self.secret_env(JOIN_TOKEN_ENV, JOIN_TOKEN_FIELD),
+            ],
+            vec![container_port("coordinator", COORDINATOR_PORT)],
+        );
+        container.readiness_probe = Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz".to_owned()),
+                port: IntOrString::Int(COORDINATOR_PORT),
+                ..HTTPGetAction::default()
+            }),
+            period_seconds: Some(5),
+            ..Probe::default()
+        });
+        if let Some(mounts) = container.volume_mounts.as_mut() {
+            mounts.push(VolumeMount {
+                name: "state".to_owned(),
+                mount_path: STATE_DIR.to_owned(),
+                ..VolumeMount::default()
             });
         }
-    }
-
-    let mut shards = Vec::with_capacity(stages * replicas);
-    for stage in 0..stages {
-        for replica in 0..replicas {
-            shards.push(shard_pod(&names, &owner, run, settings, stage, replica));
+        let mut spec = self.pod_spec(container, user_tolerations(placement));
+        // Restarted in place on failure, so its state directory survives.
+        spec.restart_policy = Some("OnFailure".to_owned());
+        if let Some(volumes) = spec.volumes.as_mut() {
+            volumes.push(Volume {
+                name: "state".to_owned(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            });
+        }
+        Pod {
+            metadata: self.meta(
+                coordinator_name(&self.name),
+                self.labels(&[(LABEL_ROLE, ROLE_COORDINATOR.to_owned())]),
+            ),
+            spec: Some(spec),
+            ..Pod::default()
         }
     }
-    Ok(Children {
-        manifest: manifest_config_map(&names, &owner, run)?,
-        shard_service: shard_service(&names, &owner),
-        coordinator_service: coordinator_service(&names, &owner),
-        coordinator: coordinator_pod(&names, &owner, settings),
-        shards,
-    })
+
+    /// GPUs each shard pod requests.
+    pub fn gpus_per_worker(&self) -> u32 {
+        self.run
+            .spec
+            .placement
+            .gpus_per_worker
+            .unwrap_or(self.settings.gpus_per_shard)
+    }
+
+    /// The pod of shard (`stage`, `replica`) after `attempt` moves, kept off
+    /// the nodes in `avoid` (where shards of this run failed).
+    pub fn shard_pod(&self, stage: usize, replica: usize, attempt: u32, avoid: &[String]) -> Pod {
+        let placement = &self.run.spec.placement;
+        let pod_name = shard_pod_name(&self.name, stage, replica, attempt);
+        let advertise = format!(
+            "{pod_name}.{}.{}.svc",
+            shard_service_name(&self.name),
+            self.namespace
+        );
+        let mut container = self.container(
+            "worker",
+            vec!["worker".to_owned(), manifest_path()],
+            vec![
+                env(
+                    "PIPEWRIGHT_COORDINATOR",
+                    coordinator_url(&self.name, &self.namespace),
+                ),
+                env("PIPEWRIGHT_STAGE", stage.to_string()),
+                env("PIPEWRIGHT_REPLICA", replica.to_string()),
+                env("PIPEWRIGHT_LISTEN", format!("0.0.0.0:{LINK_PORT}")),
+                env("PIPEWRIGHT_RING_LISTEN", format!("0.0.0.0:{RING_PORT}")),
+                env("PIPEWRIGHT_ADVERTISE", advertise),
+                self.secret_env(JOIN_TOKEN_ENV, JOIN_TOKEN_FIELD),
+            ],
+            vec![
+                container_port("link", LINK_PORT),
+                container_port("ring", RING_PORT),
+            ],
+        );
+        let mut tolerations = Vec::new();
+        let gpus = self.gpus_per_worker();
+        if gpus > 0 {
+            let amount = BTreeMap::from([(GPU_RESOURCE.to_owned(), Quantity(gpus.to_string()))]);
+            container.resources = Some(ResourceRequirements {
+                requests: Some(amount.clone()),
+                limits: Some(amount),
+                ..ResourceRequirements::default()
+            });
+            // GPU node pools are commonly tainted so that only pods asking
+            // for GPUs land there.
+            tolerations.push(Toleration {
+                key: Some(GPU_RESOURCE.to_owned()),
+                operator: Some("Exists".to_owned()),
+                effect: Some("NoSchedule".to_owned()),
+                ..Toleration::default()
+            });
+        }
+        tolerations.extend(user_tolerations(placement));
+        let mut spec = self.pod_spec(container, tolerations);
+        spec.hostname = Some(pod_name.clone());
+        spec.subdomain = Some(shard_service_name(&self.name));
+        // A failed shard is moved by the operator to a new pod on another
+        // node rather than restarted in place.
+        spec.restart_policy = Some("Never".to_owned());
+        spec.affinity = Some(self.shard_affinity(stage, avoid));
+        Pod {
+            metadata: self.meta(
+                pod_name,
+                self.labels(&[
+                    (LABEL_ROLE, ROLE_SHARD.to_owned()),
+                    (LABEL_STAGE, stage.to_string()),
+                    (LABEL_REPLICA, replica.to_string()),
+                    (LABEL_ATTEMPT, attempt.to_string()),
+                ]),
+            ),
+            spec: Some(spec),
+            ..Pod::default()
+        }
+    }
+
+    /// The one container of a pod: the image, `args`, `env`, `ports` and the
+    /// manifest mount.
+    fn container(
+        &self,
+        name: &str,
+        args: Vec<String>,
+        env: Vec<EnvVar>,
+        ports: Vec<ContainerPort>,
+    ) -> Container {
+        Container {
+            name: name.to_owned(),
+            image: Some(self.settings.image.clone()),
+            args: Some(args),
+            env: Some(env),
+            ports: Some(ports),
+            volume_mounts: Some(vec![VolumeMount {
+                name: "manifest".to_owned(),
+                mount_path: MANIFEST_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }]),
+            ..Container::default()
+        }
+    }
+
+    /// A pod spec around `container` with the manifest volume, the run's node
+    /// selector and `tolerations`.
+    fn pod_spec(&self, container: Container, tolerations: Vec<Toleration>) -> PodSpec {
+        let node_selector = &self.run.spec.placement.node_selector;
+        PodSpec {
+            containers: vec![container],
+            volumes: Some(vec![Volume {
+                name: "manifest".to_owned(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: manifest_name(&self.name),
+                    ..ConfigMapVolumeSource::default()
+                }),
+                ..Volume::default()
+            }]),
+            node_selector: (!node_selector.is_empty()).then(|| node_selector.clone()),
+            tolerations: (!tolerations.is_empty()).then_some(tolerations),
+            ..PodSpec::default()
+        }
+    }
+
+    /// A value read from the run's Secret, so it never appears in a pod spec.
+    fn secret_env(&self, name: &str, key: &str) -> EnvVar {
+        EnvVar {
+            name: name.to_owned(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: run_key_name(&self.name),
+                    key: key.to_owned(),
+                    ..SecretKeySelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        }
+    }
+
+    /// Replicas of one stage on distinct nodes (required: a node failure then
+    /// costs a stage at most one replica); adjacent stages preferably in one
+    /// topology domain (their links carry every activation); never on a node
+    /// in `avoid`.
+    fn shard_affinity(&self, stage: usize, avoid: &[String]) -> Affinity {
+        let stages = self.run.spec.pipeline.stages;
+        let neighbours: Vec<String> = [
+            stage.checked_sub(1),
+            Some(stage + 1).filter(|s| *s < stages),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|s| s.to_string())
+        .collect();
+        let pod_affinity = (!neighbours.is_empty()).then(|| PodAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                WeightedPodAffinityTerm {
+                    weight: 50,
+                    pod_affinity_term: PodAffinityTerm {
+                        label_selector: Some(LabelSelector {
+                            match_labels: Some(self.labels(&[(LABEL_ROLE, ROLE_SHARD.to_owned())])),
+                            match_expressions: Some(vec![LabelSelectorRequirement {
+                                key: LABEL_STAGE.to_owned(),
+                                operator: "In".to_owned(),
+                                values: Some(neighbours),
+                            }]),
+                        }),
+                        topology_key: self.run.spec.placement.topology_key.clone(),
+                        ..PodAffinityTerm::default()
+                    },
+                },
+            ]),
+            ..PodAffinity::default()
+        });
+        let node_affinity = (!avoid.is_empty()).then(|| NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                node_selector_terms: vec![NodeSelectorTerm {
+                    match_fields: Some(vec![NodeSelectorRequirement {
+                        key: "metadata.name".to_owned(),
+                        operator: "NotIn".to_owned(),
+                        values: Some(avoid.to_vec()),
+                    }]),
+                    ..NodeSelectorTerm::default()
+                }],
+            }),
+            ..NodeAffinity::default()
+        });
+        Affinity {
+            pod_anti_affinity: Some(PodAntiAffinity {
+                required_during_scheduling_ignored_during_execution: Some(vec![PodAffinityTerm {
+                    label_selector: Some(LabelSelector {
+                        match_labels: Some(self.shard_selector(stage)),
+                        ..LabelSelector::default()
+                    }),
+                    topology_key: HOSTNAME_KEY.to_owned(),
+                    ..PodAffinityTerm::default()
+                }]),
+                ..PodAntiAffinity::default()
+            }),
+            pod_affinity,
+            node_affinity,
+        }
+    }
+}
+
+/// The run as a local-mode manifest. Kubernetes-only settings are left out:
+/// the processes do not read them, and suspending or re-placing a run then
+/// does not rewrite the file they read.
+fn local_manifest(name: &str, run: &TrainingRunResource) -> TrainingRun {
+    let mut spec = run.spec.clone();
+    spec.placement = PlacementSpec::default();
+    spec.suspend = false;
+    spec.ttl_seconds_after_finished = None;
+    TrainingRun {
+        api_version: API_VERSION.to_owned(),
+        kind: KIND.to_owned(),
+        metadata: Metadata {
+            name: name.to_owned(),
+            labels: run.labels().clone(),
+            annotations: BTreeMap::new(),
+        },
+        spec,
+    }
 }
 
 fn labels(run: &str, extra: &[(&str, String)]) -> BTreeMap<String, String> {
@@ -214,96 +661,18 @@ fn labels(run: &str, extra: &[(&str, String)]) -> BTreeMap<String, String> {
     labels
 }
 
-fn meta(
-    names: &Names,
-    owner: &OwnerReference,
-    name: String,
-    labels: BTreeMap<String, String>,
-) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name),
-        namespace: Some(names.namespace.to_owned()),
-        labels: Some(labels),
-        owner_references: Some(vec![owner.clone()]),
-        ..ObjectMeta::default()
-    }
-}
-
-fn manifest_config_map(
-    names: &Names,
-    owner: &OwnerReference,
-    run: &TrainingRunResource,
-) -> Result<ConfigMap, ChildrenError> {
-    // The local-mode envelope, so pods load it with the same loader (and the
-    // same validation) as `pipewright train`.
-    let manifest = TrainingRun {
-        api_version: API_VERSION.to_owned(),
-        kind: KIND.to_owned(),
-        metadata: Metadata {
-            name: names.run.to_owned(),
-            labels: run.labels().clone(),
-            annotations: BTreeMap::new(),
-        },
-        spec: run.spec.clone(),
-    };
-    let yaml = serde_saphyr::to_string(&manifest).map_err(|e| ChildrenError::Manifest {
-        run: names.run.to_owned(),
-        message: e.to_string(),
-    })?;
-    Ok(ConfigMap {
-        metadata: meta(
-            names,
-            owner,
-            manifest_name(names.run),
-            labels(names.run, &[]),
-        ),
-        data: Some(BTreeMap::from([(MANIFEST_FILE.to_owned(), yaml)])),
-        ..ConfigMap::default()
-    })
-}
-
-fn shard_service(names: &Names, owner: &OwnerReference) -> Service {
-    Service {
-        metadata: meta(
-            names,
-            owner,
-            shard_service_name(names.run),
-            labels(names.run, &[]),
-        ),
-        spec: Some(ServiceSpec {
-            cluster_ip: Some("None".to_owned()),
-            // Neighbours dial each other while starting up, before any of
-            // them is ready; DNS records must exist from the start.
-            publish_not_ready_addresses: Some(true),
-            selector: Some(labels(names.run, &[(LABEL_ROLE, ROLE_SHARD.to_owned())])),
-            ports: Some(vec![
-                service_port("link", LINK_PORT),
-                service_port("ring", RING_PORT),
-            ]),
-            ..ServiceSpec::default()
-        }),
-        ..Service::default()
-    }
-}
-
-fn coordinator_service(names: &Names, owner: &OwnerReference) -> Service {
-    Service {
-        metadata: meta(
-            names,
-            owner,
-            coordinator_name(names.run),
-            labels(names.run, &[]),
-        ),
-        spec: Some(ServiceSpec {
-            selector: Some(labels(
-                names.run,
-                &[(LABEL_ROLE, ROLE_COORDINATOR.to_owned())],
-            )),
-            ports: Some(vec![service_port("coordinator", COORDINATOR_PORT)]),
-            ..ServiceSpec::default()
-        }),
-        ..Service::default()
-    }
+fn user_tolerations(placement: &PlacementSpec) -> Vec<Toleration> {
+    placement
+        .tolerations
+        .iter()
+        .map(|t| Toleration {
+            key: t.key.clone(),
+            operator: Some(t.operator.as_str().to_owned()),
+            value: t.value.clone(),
+            effect: t.effect.map(|e| e.as_str().to_owned()),
+            toleration_seconds: t.toleration_seconds,
+        })
+        .collect()
 }
 
 fn service_port(name: &str, port: i32) -> ServicePort {
@@ -311,101 +680,6 @@ fn service_port(name: &str, port: i32) -> ServicePort {
         name: Some(name.to_owned()),
         port,
         ..ServicePort::default()
-    }
-}
-
-fn env(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar {
-        name: name.to_owned(),
-        value: Some(value.into()),
-        ..EnvVar::default()
-    }
-}
-
-/// The run key, read from the run's Secret so it never appears in a pod spec.
-fn run_key_env(names: &Names) -> EnvVar {
-    EnvVar {
-        name: RUN_KEY_ENV.to_owned(),
-        value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector {
-                name: run_key_name(names.run),
-                key: RUN_KEY_FIELD.to_owned(),
-                ..SecretKeySelector::default()
-            }),
-            ..EnvVarSource::default()
-        }),
-        ..EnvVar::default()
-    }
-}
-
-/// The Secret holding a run's key (`key_hex`: 64 hex digits). Not part of
-/// [`Children`]: it is created once and never re-applied, since a new key
-/// would cut every running link.
-pub fn run_key_secret(run: &TrainingRunResource, key_hex: String) -> Result<Secret, ChildrenError> {
-    let name = run.name_any();
-    let namespace = run
-        .namespace()
-        .ok_or_else(|| ChildrenError::NoNamespace(name.clone()))?;
-    let owner = run
-        .controller_owner_ref(&())
-        .ok_or_else(|| ChildrenError::NotStored(name.clone()))?;
-    let names = Names {
-        run: &name,
-        namespace: &namespace,
-    };
-    Ok(Secret {
-        metadata: meta(&names, &owner, run_key_name(&name), labels(&name, &[])),
-        string_data: Some(BTreeMap::from([(RUN_KEY_FIELD.to_owned(), key_hex)])),
-        ..Secret::default()
-    })
-}
-
-fn manifest_volume(names: &Names) -> (Volume, VolumeMount) {
-    (
-        Volume {
-            name: "manifest".to_owned(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: manifest_name(names.run),
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
-        VolumeMount {
-            name: "manifest".to_owned(),
-            mount_path: MANIFEST_DIR.to_owned(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        },
-    )
-}
-
-fn manifest_path() -> String {
-    format!("{MANIFEST_DIR}/{MANIFEST_FILE}")
-}
-
-fn coordinator_pod(names: &Names, owner: &OwnerReference, settings: &Settings) -> Pod {
-    let (volume, mount) = manifest_volume(names);
-    Pod {
-        metadata: meta(
-            names,
-            owner,
-            coordinator_name(names.run),
-            labels(names.run, &[(LABEL_ROLE, ROLE_COORDINATOR.to_owned())]),
-        ),
-        spec: Some(PodSpec {
-            containers: vec![Container {
-                name: "coordinator".to_owned(),
-                image: Some(settings.image.clone()),
-                args: Some(vec!["coordinator".to_owned(), manifest_path()]),
-                env: Some(vec![env("PIPEWRIGHT_RUN", names.run), run_key_env(names)]),
-                ports: Some(vec![container_port("coordinator", COORDINATOR_PORT)]),
-                volume_mounts: Some(vec![mount]),
-                ..Container::default()
-            }],
-            volumes: Some(vec![volume]),
-            ..PodSpec::default()
-        }),
-        ..Pod::default()
     }
 }
 
@@ -417,216 +691,23 @@ fn container_port(name: &str, port: i32) -> ContainerPort {
     }
 }
 
-/// Comma-separated link addresses of every replica of `stage`: a micro-batch
-/// may go to any live replica of the next stage.
-fn stage_addresses(names: &Names, stage: usize, replicas: usize) -> String {
-    (0..replicas)
-        .map(|r| names.shard_address(stage, r, LINK_PORT))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn shard_pod(
-    names: &Names,
-    owner: &OwnerReference,
-    run: &TrainingRunResource,
-    settings: &Settings,
-    stage: usize,
-    replica: usize,
-) -> Pod {
-    let stages = run.spec.pipeline.stages;
-    let replicas = run.spec.pipeline.replicas;
-    let pod_name = shard_pod_name(names.run, stage, replica);
-    let mut env_vars = vec![
-        env("PIPEWRIGHT_RUN", names.run),
-        env("PIPEWRIGHT_STAGE", stage.to_string()),
-        env("PIPEWRIGHT_REPLICA", replica.to_string()),
-        env("PIPEWRIGHT_COORDINATOR", names.coordinator_address()),
-        env("PIPEWRIGHT_LISTEN", format!("0.0.0.0:{LINK_PORT}")),
-        run_key_env(names),
-    ];
-    if stage > 0 {
-        env_vars.push(env(
-            "PIPEWRIGHT_PREV_STAGE",
-            stage_addresses(names, stage - 1, replicas),
-        ));
-    }
-    if stage + 1 < stages {
-        env_vars.push(env(
-            "PIPEWRIGHT_NEXT_STAGE",
-            stage_addresses(names, stage + 1, replicas),
-        ));
-    }
-    if replicas > 1 {
-        env_vars.push(env(
-            "PIPEWRIGHT_RING_LISTEN",
-            format!("0.0.0.0:{RING_PORT}"),
-        ));
-        env_vars.push(env(
-            "PIPEWRIGHT_RING_NEXT",
-            names.shard_address(stage, (replica + 1) % replicas, RING_PORT),
-        ));
-    }
-
-    let (resources, tolerations) = if settings.gpus_per_shard > 0 {
-        let gpus = BTreeMap::from([(
-            GPU_RESOURCE.to_owned(),
-            Quantity(settings.gpus_per_shard.to_string()),
-        )]);
-        (
-            Some(ResourceRequirements {
-                requests: Some(gpus.clone()),
-                limits: Some(gpus),
-                ..ResourceRequirements::default()
-            }),
-            // GPU node pools are commonly tainted so that only pods asking
-            // for GPUs land there.
-            Some(vec![Toleration {
-                key: Some(GPU_RESOURCE.to_owned()),
-                operator: Some("Exists".to_owned()),
-                effect: Some("NoSchedule".to_owned()),
-                ..Toleration::default()
-            }]),
-        )
-    } else {
-        (None, None)
-    };
-
-    let (volume, mount) = manifest_volume(names);
-    Pod {
-        metadata: meta(
-            names,
-            owner,
-            pod_name.clone(),
-            labels(
-                names.run,
-                &[
-                    (LABEL_ROLE, ROLE_SHARD.to_owned()),
-                    (LABEL_STAGE, stage.to_string()),
-                    (LABEL_REPLICA, replica.to_string()),
-                ],
-            ),
-        ),
-        spec: Some(PodSpec {
-            hostname: Some(pod_name),
-            subdomain: Some(shard_service_name(names.run)),
-            // A failed shard is replaced by the operator with a new pod,
-            // possibly on another node, rather than restarted in place.
-            restart_policy: Some("Never".to_owned()),
-            affinity: Some(shard_affinity(names.run, stage, stages)),
-            tolerations,
-            containers: vec![Container {
-                name: "shard".to_owned(),
-                image: Some(settings.image.clone()),
-                args: Some(vec![
-                    "stage-worker".to_owned(),
-                    manifest_path(),
-                    "--stage".to_owned(),
-                    stage.to_string(),
-                    "--replica".to_owned(),
-                    replica.to_string(),
-                ]),
-                env: Some(env_vars),
-                ports: Some(vec![
-                    container_port("link", LINK_PORT),
-                    container_port("ring", RING_PORT),
-                ]),
-                resources,
-                volume_mounts: Some(vec![mount]),
-                ..Container::default()
-            }],
-            volumes: Some(vec![volume]),
-            ..PodSpec::default()
-        }),
-        ..Pod::default()
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.into()),
+        ..EnvVar::default()
     }
 }
 
-/// Spread the replicas of one stage over nodes (a node failure then costs a
-/// stage at most one replica) and keep adjacent stages in one zone (their
-/// links carry every activation). Both are preferences, so a run still
-/// schedules on a cluster with fewer nodes than replicas.
-fn shard_affinity(run: &str, stage: usize, stages: usize) -> Affinity {
-    let same_stage = LabelSelector {
-        match_labels: Some(labels(run, &[(LABEL_STAGE, stage.to_string())])),
-        ..LabelSelector::default()
-    };
-    let neighbours: Vec<String> = [
-        stage.checked_sub(1),
-        Some(stage + 1).filter(|s| *s < stages),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|s| s.to_string())
-    .collect();
-    let pod_affinity = (!neighbours.is_empty()).then(|| PodAffinity {
-        preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
-            weight: 50,
-            pod_affinity_term: PodAffinityTerm {
-                label_selector: Some(LabelSelector {
-                    match_labels: Some(labels(run, &[])),
-                    match_expressions: Some(vec![LabelSelectorRequirement {
-                        key: LABEL_STAGE.to_owned(),
-                        operator: "In".to_owned(),
-                        values: Some(neighbours),
-                    }]),
-                }),
-                topology_key: "topology.kubernetes.io/zone".to_owned(),
-                ..PodAffinityTerm::default()
-            },
-        }]),
-        ..PodAffinity::default()
-    });
-    Affinity {
-        pod_anti_affinity: Some(PodAntiAffinity {
-            preferred_during_scheduling_ignored_during_execution: Some(vec![
-                WeightedPodAffinityTerm {
-                    weight: 100,
-                    pod_affinity_term: PodAffinityTerm {
-                        label_selector: Some(same_stage),
-                        topology_key: "kubernetes.io/hostname".to_owned(),
-                        ..PodAffinityTerm::default()
-                    },
-                },
-            ]),
-            ..PodAntiAffinity::default()
-        }),
-        pod_affinity,
-        ..Affinity::default()
-    }
+fn manifest_path() -> String {
+    format!("{MANIFEST_DIR}/{MANIFEST_FILE}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pipewright_spec::parse_manifest;
-
-    const MANIFEST: &str = "\
-apiVersion: pipewright.dev/v1alpha1
-kind: TrainingRun
-metadata:
-  name: demo
-spec:
-  model: {dim: 64, layers: 4, heads: 4, ffnDim: 176, seqLen: 64}
-  data: {sources: [corpus/]}
-  training: {steps: 10, microBatchSize: 4, learningRate: 0.001}
-  pipeline: {stages: 3, replicas: 2}
-";
-
-    fn run() -> TrainingRunResource {
-        let manifest = parse_manifest(MANIFEST).expect("test manifest is valid");
-        let mut run = TrainingRunResource::new("demo", manifest.spec);
-        run.metadata.namespace = Some("ml".to_owned());
-        run.metadata.uid = Some("0b6c-uid".to_owned());
-        run
-    }
-
-    fn settings(gpus: u32) -> Settings {
-        Settings {
-            image: "ghcr.io/pipewright/pipewright:test".to_owned(),
-            gpus_per_shard: gpus,
-        }
-    }
+    use crate::fixtures::{run, settings};
+    use pipewright_spec::{parse_manifest, TaintEffect, TolerationOperator};
 
     fn env_of(pod: &Pod) -> BTreeMap<String, String> {
         pod.spec.as_ref().expect("spec").containers[0]
@@ -637,55 +718,59 @@ spec:
             .collect()
     }
 
-    fn shard(children: &Children, stage: usize, replica: usize) -> &Pod {
-        let name = shard_pod_name("demo", stage, replica);
-        children
-            .shards
-            .iter()
-            .find(|p| p.metadata.name.as_deref() == Some(name.as_str()))
-            .unwrap_or_else(|| panic!("no pod {name}"))
+    fn args_of(pod: &Pod) -> Vec<String> {
+        pod.spec.as_ref().expect("spec").containers[0]
+            .args
+            .clone()
+            .unwrap_or_default()
+    }
+
+    fn secret_ref(pod: &Pod, var: &str) -> Option<(String, String)> {
+        let env = pod.spec.as_ref()?.containers[0].env.clone()?;
+        let entry = env.iter().find(|e| e.name == var)?;
+        assert_eq!(entry.value, None, "{var} must not be inlined");
+        let secret = entry.value_from.as_ref()?.secret_key_ref.as_ref()?;
+        Some((secret.name.clone(), secret.key.clone()))
     }
 
     #[test]
-    fn one_pod_per_shard_with_shard_labels() {
-        let children = desired_children(&run(), &settings(0)).expect("children");
-        let names: Vec<&str> = children
-            .shards
-            .iter()
-            .filter_map(|p| p.metadata.name.as_deref())
-            .collect();
-        assert_eq!(
-            names,
-            [
-                "demo-s0-r0",
-                "demo-s0-r1",
-                "demo-s1-r0",
-                "demo-s1-r1",
-                "demo-s2-r0",
-                "demo-s2-r1"
-            ]
-        );
-        let labels = shard(&children, 2, 1)
-            .metadata
-            .labels
-            .clone()
-            .expect("labels");
+    fn shard_pods_are_named_by_stage_replica_and_attempt() {
+        let run = run(3, 2);
+        let settings = settings(0);
+        let blueprint = Blueprint::new(&run, &settings).expect("buildable");
+        let first = blueprint.shard_pod(2, 1, 0, &[]);
+        assert_eq!(first.metadata.name.as_deref(), Some("demo-s2-r1"));
+        let moved = blueprint.shard_pod(2, 1, 3, &[]);
+        assert_eq!(moved.metadata.name.as_deref(), Some("demo-s2-r1-a3"));
+        let labels = moved.metadata.labels.clone().expect("labels");
         assert_eq!(labels[LABEL_RUN], "demo");
         assert_eq!(labels[LABEL_ROLE], ROLE_SHARD);
         assert_eq!(labels[LABEL_STAGE], "2");
         assert_eq!(labels[LABEL_REPLICA], "1");
+        assert_eq!(labels[LABEL_ATTEMPT], "3");
+        let spec = moved.spec.expect("spec");
+        assert_eq!(spec.hostname.as_deref(), Some("demo-s2-r1-a3"));
+        assert_eq!(spec.subdomain.as_deref(), Some("demo-shards"));
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
     }
 
     #[test]
     fn every_child_is_owned_by_the_run() {
-        let children = desired_children(&run(), &settings(0)).expect("children");
+        let run = run(3, 2);
+        let settings = settings(0);
+        let blueprint = Blueprint::new(&run, &settings).expect("buildable");
+        let children = blueprint.children().expect("children");
+        let shard = blueprint.shard_pod(0, 0, 0, &[]);
+        let secret = blueprint.secret("ab".repeat(32), "t".to_owned());
         let mut metas = vec![
             &children.manifest.metadata,
             &children.shard_service.metadata,
             &children.coordinator_service.metadata,
             &children.coordinator.metadata,
+            &shard.metadata,
+            &secret.metadata,
         ];
-        metas.extend(children.shards.iter().map(|p| &p.metadata));
+        metas.extend(children.disruption_budgets.iter().map(|b| &b.metadata));
         for meta in metas {
             let owners = meta.owner_references.as_ref().expect("owner references");
             assert_eq!(owners.len(), 1, "{:?}", meta.name);
@@ -693,127 +778,123 @@ spec:
             assert_eq!(owner.api_version, "pipewright.dev/v1alpha1");
             assert_eq!(owner.kind, "TrainingRun");
             assert_eq!(owner.name, "demo");
-            assert_eq!(owner.uid, "0b6c-uid");
+            assert_eq!(owner.uid, "uid-1");
             assert_eq!(owner.controller, Some(true));
             assert_eq!(meta.namespace.as_deref(), Some("ml"));
         }
     }
 
     #[test]
-    fn shards_know_coordinator_and_neighbours_by_dns_name() {
-        let children = desired_children(&run(), &settings(0)).expect("children");
-        let middle = env_of(shard(&children, 1, 0));
-        assert_eq!(middle["PIPEWRIGHT_STAGE"], "1");
-        assert_eq!(middle["PIPEWRIGHT_REPLICA"], "0");
+    fn coordinator_runs_the_coordinator_command_with_key_and_token() {
+        let run = run(3, 2);
+        let settings = settings(0);
+        let children = Blueprint::new(&run, &settings)
+            .expect("buildable")
+            .children()
+            .expect("children");
+        let pod = &children.coordinator;
         assert_eq!(
-            middle["PIPEWRIGHT_COORDINATOR"],
-            "demo-coordinator.ml.svc:7400"
+            args_of(pod),
+            [
+                "coordinator",
+                "/etc/pipewright/run.yaml",
+                "--listen",
+                "0.0.0.0:7070",
+                "--state",
+                "/var/lib/pipewright"
+            ]
         );
         assert_eq!(
-            middle["PIPEWRIGHT_PREV_STAGE"],
-            "demo-s0-r0.demo-shards.ml.svc:7401,demo-s0-r1.demo-shards.ml.svc:7401"
+            secret_ref(pod, RUN_KEY_ENV),
+            Some(("demo-key".to_owned(), RUN_KEY_FIELD.to_owned()))
         );
         assert_eq!(
-            middle["PIPEWRIGHT_NEXT_STAGE"],
-            "demo-s2-r0.demo-shards.ml.svc:7401,demo-s2-r1.demo-shards.ml.svc:7401"
+            secret_ref(pod, JOIN_TOKEN_ENV),
+            Some(("demo-key".to_owned(), JOIN_TOKEN_FIELD.to_owned()))
         );
+        let spec = pod.spec.clone().expect("spec");
+        assert_eq!(spec.restart_policy.as_deref(), Some("OnFailure"));
+        let mounts: Vec<String> = spec.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| m.mount_path.clone())
+            .collect();
+        assert_eq!(mounts, ["/etc/pipewright", "/var/lib/pipewright"]);
+        let service = children.coordinator_service.spec.expect("service spec");
+        assert_eq!(service.ports.expect("ports")[0].port, 7070);
         assert_eq!(
-            middle["PIPEWRIGHT_RING_NEXT"],
-            "demo-s1-r1.demo-shards.ml.svc:7402"
+            service.selector.expect("selector")[LABEL_ROLE],
+            ROLE_COORDINATOR
         );
-        // The ring closes: the last replica sends to the first.
+    }
+
+    #[test]
+    fn workers_find_the_coordinator_and_advertise_their_dns_name() {
+        let run = run(3, 2);
+        let settings = settings(0);
+        let blueprint = Blueprint::new(&run, &settings).expect("buildable");
+        let pod = blueprint.shard_pod(1, 0, 2, &[]);
+        assert_eq!(args_of(&pod), ["worker", "/etc/pipewright/run.yaml"]);
+        let env = env_of(&pod);
+        let expected = BTreeMap::from([
+            (
+                "PIPEWRIGHT_COORDINATOR",
+                "http://demo-coordinator.ml.svc:7070",
+            ),
+            ("PIPEWRIGHT_STAGE", "1"),
+            ("PIPEWRIGHT_REPLICA", "0"),
+            ("PIPEWRIGHT_LISTEN", "0.0.0.0:7071"),
+            ("PIPEWRIGHT_RING_LISTEN", "0.0.0.0:7072"),
+            ("PIPEWRIGHT_ADVERTISE", "demo-s1-r0-a2.demo-shards.ml.svc"),
+            (JOIN_TOKEN_ENV, ""),
+        ]);
+        let env: BTreeMap<&str, &str> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        // Exactly these: no static neighbour addresses, no run key.
+        assert_eq!(env, expected);
         assert_eq!(
-            env_of(shard(&children, 1, 1))["PIPEWRIGHT_RING_NEXT"],
-            "demo-s1-r0.demo-shards.ml.svc:7402"
+            secret_ref(&pod, JOIN_TOKEN_ENV),
+            Some(("demo-key".to_owned(), JOIN_TOKEN_FIELD.to_owned()))
         );
-        let first = env_of(shard(&children, 0, 0));
-        assert!(!first.contains_key("PIPEWRIGHT_PREV_STAGE"));
-        let last = env_of(shard(&children, 2, 0));
-        assert!(!last.contains_key("PIPEWRIGHT_NEXT_STAGE"));
-        // Those names resolve only if the pod's host name and subdomain match
-        // the headless Service.
-        let spec = shard(&children, 1, 0).spec.clone().expect("spec");
-        assert_eq!(spec.hostname.as_deref(), Some("demo-s1-r0"));
-        assert_eq!(spec.subdomain.as_deref(), Some("demo-shards"));
-        let service = children.shard_service.spec.clone().expect("service spec");
+        let service = blueprint
+            .children()
+            .expect("children")
+            .shard_service
+            .spec
+            .expect("service spec");
         assert_eq!(service.cluster_ip.as_deref(), Some("None"));
         assert_eq!(service.publish_not_ready_addresses, Some(true));
-        assert_eq!(
-            children.shard_service.metadata.name.as_deref(),
-            Some("demo-shards")
-        );
     }
 
     #[test]
-    fn run_key_comes_from_the_runs_secret() {
-        let children = desired_children(&run(), &settings(0)).expect("children");
-        for pod in children.shards.iter().chain([&children.coordinator]) {
-            let env = pod.spec.as_ref().expect("spec").containers[0]
-                .env
-                .clone()
-                .unwrap_or_default();
-            let key = env
-                .iter()
-                .find(|e| e.name == RUN_KEY_ENV)
-                .expect("run key variable");
-            assert_eq!(key.value, None, "the key must not be inlined");
-            let secret = key
-                .value_from
-                .as_ref()
-                .and_then(|v| v.secret_key_ref.as_ref())
-                .expect("secret reference");
-            assert_eq!(
-                (secret.name.as_str(), secret.key.as_str()),
-                ("demo-key", RUN_KEY_FIELD)
-            );
-        }
-        let secret = run_key_secret(&run(), "ab".repeat(32)).expect("secret");
-        assert_eq!(secret.metadata.name.as_deref(), Some("demo-key"));
-        assert_eq!(
-            secret
-                .metadata
-                .owner_references
-                .as_ref()
-                .map(|o| o[0].uid.as_str()),
-            Some("0b6c-uid")
-        );
-    }
-
-    #[test]
-    fn single_replica_has_no_ring() {
-        let mut run = run();
-        run.spec.pipeline.replicas = 1;
-        let children = desired_children(&run, &settings(0)).expect("children");
-        let env = env_of(&children.shards[0]);
-        assert!(!env.contains_key("PIPEWRIGHT_RING_NEXT"));
-    }
-
-    #[test]
-    fn replicas_of_a_stage_repel_and_neighbour_stages_attract() {
-        let children = desired_children(&run(), &settings(0)).expect("children");
-        let affinity = shard(&children, 1, 0)
+    fn replicas_of_a_stage_never_share_a_node_and_neighbours_attract() {
+        let mut run = run(3, 2);
+        run.spec.placement.topology_key = "example.com/rack".to_owned();
+        let settings = settings(0);
+        let blueprint = Blueprint::new(&run, &settings).expect("buildable");
+        let affinity = blueprint
+            .shard_pod(1, 0, 0, &[])
             .spec
-            .clone()
             .and_then(|s| s.affinity)
             .expect("affinity");
         let anti = affinity
             .pod_anti_affinity
-            .and_then(|a| a.preferred_during_scheduling_ignored_during_execution)
-            .expect("anti-affinity");
-        let term = &anti[0].pod_affinity_term;
-        assert_eq!(term.topology_key, "kubernetes.io/hostname");
-        let selector = term.label_selector.clone().and_then(|s| s.match_labels);
+            .and_then(|a| a.required_during_scheduling_ignored_during_execution)
+            .expect("required anti-affinity");
+        assert_eq!(anti[0].topology_key, HOSTNAME_KEY);
         assert_eq!(
-            selector,
+            anti[0].label_selector.clone().and_then(|s| s.match_labels),
             Some(BTreeMap::from([
                 (LABEL_RUN.to_owned(), "demo".to_owned()),
+                (LABEL_ROLE.to_owned(), ROLE_SHARD.to_owned()),
                 (LABEL_STAGE.to_owned(), "1".to_owned()),
             ]))
         );
         let near = affinity
             .pod_affinity
             .and_then(|a| a.preferred_during_scheduling_ignored_during_execution)
-            .expect("affinity to neighbours");
+            .expect("preferred affinity to neighbours");
+        assert_eq!(near[0].pod_affinity_term.topology_key, "example.com/rack");
         let expr = near[0]
             .pod_affinity_term
             .label_selector
@@ -821,15 +902,60 @@ spec:
             .and_then(|s| s.match_expressions)
             .expect("expressions");
         assert_eq!(expr[0].values, Some(vec!["0".to_owned(), "2".to_owned()]));
+        assert!(affinity.node_affinity.is_none(), "no failed nodes yet");
+        // The first stage has only one neighbour.
+        let first = blueprint
+            .shard_pod(0, 0, 0, &[])
+            .spec
+            .and_then(|s| s.affinity);
+        let values = first
+            .and_then(|a| a.pod_affinity)
+            .and_then(|a| a.preferred_during_scheduling_ignored_during_execution)
+            .and_then(|p| p[0].pod_affinity_term.label_selector.clone())
+            .and_then(|s| s.match_expressions)
+            .and_then(|e| e[0].values.clone());
+        assert_eq!(values, Some(vec!["1".to_owned()]));
     }
 
     #[test]
-    fn gpus_are_requested_only_when_configured() {
-        let gpu = desired_children(&run(), &settings(2)).expect("children");
-        let resources = gpu.shards[0].spec.clone().expect("spec").containers[0]
-            .resources
+    fn replacement_pods_avoid_nodes_where_shards_failed() {
+        let run = run(2, 2);
+        let settings = settings(0);
+        let blueprint = Blueprint::new(&run, &settings).expect("buildable");
+        let avoid = vec!["n1".to_owned(), "n4".to_owned()];
+        let required = blueprint
+            .shard_pod(0, 1, 1, &avoid)
+            .spec
+            .and_then(|s| s.affinity)
+            .and_then(|a| a.node_affinity)
+            .and_then(|n| n.required_during_scheduling_ignored_during_execution)
+            .expect("required node affinity");
+        let term = required.node_selector_terms[0]
+            .match_fields
             .clone()
-            .expect("resources");
+            .expect("match fields");
+        assert_eq!(term[0].key, "metadata.name");
+        assert_eq!(term[0].operator, "NotIn");
+        assert_eq!(term[0].values, Some(avoid));
+    }
+
+    #[test]
+    fn gpus_node_selector_and_tolerations_come_from_placement() {
+        let mut run = run(2, 1);
+        run.spec.placement.gpus_per_worker = Some(2);
+        run.spec.placement.node_selector = BTreeMap::from([("pool".to_owned(), "h100".to_owned())]);
+        run.spec.placement.tolerations = vec![pipewright_spec::Toleration {
+            key: Some("spot".to_owned()),
+            operator: TolerationOperator::Exists,
+            value: None,
+            effect: Some(TaintEffect::NoExecute),
+            toleration_seconds: Some(30),
+        }];
+        // The operator's default (0) is overridden by the run.
+        let settings = settings(0);
+        let blueprint = Blueprint::new(&run, &settings).expect("buildable");
+        let spec = blueprint.shard_pod(0, 0, 0, &[]).spec.expect("spec");
+        let resources = spec.containers[0].resources.clone().expect("resources");
         let two = Some(&Quantity("2".to_owned()));
         assert_eq!(
             resources
@@ -842,44 +968,128 @@ spec:
             resources.limits.as_ref().and_then(|r| r.get(GPU_RESOURCE)),
             two
         );
-        let cpu = desired_children(&run(), &settings(0)).expect("children");
-        assert!(cpu.shards[0].spec.clone().expect("spec").containers[0]
-            .resources
-            .is_none());
+        assert_eq!(
+            spec.node_selector.as_ref().map(|s| s["pool"].as_str()),
+            Some("h100")
+        );
+        let tolerations = spec.tolerations.expect("tolerations");
+        let keys: Vec<Option<&str>> = tolerations.iter().map(|t| t.key.as_deref()).collect();
+        assert_eq!(keys, [Some(GPU_RESOURCE), Some("spot")]);
+        assert_eq!(tolerations[1].operator.as_deref(), Some("Exists"));
+        assert_eq!(tolerations[1].effect.as_deref(), Some("NoExecute"));
+        assert_eq!(tolerations[1].toleration_seconds, Some(30));
+        // The coordinator needs no GPU but follows the node selector.
+        let coordinator = blueprint.children().expect("children").coordinator;
+        let spec = coordinator.spec.expect("spec");
+        assert!(spec.containers[0].resources.is_none());
+        assert_eq!(spec.tolerations.map(|t| t.len()), Some(1));
+        assert!(spec.node_selector.is_some());
+        // Without a setting in the run, the operator's default applies.
+        let mut cpu = run.clone();
+        cpu.spec.placement.gpus_per_worker = None;
+        let settings = super::Settings {
+            gpus_per_shard: 0,
+            ..settings
+        };
+        let blueprint = Blueprint::new(&cpu, &settings).expect("buildable");
+        let spec = blueprint.shard_pod(0, 0, 0, &[]).spec.expect("spec");
+        assert!(spec.containers[0].resources.is_none());
     }
 
     #[test]
-    fn manifest_round_trips_through_the_local_loader() {
-        let children = desired_children(&run(), &settings(0)).expect("children");
+    fn a_budget_per_replicated_stage_allows_one_disruption_at_a_time() {
+        let run3 = run(2, 3);
+        let settings = settings(0);
+        let budgets = Blueprint::new(&run3, &settings)
+            .expect("buildable")
+            .children()
+            .expect("children")
+            .disruption_budgets;
+        assert_eq!(budgets.len(), 2);
+        let spec = budgets[1].spec.clone().expect("spec");
+        assert_eq!(budgets[1].metadata.name.as_deref(), Some("demo-s1"));
+        assert_eq!(spec.min_available, Some(IntOrString::Int(2)));
+        assert_eq!(
+            spec.selector.and_then(|s| s.match_labels),
+            Some(BTreeMap::from([
+                (LABEL_RUN.to_owned(), "demo".to_owned()),
+                (LABEL_ROLE.to_owned(), ROLE_SHARD.to_owned()),
+                (LABEL_STAGE.to_owned(), "1".to_owned()),
+            ]))
+        );
+        let single = run(2, 1);
+        let none = Blueprint::new(&single, &settings)
+            .expect("buildable")
+            .children()
+            .expect("children")
+            .disruption_budgets;
+        assert!(none.is_empty());
+    }
+
+    #[test]
+    fn manifest_round_trips_without_kubernetes_settings() {
+        let mut run = run(3, 2);
+        run.spec.suspend = true;
+        run.spec.placement.max_reassignments = 3;
+        let settings = settings(0);
+        let children = Blueprint::new(&run, &settings)
+            .expect("buildable")
+            .children()
+            .expect("children");
         let yaml = &children.manifest.data.as_ref().expect("data")[MANIFEST_FILE];
         let loaded = parse_manifest(yaml).expect("the mounted manifest loads");
         assert_eq!(loaded.metadata.name, "demo");
-        assert_eq!(loaded.spec, run().spec);
+        assert_eq!(loaded.spec.pipeline, run.spec.pipeline);
+        assert_eq!(loaded.spec.model, run.spec.model);
+        assert!(!loaded.spec.suspend);
+        assert_eq!(loaded.spec.placement, PlacementSpec::default());
+        assert!(
+            !yaml.contains("placement") && !yaml.contains("suspend"),
+            "{yaml}"
+        );
     }
 
     #[test]
-    fn unstored_or_unplaced_runs_are_refused() {
-        let mut no_uid = run();
+    fn unstored_unplaced_or_invalid_runs_are_refused() {
+        let settings = settings(0);
+        let mut no_uid = run(2, 1);
         no_uid.metadata.uid = None;
         assert_eq!(
-            desired_children(&no_uid, &settings(0)),
-            Err(ChildrenError::NotStored("demo".to_owned()))
+            Blueprint::new(&no_uid, &settings).err(),
+            Some(ChildrenError::NotStored("demo".to_owned()))
         );
-        let mut no_ns = run();
+        let mut no_ns = run(2, 1);
         no_ns.metadata.namespace = None;
         assert_eq!(
-            desired_children(&no_ns, &settings(0)),
-            Err(ChildrenError::NoNamespace("demo".to_owned()))
+            Blueprint::new(&no_ns, &settings).err(),
+            Some(ChildrenError::NoNamespace("demo".to_owned()))
         );
+        let mut invalid = run(2, 1);
+        invalid.spec.placement.min_replicas = Some(4);
+        let Some(ChildrenError::Invalid(text)) = Blueprint::new(&invalid, &settings).err() else {
+            panic!("an invalid spec must be refused");
+        };
+        assert!(text.contains("spec.placement.minReplicas"), "{text}");
     }
 
     #[test]
     fn long_run_names_are_refused_not_truncated() {
-        let mut long = run();
+        let settings = settings(0);
+        let mut long = run(2, 1);
         long.metadata.name = Some("a".repeat(60));
         assert!(matches!(
-            desired_children(&long, &settings(0)),
-            Err(ChildrenError::NameTooLong { .. })
+            Blueprint::new(&long, &settings).err(),
+            Some(ChildrenError::NameTooLong { .. })
+        ));
+        // The attempt suffix counts: 50 characters fit with the default
+        // limit of 10 moves (`-s1-r0-a10`), not with 100000.
+        let mut name = run(2, 1);
+        name.metadata.name = Some("b".repeat(50));
+        assert!(Blueprint::new(&name, &settings).is_ok());
+        name.spec.placement.max_reassignments = 100_000;
+        assert!(matches!(
+            Blueprint::new(&name, &settings).err(),
+            Some(ChildrenError::NameTooLong { .. })
         ));
     }
 }

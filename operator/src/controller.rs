@@ -1,43 +1,63 @@
-//! The reconciler: for each `TrainingRun`, compute its children
-//! ([`desired_children`]), apply them by server-side apply, replace shard pods
-//! that failed, and write the observed state into the status subresource.
+//! The reconciler. For each `TrainingRun` it:
 //!
-//! It keeps no state between calls: what it must remember (placement of each
-//! shard, past reassignments) lives in the run's status, so a restarted or
-//! newly elected operator carries on where the last one stopped.
+//! 1. refuses a spec that cannot run ([`Blueprint::new`]) in the status;
+//! 2. makes the Secret (run key, join token) once;
+//! 3. brings the manifest ConfigMap, the Services and the disruption budgets
+//!    to what the run asks for, writing only what differs;
+//! 4. while suspended, deletes the run's pods and stops there;
+//! 5. plans the shard pods ([`plan_pods`]): a shard whose pod failed, was
+//!    evicted or deleted, or whose node is not ready moves to a new pod
+//!    (the next attempt name) kept off every node where a shard of this run
+//!    failed; more moves than `spec.placement.maxReassignments` fail the run;
+//! 6. asks the coordinator for progress ([`CoordinatorProbe`]);
+//! 7. writes the status ([`observed_status`]) when it changed.
+//!
+//! It keeps no state between calls: what it must remember (each shard's
+//! attempt and pod, failed nodes, reassignments) lives in the run's status,
+//! so a restarted or newly elected operator carries on where the last one
+//! stopped. A reconcile of a run whose children and pods are as they should
+//! be writes nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference, Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use pipewright_spec::{
     Reassignment, RunPhase, ShardStatus, StageStatus, TrainingRunResource, TrainingRunStatus,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::children::{
-    desired_children, run_key_name, run_key_secret, ChildrenError, Settings, LABEL_REPLICA,
-    LABEL_ROLE, LABEL_RUN, LABEL_STAGE, ROLE_SHARD,
+    coordinator_name, coordinator_url, run_key_name, shard_pod_name, Blueprint, ChildrenError,
+    Settings, JOIN_TOKEN_FIELD, LABEL_ROLE, LABEL_RUN, ROLE_COORDINATOR, ROLE_SHARD,
 };
+use crate::coordinator::{CoordinatorProbe, CoordinatorReport};
+use crate::metrics::Metrics;
 
-/// Field manager of every server-side apply this operator makes.
+/// Field manager of every write this operator makes.
 pub const MANAGER: &str = "pipewright-operator";
-/// How often a healthy run is looked at again without any event, to pick up
-/// changes no watch reports (a node going silent, say).
+/// How often a settled run is looked at again without any event, to pick up
+/// changes no watch reports.
 pub const RESYNC: Duration = Duration::from_secs(60);
+/// How often a running run is looked at: the coordinator's progress is read
+/// then, and a gang waiting to start is checked against its timeout.
+pub const POLL: Duration = Duration::from_secs(10);
 /// Delay before a failed reconcile is retried.
 pub const RETRY: Duration = Duration::from_secs(15);
 /// Reassignments kept in the status; older ones are dropped so the object
-/// stays small on a long run with many failures.
+/// stays small on a long run with many failures (the total is kept apart).
 pub const MAX_REASSIGNMENTS: usize = 50;
 
 /// What every reconcile needs.
@@ -46,6 +66,14 @@ pub struct Context {
     pub client: Client,
     /// Operator-wide settings for the children.
     pub settings: Settings,
+    /// Nodes as last seen, to tell whether a shard's node is ready.
+    pub nodes: Store<Node>,
+    /// Publishes events about runs.
+    pub recorder: Recorder,
+    /// Asks coordinators for their progress.
+    pub probe: Arc<dyn CoordinatorProbe>,
+    /// Counters and timings of this operator.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Why a reconcile failed; it is retried after [`RETRY`].
@@ -58,122 +86,431 @@ pub enum ReconcileError {
     #[error("run {0:?} has no namespace")]
     NoNamespace(String),
     /// The operating system's random source failed.
-    #[error("generating a run key: {0}")]
+    #[error("generating a run secret: {0}")]
     Random(String),
+    /// A child could not be built (a defect: the blueprint was checked).
+    #[error("building children: {0}")]
+    Children(#[from] ChildrenError),
 }
 
 /// Reconciles one run; see the module documentation.
 ///
 /// # Errors
 /// [`ReconcileError`] when an API request fails.
+#[tracing::instrument(skip_all, fields(run = %run.name_any(), namespace = run.namespace().unwrap_or_default()))]
 pub async fn reconcile(
     run: Arc<TrainingRunResource>,
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
+    let started = Instant::now();
+    let result = reconcile_run(&run, &ctx).await;
+    ctx.metrics
+        .observe_reconcile(started.elapsed(), result.is_err());
+    result
+}
+
+/// The API endpoints of one namespace.
+struct Apis {
+    runs: Api<TrainingRunResource>,
+    pods: Api<Pod>,
+    secrets: Api<Secret>,
+    config_maps: Api<ConfigMap>,
+    services: Api<Service>,
+    budgets: Api<PodDisruptionBudget>,
+}
+
+impl Apis {
+    fn new(client: &Client, namespace: &str) -> Self {
+        Self {
+            runs: Api::namespaced(client.clone(), namespace),
+            pods: Api::namespaced(client.clone(), namespace),
+            secrets: Api::namespaced(client.clone(), namespace),
+            config_maps: Api::namespaced(client.clone(), namespace),
+            services: Api::namespaced(client.clone(), namespace),
+            budgets: Api::namespaced(client.clone(), namespace),
+        }
+    }
+}
+
+async fn reconcile_run(run: &TrainingRunResource, ctx: &Context) -> Result<Action, ReconcileError> {
     let name = run.name_any();
     let namespace = run
         .namespace()
         .ok_or_else(|| ReconcileError::NoNamespace(name.clone()))?;
-    let runs: Api<TrainingRunResource> = Api::namespaced(ctx.client.clone(), &namespace);
-    let children = match desired_children(&run, &ctx.settings) {
-        Ok(children) => children,
+    if run.meta().deletion_timestamp.is_some() {
+        // Children carry owner references; the garbage collector removes them.
+        return Ok(Action::await_change());
+    }
+    let apis = Apis::new(&ctx.client, &namespace);
+    let previous = run.status.clone().unwrap_or_default();
+    let now = now();
+
+    if is_finished(run, &previous) {
+        return finished(run, &apis, &previous, &now).await;
+    }
+    let blueprint = match Blueprint::new(run, &ctx.settings) {
+        Ok(blueprint) => blueprint,
         Err(error) => {
-            // The spec itself cannot be run; say so in the status and wait
-            // for the user to change it rather than retrying forever.
-            let status = refused_status(&run, &error, now());
-            patch_status(&runs, &name, &status).await?;
+            // The spec itself cannot be run; say so and wait for the user to
+            // change it rather than retrying forever.
+            let status = refused_status(run, &error, now);
+            write_status(&apis.runs, &name, &previous, &status).await?;
             return Ok(Action::await_change());
         }
     };
 
-    let client = &ctx.client;
-    let secrets = Api::<Secret>::namespaced(client.clone(), &namespace);
-    if secrets.get_opt(&run_key_name(&name)).await?.is_none() {
-        let mut key = [0u8; 32];
-        getrandom::fill(&mut key).map_err(|e| ReconcileError::Random(e.to_string()))?;
-        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-        // desired_children succeeded, so the run has a namespace and uid.
-        if let Ok(secret) = run_key_secret(&run, hex) {
-            secrets.create(&PostParams::default(), &secret).await?;
+    ensure_secret(&apis.secrets, &blueprint, &name).await?;
+    let children = blueprint.children()?;
+    ensure(&apis.config_maps, &children.manifest).await?;
+    ensure(&apis.services, &children.shard_service).await?;
+    ensure(&apis.services, &children.coordinator_service).await?;
+    ensure_budgets(&apis.budgets, &name, &children.disruption_budgets).await?;
+
+    let selector = format!("{LABEL_RUN}={name}");
+    let pods = apis
+        .pods
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items;
+
+    if run.spec.suspend {
+        delete_live_pods(&apis.pods, &pods).await?;
+        let status = suspended_status(run, now);
+        if previous.phase != Some(RunPhase::Suspended) {
+            publish(
+                ctx,
+                run,
+                EventType::Normal,
+                "Suspended",
+                "the run's pods are deleted until spec.suspend is cleared".to_owned(),
+            )
+            .await;
+        }
+        write_status(&apis.runs, &name, &previous, &status).await?;
+        return Ok(Action::await_change());
+    }
+    if previous.phase == Some(RunPhase::Suspended) {
+        publish(
+            ctx,
+            run,
+            EventType::Normal,
+            "Resumed",
+            "spec.suspend cleared; starting the run's pods".to_owned(),
+        )
+        .await;
+    }
+
+    let node_ready = |node: &str| node_ready(&ctx.nodes, node);
+    let plan = plan_pods(run, &previous, &pods, &node_ready);
+    let total = previous
+        .total_reassignments
+        .saturating_add(u32::try_from(plan.reassignments.len()).unwrap_or(u32::MAX));
+    if !plan.reassignments.is_empty() {
+        ctx.metrics
+            .shard_reassignments
+            .inc_by(plan.reassignments.len() as u64);
+    }
+    let limit = run.spec.placement.max_reassignments;
+    if total > limit {
+        delete_live_pods(&apis.pods, &pods).await?;
+        let last = plan
+            .reassignments
+            .last()
+            .map(|r| {
+                describe(&Reassignment {
+                    to_pod: None,
+                    ..r.clone()
+                })
+            })
+            .unwrap_or_default();
+        let message = format!(
+            "{total} shard reassignments exceed spec.placement.maxReassignments ({limit}); last: {last}"
+        );
+        publish(ctx, run, EventType::Warning, "RunFailed", message.clone()).await;
+        let status = failed_status(run, &previous, &plan, total, message, now);
+        write_status(&apis.runs, &name, &previous, &status).await?;
+        return Ok(Action::await_change());
+    }
+
+    let mut live: Vec<Pod> = pods;
+    for (pod, grace) in &plan.delete {
+        let params = match grace {
+            Some(seconds) => DeleteParams::default().grace_period(*seconds),
+            None => DeleteParams::background(),
+        };
+        match apis.pods.delete(pod, &params).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        live.retain(|p| p.metadata.name.as_deref() != Some(pod.as_str()));
+    }
+    let mut to_create: Vec<Pod> = plan
+        .create
+        .iter()
+        .map(|s| blueprint.shard_pod(s.stage, s.replica, s.attempt, &plan.failed_nodes))
+        .collect();
+    if plan.create_coordinator {
+        to_create.insert(0, children.coordinator.clone());
+    }
+    for pod in &to_create {
+        let params = PostParams {
+            field_manager: Some(MANAGER.to_owned()),
+            ..PostParams::default()
+        };
+        match apis.pods.create(&params, pod).await {
+            Ok(created) => live.push(created),
+            // Made by an earlier reconcile whose status write was lost.
+            Err(kube::Error::Api(e)) if e.code == 409 => live.push(pod.clone()),
+            Err(e) => return Err(e.into()),
         }
     }
-    apply(
-        &Api::<ConfigMap>::namespaced(client.clone(), &namespace),
-        &children.manifest,
-    )
-    .await?;
-    let services = Api::<Service>::namespaced(client.clone(), &namespace);
-    apply(&services, &children.shard_service).await?;
-    apply(&services, &children.coordinator_service).await?;
-    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
-    apply(&pods, &children.coordinator).await?;
-
-    let selector = format!("{LABEL_RUN}={name},{LABEL_ROLE}={ROLE_SHARD}");
-    let observed = pods.list(&ListParams::default().labels(&selector)).await?;
-    let previous = run.status.clone().unwrap_or_default();
-    let plan = plan_shards(&previous, &observed.items);
-    for pod in &plan.replace {
-        // The pod keeps its name (and so its DNS name); applying it again
-        // below creates the replacement once the failed one is gone.
-        pods.delete(pod, &DeleteParams::background()).await?;
-    }
-    for pod in &children.shards {
-        apply(&pods, pod).await?;
-    }
-
-    let current = pods.list(&ListParams::default().labels(&selector)).await?;
-    let coordinator_phase = pods
-        .get_opt(&crate::children::coordinator_name(&name))
-        .await?
-        .and_then(|p| p.status)
-        .and_then(|s| s.phase);
-    let status = observed_status(
-        &run,
-        &current.items,
-        coordinator_phase.as_deref(),
-        plan.reassignments,
-        now(),
-    );
-    patch_status(&runs, &name, &status).await?;
-    Ok(Action::requeue(RESYNC))
-}
-
-/// Retry policy for failed reconciles.
-pub fn error_policy(
-    run: Arc<TrainingRunResource>,
-    error: &ReconcileError,
-    _ctx: Arc<Context>,
-) -> Action {
-    tracing::warn!(run = %run.name_any(), %error, "reconcile failed");
-    Action::requeue(RETRY)
-}
-
-/// Watches runs and their children until a termination signal arrives.
-pub async fn run(client: Client, settings: Settings) {
-    let runs = Api::<TrainingRunResource>::all(client.clone());
-    // Only children carry the run label; watching just those keeps the
-    // operator's caches small on a busy cluster.
-    let children = watcher::Config::default().labels(LABEL_RUN);
-    Controller::new(runs, watcher::Config::default())
-        .owns(Api::<Pod>::all(client.clone()), children.clone())
-        .owns(Api::<Service>::all(client.clone()), children.clone())
-        .owns(Api::<ConfigMap>::all(client.clone()), children)
-        .shutdown_on_signal()
-        .run(
-            reconcile,
-            error_policy,
-            Arc::new(Context { client, settings }),
+    for moved in &plan.reassignments {
+        let pod = ObjectReference {
+            api_version: Some("v1".to_owned()),
+            kind: Some("Pod".to_owned()),
+            name: Some(moved.from_pod.clone()),
+            namespace: Some(namespace.clone()),
+            ..ObjectReference::default()
+        };
+        publish_about(
+            ctx,
+            run,
+            EventType::Warning,
+            "ShardReassigned",
+            describe(moved),
+            Some(pod),
         )
-        .for_each(|result| async move {
-            match result {
-                Ok((run, _)) => tracing::debug!(run = %run.name, "reconciled"),
-                Err(error) => tracing::warn!(%error, "controller"),
-            }
-        })
         .await;
+    }
+    if plan.restart_coordinator {
+        publish(
+            ctx,
+            run,
+            EventType::Warning,
+            "CoordinatorReplaced",
+            format!("pod {} failed or lost its node", coordinator_name(&name)),
+        )
+        .await;
+    }
+
+    let coordinator = live
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some(coordinator_name(&name).as_str()));
+    let coordinator_phase = coordinator.and_then(pod_phase).map(str::to_owned);
+    let report = if coordinator_phase.as_deref() == Some("Running") {
+        match ctx.probe.status(&coordinator_url(&name, &namespace)).await {
+            Ok(report) => Some(report),
+            Err(error) => {
+                tracing::debug!(%error, "coordinator status unavailable; keeping the last figures");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let observation = Observation {
+        pods: &live,
+        shards: &plan.shards,
+        coordinator_phase: coordinator_phase.as_deref(),
+        report: report.as_ref(),
+        new_reassignments: plan.reassignments,
+        failed_nodes: plan.failed_nodes,
+        total_reassignments: total,
+    };
+    let status = observed_status(run, observation, now.clone());
+    let scheduled = find_condition(&status, "Scheduled");
+    let was = find_condition(&previous, "Scheduled");
+    if let Some(c) = scheduled.filter(|c| is_timeout(&c.reason)) {
+        if was.map(|w| w.reason.as_str()) != Some(c.reason.as_str()) {
+            publish(ctx, run, EventType::Warning, &c.reason, c.message.clone()).await;
+        }
+    }
+    write_status(&apis.runs, &name, &previous, &status).await?;
+    if matches!(status.phase, Some(RunPhase::Failed)) {
+        delete_live_pods(&apis.pods, &live).await?;
+    }
+    Ok(next_look(run, &status, &now))
 }
 
-async fn apply<K>(api: &Api<K>, object: &K) -> Result<K, kube::Error>
+/// Whether the run is done: succeeded, or failed for the spec it has now
+/// (a failed run resumes when its spec changes).
+fn is_finished(run: &TrainingRunResource, status: &TrainingRunStatus) -> bool {
+    match status.phase {
+        Some(RunPhase::Succeeded) => true,
+        Some(RunPhase::Failed) => status.observed_generation == run.meta().generation,
+        _ => false,
+    }
+}
+
+/// A finished run waits for its time to live, then is deleted.
+async fn finished(
+    run: &TrainingRunResource,
+    apis: &Apis,
+    status: &TrainingRunStatus,
+    now: &Time,
+) -> Result<Action, ReconcileError> {
+    let Some(ttl) = run.spec.ttl_seconds_after_finished else {
+        return Ok(Action::await_change());
+    };
+    let name = run.name_any();
+    let Some(done) = status.completion_time.clone() else {
+        let mut stamped = status.clone();
+        stamped.completion_time = Some(now.clone());
+        write_status(&apis.runs, &name, status, &stamped).await?;
+        return Ok(Action::requeue(Duration::from_secs(ttl)));
+    };
+    let age = seconds_between(&done, now);
+    let ttl_signed = i64::try_from(ttl).unwrap_or(i64::MAX);
+    if age >= ttl_signed {
+        tracing::info!(ttl, "deleting a finished run past its time to live");
+        match apis.runs.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        return Ok(Action::await_change());
+    }
+    Ok(Action::requeue(Duration::from_secs(
+        u64::try_from(ttl_signed - age).unwrap_or(1),
+    )))
+}
+
+/// When to look at the run again.
+fn next_look(run: &TrainingRunResource, status: &TrainingRunStatus, now: &Time) -> Action {
+    match status.phase {
+        Some(RunPhase::Running | RunPhase::Degraded) => Action::requeue(POLL),
+        Some(RunPhase::Pending) => {
+            let timeout = run.spec.placement.schedule_timeout_seconds;
+            let waited = find_condition(status, "Scheduled")
+                .filter(|c| c.status == "False")
+                .map_or(0, |c| seconds_between(&c.last_transition_time, now));
+            let left = i64::try_from(timeout).unwrap_or(i64::MAX) - waited;
+            if left > 0 {
+                Action::requeue(POLL.min(Duration::from_secs(left.unsigned_abs())))
+            } else {
+                Action::requeue(POLL)
+            }
+        }
+        Some(RunPhase::Succeeded | RunPhase::Failed) => match run.spec.ttl_seconds_after_finished {
+            Some(ttl) => Action::requeue(Duration::from_secs(ttl)),
+            None => Action::await_change(),
+        },
+        _ => Action::requeue(RESYNC),
+    }
+}
+
+/// Creates the run's Secret when it is missing, and adds a join token to one
+/// made before join tokens existed; never replaces a value.
+async fn ensure_secret(
+    secrets: &Api<Secret>,
+    blueprint: &Blueprint<'_>,
+    name: &str,
+) -> Result<(), ReconcileError> {
+    match secrets.get_opt(&run_key_name(name)).await? {
+        None => {
+            let secret = blueprint.secret(random_hex(32)?, random_hex(16)?);
+            let params = PostParams {
+                field_manager: Some(MANAGER.to_owned()),
+                ..PostParams::default()
+            };
+            match secrets.create(&params, &secret).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Some(secret) => {
+            let has_token = secret
+                .data
+                .as_ref()
+                .is_some_and(|d| d.contains_key(JOIN_TOKEN_FIELD));
+            if !has_token {
+                let patch = json!({"stringData": {JOIN_TOKEN_FIELD: random_hex(16)?}});
+                secrets
+                    .patch(
+                        &run_key_name(name),
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn random_hex(bytes: usize) -> Result<String, ReconcileError> {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).map_err(|e| ReconcileError::Random(e.to_string()))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Applies `desired` unless the stored object already has every field of it
+/// with the same value (fields the API server added are not differences).
+async fn ensure<K>(api: &Api<K>, desired: &K) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    let name = desired.meta().name.clone().unwrap_or_default();
+    if let Some(current) = api.get_opt(&name).await? {
+        if covers(&to_json(&current), &to_json(desired)) {
+            return Ok(());
+        }
+    }
+    apply(api, desired).await
+}
+
+/// The disruption budgets of a run: apply what differs, delete what the
+/// run no longer has (a stage dropped to one replica, fewer stages).
+async fn ensure_budgets(
+    api: &Api<PodDisruptionBudget>,
+    run: &str,
+    desired: &[PodDisruptionBudget],
+) -> Result<(), kube::Error> {
+    let existing = api
+        .list(&ListParams::default().labels(&format!("{LABEL_RUN}={run}")))
+        .await?
+        .items;
+    for budget in desired {
+        let found = existing
+            .iter()
+            .find(|e| e.metadata.name == budget.metadata.name);
+        if !found.is_some_and(|e| covers(&to_json(e), &to_json(budget))) {
+            apply(api, budget).await?;
+        }
+    }
+    for stale in &existing {
+        if !desired
+            .iter()
+            .any(|d| d.metadata.name == stale.metadata.name)
+        {
+            api.delete(&stale.name_any(), &DeleteParams::background())
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+fn to_json<T: Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+/// Whether `have` contains every field of `want` with an equal value; lists
+/// must have the same length and cover element by element.
+pub fn covers(have: &Value, want: &Value) -> bool {
+    match (have, want) {
+        (Value::Object(have), Value::Object(want)) => want
+            .iter()
+            .all(|(k, w)| w.is_null() || have.get(k).is_some_and(|h| covers(h, w))),
+        (Value::Array(have), Value::Array(want)) => {
+            have.len() == want.len() && have.iter().zip(want).all(|(h, w)| covers(h, w))
+        }
+        (have, want) => have == want,
+    }
+}
+
+async fn apply<K>(api: &Api<K>, object: &K) -> Result<(), kube::Error>
 where
     K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
 {
@@ -183,14 +520,38 @@ where
         &PatchParams::apply(MANAGER).force(),
         &Patch::Apply(object),
     )
-    .await
+    .await?;
+    Ok(())
 }
 
-async fn patch_status(
+/// Deletes every pod in `pods` that is not already being deleted.
+async fn delete_live_pods(api: &Api<Pod>, pods: &[Pod]) -> Result<(), kube::Error> {
+    for pod in pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        match api
+            .delete(&pod.name_any(), &DeleteParams::background())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes `status` when it differs from `previous`.
+async fn write_status(
     runs: &Api<TrainingRunResource>,
     name: &str,
+    previous: &TrainingRunStatus,
     status: &TrainingRunStatus,
 ) -> Result<(), kube::Error> {
+    if status == previous {
+        return Ok(());
+    }
     let body = json!({
         "apiVersion": pipewright_spec::API_VERSION,
         "kind": pipewright_spec::KIND,
@@ -205,82 +566,273 @@ async fn patch_status(
     Ok(())
 }
 
+/// Publishes an event about `run`; a failure is logged, never fatal.
+async fn publish(
+    ctx: &Context,
+    run: &TrainingRunResource,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    publish_about(ctx, run, type_, reason, note, None).await;
+}
+
+/// Publishes an event about `run` and a `related` object; events about
+/// different objects are never folded into one series.
+async fn publish_about(
+    ctx: &Context,
+    run: &TrainingRunResource,
+    type_: EventType,
+    reason: &str,
+    note: String,
+    related: Option<ObjectReference>,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Reconcile".to_owned(),
+        secondary: related,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &run.object_ref(&())).await {
+        tracing::warn!(%error, reason, "publishing an event failed");
+    }
+}
+
 fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
 
-/// What to do about the shard pods that exist.
-#[derive(Debug, Default, PartialEq)]
-pub struct ShardPlan {
-    /// Pods to delete so that their shard is placed anew.
-    pub replace: Vec<String>,
-    /// The moves this makes, and moves of shards whose pod vanished, to add
-    /// to the status.
-    pub reassignments: Vec<Reassignment>,
+fn seconds_between(from: &Time, to: &Time) -> i64 {
+    to.0.as_second() - from.0.as_second()
 }
 
-/// Decides which shards move: a shard pod that failed is replaced, and a
-/// shard whose recorded pod is gone or terminating (deleted, or lost with its
-/// node) is recorded as moved, since applying the children places it again.
-pub fn plan_shards(previous: &TrainingRunStatus, pods: &[Pod]) -> ShardPlan {
-    let mut plan = ShardPlan::default();
-    let mut seen = BTreeMap::new();
-    for pod in pods {
-        // A terminating pod no longer holds its shard: one deleted with its
-        // node counts as lost below, one this operator deleted was already
-        // recorded when it was replaced (and left out of the status since).
-        if pod.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let Some(shard) = shard_of(pod) else {
-            continue;
-        };
-        seen.insert(shard, ());
-        let status = pod.status.as_ref();
-        if status.and_then(|s| s.phase.as_deref()) == Some("Failed") {
-            let name = pod.name_any();
-            let reason = status
-                .and_then(|s| s.reason.clone())
-                .unwrap_or_else(|| "PodFailed".to_owned());
-            plan.reassignments.push(Reassignment {
-                stage: shard.0,
-                replica: shard.1,
-                from_pod: name.clone(),
-                from_node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
-                reason,
-                time: None,
-            });
-            plan.replace.push(name);
+/// Whether `node` is ready: `None` when the node is not known (not seen yet,
+/// or gone, in which case its pods are deleted and show up as such).
+fn node_ready(nodes: &Store<Node>, node: &str) -> Option<bool> {
+    let node = nodes.get(&ObjectRef::new(node))?;
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.status == "True");
+    Some(ready)
+}
+
+/// One shard's pod as planned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedShard {
+    /// Pipeline stage.
+    pub stage: usize,
+    /// Replica within the stage.
+    pub replica: usize,
+    /// Moves so far; names the pod.
+    pub attempt: u32,
+}
+
+/// What to do about a run's pods.
+#[derive(Debug, Default, PartialEq)]
+pub struct PodPlan {
+    /// Pods to delete, each with a grace period (`None`: the pod's own).
+    pub delete: Vec<(String, Option<u32>)>,
+    /// Shard pods to create.
+    pub create: Vec<PlannedShard>,
+    /// Whether the coordinator pod must be created.
+    pub create_coordinator: bool,
+    /// Whether the coordinator pod is being replaced (it failed or its node
+    /// is not ready).
+    pub restart_coordinator: bool,
+    /// Every shard with the attempt it is at after this plan, stage-major.
+    pub shards: Vec<PlannedShard>,
+    /// The shards this plan moves.
+    pub reassignments: Vec<Reassignment>,
+    /// Nodes to keep shard pods off: the run's failed nodes, with those of
+    /// this plan's moves.
+    pub failed_nodes: Vec<String>,
+}
+
+/// Decides which pods to make and delete, given the run's previous status,
+/// its pods and whether their nodes are ready. Pure, so every failure case
+/// is tested without an API server.
+pub fn plan_pods(
+    run: &TrainingRunResource,
+    previous: &TrainingRunStatus,
+    pods: &[Pod],
+    node_ready: &dyn Fn(&str) -> Option<bool>,
+) -> PodPlan {
+    let name = run.name_any();
+    let stages = run.spec.pipeline.stages;
+    let replicas = run.spec.pipeline.replicas;
+    let mut plan = PodPlan {
+        failed_nodes: previous.failed_nodes.clone(),
+        ..PodPlan::default()
+    };
+    let attempts: BTreeMap<(u32, u32), &ShardStatus> = previous
+        .shards
+        .iter()
+        .map(|s| ((s.stage, s.replica), s))
+        .collect();
+    let mut current = BTreeSet::new();
+    for stage in 0..stages {
+        for replica in 0..replicas {
+            let key = (index(stage), index(replica));
+            let recorded = attempts.get(&key);
+            let attempt = recorded.map_or(0, |s| s.attempt);
+            let pod_name = shard_pod_name(&name, stage, replica, attempt);
+            let pod = pods
+                .iter()
+                .find(|p| p.metadata.name.as_deref() == Some(pod_name.as_str()));
+            let failure = match pod {
+                Some(pod) => failure_of(pod, node_ready),
+                // Placed before and gone now: deleted, or lost with its node.
+                None if recorded.and_then(|s| s.pod.as_deref()) == Some(pod_name.as_str()) => {
+                    Some("PodDeleted".to_owned())
+                }
+                None => None,
+            };
+            let mut next = PlannedShard {
+                stage,
+                replica,
+                attempt,
+            };
+            if let Some(reason) = failure {
+                let from_node = pod
+                    .and_then(|p| p.spec.as_ref()?.node_name.clone())
+                    .or_else(|| recorded.and_then(|s| s.node.clone()));
+                if let Some(node) = &from_node {
+                    if !plan.failed_nodes.contains(node) {
+                        plan.failed_nodes.push(node.clone());
+                    }
+                }
+                next.attempt = attempt.saturating_add(1);
+                plan.reassignments.push(Reassignment {
+                    stage: key.0,
+                    replica: key.1,
+                    from_pod: pod_name.clone(),
+                    from_node,
+                    to_pod: Some(shard_pod_name(&name, stage, replica, next.attempt)),
+                    reason,
+                    time: None,
+                });
+                if pod.is_some_and(|p| p.metadata.deletion_timestamp.is_none()) {
+                    plan.delete.push((pod_name.clone(), None));
+                }
+                plan.create.push(next.clone());
+            } else if pod.is_none() {
+                plan.create.push(next.clone());
+            }
+            current.insert(shard_pod_name(&name, stage, replica, next.attempt));
+            current.insert(pod_name);
+            plan.shards.push(next);
         }
     }
-    for placed in &previous.shards {
-        let (Some(pod), Some(node)) = (&placed.pod, &placed.node) else {
-            continue;
-        };
-        if !seen.contains_key(&(placed.stage, placed.replica)) {
-            plan.reassignments.push(Reassignment {
-                stage: placed.stage,
-                replica: placed.replica,
-                from_pod: pod.clone(),
-                from_node: Some(node.clone()),
-                reason: "PodLost".to_owned(),
-                time: None,
-            });
+    // Pods of earlier attempts, or of shards the spec no longer has.
+    for pod in pods {
+        let role = label(pod, LABEL_ROLE);
+        let pod_name = pod.name_any();
+        if role == Some(ROLE_SHARD)
+            && pod.metadata.deletion_timestamp.is_none()
+            && !current.contains(&pod_name)
+        {
+            plan.delete.push((pod_name, None));
         }
+    }
+    let coordinator = pods.iter().find(|p| {
+        label(p, LABEL_ROLE) == Some(ROLE_COORDINATOR)
+            && p.metadata.name.as_deref() == Some(coordinator_name(&name).as_str())
+    });
+    match coordinator {
+        None => plan.create_coordinator = true,
+        Some(pod) if pod.metadata.deletion_timestamp.is_some() => {}
+        Some(pod) if pod_phase(pod) == Some("Failed") => {
+            plan.delete.push((pod.name_any(), None));
+            plan.restart_coordinator = true;
+        }
+        Some(pod) if on_unready_node(pod, node_ready) => {
+            // Its kubelet cannot confirm a graceful deletion; the name is
+            // freed at once so the replacement can take it.
+            plan.delete.push((pod.name_any(), Some(0)));
+            plan.restart_coordinator = true;
+        }
+        Some(_) => {}
     }
     plan
 }
 
-/// (stage, replica) of a shard pod, from its labels.
-fn shard_of(pod: &Pod) -> Option<(u32, u32)> {
-    let labels = pod.metadata.labels.as_ref()?;
-    Some((
-        labels.get(LABEL_STAGE)?.parse().ok()?,
-        labels.get(LABEL_REPLICA)?.parse().ok()?,
-    ))
+fn index(value: usize) -> u32 {
+    u32::try_from(value).unwrap_or(u32::MAX)
 }
 
-fn pod_ready(pod: &Pod) -> bool {
+fn label<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+    pod.metadata.labels.as_ref()?.get(key).map(String::as_str)
+}
+
+fn pod_phase(pod: &Pod) -> Option<&str> {
+    pod.status.as_ref()?.phase.as_deref()
+}
+
+fn on_unready_node(pod: &Pod, node_ready: &dyn Fn(&str) -> Option<bool>) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .is_some_and(|node| node_ready(node) == Some(false))
+}
+
+/// Why a shard pod no longer holds its shard, if it does not.
+fn failure_of(pod: &Pod, node_ready: &dyn Fn(&str) -> Option<bool>) -> Option<String> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Some("PodDeleted".to_owned());
+    }
+    if pod_phase(pod) == Some("Failed") {
+        let status = pod.status.as_ref();
+        let reason = status
+            .and_then(|s| s.reason.clone())
+            .filter(|r| !r.is_empty())
+            .or_else(|| {
+                status
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .and_then(|c| c.first())
+                    .and_then(|c| c.state.as_ref()?.terminated.as_ref()?.reason.clone())
+            })
+            .unwrap_or_else(|| "PodFailed".to_owned());
+        return Some(reason);
+    }
+    on_unready_node(pod, node_ready).then(|| "NodeNotReady".to_owned())
+}
+
+/// "stage S replica R: pod A on node X -> pod B (reason)".
+fn describe(moved: &Reassignment) -> String {
+    let node = moved
+        .from_node
+        .as_deref()
+        .map_or_else(|| "no node".to_owned(), |n| format!("node {n}"));
+    let to = moved.to_pod.as_deref().unwrap_or("none");
+    format!(
+        "stage {} replica {}: pod {} on {node} -> pod {to} ({})",
+        moved.stage, moved.replica, moved.from_pod, moved.reason
+    )
+}
+
+/// What a reconcile saw and did, for [`observed_status`].
+pub struct Observation<'a> {
+    /// The run's pods after this reconcile's deletions and creations.
+    pub pods: &'a [Pod],
+    /// Every shard with its current attempt.
+    pub shards: &'a [PlannedShard],
+    /// Phase of the coordinator pod.
+    pub coordinator_phase: Option<&'a str>,
+    /// What the coordinator reported, when it answered.
+    pub report: Option<&'a CoordinatorReport>,
+    /// Moves made by this reconcile.
+    pub new_reassignments: Vec<Reassignment>,
+    /// Nodes where shards of the run failed.
+    pub failed_nodes: Vec<String>,
+    /// Moves over the whole run, these included.
+    pub total_reassignments: u32,
+}
+
+fn is_ready(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_none()
         && pod
             .status
@@ -289,85 +841,197 @@ fn pod_ready(pod: &Pod) -> bool {
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// The status of `run` given its shard pods, the coordinator pod's phase and
-/// the reassignments just made; progress figures reported by the
-/// coordinator (step, loss, tokens/s) are carried over from the old status.
+fn is_timeout(reason: &str) -> bool {
+    matches!(reason, "Unschedulable" | "ScheduleTimeout")
+}
+
+fn find_condition<'a>(status: &'a TrainingRunStatus, type_: &str) -> Option<&'a Condition> {
+    status.conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// The status of a run that is not suspended, finished or refused.
 pub fn observed_status(
     run: &TrainingRunResource,
-    shard_pods: &[Pod],
-    coordinator_phase: Option<&str>,
-    new_reassignments: Vec<Reassignment>,
+    seen: Observation<'_>,
     now: Time,
 ) -> TrainingRunStatus {
     let previous = run.status.clone().unwrap_or_default();
-    let stages = u32::try_from(run.spec.pipeline.stages).unwrap_or(u32::MAX);
-    let replicas = u32::try_from(run.spec.pipeline.replicas).unwrap_or(u32::MAX);
-    let by_shard: BTreeMap<(u32, u32), &Pod> = shard_pods
+    let generation = run.meta().generation;
+    let replicas = index(run.spec.pipeline.replicas);
+    let min = index(run.spec.min_replicas());
+    let by_name: BTreeMap<&str, &Pod> = seen
+        .pods
         .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter_map(|p| Some((shard_of(p)?, p)))
+        .filter_map(|p| Some((p.metadata.name.as_deref()?, p)))
         .collect();
 
-    let mut stage_rows = Vec::new();
+    let mut stage_rows: Vec<StageStatus> = Vec::new();
+    let mut running: Vec<u32> = Vec::new();
     let mut shard_rows = Vec::new();
-    for stage in 0..stages {
-        let mut ready = 0;
-        for replica in 0..replicas {
-            let pod = by_shard.get(&(stage, replica));
-            if pod.is_some_and(|p| pod_ready(p)) {
-                ready += 1;
-            }
-            shard_rows.push(ShardStatus {
+    let mut pending_pods: Vec<&Pod> = Vec::new();
+    let name = run.name_any();
+    for shard in seen.shards {
+        let stage = index(shard.stage);
+        if stage_rows.last().is_none_or(|s| s.stage != stage) {
+            let layers = previous
+                .stages
+                .iter()
+                .find(|s| s.stage == stage)
+                .and_then(|s| s.layers.clone());
+            stage_rows.push(StageStatus {
                 stage,
-                replica,
-                pod: pod.map(|p| p.name_any()),
-                node: pod.and_then(|p| p.spec.as_ref()?.node_name.clone()),
-                attempt: 0,
+                desired_replicas: replicas,
+                ready_replicas: 0,
+                layers,
             });
+            running.push(0);
         }
-        let layers = previous
-            .stages
-            .iter()
-            .find(|s| s.stage == stage)
-            .and_then(|s| s.layers.clone());
-        stage_rows.push(StageStatus {
+        let pod_name = shard_pod_name(&name, shard.stage, shard.replica, shard.attempt);
+        let pod = by_name.get(pod_name.as_str()).copied();
+        if let (Some(row), Some(count)) = (stage_rows.last_mut(), running.last_mut()) {
+            if pod.is_some_and(is_ready) {
+                row.ready_replicas += 1;
+            }
+            match pod.and_then(pod_phase) {
+                Some("Running") => *count += 1,
+                Some("Pending") | None => pending_pods.extend(pod),
+                _ => {}
+            }
+        }
+        shard_rows.push(ShardStatus {
             stage,
-            desired_replicas: replicas,
-            ready_replicas: ready,
-            layers,
+            replica: index(shard.replica),
+            pod: pod.map(|p| p.name_any()),
+            node: pod.and_then(|p| p.spec.as_ref()?.node_name.clone()),
+            attempt: shard.attempt,
         });
     }
     let ready_shards: u32 = stage_rows.iter().map(|s| s.ready_replicas).sum();
-    let desired_shards = stages.saturating_mul(replicas);
+    let desired_shards = index(run.spec.pipeline.stages).saturating_mul(replicas);
 
-    let mut reassignments = previous.reassignments.clone();
-    reassignments.extend(new_reassignments.into_iter().map(|mut r| {
-        r.time = Some(now.clone());
-        r
-    }));
-    let excess = reassignments.len().saturating_sub(MAX_REASSIGNMENTS);
-    reassignments.drain(..excess);
+    let mut conditions = Vec::new();
+    // Gang start: every stage has its minimum of running replicas.
+    let short: Vec<String> = stage_rows
+        .iter()
+        .zip(&running)
+        .filter(|(_, n)| **n < min)
+        .map(|(s, n)| format!("stage {}: {n} of {replicas} running", s.stage))
+        .collect();
+    let scheduled = short.is_empty();
+    if scheduled {
+        conditions.push(condition(
+            &previous,
+            "Scheduled",
+            true,
+            "GangRunning",
+            format!("every stage has at least {min} of {replicas} replicas running"),
+            generation,
+            now.clone(),
+        ));
+    } else {
+        let waiting = format!("{} (need {min} per stage)", short.join(", "));
+        let since = find_condition(&previous, "Scheduled")
+            .filter(|c| c.status == "False")
+            .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+        let timeout =
+            i64::try_from(run.spec.placement.schedule_timeout_seconds).unwrap_or(i64::MAX);
+        let (reason, message) = if seconds_between(&since, &now) < timeout {
+            ("WaitingForPods", waiting)
+        } else if let Some((pod, why)) = pending_pods.iter().find_map(|p| {
+            let c = p
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+            Some((p.name_any(), c.message.clone().unwrap_or_default()))
+        }) {
+            ("Unschedulable", format!("pod {pod}: {why}"))
+        } else {
+            (
+                "ScheduleTimeout",
+                format!("not running after {timeout}s: {waiting}"),
+            )
+        };
+        conditions.push(condition(
+            &previous,
+            "Scheduled",
+            false,
+            reason,
+            message,
+            generation,
+            now.clone(),
+        ));
+    }
 
-    let phase = match coordinator_phase {
-        Some("Succeeded") => RunPhase::Succeeded,
-        Some("Failed") => RunPhase::Failed,
-        _ if ready_shards == desired_shards => RunPhase::Running,
-        _ if matches!(previous.phase, Some(RunPhase::Running | RunPhase::Degraded)) => {
-            RunPhase::Degraded
-        }
-        _ => RunPhase::Pending,
+    let started =
+        scheduled || matches!(previous.phase, Some(RunPhase::Running | RunPhase::Degraded));
+    let below: Vec<String> = stage_rows
+        .iter()
+        .filter(|s| s.ready_replicas < s.desired_replicas)
+        .map(|s| {
+            format!(
+                "stage {}: {} of {} replicas ready",
+                s.stage, s.ready_replicas, s.desired_replicas
+            )
+        })
+        .collect();
+    let degraded = started && !below.is_empty();
+    conditions.push(if degraded {
+        condition(
+            &previous,
+            "Degraded",
+            true,
+            "StageBelowDesiredReplicas",
+            below.join(", "),
+            generation,
+            now.clone(),
+        )
+    } else {
+        condition(
+            &previous,
+            "Degraded",
+            false,
+            if started {
+                "AllReplicasReady"
+            } else {
+                "NotStarted"
+            },
+            if started {
+                "every stage runs all its replicas".to_owned()
+            } else {
+                "the run has not started".to_owned()
+            },
+            generation,
+            now.clone(),
+        )
+    });
+
+    let report = seen.report;
+    let reported = report.and_then(|r| r.phase.as_deref());
+    let phase = if reported == Some("Failed") {
+        RunPhase::Failed
+    } else if seen.coordinator_phase == Some("Succeeded") || reported == Some("Succeeded") {
+        RunPhase::Succeeded
+    } else if degraded {
+        RunPhase::Degraded
+    } else if started {
+        RunPhase::Running
+    } else {
+        RunPhase::Pending
     };
     let (ready, reason, message) = match phase {
-        RunPhase::Running => (
-            true,
-            "AllShardsReady",
-            "every shard has a ready pod".to_owned(),
-        ),
         RunPhase::Succeeded => (false, "Succeeded", "training finished".to_owned()),
         RunPhase::Failed => (
             false,
-            "CoordinatorFailed",
-            "the coordinator pod failed".to_owned(),
+            "TrainingFailed",
+            "the coordinator reported the run failed".to_owned(),
+        ),
+        _ if ready_shards == desired_shards => (
+            true,
+            "AllShardsReady",
+            "every shard has a ready pod".to_owned(),
         ),
         _ => (
             false,
@@ -375,22 +1039,154 @@ pub fn observed_status(
             format!("{ready_shards} of {desired_shards} shards ready"),
         ),
     };
-    let generation = run.meta().generation;
+    conditions.insert(
+        0,
+        condition(
+            &previous,
+            "Ready",
+            ready,
+            reason,
+            message,
+            generation,
+            now.clone(),
+        ),
+    );
+
+    let mut reassignments = previous.reassignments.clone();
+    reassignments.extend(seen.new_reassignments.into_iter().map(|mut r| {
+        r.time = Some(now.clone());
+        r
+    }));
+    let excess = reassignments.len().saturating_sub(MAX_REASSIGNMENTS);
+    reassignments.drain(..excess);
+    let terminal = matches!(phase, RunPhase::Succeeded | RunPhase::Failed);
     TrainingRunStatus {
         phase: Some(phase),
-        conditions: vec![condition(
-            &previous, "Ready", ready, reason, message, generation, now,
-        )],
+        conditions,
         observed_generation: generation,
         ready_shards,
         desired_shards,
         stages: stage_rows,
         shards: shard_rows,
         reassignments,
-        step: previous.step,
-        loss: previous.loss,
-        tokens_per_second: previous.tokens_per_second,
+        step: report.and_then(|r| r.step).or(previous.step),
+        loss: report.and_then(|r| r.loss).or(previous.loss),
+        tokens_per_second: report
+            .and_then(|r| r.tokens_per_second)
+            .or(previous.tokens_per_second),
+        total_reassignments: seen.total_reassignments,
+        failed_nodes: seen.failed_nodes,
+        training_phase: report
+            .and_then(|r| r.phase.clone())
+            .or(previous.training_phase),
+        completion_time: if terminal {
+            previous.completion_time.or(Some(now))
+        } else {
+            None
+        },
+    }
+}
+
+/// Status of a suspended run: no pods, everything else kept. The
+/// `Scheduled` condition is dropped so that the gang's timeout starts anew
+/// on resume.
+pub fn suspended_status(run: &TrainingRunResource, now: Time) -> TrainingRunStatus {
+    let previous = run.status.clone().unwrap_or_default();
+    let generation = run.meta().generation;
+    let message = "spec.suspend is set; the run's pods are deleted".to_owned();
+    TrainingRunStatus {
+        phase: Some(RunPhase::Suspended),
+        conditions: vec![
+            condition(
+                &previous,
+                "Ready",
+                false,
+                "Suspended",
+                message.clone(),
+                generation,
+                now.clone(),
+            ),
+            condition(
+                &previous,
+                "Suspended",
+                true,
+                "Suspended",
+                message,
+                generation,
+                now,
+            ),
+        ],
+        observed_generation: generation,
+        ready_shards: 0,
+        stages: previous
+            .stages
+            .iter()
+            .map(|s| StageStatus {
+                ready_replicas: 0,
+                ..s.clone()
+            })
+            .collect(),
+        shards: previous
+            .shards
+            .iter()
+            .map(|s| ShardStatus {
+                pod: None,
+                node: None,
+                ..s.clone()
+            })
+            .collect(),
+        completion_time: None,
         ..previous
+    }
+}
+
+/// Status of a run failed for moving shards too often; its pods are deleted.
+fn failed_status(
+    run: &TrainingRunResource,
+    previous: &TrainingRunStatus,
+    plan: &PodPlan,
+    total: u32,
+    message: String,
+    now: Time,
+) -> TrainingRunStatus {
+    let generation = run.meta().generation;
+    let mut reassignments = previous.reassignments.clone();
+    reassignments.extend(plan.reassignments.iter().cloned().map(|mut r| {
+        r.time = Some(now.clone());
+        r.to_pod = None;
+        r
+    }));
+    let excess = reassignments.len().saturating_sub(MAX_REASSIGNMENTS);
+    reassignments.drain(..excess);
+    TrainingRunStatus {
+        phase: Some(RunPhase::Failed),
+        conditions: vec![condition(
+            previous,
+            "Ready",
+            false,
+            "TooManyReassignments",
+            message,
+            generation,
+            now.clone(),
+        )],
+        observed_generation: generation,
+        ready_shards: 0,
+        shards: plan
+            .shards
+            .iter()
+            .map(|s| ShardStatus {
+                stage: index(s.stage),
+                replica: index(s.replica),
+                pod: None,
+                node: None,
+                attempt: s.attempt,
+            })
+            .collect(),
+        reassignments,
+        total_reassignments: total,
+        failed_nodes: plan.failed_nodes.clone(),
+        completion_time: Some(now),
+        ..previous.clone()
     }
 }
 
@@ -411,9 +1207,10 @@ pub fn refused_status(
             "InvalidSpec",
             error.to_string(),
             generation,
-            now,
+            now.clone(),
         )],
         observed_generation: generation,
+        completion_time: previous.completion_time.clone().or(Some(now)),
         ..previous
     }
 }
@@ -444,197 +1241,102 @@ fn condition(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use k8s_openapi::api::core::v1::{PodCondition, PodSpec, PodStatus};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-    use pipewright_spec::parse_manifest;
-
-    const MANIFEST: &str = "\
-apiVersion: pipewright.dev/v1alpha1
-kind: TrainingRun
-metadata: {name: demo}
-spec:
-  model: {dim: 64, layers: 4, heads: 4, ffnDim: 176, seqLen: 64}
-  data: {sources: [corpus/]}
-  training: {steps: 10, microBatchSize: 4, learningRate: 0.001}
-  pipeline: {stages: 2, replicas: 2}
-";
-
-    fn run() -> TrainingRunResource {
-        let spec = parse_manifest(MANIFEST).expect("valid").spec;
-        let mut run = TrainingRunResource::new("demo", spec);
-        run.metadata.namespace = Some("ml".to_owned());
-        run.metadata.uid = Some("uid-1".to_owned());
-        run.metadata.generation = Some(3);
-        run
-    }
-
-    fn at(seconds: i64) -> Time {
-        Time(k8s_openapi::jiff::Timestamp::from_second(seconds).expect("in range"))
-    }
-
-    fn pod(stage: u32, replica: u32, phase: &str, ready: bool, node: &str) -> Pod {
-        Pod {
-            metadata: ObjectMeta {
-                name: Some(format!("demo-s{stage}-r{replica}")),
-                labels: Some(BTreeMap::from([
-                    (LABEL_RUN.to_owned(), "demo".to_owned()),
-                    (LABEL_ROLE.to_owned(), ROLE_SHARD.to_owned()),
-                    (LABEL_STAGE.to_owned(), stage.to_string()),
-                    (LABEL_REPLICA.to_owned(), replica.to_string()),
-                ])),
-                ..ObjectMeta::default()
-            },
-            spec: Some(PodSpec {
-                node_name: Some(node.to_owned()),
-                ..PodSpec::default()
-            }),
-            status: Some(PodStatus {
-                phase: Some(phase.to_owned()),
-                conditions: Some(vec![PodCondition {
-                    type_: "Ready".to_owned(),
-                    status: if ready { "True" } else { "False" }.to_owned(),
-                    ..PodCondition::default()
-                }]),
-                ..PodStatus::default()
-            }),
-        }
-    }
-
-    fn all_ready() -> Vec<Pod> {
-        vec![
-            pod(0, 0, "Running", true, "n1"),
-            pod(0, 1, "Running", true, "n2"),
-            pod(1, 0, "Running", true, "n1"),
-            pod(1, 1, "Running", true, "n2"),
-        ]
-    }
-
-    #[test]
-    fn all_ready_shards_make_a_running_run() {
-        let status = observed_status(&run(), &all_ready(), Some("Running"), vec![], at(100));
-        assert_eq!(status.phase, Some(RunPhase::Running));
-        assert_eq!((status.ready_shards, status.desired_shards), (4, 4));
-        assert_eq!(status.observed_generation, Some(3));
-        assert_eq!(status.stages.len(), 2);
-        assert_eq!(status.stages[1].ready_replicas, 2);
-        assert_eq!(status.shards[3].pod.as_deref(), Some("demo-s1-r1"));
-        assert_eq!(status.shards[3].node.as_deref(), Some("n2"));
-        assert_eq!(status.conditions[0].status, "True");
-    }
-
-    #[test]
-    fn a_lost_shard_degrades_a_running_run_and_is_recorded() {
-        let mut run = run();
-        run.status = Some(observed_status(&run, &all_ready(), None, vec![], at(100)));
-        let mut pods = all_ready();
-        pods.remove(2); // demo-s1-r0 vanished with node n1
-        let plan = plan_shards(run.status.as_ref().expect("status"), &pods);
-        assert!(plan.replace.is_empty());
-        assert_eq!(plan.reassignments.len(), 1);
-        assert_eq!(plan.reassignments[0].from_pod, "demo-s1-r0");
-        assert_eq!(plan.reassignments[0].from_node.as_deref(), Some("n1"));
-        assert_eq!(plan.reassignments[0].reason, "PodLost");
-        let status = observed_status(&run, &pods, None, plan.reassignments, at(200));
-        assert_eq!(status.phase, Some(RunPhase::Degraded));
-        assert_eq!(status.ready_shards, 3);
-        assert_eq!(status.reassignments[0].time, Some(at(200)));
-        assert_eq!(status.shards[2].pod, None);
-        // Ready flipped to False, so its transition time moves.
-        assert_eq!(status.conditions[0].last_transition_time, at(200));
-    }
-
-    #[test]
-    fn a_pod_terminating_with_its_node_is_counted_once() {
-        let mut run = run();
-        run.status = Some(observed_status(&run, &all_ready(), None, vec![], at(100)));
-        let mut pods = all_ready();
-        pods[3].metadata.deletion_timestamp = Some(at(150));
-        let plan = plan_shards(run.status.as_ref().expect("status"), &pods);
-        assert_eq!(plan.reassignments.len(), 1);
-        assert_eq!(plan.reassignments[0].from_pod, "demo-s1-r1");
-        let status = observed_status(&run, &pods, None, plan.reassignments, at(160));
-        assert_eq!(status.shards[3].pod, None);
-        run.status = Some(status);
-        // Still terminating at the next look: not counted again.
-        let again = plan_shards(run.status.as_ref().expect("status"), &pods);
-        assert!(again.reassignments.is_empty());
-    }
-
-    #[test]
-    fn failed_shard_pods_are_replaced() {
-        let mut pods = all_ready();
-        pods[1] = pod(0, 1, "Failed", false, "n2");
-        let plan = plan_shards(&TrainingRunStatus::default(), &pods);
-        assert_eq!(plan.replace, ["demo-s0-r1"]);
-        assert_eq!(plan.reassignments[0].reason, "PodFailed");
-        assert_eq!(
-            (plan.reassignments[0].stage, plan.reassignments[0].replica),
-            (0, 1)
-        );
-    }
-
-    #[test]
-    fn a_new_run_is_pending_until_every_shard_is_ready() {
-        let mut pods = all_ready();
-        pods[0] = pod(0, 0, "Pending", false, "n1");
-        let status = observed_status(&run(), &pods, None, vec![], at(5));
-        assert_eq!(status.phase, Some(RunPhase::Pending));
-        assert_eq!(status.conditions[0].message, "3 of 4 shards ready");
-    }
-
-    #[test]
-    fn coordinator_outcome_decides_the_final_phase() {
-        let done = observed_status(&run(), &all_ready(), Some("Succeeded"), vec![], at(9));
-        assert_eq!(done.phase, Some(RunPhase::Succeeded));
-        let failed = observed_status(&run(), &all_ready(), Some("Failed"), vec![], at(9));
-        assert_eq!(failed.phase, Some(RunPhase::Failed));
-    }
-
-    #[test]
-    fn unchanged_condition_keeps_its_transition_time() {
-        let mut run = run();
-        run.status = Some(observed_status(&run, &all_ready(), None, vec![], at(100)));
-        let later = observed_status(&run, &all_ready(), None, vec![], at(500));
-        assert_eq!(later.conditions[0].last_transition_time, at(100));
-    }
-
-    #[test]
-    fn reassignment_history_is_bounded() {
-        let mut run = run();
-        let one = Reassignment {
-            stage: 0,
-            replica: 0,
-            from_pod: "demo-s0-r0".to_owned(),
-            from_node: None,
-            reason: "PodLost".to_owned(),
-            time: None,
-        };
-        run.status = Some(TrainingRunStatus {
-            reassignments: vec![one.clone(); MAX_REASSIGNMENTS],
-            ..TrainingRunStatus::default()
-        });
-        let mut newest = one;
-        newest.from_pod = "newest".to_owned();
-        let status = observed_status(&run, &all_ready(), None, vec![newest], at(1));
-        assert_eq!(status.reassignments.len(), MAX_REASSIGNMENTS);
-        assert_eq!(
-            status.reassignments.last().map(|r| r.from_pod.as_str()),
-            Some("newest")
-        );
-    }
-
-    #[test]
-    fn unrunnable_spec_fails_the_run_with_the_reason() {
-        let error = ChildrenError::NameTooLong {
-            run: "demo".to_owned(),
-            name: "x".repeat(70),
-        };
-        let status = refused_status(&run(), &error, at(1));
-        assert_eq!(status.phase, Some(RunPhase::Failed));
-        assert_eq!(status.conditions[0].reason, "InvalidSpec");
-        assert!(status.conditions[0].message.contains("shorter run name"));
-    }
+/// Retry policy for failed reconciles.
+pub fn error_policy(
+    run: Arc<TrainingRunResource>,
+    error: &ReconcileError,
+    _ctx: Arc<Context>,
+) -> Action {
+    tracing::warn!(run = %run.name_any(), %error, "reconcile failed");
+    Action::requeue(RETRY)
 }
+
+/// Readiness of a node, hashed, so that node watch events that change only
+/// heartbeats do not wake any run.
+fn node_readiness(node: &Node) -> Option<u64> {
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.status == "True");
+    Some(u64::from(ready))
+}
+
+/// Watches runs, their children and nodes, and reconciles until `shutdown`
+/// completes; in-flight reconciles finish first.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    recorder: Recorder,
+    probe: Arc<dyn CoordinatorProbe>,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let runs = Api::<TrainingRunResource>::all(client.clone());
+    // Only children carry the run label; watching just those keeps the
+    // operator's caches small on a busy cluster.
+    let children = watcher::Config::default().labels(LABEL_RUN);
+
+    let (pod_store, pod_writer) = reflector::store();
+    let pod_events = reflector::reflector(
+        pod_writer,
+        watcher(Api::<Pod>::all(client.clone()), children.clone()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let (node_store, node_writer) = reflector::store();
+    let node_events = reflector::reflector(
+        node_writer,
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .predicate_filter(node_readiness, Default::default());
+
+    // A node changing readiness wakes every run with a pod on it.
+    let pods_by_node = pod_store.clone();
+    let node_to_runs = move |node: Node| {
+        let node = node.name_any();
+        pods_by_node
+            .state()
+            .iter()
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str()))
+            .filter_map(|p| {
+                Some(
+                    ObjectRef::<TrainingRunResource>::new(label(p, LABEL_RUN)?)
+                        .within(&p.namespace()?),
+                )
+            })
+            .collect::<std::collections::HashSet<_>>()
+    };
+
+    let controller = Controller::new(runs, watcher::Config::default());
+    metrics.set_run_store(controller.store());
+    let context = Arc::new(Context {
+        client: client.clone(),
+        settings,
+        nodes: node_store,
+        recorder,
+        probe,
+        metrics,
+    });
+    controller
+        .owns_stream(pod_events)
+        .owns(Api::<Service>::all(client.clone()), children.clone())
+        .owns(Api::<ConfigMap>::all(client.clone()), children.clone())
+        .owns(Api::<PodDisruptionBudget>::all(client.clone()), children)
+        .watches_stream(node_events, node_to_runs)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            match result {
+                Ok((run, _)) => tracing::debug!(run = %run.name, "reconciled"),
+                Err(error) => tracing::warn!(%error, "controller"),
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests;

@@ -3,4 +3,9 @@
 
 pub mod children;
 pub mod controller;
+pub mod coordinator;
 pub mod crd;
+pub mod fixtures;
+pub mod http;
+pub mod leader;
+pub mod metrics;

@@ -134,6 +134,9 @@ pub struct Reassignment {
     /// Node that pod ran on, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_node: Option<String>,
+    /// Pod that took the shard over; absent when the move failed the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_pod: Option<String>,
     /// Why the shard was moved (pod deleted, node lost, failed validation).
     pub reason: String,
     /// When the operator moved it.

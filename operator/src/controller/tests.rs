@@ -1,0 +1,497 @@
+use k8s_openapi::api::core::v1::PodCondition;
+use serde_json::json;
+
+use super::*;
+use crate::fixtures::{at, coordinator, run, shard};
+
+/// Every node is ready.
+fn all_ready(_: &str) -> Option<bool> {
+    Some(true)
+}
+
+/// A 2×2 run whose four shards run at attempt 0 on nodes n1/n2, with the
+/// status a reconcile of exactly that would have written.
+fn settled() -> (TrainingRunResource, Vec<Pod>) {
+    let mut run = run(2, 2);
+    let pods = vec![
+        coordinator(&run, "Running", "n3"),
+        shard(&run, (0, 0, 0), "Running", "n1"),
+        shard(&run, (0, 1, 0), "Running", "n2"),
+        shard(&run, (1, 0, 0), "Running", "n1"),
+        shard(&run, (1, 1, 0), "Running", "n2"),
+    ];
+    let plan = plan_pods(&run, &TrainingRunStatus::default(), &pods, &all_ready);
+    let status = status_of(&run, &pods, &plan, None, at(100));
+    run.status = Some(status);
+    (run, pods)
+}
+
+fn status_of(
+    run: &TrainingRunResource,
+    pods: &[Pod],
+    plan: &PodPlan,
+    report: Option<&CoordinatorReport>,
+    now: Time,
+) -> TrainingRunStatus {
+    let previous = run.status.clone().unwrap_or_default();
+    let coordinator_phase = pods
+        .iter()
+        .find(|p| label(p, LABEL_ROLE) == Some(ROLE_COORDINATOR))
+        .and_then(pod_phase);
+    observed_status(
+        run,
+        Observation {
+            pods,
+            shards: &plan.shards,
+            coordinator_phase,
+            report,
+            new_reassignments: plan.reassignments.clone(),
+            failed_nodes: plan.failed_nodes.clone(),
+            total_reassignments: previous.total_reassignments
+                + u32::try_from(plan.reassignments.len()).expect("few"),
+        },
+        now,
+    )
+}
+
+fn planned(stage: usize, replica: usize, attempt: u32) -> PlannedShard {
+    PlannedShard {
+        stage,
+        replica,
+        attempt,
+    }
+}
+
+#[test]
+fn a_new_run_gets_every_shard_and_the_coordinator() {
+    let run = run(2, 2);
+    let plan = plan_pods(&run, &TrainingRunStatus::default(), &[], &all_ready);
+    assert!(plan.create_coordinator);
+    assert_eq!(
+        plan.create,
+        [
+            planned(0, 0, 0),
+            planned(0, 1, 0),
+            planned(1, 0, 0),
+            planned(1, 1, 0)
+        ]
+    );
+    assert!(plan.delete.is_empty() && plan.reassignments.is_empty());
+}
+
+#[test]
+fn a_settled_run_needs_nothing() {
+    let (run, pods) = settled();
+    let plan = plan_pods(
+        &run,
+        run.status.as_ref().expect("status"),
+        &pods,
+        &all_ready,
+    );
+    assert!(!plan.create_coordinator);
+    assert!(plan.create.is_empty() && plan.delete.is_empty());
+    assert!(plan.reassignments.is_empty());
+    let status = run.status.clone().expect("status");
+    assert_eq!(status.phase, Some(RunPhase::Running));
+    assert_eq!((status.ready_shards, status.desired_shards), (4, 4));
+    assert_eq!(status.shards[3].pod.as_deref(), Some("demo-s1-r1"));
+    assert_eq!(status.shards[3].node.as_deref(), Some("n2"));
+    // Looking again later changes nothing, transition times included.
+    let again = status_of(&run, &pods, &plan, None, at(500));
+    assert_eq!(again, status);
+}
+
+#[test]
+fn a_failed_shard_moves_to_the_next_attempt_off_its_node() {
+    let (run, mut pods) = settled();
+    let mut evicted = shard(&run, (1, 0, 0), "Failed", "n1");
+    evicted.status.as_mut().expect("status").reason = Some("Evicted".to_owned());
+    pods[3] = evicted;
+    let previous = run.status.clone().expect("status");
+    let plan = plan_pods(&run, &previous, &pods, &all_ready);
+    assert_eq!(plan.delete, [("demo-s1-r0".to_owned(), None)]);
+    assert_eq!(plan.create, [planned(1, 0, 1)]);
+    assert_eq!(plan.failed_nodes, ["n1"]);
+    let moved = &plan.reassignments[0];
+    assert_eq!((moved.stage, moved.replica), (1, 0));
+    assert_eq!(moved.from_pod, "demo-s1-r0");
+    assert_eq!(moved.from_node.as_deref(), Some("n1"));
+    assert_eq!(moved.to_pod.as_deref(), Some("demo-s1-r0-a1"));
+    assert_eq!(moved.reason, "Evicted");
+    assert_eq!(
+        describe(moved),
+        "stage 1 replica 0: pod demo-s1-r0 on node n1 -> pod demo-s1-r0-a1 (Evicted)"
+    );
+
+    // The replacement exists but is not running yet: the stage is short.
+    pods.remove(3);
+    let settings = crate::fixtures::settings(0);
+    let blueprint = Blueprint::new(&run, &settings).expect("buildable");
+    pods.push(blueprint.shard_pod(1, 0, 1, &plan.failed_nodes));
+    let status = status_of(&run, &pods, &plan, None, at(200));
+    assert_eq!(status.phase, Some(RunPhase::Degraded));
+    assert_eq!(status.total_reassignments, 1);
+    assert_eq!(status.failed_nodes, ["n1"]);
+    assert_eq!(status.reassignments[0].time, Some(at(200)));
+    assert_eq!(status.shards[2].attempt, 1);
+    assert_eq!(status.shards[2].pod.as_deref(), Some("demo-s1-r0-a1"));
+    let degraded = find_condition(&status, "Degraded").expect("Degraded");
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "StageBelowDesiredReplicas")
+    );
+    assert_eq!(degraded.message, "stage 1: 1 of 2 replicas ready");
+    // Ready flipped to False, so its transition time moves.
+    let ready = find_condition(&status, "Ready").expect("Ready");
+    assert_eq!(ready.last_transition_time, at(200));
+}
+
+#[test]
+fn a_shard_on_a_node_that_is_not_ready_moves() {
+    let (run, pods) = settled();
+    let n2_down = |node: &str| Some(node != "n2");
+    let plan = plan_pods(&run, run.status.as_ref().expect("status"), &pods, &n2_down);
+    let reasons: Vec<(&str, &str)> = plan
+        .reassignments
+        .iter()
+        .map(|r| (r.from_pod.as_str(), r.reason.as_str()))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("demo-s0-r1", "NodeNotReady"),
+            ("demo-s1-r1", "NodeNotReady")
+        ]
+    );
+    assert_eq!(plan.create, [planned(0, 1, 1), planned(1, 1, 1)]);
+    assert_eq!(plan.failed_nodes, ["n2"]);
+    // A node not seen (yet) is not held against its pods.
+    let unknown = |_: &str| None;
+    let plan = plan_pods(&run, run.status.as_ref().expect("status"), &pods, &unknown);
+    assert!(plan.reassignments.is_empty());
+}
+
+#[test]
+fn a_coordinator_that_failed_or_lost_its_node_is_replaced() {
+    let (run, mut pods) = settled();
+    let n3_down = |node: &str| Some(node != "n3");
+    let plan = plan_pods(&run, run.status.as_ref().expect("status"), &pods, &n3_down);
+    assert_eq!(plan.delete, [("demo-coordinator".to_owned(), Some(0))]);
+    assert!(plan.restart_coordinator && !plan.create_coordinator);
+    pods[0] = coordinator(&run, "Failed", "n3");
+    let plan = plan_pods(
+        &run,
+        run.status.as_ref().expect("status"),
+        &pods,
+        &all_ready,
+    );
+    assert_eq!(plan.delete, [("demo-coordinator".to_owned(), None)]);
+    // Once gone, it is made again.
+    pods.remove(0);
+    let plan = plan_pods(
+        &run,
+        run.status.as_ref().expect("status"),
+        &pods,
+        &all_ready,
+    );
+    assert!(plan.create_coordinator);
+}
+
+#[test]
+fn a_deleted_or_vanished_shard_pod_counts_once() {
+    let (mut run, mut pods) = settled();
+    // Deleted by someone else: terminating, so nothing to delete.
+    pods[4].metadata.deletion_timestamp = Some(at(150));
+    let plan = plan_pods(
+        &run,
+        run.status.as_ref().expect("status"),
+        &pods,
+        &all_ready,
+    );
+    assert_eq!(plan.reassignments.len(), 1);
+    assert_eq!(plan.reassignments[0].reason, "PodDeleted");
+    assert!(plan.delete.is_empty());
+    assert_eq!(plan.create, [planned(1, 1, 1)]);
+    run.status = Some(status_of(&run, &pods, &plan, None, at(160)));
+    // Next look: the old pod still terminates, the new one exists.
+    let settings = crate::fixtures::settings(0);
+    let blueprint = Blueprint::new(&run, &settings).expect("buildable");
+    pods.push(blueprint.shard_pod(1, 1, 1, &plan.failed_nodes));
+    let again = plan_pods(
+        &run,
+        run.status.as_ref().expect("status"),
+        &pods,
+        &all_ready,
+    );
+    assert!(again.reassignments.is_empty() && again.create.is_empty());
+    assert!(
+        again.delete.is_empty(),
+        "a terminating pod is not deleted again"
+    );
+
+    // Vanished without a trace (its node was removed): moved as well.
+    let (run, mut pods) = settled();
+    pods.remove(1);
+    let plan = plan_pods(
+        &run,
+        run.status.as_ref().expect("status"),
+        &pods,
+        &all_ready,
+    );
+    assert_eq!(plan.reassignments[0].from_pod, "demo-s0-r0");
+    assert_eq!(plan.reassignments[0].from_node.as_deref(), Some("n1"));
+    assert_eq!(plan.reassignments[0].reason, "PodDeleted");
+}
+
+#[test]
+fn pods_of_old_attempts_and_dropped_shards_are_deleted() {
+    let (mut run, mut pods) = settled();
+    pods.push(shard(&run, (0, 0, 3), "Running", "n4"));
+    run.spec.pipeline.replicas = 1;
+    let plan = plan_pods(
+        &run,
+        run.status.as_ref().expect("status"),
+        &pods,
+        &all_ready,
+    );
+    let deleted: Vec<&str> = plan.delete.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(deleted, ["demo-s0-r1", "demo-s1-r1", "demo-s0-r0-a3"]);
+}
+
+#[test]
+fn the_gang_waits_then_says_why_it_does_not_schedule() {
+    let mut run = run(2, 2);
+    run.spec.placement.schedule_timeout_seconds = 60;
+    run.spec.placement.min_replicas = Some(1);
+    let mut unschedulable = shard(&run, (1, 0, 0), "Pending", "");
+    unschedulable
+        .status
+        .as_mut()
+        .and_then(|s| s.conditions.as_mut())
+        .expect("conditions")
+        .push(PodCondition {
+            type_: "PodScheduled".to_owned(),
+            status: "False".to_owned(),
+            reason: Some("Unschedulable".to_owned()),
+            message: Some("0/3 nodes are available: 3 Insufficient nvidia.com/gpu.".to_owned()),
+            ..PodCondition::default()
+        });
+    let pods = vec![
+        shard(&run, (0, 0, 0), "Running", "n1"),
+        shard(&run, (0, 1, 0), "Pending", ""),
+        unschedulable,
+        shard(&run, (1, 1, 0), "Pending", ""),
+    ];
+    let plan = plan_pods(&run, &TrainingRunStatus::default(), &pods, &all_ready);
+    let status = status_of(&run, &pods, &plan, None, at(1000));
+    assert_eq!(status.phase, Some(RunPhase::Pending));
+    let scheduled = find_condition(&status, "Scheduled").expect("Scheduled");
+    assert_eq!(
+        (scheduled.status.as_str(), scheduled.reason.as_str()),
+        ("False", "WaitingForPods")
+    );
+    assert_eq!(
+        scheduled.message,
+        "stage 1: 0 of 2 running (need 1 per stage)"
+    );
+    assert_eq!(next_look(&run, &status, &at(1000)), Action::requeue(POLL));
+    run.status = Some(status);
+    // 55 s later: 5 s of the timeout left, so the next look is then.
+    let status = status_of(&run, &pods, &plan, None, at(1055));
+    assert_eq!(
+        next_look(&run, &status, &at(1055)),
+        Action::requeue(Duration::from_secs(5))
+    );
+    let status = status_of(&run, &pods, &plan, None, at(1060));
+    let scheduled = find_condition(&status, "Scheduled").expect("Scheduled");
+    assert_eq!(scheduled.reason, "Unschedulable");
+    assert_eq!(
+        scheduled.message,
+        "pod demo-s1-r0: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    );
+    assert_eq!(scheduled.last_transition_time, at(1000));
+
+    // Without a scheduler's word, the timeout itself is the reason.
+    let pods: Vec<Pod> = pods
+        .into_iter()
+        .map(|mut p| {
+            if let Some(c) = p.status.as_mut().and_then(|s| s.conditions.as_mut()) {
+                c.retain(|c| c.type_ != "PodScheduled");
+            }
+            p
+        })
+        .collect();
+    let status = status_of(&run, &pods, &plan, None, at(1060));
+    let scheduled = find_condition(&status, "Scheduled").expect("Scheduled");
+    assert_eq!(scheduled.reason, "ScheduleTimeout");
+    assert!(scheduled
+        .message
+        .starts_with("not running after 60s: stage 1"));
+}
+
+#[test]
+fn a_gang_at_its_minimum_starts_degraded() {
+    let mut run = run(2, 2);
+    run.spec.placement.min_replicas = Some(1);
+    let pods = vec![
+        shard(&run, (0, 0, 0), "Running", "n1"),
+        shard(&run, (0, 1, 0), "Pending", ""),
+        shard(&run, (1, 0, 0), "Running", "n2"),
+        shard(&run, (1, 1, 0), "Running", "n1"),
+    ];
+    let plan = plan_pods(&run, &TrainingRunStatus::default(), &pods, &all_ready);
+    let status = status_of(&run, &pods, &plan, None, at(10));
+    assert_eq!(
+        find_condition(&status, "Scheduled").map(|c| c.status.as_str()),
+        Some("True")
+    );
+    assert_eq!(status.phase, Some(RunPhase::Degraded));
+}
+
+#[test]
+fn progress_comes_from_the_coordinator_and_survives_its_silence() {
+    let (run, pods) = settled();
+    let plan = plan_pods(
+        &run,
+        run.status.as_ref().expect("status"),
+        &pods,
+        &all_ready,
+    );
+    let report = CoordinatorReport {
+        phase: Some("Training".to_owned()),
+        step: Some(40),
+        loss: Some(3.25),
+        tokens_per_second: Some(5120.0),
+    };
+    let mut run = run;
+    let status = status_of(&run, &pods, &plan, Some(&report), at(200));
+    assert_eq!(
+        (status.step, status.loss, status.tokens_per_second),
+        (Some(40), Some(3.25), Some(5120.0))
+    );
+    assert_eq!(status.training_phase.as_deref(), Some("Training"));
+    run.status = Some(status.clone());
+    // Unreachable next time: the last figures stay.
+    let silent = status_of(&run, &pods, &plan, None, at(210));
+    assert_eq!(silent, status);
+}
+
+#[test]
+fn the_coordinator_decides_the_end() {
+    let (run, mut pods) = settled();
+    let plan = plan_pods(
+        &run,
+        run.status.as_ref().expect("status"),
+        &pods,
+        &all_ready,
+    );
+    let failed = CoordinatorReport {
+        phase: Some("Failed".to_owned()),
+        ..CoordinatorReport::default()
+    };
+    let status = status_of(&run, &pods, &plan, Some(&failed), at(300));
+    assert_eq!(status.phase, Some(RunPhase::Failed));
+    assert_eq!(status.completion_time, Some(at(300)));
+    pods[0] = coordinator(&run, "Succeeded", "n3");
+    let status = status_of(&run, &pods, &plan, None, at(400));
+    assert_eq!(status.phase, Some(RunPhase::Succeeded));
+    assert_eq!(
+        find_condition(&status, "Ready").map(|c| c.reason.as_str()),
+        Some("Succeeded")
+    );
+}
+
+#[test]
+fn a_failed_run_stays_failed_until_its_spec_changes() {
+    let (mut run, _) = settled();
+    let status = run.status.as_mut().expect("status");
+    status.phase = Some(RunPhase::Failed);
+    assert!(is_finished(&run, run.status.as_ref().expect("status")));
+    run.metadata.generation = Some(2);
+    assert!(!is_finished(&run, run.status.as_ref().expect("status")));
+}
+
+#[test]
+fn suspending_forgets_pods_but_keeps_attempts_and_history() {
+    let (mut run, _) = settled();
+    if let Some(status) = run.status.as_mut() {
+        status.shards[1].attempt = 2;
+        status.total_reassignments = 2;
+    }
+    let status = suspended_status(&run, at(500));
+    assert_eq!(status.phase, Some(RunPhase::Suspended));
+    assert!(status
+        .shards
+        .iter()
+        .all(|s| s.pod.is_none() && s.node.is_none()));
+    assert_eq!(status.shards[1].attempt, 2);
+    assert_eq!(status.total_reassignments, 2);
+    assert_eq!(status.ready_shards, 0);
+    assert!(find_condition(&status, "Scheduled").is_none());
+    assert_eq!(
+        find_condition(&status, "Suspended").map(|c| c.status.as_str()),
+        Some("True")
+    );
+    // Resuming: nothing counts as lost, every shard is made again.
+    run.status = Some(status);
+    let plan = plan_pods(&run, run.status.as_ref().expect("status"), &[], &all_ready);
+    assert!(plan.reassignments.is_empty());
+    assert_eq!(plan.create.len(), 4);
+    assert_eq!(plan.create[1], planned(0, 1, 2));
+}
+
+#[test]
+fn reassignment_history_is_bounded_but_the_total_is_not() {
+    let (mut run, mut pods) = settled();
+    let one = Reassignment {
+        stage: 0,
+        replica: 0,
+        from_pod: "old".to_owned(),
+        from_node: None,
+        to_pod: None,
+        reason: "PodDeleted".to_owned(),
+        time: None,
+    };
+    if let Some(status) = run.status.as_mut() {
+        status.reassignments = vec![one; MAX_REASSIGNMENTS];
+        status.total_reassignments = 70;
+    }
+    pods[1] = shard(&run, (0, 0, 0), "Failed", "n1");
+    let plan = plan_pods(
+        &run,
+        run.status.as_ref().expect("status"),
+        &pods,
+        &all_ready,
+    );
+    let status = status_of(&run, &pods, &plan, None, at(1));
+    assert_eq!(status.reassignments.len(), MAX_REASSIGNMENTS);
+    assert_eq!(
+        status.reassignments.last().map(|r| r.from_pod.as_str()),
+        Some("demo-s0-r0")
+    );
+    assert_eq!(status.total_reassignments, 71);
+}
+
+#[test]
+fn an_unrunnable_spec_fails_the_run_with_the_reason() {
+    let error = ChildrenError::NameTooLong {
+        run: "demo".to_owned(),
+        name: "x".repeat(70),
+    };
+    let status = refused_status(&run(2, 1), &error, at(1));
+    assert_eq!(status.phase, Some(RunPhase::Failed));
+    assert_eq!(status.conditions[0].reason, "InvalidSpec");
+    assert!(status.conditions[0].message.contains("shorter run name"));
+}
+
+#[test]
+fn covers_ignores_fields_the_api_server_adds() {
+    let want = json!({"spec": {"ports": [{"name": "link", "port": 7071}], "clusterIP": "None"}});
+    let have = json!({"spec": {"ports": [{"name": "link", "port": 7071, "protocol": "TCP"}],
+        "clusterIP": "None", "sessionAffinity": "None"}, "status": {}});
+    assert!(covers(&have, &want));
+    let changed = json!({"spec": {"ports": [{"name": "link", "port": 7000}], "clusterIP": "None"}});
+    assert!(!covers(&have, &changed));
+    let more = json!({"spec": {"ports": [{"name": "link", "port": 7071}, {"name": "ring"}]}});
+    assert!(!covers(&have, &more));
+}

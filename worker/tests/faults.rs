@@ -121,10 +121,17 @@ impl Drop for Procs {
     }
 }
 
+/// A port below the kernel's ephemeral range (where outgoing connections
+/// and port-0 listeners land), so nothing else grabs it between this check
+/// and the coordinator's two binds.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64);
+    let seed = std::process::id() as u64 ^ nanos;
+    (0..200u64)
+        .map(|i| 20000 + ((seed.wrapping_mul(2654435761).wrapping_add(i * 7919)) % 12000) as u16)
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
         .expect("a free port")
 }
 

@@ -261,6 +261,14 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
         );
     }
     let efficiency = pipeline_efficiency(manifest, &status);
+    let tokens_per_step =
+        (t.micro_batch_size * t.micro_batches * manifest.spec.model.seq_len * replicas) as f64;
+    let link_bytes_per_token =
+        status.shards.iter().map(|s| s.mean_link_bytes).sum::<f64>() / tokens_per_step;
+    println!(
+        "  stage links                {link_bytes_per_token:.0} bytes per token ({:?} codec; all boundaries, both directions)",
+        manifest.spec.pipeline.codec
+    );
     if let Some((measured, bound)) = efficiency {
         println!(
             "  pipeline efficiency        {:.1}% of the {} bound ({:.1} ms per step measured, {:.1} ms from measured stage times)",
@@ -311,6 +319,8 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
         "val_bits_per_byte": eval.bits_per_byte,
         "unigram_bits_per_byte": unigram,
         "processes": shards,
+        "codec": manifest.spec.pipeline.codec,
+        "link_bytes_per_token": link_bytes_per_token,
         "step_seconds_measured": efficiency.map(|e| e.0),
         "step_seconds_bound": efficiency.map(|e| e.1),
         "name": manifest.metadata.name,

@@ -491,6 +491,8 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
                         seconds: s.seconds,
                         busy_seconds: s.busy_seconds,
                         update_seconds: s.update_seconds,
+                        link_bytes: s.link_bytes,
+                        rejected_frames: wk.rejected_frames(),
                     });
                     let barrier = match barrier {
                         Ok(b) => b,

@@ -110,6 +110,12 @@ pub struct StepDone {
     /// Seconds spent in the optimizer update.
     #[serde(default)]
     pub update_seconds: f64,
+    /// Bytes sent to neighbouring stages during the step.
+    #[serde(default)]
+    pub link_bytes: u64,
+    /// Frames its links refused so far in this epoch.
+    #[serde(default)]
+    pub rejected_frames: u64,
 }
 
 /// Answer to [`StepDone`].

@@ -81,6 +81,7 @@ struct Metrics {
     bubble: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>>,
     requests: Family<Vec<(String, String)>, Counter>,
     rejected: Counter,
+    rejected_frames: Gauge,
 }
 
 impl Metrics {
@@ -98,6 +99,7 @@ impl Metrics {
             bubble: Family::default(),
             requests: Family::default(),
             rejected: Counter::default(),
+            rejected_frames: Gauge::default(),
         };
         registry.register("step", "Steps completed by every worker", m.step.clone());
         registry.register(
@@ -133,6 +135,11 @@ impl Metrics {
             "Requests refused for a missing or wrong join token or a malformed body",
             m.rejected.clone(),
         );
+        registry.register(
+            "rejected_frames",
+            "Frames the live workers' links refused (malformed, forged, wrong sender) in this epoch",
+            m.rejected_frames.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -144,6 +151,8 @@ impl Metrics {
         self.reassignments.set(s.reassignments as i64);
         self.workers
             .set(s.shards.iter().filter(|x| x.worker.is_some()).count() as i64);
+        self.rejected_frames
+            .set(s.shards.iter().map(|x| x.rejected_frames as i64).sum());
         for p in [
             Phase::Pending,
             Phase::Initializing,

@@ -100,8 +100,10 @@ struct Slot {
     has_snapshot: bool,
     step_seconds: f64,
     busy_seconds: f64,
-    /// Sums over this slot's steps after its first: wall, busy, update.
-    sums: [f64; 3],
+    /// Sums over this slot's steps after its first: wall, busy, update
+    /// seconds, link bytes.
+    sums: [f64; 4],
+    rejected_frames: u64,
     counted: u64,
     reported: u64,
 }
@@ -182,6 +184,10 @@ pub struct ShardStatus {
     /// Mean over its steps (the first left out) of: wall time, time in
     /// forwards and backwards, time in the optimizer update.
     pub mean_seconds: [f64; 3],
+    /// Mean bytes per step it sent to neighbouring stages.
+    pub mean_link_bytes: f64,
+    /// Frames its links refused in the current epoch.
+    pub rejected_frames: u64,
 }
 
 /// One stage's line in the status.
@@ -489,7 +495,8 @@ impl Coordinator {
             has_snapshot: req.has_snapshot,
             step_seconds: 0.0,
             busy_seconds: 0.0,
-            sums: [0.0; 3],
+            sums: [0.0; 4],
+            rejected_frames: 0,
             counted: 0,
             reported: 0,
         });
@@ -814,8 +821,10 @@ impl Coordinator {
                     s.sums[0] += d.seconds;
                     s.sums[1] += d.busy_seconds;
                     s.sums[2] += d.update_seconds;
+                    s.sums[3] += d.link_bytes as f64;
                     s.counted += 1;
                 }
+                s.rejected_frames = d.rejected_frames;
             }
             self.started_training = true;
             if let Some(loss) = d.loss {
@@ -999,6 +1008,10 @@ impl Coordinator {
                         let n = s.counted.max(1) as f64;
                         [s.sums[0] / n, s.sums[1] / n, s.sums[2] / n]
                     }),
+                    mean_link_bytes: slot
+                        .as_ref()
+                        .map_or(0.0, |s| s.sums[3] / s.counted.max(1) as f64),
+                    rejected_frames: slot.as_ref().map_or(0, |s| s.rejected_frames),
                 }
             })
             .collect();

@@ -67,6 +67,8 @@ fn done(worker: u64, epoch: u64, completed: u64) -> StepDone {
         seconds: 0.1,
         busy_seconds: 0.08,
         update_seconds: 0.01,
+        link_bytes: 1000,
+        rejected_frames: 0,
     }
 }
 

@@ -164,6 +164,10 @@ pub struct WorkerStep {
     pub busy_seconds: f64,
     /// Time spent in the optimizer update.
     pub update_seconds: f64,
+    /// Bytes this worker sent to its neighbouring stages during the step
+    /// (activations or gradients under the run's codec, targets, tied
+    /// gradients, norms; frame headers included; the ring not counted).
+    pub link_bytes: u64,
 }
 
 /// Binds every listener of an `stages × replicas` layout on loopback and
@@ -548,6 +552,34 @@ impl StageWorker {
         &self.order
     }
 
+    /// Bytes sent so far on the current links to neighbouring stages.
+    pub fn link_bytes_sent(&self) -> u64 {
+        [&self.prev, &self.next, &self.tie]
+            .into_iter()
+            .flatten()
+            .map(|i| i.link.stats().snapshot().bytes_sent)
+            .sum()
+    }
+
+    /// Frames refused (malformed, forged, from the wrong sender) on the
+    /// current links, the ring's included.
+    pub fn rejected_frames(&self) -> u64 {
+        let ring = self.ring.as_ref().map_or(0, |r| {
+            let (a, b) = r.links();
+            [a, b]
+                .into_iter()
+                .flatten()
+                .map(|l| l.stats().rejected_total())
+                .sum()
+        });
+        [&self.prev, &self.next, &self.tie]
+            .into_iter()
+            .flatten()
+            .map(|i| i.link.stats().rejected_total())
+            .sum::<u64>()
+            + ring
+    }
+
     /// This worker's shard.
     pub fn shard(&self) -> Shard {
         self.shard
@@ -619,6 +651,7 @@ impl StageWorker {
     /// replicas' all-reduce, tied gradients, the global norm and AdamW.
     pub fn train_step(&mut self) -> Result<WorkerStep, PipelineError> {
         let start = Instant::now();
+        let bytes_before = self.link_bytes_sent();
         let step = self.step;
         let scale = 1.0 / self.micro_batches as f32;
         let mut loss_sum = 0.0f64;
@@ -673,6 +706,7 @@ impl StageWorker {
             seconds: start.elapsed().as_secs_f64(),
             busy_seconds: self.busy.as_secs_f64(),
             update_seconds: update.as_secs_f64(),
+            link_bytes: self.link_bytes_sent() - bytes_before,
         })
     }
 

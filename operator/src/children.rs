@@ -604,14 +604,21 @@ impl<'a> Blueprint<'a> {
             ]),
             ..PodAffinity::default()
         });
+        // A field requirement on the node name takes exactly one value, so
+        // each node is one requirement; the requirements of a term all hold.
         let node_affinity = (!avoid.is_empty()).then(|| NodeAffinity {
             required_during_scheduling_ignored_during_execution: Some(NodeSelector {
                 node_selector_terms: vec![NodeSelectorTerm {
-                    match_fields: Some(vec![NodeSelectorRequirement {
-                        key: "metadata.name".to_owned(),
-                        operator: "NotIn".to_owned(),
-                        values: Some(avoid.to_vec()),
-                    }]),
+                    match_fields: Some(
+                        avoid
+                            .iter()
+                            .map(|node| NodeSelectorRequirement {
+                                key: "metadata.name".to_owned(),
+                                operator: "NotIn".to_owned(),
+                                values: Some(vec![node.clone()]),
+                            })
+                            .collect(),
+                    ),
                     ..NodeSelectorTerm::default()
                 }],
             }),
@@ -930,13 +937,27 @@ mod tests {
             .and_then(|a| a.node_affinity)
             .and_then(|n| n.required_during_scheduling_ignored_during_execution)
             .expect("required node affinity");
-        let term = required.node_selector_terms[0]
+        assert_eq!(
+            required.node_selector_terms.len(),
+            1,
+            "one term: all must hold"
+        );
+        let fields = required.node_selector_terms[0]
             .match_fields
             .clone()
             .expect("match fields");
-        assert_eq!(term[0].key, "metadata.name");
-        assert_eq!(term[0].operator, "NotIn");
-        assert_eq!(term[0].values, Some(avoid));
+        // The API server takes one value per node-name requirement.
+        let excluded: Vec<(&str, &str, Option<Vec<String>>)> = fields
+            .iter()
+            .map(|f| (f.key.as_str(), f.operator.as_str(), f.values.clone()))
+            .collect();
+        assert_eq!(
+            excluded,
+            [
+                ("metadata.name", "NotIn", Some(vec!["n1".to_owned()])),
+                ("metadata.name", "NotIn", Some(vec!["n4".to_owned()])),
+            ]
+        );
     }
 
     #[test]

@@ -1332,6 +1332,10 @@ pub async fn run(
         .for_each(|result| async move {
             match result {
                 Ok((run, _)) => tracing::debug!(run = %run.name, "reconciled"),
+                // A child's event after its run was deleted.
+                Err(error @ kube::runtime::controller::Error::ObjectNotFound(_)) => {
+                    tracing::debug!(%error, "controller");
+                }
                 Err(error) => tracing::warn!(%error, "controller"),
             }
         })

@@ -199,13 +199,17 @@ impl LeaderElector {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(self.config.retry_period) => {}
             }
-            match self.try_acquire_or_renew().await {
-                Ok(true) => renewed = Instant::now(),
-                Ok(false) => {
+            // A request that hangs must not outlive the deadline: past it,
+            // another replica may already lead.
+            let left = self.config.renew_deadline.saturating_sub(renewed.elapsed());
+            match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => renewed = Instant::now(),
+                Ok(Ok(false)) => {
                     tracing::error!("the leader lease was taken by another replica");
                     return;
                 }
-                Err(error) => tracing::warn!(%error, "renewing the leader lease"),
+                Ok(Err(error)) => tracing::warn!(%error, "renewing the leader lease"),
+                Err(_) => tracing::warn!("renewing the leader lease timed out"),
             }
             if renewed.elapsed() >= self.config.renew_deadline {
                 tracing::error!(

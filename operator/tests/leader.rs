@@ -151,3 +151,29 @@ async fn release_hands_the_lease_over_at_once() {
     task.await.expect("task").expect("nothing to release");
     fake.expect_nothing_more().await;
 }
+
+#[tokio::test]
+async fn the_holder_stops_when_another_replica_took_the_lease() {
+    let (client, mut fake) = fake_api();
+    let mut config = LeaseConfig::new(
+        "pipewright-operator".to_owned(),
+        "ops".to_owned(),
+        "op-a".to_owned(),
+    );
+    config.retry_period = Duration::from_millis(10);
+    let elector = LeaderElector::new(client, config);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let watched = stop.clone();
+    let task = tokio::spawn(async move { elector.keep(&watched).await });
+    // One renewal goes through, then the lease belongs to op-b.
+    fake.expect_get(LEASE, Some(lease(Some("op-a"), 15, 3)))
+        .await;
+    expect_replace(&mut fake).await;
+    fake.expect_get(LEASE, Some(lease(Some("op-b"), 15, 4)))
+        .await;
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("keep returns once the lease is lost")
+        .expect("task");
+    assert!(!stop.is_cancelled(), "returned on its own, not stopped");
+}

@@ -9,16 +9,16 @@
 //! snapshot of its state one step back, so any plan can roll it back.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::checkpoint;
-use crate::coord::api::{CheckpointWritten, Failure, Register, StateSource, StepDone, Wiring};
+use crate::coord::api::{Failure, Register, StateSource, StepDone, Wiring};
 use crate::coord::{Client, ClientError};
 use crate::link::{RunId, RunKey};
 use crate::pipeline::{Auth, Peers, PipelineError, RingPeers, Shard, StageState, StageWorker};
@@ -172,6 +172,19 @@ struct Session {
     timeout: Duration,
     epoch_seen: Arc<AtomicU64>,
     id_seen: Arc<AtomicU64>,
+    /// Raised when the coordinator moved past `working` (the epoch this
+    /// worker is wired for): every wait for a peer stops.
+    abort: Arc<AtomicBool>,
+    working: Arc<Mutex<u64>>,
+}
+
+impl Session {
+    /// Starts working in `epoch`: clears the abort flag.
+    fn work_in(&self, epoch: u64) {
+        let mut w = self.working.lock().unwrap_or_else(|e| e.into_inner());
+        *w = epoch;
+        self.abort.store(false, Ordering::Relaxed);
+    }
 }
 
 impl Session {
@@ -262,6 +275,8 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
         timeout,
         epoch_seen: Arc::new(AtomicU64::new(0)),
         id_seen: Arc::new(AtomicU64::new(0)),
+        abort: Arc::new(AtomicBool::new(false)),
+        working: Arc::new(Mutex::new(0)),
     };
     let shard = session.register(None)?;
     match shard {
@@ -273,11 +288,13 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
     }
     let stop = Arc::new(AtomicBool::new(false));
     let heartbeat = {
-        let (client, epoch, id, stop) = (
+        let (client, epoch, id, stop, abort, working) = (
             client.clone(),
             session.epoch_seen.clone(),
             session.id_seen.clone(),
             stop.clone(),
+            session.abort.clone(),
+            session.working.clone(),
         );
         std::thread::Builder::new()
             .name("heartbeat".into())
@@ -286,6 +303,10 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
                     match client.heartbeat(id.load(Ordering::Relaxed)) {
                         Ok(e) => {
                             epoch.fetch_max(e, Ordering::Relaxed);
+                            let w = working.lock().unwrap_or_else(|e| e.into_inner());
+                            if e > *w {
+                                abort.store(true, Ordering::Relaxed);
+                            }
                         }
                         Err(ClientError::Unknown) | Err(ClientError::Finished) => {}
                         Err(e) => tracing::warn!("heartbeat: {e}"),
@@ -340,10 +361,12 @@ fn restore(
             })?;
         }
         StateSource::Checkpoint { dir } => {
-            let path = Path::new(dir).join(format!("stage-{stage}.safetensors"));
-            let bytes =
-                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            let (params, opt) = checkpoint::decode_stage(&bytes, &worker.stage().params(), &path)?;
+            let bytes = session
+                .client
+                .get_checkpoint(stage, w.step)
+                .with_context(|| format!("fetching stage {stage} of checkpoint {dir}"))?;
+            let src = PathBuf::from(format!("{dir}/stage-{stage}.safetensors"));
+            let (params, opt) = checkpoint::decode_stage(&bytes, &worker.stage().params(), &src)?;
             worker.restore(&StageState {
                 step: w.step,
                 params,
@@ -370,28 +393,19 @@ fn encode_at(worker: &StageWorker, snapshot: &Option<StageState>, step: u64) -> 
         .map_err(|e| anyhow::anyhow!("encoding the stage's state: {e}"))
 }
 
+/// Delivers this stage's part of the checkpoint at `step` to the
+/// coordinator, which keeps the run directory.
 fn write_checkpoint(
     session: &Session,
     worker: &StageWorker,
     snapshot: &Option<StageState>,
-    dir: &str,
     step: u64,
 ) -> Result<()> {
-    let dir = Path::new(dir);
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join(format!("stage-{}.safetensors", worker.shard().stage));
     let bytes = encode_at(worker, snapshot, step)?;
-    let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("renaming {}", tmp.display()))?;
     session
         .client
-        .checkpoint_written(&CheckpointWritten {
-            worker: session.worker,
-            step,
-        })
-        .context("reporting the checkpoint")?;
-    Ok(())
+        .put_checkpoint(session.worker, worker.shard().stage, step, &bytes)
+        .with_context(|| format!("delivering the checkpoint of step {step}"))
 }
 
 fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<()> {
@@ -425,6 +439,7 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
             )?);
             snapshot = None;
         }
+        session.work_in(w.epoch);
         let Some(wk) = worker.as_mut() else {
             unreachable!("prepared above")
         };
@@ -445,12 +460,13 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
                 .context("handing the stage's state to a new replica")?;
         }
         snapshot = None;
-        if let Some(dir) = &w.checkpoint {
-            write_checkpoint(session, wk, &snapshot, dir, w.step)?;
+        if w.checkpoint {
+            write_checkpoint(session, wk, &snapshot, w.step)?;
         }
         if wk.steps_done() >= steps {
             continue;
         }
+        wk.set_abort(session.abort.clone());
         let auth = epoch_auth(&session.run_id, &session.key, w.epoch);
         let listener = (shard.stage > 0 || tied_far)
             .then(|| pipe.try_clone())
@@ -499,8 +515,8 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
                         Err(ClientError::Unknown) => break,
                         Err(e) => return Err(e).context("at the step barrier"),
                     };
-                    if let Some(dir) = &barrier.checkpoint {
-                        write_checkpoint(session, wk, &snapshot, dir, wk.steps_done())?;
+                    if barrier.checkpoint {
+                        write_checkpoint(session, wk, &snapshot, wk.steps_done())?;
                     }
                     if !barrier.proceed {
                         break;

@@ -53,9 +53,10 @@ pub enum StateSource {
     /// A live replica of the same stage sends it through the coordinator:
     /// `GET /v1/state/{stage}?epoch=E`.
     Replica,
-    /// The checkpoint directory at `dir`.
+    /// The last committed checkpoint, at the plan's step:
+    /// `GET /v1/checkpoint/{stage}?step=N` from the coordinator.
     Checkpoint {
-        /// Step directory.
+        /// Its directory on the coordinator (for logs).
         dir: String,
     },
 }
@@ -84,9 +85,9 @@ pub struct Wiring {
     pub tie: Option<String>,
     /// Next replica's `ring_addr` (more than one replica).
     pub ring_next: Option<String>,
-    /// Write this stage's part of the checkpoint at `step` into this
-    /// directory before training on (a writer lost before it wrote).
-    pub checkpoint: Option<String>,
+    /// Upload this stage's part of the checkpoint at `step` before training
+    /// on (the writer chosen before was lost before it wrote).
+    pub checkpoint: bool,
 }
 
 /// `POST /v1/step`: a worker completed a step; the answer comes when every
@@ -124,18 +125,9 @@ pub struct Barrier {
     /// Go on with the next step; `false`: the wiring changed, drop the
     /// links and ask for the new one.
     pub proceed: bool,
-    /// Write this stage's part of the checkpoint at the step just completed
-    /// into this directory, then `POST /v1/checkpoint`.
-    pub checkpoint: Option<String>,
-}
-
-/// `POST /v1/checkpoint`: a stage's part of a checkpoint is on disk.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct CheckpointWritten {
-    /// Worker id.
-    pub worker: u64,
-    /// Step of the checkpoint.
-    pub step: u64,
+    /// Upload this stage's part of the checkpoint at the step just
+    /// completed: `PUT /v1/checkpoint/{stage}?step=N&worker=W`.
+    pub checkpoint: bool,
 }
 
 /// `POST /v1/heartbeat`: the worker is alive.

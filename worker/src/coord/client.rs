@@ -8,8 +8,7 @@ use serde::Serialize;
 use ureq::Agent;
 
 use super::api::{
-    Barrier, CheckpointWritten, Failure, Heartbeat, HeartbeatReply, Register, Registered, StepDone,
-    Wiring,
+    Barrier, Failure, Heartbeat, HeartbeatReply, Register, Registered, StepDone, Wiring,
 };
 
 /// Why a request to the coordinator failed.
@@ -246,10 +245,29 @@ impl Client {
         }
     }
 
-    /// Reports this stage's part of a checkpoint as written.
-    pub fn checkpoint_written(&self, c: &CheckpointWritten) -> Result<(), ClientError> {
-        self.call::<serde_json::Value>("checkpoint", "POST", "/v1/checkpoint", Some(c))
+    /// Delivers this stage's part of the checkpoint at `step` (the stage's
+    /// safetensors file) to the coordinator, which writes it into the run
+    /// directory.
+    pub fn put_checkpoint(
+        &self,
+        worker: u64,
+        stage: usize,
+        step: u64,
+        bytes: &[u8],
+    ) -> Result<(), ClientError> {
+        let path = format!("/v1/checkpoint/{stage}?step={step}&worker={worker}");
+        self.send("checkpoint upload", "PUT", &path, Body::Bytes(bytes))
             .map(|_| ())
+    }
+
+    /// Fetches `stage`'s file of the committed checkpoint at `step`.
+    pub fn get_checkpoint(&self, stage: usize, step: u64) -> Result<Vec<u8>, ClientError> {
+        let path = format!("/v1/checkpoint/{stage}?step={step}");
+        self.send("checkpoint download", "GET", &path, Body::None)?
+            .ok_or(ClientError::Malformed {
+                what: "checkpoint download",
+                message: "empty answer".into(),
+            })
     }
 
     /// Reports a failed step.

@@ -1,8 +1,12 @@
 //! The coordinator process: the state machine behind an HTTP API, a lease
 //! sweeper, checkpoint commits and a state file that outlives restarts.
+//!
+//! HTTP is served by axum on a small tokio runtime of its own; every request
+//! is handled on tokio's blocking pool, so long polls (which wait on the
+//! state machine's condition variable) never starve other requests such as
+//! heartbeats.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
@@ -11,6 +15,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -18,11 +25,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tiny_http::{Header, Method, Request, Response, Server};
 
-use super::api::{
-    CheckpointWritten, Failure, Heartbeat, HeartbeatReply, Register, Registered, StepDone,
-};
+use super::api::{Failure, Heartbeat, HeartbeatReply, Register, Registered, StepDone};
 use super::state::{CoordError, Coordinator, Persisted, Phase, Status};
 use crate::checkpoint::{self, Meta};
 use crate::data::Tokenizer;
@@ -194,7 +198,7 @@ struct Shared {
 pub struct Handle {
     shared: Arc<Shared>,
     addr: SocketAddr,
-    server: Arc<Server>,
+    stop: Arc<tokio::sync::Notify>,
 }
 
 impl Handle {
@@ -230,7 +234,7 @@ impl Handle {
 
     /// Stops serving.
     pub fn shutdown(&self) {
-        self.server.unblock();
+        self.stop.notify_one();
     }
 }
 
@@ -353,12 +357,10 @@ pub fn start(config: Config, listen: &str) -> Result<Handle> {
         root,
         persisted,
     );
-    let server =
-        Server::http(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-    let addr = server
-        .server_addr()
-        .to_ip()
-        .context("the coordinator listens on a non-IP address")?;
+    let listener = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
     let shared = Arc::new(Shared {
         coord: Mutex::new(coord),
         changed: Condvar::new(),
@@ -368,18 +370,31 @@ pub fn start(config: Config, listen: &str) -> Result<Handle> {
         written: Mutex::new(None),
     });
     shared.after_change();
-    let server = Arc::new(server);
+    let stop = Arc::new(tokio::sync::Notify::new());
     {
-        let (shared, server) = (shared.clone(), server.clone());
+        let (shared, stop) = (shared.clone(), stop.clone());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_io()
+            .thread_name("coord-http")
+            .build()
+            .context("starting the coordinator's HTTP runtime")?;
         thread::Builder::new()
-            .name("coord-accept".into())
+            .name("coord-http".into())
             .spawn(move || {
-                for req in server.incoming_requests() {
-                    let shared = shared.clone();
-                    let _ = thread::Builder::new()
-                        .name("coord-request".into())
-                        .spawn(move || handle(&shared, req));
-                }
+                runtime.block_on(async move {
+                    let app = axum::Router::new().fallback(serve).with_state(shared);
+                    let result = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => axum::serve(l, app)
+                            .with_graceful_shutdown(async move { stop.notified().await })
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(e) = result {
+                        tracing::error!("the coordinator's HTTP server stopped: {e}");
+                    }
+                });
             })
             .context("starting the coordinator's server thread")?;
     }
@@ -397,11 +412,7 @@ pub fn start(config: Config, listen: &str) -> Result<Handle> {
             })
             .context("starting the lease sweeper")?;
     }
-    Ok(Handle {
-        shared,
-        addr,
-        server,
-    })
+    Ok(Handle { shared, addr, stop })
 }
 
 enum Reply {
@@ -436,72 +447,119 @@ fn query(url: &str, key: &str) -> Option<u64> {
         .and_then(|(_, v)| v.parse().ok())
 }
 
-fn authorized(shared: &Shared, req: &Request) -> bool {
+fn authorized(shared: &Shared, auth: Option<&str>) -> bool {
     let expected = format!("Bearer {}", shared.config.token);
-    req.headers()
-        .iter()
-        .find(|h| h.field.equiv("Authorization"))
-        .is_some_and(|h| {
-            // Compare digests, so the time taken says nothing about the token.
-            blake3::hash(h.value.as_str().as_bytes()) == blake3::hash(expected.as_bytes())
-        })
+    // Compare digests, so the time taken says nothing about the token.
+    auth.is_some_and(|a| blake3::hash(a.as_bytes()) == blake3::hash(expected.as_bytes()))
 }
 
-fn read_body(req: &mut Request, max: u64) -> Result<Vec<u8>, Reply> {
-    if req.body_length().is_some_and(|n| n as u64 > max) {
-        return Err(Reply::Text(413, format!("body larger than {max} bytes")));
-    }
-    let mut body = Vec::new();
-    req.as_reader()
-        .take(max + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| Reply::Text(400, format!("reading the body: {e}")))?;
-    if body.len() as u64 > max {
-        return Err(Reply::Text(413, format!("body larger than {max} bytes")));
-    }
-    Ok(body)
+/// One request as the routes see it, its body already read.
+struct Req {
+    method: Method,
+    path: String,
+    url: String,
+    auth: Option<String>,
+    body: axum::body::Bytes,
 }
 
-fn parse<T: DeserializeOwned>(req: &mut Request) -> Result<T, Reply> {
+fn read_body(req: &Req, max: u64) -> Result<&[u8], Reply> {
+    if req.body.len() as u64 > max {
+        return Err(Reply::Text(413, format!("body larger than {max} bytes")));
+    }
+    Ok(&req.body)
+}
+
+fn parse<T: DeserializeOwned>(req: &Req) -> Result<T, Reply> {
     let body = read_body(req, MAX_JSON)?;
-    serde_json::from_slice(&body).map_err(|e| Reply::Text(400, format!("malformed request: {e}")))
+    serde_json::from_slice(body).map_err(|e| Reply::Text(400, format!("malformed request: {e}")))
 }
 
-fn handle(shared: &Shared, mut req: Request) {
-    let url = req.url().to_string();
-    let path = url.split('?').next().unwrap_or("").to_string();
-    let method = req.method().clone();
+/// Reads the body (up to the endpoint's limit, refused early when the
+/// declared length is over it) and runs the route on the blocking pool.
+async fn serve(
+    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
+    request: Request<Body>,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path().to_string();
+    let limit = if path.starts_with("/v1/state/") || path.starts_with("/v1/checkpoint/") {
+        MAX_STATE
+    } else {
+        MAX_JSON
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let auth = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let reply = if declared.is_some_and(|n| n > limit) {
+        shared.metrics.rejected.inc();
+        Reply::Text(413, format!("body larger than {limit} bytes"))
+    } else {
+        match axum::body::to_bytes(body, limit as usize).await {
+            Ok(body) => {
+                let req = Req {
+                    method: parts.method,
+                    url: parts
+                        .uri
+                        .path_and_query()
+                        .map_or_else(|| path.clone(), |p| p.to_string()),
+                    path,
+                    auth,
+                    body,
+                };
+                let shared = shared.clone();
+                tokio::task::spawn_blocking(move || handle(&shared, &req))
+                    .await
+                    .unwrap_or_else(|e| Reply::Text(500, format!("request handler failed: {e}")))
+            }
+            Err(e) => {
+                shared.metrics.rejected.inc();
+                Reply::Text(413, format!("reading the body: {e}"))
+            }
+        }
+    };
+    reply.into_response()
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        let status = |c: u16| StatusCode::from_u16(c).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        match self {
+            Reply::Json(code, body) => (
+                status(code),
+                [(header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response(),
+            Reply::Text(code, text) => (
+                status(code),
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                text,
+            )
+                .into_response(),
+            Reply::Bytes(b) => (StatusCode::OK, b.as_ref().clone()).into_response(),
+            Reply::Empty(code) => status(code).into_response(),
+        }
+    }
+}
+
+fn handle(shared: &Shared, req: &Req) -> Reply {
     shared
         .metrics
         .requests
-        .get_or_create(&vec![("path".into(), endpoint_label(&path))])
+        .get_or_create(&vec![("path".into(), endpoint_label(&req.path))])
         .inc();
-    let reply = route(shared, &mut req, &method, &path, &url);
+    let reply = route(shared, req);
     if let Reply::Text(400 | 401 | 413, _) = &reply {
         shared.metrics.rejected.inc();
     }
-    let ct = |v: &str| Header::from_bytes("Content-Type", v).ok();
-    let result = match reply {
-        Reply::Json(code, body) => {
-            let mut r = Response::from_data(body).with_status_code(code);
-            if let Some(h) = ct("application/json") {
-                r = r.with_header(h);
-            }
-            req.respond(r)
-        }
-        Reply::Text(code, text) => {
-            let mut r = Response::from_string(text).with_status_code(code);
-            if let Some(h) = ct("text/plain; charset=utf-8") {
-                r = r.with_header(h);
-            }
-            req.respond(r)
-        }
-        Reply::Bytes(b) => req.respond(Response::from_data(b.as_slice())),
-        Reply::Empty(code) => req.respond(Response::empty(code)),
-    };
-    if let Err(e) = result {
-        tracing::debug!("answering {path}: {e}");
-    }
+    reply
 }
 
 fn endpoint_label(path: &str) -> String {
@@ -526,12 +584,13 @@ fn endpoint_label(path: &str) -> String {
     }
 }
 
-fn route(shared: &Shared, req: &mut Request, method: &Method, path: &str, url: &str) -> Reply {
+fn route(shared: &Shared, req: &Req) -> Reply {
     let now = Instant::now;
+    let (method, path, url) = (&req.method, req.path.as_str(), req.url.as_str());
     match (method, path) {
-        (Method::Get, "/healthz") => return Reply::Text(200, "ok\n".into()),
-        (Method::Get, "/status") => return json(&lock(&shared.coord).status(now())),
-        (Method::Get, "/metrics") => {
+        (&Method::GET, "/healthz") => return Reply::Text(200, "ok\n".into()),
+        (&Method::GET, "/status") => return json(&lock(&shared.coord).status(now())),
+        (&Method::GET, "/metrics") => {
             let status = lock(&shared.coord).status(now());
             return Reply::Text(200, shared.metrics.render(&status));
         }
@@ -540,12 +599,12 @@ fn route(shared: &Shared, req: &mut Request, method: &Method, path: &str, url: &
     if !path.starts_with("/v1/") {
         return Reply::Text(404, format!("no such endpoint: {path}"));
     }
-    if !authorized(shared, req) {
+    if !authorized(shared, req.auth.as_deref()) {
         return Reply::Text(401, "missing or wrong join token".into());
     }
     let reply = match (method, path) {
-        (Method::Get, "/v1/manifest") => json(&shared.config.manifest),
-        (Method::Post, "/v1/register") => {
+        (&Method::GET, "/v1/manifest") => json(&shared.config.manifest),
+        (&Method::POST, "/v1/register") => {
             let r: Register = match parse(req) {
                 Ok(r) => r,
                 Err(e) => return e,
@@ -562,7 +621,7 @@ fn route(shared: &Shared, req: &mut Request, method: &Method, path: &str, url: &
                 Err(e) => coord_error(e),
             }
         }
-        (Method::Post, "/v1/heartbeat") => {
+        (&Method::POST, "/v1/heartbeat") => {
             let h: Heartbeat = match parse(req) {
                 Ok(h) => h,
                 Err(e) => return e,
@@ -573,7 +632,7 @@ fn route(shared: &Shared, req: &mut Request, method: &Method, path: &str, url: &
                 Err(e) => coord_error(e),
             }
         }
-        (Method::Get, "/v1/wiring") => {
+        (&Method::GET, "/v1/wiring") => {
             let (Some(worker), Some(after)) = (query(url, "worker"), query(url, "after")) else {
                 return Reply::Text(400, "wiring needs ?worker=ID&after=EPOCH".into());
             };
@@ -583,7 +642,7 @@ fn route(shared: &Shared, req: &mut Request, method: &Method, path: &str, url: &
                 Err(e) => coord_error(e),
             }
         }
-        (Method::Post, "/v1/step") => {
+        (&Method::POST, "/v1/step") => {
             let d: StepDone = match parse(req) {
                 Ok(d) => d,
                 Err(e) => return e,
@@ -604,22 +663,20 @@ fn route(shared: &Shared, req: &mut Request, method: &Method, path: &str, url: &
                 Err(e) => coord_error(e),
             }
         }
-        (Method::Post, "/v1/checkpoint") => {
-            let w: CheckpointWritten = match parse(req) {
-                Ok(w) => w,
-                Err(e) => return e,
+        (m, p) if p.starts_with("/v1/checkpoint/") => {
+            let (Some(stage), Some(step)) = (
+                p["/v1/checkpoint/".len()..].parse::<usize>().ok(),
+                query(url, "step"),
+            ) else {
+                return Reply::Text(400, "checkpoint needs /v1/checkpoint/STAGE?step=N".into());
             };
-            let result = lock(&shared.coord).checkpoint_written(w.worker, w.step);
-            match result {
-                Ok(Some(step)) => {
-                    shared.commit_checkpoint(step);
-                    Reply::Json(200, b"{}".to_vec())
-                }
-                Ok(None) => Reply::Json(200, b"{}".to_vec()),
-                Err(e) => coord_error(e),
+            match *m {
+                Method::PUT => put_checkpoint(shared, req, stage, step, query(url, "worker")),
+                Method::GET => get_checkpoint(shared, stage, step),
+                _ => Reply::Text(405, "checkpoint takes GET or PUT".into()),
             }
         }
-        (Method::Post, "/v1/fail") => {
+        (&Method::POST, "/v1/fail") => {
             let f: Failure = match parse(req) {
                 Ok(f) => f,
                 Err(e) => return e,
@@ -643,18 +700,18 @@ fn route(shared: &Shared, req: &mut Request, method: &Method, path: &str, url: &
                 return Reply::Text(400, "state needs /v1/state/STAGE?epoch=E".into());
             };
             match *m {
-                Method::Put => match read_body(req, MAX_STATE) {
+                Method::PUT => match read_body(req, MAX_STATE) {
                     Ok(body) => {
                         let mut h = lock(&shared.handoff);
                         // Only the current epoch's hand-offs are kept.
                         h.retain(|(e, _), _| *e >= epoch);
-                        h.insert((epoch, stage), Arc::new(body));
+                        h.insert((epoch, stage), Arc::new(body.to_vec()));
                         drop(h);
                         Reply::Json(200, b"{}".to_vec())
                     }
                     Err(e) => e,
                 },
-                Method::Get => {
+                Method::GET => {
                     let found = shared.poll(|c| {
                         if c.epoch() != epoch {
                             return Err(CoordError::Invalid(format!(
@@ -677,4 +734,90 @@ fn route(shared: &Shared, req: &mut Request, method: &Method, path: &str, url: &
     };
     shared.after_change();
     reply
+}
+
+/// A stage's part of the pending checkpoint, from its writer: stored in the
+/// checkpoint's temporary directory; the last part commits the checkpoint.
+fn put_checkpoint(
+    shared: &Shared,
+    req: &Req,
+    stage: usize,
+    step: u64,
+    worker: Option<u64>,
+) -> Reply {
+    let Some(worker) = worker else {
+        return Reply::Text(400, "checkpoint upload needs &worker=ID".into());
+    };
+    let Some(ctx) = &shared.config.checkpoint else {
+        return Reply::Text(409, "this run keeps no checkpoints".into());
+    };
+    match lock(&shared.coord).checkpoint_stage(worker, step) {
+        Ok(s) if s == stage => {}
+        Ok(s) => {
+            return Reply::Text(
+                400,
+                format!("worker {worker} serves stage {s}, not {stage}"),
+            )
+        }
+        Err(e) => return coord_error(e),
+    }
+    let body = match read_body(req, MAX_STATE) {
+        Ok(b) => b,
+        Err(e) => return e,
+    };
+    // Refuse a part that is not this stage's state before it is kept.
+    let params_ok = {
+        let tmp = checkpoint::tmp_dir(&ctx.root, step);
+        let path = tmp.join(format!("stage-{stage}.safetensors"));
+        let layers = ctx.meta.stage_layers.get(stage).cloned().unwrap_or(0..0);
+        let st = crate::model::Stage::new(
+            &ctx.meta.model,
+            stage,
+            ctx.meta.stage_layers.len(),
+            layers,
+            ctx.meta.seed,
+        );
+        checkpoint::decode_stage(body, &st.params(), &path)
+            .map(|_| path)
+            .map_err(|e| e.to_string())
+    };
+    let path = match params_ok {
+        Ok(p) => p,
+        Err(e) => return Reply::Text(400, format!("not a state of stage {stage}: {e}")),
+    };
+    let written = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| {
+            let part = path.with_extension("partial");
+            std::fs::write(&part, body)?;
+            std::fs::rename(&part, &path)
+        });
+    if let Err(e) = written {
+        return Reply::Text(500, format!("writing {}: {e}", path.display()));
+    }
+    let done = lock(&shared.coord).checkpoint_written(worker, step);
+    match done {
+        Ok(Some(step)) => {
+            shared.commit_checkpoint(step);
+            Reply::Json(200, b"{}".to_vec())
+        }
+        Ok(None) => Reply::Json(200, b"{}".to_vec()),
+        Err(e) => coord_error(e),
+    }
+}
+
+/// A stage's file of a committed checkpoint, for a worker restoring it.
+fn get_checkpoint(shared: &Shared, stage: usize, step: u64) -> Reply {
+    let Some(ctx) = &shared.config.checkpoint else {
+        return Reply::Text(409, "this run keeps no checkpoints".into());
+    };
+    if stage >= ctx.meta.stage_layers.len() {
+        return Reply::Text(400, format!("no stage {stage} in this run"));
+    }
+    let path = checkpoint::step_dir(&ctx.root, step).join(format!("stage-{stage}.safetensors"));
+    match std::fs::read(&path) {
+        Ok(b) => Reply::Bytes(Arc::new(b)),
+        Err(e) => Reply::Text(409, format!("checkpoint file {}: {e}", path.display())),
+    }
 }

@@ -768,29 +768,32 @@ impl Coordinator {
             next: None,
             tie: None,
             ring_next: None,
-            checkpoint: None,
+            checkpoint: false,
         }
     }
 
-    /// The checkpoint directory slot `i` must write into at `step`, if it is
-    /// its stage's writer and the stage's part is still missing.
-    fn checkpoint_order(&self, i: usize, step: u64) -> Option<String> {
-        let p = self.pending.as_ref().filter(|p| p.step == step)?;
+    /// Whether slot `i` must upload its stage's part of the checkpoint at
+    /// `step`: it is the stage's writer (its lowest live replica) and the
+    /// part is still missing.
+    fn checkpoint_order(&self, i: usize, step: u64) -> bool {
+        let Some(p) = self.pending.as_ref().filter(|p| p.step == step) else {
+            return false;
+        };
         let (s, _) = self.shard_of(i);
-        if p.written.contains(&s) {
-            return None;
-        }
         let r = self.layout.replicas;
-        let writer = (s * r..(s + 1) * r).find(|&j| self.slots[j].is_some())?;
-        if writer != i {
-            return None;
+        !p.written.contains(&s)
+            && (s * r..(s + 1) * r).find(|&j| self.slots[j].is_some()) == Some(i)
+    }
+
+    /// The stage whose checkpoint part `worker` may deliver for `step`.
+    pub fn checkpoint_stage(&self, worker: u64, step: u64) -> Result<usize, CoordError> {
+        let i = self.find(worker).ok_or(CoordError::UnknownWorker(worker))?;
+        if self.pending.as_ref().is_none_or(|p| p.step != step) {
+            return Err(CoordError::Invalid(format!(
+                "no checkpoint of step {step} is being written"
+            )));
         }
-        let root = self.checkpoint_root.as_ref()?;
-        Some(
-            crate::checkpoint::tmp_dir(std::path::Path::new(root), step)
-                .to_string_lossy()
-                .into_owned(),
-        )
+        Ok(self.shard_of(i).0)
     }
 
     fn is_checkpoint_step(&self, step: u64) -> bool {
@@ -851,7 +854,7 @@ impl Coordinator {
     ) -> Option<Barrier> {
         let stop = Some(Barrier {
             proceed: false,
-            checkpoint: None,
+            checkpoint: false,
         });
         if epoch != self.epoch || self.finished.is_some() {
             return stop;

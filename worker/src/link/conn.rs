@@ -49,6 +49,19 @@ pub struct LinkConfig {
     /// Deadline for one socket write; a peer that stops reading for this
     /// long is treated as gone. `None` waits forever.
     pub write_timeout: Option<Duration>,
+    /// Set by the owner to stop waiting: callers that wait for a peer
+    /// (connecting, accepting, a stage waiting for a frame) give up as soon
+    /// as it is true, e.g. when the coordinator rewired the run.
+    pub abort: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl LinkConfig {
+    /// Whether the owner asked waits to stop.
+    pub fn aborted(&self) -> bool {
+        self.abort
+            .as_ref()
+            .is_some_and(|a| a.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 impl LinkConfig {
@@ -64,6 +77,7 @@ impl LinkConfig {
             limits: FrameLimits::default(),
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Some(Duration::from_secs(60)),
+            abort: None,
         }
     }
 }

@@ -445,6 +445,8 @@ impl StageWorker {
             )));
         }
         let max_early = self.link_config.recv_queue_frames;
+        let abort = self.link_config.abort.clone();
+        let inbox = |l: Link, name: &'static str| Inbox::new(l, name, max_early, abort.clone());
         let link_config = &self.link_config;
         let (accepted, next, tie) = thread::scope(|scope| {
             let accepting = peers
@@ -472,10 +474,10 @@ impl StageWorker {
         let next = next.map_err(link_err("next stage"))?;
         let tie = tie.map_err(link_err("tied stage"))?;
         let (prev, tie) = match (first, accepted, tie) {
-            (true, Some(l), None) => (None, Some(Inbox::new(l, "tied stage", max_early))),
+            (true, Some(l), None) => (None, Some(inbox(l, "tied stage"))),
             (_, a, t) => (
-                a.map(|l| Inbox::new(l, "previous stage", max_early)),
-                t.map(|l| Inbox::new(l, "tied stage", max_early)),
+                a.map(|l| inbox(l, "previous stage")),
+                t.map(|l| inbox(l, "tied stage")),
             ),
         };
         let ring = match peers.ring {
@@ -489,15 +491,23 @@ impl StageWorker {
                 );
                 c.stage = shard.stage as u32;
                 c.timeout = timeout;
+                c.abort = self.link_config.abort.clone();
                 Some(RingMember::connect(c, listener, &next)?)
             }
             None => None,
         };
         self.prev = prev;
-        self.next = next.map(|l| Inbox::new(l, "next stage", max_early));
+        self.next = next.map(|l| inbox(l, "next stage"));
         self.tie = tie;
         self.ring = ring;
         Ok(())
+    }
+
+    /// A flag that, once raised, stops every wait of this worker for a peer
+    /// (connecting, accepting, a frame): the owner raises it when the run
+    /// was rewired and these peers will never come.
+    pub fn set_abort(&mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        self.link_config.abort = Some(flag);
     }
 
     /// Drops every link and whatever a broken step left behind (stashed
@@ -942,6 +952,9 @@ fn accept_within(
     loop {
         let stream = match listener.accept() {
             Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && config.aborted() => {
+                return Err(LinkError::Closed("the wiring changed".into()))
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
                 thread::sleep(Duration::from_millis(5));
                 continue;
@@ -974,14 +987,22 @@ pub(crate) fn connect_within(
     config: &LinkConfig,
     timeout: Duration,
 ) -> Result<Link, LinkError> {
-    let stream = connect_stream(addr, timeout)?;
+    let stream = connect_stream(addr, timeout, config)?;
     Link::from_stream(stream, Role::Initiator, config)
 }
 
-/// A TCP connection to `addr`, retried until `timeout`.
-pub(crate) fn connect_stream(addr: &str, timeout: Duration) -> Result<TcpStream, LinkError> {
+/// A TCP connection to `addr`, retried until `timeout` (or until
+/// `config`'s abort flag is raised).
+pub(crate) fn connect_stream(
+    addr: &str,
+    timeout: Duration,
+    config: &LinkConfig,
+) -> Result<TcpStream, LinkError> {
     let deadline = Instant::now() + timeout;
     loop {
+        if config.aborted() {
+            return Err(LinkError::Closed("the wiring changed".into()));
+        }
         let attempt = addr
             .to_socket_addrs()
             .and_then(|mut a| {

@@ -3,11 +3,13 @@
 //! they arrive in.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::link::codec::{decode_matrix, encode_matrix, wire_dtype};
 use crate::link::frame::{Frame, FrameHeader};
-use crate::link::{Codec, DType, FrameKind, Link, RunId, Shape, WorkerId};
+use crate::link::{Codec, DType, FrameKind, Link, LinkError, RunId, Shape, WorkerId};
 
 use super::PipelineError;
 
@@ -202,15 +204,44 @@ pub(crate) struct Inbox {
     name: &'static str,
     early: HashMap<(u8, u64, u64), Frame>,
     max_early: usize,
+    abort: Option<Arc<AtomicBool>>,
 }
 
 impl Inbox {
-    pub fn new(link: Link, name: &'static str, max_early: usize) -> Self {
+    pub fn new(
+        link: Link,
+        name: &'static str,
+        max_early: usize,
+        abort: Option<Arc<AtomicBool>>,
+    ) -> Self {
         Inbox {
             link,
             name,
             early: HashMap::new(),
             max_early,
+            abort,
+        }
+    }
+
+    /// The next frame, waiting at most `timeout`, in slices so that a
+    /// raised abort flag ends the wait within a fifth of a second.
+    fn recv(&self, timeout: Duration) -> Result<Frame, LinkError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.link.recv_timeout(left.min(Duration::from_millis(200))) {
+                Err(LinkError::Timeout(_)) if !left.is_zero() => {
+                    if self
+                        .abort
+                        .as_ref()
+                        .is_some_and(|a| a.load(Ordering::Relaxed))
+                    {
+                        return Err(LinkError::Closed("the wiring changed".into()));
+                    }
+                }
+                Err(LinkError::Timeout(_)) => return Err(LinkError::Timeout(timeout)),
+                other => return other,
+            }
         }
     }
 
@@ -243,13 +274,10 @@ impl Inbox {
             return Ok(f);
         }
         loop {
-            let f = self
-                .link
-                .recv_timeout(timeout)
-                .map_err(|e| PipelineError::Link {
-                    peer: self.name,
-                    source: e,
-                })?;
+            let f = self.recv(timeout).map_err(|e| PipelineError::Link {
+                peer: self.name,
+                source: e,
+            })?;
             let h = &f.header;
             let got = (h.kind as u8, h.step, h.micro_batch);
             if got == key {

@@ -51,6 +51,8 @@ pub struct RingConfig {
     pub segment_bytes: usize,
     /// Deadline for connecting, and for each wait on the previous rank.
     pub timeout: Duration,
+    /// Stops connecting as soon as it is true (see [`LinkConfig::abort`]).
+    pub abort: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl RingConfig {
@@ -65,6 +67,7 @@ impl RingConfig {
             stage: 0,
             segment_bytes: 1 << 20,
             timeout: Duration::from_secs(30),
+            abort: None,
         }
     }
 
@@ -86,6 +89,7 @@ impl RingConfig {
         };
         c.handshake_timeout = self.timeout;
         c.write_timeout = Some(self.timeout);
+        c.abort = self.abort.clone();
         c
     }
 }
@@ -301,6 +305,9 @@ fn accept_prev(
         let stream = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if link_config.aborted() {
+                    return Err(link_err(LinkError::Closed("the wiring changed".into())));
+                }
                 if Instant::now() >= deadline {
                     return Err(match last_refusal {
                         Some(e) => link_err(e),
@@ -342,7 +349,8 @@ fn connect_next(
     };
     // The next rank may simply not be listening yet: retried until the
     // timeout.
-    let stream = crate::pipeline::connect_stream(addr, config.timeout).map_err(link_err)?;
+    let stream =
+        crate::pipeline::connect_stream(addr, config.timeout, link_config).map_err(link_err)?;
     Link::from_stream(stream, Role::Initiator, link_config).map_err(link_err)
 }
 

@@ -19,13 +19,9 @@ while [[ $# -gt 0 ]]; do
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
-bash scripts/system-deps.sh >/dev/null
-if [[ -z "${PIPEWRIGHT_BIN:-}" ]]; then
-    cargo build --release -q -p pipewright
-    PIPEWRIGHT_BIN="$root/target/release/pipewright"
-fi
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+prepare
 rows=""
 for codec in f32 f16 bf16 int8; do
     sed "s/codec: f32/codec: $codec/" bench/manifests/codecs.yaml >"$work/$codec.yaml"
@@ -46,7 +42,7 @@ done
     echo
     echo "3 stages (2 boundaries), dim 128, 150 steps of 4 × 8 × 128 tokens, same seed."
     echo "Bytes per token: everything the stages sent each other, measured on the links."
-    echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u +%Y-%m-%d)."
+    machine
     echo
     echo "| codec | link bytes / token | train loss (last 10 steps) | val bits/byte |"
     echo "|---|---:|---:|---:|"

@@ -21,13 +21,9 @@ while [[ $# -gt 0 ]]; do
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
-bash scripts/system-deps.sh >/dev/null
-if [[ -z "${PIPEWRIGHT_BIN:-}" ]]; then
-    cargo build --release -q -p pipewright
-    PIPEWRIGHT_BIN="$root/target/release/pipewright"
-fi
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+prepare
 rows=""
 for i in $(seq 1 "$repeats"); do
     "$PIPEWRIGHT_BIN" train --processes --quiet --threads 1 --overwrite \
@@ -47,7 +43,7 @@ median="$(grep -h 'pipeline efficiency' "$work"/out* | sed -E 's/.* ([0-9.]+)% o
     echo "2-stage 1F1B, 8 micro-batches of 4 × 128 tokens, quickstart model shapes,"
     echo "one kernel thread per stage process; bound = the schedule's theoretical"
     echo "step time from each stage's measured forward/backward and update time."
-    echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u +%Y-%m-%d)."
+    machine
     echo
     echo "| run | measured ms/step | bound ms/step | efficiency |"
     echo "|---:|---:|---:|---:|"

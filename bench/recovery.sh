@@ -20,13 +20,9 @@ while [[ $# -gt 0 ]]; do
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
-bash scripts/system-deps.sh >/dev/null
-if [[ -z "${PIPEWRIGHT_BIN:-}" ]]; then
-    cargo build --release -q -p pipewright
-    PIPEWRIGHT_BIN="$root/target/release/pipewright"
-fi
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+prepare
 "$PIPEWRIGHT_BIN" train --processes --quiet --threads 1 --out "$work/clean" \
     bench/manifests/recovery.yaml >"$work/clean.out" 2>"$work/clean.err" || { cat "$work/clean.err" >&2; exit 1; }
 "$PIPEWRIGHT_BIN" train --processes --quiet --threads 1 --out "$work/drill" \
@@ -53,7 +49,7 @@ kv() { sed -E "s/.*$1=([^ ]+).*/\1/" <<<"$report"; }
     echo "2 stages × 2 replicas (5 processes with the coordinator), 300 steps; 10 workers"
     echo "killed with SIGKILL at seeded random steps (seed $seed). Recovery = from the kill"
     echo "to the next step every worker completed (the coordinator's barrier)."
-    echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u +%Y-%m-%d)."
+    machine
     echo
     echo "| | value |"
     echo "|---|---:|"

@@ -40,8 +40,10 @@ spec:
     path
 }
 
-fn summary_losses(root: &Path) -> Vec<f64> {
-    let text = std::fs::read_to_string(root.join("summary.json")).expect("summary.json");
+/// The `losses` array of a JSON file (a run's summary or a checkpoint's
+/// metadata).
+fn losses_in(path: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let v: serde_json::Value = serde_json::from_str(&text).expect("json");
     v["losses"]
         .as_array()
@@ -51,16 +53,12 @@ fn summary_losses(root: &Path) -> Vec<f64> {
         .collect()
 }
 
+fn summary_losses(root: &Path) -> Vec<f64> {
+    losses_in(&root.join("summary.json"))
+}
+
 fn checkpoint_losses(root: &Path, step: u64) -> Vec<f64> {
-    let path = root.join(format!("step-{step:08}/meta.json"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
-    v["losses"]
-        .as_array()
-        .expect("losses")
-        .iter()
-        .map(|x| x.as_f64().expect("a number"))
-        .collect()
+    losses_in(&root.join(format!("step-{step:08}/meta.json")))
 }
 
 fn assert_same(a: &[f64], b: &[f64]) {

@@ -293,21 +293,7 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
         manifest.spec.training.micro_batch_size,
     )?;
     let unigram = corpus.unigram_bits_per_byte();
-    println!(
-        "  validation loss            {:.4} nats/token ({} tokens)",
-        eval.loss, eval.tokens
-    );
-    println!("  validation bits per byte   {:.3}", eval.bits_per_byte);
-    println!("  unigram entropy            {unigram:.3} bits per byte (order-0 baseline)");
-    println!(
-        "  model vs baseline          {:.3} bits per byte {}",
-        (unigram - eval.bits_per_byte).abs(),
-        if eval.bits_per_byte < unigram {
-            "below"
-        } else {
-            "ABOVE"
-        }
-    );
+    super::print_evaluation(&eval, unigram);
     if let Some(step) = status.checkpoint_step {
         println!(
             "  checkpoint                 {}",

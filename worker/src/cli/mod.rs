@@ -162,6 +162,26 @@ fn forward(path: &Path, text: &str, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The summary lines of a run's final evaluation beside the corpus's
+/// order-0 entropy.
+fn print_evaluation(eval: &crate::train::EvalReport, unigram: f64) {
+    println!(
+        "  validation loss            {:.4} nats/token ({} tokens)",
+        eval.loss, eval.tokens
+    );
+    println!("  validation bits per byte   {:.3}", eval.bits_per_byte);
+    println!("  unigram entropy            {unigram:.3} bits per byte (order-0 baseline)");
+    println!(
+        "  model vs baseline          {:.3} bits per byte {}",
+        (unigram - eval.bits_per_byte).abs(),
+        if eval.bits_per_byte < unigram {
+            "below"
+        } else {
+            "ABOVE"
+        }
+    );
+}
+
 /// Size the global rayon pool (0: one thread per core).
 pub fn init_threads(threads: usize) {
     let n = if threads == 0 {

@@ -197,21 +197,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         "  train loss (last {:>2} steps) {train_loss:.4} nats/token",
         tail.len()
     );
-    println!(
-        "  validation loss            {:.4} nats/token ({} tokens)",
-        eval.loss, eval.tokens
-    );
-    println!("  validation bits per byte   {:.3}", eval.bits_per_byte);
-    println!("  unigram entropy            {unigram:.3} bits per byte (order-0 baseline)");
-    println!(
-        "  model vs baseline          {:.3} bits per byte {}",
-        (unigram - eval.bits_per_byte).abs(),
-        if eval.bits_per_byte < unigram {
-            "below"
-        } else {
-            "ABOVE"
-        }
-    );
+    super::print_evaluation(&eval, unigram);
     println!("  checkpoint                 {}", dir.display());
     let summary = json!({
         "name": trainer.manifest.metadata.name,

@@ -352,28 +352,30 @@ fn restore(
                 .client
                 .get_state(stage, w.epoch)
                 .context("receiving the stage's state from a live replica")?;
-            let src = PathBuf::from(format!("replica of stage {stage}"));
-            let (params, opt) = checkpoint::decode_stage(&bytes, &worker.stage().params(), &src)?;
-            worker.restore(&StageState {
-                step: w.step,
-                params,
-                opt,
-            })?;
+            restore_bytes(worker, &bytes, w.step, format!("replica of stage {stage}"))?;
         }
         StateSource::Checkpoint { dir } => {
             let bytes = session
                 .client
                 .get_checkpoint(stage, w.step)
                 .with_context(|| format!("fetching stage {stage} of checkpoint {dir}"))?;
-            let src = PathBuf::from(format!("{dir}/stage-{stage}.safetensors"));
-            let (params, opt) = checkpoint::decode_stage(&bytes, &worker.stage().params(), &src)?;
-            worker.restore(&StageState {
-                step: w.step,
-                params,
-                opt,
-            })?;
+            restore_bytes(
+                worker,
+                &bytes,
+                w.step,
+                format!("{dir}/stage-{stage}.safetensors"),
+            )?;
         }
     }
+    Ok(())
+}
+
+/// Restores the stage from a state in checkpoint form (`source` names it
+/// in errors); refused, changing nothing, when it does not fit the stage.
+fn restore_bytes(worker: &mut StageWorker, bytes: &[u8], step: u64, source: String) -> Result<()> {
+    let src = PathBuf::from(source);
+    let (params, opt) = checkpoint::decode_stage(bytes, &worker.stage().params(), &src)?;
+    worker.restore(&StageState { step, params, opt })?;
     Ok(())
 }
 

@@ -934,7 +934,7 @@ impl StageWorker {
 /// Accepts one authenticated connection within `timeout` (std's accept has
 /// no deadline). A connection whose handshake fails is dropped, logged and
 /// the wait goes on, so a stray or stale peer cannot take a link's place.
-fn accept_within(
+pub(crate) fn accept_within(
     listener: &TcpListener,
     config: &LinkConfig,
     timeout: Duration,

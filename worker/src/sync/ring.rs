@@ -284,57 +284,16 @@ fn accept_prev(
     link_config: &LinkConfig,
 ) -> Result<Link, RingError> {
     let prev = config.prev();
-    let deadline = Instant::now() + config.timeout;
-    let link_err = |source| RingError::Connect {
-        rank: config.rank,
-        peer: prev,
-        source,
-    };
-    let io_err = |e| {
-        link_err(LinkError::Connect {
-            addr: "listener".into(),
-            source: e,
-        })
-    };
-    // std's accept has no deadline; poll a non-blocking listener instead.
     // A connection whose handshake fails (stray, forged, or left from an
     // earlier wiring) is dropped and the wait goes on.
-    listener.set_nonblocking(true).map_err(io_err)?;
-    let mut last_refusal = None;
-    loop {
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if link_config.aborted() {
-                    return Err(link_err(LinkError::Closed("the wiring changed".into())));
-                }
-                if Instant::now() >= deadline {
-                    return Err(match last_refusal {
-                        Some(e) => link_err(e),
-                        None => RingError::AcceptTimeout {
-                            prev,
-                            timeout: config.timeout,
-                        },
-                    });
-                }
-                thread::sleep(Duration::from_millis(5));
-                continue;
-            }
-            Err(e) => return Err(io_err(e)),
-        };
-        stream.set_nonblocking(false).map_err(io_err)?;
-        let mut c = link_config.clone();
-        c.handshake_timeout = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(100));
-        match Link::from_stream(stream, Role::Acceptor, &c) {
-            Ok(link) => return Ok(link),
-            Err(e) => {
-                tracing::warn!("ring rank {} refused a connection: {e}", config.rank);
-                last_refusal = Some(e);
-            }
-        }
-    }
+    crate::pipeline::accept_within(listener, link_config, config.timeout).map_err(|e| match e {
+        LinkError::Timeout(timeout) => RingError::AcceptTimeout { prev, timeout },
+        source => RingError::Connect {
+            rank: config.rank,
+            peer: prev,
+            source,
+        },
+    })
 }
 
 fn connect_next(

@@ -20,6 +20,7 @@ use clap::Args;
 use crate::checkpoint;
 use crate::coord::api::{Failure, Register, StateSource, StepDone, Wiring};
 use crate::coord::{Client, ClientError};
+use crate::kernels::Trans;
 use crate::link::{RunId, RunKey};
 use crate::pipeline::{Auth, Peers, PipelineError, RingPeers, Shard, StageState, StageWorker};
 
@@ -256,6 +257,9 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "worker".into())
     });
+    let manifest_measured =
+        manifest.spec.pipeline.partition == pipewright_spec::PartitionKind::Measured;
+    let session_manifest = manifest.clone();
     let mut session = Session {
         client: client.clone(),
         manifest,
@@ -268,6 +272,11 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
             completed: 0,
             has_snapshot: false,
             name: format!("{name}/{}", std::process::id()),
+            speed: if manifest_measured {
+                measure_speed(&session_manifest)
+            } else {
+                0.0
+            },
         },
         worker: 0,
         run_id: RunId([0; 16]),
@@ -344,7 +353,12 @@ fn restore(
             }
         }
         StateSource::Init => {
-            let fresh = StageWorker::prepare(&session.manifest, worker.shard(), session.timeout)?;
+            let fresh = StageWorker::prepare_layers(
+                &session.manifest,
+                worker.shard(),
+                session.timeout,
+                Some(w.layers[0]..w.layers[1]),
+            )?;
             *worker = fresh;
         }
         StateSource::Replica => {
@@ -433,11 +447,16 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
             stage: w.shard.0,
             replica: w.shard.1,
         };
-        if worker.as_ref().is_none_or(|x| x.shard() != shard) {
-            worker = Some(StageWorker::prepare(
+        let layers = w.layers[0]..w.layers[1];
+        if worker
+            .as_ref()
+            .is_none_or(|x| x.shard() != shard || x.stage().layers != layers)
+        {
+            worker = Some(StageWorker::prepare_layers(
                 &session.manifest,
                 shard,
                 session.timeout,
+                Some(layers),
             )?);
             snapshot = None;
         }
@@ -547,6 +566,26 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
         }
         wk.unlink();
     }
+}
+
+/// This machine's speed for `partition: measured`: GFLOP/s of the
+/// products a transformer block of this run does, over about 0.15 s.
+fn measure_speed(manifest: &pipewright_spec::TrainingRun) -> f64 {
+    let m = &manifest.spec.model;
+    let rows = (manifest.spec.training.micro_batch_size * m.seq_len).clamp(64, 4096);
+    let (k, n) = (m.dim, m.ffn_dim);
+    let a = vec![0.5f32; rows * k];
+    let b = vec![0.25f32; k * n];
+    let mut c = vec![0.0f32; rows * n];
+    let start = std::time::Instant::now();
+    let mut flops = 0.0f64;
+    while start.elapsed() < Duration::from_millis(150) {
+        crate::kernels::matmul(&mut c, &a, Trans::No, &b, Trans::No, rows, k, n, false);
+        flops += 2.0 * (rows * k * n) as f64;
+    }
+    let speed = flops / start.elapsed().as_secs_f64() / 1e9;
+    tracing::info!("measured {speed:.1} GFLOP/s for the layer partition");
+    speed
 }
 
 fn report_failure(session: &Session, epoch: u64, e: &PipelineError) {

@@ -25,6 +25,10 @@ pub struct Register {
     pub has_snapshot: bool,
     /// A name for status pages (host name, pod name).
     pub name: String,
+    /// Measured speed of this worker's kernels (GFLOP/s; 0 when not
+    /// measured), for `partition: measured`.
+    #[serde(default)]
+    pub speed: f64,
 }
 
 /// Answer to [`Register`].
@@ -73,6 +77,8 @@ pub struct Wiring {
     pub shard: (usize, usize),
     /// Step every worker resumes from.
     pub step: u64,
+    /// Layer range `[start, end)` of this worker's stage.
+    pub layers: [usize; 2],
     /// Where this worker's state at `step` comes from.
     pub state: StateSource,
     /// Upload this worker's state at `step` for a new replica

@@ -299,7 +299,11 @@ impl Shared {
         };
         let mut meta = ctx.meta.clone();
         meta.step = step;
-        meta.losses = lock(&self.coord).losses().to_vec();
+        {
+            let c = lock(&self.coord);
+            meta.losses = c.losses().to_vec();
+            meta.stage_layers = c.layout().stage_layers.clone();
+        }
         let result = checkpoint::commit(&ctx.root, &meta, &ctx.tokenizer, ctx.keep);
         let mut c = lock(&self.coord);
         match result {
@@ -345,7 +349,9 @@ pub fn start(config: Config, listen: &str) -> Result<Handle> {
             * spec.training.micro_batches
             * spec.model.seq_len
             * spec.pipeline.replicas) as u64,
+        measured: spec.pipeline.partition == pipewright_spec::PartitionKind::Measured,
     };
+    let (model, stages) = (config.model.clone(), spec.pipeline.stages);
     let root = config
         .checkpoint
         .as_ref()
@@ -356,7 +362,10 @@ pub fn start(config: Config, listen: &str) -> Result<Handle> {
         config.lease,
         root,
         persisted,
-    );
+    )
+    .with_partitioner(Box::new(move |speeds| {
+        crate::model::partition(&model, stages, speeds)
+    }));
     let listener = std::net::TcpListener::bind(listen)
         .with_context(|| format!("cannot listen on {listen}"))?;
     listener.set_nonblocking(true)?;
@@ -769,14 +778,9 @@ fn put_checkpoint(
     let params_ok = {
         let tmp = checkpoint::tmp_dir(&ctx.root, step);
         let path = tmp.join(format!("stage-{stage}.safetensors"));
-        let layers = ctx.meta.stage_layers.get(stage).cloned().unwrap_or(0..0);
-        let st = crate::model::Stage::new(
-            &ctx.meta.model,
-            stage,
-            ctx.meta.stage_layers.len(),
-            layers,
-            ctx.meta.seed,
-        );
+        let all = lock(&shared.coord).layout().stage_layers.clone();
+        let layers = all.get(stage).cloned().unwrap_or(0..0);
+        let st = crate::model::Stage::new(&ctx.meta.model, stage, all.len(), layers, ctx.meta.seed);
         checkpoint::decode_stage(body, &st.params(), &path)
             .map(|_| path)
             .map_err(|e| e.to_string())

@@ -52,7 +52,14 @@ pub struct Layout {
     pub checkpoint_every: u64,
     /// Tokens trained per step (all replicas).
     pub tokens_per_step: u64,
+    /// Re-balance the layers by the workers' measured speeds before the
+    /// first step (`partition: measured`).
+    pub measured: bool,
 }
+
+/// Splits the model's layers into stages given each stage's relative
+/// speed (see [`crate::model::partition`]).
+pub type Partitioner = Box<dyn Fn(&[f64]) -> Vec<Range<usize>> + Send>;
 
 /// Run phases, as reported in the status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +107,7 @@ struct Slot {
     has_snapshot: bool,
     step_seconds: f64,
     busy_seconds: f64,
+    speed: f64,
     /// Sums over this slot's steps after its first: wall, busy, update
     /// seconds, link bytes.
     sums: [f64; 4],
@@ -156,6 +164,9 @@ pub struct Persisted {
     /// keeps every shard for the worker that held it for one lease.
     #[serde(default)]
     pub shard_map: Vec<Option<u64>>,
+    /// Layer ranges fixed by a measured partition.
+    #[serde(default)]
+    pub stage_layers: Option<Vec<Range<usize>>>,
 }
 
 /// One shard's line in the status.
@@ -237,7 +248,6 @@ pub struct Status {
 }
 
 /// The coordinator of one run.
-#[derive(Debug)]
 pub struct Coordinator {
     run: String,
     layout: Layout,
@@ -260,6 +270,20 @@ pub struct Coordinator {
     /// Slots kept for the worker that held them before a restart: worker
     /// id and when the reservation was first seen by the sweeper.
     reserved: Vec<Option<(u64, Option<Instant>)>>,
+    partitioner: Option<Partitioner>,
+    /// Whether the layer ranges are settled (always, unless measured and
+    /// no plan was made yet).
+    layers_fixed: bool,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("run", &self.run)
+            .field("epoch", &self.epoch)
+            .field("committed", &self.committed)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Coordinator {
@@ -278,6 +302,11 @@ impl Coordinator {
         let mut reserved: Vec<Option<(u64, Option<Instant>)>> = vec![None; shards];
         for (slot, id) in reserved.iter_mut().zip(&p.shard_map) {
             *slot = id.map(|id| (id, None));
+        }
+        let mut layout = layout;
+        let layers_fixed = !layout.measured || p.stage_layers.is_some() || p.committed > 0;
+        if let Some(l) = &p.stage_layers {
+            layout.stage_layers = l.clone();
         }
         Coordinator {
             run: run.to_string(),
@@ -301,7 +330,15 @@ impl Coordinator {
             barrier_times: Vec::new(),
             started_training: false,
             reserved,
+            partitioner: None,
+            layers_fixed,
         }
+    }
+
+    /// Sets how layers are split by measured speed (`partition: measured`).
+    pub fn with_partitioner(mut self, p: Partitioner) -> Self {
+        self.partitioner = Some(p);
+        self
     }
 
     /// The state to write to disk.
@@ -319,6 +356,8 @@ impl Coordinator {
                 .iter()
                 .map(|s| s.as_ref().map(|s| s.worker))
                 .collect(),
+            stage_layers: (self.layout.measured && self.layers_fixed)
+                .then(|| self.layout.stage_layers.clone()),
         }
     }
 
@@ -495,6 +534,7 @@ impl Coordinator {
             has_snapshot: req.has_snapshot,
             step_seconds: 0.0,
             busy_seconds: 0.0,
+            speed: req.speed,
             sums: [0.0; 4],
             rejected_frames: 0,
             counted: 0,
@@ -608,6 +648,25 @@ impl Coordinator {
             || self.slots.iter().any(|s| s.is_none())
         {
             return;
+        }
+        if !self.layers_fixed {
+            // The first plan of a measured run: each stage as fast as its
+            // slowest replica, layers split so every stage takes as long.
+            let r = self.layout.replicas;
+            let speeds: Vec<f64> = (0..self.layout.stages)
+                .map(|s| {
+                    self.slots[s * r..(s + 1) * r]
+                        .iter()
+                        .flatten()
+                        .map(|x| x.speed)
+                        .fold(f64::INFINITY, f64::min)
+                })
+                .map(|v| if v.is_finite() && v > 0.0 { v } else { 1.0 })
+                .collect();
+            if let Some(p) = &self.partitioner {
+                self.layout.stage_layers = p(&speeds);
+            }
+            self.layers_fixed = true;
         }
         let slots: Vec<&Slot> = self.slots.iter().flatten().collect();
         let n = slots.len();
@@ -743,11 +802,13 @@ impl Coordinator {
             None
         };
         let checkpoint = self.checkpoint_order(i, plan.step);
+        let layers = self.layout.stage_layers.get(s).cloned().unwrap_or(0..0);
         Ok(Some(Wiring {
             epoch: plan.epoch,
             finished: None,
             shard: (s, rep),
             step: plan.step,
+            layers: [layers.start, layers.end],
             state: plan.sources[i].clone(),
             upload: plan.upload[i],
             next,
@@ -763,6 +824,7 @@ impl Coordinator {
             finished: Some(format!("{phase:?}")),
             shard: (0, 0),
             step: self.committed,
+            layers: [0, 0],
             state: StateSource::Held,
             upload: false,
             next: None,

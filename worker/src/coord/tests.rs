@@ -17,6 +17,7 @@ fn layout(stages: usize, replicas: usize, tied: bool) -> Layout {
         stage_layers: (0..stages).map(|s| s..s + 1).collect(),
         checkpoint_every: 4,
         tokens_per_step: 100,
+        measured: false,
     }
 }
 
@@ -458,4 +459,38 @@ fn after_a_restart_volunteers_do_not_take_the_shards_of_returning_workers() {
     c.expire(now + LEASE + Duration::from_millis(1));
     assert_eq!(c.status(now).standby, 0);
     assert_eq!(c.status(now).stages[0].ready, 2);
+}
+
+#[test]
+fn a_measured_partition_gives_the_faster_stage_more_layers() {
+    let now = Instant::now();
+    let mut l = layout(2, 2, false);
+    l.measured = true;
+    l.stage_layers = vec![0..2, 2..4];
+    // A stand-in for the model's partition: layers in proportion to speed.
+    let split = |speeds: &[f64]| {
+        let first = (4.0 * speeds[0] / (speeds[0] + speeds[1])).round() as usize;
+        let first = first.clamp(1, 3);
+        vec![0..first, first..4]
+    };
+    let mut c = Coordinator::new("t", l, LEASE, None, None).with_partitioner(Box::new(split));
+    let mut ids = Vec::new();
+    for (s, r, speed) in [(0, 0, 100.0), (0, 1, 300.0), (1, 0, 300.0), (1, 1, 300.0)] {
+        let mut req = reg(Some(s), Some(r), &format!("w{s}{r}"));
+        req.speed = speed;
+        ids.push(c.register(req, now).expect("register").0);
+    }
+    // Stage 0 runs at its slowest replica's 100, stage 1 at 300.
+    let w = c.wiring(ids[0], 0).expect("ok").expect("plan");
+    assert_eq!(w.layers, [0, 1]);
+    let w = c.wiring(ids[3], 0).expect("ok").expect("plan");
+    assert_eq!(w.layers, [1, 4]);
+    assert_eq!(c.status(now).stages[1].layers, [1, 4]);
+    // Settled for the rest of the run, across a coordinator restart.
+    let saved = c.persisted();
+    assert_eq!(saved.stage_layers, Some(vec![0..1, 1..4]));
+    let mut l = layout(2, 2, false);
+    l.measured = true;
+    let c = Coordinator::new("t", l, LEASE, None, Some(saved));
+    assert_eq!(c.layout().stage_layers, vec![0..1, 1..4]);
 }

@@ -322,6 +322,17 @@ impl StageWorker {
         shard: Shard,
         timeout: Duration,
     ) -> Result<Self, PipelineError> {
+        Self::prepare_layers(manifest, shard, timeout, None)
+    }
+
+    /// [`StageWorker::prepare`] with the stage's layer range given (a
+    /// measured partition) instead of the cost-balanced one.
+    pub fn prepare_layers(
+        manifest: &TrainingRun,
+        shard: Shard,
+        timeout: Duration,
+        layers: Option<std::ops::Range<usize>>,
+    ) -> Result<Self, PipelineError> {
         let spec = &manifest.spec;
         let (stages, replicas) = (spec.pipeline.stages, spec.pipeline.replicas);
         if shard.stage >= stages || shard.replica >= replicas {
@@ -358,12 +369,21 @@ impl StageWorker {
         // deadlock is refused before any link is opened.
         validate(&plan(kind, stages, micro_batches))?;
         let order = ops(kind, shard.stage, stages, micro_batches);
-        let layers = partition(&model, stages, &[])
-            .into_iter()
-            .nth(shard.stage)
-            .ok_or_else(|| {
-                PipelineError::Layout(format!("no layer range for stage {}", shard.stage))
-            })?;
+        let layers = match layers {
+            Some(l) if l.start < l.end && l.end <= model.layers => l,
+            Some(l) => {
+                return Err(PipelineError::Layout(format!(
+                    "layer range {l:?} does not fit a model of {} layers",
+                    model.layers
+                )))
+            }
+            None => partition(&model, stages, &[])
+                .into_iter()
+                .nth(shard.stage)
+                .ok_or_else(|| {
+                    PipelineError::Layout(format!("no layer range for stage {}", shard.stage))
+                })?,
+        };
         let mut stage = Stage::new(&model, shard.stage, stages, layers, seed);
         let opt = AdamW::new(&stage.params_mut());
         let rows = spec.training.micro_batch_size;

@@ -3,14 +3,23 @@
 //! 1. refuses a spec that cannot run ([`Blueprint::new`]) in the status;
 //! 2. makes the Secret (run key, join token) once;
 //! 3. brings the manifest ConfigMap, the Services and the disruption budgets
-//!    to what the run asks for, writing only what differs;
+//!    to what the run asks for, writing only what differs, and makes the
+//!    coordinator's volume claim once when the run sets `spec.storage`;
 //! 4. while suspended, deletes the run's pods and stops there;
 //! 5. plans the shard pods ([`plan_pods`]): a shard whose pod failed, was
-//!    evicted or deleted, or whose node is not ready moves to a new pod
-//!    (the next attempt name) kept off every node where a shard of this run
-//!    failed; more moves than `spec.placement.maxReassignments` fail the run;
+//!    evicted or deleted, or whose node is not ready or gone moves to a new
+//!    pod (the next attempt name) kept off every node that caused a move of
+//!    this run (`status.failedNodes`: a node not ready or gone, a node-pressure
+//!    eviction, a node that refused the pod; never a pod deleted by a person
+//!    or a drain, nor a container's own failure); more moves than
+//!    `spec.placement.maxReassignments` fail the run;
 //! 6. asks the coordinator for progress ([`CoordinatorProbe`]);
 //! 7. writes the status ([`observed_status`]) when it changed.
+//!
+//! Each reconcile plans from a fresh read of the run, not the watch's cached
+//! copy, and its status write is refused when the run changed meanwhile (see
+//! [`write_status`]), so a move is never recorded twice nor its reason
+//! overwritten.
 //!
 //! It keeps no state between calls: what it must remember (each shard's
 //! attempt and pod, failed nodes, reassignments) lives in the run's status,
@@ -23,7 +32,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Node, ObjectReference, PersistentVolumeClaim, Pod, Secret, Service,
+};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -56,6 +67,9 @@ pub const RESYNC: Duration = Duration::from_secs(60);
 pub const POLL: Duration = Duration::from_secs(10);
 /// Delay before a failed reconcile is retried.
 pub const RETRY: Duration = Duration::from_secs(15);
+/// Delay before a reconcile whose status write lost to a newer status is
+/// redone from a fresh read.
+pub const RETRY_STALE: Duration = Duration::from_secs(1);
 /// Reassignments kept in the status; older ones are dropped so the object
 /// stays small on a long run with many failures (the total is kept apart).
 pub const MAX_REASSIGNMENTS: usize = 50;
@@ -91,6 +105,10 @@ pub enum ReconcileError {
     /// A child could not be built (a defect: the blueprint was checked).
     #[error("building children: {0}")]
     Children(#[from] ChildrenError),
+    /// The run's status changed between this reconcile's read and its write
+    /// (another writer); the reconcile is redone from a fresh read.
+    #[error("the run's status changed while it was reconciled")]
+    StaleStatus,
 }
 
 /// Reconciles one run; see the module documentation.
@@ -103,10 +121,43 @@ pub async fn reconcile(
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
     let started = Instant::now();
-    let result = reconcile_run(&run, &ctx).await;
+    let result = match fresh(&run, &ctx.client).await {
+        Ok(Some(fresh)) => reconcile_run(&fresh, &ctx).await,
+        Ok(None) => Ok(Action::await_change()),
+        Err(error) => Err(error),
+    };
     ctx.metrics
         .observe_reconcile(started.elapsed(), result.is_err());
     result
+}
+
+/// The run as the API server has it now, or `None` when it is gone or being
+/// deleted.
+///
+/// The controller hands over its cached copy, which can lag behind this
+/// operator's own last status write: a reconcile woken by the deletion of a
+/// pod that the previous reconcile replaced would otherwise plan from the
+/// status before that move, and move the shard a second time under another
+/// reason. Every reconcile therefore plans from a fresh read, and its status
+/// write carries that read's `resourceVersion` (see [`write_status`]).
+async fn fresh(
+    cached: &TrainingRunResource,
+    client: &Client,
+) -> Result<Option<TrainingRunResource>, ReconcileError> {
+    if cached.meta().deletion_timestamp.is_some() {
+        // Children carry owner references; the garbage collector removes them.
+        return Ok(None);
+    }
+    let name = cached.name_any();
+    let namespace = cached
+        .namespace()
+        .ok_or_else(|| ReconcileError::NoNamespace(name.clone()))?;
+    let runs: Api<TrainingRunResource> = Api::namespaced(client.clone(), &namespace);
+    let run = runs.get_opt(&name).await?;
+    if run.is_none() {
+        tracing::debug!("the run is gone");
+    }
+    Ok(run.filter(|r| r.meta().deletion_timestamp.is_none()))
 }
 
 /// The API endpoints of one namespace.
@@ -117,6 +168,7 @@ struct Apis {
     config_maps: Api<ConfigMap>,
     services: Api<Service>,
     budgets: Api<PodDisruptionBudget>,
+    claims: Api<PersistentVolumeClaim>,
 }
 
 impl Apis {
@@ -128,6 +180,7 @@ impl Apis {
             config_maps: Api::namespaced(client.clone(), namespace),
             services: Api::namespaced(client.clone(), namespace),
             budgets: Api::namespaced(client.clone(), namespace),
+            claims: Api::namespaced(client.clone(), namespace),
         }
     }
 }
@@ -137,10 +190,6 @@ async fn reconcile_run(run: &TrainingRunResource, ctx: &Context) -> Result<Actio
     let namespace = run
         .namespace()
         .ok_or_else(|| ReconcileError::NoNamespace(name.clone()))?;
-    if run.meta().deletion_timestamp.is_some() {
-        // Children carry owner references; the garbage collector removes them.
-        return Ok(Action::await_change());
-    }
     let apis = Apis::new(&ctx.client, &namespace);
     let previous = run.status.clone().unwrap_or_default();
     let now = now();
@@ -154,7 +203,7 @@ async fn reconcile_run(run: &TrainingRunResource, ctx: &Context) -> Result<Actio
             // The spec itself cannot be run; say so and wait for the user to
             // change it rather than retrying forever.
             let status = refused_status(run, &error, now);
-            write_status(&apis.runs, &name, &previous, &status).await?;
+            write_status(&apis.runs, run, &status).await?;
             return Ok(Action::await_change());
         }
     };
@@ -165,6 +214,9 @@ async fn reconcile_run(run: &TrainingRunResource, ctx: &Context) -> Result<Actio
     ensure(&apis.services, &children.shard_service).await?;
     ensure(&apis.services, &children.coordinator_service).await?;
     ensure_budgets(&apis.budgets, &name, &children.disruption_budgets).await?;
+    if let Some(claim) = &children.state_claim {
+        ensure_claim(&apis.claims, claim).await?;
+    }
 
     let selector = format!("{LABEL_RUN}={name}");
     let pods = apis
@@ -186,7 +238,7 @@ async fn reconcile_run(run: &TrainingRunResource, ctx: &Context) -> Result<Actio
             )
             .await;
         }
-        write_status(&apis.runs, &name, &previous, &status).await?;
+        write_status(&apis.runs, run, &status).await?;
         return Ok(Action::await_change());
     }
     if previous.phase == Some(RunPhase::Suspended) {
@@ -200,7 +252,8 @@ async fn reconcile_run(run: &TrainingRunResource, ctx: &Context) -> Result<Actio
         .await;
     }
 
-    let node_ready = |node: &str| node_ready(&ctx.nodes, node);
+    let nodes = node_readiness_of(&ctx.client, &ctx.nodes, &previous, &pods).await?;
+    let node_ready = |node: &str| nodes.get(node).copied().flatten();
     let plan = plan_pods(run, &previous, &pods, &node_ready);
     let total = previous
         .total_reassignments
@@ -228,7 +281,7 @@ async fn reconcile_run(run: &TrainingRunResource, ctx: &Context) -> Result<Actio
         );
         publish(ctx, run, EventType::Warning, "RunFailed", message.clone()).await;
         let status = failed_status(run, &previous, &plan, total, message, now);
-        write_status(&apis.runs, &name, &previous, &status).await?;
+        write_status(&apis.runs, run, &status).await?;
         return Ok(Action::await_change());
     }
 
@@ -326,7 +379,7 @@ async fn reconcile_run(run: &TrainingRunResource, ctx: &Context) -> Result<Actio
             publish(ctx, run, EventType::Warning, &c.reason, c.message.clone()).await;
         }
     }
-    write_status(&apis.runs, &name, &previous, &status).await?;
+    write_status(&apis.runs, run, &status).await?;
     if matches!(status.phase, Some(RunPhase::Failed)) {
         delete_live_pods(&apis.pods, &live).await?;
     }
@@ -357,7 +410,7 @@ async fn finished(
     let Some(done) = status.completion_time.clone() else {
         let mut stamped = status.clone();
         stamped.completion_time = Some(now.clone());
-        write_status(&apis.runs, &name, status, &stamped).await?;
+        write_status(&apis.runs, run, &stamped).await?;
         return Ok(Action::requeue(Duration::from_secs(ttl)));
     };
     let age = seconds_between(&done, now);
@@ -438,6 +491,28 @@ async fn ensure_secret(
         }
     }
     Ok(())
+}
+
+/// Creates the coordinator's volume claim when it is missing. An existing
+/// claim is left as it is: most of a claim's spec cannot change, and its
+/// data outlives any edit of `spec.storage`.
+async fn ensure_claim(
+    claims: &Api<PersistentVolumeClaim>,
+    claim: &PersistentVolumeClaim,
+) -> Result<(), kube::Error> {
+    let name = claim.metadata.name.clone().unwrap_or_default();
+    if claims.get_opt(&name).await?.is_some() {
+        return Ok(());
+    }
+    let params = PostParams {
+        field_manager: Some(MANAGER.to_owned()),
+        ..PostParams::default()
+    };
+    match claims.create(&params, claim).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 fn random_hex(bytes: usize) -> Result<String, ReconcileError> {
@@ -542,28 +617,62 @@ async fn delete_live_pods(api: &Api<Pod>, pods: &[Pod]) -> Result<(), kube::Erro
     Ok(())
 }
 
-/// Writes `status` when it differs from `previous`.
+/// Attempts at a status write whose only conflict is with changes outside
+/// the status (the spec, labels, annotations).
+const STATUS_WRITE_ATTEMPTS: usize = 3;
+
+/// Writes `status` when it differs from the status of `run`, the copy this
+/// reconcile planned from.
+///
+/// The write is a server-side apply that names `run`'s `resourceVersion`, so
+/// the API server refuses it (409 Conflict) when the run changed since it
+/// was read. A run whose status is still the one planned from (its spec or
+/// metadata changed) is read again and the write repeated; a run whose
+/// status changed fails the reconcile with [`ReconcileError::StaleStatus`],
+/// so that it is planned again from the newer status instead of
+/// overwriting it. A run deleted meanwhile needs no status.
 async fn write_status(
     runs: &Api<TrainingRunResource>,
-    name: &str,
-    previous: &TrainingRunStatus,
+    run: &TrainingRunResource,
     status: &TrainingRunStatus,
-) -> Result<(), kube::Error> {
-    if status == previous {
+) -> Result<(), ReconcileError> {
+    let previous = run.status.clone().unwrap_or_default();
+    if *status == previous {
         return Ok(());
     }
-    let body = json!({
-        "apiVersion": pipewright_spec::API_VERSION,
-        "kind": pipewright_spec::KIND,
-        "status": status,
-    });
-    runs.patch_status(
-        name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
-    Ok(())
+    let name = run.name_any();
+    let mut version = run.meta().resource_version.clone();
+    for _ in 0..STATUS_WRITE_ATTEMPTS {
+        let body = json!({
+            "apiVersion": pipewright_spec::API_VERSION,
+            "kind": pipewright_spec::KIND,
+            "metadata": {"name": name, "resourceVersion": version},
+            "status": status,
+        });
+        let result = runs
+            .patch_status(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await;
+        match result {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                let Some(now) = runs.get_opt(&name).await? else {
+                    return Ok(());
+                };
+                if now.status.clone().unwrap_or_default() != previous {
+                    return Err(ReconcileError::StaleStatus);
+                }
+                tracing::debug!("the run changed outside its status; writing the status again");
+                version = now.meta().resource_version.clone();
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ReconcileError::StaleStatus)
 }
 
 /// Publishes an event about `run`; a failure is logged, never fatal.
@@ -607,17 +716,41 @@ fn seconds_between(from: &Time, to: &Time) -> i64 {
     to.0.as_second() - from.0.as_second()
 }
 
-/// Whether `node` is ready: `None` when the node is not known (not seen yet,
-/// or gone, in which case its pods are deleted and show up as such).
-fn node_ready(nodes: &Store<Node>, node: &str) -> Option<bool> {
-    let node = nodes.get(&ObjectRef::new(node))?;
-    let ready = node
-        .status
+/// Readiness of every node that holds one of `pods` or held a shard in
+/// `previous`: `Some(ready)`, or `None` for a node that no longer exists.
+/// Nodes come from the watch's cache; one the cache does not hold (not seen
+/// yet, or deleted) is asked for, so that a lagging cache never passes for a
+/// lost node.
+async fn node_readiness_of(
+    client: &Client,
+    cache: &Store<Node>,
+    previous: &TrainingRunStatus,
+    pods: &[Pod],
+) -> Result<BTreeMap<String, Option<bool>>, kube::Error> {
+    let names: BTreeSet<&str> = pods
+        .iter()
+        .filter_map(|p| p.spec.as_ref()?.node_name.as_deref())
+        .chain(previous.shards.iter().filter_map(|s| s.node.as_deref()))
+        .collect();
+    let api: Api<Node> = Api::all(client.clone());
+    let mut readiness = BTreeMap::new();
+    for name in names {
+        let node = match cache.get(&ObjectRef::new(name)) {
+            Some(node) => Some(node),
+            None => api.get_opt(name).await?.map(Arc::new),
+        };
+        readiness.insert(name.to_owned(), node.as_deref().map(is_node_ready));
+    }
+    Ok(readiness)
+}
+
+/// Whether a node's `Ready` condition is `True`.
+fn is_node_ready(node: &Node) -> bool {
+    node.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
-        .is_some_and(|c| c.status == "True");
-    Some(ready)
+        .is_some_and(|c| c.status == "True")
 }
 
 /// One shard's pod as planned.
@@ -647,14 +780,19 @@ pub struct PodPlan {
     pub shards: Vec<PlannedShard>,
     /// The shards this plan moves.
     pub reassignments: Vec<Reassignment>,
-    /// Nodes to keep shard pods off: the run's failed nodes, with those of
-    /// this plan's moves.
+    /// Nodes to keep shard pods off: the run's failed nodes, with those
+    /// that caused this plan's moves.
     pub failed_nodes: Vec<String>,
 }
 
 /// Decides which pods to make and delete, given the run's previous status,
-/// its pods and whether their nodes are ready. Pure, so every failure case
-/// is tested without an API server.
+/// its pods and the state of their nodes (`node_ready`: `Some(ready)`, or
+/// `None` for a node that no longer exists). Pure, so every failure case is
+/// tested without an API server.
+///
+/// A shard moves when its pod failed, is being deleted or is gone, or its
+/// node is not ready or gone. Its node joins `failed_nodes` only when the
+/// node caused the move (see [`failure_of`]).
 pub fn plan_pods(
     run: &TrainingRunResource,
     previous: &TrainingRunStatus,
@@ -683,12 +821,15 @@ pub fn plan_pods(
             let pod = pods
                 .iter()
                 .find(|p| p.metadata.name.as_deref() == Some(pod_name.as_str()));
+            // Placed before and gone now: deleted, or lost with its node.
+            let vanished =
+                pod.is_none() && recorded.and_then(|s| s.pod.as_deref()) == Some(pod_name.as_str());
             let failure = match pod {
                 Some(pod) => failure_of(pod, node_ready),
-                // Placed before and gone now: deleted, or lost with its node.
-                None if recorded.and_then(|s| s.pod.as_deref()) == Some(pod_name.as_str()) => {
-                    Some("PodDeleted".to_owned())
-                }
+                None if vanished => Some(vanished_failure(
+                    recorded.and_then(|s| s.node.as_deref()),
+                    node_ready,
+                )),
                 None => None,
             };
             let mut next = PlannedShard {
@@ -696,11 +837,15 @@ pub fn plan_pods(
                 replica,
                 attempt,
             };
-            if let Some(reason) = failure {
+            if let Some(Failure {
+                reason,
+                node_caused,
+            }) = failure
+            {
                 let from_node = pod
                     .and_then(|p| p.spec.as_ref()?.node_name.clone())
                     .or_else(|| recorded.and_then(|s| s.node.clone()));
-                if let Some(node) = &from_node {
+                if let (Some(node), true) = (&from_node, node_caused) {
                     if !plan.failed_nodes.contains(node) {
                         plan.failed_nodes.push(node.clone());
                     }
@@ -772,23 +917,106 @@ fn pod_phase(pod: &Pod) -> Option<&str> {
     pod.status.as_ref()?.phase.as_deref()
 }
 
+/// Whether `pod` is bound to a node that is not ready or no longer exists.
 fn on_unready_node(pod: &Pod, node_ready: &dyn Fn(&str) -> Option<bool>) -> bool {
     pod.spec
         .as_ref()
         .and_then(|s| s.node_name.as_deref())
-        .is_some_and(|node| node_ready(node) == Some(false))
+        .is_some_and(|node| node_ready(node) != Some(true))
+}
+
+/// Why a shard's pod lost its shard, and whether its node is to blame.
+#[derive(Clone, Debug, PartialEq)]
+struct Failure {
+    /// Reason recorded in the reassignment and its event.
+    reason: String,
+    /// Whether the node goes into `status.failedNodes`, keeping later shard
+    /// pods of the run off it.
+    node_caused: bool,
+}
+
+impl Failure {
+    fn new(reason: &str, node_caused: bool) -> Self {
+        Self {
+            reason: reason.to_owned(),
+            node_caused,
+        }
+    }
+}
+
+/// `DisruptionTarget` reasons set when the node, not a person or the
+/// scheduler, ends a pod: the node's `NoExecute` taint (not ready,
+/// unreachable), the pod garbage collector (node deleted), the kubelet
+/// (node-pressure eviction, node shutdown).
+const NODE_DISRUPTIONS: [&str; 3] = [
+    "DeletionByTaintManager",
+    "DeletionByPodGC",
+    "TerminationByKubelet",
+];
+
+/// Reasons the kubelet or node lifecycle give a failed pod when the node,
+/// not the pod's own containers, ended it: eviction for node pressure, a
+/// lost or shutting-down node, a pod the node refused to admit (`OutOf…`,
+/// `NodeAffinity`, `UnexpectedAdmissionError`).
+fn node_failure_reason(reason: &str) -> bool {
+    matches!(
+        reason,
+        "Evicted"
+            | "NodeLost"
+            | "Shutdown"
+            | "Terminated"
+            | "NodeShutdown"
+            | "NodeAffinity"
+            | "UnexpectedAdmissionError"
+    ) || reason.starts_with("OutOf")
+}
+
+/// Reason of the pod's `DisruptionTarget` condition, when it has one.
+fn disruption(pod: &Pod) -> Option<&str> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "DisruptionTarget" && c.status == "True")?
+        .reason
+        .as_deref()
+        .filter(|r| !r.is_empty())
+}
+
+/// What failed when a node that is not ready, or gone, held a pod.
+fn node_state_failure(node: &str, node_ready: &dyn Fn(&str) -> Option<bool>) -> Option<Failure> {
+    match node_ready(node) {
+        Some(true) => None,
+        Some(false) => Some(Failure::new("NodeNotReady", true)),
+        None => Some(Failure::new("NodeLost", true)),
+    }
 }
 
 /// Why a shard pod no longer holds its shard, if it does not.
-fn failure_of(pod: &Pod, node_ready: &dyn Fn(&str) -> Option<bool>) -> Option<String> {
+///
+/// Only the node's doing counts against the node (see [`Failure`]): its
+/// readiness lost, the node gone, a node-initiated disruption or eviction.
+/// A pod deleted by a person, drained off its node (the eviction API) or
+/// preempted, and a container that failed on its own, move the shard but
+/// leave the node usable.
+fn failure_of(pod: &Pod, node_ready: &dyn Fn(&str) -> Option<bool>) -> Option<Failure> {
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+    if let Some(failure) = node.and_then(|n| node_state_failure(n, node_ready)) {
+        return Some(failure);
+    }
+    let disrupted = disruption(pod);
+    let by_node = disrupted.is_some_and(|r| NODE_DISRUPTIONS.contains(&r));
     if pod.metadata.deletion_timestamp.is_some() {
-        return Some("PodDeleted".to_owned());
+        return Some(Failure::new(disrupted.unwrap_or("PodDeleted"), by_node));
     }
     if pod_phase(pod) == Some("Failed") {
         let status = pod.status.as_ref();
-        let reason = status
+        let pod_reason = status
             .and_then(|s| s.reason.clone())
-            .filter(|r| !r.is_empty())
+            .filter(|r| !r.is_empty());
+        let node_caused = by_node || pod_reason.as_deref().is_some_and(node_failure_reason);
+        let reason = pod_reason
             .or_else(|| {
                 status
                     .and_then(|s| s.container_statuses.as_ref())
@@ -796,9 +1024,19 @@ fn failure_of(pod: &Pod, node_ready: &dyn Fn(&str) -> Option<bool>) -> Option<St
                     .and_then(|c| c.state.as_ref()?.terminated.as_ref()?.reason.clone())
             })
             .unwrap_or_else(|| "PodFailed".to_owned());
-        return Some(reason);
+        return Some(Failure {
+            reason,
+            node_caused,
+        });
     }
-    on_unready_node(pod, node_ready).then(|| "NodeNotReady".to_owned())
+    None
+}
+
+/// Why a shard pod that is gone without a trace lost its shard: its node
+/// went away or is not ready, or else it was deleted.
+fn vanished_failure(node: Option<&str>, node_ready: &dyn Fn(&str) -> Option<bool>) -> Failure {
+    node.and_then(|n| node_state_failure(n, node_ready))
+        .unwrap_or_else(|| Failure::new("PodDeleted", false))
 }
 
 /// "stage S replica R: pod A on node X -> pod B (reason)".
@@ -1247,20 +1485,28 @@ pub fn error_policy(
     error: &ReconcileError,
     _ctx: Arc<Context>,
 ) -> Action {
-    tracing::warn!(run = %run.name_any(), %error, "reconcile failed");
-    Action::requeue(RETRY)
+    match error {
+        ReconcileError::StaleStatus => {
+            tracing::debug!(run = %run.name_any(), %error, "reconciling again");
+            Action::requeue(RETRY_STALE)
+        }
+        ReconcileError::Kube(kube::Error::Api(e)) if e.code == 404 => {
+            // A child or the run itself went away under the reconcile (the
+            // run is being deleted); the next event tells what is left.
+            tracing::debug!(run = %run.name_any(), %error, "reconcile found something gone");
+            Action::requeue(RETRY)
+        }
+        _ => {
+            tracing::warn!(run = %run.name_any(), %error, "reconcile failed");
+            Action::requeue(RETRY)
+        }
+    }
 }
 
 /// Readiness of a node, hashed, so that node watch events that change only
 /// heartbeats do not wake any run.
 fn node_readiness(node: &Node) -> Option<u64> {
-    let ready = node
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
-        .is_some_and(|c| c.status == "True");
-    Some(u64::from(ready))
+    Some(u64::from(is_node_ready(node)))
 }
 
 /// Watches runs, their children and nodes, and reconciles until `shutdown`
@@ -1332,8 +1578,12 @@ pub async fn run(
         .for_each(|result| async move {
             match result {
                 Ok((run, _)) => tracing::debug!(run = %run.name, "reconciled"),
-                // A child's event after its run was deleted.
-                Err(error @ kube::runtime::controller::Error::ObjectNotFound(_)) => {
+                // A child's event after its run was deleted; or a failed
+                // reconcile, which the error policy has logged at its level.
+                Err(
+                    error @ (kube::runtime::controller::Error::ObjectNotFound(_)
+                    | kube::runtime::controller::Error::ReconcilerFailed(..)),
+                ) => {
                     tracing::debug!(%error, "controller");
                 }
                 Err(error) => tracing::warn!(%error, "controller"),

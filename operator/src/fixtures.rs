@@ -43,6 +43,7 @@ pub fn run(stages: usize, replicas: usize) -> TrainingRunResource {
     run.metadata.namespace = Some("ml".to_owned());
     run.metadata.uid = Some("uid-1".to_owned());
     run.metadata.generation = Some(1);
+    run.metadata.resource_version = Some("1".to_owned());
     run
 }
 

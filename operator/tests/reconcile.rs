@@ -11,7 +11,7 @@ use http::Method;
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::controller::Action;
 use pipewright_operator::children::Blueprint;
-use pipewright_operator::controller::{reconcile, POLL};
+use pipewright_operator::controller::{error_policy, reconcile, ReconcileError, POLL, RETRY_STALE};
 use pipewright_operator::coordinator::CoordinatorReport;
 use pipewright_operator::fixtures::{at, context, coordinator, node, run, settings, shard};
 use pipewright_spec::{RunPhase, TrainingRunResource, TrainingRunStatus};
@@ -19,6 +19,8 @@ use serde_json::{json, Value};
 
 const PODS: &str = "/api/v1/namespaces/ml/pods";
 const SELECTOR: &str = "pipewright.dev/run=demo";
+const CLAIM: &str = "/api/v1/namespaces/ml/persistentvolumeclaims/demo-state";
+const RUN: &str = "/apis/pipewright.dev/v1alpha1/namespaces/ml/trainingruns/demo";
 const STATUS: &str = "/apis/pipewright.dev/v1alpha1/namespaces/ml/trainingruns/demo/status";
 
 fn report() -> CoordinatorReport {
@@ -85,12 +87,20 @@ async fn children_in_place(fake: &mut Fake, run: &TrainingRunResource) {
         children.disruption_budgets.iter().map(to_json).collect(),
     )
     .await;
+    if let Some(claim) = &children.state_claim {
+        fake.expect_get(CLAIM, Some(to_json(claim))).await;
+    }
 }
 
 /// Expects the status write and returns the status written.
 async fn expect_status(fake: &mut Fake, run: &TrainingRunResource) -> TrainingRunStatus {
     let call = fake.expect(Method::PATCH, STATUS).await;
     assert!(call.query().contains("fieldManager=pipewright-operator"));
+    assert_eq!(
+        call.body["metadata"]["resourceVersion"],
+        json!(run.metadata.resource_version),
+        "a status write names the version it was planned from"
+    );
     let status: TrainingRunStatus =
         serde_json::from_value(call.body["status"].clone()).expect("status body");
     let mut stored = to_json(run);
@@ -108,6 +118,7 @@ async fn settle() -> TrainingRunResource {
         Arc::new(run.clone()),
         context(client, &nodes(), Some(report())),
     ));
+    fake.expect_get(RUN, Some(to_json(&run))).await;
     children_in_place(&mut fake, &run).await;
     fake.expect_list(PODS, SELECTOR, "PodList", settled_pods(&run))
         .await;
@@ -130,6 +141,7 @@ async fn a_new_run_gets_its_secret_children_and_pods() {
         context(client, &nodes(), None),
     ));
 
+    fake.expect_get(RUN, Some(to_json(&run))).await;
     fake.expect_get("/api/v1/namespaces/ml/secrets/demo-key", None)
         .await;
     let secret = fake.expect_create("/api/v1/namespaces/ml/secrets").await;
@@ -216,6 +228,7 @@ async fn a_second_reconcile_of_an_unchanged_run_writes_nothing() {
         Arc::new(run.clone()),
         context(client, &nodes(), Some(report())),
     ));
+    fake.expect_get(RUN, Some(to_json(&run))).await;
     children_in_place(&mut fake, &run).await;
     fake.expect_list(PODS, SELECTOR, "PodList", settled_pods(&run))
         .await;
@@ -234,6 +247,7 @@ async fn a_failed_shard_is_reassigned_with_an_event() {
         Arc::new(run.clone()),
         context(client, &nodes(), Some(report())),
     ));
+    fake.expect_get(RUN, Some(to_json(&run))).await;
     children_in_place(&mut fake, &run).await;
     let mut pods = settled_pods(&run);
     pods[3]["status"]["phase"] = json!("Failed");
@@ -290,6 +304,7 @@ async fn shards_on_a_node_that_is_not_ready_move_elsewhere() {
         Arc::new(run.clone()),
         context(client, &nodes, Some(report())),
     ));
+    fake.expect_get(RUN, Some(to_json(&run))).await;
     children_in_place(&mut fake, &run).await;
     fake.expect_list(PODS, SELECTOR, "PodList", settled_pods(&run))
         .await;
@@ -330,6 +345,7 @@ async fn too_many_reassignments_fail_the_run_and_free_its_nodes() {
         Arc::new(run.clone()),
         context(client, &nodes(), Some(report())),
     ));
+    fake.expect_get(RUN, Some(to_json(&run))).await;
     children_in_place(&mut fake, &run).await;
     let mut pods = settled_pods(&run);
     pods[1]["status"]["phase"] = json!("Failed");
@@ -370,6 +386,7 @@ async fn suspending_deletes_pods_and_resuming_makes_them_again() {
         Arc::new(run.clone()),
         context(client, &nodes(), Some(report())),
     ));
+    fake.expect_get(RUN, Some(to_json(&run))).await;
     children_in_place(&mut fake, &run).await;
     fake.expect_list(PODS, SELECTOR, "PodList", settled_pods(&run))
         .await;
@@ -402,6 +419,7 @@ async fn suspending_deletes_pods_and_resuming_makes_them_again() {
         Arc::new(run.clone()),
         context(client, &nodes(), Some(report())),
     ));
+    fake.expect_get(RUN, Some(to_json(&run))).await;
     children_in_place(&mut fake, &run).await;
     fake.expect_list(PODS, SELECTOR, "PodList", vec![]).await;
     let (_, reason, _, _) = fake.expect_event().await;
@@ -455,21 +473,26 @@ async fn a_finished_run_is_deleted_after_its_time_to_live() {
         Arc::new(run.clone()),
         context(client, &nodes(), None),
     ));
-    fake.expect_delete("/apis/pipewright.dev/v1alpha1/namespaces/ml/trainingruns/demo")
-        .await;
+    fake.expect_get(RUN, Some(to_json(&run))).await;
+    fake.expect_delete(RUN).await;
     assert_eq!(
         task.await.expect("task").expect("reconcile"),
         Action::await_change()
     );
     fake.expect_nothing_more().await;
 
-    // Without a time to live it is kept, and nothing is asked.
+    // Without a time to live it is kept, and nothing else is asked.
     run.spec.ttl_seconds_after_finished = None;
-    let (client, fake) = fake_api();
-    let action = reconcile(Arc::new(run), context(client, &nodes(), None))
-        .await
-        .expect("reconcile");
-    assert_eq!(action, Action::await_change());
+    let (client, mut fake) = fake_api();
+    let task = tokio::spawn(reconcile(
+        Arc::new(run.clone()),
+        context(client, &nodes(), None),
+    ));
+    fake.expect_get(RUN, Some(to_json(&run))).await;
+    assert_eq!(
+        task.await.expect("task").expect("reconcile"),
+        Action::await_change()
+    );
     fake.expect_nothing_more().await;
 }
 
@@ -490,7 +513,9 @@ async fn a_bad_spec_fails_the_run_without_children() {
             Arc::new(bad.clone()),
             context(client, &nodes(), None),
         ));
-        // The first and only request is the status: nothing is created.
+        // The run is read, then its status written: nothing is created.
+        fake.expect_get(path.trim_end_matches("/status"), Some(to_json(&bad)))
+            .await;
         let call = fake.expect(Method::PATCH, &path).await;
         let body = call.body.clone();
         call.reply(&to_json(&bad));
@@ -514,4 +539,268 @@ async fn a_bad_spec_fails_the_run_without_children() {
         );
         fake.expect_nothing_more().await;
     }
+}
+
+/// The run as stored after `settle` plus one move: shard (1, 0) evicted from
+/// n1 and replaced by attempt 1 on n3, with the pods that go with it.
+async fn after_eviction() -> (TrainingRunResource, TrainingRunResource, Vec<Value>) {
+    let cached = settle().await;
+    let (client, mut fake) = fake_api();
+    let task = tokio::spawn(reconcile(
+        Arc::new(cached.clone()),
+        context(client, &nodes(), Some(report())),
+    ));
+    fake.expect_get(RUN, Some(to_json(&cached))).await;
+    children_in_place(&mut fake, &cached).await;
+    let mut pods = settled_pods(&cached);
+    pods[3]["status"]["phase"] = json!("Failed");
+    pods[3]["status"]["reason"] = json!("Evicted");
+    fake.expect_list(PODS, SELECTOR, "PodList", pods.clone())
+        .await;
+    fake.expect_delete(&format!("{PODS}/demo-s1-r0")).await;
+    fake.expect_create(PODS).await;
+    fake.expect_event().await;
+    let status = expect_status(&mut fake, &cached).await;
+    task.await.expect("task").expect("reconcile");
+    fake.expect_nothing_more().await;
+    assert_eq!(status.reassignments[0].reason, "Evicted");
+    let mut stored = cached.clone();
+    stored.status = Some(status);
+    stored.metadata.resource_version = Some("2".to_owned());
+    // The evicted pod is terminating; its replacement runs on n3.
+    pods[3]["metadata"]["deletionTimestamp"] = json!("2024-01-01T00:00:00Z");
+    pods.push(to_json(&shard(&cached, (1, 0, 1), "Running", "n3")));
+    (cached, stored, pods)
+}
+
+#[tokio::test]
+async fn a_reconcile_plans_from_a_fresh_read_not_the_cached_run() {
+    // The deletion of the evicted pod wakes the run again while the
+    // controller's cache still holds the status from before the move.
+    let (cached, stored, pods) = after_eviction().await;
+    let (client, mut fake) = fake_api();
+    let task = tokio::spawn(reconcile(
+        Arc::new(cached.clone()),
+        context(client, &nodes(), Some(report())),
+    ));
+    fake.expect_get(RUN, Some(to_json(&stored))).await;
+    children_in_place(&mut fake, &cached).await;
+    fake.expect_list(PODS, SELECTOR, "PodList", pods).await;
+    // No second move, no second event: the status only learns where the
+    // replacement runs, and the move keeps its reason.
+    let status = expect_status(&mut fake, &stored).await;
+    assert_eq!(status.total_reassignments, 1);
+    assert_eq!(status.reassignments.len(), 1);
+    assert_eq!(status.reassignments[0].reason, "Evicted");
+    assert_eq!(status.shards[2].node.as_deref(), Some("n3"));
+    assert_eq!(
+        task.await.expect("task").expect("reconcile"),
+        Action::requeue(POLL)
+    );
+    fake.expect_nothing_more().await;
+}
+
+#[tokio::test]
+async fn a_stale_status_write_is_refused_and_redone() {
+    // Were the fresh read to race a write it cannot see, the API server
+    // refuses the write made from the older version; the reconcile fails
+    // without overwriting, and the error policy redoes it soon.
+    let (cached, stored, pods) = after_eviction().await;
+    let (client, mut fake) = fake_api();
+    let ctx = context(client, &nodes(), Some(report()));
+    let task = tokio::spawn(reconcile(Arc::new(cached.clone()), ctx.clone()));
+    fake.expect_get(RUN, Some(to_json(&cached))).await;
+    children_in_place(&mut fake, &cached).await;
+    let mut gone = pods.clone();
+    gone.remove(3);
+    fake.expect_list(PODS, SELECTOR, "PodList", gone).await;
+    // The stale plan moves the shard once more (its pod is gone)...
+    let call = fake.expect(Method::POST, PODS).await;
+    call.reply_with(
+        409,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "reason": "AlreadyExists", "code": 409}),
+    );
+    fake.expect_event().await;
+    // ...but its status write names version 1, which is no longer current.
+    let call = fake.expect(Method::PATCH, STATUS).await;
+    assert_eq!(call.body["metadata"]["resourceVersion"], "1");
+    assert_eq!(
+        call.body["status"]["reassignments"][0]["reason"],
+        "PodDeleted"
+    );
+    call.reply_with(
+        409,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "reason": "Conflict", "code": 409,
+            "message": "the object has been modified"}),
+    );
+    // The run is read again: its status is not the one planned from.
+    fake.expect_get(RUN, Some(to_json(&stored))).await;
+    let error = task.await.expect("task").expect_err("a stale write fails");
+    assert!(matches!(error, ReconcileError::StaleStatus), "{error}");
+    assert_eq!(
+        error_policy(Arc::new(cached), &error, ctx),
+        Action::requeue(RETRY_STALE)
+    );
+    fake.expect_nothing_more().await;
+}
+
+#[tokio::test]
+async fn a_status_write_that_conflicts_outside_the_status_is_repeated() {
+    // A label was added between the read and the write: the status is still
+    // the one planned from, so the write goes again with the new version.
+    let run = settle().await;
+    let (client, mut fake) = fake_api();
+    let task = tokio::spawn(reconcile(
+        Arc::new(run.clone()),
+        context(client, &nodes(), Some(report())),
+    ));
+    fake.expect_get(RUN, Some(to_json(&run))).await;
+    children_in_place(&mut fake, &run).await;
+    let mut pods = settled_pods(&run);
+    pods[1]["status"]["phase"] = json!("Failed");
+    fake.expect_list(PODS, SELECTOR, "PodList", pods).await;
+    fake.expect_delete(&format!("{PODS}/demo-s0-r0")).await;
+    fake.expect_create(PODS).await;
+    fake.expect_event().await;
+    let call = fake.expect(Method::PATCH, STATUS).await;
+    let first = call.body["status"].clone();
+    call.reply_with(
+        409,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "reason": "Conflict", "code": 409}),
+    );
+    let mut labelled = to_json(&run);
+    labelled["metadata"]["labels"] = json!({"team": "ml"});
+    labelled["metadata"]["resourceVersion"] = json!("7");
+    fake.expect_get(RUN, Some(labelled.clone())).await;
+    let call = fake.expect(Method::PATCH, STATUS).await;
+    assert_eq!(call.body["metadata"]["resourceVersion"], "7");
+    assert_eq!(call.body["status"], first, "the same status, once more");
+    call.reply(&labelled);
+    assert_eq!(
+        task.await.expect("task").expect("reconcile"),
+        Action::requeue(POLL)
+    );
+    fake.expect_nothing_more().await;
+}
+
+#[tokio::test]
+async fn a_pod_deleted_by_hand_moves_its_shard_but_keeps_its_node() {
+    for (disruption, node_caused) in [
+        (None, false),
+        (Some("EvictionByEvictionAPI"), false),
+        (Some("PreemptionByScheduler"), false),
+        (Some("DeletionByTaintManager"), true),
+    ] {
+        let run = settle().await;
+        let (client, mut fake) = fake_api();
+        let task = tokio::spawn(reconcile(
+            Arc::new(run.clone()),
+            context(client, &nodes(), Some(report())),
+        ));
+        fake.expect_get(RUN, Some(to_json(&run))).await;
+        children_in_place(&mut fake, &run).await;
+        let mut pods = settled_pods(&run);
+        pods[2]["metadata"]["deletionTimestamp"] = json!("2024-01-01T00:00:00Z");
+        if let Some(reason) = disruption {
+            pods[2]["status"]["conditions"]
+                .as_array_mut()
+                .expect("conditions")
+                .push(json!({"type": "DisruptionTarget", "status": "True", "reason": reason}));
+        }
+        fake.expect_list(PODS, SELECTOR, "PodList", pods).await;
+        let replacement = fake.expect_create(PODS).await;
+        assert_eq!(replacement["metadata"]["name"], "demo-s0-r1-a1");
+        let (_, _, note, _) = fake.expect_event().await;
+        let reason = disruption.unwrap_or("PodDeleted");
+        assert!(note.ends_with(&format!("({reason})")), "{note}");
+        let status = expect_status(&mut fake, &run).await;
+        assert_eq!(status.reassignments[0].reason, reason);
+        assert_eq!(status.total_reassignments, 1);
+        let failed: &[&str] = if node_caused { &["n2"] } else { &[] };
+        assert_eq!(status.failed_nodes, failed, "{reason}");
+        task.await.expect("task").expect("reconcile");
+        fake.expect_nothing_more().await;
+    }
+}
+
+#[tokio::test]
+async fn a_shard_whose_node_was_deleted_moves_and_its_node_is_failed() {
+    // The node is gone from the cache; asking the API server confirms it.
+    let run = settle().await;
+    let (client, mut fake) = fake_api();
+    let nodes = vec![node("n1", true), node("n3", true)];
+    let task = tokio::spawn(reconcile(
+        Arc::new(run.clone()),
+        context(client, &nodes, Some(report())),
+    ));
+    fake.expect_get(RUN, Some(to_json(&run))).await;
+    children_in_place(&mut fake, &run).await;
+    let mut pods = settled_pods(&run);
+    pods.remove(4);
+    fake.expect_list(PODS, SELECTOR, "PodList", pods).await;
+    fake.expect_get("/api/v1/nodes/n2", None).await;
+    fake.expect_delete(&format!("{PODS}/demo-s0-r1")).await;
+    for _ in 0..2 {
+        fake.expect_create(PODS).await;
+    }
+    for _ in 0..2 {
+        let (_, _, note, _) = fake.expect_event().await;
+        assert!(note.ends_with("(NodeLost)"), "{note}");
+    }
+    let status = expect_status(&mut fake, &run).await;
+    assert_eq!(status.failed_nodes, ["n2"]);
+    task.await.expect("task").expect("reconcile");
+    fake.expect_nothing_more().await;
+
+    // A node merely missing from a lagging cache is no loss.
+    let (client, mut fake) = fake_api();
+    let task = tokio::spawn(reconcile(
+        Arc::new(run.clone()),
+        context(client, &nodes, Some(report())),
+    ));
+    fake.expect_get(RUN, Some(to_json(&run))).await;
+    children_in_place(&mut fake, &run).await;
+    fake.expect_list(PODS, SELECTOR, "PodList", settled_pods(&run))
+        .await;
+    fake.expect_get("/api/v1/nodes/n2", Some(to_json(&node("n2", true))))
+        .await;
+    assert_eq!(
+        task.await.expect("task").expect("reconcile"),
+        Action::requeue(POLL)
+    );
+    fake.expect_nothing_more().await;
+}
+
+#[tokio::test]
+async fn a_run_with_storage_gets_its_volume_claim_once() {
+    let mut run = run(2, 2);
+    run.spec.storage = Some(pipewright_spec::StorageSpec {
+        size: "20Gi".to_owned(),
+        storage_class_name: None,
+    });
+    let (client, mut fake) = fake_api();
+    let task = tokio::spawn(reconcile(
+        Arc::new(run.clone()),
+        context(client, &nodes(), Some(report())),
+    ));
+    fake.expect_get(RUN, Some(to_json(&run))).await;
+    let mut without = run.clone();
+    without.spec.storage = None;
+    // Everything else is in place; the claim is not.
+    children_in_place(&mut fake, &without).await;
+    fake.expect_get(CLAIM, None).await;
+    let claim = fake
+        .expect_create("/api/v1/namespaces/ml/persistentvolumeclaims")
+        .await;
+    assert_eq!(claim["metadata"]["name"], "demo-state");
+    assert_eq!(claim["spec"]["resources"]["requests"]["storage"], "20Gi");
+    assert_eq!(claim["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+    fake.expect_list(PODS, SELECTOR, "PodList", settled_pods(&run))
+        .await;
+    expect_status(&mut fake, &run).await;
+    task.await.expect("task").expect("reconcile");
+    fake.expect_nothing_more().await;
 }

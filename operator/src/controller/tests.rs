@@ -165,10 +165,16 @@ fn a_shard_on_a_node_that_is_not_ready_moves() {
     );
     assert_eq!(plan.create, [planned(0, 1, 1), planned(1, 1, 1)]);
     assert_eq!(plan.failed_nodes, ["n2"]);
-    // A node not seen (yet) is not held against its pods.
-    let unknown = |_: &str| None;
-    let plan = plan_pods(&run, run.status.as_ref().expect("status"), &pods, &unknown);
-    assert!(plan.reassignments.is_empty());
+    // A node that no longer exists loses its pods, and counts as failed.
+    let n1_gone = |node: &str| (node != "n1").then_some(true);
+    let plan = plan_pods(&run, run.status.as_ref().expect("status"), &pods, &n1_gone);
+    let reasons: Vec<&str> = plan
+        .reassignments
+        .iter()
+        .map(|r| r.reason.as_str())
+        .collect();
+    assert_eq!(reasons, ["NodeLost", "NodeLost"]);
+    assert_eq!(plan.failed_nodes, ["n1"]);
 }
 
 #[test]
@@ -229,7 +235,13 @@ fn a_deleted_or_vanished_shard_pod_counts_once() {
         "a terminating pod is not deleted again"
     );
 
-    // Vanished without a trace (its node was removed): moved as well.
+    assert!(
+        run.status.as_ref().expect("status").failed_nodes.is_empty(),
+        "a deleted pod is no fault of its node"
+    );
+
+    // Vanished without a trace while its node is fine: deleted, moved as
+    // well, and its node stays usable.
     let (run, mut pods) = settled();
     pods.remove(1);
     let plan = plan_pods(
@@ -241,6 +253,84 @@ fn a_deleted_or_vanished_shard_pod_counts_once() {
     assert_eq!(plan.reassignments[0].from_pod, "demo-s0-r0");
     assert_eq!(plan.reassignments[0].from_node.as_deref(), Some("n1"));
     assert_eq!(plan.reassignments[0].reason, "PodDeleted");
+    assert!(plan.failed_nodes.is_empty());
+    // Vanished with its node: the node is failed.
+    let n1_gone = |node: &str| (node != "n1").then_some(true);
+    let plan = plan_pods(&run, run.status.as_ref().expect("status"), &pods, &n1_gone);
+    assert_eq!(plan.reassignments[0].reason, "NodeLost");
+    assert_eq!(plan.failed_nodes, ["n1"]);
+}
+
+#[test]
+fn only_failures_of_the_node_count_against_it() {
+    let (run, pods) = settled();
+    let previous = run.status.clone().expect("status");
+    // (pod reason, container reason, disruption, expected reason, node-caused)
+    let cases = [
+        (
+            Some("Evicted"),
+            None,
+            Some("TerminationByKubelet"),
+            "Evicted",
+            true,
+        ),
+        (Some("Evicted"), None, None, "Evicted", true),
+        (
+            Some("OutOfnvidia.com/gpu"),
+            None,
+            None,
+            "OutOfnvidia.com/gpu",
+            true,
+        ),
+        (
+            Some("UnexpectedAdmissionError"),
+            None,
+            None,
+            "UnexpectedAdmissionError",
+            true,
+        ),
+        (
+            Some("Terminated"),
+            None,
+            Some("TerminationByKubelet"),
+            "Terminated",
+            true,
+        ),
+        (None, Some("OOMKilled"), None, "OOMKilled", false),
+        (None, Some("Error"), None, "Error", false),
+        (None, None, None, "PodFailed", false),
+    ];
+    for (pod_reason, container_reason, disrupted, reason, node_caused) in cases {
+        let mut pods = pods.clone();
+        let mut failed = shard(&run, (1, 0, 0), "Failed", "n1");
+        let status = failed.status.as_mut().expect("status");
+        status.reason = pod_reason.map(str::to_owned);
+        if let Some(why) = container_reason {
+            status.container_statuses = Some(vec![serde_json::from_value(json!({
+                "name": "worker", "image": "pipewright:test", "imageID": "", "ready": false,
+                "restartCount": 0,
+                "state": {"terminated": {"exitCode": 1, "reason": why}}
+            }))
+            .expect("container status")]);
+        }
+        if let Some(why) = disrupted {
+            status
+                .conditions
+                .get_or_insert_with(Vec::new)
+                .push(PodCondition {
+                    type_: "DisruptionTarget".to_owned(),
+                    status: "True".to_owned(),
+                    reason: Some(why.to_owned()),
+                    ..PodCondition::default()
+                });
+        }
+        pods[3] = failed;
+        let plan = plan_pods(&run, &previous, &pods, &all_ready);
+        assert_eq!(plan.reassignments.len(), 1, "{reason}");
+        assert_eq!(plan.reassignments[0].reason, reason);
+        let expected: &[&str] = if node_caused { &["n1"] } else { &[] };
+        assert_eq!(plan.failed_nodes, expected, "{reason}");
+    }
 }
 
 #[test]

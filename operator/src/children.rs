@@ -9,7 +9,10 @@
 //! - a Secret with the run key and the join token (created once, never
 //!   re-applied);
 //! - the coordinator: one Pod (`pipewright coordinator`) and a Service in
-//!   front of it;
+//!   front of it; its state and the run directory (checkpoints, which the
+//!   workers upload to it) live under `/var/lib/pipewright`, on a
+//!   PersistentVolumeClaim when the run sets `spec.storage`, else on an
+//!   `emptyDir` (a replaced coordinator pod then starts the run over);
 //! - a headless Service giving every shard pod a DNS name
 //!   (`<pod>.<run>-shards.<namespace>.svc`) that it advertises to the
 //!   coordinator, which wires the workers to each other;
@@ -23,9 +26,10 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvVar, EnvVarSource, HTTPGetAction, NodeAffinity, NodeSelector, NodeSelectorRequirement,
-    NodeSelectorTerm, Pod, PodAffinity, PodAffinityTerm, PodAntiAffinity, PodSpec, Probe,
-    ResourceRequirements, Secret, SecretKeySelector, Service, ServicePort, ServiceSpec, Toleration,
-    Volume, VolumeMount, WeightedPodAffinityTerm,
+    NodeSelectorTerm, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, Pod, PodAffinity, PodAffinityTerm, PodAntiAffinity, PodSpec,
+    Probe, ResourceRequirements, Secret, SecretKeySelector, Service, ServicePort, ServiceSpec,
+    Toleration, Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -64,8 +68,13 @@ pub const RING_PORT: i32 = 7072;
 pub const MANIFEST_DIR: &str = "/etc/pipewright";
 /// File name of the manifest inside [`MANIFEST_DIR`].
 pub const MANIFEST_FILE: &str = "run.yaml";
-/// Directory of the coordinator's durable state (ledger, registrations).
+/// Mount point of the coordinator's volume (`spec.storage`, else an
+/// `emptyDir`).
 pub const STATE_DIR: &str = "/var/lib/pipewright";
+/// The coordinator's durable state (ledger, registrations), on its volume.
+pub const COORDINATOR_STATE_DIR: &str = "/var/lib/pipewright/state";
+/// The run directory (checkpoints), on the coordinator's volume.
+pub const RUN_DIR: &str = "/var/lib/pipewright/run";
 /// Key of the run key inside the run's Secret.
 pub const RUN_KEY_FIELD: &str = "runKey";
 /// Key of the join token inside the run's Secret.
@@ -141,6 +150,8 @@ pub struct Children {
     pub disruption_budgets: Vec<PodDisruptionBudget>,
     /// The coordinator pod.
     pub coordinator: Pod,
+    /// The coordinator's volume claim, when the run sets `spec.storage`.
+    pub state_claim: Option<PersistentVolumeClaim>,
 }
 
 /// Name of the ConfigMap holding a run's manifest.
@@ -150,6 +161,10 @@ pub fn manifest_name(run: &str) -> String {
 /// Name of the Secret holding a run's key and join token.
 pub fn run_key_name(run: &str) -> String {
     format!("{run}-key")
+}
+/// Name of a run's coordinator volume claim (`spec.storage`).
+pub fn state_claim_name(run: &str) -> String {
+    format!("{run}-state")
 }
 /// Name of a run's headless shard Service.
 pub fn shard_service_name(run: &str) -> String {
@@ -265,6 +280,29 @@ impl<'a> Blueprint<'a> {
             coordinator_service: self.coordinator_service(),
             disruption_budgets,
             coordinator: self.coordinator_pod(),
+            state_claim: self.state_claim(),
+        })
+    }
+
+    /// The claim behind the coordinator's volume: owned by the run, so it
+    /// goes when the run is deleted, and kept across coordinator pods.
+    fn state_claim(&self) -> Option<PersistentVolumeClaim> {
+        let storage = self.run.spec.storage.as_ref()?;
+        Some(PersistentVolumeClaim {
+            metadata: self.meta(state_claim_name(&self.name), self.labels(&[])),
+            spec: Some(PersistentVolumeClaimSpec {
+                access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
+                storage_class_name: storage.storage_class_name.clone(),
+                resources: Some(VolumeResourceRequirements {
+                    requests: Some(BTreeMap::from([(
+                        "storage".to_owned(),
+                        Quantity(storage.size.clone()),
+                    )])),
+                    ..VolumeResourceRequirements::default()
+                }),
+                ..PersistentVolumeClaimSpec::default()
+            }),
+            ..PersistentVolumeClaim::default()
         })
     }
 
@@ -385,7 +423,9 @@ impl<'a> Blueprint<'a> {
                 "--listen".to_owned(),
                 format!("0.0.0.0:{COORDINATOR_PORT}"),
                 "--state".to_owned(),
-                STATE_DIR.to_owned(),
+                COORDINATOR_STATE_DIR.to_owned(),
+                "--out".to_owned(),
+                RUN_DIR.to_owned(),
             ],
             vec![
                 self.secret_env(RUN_KEY_ENV, RUN_KEY_FIELD),
@@ -410,14 +450,26 @@ impl<'a> Blueprint<'a> {
             });
         }
         let mut spec = self.pod_spec(container, user_tolerations(placement));
-        // Restarted in place on failure, so its state directory survives.
+        // Restarted in place on failure, so even an emptyDir survives a
+        // crash; only a claim survives the pod.
         spec.restart_policy = Some("OnFailure".to_owned());
-        if let Some(volumes) = spec.volumes.as_mut() {
-            volumes.push(Volume {
+        let state = match &self.run.spec.storage {
+            Some(_) => Volume {
+                name: "state".to_owned(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: state_claim_name(&self.name),
+                    read_only: None,
+                }),
+                ..Volume::default()
+            },
+            None => Volume {
                 name: "state".to_owned(),
                 empty_dir: Some(EmptyDirVolumeSource::default()),
                 ..Volume::default()
-            });
+            },
+        };
+        if let Some(volumes) = spec.volumes.as_mut() {
+            volumes.push(state);
         }
         Pod {
             metadata: self.meta(
@@ -650,6 +702,7 @@ fn local_manifest(name: &str, run: &TrainingRunResource) -> TrainingRun {
     spec.placement = PlacementSpec::default();
     spec.suspend = false;
     spec.ttl_seconds_after_finished = None;
+    spec.storage = None;
     TrainingRun {
         api_version: API_VERSION.to_owned(),
         kind: KIND.to_owned(),
@@ -808,7 +861,9 @@ mod tests {
                 "--listen",
                 "0.0.0.0:7070",
                 "--state",
-                "/var/lib/pipewright"
+                "/var/lib/pipewright/state",
+                "--out",
+                "/var/lib/pipewright/run"
             ]
         );
         assert_eq!(
@@ -828,12 +883,61 @@ mod tests {
             .map(|m| m.mount_path.clone())
             .collect();
         assert_eq!(mounts, ["/etc/pipewright", "/var/lib/pipewright"]);
+        let state = spec.volumes.iter().flatten().find(|v| v.name == "state");
+        assert!(
+            state.is_some_and(|v| v.empty_dir.is_some()),
+            "without spec.storage the state is an emptyDir"
+        );
+        assert!(children.state_claim.is_none());
         let service = children.coordinator_service.spec.expect("service spec");
         assert_eq!(service.ports.expect("ports")[0].port, 7070);
         assert_eq!(
             service.selector.expect("selector")[LABEL_ROLE],
             ROLE_COORDINATOR
         );
+    }
+
+    #[test]
+    fn storage_puts_the_coordinator_on_a_claim_the_run_owns() {
+        let mut run = run(2, 1);
+        run.spec.storage = Some(pipewright_spec::StorageSpec {
+            size: "50Gi".to_owned(),
+            storage_class_name: Some("fast-ssd".to_owned()),
+        });
+        let settings = settings(0);
+        let children = Blueprint::new(&run, &settings)
+            .expect("buildable")
+            .children()
+            .expect("children");
+        let claim = children.state_claim.expect("a claim");
+        assert_eq!(claim.metadata.name.as_deref(), Some("demo-state"));
+        assert_eq!(
+            claim.metadata.owner_references.expect("owner")[0].uid,
+            "uid-1"
+        );
+        let spec = claim.spec.expect("claim spec");
+        assert_eq!(spec.storage_class_name.as_deref(), Some("fast-ssd"));
+        assert_eq!(spec.access_modes.expect("modes"), ["ReadWriteOnce"]);
+        let requests = spec.resources.and_then(|r| r.requests).expect("requests");
+        assert_eq!(requests["storage"].0, "50Gi");
+        let pod = children.coordinator.spec.expect("pod spec");
+        let state = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "state")
+            .expect("state volume");
+        assert_eq!(
+            state
+                .persistent_volume_claim
+                .as_ref()
+                .map(|c| c.claim_name.as_str()),
+            Some("demo-state")
+        );
+        assert!(state.empty_dir.is_none());
+        // The processes never see it: the manifest they read is unchanged.
+        let yaml = &children.manifest.data.expect("data")[MANIFEST_FILE];
+        assert!(!yaml.contains("storage"), "{yaml}");
     }
 
     #[test]

@@ -200,6 +200,13 @@ pub static CEL_RULES: &[CelRule] = &[
     cel!("spec.placement.tolerations", "tolerationSeconds needs effect NoExecute",
         at "spec.placement.tolerations.[]", Some(".tolerationSeconds"),
         "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')"),
+    // --- spec.storage
+    cel!("spec.storage.size", "must be a quantity of bytes such as 10Gi, 500Mi or 1T", at "spec.storage",
+        Some(".size"),
+        "!has(self.size) || self.size.matches('^[0-9]*[1-9][0-9]*(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$')"),
+    cel!("spec.storage.storageClassName", "must not be empty when set", at "spec.storage",
+        Some(".storageClassName"),
+        "!has(self.storageClassName) || self.storageClassName.trim() != ''"),
 ];
 
 /// The CRD: schema from the spec's types, CEL rules from [`CEL_RULES`] with

@@ -288,6 +288,30 @@ fn cases() -> Vec<(&'static str, Value)> {
             ]),
         ),
         (
+            "storage size bad",
+            with(&[("/spec/storage/size", json!("10GB"))]),
+        ),
+        (
+            "storage size zero",
+            with(&[("/spec/storage/size", json!("0Gi"))]),
+        ),
+        (
+            "storage size fraction",
+            with(&[("/spec/storage/size", json!("1.5Gi"))]),
+        ),
+        (
+            "storage class empty",
+            with(&[("/spec/storage/storageClassName", json!(" "))]),
+        ),
+        (
+            "storage valid",
+            with(&[
+                ("/spec/storage/size", json!("500Mi")),
+                ("/spec/storage/storageClassName", json!("fast-ssd")),
+            ]),
+        ),
+        ("storage defaulted", with(&[("/spec/storage", json!({}))])),
+        (
             "name not a label",
             with(&[("/metadata/name", json!("Quick_Start"))]),
         ),
@@ -325,6 +349,8 @@ fn every_case_but_the_valid_ones_is_refused() {
         "lowrank, two stages",
         "minReplicas = replicas",
         "tolerations valid",
+        "storage valid",
+        "storage defaulted",
     ]
     .into();
     for (name, run) in cases() {

@@ -130,6 +130,43 @@ pub struct TrainingRunSpec {
     /// deleted by hand. Local mode ignores it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_seconds_after_finished: Option<u64>,
+    /// Kubernetes only: a persistent volume for the coordinator's state and
+    /// the run directory (checkpoints), so that a replaced coordinator pod
+    /// resumes the run. Absent: an `emptyDir`, lost with the pod, so a
+    /// replaced coordinator starts the run over. Local mode ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageSpec>,
+}
+
+/// The coordinator's persistent volume on Kubernetes: a
+/// PersistentVolumeClaim the operator makes for the run (and that goes with
+/// it), mounted at `/var/lib/pipewright` in the coordinator pod.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StorageSpec {
+    /// Capacity the claim requests, as a Kubernetes quantity (`10Gi`,
+    /// `500Mi`, `1T`); it holds every kept checkpoint of the whole model.
+    #[serde(default = "default_storage_size")]
+    pub size: String,
+    /// StorageClass of the claim; absent: the cluster's default class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+/// Default of `spec.storage.size`.
+pub const DEFAULT_STORAGE_SIZE: &str = "10Gi";
+
+fn default_storage_size() -> String {
+    DEFAULT_STORAGE_SIZE.to_owned()
+}
+
+impl Default for StorageSpec {
+    fn default() -> Self {
+        Self {
+            size: default_storage_size(),
+            storage_class_name: None,
+        }
+    }
 }
 
 fn is_false(value: &bool) -> bool {

@@ -476,7 +476,50 @@ pub static RULES: &[Rule] = &[
             .map(|at| format!("{at}: tolerationSeconds applies only to effect NoExecute"))
         },
     },
+    // --- spec.storage (Kubernetes only)
+    Rule {
+        field: "spec.storage.size",
+        requirement: "must be a quantity of bytes such as 10Gi, 500Mi or 1T",
+        check: |r| {
+            let size = &r.spec.storage.as_ref()?.size;
+            (!is_byte_quantity(size)).then(|| {
+                format!(
+                    "{size:?} is not a quantity of bytes; write digits with an optional \
+                     suffix Ki, Mi, Gi, Ti, Pi, Ei, k, M, G, T, P or E (e.g. 10Gi)"
+                )
+            })
+        },
+    },
+    Rule {
+        field: "spec.storage.storageClassName",
+        requirement: "must not be empty when set",
+        check: |r| {
+            let class = r.spec.storage.as_ref()?.storage_class_name.as_deref()?;
+            class.trim().is_empty().then(|| {
+                "is empty; name a StorageClass or leave it out for the default class".to_owned()
+            })
+        },
+    },
 ];
+
+/// Suffixes of a Kubernetes quantity of bytes accepted in
+/// `spec.storage.size`, longest first.
+pub const BYTE_SUFFIXES: [&str; 12] = [
+    "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "k", "M", "G", "T", "P", "E",
+];
+
+/// Whether `size` is a whole positive number of bytes with an optional
+/// binary or decimal suffix (`10Gi`, `500M`, `1073741824`): the subset of
+/// Kubernetes quantities that makes sense for a volume.
+pub fn is_byte_quantity(size: &str) -> bool {
+    let digits = BYTE_SUFFIXES
+        .iter()
+        .find_map(|suffix| size.strip_suffix(suffix))
+        .unwrap_or(size);
+    !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && digits.bytes().any(|b| b != b'0')
+}
 
 /// `entry [i], [j]` naming the tolerations that match `bad`, if any.
 fn tolerations_where(list: &[Toleration], bad: impl Fn(&Toleration) -> bool) -> Option<String> {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use pipewright_spec::validate::RULES;
 use pipewright_spec::{
     parse_manifest, validate, CheckpointSpec, Codec, DataSpec, Metadata, ModelSpec, PartitionKind,
-    PipelineSpec, PlacementSpec, ScheduleKind, SpecError, TaintEffect, TokenizerKind,
+    PipelineSpec, PlacementSpec, ScheduleKind, SpecError, StorageSpec, TaintEffect, TokenizerKind,
     TokenizerSpec, Toleration, TolerationOperator, TrainingRun, TrainingRunSpec, TrainingSpec,
     API_VERSION, KIND,
 };
@@ -70,6 +70,7 @@ fn defaults_are_filled_in() {
     );
     assert!(!run.spec.suspend);
     assert_eq!(run.spec.ttl_seconds_after_finished, None);
+    assert_eq!(run.spec.storage, None);
 }
 
 #[test]
@@ -78,7 +79,7 @@ fn kubernetes_only_fields_stay_out_of_a_local_manifest() {
     // local mode (checkpoint metadata) do not grow Kubernetes settings.
     let run = parse_manifest(MINIMAL).expect("minimal manifest");
     let yaml = serde_saphyr::to_string(&run).expect("serialize");
-    for key in ["placement", "suspend", "ttlSecondsAfterFinished"] {
+    for key in ["placement", "suspend", "ttlSecondsAfterFinished", "storage"] {
         assert!(!yaml.contains(key), "{key} in\n{yaml}");
     }
 }
@@ -207,6 +208,10 @@ fn everything_set() -> TrainingRun {
             },
             suspend: true,
             ttl_seconds_after_finished: Some(3600),
+            storage: Some(StorageSpec {
+                size: "50Gi".into(),
+                storage_class_name: Some("fast-ssd".into()),
+            }),
         },
     }
 }
@@ -369,4 +374,40 @@ fn several_documents_in_one_file_are_refused() {
     let two = format!("{MINIMAL}---\n{MINIMAL}");
     let err = parse_manifest(&two).unwrap_err().to_string();
     assert!(err.contains("YAML error") && err.contains("line"), "{err}");
+}
+
+#[test]
+fn storage_defaults_its_size_and_checks_it() {
+    let with = |storage: &str| {
+        MINIMAL.replace(
+            "training: {steps: 10, microBatchSize: 2, learningRate: 0.001}",
+            &format!("training: {{steps: 10, microBatchSize: 2, learningRate: 0.001}}\n  storage: {storage}"),
+        )
+    };
+    let run = parse_manifest(&with("{}")).expect("empty storage");
+    assert_eq!(run.spec.storage, Some(StorageSpec::default()));
+    assert_eq!(StorageSpec::default().size, "10Gi");
+    for good in ["10Gi", "500Mi", "1T", "1073741824", "2k"] {
+        parse_manifest(&with(&format!("{{size: '{good}'}}")))
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+    for bad in ["", "10GB", "1.5Gi", "-1Gi", "0", "0Gi", "Gi", "10 Gi"] {
+        let SpecError::Invalid(errors) =
+            parse_manifest(&with(&format!("{{size: '{bad}'}}"))).unwrap_err()
+        else {
+            panic!("{bad:?}: expected validation errors");
+        };
+        assert!(
+            errors[0].to_string().starts_with("spec.storage.size: "),
+            "{bad:?}: {}",
+            errors[0]
+        );
+    }
+    let SpecError::Invalid(errors) = parse_manifest(&with("{storageClassName: ' '}")).unwrap_err()
+    else {
+        panic!("expected validation errors");
+    };
+    assert!(errors[0]
+        .to_string()
+        .starts_with("spec.storage.storageClassName: is empty"));
 }

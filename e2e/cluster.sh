@@ -6,6 +6,9 @@
 #   e2e/cluster.sh env DIR    print `export` lines (KUBECONFIG, PATH)
 #   e2e/cluster.sh down DIR   stop every process started by `up`, remove DIR
 #
+# E2E_AUDIT_POLICY names an audit policy file; the API server then writes
+# an audit log to DIR/logs/audit.log (JSON lines).
+#
 # Nodes (E2E_NODES, default 8) each offer E2E_GPUS_PER_NODE (default 8)
 # `nvidia.com/gpu`, and are spread over 2 zones (topology.kubernetes.io/zone)
 # and 4 racks (pipewright.dev/rack). Binaries come from e2e/build.sh.
@@ -167,7 +170,13 @@ up() {
         --unsafe-no-fsync --quota-backend-bytes 1073741824 --log-level warn
     wait_for 30 etcd curl -sf "http://127.0.0.1:$etcd_port/health"
 
-    start kube-apiserver "$bin/kube-apiserver" \
+    local audit=()
+    if [[ -n ${E2E_AUDIT_POLICY:-} ]]; then
+        [[ -f $E2E_AUDIT_POLICY ]] || die "E2E_AUDIT_POLICY=$E2E_AUDIT_POLICY is not a file"
+        audit=(--audit-policy-file "$E2E_AUDIT_POLICY" --audit-log-path "$dir/logs/audit.log"
+            --audit-log-format json --audit-log-maxsize 0)
+    fi
+    start kube-apiserver "$bin/kube-apiserver" "${audit[@]}" \
         --etcd-servers "http://127.0.0.1:$etcd_port" \
         --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
         --cert-dir "$dir/apiserver" \

@@ -22,6 +22,11 @@
 #   failover  a standby replica takes the lease when the leader stops (clean
 #             exit on SIGTERM, lease released) and carries on
 #   delete    deleting the run leaves nothing it owned
+#   train     a 2-stage x 2-replica run trains for real: e2e/kubelet.py runs
+#             every pod kwok marks Running as a local `pipewright` process
+#             with the pod's args and env (each pod on its own 127.0.0.X);
+#             `kubectl get tr` shows step and loss moving, the coordinator
+#             says Succeeded, and so does the run
 #   shutdown  the last replica stops cleanly; helm uninstall
 #
 # Exits 0 with a SKIP line only when a tool cannot be built (no Go toolchain).
@@ -68,8 +73,13 @@ fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/pipewright-e2e.XXXXXX")
 declare -A op_pid=()
+kubelet_pid=
 cleanup() {
     local rc=$? pid
+    if [[ -n $kubelet_pid ]]; then
+        kill "$kubelet_pid" 2>/dev/null || true
+        wait "$kubelet_pid" 2>/dev/null || true
+    fi
     for pid in "${op_pid[@]}"; do
         kill "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
@@ -81,7 +91,7 @@ cleanup() {
         kubectl get events -n "$run_ns" >&2 2>&1 || true
     fi
     if [[ $rc -ne 0 && -d $work ]]; then
-        for log in "$work/"operator-*.log "$work/cluster/logs/"*.log; do
+        for log in "$work/"operator-*.log "$work/cluster/logs/"*.log "$work/train/"*.log "$work/train/pods/"*.log; do
             [[ -f $log ]] || continue
             printf '\n--- last lines of %s ---\n' "${log#"$work"/}" >&2
             tail -n 15 "$log" >&2
@@ -270,6 +280,19 @@ EOF
 for flag in --leader-elect --metrics-addr --health-addr; do
     grep -q -- "$flag" "$work/operator.cmd" || fail "the Deployment does not pass $flag"
 done
+# Cluster DNS names (a run's coordinator Service) resolve through
+# /etc/hosts: each operator replica runs in its own mount namespace, where
+# $work/hosts, kept up to date by e2e/kubelet.py, is bind-mounted over
+# /etc/hosts. Nothing outside those namespaces sees it.
+cp /etc/hosts "$work/hosts"
+if [[ $(id -u) -eq 0 ]]; then
+    own_hosts=(unshare --mount --propagation private --)
+else
+    own_hosts=(unshare --user --map-root-user --mount --propagation private --)
+fi
+# shellcheck disable=SC2016 # expanded by that sh
+"${own_hosts[@]}" sh -c 'mount --bind "$0" /etc/hosts' "$work/hosts" 2>"$work/unshare.log" ||
+    fail "the operator needs its own /etc/hosts: '${own_hosts[*]}' and mount --bind failed: $(cat "$work/unshare.log")"
 declare -A op_metrics=() op_health=()
 # Starts operator replica $1; its identity (POD_NAME) is $release-$1.
 start_operator() {
@@ -286,7 +309,9 @@ start_operator() {
             arg=${arg//@METRICS@/$metrics}
             mine+=("${arg//@HEALTH@/$health}")
         done
-        exec "$operator_bin" "${mine[@]}"
+        # shellcheck disable=SC2016 # expanded by that sh
+        exec "${own_hosts[@]}" sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' \
+            "$work/hosts" "$operator_bin" "${mine[@]}"
     ) >"$work/operator-$id.log" 2>&1 &
     op_pid[$id]=$!
     op_metrics[$id]=$metrics
@@ -543,6 +568,85 @@ eventually 60 "children of the deleted run gone: $(leftovers | awk '{print $1}' 
 ok "no pod, service, config map, secret or disruption budget of $run remains"
 
 kill -0 "${op_pid[b]}" 2>/dev/null || fail "operator b died during the tests"
+
+# --- train ---------------------------------------------------------------
+say "train: a 2-stage x 2-replica run trains for real, its pods played by local processes"
+train="e2e-train"
+mkdir -p "$work/train"
+# A corpus of made-up sentences (byte-level tokens need no vocabulary).
+python3 - "$work/train/corpus.txt" <<'EOF'
+import random, sys
+rng = random.Random(7)
+words = ("the a pipeline stage replica shard trains model on many machines while "
+         "gradients flow back and activations move forward every step loss falls").split()
+with open(sys.argv[1], "w") as f:
+    for _ in range(6000):
+        f.write(" ".join(rng.choice(words) for _ in range(rng.randint(5, 14))).capitalize() + ".\n")
+EOF
+sed "s|@CORPUS@|$work/train/corpus.txt|" "$e2e/manifests/train.yaml" | k apply -n "$run_ns" -f - >/dev/null
+# PIPEWRIGHT_BIN runs a given pipewright binary instead of this tree's.
+pipewright_bin=${PIPEWRIGHT_BIN:-$repo/target/release/pipewright}
+[[ -x $pipewright_bin ]] || fail "no $pipewright_bin (cargo build --release -p pipewright)"
+# Every pod kwok marks Running runs here, with its spec's args and env.
+python3 "$e2e/kubelet.py" --namespace "$run_ns" --run "$train" --binary "$pipewright_bin" \
+    --dir "$work/train" --hosts "$work/hosts" >"$work/train/kubelet.log" 2>&1 &
+kubelet_pid=$!
+eventually 30 "coordinator and 4 shard pods of $train Running" count_pods "pipewright.dev/run=$train" 5
+coordinator_addr() {
+    [[ -f $work/train/addresses ]] || return 0
+    awk -v pod="$train-coordinator" '$1 == pod { print $2 }' "$work/train/addresses"
+}
+coordinator_up() { curl -sf "http://$(coordinator_addr):7070/healthz"; }
+eventually 15 "the coordinator of $train answers" coordinator_up
+ok "5 processes started with their pods' args and env (coordinator at $(coordinator_addr):7070)"
+# Until the run is over: what `kubectl get tr` shows, and the coordinator's
+# own phase (it serves /status for 2 s after the last step, then exits).
+declare -A seen_steps=() seen_losses=()
+coordinator_phase="" coordinator_step=""
+deadline=$((SECONDS + 120))
+t0=$SECONDS
+while :; do
+    status=$(curl -sf --max-time 1 "http://$(coordinator_addr):7070/status" || true)
+    if [[ -n $status ]]; then
+        read -r coordinator_phase coordinator_step < <(python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+print(s["phase"], s["step"])' <<<"$status")
+    fi
+    # NAME PHASE STAGES REPLICAS READY STEP LOSS TOKENS/S AGE
+    read -r -a cells <<<"$(k get tr "$train" -n "$run_ns" --no-headers)"
+    if [[ ${#cells[@]} -ge 9 && ${cells[5]} =~ ^[0-9]+$ && ${cells[5]} -gt 0 ]]; then
+        [[ -n ${seen_steps[${cells[5]}]:-} ]] || printf '    kubectl get tr: %s\n' "${cells[*]}"
+        seen_steps[${cells[5]}]=1
+        seen_losses[${cells[6]}]=1
+    fi
+    # Over once the run is, and the coordinator said so or has stopped.
+    if [[ ${cells[1]} == Succeeded || ${cells[1]} == Failed ]]; then
+        [[ $coordinator_phase == Succeeded || -z $status ]] && break
+    fi
+    ((SECONDS < deadline)) || fail "$train did not finish within 120 s (kubectl get tr: ${cells[*]})"
+    sleep 0.3
+done
+[[ ${cells[1]} == Succeeded ]] ||
+    fail "$train ended ${cells[1]}: $(k get tr "$train" -n "$run_ns" -o jsonpath='{.status.conditions}')"
+ok "run phase Succeeded $((SECONDS - t0)) s after the processes started"
+[[ $coordinator_phase == Succeeded ]] || fail "the coordinator's last /status phase was '$coordinator_phase', not Succeeded"
+[[ $coordinator_step == 100 ]] || fail "the coordinator ended at step $coordinator_step, not 100"
+ok "the coordinator's /status said Succeeded at step 100"
+steps=$(tr ' ' '\n' <<<"${!seen_steps[*]}" | sort -n | tr '\n' ' ')
+((${#seen_steps[@]} >= 2)) || fail "kubectl get tr showed step(s) $steps only; the step should move while training"
+((${#seen_losses[@]} >= 2)) || fail "kubectl get tr showed loss(es) ${!seen_losses[*]} only; the loss should move"
+ok "kubectl get tr showed steps ${steps}and ${#seen_losses[@]} distinct losses"
+coordinator_pod_done() {
+    [[ $(k get pod "$train-coordinator" -n "$run_ns" -o jsonpath='{.status.phase}') == Succeeded ]]
+}
+eventually 10 "the coordinator process exits 0 (its pod Succeeded)" coordinator_pod_done
+ok "the coordinator process exited 0"
+k delete tr -n "$run_ns" "$train" --wait=false >/dev/null
+kill "$kubelet_pid"
+wait "$kubelet_pid" || true
+kubelet_pid=
+ok "run deleted; every process stopped"
 
 # --- shutdown ------------------------------------------------------------
 say "shutdown: the last operator stops; helm uninstall"

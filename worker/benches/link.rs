@@ -108,6 +108,7 @@ fn over_link(payload: usize, frames: usize) -> f64 {
         link.send(Frame {
             header: h,
             payload: data.clone(),
+            verified_hash: None,
         })
         .expect("send");
     }

@@ -614,6 +614,7 @@ mod tests {
                 input_hash: [0; 32],
             },
             payload: (0..len).map(|i| (i as u64 + step) as u8).collect(),
+            verified_hash: None,
         }
     }
 

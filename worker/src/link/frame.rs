@@ -281,18 +281,42 @@ pub struct FrameHeader {
 }
 
 /// A frame: header plus payload bytes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Frame {
     /// Header fields.
     pub header: FrameHeader,
     /// Tensor bytes, laid out as the header's codec describes.
     pub payload: Vec<u8>,
+    /// The payload's hash as verified on receipt (`None` for a frame built
+    /// here: it is computed when needed).
+    pub verified_hash: Option<Digest>,
 }
 
+/// Frames are equal when their headers and payloads are: whether a hash was
+/// verified on receipt does not matter.
+impl PartialEq for Frame {
+    fn eq(&self, other: &Self) -> bool {
+        self.header == other.header && self.payload == other.payload
+    }
+}
+
+impl Eq for Frame {}
+
 impl Frame {
-    /// BLAKE3 hash of the payload, as carried in the header.
+    /// A frame to send.
+    pub fn new(header: FrameHeader, payload: Vec<u8>) -> Self {
+        Frame {
+            header,
+            payload,
+            verified_hash: None,
+        }
+    }
+
+    /// BLAKE3 hash of the payload, as carried in the header (free for a
+    /// received frame: the decoder checked it).
     pub fn content_hash(&self) -> Digest {
-        content_hash(&self.payload)
+        self.verified_hash
+            .unwrap_or_else(|| content_hash(&self.payload))
     }
 
     /// Length of this frame once encoded.
@@ -704,6 +728,7 @@ fn authenticate(
     Ok(Frame {
         header: parsed.header,
         payload,
+        verified_hash: Some(parsed.payload_hash),
     })
 }
 
@@ -821,7 +846,7 @@ mod tests {
         let h = header(kind, dtype, codec, dims);
         let len = payload_len_for(&h.shape, dtype, codec).expect("small shape") as usize;
         let payload = (0..len).map(|i| (i * 31 % 251) as u8).collect();
-        Frame { header: h, payload }
+        Frame::new(h, payload)
     }
 
     fn sample() -> Frame {

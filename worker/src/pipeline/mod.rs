@@ -273,6 +273,8 @@ pub struct StageWorker {
     link_config: LinkConfig,
     step: u64,
     busy: Duration,
+    /// Content hash of each in-flight micro-batch's forward input.
+    inputs: std::collections::HashMap<u64, crate::link::frame::Digest>,
 }
 
 impl std::fmt::Debug for StageWorker {
@@ -436,6 +438,7 @@ impl StageWorker {
             link_config,
             step: 0,
             busy: Duration::ZERO,
+            inputs: std::collections::HashMap::new(),
         })
     }
 
@@ -540,6 +543,7 @@ impl StageWorker {
         self.ring = None;
         self.stage.clear_in_flight();
         self.stage.zero_grad();
+        self.inputs.clear();
     }
 
     /// The stage's training state after the last completed step.
@@ -743,7 +747,8 @@ impl StageWorker {
     /// Forward of micro-batch `mb`; the loss on the last stage.
     fn forward(&mut self, step: u64, mb: u64, scale: f32) -> Result<Option<f32>, PipelineError> {
         let (rows, seq, dim) = (self.rows, self.model.seq_len, self.model.dim);
-        let (tokens, hidden, targets) = if let Some(corpus) = &self.corpus {
+        let (tokens, hidden, targets, input_hash, targets_hash) = if let Some(corpus) = &self.corpus
+        {
             let b = sample_train(
                 corpus,
                 self.seed,
@@ -753,7 +758,8 @@ impl StageWorker {
                 rows,
                 seq,
             );
-            (Some(b.tokens), None, b.targets)
+            let h = crate::link::frame::content_hash(bytemuck::cast_slice(&b.tokens));
+            (Some(b.tokens), None, b.targets, h, h)
         } else {
             let prev = self.prev.as_mut().ok_or_else(|| {
                 PipelineError::Layout("a later stage has no previous stage".into())
@@ -765,8 +771,13 @@ impl StageWorker {
                 None,
                 Some(decode_f32(&a, rows * seq, dim, self.codec)?),
                 targets,
+                a.content_hash(),
+                t.content_hash(),
             )
         };
+        // Each output names the input it was computed from, so a validator
+        // can bind a result to its input and its author.
+        self.inputs.insert(mb, input_hash);
         let input = match (&tokens, &hidden) {
             (Some(t), _) => StageInput::Tokens(t),
             (None, Some(h)) => StageInput::Hidden(h),
@@ -784,7 +795,10 @@ impl StageWorker {
                 let next = self.next.as_ref().ok_or_else(|| {
                     PipelineError::Layout("a non-final stage has no next stage".into())
                 })?;
-                next.send(self.sender.targets(step, mb, &targets, rows, seq)?)?;
+                next.send(
+                    self.sender
+                        .targets(step, mb, &targets, rows, seq, targets_hash)?,
+                )?;
                 next.send(self.sender.matrix(
                     step,
                     mb,
@@ -793,6 +807,7 @@ impl StageWorker {
                     rows * seq,
                     dim,
                     self.codec,
+                    input_hash,
                 )?)?;
                 Ok(None)
             }
@@ -802,12 +817,18 @@ impl StageWorker {
     /// Input half of the backward of `mb`, sending the result upstream.
     fn backward_input(&mut self, step: u64, mb: u64) -> Result<(), PipelineError> {
         let (rows, dim) = (self.hidden_rows(), self.model.dim);
-        let grad = match self.next.as_mut() {
+        // A gradient is computed from the next stage's gradient, or on the
+        // last stage from the forward's input (and the targets).
+        let forward_input = self.inputs.remove(&mb).unwrap_or([0; 32]);
+        let (grad, input_hash) = match self.next.as_mut() {
             Some(next) => {
                 let f = next.take(FrameKind::Gradient, step, mb, self.timeout)?;
-                Some(decode_f32(&f, rows, dim, self.codec)?)
+                (
+                    Some(decode_f32(&f, rows, dim, self.codec)?),
+                    f.content_hash(),
+                )
             }
-            None => None,
+            None => (None, forward_input),
         };
         let t = Instant::now();
         let dx = self.stage.backward_input(mb, grad.as_deref())?;
@@ -821,6 +842,7 @@ impl StageWorker {
                 rows,
                 dim,
                 self.codec,
+                input_hash,
             )?)?;
         }
         Ok(())
@@ -904,6 +926,7 @@ impl StageWorker {
             vocab,
             dim,
             Codec::F32,
+            [0; 32],
         )?)?;
         let theirs = link.take(FrameKind::Gradient, step, TIE_SLOT, self.timeout)?;
         let mut theirs = decode_f32(&theirs, vocab, dim, Codec::F32)?;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::link::codec::{decode_matrix, encode_matrix, wire_dtype};
-use crate::link::frame::{Frame, FrameHeader};
+use crate::link::frame::{Digest, Frame, FrameHeader};
 use crate::link::{Codec, DType, FrameKind, Link, LinkError, RunId, Shape, WorkerId};
 
 use super::PipelineError;
@@ -30,6 +30,7 @@ pub(crate) struct Sender {
 }
 
 impl Sender {
+    #[allow(clippy::too_many_arguments)]
     fn header(
         &self,
         step: u64,
@@ -38,6 +39,7 @@ impl Sender {
         dtype: DType,
         codec: Codec,
         shape: Shape,
+        input: Digest,
     ) -> FrameHeader {
         FrameHeader {
             run_id: self.run_id,
@@ -50,12 +52,13 @@ impl Sender {
             codec,
             shape,
             sender: self.worker_id,
-            input_hash: [0; 32],
+            input_hash: input,
         }
     }
 
     /// A `[rows, cols]` f32 tensor (activations, gradients) under `codec`
-    /// (one of the f32-tensor codecs).
+    /// (one of the f32-tensor codecs), computed from the input whose content
+    /// hash is `input`.
     #[allow(clippy::too_many_arguments)]
     pub fn matrix(
         &self,
@@ -66,17 +69,20 @@ impl Sender {
         rows: usize,
         cols: usize,
         codec: Codec,
+        input: Digest,
     ) -> Result<Frame, PipelineError> {
         let shape = matrix_shape(rows, cols)?;
         let dtype = wire_dtype(codec)?;
         let payload = encode_matrix(data, rows, cols, codec)?;
         Ok(Frame {
-            header: self.header(step, mb, kind, dtype, codec, shape),
+            header: self.header(step, mb, kind, dtype, codec, shape, input),
             payload,
+            verified_hash: None,
         })
     }
 
-    /// Target token ids `[rows, seq]`.
+    /// Target token ids `[rows, seq]`, drawn with the input whose content
+    /// hash is `input`.
     pub fn targets(
         &self,
         step: u64,
@@ -84,12 +90,22 @@ impl Sender {
         targets: &[u32],
         rows: usize,
         seq: usize,
+        input: Digest,
     ) -> Result<Frame, PipelineError> {
         let shape = matrix_shape(rows, seq)?;
         let payload = targets.iter().flat_map(|t| t.to_le_bytes()).collect();
         Ok(Frame {
-            header: self.header(step, mb, FrameKind::Targets, DType::U32, Codec::Raw, shape),
+            header: self.header(
+                step,
+                mb,
+                FrameKind::Targets,
+                DType::U32,
+                Codec::Raw,
+                shape,
+                input,
+            ),
             payload,
+            verified_hash: None,
         })
     }
 
@@ -104,8 +120,10 @@ impl Sender {
                 DType::U32,
                 Codec::Raw,
                 Shape::vector(2),
+                [0; 32],
             ),
             payload: value.to_le_bytes().to_vec(),
+            verified_hash: None,
         }
     }
 }
@@ -315,12 +333,24 @@ mod tests {
         let s = sender();
         let data: Vec<f32> = (0..12).map(|i| i as f32 * -0.37 + 1e-8).collect();
         let f = s
-            .matrix(3, 1, FrameKind::Activation, &data, 3, 4, Codec::F32)
+            .matrix(
+                3,
+                1,
+                FrameKind::Activation,
+                &data,
+                3,
+                4,
+                Codec::F32,
+                [5; 32],
+            )
             .expect("encode");
         assert_eq!(decode_f32(&f, 3, 4, Codec::F32).expect("decode"), data);
+        assert_eq!(f.header.input_hash, [5; 32], "the input it came from");
+        assert_eq!(f.header.sender, WorkerId([2; 16]), "and its author");
         let targets: Vec<u32> = (0..8).map(|i| i * 1000 + 7).collect();
-        let f = s.targets(3, 1, &targets, 2, 4).expect("encode");
+        let f = s.targets(3, 1, &targets, 2, 4, [6; 32]).expect("encode");
         assert_eq!(decode_targets(&f, 2, 4).expect("decode"), targets);
+        assert_eq!(f.header.input_hash, [6; 32]);
         let v = 12_345.678_901_234_5_f64;
         assert_eq!(decode_scalar(&s.scalar(3, v)).expect("decode"), v);
     }
@@ -330,7 +360,16 @@ mod tests {
         let s = sender();
         let data = vec![0.5f32; 12];
         let f = s
-            .matrix(0, 0, FrameKind::Activation, &data, 3, 4, Codec::F32)
+            .matrix(
+                0,
+                0,
+                FrameKind::Activation,
+                &data,
+                3,
+                4,
+                Codec::F32,
+                [0; 32],
+            )
             .expect("encode");
         // Same element count, other shape: a peer with another model.
         assert!(matches!(
@@ -342,7 +381,7 @@ mod tests {
             decode_targets(&f, 3, 4),
             Err(PipelineError::Protocol(_))
         ));
-        let mut short = s.targets(0, 0, &[1, 2, 3, 4], 2, 2).expect("encode");
+        let mut short = s.targets(0, 0, &[1, 2, 3, 4], 2, 2, [0; 32]).expect("encode");
         short.payload.pop();
         assert!(matches!(
             decode_targets(&short, 2, 2),

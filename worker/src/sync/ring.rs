@@ -389,6 +389,7 @@ impl Exchange<'_> {
                 input_hash: [0; 32],
             },
             payload,
+            verified_hash: None,
         }
     }
 

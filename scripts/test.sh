@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every test: formatting, lints, Rust unit and integration tests, the
-# Hugging Face export tests in Python, and the quickstart end to end.
-# Set PIPEWRIGHT_SKIP_QUICKSTART=1 to leave out the (several-minute) last step.
+# Hugging Face export tests in Python, the end-to-end suite on a real
+# Kubernetes control plane (built from source once, cached in
+# ~/.cache/pipewright), and the quickstart end to end.
+# Set PIPEWRIGHT_SKIP_E2E=1 or PIPEWRIGHT_SKIP_QUICKSTART=1 to leave those out.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -26,6 +28,11 @@ step "python tests (export to transformers, benchmark scripts)"
 cargo build --release -p pipewright
 PIPEWRIGHT_BIN="$PWD/target/release/pipewright" PIPEWRIGHT_REQUIRE_ALL=1 \
     "$PY" -m pytest -q -p no:cacheprovider tests/python
+
+if [[ "${PIPEWRIGHT_SKIP_E2E:-0}" != 1 ]]; then
+    step "end to end on Kubernetes (control plane built once into ~/.cache/pipewright)"
+    bash e2e/run.sh
+fi
 
 if [[ "${PIPEWRIGHT_SKIP_QUICKSTART:-0}" != 1 ]]; then
     step "quickstart end to end"

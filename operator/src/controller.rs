@@ -59,6 +59,9 @@ use crate::metrics::Metrics;
 
 /// Field manager of every write this operator makes.
 pub const MANAGER: &str = "pipewright-operator";
+
+/// Pod creations in flight at once.
+const CREATE_CONCURRENCY: usize = 16;
 /// How often a settled run is looked at again without any event, to pick up
 /// changes no watch reports.
 pub const RESYNC: Duration = Duration::from_secs(60);
@@ -306,12 +309,24 @@ async fn reconcile_run(run: &TrainingRunResource, ctx: &Context) -> Result<Actio
     if plan.create_coordinator {
         to_create.insert(0, children.coordinator.clone());
     }
+    // Pods are created CREATE_CONCURRENCY at a time (a run of a thousand
+    // shards would otherwise wait on a thousand round trips in a row);
+    // results are taken in order.
+    let params = PostParams {
+        field_manager: Some(MANAGER.to_owned()),
+        ..PostParams::default()
+    };
+    let mut creations = Vec::with_capacity(to_create.len());
     for pod in &to_create {
-        let params = PostParams {
-            field_manager: Some(MANAGER.to_owned()),
-            ..PostParams::default()
-        };
-        match apis.pods.create(&params, pod).await {
+        let (pods, params) = (&apis.pods, &params);
+        creations.push(async move { (pod, pods.create(params, pod).await) });
+    }
+    let results: Vec<_> = futures::stream::iter(creations)
+        .buffered(CREATE_CONCURRENCY)
+        .collect()
+        .await;
+    for (pod, result) in results {
+        match result {
             Ok(created) => live.push(created),
             // Made by an earlier reconcile whose status write was lost.
             Err(kube::Error::Api(e)) if e.code == 409 => live.push(pod.clone()),

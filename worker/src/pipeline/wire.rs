@@ -381,7 +381,9 @@ mod tests {
             decode_targets(&f, 3, 4),
             Err(PipelineError::Protocol(_))
         ));
-        let mut short = s.targets(0, 0, &[1, 2, 3, 4], 2, 2, [0; 32]).expect("encode");
+        let mut short = s
+            .targets(0, 0, &[1, 2, 3, 4], 2, 2, [0; 32])
+            .expect("encode");
         short.payload.pop();
         assert!(matches!(
             decode_targets(&short, 2, 2),

@@ -3,22 +3,14 @@
 //! and trains exactly like the single-process run.
 
 use std::path::Path;
-use std::process::Command;
 
-fn pipewright() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_pipewright"))
-}
+mod common;
 
-/// Structured sentences generated here (tests commit no corpus).
+use common::{pipewright, write_corpus};
+
+/// The generated corpus and a manifest that trains on it.
 fn write_inputs(dir: &Path, stages: usize, replicas: usize, heads: usize) -> std::path::PathBuf {
-    let names = ["ada", "bo", "cy", "di", "ed"];
-    let mut text = String::new();
-    for i in 0..3000usize {
-        let a = names[i % names.len()];
-        let b = names[(i * 3 + 1) % names.len()];
-        text.push_str(&format!("{a} waves at {b} {} times.\n", i % 7 + 1));
-    }
-    std::fs::write(dir.join("corpus.txt"), text).expect("write corpus");
+    write_corpus(dir);
     let yaml = format!(
         r#"apiVersion: pipewright.dev/v1alpha1
 kind: TrainingRun

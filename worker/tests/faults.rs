@@ -4,24 +4,17 @@
 //! state every survivor holds, and sampling is a pure function of the step.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use pipewright::coord::{Client, Phase};
 
-fn pipewright() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_pipewright"))
-}
+mod common;
+
+use common::{pipewright, write_corpus};
 
 fn write_inputs(dir: &Path, name: &str, stages: usize, replicas: usize, steps: u64) -> PathBuf {
-    let names = ["ada", "bo", "cy", "di", "ed"];
-    let mut text = String::new();
-    for i in 0..3000usize {
-        let a = names[i % names.len()];
-        let b = names[(i * 3 + 1) % names.len()];
-        text.push_str(&format!("{a} waves at {b} {} times.\n", i % 7 + 1));
-    }
-    std::fs::write(dir.join("corpus.txt"), text).expect("write corpus");
+    write_corpus(dir);
     let yaml = format!(
         r#"apiVersion: pipewright.dev/v1alpha1
 kind: TrainingRun

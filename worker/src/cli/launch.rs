@@ -238,10 +238,8 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
     let final_loss = losses.last().copied().unwrap_or(f32::NAN);
     let mut recoveries: Vec<f64> = kills.iter().filter_map(|k| k.recovered).collect();
     recoveries.sort_by(f64::total_cmp);
-    let t = &manifest.spec.training;
-    let tokens = (t.micro_batch_size * t.micro_batches * manifest.spec.model.seq_len * replicas)
-        as u64
-        * steps;
+    let tokens_per_step = crate::coord::server::tokens_per_step(&manifest.spec);
+    let tokens = tokens_per_step * steps;
     println!(
         "all {shards} workers finished {steps} steps in {elapsed:.1}s ({:.0} tokens/s); final loss {final_loss:.4}",
         tokens as f64 / elapsed.max(1e-9)
@@ -261,10 +259,8 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
         );
     }
     let efficiency = pipeline_efficiency(manifest, &status);
-    let tokens_per_step =
-        (t.micro_batch_size * t.micro_batches * manifest.spec.model.seq_len * replicas) as f64;
     let link_bytes_per_token =
-        status.shards.iter().map(|s| s.mean_link_bytes).sum::<f64>() / tokens_per_step;
+        status.shards.iter().map(|s| s.mean_link_bytes).sum::<f64>() / tokens_per_step as f64;
     println!(
         "  stage links                {link_bytes_per_token:.0} bytes per token ({:?} codec; all boundaries, both directions)",
         manifest.spec.pipeline.codec

@@ -257,9 +257,11 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "worker".into())
     });
-    let manifest_measured =
-        manifest.spec.pipeline.partition == pipewright_spec::PartitionKind::Measured;
-    let session_manifest = manifest.clone();
+    let speed = if manifest.spec.pipeline.partition == pipewright_spec::PartitionKind::Measured {
+        measure_speed(&manifest)
+    } else {
+        0.0
+    };
     let mut session = Session {
         client: client.clone(),
         manifest,
@@ -272,11 +274,7 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
             completed: 0,
             has_snapshot: false,
             name: format!("{name}/{}", std::process::id()),
-            speed: if manifest_measured {
-                measure_speed(&session_manifest)
-            } else {
-                0.0
-            },
+            speed,
         },
         worker: 0,
         run_id: RunId([0; 16]),

@@ -326,6 +326,12 @@ fn write_state(dir: &Path, p: &Persisted) -> Result<()> {
     Ok(())
 }
 
+/// Training tokens in one step of `spec` (every replica's micro-batches).
+pub fn tokens_per_step(spec: &pipewright_spec::TrainingRunSpec) -> u64 {
+    let t = &spec.training;
+    (t.micro_batch_size * t.micro_batches * spec.model.seq_len * spec.pipeline.replicas) as u64
+}
+
 /// Starts the coordinator of `config` on `listen`.
 pub fn start(config: Config, listen: &str) -> Result<Handle> {
     let persisted = load_state(&config.state_dir)?;
@@ -345,10 +351,7 @@ pub fn start(config: Config, listen: &str) -> Result<Handle> {
         tied: config.model.tied,
         stage_layers,
         checkpoint_every: spec.checkpoint.every,
-        tokens_per_step: (spec.training.micro_batch_size
-            * spec.training.micro_batches
-            * spec.model.seq_len
-            * spec.pipeline.replicas) as u64,
+        tokens_per_step: tokens_per_step(spec),
         measured: spec.pipeline.partition == pipewright_spec::PartitionKind::Measured,
     };
     let (model, stages) = (config.model.clone(), spec.pipeline.stages);

@@ -1,0 +1,22 @@
+//! What the command-line tests share: the binary under test and a small
+//! generated corpus (tests commit no text).
+
+use std::path::Path;
+use std::process::Command;
+
+/// The `pipewright` binary built for these tests.
+pub fn pipewright() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pipewright"))
+}
+
+/// Writes `corpus.txt` into `dir`: 3,000 structured sentences.
+pub fn write_corpus(dir: &Path) {
+    let names = ["ada", "bo", "cy", "di", "ed"];
+    let mut text = String::new();
+    for i in 0..3000usize {
+        let a = names[i % names.len()];
+        let b = names[(i * 3 + 1) % names.len()];
+        text.push_str(&format!("{a} waves at {b} {} times.\n", i % 7 + 1));
+    }
+    std::fs::write(dir.join("corpus.txt"), text).expect("write corpus");
+}

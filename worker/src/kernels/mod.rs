@@ -9,5 +9,7 @@
 pub mod attention;
 pub mod matmul;
 pub mod ops;
+pub mod pool;
+pub(crate) mod simd;
 
 pub use matmul::{matmul, matmul_stats, MatmulStats, Trans};

@@ -4,6 +4,8 @@
 
 use rayon::prelude::*;
 
+use super::simd::{exp, sigmoid, simd_fn};
+
 /// Rows per rayon task: large enough to amortise scheduling.
 const ROW_CHUNK: usize = 16;
 
@@ -127,17 +129,52 @@ impl Rope {
         let half = self.half;
         x.par_chunks_mut(2 * half * seq).for_each(|block| {
             for (t, row) in block.chunks_mut(2 * half).enumerate() {
-                let cos = &self.cos[t * half..(t + 1) * half];
-                let sin = &self.sin[t * half..(t + 1) * half];
-                let (a, b) = row.split_at_mut(half);
-                for i in 0..half {
-                    let (x1, x2) = (a[i], b[i]);
-                    let s = sign * sin[i];
-                    a[i] = x1 * cos[i] - x2 * s;
-                    b[i] = x2 * cos[i] + x1 * s;
+                self.rotate(row, t, sign);
+            }
+        });
+    }
+
+    /// Rotate token-major `x[B·T, width]` in place, where `width` is a
+    /// whole number of heads and row `r` is at position `r % seq`.
+    pub fn forward_tokens(&self, x: &mut [f32], seq: usize, width: usize) {
+        self.apply_tokens(x, seq, width, 1.0);
+    }
+
+    /// Gradient of [`Rope::forward_tokens`].
+    pub fn backward_tokens(&self, dx: &mut [f32], seq: usize, width: usize) {
+        self.apply_tokens(dx, seq, width, -1.0);
+    }
+
+    fn apply_tokens(&self, x: &mut [f32], seq: usize, width: usize, sign: f32) {
+        assert_eq!(
+            width % (2 * self.half).max(1),
+            0,
+            "rope: width is not whole heads"
+        );
+        if x.is_empty() || width == 0 {
+            return;
+        }
+        x.par_chunks_mut(width * seq).for_each(|block| {
+            for (t, row) in block.chunks_mut(width).enumerate() {
+                for head in row.chunks_mut(2 * self.half) {
+                    self.rotate(head, t, sign);
                 }
             }
         });
+    }
+
+    #[inline]
+    fn rotate(&self, head: &mut [f32], t: usize, sign: f32) {
+        let half = self.half;
+        let cos = &self.cos[t * half..(t + 1) * half];
+        let sin = &self.sin[t * half..(t + 1) * half];
+        let (a, b) = head.split_at_mut(half);
+        for i in 0..half {
+            let (x1, x2) = (a[i], b[i]);
+            let s = sign * sin[i];
+            a[i] = x1 * cos[i] - x2 * s;
+            b[i] = x2 * cos[i] + x1 * s;
+        }
     }
 }
 
@@ -178,35 +215,42 @@ pub fn to_token_major(x: &[f32], b: usize, t: usize, h: usize, hd: usize) -> Vec
 
 // ---------------------------------------------------------------- SwiGLU
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+/// Elements per rayon task of the element-wise kernels.
+const ELEM_CHUNK: usize = 16 * 1024;
+
+simd_fn! {
+    fn swiglu_forward_chunk(h: &mut [f32], g: &[f32], u: &[f32]) {
+        for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
+            *h = g * sigmoid(g) * u;
+        }
+    }
+}
+
+simd_fn! {
+    fn swiglu_backward_chunk(dg: &mut [f32], du: &mut [f32], dh: &[f32], g: &[f32], u: &[f32]) {
+        for ((((dg, du), &dh), &g), &u) in dg.iter_mut().zip(du).zip(dh).zip(g).zip(u) {
+            let s = sigmoid(g);
+            *dg = dh * u * s * (1.0 + g * (1.0 - s));
+            *du = dh * g * s;
+        }
+    }
 }
 
 /// `h = silu(g) ⊙ u`, element-wise over `[N, F]`.
 pub fn swiglu_forward(h: &mut [f32], g: &[f32], u: &[f32]) {
-    h.par_chunks_mut(4096)
-        .zip(g.par_chunks(4096))
-        .zip(u.par_chunks(4096))
-        .for_each(|((h, g), u)| {
-            for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
-                *h = g * sigmoid(g) * u;
-            }
-        });
+    h.par_chunks_mut(ELEM_CHUNK)
+        .zip(g.par_chunks(ELEM_CHUNK))
+        .zip(u.par_chunks(ELEM_CHUNK))
+        .for_each(|((h, g), u)| swiglu_forward_chunk(h, g, u));
 }
 
 /// Backward of [`swiglu_forward`]: `dg = dh·u·silu'(g)`, `du = dh·silu(g)`.
 pub fn swiglu_backward(dg: &mut [f32], du: &mut [f32], dh: &[f32], g: &[f32], u: &[f32]) {
-    dg.par_chunks_mut(4096)
-        .zip(du.par_chunks_mut(4096))
-        .zip(dh.par_chunks(4096))
-        .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
-        .for_each(|(((dg, du), dh), (g, u))| {
-            for ((((dg, du), &dh), &g), &u) in dg.iter_mut().zip(du).zip(dh).zip(g).zip(u) {
-                let s = sigmoid(g);
-                *dg = dh * u * s * (1.0 + g * (1.0 - s));
-                *du = dh * g * s;
-            }
-        });
+    dg.par_chunks_mut(ELEM_CHUNK)
+        .zip(du.par_chunks_mut(ELEM_CHUNK))
+        .zip(dh.par_chunks(ELEM_CHUNK))
+        .zip(g.par_chunks(ELEM_CHUNK).zip(u.par_chunks(ELEM_CHUNK)))
+        .for_each(|(((dg, du), dh), (g, u))| swiglu_backward_chunk(dg, du, dh, g, u));
 }
 
 // ---------------------------------------------------------------- Loss
@@ -223,12 +267,8 @@ pub fn cross_entropy(logits: &mut [f32], targets: &[u32], vocab: usize, scale: f
         .zip(targets.par_iter())
         .map(|(row, &t)| {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f64;
-            for v in row.iter_mut() {
-                let e = (*v - max).exp();
-                *v = e;
-                sum += e as f64;
-            }
+            exp_shifted(row, max);
+            let sum: f64 = row.iter().map(|&e| e as f64).sum();
             let t = t as usize;
             let loss = -((row[t] as f64) / sum).ln();
             let k = scale / (n as f32 * sum as f32);
@@ -240,6 +280,15 @@ pub fn cross_entropy(logits: &mut [f32], targets: &[u32], vocab: usize, scale: f
         })
         .collect();
     (per_row.iter().sum::<f64>() / n as f64) as f32
+}
+
+simd_fn! {
+    /// `x ← e^(x − shift)`.
+    fn exp_shifted(x: &mut [f32], shift: f32) {
+        for v in x.iter_mut() {
+            *v = exp(*v - shift);
+        }
+    }
 }
 
 /// Log-softmax loss of each row without touching `logits` (evaluation).

@@ -3,7 +3,8 @@
 
 use super::{init, linear, ModelConfig, Param};
 use crate::kernels::attention::{self as attn, AttnShape};
-use crate::kernels::ops::{to_head_major, to_token_major, Rope};
+use crate::kernels::ops::Rope;
+use crate::kernels::pool;
 
 /// Projections of one attention sub-layer.
 #[derive(Clone, Debug)]
@@ -22,16 +23,17 @@ pub struct Attention {
 }
 
 /// What the backward needs from one forward, and (after the input half)
-/// what the weight half needs.
+/// what the weight half needs. Tensors are token-major (`[B·T, heads·hd]`).
 #[derive(Debug, Default)]
 pub struct AttentionCache {
     x: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
+    /// Attention output, also the output projection's input.
     out: Vec<f32>,
-    out_tokens: Vec<f32>,
-    lse: Vec<f32>,
+    /// Probabilities `[B, H, T, T]` (causal blocks only).
+    p: Vec<f32>,
     batch: usize,
     seq: usize,
     // Filled by `backward_input` for `backward_weight`.
@@ -39,6 +41,23 @@ pub struct AttentionCache {
     dq: Vec<f32>,
     dk: Vec<f32>,
     dv: Vec<f32>,
+}
+
+impl Drop for AttentionCache {
+    fn drop(&mut self) {
+        pool::give_all([
+            &mut self.x,
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.out,
+            &mut self.p,
+            &mut self.dy,
+            &mut self.dq,
+            &mut self.dk,
+            &mut self.dv,
+        ]);
+    }
 }
 
 impl Attention {
@@ -83,45 +102,29 @@ impl Attention {
     ) -> (Vec<f32>, AttentionCache) {
         let rows = batch * seq;
         let hd = self.head_dim;
-        let mut q = to_head_major(
-            &linear::forward(&self.q, &x, rows),
-            batch,
-            seq,
-            self.heads,
-            hd,
-        );
-        let mut k = to_head_major(
-            &linear::forward(&self.k, &x, rows),
-            batch,
-            seq,
-            self.kv_heads,
-            hd,
-        );
-        let v = to_head_major(
-            &linear::forward(&self.v, &x, rows),
-            batch,
-            seq,
-            self.kv_heads,
-            hd,
-        );
-        rope.forward(&mut q, seq);
-        rope.forward(&mut k, seq);
-        let mut out = vec![0.0; q.len()];
-        let mut lse = vec![0.0; batch * self.heads * seq];
-        attn::forward(&mut out, &mut lse, &q, &k, &v, self.shape(batch, seq));
-        let out_tokens = to_token_major(&out, batch, seq, self.heads, hd);
-        let y = linear::forward(&self.o, &out_tokens, rows);
+        let mut q = linear::forward(&self.q, &x, rows);
+        let mut k = linear::forward(&self.k, &x, rows);
+        let v = linear::forward(&self.v, &x, rows);
+        rope.forward_tokens(&mut q, seq, self.heads * hd);
+        rope.forward_tokens(&mut k, seq, self.kv_heads * hd);
+        let shape = self.shape(batch, seq);
+        let mut out = pool::take(q.len());
+        let mut p = pool::take(shape.probs_len());
+        attn::forward(&mut out, &mut p, &q, &k, &v, shape);
+        let y = linear::forward(&self.o, &out, rows);
         let cache = AttentionCache {
             x,
             q,
             k,
             v,
             out,
-            out_tokens,
-            lse,
+            p,
             batch,
             seq,
-            ..Default::default()
+            dy: Vec::new(),
+            dq: Vec::new(),
+            dk: Vec::new(),
+            dv: Vec::new(),
         };
         (y, cache)
     }
@@ -136,34 +139,37 @@ impl Attention {
     ) -> Vec<f32> {
         let (batch, seq, hd) = (cache.batch, cache.seq, self.head_dim);
         let rows = batch * seq;
-        let mut dout_tokens = vec![0.0; cache.out_tokens.len()];
-        linear::backward_input(&self.o, &dy, &mut dout_tokens, rows, false);
-        let dout = to_head_major(&dout_tokens, batch, seq, self.heads, hd);
-        let mut dq = vec![0.0; cache.q.len()];
-        let mut dk = vec![0.0; cache.k.len()];
-        let mut dv = vec![0.0; cache.v.len()];
+        let mut dout = pool::take(cache.out.len());
+        linear::backward_input(&self.o, &dy, &mut dout, rows, false);
+        let mut dq = pool::take(cache.q.len());
+        let mut dk = pool::take(cache.k.len());
+        let mut dv = pool::take(cache.v.len());
         let shape = self.shape(batch, seq);
         attn::backward(
-            &mut dq, &mut dk, &mut dv, &dout, &cache.out, &cache.lse, &cache.q, &cache.k, &cache.v,
+            &mut dq, &mut dk, &mut dv, &dout, &cache.out, &cache.p, &cache.q, &cache.k, &cache.v,
             shape,
         );
-        rope.backward(&mut dq, seq);
-        rope.backward(&mut dk, seq);
-        cache.dq = to_token_major(&dq, batch, seq, self.heads, hd);
-        cache.dk = to_token_major(&dk, batch, seq, self.kv_heads, hd);
-        cache.dv = to_token_major(&dv, batch, seq, self.kv_heads, hd);
+        pool::give(dout);
+        rope.backward_tokens(&mut dq, seq, self.heads * hd);
+        rope.backward_tokens(&mut dk, seq, self.kv_heads * hd);
+        let mut dx = pool::take(cache.x.len());
+        linear::backward_input(&self.q, &dq, &mut dx, rows, false);
+        linear::backward_input(&self.k, &dk, &mut dx, rows, true);
+        linear::backward_input(&self.v, &dv, &mut dx, rows, true);
+        // The probabilities are not needed any more; the weight half may
+        // run much later.
+        pool::give(std::mem::take(&mut cache.p));
+        cache.dq = dq;
+        cache.dk = dk;
+        cache.dv = dv;
         cache.dy = dy;
-        let mut dx = vec![0.0; cache.x.len()];
-        linear::backward_input(&self.q, &cache.dq, &mut dx, rows, false);
-        linear::backward_input(&self.k, &cache.dk, &mut dx, rows, true);
-        linear::backward_input(&self.v, &cache.dv, &mut dx, rows, true);
         dx
     }
 
     /// Weight half of the backward: accumulate the four projection gradients.
     pub fn backward_weight(&mut self, cache: &AttentionCache) {
         let rows = cache.batch * cache.seq;
-        linear::backward_weight(&mut self.o, &cache.dy, &cache.out_tokens, rows);
+        linear::backward_weight(&mut self.o, &cache.dy, &cache.out, rows);
         linear::backward_weight(&mut self.q, &cache.dq, &cache.x, rows);
         linear::backward_weight(&mut self.k, &cache.dk, &cache.x, rows);
         linear::backward_weight(&mut self.v, &cache.dv, &cache.x, rows);

@@ -6,6 +6,7 @@ use super::mlp::{Mlp, MlpCache};
 use super::rmsnorm::{RmsNorm, RmsNormCache};
 use super::{ModelConfig, Param};
 use crate::kernels::ops::{add_assign, Rope};
+use crate::kernels::pool;
 
 /// A transformer block with its parameters.
 #[derive(Clone, Debug)]
@@ -74,12 +75,14 @@ impl Block {
 
     /// Input half of the backward: `dy` → `dx`.
     pub fn backward_input(&self, cache: &mut BlockCache, dy: Vec<f32>, rope: &Rope) -> Vec<f32> {
-        let dhn = self.mlp.backward_input(&mut cache.mlp, dy.clone());
+        let dhn = self.mlp.backward_input(&mut cache.mlp, pool::copy_of(&dy));
         // The residual passes dy straight through; the norm adds its part.
         let mut dh = dy;
         self.mlp_norm
             .backward_input(&mut cache.mlp_norm, dhn, &mut dh);
-        let dxn = self.attn.backward_input(&mut cache.attn, dh.clone(), rope);
+        let dxn = self
+            .attn
+            .backward_input(&mut cache.attn, pool::copy_of(&dh), rope);
         let mut dx = dh;
         self.attn_norm
             .backward_input(&mut cache.attn_norm, dxn, &mut dx);

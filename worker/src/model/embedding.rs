@@ -1,6 +1,7 @@
 //! Token embedding: `x[N, D] = E[tokens]`.
 
 use super::{init, ModelConfig, Param};
+use crate::kernels::pool;
 
 /// The token-embedding table `[V, D]`.
 #[derive(Clone, Debug)]
@@ -30,7 +31,7 @@ impl Embedding {
     /// Gather rows. Callers check that every token is below the vocabulary.
     pub fn forward(&self, tokens: &[u32]) -> Vec<f32> {
         let d = self.weight.shape[1];
-        let mut x = vec![0.0; tokens.len() * d];
+        let mut x = pool::take(tokens.len() * d);
         for (row, &t) in x.chunks_mut(d).zip(tokens) {
             let t = t as usize;
             row.copy_from_slice(&self.weight.data[t * d..(t + 1) * d]);

@@ -4,6 +4,7 @@ use super::embedding::EMBED_NAME;
 use super::rmsnorm::{RmsNorm, RmsNormCache};
 use super::{init, linear, ModelConfig, Param};
 use crate::kernels::ops::cross_entropy;
+use crate::kernels::pool;
 
 /// Name of the untied LM head matrix.
 pub const LM_HEAD_NAME: &str = "lm_head.weight";
@@ -30,6 +31,12 @@ pub struct HeadCache {
     rows: usize,
 }
 
+impl Drop for HeadCache {
+    fn drop(&mut self) {
+        pool::give_all([&mut self.xn, &mut self.dlogits]);
+    }
+}
+
 impl Head {
     /// Initialise from the seed.
     pub fn new(cfg: &ModelConfig, seed: u64) -> Self {
@@ -47,7 +54,9 @@ impl Head {
     pub fn logits(&self, x: Vec<f32>) -> Vec<f32> {
         let rows = x.len() / self.norm.weight.len();
         let (xn, _) = self.norm.forward(x);
-        linear::forward(&self.weight, &xn, rows)
+        let logits = linear::forward(&self.weight, &xn, rows);
+        pool::give(xn);
+        logits
     }
 
     /// Mean cross-entropy of `x[N, D]` against `targets[N]`. The backward
@@ -70,9 +79,9 @@ impl Head {
 
     /// Input half of the backward: the gradient w.r.t. the head's input.
     pub fn backward_input(&self, cache: &mut HeadCache) -> Vec<f32> {
-        let mut dxn = vec![0.0; cache.xn.len()];
+        let mut dxn = pool::take(cache.xn.len());
         linear::backward_input(&self.weight, &cache.dlogits, &mut dxn, cache.rows, false);
-        let mut dx = vec![0.0; dxn.len()];
+        let mut dx = pool::zeroed(dxn.len());
         self.norm.backward_input(&mut cache.norm, dxn, &mut dx);
         dx
     }

@@ -1,12 +1,12 @@
 //! A bias-free linear layer `y = x·Wᵀ` with `W[out, in]`.
 
 use super::Param;
-use crate::kernels::{matmul, Trans};
+use crate::kernels::{matmul, pool, Trans};
 
-/// Forward: `y[N,out] = x[N,in] · Wᵀ`.
+/// Forward: `y[N,out] = x[N,in] · Wᵀ` (a pooled buffer).
 pub fn forward(w: &Param, x: &[f32], rows: usize) -> Vec<f32> {
     let (out, inp) = (w.shape[0], w.shape[1]);
-    let mut y = vec![0.0; rows * out];
+    let mut y = pool::take(rows * out);
     matmul(
         &mut y,
         x,

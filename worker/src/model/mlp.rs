@@ -2,6 +2,7 @@
 
 use super::{init, linear, ModelConfig, Param};
 use crate::kernels::ops::{swiglu_backward, swiglu_forward};
+use crate::kernels::pool;
 
 /// Projections of one MLP sub-layer.
 #[derive(Clone, Debug)]
@@ -27,6 +28,20 @@ pub struct MlpCache {
     du: Vec<f32>,
 }
 
+impl Drop for MlpCache {
+    fn drop(&mut self) {
+        pool::give_all([
+            &mut self.x,
+            &mut self.g,
+            &mut self.u,
+            &mut self.h,
+            &mut self.dy,
+            &mut self.dg,
+            &mut self.du,
+        ]);
+    }
+}
+
 impl Mlp {
     /// Initialise the projections of block `layer`.
     pub fn new(cfg: &ModelConfig, layer: usize, seed: u64) -> Self {
@@ -46,7 +61,7 @@ impl Mlp {
     pub fn forward(&self, x: Vec<f32>, rows: usize) -> (Vec<f32>, MlpCache) {
         let g = linear::forward(&self.gate, &x, rows);
         let u = linear::forward(&self.up, &x, rows);
-        let mut h = vec![0.0; g.len()];
+        let mut h = pool::take(g.len());
         swiglu_forward(&mut h, &g, &u);
         let y = linear::forward(&self.down, &h, rows);
         (
@@ -57,7 +72,9 @@ impl Mlp {
                 u,
                 h,
                 rows,
-                ..Default::default()
+                dy: Vec::new(),
+                dg: Vec::new(),
+                du: Vec::new(),
             },
         )
     }
@@ -65,12 +82,13 @@ impl Mlp {
     /// Input half of the backward: `dy[N, D]` → `dx[N, D]`.
     pub fn backward_input(&self, cache: &mut MlpCache, dy: Vec<f32>) -> Vec<f32> {
         let rows = cache.rows;
-        let mut dh = vec![0.0; cache.h.len()];
+        let mut dh = pool::take(cache.h.len());
         linear::backward_input(&self.down, &dy, &mut dh, rows, false);
-        let mut dg = vec![0.0; dh.len()];
-        let mut du = vec![0.0; dh.len()];
+        let mut dg = pool::take(dh.len());
+        let mut du = pool::take(dh.len());
         swiglu_backward(&mut dg, &mut du, &dh, &cache.g, &cache.u);
-        let mut dx = vec![0.0; cache.x.len()];
+        pool::give(dh);
+        let mut dx = pool::take(cache.x.len());
         linear::backward_input(&self.gate, &dg, &mut dx, rows, false);
         linear::backward_input(&self.up, &du, &mut dx, rows, true);
         cache.dy = dy;

@@ -2,6 +2,7 @@
 
 use super::Param;
 use crate::kernels::ops::{rmsnorm_backward_input, rmsnorm_backward_weight, rmsnorm_forward};
+use crate::kernels::pool;
 
 /// One RMSNorm.
 #[derive(Clone, Debug)]
@@ -19,6 +20,12 @@ pub struct RmsNormCache {
     dy: Vec<f32>,
 }
 
+impl Drop for RmsNormCache {
+    fn drop(&mut self) {
+        pool::give_all([&mut self.x, &mut self.rstd, &mut self.dy]);
+    }
+}
+
 impl RmsNorm {
     /// A norm of width `dim` named `name` (the gain's full name).
     pub fn new(name: String, dim: usize, eps: f64) -> Self {
@@ -31,8 +38,8 @@ impl RmsNorm {
     /// `x[N, D]` → `y[N, D]`.
     pub fn forward(&self, x: Vec<f32>) -> (Vec<f32>, RmsNormCache) {
         let d = self.weight.len();
-        let mut y = vec![0.0; x.len()];
-        let mut rstd = vec![0.0; x.len() / d];
+        let mut y = pool::take(x.len());
+        let mut rstd = pool::take(x.len() / d);
         rmsnorm_forward(&mut y, &mut rstd, &x, &self.weight.data, self.eps);
         (
             y,

@@ -487,6 +487,9 @@ pub struct PipelineSpec {
     /// How layers are assigned to stages.
     #[serde(default)]
     pub partition: PartitionKind,
+    /// Which replica of the next stage each micro-batch goes to.
+    #[serde(default)]
+    pub routing: Routing,
 }
 
 impl Default for PipelineSpec {
@@ -497,6 +500,7 @@ impl Default for PipelineSpec {
             schedule: ScheduleKind::default(),
             codec: Codec::default(),
             partition: PartitionKind::default(),
+            routing: Routing::default(),
         }
     }
 }
@@ -542,6 +546,20 @@ pub enum PartitionKind {
     Balanced,
     /// Balance by each worker's measured speed.
     Measured,
+}
+
+/// How micro-batches travel between the replicas of consecutive stages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Routing {
+    /// Replica `r` of every stage talks only to replica `r` of its
+    /// neighbours: each replica is a pipeline of its own.
+    #[default]
+    Lanes,
+    /// Every micro-batch may go to any replica of the next stage; each
+    /// replica gets a share of the step in proportion to its measured
+    /// speed, so a slow machine holds back only its own share.
+    Throughput,
 }
 
 /// Checkpointing.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use pipewright_spec::validate::RULES;
 use pipewright_spec::{
     parse_manifest, validate, CheckpointSpec, Codec, DataSpec, Metadata, ModelSpec, PartitionKind,
-    PipelineSpec, PlacementSpec, ScheduleKind, SpecError, StorageSpec, TaintEffect, TokenizerKind,
+    PipelineSpec, PlacementSpec, Routing, ScheduleKind, SpecError, StorageSpec, TaintEffect, TokenizerKind,
     TokenizerSpec, Toleration, TolerationOperator, TrainingRun, TrainingRunSpec, TrainingSpec,
     API_VERSION, KIND,
 };
@@ -176,6 +176,7 @@ fn everything_set() -> TrainingRun {
                 schedule: ScheduleKind::ZbH1,
                 codec: Codec::Lowrank,
                 partition: PartitionKind::Measured,
+                routing: Routing::Throughput,
             },
             checkpoint: CheckpointSpec {
                 dir: Some("/var/lib/pipewright/full".into()),

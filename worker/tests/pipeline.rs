@@ -6,9 +6,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use pipewright::link::{RunId, RunKey};
-use pipewright::pipeline::{loopback_layout, Auth, PipelineError, Shard, StageWorker, WorkerStep};
+use pipewright::pipeline::route::interleave;
+use pipewright::pipeline::{
+    loopback_layout, Auth, PipelineError, Route, Shard, StageWorker, WorkerStep,
+};
 use pipewright::train::Trainer;
-use pipewright_spec::{parse_manifest, TrainingRun};
+use pipewright_spec::{parse_manifest, Routing, TrainingRun};
 
 /// The issue-level check: 50 steps of every layout against the trainer.
 const STEPS: u64 = 50;
@@ -68,9 +71,19 @@ spec:
 type Finished = Vec<(Shard, Vec<WorkerStep>, Vec<Vec<f32>>)>;
 
 fn run_pipeline(m: &TrainingRun) -> Result<Finished, PipelineError> {
+    run_routed(m, None)
+}
+
+/// Runs every shard on a thread; with `route`, every step follows it.
+fn run_routed(m: &TrainingRun, route: Option<Route>) -> Result<Finished, PipelineError> {
     let p = &m.spec.pipeline;
-    let layout = loopback_layout(p.stages, p.replicas, m.spec.model.tied_embeddings)
-        .expect("bind loopback listeners");
+    let layout = loopback_layout(
+        p.stages,
+        p.replicas,
+        m.spec.model.tied_embeddings,
+        p.routing == Routing::Throughput,
+    )
+    .expect("bind loopback listeners");
     let auth = Auth {
         run_id: RunId([3; 16]),
         key: RunKey([9; 32]),
@@ -78,9 +91,12 @@ fn run_pipeline(m: &TrainingRun) -> Result<Finished, PipelineError> {
     let handles: Vec<_> = layout
         .into_iter()
         .map(|(shard, peers)| {
-            let (m, auth) = (m.clone(), auth.clone());
+            let (m, auth, route) = (m.clone(), auth.clone(), route.clone());
             thread::spawn(move || -> Result<_, PipelineError> {
                 let mut w = StageWorker::new(&m, shard, peers, auth, Duration::from_secs(60))?;
+                if let Some(r) = route {
+                    w.set_route(r)?;
+                }
                 let steps = w.run(STEPS)?;
                 let params = w.stage().params().iter().map(|p| p.data.clone()).collect();
                 w.finish()?;
@@ -120,8 +136,14 @@ fn check_layout(stages: usize, replicas: usize, tied: bool, schedule: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     write_corpus(dir.path());
     let m = manifest(dir.path(), stages, replicas, tied, schedule);
-    let (want, want_params, ref_secs) = reference(&m);
-    let done = run_pipeline(&m).expect("pipeline run");
+    check_run(&m, None);
+}
+
+fn check_run(m: &TrainingRun, route: Option<Route>) {
+    let (stages, replicas) = (m.spec.pipeline.stages, m.spec.pipeline.replicas);
+    let (tied, schedule) = (m.spec.model.tied_embeddings, m.spec.pipeline.schedule);
+    let (want, want_params, ref_secs) = reference(m);
+    let done = run_routed(m, route.clone()).expect("pipeline run");
     // A step lasts as long as its slowest worker; step 0 includes warm-up.
     let step_secs: Vec<f64> = (1..STEPS as usize)
         .map(|i| {
@@ -132,13 +154,18 @@ fn check_layout(stages: usize, replicas: usize, tied: bool, schedule: &str) {
         .collect();
     let secs = step_secs.iter().sum::<f64>() / step_secs.len() as f64;
     eprintln!(
-        "S={stages} R={replicas} tied={tied} {schedule}: pipeline {:.2} ms/step, trainer {:.2} ms/step",
+        "S={stages} R={replicas} tied={tied} {schedule:?}: pipeline {:.2} ms/step, trainer {:.2} ms/step",
         secs * 1e3,
         ref_secs * 1e3
     );
     let mut last_stages = 0;
     for (shard, steps, params) in &done {
         assert_eq!(steps.len(), STEPS as usize);
+        // Each worker ran its share of every step.
+        let share = route.as_ref().map_or(m.spec.training.micro_batches, |r| {
+            r.counts(shard.stage, replicas)[shard.replica]
+        });
+        assert!(steps.iter().all(|s| s.micro_batches == share), "{shard:?}");
         // Every worker clips with the same global norm.
         let norms: Vec<f64> = steps.iter().map(|s| s.grad_norm).collect();
         let (_, first_steps, _) = done
@@ -207,6 +234,52 @@ fn four_stages_two_replicas_match_the_trainer() {
 }
 
 #[test]
+fn micro_batches_routed_across_replicas_match_the_trainer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_corpus(dir.path());
+    for (schedule, tied) in [("1f1b", true), ("zb-h1", false), ("gpipe", false)] {
+        let mut m = manifest(dir.path(), 3, 2, tied, schedule);
+        m.spec.pipeline.routing = Routing::Throughput;
+        // Uneven shares, different at every stage: a micro-batch crosses
+        // between replicas at each boundary.
+        let route = Route {
+            assign: vec![
+                interleave(&[5, 3]),
+                interleave(&[2, 6]),
+                interleave(&[7, 1]),
+            ],
+        };
+        check_run(&m, Some(route));
+    }
+}
+
+#[test]
+fn a_lanes_run_refuses_a_route_across_replicas() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_corpus(dir.path());
+    let m = manifest(dir.path(), 2, 2, false, "1f1b");
+    let mut w = StageWorker::prepare(
+        &m,
+        Shard {
+            stage: 0,
+            replica: 0,
+        },
+        Duration::from_secs(1),
+    )
+    .expect("prepare");
+    let skewed = Route {
+        assign: vec![interleave(&[5, 3]), interleave(&[4, 4])],
+    };
+    let e = w.set_route(skewed).expect_err("lanes only");
+    assert!(e.to_string().contains("routing: throughput"), "{e}");
+    let short = Route {
+        assign: vec![vec![0; 8]],
+    };
+    assert!(w.set_route(short).is_err());
+    assert!(w.route().is_lanes(4));
+}
+
+#[test]
 fn a_lossy_activation_codec_still_trains_like_the_trainer() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_corpus(dir.path());
@@ -245,7 +318,9 @@ fn a_worker_with_the_wrong_key_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_corpus(dir.path());
     let m = manifest(dir.path(), 2, 1, false, "1f1b");
-    let mut layout = loopback_layout(2, 1, false).expect("bind").into_iter();
+    let mut layout = loopback_layout(2, 1, false, false)
+        .expect("bind")
+        .into_iter();
     let (s0, p0) = layout.next().expect("stage 0");
     let (s1, p1) = layout.next().expect("stage 1");
     let good = Auth {

@@ -32,6 +32,8 @@ pub struct LaunchOptions<'a> {
     pub kills: usize,
     /// Seed of the kills' timing and victims.
     pub kill_seed: u64,
+    /// Workers made slower: `(stage, replica, factor)`.
+    pub slow: &'a [(usize, usize, f64)],
     /// Where the coordinator listens.
     pub coordinator_listen: &'a str,
 }
@@ -85,7 +87,17 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
     eprintln!(
         "coordinator on {url}; launching {shards} worker processes ({stages} stage(s) × {replicas} replica(s), {threads} kernel thread(s) each)"
     );
+    for &(s, r, _) in opts.slow {
+        if s >= stages || r >= replicas {
+            bail!("--slow-worker {s}/{r} is outside the {stages} × {replicas} layout");
+        }
+    }
     let spawn = |stage: usize, replica: usize| -> Result<Worker> {
+        let slowdown = opts
+            .slow
+            .iter()
+            .find(|&&(s, r, _)| (s, r) == (stage, replica))
+            .map_or(1.0, |&(_, _, f)| f);
         let child = Command::new(&exe)
             .arg("worker")
             .arg(&manifest_path)
@@ -97,6 +109,7 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
                 &replica.to_string(),
             ])
             .args(["--threads", &threads.to_string()])
+            .args(["--slowdown", &slowdown.to_string()])
             .env(TOKEN_ENV, &token)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -277,6 +290,26 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
             bound * 1e3
         );
     }
+    // Each replica's share of the last step, stage by stage.
+    let shares: Vec<Vec<usize>> = (0..stages)
+        .map(|s| {
+            (0..replicas)
+                .map(|r| {
+                    status
+                        .shards
+                        .iter()
+                        .find(|x| (x.stage, x.replica) == (s, r))
+                        .map_or(0, |x| x.micro_batches)
+                })
+                .collect()
+        })
+        .collect();
+    if replicas > 1 {
+        println!(
+            "  micro-batches per replica  {shares:?} by stage ({:?} routing)",
+            manifest.spec.pipeline.routing
+        );
+    }
     // Score the final checkpoint the workers wrote, as a single-process run
     // scores its model.
     let mut loaded = crate::checkpoint::load(opts.root)
@@ -313,6 +346,8 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
         "final_loss": final_loss,
         "reassignments": status.reassignments,
         "kills": kills.len(),
+        "routing": manifest.spec.pipeline.routing,
+        "micro_batches_per_replica": shares,
         "recovery_seconds": recoveries,
     });
     let path = opts.root.join("summary.json");

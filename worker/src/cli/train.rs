@@ -48,12 +48,33 @@ pub struct TrainArgs {
     /// Seed of the fault drill's timing and victims.
     #[arg(long, default_value_t = 1)]
     pub kill_seed: u64,
+    /// With `--processes`: make one worker slower, `STAGE/REPLICA=FACTOR`
+    /// (every forward and backward takes FACTOR times as long); repeatable.
+    /// A drill for `routing: throughput`.
+    #[arg(long, requires = "processes", value_parser = parse_slow_worker)]
+    pub slow_worker: Vec<(usize, usize, f64)>,
     /// With `--processes`: address of the coordinator's HTTP API.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub coordinator_listen: String,
     /// No progress bar (log lines instead).
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// Parses `STAGE/REPLICA=FACTOR`.
+fn parse_slow_worker(s: &str) -> Result<(usize, usize, f64), String> {
+    let bad = || format!("expected STAGE/REPLICA=FACTOR (e.g. 1/0=3), got {s:?}");
+    let (shard, factor) = s.split_once('=').ok_or_else(bad)?;
+    let (stage, replica) = shard.split_once('/').ok_or_else(bad)?;
+    let stage = stage.trim().parse().map_err(|_| bad())?;
+    let replica = replica.trim().parse().map_err(|_| bad())?;
+    let factor: f64 = factor.trim().parse().map_err(|_| bad())?;
+    if !(factor.is_finite() && factor >= 1.0) {
+        return Err(format!(
+            "the slowdown factor must be at least 1, got {factor}"
+        ));
+    }
+    Ok((stage, replica, factor))
 }
 
 /// Run `pipewright train`.
@@ -93,6 +114,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 quiet: args.quiet,
                 kills: args.kill_workers,
                 kill_seed: args.kill_seed,
+                slow: &args.slow_worker,
                 coordinator_listen: &args.coordinator_listen,
             },
         );

@@ -22,7 +22,9 @@ use crate::coord::api::{Failure, Register, StateSource, StepDone, Wiring};
 use crate::coord::{Client, ClientError};
 use crate::kernels::Trans;
 use crate::link::{RunId, RunKey};
-use crate::pipeline::{Auth, Peers, PipelineError, RingPeers, Shard, StageState, StageWorker};
+use crate::pipeline::{
+    Auth, Peers, PipelineError, RingPeers, Route, Shard, StageState, StageWorker,
+};
 
 /// Environment variable holding the join token.
 pub const TOKEN_ENV: &str = "PIPEWRIGHT_JOIN_TOKEN";
@@ -62,6 +64,10 @@ pub struct WorkerArgs {
     /// Kernel threads (default: `training.threads`, else all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Make every forward and backward take this many times as long: a
+    /// drill that emulates a slower machine (see `routing: throughput`).
+    #[arg(long, env = "PIPEWRIGHT_SLOWDOWN", default_value_t = 1.0)]
+    pub slowdown: f64,
 }
 
 /// Arguments of `pipewright join`.
@@ -101,6 +107,7 @@ pub fn join(args: JoinArgs) -> Result<()> {
         name: None,
         timeout: 60,
         threads: args.threads,
+        slowdown: 1.0,
     };
     serve(w, &args.token)
 }
@@ -177,6 +184,7 @@ struct Session {
     /// worker is wired for): every wait for a peer stops.
     abort: Arc<AtomicBool>,
     working: Arc<Mutex<u64>>,
+    slowdown: f64,
 }
 
 impl Session {
@@ -240,6 +248,12 @@ impl Session {
 }
 
 fn serve(args: WorkerArgs, token: &str) -> Result<()> {
+    if !(args.slowdown.is_finite() && args.slowdown >= 1.0) {
+        bail!(
+            "--slowdown must be a number of at least 1, got {}",
+            args.slowdown
+        );
+    }
     let timeout = Duration::from_secs(args.timeout);
     let client = Client::new(&args.coordinator, token, timeout);
     let manifest = match &args.manifest {
@@ -284,6 +298,7 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
         id_seen: Arc::new(AtomicU64::new(0)),
         abort: Arc::new(AtomicBool::new(false)),
         working: Arc::new(Mutex::new(0)),
+        slowdown: args.slowdown,
     };
     let shard = session.register(None)?;
     match shard {
@@ -450,12 +465,14 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
             .as_ref()
             .is_none_or(|x| x.shard() != shard || x.stage().layers != layers)
         {
-            worker = Some(StageWorker::prepare_layers(
+            let mut w = StageWorker::prepare_layers(
                 &session.manifest,
                 shard,
                 session.timeout,
                 Some(layers),
-            )?);
+            )?;
+            w.set_slowdown(session.slowdown);
+            worker = Some(w);
             snapshot = None;
         }
         session.work_in(w.epoch);
@@ -503,6 +520,16 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
             tie: w.tie.clone(),
             ring: ring_peers,
         };
+        let spec = &session.manifest.spec;
+        let route = w.route.clone().unwrap_or_else(|| {
+            Route::lanes(
+                spec.pipeline.stages,
+                spec.pipeline.replicas,
+                spec.training.micro_batches,
+            )
+        });
+        wk.set_route(route)
+            .context("the coordinator's route does not fit this run")?;
         if let Err(e) = wk.link(peers, &auth) {
             tracing::warn!("epoch {}: linking failed: {e}", w.epoch);
             report_failure(session, w.epoch, &e);
@@ -528,6 +555,7 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
                         update_seconds: s.update_seconds,
                         link_bytes: s.link_bytes,
                         rejected_frames: wk.rejected_frames(),
+                        micro_batches: s.micro_batches,
                     });
                     let barrier = match barrier {
                         Ok(b) => b,
@@ -536,6 +564,10 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
                     };
                     if barrier.checkpoint {
                         write_checkpoint(session, wk, &snapshot, wk.steps_done())?;
+                    }
+                    if let Some(route) = barrier.route {
+                        wk.set_route(route)
+                            .context("the coordinator's route does not fit this run")?;
                     }
                     if !barrier.proceed {
                         break;

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::pipeline::Route;
+
 /// `POST /v1/register`: a worker asks for a shard.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Register {
@@ -84,8 +86,11 @@ pub struct Wiring {
     /// Upload this worker's state at `step` for a new replica
     /// (`PUT /v1/state/{stage}?epoch=E`).
     pub upload: bool,
-    /// Next stage's `pipe_addr` (every stage but the last).
-    pub next: Option<String>,
+    /// Next stage's `pipe_addr`s, `(replica, address)` (every stage but the
+    /// last): its own replica's, or every replica's under
+    /// `routing: throughput`.
+    #[serde(default)]
+    pub next: Vec<(usize, String)>,
     /// First stage's `pipe_addr` (last stage of a tied model with three or
     /// more stages).
     pub tie: Option<String>,
@@ -94,6 +99,10 @@ pub struct Wiring {
     /// Upload this stage's part of the checkpoint at `step` before training
     /// on (the writer chosen before was lost before it wrote).
     pub checkpoint: bool,
+    /// Which replica runs which micro-batch from `step` on (`None`: each
+    /// replica its own, `routing: lanes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<Route>,
 }
 
 /// `POST /v1/step`: a worker completed a step; the answer comes when every
@@ -123,6 +132,9 @@ pub struct StepDone {
     /// Frames its links refused so far in this epoch.
     #[serde(default)]
     pub rejected_frames: u64,
+    /// Micro-batches it ran in the step.
+    #[serde(default)]
+    pub micro_batches: usize,
 }
 
 /// Answer to [`StepDone`].
@@ -134,6 +146,9 @@ pub struct Barrier {
     /// Upload this stage's part of the checkpoint at the step just
     /// completed: `PUT /v1/checkpoint/{stage}?step=N&worker=W`.
     pub checkpoint: bool,
+    /// The route of the next step, under `routing: throughput`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<Route>,
 }
 
 /// `POST /v1/heartbeat`: the worker is alive.

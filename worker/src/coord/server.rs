@@ -86,6 +86,7 @@ struct Metrics {
     requests: Family<Vec<(String, String)>, Counter>,
     rejected: Counter,
     rejected_frames: Gauge,
+    shard_micro_batches: Family<Vec<(String, String)>, Gauge>,
 }
 
 impl Metrics {
@@ -104,6 +105,7 @@ impl Metrics {
             requests: Family::default(),
             rejected: Counter::default(),
             rejected_frames: Gauge::default(),
+            shard_micro_batches: Family::default(),
         };
         registry.register("step", "Steps completed by every worker", m.step.clone());
         registry.register(
@@ -144,6 +146,11 @@ impl Metrics {
             "Frames the live workers' links refused (malformed, forged, wrong sender) in this epoch",
             m.rejected_frames.clone(),
         );
+        registry.register(
+            "shard_micro_batches",
+            "Micro-batches a shard ran in its last step (its share under routing: throughput)",
+            m.shard_micro_batches.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -173,6 +180,14 @@ impl Metrics {
             self.bubble
                 .get_or_create(&vec![("stage".into(), st.stage.to_string())])
                 .set(st.bubble);
+        }
+        for sh in &s.shards {
+            self.shard_micro_batches
+                .get_or_create(&vec![
+                    ("stage".into(), sh.stage.to_string()),
+                    ("replica".into(), sh.replica.to_string()),
+                ])
+                .set(sh.micro_batches as i64);
         }
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
@@ -353,6 +368,8 @@ pub fn start(config: Config, listen: &str) -> Result<Handle> {
         checkpoint_every: spec.checkpoint.every,
         tokens_per_step: tokens_per_step(spec),
         measured: spec.pipeline.partition == pipewright_spec::PartitionKind::Measured,
+        micro_batches: spec.training.micro_batches,
+        routed: spec.pipeline.routing == pipewright_spec::Routing::Throughput,
     };
     let (model, stages) = (config.model.clone(), spec.pipeline.stages);
     let root = config

@@ -30,9 +30,17 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::api::{Barrier, Failure, Register, StateSource, StepDone, Wiring};
+use crate::pipeline::Route;
 
 /// Recoveries after which a run that keeps failing is given up.
 pub const MAX_EPOCHS: u64 = 1000;
+
+/// Weight of the newest step in a worker's smoothed seconds per micro-batch.
+const ROUTE_SMOOTHING: f64 = 0.3;
+
+/// Fraction of a stage's busy time a new route must save to replace the
+/// current one.
+const REROUTE_GAIN: f64 = 0.1;
 
 /// The shape of the run the coordinator drives.
 #[derive(Clone, Debug, PartialEq)]
@@ -55,6 +63,11 @@ pub struct Layout {
     /// Re-balance the layers by the workers' measured speeds before the
     /// first step (`partition: measured`).
     pub measured: bool,
+    /// Micro-batches per replica and step.
+    pub micro_batches: usize,
+    /// Route micro-batches to replicas by measured speed
+    /// (`routing: throughput`).
+    pub routed: bool,
 }
 
 /// Splits the model's layers into stages given each stage's relative
@@ -114,6 +127,10 @@ struct Slot {
     rejected_frames: u64,
     counted: u64,
     reported: u64,
+    /// Micro-batches it ran in its last step.
+    micro_batches: usize,
+    /// Smoothed seconds per micro-batch (compute only).
+    mb_seconds: Option<f64>,
 }
 
 impl Slot {
@@ -199,6 +216,12 @@ pub struct ShardStatus {
     pub mean_link_bytes: f64,
     /// Frames its links refused in the current epoch.
     pub rejected_frames: u64,
+    /// Micro-batches it ran in its last step (its share of the route).
+    #[serde(default)]
+    pub micro_batches: usize,
+    /// Smoothed compute seconds per micro-batch, which the route weighs.
+    #[serde(default)]
+    pub seconds_per_micro_batch: Option<f64>,
 }
 
 /// One stage's line in the status.
@@ -274,6 +297,8 @@ pub struct Coordinator {
     /// Whether the layer ranges are settled (always, unless measured and
     /// no plan was made yet).
     layers_fixed: bool,
+    /// Which replica runs which micro-batch (`routing: throughput`).
+    route: Option<Route>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -332,6 +357,7 @@ impl Coordinator {
             reserved,
             partitioner: None,
             layers_fixed,
+            route: None,
         }
     }
 
@@ -404,6 +430,56 @@ impl Coordinator {
         match &self.finished {
             Some((phase, _)) => Err(CoordError::Finished(*phase)),
             None => Ok(()),
+        }
+    }
+
+    /// Under `routing: throughput`, moves micro-batches towards the faster
+    /// replicas of each stage when that shortens the stage's busy time by
+    /// more than [`REROUTE_GAIN`] (so that noise does not reshuffle every
+    /// step).
+    fn reroute(&mut self) {
+        let (stages, replicas, m) = (
+            self.layout.stages,
+            self.layout.replicas,
+            self.layout.micro_batches,
+        );
+        if !self.layout.routed || replicas < 2 || m == 0 {
+            return;
+        }
+        let times: Vec<Vec<Option<f64>>> = (0..stages)
+            .map(|s| {
+                (0..replicas)
+                    .map(|r| {
+                        self.slots[self.idx(s, r)]
+                            .as_ref()
+                            .and_then(|x| x.mb_seconds)
+                    })
+                    .collect()
+            })
+            .collect();
+        let current = self
+            .route
+            .clone()
+            .unwrap_or_else(|| Route::lanes(stages, replicas, m));
+        let candidate = crate::pipeline::route::weighted(stages, replicas, m, &times);
+        let mut next = current.clone();
+        for s in 0..stages {
+            // Only stages whose every replica has been measured move.
+            let Some(t) = times[s].iter().copied().collect::<Option<Vec<f64>>>() else {
+                continue;
+            };
+            if candidate.makespan(s, &t) < (1.0 - REROUTE_GAIN) * current.makespan(s, &t) {
+                next.assign[s] = candidate.assign[s].clone();
+            }
+        }
+        if next != current {
+            tracing::info!(
+                "routing: micro-batches per replica now {:?}",
+                (0..stages)
+                    .map(|s| next.counts(s, replicas))
+                    .collect::<Vec<_>>()
+            );
+            self.route = Some(next);
         }
     }
 
@@ -539,6 +615,8 @@ impl Coordinator {
             rejected_frames: 0,
             counted: 0,
             reported: 0,
+            micro_batches: 0,
+            mb_seconds: None,
         });
         self.make_plan();
     }
@@ -786,10 +864,14 @@ impl Coordinator {
                 }
             })
         };
-        let next = if s + 1 < stages {
-            addr(s + 1, rep, false)
-        } else {
-            None
+        let next = match (s + 1 < stages, self.layout.routed) {
+            (false, _) => Vec::new(),
+            (true, true) => (0..replicas)
+                .filter_map(|r| addr(s + 1, r, false).map(|a| (r, a)))
+                .collect(),
+            (true, false) => addr(s + 1, rep, false)
+                .map(|a| vec![(rep, a)])
+                .unwrap_or_default(),
         };
         let tie = if self.layout.tied && stages > 2 && s + 1 == stages {
             addr(0, rep, false)
@@ -815,6 +897,7 @@ impl Coordinator {
             tie,
             ring_next,
             checkpoint,
+            route: self.route.clone(),
         }))
     }
 
@@ -827,10 +910,11 @@ impl Coordinator {
             layers: [0, 0],
             state: StateSource::Held,
             upload: false,
-            next: None,
+            next: Vec::new(),
             tie: None,
             ring_next: None,
             checkpoint: false,
+            route: None,
         }
     }
 
@@ -888,7 +972,15 @@ impl Coordinator {
                     s.sums[2] += d.update_seconds;
                     s.sums[3] += d.link_bytes as f64;
                     s.counted += 1;
+                    if d.micro_batches > 0 {
+                        let t = d.busy_seconds / d.micro_batches as f64;
+                        s.mb_seconds = Some(match s.mb_seconds {
+                            Some(old) => old + ROUTE_SMOOTHING * (t - old),
+                            None => t,
+                        });
+                    }
                 }
+                s.micro_batches = d.micro_batches;
                 s.rejected_frames = d.rejected_frames;
             }
             self.started_training = true;
@@ -917,6 +1009,7 @@ impl Coordinator {
         let stop = Some(Barrier {
             proceed: false,
             checkpoint: false,
+            route: None,
         });
         if epoch != self.epoch || self.finished.is_some() {
             return stop;
@@ -941,10 +1034,12 @@ impl Coordinator {
                     written: BTreeSet::new(),
                 });
             }
+            self.reroute();
         }
         Some(Barrier {
             proceed: true,
             checkpoint: self.checkpoint_order(i, completed),
+            route: self.route.clone(),
         })
     }
 
@@ -1077,6 +1172,8 @@ impl Coordinator {
                         .as_ref()
                         .map_or(0.0, |s| s.sums[3] / s.counted.max(1) as f64),
                     rejected_frames: slot.as_ref().map_or(0, |s| s.rejected_frames),
+                    micro_batches: slot.as_ref().map_or(0, |s| s.micro_batches),
+                    seconds_per_micro_batch: slot.as_ref().and_then(|s| s.mb_seconds),
                 }
             })
             .collect();

@@ -18,6 +18,8 @@ fn layout(stages: usize, replicas: usize, tied: bool) -> Layout {
         checkpoint_every: 4,
         tokens_per_step: 100,
         measured: false,
+        micro_batches: 2,
+        routed: false,
     }
 }
 
@@ -70,6 +72,7 @@ fn done(worker: u64, epoch: u64, completed: u64) -> StepDone {
         update_seconds: 0.01,
         link_bytes: 1000,
         rejected_frames: 0,
+        micro_batches: 2,
     }
 }
 
@@ -108,7 +111,7 @@ fn the_plan_waits_for_every_shard_and_wires_neighbours() {
     assert_eq!(w.shard, (0, 0));
     assert_eq!(w.step, 0);
     assert_eq!(w.state, StateSource::Held);
-    assert_eq!(w.next.as_deref(), Some("w10:1"));
+    assert_eq!(w.next, vec![(0, "w10:1".to_string())]);
     assert_eq!(w.ring_next.as_deref(), Some("w01:2"));
     assert_eq!(w.tie, None);
     let last = c
@@ -118,7 +121,7 @@ fn the_plan_waits_for_every_shard_and_wires_neighbours() {
         .expect("last")
         .0;
     let w = c.wiring(last, 0).expect("ok").expect("plan");
-    assert_eq!(w.next, None);
+    assert!(w.next.is_empty());
     assert_eq!(
         w.tie.as_deref(),
         Some("w01:1"),
@@ -493,4 +496,70 @@ fn a_measured_partition_gives_the_faster_stage_more_layers() {
     l.measured = true;
     let c = Coordinator::new("t", l, LEASE, None, Some(saved));
     assert_eq!(c.layout().stage_layers, vec![0..1, 1..4]);
+}
+
+#[test]
+fn throughput_routing_moves_micro_batches_to_the_faster_replica() {
+    let mut l = layout(2, 2, false);
+    l.routed = true;
+    l.micro_batches = 4;
+    let mut c = Coordinator::new("t", l, LEASE, None, None);
+    let now = Instant::now();
+    let ids = fill(&mut c, now);
+    let w = c.wiring(ids[0], 0).expect("ok").expect("a plan");
+    // Routed runs link every replica of the next stage.
+    assert_eq!(
+        w.next,
+        vec![(0, "w10:1".to_string()), (1, "w11:1".to_string())]
+    );
+    assert_eq!(w.route, None, "lanes until speeds are known");
+    let epoch = w.epoch;
+    let mut route = None;
+    for step in 1..=4 {
+        for (k, &id) in ids.iter().enumerate() {
+            let mut d = done(id, epoch, step);
+            d.micro_batches = 4;
+            // Shard (1, 1) takes three times as long per micro-batch.
+            d.busy_seconds = if k == 3 { 0.6 } else { 0.2 };
+            c.step_done(&d, now).expect("step");
+        }
+        route = c.barrier(ids[0], epoch, step, now).expect("released").route;
+    }
+    let route = route.expect("a route once every replica was measured");
+    assert_eq!(route.counts(0, 2), vec![4, 4], "stage 0 is balanced");
+    assert_eq!(
+        route.counts(1, 2),
+        vec![6, 2],
+        "the slow replica gets a quarter"
+    );
+    let status = c.status(now);
+    let slow = &status.shards[3];
+    assert_eq!((slow.stage, slow.replica), (1, 1));
+    assert!((slow.seconds_per_micro_batch.expect("measured") - 0.15).abs() < 1e-9);
+    // A new wiring hands the route to everyone.
+    c.lose(ids[3], now);
+    c.register(reg(Some(1), Some(1), "w11b"), now)
+        .expect("register");
+    let w = c
+        .wiring(ids[0], epoch)
+        .expect("ok")
+        .expect("the new epoch's plan");
+    assert_eq!(w.route.map(|r| r.counts(1, 2)), Some(vec![6, 2]));
+}
+
+#[test]
+fn lanes_runs_never_route() {
+    let mut c = coord(2, 2, false);
+    let now = Instant::now();
+    let ids = fill(&mut c, now);
+    let epoch = c.wiring(ids[0], 0).expect("ok").expect("plan").epoch;
+    for (k, &id) in ids.iter().enumerate() {
+        let mut d = done(id, epoch, 1);
+        d.busy_seconds = if k == 3 { 5.0 } else { 0.1 };
+        c.step_done(&d, now).expect("step");
+    }
+    assert_eq!(
+        c.barrier(ids[0], epoch, 1, now).expect("released").route,
+        None
+    );
 }

@@ -25,10 +25,14 @@
 //!    single-process trainer, and the total comes back down, so every stage
 //!    clips with the same factor before its AdamW step.
 //!
-//! A stage talks to stages `s ± 1` of its own replica, and to the other
-//! replicas of its stage through the ring; who those are (the wiring) comes
-//! from the caller: a static layout in tests, the coordinator in a run.
+//! Under `routing: lanes` a stage talks to stages `s ± 1` of its own
+//! replica; under `routing: throughput` to every replica of stages `s ± 1`,
+//! and a [`Route`] says which replica runs which micro-batch (see
+//! [`route`]). The other replicas of its stage are reached through the
+//! ring. Who those peers are (the wiring) comes from the caller: a static
+//! layout in tests, the coordinator in a run.
 
+pub mod route;
 mod wire;
 
 use std::io;
@@ -36,7 +40,7 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use pipewright_spec::{Codec as SpecCodec, TrainingRun};
+use pipewright_spec::{Codec as SpecCodec, Routing, TrainingRun};
 
 use crate::data::{sample_train, Corpus, DataError, Tokenizer};
 use crate::link::codec::CodecError;
@@ -50,6 +54,7 @@ use crate::optim::{grad_sq_sum, AdamW, OptimConfig};
 use crate::schedule::{ops, plan, validate, Op, ScheduleError};
 use crate::sync::{RingConfig, RingError, RingMember};
 
+pub use route::Route;
 use wire::{decode_f32, decode_scalar, decode_targets, Inbox, Sender, TIE_SLOT};
 
 /// Why a stage worker failed.
@@ -131,8 +136,10 @@ pub struct Peers {
     /// where the last stage connects for the tied gradients (the first
     /// stage of a tied model with three or more stages).
     pub listener: Option<TcpListener>,
-    /// The next stage's listener, `host:port` (every stage but the last).
-    pub next: Option<String>,
+    /// The next stage's listeners, `(replica, host:port)` (every stage but
+    /// the last): its own replica's under `routing: lanes`, every
+    /// replica's under `routing: throughput`.
+    pub next: Vec<(usize, String)>,
     /// The first stage's listener, on the last stage of a tied model with
     /// three or more stages (with two, the neighbour link carries them).
     pub tie: Option<String>,
@@ -168,15 +175,19 @@ pub struct WorkerStep {
     /// (activations or gradients under the run's codec, targets, tied
     /// gradients, norms; frame headers included; the ring not counted).
     pub link_bytes: u64,
+    /// Micro-batches this worker ran in the step (the route's share).
+    pub micro_batches: usize,
 }
 
 /// Binds every listener of an `stages × replicas` layout on loopback and
-/// wires them statically. Returns one `(shard, peers)` per worker, stage
-/// major.
+/// wires them statically (every replica of the next stage with `cross`, for
+/// `routing: throughput`; the own replica's only otherwise). Returns one
+/// `(shard, peers)` per worker, stage major.
 pub fn loopback_layout(
     stages: usize,
     replicas: usize,
     tied: bool,
+    cross: bool,
 ) -> io::Result<Vec<(Shard, Peers)>> {
     let bind = || TcpListener::bind(("127.0.0.1", 0));
     let idx = |s: usize, r: usize| s * replicas + r;
@@ -208,11 +219,15 @@ pub fn loopback_layout(
             let (listener, ring_listener) = listeners
                 .next()
                 .ok_or_else(|| io::Error::other("layout listener count"))?;
-            let next = if s + 1 < stages {
-                pipe_addrs[idx(s + 1, r)].clone()
-            } else {
-                None
+            let targets: Vec<usize> = match (s + 1 < stages, cross) {
+                (false, _) => Vec::new(),
+                (true, true) => (0..replicas).collect(),
+                (true, false) => vec![r],
             };
+            let next = targets
+                .into_iter()
+                .filter_map(|t| pipe_addrs[idx(s + 1, t)].clone().map(|a| (t, a)))
+                .collect();
             let tie = if tied && stages > 2 && s + 1 == stages {
                 pipe_addrs[idx(0, r)].clone()
             } else {
@@ -262,17 +277,23 @@ pub struct StageWorker {
     stage: Stage,
     opt: AdamW,
     corpus: Option<Corpus>,
-    prev: Option<Inbox>,
-    next: Option<Inbox>,
+    /// Links to the previous stage's replicas, by replica.
+    prev: Vec<Option<Inbox>>,
+    /// Links to the next stage's replicas, by replica.
+    next: Vec<Option<Inbox>>,
     tie: Option<Inbox>,
     ring: Option<RingMember>,
     sender: Sender,
     codec: Codec,
     timeout: Duration,
-    order: Vec<Op>,
+    kind: pipewright_spec::ScheduleKind,
+    /// Links reach every replica of the neighbouring stages.
+    cross: bool,
+    route: Route,
     link_config: LinkConfig,
     step: u64,
     busy: Duration,
+    slowdown: f64,
     /// Content hash of each in-flight micro-batch's forward input.
     inputs: std::collections::HashMap<u64, crate::link::frame::Digest>,
 }
@@ -368,9 +389,13 @@ impl StageWorker {
         let micro_batches = spec.training.micro_batches;
         let kind = spec.pipeline.schedule;
         // Every worker checks the whole plan, so a schedule that could
-        // deadlock is refused before any link is opened.
+        // deadlock is refused before any link is opened: the lanes' own,
+        // and the one routed steps follow.
         validate(&plan(kind, stages, micro_batches))?;
-        let order = ops(kind, shard.stage, stages, micro_batches);
+        let cross = spec.pipeline.routing == Routing::Throughput && replicas > 1;
+        if cross {
+            validate(&plan(kind, stages, replicas * micro_batches))?;
+        }
         let layers = match layers {
             Some(l) if l.start < l.end && l.end <= model.layers => l,
             Some(l) => {
@@ -399,8 +424,8 @@ impl StageWorker {
         let mut link_config = LinkConfig::new(RunId([0; 16]), RunKey([0; 32]), worker_id);
         // Every frame of a step may be queued at once (a neighbour can run a
         // whole GPipe half ahead), so the queues never make two stages wait
-        // on each other.
-        let frames = 2 * micro_batches + 8;
+        // on each other. A routed link may carry every micro-batch.
+        let frames = 2 * micro_batches * if cross { replicas } else { 1 } + 8;
         link_config.send_queue_frames = frames;
         link_config.recv_queue_frames = frames;
         let largest = [
@@ -427,17 +452,20 @@ impl StageWorker {
             stage,
             opt,
             corpus,
-            prev: None,
-            next: None,
+            prev: Vec::new(),
+            next: Vec::new(),
             tie: None,
             ring: None,
             sender,
             codec,
             timeout,
-            order,
+            kind,
+            cross,
+            route: Route::lanes(stages, replicas, micro_batches),
             link_config,
             step: 0,
             busy: Duration::ZERO,
+            slowdown: 1.0,
             inputs: std::collections::HashMap::new(),
         })
     }
@@ -457,30 +485,65 @@ impl StageWorker {
         let first = shard.stage == 0;
         let last = shard.stage + 1 == stages;
         let tie_far = self.model.tied && stages > 2;
+        // The replicas of a neighbouring stage this worker links to.
+        let lanes: Vec<usize> = if self.cross {
+            (0..replicas).collect()
+        } else {
+            vec![shard.replica]
+        };
+        let mut next_replicas: Vec<usize> = peers.next.iter().map(|(r, _)| *r).collect();
+        next_replicas.sort_unstable();
         if (!first || tie_far) != peers.listener.is_some()
-            || last == peers.next.is_some()
+            || (if last {
+                !next_replicas.is_empty()
+            } else {
+                next_replicas != lanes
+            })
             || (last && tie_far) != peers.tie.is_some()
             || (replicas > 1) != peers.ring.is_some()
         {
             return Err(PipelineError::Layout(format!(
-                "peers of stage {} of {stages} (replicas {replicas}, tied {}) are incomplete or superfluous",
-                shard.stage, self.model.tied
+                "peers of stage {} of {stages} (replicas {replicas}, tied {}, routed {}) are incomplete or superfluous",
+                shard.stage, self.model.tied, self.cross
             )));
         }
+        // Who connects to this worker's listener: the previous stage's
+        // replicas, or on the first stage the last stage's tied gradients.
+        let expected: Vec<WorkerId> = if !first {
+            lanes
+                .iter()
+                .map(|&r| {
+                    Shard {
+                        stage: shard.stage - 1,
+                        replica: r,
+                    }
+                    .worker_id()
+                })
+                .collect()
+        } else if tie_far {
+            vec![Shard {
+                stage: stages - 1,
+                replica: shard.replica,
+            }
+            .worker_id()]
+        } else {
+            Vec::new()
+        };
         let max_early = self.link_config.recv_queue_frames;
         let abort = self.link_config.abort.clone();
         let inbox = |l: Link, name: &'static str| Inbox::new(l, name, max_early, abort.clone());
         let link_config = &self.link_config;
         let (accepted, next, tie) = thread::scope(|scope| {
+            let expected = &expected;
             let accepting = peers
                 .listener
                 .as_ref()
-                .map(|l| scope.spawn(move || accept_within(l, link_config, timeout)));
-            let next = peers
+                .map(|l| scope.spawn(move || accept_peers(l, link_config, timeout, expected)));
+            let next: Result<Vec<(usize, Link)>, LinkError> = peers
                 .next
-                .as_deref()
-                .map(|a| connect_within(a, link_config, timeout))
-                .transpose();
+                .iter()
+                .map(|(r, a)| connect_within(a, link_config, timeout).map(|l| (*r, l)))
+                .collect();
             let tie = peers
                 .tie
                 .as_deref()
@@ -496,13 +559,26 @@ impl StageWorker {
         let accepted = accepted.map_err(link_err("previous stage"))?;
         let next = next.map_err(link_err("next stage"))?;
         let tie = tie.map_err(link_err("tied stage"))?;
-        let (prev, tie) = match (first, accepted, tie) {
-            (true, Some(l), None) => (None, Some(inbox(l, "tied stage"))),
-            (_, a, t) => (
-                a.map(|l| inbox(l, "previous stage")),
-                t.map(|l| inbox(l, "tied stage")),
-            ),
-        };
+        let mut prev: Vec<Option<Inbox>> = Vec::new();
+        let mut tie = tie.map(|l| inbox(l, "tied stage"));
+        for l in accepted.unwrap_or_default() {
+            if first {
+                tie = Some(inbox(l, "tied stage"));
+                continue;
+            }
+            let r = shard_of(l.peer()).replica;
+            if prev.len() <= r {
+                prev.resize_with(r + 1, || None);
+            }
+            prev[r] = Some(inbox(l, "previous stage"));
+        }
+        let mut next_links: Vec<Option<Inbox>> = Vec::new();
+        for (r, l) in next {
+            if next_links.len() <= r {
+                next_links.resize_with(r + 1, || None);
+            }
+            next_links[r] = Some(inbox(l, "next stage"));
+        }
         let ring = match peers.ring {
             Some(RingPeers { listener, next }) => {
                 let mut c = RingConfig::new(
@@ -520,10 +596,49 @@ impl StageWorker {
             None => None,
         };
         self.prev = prev;
-        self.next = next.map(|l| inbox(l, "next stage"));
+        self.next = next_links;
         self.tie = tie;
         self.ring = ring;
         Ok(())
+    }
+
+    /// Sets the route of the steps to come (the coordinator's answer at a
+    /// step barrier). Refused, keeping the current one, when it does not
+    /// fit the layout, or moves micro-batches between replicas of a run
+    /// with `routing: lanes`.
+    pub fn set_route(&mut self, route: Route) -> Result<(), PipelineError> {
+        route
+            .check(self.stages, self.replicas, self.micro_batches)
+            .map_err(PipelineError::Layout)?;
+        if !self.cross && !route.is_lanes(self.micro_batches) {
+            return Err(PipelineError::Layout(
+                "a route that moves micro-batches between replicas needs pipeline.routing: throughput"
+                    .into(),
+            ));
+        }
+        self.route = route;
+        Ok(())
+    }
+
+    /// The route the next step follows.
+    pub fn route(&self) -> &Route {
+        &self.route
+    }
+
+    /// Makes every forward and backward take `factor` times as long (at
+    /// least 1), emulating a slower machine: a drill for routing.
+    pub fn set_slowdown(&mut self, factor: f64) {
+        self.slowdown = factor.max(1.0);
+    }
+
+    /// Counts the compute that began at `t` as busy time, first stretching
+    /// it by the slowdown factor.
+    fn spent(&mut self, t: Instant) {
+        let took = t.elapsed();
+        if self.slowdown > 1.0 {
+            thread::sleep(took.mul_f64(self.slowdown - 1.0));
+        }
+        self.busy += t.elapsed();
     }
 
     /// A flag that, once raised, stops every wait of this worker for a peer
@@ -537,8 +652,8 @@ impl StageWorker {
     /// activations, partial gradients). Parameters, optimizer state and the
     /// step count stay: they are those of the last completed step.
     pub fn unlink(&mut self) {
-        self.prev = None;
-        self.next = None;
+        self.prev.clear();
+        self.next.clear();
         self.tie = None;
         self.ring = None;
         self.stage.clear_in_flight();
@@ -580,17 +695,37 @@ impl StageWorker {
         Ok(())
     }
 
-    /// The operations this stage runs in every step, from the manifest's
-    /// `pipeline.schedule`.
-    pub fn order(&self) -> &[Op] {
-        &self.order
+    /// The operations this stage runs in the next step, from the
+    /// manifest's `pipeline.schedule` and the route; micro-batch numbers are
+    /// the step's (`0 .. replicas × micro_batches`).
+    pub fn order(&self) -> Vec<Op> {
+        let (s, r, m) = (self.shard.stage, self.shard.replica, self.micro_batches);
+        if self.route.is_lanes(m) {
+            // Each replica is a pipeline of its own: its schedule for its
+            // own M micro-batches, numbered within the step.
+            return ops(self.kind, s, self.stages, m)
+                .into_iter()
+                .map(|op| op.with_micro_batch(op.micro_batch() + (r * m) as u32))
+                .collect();
+        }
+        ops(self.kind, s, self.stages, self.replicas * m)
+            .into_iter()
+            .filter(|op| self.route.replica(s, op.micro_batch() as u64) == r)
+            .collect()
+    }
+
+    /// Every link to a neighbouring stage.
+    fn inboxes(&self) -> impl Iterator<Item = &Inbox> {
+        self.prev
+            .iter()
+            .chain(&self.next)
+            .flatten()
+            .chain(self.tie.as_ref())
     }
 
     /// Bytes sent so far on the current links to neighbouring stages.
     pub fn link_bytes_sent(&self) -> u64 {
-        [&self.prev, &self.next, &self.tie]
-            .into_iter()
-            .flatten()
+        self.inboxes()
             .map(|i| i.link.stats().snapshot().bytes_sent)
             .sum()
     }
@@ -606,9 +741,7 @@ impl StageWorker {
                 .map(|l| l.stats().rejected_total())
                 .sum()
         });
-        [&self.prev, &self.next, &self.tie]
-            .into_iter()
-            .flatten()
+        self.inboxes()
             .map(|i| i.link.stats().rejected_total())
             .sum::<u64>()
             + ring
@@ -660,9 +793,12 @@ impl StageWorker {
                     })?;
             }
         }
-        for inbox in [self.prev.as_mut(), self.next.as_mut(), self.tie.as_mut()]
-            .into_iter()
+        for inbox in self
+            .prev
+            .iter_mut()
+            .chain(self.next.iter_mut())
             .flatten()
+            .chain(self.tie.as_mut())
         {
             inbox.finish()?;
         }
@@ -681,6 +817,43 @@ impl StageWorker {
         self.rows * self.model.seq_len
     }
 
+    /// The link to the replica of the previous stage that runs `mb`.
+    fn prev_for(&mut self, mb: u64) -> Result<&mut Inbox, PipelineError> {
+        let r = self.route.replica(self.shard.stage - 1, mb);
+        self.prev
+            .get_mut(r)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| {
+                PipelineError::Layout(format!("no link to replica {r} of the previous stage"))
+            })
+    }
+
+    /// The link to the replica of the next stage that runs `mb`.
+    fn next_for(&mut self, mb: u64) -> Result<&mut Inbox, PipelineError> {
+        let r = self.route.replica(self.shard.stage + 1, mb);
+        self.next
+            .get_mut(r)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| {
+                PipelineError::Layout(format!("no link to replica {r} of the next stage"))
+            })
+    }
+
+    /// The link to this worker's own replica of the previous stage (tied
+    /// gradients, the gradient norm).
+    fn prev_lane(&mut self) -> Option<&mut Inbox> {
+        self.prev
+            .get_mut(self.shard.replica)
+            .and_then(Option::as_mut)
+    }
+
+    /// The link to this worker's own replica of the next stage.
+    fn next_lane(&mut self) -> Option<&mut Inbox> {
+        self.next
+            .get_mut(self.shard.replica)
+            .and_then(Option::as_mut)
+    }
+
     /// One optimizer step: the schedule's forwards and backwards, the
     /// replicas' all-reduce, tied gradients, the global norm and AdamW.
     pub fn train_step(&mut self) -> Result<WorkerStep, PipelineError> {
@@ -690,7 +863,12 @@ impl StageWorker {
         let scale = 1.0 / self.micro_batches as f32;
         let mut loss_sum = 0.0f64;
         self.busy = Duration::ZERO;
-        for op in self.order.clone() {
+        let order = self.order();
+        let micro_batches = order
+            .iter()
+            .filter(|op| matches!(op, Op::Forward { .. }))
+            .count();
+        for op in order {
             match op {
                 Op::Forward { mb } => {
                     if let Some(loss) = self.forward(step, mb as u64, scale)? {
@@ -701,13 +879,13 @@ impl StageWorker {
                     self.backward_input(step, mb as u64)?;
                     let t = Instant::now();
                     self.stage.backward_weight(mb as u64)?;
-                    self.busy += t.elapsed();
+                    self.spent(t);
                 }
                 Op::BackwardInput { mb } => self.backward_input(step, mb as u64)?,
                 Op::BackwardWeight { mb } => {
                     let t = Instant::now();
                     self.stage.backward_weight(mb as u64)?;
-                    self.busy += t.elapsed();
+                    self.spent(t);
                 }
             }
         }
@@ -741,32 +919,27 @@ impl StageWorker {
             busy_seconds: self.busy.as_secs_f64(),
             update_seconds: update.as_secs_f64(),
             link_bytes: self.link_bytes_sent() - bytes_before,
+            micro_batches,
         })
     }
 
     /// Forward of micro-batch `mb`; the loss on the last stage.
     fn forward(&mut self, step: u64, mb: u64, scale: f32) -> Result<Option<f32>, PipelineError> {
         let (rows, seq, dim) = (self.rows, self.model.seq_len, self.model.dim);
+        let m = self.micro_batches as u64;
         let (tokens, hidden, targets, input_hash, targets_hash) = if let Some(corpus) = &self.corpus
         {
-            let b = sample_train(
-                corpus,
-                self.seed,
-                step,
-                mb,
-                self.shard.replica as u64,
-                rows,
-                seq,
-            );
+            // Micro-batch `mb` of the step holds replica `mb / M`'s data,
+            // whichever replica runs it.
+            let b = sample_train(corpus, self.seed, step, mb % m, mb / m, rows, seq);
             let h = crate::link::frame::content_hash(bytemuck::cast_slice(&b.tokens));
             (Some(b.tokens), None, b.targets, h, h)
         } else {
-            let prev = self.prev.as_mut().ok_or_else(|| {
-                PipelineError::Layout("a later stage has no previous stage".into())
-            })?;
-            let t = prev.take(FrameKind::Targets, step, mb, self.timeout)?;
+            let timeout = self.timeout;
+            let prev = self.prev_for(mb)?;
+            let t = prev.take(FrameKind::Targets, step, mb, timeout)?;
             let targets = decode_targets(&t, rows, seq)?;
-            let a = prev.take(FrameKind::Activation, step, mb, self.timeout)?;
+            let a = prev.take(FrameKind::Activation, step, mb, timeout)?;
             (
                 None,
                 Some(decode_f32(&a, rows * seq, dim, self.codec)?),
@@ -788,18 +961,14 @@ impl StageWorker {
         let out = self
             .stage
             .forward(mb, input, last.then_some(&targets[..]), rows, scale)?;
-        self.busy += t.elapsed();
+        self.spent(t);
         match out {
             StageOutput::Loss(l) => Ok(Some(l)),
             StageOutput::Hidden(h) => {
-                let next = self.next.as_ref().ok_or_else(|| {
-                    PipelineError::Layout("a non-final stage has no next stage".into())
-                })?;
-                next.send(
-                    self.sender
-                        .targets(step, mb, &targets, rows, seq, targets_hash)?,
-                )?;
-                next.send(self.sender.matrix(
+                let targets = self
+                    .sender
+                    .targets(step, mb, &targets, rows, seq, targets_hash)?;
+                let activation = self.sender.matrix(
                     step,
                     mb,
                     FrameKind::Activation,
@@ -808,7 +977,10 @@ impl StageWorker {
                     dim,
                     self.codec,
                     input_hash,
-                )?)?;
+                )?;
+                let next = self.next_for(mb)?;
+                next.send(targets)?;
+                next.send(activation)?;
                 Ok(None)
             }
         }
@@ -820,21 +992,23 @@ impl StageWorker {
         // A gradient is computed from the next stage's gradient, or on the
         // last stage from the forward's input (and the targets).
         let forward_input = self.inputs.remove(&mb).unwrap_or([0; 32]);
-        let (grad, input_hash) = match self.next.as_mut() {
-            Some(next) => {
-                let f = next.take(FrameKind::Gradient, step, mb, self.timeout)?;
-                (
-                    Some(decode_f32(&f, rows, dim, self.codec)?),
-                    f.content_hash(),
-                )
-            }
-            None => (None, forward_input),
+        let timeout = self.timeout;
+        let (grad, input_hash) = if self.is_last() {
+            (None, forward_input)
+        } else {
+            let f = self
+                .next_for(mb)?
+                .take(FrameKind::Gradient, step, mb, timeout)?;
+            (
+                Some(decode_f32(&f, rows, dim, self.codec)?),
+                f.content_hash(),
+            )
         };
         let t = Instant::now();
         let dx = self.stage.backward_input(mb, grad.as_deref())?;
-        self.busy += t.elapsed();
-        if let (Some(dx), Some(prev)) = (dx, self.prev.as_ref()) {
-            prev.send(self.sender.matrix(
+        self.spent(t);
+        if let (Some(dx), false) = (dx, self.is_first()) {
+            let frame = self.sender.matrix(
                 step,
                 mb,
                 FrameKind::Gradient,
@@ -843,7 +1017,8 @@ impl StageWorker {
                 dim,
                 self.codec,
                 input_hash,
-            )?)?;
+            )?;
+            self.prev_for(mb)?.send(frame)?;
         }
         Ok(())
     }
@@ -912,13 +1087,7 @@ impl StageWorker {
             self.stage.head_mut().map(|(p, _)| p.grad.clone())
         }
         .ok_or_else(|| PipelineError::Layout("tied stage without its matrix".into()))?;
-        let link = match (&mut self.tie, first) {
-            (Some(t), _) => Some(t),
-            (None, true) => self.next.as_mut(),
-            (None, false) => self.prev.as_mut(),
-        }
-        .ok_or_else(|| PipelineError::Layout("no link to the tied stage".into()))?;
-        link.send(self.sender.matrix(
+        let frame = self.sender.matrix(
             step,
             TIE_SLOT,
             FrameKind::Gradient,
@@ -927,8 +1096,16 @@ impl StageWorker {
             dim,
             Codec::F32,
             [0; 32],
-        )?)?;
-        let theirs = link.take(FrameKind::Gradient, step, TIE_SLOT, self.timeout)?;
+        )?;
+        let timeout = self.timeout;
+        let link = match (self.tie.is_some(), first) {
+            (true, _) => self.tie.as_mut(),
+            (false, true) => self.next_lane(),
+            (false, false) => self.prev_lane(),
+        }
+        .ok_or_else(|| PipelineError::Layout("no link to the tied stage".into()))?;
+        link.send(frame)?;
+        let theirs = link.take(FrameKind::Gradient, step, TIE_SLOT, timeout)?;
         let mut theirs = decode_f32(&theirs, vocab, dim, Codec::F32)?;
         let target = if first {
             self.stage.embedding_mut()
@@ -953,22 +1130,24 @@ impl StageWorker {
                 .filter(|p| !(tied && p.name == LM_HEAD_NAME)),
         );
         let timeout = self.timeout;
-        let acc = match self.prev.as_mut() {
+        let acc = match self.prev_lane() {
             Some(prev) => {
                 decode_scalar(&prev.take(FrameKind::Control, step, wire::NORM_SLOT, timeout)?)?
                     + own
             }
             None => own,
         };
-        let total = match self.next.as_mut() {
+        let scalar = self.sender.scalar(step, acc);
+        let total = match self.next_lane() {
             Some(next) => {
-                next.send(self.sender.scalar(step, acc))?;
+                next.send(scalar)?;
                 decode_scalar(&next.take(FrameKind::Control, step, wire::NORM_SLOT, timeout)?)?
             }
             None => acc,
         };
-        if let Some(prev) = self.prev.as_ref() {
-            prev.send(self.sender.scalar(step, total))?;
+        let scalar = self.sender.scalar(step, total);
+        if let Some(prev) = self.prev_lane() {
+            prev.send(scalar)?;
         }
         Ok(total.sqrt())
     }
@@ -1019,6 +1198,51 @@ pub(crate) fn accept_within(
                 last_refusal = Some(e);
             }
         }
+    }
+}
+
+/// Accepts one authenticated connection from each of `expected` within
+/// `timeout`. A peer that is not expected, or that connects twice, is
+/// dropped and the wait goes on.
+fn accept_peers(
+    listener: &TcpListener,
+    config: &LinkConfig,
+    timeout: Duration,
+    expected: &[WorkerId],
+) -> Result<Vec<Link>, LinkError> {
+    let deadline = Instant::now() + timeout;
+    let mut links: Vec<Link> = Vec::with_capacity(expected.len());
+    while links.len() < expected.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(LinkError::Timeout(timeout));
+        }
+        let link = accept_within(listener, config, left)?;
+        let peer = link.peer();
+        if !expected.contains(&peer) || links.iter().any(|l| l.peer() == peer) {
+            let s = shard_of(peer);
+            tracing::warn!(
+                "refused a link from stage {} replica {}: not expected here, or already linked",
+                s.stage,
+                s.replica
+            );
+            continue;
+        }
+        links.push(link);
+    }
+    Ok(links)
+}
+
+/// The shard a worker id names (the inverse of [`Shard::worker_id`]).
+fn shard_of(id: WorkerId) -> Shard {
+    let word = |b: &[u8]| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        u64::from_le_bytes(a) as usize
+    };
+    Shard {
+        stage: word(&id.0[..8]),
+        replica: word(&id.0[8..]),
     }
 }
 

@@ -101,6 +101,16 @@ impl Op {
         }
     }
 
+    /// The same operation on micro-batch `mb`.
+    pub fn with_micro_batch(self, mb: u32) -> Op {
+        match self {
+            Op::Forward { .. } => Op::Forward { mb },
+            Op::Backward { .. } => Op::Backward { mb },
+            Op::BackwardInput { .. } => Op::BackwardInput { mb },
+            Op::BackwardWeight { .. } => Op::BackwardWeight { mb },
+        }
+    }
+
     /// Whether this operation produces the gradient the previous stage waits
     /// for.
     pub fn sends_input_gradient(self) -> bool {

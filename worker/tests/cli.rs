@@ -126,3 +126,86 @@ fn processes_train_like_the_single_process_run() {
     );
     assert!(String::from_utf8_lossy(&eval.stdout).contains("val bits/byte"));
 }
+
+#[test]
+fn throughput_routing_moves_work_off_a_slow_worker_and_trains_the_same() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_inputs(dir.path(), 2, 2, 4);
+    let yaml = std::fs::read_to_string(&path)
+        .expect("manifest")
+        .replace("steps: 6,", "steps: 12,")
+        .replace("microBatches: 2,", "microBatches: 4,")
+        .replace("replicas: 2}", "replicas: 2, routing: throughput}");
+    std::fs::write(&path, yaml).expect("write manifest");
+    let out = pipewright()
+        .args([
+            "train",
+            "--processes",
+            "--quiet",
+            "--slow-worker",
+            "1/1=4",
+            "--out",
+        ])
+        .arg(dir.path().join("routed"))
+        .arg(&path)
+        .output()
+        .expect("run pipewright");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("routed/summary.json")).expect("summary"),
+    )
+    .expect("json");
+    let shares = &summary["micro_batches_per_replica"];
+    let share = |s: usize, r: usize| shares[s][r].as_u64().expect("a count");
+    // Stage 1's slow replica gave most of its work to the other one; every
+    // step still trained all 8 micro-batches.
+    assert!(share(1, 1) < share(1, 0), "{shares}");
+    assert_eq!(share(1, 0) + share(1, 1), 8, "{shares}");
+    assert_eq!(share(0, 0) + share(0, 1), 8, "{shares}");
+    // Routing moves work, not math: the losses are the single-process run's.
+    let local = pipewright()
+        .args(["train", "--quiet", "--out"])
+        .arg(dir.path().join("local"))
+        .arg(&path)
+        .output()
+        .expect("run pipewright");
+    assert!(local.status.success());
+    let losses = |run: &str| -> Vec<f64> {
+        let meta = std::fs::read_to_string(dir.path().join(run).join("step-00000012/meta.json"))
+            .unwrap_or_else(|e| panic!("{run} checkpoint: {e}"));
+        let meta: serde_json::Value = serde_json::from_str(&meta).expect("json");
+        meta["losses"]
+            .as_array()
+            .expect("losses")
+            .iter()
+            .map(|v| v.as_f64().expect("a number"))
+            .collect()
+    };
+    let (local, routed) = (losses("local"), losses("routed"));
+    assert_eq!(routed.len(), 12);
+    for (l, m) in local.iter().zip(&routed) {
+        assert!(
+            (l - m).abs() <= 1e-4 * l.abs(),
+            "routed {routed:?} vs local {local:?}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_slow_worker_drill_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_inputs(dir.path(), 2, 1, 4);
+    let out = pipewright()
+        .args(["train", "--processes", "--slow-worker", "1/0=0.5"])
+        .arg(&path)
+        .output()
+        .expect("run pipewright");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at least 1"), "{err}");
+}

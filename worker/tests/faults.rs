@@ -101,6 +101,34 @@ fn killed_workers_are_replaced_and_the_run_trains_as_if_nothing_happened() {
     );
 }
 
+#[test]
+fn a_routed_run_survives_kills_and_ends_where_the_undisturbed_one_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = write_inputs(dir.path(), "routed", 2, 2, 40);
+    let yaml = std::fs::read_to_string(&m)
+        .expect("manifest")
+        .replace("replicas: 2}", "replicas: 2, routing: throughput}");
+    std::fs::write(&m, yaml).expect("write manifest");
+    let slow = ["--slow-worker", "1/1=3"];
+    train_processes(&m, &dir.path().join("clean"), &slow);
+    let out = train_processes(
+        &m,
+        &dir.path().join("drill"),
+        &["--kill-workers", "3", "--kill-seed", "5", slow[0], slow[1]],
+    );
+    assert!(out.contains("fault drill: 3 kill(s), 3 recovered"), "{out}");
+    // Routes differ between the runs (the relaunched workers are measured
+    // afresh), which reorders float sums: close, not identical.
+    let (a, b) = (
+        summary_losses(&dir.path().join("clean")),
+        summary_losses(&dir.path().join("drill")),
+    );
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() <= 1e-3 * x.abs(), "step {i}: {x} vs {y}");
+    }
+}
+
 struct Procs(Vec<Child>);
 
 impl Drop for Procs {

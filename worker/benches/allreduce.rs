@@ -1,55 +1,92 @@
 //! Bus bandwidth of the ring all-reduce with 2, 3 and 4 ranks in one process
-//! on loopback, against the bound a ring can reach over a loopback TCP
-//! bandwidth B: time ≥ 2(n−1)/n · S / B, i.e. bus bandwidth ≤ B.
+//! on loopback, against the bound a ring can reach over loopback TCP.
 //!
-//! All ranks share this machine's cores, so the single-stream bound
-//! overstates what n ranks can reach together; the table therefore also
-//! shows a plain-TCP ring: n concurrent bare sockets, each carrying the
-//! 2(n−1)/n · S bytes a perfect ring moves per rank, with no hashing,
-//! framing or reduction.
+//! An all-reduce of S bytes over n ranks moves 2(n−1)/n · S bytes over each
+//! rank's outgoing link, all n links at once, so its time is at least
+//! 2(n−1)/n · S / B where B is what one TCP flow carries while n such flows
+//! run together on this machine (bus bandwidth ≤ B). B is measured that way,
+//! not with a lone stream: a plain-TCP ring of n bare sockets, each carrying
+//! those 2(n−1)/n · S bytes, with no hashing, framing or reduction. Its time
+//! is exactly the bound. Ring and plain ring run alternately in one process
+//! (ring, plain, plain, ring, …), and the table gives medians over the
+//! rounds; the bandwidth of a lone stream is shown for comparison.
 //!
 //! Run with `cargo bench -p pipewright --bench allreduce`. Set
-//! `ALLREDUCE_BENCH_MIB` to change the buffer size (default 64 MiB).
+//! `ALLREDUCE_BENCH_MIB` to change the buffer size (default 64 MiB) and
+//! `ALLREDUCE_BENCH_ROUNDS` the number of rounds (default 5).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use pipewright::link::{RunId, RunKey, WorkerId};
-use pipewright::sync::{RingConfig, RingMember};
+use pipewright::sync::{loopback_listeners, on_loopback_ring, RingConfig};
+
+// The allocator the pipewright binary runs with, so allocation costs are
+// the ones a worker pays.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod support;
+use support::{env_or, loadavg, median, range, with_cpu};
+
+const MIB: f64 = (1 << 20) as f64;
 
 fn main() {
-    let mib: usize = std::env::var("ALLREDUCE_BENCH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64);
-    let b = (0..3).map(|_| plain_tcp(mib << 20)).fold(0.0, f64::max);
-    println!("ring all-reduce of {mib} MiB (f32), ranks in one process, loopback");
-    println!("plain loopback TCP bandwidth B = {b:.0} MiB/s");
-    println!("| ranks | time ms | bus bw MiB/s | bound ms (2(n-1)/n·S/B) | busbw / B | plain-TCP ring ms | time vs plain ring |");
+    let mib = env_or("ALLREDUCE_BENCH_MIB", 64);
+    let rounds = env_or("ALLREDUCE_BENCH_ROUNDS", 5).max(1);
+    let bytes = mib << 20;
+    println!("ring all-reduce of {mib} MiB (f32), ranks in one process, loopback, {rounds} rounds");
+    println!("load before: {}", loadavg());
+    let lone = median((0..3).map(|_| plain_tcp(bytes)));
+    println!("one lone loopback TCP stream: {lone:.0} MiB/s");
+    println!(
+        "| ranks | all-reduce ms | bus bw MiB/s | bound ms = plain-TCP ring | B per flow (n flows) MiB/s | busbw / B (median, min–max) | CPU cores ring / plain |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for world in [2, 3, 4] {
-        let t = ring_time(world, mib << 20).as_secs_f64();
         let factor = 2.0 * (world - 1) as f64 / world as f64;
-        let busbw = factor * mib as f64 / t;
-        let bound = factor * mib as f64 / b;
-        let per_rank = (factor * (mib << 20) as f64) as usize;
-        let plain = (0..3)
-            .map(|_| plain_ring(world, per_rank).as_secs_f64())
-            .fold(f64::INFINITY, f64::min);
+        let per_flow = (factor * bytes as f64) as usize;
+        let mut ring = Vec::new();
+        let mut plain = Vec::new();
+        for round in 0..rounds {
+            // Alternate which goes first so neither always runs warm.
+            if round % 2 == 0 {
+                ring.push(with_cpu(|| ring_time(world, bytes)));
+                plain.push(with_cpu(|| plain_ring(world, per_flow)));
+            } else {
+                plain.push(with_cpu(|| plain_ring(world, per_flow)));
+                ring.push(with_cpu(|| ring_time(world, bytes)));
+            }
+        }
+        let secs = |v: &[(Duration, f64)]| -> Vec<f64> {
+            v.iter().map(|(d, _)| d.as_secs_f64()).collect()
+        };
+        let (ring_s, plain_s) = (secs(&ring), secs(&plain));
+        // Per round: bus bandwidth over B = bound time over ring time.
+        let ratios: Vec<f64> = plain_s.iter().zip(&ring_s).map(|(p, r)| p / r).collect();
+        let (lo, hi) = range(ratios.iter().copied());
+        let t = median(ring_s.iter().copied());
+        let bound = median(plain_s.iter().copied());
         println!(
-            "| {world} | {:.1} | {busbw:.0} | {:.1} | {:.0}% | {:.1} | {:.0}% |",
+            "| {world} | {:.1} | {:.0} | {:.1} | {:.0} | {:.0}% ({:.0}–{:.0}%) | {:.2} / {:.2} |",
             t * 1e3,
+            factor * bytes as f64 / MIB / t,
             bound * 1e3,
-            100.0 * busbw / b,
-            plain * 1e3,
-            100.0 * plain / t
+            per_flow as f64 / MIB / bound,
+            100.0 * median(ratios.iter().copied()),
+            100.0 * lo,
+            100.0 * hi,
+            median(ring.iter().map(|r| r.1)),
+            median(plain.iter().map(|r| r.1)),
         );
     }
+    println!("load after: {}", loadavg());
 }
 
-/// Loopback bandwidth of one TCP stream moving `bytes` in 4 MiB writes.
+/// Loopback bandwidth (MiB/s) of one lone TCP stream moving `bytes` in
+/// 4 MiB writes.
 fn plain_tcp(bytes: usize) -> f64 {
     let chunk = 4 << 20;
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -68,19 +105,14 @@ fn plain_tcp(bytes: usize) -> f64 {
         s.write_all(&data).expect("write");
     }
     reader.join().expect("reader");
-    bytes as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64()
+    bytes as f64 / MIB / start.elapsed().as_secs_f64()
 }
 
-/// Time for `world` bare sockets in a ring to each move `bytes` at once.
+/// Time for `world` bare sockets in a ring to each move `bytes` at once,
+/// in 1 MiB writes and reads.
 fn plain_ring(world: usize, bytes: usize) -> Duration {
     let chunk = 1 << 20;
-    let listeners: Vec<TcpListener> = (0..world)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    let addrs: Vec<SocketAddr> = listeners
-        .iter()
-        .map(|l| l.local_addr().expect("addr"))
-        .collect();
+    let (listeners, addrs) = loopback_listeners(world).expect("bind");
     let start = Instant::now();
     thread::scope(|s| {
         for (rank, listener) in listeners.into_iter().enumerate() {
@@ -110,54 +142,31 @@ fn plain_ring(world: usize, bytes: usize) -> Duration {
     start.elapsed()
 }
 
-/// Best wall time of an all-reduce of `bytes` over `world` ranks.
+/// Median time of three all-reduces of `bytes` over `world` ranks, after a
+/// first one that warms up the links. An operation ends when its slowest
+/// rank does.
 fn ring_time(world: usize, bytes: usize) -> Duration {
-    let listeners: Vec<TcpListener> = (0..world)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    let addrs: Vec<SocketAddr> = listeners
-        .iter()
-        .map(|l| l.local_addr().expect("addr"))
-        .collect();
-    let times: Vec<Vec<Duration>> = thread::scope(|s| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, listener)| {
-                let addrs = &addrs;
-                s.spawn(move || {
-                    let config = RingConfig::new(
-                        rank,
-                        world,
-                        RunId([3; 16]),
-                        RunKey([4; 32]),
-                        WorkerId([rank as u8; 16]),
-                    );
-                    let mut member = RingMember::connect(
-                        config,
-                        listener,
-                        &addrs[(rank + 1) % world].to_string(),
-                    )
-                    .expect("connect");
-                    let mut buf = vec![rank as f32; bytes / 4];
-                    (0..4)
-                        .map(|_| {
-                            let start = Instant::now();
-                            member.allreduce_mean(&mut buf).expect("allreduce");
-                            start.elapsed()
-                        })
-                        .collect()
-                })
+    let config = |rank: usize| {
+        RingConfig::new(
+            rank,
+            world,
+            RunId([3; 16]),
+            RunKey([4; 32]),
+            WorkerId([rank as u8; 16]),
+        )
+    };
+    let times: Vec<Vec<Duration>> = on_loopback_ring(world, config, |mut member| {
+        let mut buf = vec![member.rank() as f32; bytes / 4];
+        (0..4)
+            .map(|_| {
+                let start = Instant::now();
+                member.allreduce_mean(&mut buf).expect("allreduce");
+                start.elapsed()
             })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("rank"))
             .collect()
     });
-    // An operation ends when its slowest rank does; take the best operation.
-    (0..times[0].len())
-        .map(|i| times.iter().map(|t| t[i]).max().unwrap_or_default())
-        .min()
-        .unwrap_or_default()
+    let ops: Vec<f64> = (1..times[0].len())
+        .map(|i| times.iter().map(|t| t[i].as_secs_f64()).fold(0.0, f64::max))
+        .collect();
+    Duration::from_secs_f64(median(ops.into_iter()))
 }

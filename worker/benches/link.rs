@@ -1,8 +1,16 @@
 //! Throughput of activation frames over a `Link` on loopback, against a
 //! plain loopback TCP copy of the same bytes.
 //!
+//! Both are measured side by side in one run, alternating (TCP, link, link,
+//! TCP, …) so that load from other processes hits both alike; the table
+//! gives medians over the rounds and the median of the per-round ratios,
+//! and the CPU the process used (in cores) for each.
+//!
 //! Run with `cargo bench -p pipewright --bench link`. Set `LINK_BENCH_MIB`
-//! to change the volume per payload size (default 256 MiB).
+//! to change the volume per payload size and run (default 256 MiB) and
+//! `LINK_BENCH_ROUNDS` the number of rounds (default 5). For profiling one
+//! side alone, `LINK_BENCH_ONLY=link` (or `tcp`) skips the other; the
+//! ratio column is then meaningless.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -12,40 +20,78 @@ use std::time::{Duration, Instant};
 use pipewright::link::frame::{Frame, FrameHeader, FrameLimits};
 use pipewright::link::{Codec, DType, FrameKind, Link, LinkConfig, RunId, RunKey, Shape, WorkerId};
 
+// The allocator the pipewright binary runs with, so allocation costs are
+// the ones a worker pays.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod support;
+use support::{env_or, loadavg, median, with_cpu};
+
 const RUN: RunId = RunId([1; 16]);
 const KEY: RunKey = RunKey([2; 32]);
 
 fn main() {
-    let mib: usize = std::env::var("LINK_BENCH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
-    println!("link throughput, {mib} MiB per payload size, loopback");
-    println!("| payload | plain TCP MiB/s | Link MiB/s | Link / TCP |");
-    println!("|---|---|---|---|");
+    let mib = env_or("LINK_BENCH_MIB", 256);
+    let rounds = env_or("LINK_BENCH_ROUNDS", 5).max(1);
+    println!("link throughput, {mib} MiB per payload size and run, {rounds} rounds, loopback");
+    println!("load before: {}", loadavg());
+    println!(
+        "| payload | plain TCP MiB/s | Link MiB/s | Link / TCP (median, min–max) | CPU cores TCP / Link |"
+    );
+    println!("|---|---|---|---|---|");
     for payload in [64 << 10, 256 << 10, 1 << 20, 4 << 20] {
         let frames = (mib << 20) / payload;
-        // Best of three: loopback numbers on a shared machine are noisy.
-        let tcp = (0..3)
-            .map(|_| plain_tcp(payload, frames))
-            .fold(0.0, f64::max);
-        let link = (0..3)
-            .map(|_| over_link(payload, frames))
-            .fold(0.0, f64::max);
+        let only = std::env::var("LINK_BENCH_ONLY").unwrap_or_default();
+        let tcp_run = || match only.as_str() {
+            "link" => (f64::NAN, f64::NAN),
+            _ => measure(payload * frames, || plain_tcp(payload, frames)),
+        };
+        let link_run = || match only.as_str() {
+            "tcp" => (f64::NAN, f64::NAN),
+            _ => measure(payload * frames, || over_link(payload, frames)),
+        };
+        let mut tcp = Vec::new();
+        let mut link = Vec::new();
+        for round in 0..rounds {
+            // Alternate which goes first so neither always runs warm.
+            if round % 2 == 0 {
+                tcp.push(tcp_run());
+                link.push(link_run());
+            } else {
+                link.push(link_run());
+                tcp.push(tcp_run());
+            }
+        }
+        let mut ratios: Vec<f64> = tcp.iter().zip(&link).map(|(t, l)| l.0 / t.0).collect();
+        ratios.sort_by(f64::total_cmp);
         println!(
-            "| {} KiB | {tcp:.0} | {link:.0} | {:.0}% |",
+            "| {} KiB | {:.0} | {:.0} | {:.0}% ({:.0}–{:.0}%) | {:.2} / {:.2} |",
             payload >> 10,
-            100.0 * link / tcp
+            median(tcp.iter().map(|r| r.0)),
+            median(link.iter().map(|r| r.0)),
+            100.0 * median(ratios.iter().copied()),
+            100.0 * ratios[0],
+            100.0 * ratios[ratios.len() - 1],
+            median(tcp.iter().map(|r| r.1)),
+            median(link.iter().map(|r| r.1)),
         );
     }
+    println!("load after: {}", loadavg());
 }
 
-fn mib_per_s(bytes: usize, elapsed: Duration) -> f64 {
-    bytes as f64 / (1 << 20) as f64 / elapsed.as_secs_f64()
+/// Runs `f`, which moves `bytes` and returns how long moving them took
+/// (connecting excluded), and returns (MiB/s, CPU cores the process used).
+fn measure(bytes: usize, f: impl FnOnce() -> Duration) -> (f64, f64) {
+    let (moving, cores) = with_cpu(f);
+    (
+        bytes as f64 / (1 << 20) as f64 / moving.as_secs_f64(),
+        cores,
+    )
 }
 
 /// Writes `frames` buffers of `payload` bytes through a bare socket.
-fn plain_tcp(payload: usize, frames: usize) -> f64 {
+fn plain_tcp(payload: usize, frames: usize) -> Duration {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let reader = thread::spawn(move || {
@@ -65,11 +111,11 @@ fn plain_tcp(payload: usize, frames: usize) -> f64 {
         s.write_all(&msg).expect("write");
     }
     reader.join().expect("reader");
-    mib_per_s(payload * frames, start.elapsed())
+    start.elapsed()
 }
 
 /// Sends `frames` activation frames of `payload` bytes over a link.
-fn over_link(payload: usize, frames: usize) -> f64 {
+fn over_link(payload: usize, frames: usize) -> Duration {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let mut config = LinkConfig::new(RUN, KEY, WorkerId([1; 16]));
@@ -105,13 +151,8 @@ fn over_link(payload: usize, frames: usize) -> f64 {
     for i in 0..frames {
         let mut h = header.clone();
         h.micro_batch = i as u64;
-        link.send(Frame {
-            header: h,
-            payload: data.clone(),
-            verified_hash: None,
-        })
-        .expect("send");
+        link.send(Frame::new(h, data.clone())).expect("send");
     }
     receiver.join().expect("receiver");
-    mib_per_s(payload * frames, start.elapsed())
+    start.elapsed()
 }

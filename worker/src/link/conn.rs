@@ -2,13 +2,20 @@
 //!
 //! Each link owns two threads. The sender thread drains a queue bounded in
 //! frames and in bytes, so a producer that outruns the network blocks in
-//! [`Link::send`] instead of growing memory. The receiver thread reads and
-//! verifies frames and hands valid ones over a bounded channel, so a slow
-//! consumer stops the reader, which fills the TCP window, which in turn
-//! stops the remote sender: backpressure end to end.
+//! [`Link::send`] instead of growing memory. The receiver thread reads
+//! frames, authenticates their headers and hands them over a bounded
+//! channel, so a slow consumer stops the reader, which fills the TCP window,
+//! which in turn stops the remote sender: backpressure end to end.
+//!
+//! The one pass over each payload that authentication costs per side runs
+//! in the caller's thread, not the link's: [`Link::send`] hashes the payload
+//! before queueing it, and [`Link::recv`] checks it against the
+//! authenticated hash before returning it. The link's threads only move
+//! bytes, so hashing overlaps the socket copies instead of queueing behind
+//! them.
 
 use std::collections::VecDeque;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::BufReader;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -17,13 +24,14 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use super::frame::{self, Frame, FrameError, FrameLimits, RejectReason, RunId, RunKey, WorkerId};
+use super::frame::{
+    self, AuthenticFrame, Frame, FrameError, FrameLimits, RejectReason, RunId, RunKey, WorkerId,
+};
 use super::handshake::{handshake, HandshakeError, Role};
 use super::stats::LinkStats;
 
-/// Buffer size for the socket reader and writer: large enough to batch
-/// small frames into few system calls, small enough that large payloads
-/// bypass it.
+/// Buffer size for the socket reader: large enough to take in many small
+/// frames per system call, small enough that large payloads bypass it.
 const IO_BUFFER: usize = 64 << 10;
 
 /// Settings of a link.
@@ -149,7 +157,7 @@ pub struct Link {
     queue: Arc<SendQueue>,
     /// Behind a mutex so a link can be shared: one thread sending while
     /// another receives.
-    incoming: Mutex<Receiver<Frame>>,
+    incoming: Mutex<Receiver<AuthenticFrame>>,
     stats: Arc<LinkStats>,
     peer: WorkerId,
     peer_addr: Option<SocketAddr>,
@@ -304,7 +312,11 @@ impl Link {
         self.enqueue(frame, Some(timeout))
     }
 
-    fn enqueue(&self, frame: Frame, timeout: Option<Duration>) -> Result<(), LinkError> {
+    fn enqueue(&self, mut frame: Frame, timeout: Option<Duration>) -> Result<(), LinkError> {
+        // The payload is hashed here, in the caller's thread, so the sender
+        // thread only writes: hashing the next frame overlaps writing the
+        // previous one instead of queueing behind it.
+        frame.hash_payload();
         let size = frame.encoded_len();
         let deadline = timeout.map(|t| Instant::now() + t);
         let q = &*self.queue;
@@ -341,7 +353,7 @@ impl Link {
         Ok(())
     }
 
-    fn incoming(&self) -> MutexGuard<'_, Receiver<Frame>> {
+    fn incoming(&self) -> MutexGuard<'_, Receiver<AuthenticFrame>> {
         self.incoming.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -369,26 +381,64 @@ impl Link {
         Ok(())
     }
 
+    /// Checks an authentic frame's payload against the hash its header
+    /// carries, here in the receiving caller's thread, so that the link's
+    /// reader thread goes on reading meanwhile. A mismatch is dropped and
+    /// counted like every other rejection.
+    fn verified(&self, authentic: AuthenticFrame) -> Option<Frame> {
+        let len = authentic.encoded_len() as u64;
+        match authentic.verify() {
+            Ok(f) => {
+                self.stats.record_received(len);
+                Some(f)
+            }
+            Err(_) => {
+                self.stats.record_rejected(RejectReason::BadContentHash);
+                None
+            }
+        }
+    }
+
     /// Waits for the next verified frame.
     pub fn recv(&self) -> Result<Frame, LinkError> {
-        self.incoming().recv().map_err(|_| self.closed())
+        let incoming = self.incoming();
+        loop {
+            let authentic = incoming.recv().map_err(|_| self.closed())?;
+            if let Some(f) = self.verified(authentic) {
+                return Ok(f);
+            }
+        }
     }
 
     /// Waits at most `timeout` for the next verified frame.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Frame, LinkError> {
-        self.incoming().recv_timeout(timeout).map_err(|e| match e {
-            RecvTimeoutError::Timeout => LinkError::Timeout(timeout),
-            RecvTimeoutError::Disconnected => self.closed(),
-        })
+        let deadline = Instant::now() + timeout;
+        let incoming = self.incoming();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let authentic = incoming.recv_timeout(left).map_err(|e| match e {
+                RecvTimeoutError::Timeout => LinkError::Timeout(timeout),
+                RecvTimeoutError::Disconnected => self.closed(),
+            })?;
+            if let Some(f) = self.verified(authentic) {
+                return Ok(f);
+            }
+        }
     }
 
     /// The next verified frame if one is waiting.
     pub fn try_recv(&self) -> Result<Option<Frame>, LinkError> {
-        let next = self.incoming().try_recv();
-        match next {
-            Ok(f) => Ok(Some(f)),
-            Err(TryRecvError::Empty) => Ok(None),
-            Err(TryRecvError::Disconnected) => Err(self.closed()),
+        let incoming = self.incoming();
+        loop {
+            match incoming.try_recv() {
+                Ok(authentic) => {
+                    if let Some(f) = self.verified(authentic) {
+                        return Ok(Some(f));
+                    }
+                }
+                Err(TryRecvError::Empty) => return Ok(None),
+                Err(TryRecvError::Disconnected) => return Err(self.closed()),
+            }
         }
     }
 
@@ -447,23 +497,42 @@ impl Drop for Link {
 
 /// What the sender thread should do next.
 enum Next {
-    /// Write this frame; `last` says whether the queue is now empty.
-    Write { frame: Frame, last: bool },
+    /// Write the frames moved into the batch.
+    Write,
     /// [`Link::finish`] was called and the queue is empty.
     Finish,
     /// The link is closed for the given reason.
     Stop(String),
 }
 
-fn next_job(queue: &SendQueue) -> Next {
+/// Most frames written by one vectored write.
+const MAX_BATCH_FRAMES: usize = 64;
+
+/// Frames are gathered into one write until they reach this many bytes, so
+/// bursts of small frames share a system call while a large frame frees its
+/// queue space as soon as it is written.
+const MAX_BATCH_BYTES: usize = 256 << 10;
+
+/// Waits for queued frames and moves the next batch of them into `batch`.
+fn next_batch(queue: &SendQueue, batch: &mut Vec<Frame>) -> Next {
     let mut s = queue.lock();
     loop {
         if let Some(reason) = &s.closed {
             return Next::Stop(reason.clone());
         }
-        if let Some(frame) = s.frames.pop_front() {
-            let last = s.frames.is_empty();
-            return Next::Write { frame, last };
+        if !s.frames.is_empty() {
+            let mut bytes = 0;
+            while let Some(frame) = s.frames.front() {
+                if !batch.is_empty()
+                    && (batch.len() == MAX_BATCH_FRAMES
+                        || bytes + frame.encoded_len() > MAX_BATCH_BYTES)
+                {
+                    break;
+                }
+                bytes += frame.encoded_len();
+                batch.extend(s.frames.pop_front());
+            }
+            return Next::Write;
         }
         if s.draining {
             return Next::Finish;
@@ -472,39 +541,32 @@ fn next_job(queue: &SendQueue) -> Next {
     }
 }
 
-fn send_loop(stream: TcpStream, queue: &SendQueue, stats: &LinkStats, key: &RunKey) {
-    let mut w = BufWriter::with_capacity(IO_BUFFER, stream);
+fn send_loop(mut stream: TcpStream, queue: &SendQueue, stats: &LinkStats, key: &RunKey) {
+    let mut batch = Vec::new();
     let reason = loop {
-        let (frame, last) = match next_job(queue) {
-            Next::Write { frame, last } => (frame, last),
+        match next_batch(queue, &mut batch) {
+            Next::Write => {}
             Next::Finish => {
-                let done = w
-                    .flush()
-                    .and_then(|()| w.get_ref().shutdown(Shutdown::Write));
-                break match done {
+                break match stream.shutdown(Shutdown::Write) {
                     Ok(()) => FINISHED.to_string(),
                     Err(e) => format!("write failed: {e}"),
                 };
             }
             Next::Stop(reason) => break reason,
-        };
-        let result = frame::write_frame(&mut w, &frame, key).and_then(|n| {
-            // Flush only when nothing else is queued, so bursts of small
-            // frames share system calls but a lone frame is not delayed.
-            if last {
-                w.flush()?;
-            }
-            Ok(n)
-        });
-        let size = frame.encoded_len();
-        drop(frame);
+        }
+        // One vectored write for the whole batch: headers, payloads and tags
+        // leave together instead of as separate small segments.
+        let result = frame::write_frames(&mut stream, &batch, key);
+        let frames = batch.len();
+        let bytes: usize = batch.iter().map(Frame::encoded_len).sum();
+        batch.clear();
         match result {
-            Ok(n) => stats.record_sent(n),
+            Ok(n) => stats.record_sent(frames as u64, n),
             Err(e) => break format!("write failed: {e}"),
         }
         let mut s = queue.lock();
-        s.occupied_frames -= 1;
-        s.occupied_bytes -= size;
+        s.occupied_frames -= frames;
+        s.occupied_bytes -= bytes;
         drop(s);
         queue.space.notify_all();
     };
@@ -512,7 +574,7 @@ fn send_loop(stream: TcpStream, queue: &SendQueue, stats: &LinkStats, key: &RunK
         stats.record_close(reason.clone());
         // A failed write leaves the peer's view of the stream undefined;
         // end the connection in both directions.
-        let _ = w.get_ref().shutdown(Shutdown::Both);
+        let _ = stream.shutdown(Shutdown::Both);
     }
     queue.close(reason);
 }
@@ -525,20 +587,23 @@ struct ReceiverThread {
     limits: FrameLimits,
     run_id: RunId,
     peer: WorkerId,
-    tx: SyncSender<Frame>,
+    tx: SyncSender<AuthenticFrame>,
 }
 
 impl ReceiverThread {
     fn run(self) {
         let mut r = BufReader::with_capacity(IO_BUFFER, &self.stream);
         let reason = loop {
-            match frame::read_frame(&mut r, &self.key, &self.limits) {
+            // Headers are authenticated here; payloads are checked against
+            // their authenticated hash by whoever calls `recv`, so this
+            // thread only reads and the hashing overlaps the next read.
+            match frame::read_authentic(&mut r, &self.key, &self.limits) {
                 Ok(f) => {
                     // Authentic frames still must belong to this run and name
                     // the peer proven in the handshake as their author.
-                    let verdict = if f.header.run_id != self.run_id {
+                    let verdict = if f.header().run_id != self.run_id {
                         Some(RejectReason::WrongRun)
-                    } else if f.header.sender != self.peer {
+                    } else if f.header().sender != self.peer {
                         Some(RejectReason::WrongSender)
                     } else {
                         None
@@ -547,7 +612,6 @@ impl ReceiverThread {
                         self.stats.record_rejected(reason);
                         continue;
                     }
-                    self.stats.record_received(f.encoded_len() as u64);
                     if self.tx.send(f).is_err() {
                         break "link dropped".to_string();
                     }
@@ -580,6 +644,7 @@ impl ReceiverThread {
 mod tests {
     use super::*;
     use crate::link::frame::{Codec, DType, FrameHeader, FrameKind, Shape};
+    use std::io::Write;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     const RUN: RunId = RunId([3; 16]);

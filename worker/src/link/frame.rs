@@ -14,7 +14,7 @@
 //! every failure is a distinct [`FrameError`] variant instead of a panic.
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 
 use thiserror::Error;
 
@@ -287,8 +287,12 @@ pub struct Frame {
     pub header: FrameHeader,
     /// Tensor bytes, laid out as the header's codec describes.
     pub payload: Vec<u8>,
-    /// The payload's hash as verified on receipt (`None` for a frame built
-    /// here: it is computed when needed).
+    /// The payload's BLAKE3 hash when it is already known: verified on
+    /// receipt, or computed by [`Frame::hash_payload`] (which
+    /// [`super::Link::send`] calls). `None` for a frame built here. Senders
+    /// put this value in the header as it is, so code that changes the
+    /// payload of a frame must reset it to `None` (a receiver would reject
+    /// the frame as [`FrameError::BadContentHash`] otherwise).
     pub verified_hash: Option<Digest>,
 }
 
@@ -317,6 +321,15 @@ impl Frame {
     pub fn content_hash(&self) -> Digest {
         self.verified_hash
             .unwrap_or_else(|| content_hash(&self.payload))
+    }
+
+    /// Computes the payload's hash unless it is already known, and keeps it
+    /// for the header. Doing this before handing a frame to a link moves the
+    /// one pass over the payload that sending costs off the link's writer.
+    pub fn hash_payload(&mut self) -> Digest {
+        *self
+            .verified_hash
+            .get_or_insert_with(|| content_hash(&self.payload))
     }
 
     /// Length of this frame once encoded.
@@ -578,16 +591,22 @@ fn tag_of(head: &[u8; HEADER_LEN], key: &RunKey) -> blake3::Hash {
     blake3::keyed_hash(&key.0, head)
 }
 
-/// Header bytes and tag for sending `header` with `payload`.
-fn seal(header: &FrameHeader, payload: &[u8], key: &RunKey) -> ([u8; HEADER_LEN], Digest) {
-    let head = header_bytes(header, payload.len() as u64, &content_hash(payload));
+/// Header bytes and tag for sending `frame`: everything that goes on the
+/// wire besides the payload itself. Uses the frame's known payload hash (see
+/// [`Frame::verified_hash`]) and hashes the payload only when there is none.
+pub fn seal(frame: &Frame, key: &RunKey) -> ([u8; HEADER_LEN], [u8; TAG_LEN]) {
+    let head = header_bytes(
+        &frame.header,
+        frame.payload.len() as u64,
+        &frame.content_hash(),
+    );
     let tag = tag_of(&head, key);
     (head, *tag.as_bytes())
 }
 
 /// Encodes `frame` into a fresh buffer, authenticated with `key`.
 pub fn encode(frame: &Frame, key: &RunKey) -> Vec<u8> {
-    let (head, tag) = seal(&frame.header, &frame.payload, key);
+    let (head, tag) = seal(frame, key);
     let mut out = Vec::with_capacity(frame.encoded_len());
     out.extend_from_slice(&head);
     out.extend_from_slice(&frame.payload);
@@ -595,14 +614,40 @@ pub fn encode(frame: &Frame, key: &RunKey) -> Vec<u8> {
     out
 }
 
-/// Writes `frame` to `w`, authenticated with `key`, without copying the
-/// payload into an intermediate buffer. Returns the bytes written.
-pub fn write_frame<W: Write>(w: &mut W, frame: &Frame, key: &RunKey) -> io::Result<u64> {
-    let (head, tag) = seal(&frame.header, &frame.payload, key);
-    w.write_all(&head)?;
-    w.write_all(&frame.payload)?;
-    w.write_all(&tag)?;
-    Ok(frame.encoded_len() as u64)
+/// Writes `frames` to `w`, each authenticated with `key`, in as few
+/// vectored writes as the writer allows: header, payload and tag of every
+/// frame go out together, and payloads are never copied into an
+/// intermediate buffer. Returns the bytes written.
+pub fn write_frames<W: Write>(w: &mut W, frames: &[Frame], key: &RunKey) -> io::Result<u64> {
+    let sealed: Vec<_> = frames.iter().map(|f| seal(f, key)).collect();
+    let mut slices = Vec::with_capacity(3 * frames.len());
+    for (frame, (head, tag)) in frames.iter().zip(&sealed) {
+        slices.push(IoSlice::new(head));
+        if !frame.payload.is_empty() {
+            slices.push(IoSlice::new(&frame.payload));
+        }
+        slices.push(IoSlice::new(tag));
+    }
+    write_all_vectored(w, &mut slices)?;
+    Ok(frames.iter().map(|f| f.encoded_len() as u64).sum())
+}
+
+/// Writes every byte of `slices`, resuming after short writes.
+fn write_all_vectored<W: Write>(w: &mut W, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !slices.is_empty() {
+        match w.write_vectored(slices) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "failed to write the whole frame",
+                ))
+            }
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -706,29 +751,66 @@ fn parse_header(head: &[u8; HEADER_LEN]) -> Result<ParsedHeader, FrameError> {
     })
 }
 
-/// Authenticates the header, then checks the payload against the content
-/// hash it carries. The tag verdict comes first so that an unauthenticated
-/// frame is only ever reported as forged, never as anything more specific.
+/// A frame whose header is authenticated (its tag verified with the run
+/// key) but whose payload has not yet been checked against the hash that
+/// header carries. [`AuthenticFrame::verify`] does that check; splitting
+/// the two lets a link read the next frame while the previous payload is
+/// being hashed elsewhere.
+#[derive(Debug)]
+pub struct AuthenticFrame {
+    frame: Frame,
+    payload_hash: Digest,
+}
+
+impl AuthenticFrame {
+    /// The authenticated header.
+    pub fn header(&self) -> &FrameHeader {
+        &self.frame.header
+    }
+
+    /// Length of the frame as it was encoded.
+    pub fn encoded_len(&self) -> usize {
+        self.frame.encoded_len()
+    }
+
+    /// Checks the payload against the authenticated content hash: the frame,
+    /// or [`FrameError::BadContentHash`].
+    pub fn verify(self) -> Result<Frame, FrameError> {
+        let AuthenticFrame {
+            mut frame,
+            payload_hash,
+        } = self;
+        if content_hash(&frame.payload) != payload_hash {
+            return Err(FrameError::BadContentHash);
+        }
+        frame.verified_hash = Some(payload_hash);
+        Ok(frame)
+    }
+}
+
+/// Authenticates the header. The tag verdict comes before any check of the
+/// payload so that an unauthenticated frame is only ever reported as
+/// forged, never as anything more specific.
 fn authenticate(
     head: &[u8; HEADER_LEN],
     parsed: ParsedHeader,
     payload: Vec<u8>,
     tag: &[u8],
     key: &RunKey,
-) -> Result<Frame, FrameError> {
+) -> Result<AuthenticFrame, FrameError> {
     // `blake3::Hash` equality is constant-time, so a forger learns nothing
     // from how long the comparison takes.
     if tag_of(head, key) != *tag {
         return Err(FrameError::BadTag);
     }
-    if content_hash(&payload) != parsed.payload_hash {
-        return Err(FrameError::BadContentHash);
-    }
     debug_assert_eq!(payload.len() as u64, parsed.payload_len);
-    Ok(Frame {
-        header: parsed.header,
-        payload,
-        verified_hash: Some(parsed.payload_hash),
+    Ok(AuthenticFrame {
+        frame: Frame {
+            header: parsed.header,
+            payload,
+            verified_hash: None,
+        },
+        payload_hash: parsed.payload_hash,
     })
 }
 
@@ -758,7 +840,7 @@ pub fn decode(bytes: &[u8], key: &RunKey, limits: &FrameLimits) -> Result<Frame,
     }
     let body_end = HEADER_LEN + len as usize;
     let payload = bytes[HEADER_LEN..body_end].to_vec();
-    authenticate(&head, parsed, payload, &bytes[body_end..], key)
+    authenticate(&head, parsed, payload, &bytes[body_end..], key)?.verify()
 }
 
 /// Reads `n` bytes into a fresh vector without zero-filling it first and
@@ -772,18 +854,29 @@ fn read_exact_vec<R: Read>(r: &mut R, n: u64) -> Result<Vec<u8>, FrameError> {
     Ok(buf)
 }
 
-/// Reads and verifies one frame from `r`.
+/// Reads and verifies one frame from `r`: [`read_authentic`], then
+/// [`AuthenticFrame::verify`].
+pub fn read_frame<R: Read>(
+    r: &mut R,
+    key: &RunKey,
+    limits: &FrameLimits,
+) -> Result<Frame, FrameError> {
+    read_authentic(r, key, limits)?.verify()
+}
+
+/// Reads one frame from `r` and authenticates its header; the payload is
+/// left for [`AuthenticFrame::verify`] to check.
 ///
 /// The payload length is checked against `limits` before anything is
 /// allocated. On an error for which [`FrameError::desynchronizes`] is false
 /// the whole frame has been consumed and the next call reads the next frame.
 /// A clean end of stream before the first header byte is
 /// [`FrameError::Closed`].
-pub fn read_frame<R: Read>(
+pub fn read_authentic<R: Read>(
     r: &mut R,
     key: &RunKey,
     limits: &FrameLimits,
-) -> Result<Frame, FrameError> {
+) -> Result<AuthenticFrame, FrameError> {
     let mut head = [0u8; HEADER_LEN];
     let mut filled = 0;
     while filled < HEADER_LEN {

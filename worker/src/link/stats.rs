@@ -42,9 +42,9 @@ pub struct LinkStatsSnapshot {
 }
 
 impl LinkStats {
-    /// Counts one frame of `bytes` encoded bytes sent.
-    pub(crate) fn record_sent(&self, bytes: u64) {
-        self.frames_sent.fetch_add(1, Ordering::Relaxed);
+    /// Counts `frames` frames of `bytes` encoded bytes in all sent.
+    pub(crate) fn record_sent(&self, frames: u64, bytes: u64) {
+        self.frames_sent.fetch_add(frames, Ordering::Relaxed);
         self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
     }
 
@@ -119,8 +119,8 @@ mod tests {
     #[test]
     fn counters_accumulate_and_snapshot_lists_only_seen_reasons() {
         let s = LinkStats::default();
-        s.record_sent(100);
-        s.record_sent(50);
+        s.record_sent(1, 100);
+        s.record_sent(1, 50);
         s.record_received(7);
         s.record_rejected(RejectReason::BadTag);
         s.record_rejected(RejectReason::BadTag);

@@ -12,4 +12,4 @@ mod bucketed;
 mod ring;
 
 pub use bucketed::BucketedAllReduce;
-pub use ring::{RingConfig, RingError, RingMember};
+pub use ring::{loopback_listeners, on_loopback_ring, RingConfig, RingError, RingMember};

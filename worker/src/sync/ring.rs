@@ -278,6 +278,50 @@ impl RingMember {
     }
 }
 
+/// Binds `n` listeners on loopback ports chosen by the system, with their
+/// addresses: the sockets of a ring whose members all run on this machine.
+pub fn loopback_listeners(n: usize) -> std::io::Result<(Vec<TcpListener>, Vec<SocketAddr>)> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let addrs = listeners
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<std::io::Result<Vec<_>>>()?;
+    Ok((listeners, addrs))
+}
+
+/// Builds a ring of `world` members on loopback, each on its own thread
+/// with the configuration `config(rank)` returns, runs `body` on every
+/// member and returns the results in rank order. Panics if a member cannot
+/// join or a body panics: meant for tests and benchmarks.
+pub fn on_loopback_ring<T: Send>(
+    world: usize,
+    config: impl Fn(usize) -> RingConfig + Sync,
+    body: impl Fn(RingMember) -> T + Sync,
+) -> Vec<T> {
+    let (listeners, addrs) = loopback_listeners(world).expect("bind loopback listeners");
+    thread::scope(|s| {
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, listener)| {
+                let (addrs, config, body) = (&addrs, &config, &body);
+                s.spawn(move || {
+                    let next = addrs[(rank + 1) % world].to_string();
+                    let member =
+                        RingMember::connect(config(rank), listener, &next).expect("join the ring");
+                    body(member)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("ring member thread"))
+            .collect()
+    })
+}
+
 fn accept_prev(
     listener: &TcpListener,
     config: &RingConfig,
@@ -472,34 +516,34 @@ impl Exchange<'_> {
             .into_iter()
             .enumerate()
         {
-            send(self.frame(0, seg, to_wire(&buf[range])))?;
+            let mut frame = self.frame(0, seg, to_wire(&buf[range]));
+            frame.hash_payload();
+            send(frame)?;
         }
-        let inv_n = n as f32;
+        let n_f32 = n as f32;
         for step in 0..n - 1 {
             let chunk = self.chunk_index(step + 1);
             let last = step == n - 2;
             for (seg, range) in self.plan.segments(chunk).into_iter().enumerate() {
                 let mut frame = self.receive(step, seg, range.len())?;
-                // Incoming partial sum first, then ours: the fixed order that
-                // makes the result independent of timing. The sum is written
-                // both into the buffer and back into the received frame,
-                // which is then forwarded without another allocation.
-                for (x, b) in buf[range].iter_mut().zip(frame.payload.chunks_exact_mut(4)) {
-                    let sum = f32::from_le_bytes([b[0], b[1], b[2], b[3]]) + *x;
-                    *x = if last { sum / inv_n } else { sum };
-                    b.copy_from_slice(&x.to_le_bytes());
-                }
+                // The sum is written both into the buffer and back into the
+                // received frame, which is then forwarded without another
+                // allocation; its payload changed, so its hash is recomputed.
+                reduce_into(&mut frame.payload, &mut buf[range], last.then_some(n_f32));
+                frame.verified_hash = None;
+                // Hashed here while the sums are still in this core's cache.
+                frame.hash_payload();
                 send(self.forward(frame, step + 1, seg))?;
             }
         }
-        // All-gather: finished chunks travel on around the ring verbatim.
+        // All-gather: finished chunks travel on around the ring verbatim,
+        // so a forwarded frame keeps the hash verified on receipt and is not
+        // hashed again.
         for step in n - 1..2 * (n - 1) {
             let chunk = self.chunk_index(step - (n - 1));
             for (seg, range) in self.plan.segments(chunk).into_iter().enumerate() {
                 let frame = self.receive(step, seg, range.len())?;
-                for (x, b) in buf[range].iter_mut().zip(frame.payload.chunks_exact(4)) {
-                    *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
+                from_wire(&frame.payload, &mut buf[range]);
                 if step + 1 < 2 * (n - 1) {
                     send(self.forward(frame, step + 1, seg))?;
                 }
@@ -567,6 +611,54 @@ fn to_wire(data: &[f32]) -> Vec<u8> {
     }
 }
 
+/// Copies little-endian f32 `wire` bytes into `out` (same element count).
+fn from_wire(wire: &[u8], out: &mut [f32]) {
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(wire);
+    } else {
+        for (x, b) in out.iter_mut().zip(wire.chunks_exact(4)) {
+            *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
+}
+
+/// One reduction step: `local[i] = incoming[i] + local[i]`, divided by
+/// `divide_by` when given, written to both `local` and `incoming` (the
+/// little-endian f32 bytes of a received segment, then forwarded). The
+/// incoming partial sum always comes first: the fixed order that makes the
+/// result independent of timing.
+fn reduce_into(incoming: &mut [u8], local: &mut [f32], divide_by: Option<f32>) {
+    let aligned = if cfg!(target_endian = "little") {
+        bytemuck::try_cast_slice_mut::<u8, f32>(incoming).ok()
+    } else {
+        None
+    };
+    match (aligned, divide_by) {
+        // Separate loops without branches inside, so the compiler can
+        // vectorise them.
+        (Some(wire), None) => {
+            for (w, x) in wire.iter_mut().zip(local.iter_mut()) {
+                // IEEE addition is commutative: exactly `incoming + local`.
+                *x += *w;
+                *w = *x;
+            }
+        }
+        (Some(wire), Some(n)) => {
+            for (w, x) in wire.iter_mut().zip(local.iter_mut()) {
+                *x = (*w + *x) / n;
+                *w = *x;
+            }
+        }
+        (None, _) => {
+            for (b, x) in incoming.chunks_exact_mut(4).zip(local.iter_mut()) {
+                let sum = f32::from_le_bytes([b[0], b[1], b[2], b[3]]) + *x;
+                *x = divide_by.map_or(sum, |n| sum / n);
+                b.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+    }
+}
+
 fn link_failure(peer: usize, timeout: Duration, e: LinkError) -> RingError {
     match e {
         LinkError::Timeout(_) => RingError::Timeout { peer, timeout },
@@ -600,37 +692,15 @@ pub(crate) mod tests {
         tweak: impl Fn(&mut RingConfig) + Sync,
         body: impl Fn(RingMember) -> T + Sync,
     ) -> Vec<T> {
-        let listeners: Vec<TcpListener> = (0..world)
-            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
-            .collect();
-        let addrs: Vec<SocketAddr> = listeners
-            .iter()
-            .map(|l| l.local_addr().expect("addr"))
-            .collect();
-        thread::scope(|s| {
-            let handles: Vec<_> = listeners
-                .into_iter()
-                .enumerate()
-                .map(|(rank, listener)| {
-                    let (addrs, tweak, body) = (&addrs, &tweak, &body);
-                    s.spawn(move || {
-                        let mut c = config(rank, world);
-                        tweak(&mut c);
-                        let member = RingMember::connect(
-                            c,
-                            listener,
-                            &addrs[(rank + 1) % world].to_string(),
-                        )
-                        .expect("connect");
-                        body(member)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("rank thread"))
-                .collect()
-        })
+        on_loopback_ring(
+            world,
+            |rank| {
+                let mut c = config(rank, world);
+                tweak(&mut c);
+                c
+            },
+            body,
+        )
     }
 
     /// Rank `r`'s test buffer: values in [-1, 1] that differ per rank.

@@ -173,6 +173,16 @@ pub static CEL_RULES: &[CelRule] = &[
         "!has(self.replicas) || self.replicas >= 1"),
     cel!("spec.pipeline.codec", "lowrank needs spec.pipeline.stages >= 2", at "spec.pipeline", Some(".codec"),
         "(has(self.codec) ? self.codec : 'f32') != 'lowrank' || (has(self.stages) ? self.stages : 1) >= 2"),
+    cel!("spec.pipeline.lowrank", "only applies to codec lowrank", at "spec.pipeline", Some(".lowrank"),
+        "!has(self.lowrank) || (has(self.codec) ? self.codec : 'f32') == 'lowrank'"),
+    cel!("spec.pipeline.lowrank.rank", "must be at least 1", at "spec.pipeline.lowrank", Some(".rank"),
+        "self.rank >= 1"),
+    cel!("spec.pipeline.lowrank.rank", "must be less than spec.model.dim (default: spec.model.dim / 8)",
+        at "spec", Some(".pipeline.lowrank.rank"),
+        "!has(self.pipeline) || (has(self.pipeline.codec) ? self.pipeline.codec : 'f32') != 'lowrank' \
+         || self.model.dim == 0 || (has(self.pipeline.lowrank) \
+         ? (self.pipeline.lowrank.rank == 0 || self.pipeline.lowrank.rank < self.model.dim) \
+         : ((self.model.dim / 8 >= 1 ? self.model.dim / 8 : 1) < self.model.dim))"),
     // --- spec.checkpoint
     cel!("spec.checkpoint.dir", "must not be empty when set", at "spec.checkpoint", Some(".dir"),
         "!has(self.dir) || self.dir.trim() != ''"),

@@ -490,7 +490,44 @@ pub struct PipelineSpec {
     /// Which replica of the next stage each micro-batch goes to.
     #[serde(default)]
     pub routing: Routing,
+    /// For codec `lowrank`: the width of the learned bottleneck and the
+    /// element type of its bytes on the wire. Absent: rank
+    /// `spec.model.dim / 8` (at least 1), f32 on the wire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lowrank: Option<LowrankSpec>,
 }
+
+/// The learned low-rank bottleneck at every stage boundary (codec
+/// `lowrank`): the sending stage ends with a projection from
+/// `spec.model.dim` down to `rank`, the receiving stage begins with one back
+/// up, and only `rank` values per token cross the link. Both projections are
+/// trained with the model, so the bottleneck is part of its architecture.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LowrankSpec {
+    /// Width of the bottleneck: values per token sent between stages; at
+    /// least 1 and below `spec.model.dim`.
+    pub rank: usize,
+    /// Element type of the projected tensor on the wire.
+    #[serde(default)]
+    pub wire: LowrankWire,
+}
+
+/// Element type of the low-rank bottleneck's tensor on the wire.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LowrankWire {
+    /// 4 bytes per value, exact.
+    #[default]
+    F32,
+    /// IEEE half precision, 2 bytes per value.
+    F16,
+    /// bfloat16, 2 bytes per value.
+    Bf16,
+}
+
+/// `spec.model.dim` is divided by this to give the bottleneck's default rank.
+pub const DEFAULT_LOWRANK_DIVISOR: usize = 8;
 
 impl Default for PipelineSpec {
     fn default() -> Self {
@@ -501,6 +538,7 @@ impl Default for PipelineSpec {
             codec: Codec::default(),
             partition: PartitionKind::default(),
             routing: Routing::default(),
+            lowrank: None,
         }
     }
 }
@@ -599,6 +637,23 @@ impl ModelSpec {
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.dim / self.heads
+    }
+}
+
+impl PipelineSpec {
+    /// Width of the learned bottleneck at the stage boundaries of a model of
+    /// width `dim`: `Some(rank)` under codec `lowrank` (the rank given, else
+    /// `dim / 8`, at least 1), `None` under every other codec.
+    pub fn lowrank_rank(&self, dim: usize) -> Option<usize> {
+        (self.codec == Codec::Lowrank).then(|| match &self.lowrank {
+            Some(l) => l.rank,
+            None => (dim / DEFAULT_LOWRANK_DIVISOR).max(1),
+        })
+    }
+
+    /// Element type of the bottleneck on the wire (f32 unless set).
+    pub fn lowrank_wire(&self) -> LowrankWire {
+        self.lowrank.as_ref().map(|l| l.wire).unwrap_or_default()
     }
 }
 

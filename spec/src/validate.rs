@@ -9,7 +9,7 @@
 use crate::error::FieldError;
 use crate::types::{
     Codec, TaintEffect, TokenizerKind, Toleration, TolerationOperator, TrainingRun, API_VERSION,
-    KIND,
+    DEFAULT_LOWRANK_DIVISOR, KIND,
 };
 
 /// Smallest BPE vocabulary: the 256 byte tokens plus at least one merge.
@@ -382,6 +382,55 @@ pub static RULES: &[Rule] = &[
                      spec.pipeline.stages >= 2, got {}",
                     p.stages
                 )
+            })
+        },
+    },
+    Rule {
+        field: "spec.pipeline.lowrank",
+        requirement: "only applies to codec lowrank",
+        check: |r| {
+            let p = &r.spec.pipeline;
+            (p.lowrank.is_some() && p.codec != Codec::Lowrank).then(|| {
+                format!(
+                    "is set but spec.pipeline.codec is {}; the bottleneck exists only \
+                     under codec lowrank (set codec: lowrank or remove lowrank)",
+                    format!("{:?}", p.codec).to_lowercase()
+                )
+            })
+        },
+    },
+    Rule {
+        field: "spec.pipeline.lowrank.rank",
+        requirement: "must be at least 1",
+        check: |r| {
+            r.spec
+                .pipeline
+                .lowrank
+                .as_ref()
+                .and_then(|l| at_least_one(l.rank as u64))
+        },
+    },
+    Rule {
+        field: "spec.pipeline.lowrank.rank",
+        requirement: "must be less than spec.model.dim (default: spec.model.dim / 8)",
+        check: |r| {
+            let dim = r.spec.model.dim;
+            let rank = r.spec.pipeline.lowrank_rank(dim)?;
+            let given = r.spec.pipeline.lowrank.is_some();
+            (dim > 0 && rank > 0 && rank >= dim).then(|| {
+                if given {
+                    format!(
+                        "{rank} is not less than spec.model.dim ({dim}); a bottleneck \
+                         as wide as the model saves nothing (try {})",
+                        (dim / DEFAULT_LOWRANK_DIVISOR).max(1)
+                    )
+                } else {
+                    format!(
+                        "the default rank {rank} (spec.model.dim / {DEFAULT_LOWRANK_DIVISOR}, \
+                         at least 1) is not less than spec.model.dim ({dim}); the model \
+                         is too narrow for a bottleneck"
+                    )
+                }
             })
         },
     },

@@ -121,6 +121,13 @@ const BAD: &[(&str, Refusal)] = &[
         Invalid(&["spec.pipeline.codec", "lowrank", "stages >= 2"]),
     ),
     (
+        "lowrank-rank-too-wide.yaml",
+        Invalid(&[
+            "spec.pipeline.lowrank.rank",
+            "256 is not less than spec.model.dim (256)",
+        ]),
+    ),
+    (
         "unknown-schedule.yaml",
         Parse(&["spec.pipeline.schedule", "unknown variant", "pipedream"]),
     ),

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 
 use pipewright_spec::validate::RULES;
 use pipewright_spec::{
-    parse_manifest, validate, CheckpointSpec, Codec, DataSpec, Metadata, ModelSpec, PartitionKind,
-    PipelineSpec, PlacementSpec, Routing, ScheduleKind, SpecError, StorageSpec, TaintEffect, TokenizerKind,
-    TokenizerSpec, Toleration, TolerationOperator, TrainingRun, TrainingRunSpec, TrainingSpec,
-    API_VERSION, KIND,
+    parse_manifest, validate, CheckpointSpec, Codec, DataSpec, LowrankSpec, LowrankWire, Metadata,
+    ModelSpec, PartitionKind, PipelineSpec, PlacementSpec, Routing, ScheduleKind, SpecError,
+    StorageSpec, TaintEffect, TokenizerKind, TokenizerSpec, Toleration, TolerationOperator,
+    TrainingRun, TrainingRunSpec, TrainingSpec, API_VERSION, KIND,
 };
 
 /// Only the fields that have no default.
@@ -177,6 +177,10 @@ fn everything_set() -> TrainingRun {
                 codec: Codec::Lowrank,
                 partition: PartitionKind::Measured,
                 routing: Routing::Throughput,
+                lowrank: Some(LowrankSpec {
+                    rank: 64,
+                    wire: LowrankWire::Bf16,
+                }),
             },
             checkpoint: CheckpointSpec {
                 dir: Some("/var/lib/pipewright/full".into()),
@@ -411,4 +415,66 @@ fn storage_defaults_its_size_and_checks_it() {
     assert!(errors[0]
         .to_string()
         .starts_with("spec.storage.storageClassName: is empty"));
+}
+
+/// `MINIMAL` with a pipeline section.
+fn with_pipeline(pipeline: &str) -> String {
+    format!("{MINIMAL}  pipeline: {pipeline}\n")
+}
+
+#[test]
+fn lowrank_rank_defaults_to_an_eighth_of_dim_and_wire_to_f32() {
+    let run = parse_manifest(&with_pipeline("{stages: 2, codec: lowrank}")).expect("valid");
+    assert_eq!(run.spec.pipeline.lowrank, None);
+    assert_eq!(run.spec.pipeline.lowrank_rank(64), Some(8));
+    assert_eq!(run.spec.pipeline.lowrank_wire(), LowrankWire::F32);
+    let run = parse_manifest(&with_pipeline(
+        "{stages: 2, codec: lowrank, lowrank: {rank: 4, wire: f16}}",
+    ))
+    .expect("valid");
+    assert_eq!(run.spec.pipeline.lowrank_rank(64), Some(4));
+    assert_eq!(run.spec.pipeline.lowrank_wire(), LowrankWire::F16);
+    // Other codecs have no bottleneck.
+    let run = parse_manifest(&with_pipeline("{stages: 2, codec: f16}")).expect("valid");
+    assert_eq!(run.spec.pipeline.lowrank_rank(64), None);
+}
+
+#[test]
+fn bad_lowrank_settings_are_refused_naming_the_field() {
+    for (pipeline, field, words) in [
+        (
+            "{stages: 2, codec: lowrank, lowrank: {rank: 0}}",
+            "spec.pipeline.lowrank.rank",
+            "at least 1",
+        ),
+        (
+            "{stages: 2, codec: lowrank, lowrank: {rank: 64}}",
+            "spec.pipeline.lowrank.rank",
+            "64 is not less than spec.model.dim (64)",
+        ),
+        (
+            "{stages: 2, codec: f16, lowrank: {rank: 8}}",
+            "spec.pipeline.lowrank",
+            "only under codec lowrank",
+        ),
+    ] {
+        let Err(SpecError::Invalid(problems)) = parse_manifest(&with_pipeline(pipeline)) else {
+            panic!("{pipeline} accepted");
+        };
+        assert_eq!(problems.len(), 1, "{pipeline}: {problems:?}");
+        assert_eq!(problems[0].field, field, "{pipeline}");
+        assert!(
+            problems[0].to_string().contains(words),
+            "{pipeline}: {}",
+            problems[0]
+        );
+    }
+    let err = parse_manifest(&with_pipeline(
+        "{stages: 2, codec: lowrank, lowrank: {rank: 8, wire: int8}}",
+    ))
+    .expect_err("int8 is not a bottleneck wire type");
+    assert!(
+        err.to_string().contains("spec.pipeline.lowrank.wire"),
+        "{err}"
+    );
 }

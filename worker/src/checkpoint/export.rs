@@ -21,6 +21,17 @@ use crate::model::head::LM_HEAD_NAME;
 pub fn export(checkpoint: &Path, out: &Path) -> Result<usize, CheckpointError> {
     let loaded = load(checkpoint)?;
     let cfg = &loaded.meta.model;
+    if let Some(rank) = loaded.stages.iter().find_map(|s| s.bottleneck_rank()) {
+        return Err(CheckpointError::NotExportable(format!(
+            "this model was trained with the learned low-rank bottleneck \
+             (spec.pipeline.codec lowrank, rank {rank}): its {} stage boundaries \
+             project the residual stream to {rank} of {} dimensions and back, \
+             which a Hugging Face LlamaForCausalLM cannot express; \
+             evaluate it with `pipewright eval` instead",
+            loaded.stages.len().saturating_sub(1),
+            cfg.dim
+        )));
+    }
     fs::create_dir_all(out).map_err(io(out))?;
 
     let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();

@@ -43,6 +43,9 @@ pub enum CheckpointError {
     /// The tokenizer could not be saved or loaded.
     #[error("tokenizer: {0}")]
     Tokenizer(#[from] crate::data::DataError),
+    /// The checkpoint is valid but has no Hugging Face equivalent.
+    #[error("cannot export: {0}")]
+    NotExportable(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
@@ -377,10 +380,11 @@ pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
     let dir = resolve(dir)?;
     let meta = read_meta(&dir)?;
     let n = meta.stage_layers.len();
+    let rank = bottleneck_rank(&meta, &dir)?;
     let mut stages = Vec::with_capacity(n);
     let mut opts = Vec::with_capacity(n);
     for (i, layers) in meta.stage_layers.iter().enumerate() {
-        let mut stage = Stage::new(&meta.model, i, n, layers.clone(), meta.seed);
+        let mut stage = Stage::with_bottleneck(&meta.model, i, n, layers.clone(), meta.seed, rank);
         let mut opt = AdamW::default();
         load_stage(
             &dir.join(format!("stage-{i}.safetensors")),
@@ -397,6 +401,20 @@ pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
         opts,
         tokenizer,
     })
+}
+
+/// Width of the learned bottleneck at the stage boundaries of the run
+/// `meta` describes (`None` unless its codec is `lowrank`); refused when it
+/// does not fit the model, which only a hand-edited `meta.json` can cause.
+pub fn bottleneck_rank(meta: &Meta, dir: &Path) -> Result<Option<usize>, CheckpointError> {
+    let dim = meta.model.dim;
+    match meta.manifest.spec.pipeline.lowrank_rank(dim) {
+        Some(r) if r == 0 || r >= dim => Err(corrupt(
+            &dir.join("meta.json"),
+            format!("bottleneck rank {r} does not fit a model of width {dim}"),
+        )),
+        rank => Ok(rank),
+    }
 }
 
 /// Hex form of a 32-byte digest.

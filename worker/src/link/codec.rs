@@ -1,14 +1,16 @@
-//! Wire encodings of f32 tensors: f32, f16, bf16 and per-row int8.
+//! Wire encodings of f32 tensors: f32, f16, bf16 and per-row int8, and
+//! [`TensorWire`], which also covers the low-rank bottleneck's frames.
 //!
 //! Activations and gradients cross stage boundaries many times per step, so
 //! the byte count per element matters more than the last bit of precision.
 //! The [`Codec::Lowrank`] bottleneck is a learned projection that belongs to
 //! the model: the model projects before sending and lifts after receiving,
 //! and the link only carries the projected tensor's f32, f16 or bf16 bytes
-//! (use [`encode_matrix`] with the matching plain codec for the bytes and
-//! mark the frame `Lowrank`).
+//! ([`TensorWire::lowrank`] encodes them with the matching plain codec and
+//! names `Lowrank` and the element type for the frame header).
 
 use half::{bf16, f16};
+use pipewright_spec::{Codec as SpecCodec, LowrankWire, PipelineSpec};
 use thiserror::Error;
 
 use super::frame::{Codec, DType};
@@ -41,6 +43,90 @@ pub enum CodecError {
     /// The codec does not describe an f32 tensor (Raw, Lowrank).
     #[error("codec {0:?} is not an f32 tensor encoding")]
     NotATensorCodec(Codec),
+}
+
+/// How an f32 tensor crosses a stage link: the codec its frame is marked
+/// with and the element type of its bytes. For the plain codecs the two go
+/// together; for [`Codec::Lowrank`] the model has already projected the
+/// tensor to the bottleneck's width, and the bytes are plain f32, f16 or
+/// bf16 of that narrower tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorWire {
+    /// Codec named in the frame header.
+    pub codec: Codec,
+    /// Element type named in the frame header.
+    pub dtype: DType,
+}
+
+impl TensorWire {
+    /// Plain f32, exact.
+    pub const F32: Self = Self {
+        codec: Codec::F32,
+        dtype: DType::F32,
+    };
+
+    /// A plain f32-tensor codec (F32, F16, BF16, Int8).
+    pub fn plain(codec: Codec) -> Result<Self, CodecError> {
+        Ok(Self {
+            codec,
+            dtype: wire_dtype(codec)?,
+        })
+    }
+
+    /// The low-rank bottleneck's projected tensor carried as `dtype` (F32,
+    /// F16 or BF16).
+    pub fn lowrank(dtype: DType) -> Result<Self, CodecError> {
+        match dtype {
+            DType::F32 | DType::F16 | DType::BF16 => Ok(Self {
+                codec: Codec::Lowrank,
+                dtype,
+            }),
+            _ => Err(CodecError::NotATensorCodec(Codec::Lowrank)),
+        }
+    }
+
+    /// How the manifest's `spec.pipeline` sends activations and gradients
+    /// between stages: its codec, or under `lowrank` the bottleneck's wire
+    /// element type (`spec.pipeline.lowrank.wire`).
+    pub fn for_pipeline(pipeline: &PipelineSpec) -> Self {
+        let (codec, dtype) = match pipeline.codec {
+            SpecCodec::F32 => (Codec::F32, DType::F32),
+            SpecCodec::F16 => (Codec::F16, DType::F16),
+            SpecCodec::Bf16 => (Codec::BF16, DType::BF16),
+            SpecCodec::Int8 => (Codec::Int8, DType::I8),
+            SpecCodec::Lowrank => match pipeline.lowrank_wire() {
+                LowrankWire::F32 => (Codec::Lowrank, DType::F32),
+                LowrankWire::F16 => (Codec::Lowrank, DType::F16),
+                LowrankWire::Bf16 => (Codec::Lowrank, DType::BF16),
+            },
+        };
+        Self { codec, dtype }
+    }
+
+    /// The plain codec that lays out the payload bytes.
+    pub fn payload_codec(&self) -> Codec {
+        match (self.codec, self.dtype) {
+            (Codec::Lowrank, DType::F16) => Codec::F16,
+            (Codec::Lowrank, DType::BF16) => Codec::BF16,
+            (Codec::Lowrank, _) => Codec::F32,
+            (codec, _) => codec,
+        }
+    }
+
+    /// Bytes of a `[rows, cols]` tensor.
+    pub fn encoded_len(&self, rows: usize, cols: usize) -> Result<usize, CodecError> {
+        encoded_len(self.payload_codec(), rows, cols)
+    }
+
+    /// Payload bytes of a row-major `[rows, cols]` tensor.
+    pub fn encode(&self, data: &[f32], rows: usize, cols: usize) -> Result<Vec<u8>, CodecError> {
+        encode_matrix(data, rows, cols, self.payload_codec())
+    }
+
+    /// The tensor back from [`TensorWire::encode`]'s bytes.
+    pub fn decode(&self, bytes: &[u8], rows: usize, cols: usize) -> Result<Vec<f32>, CodecError> {
+        decode_matrix(bytes, rows, cols, self.payload_codec())
+    }
 }
 
 /// Element type on the wire for an f32-tensor codec.
@@ -267,6 +353,65 @@ mod tests {
             encode_matrix(&[1.0], 1, 1, Codec::Lowrank),
             Err(CodecError::NotATensorCodec(Codec::Lowrank))
         ));
+    }
+
+    #[test]
+    fn lowrank_frames_carry_plain_bytes_of_the_projected_width() {
+        let (rows, dim) = (8, 128);
+        let f32_bytes = TensorWire::plain(Codec::F32)
+            .expect("plain")
+            .encoded_len(rows, dim)
+            .expect("len");
+        for (dtype, bytes_per_value) in [(DType::F32, 4), (DType::F16, 2), (DType::BF16, 2)] {
+            let wire = TensorWire::lowrank(dtype).expect("lowrank wire");
+            assert!(wire.codec.accepts(wire.dtype));
+            for rank in [dim / 8, dim / 32] {
+                let len = wire.encoded_len(rows, rank).expect("len");
+                assert_eq!(len, rows * rank * bytes_per_value);
+                // The frame's size check agrees with the payload.
+                assert_eq!(
+                    len as u64,
+                    crate::link::frame::payload_len_for(
+                        &crate::link::frame::Shape::matrix(rows as u32, rank as u32),
+                        wire.dtype,
+                        wire.codec
+                    )
+                    .expect("small")
+                );
+                // r/dim of the f32 bytes (half that again on a 2-byte wire).
+                assert_eq!(len * dim * 4, f32_bytes * rank * bytes_per_value);
+                let data = matrix(rows, rank);
+                let back = wire
+                    .decode(&wire.encode(&data, rows, rank).expect("encode"), rows, rank)
+                    .expect("decode");
+                if dtype == DType::F32 {
+                    assert_eq!(back, data);
+                }
+            }
+        }
+        let mut pipeline = PipelineSpec {
+            stages: 2,
+            codec: SpecCodec::Lowrank,
+            ..PipelineSpec::default()
+        };
+        assert_eq!(
+            TensorWire::for_pipeline(&pipeline),
+            TensorWire::lowrank(DType::F32).expect("f32")
+        );
+        pipeline.lowrank = Some(pipewright_spec::LowrankSpec {
+            rank: 4,
+            wire: LowrankWire::Bf16,
+        });
+        let wire = TensorWire::for_pipeline(&pipeline);
+        assert_eq!((wire.codec, wire.dtype), (Codec::Lowrank, DType::BF16));
+        assert_eq!(wire.payload_codec(), Codec::BF16);
+        pipeline.codec = SpecCodec::Int8;
+        assert_eq!(
+            TensorWire::for_pipeline(&pipeline),
+            TensorWire::plain(Codec::Int8).expect("int8")
+        );
+        assert!(TensorWire::lowrank(DType::I8).is_err());
+        assert!(TensorWire::plain(Codec::Lowrank).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use super::attention::Attention;
 use super::block::Block;
+use super::bottleneck::Projection;
 use super::head::Head;
 use super::mlp::Mlp;
 use super::rmsnorm::RmsNorm;
@@ -198,10 +199,14 @@ fn batch(c: &ModelConfig) -> (Vec<u32>, Vec<u32>) {
 }
 
 fn build(c: &ModelConfig, stages: usize) -> Vec<Stage> {
+    build_lowrank(c, stages, None)
+}
+
+fn build_lowrank(c: &ModelConfig, stages: usize, rank: Option<usize>) -> Vec<Stage> {
     partition(c, stages, &[])
         .into_iter()
         .enumerate()
-        .map(|(i, r)| Stage::new(c, i, stages, r, 42))
+        .map(|(i, r)| Stage::with_bottleneck(c, i, stages, r, 42, rank))
         .collect()
 }
 
@@ -255,9 +260,112 @@ fn loss_only(stages: &mut [Stage], c: &ModelConfig) -> f64 {
 
 #[test]
 fn whole_model_gradient_matches_finite_differences() {
+    whole_model_gradient_check(2, None);
+}
+
+#[test]
+fn bottleneck_projection_backward_matches_finite_differences() {
+    let c = cfg(false);
+    let rows = BATCH * c.seq_len;
+    for (what, mut p) in [
+        ("down", Projection::down(7, 0, c.dim, 3)),
+        ("up", Projection::up(7, 0, c.dim, 3)),
+    ] {
+        // Move off the orthonormal start so the check is general.
+        p.weight.data = inputs(p.weight.len(), what);
+        let x = inputs(rows * p.width_in(), "x");
+        let r = inputs(rows * p.width_out(), "r");
+        let (_, mut cache) = p.forward(x.clone());
+        let dx = p.backward_input(&mut cache, r.clone());
+        p.backward_weight(&cache);
+        check(&format!("{what} dx"), &x, &dx, |x| {
+            dot(&p.forward(x.to_vec()).0, &r)
+        });
+        check(
+            &format!("{what} dw"),
+            &p.weight.data.clone(),
+            &p.weight.grad,
+            |w| {
+                let mut q = p.clone();
+                q.weight.data = w.to_vec();
+                dot(&q.forward(x.clone()).0, &r)
+            },
+        );
+    }
+}
+
+#[test]
+fn whole_model_with_bottleneck_gradient_matches_finite_differences() {
+    // Three stages: the middle one has both projections.
+    whole_model_gradient_check(3, Some(3));
+}
+
+#[test]
+fn bottleneck_stages_compute_the_projected_model() {
+    // A lowrank pipeline is the plain pipeline with `U·D` applied to the
+    // residual stream at every boundary: same loss, and the same gradient
+    // reaching every block, as the plain stages with the map done by hand.
+    let c = cfg(false);
+    let (n, rank) = (3, 4);
+    let mut low = build_lowrank(&c, n, Some(rank));
+    let mut plain = build(&c, n);
+    let want_loss = train_pass(&mut low, &c);
+    let (tokens, targets) = batch(&c);
+    let mut loss = 0.0;
+    for mb in 0..2u64 {
+        let mut x: Option<Vec<f32>> = None;
+        for (i, s) in plain.iter_mut().enumerate() {
+            let input = match &x {
+                None => StageInput::Tokens(&tokens),
+                Some(h) => StageInput::Hidden(h),
+            };
+            let t = (i + 1 == n).then_some(&targets[..]);
+            match s.forward(mb, input, t, BATCH, 0.5).expect("forward") {
+                StageOutput::Hidden(h) => {
+                    let (z, _) = Projection::down(42, i, c.dim, rank).forward(h);
+                    x = Some(Projection::up(42, i, c.dim, rank).forward(z).0);
+                }
+                StageOutput::Loss(l) => loss += l as f64 / 2.0,
+            }
+        }
+        let mut g: Option<Vec<f32>> = None;
+        for (i, s) in plain.iter_mut().enumerate().rev() {
+            // The map is symmetric (U = Dᵀ at the start), so its backward
+            // is the same projection.
+            if let (Some(gr), true) = (&g, i + 1 < n) {
+                let (z, _) = Projection::down(42, i, c.dim, rank).forward(gr.clone());
+                g = Some(Projection::up(42, i, c.dim, rank).forward(z).0);
+            }
+            g = s.backward(mb, g.as_deref()).expect("backward");
+        }
+    }
+    assert!(
+        (loss - want_loss).abs() <= 1e-5 * want_loss.abs(),
+        "loss {loss} vs {want_loss}"
+    );
+    let plain_params: Vec<_> = plain.iter().flat_map(|s| s.params()).collect();
+    let low_params: Vec<_> = low
+        .iter()
+        .flat_map(|s| s.params())
+        .filter(|p| !super::bottleneck::is_bottleneck(&p.name))
+        .collect();
+    assert_eq!(plain_params.len(), low_params.len());
+    for (a, b) in plain_params.iter().zip(&low_params) {
+        assert_eq!(a.name, b.name);
+        // The two compute the map in a different order of products, so
+        // compare against the tensor's largest gradient.
+        let scale = a.grad.iter().fold(1e-12f32, |m, g| m.max(g.abs()));
+        for (x, y) in a.grad.iter().zip(&b.grad) {
+            assert!((x - y).abs() <= 1e-4 * scale, "{}: {x} vs {y}", a.name);
+        }
+    }
+}
+
+fn whole_model_gradient_check(n: usize, rank: Option<usize>) {
     for tied in [false, true] {
         let c = cfg(tied);
-        let mut stages = build(&c, 2);
+        let build = |c: &ModelConfig, n: usize| build_lowrank(c, n, rank);
+        let mut stages = build(&c, n);
         train_pass(&mut stages, &c);
         // Perturb every parameter at once along one direction; with tied
         // embeddings both copies move together, so count the gradient once.
@@ -280,26 +388,31 @@ fn whole_model_gradient_matches_finite_differences() {
         let theta = flat(&stages, false);
         let grad = flat(&stages, true);
         let emb_len = c.vocab * c.dim;
-        check(&format!("model tied={tied}"), &theta, &grad, |t| {
-            let mut st = build(&c, 2);
-            let mut off = 0;
-            for &(s, p) in &names {
-                let prm = &mut st[s].params_mut()[p];
-                let n = prm.len();
-                prm.data.copy_from_slice(&t[off..off + n]);
-                off += n;
-            }
-            if tied {
-                // The head replica follows the embedding.
-                let emb = t[..emb_len].to_vec();
-                st.last_mut()
-                    .and_then(|s| s.head_mut())
-                    .expect("head")
-                    .0
-                    .data = emb;
-            }
-            loss_only(&mut st, &c)
-        });
+        check(
+            &format!("model tied={tied} rank={rank:?}"),
+            &theta,
+            &grad,
+            |t| {
+                let mut st = build(&c, n);
+                let mut off = 0;
+                for &(s, p) in &names {
+                    let prm = &mut st[s].params_mut()[p];
+                    let n = prm.len();
+                    prm.data.copy_from_slice(&t[off..off + n]);
+                    off += n;
+                }
+                if tied {
+                    // The head replica follows the embedding.
+                    let emb = t[..emb_len].to_vec();
+                    st.last_mut()
+                        .and_then(|s| s.head_mut())
+                        .expect("head")
+                        .0
+                        .data = emb;
+                }
+                loss_only(&mut st, &c)
+            },
+        );
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod block;
+pub mod bottleneck;
 pub mod config;
 pub mod embedding;
 #[cfg(test)]

@@ -1,14 +1,21 @@
 //! A pipeline stage: a contiguous range of blocks, plus the embedding on the
-//! first stage and the final norm, LM head and loss on the last.
+//! first stage and the final norm, LM head and loss on the last. Under the
+//! learned low-rank bottleneck (codec `lowrank`, see [`super::bottleneck`])
+//! a stage that is not first also begins with the boundary's up-projection
+//! and one that is not last ends with the next boundary's down-projection,
+//! so its input and output are `rank` wide instead of `dim`.
 //!
 //! A stage keeps one cache per micro-batch in flight, so a schedule may run
 //! several forwards before their backwards (1F1B, GPipe) and may run the
 //! input half of a backward long before its weight half (zero-bubble).
 
+mod groups;
+
 use std::collections::HashMap;
 use std::ops::Range;
 
 use super::block::{Block, BlockCache};
+use super::bottleneck::{Projection, ProjectionCache};
 use super::embedding::Embedding;
 use super::head::{Head, HeadCache};
 use super::{ModelConfig, Param};
@@ -62,7 +69,8 @@ pub enum StageError {
 pub enum StageInput<'a> {
     /// Token ids `[B·T]` (first stage).
     Tokens(&'a [u32]),
-    /// Hidden states `[B·T, D]` (other stages).
+    /// Hidden states `[B·T, W]` (other stages), `W` being
+    /// [`Stage::boundary_width_in`].
     Hidden(&'a [f32]),
 }
 
@@ -81,6 +89,8 @@ struct MicroBatchCache {
     rows: usize,
     blocks: Vec<BlockCache>,
     head: Option<HeadCache>,
+    up: Option<ProjectionCache>,
+    down: Option<ProjectionCache>,
     input_done: bool,
     /// Gradient reaching the first stage's embedding, kept for the weight half.
     dembed: Vec<f32>,
@@ -97,7 +107,11 @@ pub struct Stage {
     pub layers: Range<usize>,
     cfg: ModelConfig,
     embed: Option<Embedding>,
+    /// Up-projection of the boundary before this stage (lowrank, not first).
+    up: Option<Projection>,
     blocks: Vec<Block>,
+    /// Down-projection of the boundary after this stage (lowrank, not last).
+    down: Option<Projection>,
     head: Option<Head>,
     rope: Rope,
     inflight: HashMap<u64, MicroBatchCache>,
@@ -113,11 +127,37 @@ impl Stage {
         layers: Range<usize>,
         seed: u64,
     ) -> Self {
+        Self::with_bottleneck(cfg, index, stages, layers, seed, None)
+    }
+
+    /// [`Stage::new`] with a learned low-rank bottleneck of width `rank` at
+    /// every stage boundary (`None`: no bottleneck, as [`Stage::new`]). Every
+    /// stage of a pipeline must be built with the same `rank`; it should be
+    /// in `1..dim` (the manifest's rules make sure), and is clamped there.
+    pub fn with_bottleneck(
+        cfg: &ModelConfig,
+        index: usize,
+        stages: usize,
+        layers: Range<usize>,
+        seed: u64,
+        rank: Option<usize>,
+    ) -> Self {
+        let rank = rank.map(|r| r.clamp(1, cfg.dim.max(1)));
+        let up = match rank {
+            Some(r) if index > 0 => Some(Projection::up(seed, index - 1, cfg.dim, r)),
+            _ => None,
+        };
+        let down = match rank {
+            Some(r) if index + 1 < stages => Some(Projection::down(seed, index, cfg.dim, r)),
+            _ => None,
+        };
         Self {
             index,
             stages,
             embed: (index == 0).then(|| Embedding::new(cfg, seed)),
+            up,
             blocks: layers.clone().map(|l| Block::new(cfg, l, seed)).collect(),
+            down,
             head: (index + 1 == stages).then(|| Head::new(cfg, seed)),
             rope: Rope::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta),
             layers,
@@ -139,6 +179,30 @@ impl Stage {
     /// The model configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    /// Width of the bottleneck at this stage's boundaries, if any.
+    pub fn bottleneck_rank(&self) -> Option<usize> {
+        self.up
+            .as_ref()
+            .map(Projection::width_in)
+            .or_else(|| self.down.as_ref().map(Projection::width_out))
+    }
+
+    /// Values per row of the hidden states this stage receives (and of the
+    /// gradient it sends back): `rank` under the bottleneck, else `dim`.
+    /// Meaningless on the first stage, which takes token ids.
+    pub fn boundary_width_in(&self) -> usize {
+        self.up.as_ref().map_or(self.cfg.dim, Projection::width_in)
+    }
+
+    /// Values per row of the hidden states this stage sends on (and of the
+    /// gradient it receives): `rank` under the bottleneck, else `dim`.
+    /// Meaningless on the last stage, which ends in the loss.
+    pub fn boundary_width_out(&self) -> usize {
+        self.down
+            .as_ref()
+            .map_or(self.cfg.dim, Projection::width_out)
     }
 
     /// Micro-batches with a forward but no completed backward.
@@ -219,7 +283,7 @@ impl Stage {
                 embed.forward(tokens)
             }
             (StageInput::Hidden(h), None) => {
-                let expected = rows * self.cfg.dim;
+                let expected = rows * self.boundary_width_in();
                 if h.len() != expected {
                     return Err(StageError::Shape {
                         what: "hidden states",
@@ -234,7 +298,16 @@ impl Stage {
                         expected,
                     });
                 }
-                h.to_vec()
+                match &self.up {
+                    Some(up) => {
+                        let (x, c) = up.forward(h.to_vec());
+                        if mb.is_some() {
+                            cache.up = Some(c);
+                        }
+                        x
+                    }
+                    None => h.to_vec(),
+                }
             }
             (_, Some(_)) => {
                 return Err(StageError::WrongInput {
@@ -257,7 +330,16 @@ impl Stage {
             }
         }
         let out = match &self.head {
-            None => StageOutput::Hidden(x),
+            None => match &self.down {
+                Some(down) => {
+                    let (z, c) = down.forward(x);
+                    if mb.is_some() {
+                        cache.down = Some(c);
+                    }
+                    StageOutput::Hidden(z)
+                }
+                None => StageOutput::Hidden(x),
+            },
             Some(head) => match (targets, mb) {
                 (Some(targets), _) => {
                     self.check_tokens(targets, rows, "targets")?;
@@ -284,6 +366,7 @@ impl Stage {
         mb: u64,
         grad: Option<&[f32]>,
     ) -> Result<Option<Vec<f32>>, StageError> {
+        let width_out = self.boundary_width_out();
         let cache = self
             .inflight
             .get_mut(&mb)
@@ -296,7 +379,7 @@ impl Stage {
                 head.backward_input(cache.head.as_mut().ok_or(StageError::MissingTargets)?)
             }
             (None, Some(g)) => {
-                let expected = cache.rows * self.cfg.dim;
+                let expected = cache.rows * width_out;
                 if g.len() != expected {
                     return Err(StageError::Shape {
                         what: "output gradient",
@@ -304,7 +387,10 @@ impl Stage {
                         expected,
                     });
                 }
-                g.to_vec()
+                match (&self.down, cache.down.as_mut()) {
+                    (Some(down), Some(c)) => down.backward_input(c, g.to_vec()),
+                    _ => g.to_vec(),
+                }
             }
             (None, None) => {
                 return Err(StageError::WrongInput {
@@ -315,6 +401,9 @@ impl Stage {
         };
         for (block, c) in self.blocks.iter().zip(cache.blocks.iter_mut()).rev() {
             dx = block.backward_input(c, dx, &self.rope);
+        }
+        if let (Some(up), Some(c)) = (&self.up, cache.up.as_mut()) {
+            dx = up.backward_input(c, dx);
         }
         cache.input_done = true;
         if self.embed.is_some() {
@@ -340,8 +429,14 @@ impl Stage {
         if let (Some(head), Some(c)) = (self.head.as_mut(), cache.head.as_ref()) {
             head.backward_weight(c);
         }
+        if let (Some(down), Some(c)) = (self.down.as_mut(), cache.down.as_ref()) {
+            down.backward_weight(c);
+        }
         for (block, c) in self.blocks.iter_mut().zip(&cache.blocks).rev() {
             block.backward_weight(c);
+        }
+        if let (Some(up), Some(c)) = (self.up.as_mut(), cache.up.as_ref()) {
+            up.backward_weight(c);
         }
         if let Some(embed) = self.embed.as_mut() {
             embed.backward_weight(&cache.tokens, &cache.dembed);
@@ -365,14 +460,21 @@ impl Stage {
         self.inflight.clear();
     }
 
-    /// All parameters in a fixed order: embedding, blocks, final norm, head.
+    /// All parameters in a fixed order: embedding, bottleneck up-projection,
+    /// blocks, bottleneck down-projection, final norm, head.
     pub fn params(&self) -> Vec<&Param> {
         let mut v = Vec::new();
         if let Some(e) = &self.embed {
             v.push(&e.weight);
         }
+        if let Some(u) = &self.up {
+            v.push(&u.weight);
+        }
         for b in &self.blocks {
             v.extend(b.params());
+        }
+        if let Some(d) = &self.down {
+            v.push(&d.weight);
         }
         if let Some(h) = &self.head {
             v.push(&h.norm.weight);
@@ -387,8 +489,14 @@ impl Stage {
         if let Some(e) = &mut self.embed {
             v.push(&mut e.weight);
         }
+        if let Some(u) = &mut self.up {
+            v.push(&mut u.weight);
+        }
         for b in &mut self.blocks {
             v.extend(b.params_mut());
+        }
+        if let Some(d) = &mut self.down {
+            v.push(&mut d.weight);
         }
         if let Some(h) = &mut self.head {
             v.push(&mut h.norm.weight);

@@ -105,10 +105,11 @@ impl Trainer {
         let model = ModelConfig::from_spec(&spec.model, tokenizer.vocab_size());
         let n = spec.pipeline.stages;
         let seed = spec.training.seed;
+        let rank = spec.pipeline.lowrank_rank(model.dim);
         let stages: Vec<Stage> = partition(&model, n, &[])
             .into_iter()
             .enumerate()
-            .map(|(i, layers)| Stage::new(&model, i, n, layers, seed))
+            .map(|(i, layers)| Stage::with_bottleneck(&model, i, n, layers, seed, rank))
             .collect();
         let mut stages = stages;
         let opts = stages

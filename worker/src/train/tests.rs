@@ -117,3 +117,116 @@ fn a_checkpoint_for_another_model_is_refused_without_damage() {
     // The other stage's file is untouched.
     assert!(saved.join("stage-0.safetensors").is_file());
 }
+
+/// `manifest` with the learned low-rank bottleneck of width `rank` at every
+/// stage boundary.
+fn lowrank_manifest(dir: &Path, stages: usize, rank: usize, steps: u64) -> TrainingRun {
+    let mut m = manifest(dir, stages, false, steps);
+    m.spec.pipeline.codec = pipewright_spec::Codec::Lowrank;
+    m.spec.pipeline.lowrank = Some(pipewright_spec::LowrankSpec {
+        rank,
+        wire: pipewright_spec::LowrankWire::F32,
+    });
+    pipewright_spec::validate(&m).expect("lowrank test manifest is valid");
+    m
+}
+
+#[test]
+fn lowrank_bottleneck_trains_and_its_projections_learn() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_corpus(dir.path());
+    // dim 32 through an 8-wide bottleneck at each of two boundaries.
+    let mut t = Trainer::new(lowrank_manifest(dir.path(), 3, 8, 40)).expect("trainer");
+    let shapes: Vec<(String, Vec<usize>)> = t
+        .stages
+        .iter()
+        .flat_map(|s| s.params())
+        .filter(|p| crate::model::bottleneck::is_bottleneck(&p.name))
+        .map(|p| (p.name.clone(), p.shape.clone()))
+        .collect();
+    assert_eq!(
+        shapes,
+        [
+            ("boundary.0.down.weight".to_owned(), vec![8, 32]),
+            ("boundary.0.up.weight".to_owned(), vec![32, 8]),
+            ("boundary.1.down.weight".to_owned(), vec![8, 32]),
+            ("boundary.1.up.weight".to_owned(), vec![32, 8]),
+        ]
+    );
+    assert_eq!(
+        (
+            t.stages[1].boundary_width_in(),
+            t.stages[1].boundary_width_out()
+        ),
+        (8, 8)
+    );
+    let start: Vec<f32> = t.stages[0].params().last().expect("down").data.clone();
+    let before = t.evaluate(4).expect("eval");
+    while !t.finished() {
+        t.train_step().expect("step");
+    }
+    let after = t.evaluate(4).expect("eval");
+    assert!(
+        after.bits_per_byte < 0.6 * before.bits_per_byte,
+        "lowrank: {:.3} -> {:.3} bits/byte",
+        before.bits_per_byte,
+        after.bits_per_byte
+    );
+    assert!(after.bits_per_byte < t.corpus.unigram_bits_per_byte());
+    let end = &t.stages[0].params().last().expect("down").data;
+    assert_ne!(&start, end, "the down-projection took no optimizer step");
+}
+
+#[test]
+fn lowrank_resume_continues_exactly_and_export_refuses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_corpus(dir.path());
+    let m = lowrank_manifest(dir.path(), 3, 4, 8);
+    let mut straight = Trainer::new(m.clone()).expect("trainer");
+    while !straight.finished() {
+        straight.train_step().expect("step");
+    }
+    let mut first = Trainer::new(m).expect("trainer");
+    for _ in 0..3 {
+        first.train_step().expect("step");
+    }
+    let root = dir.path().join("ckpt-lowrank");
+    let saved = first.save_checkpoint(&root).expect("save");
+    drop(first);
+    // The projections and their Adam moments are in the stage files.
+    let bytes = std::fs::read(saved.join("stage-1.safetensors")).expect("read");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    for name in [
+        "boundary.0.up.weight",
+        "boundary.1.down.weight",
+        "optimizer.m.boundary.0.up.weight",
+        "optimizer.v.boundary.1.down.weight",
+    ] {
+        assert!(st.tensor(name).is_ok(), "{name} missing from stage 1");
+    }
+    let mut resumed = Trainer::resume(&root, None).expect("resume");
+    assert_eq!(resumed.step, 3);
+    while !resumed.finished() {
+        resumed.train_step().expect("step");
+    }
+    assert_eq!(resumed.losses, straight.losses);
+    for (a, b) in resumed.stages.iter().zip(&straight.stages) {
+        for (p, q) in a.params().iter().zip(b.params()) {
+            assert_eq!(p.data, q.data, "{} differs after resume", p.name);
+        }
+    }
+
+    let out = dir.path().join("hf");
+    let err = crate::checkpoint::export::export(&root, &out)
+        .expect_err("a lowrank checkpoint has no Llama equivalent");
+    let text = err.to_string();
+    for words in [
+        "cannot export",
+        "low-rank bottleneck",
+        "rank 4",
+        "LlamaForCausalLM",
+    ] {
+        assert!(text.contains(words), "{words:?} not in: {text}");
+    }
+    assert!(!out.join("model.safetensors").exists());
+}

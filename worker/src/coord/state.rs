@@ -463,9 +463,9 @@ impl Coordinator {
             .unwrap_or_else(|| Route::lanes(stages, replicas, m));
         let candidate = crate::pipeline::route::weighted(stages, replicas, m, &times);
         let mut next = current.clone();
-        for s in 0..stages {
+        for (s, stage_times) in times.iter().enumerate() {
             // Only stages whose every replica has been measured move.
-            let Some(t) = times[s].iter().copied().collect::<Option<Vec<f64>>>() else {
+            let Some(t) = stage_times.iter().copied().collect::<Option<Vec<f64>>>() else {
                 continue;
             };
             if candidate.makespan(s, &t) < (1.0 - REROUTE_GAIN) * current.makespan(s, &t) {

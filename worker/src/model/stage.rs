@@ -9,6 +9,8 @@
 //! several forwards before their backwards (1F1B, GPipe) and may run the
 //! input half of a backward long before its weight half (zero-bubble).
 
+mod groups;
+
 use std::collections::HashMap;
 use std::ops::Range;
 

@@ -49,10 +49,11 @@ use crate::link::{
 };
 use crate::model::head::LM_HEAD_NAME;
 use crate::model::stage::sum_tied;
+use crate::model::Param;
 use crate::model::{partition, ModelConfig, Stage, StageError, StageInput, StageOutput};
 use crate::optim::{grad_sq_sum, AdamW, OptimConfig};
 use crate::schedule::{ops, plan, validate, Op, ScheduleError};
-use crate::sync::{RingConfig, RingError, RingMember};
+use crate::sync::{BucketedAllReduce, RingConfig, RingError, RingMember};
 
 pub use route::Route;
 use wire::{decode_f32, decode_scalar, decode_targets, Inbox, Sender, TIE_SLOT};
@@ -868,7 +869,16 @@ impl StageWorker {
             .iter()
             .filter(|op| matches!(op, Op::Forward { .. }))
             .count();
-        for op in order {
+        // The weight half that completes this worker's gradients: as it
+        // finishes each group of parameters, the group is averaged with the
+        // other replicas on a background thread while the rest of the
+        // backward runs (the earlier micro-batches only accumulate).
+        let last_weight = order
+            .iter()
+            .rposition(|op| matches!(op, Op::Backward { .. } | Op::BackwardWeight { .. }));
+        let mut reducer = None;
+        for (k, op) in order.into_iter().enumerate() {
+            let overlap = Some(k) == last_weight;
             match op {
                 Op::Forward { mb } => {
                     if let Some(loss) = self.forward(step, mb as u64, scale)? {
@@ -877,15 +887,11 @@ impl StageWorker {
                 }
                 Op::Backward { mb } => {
                     self.backward_input(step, mb as u64)?;
-                    let t = Instant::now();
-                    self.stage.backward_weight(mb as u64)?;
-                    self.spent(t);
+                    reducer = self.backward_weight(mb as u64, overlap)?;
                 }
                 Op::BackwardInput { mb } => self.backward_input(step, mb as u64)?,
                 Op::BackwardWeight { mb } => {
-                    let t = Instant::now();
-                    self.stage.backward_weight(mb as u64)?;
-                    self.spent(t);
+                    reducer = self.backward_weight(mb as u64, overlap)?.or(reducer);
                 }
             }
         }
@@ -895,7 +901,7 @@ impl StageWorker {
                 "the step's order left micro-batches without a backward".into(),
             ));
         }
-        let loss = self.reduce_replicas(loss_sum)?;
+        let loss = self.reduce_replicas(loss_sum, reducer)?;
         if let Some(l) = loss {
             if !l.is_finite() {
                 return Err(PipelineError::Diverged { step, loss: l });
@@ -1023,32 +1029,82 @@ impl StageWorker {
         Ok(())
     }
 
-    /// Mean of every gradient across the stage's replicas (one ring
-    /// operation over all parameters, plus the loss sum on the last stage);
-    /// returns the step's mean loss on the last stage.
-    fn reduce_replicas(&mut self, loss_sum: f64) -> Result<Option<f32>, PipelineError> {
+    /// The weight half of `mb`'s backward. With `overlap` (the step's last
+    /// weight half) and replicas to average with, each group of parameters
+    /// is handed to a background all-reduce as soon as its gradients are
+    /// complete; returns that all-reduce.
+    fn backward_weight(
+        &mut self,
+        mb: u64,
+        overlap: bool,
+    ) -> Result<Option<BucketedAllReduce>, PipelineError> {
+        let t = Instant::now();
+        let ring = if overlap { self.ring.take() } else { None };
+        let reducer = match ring {
+            Some(ring) => {
+                let buckets = self.stage.weight_groups().len() + usize::from(self.is_last());
+                let reducer = BucketedAllReduce::start(ring, buckets)?;
+                let mut k = 0;
+                self.stage.backward_weight_each(mb, &mut |params| {
+                    // A failed push means the all-reduce already failed;
+                    // waiting for it reports why.
+                    let _ = reducer.push(k, concat_grads(params));
+                    k += 1;
+                })?;
+                Some(reducer)
+            }
+            None => {
+                self.stage.backward_weight(mb)?;
+                None
+            }
+        };
+        self.spent(t);
+        Ok(reducer)
+    }
+
+    /// Mean of every gradient across the stage's replicas, one bucket per
+    /// group of [`Stage::weight_groups`] (plus the loss sum on the last
+    /// stage), the buckets already pushed by `reducer` included; returns
+    /// the step's mean loss on the last stage.
+    fn reduce_replicas(
+        &mut self,
+        loss_sum: f64,
+        reducer: Option<BucketedAllReduce>,
+    ) -> Result<Option<f32>, PipelineError> {
         let last = self.is_last();
         let m = self.micro_batches as f64;
-        let Some(ring) = self.ring.as_mut() else {
-            return Ok(last.then_some((loss_sum / m) as f32));
+        let groups = self.stage.weight_groups();
+        let reducer = match (reducer, self.ring.take()) {
+            (Some(r), _) => r,
+            (None, None) => return Ok(last.then_some((loss_sum / m) as f32)),
+            // No weight half ran on this worker in this step (a route gave
+            // it no micro-batch): its zero gradients join the same buckets.
+            (None, Some(ring)) => {
+                let r = BucketedAllReduce::start(ring, groups.len() + usize::from(last))?;
+                let params = self.stage.params();
+                for (k, g) in groups.iter().enumerate() {
+                    let group: Vec<&Param> = g.iter().map(|&i| params[i]).collect();
+                    r.push(k, concat_grads(&group))?;
+                }
+                r
+            }
         };
-        let mut params = self.stage.params_mut();
-        let len: usize = params.iter().map(|p| p.grad.len()).sum();
-        let mut buf = Vec::with_capacity(len + 1);
-        for p in params.iter() {
-            buf.extend_from_slice(&p.grad);
-        }
         if last {
-            buf.push(loss_sum as f32);
+            reducer.push(groups.len(), vec![loss_sum as f32])?;
         }
-        ring.allreduce_mean(&mut buf)?;
-        let mut at = 0;
-        for p in params.iter_mut() {
-            let n = p.grad.len();
-            p.grad.copy_from_slice(&buf[at..at + n]);
-            at += n;
+        let (ring, buckets) = reducer.wait()?;
+        self.ring = Some(ring);
+        let mut params = self.stage.params_mut();
+        for (g, bucket) in groups.iter().zip(&buckets) {
+            let mut at = 0;
+            for &i in g {
+                let n = params[i].grad.len();
+                params[i].grad.copy_from_slice(&bucket[at..at + n]);
+                at += n;
+            }
         }
-        Ok(last.then(|| (buf[len] as f64 / m) as f32))
+        let loss = buckets.get(groups.len()).and_then(|b| b.first().copied());
+        Ok(last.then(|| (loss.unwrap_or(f32::NAN) as f64 / m) as f32))
     }
 
     /// Gives the tied embedding and head the sum of both gradients.
@@ -1199,6 +1255,15 @@ pub(crate) fn accept_within(
             }
         }
     }
+}
+
+/// The gradients of `params`, one after the other.
+fn concat_grads(params: &[&Param]) -> Vec<f32> {
+    let mut buf = Vec::with_capacity(params.iter().map(|p| p.grad.len()).sum());
+    for p in params {
+        buf.extend_from_slice(&p.grad);
+    }
+    buf
 }
 
 /// Accepts one authenticated connection from each of `expected` within

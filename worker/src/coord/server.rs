@@ -800,7 +800,20 @@ fn put_checkpoint(
         let path = tmp.join(format!("stage-{stage}.safetensors"));
         let all = lock(&shared.coord).layout().stage_layers.clone();
         let layers = all.get(stage).cloned().unwrap_or(0..0);
-        let st = crate::model::Stage::new(&ctx.meta.model, stage, all.len(), layers, ctx.meta.seed);
+        let rank = ctx
+            .meta
+            .manifest
+            .spec
+            .pipeline
+            .lowrank_rank(ctx.meta.model.dim);
+        let st = crate::model::Stage::with_bottleneck(
+            &ctx.meta.model,
+            stage,
+            all.len(),
+            layers,
+            ctx.meta.seed,
+            rank,
+        );
         checkpoint::decode_stage(body, &st.params(), &path)
             .map(|_| path)
             .map_err(|e| e.to_string())

@@ -40,12 +40,12 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use pipewright_spec::{Codec as SpecCodec, Routing, TrainingRun};
+use pipewright_spec::{Routing, TrainingRun};
 
 use crate::data::{sample_train, Corpus, DataError, Tokenizer};
-use crate::link::codec::CodecError;
+use crate::link::codec::{CodecError, TensorWire};
 use crate::link::{
-    Codec, FrameKind, FrameLimits, Link, LinkConfig, LinkError, Role, RunId, RunKey, WorkerId,
+    FrameKind, FrameLimits, Link, LinkConfig, LinkError, Role, RunId, RunKey, WorkerId,
 };
 use crate::model::head::LM_HEAD_NAME;
 use crate::model::stage::sum_tied;
@@ -285,7 +285,7 @@ pub struct StageWorker {
     tie: Option<Inbox>,
     ring: Option<RingMember>,
     sender: Sender,
-    codec: Codec,
+    codec: TensorWire,
     timeout: Duration,
     kind: pipewright_spec::ScheduleKind,
     /// Links reach every replica of the neighbouring stages.
@@ -375,17 +375,7 @@ impl StageWorker {
         } else {
             None
         };
-        let codec = match spec.pipeline.codec {
-            SpecCodec::F32 => Codec::F32,
-            SpecCodec::F16 => Codec::F16,
-            SpecCodec::Bf16 => Codec::BF16,
-            SpecCodec::Int8 => Codec::Int8,
-            SpecCodec::Lowrank => {
-                return Err(PipelineError::Layout(
-                    "pipeline.codec lowrank needs the model's learned projection, which stage workers do not have yet".into(),
-                ))
-            }
-        };
+        let codec = TensorWire::for_pipeline(&spec.pipeline);
         let seed = spec.training.seed;
         let micro_batches = spec.training.micro_batches;
         let kind = spec.pipeline.schedule;
@@ -412,7 +402,8 @@ impl StageWorker {
                     PipelineError::Layout(format!("no layer range for stage {}", shard.stage))
                 })?,
         };
-        let mut stage = Stage::new(&model, shard.stage, stages, layers, seed);
+        let rank = spec.pipeline.lowrank_rank(model.dim);
+        let mut stage = Stage::with_bottleneck(&model, shard.stage, stages, layers, seed, rank);
         let opt = AdamW::new(&stage.params_mut());
         let rows = spec.training.micro_batch_size;
         let worker_id = shard.worker_id();
@@ -931,8 +922,13 @@ impl StageWorker {
 
     /// Forward of micro-batch `mb`; the loss on the last stage.
     fn forward(&mut self, step: u64, mb: u64, scale: f32) -> Result<Option<f32>, PipelineError> {
-        let (rows, seq, dim) = (self.rows, self.model.seq_len, self.model.dim);
+        let (rows, seq) = (self.rows, self.model.seq_len);
         let m = self.micro_batches as u64;
+        // Under the low-rank bottleneck only `rank` values per row cross.
+        let (width_in, width_out) = (
+            self.stage.boundary_width_in(),
+            self.stage.boundary_width_out(),
+        );
         let (tokens, hidden, targets, input_hash, targets_hash) = if let Some(corpus) = &self.corpus
         {
             // Micro-batch `mb` of the step holds replica `mb / M`'s data,
@@ -948,7 +944,7 @@ impl StageWorker {
             let a = prev.take(FrameKind::Activation, step, mb, timeout)?;
             (
                 None,
-                Some(decode_f32(&a, rows * seq, dim, self.codec)?),
+                Some(decode_f32(&a, rows * seq, width_in, self.codec)?),
                 targets,
                 a.content_hash(),
                 t.content_hash(),
@@ -980,7 +976,7 @@ impl StageWorker {
                     FrameKind::Activation,
                     &h,
                     rows * seq,
-                    dim,
+                    width_out,
                     self.codec,
                     input_hash,
                 )?;
@@ -994,7 +990,11 @@ impl StageWorker {
 
     /// Input half of the backward of `mb`, sending the result upstream.
     fn backward_input(&mut self, step: u64, mb: u64) -> Result<(), PipelineError> {
-        let (rows, dim) = (self.hidden_rows(), self.model.dim);
+        let rows = self.hidden_rows();
+        let (width_in, width_out) = (
+            self.stage.boundary_width_in(),
+            self.stage.boundary_width_out(),
+        );
         // A gradient is computed from the next stage's gradient, or on the
         // last stage from the forward's input (and the targets).
         let forward_input = self.inputs.remove(&mb).unwrap_or([0; 32]);
@@ -1006,7 +1006,7 @@ impl StageWorker {
                 .next_for(mb)?
                 .take(FrameKind::Gradient, step, mb, timeout)?;
             (
-                Some(decode_f32(&f, rows, dim, self.codec)?),
+                Some(decode_f32(&f, rows, width_out, self.codec)?),
                 f.content_hash(),
             )
         };
@@ -1020,7 +1020,7 @@ impl StageWorker {
                 FrameKind::Gradient,
                 &dx,
                 rows,
-                dim,
+                width_in,
                 self.codec,
                 input_hash,
             )?;
@@ -1150,7 +1150,7 @@ impl StageWorker {
             &mine,
             vocab,
             dim,
-            Codec::F32,
+            TensorWire::F32,
             [0; 32],
         )?;
         let timeout = self.timeout;
@@ -1162,7 +1162,7 @@ impl StageWorker {
         .ok_or_else(|| PipelineError::Layout("no link to the tied stage".into()))?;
         link.send(frame)?;
         let theirs = link.take(FrameKind::Gradient, step, TIE_SLOT, timeout)?;
-        let mut theirs = decode_f32(&theirs, vocab, dim, Codec::F32)?;
+        let mut theirs = decode_f32(&theirs, vocab, dim, TensorWire::F32)?;
         let target = if first {
             self.stage.embedding_mut()
         } else {

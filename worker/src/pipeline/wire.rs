@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::link::codec::{decode_matrix, encode_matrix, wire_dtype};
+use crate::link::codec::TensorWire;
 use crate::link::frame::{Digest, Frame, FrameHeader};
 use crate::link::{Codec, DType, FrameKind, Link, LinkError, RunId, Shape, WorkerId};
 
@@ -56,9 +56,8 @@ impl Sender {
         }
     }
 
-    /// A `[rows, cols]` f32 tensor (activations, gradients) under `codec`
-    /// (one of the f32-tensor codecs), computed from the input whose content
-    /// hash is `input`.
+    /// A `[rows, cols]` f32 tensor (activations, gradients) under `codec`,
+    /// computed from the input whose content hash is `input`.
     #[allow(clippy::too_many_arguments)]
     pub fn matrix(
         &self,
@@ -68,14 +67,13 @@ impl Sender {
         data: &[f32],
         rows: usize,
         cols: usize,
-        codec: Codec,
+        codec: TensorWire,
         input: Digest,
     ) -> Result<Frame, PipelineError> {
         let shape = matrix_shape(rows, cols)?;
-        let dtype = wire_dtype(codec)?;
-        let payload = encode_matrix(data, rows, cols, codec)?;
+        let payload = codec.encode(data, rows, cols)?;
         Ok(Frame {
-            header: self.header(step, mb, kind, dtype, codec, shape, input),
+            header: self.header(step, mb, kind, codec.dtype, codec.codec, shape, input),
             payload,
             verified_hash: None,
         })
@@ -170,10 +168,10 @@ pub(crate) fn decode_f32(
     frame: &Frame,
     rows: usize,
     cols: usize,
-    codec: Codec,
+    codec: TensorWire,
 ) -> Result<Vec<f32>, PipelineError> {
-    check_shape(frame, wire_dtype(codec)?, codec, rows, cols)?;
-    Ok(decode_matrix(&frame.payload, rows, cols, codec)?)
+    check_shape(frame, codec.dtype, codec.codec, rows, cols)?;
+    Ok(codec.decode(&frame.payload, rows, cols)?)
 }
 
 /// Decodes a `[rows, seq]` target-id frame (ids are range-checked by the
@@ -340,11 +338,11 @@ mod tests {
                 &data,
                 3,
                 4,
-                Codec::F32,
+                TensorWire::F32,
                 [5; 32],
             )
             .expect("encode");
-        assert_eq!(decode_f32(&f, 3, 4, Codec::F32).expect("decode"), data);
+        assert_eq!(decode_f32(&f, 3, 4, TensorWire::F32).expect("decode"), data);
         assert_eq!(f.header.input_hash, [5; 32], "the input it came from");
         assert_eq!(f.header.sender, WorkerId([2; 16]), "and its author");
         let targets: Vec<u32> = (0..8).map(|i| i * 1000 + 7).collect();
@@ -367,13 +365,32 @@ mod tests {
                 &data,
                 3,
                 4,
-                Codec::F32,
+                TensorWire::F32,
                 [0; 32],
             )
             .expect("encode");
         // Same element count, other shape: a peer with another model.
         assert!(matches!(
-            decode_f32(&f, 4, 3, Codec::F32),
+            decode_f32(&f, 4, 3, TensorWire::F32),
+            Err(PipelineError::Protocol(_))
+        ));
+        // A plain f32 frame where a low-rank one is expected, and the
+        // reverse: the codec is part of what both ends agreed on.
+        let lowrank = TensorWire::lowrank(DType::F32).expect("lowrank");
+        assert!(matches!(
+            decode_f32(&f, 3, 4, lowrank),
+            Err(PipelineError::Protocol(_))
+        ));
+        let g = s
+            .matrix(0, 0, FrameKind::Activation, &data, 3, 4, lowrank, [0; 32])
+            .expect("encode");
+        assert_eq!(
+            (g.header.codec, g.header.dtype),
+            (Codec::Lowrank, DType::F32)
+        );
+        assert_eq!(decode_f32(&g, 3, 4, lowrank).expect("decode"), data);
+        assert!(matches!(
+            decode_f32(&g, 3, 4, TensorWire::F32),
             Err(PipelineError::Protocol(_))
         ));
         // Tensor bytes offered as token ids.

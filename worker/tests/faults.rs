@@ -249,3 +249,69 @@ fn a_restarted_coordinator_and_a_volunteer_keep_the_run_going() {
         &checkpoint_losses(&out, 120),
     );
 }
+
+#[test]
+fn a_routed_run_trains_on_without_a_lost_lane_until_a_volunteer_fills_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = write_inputs(dir.path(), "lanes", 2, 2, 300);
+    let yaml = std::fs::read_to_string(&m)
+        .expect("manifest")
+        .replace("replicas: 2}", "replicas: 2, routing: throughput}");
+    std::fs::write(&m, yaml).expect("write manifest");
+    let out = dir.path().join("run");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let client = Client::new(&url, "t0ken", Duration::from_secs(30));
+    let mut procs = Procs(vec![coordinator(&m, &out, port)]);
+    for s in 0..2 {
+        for r in 0..2 {
+            procs.0.push(worker(&m, &url, Some((s, r))));
+        }
+    }
+    wait_for(&client, "training", |s| s.step >= 10);
+    // kill -9 stage 1 replica 1 and start nobody in its place: after a
+    // lease, lane 0 trains on alone with the whole batch.
+    procs.0[4].kill().expect("kill a worker");
+    procs.0[4].wait().expect("reap");
+    let lost = client.status().expect("status").step;
+    wait_for(&client, "lane 0 training alone", |s| {
+        s.step >= lost + 10
+            && s.shards.iter().any(|x| x.state == "idle")
+            && s.shards.iter().any(|x| x.state == "vacant")
+    });
+    let alone = client.status().expect("status");
+    let lane0: Vec<usize> = alone
+        .shards
+        .iter()
+        .filter(|x| x.replica == 0)
+        .map(|x| x.micro_batches)
+        .collect();
+    assert_eq!(lane0, vec![8, 8], "lane 0 runs every micro-batch");
+    // A volunteer takes the vacancy; both lanes train again.
+    procs.0.push(
+        pipewright()
+            .args(["join", "--coordinator", &url, "--token", "t0ken"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("join"),
+    );
+    wait_for(&client, "both lanes again", |s| {
+        s.step > alone.step + 5 && s.shards.iter().all(|x| x.state == "live")
+    });
+    wait_for(&client, "the end", |s| s.phase == Phase::Succeeded);
+    // The same batch every step, whoever ran it: the run learns as the
+    // undisturbed one does.
+    train_processes(&m, &dir.path().join("clean"), &[]);
+    let (a, b) = (
+        checkpoint_losses(&dir.path().join("clean"), 300),
+        checkpoint_losses(&out, 300),
+    );
+    let tail = |v: &[f64]| v[v.len() - 20..].iter().sum::<f64>() / 20.0;
+    assert!(
+        (tail(&a) - tail(&b)).abs() <= 0.01 * tail(&a),
+        "last 20 steps: {} vs {}",
+        tail(&a),
+        tail(&b)
+    );
+}

@@ -481,6 +481,15 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
         };
         after = w.epoch;
         session.epoch_seen.fetch_max(w.epoch, Ordering::Relaxed);
+        if !w.lanes.is_empty() && !w.lanes.contains(&shard.replica) {
+            // Its lane sits this epoch out (another of its workers was
+            // lost); wait for the next one.
+            eprintln!(
+                "worker {}: stage {} replica {} waits for its lane to be filled again",
+                session.worker, shard.stage, shard.replica
+            );
+            continue;
+        }
         if let Err(e) = restore(wk, &snapshot, &w, session) {
             // Cannot take part in this plan: leave it to a fresh worker.
             return Err(e.context(format!(
@@ -521,6 +530,13 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
             ring: ring_peers,
         };
         let spec = &session.manifest.spec;
+        let lanes = if w.lanes.is_empty() {
+            (0..spec.pipeline.replicas).collect()
+        } else {
+            w.lanes.clone()
+        };
+        wk.set_lanes(lanes)
+            .context("the coordinator's training replicas do not fit this run")?;
         let route = w.route.clone().unwrap_or_else(|| {
             Route::lanes(
                 spec.pipeline.stages,

@@ -103,6 +103,12 @@ pub struct Wiring {
     /// replica its own, `routing: lanes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route: Option<Route>,
+    /// The replicas that train in this epoch (empty: all). Under
+    /// `routing: throughput` a lane with a vacancy that outlasted a lease
+    /// is left out until it is filled; its workers get no `next`, no ring
+    /// and wait for the next epoch.
+    #[serde(default)]
+    pub lanes: Vec<usize>,
 }
 
 /// `POST /v1/step`: a worker completed a step; the answer comes when every

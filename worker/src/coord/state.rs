@@ -152,6 +152,9 @@ struct Plan {
     step: u64,
     sources: Vec<StateSource>,
     upload: Vec<bool>,
+    /// Replicas that train in this epoch: all of them, or under
+    /// `routing: throughput` the lanes without a vacancy.
+    lanes: Vec<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -299,6 +302,9 @@ pub struct Coordinator {
     layers_fixed: bool,
     /// Which replica runs which micro-batch (`routing: throughput`).
     route: Option<Route>,
+    /// Since when each vacant slot has been vacant (slots never filled
+    /// have none).
+    vacant_since: Vec<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -358,6 +364,7 @@ impl Coordinator {
             partitioner: None,
             layers_fixed,
             route: None,
+            vacant_since: vec![None; shards],
         }
     }
 
@@ -446,26 +453,26 @@ impl Coordinator {
         if !self.layout.routed || replicas < 2 || m == 0 {
             return;
         }
-        let times: Vec<Vec<Option<f64>>> = (0..stages)
-            .map(|s| {
-                (0..replicas)
-                    .map(|r| {
-                        self.slots[self.idx(s, r)]
-                            .as_ref()
-                            .and_then(|x| x.mb_seconds)
-                    })
-                    .collect()
-            })
-            .collect();
+        let lanes: Vec<usize> = self
+            .plan
+            .as_ref()
+            .map_or_else(|| (0..replicas).collect(), |p| p.lanes.clone());
+        let times = self.speeds();
         let current = self
             .route
             .clone()
             .unwrap_or_else(|| Route::lanes(stages, replicas, m));
-        let candidate = crate::pipeline::route::weighted(stages, replicas, m, &times);
+        let candidate = self.route_over(&lanes);
         let mut next = current.clone();
         for (s, stage_times) in times.iter().enumerate() {
-            // Only stages whose every replica has been measured move.
-            let Some(t) = stage_times.iter().copied().collect::<Option<Vec<f64>>>() else {
+            // Only stages whose every training replica has been measured
+            // move (the others run nothing).
+            let Some(t) = stage_times
+                .iter()
+                .enumerate()
+                .map(|(r, t)| if lanes.contains(&r) { *t } else { Some(0.0) })
+                .collect::<Option<Vec<f64>>>()
+            else {
                 continue;
             };
             if candidate.makespan(s, &t) < (1.0 - REROUTE_GAIN) * current.makespan(s, &t) {
@@ -618,7 +625,13 @@ impl Coordinator {
             micro_batches: 0,
             mb_seconds: None,
         });
-        self.make_plan();
+        self.vacant_since[i] = None;
+        if self.plan.as_ref().is_some_and(|p| p.epoch == self.epoch) {
+            // The current plan went on without this slot's lane: rewire
+            // with it.
+            self.new_epoch();
+        }
+        self.make_plan(now);
     }
 
     /// The worker is alive. Returns the current epoch.
@@ -640,6 +653,7 @@ impl Coordinator {
     pub fn lose(&mut self, worker: u64, now: Instant) -> bool {
         if let Some(i) = self.find(worker) {
             self.slots[i] = None;
+            self.vacant_since[i] = Some(now);
             if self.finished.is_none() {
                 self.reassignments += 1;
             }
@@ -698,9 +712,12 @@ impl Coordinator {
         if let Some((epoch, since)) = self.suspect_since {
             if epoch == self.epoch && now.saturating_duration_since(since) > self.lease {
                 self.new_epoch();
-                self.make_plan();
+                self.make_plan(now);
             }
         }
+        // A routed run carries on without a lane whose vacancy outlasted a
+        // lease.
+        self.make_plan(now);
         lost
     }
 
@@ -720,13 +737,50 @@ impl Coordinator {
     }
 
     /// Makes the current epoch's plan once every slot is filled.
-    fn make_plan(&mut self) {
-        if self.finished.is_some()
-            || self.plan.as_ref().is_some_and(|p| p.epoch == self.epoch)
-            || self.slots.iter().any(|s| s.is_none())
-        {
+    /// The replicas that can train now: every one once every slot is
+    /// filled; under `routing: throughput`, after a run has started, also
+    /// the lanes (one replica of every stage) without a vacancy, once every
+    /// vacancy has lasted a lease (a relaunch usually comes sooner). `None`:
+    /// wait.
+    fn trainable_lanes(&self, now: Instant) -> Option<Vec<usize>> {
+        let (stages, r) = (self.layout.stages, self.layout.replicas);
+        let lanes: Vec<usize> = (0..r)
+            .filter(|&l| (0..stages).all(|s| self.slots[self.idx(s, l)].is_some()))
+            .collect();
+        if lanes.len() == r {
+            return Some(lanes);
+        }
+        let waited = self
+            .slots
+            .iter()
+            .zip(&self.vacant_since)
+            .all(|(slot, since)| {
+                slot.is_some()
+                    || since.is_some_and(|t| now.saturating_duration_since(t) >= self.lease)
+            });
+        (self.layout.routed
+            && self.started_training
+            && self.layers_fixed
+            && waited
+            && !lanes.is_empty())
+        .then_some(lanes)
+    }
+
+    /// Whether slot `i` trains in the current plan.
+    fn in_plan(&self, i: usize) -> bool {
+        let (_, replica) = self.shard_of(i);
+        self.plan
+            .as_ref()
+            .is_none_or(|p| p.lanes.contains(&replica))
+    }
+
+    fn make_plan(&mut self, now: Instant) {
+        if self.finished.is_some() || self.plan.as_ref().is_some_and(|p| p.epoch == self.epoch) {
             return;
         }
+        let Some(lanes) = self.trainable_lanes(now) else {
+            return;
+        };
         if !self.layers_fixed {
             // The first plan of a measured run: each stage as fast as its
             // slowest replica, layers split so every stage takes as long.
@@ -746,13 +800,22 @@ impl Coordinator {
             }
             self.layers_fixed = true;
         }
-        let slots: Vec<&Slot> = self.slots.iter().flatten().collect();
-        let n = slots.len();
-        let r = self.layout.replicas;
-        let with_state: Vec<u64> = slots
+        let n = self.slots.len();
+        let (stages, r) = (self.layout.stages, self.layout.replicas);
+        // Workers of the lanes left out drop out of step: their state is
+        // fetched afresh when their lane comes back.
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if let Some(x) = slot.as_mut().filter(|_| !lanes.contains(&(i % r))) {
+                x.completed = 0;
+                x.has_snapshot = false;
+            }
+        }
+        let included: Vec<usize> = (0..n).filter(|&i| lanes.contains(&(i % r))).collect();
+        let slot = |i: usize| self.slots[i].as_ref().expect("an included slot is filled");
+        let with_state: Vec<u64> = included
             .iter()
-            .filter(|s| s.completed > 0)
-            .map(|s| s.completed)
+            .map(|&i| slot(i).completed)
+            .filter(|&c| c > 0)
             .collect();
         let target = match with_state.iter().min() {
             Some(&m) => {
@@ -761,12 +824,15 @@ impl Coordinator {
                 // while the workers waited at that step's barrier) is
                 // trained again: the replay is exact.
                 let known = self.losses.len() as u64;
-                let m = if known < m && slots.iter().all(|s| s.holds(known)) {
+                let m = if known < m && included.iter().all(|&i| slot(i).holds(known)) {
                     known
                 } else {
                     m
                 };
-                if slots.iter().any(|s| s.completed > 0 && !s.holds(m)) {
+                if included
+                    .iter()
+                    .any(|&i| slot(i).completed > 0 && !slot(i).holds(m))
+                {
                     None
                 } else {
                     Some(m)
@@ -778,11 +844,11 @@ impl Coordinator {
         let mut upload = vec![false; n];
         let mut ok = target.is_some();
         if let Some(t) = target {
-            for s in 0..self.layout.stages {
-                let stage = s * r..(s + 1) * r;
-                let donor = stage.clone().find(|&i| slots[i].holds(t));
-                for i in stage {
-                    if slots[i].holds(t) {
+            for s in 0..stages {
+                let stage: Vec<usize> = lanes.iter().map(|&l| s * r + l).collect();
+                let donor = stage.iter().copied().find(|&i| slot(i).holds(t));
+                for &i in &stage {
+                    if slot(i).holds(t) {
                         continue;
                     }
                     match donor {
@@ -805,7 +871,8 @@ impl Coordinator {
                 None => (0, None),
             };
             upload = vec![false; n];
-            for (i, s) in slots.iter().enumerate() {
+            for &i in &included {
+                let s = slot(i);
                 sources[i] = if s.holds(step) && (step > 0 || s.completed == 0) {
                     StateSource::Held
                 } else {
@@ -820,19 +887,63 @@ impl Coordinator {
         if self.pending.as_ref().is_some_and(|p| p.step != step) {
             self.pending = None;
         }
-        // After restoring, every worker holds exactly `step`.
-        for s in self.slots.iter_mut().flatten() {
-            s.completed = step;
-            s.has_snapshot = false;
+        // After restoring, every included worker holds exactly `step`.
+        for &i in &included {
+            if let Some(s) = self.slots[i].as_mut() {
+                s.completed = step;
+                s.has_snapshot = false;
+            }
         }
         self.committed = step;
         self.losses.truncate(step as usize);
+        // Without some lanes, or back from that, the route must give work
+        // to exactly the lanes that train.
+        let fits = self.route.as_ref().is_none_or(|rt| {
+            (0..stages).all(|s| {
+                rt.counts(s, r)
+                    .iter()
+                    .enumerate()
+                    .all(|(l, &c)| (c > 0) == lanes.contains(&l))
+            })
+        });
+        if (self.layout.routed && !fits) || lanes.len() < r {
+            self.route = Some(self.route_over(&lanes));
+        }
         self.plan = Some(Plan {
             epoch: self.epoch,
             step,
             sources,
             upload,
+            lanes,
         });
+    }
+
+    /// A route that gives each of `lanes` a share by its measured speed
+    /// (unmeasured replicas count as the stage's mean) and nothing to the
+    /// other replicas.
+    fn route_over(&self, lanes: &[usize]) -> Route {
+        crate::pipeline::route::weighted(
+            self.layout.stages,
+            self.layout.replicas,
+            self.layout.micro_batches,
+            &self.speeds(),
+            lanes,
+        )
+    }
+
+    /// Each slot's smoothed seconds per micro-batch, by stage and replica.
+    fn speeds(&self) -> Vec<Vec<Option<f64>>> {
+        (0..self.layout.stages)
+            .map(|s| {
+                (0..self.layout.replicas)
+                    .map(|r| {
+                        self.slots[self.idx(s, r)]
+                            .as_ref()
+                            .and_then(|x| x.mb_seconds)
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     /// The wiring of `worker` for the first epoch after `after`: `None`
@@ -854,7 +965,7 @@ impl Coordinator {
             return Ok(None);
         };
         let (s, rep) = self.shard_of(i);
-        let (stages, replicas) = (self.layout.stages, self.layout.replicas);
+        let stages = self.layout.stages;
         let addr = |st: usize, re: usize, ring: bool| {
             self.slots[self.idx(st, re)].as_ref().map(|x| {
                 if ring {
@@ -864,10 +975,24 @@ impl Coordinator {
                 }
             })
         };
+        let lanes = plan.lanes.clone();
+        if !lanes.contains(&rep) {
+            // Its lane waits for a vacancy to be filled: no links, no steps.
+            let mut w = self.finished_wiring(Phase::Training);
+            w.epoch = plan.epoch;
+            w.finished = None;
+            w.shard = (s, rep);
+            w.step = plan.step;
+            w.lanes = lanes;
+            let layers = self.layout.stage_layers.get(s).cloned().unwrap_or(0..0);
+            w.layers = [layers.start, layers.end];
+            return Ok(Some(w));
+        }
         let next = match (s + 1 < stages, self.layout.routed) {
             (false, _) => Vec::new(),
-            (true, true) => (0..replicas)
-                .filter_map(|r| addr(s + 1, r, false).map(|a| (r, a)))
+            (true, true) => lanes
+                .iter()
+                .filter_map(|&r| addr(s + 1, r, false).map(|a| (r, a)))
                 .collect(),
             (true, false) => addr(s + 1, rep, false)
                 .map(|a| vec![(rep, a)])
@@ -878,8 +1003,10 @@ impl Coordinator {
         } else {
             None
         };
-        let ring_next = if replicas > 1 {
-            addr(s, (rep + 1) % replicas, true)
+        // The ring joins the stage's training replicas, in replica order.
+        let at = lanes.iter().position(|&l| l == rep).unwrap_or(0);
+        let ring_next = if lanes.len() > 1 {
+            addr(s, lanes[(at + 1) % lanes.len()], true)
         } else {
             None
         };
@@ -898,6 +1025,7 @@ impl Coordinator {
             ring_next,
             checkpoint,
             route: self.route.clone(),
+            lanes,
         }))
     }
 
@@ -915,6 +1043,7 @@ impl Coordinator {
             ring_next: None,
             checkpoint: false,
             route: None,
+            lanes: Vec::new(),
         }
     }
 
@@ -928,7 +1057,7 @@ impl Coordinator {
         let (s, _) = self.shard_of(i);
         let r = self.layout.replicas;
         !p.written.contains(&s)
-            && (s * r..(s + 1) * r).find(|&j| self.slots[j].is_some()) == Some(i)
+            && (s * r..(s + 1) * r).find(|&j| self.slots[j].is_some() && self.in_plan(j)) == Some(i)
     }
 
     /// The stage whose checkpoint part `worker` may deliver for `step`.
@@ -1015,11 +1144,12 @@ impl Coordinator {
             return stop;
         }
         let i = self.find(worker)?;
-        if self
-            .slots
-            .iter()
-            .any(|s| s.as_ref().is_none_or(|s| s.completed < completed))
-        {
+        if (0..self.slots.len()).any(|j| {
+            self.in_plan(j)
+                && self.slots[j]
+                    .as_ref()
+                    .is_none_or(|s| s.completed < completed)
+        }) {
             return None;
         }
         if completed > self.committed {
@@ -1157,7 +1287,13 @@ impl Coordinator {
                     worker: slot.as_ref().map(|s| s.worker),
                     name: slot.as_ref().map(|s| s.name.clone()),
                     address: slot.as_ref().map(|s| s.pipe_addr.clone()),
-                    state: if slot.is_some() { "live" } else { "vacant" }.into(),
+                    state: match (slot.is_some(), self.in_plan(i)) {
+                        (false, _) => "vacant",
+                        (true, true) => "live",
+                        // Its lane waits for a vacancy to be filled.
+                        (true, false) => "idle",
+                    }
+                    .into(),
                     completed: slot.as_ref().map_or(0, |s| s.completed),
                     seconds_since_heartbeat: slot
                         .as_ref()

@@ -563,3 +563,87 @@ fn lanes_runs_never_route() {
         None
     );
 }
+
+#[test]
+fn a_routed_run_goes_on_without_a_lane_until_its_vacancy_is_filled() {
+    let mut l = layout(2, 2, false);
+    l.routed = true;
+    l.micro_batches = 4;
+    let mut c = Coordinator::new("t", l, LEASE, None, None);
+    let t0 = Instant::now();
+    let ids = fill(&mut c, t0);
+    let epoch = c.wiring(ids[0], 0).expect("ok").expect("plan").epoch;
+    train(&mut c, &ids, epoch, 0, 3, t0);
+    // Stage 1 replica 1 dies and nobody replaces it.
+    c.lose(ids[3], t0);
+    assert_eq!(
+        c.wiring(ids[0], epoch).expect("ok"),
+        None,
+        "waits a lease first"
+    );
+    let later = t0 + LEASE + Duration::from_millis(10);
+    for &id in &ids[..3] {
+        c.heartbeat(id, later).expect("alive");
+    }
+    c.expire(later);
+    let w = c
+        .wiring(ids[0], epoch)
+        .expect("ok")
+        .expect("a plan without lane 1");
+    assert_eq!(w.lanes, vec![0]);
+    assert_eq!(w.step, 3);
+    assert_eq!(w.next, vec![(0, "w10:1".to_string())]);
+    assert_eq!(w.ring_next, None, "a ring of one");
+    let route = w.route.expect("a route over lane 0");
+    assert_eq!(route.counts(0, 2), vec![8, 0]);
+    assert_eq!(route.counts(1, 2), vec![8, 0]);
+    // Lane 1's survivor sits the epoch out.
+    let idle = c.wiring(ids[1], epoch).expect("ok").expect("plan");
+    assert_eq!(idle.lanes, vec![0]);
+    assert!(idle.next.is_empty());
+    assert_eq!(idle.layers, [0, 1], "its stage's layers, kept for later");
+    let status = c.status(later);
+    assert_eq!(status.shards[1].state, "idle");
+    assert_eq!(status.shards[3].state, "vacant");
+    // Lane 0 trains on; the barrier does not wait for lane 1.
+    let e2 = w.epoch;
+    for step in 4..=5 {
+        for &id in [ids[0], ids[2]].iter() {
+            c.step_done(&done(id, e2, step), later).expect("step");
+        }
+        assert!(
+            c.barrier(ids[0], e2, step, later)
+                .expect("released")
+                .proceed
+        );
+    }
+    // A replacement fills the vacancy: both lanes train again, the idle
+    // worker and the newcomer take their state from lane 0.
+    let (new, _) = c
+        .register(reg(Some(1), Some(1), "w11b"), later)
+        .expect("register");
+    let w = c.wiring(ids[1], e2).expect("ok").expect("a full plan");
+    assert_eq!(w.lanes, vec![0, 1]);
+    assert_eq!(w.step, 5);
+    assert_eq!(w.state, StateSource::Replica);
+    let w = c.wiring(new, e2).expect("ok").expect("plan");
+    assert_eq!(w.state, StateSource::Replica);
+    let route = w.route.expect("route");
+    assert!(route.counts(1, 2).iter().all(|&k| k > 0), "{route:?}");
+}
+
+#[test]
+fn a_lanes_run_waits_for_every_vacancy() {
+    let mut c = coord(2, 2, false);
+    let t0 = Instant::now();
+    let ids = fill(&mut c, t0);
+    let epoch = c.wiring(ids[0], 0).expect("ok").expect("plan").epoch;
+    train(&mut c, &ids, epoch, 0, 2, t0);
+    c.lose(ids[3], t0);
+    let later = t0 + LEASE * 3;
+    for &id in &ids[..3] {
+        c.heartbeat(id, later).expect("alive");
+    }
+    c.expire(later);
+    assert_eq!(c.wiring(ids[0], epoch).expect("ok"), None);
+}

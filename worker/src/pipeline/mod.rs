@@ -291,6 +291,9 @@ pub struct StageWorker {
     /// Links reach every replica of the neighbouring stages.
     cross: bool,
     route: Route,
+    /// The replicas that train (all, unless a routed run goes on without
+    /// a lane that lost a worker).
+    lanes: Vec<usize>,
     link_config: LinkConfig,
     step: u64,
     busy: Duration,
@@ -454,6 +457,7 @@ impl StageWorker {
             kind,
             cross,
             route: Route::lanes(stages, replicas, micro_batches),
+            lanes: (0..replicas).collect(),
             link_config,
             step: 0,
             busy: Duration::ZERO,
@@ -479,10 +483,11 @@ impl StageWorker {
         let tie_far = self.model.tied && stages > 2;
         // The replicas of a neighbouring stage this worker links to.
         let lanes: Vec<usize> = if self.cross {
-            (0..replicas).collect()
+            self.lanes.clone()
         } else {
             vec![shard.replica]
         };
+        let ring_rank = self.lanes.iter().position(|&l| l == shard.replica);
         let mut next_replicas: Vec<usize> = peers.next.iter().map(|(r, _)| *r).collect();
         next_replicas.sort_unstable();
         if (!first || tie_far) != peers.listener.is_some()
@@ -492,7 +497,8 @@ impl StageWorker {
                 next_replicas != lanes
             })
             || (last && tie_far) != peers.tie.is_some()
-            || (replicas > 1) != peers.ring.is_some()
+            || (self.lanes.len() > 1) != peers.ring.is_some()
+            || ring_rank.is_none()
         {
             return Err(PipelineError::Layout(format!(
                 "peers of stage {} of {stages} (replicas {replicas}, tied {}, routed {}) are incomplete or superfluous",
@@ -574,8 +580,8 @@ impl StageWorker {
         let ring = match peers.ring {
             Some(RingPeers { listener, next }) => {
                 let mut c = RingConfig::new(
-                    shard.replica,
-                    replicas,
+                    ring_rank.unwrap_or(0),
+                    self.lanes.len(),
                     auth.run_id,
                     auth.key.clone(),
                     worker_id,
@@ -608,7 +614,40 @@ impl StageWorker {
                     .into(),
             ));
         }
+        if let Some(r) = route
+            .assign
+            .iter()
+            .flatten()
+            .map(|&r| r as usize)
+            .find(|r| !self.lanes.contains(r))
+        {
+            return Err(PipelineError::Layout(format!(
+                "the route gives work to replica {r}, which does not train now"
+            )));
+        }
         self.route = route;
+        Ok(())
+    }
+
+    /// Sets the replicas that train from the next wiring on: all of them,
+    /// or under `routing: throughput` the lanes without a vacancy (the
+    /// coordinator's plan). Gradients and the loss are scaled so that the
+    /// step still averages all `replicas × micro_batches` micro-batches.
+    pub fn set_lanes(&mut self, lanes: Vec<usize>) -> Result<(), PipelineError> {
+        let mut lanes = lanes;
+        lanes.sort_unstable();
+        lanes.dedup();
+        let fits = !lanes.is_empty()
+            && lanes.iter().all(|&l| l < self.replicas)
+            && lanes.contains(&self.shard.replica)
+            && (self.cross || lanes.len() == self.replicas);
+        if !fits {
+            return Err(PipelineError::Layout(format!(
+                "training replicas {lanes:?} do not fit replica {} of {} (routed {})",
+                self.shard.replica, self.replicas, self.cross
+            )));
+        }
+        self.lanes = lanes;
         Ok(())
     }
 
@@ -852,7 +891,14 @@ impl StageWorker {
         let start = Instant::now();
         let bytes_before = self.link_bytes_sent();
         let step = self.step;
-        let scale = 1.0 / self.micro_batches as f32;
+        // Each replica's gradient sum is averaged over the training
+        // replicas; with some lanes left out they ran more micro-batches
+        // each, so each counts for less.
+        let scale = if self.lanes.len() == self.replicas {
+            1.0 / self.micro_batches as f32
+        } else {
+            self.lanes.len() as f32 / (self.replicas * self.micro_batches) as f32
+        };
         let mut loss_sum = 0.0f64;
         self.busy = Duration::ZERO;
         let order = self.order();
@@ -1072,7 +1118,12 @@ impl StageWorker {
         reducer: Option<BucketedAllReduce>,
     ) -> Result<Option<f32>, PipelineError> {
         let last = self.is_last();
-        let m = self.micro_batches as f64;
+        // The mean of the replicas' loss sums, over every micro-batch.
+        let m = if self.lanes.len() == self.replicas {
+            self.micro_batches as f64
+        } else {
+            (self.replicas * self.micro_batches) as f64 / self.lanes.len() as f64
+        };
         let groups = self.stage.weight_groups();
         let reducer = match (reducer, self.ring.take()) {
             (Some(r), _) => r,

@@ -163,36 +163,40 @@ pub fn interleave(counts: &[usize]) -> Vec<u16> {
     out
 }
 
-/// The throughput-weighted route for a step: stage by stage, shares from
-/// [`balanced_counts`] of each replica's seconds per micro-batch (`None`:
-/// not measured yet, taken as the stage's mean, or 1 s if none is known).
+/// The throughput-weighted route for a step: stage by stage, the replicas
+/// in `lanes` share it by [`balanced_counts`] of their seconds per
+/// micro-batch (`None`: not measured yet, taken as the mean of the stage's
+/// measured ones, or 1 s if none is); the other replicas get nothing.
 pub fn weighted(
     stages: usize,
     replicas: usize,
     micro_batches: usize,
     seconds_per_mb: &[Vec<Option<f64>>],
+    lanes: &[usize],
 ) -> Route {
     let total = replicas * micro_batches;
     let assign = (0..stages)
         .map(|s| {
-            let known: Vec<f64> = seconds_per_mb
-                .get(s)
-                .map(|v| v.iter().flatten().copied().collect())
-                .unwrap_or_default();
-            let fill = if known.is_empty() {
-                1.0
-            } else {
-                known.iter().sum::<f64>() / known.len() as f64
-            };
-            let times: Vec<f64> = (0..replicas)
-                .map(|r| {
+            let known: Vec<Option<f64>> = lanes
+                .iter()
+                .map(|&r| {
                     seconds_per_mb
                         .get(s)
                         .and_then(|v| v.get(r).copied().flatten())
-                        .unwrap_or(fill)
                 })
                 .collect();
-            interleave(&balanced_counts(total, &times))
+            let measured: Vec<f64> = known.iter().flatten().copied().collect();
+            let fill = if measured.is_empty() {
+                1.0
+            } else {
+                measured.iter().sum::<f64>() / measured.len() as f64
+            };
+            let times: Vec<f64> = known.iter().map(|t| t.unwrap_or(fill)).collect();
+            let mut counts = vec![0usize; replicas];
+            for (&r, c) in lanes.iter().zip(balanced_counts(total, &times)) {
+                counts[r] = c;
+            }
+            interleave(&counts)
         })
         .collect();
     Route { assign }
@@ -238,11 +242,20 @@ mod tests {
     #[test]
     fn weighted_routes_fill_unknown_speeds_and_fit_the_layout() {
         let times = vec![vec![Some(1.0), Some(3.0)], vec![None, None]];
-        let r = weighted(2, 2, 4, &times);
+        let r = weighted(2, 2, 4, &times, &[0, 1]);
         assert!(r.check(2, 2, 4).is_ok());
         assert_eq!(r.counts(0, 2), vec![6, 2]);
         assert_eq!(r.counts(1, 2), vec![4, 4]);
         assert!(r.makespan(0, &[1.0, 3.0]) < Route::lanes(2, 2, 4).makespan(0, &[1.0, 3.0]));
+        // A replica left out gets nothing; the others share the whole step.
+        let times = vec![
+            vec![Some(1.0), Some(9.0), Some(3.0)],
+            vec![None, None, None],
+        ];
+        let r = weighted(2, 3, 2, &times, &[0, 2]);
+        assert!(r.check(2, 3, 2).is_ok());
+        assert_eq!(r.counts(0, 3), vec![5, 0, 1]);
+        assert_eq!(r.counts(1, 3), vec![3, 0, 3]);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::Path;
 
 mod common;
 
-use common::{pipewright, write_corpus};
+use common::{checkpoint_losses, pipewright, write_corpus};
 
 /// The generated corpus and a manifest that trains on it.
 fn write_inputs(dir: &Path, stages: usize, replicas: usize, heads: usize) -> std::path::PathBuf {
@@ -88,17 +88,7 @@ fn processes_train_like_the_single_process_run() {
         "{}",
         String::from_utf8_lossy(&local.stderr)
     );
-    let losses = |run: &str| -> Vec<f64> {
-        let meta = std::fs::read_to_string(dir.path().join(run).join("step-00000006/meta.json"))
-            .unwrap_or_else(|e| panic!("{run} checkpoint: {e}"));
-        let meta: serde_json::Value = serde_json::from_str(&meta).expect("json");
-        meta["losses"]
-            .as_array()
-            .expect("losses")
-            .iter()
-            .map(|v| v.as_f64().expect("a number"))
-            .collect()
-    };
+    let losses = |run: &str| checkpoint_losses(&dir.path().join(run), 6);
     let (local, multi) = (losses("local"), losses("multi"));
     assert_eq!(local.len(), 6);
     assert_eq!(multi.len(), 6);
@@ -175,17 +165,7 @@ fn throughput_routing_moves_work_off_a_slow_worker_and_trains_the_same() {
         .output()
         .expect("run pipewright");
     assert!(local.status.success());
-    let losses = |run: &str| -> Vec<f64> {
-        let meta = std::fs::read_to_string(dir.path().join(run).join("step-00000012/meta.json"))
-            .unwrap_or_else(|e| panic!("{run} checkpoint: {e}"));
-        let meta: serde_json::Value = serde_json::from_str(&meta).expect("json");
-        meta["losses"]
-            .as_array()
-            .expect("losses")
-            .iter()
-            .map(|v| v.as_f64().expect("a number"))
-            .collect()
-    };
+    let losses = |run: &str| checkpoint_losses(&dir.path().join(run), 12);
     let (local, routed) = (losses("local"), losses("routed"));
     assert_eq!(routed.len(), 12);
     for (l, m) in local.iter().zip(&routed) {

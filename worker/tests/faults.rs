@@ -11,7 +11,7 @@ use pipewright::coord::{Client, Phase};
 
 mod common;
 
-use common::{pipewright, write_corpus};
+use common::{checkpoint_losses, losses_in, pipewright, write_corpus};
 
 fn write_inputs(dir: &Path, name: &str, stages: usize, replicas: usize, steps: u64) -> PathBuf {
     write_corpus(dir);
@@ -33,25 +33,17 @@ spec:
     path
 }
 
-/// The `losses` array of a JSON file (a run's summary or a checkpoint's
-/// metadata).
-fn losses_in(path: &Path) -> Vec<f64> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
-    v["losses"]
-        .as_array()
-        .expect("losses")
-        .iter()
-        .map(|x| x.as_f64().expect("a number"))
-        .collect()
+/// The manifest at `path`, switched to `routing: throughput`.
+fn routed(path: PathBuf) -> PathBuf {
+    let yaml = std::fs::read_to_string(&path)
+        .expect("manifest")
+        .replace("replicas: 2}", "replicas: 2, routing: throughput}");
+    std::fs::write(&path, yaml).expect("write manifest");
+    path
 }
 
 fn summary_losses(root: &Path) -> Vec<f64> {
     losses_in(&root.join("summary.json"))
-}
-
-fn checkpoint_losses(root: &Path, step: u64) -> Vec<f64> {
-    losses_in(&root.join(format!("step-{step:08}/meta.json")))
 }
 
 fn assert_same(a: &[f64], b: &[f64]) {
@@ -104,11 +96,7 @@ fn killed_workers_are_replaced_and_the_run_trains_as_if_nothing_happened() {
 #[test]
 fn a_routed_run_survives_kills_and_ends_where_the_undisturbed_one_does() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let m = write_inputs(dir.path(), "routed", 2, 2, 40);
-    let yaml = std::fs::read_to_string(&m)
-        .expect("manifest")
-        .replace("replicas: 2}", "replicas: 2, routing: throughput}");
-    std::fs::write(&m, yaml).expect("write manifest");
+    let m = routed(write_inputs(dir.path(), "routed", 2, 2, 40));
     let slow = ["--slow-worker", "1/1=3"];
     train_processes(&m, &dir.path().join("clean"), &slow);
     let out = train_processes(
@@ -183,7 +171,8 @@ fn worker(manifest: &Path, url: &str, shard: Option<(usize, usize)>) -> Child {
 }
 
 fn wait_for(client: &Client, what: &str, mut f: impl FnMut(&pipewright::coord::Status) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // Generous: these runs compete for 2 cores with other tests.
+    let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         if let Ok(s) = client.status() {
             if f(&s) {
@@ -191,7 +180,11 @@ fn wait_for(client: &Client, what: &str, mut f: impl FnMut(&pipewright::coord::S
             }
             assert_ne!(s.phase, Phase::Failed, "{}", s.reason);
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {:?}",
+            client.status().map(|s| (s.phase, s.step, s.epoch))
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -253,11 +246,7 @@ fn a_restarted_coordinator_and_a_volunteer_keep_the_run_going() {
 #[test]
 fn a_routed_run_trains_on_without_a_lost_lane_until_a_volunteer_fills_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let m = write_inputs(dir.path(), "lanes", 2, 2, 300);
-    let yaml = std::fs::read_to_string(&m)
-        .expect("manifest")
-        .replace("replicas: 2}", "replicas: 2, routing: throughput}");
-    std::fs::write(&m, yaml).expect("write manifest");
+    let m = routed(write_inputs(dir.path(), "lanes", 2, 2, 300));
     let out = dir.path().join("run");
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");

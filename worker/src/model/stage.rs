@@ -417,31 +417,7 @@ impl Stage {
     /// Weight half of the backward of `mb`: accumulates parameter gradients
     /// and releases the micro-batch's cache.
     pub fn backward_weight(&mut self, mb: u64) -> Result<(), StageError> {
-        match self.inflight.get(&mb) {
-            None => return Err(StageError::UnknownMicroBatch(mb)),
-            Some(c) if !c.input_done => return Err(StageError::OutOfOrder(mb)),
-            Some(_) => {}
-        }
-        let cache = self
-            .inflight
-            .remove(&mb)
-            .ok_or(StageError::UnknownMicroBatch(mb))?;
-        if let (Some(head), Some(c)) = (self.head.as_mut(), cache.head.as_ref()) {
-            head.backward_weight(c);
-        }
-        if let (Some(down), Some(c)) = (self.down.as_mut(), cache.down.as_ref()) {
-            down.backward_weight(c);
-        }
-        for (block, c) in self.blocks.iter_mut().zip(&cache.blocks).rev() {
-            block.backward_weight(c);
-        }
-        if let (Some(up), Some(c)) = (self.up.as_mut(), cache.up.as_ref()) {
-            up.backward_weight(c);
-        }
-        if let Some(embed) = self.embed.as_mut() {
-            embed.backward_weight(&cache.tokens, &cache.dembed);
-        }
-        Ok(())
+        self.backward_weight_each(mb, &mut |_| {})
     }
 
     /// Both halves of the backward.

@@ -254,6 +254,56 @@ fn micro_batches_routed_across_replicas_match_the_trainer() {
 }
 
 #[test]
+fn one_lane_of_two_trains_the_whole_batch_like_the_trainer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_corpus(dir.path());
+    let mut m = manifest(dir.path(), 2, 2, true, "1f1b");
+    m.spec.pipeline.routing = Routing::Throughput;
+    let (want, _, _) = reference(&m);
+    // Lane 1 is gone: lane 0's two workers run all 8 micro-batches.
+    let route = Route {
+        assign: vec![vec![0; 8], vec![0; 8]],
+    };
+    let auth = Auth {
+        run_id: RunId([3; 16]),
+        key: RunKey([9; 32]),
+    };
+    let layout = loopback_layout(2, 2, true, true).expect("bind");
+    let handles: Vec<_> = layout
+        .into_iter()
+        .filter(|(shard, _)| shard.replica == 0)
+        .map(|(shard, mut peers)| {
+            peers.next.retain(|(r, _)| *r == 0);
+            peers.ring = None;
+            let (m, auth, route) = (m.clone(), auth.clone(), route.clone());
+            thread::spawn(move || -> Result<Vec<WorkerStep>, PipelineError> {
+                let mut w = StageWorker::prepare(&m, shard, Duration::from_secs(60))?;
+                w.set_lanes(vec![0])?;
+                w.set_route(route)?;
+                w.link(peers, &auth)?;
+                let steps = w.run(STEPS)?;
+                w.finish()?;
+                Ok(steps)
+            })
+        })
+        .collect();
+    let done: Vec<Vec<WorkerStep>> = handles
+        .into_iter()
+        .map(|h| h.join().expect("thread").expect("lane 0"))
+        .collect();
+    assert!(done
+        .iter()
+        .all(|steps| steps.iter().all(|s| s.micro_batches == 8)));
+    for (i, (s, w)) in done[1].iter().zip(&want).enumerate() {
+        let got = s.loss.expect("last stage");
+        assert!(
+            (got - w).abs() <= 1e-4 * w.abs(),
+            "step {i}: one lane {got} vs trainer {w}"
+        );
+    }
+}
+
+#[test]
 fn a_lanes_run_refuses_a_route_across_replicas() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_corpus(dir.path());

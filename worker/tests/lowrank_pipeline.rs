@@ -3,12 +3,12 @@
 //! single-process trainer with the same bottleneck, and only `rank` values
 //! per token cross each boundary.
 
-use std::path::Path;
-use std::thread;
-use std::time::Duration;
+mod common;
 
-use pipewright::link::{RunId, RunKey};
-use pipewright::pipeline::{loopback_layout, Auth, PipelineError, Shard, StageWorker, WorkerStep};
+use std::path::Path;
+
+use common::{run_stage_workers, Finished};
+use pipewright::pipeline::PipelineError;
 use pipewright::train::Trainer;
 use pipewright_spec::{parse_manifest, TrainingRun};
 
@@ -56,39 +56,8 @@ spec:
     parse_manifest(&yaml).expect("test manifest is valid")
 }
 
-type Finished = Vec<(Shard, Vec<WorkerStep>, Vec<Vec<f32>>)>;
-
 fn run_pipeline(m: &TrainingRun) -> Result<Finished, PipelineError> {
-    let p = &m.spec.pipeline;
-    let layout =
-        loopback_layout(p.stages, p.replicas, false, false).expect("bind loopback listeners");
-    let auth = Auth {
-        run_id: RunId([4; 16]),
-        key: RunKey([2; 32]),
-    };
-    let handles: Vec<_> = layout
-        .into_iter()
-        .map(|(shard, peers)| {
-            let (m, auth) = (m.clone(), auth.clone());
-            thread::spawn(move || -> Result<_, PipelineError> {
-                let mut w = StageWorker::new(&m, shard, peers, auth, Duration::from_secs(60))?;
-                let steps = w.run(STEPS)?;
-                let params = w.stage().params().iter().map(|p| p.data.clone()).collect();
-                w.finish()?;
-                Ok((shard, steps, params))
-            })
-        })
-        .collect();
-    let results: Vec<_> = handles
-        .into_iter()
-        .map(|h| h.join().expect("worker thread panicked"))
-        .collect();
-    for r in &results {
-        if let Err(e) = r {
-            eprintln!("worker failed: {e}");
-        }
-    }
-    results.into_iter().collect()
+    run_stage_workers(m, None)
 }
 
 fn trainer(m: &TrainingRun) -> Trainer {

@@ -1,10 +1,13 @@
 //! Stage workers on threads, linked over loopback TCP, must train exactly
 //! like the single-process trainer: same per-step loss, same weights.
 
+mod common;
+
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::{run_stage_workers, Finished};
 use pipewright::link::{RunId, RunKey};
 use pipewright::pipeline::route::interleave;
 use pipewright::pipeline::{
@@ -67,54 +70,8 @@ spec:
     parse_manifest(&yaml).expect("test manifest is valid")
 }
 
-/// Every worker's step outcomes and final stage parameters, by shard.
-type Finished = Vec<(Shard, Vec<WorkerStep>, Vec<Vec<f32>>)>;
-
 fn run_pipeline(m: &TrainingRun) -> Result<Finished, PipelineError> {
-    run_routed(m, None)
-}
-
-/// Runs every shard on a thread; with `route`, every step follows it.
-fn run_routed(m: &TrainingRun, route: Option<Route>) -> Result<Finished, PipelineError> {
-    let p = &m.spec.pipeline;
-    let layout = loopback_layout(
-        p.stages,
-        p.replicas,
-        m.spec.model.tied_embeddings,
-        p.routing == Routing::Throughput,
-    )
-    .expect("bind loopback listeners");
-    let auth = Auth {
-        run_id: RunId([3; 16]),
-        key: RunKey([9; 32]),
-    };
-    let handles: Vec<_> = layout
-        .into_iter()
-        .map(|(shard, peers)| {
-            let (m, auth, route) = (m.clone(), auth.clone(), route.clone());
-            thread::spawn(move || -> Result<_, PipelineError> {
-                let mut w = StageWorker::new(&m, shard, peers, auth, Duration::from_secs(60))?;
-                if let Some(r) = route {
-                    w.set_route(r)?;
-                }
-                let steps = w.run(STEPS)?;
-                let params = w.stage().params().iter().map(|p| p.data.clone()).collect();
-                w.finish()?;
-                Ok((shard, steps, params))
-            })
-        })
-        .collect();
-    let results: Vec<_> = handles
-        .into_iter()
-        .map(|h| h.join().expect("worker thread panicked"))
-        .collect();
-    // One failure makes the neighbours fail too; show every worker's error.
-    for r in &results {
-        if let Err(e) = r {
-            eprintln!("worker failed: {e}");
-        }
-    }
-    results.into_iter().collect()
+    run_stage_workers(m, None)
 }
 
 fn reference(m: &TrainingRun) -> (Vec<f32>, Vec<Vec<Vec<f32>>>, f64) {
@@ -143,7 +100,7 @@ fn check_run(m: &TrainingRun, route: Option<Route>) {
     let (stages, replicas) = (m.spec.pipeline.stages, m.spec.pipeline.replicas);
     let (tied, schedule) = (m.spec.model.tied_embeddings, m.spec.pipeline.schedule);
     let (want, want_params, ref_secs) = reference(m);
-    let done = run_routed(m, route.clone()).expect("pipeline run");
+    let done = run_stage_workers(m, route.clone()).expect("pipeline run");
     // A step lasts as long as its slowest worker; step 0 includes warm-up.
     let step_secs: Vec<f64> = (1..STEPS as usize)
         .map(|i| {

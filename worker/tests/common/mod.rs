@@ -1,8 +1,20 @@
-//! What the command-line tests share: the binary under test and a small
-//! generated corpus (tests commit no text).
+//! What the integration tests share: the binary under test, a small
+//! generated corpus (tests commit no text), readers of the losses a run
+//! records, and stage workers run on threads over loopback.
+
+// Each test binary uses some of these helpers.
+#![allow(dead_code)]
 
 use std::path::Path;
 use std::process::Command;
+use std::thread;
+use std::time::Duration;
+
+use pipewright::link::{RunId, RunKey};
+use pipewright::pipeline::{
+    loopback_layout, Auth, PipelineError, Route, Shard, StageWorker, WorkerStep,
+};
+use pipewright_spec::{Routing, TrainingRun};
 
 /// The `pipewright` binary built for these tests.
 pub fn pipewright() -> Command {
@@ -23,7 +35,6 @@ pub fn write_corpus(dir: &Path) {
 
 /// The `losses` array of a JSON file (a run's summary or a checkpoint's
 /// metadata).
-#[allow(dead_code)]
 pub fn losses_in(path: &Path) -> Vec<f64> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let v: serde_json::Value = serde_json::from_str(&text).expect("json");
@@ -36,7 +47,55 @@ pub fn losses_in(path: &Path) -> Vec<f64> {
 }
 
 /// The per-step losses in the checkpoint of `step` under `root`.
-#[allow(dead_code)]
 pub fn checkpoint_losses(root: &Path, step: u64) -> Vec<f64> {
     losses_in(&root.join(format!("step-{step:08}/meta.json")))
+}
+
+/// Every worker's step outcomes and final stage parameters, by shard.
+pub type Finished = Vec<(Shard, Vec<WorkerStep>, Vec<Vec<f32>>)>;
+
+/// Runs every shard of `m` as a stage worker on a thread, linked over
+/// loopback TCP, for the manifest's steps; with `route`, every step
+/// follows it. One failure makes the neighbours fail too, so every
+/// worker's error is printed.
+pub fn run_stage_workers(m: &TrainingRun, route: Option<Route>) -> Result<Finished, PipelineError> {
+    let p = &m.spec.pipeline;
+    let layout = loopback_layout(
+        p.stages,
+        p.replicas,
+        m.spec.model.tied_embeddings,
+        p.routing == Routing::Throughput,
+    )
+    .expect("bind loopback listeners");
+    let auth = Auth {
+        run_id: RunId([3; 16]),
+        key: RunKey([9; 32]),
+    };
+    let steps = m.spec.training.steps;
+    let handles: Vec<_> = layout
+        .into_iter()
+        .map(|(shard, peers)| {
+            let (m, auth, route) = (m.clone(), auth.clone(), route.clone());
+            thread::spawn(move || -> Result<_, PipelineError> {
+                let mut w = StageWorker::new(&m, shard, peers, auth, Duration::from_secs(60))?;
+                if let Some(r) = route {
+                    w.set_route(r)?;
+                }
+                let done = w.run(steps)?;
+                let params = w.stage().params().iter().map(|p| p.data.clone()).collect();
+                w.finish()?;
+                Ok((shard, done, params))
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().expect("worker thread panicked"))
+        .collect();
+    for r in &results {
+        if let Err(e) = r {
+            eprintln!("worker failed: {e}");
+        }
+    }
+    results.into_iter().collect()
 }

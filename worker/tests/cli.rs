@@ -40,6 +40,17 @@ fn final_loss(stdout: &str) -> f64 {
         .expect("a number")
 }
 
+/// Per-step losses equal to those of the single-process run within 1e-4.
+fn assert_close(got: &[f64], local: &[f64]) {
+    assert_eq!(got.len(), local.len());
+    for (l, m) in local.iter().zip(got) {
+        assert!(
+            (l - m).abs() <= 1e-4 * l.abs(),
+            "{got:?} vs single-process {local:?}"
+        );
+    }
+}
+
 #[test]
 fn a_malformed_manifest_is_refused_naming_the_field() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -92,12 +103,7 @@ fn processes_train_like_the_single_process_run() {
     let (local, multi) = (losses("local"), losses("multi"));
     assert_eq!(local.len(), 6);
     assert_eq!(multi.len(), 6);
-    for (l, m) in local.iter().zip(&multi) {
-        assert!(
-            (l - m).abs() <= 1e-4 * l.abs(),
-            "processes {multi:?} vs local {local:?}"
-        );
-    }
+    assert_close(&multi, &local);
     assert!(
         (multi_loss - multi[5]).abs() < 1e-3,
         "{multi_loss} vs {multi:?}"
@@ -168,12 +174,7 @@ fn throughput_routing_moves_work_off_a_slow_worker_and_trains_the_same() {
     let losses = |run: &str| checkpoint_losses(&dir.path().join(run), 12);
     let (local, routed) = (losses("local"), losses("routed"));
     assert_eq!(routed.len(), 12);
-    for (l, m) in local.iter().zip(&routed) {
-        assert!(
-            (l - m).abs() <= 1e-4 * l.abs(),
-            "routed {routed:?} vs local {local:?}"
-        );
-    }
+    assert_close(&routed, &local);
 }
 
 #[test]

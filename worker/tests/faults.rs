@@ -179,6 +179,32 @@ fn worker(manifest: &Path, url: &str, shard: Option<(usize, usize)>) -> Child {
         .expect("start a worker")
 }
 
+/// A coordinator for `manifest` on a free port and one worker process per
+/// shard of its 2 × 2 layout: the port, the coordinator's URL, a client
+/// and the processes (coordinator first, then stage-major workers).
+fn start_run(manifest: &Path, out: &Path) -> (u16, String, Client, Procs) {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let client = Client::new(&url, "t0ken", Duration::from_secs(30));
+    let mut procs = Procs(vec![coordinator(manifest, out, port)]);
+    for s in 0..2 {
+        for r in 0..2 {
+            procs.0.push(worker(manifest, &url, Some((s, r))));
+        }
+    }
+    (port, url, client, procs)
+}
+
+/// `pipewright join`: a volunteer with neither manifest nor shard.
+fn volunteer(url: &str) -> Child {
+    pipewright()
+        .args(["join", "--coordinator", url, "--token", "t0ken"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("join")
+}
+
 fn wait_for(client: &Client, what: &str, mut f: impl FnMut(&pipewright::coord::Status) -> bool) {
     // Generous: these runs compete for 2 cores with other tests.
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -206,26 +232,12 @@ fn a_restarted_coordinator_and_a_volunteer_keep_the_run_going() {
     train_processes(&m, &dir.path().join("clean"), &[]);
 
     let out = dir.path().join("run");
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let client = Client::new(&url, "t0ken", Duration::from_secs(30));
-    let mut procs = Procs(vec![coordinator(&m, &out, port)]);
-    for s in 0..2 {
-        for r in 0..2 {
-            procs.0.push(worker(&m, &url, Some((s, r))));
-        }
-    }
+    let (port, url, client, mut procs) = start_run(&m, &out);
     wait_for(&client, "every shard", |s| {
         s.shards.iter().all(|x| x.worker.is_some())
     });
     // A volunteer with neither manifest nor shard waits as a standby.
-    let volunteer = pipewright()
-        .args(["join", "--coordinator", &url, "--token", "t0ken"])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("join");
-    procs.0.push(volunteer);
+    procs.0.push(volunteer(&url));
     wait_for(&client, "training with a standby", |s| {
         s.step >= 20 && s.standby == 1
     });
@@ -259,15 +271,7 @@ fn a_routed_run_trains_on_without_a_lost_lane_until_a_volunteer_fills_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let m = routed(write_inputs(dir.path(), "lanes", 2, 2, 300));
     let out = dir.path().join("run");
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let client = Client::new(&url, "t0ken", Duration::from_secs(30));
-    let mut procs = Procs(vec![coordinator(&m, &out, port)]);
-    for s in 0..2 {
-        for r in 0..2 {
-            procs.0.push(worker(&m, &url, Some((s, r))));
-        }
-    }
+    let (_, url, client, mut procs) = start_run(&m, &out);
     wait_for(&client, "training", |s| s.step >= 10);
     // kill -9 stage 1 replica 1 and start nobody in its place: after a
     // lease, lane 0 trains on alone with the whole batch.
@@ -288,14 +292,7 @@ fn a_routed_run_trains_on_without_a_lost_lane_until_a_volunteer_fills_it() {
         .collect();
     assert_eq!(lane0, vec![8, 8], "lane 0 runs every micro-batch");
     // A volunteer takes the vacancy; both lanes train again.
-    procs.0.push(
-        pipewright()
-            .args(["join", "--coordinator", &url, "--token", "t0ken"])
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("join"),
-    );
+    procs.0.push(volunteer(&url));
     wait_for(&client, "both lanes again", |s| {
         s.step > alone.step + 5 && s.shards.iter().all(|x| x.state == "live")
     });

@@ -111,6 +111,11 @@ pub enum LinkError {
     /// Nothing arrived (or no queue space opened) within the deadline.
     #[error("link timed out after {0:?}")]
     Timeout(Duration),
+    /// An authentic frame's payload did not match the content hash its
+    /// header carries, after the caller had already worked on it (see
+    /// [`Link::verify_in_pieces`]).
+    #[error("peer sent a payload that does not match its authenticated content hash")]
+    BadContent,
 }
 
 /// Send queue shared between [`Link::send`] and the sender thread.
@@ -416,14 +421,54 @@ impl Link {
         let incoming = self.incoming();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let authentic = incoming.recv_timeout(left).map_err(|e| match e {
-                RecvTimeoutError::Timeout => LinkError::Timeout(timeout),
-                RecvTimeoutError::Disconnected => self.closed(),
-            })?;
+            let authentic = self.next_authentic(&incoming, left, timeout)?;
             if let Some(f) = self.verified(authentic) {
                 return Ok(f);
             }
         }
+    }
+
+    /// Waits at most `timeout` for the next frame whose header is authentic
+    /// and leaves its payload unchecked, for a caller that checks it in its
+    /// own pass over the bytes with [`Link::verify_in_pieces`], which it
+    /// must then call. Meant for callers that read the whole payload anyway
+    /// (the all-reduce sums it): one pass instead of two.
+    pub fn recv_authentic_timeout(&self, timeout: Duration) -> Result<AuthenticFrame, LinkError> {
+        self.next_authentic(&self.incoming(), timeout, timeout)
+    }
+
+    /// [`AuthenticFrame::verify_in_pieces`] for a frame this link received,
+    /// counted like every frame [`Link::recv`] returns or drops. A mismatch
+    /// is [`LinkError::BadContent`].
+    pub fn verify_in_pieces(
+        &self,
+        authentic: AuthenticFrame,
+        piece: usize,
+        each: impl FnMut(usize, &mut [u8]),
+    ) -> Result<Frame, LinkError> {
+        let len = authentic.encoded_len() as u64;
+        match authentic.verify_in_pieces(piece, each) {
+            Ok(f) => {
+                self.stats.record_received(len);
+                Ok(f)
+            }
+            Err(_) => {
+                self.stats.record_rejected(RejectReason::BadContentHash);
+                Err(LinkError::BadContent)
+            }
+        }
+    }
+
+    fn next_authentic(
+        &self,
+        incoming: &Receiver<AuthenticFrame>,
+        wait: Duration,
+        timeout: Duration,
+    ) -> Result<AuthenticFrame, LinkError> {
+        incoming.recv_timeout(wait).map_err(|e| match e {
+            RecvTimeoutError::Timeout => LinkError::Timeout(timeout),
+            RecvTimeoutError::Disconnected => self.closed(),
+        })
     }
 
     /// The next verified frame if one is waiting.
@@ -814,6 +859,34 @@ mod tests {
             "{err}"
         );
         assert_eq!(stats.rejected(RejectReason::BadMagic), 1);
+    }
+
+    #[test]
+    fn payload_checked_in_the_callers_pass_is_counted_and_a_mismatch_is_an_error() {
+        let (mut raw, link) = raw_peer();
+        let good = frame(1, 1, 5000);
+        let mut forged = frame::encode(&good, &KEY);
+        // A payload byte changed after sealing: the header (and its tag)
+        // stays authentic, the content hash no longer matches.
+        forged[frame::HEADER_LEN + 10] ^= 1;
+        raw.write_all(&forged).expect("write");
+        raw.write_all(&frame::encode(&good, &KEY)).expect("write");
+        let wait = Duration::from_secs(5);
+        let first = link.recv_authentic_timeout(wait).expect("authentic");
+        let err = link.verify_in_pieces(first, 1024, |_, _| {}).unwrap_err();
+        assert!(matches!(err, LinkError::BadContent), "{err}");
+        let second = link.recv_authentic_timeout(wait).expect("authentic");
+        let mut sum = 0u64;
+        let got = link
+            .verify_in_pieces(second, 1024, |_, p| {
+                sum += p.iter().map(|&b| u64::from(b)).sum::<u64>()
+            })
+            .expect("good frame");
+        assert_eq!(got, good);
+        assert_eq!(sum, good.payload.iter().map(|&b| u64::from(b)).sum::<u64>());
+        let stats = link.stats();
+        assert_eq!(stats.rejected(RejectReason::BadContentHash), 1);
+        assert_eq!(stats.snapshot().frames_received, 1);
     }
 
     #[test]

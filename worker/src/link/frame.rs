@@ -786,6 +786,43 @@ impl AuthenticFrame {
         frame.verified_hash = Some(payload_hash);
         Ok(frame)
     }
+
+    /// Bytes of payload the frame carries.
+    pub fn payload_len(&self) -> usize {
+        self.frame.payload.len()
+    }
+
+    /// Checks the payload against the authenticated content hash in the
+    /// same pass as the caller's own work on it: the payload is handed to
+    /// `each` in consecutive pieces of `piece` bytes (with each piece's byte
+    /// offset), every piece hashed just before, so both passes find it in
+    /// cache. `each` may rewrite the piece; the returned frame then still
+    /// carries the hash of what arrived in [`Frame::verified_hash`], which
+    /// the caller must replace.
+    ///
+    /// `each` has seen every piece by the time the verdict is known, so
+    /// whatever it did with them must be thrown away on
+    /// [`FrameError::BadContentHash`].
+    pub fn verify_in_pieces(
+        self,
+        piece: usize,
+        mut each: impl FnMut(usize, &mut [u8]),
+    ) -> Result<Frame, FrameError> {
+        let AuthenticFrame {
+            mut frame,
+            payload_hash,
+        } = self;
+        let mut hasher = blake3::Hasher::new();
+        for (i, bytes) in frame.payload.chunks_mut(piece.max(1)).enumerate() {
+            hasher.update(bytes);
+            each(i * piece.max(1), bytes);
+        }
+        if *hasher.finalize().as_bytes() != payload_hash {
+            return Err(FrameError::BadContentHash);
+        }
+        frame.verified_hash = Some(payload_hash);
+        Ok(frame)
+    }
 }
 
 /// Authenticates the header. The tag verdict comes before any check of the
@@ -1010,6 +1047,33 @@ mod tests {
     fn authentic_frame_with_wrong_content_hash_is_rejected() {
         let bytes = encode_with_hash(&sample(), &[0xAB; 32], &KEY);
         let err = decode(&bytes, &KEY, &FrameLimits::default()).unwrap_err();
+        assert!(matches!(err, FrameError::BadContentHash), "{err}");
+    }
+
+    #[test]
+    fn verify_in_pieces_sees_every_byte_once_and_judges_the_bytes_that_arrived() {
+        let mut f = frame_for(FrameKind::AllReduce, DType::F32, Codec::F32, &[3000]);
+        f.payload = (0..12_000).map(|i| (i % 251) as u8).collect();
+        let read = |bytes: &[u8]| {
+            read_authentic(&mut &bytes[..], &KEY, &FrameLimits::default()).expect("authentic")
+        };
+        let good = encode(&f, &KEY);
+        let mut seen = Vec::new();
+        let got = read(&good)
+            .verify_in_pieces(1024, |at, piece| {
+                assert_eq!(at, seen.len(), "pieces come in order");
+                seen.extend_from_slice(piece);
+                // Rewriting a piece after it was hashed does not change
+                // the verdict on what arrived.
+                piece.fill(0);
+            })
+            .expect("good payload");
+        assert_eq!(seen, f.payload);
+        assert_eq!(got.verified_hash, Some(content_hash(&f.payload)));
+
+        // A payload that differs from the one its authentic header names.
+        let forged = encode_with_hash(&f, &content_hash(b"something else"), &KEY);
+        let err = read(&forged).verify_in_pieces(1024, |_, _| {}).unwrap_err();
         assert!(matches!(err, FrameError::BadContentHash), "{err}");
     }
 

@@ -509,15 +509,17 @@ impl Exchange<'_> {
                 reason: "sending stopped".into(),
             })
         };
-        // Reduce-scatter, step 0: send our own chunk `rank`.
+        // Reduce-scatter, step 0: send our own chunk `rank`, hashed piece by
+        // piece as it is copied out.
         for (seg, range) in self
             .plan
             .segments(self.chunk_index(0))
             .into_iter()
             .enumerate()
         {
-            let mut frame = self.frame(0, seg, to_wire(&buf[range]));
-            frame.hash_payload();
+            let (payload, hash) = to_wire_hashed(&buf[range]);
+            let mut frame = self.frame(0, seg, payload);
+            frame.verified_hash = Some(hash);
             send(frame)?;
         }
         let n_f32 = n as f32;
@@ -525,14 +527,24 @@ impl Exchange<'_> {
             let chunk = self.chunk_index(step + 1);
             let last = step == n - 2;
             for (seg, range) in self.plan.segments(chunk).into_iter().enumerate() {
-                let mut frame = self.receive(step, seg, range.len())?;
-                // The sum is written both into the buffer and back into the
-                // received frame, which is then forwarded without another
-                // allocation; its payload changed, so its hash is recomputed.
-                reduce_into(&mut frame.payload, &mut buf[range], last.then_some(n_f32));
-                frame.verified_hash = None;
-                // Hashed here while the sums are still in this core's cache.
-                frame.hash_payload();
+                // One pass per piece, while it is in cache: check the
+                // incoming bytes against their hash, add our values, hash
+                // the sum for the frame that forwards it. The received frame
+                // carries the sum on, so no allocation. Only the chunk's
+                // owner (the last step) keeps the sum; on every other rank
+                // the all-gather overwrites it anyway.
+                let local = &mut buf[range.clone()];
+                let mut out = blake3::Hasher::new();
+                let mut frame = self.receive(step, seg, range.len(), |at, bytes| {
+                    let x = &mut local[at / 4..at / 4 + bytes.len() / 4];
+                    if last {
+                        finish_sum(bytes, x, n_f32);
+                    } else {
+                        accumulate(bytes, x);
+                    }
+                    out.update(bytes);
+                })?;
+                frame.verified_hash = Some(*out.finalize().as_bytes());
                 send(self.forward(frame, step + 1, seg))?;
             }
         }
@@ -542,8 +554,10 @@ impl Exchange<'_> {
         for step in n - 1..2 * (n - 1) {
             let chunk = self.chunk_index(step - (n - 1));
             for (seg, range) in self.plan.segments(chunk).into_iter().enumerate() {
-                let frame = self.receive(step, seg, range.len())?;
-                from_wire(&frame.payload, &mut buf[range]);
+                let local = &mut buf[range.clone()];
+                let frame = self.receive(step, seg, range.len(), |at, bytes| {
+                    from_wire(bytes, &mut local[at / 4..at / 4 + bytes.len() / 4]);
+                })?;
                 if step + 1 < 2 * (n - 1) {
                     send(self.forward(frame, step + 1, seg))?;
                 }
@@ -552,15 +566,22 @@ impl Exchange<'_> {
         Ok(())
     }
 
-    /// Receives the next frame from the previous rank and checks it is the
-    /// one the algorithm expects.
-    fn receive(&self, step: usize, seg: usize, elems: usize) -> Result<Frame, RingError> {
+    /// Receives the next frame from the previous rank, checks it is the one
+    /// the algorithm expects, and checks its payload against its hash while
+    /// handing it to `each` piece by piece (see [`Link::verify_in_pieces`]).
+    fn receive(
+        &self,
+        step: usize,
+        seg: usize,
+        elems: usize,
+        each: impl FnMut(usize, &mut [u8]),
+    ) -> Result<Frame, RingError> {
         let peer = self.config.prev();
         let timeout = self.config.timeout;
         let deadline = Instant::now() + timeout;
         // Wait in short slices so a failure on the sending side ends the
         // wait at once rather than after the full timeout.
-        let frame = loop {
+        let authentic = loop {
             if self.abort.load(Ordering::Relaxed) {
                 return Err(RingError::PeerGone {
                     peer: self.config.next(),
@@ -570,15 +591,15 @@ impl Exchange<'_> {
             let slice = deadline
                 .saturating_duration_since(Instant::now())
                 .min(ABORT_POLL);
-            match self.prev.recv_timeout(slice) {
+            match self.prev.recv_authentic_timeout(slice) {
                 Ok(f) => break f,
                 Err(LinkError::Timeout(_)) if Instant::now() < deadline => {}
                 Err(e) => return Err(link_failure(peer, timeout, e)),
             }
         };
-        let h = &frame.header;
+        let h = authentic.header();
         let expected = (self.op, tag(step, seg), peer as u32, elems * 4);
-        let got = (h.step, h.micro_batch, h.replica, frame.payload.len());
+        let got = (h.step, h.micro_batch, h.replica, authentic.payload_len());
         if h.kind != FrameKind::AllReduce || h.codec != Codec::F32 || expected != got {
             return Err(RingError::Protocol {
                 peer,
@@ -588,9 +609,16 @@ impl Exchange<'_> {
                 ),
             });
         }
-        Ok(frame)
+        self.prev
+            .verify_in_pieces(authentic, PIECE_BYTES, each)
+            .map_err(|e| link_failure(peer, timeout, e))
     }
 }
+
+/// Bytes of a segment worked on at a time: hashed, summed and hashed again
+/// while they are in this core's cache. A multiple of 4 (whole f32s) and of
+/// BLAKE3's 1 KiB chunk, so pieces keep its SIMD lanes full.
+const PIECE_BYTES: usize = 64 << 10;
 
 /// How often a waiting receive checks whether the exchange was aborted.
 const ABORT_POLL: Duration = Duration::from_millis(50);
@@ -603,12 +631,21 @@ fn tag(step: usize, seg: usize) -> u64 {
     ((step as u64) << 32) | seg as u64
 }
 
-fn to_wire(data: &[f32]) -> Vec<u8> {
-    if cfg!(target_endian = "little") {
-        bytemuck::cast_slice(data).to_vec()
-    } else {
-        data.iter().flat_map(|x| x.to_le_bytes()).collect()
+/// The little-endian bytes of `data` and their BLAKE3 hash, hashed piece by
+/// piece right after each piece is copied.
+fn to_wire_hashed(data: &[f32]) -> (Vec<u8>, crate::link::frame::Digest) {
+    let mut out = Vec::with_capacity(data.len() * 4);
+    let mut hasher = blake3::Hasher::new();
+    for piece in data.chunks(PIECE_BYTES / 4) {
+        let at = out.len();
+        if cfg!(target_endian = "little") {
+            out.extend_from_slice(bytemuck::cast_slice(piece));
+        } else {
+            out.extend(piece.iter().flat_map(|x| x.to_le_bytes()));
+        }
+        hasher.update(&out[at..]);
     }
+    (out, *hasher.finalize().as_bytes())
 }
 
 /// Copies little-endian f32 `wire` bytes into `out` (same element count).
@@ -622,46 +659,64 @@ fn from_wire(wire: &[u8], out: &mut [f32]) {
     }
 }
 
-/// One reduction step: `local[i] = incoming[i] + local[i]`, divided by
-/// `divide_by` when given, written to both `local` and `incoming` (the
-/// little-endian f32 bytes of a received segment, then forwarded). The
-/// incoming partial sum always comes first: the fixed order that makes the
-/// result independent of timing.
-fn reduce_into(incoming: &mut [u8], local: &mut [f32], divide_by: Option<f32>) {
-    let aligned = if cfg!(target_endian = "little") {
-        bytemuck::try_cast_slice_mut::<u8, f32>(incoming).ok()
-    } else {
-        None
-    };
-    match (aligned, divide_by) {
-        // Separate loops without branches inside, so the compiler can
-        // vectorise them.
-        (Some(wire), None) => {
-            for (w, x) in wire.iter_mut().zip(local.iter_mut()) {
-                // IEEE addition is commutative: exactly `incoming + local`.
-                *x += *w;
-                *w = *x;
+/// A reduce-scatter step on a rank that forwards the sum:
+/// `incoming[i] = incoming[i] + local[i]` (the little-endian f32 bytes of a
+/// received piece). The incoming partial sum always comes first: the fixed
+/// order that makes the result independent of timing.
+fn accumulate(incoming: &mut [u8], local: &[f32]) {
+    match wire_f32s(incoming) {
+        // A loop without branches inside, so the compiler vectorises it.
+        Some(wire) => {
+            for (w, x) in wire.iter_mut().zip(local) {
+                *w += *x;
             }
         }
-        (Some(wire), Some(n)) => {
+        None => {
+            for (b, x) in incoming.chunks_exact_mut(4).zip(local) {
+                let sum = f32::from_le_bytes([b[0], b[1], b[2], b[3]]) + *x;
+                b.copy_from_slice(&sum.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// The chunk owner's last reduce-scatter step: the mean
+/// `(incoming[i] + local[i]) / n`, written both to `local` and back into
+/// `incoming` for the all-gather.
+fn finish_sum(incoming: &mut [u8], local: &mut [f32], n: f32) {
+    match wire_f32s(incoming) {
+        Some(wire) => {
             for (w, x) in wire.iter_mut().zip(local.iter_mut()) {
                 *x = (*w + *x) / n;
                 *w = *x;
             }
         }
-        (None, _) => {
+        None => {
             for (b, x) in incoming.chunks_exact_mut(4).zip(local.iter_mut()) {
-                let sum = f32::from_le_bytes([b[0], b[1], b[2], b[3]]) + *x;
-                *x = divide_by.map_or(sum, |n| sum / n);
+                *x = (f32::from_le_bytes([b[0], b[1], b[2], b[3]]) + *x) / n;
                 b.copy_from_slice(&x.to_le_bytes());
             }
         }
     }
 }
 
+/// The bytes as f32s when they can be used in place: on a little-endian
+/// machine with 4-byte-aligned bytes.
+fn wire_f32s(bytes: &mut [u8]) -> Option<&mut [f32]> {
+    if cfg!(target_endian = "little") {
+        bytemuck::try_cast_slice_mut::<u8, f32>(bytes).ok()
+    } else {
+        None
+    }
+}
+
 fn link_failure(peer: usize, timeout: Duration, e: LinkError) -> RingError {
     match e {
         LinkError::Timeout(_) => RingError::Timeout { peer, timeout },
+        LinkError::BadContent => RingError::Protocol {
+            peer,
+            detail: LinkError::BadContent.to_string(),
+        },
         other => RingError::PeerGone {
             peer,
             reason: other.to_string(),

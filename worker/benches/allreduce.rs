@@ -11,16 +11,24 @@
 //! (ring, plain, plain, ring, …), and the table gives medians over the
 //! rounds; the bandwidth of a lone stream is shown for comparison.
 //!
+//! Two tables: first over bare loopback, where the two cores, not a wire,
+//! bound every flow; then with every rank's outgoing socket (the plain
+//! ring's too) capped by kernel pacing at `ALLREDUCE_BENCH_RATE_MBPS`
+//! megabytes per second (default 300, a 2.5 Gbit/s NIC per rank), where the
+//! wire does, as between machines. `ALLREDUCE_BENCH_RATE_MBPS=0` skips the
+//! second table.
+//!
 //! Run with `cargo bench -p pipewright --bench allreduce`. Set
-//! `ALLREDUCE_BENCH_MIB` to change the buffer size (default 64 MiB) and
-//! `ALLREDUCE_BENCH_ROUNDS` the number of rounds (default 5).
+//! `ALLREDUCE_BENCH_MIB` to change the buffer size (default 64 MiB; a
+//! quarter of it when paced) and `ALLREDUCE_BENCH_ROUNDS` the number of
+//! rounds (default 5).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use pipewright::link::{RunId, RunKey, WorkerId};
+use pipewright::link::{cap_send_rate, RunId, RunKey, WorkerId};
 use pipewright::sync::{loopback_listeners, on_loopback_ring, RingConfig};
 
 // The allocator the pipewright binary runs with, so allocation costs are
@@ -36,10 +44,28 @@ const MIB: f64 = (1 << 20) as f64;
 fn main() {
     let mib = env_or("ALLREDUCE_BENCH_MIB", 64);
     let rounds = env_or("ALLREDUCE_BENCH_ROUNDS", 5).max(1);
-    let bytes = mib << 20;
-    println!("ring all-reduce of {mib} MiB (f32), ranks in one process, loopback, {rounds} rounds");
+    let rate = env_or("ALLREDUCE_BENCH_RATE_MBPS", 300) as u64 * 1_000_000;
     println!("load before: {}", loadavg());
-    let lone = median((0..3).map(|_| plain_tcp(bytes)));
+    table(mib, rounds, None);
+    if rate > 0 {
+        table((mib / 4).max(1), rounds, Some(rate));
+    }
+    println!("load after: {}", loadavg());
+}
+
+/// One table for 2, 3 and 4 ranks: `rounds` alternating rounds of an
+/// all-reduce of `mib` MiB, every sending socket capped at `rate` bytes/s
+/// when given.
+fn table(mib: usize, rounds: usize, rate: Option<u64>) {
+    let bytes = mib << 20;
+    match rate {
+        None => println!("\nring all-reduce of {mib} MiB (f32), ranks in one process, bare loopback, {rounds} rounds"),
+        Some(r) => println!(
+            "\nring all-reduce of {mib} MiB (f32), ranks in one process, loopback paced at {} MB/s per rank, {rounds} rounds",
+            r / 1_000_000
+        ),
+    }
+    let lone = median((0..3).map(|_| plain_tcp(bytes, rate)));
     println!("one lone loopback TCP stream: {lone:.0} MiB/s");
     println!(
         "| ranks | all-reduce ms | bus bw MiB/s | bound ms = plain-TCP ring | B per flow (n flows) MiB/s | busbw / B (median, min–max) | CPU cores ring / plain |"
@@ -53,11 +79,11 @@ fn main() {
         for round in 0..rounds {
             // Alternate which goes first so neither always runs warm.
             if round % 2 == 0 {
-                ring.push(with_cpu(|| ring_time(world, bytes)));
-                plain.push(with_cpu(|| plain_ring(world, per_flow)));
+                ring.push(with_cpu(|| ring_time(world, bytes, rate)));
+                plain.push(with_cpu(|| plain_ring(world, per_flow, rate)));
             } else {
-                plain.push(with_cpu(|| plain_ring(world, per_flow)));
-                ring.push(with_cpu(|| ring_time(world, bytes)));
+                plain.push(with_cpu(|| plain_ring(world, per_flow, rate)));
+                ring.push(with_cpu(|| ring_time(world, bytes, rate)));
             }
         }
         let secs = |v: &[(Duration, f64)]| -> Vec<f64> {
@@ -82,12 +108,11 @@ fn main() {
             median(plain.iter().map(|r| r.1)),
         );
     }
-    println!("load after: {}", loadavg());
 }
 
 /// Loopback bandwidth (MiB/s) of one lone TCP stream moving `bytes` in
 /// 4 MiB writes.
-fn plain_tcp(bytes: usize) -> f64 {
+fn plain_tcp(bytes: usize, rate: Option<u64>) -> f64 {
     let chunk = 4 << 20;
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -99,6 +124,9 @@ fn plain_tcp(bytes: usize) -> f64 {
         }
     });
     let mut s = TcpStream::connect(addr).expect("connect");
+    if let Some(r) = rate {
+        cap_send_rate(&s, r).expect("pace");
+    }
     let data = vec![1u8; chunk];
     let start = Instant::now();
     for _ in 0..bytes / chunk {
@@ -110,7 +138,7 @@ fn plain_tcp(bytes: usize) -> f64 {
 
 /// Time for `world` bare sockets in a ring to each move `bytes` at once,
 /// in 1 MiB writes and reads.
-fn plain_ring(world: usize, bytes: usize) -> Duration {
+fn plain_ring(world: usize, bytes: usize, rate: Option<u64>) -> Duration {
     let chunk = 1 << 20;
     let (listeners, addrs) = loopback_listeners(world).expect("bind");
     let start = Instant::now();
@@ -129,6 +157,9 @@ fn plain_ring(world: usize, bytes: usize) -> Duration {
             });
             s.spawn(move || {
                 let mut out = TcpStream::connect(next).expect("connect");
+                if let Some(r) = rate {
+                    cap_send_rate(&out, r).expect("pace");
+                }
                 let data = vec![1u8; chunk];
                 let mut left = bytes;
                 while left > 0 {
@@ -145,15 +176,17 @@ fn plain_ring(world: usize, bytes: usize) -> Duration {
 /// Median time of three all-reduces of `bytes` over `world` ranks, after a
 /// first one that warms up the links. An operation ends when its slowest
 /// rank does.
-fn ring_time(world: usize, bytes: usize) -> Duration {
+fn ring_time(world: usize, bytes: usize, rate: Option<u64>) -> Duration {
     let config = |rank: usize| {
-        RingConfig::new(
+        let mut c = RingConfig::new(
             rank,
             world,
             RunId([3; 16]),
             RunKey([4; 32]),
             WorkerId([rank as u8; 16]),
-        )
+        );
+        c.max_send_rate = rate;
+        c
     };
     let times: Vec<Vec<Duration>> = on_loopback_ring(world, config, |mut member| {
         let mut buf = vec![member.rank() as f32; bytes / 4];

@@ -6,11 +6,17 @@
 //! gives medians over the rounds and the median of the per-round ratios,
 //! and the CPU the process used (in cores) for each.
 //!
+//! Two tables: first over bare loopback, where the two cores, not a wire,
+//! set the pace; then with both sockets capped by kernel pacing at
+//! `LINK_BENCH_RATE_MBPS` megabytes per second (default 300, a 2.5 Gbit/s
+//! NIC), where the wire does, as between machines. `LINK_BENCH_RATE_MBPS=0`
+//! skips the second table.
+//!
 //! Run with `cargo bench -p pipewright --bench link`. Set `LINK_BENCH_MIB`
-//! to change the volume per payload size and run (default 256 MiB) and
-//! `LINK_BENCH_ROUNDS` the number of rounds (default 5). For profiling one
-//! side alone, `LINK_BENCH_ONLY=link` (or `tcp`) skips the other; the
-//! ratio column is then meaningless.
+//! to change the volume per payload size and run (default 256 MiB; a
+//! quarter of it when paced) and `LINK_BENCH_ROUNDS` the number of rounds
+//! (default 5). For profiling one side alone, `LINK_BENCH_ONLY=link` (or
+//! `tcp`) skips the other; the ratio column is then meaningless.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -18,7 +24,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use pipewright::link::frame::{Frame, FrameHeader, FrameLimits};
-use pipewright::link::{Codec, DType, FrameKind, Link, LinkConfig, RunId, RunKey, Shape, WorkerId};
+use pipewright::link::{
+    cap_send_rate, Codec, DType, FrameKind, Link, LinkConfig, RunId, RunKey, Shape, WorkerId,
+};
 
 // The allocator the pipewright binary runs with, so allocation costs are
 // the ones a worker pays.
@@ -34,22 +42,39 @@ const KEY: RunKey = RunKey([2; 32]);
 fn main() {
     let mib = env_or("LINK_BENCH_MIB", 256);
     let rounds = env_or("LINK_BENCH_ROUNDS", 5).max(1);
-    println!("link throughput, {mib} MiB per payload size and run, {rounds} rounds, loopback");
+    let rate = env_or("LINK_BENCH_RATE_MBPS", 300) as u64 * 1_000_000;
     println!("load before: {}", loadavg());
+    table(mib, rounds, None);
+    if rate > 0 {
+        table((mib / 4).max(1), rounds, Some(rate));
+    }
+    println!("load after: {}", loadavg());
+}
+
+/// One table: every payload size, `rounds` alternating rounds of `mib` MiB,
+/// both sides capped at `rate` bytes/s when given.
+fn table(mib: usize, rounds: usize, rate: Option<u64>) {
+    match rate {
+        None => println!("\nlink throughput, {mib} MiB per payload size and run, {rounds} rounds, bare loopback"),
+        Some(r) => println!(
+            "\nlink throughput, {mib} MiB per payload size and run, {rounds} rounds, loopback paced at {} MB/s",
+            r / 1_000_000
+        ),
+    }
     println!(
         "| payload | plain TCP MiB/s | Link MiB/s | Link / TCP (median, min–max) | CPU cores TCP / Link |"
     );
     println!("|---|---|---|---|---|");
     for payload in [64 << 10, 256 << 10, 1 << 20, 4 << 20] {
-        let frames = (mib << 20) / payload;
+        let frames = ((mib << 20) / payload).max(1);
         let only = std::env::var("LINK_BENCH_ONLY").unwrap_or_default();
         let tcp_run = || match only.as_str() {
             "link" => (f64::NAN, f64::NAN),
-            _ => measure(payload * frames, || plain_tcp(payload, frames)),
+            _ => measure(payload * frames, || plain_tcp(payload, frames, rate)),
         };
         let link_run = || match only.as_str() {
             "tcp" => (f64::NAN, f64::NAN),
-            _ => measure(payload * frames, || over_link(payload, frames)),
+            _ => measure(payload * frames, || over_link(payload, frames, rate)),
         };
         let mut tcp = Vec::new();
         let mut link = Vec::new();
@@ -77,7 +102,6 @@ fn main() {
             median(link.iter().map(|r| r.1)),
         );
     }
-    println!("load after: {}", loadavg());
 }
 
 /// Runs `f`, which moves `bytes` and returns how long moving them took
@@ -91,7 +115,7 @@ fn measure(bytes: usize, f: impl FnOnce() -> Duration) -> (f64, f64) {
 }
 
 /// Writes `frames` buffers of `payload` bytes through a bare socket.
-fn plain_tcp(payload: usize, frames: usize) -> Duration {
+fn plain_tcp(payload: usize, frames: usize, rate: Option<u64>) -> Duration {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let reader = thread::spawn(move || {
@@ -103,6 +127,9 @@ fn plain_tcp(payload: usize, frames: usize) -> Duration {
     });
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_nodelay(true).expect("nodelay");
+    if let Some(r) = rate {
+        cap_send_rate(&s, r).expect("pace");
+    }
     let data = vec![7u8; payload];
     let start = Instant::now();
     for _ in 0..frames {
@@ -115,13 +142,14 @@ fn plain_tcp(payload: usize, frames: usize) -> Duration {
 }
 
 /// Sends `frames` activation frames of `payload` bytes over a link.
-fn over_link(payload: usize, frames: usize) -> Duration {
+fn over_link(payload: usize, frames: usize, rate: Option<u64>) -> Duration {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let mut config = LinkConfig::new(RUN, KEY, WorkerId([1; 16]));
     config.limits = FrameLimits {
         max_payload: payload as u64,
     };
+    config.max_send_rate = rate;
     let accept_config = LinkConfig {
         worker_id: WorkerId([2; 16]),
         ..config.clone()

@@ -68,6 +68,25 @@ pub struct WorkerArgs {
     /// drill that emulates a slower machine (see `routing: throughput`).
     #[arg(long, env = "PIPEWRIGHT_SLOWDOWN", default_value_t = 1.0)]
     pub slowdown: f64,
+    /// Most megabytes (10^6 bytes) per second this worker sends on each
+    /// link, paced by the kernel: leaves room on a shared uplink, or
+    /// emulates a slower network in a drill.
+    #[arg(long, env = "PIPEWRIGHT_MAX_SEND_RATE", value_parser = parse_rate)]
+    pub max_send_rate: Option<u64>,
+}
+
+/// A `--max-send-rate` in megabytes per second, as bytes per second.
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let mb: f64 = s
+        .parse()
+        .map_err(|_| format!("expected megabytes per second, got {s:?}"))?;
+    let bytes = mb * 1e6;
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!(
+            "the send rate must be a positive number of megabytes per second, got {s}"
+        ));
+    }
+    Ok(bytes as u64)
 }
 
 /// Arguments of `pipewright join`.
@@ -91,6 +110,9 @@ pub struct JoinArgs {
     /// Kernel threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Most megabytes per second this machine sends on each link.
+    #[arg(long, value_parser = parse_rate)]
+    pub max_send_rate: Option<u64>,
 }
 
 /// Run `pipewright join`: a volunteer worker that takes the vacancy on the
@@ -108,6 +130,7 @@ pub fn join(args: JoinArgs) -> Result<()> {
         timeout: 60,
         threads: args.threads,
         slowdown: 1.0,
+        max_send_rate: args.max_send_rate,
     };
     serve(w, &args.token)
 }
@@ -185,6 +208,7 @@ struct Session {
     abort: Arc<AtomicBool>,
     working: Arc<Mutex<u64>>,
     slowdown: f64,
+    max_send_rate: Option<u64>,
 }
 
 impl Session {
@@ -299,6 +323,7 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
         abort: Arc::new(AtomicBool::new(false)),
         working: Arc::new(Mutex::new(0)),
         slowdown: args.slowdown,
+        max_send_rate: args.max_send_rate,
     };
     let shard = session.register(None)?;
     match shard {
@@ -472,6 +497,7 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
                 Some(layers),
             )?;
             w.set_slowdown(session.slowdown);
+            w.set_max_send_rate(session.max_send_rate);
             worker = Some(w);
             snapshot = None;
         }
@@ -643,5 +669,19 @@ fn report_failure(session: &Session, epoch: u64, e: &PipelineError) {
     });
     if let Err(e) = r {
         tracing::warn!("reporting a broken step: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rate;
+
+    #[test]
+    fn send_rates_are_megabytes_per_second_and_must_be_positive() {
+        assert_eq!(parse_rate("12.5"), Ok(12_500_000));
+        for bad in ["0", "-3", "nan", "inf", "fast", ""] {
+            let err = parse_rate(bad).unwrap_err();
+            assert!(err.contains("megabytes per second"), "{bad}: {err}");
+        }
     }
 }

@@ -61,6 +61,9 @@ pub struct LinkConfig {
     /// (connecting, accepting, a stage waiting for a frame) give up as soon
     /// as it is true, e.g. when the coordinator rewired the run.
     pub abort: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Most bytes per second this side sends, paced by the kernel (see
+    /// [`super::cap_send_rate`]); `None` sends as fast as the path allows.
+    pub max_send_rate: Option<u64>,
 }
 
 impl LinkConfig {
@@ -86,6 +89,7 @@ impl LinkConfig {
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Some(Duration::from_secs(60)),
             abort: None,
+            max_send_rate: None,
         }
     }
 }
@@ -228,6 +232,9 @@ impl Link {
         // Small control frames must not wait for Nagle's timer; large ones
         // are batched by the buffered writer anyway.
         stream.set_nodelay(true).map_err(io_err)?;
+        if let Some(rate) = config.max_send_rate {
+            super::cap_send_rate(&stream, rate).map_err(io_err)?;
+        }
         let peer = handshake(
             &mut stream,
             role,

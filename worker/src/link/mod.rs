@@ -7,6 +7,7 @@
 //! - [`Link`]: one TCP connection to a peer, opened with a mutual key proof,
 //!   carrying frames both ways with bounded queues and backpressure.
 //! - [`LinkStats`]: traffic and rejection counters for metrics.
+//! - [`cap_send_rate`]: a kernel-paced cap on a link's sending rate.
 //!
 //! The wire format is specified in `docs/protocol.md`.
 
@@ -14,6 +15,7 @@ pub mod codec;
 mod conn;
 pub mod frame;
 mod handshake;
+mod pace;
 mod stats;
 
 pub use conn::{Link, LinkConfig, LinkError};
@@ -22,4 +24,5 @@ pub use frame::{
     RunKey, Shape, WorkerId,
 };
 pub use handshake::{HandshakeError, Role};
+pub use pace::cap_send_rate;
 pub use stats::{LinkStats, LinkStatsSnapshot};

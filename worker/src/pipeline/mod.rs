@@ -589,6 +589,7 @@ impl StageWorker {
                 c.stage = shard.stage as u32;
                 c.timeout = timeout;
                 c.abort = self.link_config.abort.clone();
+                c.max_send_rate = self.link_config.max_send_rate;
                 Some(RingMember::connect(c, listener, &next)?)
             }
             None => None,
@@ -654,6 +655,13 @@ impl StageWorker {
     /// The route the next step follows.
     pub fn route(&self) -> &Route {
         &self.route
+    }
+
+    /// Caps the bytes per second this worker sends on each of its links
+    /// and its ring link (kernel pacing, see [`crate::link::cap_send_rate`]);
+    /// applies to links opened from the next wiring on.
+    pub fn set_max_send_rate(&mut self, bytes_per_second: Option<u64>) {
+        self.link_config.max_send_rate = bytes_per_second;
     }
 
     /// Makes every forward and backward take `factor` times as long (at

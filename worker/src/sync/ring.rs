@@ -53,6 +53,9 @@ pub struct RingConfig {
     pub timeout: Duration,
     /// Stops connecting as soon as it is true (see [`LinkConfig::abort`]).
     pub abort: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Most bytes per second sent to the next rank (see
+    /// [`LinkConfig::max_send_rate`]).
+    pub max_send_rate: Option<u64>,
 }
 
 impl RingConfig {
@@ -68,6 +71,7 @@ impl RingConfig {
             segment_bytes: 1 << 20,
             timeout: Duration::from_secs(30),
             abort: None,
+            max_send_rate: None,
         }
     }
 
@@ -90,6 +94,7 @@ impl RingConfig {
         c.handshake_timeout = self.timeout;
         c.write_timeout = Some(self.timeout);
         c.abort = self.abort.clone();
+        c.max_send_rate = self.max_send_rate;
         c
     }
 }

@@ -140,6 +140,9 @@ fn throughput_routing_moves_work_off_a_slow_worker_and_trains_the_same() {
             "--quiet",
             "--slow-worker",
             "1/1=4",
+            // Every link paced too: a cap moves timing, not math.
+            "--max-send-rate",
+            "40",
             "--out",
         ])
         .arg(dir.path().join("routed"))

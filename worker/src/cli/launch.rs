@@ -34,6 +34,8 @@ pub struct LaunchOptions<'a> {
     pub kill_seed: u64,
     /// Workers made slower: `(stage, replica, factor)`.
     pub slow: &'a [(usize, usize, f64)],
+    /// Cap on what each worker sends per link, bytes per second.
+    pub max_send_rate: Option<u64>,
     /// Where the coordinator listens.
     pub coordinator_listen: &'a str,
 }
@@ -98,8 +100,12 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
             .iter()
             .find(|&&(s, r, _)| (s, r) == (stage, replica))
             .map_or(1.0, |&(_, _, f)| f);
-        let child = Command::new(&exe)
-            .arg("worker")
+        let mut command = Command::new(&exe);
+        command.arg("worker");
+        if let Some(rate) = opts.max_send_rate {
+            command.args(["--max-send-rate", &(rate as f64 / 1e6).to_string()]);
+        }
+        let child = command
             .arg(&manifest_path)
             .args(["--coordinator", &url])
             .args([

@@ -53,6 +53,10 @@ pub struct TrainArgs {
     /// A drill for `routing: throughput`.
     #[arg(long, requires = "processes", value_parser = parse_slow_worker)]
     pub slow_worker: Vec<(usize, usize, f64)>,
+    /// With `--processes`: most megabytes per second each worker sends on
+    /// each link (kernel pacing), emulating a slower network.
+    #[arg(long, requires = "processes", value_parser = super::worker::parse_rate)]
+    pub max_send_rate: Option<u64>,
     /// With `--processes`: address of the coordinator's HTTP API.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub coordinator_listen: String,
@@ -115,6 +119,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 kills: args.kill_workers,
                 kill_seed: args.kill_seed,
                 slow: &args.slow_worker,
+                max_send_rate: args.max_send_rate,
                 coordinator_listen: &args.coordinator_listen,
             },
         );

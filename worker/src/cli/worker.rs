@@ -76,7 +76,7 @@ pub struct WorkerArgs {
 }
 
 /// A `--max-send-rate` in megabytes per second, as bytes per second.
-fn parse_rate(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
     let mb: f64 = s
         .parse()
         .map_err(|_| format!("expected megabytes per second, got {s:?}"))?;

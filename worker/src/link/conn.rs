@@ -897,6 +897,23 @@ mod tests {
     }
 
     #[test]
+    fn a_link_with_a_send_rate_cap_sends_no_faster() {
+        let mut capped = config(1);
+        capped.max_send_rate = Some(16 << 20);
+        let (a, b) = pair(capped, config(2));
+        let start = Instant::now();
+        for i in 0..8 {
+            a.send(frame(1, i, 1 << 20)).expect("send");
+        }
+        for _ in 0..8 {
+            b.recv_timeout(Duration::from_secs(10)).expect("recv");
+        }
+        // 8 MiB at 16 MiB/s: half a second, less the first window.
+        let took = start.elapsed().as_secs_f64();
+        assert!(took >= 0.35, "8 MiB at 16 MiB/s arrived in {took:.3} s");
+    }
+
+    #[test]
     fn wrong_key_cannot_open_a_link() {
         let mut bad = config(1);
         bad.key = RunKey([0; 32]);

@@ -166,7 +166,8 @@ pub fn interleave(counts: &[usize]) -> Vec<u16> {
 /// The throughput-weighted route for a step: stage by stage, the replicas
 /// in `lanes` share it by [`balanced_counts`] of their seconds per
 /// micro-batch (`None`: not measured yet, taken as the mean of the stage's
-/// measured ones, or 1 s if none is); the other replicas get nothing.
+/// measured ones, or 1 s if none is); the other replicas get nothing. When
+/// every replica of every stage gets an even share, that is the lanes route.
 pub fn weighted(
     stages: usize,
     replicas: usize,
@@ -196,10 +197,18 @@ pub fn weighted(
             for (&r, c) in lanes.iter().zip(balanced_counts(total, &times)) {
                 counts[r] = c;
             }
-            interleave(&counts)
+            counts
         })
-        .collect();
-    Route { assign }
+        .collect::<Vec<_>>();
+    // Even shares everywhere: the lanes route, whose replicas each run one
+    // whole pipeline of consecutive micro-batches (the fewest bubbles, and
+    // no traffic between lanes).
+    if assign.iter().all(|c| c.iter().all(|&k| k == micro_batches)) {
+        return Route::lanes(stages, replicas, micro_batches);
+    }
+    Route {
+        assign: assign.iter().map(|c| interleave(c)).collect(),
+    }
 }
 
 #[cfg(test)]
@@ -256,6 +265,9 @@ mod tests {
         assert!(r.check(2, 3, 2).is_ok());
         assert_eq!(r.counts(0, 3), vec![5, 0, 1]);
         assert_eq!(r.counts(1, 3), vec![3, 0, 3]);
+        // Even speeds (or none measured yet) everywhere: the lanes route.
+        let even = vec![vec![Some(2.0), Some(2.1)], vec![None, None]];
+        assert_eq!(weighted(2, 2, 4, &even, &[0, 1]), Route::lanes(2, 2, 4));
     }
 
     #[test]

@@ -183,6 +183,9 @@ pub static CEL_RULES: &[CelRule] = &[
          || self.model.dim == 0 || (has(self.pipeline.lowrank) \
          ? (self.pipeline.lowrank.rank == 0 || self.pipeline.lowrank.rank < self.model.dim) \
          : ((self.model.dim / 8 >= 1 ? self.model.dim / 8 : 1) < self.model.dim))"),
+    cel!("spec.pipeline.maxSendMegabytesPerSecond", "must be at least 1 when set", at "spec.pipeline",
+        Some(".maxSendMegabytesPerSecond"),
+        "!has(self.maxSendMegabytesPerSecond) || self.maxSendMegabytesPerSecond >= 1"),
     // --- spec.checkpoint
     cel!("spec.checkpoint.dir", "must not be empty when set", at "spec.checkpoint", Some(".dir"),
         "!has(self.dir) || self.dir.trim() != ''"),

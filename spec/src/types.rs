@@ -495,6 +495,11 @@ pub struct PipelineSpec {
     /// `spec.model.dim / 8` (at least 1), f32 on the wire.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lowrank: Option<LowrankSpec>,
+    /// Most megabytes (10^6 bytes) per second each worker sends on each of
+    /// its links, paced by the kernel: leaves room on a shared network.
+    /// Absent: no cap. A worker's `--max-send-rate` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_send_megabytes_per_second: Option<u64>,
 }
 
 /// The learned low-rank bottleneck at every stage boundary (codec
@@ -539,6 +544,7 @@ impl Default for PipelineSpec {
             partition: PartitionKind::default(),
             routing: Routing::default(),
             lowrank: None,
+            max_send_megabytes_per_second: None,
         }
     }
 }

@@ -434,6 +434,16 @@ pub static RULES: &[Rule] = &[
             })
         },
     },
+    Rule {
+        field: "spec.pipeline.maxSendMegabytesPerSecond",
+        requirement: "must be at least 1 when set",
+        check: |r| {
+            r.spec
+                .pipeline
+                .max_send_megabytes_per_second
+                .and_then(at_least_one)
+        },
+    },
     // --- spec.checkpoint
     Rule {
         field: "spec.checkpoint.dir",

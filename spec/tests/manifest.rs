@@ -181,6 +181,7 @@ fn everything_set() -> TrainingRun {
                     rank: 64,
                     wire: LowrankWire::Bf16,
                 }),
+                max_send_megabytes_per_second: Some(125),
             },
             checkpoint: CheckpointSpec {
                 dir: Some("/var/lib/pipewright/full".into()),
@@ -456,6 +457,11 @@ fn bad_lowrank_settings_are_refused_naming_the_field() {
             "{stages: 2, codec: f16, lowrank: {rank: 8}}",
             "spec.pipeline.lowrank",
             "only under codec lowrank",
+        ),
+        (
+            "{stages: 2, maxSendMegabytesPerSecond: 0}",
+            "spec.pipeline.maxSendMegabytesPerSecond",
+            "at least 1",
         ),
     ] {
         let Err(SpecError::Invalid(problems)) = parse_manifest(&with_pipeline(pipeline)) else {

@@ -72,6 +72,12 @@ fn a_malformed_manifest_is_refused_naming_the_field() {
 fn processes_train_like_the_single_process_run() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_inputs(dir.path(), 3, 2, 4);
+    // Every link capped by the manifest: a cap moves timing, not math.
+    let yaml = std::fs::read_to_string(&path).expect("manifest").replace(
+        "replicas: 2}",
+        "replicas: 2, maxSendMegabytesPerSecond: 40}",
+    );
+    std::fs::write(&path, yaml).expect("write manifest");
     let multi = pipewright()
         .args(["train", "--processes", "--quiet", "--out"])
         .arg(dir.path().join("multi"))

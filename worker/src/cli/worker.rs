@@ -70,7 +70,8 @@ pub struct WorkerArgs {
     pub slowdown: f64,
     /// Most megabytes (10^6 bytes) per second this worker sends on each
     /// link, paced by the kernel: leaves room on a shared uplink, or
-    /// emulates a slower network in a drill.
+    /// emulates a slower network in a drill (default: the manifest's
+    /// `spec.pipeline.maxSendMegabytesPerSecond`, else no cap).
     #[arg(long, env = "PIPEWRIGHT_MAX_SEND_RATE", value_parser = parse_rate)]
     pub max_send_rate: Option<u64>,
 }
@@ -325,6 +326,14 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
         slowdown: args.slowdown,
         max_send_rate: args.max_send_rate,
     };
+    if session.max_send_rate.is_none() {
+        session.max_send_rate = session
+            .manifest
+            .spec
+            .pipeline
+            .max_send_megabytes_per_second
+            .map(|mb| mb.saturating_mul(1_000_000));
+    }
     let shard = session.register(None)?;
     match shard {
         Some((s, r)) => eprintln!("worker {}: stage {s} replica {r}", session.worker),

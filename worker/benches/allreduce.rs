@@ -37,20 +37,12 @@ use pipewright::sync::{loopback_listeners, on_loopback_ring, RingConfig};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod support;
-use support::{env_or, loadavg, median, range, with_cpu};
+use support::{bare_then_paced, median, range, setting, with_cpu};
 
 const MIB: f64 = (1 << 20) as f64;
 
 fn main() {
-    let mib = env_or("ALLREDUCE_BENCH_MIB", 64);
-    let rounds = env_or("ALLREDUCE_BENCH_ROUNDS", 5).max(1);
-    let rate = env_or("ALLREDUCE_BENCH_RATE_MBPS", 300) as u64 * 1_000_000;
-    println!("load before: {}", loadavg());
-    table(mib, rounds, None);
-    if rate > 0 {
-        table((mib / 4).max(1), rounds, Some(rate));
-    }
-    println!("load after: {}", loadavg());
+    bare_then_paced("ALLREDUCE_BENCH", 64, table);
 }
 
 /// One table for 2, 3 and 4 ranks: `rounds` alternating rounds of an
@@ -58,13 +50,10 @@ fn main() {
 /// when given.
 fn table(mib: usize, rounds: usize, rate: Option<u64>) {
     let bytes = mib << 20;
-    match rate {
-        None => println!("\nring all-reduce of {mib} MiB (f32), ranks in one process, bare loopback, {rounds} rounds"),
-        Some(r) => println!(
-            "\nring all-reduce of {mib} MiB (f32), ranks in one process, loopback paced at {} MB/s per rank, {rounds} rounds",
-            r / 1_000_000
-        ),
-    }
+    println!(
+        "\nring all-reduce of {mib} MiB (f32), ranks in one process, {}, {rounds} rounds",
+        setting(rate)
+    );
     let lone = median((0..3).map(|_| plain_tcp(bytes, rate)));
     println!("one lone loopback TCP stream: {lone:.0} MiB/s");
     println!(

@@ -34,33 +34,22 @@ use pipewright::link::{
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod support;
-use support::{env_or, loadavg, median, with_cpu};
+use support::{bare_then_paced, median, setting, with_cpu};
 
 const RUN: RunId = RunId([1; 16]);
 const KEY: RunKey = RunKey([2; 32]);
 
 fn main() {
-    let mib = env_or("LINK_BENCH_MIB", 256);
-    let rounds = env_or("LINK_BENCH_ROUNDS", 5).max(1);
-    let rate = env_or("LINK_BENCH_RATE_MBPS", 300) as u64 * 1_000_000;
-    println!("load before: {}", loadavg());
-    table(mib, rounds, None);
-    if rate > 0 {
-        table((mib / 4).max(1), rounds, Some(rate));
-    }
-    println!("load after: {}", loadavg());
+    bare_then_paced("LINK_BENCH", 256, table);
 }
 
 /// One table: every payload size, `rounds` alternating rounds of `mib` MiB,
 /// both sides capped at `rate` bytes/s when given.
 fn table(mib: usize, rounds: usize, rate: Option<u64>) {
-    match rate {
-        None => println!("\nlink throughput, {mib} MiB per payload size and run, {rounds} rounds, bare loopback"),
-        Some(r) => println!(
-            "\nlink throughput, {mib} MiB per payload size and run, {rounds} rounds, loopback paced at {} MB/s",
-            r / 1_000_000
-        ),
-    }
+    println!(
+        "\nlink throughput, {mib} MiB per payload size and run, {rounds} rounds, {}",
+        setting(rate)
+    );
     println!(
         "| payload | plain TCP MiB/s | Link MiB/s | Link / TCP (median, min–max) | CPU cores TCP / Link |"
     );

@@ -6,7 +6,7 @@ use std::path::Path;
 
 mod common;
 
-use common::{checkpoint_losses, pipewright, write_corpus};
+use common::{checkpoint_losses, pipewright, succeed, write_corpus};
 
 /// The generated corpus and a manifest that trains on it.
 fn write_inputs(dir: &Path, stages: usize, replicas: usize, heads: usize) -> std::path::PathBuf {
@@ -78,32 +78,21 @@ fn processes_train_like_the_single_process_run() {
         "replicas: 2, maxSendMegabytesPerSecond: 40}",
     );
     std::fs::write(&path, yaml).expect("write manifest");
-    let multi = pipewright()
-        .args(["train", "--processes", "--quiet", "--out"])
-        .arg(dir.path().join("multi"))
-        .arg(&path)
-        .output()
-        .expect("run pipewright");
-    let stdout = String::from_utf8_lossy(&multi.stdout);
-    assert!(
-        multi.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&multi.stderr)
+    let stdout = succeed(
+        pipewright()
+            .args(["train", "--processes", "--quiet", "--out"])
+            .arg(dir.path().join("multi"))
+            .arg(&path),
     );
     let multi_loss = final_loss(&stdout);
 
     // The same run in one process, reading its per-step losses back from
     // the checkpoint it writes.
-    let local = pipewright()
-        .args(["train", "--quiet", "--out"])
-        .arg(dir.path().join("local"))
-        .arg(&path)
-        .output()
-        .expect("run pipewright");
-    assert!(
-        local.status.success(),
-        "{}",
-        String::from_utf8_lossy(&local.stderr)
+    succeed(
+        pipewright()
+            .args(["train", "--quiet", "--out"])
+            .arg(dir.path().join("local"))
+            .arg(&path),
     );
     let losses = |run: &str| checkpoint_losses(&dir.path().join(run), 6);
     let (local, multi) = (losses("local"), losses("multi"));
@@ -115,18 +104,13 @@ fn processes_train_like_the_single_process_run() {
         "{multi_loss} vs {multi:?}"
     );
     // The checkpoint the workers wrote is a whole one: `eval` reads it.
-    let eval = pipewright()
-        .arg("eval")
-        .arg(dir.path().join("multi"))
-        .args(["--batches", "2"])
-        .output()
-        .expect("run eval");
-    assert!(
-        eval.status.success(),
-        "{}",
-        String::from_utf8_lossy(&eval.stderr)
+    let eval = succeed(
+        pipewright()
+            .arg("eval")
+            .arg(dir.path().join("multi"))
+            .args(["--batches", "2"]),
     );
-    assert!(String::from_utf8_lossy(&eval.stdout).contains("val bits/byte"));
+    assert!(eval.contains("val bits/byte"), "{eval}");
 }
 
 #[test]
@@ -139,27 +123,21 @@ fn throughput_routing_moves_work_off_a_slow_worker_and_trains_the_same() {
         .replace("microBatches: 2,", "microBatches: 4,")
         .replace("replicas: 2}", "replicas: 2, routing: throughput}");
     std::fs::write(&path, yaml).expect("write manifest");
-    let out = pipewright()
-        .args([
-            "train",
-            "--processes",
-            "--quiet",
-            "--slow-worker",
-            "1/1=4",
-            // Every link paced too: a cap moves timing, not math.
-            "--max-send-rate",
-            "40",
-            "--out",
-        ])
-        .arg(dir.path().join("routed"))
-        .arg(&path)
-        .output()
-        .expect("run pipewright");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        pipewright()
+            .args([
+                "train",
+                "--processes",
+                "--quiet",
+                "--slow-worker",
+                "1/1=4",
+                // Every link paced too: a cap moves timing, not math.
+                "--max-send-rate",
+                "40",
+                "--out",
+            ])
+            .arg(dir.path().join("routed"))
+            .arg(&path),
     );
     let summary: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.path().join("routed/summary.json")).expect("summary"),
@@ -173,13 +151,12 @@ fn throughput_routing_moves_work_off_a_slow_worker_and_trains_the_same() {
     assert_eq!(share(1, 0) + share(1, 1), 8, "{shares}");
     assert_eq!(share(0, 0) + share(0, 1), 8, "{shares}");
     // Routing moves work, not math: the losses are the single-process run's.
-    let local = pipewright()
-        .args(["train", "--quiet", "--out"])
-        .arg(dir.path().join("local"))
-        .arg(&path)
-        .output()
-        .expect("run pipewright");
-    assert!(local.status.success());
+    succeed(
+        pipewright()
+            .args(["train", "--quiet", "--out"])
+            .arg(dir.path().join("local"))
+            .arg(&path),
+    );
     let losses = |run: &str| checkpoint_losses(&dir.path().join(run), 12);
     let (local, routed) = (losses("local"), losses("routed"));
     assert_eq!(routed.len(), 12);

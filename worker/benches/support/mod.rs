@@ -63,3 +63,32 @@ pub fn loadavg() -> String {
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
 }
+
+/// The benches' shared driver: reads `{prefix}_MIB` (default
+/// `default_mib`), `{prefix}_ROUNDS` (default 5) and `{prefix}_RATE_MBPS`
+/// (default 300), then runs `table(mib, rounds, None)` over bare loopback
+/// and, unless the rate is 0, `table(mib / 4, rounds, Some(bytes per
+/// second))` with every sending socket paced at that rate.
+pub fn bare_then_paced(
+    prefix: &str,
+    default_mib: usize,
+    table: impl Fn(usize, usize, Option<u64>),
+) {
+    let mib = env_or(&format!("{prefix}_MIB"), default_mib);
+    let rounds = env_or(&format!("{prefix}_ROUNDS"), 5).max(1);
+    let rate = env_or(&format!("{prefix}_RATE_MBPS"), 300) as u64 * 1_000_000;
+    println!("load before: {}", loadavg());
+    table(mib, rounds, None);
+    if rate > 0 {
+        table((mib / 4).max(1), rounds, Some(rate));
+    }
+    println!("load after: {}", loadavg());
+}
+
+/// How a table's sockets send: "bare loopback" or "loopback paced at …".
+pub fn setting(rate: Option<u64>) -> String {
+    match rate {
+        None => "bare loopback".into(),
+        Some(r) => format!("loopback paced at {} MB/s per sender", r / 1_000_000),
+    }
+}

@@ -21,6 +21,19 @@ pub fn pipewright() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pipewright"))
 }
 
+/// Runs `command` and returns its standard output, failing the test with
+/// both outputs when it does not succeed.
+pub fn succeed(command: &mut Command) -> String {
+    let out = command.output().expect("run pipewright");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{command:?} failed\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// Writes `corpus.txt` into `dir`: 3,000 structured sentences.
 pub fn write_corpus(dir: &Path) {
     let names = ["ada", "bo", "cy", "di", "ed"];

@@ -16,6 +16,7 @@ use pipewright_operator::coordinator::CoordinatorReport;
 use pipewright_operator::fixtures::{at, context, coordinator, node, run, settings, shard};
 use pipewright_spec::{RunPhase, TrainingRunResource, TrainingRunStatus};
 use serde_json::{json, Value};
+use tokio::task::JoinHandle;
 
 const PODS: &str = "/api/v1/namespaces/ml/pods";
 const SELECTOR: &str = "pipewright.dev/run=demo";
@@ -109,19 +110,78 @@ async fn expect_status(fake: &mut Fake, run: &TrainingRunResource) -> TrainingRu
     status
 }
 
+/// A reconcile running in the background against a fake API server.
+type Reconciling = JoinHandle<Result<Action, ReconcileError>>;
+
+/// Starts reconciling `cached` (the run as the controller's cache holds it)
+/// against a new fake API server, with `nodes` in the node cache and the
+/// coordinator answering `report`.
+fn start(
+    cached: &TrainingRunResource,
+    nodes: &[Node],
+    report: Option<CoordinatorReport>,
+) -> (Reconciling, Fake) {
+    let (client, fake) = fake_api();
+    let task = tokio::spawn(reconcile(
+        Arc::new(cached.clone()),
+        context(client, nodes, report),
+    ));
+    (task, fake)
+}
+
+/// Answers what every reconcile of a live run asks first: the fresh read of
+/// the run (answered with `stored`), the children of `cached` (all in
+/// place), and the run's pods (answered with `pods`).
+async fn opening(
+    fake: &mut Fake,
+    stored: &TrainingRunResource,
+    cached: &TrainingRunResource,
+    pods: Vec<Value>,
+) {
+    fake.expect_get(RUN, Some(to_json(stored))).await;
+    children_in_place(fake, cached).await;
+    fake.expect_list(PODS, SELECTOR, "PodList", pods).await;
+}
+
+/// Starts reconciling `run` with `nodes` in the node cache and the
+/// coordinator reporting, and answers the opening with `pods` as its pods.
+async fn reconcile_on(
+    nodes: &[Node],
+    run: &TrainingRunResource,
+    pods: Vec<Value>,
+) -> (Reconciling, Fake) {
+    let (task, mut fake) = start(run, nodes, Some(report()));
+    opening(&mut fake, run, run, pods).await;
+    (task, fake)
+}
+
+/// [`reconcile_on`] with every node ready.
+async fn reconcile_with(run: &TrainingRunResource, pods: Vec<Value>) -> (Reconciling, Fake) {
+    reconcile_on(&nodes(), run, pods).await
+}
+
+/// Waits for the reconcile to end, checks that it asked nothing more, and
+/// returns what it asked the controller to do next.
+async fn finish(task: Reconciling, fake: Fake) -> Action {
+    let action = task.await.expect("task").expect("reconcile");
+    fake.expect_nothing_more().await;
+    action
+}
+
+/// Every pod of a 2×2 run, coordinator first.
+const ALL_PODS: [&str; 5] = [
+    "demo-coordinator",
+    "demo-s0-r0",
+    "demo-s0-r1",
+    "demo-s1-r0",
+    "demo-s1-r1",
+];
+
 /// Reconciles a settled 2×2 run once, so that it carries the status a real
 /// reconcile writes.
 async fn settle() -> TrainingRunResource {
     let mut run = run(2, 2);
-    let (client, mut fake) = fake_api();
-    let task = tokio::spawn(reconcile(
-        Arc::new(run.clone()),
-        context(client, &nodes(), Some(report())),
-    ));
-    fake.expect_get(RUN, Some(to_json(&run))).await;
-    children_in_place(&mut fake, &run).await;
-    fake.expect_list(PODS, SELECTOR, "PodList", settled_pods(&run))
-        .await;
+    let (task, mut fake) = reconcile_with(&run, settled_pods(&run)).await;
     let status = expect_status(&mut fake, &run).await;
     assert_eq!(
         task.await.expect("task").expect("reconcile"),
@@ -135,11 +195,7 @@ async fn settle() -> TrainingRunResource {
 #[tokio::test]
 async fn a_new_run_gets_its_secret_children_and_pods() {
     let run = run(2, 2);
-    let (client, mut fake) = fake_api();
-    let task = tokio::spawn(reconcile(
-        Arc::new(run.clone()),
-        context(client, &nodes(), None),
-    ));
+    let (task, mut fake) = start(&run, &nodes(), None);
 
     fake.expect_get(RUN, Some(to_json(&run))).await;
     fake.expect_get("/api/v1/namespaces/ml/secrets/demo-key", None)
@@ -209,11 +265,7 @@ async fn a_new_run_gets_its_secret_children_and_pods() {
     );
     assert_eq!(status.shards[3].pod.as_deref(), Some("demo-s1-r1"));
 
-    assert_eq!(
-        task.await.expect("task").expect("reconcile"),
-        Action::requeue(POLL)
-    );
-    fake.expect_nothing_more().await;
+    assert_eq!(finish(task, fake).await, Action::requeue(POLL));
 }
 
 #[tokio::test]
@@ -223,36 +275,17 @@ async fn a_second_reconcile_of_an_unchanged_run_writes_nothing() {
     assert_eq!((status.step, status.loss), (Some(12), Some(4.5)));
     assert_eq!(status.tokens_per_second, Some(2048.0));
 
-    let (client, mut fake) = fake_api();
-    let task = tokio::spawn(reconcile(
-        Arc::new(run.clone()),
-        context(client, &nodes(), Some(report())),
-    ));
-    fake.expect_get(RUN, Some(to_json(&run))).await;
-    children_in_place(&mut fake, &run).await;
-    fake.expect_list(PODS, SELECTOR, "PodList", settled_pods(&run))
-        .await;
-    assert_eq!(
-        task.await.expect("task").expect("reconcile"),
-        Action::requeue(POLL)
-    );
-    fake.expect_nothing_more().await;
+    let (task, fake) = reconcile_with(&run, settled_pods(&run)).await;
+    assert_eq!(finish(task, fake).await, Action::requeue(POLL));
 }
 
 #[tokio::test]
 async fn a_failed_shard_is_reassigned_with_an_event() {
     let run = settle().await;
-    let (client, mut fake) = fake_api();
-    let task = tokio::spawn(reconcile(
-        Arc::new(run.clone()),
-        context(client, &nodes(), Some(report())),
-    ));
-    fake.expect_get(RUN, Some(to_json(&run))).await;
-    children_in_place(&mut fake, &run).await;
     let mut pods = settled_pods(&run);
     pods[3]["status"]["phase"] = json!("Failed");
     pods[3]["status"]["reason"] = json!("Evicted");
-    fake.expect_list(PODS, SELECTOR, "PodList", pods).await;
+    let (task, mut fake) = reconcile_with(&run, pods).await;
     fake.expect_delete(&format!("{PODS}/demo-s1-r0")).await;
     let replacement = fake.expect_create(PODS).await;
     assert_eq!(replacement["metadata"]["name"], "demo-s1-r0-a1");
@@ -288,26 +321,14 @@ async fn a_failed_shard_is_reassigned_with_an_event() {
         .conditions
         .iter()
         .any(|c| c.type_ == "Degraded" && c.status == "True"));
-    assert_eq!(
-        task.await.expect("task").expect("reconcile"),
-        Action::requeue(POLL)
-    );
-    fake.expect_nothing_more().await;
+    assert_eq!(finish(task, fake).await, Action::requeue(POLL));
 }
 
 #[tokio::test]
 async fn shards_on_a_node_that_is_not_ready_move_elsewhere() {
     let run = settle().await;
-    let (client, mut fake) = fake_api();
     let nodes = vec![node("n1", true), node("n2", false), node("n3", true)];
-    let task = tokio::spawn(reconcile(
-        Arc::new(run.clone()),
-        context(client, &nodes, Some(report())),
-    ));
-    fake.expect_get(RUN, Some(to_json(&run))).await;
-    children_in_place(&mut fake, &run).await;
-    fake.expect_list(PODS, SELECTOR, "PodList", settled_pods(&run))
-        .await;
+    let (task, mut fake) = reconcile_on(&nodes, &run, settled_pods(&run)).await;
     fake.expect_delete(&format!("{PODS}/demo-s0-r1")).await;
     fake.expect_delete(&format!("{PODS}/demo-s1-r1")).await;
     for name in ["demo-s0-r1-a1", "demo-s1-r1-a1"] {
@@ -329,34 +350,17 @@ async fn shards_on_a_node_that_is_not_ready_move_elsewhere() {
     let status = expect_status(&mut fake, &run).await;
     assert_eq!(status.total_reassignments, 2);
     assert_eq!(status.failed_nodes, ["n2"]);
-    assert_eq!(
-        task.await.expect("task").expect("reconcile"),
-        Action::requeue(POLL)
-    );
-    fake.expect_nothing_more().await;
+    assert_eq!(finish(task, fake).await, Action::requeue(POLL));
 }
 
 #[tokio::test]
 async fn too_many_reassignments_fail_the_run_and_free_its_nodes() {
     let mut run = settle().await;
     run.spec.placement.max_reassignments = 0;
-    let (client, mut fake) = fake_api();
-    let task = tokio::spawn(reconcile(
-        Arc::new(run.clone()),
-        context(client, &nodes(), Some(report())),
-    ));
-    fake.expect_get(RUN, Some(to_json(&run))).await;
-    children_in_place(&mut fake, &run).await;
     let mut pods = settled_pods(&run);
     pods[1]["status"]["phase"] = json!("Failed");
-    fake.expect_list(PODS, SELECTOR, "PodList", pods).await;
-    for name in [
-        "demo-coordinator",
-        "demo-s0-r0",
-        "demo-s0-r1",
-        "demo-s1-r0",
-        "demo-s1-r1",
-    ] {
+    let (task, mut fake) = reconcile_with(&run, pods).await;
+    for name in ALL_PODS {
         fake.expect_delete(&format!("{PODS}/{name}")).await;
     }
     let (type_, reason, note, _) = fake.expect_event().await;
@@ -369,11 +373,7 @@ async fn too_many_reassignments_fail_the_run_and_free_its_nodes() {
     assert_eq!(status.phase, Some(RunPhase::Failed));
     assert_eq!(status.conditions[0].reason, "TooManyReassignments");
     assert!(status.completion_time.is_some());
-    assert_eq!(
-        task.await.expect("task").expect("reconcile"),
-        Action::await_change()
-    );
-    fake.expect_nothing_more().await;
+    assert_eq!(finish(task, fake).await, Action::await_change());
 }
 
 #[tokio::test]
@@ -381,22 +381,8 @@ async fn suspending_deletes_pods_and_resuming_makes_them_again() {
     let mut run = settle().await;
     run.spec.suspend = true;
     run.metadata.generation = Some(2);
-    let (client, mut fake) = fake_api();
-    let task = tokio::spawn(reconcile(
-        Arc::new(run.clone()),
-        context(client, &nodes(), Some(report())),
-    ));
-    fake.expect_get(RUN, Some(to_json(&run))).await;
-    children_in_place(&mut fake, &run).await;
-    fake.expect_list(PODS, SELECTOR, "PodList", settled_pods(&run))
-        .await;
-    for name in [
-        "demo-coordinator",
-        "demo-s0-r0",
-        "demo-s0-r1",
-        "demo-s1-r0",
-        "demo-s1-r1",
-    ] {
+    let (task, mut fake) = reconcile_with(&run, settled_pods(&run)).await;
+    for name in ALL_PODS {
         fake.expect_delete(&format!("{PODS}/{name}")).await;
     }
     let (_, reason, _, _) = fake.expect_event().await;
@@ -404,33 +390,16 @@ async fn suspending_deletes_pods_and_resuming_makes_them_again() {
     let status = expect_status(&mut fake, &run).await;
     assert_eq!(status.phase, Some(RunPhase::Suspended));
     assert!(status.shards.iter().all(|s| s.pod.is_none()));
-    assert_eq!(
-        task.await.expect("task").expect("reconcile"),
-        Action::await_change()
-    );
-    fake.expect_nothing_more().await;
+    assert_eq!(finish(task, fake).await, Action::await_change());
 
     // Resume.
     run.status = Some(status);
     run.spec.suspend = false;
     run.metadata.generation = Some(3);
-    let (client, mut fake) = fake_api();
-    let task = tokio::spawn(reconcile(
-        Arc::new(run.clone()),
-        context(client, &nodes(), Some(report())),
-    ));
-    fake.expect_get(RUN, Some(to_json(&run))).await;
-    children_in_place(&mut fake, &run).await;
-    fake.expect_list(PODS, SELECTOR, "PodList", vec![]).await;
+    let (task, mut fake) = reconcile_with(&run, vec![]).await;
     let (_, reason, _, _) = fake.expect_event().await;
     assert_eq!(reason, "Resumed");
-    for name in [
-        "demo-coordinator",
-        "demo-s0-r0",
-        "demo-s0-r1",
-        "demo-s1-r0",
-        "demo-s1-r1",
-    ] {
+    for name in ALL_PODS {
         let pod = fake.expect_create(PODS).await;
         assert_eq!(pod["metadata"]["name"], name);
     }
@@ -441,23 +410,15 @@ async fn suspending_deletes_pods_and_resuming_makes_them_again() {
         "a resumed gang starts anew"
     );
     assert_eq!(status.total_reassignments, 0, "suspending moves no shard");
-    assert_eq!(
-        task.await.expect("task").expect("reconcile"),
-        Action::requeue(POLL)
-    );
-    fake.expect_nothing_more().await;
+    assert_eq!(finish(task, fake).await, Action::requeue(POLL));
 }
 
 #[tokio::test]
 async fn a_run_being_deleted_is_left_to_the_garbage_collector() {
     let mut run = settle().await;
     run.metadata.deletion_timestamp = Some(at(1000));
-    let (client, fake) = fake_api();
-    let action = reconcile(Arc::new(run), context(client, &nodes(), None))
-        .await
-        .expect("reconcile");
-    assert_eq!(action, Action::await_change());
-    fake.expect_nothing_more().await;
+    let (task, fake) = start(&run, &nodes(), None);
+    assert_eq!(finish(task, fake).await, Action::await_change());
 }
 
 #[tokio::test]
@@ -468,32 +429,16 @@ async fn a_finished_run_is_deleted_after_its_time_to_live() {
         status.phase = Some(RunPhase::Succeeded);
         status.completion_time = Some(at(100));
     }
-    let (client, mut fake) = fake_api();
-    let task = tokio::spawn(reconcile(
-        Arc::new(run.clone()),
-        context(client, &nodes(), None),
-    ));
+    let (task, mut fake) = start(&run, &nodes(), None);
     fake.expect_get(RUN, Some(to_json(&run))).await;
     fake.expect_delete(RUN).await;
-    assert_eq!(
-        task.await.expect("task").expect("reconcile"),
-        Action::await_change()
-    );
-    fake.expect_nothing_more().await;
+    assert_eq!(finish(task, fake).await, Action::await_change());
 
     // Without a time to live it is kept, and nothing else is asked.
     run.spec.ttl_seconds_after_finished = None;
-    let (client, mut fake) = fake_api();
-    let task = tokio::spawn(reconcile(
-        Arc::new(run.clone()),
-        context(client, &nodes(), None),
-    ));
+    let (task, mut fake) = start(&run, &nodes(), None);
     fake.expect_get(RUN, Some(to_json(&run))).await;
-    assert_eq!(
-        task.await.expect("task").expect("reconcile"),
-        Action::await_change()
-    );
-    fake.expect_nothing_more().await;
+    assert_eq!(finish(task, fake).await, Action::await_change());
 }
 
 #[tokio::test]
@@ -508,11 +453,7 @@ async fn a_bad_spec_fails_the_run_without_children() {
         } else {
             bad.spec.placement.min_replicas = Some(3);
         }
-        let (client, mut fake) = fake_api();
-        let task = tokio::spawn(reconcile(
-            Arc::new(bad.clone()),
-            context(client, &nodes(), None),
-        ));
+        let (task, mut fake) = start(&bad, &nodes(), None);
         // The run is read, then its status written: nothing is created.
         fake.expect_get(path.trim_end_matches("/status"), Some(to_json(&bad)))
             .await;
@@ -533,11 +474,7 @@ async fn a_bad_spec_fails_the_run_without_children() {
                 "{message}"
             );
         }
-        assert_eq!(
-            task.await.expect("task").expect("reconcile"),
-            Action::await_change()
-        );
-        fake.expect_nothing_more().await;
+        assert_eq!(finish(task, fake).await, Action::await_change());
     }
 }
 
@@ -545,24 +482,15 @@ async fn a_bad_spec_fails_the_run_without_children() {
 /// n1 and replaced by attempt 1 on n3, with the pods that go with it.
 async fn after_eviction() -> (TrainingRunResource, TrainingRunResource, Vec<Value>) {
     let cached = settle().await;
-    let (client, mut fake) = fake_api();
-    let task = tokio::spawn(reconcile(
-        Arc::new(cached.clone()),
-        context(client, &nodes(), Some(report())),
-    ));
-    fake.expect_get(RUN, Some(to_json(&cached))).await;
-    children_in_place(&mut fake, &cached).await;
     let mut pods = settled_pods(&cached);
     pods[3]["status"]["phase"] = json!("Failed");
     pods[3]["status"]["reason"] = json!("Evicted");
-    fake.expect_list(PODS, SELECTOR, "PodList", pods.clone())
-        .await;
+    let (task, mut fake) = reconcile_with(&cached, pods.clone()).await;
     fake.expect_delete(&format!("{PODS}/demo-s1-r0")).await;
     fake.expect_create(PODS).await;
     fake.expect_event().await;
     let status = expect_status(&mut fake, &cached).await;
-    task.await.expect("task").expect("reconcile");
-    fake.expect_nothing_more().await;
+    finish(task, fake).await;
     assert_eq!(status.reassignments[0].reason, "Evicted");
     let mut stored = cached.clone();
     stored.status = Some(status);
@@ -578,14 +506,8 @@ async fn a_reconcile_plans_from_a_fresh_read_not_the_cached_run() {
     // The deletion of the evicted pod wakes the run again while the
     // controller's cache still holds the status from before the move.
     let (cached, stored, pods) = after_eviction().await;
-    let (client, mut fake) = fake_api();
-    let task = tokio::spawn(reconcile(
-        Arc::new(cached.clone()),
-        context(client, &nodes(), Some(report())),
-    ));
-    fake.expect_get(RUN, Some(to_json(&stored))).await;
-    children_in_place(&mut fake, &cached).await;
-    fake.expect_list(PODS, SELECTOR, "PodList", pods).await;
+    let (task, mut fake) = start(&cached, &nodes(), Some(report()));
+    opening(&mut fake, &stored, &cached, pods).await;
     // No second move, no second event: the status only learns where the
     // replacement runs, and the move keeps its reason.
     let status = expect_status(&mut fake, &stored).await;
@@ -593,11 +515,7 @@ async fn a_reconcile_plans_from_a_fresh_read_not_the_cached_run() {
     assert_eq!(status.reassignments.len(), 1);
     assert_eq!(status.reassignments[0].reason, "Evicted");
     assert_eq!(status.shards[2].node.as_deref(), Some("n3"));
-    assert_eq!(
-        task.await.expect("task").expect("reconcile"),
-        Action::requeue(POLL)
-    );
-    fake.expect_nothing_more().await;
+    assert_eq!(finish(task, fake).await, Action::requeue(POLL));
 }
 
 #[tokio::test]
@@ -606,14 +524,12 @@ async fn a_stale_status_write_is_refused_and_redone() {
     // refuses the write made from the older version; the reconcile fails
     // without overwriting, and the error policy redoes it soon.
     let (cached, stored, pods) = after_eviction().await;
+    let mut gone = pods.clone();
+    gone.remove(3);
     let (client, mut fake) = fake_api();
     let ctx = context(client, &nodes(), Some(report()));
     let task = tokio::spawn(reconcile(Arc::new(cached.clone()), ctx.clone()));
-    fake.expect_get(RUN, Some(to_json(&cached))).await;
-    children_in_place(&mut fake, &cached).await;
-    let mut gone = pods.clone();
-    gone.remove(3);
-    fake.expect_list(PODS, SELECTOR, "PodList", gone).await;
+    opening(&mut fake, &cached, &cached, gone).await;
     // The stale plan moves the shard once more (its pod is gone)...
     let call = fake.expect(Method::POST, PODS).await;
     call.reply_with(
@@ -651,16 +567,9 @@ async fn a_status_write_that_conflicts_outside_the_status_is_repeated() {
     // A label was added between the read and the write: the status is still
     // the one planned from, so the write goes again with the new version.
     let run = settle().await;
-    let (client, mut fake) = fake_api();
-    let task = tokio::spawn(reconcile(
-        Arc::new(run.clone()),
-        context(client, &nodes(), Some(report())),
-    ));
-    fake.expect_get(RUN, Some(to_json(&run))).await;
-    children_in_place(&mut fake, &run).await;
     let mut pods = settled_pods(&run);
     pods[1]["status"]["phase"] = json!("Failed");
-    fake.expect_list(PODS, SELECTOR, "PodList", pods).await;
+    let (task, mut fake) = reconcile_with(&run, pods).await;
     fake.expect_delete(&format!("{PODS}/demo-s0-r0")).await;
     fake.expect_create(PODS).await;
     fake.expect_event().await;
@@ -679,11 +588,7 @@ async fn a_status_write_that_conflicts_outside_the_status_is_repeated() {
     assert_eq!(call.body["metadata"]["resourceVersion"], "7");
     assert_eq!(call.body["status"], first, "the same status, once more");
     call.reply(&labelled);
-    assert_eq!(
-        task.await.expect("task").expect("reconcile"),
-        Action::requeue(POLL)
-    );
-    fake.expect_nothing_more().await;
+    assert_eq!(finish(task, fake).await, Action::requeue(POLL));
 }
 
 #[tokio::test]
@@ -695,13 +600,6 @@ async fn a_pod_deleted_by_hand_moves_its_shard_but_keeps_its_node() {
         (Some("DeletionByTaintManager"), true),
     ] {
         let run = settle().await;
-        let (client, mut fake) = fake_api();
-        let task = tokio::spawn(reconcile(
-            Arc::new(run.clone()),
-            context(client, &nodes(), Some(report())),
-        ));
-        fake.expect_get(RUN, Some(to_json(&run))).await;
-        children_in_place(&mut fake, &run).await;
         let mut pods = settled_pods(&run);
         pods[2]["metadata"]["deletionTimestamp"] = json!("2024-01-01T00:00:00Z");
         if let Some(reason) = disruption {
@@ -710,7 +608,7 @@ async fn a_pod_deleted_by_hand_moves_its_shard_but_keeps_its_node() {
                 .expect("conditions")
                 .push(json!({"type": "DisruptionTarget", "status": "True", "reason": reason}));
         }
-        fake.expect_list(PODS, SELECTOR, "PodList", pods).await;
+        let (task, mut fake) = reconcile_with(&run, pods).await;
         let replacement = fake.expect_create(PODS).await;
         assert_eq!(replacement["metadata"]["name"], "demo-s0-r1-a1");
         let (_, _, note, _) = fake.expect_event().await;
@@ -721,8 +619,7 @@ async fn a_pod_deleted_by_hand_moves_its_shard_but_keeps_its_node() {
         assert_eq!(status.total_reassignments, 1);
         let failed: &[&str] = if node_caused { &["n2"] } else { &[] };
         assert_eq!(status.failed_nodes, failed, "{reason}");
-        task.await.expect("task").expect("reconcile");
-        fake.expect_nothing_more().await;
+        finish(task, fake).await;
     }
 }
 
@@ -730,17 +627,10 @@ async fn a_pod_deleted_by_hand_moves_its_shard_but_keeps_its_node() {
 async fn a_shard_whose_node_was_deleted_moves_and_its_node_is_failed() {
     // The node is gone from the cache; asking the API server confirms it.
     let run = settle().await;
-    let (client, mut fake) = fake_api();
     let nodes = vec![node("n1", true), node("n3", true)];
-    let task = tokio::spawn(reconcile(
-        Arc::new(run.clone()),
-        context(client, &nodes, Some(report())),
-    ));
-    fake.expect_get(RUN, Some(to_json(&run))).await;
-    children_in_place(&mut fake, &run).await;
     let mut pods = settled_pods(&run);
     pods.remove(4);
-    fake.expect_list(PODS, SELECTOR, "PodList", pods).await;
+    let (task, mut fake) = reconcile_on(&nodes, &run, pods).await;
     fake.expect_get("/api/v1/nodes/n2", None).await;
     fake.expect_delete(&format!("{PODS}/demo-s0-r1")).await;
     for _ in 0..2 {
@@ -752,26 +642,13 @@ async fn a_shard_whose_node_was_deleted_moves_and_its_node_is_failed() {
     }
     let status = expect_status(&mut fake, &run).await;
     assert_eq!(status.failed_nodes, ["n2"]);
-    task.await.expect("task").expect("reconcile");
-    fake.expect_nothing_more().await;
+    finish(task, fake).await;
 
     // A node merely missing from a lagging cache is no loss.
-    let (client, mut fake) = fake_api();
-    let task = tokio::spawn(reconcile(
-        Arc::new(run.clone()),
-        context(client, &nodes, Some(report())),
-    ));
-    fake.expect_get(RUN, Some(to_json(&run))).await;
-    children_in_place(&mut fake, &run).await;
-    fake.expect_list(PODS, SELECTOR, "PodList", settled_pods(&run))
-        .await;
+    let (task, mut fake) = reconcile_on(&nodes, &run, settled_pods(&run)).await;
     fake.expect_get("/api/v1/nodes/n2", Some(to_json(&node("n2", true))))
         .await;
-    assert_eq!(
-        task.await.expect("task").expect("reconcile"),
-        Action::requeue(POLL)
-    );
-    fake.expect_nothing_more().await;
+    assert_eq!(finish(task, fake).await, Action::requeue(POLL));
 }
 
 #[tokio::test]
@@ -781,11 +658,7 @@ async fn a_run_with_storage_gets_its_volume_claim_once() {
         size: "20Gi".to_owned(),
         storage_class_name: None,
     });
-    let (client, mut fake) = fake_api();
-    let task = tokio::spawn(reconcile(
-        Arc::new(run.clone()),
-        context(client, &nodes(), Some(report())),
-    ));
+    let (task, mut fake) = start(&run, &nodes(), Some(report()));
     fake.expect_get(RUN, Some(to_json(&run))).await;
     let mut without = run.clone();
     without.spec.storage = None;
@@ -801,6 +674,5 @@ async fn a_run_with_storage_gets_its_volume_claim_once() {
     fake.expect_list(PODS, SELECTOR, "PodList", settled_pods(&run))
         .await;
     expect_status(&mut fake, &run).await;
-    task.await.expect("task").expect("reconcile");
-    fake.expect_nothing_more().await;
+    finish(task, fake).await;
 }

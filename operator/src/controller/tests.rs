@@ -20,7 +20,7 @@ fn settled() -> (TrainingRunResource, Vec<Pod>) {
         shard(&run, (1, 0, 0), "Running", "n1"),
         shard(&run, (1, 1, 0), "Running", "n2"),
     ];
-    let plan = plan_pods(&run, &TrainingRunStatus::default(), &pods, &all_ready);
+    let plan = first_plan(&run, &pods);
     let status = status_of(&run, &pods, &plan, None, at(100));
     run.status = Some(status);
     (run, pods)
@@ -54,6 +54,39 @@ fn status_of(
     )
 }
 
+/// Plans the pods of `run`, which has no status yet, with `pods` as they
+/// are and every node ready.
+fn first_plan(run: &TrainingRunResource, pods: &[Pod]) -> PodPlan {
+    plan_pods(run, &TrainingRunStatus::default(), pods, &all_ready)
+}
+
+/// The pod made for attempt `attempt` of shard (`stage`, `replica`) of
+/// `run`, kept off `failed_nodes`.
+fn replacement(
+    run: &TrainingRunResource,
+    (stage, replica, attempt): (usize, usize, u32),
+    failed_nodes: &[String],
+) -> Pod {
+    let settings = crate::fixtures::settings(0);
+    let blueprint = Blueprint::new(run, &settings).expect("buildable");
+    blueprint.shard_pod(stage, replica, attempt, failed_nodes)
+}
+
+/// Plans the pods of `run` from the status it carries, with `pods` as
+/// they are and `node_ready` telling each node's state.
+fn replan_with(
+    run: &TrainingRunResource,
+    pods: &[Pod],
+    node_ready: &dyn Fn(&str) -> Option<bool>,
+) -> PodPlan {
+    plan_pods(run, run.status.as_ref().expect("status"), pods, node_ready)
+}
+
+/// [`replan_with`] with every node ready.
+fn replan(run: &TrainingRunResource, pods: &[Pod]) -> PodPlan {
+    replan_with(run, pods, &all_ready)
+}
+
 fn planned(stage: usize, replica: usize, attempt: u32) -> PlannedShard {
     PlannedShard {
         stage,
@@ -65,7 +98,7 @@ fn planned(stage: usize, replica: usize, attempt: u32) -> PlannedShard {
 #[test]
 fn a_new_run_gets_every_shard_and_the_coordinator() {
     let run = run(2, 2);
-    let plan = plan_pods(&run, &TrainingRunStatus::default(), &[], &all_ready);
+    let plan = first_plan(&run, &[]);
     assert!(plan.create_coordinator);
     assert_eq!(
         plan.create,
@@ -82,12 +115,7 @@ fn a_new_run_gets_every_shard_and_the_coordinator() {
 #[test]
 fn a_settled_run_needs_nothing() {
     let (run, pods) = settled();
-    let plan = plan_pods(
-        &run,
-        run.status.as_ref().expect("status"),
-        &pods,
-        &all_ready,
-    );
+    let plan = replan(&run, &pods);
     assert!(!plan.create_coordinator);
     assert!(plan.create.is_empty() && plan.delete.is_empty());
     assert!(plan.reassignments.is_empty());
@@ -107,8 +135,7 @@ fn a_failed_shard_moves_to_the_next_attempt_off_its_node() {
     let mut evicted = shard(&run, (1, 0, 0), "Failed", "n1");
     evicted.status.as_mut().expect("status").reason = Some("Evicted".to_owned());
     pods[3] = evicted;
-    let previous = run.status.clone().expect("status");
-    let plan = plan_pods(&run, &previous, &pods, &all_ready);
+    let plan = replan(&run, &pods);
     assert_eq!(plan.delete, [("demo-s1-r0".to_owned(), None)]);
     assert_eq!(plan.create, [planned(1, 0, 1)]);
     assert_eq!(plan.failed_nodes, ["n1"]);
@@ -125,9 +152,7 @@ fn a_failed_shard_moves_to_the_next_attempt_off_its_node() {
 
     // The replacement exists but is not running yet: the stage is short.
     pods.remove(3);
-    let settings = crate::fixtures::settings(0);
-    let blueprint = Blueprint::new(&run, &settings).expect("buildable");
-    pods.push(blueprint.shard_pod(1, 0, 1, &plan.failed_nodes));
+    pods.push(replacement(&run, (1, 0, 1), &plan.failed_nodes));
     let status = status_of(&run, &pods, &plan, None, at(200));
     assert_eq!(status.phase, Some(RunPhase::Degraded));
     assert_eq!(status.total_reassignments, 1);
@@ -150,7 +175,7 @@ fn a_failed_shard_moves_to_the_next_attempt_off_its_node() {
 fn a_shard_on_a_node_that_is_not_ready_moves() {
     let (run, pods) = settled();
     let n2_down = |node: &str| Some(node != "n2");
-    let plan = plan_pods(&run, run.status.as_ref().expect("status"), &pods, &n2_down);
+    let plan = replan_with(&run, &pods, &n2_down);
     let reasons: Vec<(&str, &str)> = plan
         .reassignments
         .iter()
@@ -167,7 +192,7 @@ fn a_shard_on_a_node_that_is_not_ready_moves() {
     assert_eq!(plan.failed_nodes, ["n2"]);
     // A node that no longer exists loses its pods, and counts as failed.
     let n1_gone = |node: &str| (node != "n1").then_some(true);
-    let plan = plan_pods(&run, run.status.as_ref().expect("status"), &pods, &n1_gone);
+    let plan = replan_with(&run, &pods, &n1_gone);
     let reasons: Vec<&str> = plan
         .reassignments
         .iter()
@@ -181,25 +206,15 @@ fn a_shard_on_a_node_that_is_not_ready_moves() {
 fn a_coordinator_that_failed_or_lost_its_node_is_replaced() {
     let (run, mut pods) = settled();
     let n3_down = |node: &str| Some(node != "n3");
-    let plan = plan_pods(&run, run.status.as_ref().expect("status"), &pods, &n3_down);
+    let plan = replan_with(&run, &pods, &n3_down);
     assert_eq!(plan.delete, [("demo-coordinator".to_owned(), Some(0))]);
     assert!(plan.restart_coordinator && !plan.create_coordinator);
     pods[0] = coordinator(&run, "Failed", "n3");
-    let plan = plan_pods(
-        &run,
-        run.status.as_ref().expect("status"),
-        &pods,
-        &all_ready,
-    );
+    let plan = replan(&run, &pods);
     assert_eq!(plan.delete, [("demo-coordinator".to_owned(), None)]);
     // Once gone, it is made again.
     pods.remove(0);
-    let plan = plan_pods(
-        &run,
-        run.status.as_ref().expect("status"),
-        &pods,
-        &all_ready,
-    );
+    let plan = replan(&run, &pods);
     assert!(plan.create_coordinator);
 }
 
@@ -208,27 +223,15 @@ fn a_deleted_or_vanished_shard_pod_counts_once() {
     let (mut run, mut pods) = settled();
     // Deleted by someone else: terminating, so nothing to delete.
     pods[4].metadata.deletion_timestamp = Some(at(150));
-    let plan = plan_pods(
-        &run,
-        run.status.as_ref().expect("status"),
-        &pods,
-        &all_ready,
-    );
+    let plan = replan(&run, &pods);
     assert_eq!(plan.reassignments.len(), 1);
     assert_eq!(plan.reassignments[0].reason, "PodDeleted");
     assert!(plan.delete.is_empty());
     assert_eq!(plan.create, [planned(1, 1, 1)]);
     run.status = Some(status_of(&run, &pods, &plan, None, at(160)));
     // Next look: the old pod still terminates, the new one exists.
-    let settings = crate::fixtures::settings(0);
-    let blueprint = Blueprint::new(&run, &settings).expect("buildable");
-    pods.push(blueprint.shard_pod(1, 1, 1, &plan.failed_nodes));
-    let again = plan_pods(
-        &run,
-        run.status.as_ref().expect("status"),
-        &pods,
-        &all_ready,
-    );
+    pods.push(replacement(&run, (1, 1, 1), &plan.failed_nodes));
+    let again = replan(&run, &pods);
     assert!(again.reassignments.is_empty() && again.create.is_empty());
     assert!(
         again.delete.is_empty(),
@@ -244,19 +247,14 @@ fn a_deleted_or_vanished_shard_pod_counts_once() {
     // well, and its node stays usable.
     let (run, mut pods) = settled();
     pods.remove(1);
-    let plan = plan_pods(
-        &run,
-        run.status.as_ref().expect("status"),
-        &pods,
-        &all_ready,
-    );
+    let plan = replan(&run, &pods);
     assert_eq!(plan.reassignments[0].from_pod, "demo-s0-r0");
     assert_eq!(plan.reassignments[0].from_node.as_deref(), Some("n1"));
     assert_eq!(plan.reassignments[0].reason, "PodDeleted");
     assert!(plan.failed_nodes.is_empty());
     // Vanished with its node: the node is failed.
     let n1_gone = |node: &str| (node != "n1").then_some(true);
-    let plan = plan_pods(&run, run.status.as_ref().expect("status"), &pods, &n1_gone);
+    let plan = replan_with(&run, &pods, &n1_gone);
     assert_eq!(plan.reassignments[0].reason, "NodeLost");
     assert_eq!(plan.failed_nodes, ["n1"]);
 }
@@ -264,7 +262,6 @@ fn a_deleted_or_vanished_shard_pod_counts_once() {
 #[test]
 fn only_failures_of_the_node_count_against_it() {
     let (run, pods) = settled();
-    let previous = run.status.clone().expect("status");
     // (pod reason, container reason, disruption, expected reason, node-caused)
     let cases = [
         (
@@ -325,7 +322,7 @@ fn only_failures_of_the_node_count_against_it() {
                 });
         }
         pods[3] = failed;
-        let plan = plan_pods(&run, &previous, &pods, &all_ready);
+        let plan = replan(&run, &pods);
         assert_eq!(plan.reassignments.len(), 1, "{reason}");
         assert_eq!(plan.reassignments[0].reason, reason);
         let expected: &[&str] = if node_caused { &["n1"] } else { &[] };
@@ -338,12 +335,7 @@ fn pods_of_old_attempts_and_dropped_shards_are_deleted() {
     let (mut run, mut pods) = settled();
     pods.push(shard(&run, (0, 0, 3), "Running", "n4"));
     run.spec.pipeline.replicas = 1;
-    let plan = plan_pods(
-        &run,
-        run.status.as_ref().expect("status"),
-        &pods,
-        &all_ready,
-    );
+    let plan = replan(&run, &pods);
     let deleted: Vec<&str> = plan.delete.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(deleted, ["demo-s0-r1", "demo-s1-r1", "demo-s0-r0-a3"]);
 }
@@ -372,7 +364,7 @@ fn the_gang_waits_then_says_why_it_does_not_schedule() {
         unschedulable,
         shard(&run, (1, 1, 0), "Pending", ""),
     ];
-    let plan = plan_pods(&run, &TrainingRunStatus::default(), &pods, &all_ready);
+    let plan = first_plan(&run, &pods);
     let status = status_of(&run, &pods, &plan, None, at(1000));
     assert_eq!(status.phase, Some(RunPhase::Pending));
     let scheduled = find_condition(&status, "Scheduled").expect("Scheduled");
@@ -429,7 +421,7 @@ fn a_gang_at_its_minimum_starts_degraded() {
         shard(&run, (1, 0, 0), "Running", "n2"),
         shard(&run, (1, 1, 0), "Running", "n1"),
     ];
-    let plan = plan_pods(&run, &TrainingRunStatus::default(), &pods, &all_ready);
+    let plan = first_plan(&run, &pods);
     let status = status_of(&run, &pods, &plan, None, at(10));
     assert_eq!(
         find_condition(&status, "Scheduled").map(|c| c.status.as_str()),
@@ -441,12 +433,7 @@ fn a_gang_at_its_minimum_starts_degraded() {
 #[test]
 fn progress_comes_from_the_coordinator_and_survives_its_silence() {
     let (run, pods) = settled();
-    let plan = plan_pods(
-        &run,
-        run.status.as_ref().expect("status"),
-        &pods,
-        &all_ready,
-    );
+    let plan = replan(&run, &pods);
     let report = CoordinatorReport {
         phase: Some("Training".to_owned()),
         step: Some(40),
@@ -469,12 +456,7 @@ fn progress_comes_from_the_coordinator_and_survives_its_silence() {
 #[test]
 fn the_coordinator_decides_the_end() {
     let (run, mut pods) = settled();
-    let plan = plan_pods(
-        &run,
-        run.status.as_ref().expect("status"),
-        &pods,
-        &all_ready,
-    );
+    let plan = replan(&run, &pods);
     let failed = CoordinatorReport {
         phase: Some("Failed".to_owned()),
         ..CoordinatorReport::default()
@@ -524,7 +506,7 @@ fn suspending_forgets_pods_but_keeps_attempts_and_history() {
     );
     // Resuming: nothing counts as lost, every shard is made again.
     run.status = Some(status);
-    let plan = plan_pods(&run, run.status.as_ref().expect("status"), &[], &all_ready);
+    let plan = replan(&run, &[]);
     assert!(plan.reassignments.is_empty());
     assert_eq!(plan.create.len(), 4);
     assert_eq!(plan.create[1], planned(0, 1, 2));
@@ -547,12 +529,7 @@ fn reassignment_history_is_bounded_but_the_total_is_not() {
         status.total_reassignments = 70;
     }
     pods[1] = shard(&run, (0, 0, 0), "Failed", "n1");
-    let plan = plan_pods(
-        &run,
-        run.status.as_ref().expect("status"),
-        &pods,
-        &all_ready,
-    );
+    let plan = replan(&run, &pods);
     let status = status_of(&run, &pods, &plan, None, at(1));
     assert_eq!(status.reassignments.len(), MAX_REASSIGNMENTS);
     assert_eq!(

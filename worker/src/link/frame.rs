@@ -1212,6 +1212,32 @@ mod tests {
         }
 
         #[test]
+        fn checking_in_pieces_agrees_with_checking_whole(
+            f in arb_frame(),
+            piece in 1usize..5000,
+            flip in prop::option::of((any::<prop::sample::Index>(), 0u8..8)),
+        ) {
+            let mut bytes = encode(&f, &KEY);
+            if let (Some((pick, bit)), false) = (flip, f.payload.is_empty()) {
+                bytes[HEADER_LEN + pick.index(f.payload.len())] ^= 1 << bit;
+            }
+            let read = || read_authentic(&mut bytes.as_slice(), &KEY, &FrameLimits::default());
+            let whole = read().expect("header intact").verify();
+            let mut seen = Vec::new();
+            let pieces = read().expect("header intact").verify_in_pieces(piece, |at, p| {
+                assert_eq!(at, seen.len());
+                assert!(p.len() <= piece);
+                seen.extend_from_slice(p);
+            });
+            prop_assert_eq!(whole.is_ok(), pieces.is_ok());
+            prop_assert_eq!(&seen[..], &bytes[HEADER_LEN..HEADER_LEN + f.payload.len()]);
+            if let (Ok(a), Ok(b)) = (whole, pieces) {
+                prop_assert_eq!(a.verified_hash, b.verified_hash);
+                prop_assert_eq!(a, b);
+            }
+        }
+
+        #[test]
         fn truncation_is_rejected(f in arb_frame(), cut in any::<prop::sample::Index>()) {
             let bytes = encode(&f, &KEY);
             let keep = cut.index(bytes.len());

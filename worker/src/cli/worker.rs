@@ -301,6 +301,14 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
     } else {
         0.0
     };
+    // The flag wins over the run's cap.
+    let max_send_rate = args.max_send_rate.or_else(|| {
+        manifest
+            .spec
+            .pipeline
+            .max_send_megabytes_per_second
+            .map(|mb| mb.saturating_mul(1_000_000))
+    });
     let mut session = Session {
         client: client.clone(),
         manifest,
@@ -324,16 +332,8 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
         abort: Arc::new(AtomicBool::new(false)),
         working: Arc::new(Mutex::new(0)),
         slowdown: args.slowdown,
-        max_send_rate: args.max_send_rate,
+        max_send_rate,
     };
-    if session.max_send_rate.is_none() {
-        session.max_send_rate = session
-            .manifest
-            .spec
-            .pipeline
-            .max_send_megabytes_per_second
-            .map(|mb| mb.saturating_mul(1_000_000));
-    }
     let shard = session.register(None)?;
     match shard {
         Some((s, r)) => eprintln!("worker {}: stage {s} replica {r}", session.worker),

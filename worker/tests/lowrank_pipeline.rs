@@ -8,7 +8,6 @@ mod common;
 use std::path::Path;
 
 use common::{run_stage_workers, Finished};
-use pipewright::pipeline::PipelineError;
 use pipewright::train::Trainer;
 use pipewright_spec::{parse_manifest, TrainingRun};
 
@@ -56,10 +55,6 @@ spec:
     parse_manifest(&yaml).expect("test manifest is valid")
 }
 
-fn run_pipeline(m: &TrainingRun) -> Result<Finished, PipelineError> {
-    run_stage_workers(m, None)
-}
-
 fn trainer(m: &TrainingRun) -> Trainer {
     let mut t = Trainer::new(m.clone()).expect("trainer");
     while !t.finished() {
@@ -87,7 +82,7 @@ fn lowrank_pipeline_matches_the_trainer_bit_for_bit() {
             &format!("{{stages: 3, schedule: {schedule}, codec: lowrank, lowrank: {{rank: 4}}}}"),
         );
         let want = trainer(&m);
-        let done = run_pipeline(&m).expect("pipeline run");
+        let done = run_stage_workers(&m, None).expect("pipeline run");
         assert_eq!(losses(&done), want.losses, "{schedule}");
         assert!(want.losses[STEPS as usize - 1] < want.losses[0] - 0.5);
         for (shard, _, params) in &done {
@@ -117,7 +112,7 @@ fn lowrank_pipeline_with_replicas_matches_the_trainer() {
         "{stages: 2, replicas: 2, codec: lowrank, lowrank: {rank: 8}}",
     );
     let want = trainer(&m);
-    let done = run_pipeline(&m).expect("pipeline run");
+    let done = run_stage_workers(&m, None).expect("pipeline run");
     for (i, (g, w)) in losses(&done).iter().zip(&want.losses).enumerate() {
         assert!((g - w).abs() <= 1e-4 * w.abs(), "step {i}: {g} vs {w}");
     }
@@ -129,7 +124,7 @@ fn only_rank_values_per_token_cross_a_boundary() {
     write_corpus(dir.path());
     let stages = 3;
     let sent = |pipeline: &str| -> u64 {
-        let done = run_pipeline(&manifest(dir.path(), pipeline)).expect("pipeline run");
+        let done = run_stage_workers(&manifest(dir.path(), pipeline), None).expect("pipeline run");
         done.iter()
             .flat_map(|(_, steps, _)| steps.iter().map(|s| s.link_bytes))
             .sum()

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{run_stage_workers, Finished};
+use common::run_stage_workers;
 use pipewright::link::{RunId, RunKey};
 use pipewright::pipeline::route::interleave;
 use pipewright::pipeline::{
@@ -68,10 +68,6 @@ spec:
         dir.join("ckpt").display(),
     );
     parse_manifest(&yaml).expect("test manifest is valid")
-}
-
-fn run_pipeline(m: &TrainingRun) -> Result<Finished, PipelineError> {
-    run_stage_workers(m, None)
 }
 
 fn reference(m: &TrainingRun) -> (Vec<f32>, Vec<Vec<Vec<f32>>>, f64) {
@@ -292,7 +288,7 @@ fn a_lossy_activation_codec_still_trains_like_the_trainer() {
     write_corpus(dir.path());
     let m = manifest_with_codec(dir.path(), 3, 1, false, "1f1b", "bf16");
     let (want, _, _) = reference(&m);
-    let done = run_pipeline(&m).expect("pipeline run");
+    let done = run_stage_workers(&m, None).expect("pipeline run");
     let (_, steps, _) = done
         .iter()
         .find(|(s, _, _)| s.stage == 2)

@@ -39,24 +39,12 @@ fn resume_continues_exactly_where_the_run_stopped() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_corpus(dir.path());
     for (stages, tied) in [(1, false), (2, true)] {
-        let m = manifest(dir.path(), stages, tied, 8);
-        let mut straight = Trainer::new(m.clone()).expect("trainer");
-        while !straight.finished() {
-            straight.train_step().expect("step");
-        }
-
-        let mut first = Trainer::new(m).expect("trainer");
-        for _ in 0..3 {
-            first.train_step().expect("step");
-        }
         let root = dir.path().join(format!("ckpt-{stages}"));
-        let saved = first.save_checkpoint(&root).expect("save");
-        drop(first);
+        let (straight, saved) =
+            straight_and_saved_after_3(manifest(dir.path(), stages, tied, 8), &root);
         let mut resumed = Trainer::resume(&root, None).expect("resume");
         assert_eq!(resumed.step, 3, "resumed from {}", saved.display());
-        while !resumed.finished() {
-            resumed.train_step().expect("step");
-        }
+        run_to_end(&mut resumed);
         assert_eq!(resumed.losses.len(), straight.losses.len());
         for (i, (a, b)) in resumed.losses.iter().zip(&straight.losses).enumerate() {
             assert!(
@@ -64,11 +52,7 @@ fn resume_continues_exactly_where_the_run_stopped() {
                 "step {i}: resumed {a} vs straight {b}"
             );
         }
-        for (a, b) in resumed.stages.iter().zip(&straight.stages) {
-            for (p, q) in a.params().iter().zip(b.params()) {
-                assert_eq!(p.data, q.data, "{} differs after resume", p.name);
-            }
-        }
+        assert_same_params(&resumed, &straight);
     }
 }
 
@@ -159,18 +143,9 @@ fn lowrank_bottleneck_trains_and_its_projections_learn() {
 fn lowrank_resume_continues_exactly_and_export_refuses() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_corpus(dir.path());
-    let m = lowrank_manifest(dir.path(), 3, 4, 8);
-    let mut straight = Trainer::new(m.clone()).expect("trainer");
-    while !straight.finished() {
-        straight.train_step().expect("step");
-    }
-    let mut first = Trainer::new(m).expect("trainer");
-    for _ in 0..3 {
-        first.train_step().expect("step");
-    }
     let root = dir.path().join("ckpt-lowrank");
-    let saved = first.save_checkpoint(&root).expect("save");
-    drop(first);
+    let (straight, saved) =
+        straight_and_saved_after_3(lowrank_manifest(dir.path(), 3, 4, 8), &root);
     // The projections and their Adam moments are in the stage files.
     let bytes = std::fs::read(saved.join("stage-1.safetensors")).expect("read");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
@@ -184,15 +159,9 @@ fn lowrank_resume_continues_exactly_and_export_refuses() {
     }
     let mut resumed = Trainer::resume(&root, None).expect("resume");
     assert_eq!(resumed.step, 3);
-    while !resumed.finished() {
-        resumed.train_step().expect("step");
-    }
+    run_to_end(&mut resumed);
     assert_eq!(resumed.losses, straight.losses);
-    for (a, b) in resumed.stages.iter().zip(&straight.stages) {
-        for (p, q) in a.params().iter().zip(b.params()) {
-            assert_eq!(p.data, q.data, "{} differs after resume", p.name);
-        }
-    }
+    assert_same_params(&resumed, &straight);
 
     let out = dir.path().join("hf");
     let err = crate::checkpoint::export::export(&root, &out)
@@ -214,9 +183,7 @@ fn lowrank_resume_continues_exactly_and_export_refuses() {
 /// unigram entropy.
 fn train_and_check_it_learned(t: &mut Trainer, label: &str) {
     let before = t.evaluate(4).expect("eval");
-    while !t.finished() {
-        t.train_step().expect("step");
-    }
+    run_to_end(t);
     let after = t.evaluate(4).expect("eval");
     assert!(
         after.bits_per_byte < 0.6 * before.bits_per_byte,
@@ -225,4 +192,33 @@ fn train_and_check_it_learned(t: &mut Trainer, label: &str) {
         after.bits_per_byte
     );
     assert!(after.bits_per_byte < t.corpus.unigram_bits_per_byte());
+}
+
+/// Trains `t` to its last step.
+fn run_to_end(t: &mut Trainer) {
+    while !t.finished() {
+        t.train_step().expect("step");
+    }
+}
+
+/// Trains `m` straight to its end, and a second time for 3 steps that are
+/// checkpointed under `root`: the straight trainer and the checkpoint.
+fn straight_and_saved_after_3(m: TrainingRun, root: &Path) -> (Trainer, PathBuf) {
+    let mut straight = Trainer::new(m.clone()).expect("trainer");
+    run_to_end(&mut straight);
+    let mut first = Trainer::new(m).expect("trainer");
+    for _ in 0..3 {
+        first.train_step().expect("step");
+    }
+    let saved = first.save_checkpoint(root).expect("save");
+    (straight, saved)
+}
+
+/// Every parameter of `a` equals `b`'s, bit for bit.
+fn assert_same_params(a: &Trainer, b: &Trainer) {
+    for (x, y) in a.stages.iter().zip(&b.stages) {
+        for (p, q) in x.params().iter().zip(y.params()) {
+            assert_eq!(p.data, q.data, "{} differs after resume", p.name);
+        }
+    }
 }

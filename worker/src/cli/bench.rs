@@ -28,6 +28,10 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// Training tokens/s and model FLOPs utilisation of a Llama model on
+    /// one CUDA GPU (synthetic tokens; default shapes: TinyLlama 1.1B).
+    #[cfg(feature = "cuda")]
+    Gpu(super::bench_gpu::GpuBenchArgs),
 }
 
 /// Run a benchmark.
@@ -39,6 +43,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             warmup,
             threads,
         } => train(&manifest, steps, warmup, threads),
+        #[cfg(feature = "cuda")]
+        BenchCommand::Gpu(args) => super::bench_gpu::run(&args),
     }
 }
 

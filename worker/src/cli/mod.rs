@@ -1,6 +1,8 @@
 //! The `pipewright` command line.
 
 mod bench;
+#[cfg(feature = "cuda")]
+mod bench_gpu;
 mod coordinator;
 mod launch;
 mod train;

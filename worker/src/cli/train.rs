@@ -63,6 +63,64 @@ pub struct TrainArgs {
     /// No progress bar (log lines instead).
     #[arg(long)]
     pub quiet: bool,
+    /// Where a single-process run computes: `cuda` (one GPU holds every
+    /// stage; an error if none can be used), `cpu`, or `auto` (the GPU when
+    /// one is usable, else the CPU, saying why).
+    #[arg(long, value_enum, default_value_t = Device::Auto, conflicts_with = "processes")]
+    pub device: Device,
+}
+
+/// Choice of `--device`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    /// A GPU if one is usable, else the CPU.
+    Auto,
+    /// The CPU kernels.
+    Cpu,
+    /// A CUDA GPU (device 0).
+    Cuda,
+}
+
+/// Move `trainer` to the device `choice` asks for.
+fn select_device(trainer: &mut Trainer, choice: Device) -> Result<()> {
+    if choice == Device::Cpu {
+        return Ok(());
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use crate::kernels::cuda::{driver_present, Gpu};
+        if choice == Device::Auto && !driver_present() {
+            return Ok(()); // no NVIDIA driver here: the CPU, quietly
+        }
+        let opened = Gpu::open(0).and_then(|gpu| {
+            let name = gpu.name().to_string();
+            trainer
+                .use_device(gpu)
+                .map(|()| name)
+                .map_err(|e| crate::kernels::cuda::GpuError::Unsupported(e.to_string()))
+        });
+        match opened {
+            Ok(name) => {
+                eprintln!("device: {name} (CUDA), every stage on one GPU");
+                Ok(())
+            }
+            Err(e) if choice == Device::Auto => {
+                eprintln!("device: CUDA not usable ({e}); training on the CPU");
+                Ok(())
+            }
+            Err(e) => Err(anyhow::anyhow!("--device cuda: {e}")),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        if choice == Device::Cuda {
+            anyhow::bail!(
+                "--device cuda: this pipewright was built without CUDA support (build with `cargo build --release --features cuda`)"
+            );
+        }
+        let _ = trainer;
+        Ok(())
+    }
 }
 
 /// Parses `STAGE/REPLICA=FACTOR`.
@@ -142,6 +200,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     } else {
         Trainer::new(manifest).context("preparing the run")?
     };
+    select_device(&mut trainer, args.device)?;
     let spec = trainer.manifest.spec.clone();
     let corpus = &trainer.corpus;
     eprintln!(

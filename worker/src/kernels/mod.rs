@@ -7,6 +7,8 @@
 //! vectorises the inner loops, and parallelised over rows with rayon.
 
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod matmul;
 pub mod ops;
 pub mod pool;

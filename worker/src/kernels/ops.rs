@@ -153,6 +153,12 @@ impl Rope {
         Self { half, cos, sin }
     }
 
+    /// The tables `(cos, sin)`, each `[seq, head_dim / 2]` (a device
+    /// backend uploads them so both rotate by the same angles).
+    pub fn tables(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotate `x[rows, hd]` in place, where row `r` is at position `r % seq`
     /// (head-major layout `[B, H, T, hd]`).
     pub fn forward(&self, x: &mut [f32], seq: usize) {

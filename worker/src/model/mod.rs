@@ -9,6 +9,8 @@ pub mod attention;
 pub mod block;
 pub mod bottleneck;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod embedding;
 #[cfg(test)]
 mod gradcheck;

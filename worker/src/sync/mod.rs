@@ -9,6 +9,8 @@
 //! The algorithm is described in `docs/protocol.md`.
 
 mod bucketed;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 mod ring;
 
 pub use bucketed::BucketedAllReduce;

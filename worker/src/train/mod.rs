@@ -39,6 +39,9 @@ pub enum TrainError {
         loss: f32,
     },
     /// The checkpoint belongs to a different model.
+    /// The CUDA device failed or cannot run this model.
+    #[error("cuda device: {0}")]
+    Device(String),
     #[error("checkpoint does not match the manifest: {0}")]
     Mismatch(String),
 }
@@ -91,6 +94,11 @@ pub struct Trainer {
     pub step: u64,
     /// Mean loss of every completed step.
     pub losses: Vec<f32>,
+    /// The whole model on a CUDA device, when training runs there
+    /// ([`Trainer::use_device`]); the stages above are then refreshed from
+    /// it before each evaluation and checkpoint.
+    #[cfg(feature = "cuda")]
+    pub device: Option<crate::model::cuda::DeviceModel>,
 }
 
 impl Trainer {
@@ -126,6 +134,8 @@ impl Trainer {
             corpus,
             step: 0,
             losses: Vec::new(),
+            #[cfg(feature = "cuda")]
+            device: None,
         })
     }
 
@@ -154,6 +164,8 @@ impl Trainer {
             corpus,
             step: loaded.meta.step,
             losses: loaded.meta.losses,
+            #[cfg(feature = "cuda")]
+            device: None,
         })
     }
 
@@ -196,6 +208,10 @@ impl Trainer {
 
     /// One optimizer step over the global batch.
     pub fn train_step(&mut self) -> Result<StepReport, TrainError> {
+        #[cfg(feature = "cuda")]
+        if self.device.is_some() {
+            return self.device_step();
+        }
         let start = Instant::now();
         let t = &self.manifest.spec.training;
         let (seed, rows, micro) = (t.seed, t.micro_batch_size, t.micro_batches);
@@ -261,6 +277,8 @@ impl Trainer {
 
     /// Mean validation loss over `batches` fixed validation batches.
     pub fn evaluate(&mut self, batches: usize) -> Result<EvalReport, TrainError> {
+        #[cfg(feature = "cuda")]
+        self.sync_host()?;
         let rows = self.manifest.spec.training.micro_batch_size;
         evaluate(&mut self.stages, &self.corpus, batches, rows)
     }
@@ -271,7 +289,9 @@ impl Trainer {
     }
 
     /// Write a checkpoint of the current step.
-    pub fn save_checkpoint(&self, root: &Path) -> Result<PathBuf, TrainError> {
+    pub fn save_checkpoint(&mut self, root: &Path) -> Result<PathBuf, TrainError> {
+        #[cfg(feature = "cuda")]
+        self.sync_host()?;
         let meta = Meta {
             format_version: checkpoint::FORMAT_VERSION,
             step: self.step,
@@ -370,5 +390,7 @@ pub fn run_dir(manifest: &TrainingRun) -> PathBuf {
     }
 }
 
+#[cfg(feature = "cuda")]
+mod device;
 #[cfg(test)]
 mod tests;

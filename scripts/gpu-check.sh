@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The CUDA backend's proof on a GPU machine (H100/H200), in one run of a few
+# minutes. It builds nothing: run scripts/gpu-pack.sh on a machine with Rust
+# first and bring .gpu/ along. It prints the GPU and driver, compiles the
+# kernels, runs the parity tests (every kernel against the CPU, the whole
+# model's gradients, 50 quickstart steps against the CPU loss curve, NCCL
+# with one rank), trains the quickstart on the GPU from the command line,
+# and runs the benchmark beside PyTorch on the same shapes. Results go to
+# $PIPEWRIGHT_GPU_OUT (default bench/results/gpu).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bin=.gpu/bin
+out="${PIPEWRIGHT_GPU_OUT:-bench/results/gpu}"
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+fail=0
+step() { printf '\n==> %s\n' "$*"; }
+
+# CUDA libraries: the toolkit's, else the ones PyTorch's wheels bring.
+# cudarc looks NCCL up as libnccl.so; the wheel ships libnccl.so.2.
+libs=/tmp/pipewright-libs
+mkdir -p "$libs"
+paths="$libs"
+for d in /usr/local/cuda/lib64 $(python3 - <<'PY' 2>/dev/null
+import nvidia
+for p in nvidia.__path__:
+    import os
+    for root, dirs, files in os.walk(p):
+        if any(f.startswith(("libnvrtc", "libcublas", "libnccl")) for f in files):
+            print(root)
+PY
+); do
+    [[ -d "$d" ]] && paths="$paths:$d"
+    [[ -e "$d/libnccl.so.2" && ! -e "$libs/libnccl.so" ]] && ln -s "$d/libnccl.so.2" "$libs/libnccl.so"
+done
+export LD_LIBRARY_PATH="$paths:${LD_LIBRARY_PATH:-}"
+
+step "GPU and driver"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" | tee -a "$out/gpu.txt"
+
+step "kernels compile (NVRTC, sm_90)"
+timeout 120 "$bin/cuda_compile" --test-threads 1 2>&1 | tee "$out/compile.txt" || fail=1
+
+step "parity: CUDA against the CPU"
+PIPEWRIGHT_REQUIRE_GPU=1 PIPEWRIGHT_GPU_OUT="$out" PIPEWRIGHT_QUICKSTART_CORPUS="$PWD/.gpu/fortunes" \
+    timeout 200 "$bin/cuda_parity" --test-threads 1 --nocapture 2>&1 | tee "$out/parity.txt"
+[[ ${PIPESTATUS[0]} -eq 0 ]] || fail=1
+
+step "pipewright train --device cuda (quickstart, 100 steps)"
+sed "s|/usr/share/games/fortunes|$PWD/.gpu/fortunes|" examples/quickstart.yaml > /tmp/quickstart-gpu.yaml
+timeout 120 "$bin/pipewright" train /tmp/quickstart-gpu.yaml --device cuda --steps 100 --overwrite \
+    --quiet --out /tmp/quickstart-gpu 2>&1 | tee "$out/train.txt"
+[[ ${PIPESTATUS[0]} -eq 0 ]] || fail=1
+
+step "benchmark: TinyLlama-1.1B shapes, seq 1024 × 8, against PyTorch eager"
+timeout 150 "$bin/pipewright" bench gpu --steps 10 --warmup 2 2>&1 | tee "$out/bench_pipewright.json"
+timeout 150 python3 bench/gpu_torch.py --steps 10 --warmup 2 2>&1 | tee "$out/bench_torch.json"
+python3 - "$out" <<'PY' | tee "$out/bench.md"
+import json, sys
+d = sys.argv[1]
+def last_json(p):
+    for line in reversed(open(p).read().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return None
+a, b = last_json(f"{d}/bench_pipewright.json"), last_json(f"{d}/bench_torch.json")
+print("| | tokens/s | step ms | model TFLOP/s | MFU | device GiB |")
+print("|---|---:|---:|---:|---:|---:|")
+for r in (a, b):
+    if r:
+        print(f"| {r['impl']} | {r['tokens_per_sec']:,.0f} | {r['step_ms']:.0f} | {r['model_tflops']:.0f} | {100*r['mfu']:.1f}% | {r['device_memory_gib']:.1f} |")
+if a and b:
+    print(f"\npipewright / pytorch tokens/s: {a['tokens_per_sec']/b['tokens_per_sec']:.2f}x on {a['gpu']}")
+PY
+echo
+[[ $fail -eq 0 ]] && echo "gpu-check: passed" || echo "gpu-check: FAILED"
+exit $fail

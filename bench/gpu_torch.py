@@ -123,7 +123,7 @@ def main():
         "mfu": tflops / a.peak_tflops,
         "flops_per_token": flops_per_token,
         "device_memory_gib": torch.cuda.max_memory_reserved() / 2**30,
-        "last_loss": float(loss),
+        "last_loss": loss.item(),
     }))
 
 

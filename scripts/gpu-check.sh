@@ -53,25 +53,43 @@ timeout 120 "$bin/pipewright" train /tmp/quickstart-gpu.yaml --device cuda --ste
     --quiet --out /tmp/quickstart-gpu 2>&1 | tee "$out/train.txt"
 [[ ${PIPESTATUS[0]} -eq 0 ]] || fail=1
 
-step "benchmark: TinyLlama-1.1B shapes, seq 1024 × 8, against PyTorch eager"
-timeout 150 "$bin/pipewright" bench gpu --steps 10 --warmup 2 2>&1 | tee "$out/bench_pipewright.json"
-timeout 150 python3 bench/gpu_torch.py --steps 10 --warmup 2 2>&1 | tee "$out/bench_torch.json"
+step "benchmark: TinyLlama-1.1B shapes against PyTorch eager, 8192 tokens per step"
+for shape in "1024 8" "2048 4"; do
+    set -- $shape
+    tag="seq$1"
+    timeout 150 "$bin/pipewright" bench gpu --seq-len "$1" --batch "$2" --steps 10 --warmup 2 2>&1 |
+        tee "$out/bench_pipewright_$tag.json"
+    timeout 150 python3 bench/gpu_torch.py --seq-len "$1" --batch "$2" --steps 10 --warmup 2 2>&1 |
+        tee "$out/bench_torch_$tag.json"
+done
 python3 - "$out" <<'PY' | tee "$out/bench.md"
 import json, sys
 d = sys.argv[1]
 def last_json(p):
-    for line in reversed(open(p).read().splitlines()):
+    try:
+        lines = open(p).read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
         if line.startswith("{"):
             return json.loads(line)
     return None
-a, b = last_json(f"{d}/bench_pipewright.json"), last_json(f"{d}/bench_torch.json")
-print("| | tokens/s | step ms | model TFLOP/s | MFU | device GiB |")
-print("|---|---:|---:|---:|---:|---:|")
-for r in (a, b):
-    if r:
-        print(f"| {r['impl']} | {r['tokens_per_sec']:,.0f} | {r['step_ms']:.0f} | {r['model_tflops']:.0f} | {100*r['mfu']:.1f}% | {r['device_memory_gib']:.1f} |")
-if a and b:
-    print(f"\npipewright / pytorch tokens/s: {a['tokens_per_sec']/b['tokens_per_sec']:.2f}x on {a['gpu']}")
+print("| shape | implementation | tokens/s | step ms | model TFLOP/s | MFU | device GiB |")
+print("|---|---|---:|---:|---:|---:|---:|")
+ratios = []
+for tag, shape in (("seq1024", "seq 1024 × 8"), ("seq2048", "seq 2048 × 4")):
+    a, b = last_json(f"{d}/bench_pipewright_{tag}.json"), last_json(f"{d}/bench_torch_{tag}.json")
+    for r in (a, b):
+        if r:
+            print(f"| {shape} | {r['impl']} | {r['tokens_per_sec']:,.0f} | {r['step_ms']:.0f} | "
+                  f"{r['model_tflops']:.0f} | {100*r['mfu']:.1f}% | {r['device_memory_gib']:.1f} |")
+    if a and b:
+        ratios.append(f"{shape}: pipewright / pytorch tokens/s = {a['tokens_per_sec']/b['tokens_per_sec']:.2f}x")
+    if a and "breakdown_ms" in a:
+        ratios.append(f"{shape}: pipewright breakdown (ms) " + json.dumps({k: round(v, 1) for k, v in a["breakdown_ms"].items()}))
+print()
+for r in ratios:
+    print(r)
 PY
 echo
 [[ $fail -eq 0 ]] && echo "gpu-check: passed" || echo "gpu-check: FAILED"

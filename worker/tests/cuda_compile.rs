@@ -27,6 +27,10 @@ fn every_kernel_compiles_for_sm_90() {
     }
     let ptx = cuda::compile("sm_90").expect("kernels compile for sm_90");
     let text = ptx.to_src();
+    if let Ok(path) = std::env::var("PIPEWRIGHT_PTX_OUT") {
+        // For inspection with ptxas -v (registers, spills).
+        std::fs::write(path, &text).expect("write the PTX");
+    }
     assert!(text.contains(".target sm_90"), "PTX targets sm_90");
     for name in cuda::kernel_names() {
         assert!(

@@ -49,6 +49,11 @@ fn bf16_to_f32(v: &[u16]) -> Vec<f32> {
         .collect()
 }
 
+/// Bit patterns of values already rounded to bf16.
+fn to_bf(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|&x| (x.to_bits() >> 16) as u16).collect()
+}
+
 fn round_bf16(v: &[f32]) -> Vec<f32> {
     v.iter()
         .map(|&x| half::bf16::from_f32(x).to_f32())
@@ -273,85 +278,49 @@ fn rmsnorm_rope_swiglu_loss_and_adamw_match_the_cpu() {
 #[test]
 fn attention_and_matrix_products_match_the_cpu() {
     let Some(gpu) = gpu_or_skip() else { return };
-    for (batch, seq, heads, kv_heads, hd) in [
+    let shapes = [
         (2, 100, 4, 2, 32),
         (1, 130, 4, 1, 64),
         (2, 33, 2, 2, 16),
         (1, 70, 2, 1, 128),
-    ] {
-        let s = AttnShape {
-            batch,
-            seq,
-            heads,
-            kv_heads,
-            head_dim: hd,
-        };
-        let dims = AttnDims {
-            batch,
-            seq,
-            heads,
-            kv_heads,
-            head_dim: hd,
-        };
+        (1, 1024, 8, 2, 64),
+    ];
+    for (batch, seq, heads, kv_heads, hd) in shapes {
+        let s = AttnShape { batch, seq, heads, kv_heads, head_dim: hd };
+        let dims = AttnDims { batch, seq, heads, kv_heads, head_dim: hd };
         let (nq, nk) = (batch * seq * heads * hd, batch * seq * kv_heads * hd);
-        let (q, k, v) = (
-            rand_vec(nq, 11, 1.0),
-            rand_vec(nk, 12, 1.0),
-            rand_vec(nk, 13, 1.0),
-        );
-        let dout = rand_vec(nq, 14, 1.0);
+        // The kernels take bf16 operands: the CPU gets the same rounded values.
+        let q = round_bf16(&rand_vec(nq, 11, 1.0));
+        let k = round_bf16(&rand_vec(nk, 12, 1.0));
+        let v = round_bf16(&rand_vec(nk, 13, 1.0));
+        let dout = round_bf16(&rand_vec(nq, 14, 1.0));
         let mut out = vec![0.0; nq];
         let mut p = vec![0.0; s.probs_len()];
         cpu_attn::forward(&mut out, &mut p, &q, &k, &v, s);
         let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
         cpu_attn::backward(&mut dq, &mut dk, &mut dv, &dout, &out, &p, &q, &k, &v, s);
 
-        let (gq, gk, gv, gdo) = (
-            gpu.upload(&q).unwrap(),
-            gpu.upload(&k).unwrap(),
-            gpu.upload(&v).unwrap(),
-            gpu.upload(&dout).unwrap(),
-        );
+        let up_bf = |x: &[f32]| gpu.upload(&to_bf(x)).unwrap();
+        let (gq, gk, gv, gdo_bf) = (up_bf(&q), up_bf(&k), up_bf(&v), up_bf(&dout));
+        let gdo = gpu.upload(&dout).unwrap();
         let mut go = gpu.zeros::<f32>(nq).unwrap();
         let mut gob = gpu.zeros::<u16>(nq).unwrap();
         let mut lse = gpu.zeros::<f32>(batch * seq * heads).unwrap();
-        gpu.attention_forward(&gq, &gk, &gv, &mut go, &mut gob, &mut lse, dims)
-            .unwrap();
+        gpu.attention_forward(&gq, &gk, &gv, &mut go, &mut gob, &mut lse, dims).unwrap();
         let tag = format!("B{batch} T{seq} H{heads}/{kv_heads} hd{hd}");
-        assert_close(
-            &format!("attention forward {tag}"),
-            &gpu.download(&go).unwrap(),
-            &out,
-            1e-5,
-        );
+        let o = gpu.download(&go).unwrap();
+        assert_close(&format!("attention forward {tag}"), &o, &out, BF16_TOL);
         let mut delta = gpu.zeros::<f32>(batch * seq * heads).unwrap();
-        let (mut gdq, mut gdk, mut gdv) = (
-            gpu.zeros::<f32>(nq).unwrap(),
-            gpu.zeros::<f32>(nk).unwrap(),
-            gpu.zeros::<f32>(nk).unwrap(),
-        );
+        let mut gdq = gpu.zeros::<f32>(nq).unwrap();
+        let mut gdk = gpu.zeros::<f32>(nk).unwrap();
+        let mut gdv = gpu.zeros::<f32>(nk).unwrap();
         gpu.attention_backward(
-            &gq, &gk, &gv, &go, &lse, &gdo, &mut delta, &mut gdq, &mut gdk, &mut gdv, dims,
+            &gq, &gk, &gv, &go, &lse, &gdo, &gdo_bf, &mut delta, &mut gdq, &mut gdk, &mut gdv, dims,
         )
         .unwrap();
-        assert_close(
-            &format!("attention dq {tag}"),
-            &gpu.download(&gdq).unwrap(),
-            &dq,
-            1e-4,
-        );
-        assert_close(
-            &format!("attention dk {tag}"),
-            &gpu.download(&gdk).unwrap(),
-            &dk,
-            1e-4,
-        );
-        assert_close(
-            &format!("attention dv {tag}"),
-            &gpu.download(&gdv).unwrap(),
-            &dv,
-            1e-4,
-        );
+        assert_close(&format!("attention dq {tag}"), &gpu.download(&gdq).unwrap(), &dq, 2e-2);
+        assert_close(&format!("attention dk {tag}"), &gpu.download(&gdk).unwrap(), &dk, 2e-2);
+        assert_close(&format!("attention dv {tag}"), &gpu.download(&gdv).unwrap(), &dv, 2e-2);
     }
 
     // Linear layer: forward, input and weight gradients against the CPU
@@ -361,7 +330,6 @@ fn attention_and_matrix_products_match_the_cpu() {
     let x = round_bf16(&rand_vec(rows * input, 21, 1.0));
     let w = round_bf16(&rand_vec(out * input, 22, 1.0));
     let dy = round_bf16(&rand_vec(rows * out, 23, 1.0));
-    let to_bf = |v: &[f32]| -> Vec<u16> { v.iter().map(|&x| (x.to_bits() >> 16) as u16).collect() };
     let (gx, gw, gdy) = (
         gpu.upload(&to_bf(&x)).unwrap(),
         gpu.upload(&to_bf(&w)).unwrap(),

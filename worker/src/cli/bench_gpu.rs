@@ -172,6 +172,21 @@ pub fn run(a: &GpuBenchArgs) -> Result<()> {
     model.gpu().synchronize()?;
     let secs = start.elapsed().as_secs_f64();
     let (free1, _) = model.gpu().memory()?;
+    // Where a step's time goes: forward, backward and optimizer timed apart
+    // (waiting for the device between them), and attention alone.
+    let (mut fwd, mut bwd, mut opt) = (0.0, 0.0, 0.0);
+    let parts = 3;
+    for _ in 0..parts {
+        let (_, f, b) = model.timed_repeat(a.batch, 1.0)?;
+        let t = Instant::now();
+        let norm = model.grad_norm()?;
+        model.step(&optim, optim.lr, optim.clip_factor(norm))?;
+        model.gpu().synchronize()?;
+        fwd += f / parts as f64;
+        bwd += b / parts as f64;
+        opt += t.elapsed().as_secs_f64() / parts as f64;
+    }
+    let attention = attention_seconds(model.gpu(), &cfg, a.batch)?;
     let tokens_per_sec = (rows * a.steps) as f64 / secs;
     let flops_per_token =
         cfg.layers as f64 * cfg.block_flops_per_token() + cfg.head_flops_per_token();
@@ -191,7 +206,62 @@ pub fn run(a: &GpuBenchArgs) -> Result<()> {
         "device_total_gib": total as f64 / (1u64 << 30) as f64,
         "model_bytes_gib": model.device_bytes() as f64 / (1u64 << 30) as f64,
         "last_loss": loss,
+        "breakdown_ms": {
+            "forward": fwd * 1e3,
+            "backward": bwd * 1e3,
+            "optimizer": opt * 1e3,
+            "attention_forward_backward_all_layers": attention * 1e3 * cfg.layers as f64,
+        },
     });
     println!("{out}");
     Ok(())
+}
+
+/// Seconds of one layer's attention forward and backward at the model's
+/// shape (the median of 5 runs).
+fn attention_seconds(gpu: &Gpu, cfg: &ModelConfig, batch: usize) -> Result<f64> {
+    use crate::kernels::cuda::AttnDims;
+    let hd = cfg.head_dim();
+    let dims = AttnDims {
+        batch,
+        seq: cfg.seq_len,
+        heads: cfg.heads,
+        kv_heads: cfg.kv_heads,
+        head_dim: hd,
+    };
+    let rows = batch * cfg.seq_len;
+    let (nq, nk) = (rows * cfg.heads * hd, rows * cfg.kv_heads * hd);
+    let bits = |n: usize, seed: u64| -> Vec<u16> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                half::bf16::from_f32(((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5).to_bits()
+            })
+            .collect()
+    };
+    let (q, k, v) = (gpu.upload(&bits(nq, 1))?, gpu.upload(&bits(nk, 2))?, gpu.upload(&bits(nk, 3))?);
+    let dout_bf = gpu.upload(&bits(nq, 4))?;
+    let dout = gpu.zeros::<f32>(nq)?;
+    let mut o = gpu.zeros::<f32>(nq)?;
+    let mut o_bf = gpu.zeros::<u16>(nq)?;
+    let mut lse = gpu.zeros::<f32>(rows * cfg.heads)?;
+    let mut delta = gpu.zeros::<f32>(rows * cfg.heads)?;
+    let (mut dq, mut dk, mut dv) = (gpu.zeros::<f32>(nq)?, gpu.zeros::<f32>(nk)?, gpu.zeros::<f32>(nk)?);
+    let mut times = Vec::new();
+    for _ in 0..6 {
+        gpu.synchronize()?;
+        let t = Instant::now();
+        gpu.attention_forward(&q, &k, &v, &mut o, &mut o_bf, &mut lse, dims)?;
+        gpu.attention_backward(
+            &q, &k, &v, &o, &lse, &dout, &dout_bf, &mut delta, &mut dq, &mut dk, &mut dv, dims,
+        )?;
+        gpu.synchronize()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.remove(0);
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }

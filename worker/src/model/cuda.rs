@@ -54,9 +54,9 @@ struct BlockParams {
 struct BlockActs {
     rstd1: F32,
     xn1: Bf16,
-    q: F32,
-    k: F32,
-    v: F32,
+    q: Bf16,
+    k: Bf16,
+    v: Bf16,
     o: F32,
     o_bf: Bf16,
     lse: F32,
@@ -68,8 +68,12 @@ struct BlockActs {
     hb: Bf16,
 }
 
-/// Backward scratch shared by every block.
+/// Scratch shared by every block.
 struct Scratch {
+    /// Forward: the projections in f32, before rotation and rounding.
+    qf: F32,
+    kf: F32,
+    vf: F32,
     dres: F32,
     dres_bf: Bf16,
     dxn: F32,
@@ -77,6 +81,7 @@ struct Scratch {
     dg: Bf16,
     du: Bf16,
     dout: F32,
+    dout_bf: Bf16,
     delta: F32,
     dq: F32,
     dk: F32,
@@ -253,6 +258,9 @@ impl DeviceModel {
             });
         }
         let scratch = Scratch {
+            qf: gpu.zeros(n * qw)?,
+            kf: gpu.zeros(n * kw)?,
+            vf: gpu.zeros(n * kw)?,
             dres: gpu.zeros(n * d)?,
             dres_bf: gpu.zeros(n * d)?,
             dxn: gpu.zeros(n * d)?,
@@ -260,6 +268,7 @@ impl DeviceModel {
             dg: gpu.zeros(n * f)?,
             du: gpu.zeros(n * f)?,
             dout: gpu.zeros(n * qw)?,
+            dout_bf: gpu.zeros(n * qw)?,
             delta: gpu.zeros(n * cfg.heads)?,
             dq: gpu.zeros(n * qw)?,
             dk: gpu.zeros(n * kw)?,
@@ -337,9 +346,37 @@ impl DeviceModel {
         self.targets = tgt;
         self.forward(batch, scale)?;
         self.backward(batch)?;
+        self.mean_loss(rows)
+    }
+
+    fn mean_loss(&self, rows: usize) -> Result<f32, GpuError> {
         let losses = self.gpu.download(&self.loss)?;
         let sum: f64 = losses[..rows].iter().map(|&l| l as f64).sum();
         Ok((sum / rows as f64) as f32)
+    }
+
+    /// [`DeviceModel::forward_backward`] for a micro-batch already uploaded
+    /// by an earlier call, waiting for the device after the forward and
+    /// after the backward: returns (loss, forward seconds, backward seconds).
+    /// For benchmarks; the wait costs a little overlap.
+    pub fn timed_repeat(&mut self, batch: usize, scale: f32) -> Result<(f32, f64, f64), GpuError> {
+        let rows = batch * self.cfg.seq_len;
+        if rows != self.tokens.len() {
+            return Err(err("timed_repeat needs the same shape as the last micro-batch".into()));
+        }
+        self.gpu.synchronize()?;
+        let t0 = std::time::Instant::now();
+        self.forward(batch, scale)?;
+        self.gpu.synchronize()?;
+        let t1 = std::time::Instant::now();
+        self.backward(batch)?;
+        self.gpu.synchronize()?;
+        let t2 = std::time::Instant::now();
+        Ok((
+            self.mean_loss(rows)?,
+            (t1 - t0).as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+        ))
     }
 
     fn forward(&mut self, batch: usize, scale: f32) -> Result<(), GpuError> {
@@ -363,29 +400,15 @@ impl DeviceModel {
             let (lo, hi) = self.xs.split_at_mut(l + 1);
             let (x, y) = (&lo[l], &mut hi[0]);
             gpu.rmsnorm_forward(x, &p[b.attn_norm].w, &mut a.xn1, &mut a.rstd1, n, eps)?;
-            gpu.linear_forward(&a.xn1, bf(b.q), &mut a.q, n, d, qw, 0.0)?;
-            gpu.linear_forward(&a.xn1, bf(b.k), &mut a.k, n, d, kw, 0.0)?;
-            gpu.linear_forward(&a.xn1, bf(b.v), &mut a.v, n, d, kw, 0.0)?;
-            gpu.rope(
-                &mut a.q,
-                &self.rope_cos,
-                &self.rope_sin,
-                n,
-                seq,
-                qw,
-                hd / 2,
-                1.0,
-            )?;
-            gpu.rope(
-                &mut a.k,
-                &self.rope_cos,
-                &self.rope_sin,
-                n,
-                seq,
-                kw,
-                hd / 2,
-                1.0,
-            )?;
+            let s = &mut self.scratch;
+            gpu.linear_forward(&a.xn1, bf(b.q), &mut s.qf, n, d, qw, 0.0)?;
+            gpu.linear_forward(&a.xn1, bf(b.k), &mut s.kf, n, d, kw, 0.0)?;
+            gpu.linear_forward(&a.xn1, bf(b.v), &mut s.vf, n, d, kw, 0.0)?;
+            gpu.rope(&mut s.qf, &self.rope_cos, &self.rope_sin, n, seq, qw, hd / 2, 1.0)?;
+            gpu.rope(&mut s.kf, &self.rope_cos, &self.rope_sin, n, seq, kw, hd / 2, 1.0)?;
+            gpu.cast_bf16(&s.qf, &mut a.q)?;
+            gpu.cast_bf16(&s.kf, &mut a.k)?;
+            gpu.cast_bf16(&s.vf, &mut a.v)?;
             gpu.attention_forward(&a.q, &a.k, &a.v, &mut a.o, &mut a.o_bf, &mut a.lse, dims)?;
             gpu.copy(x, &mut a.h)?;
             gpu.linear_forward(&a.o_bf, bf(b.o), &mut a.h, n, qw, d, 1.0)?;
@@ -468,6 +491,7 @@ impl DeviceModel {
             gpu.cast_bf16(&s.dres, &mut s.dres_bf)?;
             gpu.linear_backward_weight(&s.dres_bf, &a.o_bf, &mut p[b.o].g, n, qw, d)?;
             gpu.linear_backward_input(&s.dres_bf, bf_of(&p[b.o]), &mut s.dout, n, qw, d, 0.0)?;
+            gpu.cast_bf16(&s.dout, &mut s.dout_bf)?;
             gpu.attention_backward(
                 &a.q,
                 &a.k,
@@ -475,6 +499,7 @@ impl DeviceModel {
                 &a.o,
                 &a.lse,
                 &s.dout,
+                &s.dout_bf,
                 &mut s.delta,
                 &mut s.dq,
                 &mut s.dk,
@@ -585,9 +610,10 @@ impl DeviceModel {
             .acts
             .iter()
             .map(|a| {
-                4 * (a.rstd1.len() + a.q.len() + a.k.len() + a.v.len() + a.o.len() + a.lse.len())
+                4 * (a.rstd1.len() + a.o.len() + a.lse.len())
                     + 4 * (a.h.len() + a.rstd2.len() + a.g.len() + a.u.len())
-                    + 2 * (a.xn1.len() + a.o_bf.len() + a.xn2.len() + a.hb.len())
+                    + 2 * (a.xn1.len() + a.q.len() + a.k.len() + a.v.len())
+                    + 2 * (a.o_bf.len() + a.xn2.len() + a.hb.len())
             })
             .sum();
         p + a + self.xs.iter().map(|x| 4 * x.len()).sum::<usize>()

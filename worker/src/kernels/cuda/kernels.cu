@@ -212,81 +212,195 @@ extern "C" __global__ void cross_entropy(const float* __restrict__ logits, const
 
 // ------------------------------------------------------------ attention
 //
-// Causal grouped-query attention without a T×T matrix in memory: queries
-// and keys go in tiles through shared memory with an online softmax (flash
-// style). Forward keeps the log-sum-exp of each row; backward recomputes the
-// probabilities from it. Query head h reads key/value head h / (H / KVH).
+// Causal grouped-query attention on tensor cores, without a T×T matrix in
+// memory (flash-attention style): a block takes a tile of 64 queries (or
+// keys) through shared memory, each of its 4 warps 16 rows, and every
+// product is a warp-level bf16 mma (m16n8k16, f32 accumulation). The
+// forward keeps the log-sum-exp of each row; the backward recomputes the
+// probabilities from it, in two kernels that need no atomics: one per query
+// tile for dQ, one per key tile for dK and dV (summed over the query heads
+// that share the key/value head). Query head h reads key/value head
+// h / (H / KVH). q, k, v, dO are bf16 in the projections' token-major
+// layout [B·T, heads·hd]; outputs are f32.
 
-// o = softmax(q·kᵀ·scale, causal) · v; lse = log Σ exp. Grid (ceil(T/64), H, B), 64 threads.
-template <int HD, int KT>
-__device__ void attention_forward_impl(const float* __restrict__ q, const float* __restrict__ k,
-                                       const float* __restrict__ v, float* __restrict__ o,
-                                       bf16* __restrict__ o_bf, float* __restrict__ lse, int seq, int heads,
-                                       int kv_heads, float scale) {
-    __shared__ float sk[KT][HD];
-    __shared__ float sv[KT][HD];
-    __shared__ float ss[KT][64];
-    int b = blockIdx.z, h = blockIdx.y, kvh = h / (heads / kv_heads);
-    int t0 = blockIdx.x * 64, t = t0 + threadIdx.x;
-    bool live = t < seq;
-    long q_rs = (long)heads * HD, kv_rs = (long)kv_heads * HD;
-    float qr[HD], acc[HD];
-    const float* qp = q + ((long)b * seq + (live ? t : 0)) * q_rs + h * HD;
-#pragma unroll
-    for (int i = 0; i < HD; i++) {
-        qr[i] = qp[i] * scale;
-        acc[i] = 0.0f;
-    }
-    float m = NEG_INF, l = 0.0f;
-    int t_last = min(seq - 1, t0 + 63);
-    for (int k0 = 0; k0 <= t_last; k0 += KT) {
-        __syncthreads();
-        for (int e = threadIdx.x; e < KT * HD; e += 64) {
-            int j = e / HD, i = e % HD, key = k0 + j;
-            long off = ((long)b * seq + key) * kv_rs + kvh * HD + i;
-            sk[j][i] = key < seq ? k[off] : 0.0f;
-            sv[j][i] = key < seq ? v[off] : 0.0f;
-        }
-        __syncthreads();
-        int jn = live ? min(KT, t - k0 + 1) : 0;
-        float tile_max = NEG_INF;
-        for (int j = 0; j < jn; j++) {
-            float s = 0.0f;
-#pragma unroll
-            for (int i = 0; i < HD; i++) s += qr[i] * sk[j][i];
-            ss[j][threadIdx.x] = s;
-            tile_max = fmaxf(tile_max, s);
-        }
-        if (jn > 0) {
-            float m_new = fmaxf(m, tile_max);
-            float corr = __expf(m - m_new);
-            l *= corr;
-#pragma unroll
-            for (int i = 0; i < HD; i++) acc[i] *= corr;
-            for (int j = 0; j < jn; j++) {
-                float p = __expf(ss[j][threadIdx.x] - m_new);
-                l += p;
-#pragma unroll
-                for (int i = 0; i < HD; i++) acc[i] += p * sv[j][i];
-            }
-            m = m_new;
-        }
-    }
-    if (!live) return;
-    long row = (long)b * seq + t;
-    float inv = 1.0f / l;
-    float* op = o + row * q_rs + h * HD;
-    bf16* ob = o_bf + row * q_rs + h * HD;
-#pragma unroll
-    for (int i = 0; i < HD; i++) {
-        float y = acc[i] * inv;
-        op[i] = y;
-        ob[i] = to_bf16(y);
-    }
-    lse[row * heads + h] = m + logf(l);
+#define TILE 64
+#define LOG2E 1.4426950408889634f
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    return (u32)to_bf16(lo) | ((u32)to_bf16(hi) << 16);
 }
 
-// delta[row, h] = Σ dO·O over the head.
+__device__ __forceinline__ u32 pack2(bf16 lo, bf16 hi) { return (u32)lo | ((u32)hi << 16); }
+
+// d += a·b for a 16×16 (row) by 16×8 (col) bf16 tile, f32 accumulators.
+__device__ __forceinline__ void mma16816(float* d, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Copy rows [row0, row0+64) of a token-major bf16 tensor (row stride
+// `stride`, head offset `col0`) into shared memory [64][HD+8]; rows past
+// `seq` are zero.
+template <int HD>
+__device__ __forceinline__ void load_tile(bf16* dst, const bf16* __restrict__ src, long base_row, int row0,
+                                          int seq, long stride, int col0) {
+    const int vecs = HD / 8;  // 16-byte vectors per row
+    for (int e = threadIdx.x; e < TILE * vecs; e += blockDim.x) {
+        int r = e / vecs, c = (e % vecs) * 8;
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (row0 + r < seq) val = *(const uint4*)(src + (base_row + row0 + r) * stride + col0 + c);
+        *(uint4*)(dst + r * (HD + 8) + c) = val;
+    }
+}
+
+// A fragments (16 rows × HD) of a warp's rows r0.. of a shared tile.
+template <int HD>
+__device__ __forceinline__ void load_a_frags(u32 (*frag)[4], const bf16* tile, int r0, int g, int t) {
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        const bf16* lo = tile + (r0 + g) * (HD + 8) + 16 * kk + 2 * t;
+        const bf16* hi = lo + 8 * (HD + 8);
+        frag[kk][0] = *(const u32*)lo;
+        frag[kk][1] = *(const u32*)hi;
+        frag[kk][2] = *(const u32*)(lo + 8);
+        frag[kk][3] = *(const u32*)(hi + 8);
+    }
+}
+
+// acc[n-tile][4] (16 rows × 64 cols) += A(16 × HD) · Bᵀ where B's rows are the
+// 64 rows of a shared tile [64][HD+8] (S = Q·Kᵀ and friends).
+template <int HD>
+__device__ __forceinline__ void mma_abt(float (*acc)[4], const u32 (*a)[4], const bf16* tile, int g, int t) {
+#pragma unroll
+    for (int nt = 0; nt < TILE / 8; nt++) {
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const bf16* p = tile + (8 * nt + g) * (HD + 8) + 16 * kk + 2 * t;
+            mma16816(acc[nt], a[kk], *(const u32*)p, *(const u32*)(p + 8));
+        }
+    }
+}
+
+// acc[d-tile][4] (16 rows × HD) += P(16 × 64, as C fragments) · V where V's
+// rows are the 64 rows of a shared tile [64][HD+8].
+template <int HD>
+__device__ __forceinline__ void mma_pv(float (*acc)[4], const float (*p)[4], const bf16* tile, int g, int t) {
+#pragma unroll
+    for (int kk = 0; kk < TILE / 16; kk++) {
+        u32 a[4] = {pack_bf16(p[2 * kk][0], p[2 * kk][1]), pack_bf16(p[2 * kk][2], p[2 * kk][3]),
+                    pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+        const bf16* r0 = tile + (16 * kk + 2 * t) * (HD + 8);
+        const bf16* r1 = r0 + (HD + 8);
+        const bf16* r8 = r0 + 8 * (HD + 8);
+        const bf16* r9 = r8 + (HD + 8);
+#pragma unroll
+        for (int dt = 0; dt < HD / 8; dt++) {
+            int c = 8 * dt + g;
+            mma16816(acc[dt], a, pack2(r0[c], r1[c]), pack2(r8[c], r9[c]));
+        }
+    }
+}
+
+// o = softmax(q·kᵀ/√hd, causal)·v and lse (natural log). Grid (ceil(T/64), H, B), 128 threads.
+template <int HD>
+__device__ void attention_forward_impl(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                       const bf16* __restrict__ v, float* __restrict__ o,
+                                       bf16* __restrict__ o_bf, float* __restrict__ lse, int seq, int heads,
+                                       int kv_heads, float scale) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16* sQ = (bf16*)smem;
+    bf16* sK = sQ + TILE * (HD + 8);
+    bf16* sV = sK + TILE * (HD + 8);
+    int b = blockIdx.z, h = blockIdx.y, kvh = h / (heads / kv_heads);
+    int q0 = blockIdx.x * TILE;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int r0 = 16 * warp;
+    long q_rs = (long)heads * HD, kv_rs = (long)kv_heads * HD, base = (long)b * seq;
+    load_tile<HD>(sQ, q, base, q0, seq, q_rs, h * HD);
+    __syncthreads();
+    u32 qa[HD / 16][4];
+    load_a_frags<HD>(qa, sQ, r0, g, t);
+    float oacc[HD / 8][4];
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) oacc[i][0] = oacc[i][1] = oacc[i][2] = oacc[i][3] = 0.0f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+    float c = scale * LOG2E;
+    int rows[2] = {q0 + r0 + g, q0 + r0 + g + 8};
+    for (int k0 = 0; k0 <= q0 && k0 < seq; k0 += TILE) {
+        __syncthreads();
+        load_tile<HD>(sK, k, base, k0, seq, kv_rs, kvh * HD);
+        load_tile<HD>(sV, v, base, k0, seq, kv_rs, kvh * HD);
+        __syncthreads();
+        float s[TILE / 8][4];
+#pragma unroll
+        for (int i = 0; i < TILE / 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+        mma_abt<HD>(s, qa, sK, g, t);
+        float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+        for (int nt = 0; nt < TILE / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int col = k0 + 8 * nt + 2 * t + (e & 1);
+                int row = rows[e >> 1];
+                float x = (col > row || col >= seq) ? NEG_INF : s[nt][e] * c;
+                s[nt][e] = x;
+                mx[e >> 1] = fmaxf(mx[e >> 1], x);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            float m_new = fmaxf(m[r], mx[r]);
+            // A row with nothing visible yet (past the sequence) keeps zeros.
+            float corr = (m_new == NEG_INF) ? 1.0f : exp2f(m[r] - m_new);
+            l[r] *= corr;
+#pragma unroll
+            for (int i = 0; i < HD / 8; i++) {
+                oacc[i][2 * r] *= corr;
+                oacc[i][2 * r + 1] *= corr;
+            }
+            m[r] = m_new;
+        }
+#pragma unroll
+        for (int nt = 0; nt < TILE / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float mr = m[e >> 1];
+                float p = (mr == NEG_INF) ? 0.0f : exp2f(s[nt][e] - mr);
+                s[nt][e] = p;
+                l[e >> 1] += p;
+            }
+        }
+        mma_pv<HD>(oacc, s, sV, g, t);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int row = rows[r];
+        if (row >= seq) continue;
+        float inv = 1.0f / l[r];
+        long off = (base + row) * q_rs + h * HD;
+#pragma unroll
+        for (int dt = 0; dt < HD / 8; dt++) {
+            int col = 8 * dt + 2 * t;
+            float y0 = oacc[dt][2 * r] * inv, y1 = oacc[dt][2 * r + 1] * inv;
+            o[off + col] = y0;
+            o[off + col + 1] = y1;
+            *(u32*)(o_bf + off + col) = pack_bf16(y0, y1);
+        }
+        if (t == 0) lse[(base + row) * heads + h] = m[r] / LOG2E + logf(l[r]);
+    }
+}
+
+// delta[row, h] = Σ dO·O over the head (f32).
 extern "C" __global__ void attention_delta(const float* __restrict__ dout, const float* __restrict__ out,
                                            float* __restrict__ delta, long rows_heads, int hd) {
     for (long r = blockIdx.x * (long)blockDim.x + threadIdx.x; r < rows_heads; r += (long)gridDim.x * blockDim.x) {
@@ -298,153 +412,188 @@ extern "C" __global__ void attention_delta(const float* __restrict__ dout, const
     }
 }
 
-// dq = scale · Σ_j p·(dp − δ)·k_j. Thread per query row; grid (ceil(T/64), H, B), 64 threads.
-template <int HD, int KT>
-__device__ void attention_backward_q_impl(const float* __restrict__ q, const float* __restrict__ k,
-                                          const float* __restrict__ v, const float* __restrict__ dout,
+// dq = scale · Σ_j p·(dp − δ)·k_j; one block per query tile, 128 threads.
+template <int HD>
+__device__ void attention_backward_q_impl(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                          const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                           const float* __restrict__ lse, const float* __restrict__ delta,
                                           float* __restrict__ dq, int seq, int heads, int kv_heads,
                                           float scale) {
-    __shared__ float sk[KT][HD];
-    __shared__ float sv[KT][HD];
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16* sQ = (bf16*)smem;
+    bf16* sO = sQ + TILE * (HD + 8);
+    bf16* sK = sO + TILE * (HD + 8);
+    bf16* sV = sK + TILE * (HD + 8);
     int b = blockIdx.z, h = blockIdx.y, kvh = h / (heads / kv_heads);
-    int t0 = blockIdx.x * 64, t = t0 + threadIdx.x;
-    bool live = t < seq;
-    long q_rs = (long)heads * HD, kv_rs = (long)kv_heads * HD;
-    long row = (long)b * seq + (live ? t : 0);
-    float qr[HD], dor[HD], acc[HD];
+    int q0 = blockIdx.x * TILE;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int r0 = 16 * warp;
+    long q_rs = (long)heads * HD, kv_rs = (long)kv_heads * HD, base = (long)b * seq;
+    load_tile<HD>(sQ, q, base, q0, seq, q_rs, h * HD);
+    load_tile<HD>(sO, dout, base, q0, seq, q_rs, h * HD);
+    __syncthreads();
+    u32 qa[HD / 16][4], da[HD / 16][4];
+    load_a_frags<HD>(qa, sQ, r0, g, t);
+    load_a_frags<HD>(da, sO, r0, g, t);
+    int rows[2] = {q0 + r0 + g, q0 + r0 + g + 8};
+    float lse2[2], dl[2];
 #pragma unroll
-    for (int i = 0; i < HD; i++) {
-        qr[i] = q[row * q_rs + h * HD + i] * scale;
-        dor[i] = dout[row * q_rs + h * HD + i];
-        acc[i] = 0.0f;
+    for (int r = 0; r < 2; r++) {
+        long idx = (base + min(rows[r], seq - 1)) * heads + h;
+        lse2[r] = lse[idx] * LOG2E;
+        dl[r] = delta[idx];
     }
-    float lr = lse[row * heads + h], dr = delta[row * heads + h];
-    int t_last = min(seq - 1, t0 + 63);
-    for (int k0 = 0; k0 <= t_last; k0 += KT) {
-        __syncthreads();
-        for (int e = threadIdx.x; e < KT * HD; e += 64) {
-            int j = e / HD, i = e % HD, key = k0 + j;
-            long off = ((long)b * seq + key) * kv_rs + kvh * HD + i;
-            sk[j][i] = key < seq ? k[off] : 0.0f;
-            sv[j][i] = key < seq ? v[off] : 0.0f;
-        }
-        __syncthreads();
-        int jn = live ? min(KT, t - k0 + 1) : 0;
-        for (int j = 0; j < jn; j++) {
-            float s = 0.0f, dp = 0.0f;
+    float acc[HD / 8][4];
 #pragma unroll
-            for (int i = 0; i < HD; i++) {
-                s += qr[i] * sk[j][i];
-                dp += dor[i] * sv[j][i];
+    for (int i = 0; i < HD / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    float c = scale * LOG2E;
+    for (int k0 = 0; k0 <= q0 && k0 < seq; k0 += TILE) {
+        __syncthreads();
+        load_tile<HD>(sK, k, base, k0, seq, kv_rs, kvh * HD);
+        load_tile<HD>(sV, v, base, k0, seq, kv_rs, kvh * HD);
+        __syncthreads();
+        float s[TILE / 8][4], dp[TILE / 8][4];
+#pragma unroll
+        for (int i = 0; i < TILE / 8; i++) {
+            s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+            dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.0f;
+        }
+        mma_abt<HD>(s, qa, sK, g, t);
+        mma_abt<HD>(dp, da, sV, g, t);
+#pragma unroll
+        for (int nt = 0; nt < TILE / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int col = k0 + 8 * nt + 2 * t + (e & 1);
+                int row = rows[e >> 1];
+                float p = (col > row || col >= seq || row >= seq) ? 0.0f : exp2f(s[nt][e] * c - lse2[e >> 1]);
+                s[nt][e] = p * (dp[nt][e] - dl[e >> 1]);
             }
-            float ds = __expf(s - lr) * (dp - dr);
+        }
+        mma_pv<HD>(acc, s, sK, g, t);
+    }
 #pragma unroll
-            for (int i = 0; i < HD; i++) acc[i] += ds * sk[j][i];
+    for (int r = 0; r < 2; r++) {
+        int row = rows[r];
+        if (row >= seq) continue;
+        long off = (base + row) * q_rs + h * HD;
+#pragma unroll
+        for (int dt = 0; dt < HD / 8; dt++) {
+            int col = 8 * dt + 2 * t;
+            dq[off + col] = acc[dt][2 * r] * scale;
+            dq[off + col + 1] = acc[dt][2 * r + 1] * scale;
         }
     }
-    if (!live) return;
-#pragma unroll
-    for (int i = 0; i < HD; i++) dq[row * q_rs + h * HD + i] = acc[i] * scale;
 }
 
-// dk = scale · Σ_{h in group} Σ_{i ≥ j} ds·q_i, dv = Σ p·dO_i. Thread per key
-// row; grid (ceil(T/32), KVH, B), 32 threads. A thread's own key and value
-// rows sit in padded shared memory (no bank conflicts), query tiles of QT.
-template <int HD, int QT>
-__device__ void attention_backward_kv_impl(const float* __restrict__ q, const float* __restrict__ k,
-                                           const float* __restrict__ v, const float* __restrict__ dout,
+// dk = scale · Σ_{heads in group} Σ_{i ≥ j} ds·q_i, dv = Σ p·dO_i; one block
+// per key tile, 128 threads. Probabilities and their gradients are computed
+// transposed (keys as rows), so every product stays inside a warp.
+template <int HD>
+__device__ void attention_backward_kv_impl(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                           const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                            const float* __restrict__ lse, const float* __restrict__ delta,
                                            float* __restrict__ dk, float* __restrict__ dv, int seq, int heads,
                                            int kv_heads, float scale) {
-    __shared__ float sk[32][HD + 1];
-    __shared__ float sv[32][HD + 1];
-    __shared__ float sq[QT][HD];
-    __shared__ float sdo[QT][HD];
-    __shared__ float sl[QT];
-    __shared__ float sd[QT];
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16* sQ = (bf16*)smem;
+    bf16* sO = sQ + TILE * (HD + 8);
+    float* sL = (float*)(sO + TILE * (HD + 8));
+    float* sD = sL + TILE;
+    bf16* sK = sQ;  // the key and value tiles are only read into registers
+    bf16* sV = sO;
     int b = blockIdx.z, kvh = blockIdx.y, group = heads / kv_heads;
-    int j0 = blockIdx.x * 32, j = j0 + threadIdx.x;
-    bool live = j < seq;
-    long q_rs = (long)heads * HD, kv_rs = (long)kv_heads * HD;
-    long krow = (long)b * seq + (live ? j : 0);
-    for (int i = 0; i < HD; i++) {
-        sk[threadIdx.x][i] = k[krow * kv_rs + kvh * HD + i];
-        sv[threadIdx.x][i] = v[krow * kv_rs + kvh * HD + i];
+    int k0 = blockIdx.x * TILE;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int r0 = 16 * warp;
+    long q_rs = (long)heads * HD, kv_rs = (long)kv_heads * HD, base = (long)b * seq;
+    load_tile<HD>(sK, k, base, k0, seq, kv_rs, kvh * HD);
+    load_tile<HD>(sV, v, base, k0, seq, kv_rs, kvh * HD);
+    __syncthreads();
+    u32 ka[HD / 16][4], va[HD / 16][4];
+    load_a_frags<HD>(ka, sK, r0, g, t);
+    load_a_frags<HD>(va, sV, r0, g, t);
+    int keys[2] = {k0 + r0 + g, k0 + r0 + g + 8};
+    float dka[HD / 8][4], dva[HD / 8][4];
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) {
+        dka[i][0] = dka[i][1] = dka[i][2] = dka[i][3] = 0.0f;
+        dva[i][0] = dva[i][1] = dva[i][2] = dva[i][3] = 0.0f;
     }
-    float dka[HD], dva[HD];
-#pragma unroll
-    for (int i = 0; i < HD; i++) {
-        dka[i] = 0.0f;
-        dva[i] = 0.0f;
-    }
-    for (int g = 0; g < group; g++) {
-        int h = kvh * group + g;
-        for (int i0 = j0; i0 < seq; i0 += QT) {
+    float c = scale * LOG2E;
+    for (int gi = 0; gi < group; gi++) {
+        int h = kvh * group + gi;
+        for (int q0 = k0; q0 < seq; q0 += TILE) {
             __syncthreads();
-            for (int e = threadIdx.x; e < QT * HD; e += 32) {
-                int r = e / HD, c = e % HD, qi = i0 + r;
-                long off = ((long)b * seq + qi) * q_rs + h * HD + c;
-                sq[r][c] = qi < seq ? q[off] * scale : 0.0f;
-                sdo[r][c] = qi < seq ? dout[off] : 0.0f;
-            }
-            for (int r = threadIdx.x; r < QT; r += 32) {
-                int qi = i0 + r;
-                long idx = ((long)b * seq + qi) * heads + h;
-                sl[r] = qi < seq ? lse[idx] : 0.0f;
-                sd[r] = qi < seq ? delta[idx] : 0.0f;
+            load_tile<HD>(sQ, q, base, q0, seq, q_rs, h * HD);
+            load_tile<HD>(sO, dout, base, q0, seq, q_rs, h * HD);
+            for (int i = threadIdx.x; i < TILE; i += blockDim.x) {
+                long idx = (base + min(q0 + i, seq - 1)) * heads + h;
+                sL[i] = lse[idx] * LOG2E;
+                sD[i] = delta[idx];
             }
             __syncthreads();
-            if (!live) continue;
-            int rn = min(QT, seq - i0);
-            for (int r = 0; r < rn; r++) {
-                if (i0 + r < j) continue;
-                float s = 0.0f, dp = 0.0f;
+            float s[TILE / 8][4], dp[TILE / 8][4];
 #pragma unroll
-                for (int c = 0; c < HD; c++) {
-                    s += sq[r][c] * sk[threadIdx.x][c];
-                    dp += sdo[r][c] * sv[threadIdx.x][c];
-                }
-                float p = __expf(s - sl[r]);
-                float ds = p * (dp - sd[r]);
+            for (int i = 0; i < TILE / 8; i++) {
+                s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+                dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.0f;
+            }
+            mma_abt<HD>(s, ka, sQ, g, t);   // Sᵀ: keys × queries
+            mma_abt<HD>(dp, va, sO, g, t);  // dPᵀ = V·dOᵀ
 #pragma unroll
-                for (int c = 0; c < HD; c++) {
-                    dva[c] += p * sdo[r][c];
-                    dka[c] += ds * sq[r][c];
+            for (int nt = 0; nt < TILE / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int qc = 8 * nt + 2 * t + (e & 1);
+                    int col = q0 + qc;
+                    int key = keys[e >> 1];
+                    float p = (col < key || col >= seq || key >= seq) ? 0.0f : exp2f(s[nt][e] * c - sL[qc]);
+                    s[nt][e] = p;
+                    dp[nt][e] = p * (dp[nt][e] - sD[qc]);
                 }
             }
+            mma_pv<HD>(dva, s, sO, g, t);   // dV += Pᵀ·dO
+            mma_pv<HD>(dka, dp, sQ, g, t);  // dK += dSᵀ·Q
         }
     }
-    if (!live) return;
-    // sq holds q·scale, so dka already carries the one factor of scale.
 #pragma unroll
-    for (int i = 0; i < HD; i++) {
-        dk[krow * kv_rs + kvh * HD + i] = dka[i];
-        dv[krow * kv_rs + kvh * HD + i] = dva[i];
+    for (int r = 0; r < 2; r++) {
+        int key = keys[r];
+        if (key >= seq) continue;
+        long off = (base + key) * kv_rs + kvh * HD;
+#pragma unroll
+        for (int dt = 0; dt < HD / 8; dt++) {
+            int col = 8 * dt + 2 * t;
+            dk[off + col] = dka[dt][2 * r] * scale;
+            dk[off + col + 1] = dka[dt][2 * r + 1] * scale;
+            dv[off + col] = dva[dt][2 * r];
+            dv[off + col + 1] = dva[dt][2 * r + 1];
+        }
     }
 }
 
-#define ATTENTION_KERNELS(HD, KT, QT)                                                                       \
-    extern "C" __global__ void __launch_bounds__(64) attention_forward_##HD(                               \
-        const float* q, const float* k, const float* v, float* o, bf16* o_bf, float* lse, int seq,         \
-        int heads, int kv_heads, float scale) {                                                             \
-        attention_forward_impl<HD, KT>(q, k, v, o, o_bf, lse, seq, heads, kv_heads, scale);                 \
+#define ATTENTION_KERNELS(HD)                                                                               \
+    extern "C" __global__ void __launch_bounds__(128) attention_forward_##HD(                              \
+        const bf16* q, const bf16* k, const bf16* v, float* o, bf16* o_bf, float* lse, int seq, int heads, \
+        int kv_heads, float scale) {                                                                        \
+        attention_forward_impl<HD>(q, k, v, o, o_bf, lse, seq, heads, kv_heads, scale);                     \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(64) attention_backward_q_##HD(                            \
-        const float* q, const float* k, const float* v, const float* dout, const float* lse,               \
+    extern "C" __global__ void __launch_bounds__(128) attention_backward_q_##HD(                           \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,                   \
         const float* delta, float* dq, int seq, int heads, int kv_heads, float scale) {                     \
-        attention_backward_q_impl<HD, KT>(q, k, v, dout, lse, delta, dq, seq, heads, kv_heads, scale);      \
+        attention_backward_q_impl<HD>(q, k, v, dout, lse, delta, dq, seq, heads, kv_heads, scale);          \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(32) attention_backward_kv_##HD(                           \
-        const float* q, const float* k, const float* v, const float* dout, const float* lse,               \
+    extern "C" __global__ void __launch_bounds__(128) attention_backward_kv_##HD(                          \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,                   \
         const float* delta, float* dk, float* dv, int seq, int heads, int kv_heads, float scale) {          \
-        attention_backward_kv_impl<HD, QT>(q, k, v, dout, lse, delta, dk, dv, seq, heads, kv_heads, scale); \
+        attention_backward_kv_impl<HD>(q, k, v, dout, lse, delta, dk, dv, seq, heads, kv_heads, scale);     \
     }
 
-ATTENTION_KERNELS(16, 64, 32)
-ATTENTION_KERNELS(32, 64, 32)
-ATTENTION_KERNELS(64, 32, 32)
-ATTENTION_KERNELS(128, 16, 8)
+ATTENTION_KERNELS(16)
+ATTENTION_KERNELS(32)
+ATTENTION_KERNELS(64)
+ATTENTION_KERNELS(128)
 
 // ------------------------------------------------------------ optimizer
 

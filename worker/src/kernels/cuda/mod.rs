@@ -25,6 +25,15 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 /// The CUDA C source of every kernel.
 pub const SOURCE: &str = include_str!("kernels.cu");
 
+/// Rows (queries or keys) of one attention tile.
+const ATTN_TILE: usize = 64;
+
+/// Dynamic shared memory of the attention kernels for head width `hd`:
+/// at most four bf16 tiles of `[64][hd + 8]` (the largest, the dQ kernel's).
+fn attention_smem(hd: usize) -> u32 {
+    (4 * ATTN_TILE * (hd + 8) * 2) as u32
+}
+
 /// Head widths the attention kernels are instantiated for.
 pub const ATTENTION_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 
@@ -208,6 +217,13 @@ impl Gpu {
         let mut funcs = HashMap::new();
         for n in kernel_names() {
             let f = module.load_function(&n)?;
+            if let Some(hd) = n.rsplit('_').next().and_then(|h| h.parse::<usize>().ok()) {
+                // Attention tiles may need more than the default 48 KiB.
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    attention_smem(hd) as i32,
+                )?;
+            }
             funcs.insert(n, f);
         }
         let blas = CudaBlas::new(stream.clone())?;
@@ -309,6 +325,17 @@ impl Gpu {
         block: u32,
         args: &[&dyn Arg],
     ) -> Result<(), GpuError> {
+        self.launch_smem(name, grid, block, 0, args)
+    }
+
+    fn launch_smem(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[&dyn Arg],
+    ) -> Result<(), GpuError> {
         let f = self.func(name)?;
         let mut b = self.stream.launch_builder(f);
         for a in args {
@@ -317,7 +344,7 @@ impl Gpu {
         let cfg = LaunchConfig {
             grid_dim: grid,
             block_dim: (block, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem,
         };
         // SAFETY: each kernel's argument list is the one its wrapper below
         // passes, and the buffers' lengths are checked by the wrappers.
@@ -596,25 +623,17 @@ impl Gpu {
         )
     }
 
-    /// Causal attention forward: `o` (f32 and bf16) and the per-row
-    /// log-sum-exp `lse[B·T, H]`.
+    /// Causal attention forward on tensor cores: `o` (f32 and bf16) and
+    /// the per-row log-sum-exp `lse[B·T, H]`, from bf16 `q`, `k`, `v`.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_forward(
-        &self,
-        q: &F32,
-        k: &F32,
-        v: &F32,
-        o: &mut F32,
-        o_bf: &mut Bf16,
-        lse: &mut F32,
-        s: AttnDims,
-    ) -> Result<(), GpuError> {
+    pub fn attention_forward(&self, q: &Bf16, k: &Bf16, v: &Bf16, o: &mut F32, o_bf: &mut Bf16, lse: &mut F32, s: AttnDims) -> Result<(), GpuError> {
         self.attention_check(s)?;
         let scale = 1.0 / (s.head_dim as f32).sqrt();
-        self.launch(
+        self.launch_smem(
             &format!("attention_forward_{}", s.head_dim),
-            (s.seq.div_ceil(64) as u32, s.heads as u32, s.batch as u32),
-            64,
+            (s.seq.div_ceil(ATTN_TILE) as u32, s.heads as u32, s.batch as u32),
+            128,
+            attention_smem(s.head_dim),
             &[
                 &self.ptr(q),
                 &self.ptr(k),
@@ -630,17 +649,20 @@ impl Gpu {
         )
     }
 
-    /// Causal attention backward: `dq`, `dk`, `dv` (overwritten) from `dout`;
+    /// Causal attention backward: `dq`, `dk`, `dv` (f32, overwritten) from
+    /// the forward's bf16 inputs, its f32 output and `lse`, and the output
+    /// gradient (f32 for the row sums δ, bf16 for the products);
     /// `delta[B·T, H]` is scratch.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_backward(
         &self,
-        q: &F32,
-        k: &F32,
-        v: &F32,
+        q: &Bf16,
+        k: &Bf16,
+        v: &Bf16,
         o: &F32,
         lse: &F32,
         dout: &F32,
+        dout_bf: &Bf16,
         delta: &mut F32,
         dq: &mut F32,
         dk: &mut F32,
@@ -654,44 +676,30 @@ impl Gpu {
             "attention_delta",
             (grid_for(rows_heads), 1, 1),
             THREADS,
-            &[
-                &self.ptr(dout),
-                &self.ptr(o),
-                &self.ptr(delta),
-                &(rows_heads as i64),
-                &(s.head_dim as i32),
-            ],
+            &[&self.ptr(dout), &self.ptr(o), &self.ptr(delta), &(rows_heads as i64), &(s.head_dim as i32)],
         )?;
-        let dims = [
-            &(s.seq as i32) as &dyn Arg,
-            &(s.heads as i32),
-            &(s.kv_heads as i32),
-            &scale,
-        ];
-        let (qp, kp, vp, dop, lp, dp) = (
-            self.ptr(q),
-            self.ptr(k),
-            self.ptr(v),
-            self.ptr(dout),
-            self.ptr(lse),
-            self.ptr(delta),
-        );
+        let dims = [&(s.seq as i32) as &dyn Arg, &(s.heads as i32), &(s.kv_heads as i32), &scale];
+        let (qp, kp, vp, dop, lp, dp) = (self.ptr(q), self.ptr(k), self.ptr(v), self.ptr(dout_bf), self.ptr(lse), self.ptr(delta));
+        let smem = attention_smem(s.head_dim);
+        let tiles = s.seq.div_ceil(ATTN_TILE) as u32;
         let dqp = self.ptr(dq);
         let mut args: Vec<&dyn Arg> = vec![&qp, &kp, &vp, &dop, &lp, &dp, &dqp];
         args.extend(dims);
-        self.launch(
+        self.launch_smem(
             &format!("attention_backward_q_{}", s.head_dim),
-            (s.seq.div_ceil(64) as u32, s.heads as u32, s.batch as u32),
-            64,
+            (tiles, s.heads as u32, s.batch as u32),
+            128,
+            smem,
             &args,
         )?;
         let (dkp, dvp) = (self.ptr(dk), self.ptr(dv));
         let mut args: Vec<&dyn Arg> = vec![&qp, &kp, &vp, &dop, &lp, &dp, &dkp, &dvp];
         args.extend(dims);
-        self.launch(
+        self.launch_smem(
             &format!("attention_backward_kv_{}", s.head_dim),
-            (s.seq.div_ceil(32) as u32, s.kv_heads as u32, s.batch as u32),
-            32,
+            (tiles, s.kv_heads as u32, s.batch as u32),
+            128,
+            smem,
             &args,
         )
     }

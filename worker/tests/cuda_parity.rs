@@ -150,14 +150,23 @@ fn rmsnorm_rope_swiglu_loss_and_adamw_match_the_cpu() {
             rope.backward_tokens(&mut want, seq, width);
         }
         let mut g = gpu.upload(&r).unwrap();
-        gpu.rope(&mut g, &gcos, &gsin, 2 * seq, seq, width, hd / 2, sign)
-            .unwrap();
-        assert_close(
-            &format!("rope (sign {sign})"),
-            &gpu.download(&g).unwrap(),
-            &want,
-            1e-6,
-        );
+        let mut gb = gpu.zeros::<u16>(r.len()).unwrap();
+        gpu.rope(
+            &mut g,
+            &gcos,
+            &gsin,
+            2 * seq,
+            seq,
+            width,
+            hd / 2,
+            sign,
+            Some(&mut gb),
+        )
+        .unwrap();
+        let tag = format!("rope (sign {sign})");
+        assert_close(&tag, &gpu.download(&g).unwrap(), &want, 1e-6);
+        let rounded = bf16_to_f32(&gpu.download(&gb).unwrap());
+        assert_close(&format!("{tag}, bf16 copy"), &rounded, &want, BF16_TOL);
     }
 
     // SwiGLU.
@@ -286,8 +295,20 @@ fn attention_and_matrix_products_match_the_cpu() {
         (1, 1024, 8, 2, 64),
     ];
     for (batch, seq, heads, kv_heads, hd) in shapes {
-        let s = AttnShape { batch, seq, heads, kv_heads, head_dim: hd };
-        let dims = AttnDims { batch, seq, heads, kv_heads, head_dim: hd };
+        let s = AttnShape {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_dim: hd,
+        };
+        let dims = AttnDims {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_dim: hd,
+        };
         let (nq, nk) = (batch * seq * heads * hd, batch * seq * kv_heads * hd);
         // The kernels take bf16 operands: the CPU gets the same rounded values.
         let q = round_bf16(&rand_vec(nq, 11, 1.0));
@@ -306,21 +327,50 @@ fn attention_and_matrix_products_match_the_cpu() {
         let mut go = gpu.zeros::<f32>(nq).unwrap();
         let mut gob = gpu.zeros::<u16>(nq).unwrap();
         let mut lse = gpu.zeros::<f32>(batch * seq * heads).unwrap();
-        gpu.attention_forward(&gq, &gk, &gv, &mut go, &mut gob, &mut lse, dims).unwrap();
+        gpu.attention_forward(&gq, &gk, &gv, &mut go, &mut gob, &mut lse, dims)
+            .unwrap();
         let tag = format!("B{batch} T{seq} H{heads}/{kv_heads} hd{hd}");
         let o = gpu.download(&go).unwrap();
         assert_close(&format!("attention forward {tag}"), &o, &out, BF16_TOL);
         let mut delta = gpu.zeros::<f32>(batch * seq * heads).unwrap();
+        let mut partial = gpu.zeros::<f32>(2 * nq).unwrap();
         let mut gdq = gpu.zeros::<f32>(nq).unwrap();
         let mut gdk = gpu.zeros::<f32>(nk).unwrap();
         let mut gdv = gpu.zeros::<f32>(nk).unwrap();
         gpu.attention_backward(
-            &gq, &gk, &gv, &go, &lse, &gdo, &gdo_bf, &mut delta, &mut gdq, &mut gdk, &mut gdv, dims,
+            &gq,
+            &gk,
+            &gv,
+            &go,
+            &lse,
+            &gdo,
+            &gdo_bf,
+            &mut delta,
+            &mut partial,
+            &mut gdq,
+            &mut gdk,
+            &mut gdv,
+            dims,
         )
         .unwrap();
-        assert_close(&format!("attention dq {tag}"), &gpu.download(&gdq).unwrap(), &dq, 2e-2);
-        assert_close(&format!("attention dk {tag}"), &gpu.download(&gdk).unwrap(), &dk, 2e-2);
-        assert_close(&format!("attention dv {tag}"), &gpu.download(&gdv).unwrap(), &dv, 2e-2);
+        assert_close(
+            &format!("attention dq {tag}"),
+            &gpu.download(&gdq).unwrap(),
+            &dq,
+            2e-2,
+        );
+        assert_close(
+            &format!("attention dk {tag}"),
+            &gpu.download(&gdk).unwrap(),
+            &dk,
+            2e-2,
+        );
+        assert_close(
+            &format!("attention dv {tag}"),
+            &gpu.download(&gdv).unwrap(),
+            &dv,
+            2e-2,
+        );
     }
 
     // Linear layer: forward, input and weight gradients against the CPU

@@ -242,21 +242,42 @@ fn attention_seconds(gpu: &Gpu, cfg: &ModelConfig, batch: usize) -> Result<f64> 
             })
             .collect()
     };
-    let (q, k, v) = (gpu.upload(&bits(nq, 1))?, gpu.upload(&bits(nk, 2))?, gpu.upload(&bits(nk, 3))?);
+    let (q, k, v) = (
+        gpu.upload(&bits(nq, 1))?,
+        gpu.upload(&bits(nk, 2))?,
+        gpu.upload(&bits(nk, 3))?,
+    );
     let dout_bf = gpu.upload(&bits(nq, 4))?;
     let dout = gpu.zeros::<f32>(nq)?;
     let mut o = gpu.zeros::<f32>(nq)?;
     let mut o_bf = gpu.zeros::<u16>(nq)?;
     let mut lse = gpu.zeros::<f32>(rows * cfg.heads)?;
     let mut delta = gpu.zeros::<f32>(rows * cfg.heads)?;
-    let (mut dq, mut dk, mut dv) = (gpu.zeros::<f32>(nq)?, gpu.zeros::<f32>(nk)?, gpu.zeros::<f32>(nk)?);
+    let mut partial = gpu.zeros::<f32>(2 * nq)?;
+    let (mut dq, mut dk, mut dv) = (
+        gpu.zeros::<f32>(nq)?,
+        gpu.zeros::<f32>(nk)?,
+        gpu.zeros::<f32>(nk)?,
+    );
     let mut times = Vec::new();
     for _ in 0..6 {
         gpu.synchronize()?;
         let t = Instant::now();
         gpu.attention_forward(&q, &k, &v, &mut o, &mut o_bf, &mut lse, dims)?;
         gpu.attention_backward(
-            &q, &k, &v, &o, &lse, &dout, &dout_bf, &mut delta, &mut dq, &mut dk, &mut dv, dims,
+            &q,
+            &k,
+            &v,
+            &o,
+            &lse,
+            &dout,
+            &dout_bf,
+            &mut delta,
+            &mut partial,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            dims,
         )?;
         gpu.synchronize()?;
         times.push(t.elapsed().as_secs_f64());

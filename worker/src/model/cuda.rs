@@ -83,6 +83,8 @@ struct Scratch {
     dout: F32,
     dout_bf: Bf16,
     delta: F32,
+    /// Each query head's share of dK and dV (grouped heads).
+    partial: F32,
     dq: F32,
     dk: F32,
     dv: F32,
@@ -270,6 +272,11 @@ impl DeviceModel {
             dout: gpu.zeros(n * qw)?,
             dout_bf: gpu.zeros(n * qw)?,
             delta: gpu.zeros(n * cfg.heads)?,
+            partial: gpu.zeros(if cfg.heads == cfg.kv_heads {
+                1
+            } else {
+                2 * n * qw
+            })?,
             dq: gpu.zeros(n * qw)?,
             dk: gpu.zeros(n * kw)?,
             dv: gpu.zeros(n * kw)?,
@@ -362,7 +369,9 @@ impl DeviceModel {
     pub fn timed_repeat(&mut self, batch: usize, scale: f32) -> Result<(f32, f64, f64), GpuError> {
         let rows = batch * self.cfg.seq_len;
         if rows != self.tokens.len() {
-            return Err(err("timed_repeat needs the same shape as the last micro-batch".into()));
+            return Err(err(
+                "timed_repeat needs the same shape as the last micro-batch".into(),
+            ));
         }
         self.gpu.synchronize()?;
         let t0 = std::time::Instant::now();
@@ -404,10 +413,9 @@ impl DeviceModel {
             gpu.linear_forward(&a.xn1, bf(b.q), &mut s.qf, n, d, qw, 0.0)?;
             gpu.linear_forward(&a.xn1, bf(b.k), &mut s.kf, n, d, kw, 0.0)?;
             gpu.linear_forward(&a.xn1, bf(b.v), &mut s.vf, n, d, kw, 0.0)?;
-            gpu.rope(&mut s.qf, &self.rope_cos, &self.rope_sin, n, seq, qw, hd / 2, 1.0)?;
-            gpu.rope(&mut s.kf, &self.rope_cos, &self.rope_sin, n, seq, kw, hd / 2, 1.0)?;
-            gpu.cast_bf16(&s.qf, &mut a.q)?;
-            gpu.cast_bf16(&s.kf, &mut a.k)?;
+            let (cos, sin) = (&self.rope_cos, &self.rope_sin);
+            gpu.rope(&mut s.qf, cos, sin, n, seq, qw, hd / 2, 1.0, Some(&mut a.q))?;
+            gpu.rope(&mut s.kf, cos, sin, n, seq, kw, hd / 2, 1.0, Some(&mut a.k))?;
             gpu.cast_bf16(&s.vf, &mut a.v)?;
             gpu.attention_forward(&a.q, &a.k, &a.v, &mut a.o, &mut a.o_bf, &mut a.lse, dims)?;
             gpu.copy(x, &mut a.h)?;
@@ -501,33 +509,35 @@ impl DeviceModel {
                 &s.dout,
                 &s.dout_bf,
                 &mut s.delta,
+                &mut s.partial,
                 &mut s.dq,
                 &mut s.dk,
                 &mut s.dv,
                 dims,
             )?;
+            let (cos, sin) = (&self.rope_cos, &self.rope_sin);
             gpu.rope(
                 &mut s.dq,
-                &self.rope_cos,
-                &self.rope_sin,
+                cos,
+                sin,
                 n,
                 seq,
                 qw,
                 hd / 2,
                 -1.0,
+                Some(&mut s.dq_bf),
             )?;
             gpu.rope(
                 &mut s.dk,
-                &self.rope_cos,
-                &self.rope_sin,
+                cos,
+                sin,
                 n,
                 seq,
                 kw,
                 hd / 2,
                 -1.0,
+                Some(&mut s.dk_bf),
             )?;
-            gpu.cast_bf16(&s.dq, &mut s.dq_bf)?;
-            gpu.cast_bf16(&s.dk, &mut s.dk_bf)?;
             gpu.cast_bf16(&s.dv, &mut s.dv_bf)?;
             gpu.linear_backward_weight(&s.dq_bf, &a.xn1, &mut p[b.q].g, n, d, qw)?;
             gpu.linear_backward_weight(&s.dk_bf, &a.xn1, &mut p[b.k].g, n, d, kw)?;

@@ -142,9 +142,10 @@ extern "C" __global__ void rmsnorm_backward_weight(const float* __restrict__ dy,
 
 // Rotate x[N, width] in place, "rotate half" pairs (i, i+half) of each head;
 // row r is at position r % seq; sign −1 applies the transpose (backward).
+// When `out_bf` is not null the rotated values are also written there as bf16.
 extern "C" __global__ void rope(float* __restrict__ x, const float* __restrict__ cos_t,
                                 const float* __restrict__ sin_t, long rows, int seq, int width, int half,
-                                float sign) {
+                                float sign, bf16* __restrict__ out_bf) {
     long pairs_per_row = width / 2;
     long total = rows * pairs_per_row;
     for (long p = blockIdx.x * (long)blockDim.x + threadIdx.x; p < total; p += (long)gridDim.x * blockDim.x) {
@@ -155,8 +156,14 @@ extern "C" __global__ void rope(float* __restrict__ x, const float* __restrict__
         float c = cos_t[t * half + i], s = sign * sin_t[t * half + i];
         float* h = x + row * width + head * 2 * half;
         float x1 = h[i], x2 = h[i + half];
-        h[i] = x1 * c - x2 * s;
-        h[i + half] = x2 * c + x1 * s;
+        float y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
+        h[i] = y1;
+        h[i + half] = y2;
+        if (out_bf) {
+            bf16* o = out_bf + row * width + head * 2 * half;
+            o[i] = to_bf16(y1);
+            o[i + half] = to_bf16(y2);
+        }
     }
 }
 
@@ -241,6 +248,22 @@ __device__ __forceinline__ void mma16816(float* d, const u32* a, u32 b0, u32 b1)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Four 8×8 bf16 matrices from shared memory, one row address per lane
+// (lanes 8i..8i+7 give matrix i's rows); `trans` transposes each.
+__device__ __forceinline__ void ldsm_x4(u32* r, const bf16* p) {
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(u32* r, const bf16* p) {
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
 // Copy rows [row0, row0+64) of a token-major bf16 tensor (row stride
 // `stride`, head offset `col0`) into shared memory [64][HD+8]; rows past
 // `seq` are zero.
@@ -258,28 +281,25 @@ __device__ __forceinline__ void load_tile(bf16* dst, const bf16* __restrict__ sr
 
 // A fragments (16 rows × HD) of a warp's rows r0.. of a shared tile.
 template <int HD>
-__device__ __forceinline__ void load_a_frags(u32 (*frag)[4], const bf16* tile, int r0, int g, int t) {
+__device__ __forceinline__ void load_a_frags(u32 (*frag)[4], const bf16* tile, int r0, int lane) {
+    int i = lane >> 3, row = r0 + (lane & 7) + 8 * (i & 1), col = 8 * (i >> 1);
 #pragma unroll
-    for (int kk = 0; kk < HD / 16; kk++) {
-        const bf16* lo = tile + (r0 + g) * (HD + 8) + 16 * kk + 2 * t;
-        const bf16* hi = lo + 8 * (HD + 8);
-        frag[kk][0] = *(const u32*)lo;
-        frag[kk][1] = *(const u32*)hi;
-        frag[kk][2] = *(const u32*)(lo + 8);
-        frag[kk][3] = *(const u32*)(hi + 8);
-    }
+    for (int kk = 0; kk < HD / 16; kk++) ldsm_x4(frag[kk], tile + row * (HD + 8) + 16 * kk + col);
 }
 
 // acc[n-tile][4] (16 rows × 64 cols) += A(16 × HD) · Bᵀ where B's rows are the
 // 64 rows of a shared tile [64][HD+8] (S = Q·Kᵀ and friends).
 template <int HD>
-__device__ __forceinline__ void mma_abt(float (*acc)[4], const u32 (*a)[4], const bf16* tile, int g, int t) {
+__device__ __forceinline__ void mma_abt(float (*acc)[4], const u32 (*a)[4], const bf16* tile, int lane) {
+    int i = lane >> 3, n_off = (lane & 7) + 8 * (i >> 1), k_off = 8 * (i & 1);
 #pragma unroll
-    for (int nt = 0; nt < TILE / 8; nt++) {
+    for (int nt = 0; nt < TILE / 8; nt += 2) {
 #pragma unroll
         for (int kk = 0; kk < HD / 16; kk++) {
-            const bf16* p = tile + (8 * nt + g) * (HD + 8) + 16 * kk + 2 * t;
-            mma16816(acc[nt], a[kk], *(const u32*)p, *(const u32*)(p + 8));
+            u32 b[4];
+            ldsm_x4(b, tile + (8 * nt + n_off) * (HD + 8) + 16 * kk + k_off);
+            mma16816(acc[nt], a[kk], b[0], b[1]);
+            mma16816(acc[nt + 1], a[kk], b[2], b[3]);
         }
     }
 }
@@ -287,19 +307,18 @@ __device__ __forceinline__ void mma_abt(float (*acc)[4], const u32 (*a)[4], cons
 // acc[d-tile][4] (16 rows × HD) += P(16 × 64, as C fragments) · V where V's
 // rows are the 64 rows of a shared tile [64][HD+8].
 template <int HD>
-__device__ __forceinline__ void mma_pv(float (*acc)[4], const float (*p)[4], const bf16* tile, int g, int t) {
+__device__ __forceinline__ void mma_pv(float (*acc)[4], const float (*p)[4], const bf16* tile, int lane) {
+    int i = lane >> 3, k_off = (lane & 7) + 8 * (i & 1), n_off = 8 * (i >> 1);
 #pragma unroll
     for (int kk = 0; kk < TILE / 16; kk++) {
         u32 a[4] = {pack_bf16(p[2 * kk][0], p[2 * kk][1]), pack_bf16(p[2 * kk][2], p[2 * kk][3]),
                     pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3])};
-        const bf16* r0 = tile + (16 * kk + 2 * t) * (HD + 8);
-        const bf16* r1 = r0 + (HD + 8);
-        const bf16* r8 = r0 + 8 * (HD + 8);
-        const bf16* r9 = r8 + (HD + 8);
 #pragma unroll
-        for (int dt = 0; dt < HD / 8; dt++) {
-            int c = 8 * dt + g;
-            mma16816(acc[dt], a, pack2(r0[c], r1[c]), pack2(r8[c], r9[c]));
+        for (int dt = 0; dt < HD / 8; dt += 2) {
+            u32 b[4];
+            ldsm_x4_trans(b, tile + (16 * kk + k_off) * (HD + 8) + 8 * dt + n_off);
+            mma16816(acc[dt], a, b[0], b[1]);
+            mma16816(acc[dt + 1], a, b[2], b[3]);
         }
     }
 }
@@ -315,14 +334,15 @@ __device__ void attention_forward_impl(const bf16* __restrict__ q, const bf16* _
     bf16* sK = sQ + TILE * (HD + 8);
     bf16* sV = sK + TILE * (HD + 8);
     int b = blockIdx.z, h = blockIdx.y, kvh = h / (heads / kv_heads);
-    int q0 = blockIdx.x * TILE;
+    // The last query tiles see the most keys: start them first.
+    int q0 = (gridDim.x - 1 - blockIdx.x) * TILE;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int r0 = 16 * warp;
     long q_rs = (long)heads * HD, kv_rs = (long)kv_heads * HD, base = (long)b * seq;
     load_tile<HD>(sQ, q, base, q0, seq, q_rs, h * HD);
     __syncthreads();
     u32 qa[HD / 16][4];
-    load_a_frags<HD>(qa, sQ, r0, g, t);
+    load_a_frags<HD>(qa, sQ, r0, lane);
     float oacc[HD / 8][4];
 #pragma unroll
     for (int i = 0; i < HD / 8; i++) oacc[i][0] = oacc[i][1] = oacc[i][2] = oacc[i][3] = 0.0f;
@@ -337,15 +357,17 @@ __device__ void attention_forward_impl(const bf16* __restrict__ q, const bf16* _
         float s[TILE / 8][4];
 #pragma unroll
         for (int i = 0; i < TILE / 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
-        mma_abt<HD>(s, qa, sK, g, t);
+        mma_abt<HD>(s, qa, sK, lane);
         float mx[2] = {NEG_INF, NEG_INF};
+        // Only the diagonal tile and the sequence's last tile need masks.
+        bool edge = k0 == q0 || k0 + TILE > seq;
 #pragma unroll
         for (int nt = 0; nt < TILE / 8; nt++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int col = k0 + 8 * nt + 2 * t + (e & 1);
                 int row = rows[e >> 1];
-                float x = (col > row || col >= seq) ? NEG_INF : s[nt][e] * c;
+                float x = (edge && (col > row || col >= seq)) ? NEG_INF : s[nt][e] * c;
                 s[nt][e] = x;
                 mx[e >> 1] = fmaxf(mx[e >> 1], x);
             }
@@ -375,7 +397,7 @@ __device__ void attention_forward_impl(const bf16* __restrict__ q, const bf16* _
                 l[e >> 1] += p;
             }
         }
-        mma_pv<HD>(oacc, s, sV, g, t);
+        mma_pv<HD>(oacc, s, sV, lane);
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -425,7 +447,8 @@ __device__ void attention_backward_q_impl(const bf16* __restrict__ q, const bf16
     bf16* sK = sO + TILE * (HD + 8);
     bf16* sV = sK + TILE * (HD + 8);
     int b = blockIdx.z, h = blockIdx.y, kvh = h / (heads / kv_heads);
-    int q0 = blockIdx.x * TILE;
+    // The last query tiles see the most keys: start them first.
+    int q0 = (gridDim.x - 1 - blockIdx.x) * TILE;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int r0 = 16 * warp;
     long q_rs = (long)heads * HD, kv_rs = (long)kv_heads * HD, base = (long)b * seq;
@@ -433,8 +456,8 @@ __device__ void attention_backward_q_impl(const bf16* __restrict__ q, const bf16
     load_tile<HD>(sO, dout, base, q0, seq, q_rs, h * HD);
     __syncthreads();
     u32 qa[HD / 16][4], da[HD / 16][4];
-    load_a_frags<HD>(qa, sQ, r0, g, t);
-    load_a_frags<HD>(da, sO, r0, g, t);
+    load_a_frags<HD>(qa, sQ, r0, lane);
+    load_a_frags<HD>(da, sO, r0, lane);
     int rows[2] = {q0 + r0 + g, q0 + r0 + g + 8};
     float lse2[2], dl[2];
 #pragma unroll
@@ -458,19 +481,21 @@ __device__ void attention_backward_q_impl(const bf16* __restrict__ q, const bf16
             s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
             dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.0f;
         }
-        mma_abt<HD>(s, qa, sK, g, t);
-        mma_abt<HD>(dp, da, sV, g, t);
+        mma_abt<HD>(s, qa, sK, lane);
+        mma_abt<HD>(dp, da, sV, lane);
+        bool edge = k0 == q0 || k0 + TILE > seq || q0 + TILE > seq;
 #pragma unroll
         for (int nt = 0; nt < TILE / 8; nt++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int col = k0 + 8 * nt + 2 * t + (e & 1);
                 int row = rows[e >> 1];
-                float p = (col > row || col >= seq || row >= seq) ? 0.0f : exp2f(s[nt][e] * c - lse2[e >> 1]);
+                bool hidden = edge && (col > row || col >= seq || row >= seq);
+                float p = hidden ? 0.0f : exp2f(s[nt][e] * c - lse2[e >> 1]);
                 s[nt][e] = p * (dp[nt][e] - dl[e >> 1]);
             }
         }
-        mma_pv<HD>(acc, s, sK, g, t);
+        mma_pv<HD>(acc, s, sK, lane);
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -486,9 +511,11 @@ __device__ void attention_backward_q_impl(const bf16* __restrict__ q, const bf16
     }
 }
 
-// dk = scale · Σ_{heads in group} Σ_{i ≥ j} ds·q_i, dv = Σ p·dO_i; one block
-// per key tile, 128 threads. Probabilities and their gradients are computed
-// transposed (keys as rows), so every product stays inside a warp.
+// dk = scale · Σ_{i ≥ j} ds·q_i, dv = Σ p·dO_i for one query head; one block
+// per (key tile, query head), 128 threads. Probabilities and their gradients
+// are computed transposed (keys as rows), so every product stays inside a
+// warp. With grouped heads each query head writes its own share (row stride
+// `out_heads`·HD, at head `h`) and `attention_group_sum` adds the shares.
 template <int HD>
 __device__ void attention_backward_kv_impl(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                            const bf16* __restrict__ v, const bf16* __restrict__ dout,
@@ -502,7 +529,7 @@ __device__ void attention_backward_kv_impl(const bf16* __restrict__ q, const bf1
     float* sD = sL + TILE;
     bf16* sK = sQ;  // the key and value tiles are only read into registers
     bf16* sV = sO;
-    int b = blockIdx.z, kvh = blockIdx.y, group = heads / kv_heads;
+    int b = blockIdx.z, h = blockIdx.y, kvh = h / (heads / kv_heads);
     int k0 = blockIdx.x * TILE;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int r0 = 16 * warp;
@@ -511,8 +538,8 @@ __device__ void attention_backward_kv_impl(const bf16* __restrict__ q, const bf1
     load_tile<HD>(sV, v, base, k0, seq, kv_rs, kvh * HD);
     __syncthreads();
     u32 ka[HD / 16][4], va[HD / 16][4];
-    load_a_frags<HD>(ka, sK, r0, g, t);
-    load_a_frags<HD>(va, sV, r0, g, t);
+    load_a_frags<HD>(ka, sK, r0, lane);
+    load_a_frags<HD>(va, sV, r0, lane);
     int keys[2] = {k0 + r0 + g, k0 + r0 + g + 8};
     float dka[HD / 8][4], dva[HD / 8][4];
 #pragma unroll
@@ -521,47 +548,48 @@ __device__ void attention_backward_kv_impl(const bf16* __restrict__ q, const bf1
         dva[i][0] = dva[i][1] = dva[i][2] = dva[i][3] = 0.0f;
     }
     float c = scale * LOG2E;
-    for (int gi = 0; gi < group; gi++) {
-        int h = kvh * group + gi;
-        for (int q0 = k0; q0 < seq; q0 += TILE) {
-            __syncthreads();
-            load_tile<HD>(sQ, q, base, q0, seq, q_rs, h * HD);
-            load_tile<HD>(sO, dout, base, q0, seq, q_rs, h * HD);
-            for (int i = threadIdx.x; i < TILE; i += blockDim.x) {
-                long idx = (base + min(q0 + i, seq - 1)) * heads + h;
-                sL[i] = lse[idx] * LOG2E;
-                sD[i] = delta[idx];
-            }
-            __syncthreads();
-            float s[TILE / 8][4], dp[TILE / 8][4];
-#pragma unroll
-            for (int i = 0; i < TILE / 8; i++) {
-                s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
-                dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.0f;
-            }
-            mma_abt<HD>(s, ka, sQ, g, t);   // Sᵀ: keys × queries
-            mma_abt<HD>(dp, va, sO, g, t);  // dPᵀ = V·dOᵀ
-#pragma unroll
-            for (int nt = 0; nt < TILE / 8; nt++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int qc = 8 * nt + 2 * t + (e & 1);
-                    int col = q0 + qc;
-                    int key = keys[e >> 1];
-                    float p = (col < key || col >= seq || key >= seq) ? 0.0f : exp2f(s[nt][e] * c - sL[qc]);
-                    s[nt][e] = p;
-                    dp[nt][e] = p * (dp[nt][e] - sD[qc]);
-                }
-            }
-            mma_pv<HD>(dva, s, sO, g, t);   // dV += Pᵀ·dO
-            mma_pv<HD>(dka, dp, sQ, g, t);  // dK += dSᵀ·Q
+    for (int q0 = k0; q0 < seq; q0 += TILE) {
+        __syncthreads();
+        load_tile<HD>(sQ, q, base, q0, seq, q_rs, h * HD);
+        load_tile<HD>(sO, dout, base, q0, seq, q_rs, h * HD);
+        for (int i = threadIdx.x; i < TILE; i += blockDim.x) {
+            long idx = (base + min(q0 + i, seq - 1)) * heads + h;
+            sL[i] = lse[idx] * LOG2E;
+            sD[i] = delta[idx];
         }
+        __syncthreads();
+        float s[TILE / 8][4], dp[TILE / 8][4];
+#pragma unroll
+        for (int i = 0; i < TILE / 8; i++) {
+            s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+            dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.0f;
+        }
+        mma_abt<HD>(s, ka, sQ, lane);   // Sᵀ: keys × queries
+        mma_abt<HD>(dp, va, sO, lane);  // dPᵀ = V·dOᵀ
+        bool edge = q0 == k0 || q0 + TILE > seq || k0 + TILE > seq;
+#pragma unroll
+        for (int nt = 0; nt < TILE / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int qc = 8 * nt + 2 * t + (e & 1);
+                int col = q0 + qc;
+                int key = keys[e >> 1];
+                bool hidden = edge && (col < key || col >= seq || key >= seq);
+                float p = hidden ? 0.0f : exp2f(s[nt][e] * c - sL[qc]);
+                s[nt][e] = p;
+                dp[nt][e] = p * (dp[nt][e] - sD[qc]);
+            }
+        }
+        mma_pv<HD>(dva, s, sO, lane);   // dV += Pᵀ·dO
+        mma_pv<HD>(dka, dp, sQ, lane);  // dK += dSᵀ·Q
     }
+    // Grouped heads: this head's share goes to [B·T, heads·HD] at head h;
+    // otherwise (one query head per key head) straight to [B·T, KVH·HD].
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         int key = keys[r];
         if (key >= seq) continue;
-        long off = (base + key) * kv_rs + kvh * HD;
+        long off = (base + key) * q_rs + h * HD;
 #pragma unroll
         for (int dt = 0; dt < HD / 8; dt++) {
             int col = 8 * dt + 2 * t;
@@ -570,6 +598,28 @@ __device__ void attention_backward_kv_impl(const bf16* __restrict__ q, const bf1
             dv[off + col] = dva[dt][2 * r];
             dv[off + col + 1] = dva[dt][2 * r + 1];
         }
+    }
+}
+
+// dk[row, kvh] = Σ over the query heads of kvh's group of their shares.
+extern "C" __global__ void attention_group_sum(const float* __restrict__ pk, const float* __restrict__ pv,
+                                               float* __restrict__ dk, float* __restrict__ dv, long rows,
+                                               int heads, int kv_heads, int hd) {
+    long total = rows * kv_heads * hd;
+    int group = heads / kv_heads;
+    for (long idx = blockIdx.x * (long)blockDim.x + threadIdx.x; idx < total; idx += (long)gridDim.x * blockDim.x) {
+        long row = idx / ((long)kv_heads * hd);
+        int rem = (int)(idx % ((long)kv_heads * hd));
+        int kvh = rem / hd, i = rem % hd;
+        const float* a = pk + row * heads * hd + (long)kvh * group * hd + i;
+        const float* c = pv + row * heads * hd + (long)kvh * group * hd + i;
+        float sk = 0.0f, sv = 0.0f;
+        for (int g = 0; g < group; g++) {
+            sk += a[g * hd];
+            sv += c[g * hd];
+        }
+        dk[idx] = sk;
+        dv[idx] = sv;
     }
 }
 
@@ -599,16 +649,34 @@ ATTENTION_KERNELS(128)
 
 // AdamW with decoupled decay on f32 master weights; the gradient is scaled
 // by the clip factor; the bf16 copy the matrix products read is refreshed.
+__device__ __forceinline__ float adamw_one(float w, float g, float& m, float& v, float b1, float b2,
+                                           float step_size, float bc2_sqrt, float eps, float decay) {
+    m = b1 * m + (1.0f - b1) * g;
+    v = b2 * v + (1.0f - b2) * g * g;
+    return w * decay - step_size * m / (sqrtf(v) / bc2_sqrt + eps);
+}
+
 extern "C" __global__ void adamw(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
                                  float* __restrict__ v, bf16* __restrict__ w_bf, long n, float b1, float b2,
                                  float step_size, float bc2_sqrt, float eps, float decay, float clip) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float gi = g[i] * clip;
-        float mi = b1 * m[i] + (1.0f - b1) * gi;
-        float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+    // Four at a time (every buffer is 256-byte aligned), then the tail.
+    long n4 = n / 4;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n4; i += (long)gridDim.x * blockDim.x) {
+        float4 wi = ((float4*)w)[i], gi = ((const float4*)g)[i], mi = ((float4*)m)[i], vi = ((float4*)v)[i];
+        wi.x = adamw_one(wi.x, gi.x * clip, mi.x, vi.x, b1, b2, step_size, bc2_sqrt, eps, decay);
+        wi.y = adamw_one(wi.y, gi.y * clip, mi.y, vi.y, b1, b2, step_size, bc2_sqrt, eps, decay);
+        wi.z = adamw_one(wi.z, gi.z * clip, mi.z, vi.z, b1, b2, step_size, bc2_sqrt, eps, decay);
+        wi.w = adamw_one(wi.w, gi.w * clip, mi.w, vi.w, b1, b2, step_size, bc2_sqrt, eps, decay);
+        ((float4*)w)[i] = wi;
+        ((float4*)m)[i] = mi;
+        ((float4*)v)[i] = vi;
+        if (w_bf) ((uint2*)w_bf)[i] = make_uint2(pack_bf16(wi.x, wi.y), pack_bf16(wi.z, wi.w));
+    }
+    for (long i = 4 * n4 + blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float mi = m[i], vi = v[i];
+        float wi = adamw_one(w[i], g[i] * clip, mi, vi, b1, b2, step_size, bc2_sqrt, eps, decay);
         m[i] = mi;
         v[i] = vi;
-        float wi = w[i] * decay - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
         w[i] = wi;
         if (w_bf) w_bf[i] = to_bf16(wi);
     }

@@ -52,6 +52,7 @@ pub fn kernel_names() -> Vec<String> {
         "swiglu_backward",
         "cross_entropy",
         "attention_delta",
+        "attention_group_sum",
         "adamw",
     ]
     .iter()
@@ -510,7 +511,8 @@ impl Gpu {
     }
 
     /// Rotate `x[rows, width]` in place by the tables `(cos, sin)`
-    /// (`[seq, half]`); `sign = -1` is the backward.
+    /// (`[seq, half]`); `sign = -1` is the backward. `out_bf`, when given,
+    /// also receives the rotated values as bf16.
     #[allow(clippy::too_many_arguments)]
     pub fn rope(
         &self,
@@ -522,8 +524,13 @@ impl Gpu {
         width: usize,
         half: usize,
         sign: f32,
+        out_bf: Option<&mut Bf16>,
     ) -> Result<(), GpuError> {
         check(half > 0 && width % (2 * half) == 0, "rope width")?;
+        if let Some(o) = &out_bf {
+            check(o.len() >= rows * width, "rope bf16 output")?;
+        }
+        let out = out_bf.map(|o| self.ptr(o)).unwrap_or(0);
         let pairs = rows * width / 2;
         self.launch(
             "rope",
@@ -538,6 +545,7 @@ impl Gpu {
                 &(width as i32),
                 &(half as i32),
                 &sign,
+                &out,
             ],
         )
     }
@@ -626,12 +634,25 @@ impl Gpu {
     /// Causal attention forward on tensor cores: `o` (f32 and bf16) and
     /// the per-row log-sum-exp `lse[B·T, H]`, from bf16 `q`, `k`, `v`.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_forward(&self, q: &Bf16, k: &Bf16, v: &Bf16, o: &mut F32, o_bf: &mut Bf16, lse: &mut F32, s: AttnDims) -> Result<(), GpuError> {
+    pub fn attention_forward(
+        &self,
+        q: &Bf16,
+        k: &Bf16,
+        v: &Bf16,
+        o: &mut F32,
+        o_bf: &mut Bf16,
+        lse: &mut F32,
+        s: AttnDims,
+    ) -> Result<(), GpuError> {
         self.attention_check(s)?;
         let scale = 1.0 / (s.head_dim as f32).sqrt();
         self.launch_smem(
             &format!("attention_forward_{}", s.head_dim),
-            (s.seq.div_ceil(ATTN_TILE) as u32, s.heads as u32, s.batch as u32),
+            (
+                s.seq.div_ceil(ATTN_TILE) as u32,
+                s.heads as u32,
+                s.batch as u32,
+            ),
             128,
             attention_smem(s.head_dim),
             &[
@@ -651,8 +672,9 @@ impl Gpu {
 
     /// Causal attention backward: `dq`, `dk`, `dv` (f32, overwritten) from
     /// the forward's bf16 inputs, its f32 output and `lse`, and the output
-    /// gradient (f32 for the row sums δ, bf16 for the products);
-    /// `delta[B·T, H]` is scratch.
+    /// gradient (f32 for the row sums δ, bf16 for the products). `delta`
+    /// (`[B·T, H]`) and, with grouped heads, `partial` (twice the length of
+    /// `dq`: each query head's share of dK and dV) are scratch.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_backward(
         &self,
@@ -664,6 +686,7 @@ impl Gpu {
         dout: &F32,
         dout_bf: &Bf16,
         delta: &mut F32,
+        partial: &mut F32,
         dq: &mut F32,
         dk: &mut F32,
         dv: &mut F32,
@@ -671,15 +694,40 @@ impl Gpu {
     ) -> Result<(), GpuError> {
         self.attention_check(s)?;
         let scale = 1.0 / (s.head_dim as f32).sqrt();
-        let rows_heads = s.batch * s.seq * s.heads;
+        let rows = s.batch * s.seq;
+        let rows_heads = rows * s.heads;
+        let nq = rows_heads * s.head_dim;
+        let grouped = s.heads != s.kv_heads;
+        check(
+            !grouped || partial.len() >= 2 * nq,
+            "attention backward scratch",
+        )?;
         self.launch(
             "attention_delta",
             (grid_for(rows_heads), 1, 1),
             THREADS,
-            &[&self.ptr(dout), &self.ptr(o), &self.ptr(delta), &(rows_heads as i64), &(s.head_dim as i32)],
+            &[
+                &self.ptr(dout),
+                &self.ptr(o),
+                &self.ptr(delta),
+                &(rows_heads as i64),
+                &(s.head_dim as i32),
+            ],
         )?;
-        let dims = [&(s.seq as i32) as &dyn Arg, &(s.heads as i32), &(s.kv_heads as i32), &scale];
-        let (qp, kp, vp, dop, lp, dp) = (self.ptr(q), self.ptr(k), self.ptr(v), self.ptr(dout_bf), self.ptr(lse), self.ptr(delta));
+        let dims = [
+            &(s.seq as i32) as &dyn Arg,
+            &(s.heads as i32),
+            &(s.kv_heads as i32),
+            &scale,
+        ];
+        let (qp, kp, vp, dop, lp, dp) = (
+            self.ptr(q),
+            self.ptr(k),
+            self.ptr(v),
+            self.ptr(dout_bf),
+            self.ptr(lse),
+            self.ptr(delta),
+        );
         let smem = attention_smem(s.head_dim);
         let tiles = s.seq.div_ceil(ATTN_TILE) as u32;
         let dqp = self.ptr(dq);
@@ -692,16 +740,42 @@ impl Gpu {
             smem,
             &args,
         )?;
-        let (dkp, dvp) = (self.ptr(dk), self.ptr(dv));
+        // Every query head computes its share of dK and dV; with grouped
+        // heads the shares are summed afterwards.
+        let (dkp, dvp) = if grouped {
+            let p = self.ptr(partial);
+            (p, p + 4 * nq as u64)
+        } else {
+            (self.ptr(dk), self.ptr(dv))
+        };
         let mut args: Vec<&dyn Arg> = vec![&qp, &kp, &vp, &dop, &lp, &dp, &dkp, &dvp];
         args.extend(dims);
         self.launch_smem(
             &format!("attention_backward_kv_{}", s.head_dim),
-            (tiles, s.kv_heads as u32, s.batch as u32),
+            (tiles, s.heads as u32, s.batch as u32),
             128,
             smem,
             &args,
-        )
+        )?;
+        if grouped {
+            let total = rows * s.kv_heads * s.head_dim;
+            self.launch(
+                "attention_group_sum",
+                (grid_for(total), 1, 1),
+                THREADS,
+                &[
+                    &dkp,
+                    &dvp,
+                    &self.ptr(dk),
+                    &self.ptr(dv),
+                    &(rows as i64),
+                    &(s.heads as i32),
+                    &(s.kv_heads as i32),
+                    &(s.head_dim as i32),
+                ],
+            )?;
+        }
+        Ok(())
     }
 
     /// Fused AdamW on one tensor (see `optim::AdamW::step` for the math);

@@ -16,24 +16,7 @@ out="$(cd "$out" && pwd)"
 fail=0
 step() { printf '\n==> %s\n' "$*"; }
 
-# CUDA libraries: the toolkit's, else the ones PyTorch's wheels bring.
-# cudarc looks NCCL up as libnccl.so; the wheel ships libnccl.so.2.
-libs=/tmp/pipewright-libs
-mkdir -p "$libs"
-paths="$libs"
-for d in /usr/local/cuda/lib64 $(python3 - <<'PY' 2>/dev/null
-import nvidia
-for p in nvidia.__path__:
-    import os
-    for root, dirs, files in os.walk(p):
-        if any(f.startswith(("libnvrtc", "libcublas", "libnccl")) for f in files):
-            print(root)
-PY
-); do
-    [[ -d "$d" ]] && paths="$paths:$d"
-    [[ -e "$d/libnccl.so.2" && ! -e "$libs/libnccl.so" ]] && ln -s "$d/libnccl.so.2" "$libs/libnccl.so"
-done
-export LD_LIBRARY_PATH="$paths:${LD_LIBRARY_PATH:-}"
+source scripts/gpu-libs.sh
 
 step "GPU and driver"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"

@@ -233,8 +233,11 @@ extern "C" __global__ void cross_entropy(const float* __restrict__ logits, const
 #define TILE 64
 #define LOG2E 1.4426950408889634f
 
+// Two f32 → one bf16x2 word (round to nearest even), `lo` in the low half.
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-    return (u32)to_bf16(lo) | ((u32)to_bf16(hi) << 16);
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
 }
 
 __device__ __forceinline__ u32 pack2(bf16 lo, bf16 hi) { return (u32)lo | ((u32)hi << 16); }

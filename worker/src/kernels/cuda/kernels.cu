@@ -267,18 +267,42 @@ __device__ __forceinline__ void ldsm_x4_trans(u32* r, const bf16* p) {
                  : "r"(a));
 }
 
-// Copy rows [row0, row0+64) of a token-major bf16 tensor (row stride
-// `stride`, head offset `col0`) into shared memory [64][HD+8]; rows past
-// `seq` are zero.
+// Start copying rows [row0, row0+64) of a token-major bf16 tensor (row
+// stride `stride`, head offset `col0`) into shared memory [64][HD+8] with
+// cp.async (rows past `seq` are zero-filled); the caller commits the group
+// and waits for it, so the copy overlaps the previous tile's products.
 template <int HD>
 __device__ __forceinline__ void load_tile(bf16* dst, const bf16* __restrict__ src, long base_row, int row0,
                                           int seq, long stride, int col0) {
     const int vecs = HD / 8;  // 16-byte vectors per row
     for (int e = threadIdx.x; e < TILE * vecs; e += blockDim.x) {
         int r = e / vecs, c = (e % vecs) * 8;
-        uint4 val = make_uint4(0, 0, 0, 0);
-        if (row0 + r < seq) val = *(const uint4*)(src + (base_row + row0 + r) * stride + col0 + c);
-        *(uint4*)(dst + r * (HD + 8) + c) = val;
+        bool live = row0 + r < seq;
+        const bf16* from = src + (base_row + (live ? row0 + r : 0)) * stride + col0 + c;
+        u32 to = (u32)__cvta_generic_to_shared(dst + r * (HD + 8) + c);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(to), "l"(from), "r"(live ? 16 : 0));
+    }
+}
+
+// Start copying 64 per-row values of one head (`vals[(base + row)·heads + h]`,
+// rows clamped to the sequence) into shared memory.
+__device__ __forceinline__ void load_row_values(float* dst, const float* __restrict__ vals, long base, int row0,
+                                                int seq, int heads, int h) {
+    for (int i = threadIdx.x; i < TILE; i += blockDim.x) {
+        const float* from = vals + (base + min(row0 + i, seq - 1)) * heads + h;
+        u32 to = (u32)__cvta_generic_to_shared(dst + i);
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(to), "l"(from));
+    }
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Wait until at most `pending` (0 or 1) committed groups are still in flight.
+__device__ __forceinline__ void cp_async_wait(int pending) {
+    if (pending) {
+        asm volatile("cp.async.wait_group 1;\n" ::);
+    } else {
+        asm volatile("cp.async.wait_group 0;\n" ::);
     }
 }
 
@@ -333,9 +357,9 @@ __device__ void attention_forward_impl(const bf16* __restrict__ q, const bf16* _
                                        bf16* __restrict__ o_bf, float* __restrict__ lse, int seq, int heads,
                                        int kv_heads, float scale) {
     extern __shared__ __align__(16) unsigned char smem[];
+    const int T = TILE * (HD + 8);
     bf16* sQ = (bf16*)smem;
-    bf16* sK = sQ + TILE * (HD + 8);
-    bf16* sV = sK + TILE * (HD + 8);
+    bf16* sKV = sQ + T;  // two buffers of (K, V) tiles
     int b = blockIdx.z, h = blockIdx.y, kvh = h / (heads / kv_heads);
     // The last query tiles see the most keys: start them first.
     int q0 = (gridDim.x - 1 - blockIdx.x) * TILE;
@@ -343,6 +367,10 @@ __device__ void attention_forward_impl(const bf16* __restrict__ q, const bf16* _
     int r0 = 16 * warp;
     long q_rs = (long)heads * HD, kv_rs = (long)kv_heads * HD, base = (long)b * seq;
     load_tile<HD>(sQ, q, base, q0, seq, q_rs, h * HD);
+    load_tile<HD>(sKV, k, base, 0, seq, kv_rs, kvh * HD);
+    load_tile<HD>(sKV + T, v, base, 0, seq, kv_rs, kvh * HD);
+    cp_async_commit();
+    cp_async_wait(0);
     __syncthreads();
     u32 qa[HD / 16][4];
     load_a_frags<HD>(qa, sQ, r0, lane);
@@ -352,10 +380,17 @@ __device__ void attention_forward_impl(const bf16* __restrict__ q, const bf16* _
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
     float c = scale * LOG2E;
     int rows[2] = {q0 + r0 + g, q0 + r0 + g + 8};
-    for (int k0 = 0; k0 <= q0 && k0 < seq; k0 += TILE) {
-        __syncthreads();
-        load_tile<HD>(sK, k, base, k0, seq, kv_rs, kvh * HD);
-        load_tile<HD>(sV, v, base, k0, seq, kv_rs, kvh * HD);
+    for (int k0 = 0, it = 0; k0 <= q0 && k0 < seq; k0 += TILE, it++) {
+        bf16* sK = sKV + 2 * T * (it & 1);
+        bf16* sV = sK + T;
+        bool more = k0 + TILE <= q0 && k0 + TILE < seq;
+        if (more) {  // the next tile streams in while this one is used
+            bf16* nK = sKV + 2 * T * ((it + 1) & 1);
+            load_tile<HD>(nK, k, base, k0 + TILE, seq, kv_rs, kvh * HD);
+            load_tile<HD>(nK + T, v, base, k0 + TILE, seq, kv_rs, kvh * HD);
+            cp_async_commit();
+        }
+        cp_async_wait(more ? 1 : 0);
         __syncthreads();
         float s[TILE / 8][4];
 #pragma unroll
@@ -401,6 +436,7 @@ __device__ void attention_forward_impl(const bf16* __restrict__ q, const bf16* _
             }
         }
         mma_pv<HD>(oacc, s, sV, lane);
+        __syncthreads();  // this buffer is refilled two tiles on
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -445,10 +481,10 @@ __device__ void attention_backward_q_impl(const bf16* __restrict__ q, const bf16
                                           float* __restrict__ dq, int seq, int heads, int kv_heads,
                                           float scale) {
     extern __shared__ __align__(16) unsigned char smem[];
+    const int T = TILE * (HD + 8);
     bf16* sQ = (bf16*)smem;
-    bf16* sO = sQ + TILE * (HD + 8);
-    bf16* sK = sO + TILE * (HD + 8);
-    bf16* sV = sK + TILE * (HD + 8);
+    bf16* sO = sQ + T;
+    bf16* sKV = sO + T;  // two buffers of (K, V) tiles
     int b = blockIdx.z, h = blockIdx.y, kvh = h / (heads / kv_heads);
     // The last query tiles see the most keys: start them first.
     int q0 = (gridDim.x - 1 - blockIdx.x) * TILE;
@@ -457,6 +493,10 @@ __device__ void attention_backward_q_impl(const bf16* __restrict__ q, const bf16
     long q_rs = (long)heads * HD, kv_rs = (long)kv_heads * HD, base = (long)b * seq;
     load_tile<HD>(sQ, q, base, q0, seq, q_rs, h * HD);
     load_tile<HD>(sO, dout, base, q0, seq, q_rs, h * HD);
+    load_tile<HD>(sKV, k, base, 0, seq, kv_rs, kvh * HD);
+    load_tile<HD>(sKV + T, v, base, 0, seq, kv_rs, kvh * HD);
+    cp_async_commit();
+    cp_async_wait(0);
     __syncthreads();
     u32 qa[HD / 16][4], da[HD / 16][4];
     load_a_frags<HD>(qa, sQ, r0, lane);
@@ -473,10 +513,17 @@ __device__ void attention_backward_q_impl(const bf16* __restrict__ q, const bf16
 #pragma unroll
     for (int i = 0; i < HD / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
     float c = scale * LOG2E;
-    for (int k0 = 0; k0 <= q0 && k0 < seq; k0 += TILE) {
-        __syncthreads();
-        load_tile<HD>(sK, k, base, k0, seq, kv_rs, kvh * HD);
-        load_tile<HD>(sV, v, base, k0, seq, kv_rs, kvh * HD);
+    for (int k0 = 0, it = 0; k0 <= q0 && k0 < seq; k0 += TILE, it++) {
+        bf16* sK = sKV + 2 * T * (it & 1);
+        bf16* sV = sK + T;
+        bool more = k0 + TILE <= q0 && k0 + TILE < seq;
+        if (more) {
+            bf16* nK = sKV + 2 * T * ((it + 1) & 1);
+            load_tile<HD>(nK, k, base, k0 + TILE, seq, kv_rs, kvh * HD);
+            load_tile<HD>(nK + T, v, base, k0 + TILE, seq, kv_rs, kvh * HD);
+            cp_async_commit();
+        }
+        cp_async_wait(more ? 1 : 0);
         __syncthreads();
         float s[TILE / 8][4], dp[TILE / 8][4];
 #pragma unroll
@@ -499,6 +546,7 @@ __device__ void attention_backward_q_impl(const bf16* __restrict__ q, const bf16
             }
         }
         mma_pv<HD>(acc, s, sK, lane);
+        __syncthreads();  // this buffer is refilled two tiles on
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -526,12 +574,12 @@ __device__ void attention_backward_kv_impl(const bf16* __restrict__ q, const bf1
                                            float* __restrict__ dk, float* __restrict__ dv, int seq, int heads,
                                            int kv_heads, float scale) {
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16* sQ = (bf16*)smem;
-    bf16* sO = sQ + TILE * (HD + 8);
-    float* sL = (float*)(sO + TILE * (HD + 8));
-    float* sD = sL + TILE;
-    bf16* sK = sQ;  // the key and value tiles are only read into registers
-    bf16* sV = sO;
+    const int T = TILE * (HD + 8);
+    // Two buffers of (Q, dO) tiles, then two of (lse, δ) rows.
+    bf16* sQO = (bf16*)smem;
+    float* sLD = (float*)(sQO + 4 * T);
+    bf16* sK = sQO;  // the key and value tiles are only read into registers
+    bf16* sV = sQO + T;
     int b = blockIdx.z, h = blockIdx.y, kvh = h / (heads / kv_heads);
     int k0 = blockIdx.x * TILE;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -539,10 +587,19 @@ __device__ void attention_backward_kv_impl(const bf16* __restrict__ q, const bf1
     long q_rs = (long)heads * HD, kv_rs = (long)kv_heads * HD, base = (long)b * seq;
     load_tile<HD>(sK, k, base, k0, seq, kv_rs, kvh * HD);
     load_tile<HD>(sV, v, base, k0, seq, kv_rs, kvh * HD);
+    cp_async_commit();
+    cp_async_wait(0);
     __syncthreads();
     u32 ka[HD / 16][4], va[HD / 16][4];
     load_a_frags<HD>(ka, sK, r0, lane);
     load_a_frags<HD>(va, sV, r0, lane);
+    __syncthreads();
+    // The first query tile (the diagonal one) into buffer 0.
+    load_tile<HD>(sQO, q, base, k0, seq, q_rs, h * HD);
+    load_tile<HD>(sQO + T, dout, base, k0, seq, q_rs, h * HD);
+    load_row_values(sLD, lse, base, k0, seq, heads, h);
+    load_row_values(sLD + TILE, delta, base, k0, seq, heads, h);
+    cp_async_commit();
     int keys[2] = {k0 + r0 + g, k0 + r0 + g + 8};
     float dka[HD / 8][4], dva[HD / 8][4];
 #pragma unroll
@@ -551,15 +608,21 @@ __device__ void attention_backward_kv_impl(const bf16* __restrict__ q, const bf1
         dva[i][0] = dva[i][1] = dva[i][2] = dva[i][3] = 0.0f;
     }
     float c = scale * LOG2E;
-    for (int q0 = k0; q0 < seq; q0 += TILE) {
-        __syncthreads();
-        load_tile<HD>(sQ, q, base, q0, seq, q_rs, h * HD);
-        load_tile<HD>(sO, dout, base, q0, seq, q_rs, h * HD);
-        for (int i = threadIdx.x; i < TILE; i += blockDim.x) {
-            long idx = (base + min(q0 + i, seq - 1)) * heads + h;
-            sL[i] = lse[idx] * LOG2E;
-            sD[i] = delta[idx];
+    for (int q0 = k0, it = 0; q0 < seq; q0 += TILE, it++) {
+        bf16* sQ = sQO + 2 * T * (it & 1);
+        bf16* sO = sQ + T;
+        float* sL = sLD + 2 * TILE * (it & 1);
+        float* sD = sL + TILE;
+        bool more = q0 + TILE < seq;
+        if (more) {  // the next query tile streams in while this one is used
+            int nb = (it + 1) & 1, q1 = q0 + TILE;
+            load_tile<HD>(sQO + 2 * T * nb, q, base, q1, seq, q_rs, h * HD);
+            load_tile<HD>(sQO + 2 * T * nb + T, dout, base, q1, seq, q_rs, h * HD);
+            load_row_values(sLD + 2 * TILE * nb, lse, base, q1, seq, heads, h);
+            load_row_values(sLD + 2 * TILE * nb + TILE, delta, base, q1, seq, heads, h);
+            cp_async_commit();
         }
+        cp_async_wait(more ? 1 : 0);
         __syncthreads();
         float s[TILE / 8][4], dp[TILE / 8][4];
 #pragma unroll
@@ -578,13 +641,14 @@ __device__ void attention_backward_kv_impl(const bf16* __restrict__ q, const bf1
                 int col = q0 + qc;
                 int key = keys[e >> 1];
                 bool hidden = edge && (col < key || col >= seq || key >= seq);
-                float p = hidden ? 0.0f : exp2f(s[nt][e] * c - sL[qc]);
+                float p = hidden ? 0.0f : exp2f(s[nt][e] * c - sL[qc] * LOG2E);
                 s[nt][e] = p;
                 dp[nt][e] = p * (dp[nt][e] - sD[qc]);
             }
         }
         mma_pv<HD>(dva, s, sO, lane);   // dV += Pᵀ·dO
         mma_pv<HD>(dka, dp, sQ, lane);  // dK += dSᵀ·Q
+        __syncthreads();  // this buffer is refilled two tiles on
     }
     // Grouped heads: this head's share goes to [B·T, heads·HD] at head h;
     // otherwise (one query head per key head) straight to [B·T, KVH·HD].

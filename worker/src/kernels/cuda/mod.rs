@@ -28,10 +28,12 @@ pub const SOURCE: &str = include_str!("kernels.cu");
 /// Rows (queries or keys) of one attention tile.
 const ATTN_TILE: usize = 64;
 
-/// Dynamic shared memory of the attention kernels for head width `hd`:
-/// at most four bf16 tiles of `[64][hd + 8]` (the largest, the dQ kernel's).
+/// Dynamic shared memory of the attention kernels for head width `hd`: the
+/// largest need, the dQ kernel's, is six bf16 tiles of `[64][hd + 8]` (its
+/// queries, their gradients, two buffers of keys and values); the dK/dV
+/// kernel's four tiles and 256 row values fit in it.
 fn attention_smem(hd: usize) -> u32 {
-    (4 * ATTN_TILE * (hd + 8) * 2) as u32
+    (6 * ATTN_TILE * (hd + 8) * 2) as u32
 }
 
 /// Head widths the attention kernels are instantiated for.

@@ -20,7 +20,7 @@ source scripts/gpu-libs.sh
 
 step "GPU and driver"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
-echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" | tee -a "$out/gpu.txt"
+echo "binaries built from commit $(cat .gpu/COMMIT 2>/dev/null || echo unknown)" | tee -a "$out/gpu.txt"
 
 step "kernels compile (NVRTC, sm_90)"
 timeout 120 "$bin/cuda_compile" --test-threads 1 2>&1 | tee "$out/compile.txt" || fail=1

@@ -22,6 +22,8 @@ for l in sys.stdin:
     cp "$exe" "$dest/bin/$t"
 done
 strip "$dest"/bin/*
+# The commit the binaries were built from (a trailing + marks local changes).
+echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- worker spec || echo +)" > "$dest/COMMIT"
 mkdir -p "$dest/fortunes"
 find /usr/share/games/fortunes -maxdepth 1 -type f ! -name '*.dat' ! -name '*.u8' -exec cp {} "$dest/fortunes/" \;
 du -sh "$dest"

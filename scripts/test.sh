@@ -18,8 +18,16 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --release --workspace --all-targets -- -D warnings
 
+step "cargo clippy with the CUDA backend (builds without CUDA installed)"
+cargo clippy --release -p pipewright --features cuda --all-targets -- -D warnings
+
 step "cargo test"
 cargo test --release --workspace
+
+step "CUDA kernels compile for sm_90 with NVRTC (no GPU needed; device tests skip without one)"
+NVRTC_LIB=$(bash scripts/nvrtc-env.sh | tail -1)
+LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" PIPEWRIGHT_REQUIRE_NVRTC=1 \
+    cargo test --release -p pipewright --features cuda --test cuda_compile --test cuda_parity
 
 step "python environment"
 PY=$(bash scripts/python-env.sh | tail -1)

@@ -132,6 +132,9 @@ impl std::fmt::Debug for DeviceModel {
     }
 }
 
+/// Adam moments `(m, v)` of every parameter, in the parameters' order.
+pub type Moments<'a> = (&'a [&'a [f32]], &'a [&'a [f32]]);
+
 /// A parameter's host values with its Adam moments.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostParam {
@@ -158,7 +161,7 @@ impl DeviceModel {
         gpu: Gpu,
         cfg: &ModelConfig,
         params: &[&Param],
-        moments: Option<(&[&[f32]], &[&[f32]])>,
+        moments: Option<Moments<'_>>,
         adam_t: u64,
         rows: usize,
     ) -> Result<Self, GpuError> {

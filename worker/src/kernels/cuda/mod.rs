@@ -528,7 +528,7 @@ impl Gpu {
         sign: f32,
         out_bf: Option<&mut Bf16>,
     ) -> Result<(), GpuError> {
-        check(half > 0 && width % (2 * half) == 0, "rope width")?;
+        check(half > 0 && width.is_multiple_of(2 * half), "rope width")?;
         if let Some(o) = &out_bf {
             check(o.len() >= rows * width, "rope bf16 output")?;
         }
@@ -628,7 +628,7 @@ impl Gpu {
             )));
         }
         check(
-            s.kv_heads > 0 && s.heads % s.kv_heads == 0,
+            s.kv_heads > 0 && s.heads.is_multiple_of(s.kv_heads),
             "attention heads",
         )
     }
@@ -871,6 +871,7 @@ impl Gpu {
     }
 
     /// Linear layer forward `y[rows, out] = x[rows, in]·Wᵀ (+ beta·y)`.
+    #[allow(clippy::too_many_arguments)]
     pub fn linear_forward(
         &self,
         x: &Bf16,
@@ -891,6 +892,7 @@ impl Gpu {
     }
 
     /// Linear layer input gradient `dx[rows, in] = dy·W (+ beta·dx)`.
+    #[allow(clippy::too_many_arguments)]
     pub fn linear_backward_input(
         &self,
         dy: &Bf16,

@@ -171,19 +171,20 @@ fn rmsnorm_rope_swiglu_loss_and_adamw_match_the_cpu() {
 
     // SwiGLU.
     let n = rows * 200;
+    // The projections arrive as bf16: the CPU gets the same rounded values.
     let (g, u, dh) = (
-        rand_vec(n, 5, 3.0),
-        rand_vec(n, 6, 1.0),
-        rand_vec(n, 7, 1.0),
+        round_bf16(&rand_vec(n, 5, 3.0)),
+        round_bf16(&rand_vec(n, 6, 1.0)),
+        round_bf16(&rand_vec(n, 7, 1.0)),
     );
     let mut h = vec![0.0; n];
     ops::swiglu_forward(&mut h, &g, &u);
     let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
     ops::swiglu_backward(&mut dg, &mut du, &dh, &g, &u);
     let (gg, gu, gdh) = (
-        gpu.upload(&g).unwrap(),
-        gpu.upload(&u).unwrap(),
-        gpu.upload(&dh).unwrap(),
+        gpu.upload(&to_bf(&g)).unwrap(),
+        gpu.upload(&to_bf(&u)).unwrap(),
+        gpu.upload(&to_bf(&dh)).unwrap(),
     );
     let mut gh = gpu.zeros::<u16>(n).unwrap();
     gpu.swiglu_forward(&gg, &gu, &mut gh).unwrap();

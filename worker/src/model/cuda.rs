@@ -63,8 +63,8 @@ struct BlockActs {
     h: F32,
     rstd2: F32,
     xn2: Bf16,
-    g: F32,
-    u: F32,
+    g: Bf16,
+    u: Bf16,
     hb: Bf16,
 }
 
@@ -77,7 +77,7 @@ struct Scratch {
     dres: F32,
     dres_bf: Bf16,
     dxn: F32,
-    dff: F32,
+    dff: Bf16,
     dg: Bf16,
     du: Bf16,
     dout: F32,
@@ -624,7 +624,8 @@ impl DeviceModel {
             .iter()
             .map(|a| {
                 4 * (a.rstd1.len() + a.o.len() + a.lse.len())
-                    + 4 * (a.h.len() + a.rstd2.len() + a.g.len() + a.u.len())
+                    + 4 * (a.h.len() + a.rstd2.len())
+                    + 2 * (a.g.len() + a.u.len())
                     + 2 * (a.xn1.len() + a.q.len() + a.k.len() + a.v.len())
                     + 2 * (a.o_bf.len() + a.xn2.len() + a.hb.len())
             })

@@ -171,22 +171,22 @@ extern "C" __global__ void rope(float* __restrict__ x, const float* __restrict__
 
 __device__ __forceinline__ float sigmoidf(float g) { return 1.0f / (1.0f + __expf(-g)); }
 
-// h = silu(g)·u, written as bf16 for the down projection.
-extern "C" __global__ void swiglu_forward(const float* __restrict__ g, const float* __restrict__ u,
+// h = silu(g)·u; the projections and the product are bf16 (f32 arithmetic).
+extern "C" __global__ void swiglu_forward(const bf16* __restrict__ g, const bf16* __restrict__ u,
                                           bf16* __restrict__ h, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float gi = g[i];
-        h[i] = to_bf16(gi * sigmoidf(gi) * u[i]);
+        float gi = from_bf16(g[i]);
+        h[i] = to_bf16(gi * sigmoidf(gi) * from_bf16(u[i]));
     }
 }
 
-// dg = dh·u·silu'(g), du = dh·silu(g), both bf16.
-extern "C" __global__ void swiglu_backward(const float* __restrict__ dh, const float* __restrict__ g,
-                                           const float* __restrict__ u, bf16* __restrict__ dg,
+// dg = dh·u·silu'(g), du = dh·silu(g), all bf16.
+extern "C" __global__ void swiglu_backward(const bf16* __restrict__ dh, const bf16* __restrict__ g,
+                                           const bf16* __restrict__ u, bf16* __restrict__ dg,
                                            bf16* __restrict__ du, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float gi = g[i], s = sigmoidf(gi), d = dh[i];
-        dg[i] = to_bf16(d * u[i] * s * (1.0f + gi * (1.0f - s)));
+        float gi = from_bf16(g[i]), s = sigmoidf(gi), d = from_bf16(dh[i]);
+        dg[i] = to_bf16(d * from_bf16(u[i]) * s * (1.0f + gi * (1.0f - s)));
         du[i] = to_bf16(d * gi * s);
     }
 }

@@ -552,8 +552,8 @@ impl Gpu {
         )
     }
 
-    /// `h = silu(g)·u` (bf16).
-    pub fn swiglu_forward(&self, g: &F32, u: &F32, h: &mut Bf16) -> Result<(), GpuError> {
+    /// `h = silu(g)·u`, all bf16 (the gate and up projections write bf16).
+    pub fn swiglu_forward(&self, g: &Bf16, u: &Bf16, h: &mut Bf16) -> Result<(), GpuError> {
         let n = g.len();
         self.launch(
             "swiglu_forward",
@@ -563,12 +563,12 @@ impl Gpu {
         )
     }
 
-    /// SwiGLU backward: `dg`, `du` (bf16) from `dh`.
+    /// SwiGLU backward: `dg`, `du` from `dh`, all bf16.
     pub fn swiglu_backward(
         &self,
-        dh: &F32,
-        g: &F32,
-        u: &F32,
+        dh: &Bf16,
+        g: &Bf16,
+        u: &Bf16,
         dg: &mut Bf16,
         du: &mut Bf16,
     ) -> Result<(), GpuError> {
@@ -822,7 +822,7 @@ impl Gpu {
     /// f32 accumulation. `lda`, `ldb`, `ldc` are the stored matrices' row
     /// lengths; `ta`/`tb` mean the stored matrix is the transpose.
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm(
+    pub fn gemm<C: GemmOut>(
         &self,
         ta: bool,
         tb: bool,
@@ -833,7 +833,7 @@ impl Gpu {
         lda: usize,
         b: &Bf16,
         ldb: usize,
-        c: &mut F32,
+        c: &mut CudaSlice<C>,
         ldc: usize,
         beta: f32,
     ) -> Result<(), GpuError> {
@@ -861,7 +861,7 @@ impl Gpu {
                 lda as i32,
                 &beta as *const f32 as *const _,
                 self.ptr(c) as *mut _,
-                blas_sys::cudaDataType::CUDA_R_32F,
+                C::DATA_TYPE,
                 ldc as i32,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -872,11 +872,11 @@ impl Gpu {
 
     /// Linear layer forward `y[rows, out] = x[rows, in]·Wᵀ (+ beta·y)`.
     #[allow(clippy::too_many_arguments)]
-    pub fn linear_forward(
+    pub fn linear_forward<C: GemmOut>(
         &self,
         x: &Bf16,
         w: &Bf16,
-        y: &mut F32,
+        y: &mut CudaSlice<C>,
         rows: usize,
         input: usize,
         out: usize,
@@ -893,11 +893,11 @@ impl Gpu {
 
     /// Linear layer input gradient `dx[rows, in] = dy·W (+ beta·dx)`.
     #[allow(clippy::too_many_arguments)]
-    pub fn linear_backward_input(
+    pub fn linear_backward_input<C: GemmOut>(
         &self,
         dy: &Bf16,
         w: &Bf16,
-        dx: &mut F32,
+        dx: &mut CudaSlice<C>,
         rows: usize,
         input: usize,
         out: usize,
@@ -927,6 +927,21 @@ impl Gpu {
             true, false, out, input, rows, dy, out, x, input, dw, input, 1.0,
         )
     }
+}
+
+/// Element types a matrix product may write: f32, or bf16 for a result
+/// that only feeds bf16 operands (rounded once, by cuBLAS).
+pub trait GemmOut: DeviceRepr {
+    /// cuBLAS's name of the type.
+    const DATA_TYPE: blas_sys::cudaDataType;
+}
+
+impl GemmOut for f32 {
+    const DATA_TYPE: blas_sys::cudaDataType = blas_sys::cudaDataType::CUDA_R_32F;
+}
+
+impl GemmOut for u16 {
+    const DATA_TYPE: blas_sys::cudaDataType = blas_sys::cudaDataType::CUDA_R_16BF;
 }
 
 /// AdamW's per-step scalars, as `optim::AdamW::step` derives them.

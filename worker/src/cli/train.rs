@@ -90,7 +90,8 @@ fn select_device(trainer: &mut Trainer, choice: Device) -> Result<()> {
     {
         use crate::kernels::cuda::{driver_present, Gpu};
         if choice == Device::Auto && !driver_present() {
-            return Ok(()); // no NVIDIA driver here: the CPU, quietly
+            eprintln!("device: no CUDA driver here (libcuda does not load); training on the CPU");
+            return Ok(());
         }
         let opened = Gpu::open(0).and_then(|gpu| {
             let name = gpu.name().to_string();
@@ -221,7 +222,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
     let total = spec.training.steps;
     let stop = args.stop_after.unwrap_or(total).min(total);
-    let bar = progress_bar(total, trainer.step, args.quiet);
+    let plain = args.quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = progress_bar(total, trainer.step, plain);
+    // A hidden bar prints nothing, so plain mode writes its lines itself.
+    let say = |line: String| {
+        if plain {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
     let start = Instant::now();
     let first_step = trainer.step;
     let mut tokens = 0usize;
@@ -237,7 +247,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
             "loss {:.4}  {:.0} tok/s  lr {:.2e}",
             r.loss, tps, r.lr
         ));
-        if args.quiet && last_log.elapsed() > Duration::from_secs(10) {
+        // Without a terminal (CI logs, `| tee`) the bar is not drawn: a
+        // plain line every few seconds instead.
+        if plain && last_log.elapsed() > Duration::from_secs(5) {
             eprintln!(
                 "step {}/{total} loss {:.4} {:.0} tok/s",
                 trainer.step, r.loss, tps
@@ -247,7 +259,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let every = spec.training.eval_every;
         if every > 0 && trainer.step % every == 0 && trainer.step < total {
             let e = trainer.evaluate(spec.training.eval_batches)?;
-            bar.println(format!(
+            say(format!(
                 "step {}: val loss {:.4}, {:.3} bits/byte",
                 trainer.step, e.loss, e.bits_per_byte
             ));
@@ -255,7 +267,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let ck = spec.checkpoint.every;
         if ck > 0 && trainer.step % ck == 0 && trainer.step < stop {
             let dir = trainer.save_checkpoint(&root)?;
-            bar.println(format!(
+            say(format!(
                 "step {}: checkpoint {}",
                 trainer.step,
                 dir.display()

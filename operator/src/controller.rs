@@ -1323,9 +1323,15 @@ pub fn observed_status(
         shards: shard_rows,
         reassignments,
         step: report.and_then(|r| r.step).or(previous.step),
-        loss: report.and_then(|r| r.loss).or(previous.loss),
+        // Figures a person reads in `kubectl get`: four significant digits
+        // of loss, whole tokens per second.
+        loss: report
+            .and_then(|r| r.loss)
+            .map(significant4)
+            .or(previous.loss),
         tokens_per_second: report
             .and_then(|r| r.tokens_per_second)
+            .map(f64::round)
             .or(previous.tokens_per_second),
         total_reassignments: seen.total_reassignments,
         failed_nodes: seen.failed_nodes,
@@ -1343,6 +1349,15 @@ pub fn observed_status(
 /// Status of a suspended run: no pods, everything else kept. The
 /// `Scheduled` condition is dropped so that the gang's timeout starts anew
 /// on resume.
+/// `x` rounded to four significant digits (2.718281 → 2.718, 0.0123456 → 0.01235).
+fn significant4(x: f64) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    let scale = 10f64.powi(3 - x.abs().log10().floor() as i32);
+    (x * scale).round() / scale
+}
+
 pub fn suspended_status(run: &TrainingRunResource, now: Time) -> TrainingRunStatus {
     let previous = run.status.clone().unwrap_or_default();
     let generation = run.meta().generation;

@@ -562,3 +562,12 @@ fn covers_ignores_fields_the_api_server_adds() {
     let more = json!({"spec": {"ports": [{"name": "link", "port": 7071}, {"name": "ring"}]}});
     assert!(!covers(&have, &more));
 }
+
+#[test]
+fn status_figures_are_rounded_for_people() {
+    assert_eq!(super::significant4(2.718281828), 2.718);
+    assert_eq!(super::significant4(0.0123456), 0.01235);
+    assert_eq!(super::significant4(11.0), 11.0);
+    assert_eq!(super::significant4(12345.6), 12350.0);
+    assert_eq!(super::significant4(0.0), 0.0);
+}

@@ -1349,7 +1349,7 @@ pub fn observed_status(
 /// Status of a suspended run: no pods, everything else kept. The
 /// `Scheduled` condition is dropped so that the gang's timeout starts anew
 /// on resume.
-/// `x` rounded to four significant digits (2.718281 → 2.718, 0.0123456 → 0.01235).
+/// `x` rounded to four significant digits (2.345678 → 2.346, 0.0123456 → 0.01235).
 fn significant4(x: f64) -> f64 {
     if x == 0.0 || !x.is_finite() {
         return x;

@@ -313,6 +313,16 @@ impl DeviceModel {
         })
     }
 
+    fn attn_dims(&self, batch: usize) -> AttnDims {
+        AttnDims {
+            batch,
+            seq: self.cfg.seq_len,
+            heads: self.cfg.heads,
+            kv_heads: self.cfg.kv_heads,
+            head_dim: self.cfg.head_dim(),
+        }
+    }
+
     /// The device.
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
@@ -397,13 +407,7 @@ impl DeviceModel {
         let (qw, kw) = (cfg.heads * hd, cfg.kv_heads * hd);
         let n = batch * seq;
         let eps = cfg.norm_eps as f32;
-        let dims = AttnDims {
-            batch,
-            seq,
-            heads: cfg.heads,
-            kv_heads: cfg.kv_heads,
-            head_dim: hd,
-        };
+        let dims = self.attn_dims(batch);
         let gpu = &self.gpu;
         let p = &self.params;
         let bf = |i: usize| p[i].bf.as_ref().expect("matrices have a bf16 copy");
@@ -463,13 +467,7 @@ impl DeviceModel {
         let (seq, d, f, hd, v) = (cfg.seq_len, cfg.dim, cfg.ffn_dim, cfg.head_dim(), cfg.vocab);
         let (qw, kw) = (cfg.heads * hd, cfg.kv_heads * hd);
         let n = batch * seq;
-        let dims = AttnDims {
-            batch,
-            seq,
-            heads: cfg.heads,
-            kv_heads: cfg.kv_heads,
-            head_dim: hd,
-        };
+        let dims = self.attn_dims(batch);
         let gpu = &self.gpu;
         let s = &mut self.scratch;
         let p = &mut self.params;

@@ -8,7 +8,6 @@
 use std::time::Instant;
 
 use super::{StepReport, TrainError, Trainer};
-use crate::data::sample_train;
 use crate::kernels::cuda::{Gpu, GpuError};
 use crate::model::cuda::DeviceModel;
 
@@ -54,47 +53,17 @@ impl Trainer {
     /// clipping and schedule as [`Trainer::train_step`] on the CPU.
     pub(super) fn device_step(&mut self) -> Result<StepReport, TrainError> {
         let start = Instant::now();
-        let t = &self.manifest.spec.training;
-        let (seed, rows, micro) = (t.seed, t.micro_batch_size, t.micro_batches);
-        let replicas = self.manifest.spec.pipeline.replicas;
-        let scale = 1.0 / (replicas * micro) as f32;
         let step = self.step;
+        let loss = self.run_micro_batches(|t, _, batch, scale| {
+            let device = t.device.as_mut().expect("device_step needs a device");
+            Ok(device.forward_backward(&batch.tokens, &batch.targets, batch.rows, scale)?)
+        })?;
         let device = self.device.as_mut().expect("device_step needs a device");
-        let mut loss_sum = 0.0f64;
-        for replica in 0..replicas {
-            for mb in 0..micro {
-                let batch = sample_train(
-                    &self.corpus,
-                    seed,
-                    step,
-                    mb as u64,
-                    replica as u64,
-                    rows,
-                    self.model.seq_len,
-                );
-                loss_sum +=
-                    device.forward_backward(&batch.tokens, &batch.targets, batch.rows, scale)?
-                        as f64;
-            }
-        }
-        let loss = (loss_sum / (replicas * micro) as f64) as f32;
-        if !loss.is_finite() {
-            return Err(TrainError::Diverged { step, loss });
-        }
         let grad_norm = device.grad_norm()?;
         let clip = self.optim.clip_factor(grad_norm);
         let lr = self.optim.lr_at(step);
         device.step(&self.optim, lr, clip)?;
-        self.step += 1;
-        self.losses.push(loss);
-        Ok(StepReport {
-            step,
-            loss,
-            grad_norm,
-            lr,
-            tokens: self.tokens_per_step(),
-            seconds: start.elapsed().as_secs_f64(),
-        })
+        Ok(self.finish_step(loss, grad_norm, lr, start))
     }
 
     /// Copy the device's weights and Adam moments into the host stages.

@@ -213,6 +213,26 @@ impl Trainer {
             return self.device_step();
         }
         let start = Instant::now();
+        let step = self.step;
+        let loss = self.run_micro_batches(|t, id, batch, scale| t.micro_batch(id, batch, scale))?;
+        tie_gradients(&mut self.stages);
+        let grad_norm = self.global_grad_norm();
+        let clip = self.optim.clip_factor(grad_norm);
+        let lr = self.optim.lr_at(step);
+        for (stage, opt) in self.stages.iter_mut().zip(&mut self.opts) {
+            opt.step(&mut stage.params_mut(), &self.optim, lr, clip);
+            stage.zero_grad();
+        }
+        Ok(self.finish_step(loss, grad_norm, lr, start))
+    }
+
+    /// Run every micro-batch of the current step through `run` (forward and
+    /// backward, gradients accumulated at the step's loss scale) and return
+    /// the step's mean loss, refusing a non-finite one.
+    fn run_micro_batches(
+        &mut self,
+        mut run: impl FnMut(&mut Self, u64, &Batch, f32) -> Result<f32, TrainError>,
+    ) -> Result<f32, TrainError> {
         let t = &self.manifest.spec.training;
         let (seed, rows, micro) = (t.seed, t.micro_batch_size, t.micro_batches);
         let replicas = self.manifest.spec.pipeline.replicas;
@@ -231,31 +251,29 @@ impl Trainer {
                     self.model.seq_len,
                 );
                 let id = (replica * micro + mb) as u64;
-                loss_sum += self.micro_batch(id, &batch, scale)? as f64;
+                loss_sum += run(self, id, &batch, scale)? as f64;
             }
         }
         let loss = (loss_sum / (replicas * micro) as f64) as f32;
         if !loss.is_finite() {
             return Err(TrainError::Diverged { step, loss });
         }
-        tie_gradients(&mut self.stages);
-        let grad_norm = self.global_grad_norm();
-        let clip = self.optim.clip_factor(grad_norm);
-        let lr = self.optim.lr_at(step);
-        for (stage, opt) in self.stages.iter_mut().zip(&mut self.opts) {
-            opt.step(&mut stage.params_mut(), &self.optim, lr, clip);
-            stage.zero_grad();
-        }
+        Ok(loss)
+    }
+
+    /// Count the step as done and report it.
+    fn finish_step(&mut self, loss: f32, grad_norm: f64, lr: f64, start: Instant) -> StepReport {
+        let step = self.step;
         self.step += 1;
         self.losses.push(loss);
-        Ok(StepReport {
+        StepReport {
             step,
             loss,
             grad_norm,
             lr,
             tokens: self.tokens_per_step(),
             seconds: start.elapsed().as_secs_f64(),
-        })
+        }
     }
 
     /// Norm of the whole model's gradient, a tied head counted once.

@@ -306,6 +306,24 @@ __device__ __forceinline__ void cp_async_wait(int pending) {
     }
 }
 
+// Wait for the key/value tile `it` (keys from k0) in buffer it % 2 of `sKV`
+// and start the next one, if any up to key `last`, streaming into the other.
+template <int HD>
+__device__ __forceinline__ void next_kv_tile(bf16* sKV, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                             long base, int k0, int it, int last, int seq, long kv_rs,
+                                             int col0) {
+    const int T = TILE * (HD + 8);
+    bool more = k0 + TILE <= last && k0 + TILE < seq;
+    if (more) {
+        bf16* nK = sKV + 2 * T * ((it + 1) & 1);
+        load_tile<HD>(nK, k, base, k0 + TILE, seq, kv_rs, col0);
+        load_tile<HD>(nK + T, v, base, k0 + TILE, seq, kv_rs, col0);
+        cp_async_commit();
+    }
+    cp_async_wait(more ? 1 : 0);
+    __syncthreads();
+}
+
 // A fragments (16 rows × HD) of a warp's rows r0.. of a shared tile.
 template <int HD>
 __device__ __forceinline__ void load_a_frags(u32 (*frag)[4], const bf16* tile, int r0, int lane) {
@@ -383,15 +401,7 @@ __device__ void attention_forward_impl(const bf16* __restrict__ q, const bf16* _
     for (int k0 = 0, it = 0; k0 <= q0 && k0 < seq; k0 += TILE, it++) {
         bf16* sK = sKV + 2 * T * (it & 1);
         bf16* sV = sK + T;
-        bool more = k0 + TILE <= q0 && k0 + TILE < seq;
-        if (more) {  // the next tile streams in while this one is used
-            bf16* nK = sKV + 2 * T * ((it + 1) & 1);
-            load_tile<HD>(nK, k, base, k0 + TILE, seq, kv_rs, kvh * HD);
-            load_tile<HD>(nK + T, v, base, k0 + TILE, seq, kv_rs, kvh * HD);
-            cp_async_commit();
-        }
-        cp_async_wait(more ? 1 : 0);
-        __syncthreads();
+        next_kv_tile<HD>(sKV, k, v, base, k0, it, q0, seq, kv_rs, kvh * HD);
         float s[TILE / 8][4];
 #pragma unroll
         for (int i = 0; i < TILE / 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
@@ -516,15 +526,7 @@ __device__ void attention_backward_q_impl(const bf16* __restrict__ q, const bf16
     for (int k0 = 0, it = 0; k0 <= q0 && k0 < seq; k0 += TILE, it++) {
         bf16* sK = sKV + 2 * T * (it & 1);
         bf16* sV = sK + T;
-        bool more = k0 + TILE <= q0 && k0 + TILE < seq;
-        if (more) {
-            bf16* nK = sKV + 2 * T * ((it + 1) & 1);
-            load_tile<HD>(nK, k, base, k0 + TILE, seq, kv_rs, kvh * HD);
-            load_tile<HD>(nK + T, v, base, k0 + TILE, seq, kv_rs, kvh * HD);
-            cp_async_commit();
-        }
-        cp_async_wait(more ? 1 : 0);
-        __syncthreads();
+        next_kv_tile<HD>(sKV, k, v, base, k0, it, q0, seq, kv_rs, kvh * HD);
         float s[TILE / 8][4], dp[TILE / 8][4];
 #pragma unroll
         for (int i = 0; i < TILE / 8; i++) {

@@ -133,7 +133,7 @@ impl Metrics {
             Phase::Failed,
         ] {
             self.phase
-                .get_or_create(&vec![("phase".into(), format!("{p:?}"))])
+                .get_or_create(&vec![("phase".into(), p.name().to_owned())])
                 .set(i64::from(p == s.phase));
         }
         for st in &s.stages {

@@ -768,6 +768,22 @@ mod tests {
     }
 
     #[test]
+    fn a_stage_state_handed_off_in_this_epoch_comes_back_and_another_epoch_is_409() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = coordinator(dir.path());
+        let epoch = lock(&c.coord).epoch();
+        let put = format!("/v1/state/1?epoch={epoch}");
+        let (code, text) = send(&c, request(Method::PUT, &put, Some(TOKEN), "weights"));
+        assert_eq!((code, text.as_str()), (StatusCode::OK, "{}"));
+        let (code, text) = send(&c, request(Method::GET, &put, Some(TOKEN), ""));
+        assert_eq!((code, text.as_str()), (StatusCode::OK, "weights"));
+        let other = format!("/v1/state/1?epoch={}", epoch + 1);
+        let (code, text) = send(&c, request(Method::GET, &other, Some(TOKEN), ""));
+        assert_eq!(code, StatusCode::CONFLICT, "{text}");
+        assert!(text.contains("is over"), "{text}");
+    }
+
+    #[test]
     fn register_then_status_and_heartbeat_round_trip() {
         let dir = tempfile::tempdir().expect("tempdir");
         let c = coordinator(dir.path());

@@ -15,8 +15,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
-/// The part of the coordinator's `GET /status` the operator reads; other
-/// fields are ignored.
+/// The part of the coordinator's `GET /status`
+/// ([`pipewright_spec::coordinator::Status`]) the operator reads; other
+/// fields are ignored, and a missing one is `None`, so a coordinator of
+/// another version still reports what it can. [`From`] the full status
+/// ties each field to the one it is read from: a renamed field fails to
+/// compile here, and a test checks the wire names agree.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 pub struct CoordinatorReport {
     /// `Pending`, `Initializing`, `Training`, `Checkpointing`, `Succeeded`
@@ -32,6 +36,17 @@ pub struct CoordinatorReport {
     /// Throughput over the last reporting window.
     #[serde(default)]
     pub tokens_per_second: Option<f64>,
+}
+
+impl From<&pipewright_spec::coordinator::Status> for CoordinatorReport {
+    fn from(s: &pipewright_spec::coordinator::Status) -> Self {
+        CoordinatorReport {
+            phase: Some(s.phase.name().to_owned()),
+            step: Some(s.step),
+            loss: s.loss.map(f64::from),
+            tokens_per_second: Some(s.tokens_per_second),
+        }
+    }
 }
 
 /// Why the coordinator could not be asked.
@@ -194,6 +209,31 @@ mod tests {
                 tokens_per_second: Some(1234.5),
             }
         );
+    }
+
+    #[test]
+    fn the_report_reads_the_fields_the_coordinator_writes() {
+        use pipewright_spec::coordinator::{Phase, Status};
+        let status = Status {
+            run: "demo".to_owned(),
+            phase: Phase::Checkpointing,
+            reason: String::new(),
+            step: 17,
+            steps: 100,
+            loss: Some(2.5),
+            tokens_per_second: 4096.0,
+            epoch: 2,
+            reassignments: 1,
+            checkpoint_step: Some(16),
+            standby: 0,
+            stages: Vec::new(),
+            shards: Vec::new(),
+        };
+        let wire = serde_json::to_vec(&status).expect("json");
+        let read: CoordinatorReport = serde_json::from_slice(&wire).expect("report");
+        assert_eq!(read, CoordinatorReport::from(&status));
+        assert_eq!(read.phase.as_deref(), Some("Checkpointing"));
+        assert_eq!(read.step, Some(17));
     }
 
     #[tokio::test]

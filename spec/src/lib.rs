@@ -4,6 +4,7 @@
 //! return a [`TrainingRun`] that has passed [`validate`], or a [`SpecError`]
 //! naming the offending field (for example `spec.model.heads`).
 
+pub mod coordinator;
 pub mod error;
 pub mod load;
 pub mod types;

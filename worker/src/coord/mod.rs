@@ -4,6 +4,9 @@
 
 pub mod api;
 pub mod client;
+mod metrics;
+pub mod persist;
+mod routes;
 pub mod server;
 pub mod state;
 

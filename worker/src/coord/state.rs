@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub use pipewright_spec::coordinator::{Phase, ShardStatus, StageStatus, Status};
+
 use super::api::{Barrier, Failure, Register, StateSource, StepDone, Wiring};
 use crate::pipeline::Route;
 
@@ -73,23 +75,6 @@ pub struct Layout {
 /// Splits the model's layers into stages given each stage's relative
 /// speed (see [`crate::model::partition`]).
 pub type Partitioner = Box<dyn Fn(&[f64]) -> Vec<Range<usize>> + Send>;
-
-/// Run phases, as reported in the status.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Phase {
-    /// Waiting for workers to register.
-    Pending,
-    /// Every slot filled; workers are restoring state and linking.
-    Initializing,
-    /// Steps are being completed.
-    Training,
-    /// A checkpoint is being written.
-    Checkpointing,
-    /// Every step done and the final checkpoint committed.
-    Succeeded,
-    /// Given up; `reason` says why.
-    Failed,
-}
 
 /// A request the coordinator refuses.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -187,90 +172,6 @@ pub struct Persisted {
     /// Layer ranges fixed by a measured partition.
     #[serde(default)]
     pub stage_layers: Option<Vec<Range<usize>>>,
-}
-
-/// One shard's line in the status.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct ShardStatus {
-    /// Stage.
-    pub stage: usize,
-    /// Replica.
-    pub replica: usize,
-    /// Worker id, when the slot is filled.
-    pub worker: Option<u64>,
-    /// Worker's name.
-    pub name: Option<String>,
-    /// Its pipeline address.
-    pub address: Option<String>,
-    /// `live` or `vacant`.
-    pub state: String,
-    /// Steps it has completed.
-    pub completed: u64,
-    /// Seconds since it was last heard from.
-    pub seconds_since_heartbeat: Option<f64>,
-    /// Its last step's wall time.
-    pub step_seconds: f64,
-    /// Of that, time spent computing.
-    pub busy_seconds: f64,
-    /// Mean over its steps (the first left out) of: wall time, time in
-    /// forwards and backwards, time in the optimizer update.
-    pub mean_seconds: [f64; 3],
-    /// Mean bytes per step it sent to neighbouring stages.
-    pub mean_link_bytes: f64,
-    /// Frames its links refused in the current epoch.
-    pub rejected_frames: u64,
-    /// Micro-batches it ran in its last step (its share of the route).
-    #[serde(default)]
-    pub micro_batches: usize,
-    /// Smoothed compute seconds per micro-batch, which the route weighs.
-    #[serde(default)]
-    pub seconds_per_micro_batch: Option<f64>,
-}
-
-/// One stage's line in the status.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct StageStatus {
-    /// Stage.
-    pub stage: usize,
-    /// Layer range `[start, end)`.
-    pub layers: [usize; 2],
-    /// Replicas wanted.
-    pub desired: usize,
-    /// Replicas with a live worker.
-    pub ready: usize,
-    /// Fraction of the last step its workers waited (the bubble).
-    pub bubble: f64,
-}
-
-/// `GET /status`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Status {
-    /// Run name.
-    pub run: String,
-    /// Phase.
-    pub phase: Phase,
-    /// Why the run failed or what it waits for.
-    pub reason: String,
-    /// Steps completed by every worker.
-    pub step: u64,
-    /// Steps of the run.
-    pub steps: u64,
-    /// Loss of the last committed step.
-    pub loss: Option<f32>,
-    /// Training tokens per second over the last steps.
-    pub tokens_per_second: f64,
-    /// Wiring generation.
-    pub epoch: u64,
-    /// Shards given to a new worker after theirs was lost.
-    pub reassignments: u64,
-    /// Last committed checkpoint step.
-    pub checkpoint_step: Option<u64>,
-    /// Volunteers waiting for a vacancy.
-    pub standby: usize,
-    /// Per stage.
-    pub stages: Vec<StageStatus>,
-    /// Per shard.
-    pub shards: Vec<ShardStatus>,
 }
 
 /// The coordinator of one run.

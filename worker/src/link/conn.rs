@@ -705,6 +705,24 @@ mod tests {
         (init, acceptor.join().expect("join").expect("accept"))
     }
 
+    /// The value of `counter` once it has not changed for `quiet`; gives
+    /// up (returning the last value) after a minute.
+    fn settled(counter: &AtomicUsize, quiet: Duration) -> usize {
+        let give_up = Instant::now() + Duration::from_secs(60);
+        let mut last = counter.load(Ordering::SeqCst);
+        let mut since = Instant::now();
+        while Instant::now() < give_up {
+            thread::sleep(Duration::from_millis(20));
+            let now = counter.load(Ordering::SeqCst);
+            if now != last {
+                (last, since) = (now, Instant::now());
+            } else if since.elapsed() >= quiet {
+                break;
+            }
+        }
+        last
+    }
+
     fn frame(from: u8, step: u64, len: usize) -> Frame {
         Frame {
             header: FrameHeader {
@@ -751,6 +769,8 @@ mod tests {
             }
         });
         assert_eq!(b.stats().snapshot().frames_received, n);
+        // Frames reach `b` before `a`'s writer thread counts them.
+        a.flush(Duration::from_secs(10)).expect("flush");
         assert_eq!(a.stats().snapshot().frames_sent, n);
         assert_eq!(b.stats().rejected_total(), 0);
     }
@@ -774,19 +794,15 @@ mod tests {
                     accepted.fetch_add(1, Ordering::SeqCst);
                 }
             });
-            thread::sleep(Duration::from_millis(700));
-            let stalled_at = accepted.load(Ordering::SeqCst);
-            // Whatever is in flight is bounded by the send queue, the socket
-            // buffers and the receive channel: far fewer than 64 MiB.
+            // The writer stalls once the send queue, the socket buffers and
+            // the receive channel are full: wait until its count stops moving
+            // rather than guessing how long filling them takes on this machine.
+            let stalled_at = settled(&accepted, Duration::from_millis(500));
+            // Whatever is in flight is bounded by those buffers: far fewer
+            // than 64 MiB.
             assert!(
                 stalled_at < 40,
                 "writer was not held back: {stalled_at} frames accepted"
-            );
-            thread::sleep(Duration::from_millis(200));
-            assert_eq!(
-                accepted.load(Ordering::SeqCst),
-                stalled_at,
-                "writer kept going"
             );
             for i in 0..total {
                 let f = b.recv_timeout(Duration::from_secs(10)).expect("recv");
@@ -794,6 +810,10 @@ mod tests {
                 assert_eq!(f.payload.len(), payload);
             }
         });
+        // The reader can hold the last frame before the writer thread has
+        // counted it: wait until the queue is empty, which it becomes only
+        // after the count.
+        a.flush(Duration::from_secs(10)).expect("flush");
         let snap = a.stats().snapshot();
         assert_eq!(snap.frames_sent, total);
         assert!(snap.queue_peak_bytes as usize <= 3 * one, "{snap:?}");

@@ -862,17 +862,22 @@ pub(crate) mod tests {
 
     #[test]
     fn silent_peer_times_out() {
+        // Rank 1 stays connected until rank 0 has its answer: had it left
+        // after a fixed time, a slow rank 0 would see it gone instead.
+        let done = std::sync::Barrier::new(2);
         let results = on_ring(
             2,
             |c| c.timeout = Duration::from_millis(500),
             |mut m| {
                 if m.rank() == 1 {
                     // Alive but never joins the operation.
-                    thread::sleep(Duration::from_millis(1500));
+                    done.wait();
                     return None;
                 }
                 let mut buf = vec![1.0; 16];
-                Some(m.allreduce_mean(&mut buf).unwrap_err())
+                let err = m.allreduce_mean(&mut buf).unwrap_err();
+                done.wait();
+                Some(err)
             },
         );
         let err = results[0].as_ref().expect("rank 0 result");

@@ -1,0 +1,846 @@
+//! The coordinator's HTTP API: one handler per endpoint on an axum
+//! [`Router`].
+//!
+//! `/healthz`, `/status` and `/metrics` are open; every `/v1/` endpoint
+//! wants the run's join token (`Authorization: Bearer`), checked by a layer
+//! before the handler runs. JSON bodies are at most [`MAX_JSON`] bytes,
+//! stage states [`MAX_STATE`]; a body declared larger is refused before
+//! anything else. Handlers that touch the state machine run on tokio's
+//! blocking pool, so long polls (which wait on the state machine's condition
+//! variable) never starve other requests such as heartbeats.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, MethodRouter};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+use super::api::{Failure, Heartbeat, HeartbeatReply, Register, Registered, StepDone};
+use super::server::{lock, Shared};
+use super::state::CoordError;
+use crate::checkpoint;
+
+/// Largest JSON body accepted.
+const MAX_JSON: usize = 1 << 20;
+/// Largest stage state accepted for a hand-off or a checkpoint part.
+const MAX_STATE: usize = 1 << 36;
+
+type Coord = State<Arc<Shared>>;
+
+/// The API of the coordinator behind `shared`.
+pub(super) fn router(shared: Arc<Shared>) -> Router {
+    let checkpoint = get(get_checkpoint)
+        .put(put_checkpoint)
+        .fallback(checkpoint_method)
+        .layer(DefaultBodyLimit::max(MAX_STATE));
+    let state = get(get_state)
+        .put(put_state)
+        .fallback(state_method)
+        .layer(DefaultBodyLimit::max(MAX_STATE));
+    let api = Router::new()
+        .route("/v1/manifest", only(get(manifest)))
+        .route("/v1/register", only(post(register)))
+        .route("/v1/heartbeat", only(post(heartbeat)))
+        .route("/v1/wiring", only(get(wiring)))
+        .route("/v1/step", only(post(step)))
+        .route("/v1/fail", only(post(fail)))
+        .route("/v1/checkpoint/", checkpoint.clone())
+        .route("/v1/checkpoint/{*stage}", checkpoint)
+        .route("/v1/state/", state.clone())
+        .route("/v1/state/{*stage}", state)
+        .route_layer(middleware::from_fn_with_state(
+            shared.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/healthz", only(get(healthz)))
+        .route("/status", only(get(status)))
+        .route("/metrics", only(get(metrics)))
+        .merge(api)
+        .fallback(no_such_endpoint)
+        .layer(DefaultBodyLimit::max(MAX_JSON))
+        .layer(middleware::from_fn(refuse_oversized))
+        .layer(middleware::from_fn_with_state(shared.clone(), count))
+        .with_state(shared)
+}
+
+/// A route whose other methods are unknown endpoints (404), as for a path
+/// that does not exist.
+fn only(route: MethodRouter<Arc<Shared>>) -> MethodRouter<Arc<Shared>> {
+    route.fallback(no_such_endpoint)
+}
+
+/// An answer of the API.
+#[derive(Debug)]
+enum Reply {
+    Json(u16, Vec<u8>),
+    Text(u16, String),
+    Bytes(Arc<Vec<u8>>),
+    Empty(u16),
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        let status = |c: u16| StatusCode::from_u16(c).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        match self {
+            Reply::Json(code, body) => (
+                status(code),
+                [(header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response(),
+            Reply::Text(code, text) => (
+                status(code),
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                text,
+            )
+                .into_response(),
+            Reply::Bytes(b) => (StatusCode::OK, b.as_ref().clone()).into_response(),
+            Reply::Empty(code) => status(code).into_response(),
+        }
+    }
+}
+
+fn json(v: &impl Serialize) -> Reply {
+    match serde_json::to_vec(v) {
+        Ok(b) => Reply::Json(200, b),
+        Err(e) => Reply::Text(500, e.to_string()),
+    }
+}
+
+/// The empty JSON object most writes answer with.
+fn ok() -> Reply {
+    Reply::Json(200, b"{}".to_vec())
+}
+
+fn coord_error(e: CoordError) -> Reply {
+    let code = match e {
+        CoordError::UnknownWorker(_) => 404,
+        CoordError::Invalid(_) => 400,
+        CoordError::Taken(..) => 409,
+        CoordError::Finished(_) => 410,
+    };
+    Reply::Text(code, e.to_string())
+}
+
+/// Runs `f` on the blocking pool.
+async fn blocking(shared: Arc<Shared>, f: impl FnOnce(&Shared) -> Reply + Send + 'static) -> Reply {
+    tokio::task::spawn_blocking(move || f(&shared))
+        .await
+        .unwrap_or_else(|e| Reply::Text(500, format!("request handler failed: {e}")))
+}
+
+/// Runs `f` on the blocking pool, then saves the state and wakes the long
+/// polls.
+async fn changing(shared: Arc<Shared>, f: impl FnOnce(&Shared) -> Reply + Send + 'static) -> Reply {
+    blocking(shared, |s| {
+        let reply = f(s);
+        s.after_change();
+        reply
+    })
+    .await
+}
+
+// ---- Layers ----
+
+/// Whether `auth` is `Bearer <token>`. The digests are compared in
+/// constant time, so neither the time taken nor the length says anything
+/// about the token.
+fn authorized(token: &str, auth: Option<&str>) -> bool {
+    let expected = blake3::hash(format!("Bearer {token}").as_bytes());
+    auth.is_some_and(|a| {
+        bool::from(
+            blake3::hash(a.as_bytes())
+                .as_bytes()
+                .ct_eq(expected.as_bytes()),
+        )
+    })
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
+/// Lets a request through only with the run's join token.
+async fn require_token(State(shared): Coord, request: Request, next: Next) -> Response {
+    if authorized(&shared.config.token, bearer(request.headers())) {
+        next.run(request).await
+    } else {
+        unauthorized().into_response()
+    }
+}
+
+fn unauthorized() -> Reply {
+    Reply::Text(401, "missing or wrong join token".into())
+}
+
+/// Refuses a body whose declared length is over its endpoint's limit
+/// before anything else looks at the request.
+async fn refuse_oversized(request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    let limit = if path.starts_with("/v1/state/") || path.starts_with("/v1/checkpoint/") {
+        MAX_STATE
+    } else {
+        MAX_JSON
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Reply::Text(413, format!("body larger than {limit} bytes")).into_response();
+    }
+    next.run(request).await
+}
+
+/// Counts every request and every refusal in the metrics.
+async fn count(State(shared): Coord, request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    shared.metrics.count(&path, response.status());
+    response
+}
+
+/// Any path or method the API does not have. Under `/v1/` the token is
+/// checked first, so strangers learn nothing about the endpoints.
+async fn no_such_endpoint(
+    State(shared): Coord,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Reply {
+    let path = uri.path();
+    if !path.starts_with("/v1/") {
+        return Reply::Text(404, format!("no such endpoint: {path}"));
+    }
+    if !authorized(&shared.config.token, bearer(&headers)) {
+        return unauthorized();
+    }
+    Reply::Text(404, format!("no such endpoint: {method} {path}"))
+}
+
+// ---- Extractors ----
+
+/// A JSON request body. Unlike axum's `Json` it does not insist on a
+/// `Content-Type` and refuses a malformed body with 400 and serde's words
+/// (which name the field), as the API always has.
+struct JsonBody<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = Reply;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Reply> {
+        let RawBody(body) = RawBody::from_request(request, state).await?;
+        serde_json::from_slice(&body)
+            .map(JsonBody)
+            .map_err(|e| Reply::Text(400, format!("malformed request: {e}")))
+    }
+}
+
+/// A request body up to the route's [`DefaultBodyLimit`].
+struct RawBody(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = Reply;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Reply> {
+        Bytes::from_request(request, state)
+            .await
+            .map(RawBody)
+            .map_err(|e| Reply::Text(413, format!("reading the body: {e}")))
+    }
+}
+
+/// The stage number that follows `prefix` in `path`.
+fn stage_after(path: &str, prefix: &str) -> Option<usize> {
+    path.strip_prefix(prefix)?.parse().ok()
+}
+
+/// Where a checkpoint part goes: `/v1/checkpoint/{stage}?step=N[&worker=ID]`.
+struct CheckpointAt {
+    stage: usize,
+    step: u64,
+    /// The uploading worker; checked by the upload, which needs it.
+    worker: Option<u64>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for CheckpointAt {
+    type Rejection = Reply;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Reply> {
+        #[derive(Deserialize)]
+        struct Q {
+            step: u64,
+            worker: Option<String>,
+        }
+        let bad = || Reply::Text(400, "checkpoint needs /v1/checkpoint/STAGE?step=N".into());
+        let stage = stage_after(parts.uri.path(), "/v1/checkpoint/").ok_or_else(bad)?;
+        let Query(q) = Query::<Q>::try_from_uri(&parts.uri).map_err(|_| bad())?;
+        Ok(CheckpointAt {
+            stage,
+            step: q.step,
+            worker: q.worker.and_then(|w| w.parse().ok()),
+        })
+    }
+}
+
+/// A stage state in transit: `/v1/state/{stage}?epoch=E`.
+struct StateAt {
+    stage: usize,
+    epoch: u64,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for StateAt {
+    type Rejection = Reply;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Reply> {
+        #[derive(Deserialize)]
+        struct Q {
+            epoch: u64,
+        }
+        let bad = || Reply::Text(400, "state needs /v1/state/STAGE?epoch=E".into());
+        let stage = stage_after(parts.uri.path(), "/v1/state/").ok_or_else(bad)?;
+        let Query(q) = Query::<Q>::try_from_uri(&parts.uri).map_err(|_| bad())?;
+        Ok(StateAt {
+            stage,
+            epoch: q.epoch,
+        })
+    }
+}
+
+/// `GET /v1/wiring?worker=W&after=E`.
+#[derive(Deserialize)]
+struct WiringQuery {
+    worker: u64,
+    after: u64,
+}
+
+// ---- Open endpoints ----
+
+/// `GET /healthz`.
+async fn healthz() -> Reply {
+    Reply::Text(200, "ok\n".into())
+}
+
+/// `GET /status`: the run's status as JSON.
+async fn status(State(shared): Coord) -> Reply {
+    blocking(shared, |s| json(&lock(&s.coord).status(Instant::now()))).await
+}
+
+/// `GET /metrics`: Prometheus text.
+async fn metrics(State(shared): Coord) -> Reply {
+    blocking(shared, |s| {
+        let status = lock(&s.coord).status(Instant::now());
+        Reply::Text(200, s.metrics.render(&status))
+    })
+    .await
+}
+
+// ---- Worker endpoints (join token) ----
+
+/// `GET /v1/manifest`: the run, as workers receive it.
+async fn manifest(State(shared): Coord) -> Reply {
+    changing(shared, |s| json(&s.config.manifest)).await
+}
+
+/// `POST /v1/register`: a worker asks for a shard.
+async fn register(State(shared): Coord, JsonBody(r): JsonBody<Register>) -> Reply {
+    changing(shared, move |s| {
+        let result = lock(&s.coord).register(r, Instant::now());
+        match result {
+            Ok((worker, shard)) => json(&Registered {
+                worker,
+                shard,
+                run_key: s.config.run_key.clone(),
+                run_id: s.config.run_id.clone(),
+                heartbeat_ms: (s.config.lease.as_millis() as u64 / 8).max(50),
+            }),
+            Err(e) => coord_error(e),
+        }
+    })
+    .await
+}
+
+/// `POST /v1/heartbeat`: a worker renews its lease. Renewing changes
+/// nothing worth saving, so only a refusal wakes the long polls.
+async fn heartbeat(State(shared): Coord, JsonBody(h): JsonBody<Heartbeat>) -> Reply {
+    blocking(shared, move |s| {
+        let result = lock(&s.coord).heartbeat(h.worker, Instant::now());
+        match result {
+            Ok(epoch) => json(&HeartbeatReply { epoch }),
+            Err(e) => {
+                let reply = coord_error(e);
+                s.after_change();
+                reply
+            }
+        }
+    })
+    .await
+}
+
+/// `GET /v1/wiring?worker=W&after=E` (long poll): the worker's peers for
+/// the first epoch after `E`; 204 when there is none yet.
+async fn wiring(
+    State(shared): Coord,
+    query: Result<Query<WiringQuery>, axum::extract::rejection::QueryRejection>,
+) -> Reply {
+    let Ok(Query(WiringQuery { worker, after })) = query else {
+        return Reply::Text(400, "wiring needs ?worker=ID&after=EPOCH".into());
+    };
+    changing(shared, move |s| match s.poll(|c| c.wiring(worker, after)) {
+        Ok(Some(w)) => json(&w),
+        Ok(None) => Reply::Empty(204),
+        Err(e) => coord_error(e),
+    })
+    .await
+}
+
+/// `POST /v1/step` (long poll): a worker finished a step and waits at the
+/// barrier; 204 when it is not decided yet.
+async fn step(State(shared): Coord, JsonBody(d): JsonBody<StepDone>) -> Reply {
+    changing(shared, move |s| {
+        let now = Instant::now;
+        let first = lock(&s.coord).step_done(&d, now());
+        s.after_change();
+        let decided = match first {
+            Ok(Some(b)) => Ok(Some(b)),
+            Ok(None) => s.poll(|c| Ok(c.barrier(d.worker, d.epoch, d.completed, now()))),
+            Err(e) => Err(e),
+        };
+        lock(&s.coord).finish_without_checkpoint();
+        match decided {
+            Ok(Some(b)) => json(&b),
+            Ok(None) => Reply::Empty(204),
+            Err(e) => coord_error(e),
+        }
+    })
+    .await
+}
+
+/// `POST /v1/fail`: a worker reports an error (fatal or not).
+async fn fail(State(shared): Coord, JsonBody(f): JsonBody<Failure>) -> Reply {
+    changing(shared, move |s| {
+        if f.fatal {
+            tracing::error!("worker {} failed: {}", f.worker, f.error);
+        } else {
+            tracing::warn!("worker {}: {}", f.worker, f.error);
+        }
+        let result = lock(&s.coord).fail(&f, Instant::now());
+        match result {
+            Ok(()) => ok(),
+            Err(e) => coord_error(e),
+        }
+    })
+    .await
+}
+
+/// `PUT /v1/state/{stage}?epoch=E`: a live replica hands its stage state
+/// to a new one. Only the current epoch's hand-offs are kept.
+async fn put_state(State(shared): Coord, at: StateAt, RawBody(body): RawBody) -> Reply {
+    changing(shared, move |s| {
+        let mut h = lock(&s.handoff);
+        h.retain(|(e, _), _| *e >= at.epoch);
+        h.insert((at.epoch, at.stage), Arc::new(body.to_vec()));
+        ok()
+    })
+    .await
+}
+
+/// `GET /v1/state/{stage}?epoch=E` (long poll): the state handed off for
+/// the new replica; 204 when it has not arrived yet, 409 once the epoch is
+/// over.
+async fn get_state(State(shared): Coord, at: StateAt) -> Reply {
+    changing(shared, move |s| {
+        let StateAt { stage, epoch } = at;
+        let found = s.poll(|c| {
+            if c.epoch() != epoch {
+                return Err(CoordError::Invalid(format!(
+                    "epoch {epoch} is over (now {})",
+                    c.epoch()
+                )));
+            }
+            Ok(lock(&s.handoff).get(&(epoch, stage)).cloned())
+        });
+        match found {
+            Ok(Some(b)) => Reply::Bytes(b),
+            Ok(None) => Reply::Empty(204),
+            Err(e) => Reply::Text(409, e.to_string()),
+        }
+    })
+    .await
+}
+
+async fn state_method(_: StateAt) -> Reply {
+    Reply::Text(405, "state takes GET or PUT".into())
+}
+
+/// `PUT /v1/checkpoint/{stage}?step=N&worker=ID`: a stage's part of the
+/// pending checkpoint, from its writer, stored in the checkpoint's
+/// temporary directory; the last part commits the checkpoint.
+async fn put_checkpoint(State(shared): Coord, at: CheckpointAt, RawBody(body): RawBody) -> Reply {
+    changing(shared, move |s| store_checkpoint_part(s, &at, &body)).await
+}
+
+fn store_checkpoint_part(shared: &Shared, at: &CheckpointAt, body: &[u8]) -> Reply {
+    let (stage, step) = (at.stage, at.step);
+    let Some(worker) = at.worker else {
+        return Reply::Text(400, "checkpoint upload needs &worker=ID".into());
+    };
+    let Some(ctx) = &shared.config.checkpoint else {
+        return Reply::Text(409, "this run keeps no checkpoints".into());
+    };
+    match lock(&shared.coord).checkpoint_stage(worker, step) {
+        Ok(s) if s == stage => {}
+        Ok(s) => {
+            return Reply::Text(
+                400,
+                format!("worker {worker} serves stage {s}, not {stage}"),
+            )
+        }
+        Err(e) => return coord_error(e),
+    }
+    // Refuse a part that is not this stage's state before it is kept.
+    let params_ok = {
+        let tmp = checkpoint::tmp_dir(&ctx.root, step);
+        let path = tmp.join(format!("stage-{stage}.safetensors"));
+        let all = lock(&shared.coord).layout().stage_layers.clone();
+        let layers = all.get(stage).cloned().unwrap_or(0..0);
+        let rank = ctx
+            .meta
+            .manifest
+            .spec
+            .pipeline
+            .lowrank_rank(ctx.meta.model.dim);
+        let st = crate::model::Stage::with_bottleneck(
+            &ctx.meta.model,
+            stage,
+            all.len(),
+            layers,
+            ctx.meta.seed,
+            rank,
+        );
+        checkpoint::decode_stage(body, &st.params(), &path)
+            .map(|_| path)
+            .map_err(|e| e.to_string())
+    };
+    let path = match params_ok {
+        Ok(p) => p,
+        Err(e) => return Reply::Text(400, format!("not a state of stage {stage}: {e}")),
+    };
+    let written = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| {
+            let part = path.with_extension("partial");
+            std::fs::write(&part, body)?;
+            std::fs::rename(&part, &path)
+        });
+    if let Err(e) = written {
+        return Reply::Text(500, format!("writing {}: {e}", path.display()));
+    }
+    let done = lock(&shared.coord).checkpoint_written(worker, step);
+    match done {
+        Ok(Some(step)) => {
+            shared.commit_checkpoint(step);
+            ok()
+        }
+        Ok(None) => ok(),
+        Err(e) => coord_error(e),
+    }
+}
+
+/// `GET /v1/checkpoint/{stage}?step=N`: a stage's file of a committed
+/// checkpoint, for a worker restoring it.
+async fn get_checkpoint(State(shared): Coord, at: CheckpointAt) -> Reply {
+    changing(shared, move |s| {
+        let CheckpointAt { stage, step, .. } = at;
+        let Some(ctx) = &s.config.checkpoint else {
+            return Reply::Text(409, "this run keeps no checkpoints".into());
+        };
+        if stage >= ctx.meta.stage_layers.len() {
+            return Reply::Text(400, format!("no stage {stage} in this run"));
+        }
+        let path = checkpoint::step_dir(&ctx.root, step).join(format!("stage-{stage}.safetensors"));
+        match std::fs::read(&path) {
+            Ok(b) => Reply::Bytes(Arc::new(b)),
+            Err(e) => Reply::Text(409, format!("checkpoint file {}: {e}", path.display())),
+        }
+    })
+    .await
+}
+
+async fn checkpoint_method(_: CheckpointAt) -> Reply {
+    Reply::Text(405, "checkpoint takes GET or PUT".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::coord::server::Config;
+    use crate::model::ModelConfig;
+
+    const TOKEN: &str = "let-me-in";
+
+    /// A coordinator of the quickstart run (two stages, one replica, no
+    /// checkpoints) with its state file in `dir`.
+    fn coordinator(dir: &std::path::Path) -> Arc<Shared> {
+        let manifest =
+            pipewright_spec::parse_manifest(include_str!("../../../examples/quickstart.yaml"))
+                .expect("quickstart manifest");
+        let model = ModelConfig::from_spec(&manifest.spec.model, 256);
+        Arc::new(
+            Shared::new(Config {
+                manifest,
+                token: TOKEN.into(),
+                run_key: "0".repeat(64),
+                run_id: "1".repeat(32),
+                lease: Duration::from_secs(60),
+                state_dir: dir.to_path_buf(),
+                checkpoint: None,
+                model,
+            })
+            .expect("coordinator"),
+        )
+    }
+
+    /// Sends one request through the router: (status, body as text).
+    fn send(shared: &Arc<Shared>, request: axum::http::Request<Body>) -> (StatusCode, String) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let response = router(shared.clone())
+                .oneshot(request)
+                .await
+                .expect("infallible");
+            let status = response.status();
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .expect("body");
+            (status, String::from_utf8_lossy(&body).into_owned())
+        })
+    }
+
+    fn request(
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> axum::http::Request<Body> {
+        let mut b = axum::http::Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        b.body(Body::from(body.to_owned())).expect("request")
+    }
+
+    fn register_body(stage: usize) -> String {
+        serde_json::to_string(&Register {
+            stage: Some(stage),
+            replica: Some(0),
+            pipe_addr: "w:1".into(),
+            ring_addr: "w:2".into(),
+            name: format!("w{stage}"),
+            ..Register::default()
+        })
+        .expect("json")
+    }
+
+    #[test]
+    fn a_missing_or_wrong_token_is_refused_with_401() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = coordinator(dir.path());
+        for token in [None, Some("guess"), Some("let-me-in-please")] {
+            let (code, text) = send(
+                &c,
+                request(Method::POST, "/v1/register", token, &register_body(0)),
+            );
+            assert_eq!(code, StatusCode::UNAUTHORIZED, "{token:?}: {text}");
+            assert!(text.contains("join token"), "{text}");
+            // Unknown endpoints under /v1/ say nothing before the token.
+            let (code, _) = send(&c, request(Method::GET, "/v1/nothing", token, ""));
+            assert_eq!(code, StatusCode::UNAUTHORIZED);
+        }
+        assert!(c
+            .metrics
+            .render(&lock(&c.coord).status(Instant::now()))
+            .contains("pipewright_rejected_requests_total 6"));
+        // Nothing registered.
+        assert!(lock(&c.coord).workers().is_empty());
+    }
+
+    #[test]
+    fn a_malformed_body_is_refused_with_400_naming_the_problem() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = coordinator(dir.path());
+        let (code, text) = send(
+            &c,
+            request(Method::POST, "/v1/register", Some(TOKEN), r#"{"stage": 0}"#),
+        );
+        assert_eq!(code, StatusCode::BAD_REQUEST);
+        assert!(
+            text.contains("malformed request") && text.contains("pipe_addr"),
+            "{text}"
+        );
+        let (code, text) = send(
+            &c,
+            request(Method::POST, "/v1/heartbeat", Some(TOKEN), "not json"),
+        );
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{text}");
+        let (code, text) = send(
+            &c,
+            request(Method::GET, "/v1/wiring?worker=1", Some(TOKEN), ""),
+        );
+        assert_eq!(code, StatusCode::BAD_REQUEST);
+        assert!(text.contains("after=EPOCH"), "{text}");
+        let (code, text) = send(
+            &c,
+            request(Method::GET, "/v1/state/x?epoch=1", Some(TOKEN), ""),
+        );
+        assert_eq!(code, StatusCode::BAD_REQUEST);
+        assert!(text.contains("STAGE"), "{text}");
+    }
+
+    #[test]
+    fn a_body_declared_too_large_is_refused_with_413_before_the_token() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = coordinator(dir.path());
+        let big = axum::http::Request::builder()
+            .method(Method::POST)
+            .uri("/v1/register")
+            .header(header::CONTENT_LENGTH, (MAX_JSON + 1).to_string())
+            .body(Body::empty())
+            .expect("request");
+        let (code, text) = send(&c, big);
+        assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(text.contains("larger than"), "{text}");
+        // A body that is too large without saying so is cut off while read.
+        let long = format!("\"{}\"", "x".repeat(MAX_JSON));
+        let (code, _) = send(&c, request(Method::POST, "/v1/fail", Some(TOKEN), &long));
+        assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[test]
+    fn unknown_paths_and_methods_are_404_and_stage_endpoints_405() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = coordinator(dir.path());
+        let (code, text) = send(&c, request(Method::GET, "/nothing", None, ""));
+        assert_eq!(
+            (code, text.as_str()),
+            (StatusCode::NOT_FOUND, "no such endpoint: /nothing")
+        );
+        let (code, text) = send(&c, request(Method::POST, "/healthz", None, ""));
+        assert_eq!(code, StatusCode::NOT_FOUND, "{text}");
+        let (code, text) = send(&c, request(Method::GET, "/v1/nothing", Some(TOKEN), ""));
+        assert_eq!(
+            (code, text.as_str()),
+            (StatusCode::NOT_FOUND, "no such endpoint: GET /v1/nothing")
+        );
+        let (code, _) = send(&c, request(Method::GET, "/v1/register", Some(TOKEN), ""));
+        assert_eq!(code, StatusCode::NOT_FOUND);
+        let (code, text) = send(
+            &c,
+            request(Method::DELETE, "/v1/state/0?epoch=1", Some(TOKEN), ""),
+        );
+        assert_eq!(code, StatusCode::METHOD_NOT_ALLOWED, "{text}");
+        let (code, text) = send(
+            &c,
+            request(Method::GET, "/v1/checkpoint/0?step=4", Some(TOKEN), ""),
+        );
+        assert_eq!(code, StatusCode::CONFLICT, "{text}");
+    }
+
+    #[test]
+    fn a_stage_state_handed_off_in_this_epoch_comes_back_and_another_epoch_is_409() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = coordinator(dir.path());
+        let epoch = lock(&c.coord).epoch();
+        let put = format!("/v1/state/1?epoch={epoch}");
+        let (code, text) = send(&c, request(Method::PUT, &put, Some(TOKEN), "weights"));
+        assert_eq!((code, text.as_str()), (StatusCode::OK, "{}"));
+        let (code, text) = send(&c, request(Method::GET, &put, Some(TOKEN), ""));
+        assert_eq!((code, text.as_str()), (StatusCode::OK, "weights"));
+        let other = format!("/v1/state/1?epoch={}", epoch + 1);
+        let (code, text) = send(&c, request(Method::GET, &other, Some(TOKEN), ""));
+        assert_eq!(code, StatusCode::CONFLICT, "{text}");
+        assert!(text.contains("is over"), "{text}");
+    }
+
+    #[test]
+    fn register_then_status_and_heartbeat_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = coordinator(dir.path());
+        let (code, text) = send(&c, request(Method::GET, "/healthz", None, ""));
+        assert_eq!((code, text.as_str()), (StatusCode::OK, "ok\n"));
+
+        let (code, text) = send(
+            &c,
+            request(Method::POST, "/v1/register", Some(TOKEN), &register_body(1)),
+        );
+        assert_eq!(code, StatusCode::OK, "{text}");
+        let got: Registered = serde_json::from_str(&text).expect("Registered");
+        assert_eq!(got.shard, Some((1, 0)));
+        assert_eq!(got.run_key, "0".repeat(64));
+        // A lease of 60 s: a heartbeat every 7.5 s.
+        assert_eq!(got.heartbeat_ms, 7500);
+        // The registration is saved for a restarted coordinator.
+        let saved = crate::coord::persist::load_state(dir.path()).expect("state file");
+        assert!(saved.is_some());
+
+        let (code, text) = send(&c, request(Method::GET, "/status", None, ""));
+        assert_eq!(code, StatusCode::OK);
+        let status: serde_json::Value = serde_json::from_str(&text).expect("status json");
+        let shard = status["shards"]
+            .as_array()
+            .expect("shards")
+            .iter()
+            .find(|s| s["stage"] == 1)
+            .expect("stage 1");
+        assert_eq!(shard["worker"], got.worker);
+        assert_eq!(shard["name"], "w1");
+
+        let beat = format!(r#"{{"worker": {}}}"#, got.worker);
+        let (code, text) = send(
+            &c,
+            request(Method::POST, "/v1/heartbeat", Some(TOKEN), &beat),
+        );
+        assert_eq!(code, StatusCode::OK, "{text}");
+        let reply: HeartbeatReply = serde_json::from_str(&text).expect("HeartbeatReply");
+        assert_eq!(reply.epoch, lock(&c.coord).epoch());
+        let (code, _) = send(
+            &c,
+            request(
+                Method::POST,
+                "/v1/heartbeat",
+                Some(TOKEN),
+                r#"{"worker": 999}"#,
+            ),
+        );
+        assert_eq!(code, StatusCode::NOT_FOUND);
+
+        let (code, text) = send(&c, request(Method::GET, "/metrics", None, ""));
+        assert_eq!(code, StatusCode::OK);
+        assert!(text.contains("pipewright_workers_live 1"), "{text}");
+        assert!(
+            text.contains(r#"pipewright_requests_total{path="/v1/register"} 1"#),
+            "{text}"
+        );
+    }
+}

@@ -298,3 +298,33 @@ fn plan_reports_every_stage_and_the_stages_a_node_needs() {
         "{table}"
     );
 }
+
+#[test]
+fn a_worker_refuses_a_shard_that_does_not_fit_before_registering() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_huge(dir.path());
+    // No coordinator listens there: the refusal must come first.
+    let out = pipewright()
+        .args([
+            "worker",
+            "--coordinator",
+            "http://127.0.0.1:9",
+            "--stage",
+            "1",
+            "--replica",
+            "0",
+        ])
+        .arg(&path)
+        .env("PIPEWRIGHT_JOIN_TOKEN", "t")
+        .output()
+        .expect("run pipewright");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "cannot serve the run",
+        "stage 1 (layers 20..40) needs",
+        "available",
+    ] {
+        assert!(err.contains(needle), "{needle:?} missing from:\n{err}");
+    }
+}

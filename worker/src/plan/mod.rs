@@ -223,6 +223,39 @@ pub fn min_stages(run: &TrainingRun, vocab: usize, node_bytes: u64) -> Option<us
     })
 }
 
+/// Whether a shard process of `stage` fits in `available` bytes (the
+/// process overhead included); with no stage given, whether the smallest
+/// stage does, since the coordinator may hand out any. The refusal names
+/// the stage and what it needs.
+pub fn shard_fits(p: &Plan, stage: Option<usize>, available: u64) -> Result<(), String> {
+    let candidate = match stage {
+        Some(s) => p.stages.get(s),
+        None => p.stages.iter().min_by_key(|s| s.total_bytes),
+    };
+    let Some(s) = candidate else {
+        return Ok(()); // a stage the run does not have: the coordinator refuses it
+    };
+    let needs = s.total_bytes.saturating_add(PROCESS_OVERHEAD_BYTES);
+    if needs <= available {
+        return Ok(());
+    }
+    Err(format!(
+        "stage {} (layers {}..{}) needs {} ({} weights, {} gradients, {} Adam moments, \
+         {} activations for {} micro-batch(es) in flight), but this machine has {} available; \
+         the run needs more stages (spec.pipeline.stages) or machines with more memory",
+        s.stage,
+        s.layers.start,
+        s.layers.end,
+        human(needs),
+        human(s.weight_bytes),
+        human(s.gradient_bytes),
+        human(s.optimizer_bytes),
+        human(s.activation_bytes),
+        s.peak_in_flight,
+        human(available),
+    ))
+}
+
 /// The shapes that size one stage.
 struct StageShape<'a> {
     cfg: &'a ModelConfig,

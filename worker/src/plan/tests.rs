@@ -109,3 +109,17 @@ fn sizes_parse_with_binary_units() {
         assert!(parse_bytes(bad).is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn a_shard_that_does_not_fit_is_refused_naming_its_stage() {
+    let r = run(SMALL, "stages: 4", 4);
+    let p = plan(&r, 256, None);
+    let need = |s: usize| p.stages[s].total_bytes + PROCESS_OVERHEAD_BYTES;
+    assert_eq!(shard_fits(&p, Some(0), need(0)), Ok(()));
+    let err = shard_fits(&p, Some(0), need(0) - 1).unwrap_err();
+    assert!(err.starts_with("stage 0 (layers 0..2) needs"), "{err}");
+    // Any stage: the smallest one decides.
+    let smallest = (0..4).map(need).min().expect("stages");
+    assert_eq!(shard_fits(&p, None, smallest), Ok(()));
+    assert!(shard_fits(&p, None, smallest - 1).is_err());
+}

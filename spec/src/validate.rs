@@ -21,6 +21,29 @@ pub const MAX_BPE_VOCAB: usize = 1_000_000;
 /// and service names) may have.
 pub const MAX_NAME_LEN: usize = 63;
 
+// Upper bounds of the size fields. Each is far beyond any model or batch
+// this runtime can hold, yet small enough that products of sizes stay well
+// inside 64-bit counts: a number past one of them is a typo, refused at
+// once instead of ending in a failed allocation or an endless start-up.
+/// Largest `spec.model.dim`.
+pub const MAX_DIM: usize = 65_536;
+/// Largest `spec.model.layers`.
+pub const MAX_LAYERS: usize = 1_024;
+/// Largest `spec.model.heads`.
+pub const MAX_HEADS: usize = 1_024;
+/// Largest `spec.model.ffnDim`.
+pub const MAX_FFN_DIM: usize = 262_144;
+/// Largest `spec.model.seqLen`.
+pub const MAX_SEQ_LEN: usize = 131_072;
+/// Largest `spec.training.microBatchSize`.
+pub const MAX_MICRO_BATCH_SIZE: usize = 4_096;
+/// Largest `spec.training.microBatches`.
+pub const MAX_MICRO_BATCHES: usize = 4_096;
+/// Largest `spec.training.evalBatches`.
+pub const MAX_EVAL_BATCHES: usize = 100_000;
+/// Largest `spec.pipeline.replicas`.
+pub const MAX_REPLICAS: usize = 4_096;
+
 /// One rule of the manifest.
 pub struct Rule {
     /// Dotted path of the field a violation is reported against.
@@ -82,14 +105,29 @@ pub static RULES: &[Rule] = &[
         check: |r| at_least_one(r.spec.model.dim as u64),
     },
     Rule {
+        field: "spec.model.dim",
+        requirement: "must be at most 65536",
+        check: |r| at_most(r.spec.model.dim as u64, MAX_DIM as u64),
+    },
+    Rule {
         field: "spec.model.layers",
         requirement: "must be at least 1",
         check: |r| at_least_one(r.spec.model.layers as u64),
     },
     Rule {
+        field: "spec.model.layers",
+        requirement: "must be at most 1024",
+        check: |r| at_most(r.spec.model.layers as u64, MAX_LAYERS as u64),
+    },
+    Rule {
         field: "spec.model.heads",
         requirement: "must be at least 1",
         check: |r| at_least_one(r.spec.model.heads as u64),
+    },
+    Rule {
+        field: "spec.model.heads",
+        requirement: "must be at most 1024",
+        check: |r| at_most(r.spec.model.heads as u64, MAX_HEADS as u64),
     },
     Rule {
         field: "spec.model.heads",
@@ -139,9 +177,19 @@ pub static RULES: &[Rule] = &[
         check: |r| at_least_one(r.spec.model.ffn_dim as u64),
     },
     Rule {
+        field: "spec.model.ffnDim",
+        requirement: "must be at most 262144",
+        check: |r| at_most(r.spec.model.ffn_dim as u64, MAX_FFN_DIM as u64),
+    },
+    Rule {
         field: "spec.model.seqLen",
         requirement: "must be at least 1",
         check: |r| at_least_one(r.spec.model.seq_len as u64),
+    },
+    Rule {
+        field: "spec.model.seqLen",
+        requirement: "must be at most 131072",
+        check: |r| at_most(r.spec.model.seq_len as u64, MAX_SEQ_LEN as u64),
     },
     Rule {
         field: "spec.model.ropeTheta",
@@ -287,9 +335,29 @@ pub static RULES: &[Rule] = &[
         check: |r| at_least_one(r.spec.training.micro_batch_size as u64),
     },
     Rule {
+        field: "spec.training.microBatchSize",
+        requirement: "must be at most 4096",
+        check: |r| {
+            at_most(
+                r.spec.training.micro_batch_size as u64,
+                MAX_MICRO_BATCH_SIZE as u64,
+            )
+        },
+    },
+    Rule {
         field: "spec.training.microBatches",
         requirement: "must be at least 1",
         check: |r| at_least_one(r.spec.training.micro_batches as u64),
+    },
+    Rule {
+        field: "spec.training.microBatches",
+        requirement: "must be at most 4096",
+        check: |r| {
+            at_most(
+                r.spec.training.micro_batches as u64,
+                MAX_MICRO_BATCHES as u64,
+            )
+        },
     },
     Rule {
         field: "spec.training.learningRate",
@@ -347,6 +415,11 @@ pub static RULES: &[Rule] = &[
         requirement: "must be at least 1",
         check: |r| at_least_one(r.spec.training.eval_batches as u64),
     },
+    Rule {
+        field: "spec.training.evalBatches",
+        requirement: "must be at most 100000",
+        check: |r| at_most(r.spec.training.eval_batches as u64, MAX_EVAL_BATCHES as u64),
+    },
     // --- spec.pipeline
     Rule {
         field: "spec.pipeline.stages",
@@ -370,6 +443,11 @@ pub static RULES: &[Rule] = &[
         field: "spec.pipeline.replicas",
         requirement: "must be at least 1",
         check: |r| at_least_one(r.spec.pipeline.replicas as u64),
+    },
+    Rule {
+        field: "spec.pipeline.replicas",
+        requirement: "must be at most 4096",
+        check: |r| at_most(r.spec.pipeline.replicas as u64, MAX_REPLICAS as u64),
     },
     Rule {
         field: "spec.pipeline.codec",
@@ -597,6 +675,10 @@ fn tolerations_where(list: &[Toleration], bad: impl Fn(&Toleration) -> bool) -> 
 
 fn at_least_one(value: u64) -> Option<String> {
     (value == 0).then(|| "must be at least 1, got 0".to_owned())
+}
+
+fn at_most(value: u64, max: u64) -> Option<String> {
+    (value > max).then(|| format!("must be at most {max}, got {value}"))
 }
 
 // The comparisons are written so that NaN fails them.

@@ -51,6 +51,30 @@ const BAD: &[(&str, Refusal)] = &[
         Invalid(&["spec.model.kvHeads: 3 does not divide spec.model.heads (8)"]),
     ),
     (
+        "dim-absurd.yaml",
+        Invalid(&["spec.model.dim: must be at most 65536, got 1073741824"]),
+    ),
+    (
+        "layers-absurd.yaml",
+        Invalid(&["spec.model.layers: must be at most 1024, got 100000000"]),
+    ),
+    (
+        "ffn-dim-absurd.yaml",
+        Invalid(&["spec.model.ffnDim: must be at most 262144, got 1000000000"]),
+    ),
+    (
+        "seq-len-absurd.yaml",
+        Invalid(&["spec.model.seqLen: must be at most 131072, got 10000000"]),
+    ),
+    (
+        "micro-batch-size-absurd.yaml",
+        Invalid(&["spec.training.microBatchSize: must be at most 4096, got 1000000"]),
+    ),
+    (
+        "replicas-absurd.yaml",
+        Invalid(&["spec.pipeline.replicas: must be at most 4096, got 100000"]),
+    ),
+    (
         "heads-as-word.yaml",
         Parse(&["spec.model.heads", "invalid type", "\"eight\"", "usize"]),
     ),
@@ -209,6 +233,18 @@ fn each_bad_fixture_is_refused_naming_the_field_and_the_problem() {
         }
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+/// Absurd sizes are refused by arithmetic on the manifest alone, before
+/// anything is sized from them: all of them together well under a second.
+#[test]
+fn absurd_sizes_are_refused_at_once() {
+    let start = std::time::Instant::now();
+    for (file, _) in BAD.iter().filter(|(f, _)| f.contains("absurd")) {
+        assert!(load_manifest(&fixture(file)).is_err(), "{file}");
+    }
+    let took = start.elapsed();
+    assert!(took.as_secs_f64() < 1.0, "took {took:?}");
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! learning-rate schedule, `data` the corpus, tokenizer and sampler,
 //! `checkpoint` safetensors checkpoints and Hugging Face export, `train` the
 //! training loop, `link` the binary frames between stages, `sync` the
-//! data-parallel gradient all-reduce, `cli` the `pipewright` commands.
+//! data-parallel gradient all-reduce, `plan` what a run needs of a machine,
+//! `cli` the `pipewright` commands.
 
 pub mod checkpoint;
 pub mod cli;
@@ -16,6 +17,7 @@ pub mod link;
 pub mod model;
 pub mod optim;
 pub mod pipeline;
+pub mod plan;
 pub mod schedule;
 pub mod sync;
 pub mod train;

@@ -176,3 +176,155 @@ fn a_bad_slow_worker_drill_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("at least 1"), "{err}");
 }
+
+/// A manifest of a model of about 70B parameters: every size is within the
+/// spec's bounds, but its weights, gradients and Adam moments alone need
+/// about a terabyte. The corpus does not exist: the refusal must come first.
+fn write_huge(dir: &Path) -> std::path::PathBuf {
+    let yaml = r#"apiVersion: pipewright.dev/v1alpha1
+kind: TrainingRun
+metadata: {name: huge}
+spec:
+  model: {dim: 8192, layers: 80, heads: 64, kvHeads: 8, ffnDim: 28672, seqLen: 4096}
+  data: {sources: ["/no/such/corpus.txt"]}
+  training: {steps: 10, microBatchSize: 1, microBatches: 8, learningRate: 0.0001}
+  pipeline: {stages: 4}
+"#;
+    let path = dir.join("huge.yaml");
+    std::fs::write(&path, yaml).expect("write manifest");
+    path
+}
+
+#[test]
+fn a_run_too_large_for_this_machine_is_refused_naming_the_stage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_huge(dir.path());
+    let start = std::time::Instant::now();
+    let out = pipewright()
+        .args(["train", "--quiet", "--out"])
+        .arg(dir.path().join("run"))
+        .arg(&path)
+        .output()
+        .expect("run pipewright");
+    let took = start.elapsed();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "available",
+        "stage 0 (layers 0..",
+        "more stages",
+        "--processes",
+    ] {
+        assert!(err.contains(needle), "{needle:?} missing from:\n{err}");
+    }
+    // Refused from the plan, before the corpus is read or a tensor allocated.
+    assert!(!err.contains("corpus"), "{err}");
+    assert!(took.as_secs_f64() < 10.0, "took {took:?}");
+}
+
+#[test]
+fn absurd_sizes_are_refused_at_once_naming_the_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_huge(dir.path());
+    for (from, to, field) in [
+        ("dim: 8192", "dim: 1073741824", "spec.model.dim"),
+        ("layers: 80", "layers: 50000000", "spec.model.layers"),
+        ("seqLen: 4096", "seqLen: 100000000", "spec.model.seqLen"),
+    ] {
+        let yaml = std::fs::read_to_string(&path)
+            .expect("manifest")
+            .replace(from, to);
+        let bad = dir.path().join("bad.yaml");
+        std::fs::write(&bad, yaml).expect("write manifest");
+        let start = std::time::Instant::now();
+        let out = pipewright()
+            .arg("train")
+            .arg(&bad)
+            .output()
+            .expect("run pipewright");
+        let took = start.elapsed();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("{field}: must be at most")), "{err}");
+        eprintln!("{field}: refused in {took:?}");
+        // A process start included; a loaded machine gets some slack.
+        assert!(took.as_secs_f64() < 3.0, "{field}: took {took:?}");
+    }
+}
+
+#[test]
+fn plan_reports_every_stage_and_the_stages_a_node_needs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_huge(dir.path());
+    let out = succeed(
+        pipewright()
+            .args(["plan", "--json", "--node-memory", "80GiB"])
+            .arg(&path),
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let stages = v["plan"]["stages"].as_array().expect("stages");
+    assert_eq!(stages.len(), 4);
+    // 1F1B: stage s holds S - s micro-batches at its peak.
+    let in_flight: Vec<u64> = stages
+        .iter()
+        .map(|s| s["peak_in_flight"].as_u64().expect("in flight"))
+        .collect();
+    assert_eq!(in_flight, [4, 3, 2, 1]);
+    for s in stages {
+        for key in [
+            "params",
+            "weight_bytes",
+            "gradient_bytes",
+            "optimizer_bytes",
+            "activation_bytes",
+            "flops_per_token",
+            "flops_per_step",
+        ] {
+            assert!(s[key].as_f64().expect(key) > 0.0, "{key}: {s}");
+        }
+    }
+    // About 69B parameters at 16 bytes each: 80 GiB nodes need ~14+ stages.
+    let min = v["min_stages"].as_u64().expect("min_stages");
+    assert!((14..=80).contains(&min), "{min}");
+    let table = succeed(
+        pipewright()
+            .args(["plan", "--node-memory", "80GiB"])
+            .arg(&path),
+    );
+    assert!(
+        table.contains(&format!(
+            "smallest number of stages for a node of 80.00 GiB: {min}"
+        )),
+        "{table}"
+    );
+}
+
+#[test]
+fn a_worker_refuses_a_shard_that_does_not_fit_before_registering() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_huge(dir.path());
+    // No coordinator listens there: the refusal must come first.
+    let out = pipewright()
+        .args([
+            "worker",
+            "--coordinator",
+            "http://127.0.0.1:9",
+            "--stage",
+            "1",
+            "--replica",
+            "0",
+        ])
+        .arg(&path)
+        .env("PIPEWRIGHT_JOIN_TOKEN", "t")
+        .output()
+        .expect("run pipewright");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "cannot serve the run",
+        "stage 1 (layers 20..40) needs",
+        "available",
+    ] {
+        assert!(err.contains(needle), "{needle:?} missing from:\n{err}");
+    }
+}

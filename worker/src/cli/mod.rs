@@ -5,6 +5,7 @@ mod bench;
 mod bench_gpu;
 mod coordinator;
 mod launch;
+mod plan;
 mod train;
 mod worker;
 
@@ -31,6 +32,9 @@ pub struct Cli {
 pub enum Command {
     /// Train the run described by a TrainingRun manifest on this machine.
     Train(train::TrainArgs),
+    /// What each stage of a run needs (parameters, memory, FLOPs) and the
+    /// fewest stages that fit a node, from the manifest alone.
+    Plan(plan::PlanArgs),
     /// Report validation loss and bits per byte of a checkpoint.
     Eval {
         /// Checkpoint (a step directory, or a run directory with `latest`).
@@ -77,6 +81,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(args) => train::run(args),
+        Command::Plan(args) => plan::run(args),
         Command::Eval {
             checkpoint,
             batches,

@@ -124,6 +124,60 @@ fn select_device(trainer: &mut Trainer, choice: Device) -> Result<()> {
     }
 }
 
+/// Refuses, before anything the size of the model is allocated, a run that
+/// needs more memory in this process than the machine has available.
+fn check_memory(manifest: &pipewright_spec::TrainingRun, path: &std::path::Path) -> Result<()> {
+    use crate::plan::{available_memory, human, min_stages, plan, vocab};
+    let Some(available) = available_memory() else {
+        return Ok(()); // nothing to compare with (not Linux)
+    };
+    let vocab = vocab(manifest).context("reading the tokenizer's vocabulary")?;
+    let p = plan(manifest, vocab, None);
+    if p.single_process_bytes <= available {
+        return Ok(());
+    }
+    // The stage to name: the first that alone does not fit, else the largest.
+    let stage = p
+        .stages
+        .iter()
+        .find(|s| s.total_bytes > available)
+        .unwrap_or_else(|| p.largest_stage());
+    let alone = if stage.total_bytes > available {
+        "alone needs"
+    } else {
+        "is the largest, with"
+    };
+    let split = match min_stages(manifest, vocab, available) {
+        Some(n) => format!(
+            "Split the model over at least {n} stages (spec.pipeline.stages; \
+             `pipewright plan {} --node-memory SIZE` shows what each needs)",
+            path.display()
+        ),
+        None => format!(
+            "Even one layer per stage needs more than this machine has: split the model \
+             over more stages on machines with more memory (`pipewright plan {} \
+             --node-memory SIZE` shows what each needs)",
+            path.display()
+        ),
+    };
+    anyhow::bail!(
+        "this run needs {} in one process, but this machine has {} available: stage {} \
+         (layers {}..{}) {alone} {} ({} weights, {} gradients, {} Adam moments, {} activations). \
+         {split}, and run them as separate processes on several machines \
+         (`pipewright train --processes`, or `pipewright worker` / `pipewright join` on each).",
+        human(p.single_process_bytes),
+        human(available),
+        stage.stage,
+        stage.layers.start,
+        stage.layers.end,
+        human(stage.total_bytes),
+        human(stage.weight_bytes),
+        human(stage.gradient_bytes),
+        human(stage.optimizer_bytes),
+        human(stage.activation_bytes),
+    )
+}
+
 /// Parses `STAGE/REPLICA=FACTOR`.
 fn parse_slow_worker(s: &str) -> Result<(usize, usize, f64), String> {
     let bad = || format!("expected STAGE/REPLICA=FACTOR (e.g. 1/0=3), got {s:?}");
@@ -182,6 +236,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 coordinator_listen: &args.coordinator_listen,
             },
         );
+    }
+    if !args.resume && args.device != Device::Cuda {
+        check_memory(&manifest, &args.manifest)?;
     }
     super::init_threads(args.threads.unwrap_or(manifest.spec.training.threads));
     if !args.resume && !args.overwrite {

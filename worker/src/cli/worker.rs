@@ -272,6 +272,24 @@ impl Session {
     }
 }
 
+/// A check that a shard of a stage (any stage when `None`) fits this
+/// machine's available memory, from the run's plan; it passes where memory
+/// or the vocabulary cannot be known here.
+fn shard_memory_check(
+    manifest: &pipewright_spec::TrainingRun,
+) -> impl Fn(Option<usize>) -> Result<()> {
+    use crate::plan::{available_memory, plan, shard_fits, vocab};
+    let planned = vocab(manifest)
+        .ok()
+        .map(|v| plan(manifest, v, None))
+        .zip(available_memory());
+    move |stage| match &planned {
+        Some((p, available)) => shard_fits(p, stage, *available)
+            .map_err(|e| anyhow::anyhow!("this worker cannot serve the run: {e}")),
+        None => Ok(()),
+    }
+}
+
 fn serve(args: WorkerArgs, token: &str) -> Result<()> {
     if !(args.slowdown.is_finite() && args.slowdown >= 1.0) {
         bail!(
@@ -288,6 +306,9 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
             .manifest()
             .with_context(|| format!("fetching the run from {}", args.coordinator))?,
     };
+    // Refused before registering: the shard asked for, or the smallest.
+    let fits = shard_memory_check(&manifest);
+    fits(args.stage)?;
     super::init_threads(args.threads.unwrap_or(manifest.spec.training.threads));
     let (pipe_listener, pipe_addr) = bind(&args.listen, args.advertise.as_deref())?;
     let (ring_listener, ring_addr) = bind(&args.ring_listen, args.advertise.as_deref())?;
@@ -335,6 +356,10 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
         max_send_rate,
     };
     let shard = session.register(None)?;
+    // The coordinator chose the stage: refused before any of it is built.
+    if let Some((stage, _)) = shard {
+        fits(Some(stage))?;
+    }
     match shard {
         Some((s, r)) => eprintln!("worker {}: stage {s} replica {r}", session.worker),
         None => eprintln!(

@@ -59,7 +59,9 @@ use std::collections::VecDeque;
 
 use pipewright_spec::ScheduleKind;
 
-pub use sim::{simulate, theoretical_bound, OpCosts, Span, StageCosts, StageTimeline, Timeline};
+pub use sim::{
+    peak_in_flight, simulate, theoretical_bound, OpCosts, Span, StageCosts, StageTimeline, Timeline,
+};
 pub use validate::{validate, ScheduleError};
 
 /// One operation a stage runs on one micro-batch.

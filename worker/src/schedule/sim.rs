@@ -201,8 +201,9 @@ pub fn simulate(ops_per_stage: &[Vec<Op>], cost: &StageCosts) -> Result<Timeline
     Ok(Timeline { makespan, stages })
 }
 
-/// Most micro-batches alive at once on a stage running `ops` in order.
-fn peak_in_flight(ops: impl Iterator<Item = Op>) -> usize {
+/// Most micro-batches alive at once on a stage running `ops` in order: the
+/// number of activation caches the stage must hold at its peak.
+pub fn peak_in_flight(ops: impl Iterator<Item = Op>) -> usize {
     let mut alive = 0usize;
     let mut peak = 0;
     for op in ops {

@@ -1,0 +1,125 @@
+use pipewright_spec::{parse_manifest, TrainingRun};
+
+use super::*;
+
+fn run(model: &str, pipeline: &str, micro_batches: usize) -> TrainingRun {
+    parse_manifest(&format!(
+        r#"apiVersion: pipewright.dev/v1alpha1
+kind: TrainingRun
+metadata: {{name: plan}}
+spec:
+  model: {{{model}}}
+  data: {{sources: ["corpus.txt"]}}
+  training: {{steps: 10, microBatchSize: 4, microBatches: {micro_batches}, learningRate: 0.001}}
+  pipeline: {{{pipeline}}}
+"#
+    ))
+    .expect("manifest")
+}
+
+const SMALL: &str = "dim: 64, layers: 8, heads: 4, ffnDim: 128, seqLen: 32";
+
+#[test]
+fn stage_parameters_add_up_to_the_model_plus_the_head_copy() {
+    for tied in [false, true] {
+        let r = run(&format!("{SMALL}, tiedEmbeddings: {tied}"), "stages: 3", 4);
+        let p = plan(&r, 256, None);
+        let sum: u64 = p.stages.iter().map(|s| s.params).sum();
+        let copy = if tied { 256 * 64 } else { 0 };
+        assert_eq!(sum, p.params + copy, "tied {tied}");
+        for s in &p.stages {
+            assert_eq!(s.gradient_bytes, s.weight_bytes);
+            assert_eq!(s.optimizer_bytes, 2 * s.weight_bytes);
+        }
+    }
+}
+
+#[test]
+fn in_flight_follows_the_schedule() {
+    let (stages, m) = (4, 8);
+    let peaks = |schedule: &str| -> Vec<usize> {
+        let r = run(SMALL, &format!("stages: {stages}, schedule: {schedule}"), m);
+        plan(&r, 256, None)
+            .stages
+            .iter()
+            .map(|s| s.peak_in_flight)
+            .collect()
+    };
+    assert_eq!(peaks("1f1b"), vec![4, 3, 2, 1]);
+    assert_eq!(peaks("gpipe"), vec![m; stages]);
+    assert!(
+        peaks("zb-h1").iter().all(|&p| p <= stages),
+        "{:?}",
+        peaks("zb-h1")
+    );
+}
+
+#[test]
+fn flops_per_step_are_flops_per_token_times_tokens() {
+    let r = run(SMALL, "stages: 2", 3);
+    let p = plan(&r, 256, None);
+    assert_eq!(p.tokens_per_step, 3 * 4 * 32);
+    let cfg = ModelConfig::from_spec(&r.spec.model, 256);
+    let total: f64 = p.stages.iter().map(|s| s.flops_per_token).sum();
+    let expected = 8.0 * cfg.block_flops_per_token() + cfg.head_flops_per_token();
+    assert!((total - expected).abs() < 1e-6 * expected);
+    for s in &p.stages {
+        assert_eq!(s.flops_per_step, s.flops_per_token * 384.0);
+    }
+}
+
+#[test]
+fn more_stages_need_less_per_stage_and_min_stages_finds_the_fit() {
+    let r = run(
+        "dim: 512, layers: 16, heads: 8, ffnDim: 1408, seqLen: 256",
+        "stages: 1",
+        4,
+    );
+    let one = plan(&r, 32_000, Some(1)).largest_stage().total_bytes;
+    let four = plan(&r, 32_000, Some(4)).largest_stage().total_bytes;
+    // Not a quarter: 1F1B's first stage holds four micro-batches.
+    assert!(four < one, "{four} vs {one}");
+    let node = four + PROCESS_OVERHEAD_BYTES;
+    let s = min_stages(&r, 32_000, node).expect("fits");
+    assert!(s <= 4);
+    let p = plan(&r, 32_000, Some(s)).largest_stage().total_bytes;
+    assert!(p + PROCESS_OVERHEAD_BYTES <= node);
+    assert_eq!(min_stages(&r, 32_000, 1 << 20), None);
+}
+
+#[test]
+fn the_largest_sizes_the_spec_allows_do_not_overflow() {
+    let r = run(
+        "dim: 65536, layers: 1024, heads: 1024, ffnDim: 262144, seqLen: 131072",
+        "stages: 2",
+        4096,
+    );
+    let p = plan(&r, 1_000_000, None);
+    assert!(p.single_process_bytes > 1 << 50);
+    assert!(p.stages.iter().all(|s| s.total_bytes > 1 << 40));
+}
+
+#[test]
+fn sizes_parse_with_binary_units() {
+    assert_eq!(parse_bytes("80GiB"), Ok(80 << 30));
+    assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+    assert_eq!(parse_bytes("1.5G"), Ok(3 << 29));
+    assert_eq!(parse_bytes("4096"), Ok(4096));
+    for bad in ["", "GiB", "-1GiB", "0", "10 parsecs"] {
+        assert!(parse_bytes(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn a_shard_that_does_not_fit_is_refused_naming_its_stage() {
+    let r = run(SMALL, "stages: 4", 4);
+    let p = plan(&r, 256, None);
+    let need = |s: usize| p.stages[s].total_bytes + PROCESS_OVERHEAD_BYTES;
+    assert_eq!(shard_fits(&p, Some(0), need(0)), Ok(()));
+    let err = shard_fits(&p, Some(0), need(0) - 1).unwrap_err();
+    assert!(err.starts_with("stage 0 (layers 0..2) needs"), "{err}");
+    // Any stage: the smallest one decides.
+    let smallest = (0..4).map(need).min().expect("stages");
+    assert_eq!(shard_fits(&p, None, smallest), Ok(()));
+    assert!(shard_fits(&p, None, smallest - 1).is_err());
+}

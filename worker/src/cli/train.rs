@@ -81,6 +81,19 @@ pub enum Device {
     Cuda,
 }
 
+/// Whether `choice` may put the run on a GPU, whose memory (not this
+/// machine's) then bounds it.
+fn may_use_gpu(choice: Device) -> bool {
+    match choice {
+        Device::Cpu => false,
+        Device::Cuda => true,
+        #[cfg(feature = "cuda")]
+        Device::Auto => crate::kernels::cuda::driver_present(),
+        #[cfg(not(feature = "cuda"))]
+        Device::Auto => false,
+    }
+}
+
 /// Move `trainer` to the device `choice` asks for.
 fn select_device(trainer: &mut Trainer, choice: Device) -> Result<()> {
     if choice == Device::Cpu {
@@ -237,7 +250,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             },
         );
     }
-    if !args.resume && args.device != Device::Cuda {
+    if !args.resume && !may_use_gpu(args.device) {
         check_memory(&manifest, &args.manifest)?;
     }
     super::init_threads(args.threads.unwrap_or(manifest.spec.training.threads));

@@ -27,6 +27,16 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, in the order a run goes through them.
+    pub const ALL: [Phase; 6] = [
+        Phase::Pending,
+        Phase::Initializing,
+        Phase::Training,
+        Phase::Checkpointing,
+        Phase::Succeeded,
+        Phase::Failed,
+    ];
+
     /// The phase's name, as it appears on the wire.
     pub fn name(self) -> &'static str {
         match self {
@@ -130,14 +140,7 @@ mod tests {
 
     #[test]
     fn phase_names_are_the_wire_names() {
-        for p in [
-            Phase::Pending,
-            Phase::Initializing,
-            Phase::Training,
-            Phase::Checkpointing,
-            Phase::Succeeded,
-            Phase::Failed,
-        ] {
+        for p in Phase::ALL {
             assert_eq!(
                 serde_json::to_string(&p).expect("json"),
                 format!("\"{}\"", p.name())

@@ -124,14 +124,7 @@ impl Metrics {
             .set(s.shards.iter().filter(|x| x.worker.is_some()).count() as i64);
         self.rejected_frames
             .set(s.shards.iter().map(|x| x.rejected_frames as i64).sum());
-        for p in [
-            Phase::Pending,
-            Phase::Initializing,
-            Phase::Training,
-            Phase::Checkpointing,
-            Phase::Succeeded,
-            Phase::Failed,
-        ] {
+        for p in Phase::ALL {
             self.phase
                 .get_or_create(&vec![("phase".into(), p.name().to_owned())])
                 .set(i64::from(p == s.phase));

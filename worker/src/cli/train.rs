@@ -106,23 +106,23 @@ fn select_device(trainer: &mut Trainer, choice: Device) -> Result<()> {
             eprintln!("device: no CUDA driver here (libcuda does not load); training on the CPU");
             return Ok(());
         }
-        let opened = Gpu::open(0).and_then(|gpu| {
+        let mut open = || -> Result<String> {
+            let gpu = Gpu::open(0)?;
             let name = gpu.name().to_string();
-            trainer
-                .use_device(gpu)
-                .map(|()| name)
-                .map_err(|e| crate::kernels::cuda::GpuError::Unsupported(e.to_string()))
-        });
+            trainer.use_device(gpu)?;
+            Ok(name)
+        };
+        let opened = open();
         match opened {
             Ok(name) => {
                 eprintln!("device: {name} (CUDA), every stage on one GPU");
                 Ok(())
             }
             Err(e) if choice == Device::Auto => {
-                eprintln!("device: CUDA not usable ({e}); training on the CPU");
+                eprintln!("device: CUDA not usable ({e:#}); training on the CPU");
                 Ok(())
             }
-            Err(e) => Err(anyhow::anyhow!("--device cuda: {e}")),
+            Err(e) => Err(anyhow::anyhow!("--device cuda: {e:#}")),
         }
     }
     #[cfg(not(feature = "cuda"))]

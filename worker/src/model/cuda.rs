@@ -358,12 +358,14 @@ impl DeviceModel {
                 self.cfg.vocab
             )));
         }
-        let mut tok = self.gpu.zeros::<u32>(rows)?;
-        self.gpu.upload_into(tokens, &mut tok)?;
-        let mut tgt = self.gpu.zeros::<u32>(rows)?;
-        self.gpu.upload_into(targets, &mut tgt)?;
-        self.tokens = tok;
-        self.targets = tgt;
+        // The kernels take the row count from these buffers' lengths: they
+        // are resized only when the micro-batch's shape changes.
+        if self.tokens.len() != rows {
+            self.tokens = self.gpu.zeros(rows)?;
+            self.targets = self.gpu.zeros(rows)?;
+        }
+        self.gpu.upload_into(tokens, &mut self.tokens)?;
+        self.gpu.upload_into(targets, &mut self.targets)?;
         self.forward(batch, scale)?;
         self.backward(batch)?;
         self.mean_loss(rows)

@@ -44,11 +44,6 @@ impl Trainer {
         Ok(())
     }
 
-    /// Whether training runs on a CUDA device.
-    pub fn on_device(&self) -> bool {
-        self.device.is_some()
-    }
-
     /// One step on the device: the same micro-batches, loss scaling,
     /// clipping and schedule as [`Trainer::train_step`] on the CPU.
     pub(super) fn device_step(&mut self) -> Result<StepReport, TrainError> {

@@ -38,10 +38,10 @@ pub enum TrainError {
         /// The loss value.
         loss: f32,
     },
-    /// The checkpoint belongs to a different model.
     /// The CUDA device failed or cannot run this model.
     #[error("cuda device: {0}")]
     Device(String),
+    /// The checkpoint belongs to a different model.
     #[error("checkpoint does not match the manifest: {0}")]
     Mismatch(String),
 }

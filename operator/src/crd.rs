@@ -238,6 +238,32 @@ pub static CEL_RULES: &[CelRule] = &[
     cel!("spec.storage.storageClassName", "must not be empty when set", at "spec.storage",
         Some(".storageClassName"),
         "!has(self.storageClassName) || self.storageClassName.trim() != ''"),
+    // --- spec.rewards (JSON has no NaN or infinity, so a number in range is finite)
+    cel!("spec.rewards.windowSteps", "must be at most 1000000000", at "spec.rewards",
+        Some(".windowSteps"), "!has(self.windowSteps) || self.windowSteps <= 1000000000"),
+    cel!("spec.rewards.weights", "at least one of forward, inputGradient, weightGradient and validation \
+          must be > 0", at "spec.rewards.weights", None,
+        "(has(self.forward) ? self.forward : 1.0) > 0.0 \
+         || (has(self.inputGradient) ? self.inputGradient : 1.0) > 0.0 \
+         || (has(self.weightGradient) ? self.weightGradient : 1.0) > 0.0 \
+         || (has(self.validation) ? self.validation : 1.0) > 0.0"),
+    cel!("spec.rewards.weights.forward", "must be a finite number in [0, 1000000]", at "spec.rewards.weights",
+        Some(".forward"), "!has(self.forward) || (self.forward >= 0.0 && self.forward <= 1000000.0)"),
+    cel!("spec.rewards.weights.inputGradient", "must be a finite number in [0, 1000000]",
+        at "spec.rewards.weights", Some(".inputGradient"),
+        "!has(self.inputGradient) || (self.inputGradient >= 0.0 && self.inputGradient <= 1000000.0)"),
+    cel!("spec.rewards.weights.weightGradient", "must be a finite number in [0, 1000000]",
+        at "spec.rewards.weights", Some(".weightGradient"),
+        "!has(self.weightGradient) || (self.weightGradient >= 0.0 && self.weightGradient <= 1000000.0)"),
+    cel!("spec.rewards.weights.validation", "must be a finite number in [0, 1000000]",
+        at "spec.rewards.weights", Some(".validation"),
+        "!has(self.validation) || (self.validation >= 0.0 && self.validation <= 1000000.0)"),
+    cel!("spec.rewards.weights.allReducePerByte", "must be a finite number in [0, 1000000]",
+        at "spec.rewards.weights", Some(".allReducePerByte"),
+        "!has(self.allReducePerByte) || (self.allReducePerByte >= 0.0 && self.allReducePerByte <= 1000000.0)"),
+    cel!("spec.rewards.minParticipation", "must be a finite number in [0, 1]", at "spec.rewards",
+        Some(".minParticipation"),
+        "!has(self.minParticipation) || (self.minParticipation >= 0.0 && self.minParticipation <= 1.0)"),
 ];
 
 /// The CRD: schema from the spec's types, CEL rules from [`CEL_RULES`] with

@@ -312,6 +312,63 @@ fn cases() -> Vec<(&'static str, Value)> {
         ),
         ("storage defaulted", with(&[("/spec/storage", json!({}))])),
         (
+            "rewards windowSteps absurd",
+            with(&[("/spec/rewards/windowSteps", json!(1_000_000_001u64))]),
+        ),
+        (
+            "rewards no work weighed",
+            with(&[(
+                "/spec/rewards/weights",
+                json!({"forward": 0, "inputGradient": 0, "weightGradient": 0.0, "validation": 0,
+                       "allReducePerByte": 1}),
+            )]),
+        ),
+        (
+            "rewards forward < 0",
+            with(&[("/spec/rewards/weights/forward", json!(-1))]),
+        ),
+        (
+            "rewards inputGradient too large",
+            with(&[("/spec/rewards/weights/inputGradient", json!(1e6 + 1.0))]),
+        ),
+        (
+            "rewards weightGradient < 0",
+            with(&[("/spec/rewards/weights/weightGradient", json!(-0.5))]),
+        ),
+        (
+            "rewards validation too large",
+            with(&[("/spec/rewards/weights/validation", json!(2_000_000))]),
+        ),
+        (
+            "rewards allReducePerByte < 0",
+            with(&[("/spec/rewards/weights/allReducePerByte", json!(-0.001))]),
+        ),
+        (
+            "rewards minParticipation < 0",
+            with(&[("/spec/rewards/minParticipation", json!(-0.1))]),
+        ),
+        (
+            "rewards minParticipation > 1",
+            with(&[("/spec/rewards/minParticipation", json!(1.5))]),
+        ),
+        (
+            "rewards partial",
+            with(&[("/spec/rewards/windowSteps", json!(100))]),
+        ),
+        (
+            "rewards at the bounds",
+            with(&[
+                ("/spec/rewards/windowSteps", json!(1_000_000_000u64)),
+                ("/spec/rewards/minParticipation", json!(1)),
+                (
+                    "/spec/rewards/weights",
+                    json!({"forward": 0, "inputGradient": 0, "weightGradient": 0,
+                           "validation": 1_000_000, "allReducePerByte": 1e6}),
+                ),
+            ]),
+        ),
+        ("rewards defaulted", with(&[("/spec/rewards", json!({}))])),
+        (
             "name not a label",
             with(&[("/metadata/name", json!("Quick_Start"))]),
         ),
@@ -351,6 +408,9 @@ fn every_case_but_the_valid_ones_is_refused() {
         "tolerations valid",
         "storage valid",
         "storage defaulted",
+        "rewards partial",
+        "rewards at the bounds",
+        "rewards defaulted",
     ]
     .into();
     for (name, run) in cases() {

@@ -136,6 +136,12 @@ pub struct TrainingRunSpec {
     /// replaced coordinator starts the run over. Local mode ignores it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<StorageSpec>,
+    /// How the run's reward pool is split among contributors, from the
+    /// ledger. Absent: every default (all booked steps, FLOPs of every kind
+    /// of work weighed alike, all-reduce bytes not credited, no minimum
+    /// participation).
+    #[serde(default, skip_serializing_if = "RewardsSpec::is_default")]
+    pub rewards: RewardsSpec,
 }
 
 /// The coordinator's persistent volume on Kubernetes: a
@@ -241,6 +247,75 @@ impl Default for PlacementSpec {
 impl PlacementSpec {
     fn is_default(&self) -> bool {
         *self == Self::default()
+    }
+}
+
+/// How the run's reward pool is split among contributors, from the ledger.
+/// Its default: every booked step, every kind of work weighed alike, no
+/// minimum participation.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RewardsSpec {
+    /// Steps in the window shares are computed over, counting back from the
+    /// last booked step (0: every booked step).
+    #[serde(default)]
+    pub window_steps: u64,
+    /// Credit per kind of work.
+    #[serde(default)]
+    pub weights: RewardWeights,
+    /// Fraction (0..=1) of the window's steps an identity must have booked
+    /// work in to earn a share; below it its share is 0 and the others are
+    /// renormalised.
+    #[serde(default)]
+    pub min_participation: f64,
+}
+
+impl RewardsSpec {
+    /// Whether every field has its default (the section is then left out
+    /// when a manifest is written).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Credit per unit of each kind of work booked in the ledger; a share is
+/// the credit of one identity over the credit of all eligible identities.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RewardWeights {
+    /// Credit per forward FLOP.
+    #[serde(default = "default_reward_weight")]
+    pub forward: f64,
+    /// Credit per input-gradient FLOP.
+    #[serde(default = "default_reward_weight")]
+    pub input_gradient: f64,
+    /// Credit per weight-gradient FLOP.
+    #[serde(default = "default_reward_weight")]
+    pub weight_gradient: f64,
+    /// Credit per FLOP recomputed to validate another worker.
+    #[serde(default = "default_reward_weight")]
+    pub validation: f64,
+    /// FLOP-equivalents credited per byte sent in the replicas' all-reduce.
+    #[serde(default)]
+    pub all_reduce_per_byte: f64,
+}
+
+/// Default of every `spec.rewards.weights` field but `allReducePerByte`.
+pub const DEFAULT_REWARD_WEIGHT: f64 = 1.0;
+
+fn default_reward_weight() -> f64 {
+    DEFAULT_REWARD_WEIGHT
+}
+
+impl Default for RewardWeights {
+    fn default() -> Self {
+        Self {
+            forward: DEFAULT_REWARD_WEIGHT,
+            input_gradient: DEFAULT_REWARD_WEIGHT,
+            weight_gradient: DEFAULT_REWARD_WEIGHT,
+            validation: DEFAULT_REWARD_WEIGHT,
+            all_reduce_per_byte: 0.0,
+        }
     }
 }
 

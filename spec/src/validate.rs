@@ -43,6 +43,12 @@ pub const MAX_MICRO_BATCHES: usize = 4_096;
 pub const MAX_EVAL_BATCHES: usize = 100_000;
 /// Largest `spec.pipeline.replicas`.
 pub const MAX_REPLICAS: usize = 4_096;
+/// Largest weight in `spec.rewards.weights`: credit per unit of work stays
+/// a modest multiple of a FLOP, so sums over a window cannot overflow to
+/// infinity.
+pub const MAX_REWARD_WEIGHT: f64 = 1e6;
+/// Largest `spec.rewards.windowSteps`.
+pub const MAX_REWARD_WINDOW_STEPS: u64 = 1_000_000_000;
 
 /// One rule of the manifest.
 pub struct Rule {
@@ -637,6 +643,61 @@ pub static RULES: &[Rule] = &[
             })
         },
     },
+    // --- spec.rewards
+    Rule {
+        field: "spec.rewards.windowSteps",
+        requirement: "must be at most 1000000000",
+        check: |r| at_most(r.spec.rewards.window_steps, MAX_REWARD_WINDOW_STEPS),
+    },
+    Rule {
+        field: "spec.rewards.weights",
+        requirement: "at least one of forward, inputGradient, weightGradient and validation \
+                      must be > 0",
+        check: |r| {
+            let w = &r.spec.rewards.weights;
+            let work = [w.forward, w.input_gradient, w.weight_gradient, w.validation];
+            (!work.iter().any(|&v| v > 0.0)).then(|| {
+                "forward, inputGradient, weightGradient and validation are all 0, \
+                 so no work earns credit and no share can be computed; \
+                 give at least one a weight > 0"
+                    .to_owned()
+            })
+        },
+    },
+    Rule {
+        field: "spec.rewards.weights.forward",
+        requirement: "must be a finite number in [0, 1000000]",
+        check: |r| reward_weight(r.spec.rewards.weights.forward),
+    },
+    Rule {
+        field: "spec.rewards.weights.inputGradient",
+        requirement: "must be a finite number in [0, 1000000]",
+        check: |r| reward_weight(r.spec.rewards.weights.input_gradient),
+    },
+    Rule {
+        field: "spec.rewards.weights.weightGradient",
+        requirement: "must be a finite number in [0, 1000000]",
+        check: |r| reward_weight(r.spec.rewards.weights.weight_gradient),
+    },
+    Rule {
+        field: "spec.rewards.weights.validation",
+        requirement: "must be a finite number in [0, 1000000]",
+        check: |r| reward_weight(r.spec.rewards.weights.validation),
+    },
+    Rule {
+        field: "spec.rewards.weights.allReducePerByte",
+        requirement: "must be a finite number in [0, 1000000]",
+        check: |r| reward_weight(r.spec.rewards.weights.all_reduce_per_byte),
+    },
+    Rule {
+        field: "spec.rewards.minParticipation",
+        requirement: "must be a finite number in [0, 1]",
+        check: |r| {
+            let v = r.spec.rewards.min_participation;
+            (!(0.0..=1.0).contains(&v))
+                .then(|| format!("must be a finite number in [0, 1], got {v}"))
+        },
+    },
 ];
 
 /// Suffixes of a Kubernetes quantity of bytes accepted in
@@ -690,6 +751,11 @@ fn above_zero(value: f64) -> Option<String> {
 fn zero_or_above(value: f64) -> Option<String> {
     (!(value >= 0.0 && value.is_finite()))
         .then(|| format!("must be a finite number >= 0, got {value}"))
+}
+
+fn reward_weight(value: f64) -> Option<String> {
+    (!(0.0..=MAX_REWARD_WEIGHT).contains(&value))
+        .then(|| format!("must be a finite number in [0, {MAX_REWARD_WEIGHT}], got {value}"))
 }
 
 fn adam_beta(value: f64) -> Option<String> {
@@ -749,5 +815,11 @@ mod tests {
         assert_eq!(zero_or_above(0.0), None);
         assert!(adam_beta(1.0).is_some());
         assert_eq!(adam_beta(0.0), None);
+        assert!(reward_weight(f64::NAN).is_some());
+        assert!(reward_weight(f64::INFINITY).is_some());
+        assert!(reward_weight(-0.5).is_some());
+        assert!(reward_weight(1.000_001e6).is_some());
+        assert_eq!(reward_weight(0.0), None);
+        assert_eq!(reward_weight(MAX_REWARD_WEIGHT), None);
     }
 }

@@ -171,6 +171,42 @@ const BAD: &[(&str, Refusal)] = &[
         "min-replicas-above-replicas.yaml",
         Invalid(&["spec.placement.minReplicas: 2 exceeds spec.pipeline.replicas (1)"]),
     ),
+    (
+        "reward-window-absurd.yaml",
+        Invalid(&["spec.rewards.windowSteps: must be at most 1000000000, got 2000000000"]),
+    ),
+    (
+        "reward-weights-all-zero.yaml",
+        Invalid(&[
+            "spec.rewards.weights: ",
+            "all 0",
+            "no share can be computed",
+        ]),
+    ),
+    (
+        "reward-weight-negative.yaml",
+        Invalid(&["spec.rewards.weights.forward: must be a finite number in [0, 1000000], got -1"]),
+    ),
+    (
+        "reward-weight-too-large.yaml",
+        Invalid(&[
+            "spec.rewards.weights.allReducePerByte: must be a finite number in [0, 1000000], \
+             got 2000000",
+        ]),
+    ),
+    (
+        "reward-weight-infinite.yaml",
+        Parse(&[
+            "spec.rewards.weights.validation",
+            "invalid type",
+            ".inf",
+            "f64",
+        ]),
+    ),
+    (
+        "min-participation-above-one.yaml",
+        Invalid(&["spec.rewards.minParticipation: must be a finite number in [0, 1], got 1.5"]),
+    ),
     ("syntax-error.yaml", Parse(&["YAML", "line 11", "column"])),
     (
         "duplicate-key.yaml",

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use pipewright_spec::validate::RULES;
 use pipewright_spec::{
     parse_manifest, validate, CheckpointSpec, Codec, DataSpec, LowrankSpec, LowrankWire, Metadata,
-    ModelSpec, PartitionKind, PipelineSpec, PlacementSpec, Routing, ScheduleKind, SpecError,
-    StorageSpec, TaintEffect, TokenizerKind, TokenizerSpec, Toleration, TolerationOperator,
-    TrainingRun, TrainingRunSpec, TrainingSpec, API_VERSION, KIND,
+    ModelSpec, PartitionKind, PipelineSpec, PlacementSpec, RewardWeights, RewardsSpec, Routing,
+    ScheduleKind, SpecError, StorageSpec, TaintEffect, TokenizerKind, TokenizerSpec, Toleration,
+    TolerationOperator, TrainingRun, TrainingRunSpec, TrainingSpec, API_VERSION, KIND,
 };
 
 /// Only the fields that have no default.
@@ -71,6 +71,16 @@ fn defaults_are_filled_in() {
     assert!(!run.spec.suspend);
     assert_eq!(run.spec.ttl_seconds_after_finished, None);
     assert_eq!(run.spec.storage, None);
+
+    let r = &run.spec.rewards;
+    assert_eq!(*r, RewardsSpec::default());
+    assert_eq!((r.window_steps, r.min_participation), (0, 0.0));
+    let w = &r.weights;
+    assert_eq!(
+        (w.forward, w.input_gradient, w.weight_gradient, w.validation),
+        (1.0, 1.0, 1.0, 1.0)
+    );
+    assert_eq!(w.all_reduce_per_byte, 0.0);
 }
 
 #[test]
@@ -218,6 +228,17 @@ fn everything_set() -> TrainingRun {
                 size: "50Gi".into(),
                 storage_class_name: Some("fast-ssd".into()),
             }),
+            rewards: RewardsSpec {
+                window_steps: 1000,
+                weights: RewardWeights {
+                    forward: 1.0,
+                    input_gradient: 0.5,
+                    weight_gradient: 0.25,
+                    validation: 2.0,
+                    all_reduce_per_byte: 0.125,
+                },
+                min_participation: 0.5,
+            },
         },
     }
 }
@@ -244,6 +265,11 @@ fn wire_names_are_camel_case_and_enums_lowercase() {
         "codec: lowrank",
         "kind: bpe",
         "vocabSize: 8192",
+        "windowSteps: 1000",
+        "inputGradient: 0.5",
+        "weightGradient: 0.25",
+        "allReducePerByte: 0.125",
+        "minParticipation: 0.5",
     ] {
         assert!(yaml.contains(needle), "{needle:?} not in\n{yaml}");
     }
@@ -482,5 +508,144 @@ fn bad_lowrank_settings_are_refused_naming_the_field() {
     assert!(
         err.to_string().contains("spec.pipeline.lowrank.wire"),
         "{err}"
+    );
+}
+
+/// `MINIMAL` with a rewards section.
+fn with_rewards(rewards: &str) -> String {
+    format!("{MINIMAL}  rewards: {rewards}\n")
+}
+
+#[test]
+fn a_partial_rewards_section_keeps_the_other_defaults() {
+    let run = parse_manifest(&with_rewards("{windowSteps: 100}")).expect("valid");
+    let r = &run.spec.rewards;
+    assert_eq!(r.window_steps, 100);
+    assert_eq!(r.weights, RewardWeights::default());
+    assert_eq!(r.min_participation, 0.0);
+
+    let run = parse_manifest(&with_rewards(
+        "{minParticipation: 0.25, weights: {validation: 3, allReducePerByte: 0.5}}",
+    ))
+    .expect("valid");
+    let r = &run.spec.rewards;
+    assert_eq!((r.window_steps, r.min_participation), (0, 0.25));
+    assert_eq!(
+        r.weights,
+        RewardWeights {
+            validation: 3.0,
+            all_reduce_per_byte: 0.5,
+            ..RewardWeights::default()
+        }
+    );
+
+    // Only one kind of work earning credit is enough.
+    let run = parse_manifest(&with_rewards(
+        "{weights: {forward: 0, inputGradient: 0, weightGradient: 0}}",
+    ))
+    .expect("validation alone earns credit");
+    assert_eq!(run.spec.rewards.weights.validation, 1.0);
+
+    // An empty section is the default, and a default section is not written.
+    let run = parse_manifest(&with_rewards("{}")).expect("valid");
+    assert!(run.spec.rewards.is_default());
+    let yaml = serde_saphyr::to_string(&run).expect("serialize");
+    assert!(!yaml.contains("rewards"), "{yaml}");
+
+    let err = parse_manifest(&with_rewards("{weights: {backward: 1}}")).unwrap_err();
+    assert!(matches!(err, SpecError::Parse { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("spec.rewards.weights") && text.contains("backward"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_rewards_settings_are_refused_naming_the_field() {
+    for (rewards, field, words) in [
+        (
+            "{windowSteps: 1000000001}",
+            "spec.rewards.windowSteps",
+            "at most 1000000000, got 1000000001",
+        ),
+        (
+            "{weights: {forward: 0, inputGradient: 0, weightGradient: 0, validation: 0}}",
+            "spec.rewards.weights",
+            "no share can be computed",
+        ),
+        (
+            "{weights: {forward: -0.5}}",
+            "spec.rewards.weights.forward",
+            "[0, 1000000], got -0.5",
+        ),
+        (
+            "{weights: {inputGradient: 1000001}}",
+            "spec.rewards.weights.inputGradient",
+            "[0, 1000000], got 1000001",
+        ),
+        (
+            "{weights: {weightGradient: -1}}",
+            "spec.rewards.weights.weightGradient",
+            "[0, 1000000], got -1",
+        ),
+        (
+            "{weights: {validation: 1e7}}",
+            "spec.rewards.weights.validation",
+            "[0, 1000000], got 10000000",
+        ),
+        (
+            "{weights: {allReducePerByte: -0.001}}",
+            "spec.rewards.weights.allReducePerByte",
+            "[0, 1000000], got -0.001",
+        ),
+        (
+            "{minParticipation: -0.1}",
+            "spec.rewards.minParticipation",
+            "[0, 1], got -0.1",
+        ),
+        (
+            "{minParticipation: 1.01}",
+            "spec.rewards.minParticipation",
+            "[0, 1], got 1.01",
+        ),
+    ] {
+        let Err(SpecError::Invalid(problems)) = parse_manifest(&with_rewards(rewards)) else {
+            panic!("{rewards} accepted");
+        };
+        assert_eq!(problems.len(), 1, "{rewards}: {problems:?}");
+        assert_eq!(problems[0].field, field, "{rewards}");
+        assert!(
+            problems[0].to_string().contains(words),
+            "{rewards}: {}",
+            problems[0]
+        );
+    }
+    // The bounds themselves are accepted.
+    parse_manifest(&with_rewards(
+        "{windowSteps: 1000000000, minParticipation: 1, \
+         weights: {forward: 1000000, allReducePerByte: 1000000}}",
+    ))
+    .expect("bounds are inclusive");
+}
+
+#[test]
+fn non_finite_reward_weights_are_refused_built_in_code() {
+    let mut run = everything_set();
+    run.spec.rewards.weights.forward = f64::NAN;
+    run.spec.rewards.weights.all_reduce_per_byte = f64::INFINITY;
+    run.spec.rewards.min_participation = f64::NAN;
+    let fields: Vec<String> = validate(&run)
+        .unwrap_err()
+        .into_iter()
+        .map(|e| e.field)
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "spec.rewards.weights.forward",
+            "spec.rewards.weights.allReducePerByte",
+            "spec.rewards.minParticipation",
+        ]
     );
 }

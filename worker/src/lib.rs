@@ -5,14 +5,17 @@
 //! learning-rate schedule, `data` the corpus, tokenizer and sampler,
 //! `checkpoint` safetensors checkpoints and Hugging Face export, `train` the
 //! training loop, `link` the binary frames between stages, `sync` the
-//! data-parallel gradient all-reduce, `plan` what a run needs of a machine,
+//! data-parallel gradient all-reduce, `identity` a worker's signing key,
+//! `ledger` the contribution ledger and reward shares, `plan` what a run needs of a machine,
 //! `cli` the `pipewright` commands.
 
 pub mod checkpoint;
 pub mod cli;
 pub mod coord;
 pub mod data;
+pub mod identity;
 pub mod kernels;
+pub mod ledger;
 pub mod link;
 pub mod model;
 pub mod optim;

@@ -228,6 +228,8 @@ mod tests {
             standby: 0,
             stages: Vec::new(),
             shards: Vec::new(),
+            contributions: Vec::new(),
+            refused_reports: 0,
         };
         let wire = serde_json::to_vec(&status).expect("json");
         let read: CoordinatorReport = serde_json::from_slice(&wire).expect("report");

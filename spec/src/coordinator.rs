@@ -86,6 +86,24 @@ pub struct ShardStatus {
     /// Smoothed compute seconds per micro-batch, which the route weighs.
     #[serde(default)]
     pub seconds_per_micro_batch: Option<f64>,
+    /// Fingerprint of the worker's identity (its public key's short form).
+    #[serde(default)]
+    pub identity: Option<String>,
+}
+
+/// One contributor's standing in the ledger, as `/status` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Contribution {
+    /// Fingerprint of its identity.
+    pub identity: String,
+    /// The name it last registered under (a pod or host name).
+    pub name: String,
+    /// Verified FLOPs booked in the reward window.
+    pub flops: f64,
+    /// Micro-batches booked in the window.
+    pub micro_batches: u64,
+    /// Its share of the reward pool, 0..=1.
+    pub share: f64,
 }
 
 /// One stage's line in the status.
@@ -132,6 +150,13 @@ pub struct Status {
     pub stages: Vec<StageStatus>,
     /// Per shard.
     pub shards: Vec<ShardStatus>,
+    /// Contributors by share, largest first (from the ledger's reward
+    /// window).
+    #[serde(default)]
+    pub contributions: Vec<Contribution>,
+    /// Reports refused (forged, replayed, unrouted work), all kinds.
+    #[serde(default)]
+    pub refused_reports: u64,
 }
 
 #[cfg(test)]

@@ -31,6 +31,121 @@ pub struct Register {
     /// measured), for `partition: measured`.
     #[serde(default)]
     pub speed: f64,
+    /// Proof that the worker holds its identity's key (required).
+    #[serde(default)]
+    pub identity: Option<IdentityProof>,
+}
+
+/// `POST /v1/challenge`'s answer: a fresh nonce to sign when registering.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Challenge {
+    /// 32 random bytes in hex, valid once, for a minute.
+    pub nonce: String,
+}
+
+/// A worker's identity and the proof that it holds the key: its signature
+/// over [`register_message`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct IdentityProof {
+    /// Ed25519 public key, 64 hex digits.
+    pub public_key: String,
+    /// The coordinator's challenge.
+    pub nonce: String,
+    /// Signature in the register domain, 128 hex digits.
+    pub signature: String,
+}
+
+/// What a registering worker signs: the run id, the challenge and its own
+/// public key.
+pub fn register_message(run_id: &str, nonce: &str, public_key: &str) -> Vec<u8> {
+    format!("run={run_id} nonce={nonce} key={public_key}").into_bytes()
+}
+
+/// A worker's signed commitment to the step it reports: which
+/// micro-batches it ran and what it computed for each.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Commitment {
+    /// One entry per micro-batch it ran, ascending.
+    pub micro_batches: Vec<MicroBatchCommit>,
+    /// Signature over [`step_message`] in the step domain, 128 hex digits.
+    pub signature: String,
+}
+
+/// The hashes committed for one micro-batch (64 hex digits each).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct MicroBatchCommit {
+    /// Global micro-batch index within the step.
+    pub mb: u64,
+    /// Hash of its forward input.
+    pub input: String,
+    /// Hash of its forward output (the loss's bytes on the last stage).
+    pub output: String,
+    /// Hash of the input gradient sent back (zeros on the first stage).
+    pub gradient: String,
+}
+
+impl Commitment {
+    /// The micro-batch indices, in the order committed.
+    pub fn indices(&self) -> Vec<u64> {
+        self.micro_batches.iter().map(|m| m.mb).collect()
+    }
+
+    /// BLAKE3 over every micro-batch's index and hashes: what the
+    /// signature covers of them, and what the ledger keeps.
+    pub fn root(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        for m in &self.micro_batches {
+            h.update(&m.mb.to_le_bytes());
+            for part in [&m.input, &m.output, &m.gradient] {
+                h.update(part.as_bytes());
+                h.update(b"/");
+            }
+        }
+        *h.finalize().as_bytes()
+    }
+}
+
+/// Who reports which step of which shard, with what loss and which
+/// micro-batches: the fields a step's signature binds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepClaim<'a> {
+    /// Run id (hex).
+    pub run_id: &'a str,
+    /// Worker id.
+    pub worker: u64,
+    /// Epoch.
+    pub epoch: u64,
+    /// Steps completed with this one.
+    pub completed: u64,
+    /// Its shard.
+    pub shard: (usize, usize),
+    /// Loss it reports (last stages).
+    pub loss: Option<f32>,
+    /// Micro-batches it ran.
+    pub micro_batches: &'a [u64],
+    /// [`Commitment::root`].
+    pub root: [u8; 32],
+}
+
+/// What a worker signs for a step (and what `pipewright ledger verify`
+/// rebuilds from the ledger's columns to check every entry).
+pub fn step_message(c: &StepClaim<'_>) -> Vec<u8> {
+    let mbs: Vec<String> = c.micro_batches.iter().map(u64::to_string).collect();
+    let loss = c
+        .loss
+        .map_or("-".into(), |l| format!("{:08x}", l.to_bits()));
+    format!(
+        "run={} worker={} epoch={} step={} stage={} replica={} loss={loss} mbs={} root={}",
+        c.run_id,
+        c.worker,
+        c.epoch,
+        c.completed,
+        c.shard.0,
+        c.shard.1,
+        mbs.join(","),
+        hex::encode(c.root)
+    )
+    .into_bytes()
 }
 
 /// Answer to [`Register`].
@@ -141,6 +256,10 @@ pub struct StepDone {
     /// Micro-batches it ran in the step.
     #[serde(default)]
     pub micro_batches: usize,
+    /// Its signed commitment to the step (required: a report without a
+    /// valid one is refused and credits nothing).
+    #[serde(default)]
+    pub commitment: Option<Commitment>,
 }
 
 /// Answer to [`StepDone`].

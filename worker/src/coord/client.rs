@@ -206,6 +206,37 @@ impl Client {
             })
     }
 
+    /// A fresh challenge to sign when registering.
+    pub fn challenge(&self) -> Result<String, ClientError> {
+        self.call::<super::api::Challenge>("challenge", "POST", "/v1/challenge", None::<&()>)?
+            .map(|c| c.nonce)
+            .ok_or(ClientError::Malformed {
+                what: "challenge",
+                message: "empty answer".into(),
+            })
+    }
+
+    /// Registers as `identity`: asks for a challenge, signs it and sends
+    /// the proof with `r`. Returns the worker's id, shard and the run's
+    /// secrets.
+    pub fn register_as(
+        &self,
+        r: &Register,
+        identity: &crate::identity::Identity,
+        run_id: &str,
+    ) -> Result<Registered, ClientError> {
+        let nonce = self.challenge()?;
+        let public_key = identity.public_hex();
+        let message = super::api::register_message(run_id, &nonce, &public_key);
+        let mut r = r.clone();
+        r.identity = Some(super::api::IdentityProof {
+            signature: identity.sign(crate::identity::REGISTER_DOMAIN, &message),
+            public_key,
+            nonce,
+        });
+        self.register(&r)
+    }
+
     /// Registers, returning the worker's id, shard and the run's secrets.
     pub fn register(&self, r: &Register) -> Result<Registered, ClientError> {
         self.call("register", "POST", "/v1/register", Some(r))?

@@ -29,6 +29,20 @@ pub(super) struct Metrics {
     rejected: Counter,
     rejected_frames: Gauge,
     shard_micro_batches: Family<Labels, Gauge>,
+    reward_share: Family<Labels, Gauge<f64, AtomicU64>>,
+    contribution_flops: Family<Labels, Counter<f64, AtomicU64>>,
+    refused_reports: Family<Labels, Counter>,
+}
+
+/// What the ledger adds to a scrape.
+#[derive(Default)]
+pub(super) struct LedgerFigures {
+    /// Verified FLOPs booked per identity fingerprint, the whole run.
+    pub(super) flops: Vec<(String, f64)>,
+    /// Reward share per identity fingerprint.
+    pub(super) shares: Vec<(String, f64)>,
+    /// Refused reports by reason.
+    pub(super) refused: Vec<(String, u64)>,
 }
 
 impl Metrics {
@@ -48,6 +62,9 @@ impl Metrics {
             rejected: Counter::default(),
             rejected_frames: Gauge::default(),
             shard_micro_batches: Family::default(),
+            reward_share: Family::default(),
+            contribution_flops: Family::default(),
+            refused_reports: Family::default(),
         };
         registry.register("step", "Steps completed by every worker", m.step.clone());
         registry.register(
@@ -93,6 +110,21 @@ impl Metrics {
             "Micro-batches a shard ran in its last step (its share under routing: throughput)",
             m.shard_micro_batches.clone(),
         );
+        registry.register(
+            "reward_share",
+            "A contributor's share of the reward pool over the ledger's window (0..1)",
+            m.reward_share.clone(),
+        );
+        registry.register(
+            "contribution_flops",
+            "Verified FLOPs booked in the ledger for a contributor",
+            m.contribution_flops.clone(),
+        );
+        registry.register(
+            "refused_reports",
+            "Registrations and step reports refused (forged, replayed, unrouted, unsigned)",
+            m.refused_reports.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -114,7 +146,30 @@ impl Metrics {
     }
 
     /// The metrics in Prometheus' text format, with the gauges set from `s`.
-    pub(super) fn render(&self, s: &Status) -> String {
+    pub(super) fn render(&self, s: &Status, ledger: &LedgerFigures) -> String {
+        for (worker, flops) in &ledger.flops {
+            let c = self
+                .contribution_flops
+                .get_or_create(&vec![("worker".into(), worker.clone())]);
+            let add = flops - c.get();
+            if add > 0.0 {
+                c.inc_by(add);
+            }
+        }
+        for (worker, share) in &ledger.shares {
+            self.reward_share
+                .get_or_create(&vec![("worker".into(), worker.clone())])
+                .set(*share);
+        }
+        for (reason, n) in &ledger.refused {
+            let c = self
+                .refused_reports
+                .get_or_create(&vec![("reason".into(), reason.clone())]);
+            let add = n.saturating_sub(c.get());
+            if add > 0 {
+                c.inc_by(add);
+            }
+        }
         self.step.set(s.step as i64);
         self.loss.set(s.loss.map_or(f64::NAN, f64::from));
         self.tokens_per_second.set(s.tokens_per_second);
@@ -167,6 +222,8 @@ fn endpoint_label(path: &str) -> String {
             | "/v1/step"
             | "/v1/checkpoint"
             | "/v1/fail"
+            | "/v1/challenge"
+            | "/v1/ledger"
     ) {
         path.into()
     } else {

@@ -11,6 +11,8 @@ pub mod server;
 pub mod state;
 
 #[cfg(test)]
+mod ledger_tests;
+#[cfg(test)]
 mod tests;
 
 pub use client::{Client, ClientError};

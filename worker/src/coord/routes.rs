@@ -24,7 +24,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-use super::api::{Failure, Heartbeat, HeartbeatReply, Register, Registered, StepDone};
+use super::api::{
+    register_message, step_message, Challenge, Failure, Heartbeat, HeartbeatReply, Register,
+    Registered, StepClaim, StepDone,
+};
 use super::server::{lock, Shared};
 use super::state::CoordError;
 use crate::checkpoint;
@@ -48,6 +51,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_STATE));
     let api = Router::new()
         .route("/v1/manifest", only(get(manifest)))
+        .route("/v1/challenge", only(post(challenge)))
         .route("/v1/register", only(post(register)))
         .route("/v1/heartbeat", only(post(heartbeat)))
         .route("/v1/wiring", only(get(wiring)))
@@ -64,6 +68,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/healthz", only(get(healthz)))
         .route("/status", only(get(status)))
+        .route("/v1/ledger", only(get(ledger)))
         .route("/metrics", only(get(metrics)))
         .merge(api)
         .fallback(no_such_endpoint)
@@ -128,6 +133,8 @@ fn coord_error(e: CoordError) -> Reply {
         CoordError::Invalid(_) => 400,
         CoordError::Taken(..) => 409,
         CoordError::Finished(_) => 410,
+        CoordError::Busy(_) => 409,
+        CoordError::Refused(..) => 403,
     };
     Reply::Text(code, e.to_string())
 }
@@ -342,8 +349,42 @@ async fn status(State(shared): Coord) -> Reply {
 /// `GET /metrics`: Prometheus text.
 async fn metrics(State(shared): Coord) -> Reply {
     blocking(shared, |s| {
-        let status = lock(&s.coord).status(Instant::now());
-        Reply::Text(200, s.metrics.render(&status))
+        let c = lock(&s.coord);
+        let status = c.status(Instant::now());
+        let mut figures = super::metrics::LedgerFigures {
+            shares: status
+                .contributions
+                .iter()
+                .map(|x| (x.identity.clone(), x.share))
+                .collect(),
+            refused: c
+                .refused()
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            ..Default::default()
+        };
+        if let Some(l) = c.ledger() {
+            match l.totals(1, u64::MAX) {
+                Ok(totals) => {
+                    figures.flops = totals
+                        .iter()
+                        .map(|t| {
+                            (
+                                crate::identity::fingerprint_hex(&t.identity),
+                                t.forward_flops
+                                    + t.input_grad_flops
+                                    + t.weight_grad_flops
+                                    + t.validation_flops,
+                            )
+                        })
+                        .collect()
+                }
+                Err(e) => tracing::error!("reading the ledger for metrics: {e}"),
+            }
+        }
+        drop(c);
+        Reply::Text(200, s.metrics.render(&status, &figures))
     })
     .await
 }
@@ -355,9 +396,125 @@ async fn manifest(State(shared): Coord) -> Reply {
     changing(shared, |s| json(&s.config.manifest)).await
 }
 
+/// `GET /v1/ledger`: every contributor's standing over the reward window
+/// (read-only, open like `/status`).
+async fn ledger(State(shared): Coord) -> Reply {
+    blocking(shared, |s| {
+        let c = lock(&s.coord);
+        let Some(l) = c.ledger() else {
+            return Reply::Text(404, "this coordinator keeps no ledger".into());
+        };
+        let last = l.last_step().unwrap_or(0);
+        let (from, to) = crate::ledger::window_of(last, &c.layout().rewards);
+        json(&serde_json::json!({
+            "run": c.status(Instant::now()).run,
+            "window": [from, to],
+            "rewards": c.layout().rewards,
+            "shares": c.shares(),
+            "refused": c.refused(),
+        }))
+    })
+    .await
+}
+
+/// `POST /v1/challenge`: a fresh nonce for a worker to sign when it
+/// registers.
+async fn challenge(State(shared): Coord) -> Reply {
+    blocking(shared, |s| {
+        json(&Challenge {
+            nonce: s.challenges.issue(),
+        })
+    })
+    .await
+}
+
+/// Checks a registration's proof: a challenge this coordinator issued and
+/// has not seen used, signed by the key it names.
+fn check_proof(shared: &Shared, r: &Register) -> Result<(), Reply> {
+    let Some(p) = &r.identity else {
+        return Err(Reply::Text(
+            400,
+            "registering needs an identity: POST /v1/challenge, sign it, send the proof".into(),
+        ));
+    };
+    let refuse = |reason: &'static str, detail: String| {
+        let e = lock(&shared.coord).refuse(crate::ledger::Refusal {
+            worker: r.worker,
+            identity: Some(p.public_key.clone()),
+            reason,
+            detail,
+        });
+        coord_error(e)
+    };
+    if !shared.challenges.redeem(&p.nonce) {
+        return Err(refuse(
+            "challenge",
+            "the challenge is unknown, used or expired; ask for a new one".into(),
+        ));
+    }
+    let message = register_message(&shared.config.run_id, &p.nonce, &p.public_key);
+    if !crate::identity::verify(
+        &p.public_key,
+        crate::identity::REGISTER_DOMAIN,
+        &message,
+        &p.signature,
+    ) {
+        return Err(refuse(
+            "signature",
+            "the registration is not signed by the key it names".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a step report's signature against the identity that holds the
+/// reporting worker's slot.
+fn check_step_signature(shared: &Shared, d: &StepDone) -> Result<(), Reply> {
+    let Some(c) = &d.commitment else {
+        // The state machine refuses it and counts it.
+        return Ok(());
+    };
+    let mut coord = lock(&shared.coord);
+    let Some((identity, shard)) = coord.identity_of(d.worker) else {
+        return Ok(());
+    };
+    let indices = c.indices();
+    let claim = StepClaim {
+        run_id: &shared.config.run_id,
+        worker: d.worker,
+        epoch: d.epoch,
+        completed: d.completed,
+        shard,
+        loss: d.loss,
+        micro_batches: &indices,
+        root: c.root(),
+    };
+    if crate::identity::verify(
+        &identity,
+        crate::identity::STEP_DOMAIN,
+        &step_message(&claim),
+        &c.signature,
+    ) {
+        return Ok(());
+    }
+    let e = coord.refuse(crate::ledger::Refusal {
+        worker: Some(d.worker),
+        identity: Some(identity),
+        reason: "signature",
+        detail: format!(
+            "the report of step {} is not signed by worker {}'s identity",
+            d.completed, d.worker
+        ),
+    });
+    Err(coord_error(e))
+}
+
 /// `POST /v1/register`: a worker asks for a shard.
 async fn register(State(shared): Coord, JsonBody(r): JsonBody<Register>) -> Reply {
     changing(shared, move |s| {
+        if let Err(reply) = check_proof(s, &r) {
+            return reply;
+        }
         let result = lock(&s.coord).register(r, Instant::now());
         match result {
             Ok((worker, shard)) => json(&Registered {
@@ -411,6 +568,9 @@ async fn wiring(
 /// barrier; 204 when it is not decided yet.
 async fn step(State(shared): Coord, JsonBody(d): JsonBody<StepDone>) -> Reply {
     changing(shared, move |s| {
+        if let Err(reply) = check_step_signature(s, &d) {
+            return reply;
+        }
         let now = Instant::now;
         let first = lock(&s.coord).step_done(&d, now());
         s.after_change();
@@ -586,7 +746,7 @@ async fn checkpoint_method(_: CheckpointAt) -> Reply {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::time::Duration;
 
     use axum::body::Body;
@@ -596,11 +756,19 @@ mod tests {
     use crate::coord::server::Config;
     use crate::model::ModelConfig;
 
-    const TOKEN: &str = "let-me-in";
+    pub(in crate::coord) const TOKEN: &str = "let-me-in";
 
     /// A coordinator of the quickstart run (two stages, one replica, no
     /// checkpoints) with its state file in `dir`.
-    fn coordinator(dir: &std::path::Path) -> Arc<Shared> {
+    pub(in crate::coord) fn coordinator(dir: &std::path::Path) -> Arc<Shared> {
+        coordinator_with(dir, None)
+    }
+
+    /// The same, booking into the ledger at `ledger`.
+    pub(in crate::coord) fn coordinator_with(
+        dir: &std::path::Path,
+        ledger: Option<std::path::PathBuf>,
+    ) -> Arc<Shared> {
         let manifest =
             pipewright_spec::parse_manifest(include_str!("../../../examples/quickstart.yaml"))
                 .expect("quickstart manifest");
@@ -615,13 +783,17 @@ mod tests {
                 state_dir: dir.to_path_buf(),
                 checkpoint: None,
                 model,
+                ledger,
             })
             .expect("coordinator"),
         )
     }
 
     /// Sends one request through the router: (status, body as text).
-    fn send(shared: &Arc<Shared>, request: axum::http::Request<Body>) -> (StatusCode, String) {
+    pub(in crate::coord) fn send(
+        shared: &Arc<Shared>,
+        request: axum::http::Request<Body>,
+    ) -> (StatusCode, String) {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
@@ -638,7 +810,7 @@ mod tests {
         })
     }
 
-    fn request(
+    pub(in crate::coord) fn request(
         method: Method,
         uri: &str,
         token: Option<&str>,
@@ -651,13 +823,31 @@ mod tests {
         b.body(Body::from(body.to_owned())).expect("request")
     }
 
-    fn register_body(stage: usize) -> String {
+    /// A registration for `stage` by `id`, with a proof over a challenge
+    /// fetched from `c`.
+    pub(in crate::coord) fn register_body(
+        c: &Arc<Shared>,
+        stage: usize,
+        id: &crate::identity::Identity,
+    ) -> String {
+        let (code, text) = send(c, request(Method::POST, "/v1/challenge", Some(TOKEN), ""));
+        assert_eq!(code, StatusCode::OK, "{text}");
+        let nonce = serde_json::from_str::<Challenge>(&text)
+            .expect("challenge")
+            .nonce;
+        let public_key = id.public_hex();
+        let message = register_message(&c.config.run_id, &nonce, &public_key);
         serde_json::to_string(&Register {
             stage: Some(stage),
             replica: Some(0),
             pipe_addr: "w:1".into(),
             ring_addr: "w:2".into(),
             name: format!("w{stage}"),
+            identity: Some(super::super::api::IdentityProof {
+                signature: id.sign(crate::identity::REGISTER_DOMAIN, &message),
+                public_key,
+                nonce,
+            }),
             ..Register::default()
         })
         .expect("json")
@@ -668,10 +858,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let c = coordinator(dir.path());
         for token in [None, Some("guess"), Some("let-me-in-please")] {
-            let (code, text) = send(
-                &c,
-                request(Method::POST, "/v1/register", token, &register_body(0)),
-            );
+            let (code, text) = send(&c, request(Method::POST, "/v1/register", token, "{}"));
             assert_eq!(code, StatusCode::UNAUTHORIZED, "{token:?}: {text}");
             assert!(text.contains("join token"), "{text}");
             // Unknown endpoints under /v1/ say nothing before the token.
@@ -680,7 +867,7 @@ mod tests {
         }
         assert!(c
             .metrics
-            .render(&lock(&c.coord).status(Instant::now()))
+            .render(&lock(&c.coord).status(Instant::now()), &Default::default())
             .contains("pipewright_rejected_requests_total 6"));
         // Nothing registered.
         assert!(lock(&c.coord).workers().is_empty());
@@ -792,7 +979,12 @@ mod tests {
 
         let (code, text) = send(
             &c,
-            request(Method::POST, "/v1/register", Some(TOKEN), &register_body(1)),
+            request(
+                Method::POST,
+                "/v1/register",
+                Some(TOKEN),
+                &register_body(&c, 1, &crate::identity::Identity::from_secret([1; 32])),
+            ),
         );
         assert_eq!(code, StatusCode::OK, "{text}");
         let got: Registered = serde_json::from_str(&text).expect("Registered");

@@ -54,8 +54,50 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Checkpoints (`None`: the run keeps none).
     pub checkpoint: Option<CheckpointContext>,
-    /// Model shape (for stage layer ranges).
+    /// Model shape (for stage layer ranges and the ledger's FLOPs).
     pub model: ModelConfig,
+    /// The contribution ledger's database (`None`: no ledger).
+    pub ledger: Option<PathBuf>,
+}
+
+/// How long a registration challenge stays valid.
+const CHALLENGE_TTL: Duration = Duration::from_secs(60);
+/// Most challenges outstanding (the oldest go first).
+const MAX_CHALLENGES: usize = 4096;
+
+/// Nonces handed out for registration proofs: each valid once, for
+/// [`CHALLENGE_TTL`].
+#[derive(Default)]
+pub(super) struct Challenges {
+    issued: Mutex<HashMap<String, Instant>>,
+}
+
+impl Challenges {
+    /// A fresh nonce.
+    pub(super) fn issue(&self) -> String {
+        let nonce = hex::encode(rand::random::<[u8; 32]>());
+        let now = Instant::now();
+        let mut issued = lock(&self.issued);
+        issued.retain(|_, t| now.saturating_duration_since(*t) < CHALLENGE_TTL);
+        if issued.len() >= MAX_CHALLENGES {
+            if let Some(oldest) = issued
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(k, _)| k.clone())
+            {
+                issued.remove(&oldest);
+            }
+        }
+        issued.insert(nonce.clone(), now);
+        nonce
+    }
+
+    /// Whether `nonce` was issued, unused and fresh; it is used up.
+    pub(super) fn redeem(&self, nonce: &str) -> bool {
+        lock(&self.issued)
+            .remove(nonce)
+            .is_some_and(|t| t.elapsed() < CHALLENGE_TTL)
+    }
 }
 
 /// Stage states handed from a live replica to a new one, by (epoch, stage).
@@ -71,6 +113,8 @@ pub(super) struct Shared {
     /// Stage states in transit from a live replica to a new one.
     pub(super) handoff: Mutex<Handoffs>,
     pub(super) metrics: Metrics,
+    /// Registration challenges outstanding.
+    pub(super) challenges: Challenges,
     state_file: StateFile,
 }
 
@@ -147,6 +191,35 @@ impl Shared {
             measured: spec.pipeline.partition == pipewright_spec::PartitionKind::Measured,
             micro_batches: spec.training.micro_batches,
             routed: spec.pipeline.routing == pipewright_spec::Routing::Throughput,
+            cost: Some(crate::ledger::CostModel::new(
+                &config.model,
+                spec.training.micro_batch_size,
+            )),
+            rewards: spec.rewards.clone(),
+        };
+        let ledger = match &config.ledger {
+            Some(path) => {
+                let meta = [
+                    ("run", config.manifest.metadata.name.clone()),
+                    ("run_id", config.run_id.clone()),
+                    ("stages", spec.pipeline.stages.to_string()),
+                    ("replicas", spec.pipeline.replicas.to_string()),
+                    ("micro_batches", spec.training.micro_batches.to_string()),
+                    ("rewards", serde_json::to_string(&spec.rewards)?),
+                    ("cost_model", serde_json::to_string(&layout.cost)?),
+                ];
+                let l = crate::ledger::Ledger::open(path, &meta)?;
+                let steps = l.last_step()?;
+                if persisted.is_none() && steps > 0 {
+                    return Err(crate::ledger::LedgerError::Orphaned {
+                        path: path.clone(),
+                        steps,
+                    }
+                    .into());
+                }
+                Some(l)
+            }
+            None => None,
         };
         let (model, stages) = (config.model.clone(), spec.pipeline.stages);
         let root = config
@@ -163,6 +236,10 @@ impl Shared {
         .with_partitioner(Box::new(move |speeds| {
             crate::model::partition(&model, stages, speeds)
         }));
+        let coord = match ledger {
+            Some(l) => coord.with_ledger(l),
+            None => coord,
+        };
         let state_file = StateFile::new(config.state_dir.clone());
         Ok(Shared {
             coord: Mutex::new(coord),
@@ -170,6 +247,7 @@ impl Shared {
             config,
             handoff: Mutex::new(HashMap::new()),
             metrics: Metrics::new(),
+            challenges: Challenges::default(),
             state_file,
         })
     }

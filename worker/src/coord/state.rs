@@ -29,9 +29,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-pub use pipewright_spec::coordinator::{Phase, ShardStatus, StageStatus, Status};
+pub use pipewright_spec::coordinator::{Contribution, Phase, ShardStatus, StageStatus, Status};
 
 use super::api::{Barrier, Failure, Register, StateSource, StepDone, Wiring};
+use crate::ledger::{CostModel, Entry, Ledger, Refusal, Session, StepBooking};
 use crate::pipeline::Route;
 
 /// Recoveries after which a run that keeps failing is given up.
@@ -70,6 +71,11 @@ pub struct Layout {
     /// Route micro-batches to replicas by measured speed
     /// (`routing: throughput`).
     pub routed: bool,
+    /// What a micro-batch of each stage costs, for the ledger (`None`:
+    /// work is booked without FLOPs or tokens).
+    pub cost: Option<CostModel>,
+    /// How shares are computed from the ledger.
+    pub rewards: pipewright_spec::RewardsSpec,
 }
 
 /// Splits the model's layers into stages given each stage's relative
@@ -92,11 +98,34 @@ pub enum CoordError {
     /// The run is over.
     #[error("the run has finished ({0:?})")]
     Finished(Phase),
+    /// The identity already serves a shard (a restarted worker waits for
+    /// its old lease to run out).
+    #[error("{0}")]
+    Busy(String),
+    /// The request claims what the sender cannot prove (another identity,
+    /// another's report, work it was not given): refused and counted.
+    #[error("refused: {1}")]
+    Refused(&'static str, String),
+}
+
+/// What a worker committed to for one step, kept until the step is booked.
+#[derive(Clone, Debug)]
+struct Committed {
+    completed: u64,
+    micro_batches: Vec<u64>,
+    root: [u8; 32],
+    signature: String,
+    loss: Option<f32>,
+    seconds: f64,
 }
 
 #[derive(Clone, Debug)]
 struct Slot {
     worker: u64,
+    /// Public key (hex) it proved it holds when registering.
+    identity: String,
+    /// Its commitments of the last two steps.
+    commits: Vec<Committed>,
     name: String,
     pipe_addr: String,
     ring_addr: String,
@@ -172,6 +201,10 @@ pub struct Persisted {
     /// Layer ranges fixed by a measured partition.
     #[serde(default)]
     pub stage_layers: Option<Vec<Range<usize>>>,
+    /// Identity (public key, hex) of each slot's worker, beside
+    /// `shard_map`: a worker returning to its slot must prove the same.
+    #[serde(default)]
+    pub shard_identities: Vec<Option<String>>,
 }
 
 /// The coordinator of one run.
@@ -206,6 +239,14 @@ pub struct Coordinator {
     /// Since when each vacant slot has been vacant (slots never filled
     /// have none).
     vacant_since: Vec<Option<Instant>>,
+    /// Identity of each reserved slot's worker.
+    reserved_identity: Vec<Option<String>>,
+    /// The contribution ledger (`None`: nothing is booked).
+    ledger: Option<Ledger>,
+    /// Refused reports by reason.
+    refused: BTreeMap<&'static str, u64>,
+    /// The shares at a committed step.
+    shares_cache: std::sync::Mutex<Option<(u64, Vec<crate::ledger::Share>)>>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -234,6 +275,10 @@ impl Coordinator {
         let mut reserved: Vec<Option<(u64, Option<Instant>)>> = vec![None; shards];
         for (slot, id) in reserved.iter_mut().zip(&p.shard_map) {
             *slot = id.map(|id| (id, None));
+        }
+        let mut reserved_identity: Vec<Option<String>> = vec![None; shards];
+        for (slot, id) in reserved_identity.iter_mut().zip(&p.shard_identities) {
+            slot.clone_from(id);
         }
         let mut layout = layout;
         let layers_fixed = !layout.measured || p.stage_layers.is_some() || p.committed > 0;
@@ -266,7 +311,52 @@ impl Coordinator {
             layers_fixed,
             route: None,
             vacant_since: vec![None; shards],
+            reserved_identity,
+            ledger: None,
+            refused: BTreeMap::new(),
+            shares_cache: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Books every step's work in `ledger` from now on.
+    pub fn with_ledger(mut self, ledger: Ledger) -> Self {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    /// The ledger, when the run keeps one.
+    pub fn ledger(&self) -> Option<&Ledger> {
+        self.ledger.as_ref()
+    }
+
+    /// Counts (and records in the ledger) a refused report; returns the
+    /// error to answer with.
+    pub fn refuse(&mut self, r: Refusal) -> CoordError {
+        *self.refused.entry(r.reason).or_default() += 1;
+        tracing::warn!(
+            "refused a report from worker {:?}: {} ({})",
+            r.worker,
+            r.detail,
+            r.reason
+        );
+        if let Some(l) = self.ledger.as_mut() {
+            if let Err(e) = l.refused(&r) {
+                tracing::error!("recording a refused report: {e}");
+            }
+        }
+        CoordError::Refused(r.reason, r.detail)
+    }
+
+    /// Refused reports by reason.
+    pub fn refused(&self) -> &BTreeMap<&'static str, u64> {
+        &self.refused
+    }
+
+    /// The identity (public key, hex) and shard of `worker`.
+    pub fn identity_of(&self, worker: u64) -> Option<(String, (usize, usize))> {
+        let i = self.find(worker)?;
+        let slot = self.slots[i].as_ref()?;
+        Some((slot.identity.clone(), self.shard_of(i)))
     }
 
     /// Sets how layers are split by measured speed (`partition: measured`).
@@ -292,6 +382,12 @@ impl Coordinator {
                 .collect(),
             stage_layers: (self.layout.measured && self.layers_fixed)
                 .then(|| self.layout.stage_layers.clone()),
+            shard_identities: self
+                .slots
+                .iter()
+                .zip(&self.reserved_identity)
+                .map(|(s, _)| s.as_ref().map(|s| s.identity.clone()))
+                .collect(),
         }
     }
 
@@ -466,11 +562,59 @@ impl Coordinator {
                 "pipe_addr and ring_addr must be host:port".into(),
             ));
         }
+        // The HTTP layer checked the proof; the key is the worker's name.
+        let identity = match &req.identity {
+            Some(p) if !p.public_key.is_empty() => p.public_key.clone(),
+            _ => {
+                return Err(CoordError::Invalid(
+                    "registering needs an identity (a public key and its proof)".into(),
+                ))
+            }
+        };
+        // A worker id belongs to the identity that registered it.
+        if let Some(id) = req.worker {
+            let owner = self
+                .find(id)
+                .and_then(|i| self.slots[i].as_ref().map(|s| s.identity.clone()))
+                .or_else(|| {
+                    self.standby
+                        .iter()
+                        .find(|s| s.worker == id)
+                        .and_then(|s| s.req.identity.as_ref().map(|p| p.public_key.clone()))
+                })
+                .or_else(|| {
+                    self.reserved
+                        .iter()
+                        .position(|r| r.is_some_and(|(w, _)| w == id))
+                        .and_then(|i| self.reserved_identity[i].clone())
+                });
+            if owner.is_some_and(|o| o != identity) {
+                return Err(self.refuse(Refusal {
+                    worker: Some(id),
+                    identity: Some(identity),
+                    reason: "identity",
+                    detail: format!("worker {id} belongs to another identity"),
+                }));
+            }
+        }
         // The same worker registering again (its answer was lost) keeps its slot.
         if let Some(id) = req.worker {
             if let Some(i) = self.find(id) {
                 return Ok((id, Some(self.shard_of(i))));
             }
+        }
+        // One identity serves one shard at a time.
+        if let Some(i) = self
+            .slots
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| s.identity == identity))
+        {
+            let (s, r) = self.shard_of(i);
+            return Err(CoordError::Busy(format!(
+                "identity {} already serves stage {s} replica {r} (until its lease runs out); \
+                 a second worker needs an identity of its own (--identity PATH)",
+                crate::identity::fingerprint_hex(&identity)
+            )));
         }
         let id = match req.worker {
             Some(id) if id < self.next_worker => id,
@@ -508,8 +652,29 @@ impl Coordinator {
 
     fn fill(&mut self, i: usize, worker: u64, req: &Register, now: Instant) {
         self.reserved[i] = None;
+        self.reserved_identity[i] = None;
+        let identity = req
+            .identity
+            .as_ref()
+            .map(|p| p.public_key.clone())
+            .unwrap_or_default();
+        let shard = self.shard_of(i);
+        if let Some(l) = self.ledger.as_mut() {
+            let session = Session {
+                worker,
+                identity: identity.clone(),
+                name: req.name.clone(),
+                shard: Some(shard),
+                epoch: self.epoch,
+            };
+            if let Err(e) = l.session(&session) {
+                tracing::error!("recording worker {worker} in the ledger: {e}");
+            }
+        }
         self.slots[i] = Some(Slot {
             worker,
+            identity,
+            commits: Vec::new(),
             name: req.name.clone(),
             pipe_addr: req.pipe_addr.clone(),
             ring_addr: req.ring_addr.clone(),
@@ -988,7 +1153,20 @@ impl Coordinator {
             return Err(CoordError::UnknownWorker(d.worker));
         };
         if d.epoch == self.epoch {
+            self.check_commitment(i, d)?;
             if let Some(s) = self.slots[i].as_mut() {
+                if let Some(c) = &d.commitment {
+                    s.commits
+                        .retain(|x| x.completed + 1 >= d.completed && x.completed != d.completed);
+                    s.commits.push(Committed {
+                        completed: d.completed,
+                        micro_batches: c.indices(),
+                        root: c.root(),
+                        signature: c.signature.clone(),
+                        loss: d.loss,
+                        seconds: d.seconds,
+                    });
+                }
                 s.completed = d.completed;
                 s.has_snapshot = true;
                 s.last_seen = now;
@@ -1027,6 +1205,137 @@ impl Coordinator {
         Ok(self.barrier(d.worker, d.epoch, d.completed, now))
     }
 
+    /// The micro-batches the current route gives `worker` (none when it
+    /// holds no shard).
+    pub fn routed_to(&self, worker: u64) -> Vec<u64> {
+        self.find(worker)
+            .map(|i| {
+                let (stage, replica) = self.shard_of(i);
+                self.current_route().mine(stage, replica)
+            })
+            .unwrap_or_default()
+    }
+
+    /// The route in force for the current step.
+    fn current_route(&self) -> Route {
+        self.route.clone().unwrap_or_else(|| {
+            Route::lanes(
+                self.layout.stages,
+                self.layout.replicas,
+                self.layout.micro_batches,
+            )
+        })
+    }
+
+    /// Refuses a step report whose commitment is missing, out of order, or
+    /// names micro-batches other than the ones the route gave the shard.
+    /// (Its signature was checked by the HTTP layer.)
+    fn check_commitment(&mut self, i: usize, d: &StepDone) -> Result<(), CoordError> {
+        let (stage, replica) = self.shard_of(i);
+        let completed = self.slots[i].as_ref().map_or(0, |s| s.completed);
+        let problem = match &d.commitment {
+            None => Some((
+                "unsigned",
+                "a step report needs a signed commitment".to_string(),
+            )),
+            Some(_) if d.completed < completed || d.completed > completed + 1 => Some((
+                "replayed",
+                format!(
+                    "a report of step {} while the shard is at step {completed}",
+                    d.completed
+                ),
+            )),
+            Some(c) => {
+                let mine = self.current_route().mine(stage, replica);
+                let got = c.indices();
+                if got == mine {
+                    None
+                } else if got.iter().any(|m| !mine.contains(m)) {
+                    Some((
+                        "unrouted",
+                        format!(
+                            "micro-batches {got:?} reported; the route gave stage {stage} \
+                             replica {replica} {mine:?}"
+                        ),
+                    ))
+                } else {
+                    Some((
+                        "incomplete",
+                        format!("micro-batches {got:?} reported of the {mine:?} routed"),
+                    ))
+                }
+            }
+        };
+        match problem {
+            None => Ok(()),
+            Some((reason, detail)) => {
+                let identity = self.slots[i].as_ref().map(|s| s.identity.clone());
+                Err(self.refuse(Refusal {
+                    worker: Some(d.worker),
+                    identity,
+                    reason,
+                    detail,
+                }))
+            }
+        }
+    }
+
+    /// The ledger's entries of step `step`: one per training shard, from
+    /// its signed commitment and the cost of the micro-batches the route
+    /// gave it.
+    fn booking(&self, step: u64) -> StepBooking {
+        let (stages, replicas) = (self.layout.stages, self.layout.replicas);
+        let lanes = self
+            .plan
+            .as_ref()
+            .map_or(replicas, |p| p.lanes.len().max(1));
+        let entries = (0..self.slots.len())
+            .filter(|&j| self.in_plan(j))
+            .filter_map(|j| {
+                let slot = self.slots[j].as_ref()?;
+                let c = slot.commits.iter().find(|c| c.completed == step)?;
+                let (stage, replica) = self.shard_of(j);
+                let layers = self.layout.stage_layers.get(stage).cloned().unwrap_or(0..0);
+                let n = c.micro_batches.len() as u64;
+                let (flops, tokens, allreduce) = match &self.layout.cost {
+                    Some(m) => (
+                        m.flops(stage, stages, &layers, n),
+                        n * m.tokens_per_micro_batch,
+                        m.allreduce_bytes(stage, stages, &layers, lanes),
+                    ),
+                    None => ([0.0; 3], 0, 0),
+                };
+                Some(Entry {
+                    step,
+                    stage,
+                    replica,
+                    identity: slot.identity.clone(),
+                    worker: slot.worker,
+                    epoch: self.epoch,
+                    micro_batches: c.micro_batches.clone(),
+                    tokens,
+                    forward_flops: flops[0],
+                    input_grad_flops: flops[1],
+                    weight_grad_flops: flops[2],
+                    allreduce_bytes: allreduce,
+                    validation_flops: 0.0,
+                    loss: c.loss,
+                    commitment: c.root,
+                    signature: c.signature.clone(),
+                    reported_seconds: c.seconds,
+                    audits_passed: 0,
+                    audits_failed: 0,
+                })
+            })
+            .collect();
+        StepBooking {
+            step,
+            epoch: self.epoch,
+            loss: self.losses.get(step as usize - 1).copied(),
+            entries,
+        }
+    }
+
     /// The barrier's answer for `worker`, who completed `completed` steps in
     /// `epoch`; `None` while other slots have not.
     pub fn barrier(
@@ -1054,6 +1363,14 @@ impl Coordinator {
             return None;
         }
         if completed > self.committed {
+            // A step acknowledged to any worker is in the ledger first.
+            if self.ledger.is_some() {
+                let booking = self.booking(completed);
+                if let Some(Err(e)) = self.ledger.as_mut().map(|l| l.book(&booking)) {
+                    self.fail_run(format!("the ledger cannot book step {completed}: {e}"));
+                    return stop;
+                }
+            }
             self.committed = completed;
             self.barrier_times.push((completed, now));
             if self.barrier_times.len() > 20 {
@@ -1211,6 +1528,9 @@ impl Coordinator {
                     rejected_frames: slot.as_ref().map_or(0, |s| s.rejected_frames),
                     micro_batches: slot.as_ref().map_or(0, |s| s.micro_batches),
                     seconds_per_micro_batch: slot.as_ref().and_then(|s| s.mb_seconds),
+                    identity: slot
+                        .as_ref()
+                        .map(|s| crate::identity::fingerprint_hex(&s.identity)),
                 }
             })
             .collect();
@@ -1231,7 +1551,70 @@ impl Coordinator {
             standby: self.standby.len(),
             stages,
             shards,
+            contributions: self.contributions(),
+            refused_reports: self.refused.values().sum(),
         }
+    }
+
+    /// Every contributor's standing over the reward window, largest share
+    /// first (empty without a ledger). Computed again only after a new
+    /// step is booked.
+    pub fn shares(&self) -> Vec<crate::ledger::Share> {
+        let Some(ledger) = &self.ledger else {
+            return Vec::new();
+        };
+        let mut cache = self.shares_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, shares)) = cache.as_ref() {
+            if *at == self.committed {
+                return shares.clone();
+            }
+        }
+        let computed = (|| {
+            let last = ledger.last_step()?;
+            let (from, to) = crate::ledger::window_of(last, &self.layout.rewards);
+            let totals = ledger.totals(from, to)?;
+            let steps = ledger.steps_in(from, to)?;
+            Ok::<_, crate::ledger::LedgerError>(crate::ledger::shares(
+                &totals,
+                steps,
+                &self.layout.rewards,
+            ))
+        })();
+        match computed {
+            Ok(shares) => {
+                *cache = Some((self.committed, shares.clone()));
+                shares
+            }
+            Err(e) => {
+                tracing::error!("reading the ledger: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The shares as `/status` shows them, with each identity's last name.
+    fn contributions(&self) -> Vec<Contribution> {
+        let shares = self.shares();
+        if shares.is_empty() {
+            return Vec::new();
+        }
+        let names: BTreeMap<String, String> = self
+            .ledger
+            .as_ref()
+            .and_then(|l| l.names().ok())
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        shares
+            .into_iter()
+            .map(|s| Contribution {
+                name: names.get(&s.identity).cloned().unwrap_or_default(),
+                identity: s.fingerprint,
+                flops: s.flops,
+                micro_batches: s.micro_batches,
+                share: s.share,
+            })
+            .collect()
     }
 
     /// Workers by id with their shard, for callers that supervise

@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::api::{Failure, Register, StateSource, StepDone};
+use super::api::{
+    Commitment, Failure, IdentityProof, MicroBatchCommit, Register, StateSource, StepDone,
+};
 use super::state::{CoordError, Coordinator, Layout, Phase};
 
 const LEASE: Duration = Duration::from_secs(2);
@@ -20,6 +22,8 @@ fn layout(stages: usize, replicas: usize, tied: bool) -> Layout {
         measured: false,
         micro_batches: 2,
         routed: false,
+        cost: None,
+        rewards: Default::default(),
     }
 }
 
@@ -40,6 +44,10 @@ fn reg(stage: Option<usize>, replica: Option<usize>, tag: &str) -> Register {
         pipe_addr: format!("{tag}:1"),
         ring_addr: format!("{tag}:2"),
         name: tag.into(),
+        identity: Some(IdentityProof {
+            public_key: format!("key-{tag}"),
+            ..IdentityProof::default()
+        }),
         ..Register::default()
     }
 }
@@ -60,8 +68,22 @@ fn fill(c: &mut Coordinator, now: Instant) -> Vec<u64> {
     ids
 }
 
-fn done(worker: u64, epoch: u64, completed: u64) -> StepDone {
+/// `worker`'s report of step `completed`, committing to the
+/// micro-batches the route gives it.
+fn done(c: &Coordinator, worker: u64, epoch: u64, completed: u64) -> StepDone {
+    let commitment = Commitment {
+        micro_batches: c
+            .routed_to(worker)
+            .into_iter()
+            .map(|mb| MicroBatchCommit {
+                mb,
+                ..MicroBatchCommit::default()
+            })
+            .collect(),
+        signature: String::new(),
+    };
     StepDone {
+        commitment: Some(commitment),
         worker,
         epoch,
         completed,
@@ -80,7 +102,7 @@ fn done(worker: u64, epoch: u64, completed: u64) -> StepDone {
 fn train(c: &mut Coordinator, ids: &[u64], epoch: u64, from: u64, to: u64, now: Instant) {
     for step in from + 1..=to {
         for &id in ids {
-            c.step_done(&done(id, epoch, step), now).expect("step");
+            c.step_done(&done(c, id, epoch, step), now).expect("step");
         }
         for &id in ids {
             let b = c.barrier(id, epoch, step, now).expect("decided");
@@ -168,10 +190,10 @@ fn the_barrier_holds_until_every_shard_completed_the_step() {
     let mut c = coord(2, 2, false);
     let ids = fill(&mut c, now);
     let epoch = c.epoch();
-    assert_eq!(c.step_done(&done(ids[0], epoch, 1), now), Ok(None));
+    assert_eq!(c.step_done(&done(&c, ids[0], epoch, 1), now), Ok(None));
     assert_eq!(c.barrier(ids[0], epoch, 1, now), None);
     for &id in &ids[1..] {
-        c.step_done(&done(id, epoch, 1), now).expect("step");
+        c.step_done(&done(&c, id, epoch, 1), now).expect("step");
     }
     assert!(c.barrier(ids[0], epoch, 1, now).expect("decided").proceed);
     assert_eq!(c.committed(), 1);
@@ -187,7 +209,7 @@ fn checkpoints_are_written_by_one_replica_per_stage_and_end_the_run() {
     let epoch = c.epoch();
     train(&mut c, &ids, epoch, 0, 3, now);
     for &id in &ids {
-        c.step_done(&done(id, epoch, 4), now).expect("step");
+        c.step_done(&done(&c, id, epoch, 4), now).expect("step");
     }
     let orders: Vec<bool> = ids
         .iter()
@@ -227,7 +249,7 @@ fn a_lost_worker_is_replaced_and_takes_its_state_from_a_live_replica() {
     train(&mut c, &ids, e1, 0, 5, now);
     // Step 6: three workers finish it, stage 1 replica 1 dies mid-step.
     for &id in &ids[..3] {
-        c.step_done(&done(id, e1, 6), now).expect("step");
+        c.step_done(&done(&c, id, e1, 6), now).expect("step");
     }
     assert!(c.lose(ids[3], now));
     let e2 = c.epoch();
@@ -260,7 +282,7 @@ fn workers_a_step_apart_resume_from_the_earlier_step() {
     train(&mut c, &ids, e1, 0, 2, now);
     // Stage 1 completes step 3 (it applies its update first); stage 0
     // breaks off before it does.
-    c.step_done(&done(ids[1], e1, 3), now).expect("step");
+    c.step_done(&done(&c, ids[1], e1, 3), now).expect("step");
     let f = Failure {
         worker: ids[0],
         epoch: e1,
@@ -422,7 +444,7 @@ fn a_restarted_coordinator_resumes_where_its_state_file_left_off() {
     assert!(c.epoch() > e1);
     assert_eq!(c.committed(), 3);
     for (s, &id) in ids.iter().enumerate() {
-        let mut r = reg(Some(s), Some(0), &format!("w{s}"));
+        let mut r = reg(Some(s), Some(0), &format!("w{s}0"));
         r.worker = Some(id);
         r.completed = 4;
         r.has_snapshot = true;
@@ -517,7 +539,7 @@ fn throughput_routing_moves_micro_batches_to_the_faster_replica() {
     let mut route = None;
     for step in 1..=4 {
         for (k, &id) in ids.iter().enumerate() {
-            let mut d = done(id, epoch, step);
+            let mut d = done(&c, id, epoch, step);
             d.micro_batches = 4;
             // Shard (1, 1) takes three times as long per micro-batch.
             d.busy_seconds = if k == 3 { 0.6 } else { 0.2 };
@@ -554,7 +576,7 @@ fn lanes_runs_never_route() {
     let ids = fill(&mut c, now);
     let epoch = c.wiring(ids[0], 0).expect("ok").expect("plan").epoch;
     for (k, &id) in ids.iter().enumerate() {
-        let mut d = done(id, epoch, 1);
+        let mut d = done(&c, id, epoch, 1);
         d.busy_seconds = if k == 3 { 5.0 } else { 0.1 };
         c.step_done(&d, now).expect("step");
     }
@@ -609,7 +631,7 @@ fn a_routed_run_goes_on_without_a_lane_until_its_vacancy_is_filled() {
     let e2 = w.epoch;
     for step in 4..=5 {
         for &id in [ids[0], ids[2]].iter() {
-            c.step_done(&done(id, e2, step), later).expect("step");
+            c.step_done(&done(&c, id, e2, step), later).expect("step");
         }
         assert!(
             c.barrier(ids[0], e2, step, later)

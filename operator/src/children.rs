@@ -71,6 +71,8 @@ pub const MANIFEST_FILE: &str = "run.yaml";
 /// Mount point of the coordinator's volume (`spec.storage`, else an
 /// `emptyDir`).
 pub const STATE_DIR: &str = "/var/lib/pipewright";
+/// Where a shard pod keeps its worker's identity (an `emptyDir`).
+pub const IDENTITY_DIR: &str = "/var/lib/pipewright-identity";
 /// The coordinator's durable state (ledger, registrations), on its volume.
 pub const COORDINATOR_STATE_DIR: &str = "/var/lib/pipewright/state";
 /// The run directory (checkpoints), on the coordinator's volume.
@@ -502,7 +504,12 @@ impl<'a> Blueprint<'a> {
         );
         let mut container = self.container(
             "worker",
-            vec!["worker".to_owned(), manifest_path()],
+            vec![
+                "worker".to_owned(),
+                manifest_path(),
+                "--identity".to_owned(),
+                format!("{IDENTITY_DIR}/identity"),
+            ],
             vec![
                 env(
                     "PIPEWRIGHT_COORDINATOR",
@@ -539,7 +546,23 @@ impl<'a> Blueprint<'a> {
             });
         }
         tolerations.extend(user_tolerations(placement));
+        if let Some(mounts) = container.volume_mounts.as_mut() {
+            mounts.push(VolumeMount {
+                name: "identity".to_owned(),
+                mount_path: IDENTITY_DIR.to_owned(),
+                ..VolumeMount::default()
+            });
+        }
         let mut spec = self.pod_spec(container, tolerations);
+        // The worker's key, created at its first start: the pod's own, so
+        // the ledger books each pod's work to it (beside its pod name).
+        if let Some(volumes) = spec.volumes.as_mut() {
+            volumes.push(Volume {
+                name: "identity".to_owned(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            });
+        }
         spec.hostname = Some(pod_name.clone());
         spec.subdomain = Some(shard_service_name(&self.name));
         // A failed shard is moved by the operator to a new pod on another
@@ -946,7 +969,24 @@ mod tests {
         let settings = settings(0);
         let blueprint = Blueprint::new(&run, &settings).expect("buildable");
         let pod = blueprint.shard_pod(1, 0, 2, &[]);
-        assert_eq!(args_of(&pod), ["worker", "/etc/pipewright/run.yaml"]);
+        // Each pod keeps its own signing key for the pod's lifetime: a
+        // restarted container keeps its account, a new pod opens its own.
+        assert_eq!(
+            args_of(&pod),
+            [
+                "worker",
+                "/etc/pipewright/run.yaml",
+                "--identity",
+                "/var/lib/pipewright-identity/identity"
+            ]
+        );
+        let identity = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.as_ref())
+            .and_then(|v| v.iter().find(|v| v.name == "identity"))
+            .expect("identity volume");
+        assert!(identity.empty_dir.is_some());
         let env = env_of(&pod);
         let expected = BTreeMap::from([
             (

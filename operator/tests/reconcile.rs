@@ -248,7 +248,12 @@ async fn a_new_run_gets_its_secret_children_and_pods() {
         assert_eq!(pod["metadata"]["name"], name);
         assert_eq!(
             pod["spec"]["containers"][0]["args"],
-            json!(["worker", "/etc/pipewright/run.yaml"])
+            json!([
+                "worker",
+                "/etc/pipewright/run.yaml",
+                "--identity",
+                "/var/lib/pipewright-identity/identity"
+            ])
         );
     }
     let status = expect_status(&mut fake, &run).await;

@@ -164,6 +164,15 @@ fn coordinator(manifest: &Path, out: &Path, port: u16) -> Child {
         .expect("start the coordinator")
 }
 
+/// Where the worker called `tag` keeps its identity: beside the manifest.
+fn identity(manifest: &Path, tag: &str) -> PathBuf {
+    manifest
+        .parent()
+        .expect("the manifest's directory")
+        .join("identities")
+        .join(tag)
+}
+
 fn worker(manifest: &Path, url: &str, shard: Option<(usize, usize)>) -> Child {
     let mut c = pipewright();
     c.arg("worker")
@@ -171,6 +180,8 @@ fn worker(manifest: &Path, url: &str, shard: Option<(usize, usize)>) -> Child {
         .args(["--coordinator", url, "--threads", "1"]);
     if let Some((s, r)) = shard {
         c.args(["--stage", &s.to_string(), "--replica", &r.to_string()]);
+        c.arg("--identity")
+            .arg(identity(manifest, &format!("{s}-{r}")));
     }
     c.env("PIPEWRIGHT_JOIN_TOKEN", "t0ken")
         .stdin(Stdio::null())
@@ -195,10 +206,19 @@ fn start_run(manifest: &Path, out: &Path) -> (u16, String, Client, Procs) {
     (port, url, client, procs)
 }
 
-/// `pipewright join`: a volunteer with neither manifest nor shard.
-fn volunteer(url: &str) -> Child {
+/// `pipewright join`: a volunteer with neither manifest nor shard, its
+/// identity in `identity`.
+fn volunteer(url: &str, identity: &Path) -> Child {
     pipewright()
-        .args(["join", "--coordinator", url, "--token", "t0ken"])
+        .args([
+            "join",
+            "--coordinator",
+            url,
+            "--token",
+            "t0ken",
+            "--identity",
+        ])
+        .arg(identity)
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -237,7 +257,7 @@ fn a_restarted_coordinator_and_a_volunteer_keep_the_run_going() {
         s.shards.iter().all(|x| x.worker.is_some())
     });
     // A volunteer with neither manifest nor shard waits as a standby.
-    procs.0.push(volunteer(&url));
+    procs.0.push(volunteer(&url, &identity(&m, "volunteer")));
     wait_for(&client, "training with a standby", |s| {
         s.step >= 20 && s.standby == 1
     });
@@ -292,7 +312,7 @@ fn a_routed_run_trains_on_without_a_lost_lane_until_a_volunteer_fills_it() {
         .collect();
     assert_eq!(lane0, vec![8, 8], "lane 0 runs every micro-batch");
     // A volunteer takes the vacancy; both lanes train again.
-    procs.0.push(volunteer(&url));
+    procs.0.push(volunteer(&url, &identity(&m, "volunteer")));
     wait_for(&client, "both lanes again", |s| {
         s.step > alone.step + 5 && s.shards.iter().all(|x| x.state == "live")
     });

@@ -81,6 +81,7 @@ pub fn config(
         data_fingerprint: hex(&corpus.fingerprint()),
         losses: Vec::new(),
     };
+    let ledger = Some(root.join(crate::ledger::FILE));
     Ok(Config {
         manifest: manifest.clone(),
         token,
@@ -95,6 +96,7 @@ pub fn config(
             keep: spec.checkpoint.keep,
         }),
         model,
+        ledger,
     })
 }
 

@@ -68,6 +68,9 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
         std::fs::remove_dir_all(&state_dir)
             .with_context(|| format!("clearing {}", state_dir.display()))?;
     }
+    // ... and its ledger is kept aside, not booked into.
+    crate::ledger::set_aside(&opts.root.join(crate::ledger::FILE))
+        .context("setting the previous run's ledger aside")?;
     let cfg = config(
         manifest,
         token.clone(),
@@ -116,6 +119,14 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
             ])
             .args(["--threads", &threads.to_string()])
             .args(["--slowdown", &slowdown.to_string()])
+            // Each shard's process has an identity of its own, kept in the
+            // run directory: a relaunched one keeps its account.
+            .arg("--identity")
+            .arg(
+                opts.root
+                    .join("identities")
+                    .join(format!("stage-{stage}-replica-{replica}")),
+            )
             .env(TOKEN_ENV, &token)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

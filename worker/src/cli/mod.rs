@@ -5,6 +5,7 @@ mod bench;
 mod bench_gpu;
 mod coordinator;
 mod launch;
+mod ledger;
 mod plan;
 mod train;
 mod worker;
@@ -75,6 +76,9 @@ pub enum Command {
     /// Volunteer for a running run: take the shard that most limits it, or
     /// wait as a standby for one.
     Join(worker::JoinArgs),
+    /// Who did what in a run and each contributor's share, from its
+    /// ledger; `ledger verify RUN_DIR` checks the ledger.
+    Ledger(ledger::LedgerArgs),
 }
 
 /// Run the parsed command line.
@@ -105,6 +109,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Coordinator(args) => coordinator::run(args),
         Command::Worker(args) => worker::run(args),
         Command::Join(args) => worker::join(args),
+        Command::Ledger(args) => ledger::run(args),
     }
 }
 

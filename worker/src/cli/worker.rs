@@ -18,7 +18,10 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::checkpoint;
-use crate::coord::api::{Failure, Register, StateSource, StepDone, Wiring};
+use crate::coord::api::{
+    step_message, Commitment, Failure, MicroBatchCommit, Register, StateSource, StepClaim,
+    StepDone, Wiring,
+};
 use crate::coord::{Client, ClientError};
 use crate::kernels::Trans;
 use crate::link::{RunId, RunKey};
@@ -74,6 +77,11 @@ pub struct WorkerArgs {
     /// `spec.pipeline.maxSendMegabytesPerSecond`, else no cap).
     #[arg(long, env = "PIPEWRIGHT_MAX_SEND_RATE", value_parser = parse_rate)]
     pub max_send_rate: Option<u64>,
+    /// This worker's identity (an Ed25519 key, created on first use, mode
+    /// 0600); the ledger credits its work to it. Default:
+    /// `~/.config/pipewright/identity`.
+    #[arg(long, env = "PIPEWRIGHT_IDENTITY")]
+    pub identity: Option<PathBuf>,
 }
 
 /// A `--max-send-rate` in megabytes per second, as bytes per second.
@@ -114,6 +122,10 @@ pub struct JoinArgs {
     /// Most megabytes per second this machine sends on each link.
     #[arg(long, value_parser = parse_rate)]
     pub max_send_rate: Option<u64>,
+    /// This machine's identity (created on first use); the run credits
+    /// your work to it. Default: `~/.config/pipewright/identity`.
+    #[arg(long, env = "PIPEWRIGHT_IDENTITY")]
+    pub identity: Option<PathBuf>,
 }
 
 /// Run `pipewright join`: a volunteer worker that takes the vacancy on the
@@ -132,6 +144,7 @@ pub fn join(args: JoinArgs) -> Result<()> {
         threads: args.threads,
         slowdown: 1.0,
         max_send_rate: args.max_send_rate,
+        identity: args.identity,
     };
     serve(w, &args.token)
 }
@@ -197,6 +210,10 @@ fn is_fatal(e: &PipelineError) -> bool {
 struct Session {
     client: Client,
     manifest: pipewright_spec::TrainingRun,
+    /// Whose work this is.
+    identity: crate::identity::Identity,
+    /// The run id in hex, as signed messages carry it.
+    run_hex: String,
     register: Register,
     worker: u64,
     run_id: RunId,
@@ -236,7 +253,7 @@ impl Session {
         // lease runs out (a pod replaced faster than the lease): retry.
         let deadline = std::time::Instant::now() + self.timeout;
         let reg = loop {
-            match self.client.register(&r) {
+            match self.client.register_as(&r, &self.identity, &self.run_hex) {
                 Err(ClientError::Refused {
                     code: 409, message, ..
                 }) if std::time::Instant::now() < deadline => {
@@ -298,6 +315,11 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
         );
     }
     let timeout = Duration::from_secs(args.timeout);
+    let identity_path = match &args.identity {
+        Some(p) => p.clone(),
+        None => crate::identity::default_path()?,
+    };
+    let identity = crate::identity::Identity::load_or_create(&identity_path)?;
     let client = Client::new(&args.coordinator, token, timeout);
     let manifest = match &args.manifest {
         Some(p) => pipewright_spec::load_manifest(p)
@@ -330,8 +352,16 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
             .max_send_megabytes_per_second
             .map(|mb| mb.saturating_mul(1_000_000))
     });
+    let run_hex = super::coordinator::run_id_hex(&manifest);
+    eprintln!(
+        "identity {} ({})",
+        identity.fingerprint(),
+        identity_path.display()
+    );
     let mut session = Session {
         client: client.clone(),
+        identity,
+        run_hex,
         manifest,
         register: Register {
             stage: args.stage,
@@ -343,6 +373,7 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
             has_snapshot: false,
             name: format!("{name}/{}", std::process::id()),
             speed,
+            identity: None,
         },
         worker: 0,
         run_id: RunId([0; 16]),
@@ -620,6 +651,7 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
             match wk.train_step() {
                 Ok(s) => {
                     snapshot = Some(before);
+                    let commitment = commit(session, wk, w.epoch, &s);
                     let barrier = session.client.step(&StepDone {
                         worker: session.worker,
                         epoch: w.epoch,
@@ -632,6 +664,7 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
                         link_bytes: s.link_bytes,
                         rejected_frames: wk.rejected_frames(),
                         micro_batches: s.micro_batches,
+                        commitment: Some(commitment),
                     });
                     let barrier = match barrier {
                         Ok(b) => b,
@@ -672,6 +705,46 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
         }
         wk.unlink();
     }
+}
+
+/// The signed commitment to the step `wk` just completed: the hashes of
+/// what it computed for each of its micro-batches.
+fn commit(
+    session: &Session,
+    wk: &StageWorker,
+    epoch: u64,
+    s: &crate::pipeline::WorkerStep,
+) -> Commitment {
+    let micro_batches: Vec<MicroBatchCommit> = wk
+        .step_hashes()
+        .iter()
+        .map(|(&mb, h)| MicroBatchCommit {
+            mb,
+            input: hex::encode(h.input),
+            output: hex::encode(h.output),
+            gradient: hex::encode(h.gradient),
+        })
+        .collect();
+    let mut c = Commitment {
+        micro_batches,
+        signature: String::new(),
+    };
+    let indices = c.indices();
+    let shard = wk.shard();
+    let claim = StepClaim {
+        run_id: &session.run_hex,
+        worker: session.worker,
+        epoch,
+        completed: wk.steps_done(),
+        shard: (shard.stage, shard.replica),
+        loss: s.loss,
+        micro_batches: &indices,
+        root: c.root(),
+    };
+    c.signature = session
+        .identity
+        .sign(crate::identity::STEP_DOMAIN, &step_message(&claim));
+    c
 }
 
 /// This machine's speed for `partition: measured`: GFLOP/s of the

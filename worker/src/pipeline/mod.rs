@@ -300,6 +300,23 @@ pub struct StageWorker {
     slowdown: f64,
     /// Content hash of each in-flight micro-batch's forward input.
     inputs: std::collections::HashMap<u64, crate::link::frame::Digest>,
+    /// Of each micro-batch this worker ran in the current step: the hashes
+    /// of its forward input, forward output and input gradient.
+    outputs: std::collections::BTreeMap<u64, MicroBatchHashes>,
+}
+
+/// What a worker commits to for one micro-batch of a step: the BLAKE3
+/// hashes of its forward input, its forward output (the activation sent
+/// on, or the loss's bytes on the last stage) and the input gradient it
+/// sent back (zeros on the first stage, which sends none).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MicroBatchHashes {
+    /// Forward input.
+    pub input: crate::link::frame::Digest,
+    /// Forward output.
+    pub output: crate::link::frame::Digest,
+    /// Input gradient.
+    pub gradient: crate::link::frame::Digest,
 }
 
 impl std::fmt::Debug for StageWorker {
@@ -463,6 +480,7 @@ impl StageWorker {
             busy: Duration::ZERO,
             slowdown: 1.0,
             inputs: std::collections::HashMap::new(),
+            outputs: std::collections::BTreeMap::new(),
         })
     }
 
@@ -769,6 +787,12 @@ impl StageWorker {
             .sum()
     }
 
+    /// What this worker commits to for each micro-batch it ran in its last
+    /// step, by micro-batch.
+    pub fn step_hashes(&self) -> &std::collections::BTreeMap<u64, MicroBatchHashes> {
+        &self.outputs
+    }
+
     /// Frames refused (malformed, forged, from the wrong sender) on the
     /// current links, the ring's included.
     pub fn rejected_frames(&self) -> u64 {
@@ -909,6 +933,7 @@ impl StageWorker {
         };
         let mut loss_sum = 0.0f64;
         self.busy = Duration::ZERO;
+        self.outputs.clear();
         let order = self.order();
         let micro_batches = order
             .iter()
@@ -1019,12 +1044,17 @@ impl StageWorker {
             .forward(mb, input, last.then_some(&targets[..]), rows, scale)?;
         self.spent(t);
         match out {
-            StageOutput::Loss(l) => Ok(Some(l)),
+            StageOutput::Loss(l) => {
+                let record = self.outputs.entry(mb).or_default();
+                record.input = input_hash;
+                record.output = crate::link::frame::content_hash(&l.to_le_bytes());
+                Ok(Some(l))
+            }
             StageOutput::Hidden(h) => {
                 let targets = self
                     .sender
                     .targets(step, mb, &targets, rows, seq, targets_hash)?;
-                let activation = self.sender.matrix(
+                let mut activation = self.sender.matrix(
                     step,
                     mb,
                     FrameKind::Activation,
@@ -1034,6 +1064,9 @@ impl StageWorker {
                     self.codec,
                     input_hash,
                 )?;
+                let record = self.outputs.entry(mb).or_default();
+                record.input = input_hash;
+                record.output = activation.hash_payload();
                 let next = self.next_for(mb)?;
                 next.send(targets)?;
                 next.send(activation)?;
@@ -1068,7 +1101,7 @@ impl StageWorker {
         let dx = self.stage.backward_input(mb, grad.as_deref())?;
         self.spent(t);
         if let (Some(dx), false) = (dx, self.is_first()) {
-            let frame = self.sender.matrix(
+            let mut frame = self.sender.matrix(
                 step,
                 mb,
                 FrameKind::Gradient,
@@ -1078,6 +1111,7 @@ impl StageWorker {
                 self.codec,
                 input_hash,
             )?;
+            self.outputs.entry(mb).or_default().gradient = frame.hash_payload();
             self.prev_for(mb)?.send(frame)?;
         }
         Ok(())

@@ -99,6 +99,11 @@ impl Client {
         let start = Instant::now();
         loop {
             let result = match (&body, method) {
+                (Body::None, "POST") => self
+                    .agent
+                    .post(&url)
+                    .header("Authorization", &self.auth)
+                    .send_empty(),
                 (Body::None, _) => self
                     .agent
                     .get(&url)

@@ -3,78 +3,21 @@
 //! same per-step losses as an undisturbed run: recovery replays from a
 //! state every survivor holds, and sampling is a pure function of the step.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
-use pipewright::coord::{Client, Phase};
+use pipewright::coord::Phase;
 
 mod common;
 
-use common::{checkpoint_losses, losses_in, pipewright, write_corpus};
-
-/// Each of these tests runs five or more processes whose leases and
-/// timings assume they get the CPU they need: they run one at a time.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write_inputs(dir: &Path, name: &str, stages: usize, replicas: usize, steps: u64) -> PathBuf {
-    write_corpus(dir);
-    let yaml = format!(
-        r#"apiVersion: pipewright.dev/v1alpha1
-kind: TrainingRun
-metadata: {{name: {name}}}
-spec:
-  model: {{dim: 32, layers: 3, heads: 4, kvHeads: 2, ffnDim: 64, seqLen: 32, tiedEmbeddings: true}}
-  data: {{sources: ["{}"]}}
-  training: {{steps: {steps}, microBatchSize: 4, microBatches: 4, learningRate: 0.01, warmupSteps: 2, seed: 5, threads: 1}}
-  pipeline: {{stages: {stages}, replicas: {replicas}}}
-  checkpoint: {{every: 25}}
-"#,
-        dir.join("corpus.txt").display()
-    );
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, yaml).expect("write manifest");
-    path
-}
-
-/// The manifest at `path`, switched to `routing: throughput`.
-fn routed(path: PathBuf) -> PathBuf {
-    let yaml = std::fs::read_to_string(&path)
-        .expect("manifest")
-        .replace("replicas: 2}", "replicas: 2, routing: throughput}");
-    std::fs::write(&path, yaml).expect("write manifest");
-    path
-}
+use common::procs::{
+    assert_same, coordinator, identity, routed, serial, start_run, train_processes, volunteer,
+    wait_for, write_inputs,
+};
+use common::{checkpoint_losses, losses_in};
 
 fn summary_losses(root: &Path) -> Vec<f64> {
     losses_in(&root.join("summary.json"))
-}
-
-fn assert_same(a: &[f64], b: &[f64]) {
-    assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() <= 1e-6 * x.abs(), "step {i}: {x} vs {y}");
-    }
-}
-
-fn train_processes(manifest: &Path, out: &Path, extra: &[&str]) -> String {
-    let o = pipewright()
-        .args(["train", "--processes", "--quiet", "--out"])
-        .arg(out)
-        .args(extra)
-        .arg(manifest)
-        .output()
-        .expect("run pipewright");
-    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(
-        o.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    stdout
 }
 
 #[test]
@@ -126,124 +69,6 @@ fn a_routed_run_survives_kills_and_ends_where_the_undisturbed_one_does() {
     }
 }
 
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// A port below the kernel's ephemeral range (where outgoing connections
-/// and port-0 listeners land), so nothing else grabs it between this check
-/// and the coordinator's two binds.
-fn free_port() -> u16 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos() as u64);
-    let seed = std::process::id() as u64 ^ nanos;
-    (0..200u64)
-        .map(|i| 20000 + ((seed.wrapping_mul(2654435761).wrapping_add(i * 7919)) % 12000) as u16)
-        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
-        .expect("a free port")
-}
-
-fn coordinator(manifest: &Path, out: &Path, port: u16) -> Child {
-    pipewright()
-        .arg("coordinator")
-        .arg(manifest)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--out"])
-        .arg(out)
-        .env("PIPEWRIGHT_JOIN_TOKEN", "t0ken")
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the coordinator")
-}
-
-/// Where the worker called `tag` keeps its identity: beside the manifest.
-fn identity(manifest: &Path, tag: &str) -> PathBuf {
-    manifest
-        .parent()
-        .expect("the manifest's directory")
-        .join("identities")
-        .join(tag)
-}
-
-fn worker(manifest: &Path, url: &str, shard: Option<(usize, usize)>) -> Child {
-    let mut c = pipewright();
-    c.arg("worker")
-        .arg(manifest)
-        .args(["--coordinator", url, "--threads", "1"]);
-    if let Some((s, r)) = shard {
-        c.args(["--stage", &s.to_string(), "--replica", &r.to_string()]);
-        c.arg("--identity")
-            .arg(identity(manifest, &format!("{s}-{r}")));
-    }
-    c.env("PIPEWRIGHT_JOIN_TOKEN", "t0ken")
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start a worker")
-}
-
-/// A coordinator for `manifest` on a free port and one worker process per
-/// shard of its 2 × 2 layout: the port, the coordinator's URL, a client
-/// and the processes (coordinator first, then stage-major workers).
-fn start_run(manifest: &Path, out: &Path) -> (u16, String, Client, Procs) {
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let client = Client::new(&url, "t0ken", Duration::from_secs(30));
-    let mut procs = Procs(vec![coordinator(manifest, out, port)]);
-    for s in 0..2 {
-        for r in 0..2 {
-            procs.0.push(worker(manifest, &url, Some((s, r))));
-        }
-    }
-    (port, url, client, procs)
-}
-
-/// `pipewright join`: a volunteer with neither manifest nor shard, its
-/// identity in `identity`.
-fn volunteer(url: &str, identity: &Path) -> Child {
-    pipewright()
-        .args([
-            "join",
-            "--coordinator",
-            url,
-            "--token",
-            "t0ken",
-            "--identity",
-        ])
-        .arg(identity)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("join")
-}
-
-fn wait_for(client: &Client, what: &str, mut f: impl FnMut(&pipewright::coord::Status) -> bool) {
-    // Generous: these runs compete for 2 cores with other tests.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if let Ok(s) = client.status() {
-            if f(&s) {
-                return;
-            }
-            assert_ne!(s.phase, Phase::Failed, "{}", s.reason);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {:?}",
-            client.status().map(|s| (s.phase, s.step, s.epoch))
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_restarted_coordinator_and_a_volunteer_keep_the_run_going() {
     let _one_at_a_time = serial();
@@ -283,6 +108,27 @@ fn a_restarted_coordinator_and_a_volunteer_keep_the_run_going() {
         &checkpoint_losses(&dir.path().join("clean"), 120),
         &checkpoint_losses(&out, 120),
     );
+    // The volunteer opened an account of its own for the shard it took;
+    // the killed worker's keeps what it did before; between them every
+    // step of that shard is booked once.
+    let key = |tag: &str| {
+        pipewright::identity::Identity::load_or_create(&identity(&m, tag))
+            .expect("identity")
+            .public_hex()
+    };
+    let ledger = pipewright::ledger::Ledger::open_read(&out.join("ledger.sqlite")).expect("ledger");
+    let entries = ledger.entries(1, 120).expect("entries");
+    let shard = |k: &str| -> Vec<u64> {
+        entries
+            .iter()
+            .filter(|e| e.identity == k && (e.stage, e.replica) == (1, 0))
+            .map(|e| e.step)
+            .collect()
+    };
+    let (killed, stepped_in) = (shard(&key("1-0")), shard(&key("volunteer")));
+    assert!(!killed.is_empty() && !stepped_in.is_empty());
+    assert!(killed.iter().max() < stepped_in.iter().min());
+    assert_eq!(killed.len() + stepped_in.len(), 120);
 }
 
 #[test]

@@ -434,17 +434,19 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
     result
 }
 
+/// Brings `worker` to the wiring's step from where the wiring says;
+/// `false` when the plan moved on before that could be done.
 fn restore(
     worker: &mut StageWorker,
     snapshot: &Option<StageState>,
     w: &Wiring,
     session: &Session,
-) -> Result<()> {
+) -> Result<bool> {
     let stage = worker.shard().stage;
     match &w.state {
         StateSource::Held => {
             if worker.steps_done() == w.step {
-                return Ok(());
+                return Ok(true);
             }
             match snapshot.as_ref().filter(|s| s.step == w.step) {
                 Some(s) => worker.restore(s)?,
@@ -465,10 +467,15 @@ fn restore(
             *worker = fresh;
         }
         StateSource::Replica => {
-            let bytes = session
-                .client
-                .get_state(stage, w.epoch)
-                .context("receiving the stage's state from a live replica")?;
+            let bytes = match session.client.get_state(stage, w.epoch) {
+                Ok(b) => b,
+                // The plan moved on (a restarted coordinator, another
+                // loss) before the state arrived: ask for the next one.
+                Err(ClientError::Refused { code: 409, .. }) | Err(ClientError::Unknown) => {
+                    return Ok(false)
+                }
+                Err(e) => return Err(e).context("receiving the stage's state from a live replica"),
+            };
             restore_bytes(worker, &bytes, w.step, format!("replica of stage {stage}"))?;
         }
         StateSource::Checkpoint { dir } => {
@@ -484,7 +491,7 @@ fn restore(
             )?;
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Restores the stage from a state in checkpoint form (`source` names it
@@ -513,18 +520,24 @@ fn encode_at(worker: &StageWorker, snapshot: &Option<StageState>, step: u64) -> 
 }
 
 /// Delivers this stage's part of the checkpoint at `step` to the
-/// coordinator, which keeps the run directory.
+/// coordinator, which keeps the run directory. `false` when the
+/// coordinator no longer knows this worker (it restarted): the caller
+/// registers again and is told what to do.
 fn write_checkpoint(
     session: &Session,
     worker: &StageWorker,
     snapshot: &Option<StageState>,
     step: u64,
-) -> Result<()> {
+) -> Result<bool> {
     let bytes = encode_at(worker, snapshot, step)?;
-    session
+    match session
         .client
         .put_checkpoint(session.worker, worker.shard().stage, step, &bytes)
-        .with_context(|| format!("delivering the checkpoint of step {step}"))
+    {
+        Ok(()) => Ok(true),
+        Err(ClientError::Unknown) => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("delivering the checkpoint of step {step}")),
+    }
 }
 
 fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<()> {
@@ -581,12 +594,16 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
             );
             continue;
         }
-        if let Err(e) = restore(wk, &snapshot, &w, session) {
-            // Cannot take part in this plan: leave it to a fresh worker.
-            return Err(e.context(format!(
-                "restoring stage {} at step {}",
-                shard.stage, w.step
-            )));
+        match restore(wk, &snapshot, &w, session) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                // Cannot take part in this plan: leave it to a fresh worker.
+                return Err(e.context(format!(
+                    "restoring stage {} at step {}",
+                    shard.stage, w.step
+                )));
+            }
         }
         if w.upload {
             let bytes = encode_at(wk, &snapshot, w.step)?;
@@ -596,8 +613,8 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
                 .context("handing the stage's state to a new replica")?;
         }
         snapshot = None;
-        if w.checkpoint {
-            write_checkpoint(session, wk, &snapshot, w.step)?;
+        if w.checkpoint && !write_checkpoint(session, wk, &snapshot, w.step)? {
+            continue;
         }
         if wk.steps_done() >= steps {
             continue;
@@ -671,8 +688,10 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
                         Err(ClientError::Unknown) => break,
                         Err(e) => return Err(e).context("at the step barrier"),
                     };
-                    if barrier.checkpoint {
-                        write_checkpoint(session, wk, &snapshot, wk.steps_done())?;
+                    if barrier.checkpoint
+                        && !write_checkpoint(session, wk, &snapshot, wk.steps_done())?
+                    {
+                        break;
                     }
                     if let Some(route) = barrier.route {
                         wk.set_route(route)

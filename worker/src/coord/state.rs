@@ -887,10 +887,24 @@ impl Coordinator {
             Some(&m) => {
                 // A worker one step ahead rolls back to its snapshot. A step
                 // whose loss never reached this coordinator (it restarted
-                // while the workers waited at that step's barrier) is
-                // trained again: the replay is exact.
-                let known = self.losses.len() as u64;
-                let m = if known < m && included.iter().all(|&i| slot(i).holds(known)) {
+                // while the workers waited at that step's barrier), or that
+                // the ledger has not booked, is trained again: the replay
+                // is exact, and its entries are booked at its barrier.
+                let mut known = self.losses.len() as u64;
+                if let Some(l) = &self.ledger {
+                    match l.last_step() {
+                        Ok(booked) => known = known.min(booked),
+                        Err(e) => tracing::error!("reading the ledger's last step: {e}"),
+                    }
+                }
+                // (A worker that holds nothing gets its state from a
+                // replica that holds the step.)
+                let m = if known < m
+                    && included
+                        .iter()
+                        .filter(|&&i| slot(i).completed > 0)
+                        .all(|&i| slot(i).holds(known))
+                {
                     known
                 } else {
                     m

@@ -5,6 +5,8 @@
 // Each test binary uses some of these helpers.
 #![allow(dead_code)]
 
+pub mod procs;
+
 use std::path::Path;
 use std::process::Command;
 use std::thread;

@@ -149,11 +149,12 @@ fn each_identity_is_booked_exactly_the_micro_batches_its_route_gave_it() {
         "{out}"
     );
 
-    // ... so an entry edited after the fact no longer matches its
-    // signature, and verify says which.
+    // ... so an entry edited after the fact (here: claiming the other
+    // replica's micro-batches) no longer matches its signature, and verify
+    // says which.
     let db = rusqlite::Connection::open(run.join("ledger.sqlite")).expect("open");
     db.execute(
-        "UPDATE entries SET micro_batches = '[0,1,2,3]' WHERE step = 7 AND stage = 1 AND replica = 0",
+        "UPDATE entries SET micro_batches = '4,5,6,7' WHERE step = 7 AND stage = 1 AND replica = 0",
         [],
     )
     .expect("tamper");

@@ -34,8 +34,8 @@ pub struct LedgerArgs {
 /// `pipewright ledger verify`.
 #[derive(Debug, Subcommand)]
 pub enum LedgerAction {
-    /// Check the database's integrity, every entry's signature and cost,
-    /// and recompute every share from the raw entries.
+    /// Check the database's integrity, every entry's signature and token
+    /// count, and recompute every share from the raw entries.
     Verify {
         /// Run directory (or its `ledger.sqlite`).
         run_dir: PathBuf,

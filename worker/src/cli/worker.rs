@@ -82,6 +82,9 @@ pub struct WorkerArgs {
     /// `~/.config/pipewright/identity`.
     #[arg(long, env = "PIPEWRIGHT_IDENTITY")]
     pub identity: Option<PathBuf>,
+    /// Print a progress line with this worker's credit (set by `join`).
+    #[arg(skip)]
+    pub progress: bool,
 }
 
 /// A `--max-send-rate` in megabytes per second, as bytes per second.
@@ -126,6 +129,10 @@ pub struct JoinArgs {
     /// your work to it. Default: `~/.config/pipewright/identity`.
     #[arg(long, env = "PIPEWRIGHT_IDENTITY")]
     pub identity: Option<PathBuf>,
+    /// No progress line (the run's step and this machine's credit and
+    /// share, every few seconds).
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 /// Run `pipewright join`: a volunteer worker that takes the vacancy on the
@@ -145,6 +152,7 @@ pub fn join(args: JoinArgs) -> Result<()> {
         slowdown: 1.0,
         max_send_rate: args.max_send_rate,
         identity: args.identity,
+        progress: !args.quiet,
     };
     serve(w, &args.token)
 }
@@ -308,6 +316,7 @@ fn shard_memory_check(
 }
 
 fn serve(args: WorkerArgs, token: &str) -> Result<()> {
+    let args_progress = args.progress;
     if !(args.slowdown.is_finite() && args.slowdown >= 1.0) {
         bail!(
             "--slowdown must be a number of at least 1, got {}",
@@ -428,10 +437,72 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
             })
             .context("starting the heartbeat")?
     };
+    let progress = args_progress.then(|| {
+        let (client, stop, me) = (client.clone(), stop.clone(), session.identity.fingerprint());
+        std::thread::Builder::new()
+            .name("progress".into())
+            .spawn(move || show_progress(&client, &stop, &me))
+    });
     let result = train(&mut session, pipe_listener, ring_listener);
     stop.store(true, Ordering::Relaxed);
     let _ = heartbeat.join();
+    if let Some(Ok(p)) = progress {
+        let _ = p.join();
+    }
     result
+}
+
+/// Every few seconds until `stop`, the run's step and what the ledger
+/// credits this machine (identity fingerprint `me`) with: rewritten in
+/// place on a terminal, a line every half minute otherwise.
+fn show_progress(client: &Client, stop: &AtomicBool, me: &str) {
+    use std::io::{IsTerminal, Write};
+    let terminal = std::io::stderr().is_terminal();
+    let every = if terminal { 2 } else { 30 };
+    let mut ticks = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(250));
+        ticks += 1;
+        if !ticks.is_multiple_of(every * 4) {
+            continue;
+        }
+        let Ok(status) = client.status() else {
+            continue;
+        };
+        let line = progress_line(&status, me);
+        let mut err = std::io::stderr().lock();
+        let _ = if terminal {
+            write!(err, "\r{line}\x1b[K")
+        } else {
+            writeln!(err, "{line}")
+        };
+        let _ = err.flush();
+    }
+    if terminal {
+        eprintln!();
+    }
+}
+
+/// `step 120/300 · stage 1 replica 0 · credit 1.234 TFLOP, 48
+/// micro-batches · share 24.81%`
+fn progress_line(status: &crate::coord::Status, me: &str) -> String {
+    let shard = status
+        .shards
+        .iter()
+        .find(|x| x.identity.as_deref() == Some(me))
+        .map_or("standby".to_owned(), |x| {
+            format!("stage {} replica {}", x.stage, x.replica)
+        });
+    let credit = match status.contributions.iter().find(|c| c.identity == me) {
+        Some(c) => format!(
+            "credit {:.3} TFLOP, {} micro-batches · share {:.2}%",
+            c.flops / 1e12,
+            c.micro_batches,
+            100.0 * c.share
+        ),
+        None => "no credit yet".to_owned(),
+    };
+    format!("step {}/{} · {shard} · {credit}", status.step, status.steps)
 }
 
 /// Brings `worker` to the wiring's step from where the wiring says;
@@ -800,7 +871,34 @@ fn report_failure(session: &Session, epoch: u64, e: &PipelineError) {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_rate;
+    use super::{parse_rate, progress_line};
+
+    #[test]
+    fn the_progress_line_shows_this_machines_shard_credit_and_share() {
+        let shard = serde_json::json!({
+            "stage": 1, "replica": 0, "worker": 3, "name": "laptop", "address": null,
+            "state": "live", "completed": 120, "seconds_since_heartbeat": 0.1,
+            "step_seconds": 0.5, "busy_seconds": 0.4, "mean_seconds": [0.5, 0.4, 0.01],
+            "mean_link_bytes": 0.0, "rejected_frames": 0, "micro_batches": 4,
+            "seconds_per_micro_batch": null, "identity": "ab12cd34ef56ab78"
+        });
+        let status: crate::coord::Status = serde_json::from_value(serde_json::json!({
+            "run": "demo", "phase": "Training", "reason": "", "step": 120, "steps": 300,
+            "loss": 2.5, "tokens_per_second": 100.0, "epoch": 1, "reassignments": 0,
+            "checkpoint_step": null, "standby": 0, "stages": [], "shards": [shard],
+            "contributions": [{"identity": "ab12cd34ef56ab78", "name": "laptop",
+                "flops": 1.234e12, "micro_batches": 48, "share": 0.2481}]
+        }))
+        .expect("a status");
+        assert_eq!(
+            progress_line(&status, "ab12cd34ef56ab78"),
+            "step 120/300 · stage 1 replica 0 · credit 1.234 TFLOP, 48 micro-batches · share 24.81%"
+        );
+        assert_eq!(
+            progress_line(&status, "ffffffffffffffff"),
+            "step 120/300 · standby · no credit yet"
+        );
+    }
 
     #[test]
     fn send_rates_are_megabytes_per_second_and_must_be_positive() {

@@ -156,6 +156,8 @@ impl Metrics {
                 c.inc_by(add);
             }
         }
+        // Identities that left the window have no share any more.
+        self.reward_share.clear();
         for (worker, share) in &ledger.shares {
             self.reward_share
                 .get_or_create(&vec![("worker".into(), worker.clone())])

@@ -244,7 +244,7 @@ pub struct Coordinator {
     /// The contribution ledger (`None`: nothing is booked).
     ledger: Option<Ledger>,
     /// Refused reports by reason.
-    refused: BTreeMap<&'static str, u64>,
+    refused: BTreeMap<String, u64>,
     /// The shares at a committed step.
     shares_cache: std::sync::Mutex<Option<(u64, Vec<crate::ledger::Share>)>>,
 }
@@ -320,6 +320,11 @@ impl Coordinator {
 
     /// Books every step's work in `ledger` from now on.
     pub fn with_ledger(mut self, ledger: Ledger) -> Self {
+        // The refusals counted before a restart still count.
+        match ledger.refusal_counts() {
+            Ok(counts) => self.refused.extend(counts),
+            Err(e) => tracing::error!("reading the ledger's refusals: {e}"),
+        }
         self.ledger = Some(ledger);
         self
     }
@@ -332,7 +337,7 @@ impl Coordinator {
     /// Counts (and records in the ledger) a refused report; returns the
     /// error to answer with.
     pub fn refuse(&mut self, r: Refusal) -> CoordError {
-        *self.refused.entry(r.reason).or_default() += 1;
+        *self.refused.entry(r.reason.to_owned()).or_default() += 1;
         tracing::warn!(
             "refused a report from worker {:?}: {} ({})",
             r.worker,
@@ -348,7 +353,7 @@ impl Coordinator {
     }
 
     /// Refused reports by reason.
-    pub fn refused(&self) -> &BTreeMap<&'static str, u64> {
+    pub fn refused(&self) -> &BTreeMap<String, u64> {
         &self.refused
     }
 
@@ -1247,6 +1252,18 @@ impl Coordinator {
     fn check_commitment(&mut self, i: usize, d: &StepDone) -> Result<(), CoordError> {
         let (stage, replica) = self.shard_of(i);
         let completed = self.slots[i].as_ref().map_or(0, |s| s.completed);
+        // The same report sent again (its first answer was "wait") is
+        // taken as it was the first time, even if the barrier has passed
+        // and the route changed in between.
+        if let (Some(c), Some(slot)) = (&d.commitment, self.slots[i].as_ref()) {
+            if d.completed == completed
+                && slot.commits.iter().any(|x| {
+                    x.completed == d.completed && x.root == c.root() && x.signature == c.signature
+                })
+            {
+                return Ok(());
+            }
+        }
         let problem = match &d.commitment {
             None => Some((
                 "unsigned",

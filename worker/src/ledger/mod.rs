@@ -76,7 +76,7 @@ CREATE TABLE IF NOT EXISTS entries (
     audits_passed      INTEGER NOT NULL DEFAULT 0,
     audits_failed      INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (step, stage, replica)
-);
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_by_identity ON entries(identity, step);
 CREATE TABLE IF NOT EXISTS refusals (
     id       INTEGER PRIMARY KEY,
@@ -216,6 +216,66 @@ pub struct Refusal {
 pub struct Ledger {
     conn: Connection,
     path: PathBuf,
+    /// Identities already in `identities` (saves a write per entry).
+    known: std::collections::HashSet<String>,
+    /// Checkpoints the write-ahead log in the background (file ledgers).
+    checkpointer: Option<Checkpointer>,
+}
+
+/// A thread that copies the ledger's write-ahead log into its database
+/// after bookings, over a connection of its own (a passive checkpoint: it
+/// never blocks a booking), until the ledger is dropped. Checkpointing
+/// soon after each booking lets the log restart from its beginning rather
+/// than grow, so a booking overwrites space already allocated.
+struct Checkpointer {
+    wake: Option<std::sync::mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> Self {
+        let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
+        let path = path.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("ledger-checkpoint".into())
+            .spawn(move || {
+                let conn = match Connection::open(&path) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("ledger {}: no checkpointer: {e}", path.display());
+                        return;
+                    }
+                };
+                let _ = conn.busy_timeout(std::time::Duration::from_secs(5));
+                while woken.recv().is_ok() {
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::warn!("ledger {}: checkpoint: {e}", path.display());
+                    }
+                }
+            })
+            .ok();
+        Checkpointer {
+            wake: Some(wake),
+            thread,
+        }
+    }
+
+    /// Asks for a checkpoint (one already asked for covers this one).
+    fn nudge(&self) {
+        if let Some(w) = &self.wake {
+            let _ = w.try_send(());
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.wake.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for Ledger {
@@ -269,7 +329,17 @@ impl Ledger {
             let _ = std::fs::create_dir_all(dir);
         }
         let conn = Connection::open(path).map_err(err)?;
-        Self::init(conn, path, meta)
+        let mut ledger = Self::init(conn, path, meta)?;
+        // The write-ahead log is copied into the database by a thread of
+        // its own, not by whichever booking crosses the log's size limit:
+        // that copy (and its fsync) would otherwise land on a step's
+        // barrier now and then.
+        ledger
+            .conn
+            .execute_batch("PRAGMA wal_autocheckpoint=0")
+            .map_err(err)?;
+        ledger.checkpointer = Some(Checkpointer::start(path));
+        Ok(ledger)
     }
 
     /// A ledger in memory (tests, benchmarks).
@@ -331,6 +401,8 @@ impl Ledger {
         Ok(Ledger {
             conn,
             path: path.to_path_buf(),
+            known: Default::default(),
+            checkpointer: None,
         })
     }
 
@@ -362,6 +434,8 @@ impl Ledger {
         Ok(Ledger {
             conn,
             path: path.to_path_buf(),
+            known: Default::default(),
+            checkpointer: None,
         })
     }
 
@@ -463,12 +537,14 @@ impl Ledger {
                 .map_err(&err)?;
             let at = now_unix();
             for e in &b.entries {
-                id.execute(params![
-                    e.identity,
-                    crate::identity::fingerprint_hex(&e.identity),
-                    at
-                ])
-                .map_err(&err)?;
+                if !self.known.contains(&e.identity) {
+                    id.execute(params![
+                        e.identity,
+                        crate::identity::fingerprint_hex(&e.identity),
+                        at
+                    ])
+                    .map_err(&err)?;
+                }
                 put.execute(params![
                     e.step as i64,
                     e.stage as i64,
@@ -494,6 +570,11 @@ impl Ledger {
             }
         }
         tx.commit().map_err(&err)?;
+        self.known
+            .extend(b.entries.iter().map(|e| e.identity.clone()));
+        if let Some(c) = &self.checkpointer {
+            c.nudge();
+        }
         Ok(true)
     }
 

@@ -1343,12 +1343,36 @@ pub fn observed_status(
         } else {
             None
         },
+        contributions: match report {
+            Some(r) if !r.contributions.is_empty() => top_contributors(&r.contributions),
+            _ => previous.contributions.clone(),
+        },
     }
 }
 
 /// Status of a suspended run: no pods, everything else kept. The
 /// `Scheduled` condition is dropped so that the gang's timeout starts anew
 /// on resume.
+/// Contributors shown in `status.contributions` (and `kubectl describe`).
+const TOP_CONTRIBUTORS: usize = 5;
+
+/// The coordinator's contributors (largest share first) as the run's
+/// status shows them: the first [`TOP_CONTRIBUTORS`], rounded for reading.
+fn top_contributors(
+    all: &[pipewright_spec::coordinator::Contribution],
+) -> Vec<pipewright_spec::ContributorStatus> {
+    all.iter()
+        .take(TOP_CONTRIBUTORS)
+        .map(|c| pipewright_spec::ContributorStatus {
+            identity: c.identity.clone(),
+            name: c.name.clone(),
+            micro_batches: c.micro_batches,
+            teraflops: significant4(c.flops / 1e12),
+            share_percent: significant4(100.0 * c.share),
+        })
+        .collect()
+}
+
 /// `x` rounded to four significant digits (2.345678 → 2.346, 0.0123456 → 0.01235).
 fn significant4(x: f64) -> f64 {
     if x == 0.0 || !x.is_finite() {

@@ -36,6 +36,9 @@ pub struct CoordinatorReport {
     /// Throughput over the last reporting window.
     #[serde(default)]
     pub tokens_per_second: Option<f64>,
+    /// Contributors by share, largest first.
+    #[serde(default)]
+    pub contributions: Vec<pipewright_spec::coordinator::Contribution>,
 }
 
 impl From<&pipewright_spec::coordinator::Status> for CoordinatorReport {
@@ -45,6 +48,7 @@ impl From<&pipewright_spec::coordinator::Status> for CoordinatorReport {
             step: Some(s.step),
             loss: s.loss.map(f64::from),
             tokens_per_second: Some(s.tokens_per_second),
+            contributions: s.contributions.clone(),
         }
     }
 }
@@ -207,6 +211,7 @@ mod tests {
                 step: Some(42),
                 loss: Some(2.5),
                 tokens_per_second: Some(1234.5),
+                contributions: Vec::new(),
             }
         );
     }

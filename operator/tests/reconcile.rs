@@ -14,6 +14,7 @@ use pipewright_operator::children::Blueprint;
 use pipewright_operator::controller::{error_policy, reconcile, ReconcileError, POLL, RETRY_STALE};
 use pipewright_operator::coordinator::CoordinatorReport;
 use pipewright_operator::fixtures::{at, context, coordinator, node, run, settings, shard};
+use pipewright_spec::coordinator::Contribution;
 use pipewright_spec::{RunPhase, TrainingRunResource, TrainingRunStatus};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
@@ -30,6 +31,15 @@ fn report() -> CoordinatorReport {
         step: Some(12),
         loss: Some(4.5),
         tokens_per_second: Some(2048.0),
+        contributions: (0..7)
+            .map(|i| Contribution {
+                identity: format!("{i:016x}"),
+                name: format!("demo-s{}-r{}", i % 2, i / 2),
+                flops: 1.23456e12 * (7 - i) as f64,
+                micro_batches: 10 * (7 - i),
+                share: (7 - i) as f64 / 28.0,
+            })
+            .collect(),
     }
 }
 
@@ -279,6 +289,14 @@ async fn a_second_reconcile_of_an_unchanged_run_writes_nothing() {
     let status = run.status.clone().expect("status");
     assert_eq!((status.step, status.loss), (Some(12), Some(4.5)));
     assert_eq!(status.tokens_per_second, Some(2048.0));
+    // The five largest contributors, as `kubectl describe` shows them.
+    assert_eq!(status.contributions.len(), 5);
+    let top = &status.contributions[0];
+    assert_eq!(
+        (top.identity.as_str(), top.name.as_str(), top.micro_batches),
+        ("0000000000000000", "demo-s0-r0", 70)
+    );
+    assert_eq!((top.teraflops, top.share_percent), (8.642, 25.0));
 
     let (task, fake) = reconcile_with(&run, settled_pods(&run)).await;
     assert_eq!(finish(task, fake).await, Action::requeue(POLL));

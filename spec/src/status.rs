@@ -65,6 +65,27 @@ pub struct TrainingRunStatus {
     /// `spec.ttlSecondsAfterFinished`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
+    /// The largest contributors of the reward window, from the run's
+    /// ledger (`pipewright ledger` lists them all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub contributions: Vec<ContributorStatus>,
+}
+
+/// One contributor in `status.contributions`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContributorStatus {
+    /// Fingerprint of the worker's identity (its Ed25519 public key).
+    pub identity: String,
+    /// Pod (or host) it last registered from.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Micro-batches booked in the reward window.
+    pub micro_batches: u64,
+    /// Verified TFLOPs booked in the reward window.
+    pub teraflops: f64,
+    /// Its share of the reward pool, in percent.
+    pub share_percent: f64,
 }
 
 /// Lifecycle states of a run.

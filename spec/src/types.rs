@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 #[path = "status.rs"]
 mod status;
 #[cfg(feature = "kube")]
-pub use status::{Reassignment, RunPhase, ShardStatus, StageStatus, TrainingRunStatus};
+pub use status::{
+    ContributorStatus, Reassignment, RunPhase, ShardStatus, StageStatus, TrainingRunStatus,
+};
 
 /// API group and version of the manifest.
 pub const API_VERSION: &str = "pipewright.dev/v1alpha1";

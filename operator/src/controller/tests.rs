@@ -439,6 +439,7 @@ fn progress_comes_from_the_coordinator_and_survives_its_silence() {
         step: Some(40),
         loss: Some(3.25),
         tokens_per_second: Some(5120.0),
+        contributions: Vec::new(),
     };
     let mut run = run;
     let status = status_of(&run, &pods, &plan, Some(&report), at(200));

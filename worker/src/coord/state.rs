@@ -380,10 +380,13 @@ impl Coordinator {
             checkpoint: self.checkpoint.clone(),
             reassignments: self.reassignments,
             finished: self.finished.clone(),
+            // A shard still reserved for its worker (after an earlier
+            // restart) stays reserved through the next one.
             shard_map: self
                 .slots
                 .iter()
-                .map(|s| s.as_ref().map(|s| s.worker))
+                .zip(&self.reserved)
+                .map(|(s, r)| s.as_ref().map(|s| s.worker).or(r.map(|(w, _)| w)))
                 .collect(),
             stage_layers: (self.layout.measured && self.layers_fixed)
                 .then(|| self.layout.stage_layers.clone()),
@@ -391,7 +394,7 @@ impl Coordinator {
                 .slots
                 .iter()
                 .zip(&self.reserved_identity)
-                .map(|(s, _)| s.as_ref().map(|s| s.identity.clone()))
+                .map(|(s, r)| s.as_ref().map(|s| s.identity.clone()).or_else(|| r.clone()))
                 .collect(),
         }
     }

@@ -479,8 +479,8 @@ impl Ledger {
             tx.execute(
                 "INSERT INTO sessions(worker, identity, name, stage, replica, epoch, registered)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT(worker) DO UPDATE SET name = excluded.name,
-                    stage = excluded.stage, replica = excluded.replica",
+                 ON CONFLICT(worker) DO UPDATE SET identity = excluded.identity,
+                    name = excluded.name, stage = excluded.stage, replica = excluded.replica",
                 params![
                     s.worker as i64,
                     s.identity,

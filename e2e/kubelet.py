@@ -215,6 +215,8 @@ class Kubelet:
                 env[var["name"]] = rewrite(var["value"])
             elif "secretKeyRef" in (var.get("valueFrom") or {}):
                 env[var["name"]] = self.secret_value(var["valueFrom"]["secretKeyRef"])
+            elif (var.get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath") == "metadata.name":
+                env[var["name"]] = name
             else:
                 raise ValueError(f"pod {name}: env {var['name']} has a source this test cannot play")
         env.setdefault("RUST_LOG", "warn")

@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvVar, EnvVarSource, HTTPGetAction, NodeAffinity, NodeSelector, NodeSelectorRequirement,
-    NodeSelectorTerm, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    NodeSelectorTerm, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
     PersistentVolumeClaimVolumeSource, Pod, PodAffinity, PodAffinityTerm, PodAntiAffinity, PodSpec,
     Probe, ResourceRequirements, Secret, SecretKeySelector, Service, ServicePort, ServiceSpec,
     Toleration, Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
@@ -520,6 +520,8 @@ impl<'a> Blueprint<'a> {
                 env("PIPEWRIGHT_LISTEN", format!("0.0.0.0:{LINK_PORT}")),
                 env("PIPEWRIGHT_RING_LISTEN", format!("0.0.0.0:{RING_PORT}")),
                 env("PIPEWRIGHT_ADVERTISE", advertise),
+                // The name the ledger records beside the pod's identity.
+                pod_name_env("PIPEWRIGHT_NAME"),
                 self.secret_env(JOIN_TOKEN_ENV, JOIN_TOKEN_FIELD),
             ],
             vec![
@@ -782,6 +784,21 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
     }
 }
 
+/// `name` set to the pod's own name (the downward API).
+fn pod_name_env(name: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.name".to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
 fn manifest_path() -> String {
     format!("{MANIFEST_DIR}/{MANIFEST_FILE}")
 }
@@ -998,6 +1015,7 @@ mod tests {
             ("PIPEWRIGHT_LISTEN", "0.0.0.0:7071"),
             ("PIPEWRIGHT_RING_LISTEN", "0.0.0.0:7072"),
             ("PIPEWRIGHT_ADVERTISE", "demo-s1-r0-a2.demo-shards.ml.svc"),
+            ("PIPEWRIGHT_NAME", ""),
             (JOIN_TOKEN_ENV, ""),
         ]);
         let env: BTreeMap<&str, &str> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -1007,6 +1025,15 @@ mod tests {
             secret_ref(&pod, JOIN_TOKEN_ENV),
             Some(("demo-key".to_owned(), JOIN_TOKEN_FIELD.to_owned()))
         );
+        // The ledger records the pod's name beside its identity.
+        let name = pod.spec.as_ref().expect("spec").containers[0]
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "PIPEWRIGHT_NAME")
+            .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+            .map(|f| f.field_path.clone());
+        assert_eq!(name.as_deref(), Some("metadata.name"));
         let service = blueprint
             .children()
             .expect("children")

@@ -643,14 +643,15 @@ coordinator_pod_done() {
 eventually 10 "the coordinator process exits 0 (its pod Succeeded)" coordinator_pod_done
 ok "the coordinator process exited 0"
 # The ledger's largest contributors reach the run's status: one per shard
-# pod, named by its pod, shares summing to 100%.
+# pod, named by its pod (and the worker's process id), shares summing to
+# 100%.
 contributions_ok() {
     local rows
     rows=$(k get tr "$train" -n "$run_ns" \
         -o jsonpath='{range .status.contributions[*]}{.name} {.identity} {.sharePercent}{"\n"}{end}')
     [[ $(wc -l <<<"$rows") == 4 ]] || return 1
     awk -v run="$train" '
-        $1 !~ "^" run "-s[0-9]+-r[0-9]+(-a[0-9]+)?$" || length($2) != 16 { bad = 1 }
+        $1 !~ "^" run "-s[0-9]+-r[0-9]+(-a[0-9]+)?/[0-9]+$" || length($2) != 16 { bad = 1 }
         { sum += $3; seen[$2] = 1 }
         END { n = 0; for (k in seen) n++; exit !(bad == 0 && n == 4 && sum > 99.9 && sum < 100.1) }
     ' <<<"$rows"

@@ -72,6 +72,7 @@ fn booking(step: u64, ids: &[Identity], run_id: &str) -> StepBooking {
                 worker: i as u64 + 1,
                 epoch: 1,
                 micro_batches: mbs.clone(),
+                layers: 4 * stage..4 * (stage + 1),
                 tokens: MICRO_BATCHES * 4 * 2048,
                 forward_flops: 1.1e13,
                 input_grad_flops: 1.1e13,

@@ -158,11 +158,23 @@ fn each_identity_is_booked_exactly_the_micro_batches_its_route_gave_it() {
         [],
     )
     .expect("tamper");
+    // FLOPs are not signed, but they are recomputed from the entry's
+    // layers and micro-batches under the run's cost model.
+    db.execute(
+        "UPDATE entries SET forward_flops = forward_flops * 2 WHERE step = 9 AND stage = 0 AND replica = 1",
+        [],
+    )
+    .expect("tamper");
     drop(db);
     let bad = verify(&run);
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success());
-    assert!(err.contains("step 7 stage 1 replica 0"), "{err}");
+    assert!(
+        err.contains("step 7 stage 1 replica 0: the signature"),
+        "{err}"
+    );
+    assert!(err.contains("step 9 stage 0 replica 1: FLOPs"), "{err}");
+    assert!(err.contains("the ledger has 2 problem(s)"), "{err}");
 }
 
 #[test]

@@ -34,8 +34,8 @@ pub struct LedgerArgs {
 /// `pipewright ledger verify`.
 #[derive(Debug, Subcommand)]
 pub enum LedgerAction {
-    /// Check the database's integrity, every entry's signature and token
-    /// count, and recompute every share from the raw entries.
+    /// Check the database's integrity, every entry's signature, tokens and
+    /// FLOPs, and recompute every share from the raw entries.
     Verify {
         /// Run directory (or its `ledger.sqlite`).
         run_dir: PathBuf,
@@ -183,8 +183,14 @@ fn csv_field(s: &str) -> String {
 }
 
 /// The problems with one entry: a signature that is not its identity's
-/// over what it records, or tokens that do not match its micro-batches.
-fn entry_problems(e: &Entry, run_id: &str, tokens_per_mb: Option<u64>) -> Vec<String> {
+/// over what it records, or tokens and FLOPs that are not what its
+/// micro-batches cost at its stage's layers under the run's cost model.
+fn entry_problems(
+    e: &Entry,
+    run_id: &str,
+    cost: Option<(&ledger::CostModel, usize)>,
+) -> Vec<String> {
+    let tokens_per_mb = cost.map(|(c, _)| c.tokens_per_micro_batch);
     let mut out = Vec::new();
     let claim = StepClaim {
         run_id,
@@ -222,6 +228,21 @@ fn entry_problems(e: &Entry, run_id: &str, tokens_per_mb: Option<u64>) -> Vec<St
             ));
         }
     }
+    if let Some((c, stages)) = cost {
+        let want = c.flops(e.stage, stages, &e.layers, e.micro_batches.len() as u64);
+        let got = [e.forward_flops, e.input_grad_flops, e.weight_grad_flops];
+        if want.iter().zip(&got).any(|(w, g)| !close(*w, *g)) {
+            out.push(format!(
+                "step {} stage {} replica {}: FLOPs {got:?} booked; layers {:?} and {} \
+                 micro-batches cost {want:?}",
+                e.step,
+                e.stage,
+                e.replica,
+                e.layers,
+                e.micro_batches.len()
+            ));
+        }
+    }
     out
 }
 
@@ -236,16 +257,17 @@ fn verify(dir: &Path) -> Result<()> {
     let run_id = l
         .meta("run_id")?
         .context("the ledger does not record its run id")?;
-    let tokens_per_mb = l
+    let model = l
         .meta("cost_model")?
         .and_then(|t| serde_json::from_str::<Option<ledger::CostModel>>(&t).ok())
-        .flatten()
-        .map(|c| c.tokens_per_micro_batch);
+        .flatten();
+    let stages = l.meta("stages")?.and_then(|t| t.parse::<usize>().ok());
+    let cost = model.as_ref().zip(stages);
     let rewards = rewards_of(&l)?;
     let last = l.last_step()?;
     let entries = l.entries(1, last)?;
     for e in &entries {
-        problems.extend(entry_problems(e, &run_id, tokens_per_mb));
+        problems.extend(entry_problems(e, &run_id, cost));
     }
     // Two independent sums: SQLite's (what the coordinator serves) and a
     // pass over the raw entries.

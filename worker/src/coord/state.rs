@@ -1347,6 +1347,7 @@ impl Coordinator {
                     worker: slot.worker,
                     epoch: self.epoch,
                     micro_batches: c.micro_batches.clone(),
+                    layers: layers.clone(),
                     tokens,
                     forward_flops: flops[0],
                     input_grad_flops: flops[1],

@@ -63,6 +63,8 @@ CREATE TABLE IF NOT EXISTS entries (
     worker             INTEGER NOT NULL,
     epoch              INTEGER NOT NULL,
     micro_batches      TEXT NOT NULL,
+    first_layer        INTEGER NOT NULL,
+    end_layer          INTEGER NOT NULL,
     tokens             INTEGER NOT NULL,
     forward_flops      REAL NOT NULL,
     input_grad_flops   REAL NOT NULL,
@@ -145,6 +147,8 @@ pub struct Entry {
     pub epoch: u64,
     /// Global micro-batch indices it ran.
     pub micro_batches: Vec<u64>,
+    /// The blocks its stage held (what its FLOPs are computed from).
+    pub layers: std::ops::Range<usize>,
     /// Tokens of those micro-batches.
     pub tokens: u64,
     /// Forward FLOPs.
@@ -530,9 +534,9 @@ impl Ledger {
                         micro_batches, tokens, forward_flops, input_grad_flops,
                         weight_grad_flops, allreduce_bytes, validation_flops, loss,
                         commitment, signature, reported_seconds, audits_passed,
-                        audits_failed)
+                        audits_failed, first_layer, end_layer)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
-                        ?15, ?16, ?17, ?18, ?19)",
+                        ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
                 )
                 .map_err(&err)?;
             let at = now_unix();
@@ -565,6 +569,8 @@ impl Ledger {
                     e.reported_seconds,
                     e.audits_passed,
                     e.audits_failed,
+                    e.layers.start as i64,
+                    e.layers.end as i64,
                 ])
                 .map_err(&err)?;
             }
@@ -626,7 +632,7 @@ impl Ledger {
                 "SELECT step, stage, replica, identity, worker, epoch, micro_batches, tokens,
                     forward_flops, input_grad_flops, weight_grad_flops, allreduce_bytes,
                     validation_flops, loss, commitment, signature, reported_seconds,
-                    audits_passed, audits_failed
+                    audits_passed, audits_failed, first_layer, end_layer
                  FROM entries WHERE step BETWEEN ?1 AND ?2 ORDER BY step, stage, replica",
             )
             .map_err(|e| self.err(e))?;
@@ -645,6 +651,7 @@ impl Ledger {
                     worker: r.get::<_, i64>(4)? as u64,
                     epoch: r.get::<_, i64>(5)? as u64,
                     micro_batches: parse_mbs(&r.get::<_, String>(6)?),
+                    layers: r.get::<_, i64>(19)? as usize..r.get::<_, i64>(20)? as usize,
                     tokens: r.get::<_, i64>(7)? as u64,
                     forward_flops: r.get(8)?,
                     input_grad_flops: r.get(9)?,

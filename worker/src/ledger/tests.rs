@@ -12,6 +12,7 @@ fn entry(step: u64, stage: usize, replica: usize, identity: &str, mbs: &[u64]) -
         worker: (stage * 10 + replica) as u64,
         epoch: 1,
         micro_batches: mbs.to_vec(),
+        layers: 0..2,
         tokens: mbs.len() as u64 * 64,
         forward_flops: 100.0 * n,
         input_grad_flops: 100.0 * n,

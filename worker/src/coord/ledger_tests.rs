@@ -15,8 +15,7 @@ use crate::identity::Identity;
 use crate::ledger::Ledger;
 
 fn register(c: &Arc<Shared>, stage: usize, id: &Identity) -> (StatusCode, String) {
-    let body = register_body(c, stage, id);
-    send(c, request(Method::POST, "/v1/register", Some(TOKEN), &body))
+    post_register(c, &register_body(c, stage, id))
 }
 
 fn registered(c: &Arc<Shared>, stage: usize, id: &Identity) -> Registered {
@@ -81,6 +80,11 @@ fn post_step(c: &Arc<Shared>, d: &StepDone) -> (StatusCode, String) {
     send(c, request(Method::POST, "/v1/step", Some(TOKEN), &body))
 }
 
+/// `POST /v1/register` with `body`.
+fn post_register(c: &Arc<Shared>, body: &str) -> (StatusCode, String) {
+    send(c, request(Method::POST, "/v1/register", Some(TOKEN), body))
+}
+
 fn refused(c: &Arc<Shared>, reason: &str) -> u64 {
     lock(&c.coord)
         .refused()
@@ -103,37 +107,13 @@ fn a_registration_must_prove_its_key_and_a_challenge_is_good_once() {
     let mut forged =
         serde_json::from_str::<serde_json::Value>(&register_body(&c, 0, &mallory)).expect("json");
     forged["identity"]["public_key"] = honest["identity"]["public_key"].clone();
-    let (code, text) = send(
-        &c,
-        request(
-            Method::POST,
-            "/v1/register",
-            Some(TOKEN),
-            &forged.to_string(),
-        ),
-    );
+    let (code, text) = post_register(&c, &forged.to_string());
     assert_eq!(code, StatusCode::FORBIDDEN, "{text}");
     assert_eq!(refused(&c, "signature"), 1);
     // Alice's own proof works once; replayed, its challenge is spent.
-    let (code, text) = send(
-        &c,
-        request(
-            Method::POST,
-            "/v1/register",
-            Some(TOKEN),
-            &honest.to_string(),
-        ),
-    );
+    let (code, text) = post_register(&c, &honest.to_string());
     assert_eq!(code, StatusCode::OK, "{text}");
-    let (code, text) = send(
-        &c,
-        request(
-            Method::POST,
-            "/v1/register",
-            Some(TOKEN),
-            &honest.to_string(),
-        ),
-    );
+    let (code, text) = post_register(&c, &honest.to_string());
     assert_eq!(code, StatusCode::FORBIDDEN, "{text}");
     assert_eq!(refused(&c, "challenge"), 1);
     // Without any proof: a clear 400.

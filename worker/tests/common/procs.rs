@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use pipewright::coord::{Client, Phase, Status};
 
-use super::{pipewright, write_corpus};
+use super::{pipewright, succeed, write_corpus};
 
 /// Each of these tests runs five or more processes whose leases and
 /// timings assume they get the CPU they need: they run one at a time.
@@ -54,20 +54,13 @@ pub fn assert_same(a: &[f64], b: &[f64]) {
 }
 
 pub fn train_processes(manifest: &Path, out: &Path, extra: &[&str]) -> String {
-    let o = pipewright()
-        .args(["train", "--processes", "--quiet", "--out"])
-        .arg(out)
-        .args(extra)
-        .arg(manifest)
-        .output()
-        .expect("run pipewright");
-    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(
-        o.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    stdout
+    succeed(
+        pipewright()
+            .args(["train", "--processes", "--quiet", "--out"])
+            .arg(out)
+            .args(extra)
+            .arg(manifest),
+    )
 }
 
 pub struct Procs(pub Vec<Child>);

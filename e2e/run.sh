@@ -61,6 +61,9 @@ export PATH="$bin:$PATH"
 for tool in openssl curl python3; do
     command -v "$tool" >/dev/null || fail "$tool is needed"
 done
+# The project's Python environment (PyYAML reads the chart's renders).
+py=$(bash "$repo/scripts/python-env.sh" | tail -1) || fail "scripts/python-env.sh failed"
+command -v prometheus >/dev/null || fail "prometheus is needed (bash scripts/system-deps.sh)"
 
 say "operator binary"
 # PIPEWRIGHT_OPERATOR_BIN runs a given binary instead of building this tree's.
@@ -74,8 +77,14 @@ fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/pipewright-e2e.XXXXXX")
 declare -A op_pid=()
 kubelet_pid=
+# Other processes the scenarios start (Prometheus and its target writer).
+bg_pids=()
 cleanup() {
     local rc=$? pid
+    for pid in "${bg_pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
     if [[ -n $kubelet_pid ]]; then
         kill "$kubelet_pid" 2>/dev/null || true
         wait "$kubelet_pid" 2>/dev/null || true
@@ -91,7 +100,8 @@ cleanup() {
         kubectl get events -n "$run_ns" >&2 2>&1 || true
     fi
     if [[ $rc -ne 0 && -d $work ]]; then
-        for log in "$work/"operator-*.log "$work/cluster/logs/"*.log "$work/train/"*.log "$work/train/pods/"*.log; do
+        for log in "$work/"operator-*.log "$work/cluster/logs/"*.log "$work/train/"*.log "$work/train/pods/"*.log \
+            "$work/prometheus/"*.log; do
             [[ -f $log ]] || continue
             printf '\n--- last lines of %s ---\n' "${log#"$work"/}" >&2
             tail -n 15 "$log" >&2
@@ -143,19 +153,18 @@ helm template "$release" "$chart" -n "$system_ns" --kube-version "$KUBERNETES_VE
     --set serviceMonitor.enabled=true --set grafanaDashboard.enabled=true \
     >"$work/full.yaml" 2>>"$work/helm.log" || fail "helm template: $(cat "$work/helm.log")"
 grep -q '^kind: ServiceMonitor' "$work/full.yaml" || fail "serviceMonitor.enabled renders no ServiceMonitor"
+grep -q '^kind: PodMonitor' "$work/full.yaml" || fail "serviceMonitor.enabled renders no PodMonitor for the runs"
 grep -q 'grafana_dashboard: "1"' "$work/full.yaml" || fail "the dashboard ConfigMap lacks grafana_dashboard: \"1\""
-python3 - "$chart/dashboards/pipewright.json" <<'EOF' || fail "the Grafana dashboard"
-import json, sys
-d = json.load(open(sys.argv[1]))
-exprs = " ".join(t["expr"] for p in d["panels"] for t in p.get("targets", []))
-for metric in ["pipewright_step", "pipewright_loss", "pipewright_tokens_per_second",
-               "pipewright_reassignments_total", "pipewright_operator_runs",
-               "pipewright_operator_reconciles_total", "pipewright_operator_reconcile_errors_total",
-               "pipewright_operator_shard_reassignments_total",
-               "pipewright_operator_reconcile_duration_seconds_bucket"]:
-    assert metric in exprs, f"no panel queries {metric}"
+python3 scripts/dashboards.py --check || fail "the chart's dashboards are not what scripts/dashboards.py writes"
+"$py" - "$work/full.yaml" "$chart/dashboards" <<'EOF' || fail "the dashboards ConfigMap"
+import json, os, sys, yaml
+maps = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "ConfigMap"]
+shipped = {n: json.load(open(os.path.join(sys.argv[2], n))) for n in os.listdir(sys.argv[2])}
+data = {k: json.loads(v) for m in maps for k, v in m["data"].items()}
+assert data == shipped, f"the ConfigMap holds {sorted(data)}, the chart ships {sorted(shipped)}"
+assert len(shipped) == 6, sorted(shipped)
 EOF
-ok "helm template: default objects, ServiceMonitor and dashboard when enabled"
+ok "helm template: default objects; ServiceMonitor, PodMonitor and the 6 dashboards when enabled"
 # Bad values are refused before anything reaches the cluster.
 refused_value() {
     local expect=$1
@@ -583,6 +592,22 @@ with open(sys.argv[1], "w") as f:
     for _ in range(6000):
         f.write(" ".join(rng.choice(words) for _ in range(rng.randint(5, 14))).capitalize() + ".\n")
 EOF
+# A real Prometheus scrapes what the chart's monitors select: the operator
+# (through its Service) and the run's coordinator and shard pods (port
+# `metrics`), each pod at the address its process has here.
+mkdir -p "$work/prometheus/targets"
+"$py" "$e2e/prometheus.py" config --rendered "$work/full.yaml" --dir "$work/prometheus/targets" \
+    --out "$work/prometheus/prometheus.yml"
+"$py" "$e2e/prometheus.py" targets --rendered "$work/full.yaml" --dir "$work/prometheus/targets" \
+    --addresses "$work/train/addresses" --serve "$system_ns/$release=127.0.0.1:${op_metrics[b]}" \
+    --loop >"$work/prometheus/targets.log" 2>&1 &
+bg_pids+=($!)
+read -r prom_port <<<"$(free_ports 1)"
+prometheus --config.file "$work/prometheus/prometheus.yml" --storage.tsdb.path "$work/prometheus/data" \
+    --web.listen-address "127.0.0.1:$prom_port" >"$work/prometheus/prometheus.log" 2>&1 &
+bg_pids+=($!)
+eventually 30 "Prometheus ready on 127.0.0.1:$prom_port" curl -sf "http://127.0.0.1:$prom_port/-/ready"
+ok "Prometheus $(prometheus --version 2>&1 | awk 'NR == 1 { print $3 }') scraping the chart's monitors' targets"
 sed "s|@CORPUS@|$work/train/corpus.txt|" "$e2e/manifests/train.yaml" | k apply -n "$run_ns" -f - >/dev/null
 # PIPEWRIGHT_BIN runs a given pipewright binary instead of this tree's.
 pipewright_bin=${PIPEWRIGHT_BIN:-$repo/target/release/pipewright}
@@ -603,6 +628,10 @@ ok "5 processes started with their pods' args and env (coordinator at $(coordina
 # own phase (it serves /status for 2 s after the last step, then exits).
 declare -A seen_steps=() seen_losses=()
 coordinator_phase="" coordinator_step=""
+# The last moment the coordinator was seen training, past step 40: the
+# dashboards' queries are run at that instant (the run's series go stale
+# once its pods stop).
+training_at=""
 deadline=$((SECONDS + 120))
 t0=$SECONDS
 while :; do
@@ -612,6 +641,9 @@ while :; do
 import json, sys
 s = json.load(sys.stdin)
 print(s["phase"], s["step"])' <<<"$status")
+        if [[ $coordinator_phase == Training && $coordinator_step -ge 40 ]]; then
+            training_at=$(date +%s.%N)
+        fi
     fi
     # NAME PHASE STAGES REPLICAS READY STEP LOSS TOKENS/S AGE
     read -r -a cells <<<"$(k get tr "$train" -n "$run_ns" --no-headers)"
@@ -642,6 +674,12 @@ coordinator_pod_done() {
 }
 eventually 10 "the coordinator process exits 0 (its pod Succeeded)" coordinator_pod_done
 ok "the coordinator process exited 0"
+[[ -n $training_at ]] || fail "the coordinator was never seen training past step 40"
+"$py" "$e2e/prometheus.py" check --prom "http://127.0.0.1:$prom_port" --dashboards "$chart/dashboards" \
+    --namespace "$run_ns" --run "$train" --shards 4 --time "$training_at" >"$work/prometheus/check.log" 2>&1 ||
+    fail "dashboards on the real Prometheus:
+$(cat "$work/prometheus/check.log")"
+ok "$(tail -n 1 "$work/prometheus/check.log")"
 # The ledger's largest contributors reach the run's status: one per shard
 # pod, named by its pod (and the worker's process id), shares summing to
 # 100%.

@@ -25,4 +25,4 @@ pub use frame::{
 };
 pub use handshake::{HandshakeError, Role};
 pub use pace::cap_send_rate;
-pub use stats::{LinkStats, LinkStatsSnapshot};
+pub use stats::{LinkStats, LinkStatsSnapshot, Traffic};

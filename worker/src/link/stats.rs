@@ -41,7 +41,45 @@ pub struct LinkStatsSnapshot {
     pub close_reason: Option<String>,
 }
 
+/// Traffic and refusals summed over several links, for a worker's
+/// cumulative metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Encoded bytes written to the sockets.
+    pub bytes_sent: u64,
+    /// Encoded bytes of valid frames received.
+    pub bytes_received: u64,
+    /// Rejected frames, indexed by `RejectReason as usize`.
+    pub rejected: [u64; RejectReason::COUNT],
+}
+
+impl Traffic {
+    /// What was added between `earlier` and `self`, counter by counter; a
+    /// counter that went down (the links were replaced) counts from zero.
+    pub fn since(&self, earlier: &Traffic) -> Traffic {
+        let delta = |now: u64, then: u64| if now >= then { now - then } else { now };
+        let mut rejected = [0; RejectReason::COUNT];
+        for (i, r) in rejected.iter_mut().enumerate() {
+            *r = delta(self.rejected[i], earlier.rejected[i]);
+        }
+        Traffic {
+            bytes_sent: delta(self.bytes_sent, earlier.bytes_sent),
+            bytes_received: delta(self.bytes_received, earlier.bytes_received),
+            rejected,
+        }
+    }
+}
+
 impl LinkStats {
+    /// Adds this link's counters to `total`.
+    pub fn add_to(&self, total: &mut Traffic) {
+        total.bytes_sent += self.bytes_sent.load(Ordering::Relaxed);
+        total.bytes_received += self.bytes_received.load(Ordering::Relaxed);
+        for (t, c) in total.rejected.iter_mut().zip(&self.rejected) {
+            *t += c.load(Ordering::Relaxed);
+        }
+    }
+
     /// Counts `frames` frames of `bytes` encoded bytes in all sent.
     pub(crate) fn record_sent(&self, frames: u64, bytes: u64) {
         self.frames_sent.fetch_add(frames, Ordering::Relaxed);
@@ -139,5 +177,32 @@ mod tests {
         assert_eq!(s.rejected_total(), 3);
         assert_eq!((snap.queue_peak_frames, snap.queue_peak_bytes), (3, 900));
         assert_eq!(snap.close_reason.as_deref(), Some("first"));
+    }
+
+    #[test]
+    fn traffic_sums_links_and_counts_replaced_links_from_zero() {
+        let (a, b) = (LinkStats::default(), LinkStats::default());
+        a.record_sent(1, 100);
+        b.record_received(40);
+        b.record_rejected(RejectReason::BadTag);
+        let mut first = Traffic::default();
+        a.add_to(&mut first);
+        b.add_to(&mut first);
+        assert_eq!((first.bytes_sent, first.bytes_received), (100, 40));
+        assert_eq!(first.rejected[RejectReason::BadTag as usize], 1);
+        // The links are replaced by one that has sent 30 bytes so far.
+        let c = LinkStats::default();
+        c.record_sent(1, 30);
+        let mut second = Traffic::default();
+        c.add_to(&mut second);
+        let d = second.since(&first);
+        assert_eq!((d.bytes_sent, d.bytes_received), (30, 0));
+        assert_eq!(d.rejected.iter().sum::<u64>(), 0);
+        // The same links, later.
+        a.record_sent(1, 5);
+        let mut third = Traffic::default();
+        a.add_to(&mut third);
+        b.add_to(&mut third);
+        assert_eq!(third.since(&first).bytes_sent, 5);
     }
 }

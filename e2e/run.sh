@@ -191,6 +191,41 @@ source "$work/cluster/env"
 k() { kubectl "$@"; }
 ok "$(k get nodes -l type=kwok --no-headers | wc -l) nodes"
 
+# --- traces: a real Jaeger (all-in-one, in memory) on free loopback ports --
+# The chart gives the operator its OTLP endpoint; the operator passes it to
+# the run's pods (checked in the train scenario by e2e/traces.py).
+jaeger_bin=$(bash "$e2e/jaeger.sh" | tail -n 1) || fail "e2e/jaeger.sh could not build Jaeger"
+read -r jaeger_otlp jaeger_query jaeger_grpc <<<"$(python3 -c '
+import socket
+s = [socket.socket() for _ in range(3)]
+for x in s: x.bind(("127.0.0.1", 0))
+print(*(x.getsockname()[1] for x in s))')"
+mkdir -p "$work/jaeger"
+cat >"$work/jaeger/config.yaml" <<JAEGER
+service:
+  extensions: [jaeger_storage, jaeger_query]
+  pipelines:
+    traces: {receivers: [otlp], processors: [batch], exporters: [jaeger_storage_exporter]}
+  telemetry: {metrics: {level: none}}
+extensions:
+  jaeger_storage: {backends: {memstore: {memory: {max_traces: 100000}}}}
+  jaeger_query:
+    storage: {traces: memstore}
+    http: {endpoint: "127.0.0.1:$jaeger_query"}
+    grpc: {endpoint: "127.0.0.1:$jaeger_grpc"}
+receivers:
+  otlp: {protocols: {http: {endpoint: "127.0.0.1:$jaeger_otlp"}}}
+processors:
+  batch: {}
+exporters:
+  jaeger_storage_exporter: {trace_storage: memstore}
+JAEGER
+"$jaeger_bin" --config "$work/jaeger/config.yaml" >"$work/jaeger/jaeger.log" 2>&1 &
+bg_pids+=($!)
+eventually 30 "Jaeger's query API on 127.0.0.1:$jaeger_query" curl -sf "http://127.0.0.1:$jaeger_query/api/services"
+ok "Jaeger ($jaeger_bin): OTLP/HTTP on 127.0.0.1:$jaeger_otlp, query API on 127.0.0.1:$jaeger_query"
+# --- end traces ----------------------------------------------------------
+
 # --- install -------------------------------------------------------------
 say "install: helm install, operator as the chart's ServiceAccount"
 if helm install bad "$chart" -n "$system_ns" --create-namespace --set gpusPerShard=many \
@@ -200,7 +235,8 @@ fi
 grep -q gpusPerShard "$work/bad-install.log" || fail "bad install: $(cat "$work/bad-install.log")"
 ok "helm install with a bad value fails, naming it"
 helm install "$release" "$chart" -n "$system_ns" --create-namespace \
-    --set workerImage.tag=e2e --set gpusPerShard=2 --wait --timeout 90s >"$work/install.log" 2>&1 ||
+    --set workerImage.tag=e2e --set gpusPerShard=2 --set tracing.otlpEndpoint="http://127.0.0.1:$jaeger_otlp" \
+    --wait --timeout 90s >"$work/install.log" 2>&1 ||
     { cat "$work/install.log"; fail "helm install"; }
 k get crd trainingruns.pipewright.dev >/dev/null || fail "helm install did not create the CRD"
 eventually 30 "the CRD is established" \
@@ -674,6 +710,13 @@ coordinator_pod_done() {
 }
 eventually 10 "the coordinator process exits 0 (its pod Succeeded)" coordinator_pod_done
 ok "the coordinator process exited 0"
+# --- traces: one step's trace holds every shard's spans under the --------
+# coordinator's `step N`; the operator's reconciles of the run are there.
+"$py" "$e2e/traces.py" --query "http://127.0.0.1:$jaeger_query" --run "$train" --stages 2 --replicas 2 \
+    --operator >"$work/jaeger/check.log" 2>&1 || fail "traces in Jaeger:
+$(cat "$work/jaeger/check.log")"
+ok "traces: $(tail -n 1 "$work/jaeger/check.log")"
+# --- end traces ----------------------------------------------------------
 [[ -n $training_at ]] || fail "the coordinator was never seen training past step 40"
 "$py" "$e2e/prometheus.py" check --prom "http://127.0.0.1:$prom_port" --dashboards "$chart/dashboards" \
     --namespace "$run_ns" --run "$train" --shards 4 --time "$training_at" >"$work/prometheus/check.log" 2>&1 ||

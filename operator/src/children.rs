@@ -101,6 +101,10 @@ pub struct Settings {
     /// GPUs each shard pod requests when the run does not say
     /// (`spec.placement.gpusPerWorker`); 0 runs shards on CPU.
     pub gpus_per_shard: u32,
+    /// Variables every pod gets as they are (the operator's own
+    /// `OTEL_EXPORTER_OTLP_*ENDPOINT`, so that its pods send spans where it
+    /// does).
+    pub pass_env: Vec<(String, String)>,
 }
 
 /// Why the children of a run cannot be computed.
@@ -599,7 +603,11 @@ impl<'a> Blueprint<'a> {
             name: name.to_owned(),
             image: Some(self.settings.image.clone()),
             args: Some(args),
-            env: Some(env),
+            env: Some(
+                env.into_iter()
+                    .chain(self.settings.pass_env.iter().map(|(k, v)| self::env(k, v)))
+                    .collect(),
+            ),
             ports: Some(ports),
             volume_mounts: Some(vec![VolumeMount {
                 name: "manifest".to_owned(),
@@ -1186,6 +1194,34 @@ mod tests {
         let blueprint = Blueprint::new(&cpu, &settings).expect("buildable");
         let spec = blueprint.shard_pod(0, 0, 0, &[]).spec.expect("spec");
         assert!(spec.containers[0].resources.is_none());
+    }
+
+    #[test]
+    fn pods_get_the_operators_collector_and_nothing_without_one() {
+        let run = run(2, 2);
+        let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://jaeger:4318");
+        let traced = Settings {
+            pass_env: vec![(endpoint.0.to_owned(), endpoint.1.to_owned())],
+            ..settings(0)
+        };
+        let children = Blueprint::new(&run, &traced)
+            .expect("buildable")
+            .children()
+            .expect("children");
+        let shard = Blueprint::new(&run, &traced)
+            .expect("buildable")
+            .shard_pod(1, 0, 0, &[]);
+        for pod in [&children.coordinator, &shard] {
+            assert_eq!(
+                env_of(pod).get(endpoint.0).map(String::as_str),
+                Some(endpoint.1)
+            );
+        }
+        let plain = settings(0);
+        let shard = Blueprint::new(&run, &plain)
+            .expect("buildable")
+            .shard_pod(1, 0, 0, &[]);
+        assert!(env_of(&shard).keys().all(|k| !k.starts_with("OTEL_")));
     }
 
     #[test]

@@ -52,6 +52,7 @@ pub fn settings(gpus: u32) -> Settings {
     Settings {
         image: "pipewright:test".to_owned(),
         gpus_per_shard: gpus,
+        pass_env: Vec::new(),
     }
 }
 

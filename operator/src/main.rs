@@ -86,6 +86,13 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The variables naming the OTLP collector; the operator's pods get them
+/// too.
+const OTLP_ENDPOINT_VARS: [&str; 2] = [
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+];
+
 /// Logs to stderr; spans also go to an OTLP collector (HTTP/protobuf) when
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces-specific variable) is set.
 fn init_tracing() -> anyhow::Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
@@ -94,12 +101,9 @@ fn init_tracing() -> anyhow::Result<Option<opentelemetry_sdk::trace::SdkTracerPr
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    let otlp = [
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-    ]
-    .iter()
-    .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));
+    let otlp = OTLP_ENDPOINT_VARS
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));
     if !otlp {
         tracing_subscriber::registry().with(filter).with(fmt).init();
         return Ok(None);
@@ -216,6 +220,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = Settings {
         image: args.image,
         gpus_per_shard: args.gpus_per_shard,
+        pass_env: OTLP_ENDPOINT_VARS
+            .iter()
+            .filter_map(|&k| {
+                let v = std::env::var(k).ok().filter(|v| !v.is_empty())?;
+                Some((k.to_owned(), v))
+            })
+            .collect(),
     };
     pipewright_operator::controller::run(
         client,

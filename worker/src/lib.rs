@@ -23,4 +23,5 @@ pub mod pipeline;
 pub mod plan;
 pub mod schedule;
 pub mod sync;
+pub mod telemetry;
 pub mod train;

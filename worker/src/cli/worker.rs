@@ -28,6 +28,7 @@ use crate::link::{RunId, RunKey};
 use crate::pipeline::{
     Auth, Peers, PipelineError, RingPeers, Route, Shard, StageState, StageWorker,
 };
+use crate::telemetry::{self, span};
 
 /// Environment variable holding the join token.
 pub const TOKEN_ENV: &str = "PIPEWRIGHT_JOIN_TOKEN";
@@ -665,6 +666,18 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
             );
             continue;
         }
+        // Restoring, handing over and linking belong to the trace of the
+        // epoch's first step.
+        let (stage, replica) = (shard.stage, shard.replica);
+        let setup = span!(
+            "epoch start",
+            stage,
+            replica,
+            epoch = w.epoch,
+            step = w.step + 1
+        );
+        telemetry::parent_on(&setup, w.traceparent.as_deref());
+        let setup = setup.entered();
         match restore(wk, &snapshot, &w, session) {
             Ok(true) => {}
             Ok(false) => continue,
@@ -727,19 +740,29 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
             .context("the coordinator's route does not fit this run")?;
         if let Err(e) = wk.link(peers, &auth) {
             tracing::warn!("epoch {}: linking failed: {e}", w.epoch);
+            telemetry::fail(&setup, e.to_string());
             report_failure(session, w.epoch, &e);
             wk.unlink();
             continue;
         }
+        drop(setup);
+        // The coordinator's span of the step to come: from the wiring for
+        // the epoch's first step, then from each barrier's answer.
+        let mut parent = w.traceparent.clone();
         while wk.steps_done() < steps {
             if session.epoch_seen.load(Ordering::Relaxed) > w.epoch {
                 break;
             }
+            let step = wk.steps_done() + 1;
+            let step_span = span!("shard step", stage, replica, step, epoch = w.epoch);
+            telemetry::parent_on(&step_span, parent.take().as_deref());
+            let _in_step = step_span.enter();
             let before = wk.state();
             match wk.train_step() {
                 Ok(s) => {
                     snapshot = Some(before);
                     let commitment = commit(session, wk, w.epoch, &s);
+                    let barrier_span = span!("barrier", stage, replica, step).entered();
                     let barrier = session.client.step(&StepDone {
                         worker: session.worker,
                         epoch: w.epoch,
@@ -754,15 +777,18 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
                         micro_batches: s.micro_batches,
                         commitment: Some(commitment),
                     });
-                    let barrier = match barrier {
+                    drop(barrier_span);
+                    let mut barrier = match barrier {
                         Ok(b) => b,
                         Err(ClientError::Unknown) => break,
                         Err(e) => return Err(e).context("at the step barrier"),
                     };
-                    if barrier.checkpoint
-                        && !write_checkpoint(session, wk, &snapshot, wk.steps_done())?
-                    {
-                        break;
+                    parent = barrier.traceparent.take();
+                    if barrier.checkpoint {
+                        let _s = span!("checkpoint upload", stage, replica, step).entered();
+                        if !write_checkpoint(session, wk, &snapshot, wk.steps_done())? {
+                            break;
+                        }
                     }
                     if let Some(route) = barrier.route {
                         wk.set_route(route)
@@ -783,6 +809,7 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
                         return Err(e).context(format!("step {}", wk.steps_done()));
                     }
                     tracing::warn!("step {} broke off: {e}", wk.steps_done());
+                    telemetry::fail(&step_span, e.to_string());
                     report_failure(session, w.epoch, &e);
                     break;
                 }

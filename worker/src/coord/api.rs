@@ -224,6 +224,11 @@ pub struct Wiring {
     /// and wait for the next epoch.
     #[serde(default)]
     pub lanes: Vec<usize>,
+    /// W3C `traceparent` of the coordinator's span for the epoch's first
+    /// step (`None` when traces are off); the worker parents its spans of
+    /// that step on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// `POST /v1/step`: a worker completed a step; the answer comes when every
@@ -274,6 +279,10 @@ pub struct Barrier {
     /// The route of the next step, under `routing: throughput`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route: Option<Route>,
+    /// W3C `traceparent` of the coordinator's span for the next step
+    /// (`None` when traces are off, or after the last step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// `POST /v1/heartbeat`: the worker is alive.

@@ -557,7 +557,12 @@ async fn wiring(
         return Reply::Text(400, "wiring needs ?worker=ID&after=EPOCH".into());
     };
     changing(shared, move |s| match s.poll(|c| c.wiring(worker, after)) {
-        Ok(Some(w)) => json(&w),
+        Ok(Some(mut w)) => {
+            if w.finished.is_none() && (w.lanes.is_empty() || w.lanes.contains(&w.shard.1)) {
+                w.traceparent = s.traces.wiring(w.epoch, w.step + 1);
+            }
+            json(&w)
+        }
         Ok(None) => Reply::Empty(204),
         Err(e) => coord_error(e),
     })
@@ -581,7 +586,15 @@ async fn step(State(shared): Coord, JsonBody(d): JsonBody<StepDone>) -> Reply {
         };
         lock(&s.coord).finish_without_checkpoint();
         match decided {
-            Ok(Some(b)) => json(&b),
+            Ok(Some(mut b)) => {
+                if b.proceed {
+                    b.traceparent = s.traces.barrier_passed(d.epoch, d.completed);
+                    if b.checkpoint {
+                        s.traces.checkpoint_ordered(d.completed);
+                    }
+                }
+                json(&b)
+            }
             Ok(None) => Reply::Empty(204),
             Err(e) => coord_error(e),
         }

@@ -115,6 +115,8 @@ pub(super) struct Shared {
     pub(super) metrics: Metrics,
     /// Registration challenges outstanding.
     pub(super) challenges: Challenges,
+    /// The run's step traces (when spans are exported).
+    pub(super) traces: crate::telemetry::StepTraces,
     state_file: StateFile,
 }
 
@@ -241,7 +243,10 @@ impl Shared {
             None => coord,
         };
         let state_file = StateFile::new(config.state_dir.clone());
+        let traces =
+            crate::telemetry::StepTraces::new(&config.manifest.metadata.name, spec.training.steps);
         Ok(Shared {
+            traces,
             coord: Mutex::new(coord),
             changed: Condvar::new(),
             config,
@@ -254,7 +259,16 @@ impl Shared {
 
     /// Persists the state when it changed and wakes every long poll.
     pub(super) fn after_change(&self) {
-        let p = lock(&self.coord).persisted();
+        let (p, epoch, committed, finished) = {
+            let c = lock(&self.coord);
+            (
+                c.persisted(),
+                c.epoch(),
+                c.committed(),
+                c.finished().is_some(),
+            )
+        };
+        self.traces.observe(epoch, committed, finished);
         self.state_file.save(p);
         self.changed.notify_all();
     }
@@ -295,6 +309,12 @@ impl Shared {
             meta.stage_layers = c.layout().stage_layers.clone();
         }
         let result = checkpoint::commit(&ctx.root, &meta, &ctx.tokenizer, ctx.keep);
+        match &result {
+            Ok(dir) => self
+                .traces
+                .checkpoint_done(step, Ok(&dir.to_string_lossy())),
+            Err(e) => self.traces.checkpoint_done(step, Err(&e.to_string())),
+        }
         let mut c = lock(&self.coord);
         match result {
             Ok(dir) => {

@@ -1114,6 +1114,7 @@ impl Coordinator {
             checkpoint,
             route: self.route.clone(),
             lanes,
+            traceparent: None,
         }))
     }
 
@@ -1132,6 +1133,7 @@ impl Coordinator {
             checkpoint: false,
             route: None,
             lanes: Vec::new(),
+            traceparent: None,
         }
     }
 
@@ -1384,6 +1386,7 @@ impl Coordinator {
             proceed: false,
             checkpoint: false,
             route: None,
+            traceparent: None,
         });
         if epoch != self.epoch || self.finished.is_some() {
             return stop;
@@ -1423,6 +1426,7 @@ impl Coordinator {
             proceed: true,
             checkpoint: self.checkpoint_order(i, completed),
             route: self.route.clone(),
+            traceparent: None,
         })
     }
 

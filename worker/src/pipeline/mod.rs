@@ -54,6 +54,7 @@ use crate::model::{partition, ModelConfig, Stage, StageError, StageInput, StageO
 use crate::optim::{grad_sq_sum, AdamW, OptimConfig};
 use crate::schedule::{ops, plan, validate, Op, ScheduleError};
 use crate::sync::{BucketedAllReduce, RingConfig, RingError, RingMember};
+use crate::telemetry::span;
 
 pub use route::Route;
 use wire::{decode_f32, decode_scalar, decode_targets, Inbox, Sender, TIE_SLOT};
@@ -947,20 +948,36 @@ impl StageWorker {
             .iter()
             .rposition(|op| matches!(op, Op::Backward { .. } | Op::BackwardWeight { .. }));
         let mut reducer = None;
+        // Spans of the step (recorded only when traces are exported): one
+        // per operation of the schedule, the all-reduce, the tied
+        // gradients, the norm and the update, in the caller's step span.
+        let (stage, replica) = (self.shard.stage, self.shard.replica);
+        let step_span = tracing::Span::current();
+        let mut allreduce = None;
         for (k, op) in order.into_iter().enumerate() {
             let overlap = Some(k) == last_weight;
+            if overlap && self.ring.is_some() {
+                // The all-reduce starts with the last weight half.
+                allreduce = Some(span!(parent: &step_span, "all-reduce", stage, replica));
+            }
             match op {
                 Op::Forward { mb } => {
+                    let _s = span!("forward", stage, replica, micro_batch = mb).entered();
                     if let Some(loss) = self.forward(step, mb as u64, scale)? {
                         loss_sum += loss as f64;
                     }
                 }
                 Op::Backward { mb } => {
+                    let _s = span!("backward", stage, replica, micro_batch = mb).entered();
                     self.backward_input(step, mb as u64)?;
                     reducer = self.backward_weight(mb as u64, overlap)?;
                 }
-                Op::BackwardInput { mb } => self.backward_input(step, mb as u64)?,
+                Op::BackwardInput { mb } => {
+                    let _s = span!("backward input", stage, replica, micro_batch = mb).entered();
+                    self.backward_input(step, mb as u64)?
+                }
                 Op::BackwardWeight { mb } => {
+                    let _s = span!("backward weight", stage, replica, micro_batch = mb).entered();
                     reducer = self.backward_weight(mb as u64, overlap)?.or(reducer);
                 }
             }
@@ -971,20 +988,32 @@ impl StageWorker {
                 "the step's order left micro-batches without a backward".into(),
             ));
         }
+        if allreduce.is_none() && self.ring.is_some() {
+            allreduce = Some(span!(parent: &step_span, "all-reduce", stage, replica));
+        }
         let loss = self.reduce_replicas(loss_sum, reducer)?;
+        drop(allreduce);
         if let Some(l) = loss {
             if !l.is_finite() {
                 return Err(PipelineError::Diverged { step, loss: l });
             }
         }
-        self.tie_gradients(step)?;
-        let grad_norm = self.global_norm(step)?;
+        if self.model.tied {
+            let _s = span!("tie gradients", stage, replica).entered();
+            self.tie_gradients(step)?;
+        }
+        let grad_norm = {
+            let _s = span!("global norm", stage, replica).entered();
+            self.global_norm(step)?
+        };
         let clip = self.optim.clip_factor(grad_norm);
         let lr = self.optim.lr_at(step);
         let t = Instant::now();
+        let update_span = span!("optimizer", stage, replica).entered();
         self.opt
             .step(&mut self.stage.params_mut(), &self.optim, lr, clip);
         self.stage.zero_grad();
+        drop(update_span);
         let update = t.elapsed();
         self.step += 1;
         Ok(WorkerStep {

@@ -235,6 +235,9 @@ mod tests {
             shards: Vec::new(),
             contributions: Vec::new(),
             refused_reports: 0,
+            recoveries: 0,
+            recovery_seconds_total: 0.0,
+            last_recovery_seconds: None,
         };
         let wire = serde_json::to_vec(&status).expect("json");
         let read: CoordinatorReport = serde_json::from_slice(&wire).expect("report");

@@ -157,6 +157,17 @@ pub struct Status {
     /// Reports refused (forged, replayed, unrouted work), all kinds.
     #[serde(default)]
     pub refused_reports: u64,
+    /// Recoveries from a lost shard finished so far. One starts when the
+    /// run leaves training because a shard was lost and ends when the
+    /// first step of the new epoch is committed.
+    #[serde(default)]
+    pub recoveries: u64,
+    /// Seconds those recoveries took, all together.
+    #[serde(default)]
+    pub recovery_seconds_total: f64,
+    /// Seconds the last recovery took.
+    #[serde(default)]
+    pub last_recovery_seconds: Option<f64>,
 }
 
 #[cfg(test)]

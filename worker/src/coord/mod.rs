@@ -4,7 +4,9 @@
 
 pub mod api;
 pub mod client;
+pub mod history;
 mod metrics;
+mod page;
 pub mod persist;
 mod routes;
 pub mod server;

@@ -69,6 +69,8 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", only(get(healthz)))
         .route("/status", only(get(status)))
         .route("/v1/ledger", only(get(ledger)))
+        .route("/v1/history", only(get(history)))
+        .route("/", only(get(super::page::page)))
         .route("/metrics", only(get(metrics)))
         .merge(api)
         .fallback(no_such_endpoint)
@@ -346,6 +348,18 @@ async fn status(State(shared): Coord) -> Reply {
     blocking(shared, |s| json(&lock(&s.coord).status(Instant::now()))).await
 }
 
+/// `GET /v1/history`: the run's recent steps and events as JSON (open
+/// like `/status`).
+async fn history(State(shared): Coord) -> Reply {
+    blocking(shared, |s| {
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        json(&lock(&s.coord).history(Instant::now(), unix_now))
+    })
+    .await
+}
+
 /// `GET /metrics`: Prometheus text.
 async fn metrics(State(shared): Coord) -> Reply {
     blocking(shared, |s| {
@@ -438,12 +452,15 @@ fn check_proof(shared: &Shared, r: &Register) -> Result<(), Reply> {
         ));
     };
     let refuse = |reason: &'static str, detail: String| {
-        let e = lock(&shared.coord).refuse(crate::ledger::Refusal {
-            worker: r.worker,
-            identity: Some(p.public_key.clone()),
-            reason,
-            detail,
-        });
+        let e = lock(&shared.coord).refuse(
+            crate::ledger::Refusal {
+                worker: r.worker,
+                identity: Some(p.public_key.clone()),
+                reason,
+                detail,
+            },
+            Instant::now(),
+        );
         coord_error(e)
     };
     if !shared.challenges.redeem(&p.nonce) {
@@ -497,15 +514,18 @@ fn check_step_signature(shared: &Shared, d: &StepDone) -> Result<(), Reply> {
     ) {
         return Ok(());
     }
-    let e = coord.refuse(crate::ledger::Refusal {
-        worker: Some(d.worker),
-        identity: Some(identity),
-        reason: "signature",
-        detail: format!(
-            "the report of step {} is not signed by worker {}'s identity",
-            d.completed, d.worker
-        ),
-    });
+    let e = coord.refuse(
+        crate::ledger::Refusal {
+            worker: Some(d.worker),
+            identity: Some(identity),
+            reason: "signature",
+            detail: format!(
+                "the report of step {} is not signed by worker {}'s identity",
+                d.completed, d.worker
+            ),
+        },
+        Instant::now(),
+    );
     Err(coord_error(e))
 }
 
@@ -584,7 +604,7 @@ async fn step(State(shared): Coord, JsonBody(d): JsonBody<StepDone>) -> Reply {
             Ok(None) => s.poll(|c| Ok(c.barrier(d.worker, d.epoch, d.completed, now()))),
             Err(e) => Err(e),
         };
-        lock(&s.coord).finish_without_checkpoint();
+        lock(&s.coord).finish_without_checkpoint(now());
         match decided {
             Ok(Some(mut b)) => {
                 if b.proceed {
@@ -1047,5 +1067,112 @@ pub(super) mod tests {
             text.contains(r#"pipewright_requests_total{path="/v1/register"} 1"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_run_page_and_the_history_are_open_and_the_page_loads_nothing_from_elsewhere() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = coordinator(dir.path());
+        let response = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(router(c.clone()).oneshot(request(Method::GET, "/", None, "")))
+            .expect("infallible");
+        assert_eq!(response.status(), StatusCode::OK);
+        let h = response.headers();
+        assert_eq!(h[header::CONTENT_TYPE], "text/html; charset=utf-8");
+        let policy = h[header::CONTENT_SECURITY_POLICY].to_str().expect("ascii");
+        assert!(policy.contains("default-src 'none'") && policy.contains("connect-src 'self'"));
+        let (_, page) = send(&c, request(Method::GET, "/", None, ""));
+        assert!(page.contains(r#"id="step""#), "{page}");
+        // Nothing from another origin, and no markup built from strings.
+        for banned in [
+            "https://",
+            " src=",
+            "stylesheet",
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+        ] {
+            assert!(!page.contains(banned), "the page holds {banned}");
+        }
+        let (code, text) = send(&c, request(Method::GET, "/v1/history", None, ""));
+        assert_eq!(code, StatusCode::OK, "{text}");
+        let h: super::super::history::HistoryView = serde_json::from_str(&text).expect("history");
+        assert!(h.steps.is_empty());
+        let (code, _) = send(&c, request(Method::POST, "/v1/history", Some(TOKEN), ""));
+        assert_eq!(code, StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn a_signed_step_report_of_step_zero_is_refused_with_400_and_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = coordinator(dir.path());
+        let id = crate::identity::Identity::from_secret([7; 32]);
+        let (code, text) = send(
+            &c,
+            request(
+                Method::POST,
+                "/v1/register",
+                Some(TOKEN),
+                &register_body(&c, 0, &id),
+            ),
+        );
+        assert_eq!(code, StatusCode::OK, "{text}");
+        let worker = serde_json::from_str::<Registered>(&text)
+            .expect("Registered")
+            .worker;
+        let (epoch, mbs) = {
+            let coord = lock(&c.coord);
+            (coord.epoch(), coord.routed_to(worker))
+        };
+        let signed = |completed: u64| {
+            let mut commitment = super::super::api::Commitment {
+                micro_batches: mbs
+                    .iter()
+                    .map(|&mb| super::super::api::MicroBatchCommit {
+                        mb,
+                        input: "ab".repeat(32),
+                        output: "cd".repeat(32),
+                        gradient: "ef".repeat(32),
+                    })
+                    .collect(),
+                signature: String::new(),
+            };
+            let claim = StepClaim {
+                run_id: &c.config.run_id,
+                worker,
+                epoch,
+                completed,
+                shard: (0, 0),
+                loss: None,
+                micro_batches: &mbs,
+                root: commitment.root(),
+            };
+            commitment.signature = id.sign(crate::identity::STEP_DOMAIN, &step_message(&claim));
+            serde_json::json!({
+                "worker": worker, "epoch": epoch, "completed": completed, "loss": null,
+                "grad_norm": 1.0, "seconds": 0.1, "busy_seconds": 0.05,
+                "micro_batches": mbs.len(), "commitment": commitment,
+            })
+            .to_string()
+        };
+        for completed in [0, u64::MAX] {
+            let (code, text) = send(
+                &c,
+                request(Method::POST, "/v1/step", Some(TOKEN), &signed(completed)),
+            );
+            assert_eq!(code, StatusCode::BAD_REQUEST, "{text}");
+            assert!(text.contains("completed must be 1 to"), "{text}");
+        }
+        let metrics = c
+            .metrics
+            .render(&lock(&c.coord).status(Instant::now()), &Default::default());
+        assert!(
+            metrics.contains("pipewright_rejected_requests_total 2"),
+            "{metrics}"
+        );
+        assert_eq!(lock(&c.coord).committed(), 0);
     }
 }

@@ -319,9 +319,12 @@ impl Shared {
         match result {
             Ok(dir) => {
                 tracing::info!("checkpoint {}", dir.display());
-                c.checkpoint_committed(step, dir.to_string_lossy().into_owned());
+                c.checkpoint_committed(step, dir.to_string_lossy().into_owned(), Instant::now());
             }
-            Err(e) => c.abort(format!("checkpoint of step {step} failed: {e}")),
+            Err(e) => c.abort(
+                format!("checkpoint of step {step} failed: {e}"),
+                Instant::now(),
+            ),
         }
     }
 }

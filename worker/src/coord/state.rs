@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 pub use pipewright_spec::coordinator::{Contribution, Phase, ShardStatus, StageStatus, Status};
 
 use super::api::{Barrier, Failure, Register, StateSource, StepDone, Wiring};
+use super::history::{quoted, EventKind, History, HistoryView};
 use crate::ledger::{CostModel, Entry, Ledger, Refusal, Session, StepBooking};
 use crate::pipeline::Route;
 
@@ -44,6 +45,12 @@ const ROUTE_SMOOTHING: f64 = 0.3;
 /// Fraction of a stage's busy time a new route must save to replace the
 /// current one.
 const REROUTE_GAIN: f64 = 0.1;
+
+/// Most seconds a step report may claim for a step (about 115 days).
+const MAX_REPORTED_SECONDS: f64 = 1e7;
+
+/// Most a step report may claim of a counter (link bytes, refused frames).
+const MAX_REPORTED_COUNT: u64 = 1 << 48;
 
 /// The shape of the run the coordinator drives.
 #[derive(Clone, Debug, PartialEq)]
@@ -205,6 +212,15 @@ pub struct Persisted {
     /// `shard_map`: a worker returning to its slot must prove the same.
     #[serde(default)]
     pub shard_identities: Vec<Option<String>>,
+    /// Recoveries from lost shards finished so far.
+    #[serde(default)]
+    pub recoveries: u64,
+    /// Seconds they took, all together.
+    #[serde(default)]
+    pub recovery_seconds_total: f64,
+    /// Seconds the last one took.
+    #[serde(default)]
+    pub last_recovery_seconds: Option<f64>,
 }
 
 /// The coordinator of one run.
@@ -247,6 +263,12 @@ pub struct Coordinator {
     refused: BTreeMap<String, u64>,
     /// The shares at a committed step.
     shares_cache: std::sync::Mutex<Option<(u64, Vec<crate::ledger::Share>)>>,
+    /// Recent steps and events, for the run page.
+    history: History,
+    /// Recoveries finished, their seconds in all, the last one's.
+    recoveries: (u64, f64, Option<f64>),
+    /// Since when the run has been recovering from a lost shard.
+    recovering_since: Option<Instant>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -315,6 +337,13 @@ impl Coordinator {
             ledger: None,
             refused: BTreeMap::new(),
             shares_cache: std::sync::Mutex::new(None),
+            history: History::default(),
+            recoveries: (
+                p.recoveries,
+                p.recovery_seconds_total,
+                p.last_recovery_seconds,
+            ),
+            recovering_since: None,
         }
     }
 
@@ -336,8 +365,22 @@ impl Coordinator {
 
     /// Counts (and records in the ledger) a refused report; returns the
     /// error to answer with.
-    pub fn refuse(&mut self, r: Refusal) -> CoordError {
+    pub fn refuse(&mut self, r: Refusal, now: Instant) -> CoordError {
         *self.refused.entry(r.reason.to_owned()).or_default() += 1;
+        let who = match (r.worker, &r.identity) {
+            (Some(w), Some(k)) => format!(
+                "worker {w} ({})",
+                quoted(&crate::identity::fingerprint_hex(k))
+            ),
+            (Some(w), None) => format!("worker {w}"),
+            (None, Some(k)) => quoted(&crate::identity::fingerprint_hex(k)),
+            (None, None) => "a peer".into(),
+        };
+        self.history.event(
+            EventKind::Refused,
+            format!("refused {who}: {} ({})", r.detail, r.reason),
+            now,
+        );
         tracing::warn!(
             "refused a report from worker {:?}: {} ({})",
             r.worker,
@@ -396,7 +439,16 @@ impl Coordinator {
                 .zip(&self.reserved_identity)
                 .map(|(s, r)| s.as_ref().map(|s| s.identity.clone()).or_else(|| r.clone()))
                 .collect(),
+            recoveries: self.recoveries.0,
+            recovery_seconds_total: self.recoveries.1,
+            last_recovery_seconds: self.recoveries.2,
         }
+    }
+
+    /// Recent steps and events, times in Unix seconds given that `now`
+    /// is `unix_now` (the caller reads the wall clock).
+    pub fn history(&self, now: Instant, unix_now: f64) -> HistoryView {
+        self.history.view(now, unix_now)
     }
 
     /// The run's layout.
@@ -495,21 +547,47 @@ impl Coordinator {
         }
     }
 
-    fn new_epoch(&mut self) {
+    fn new_epoch(&mut self, now: Instant) {
         self.epoch += 1;
         self.plan = None;
         self.suspect_since = None;
         if self.epoch > MAX_EPOCHS {
-            self.fail_run(format!(
-                "gave up after {MAX_EPOCHS} rewirings: the run keeps losing workers"
-            ));
+            self.fail_run(
+                format!("gave up after {MAX_EPOCHS} rewirings: the run keeps losing workers"),
+                now,
+            );
         }
     }
 
-    fn fail_run(&mut self, reason: String) {
+    fn fail_run(&mut self, reason: String, now: Instant) {
         if self.finished.is_none() {
+            self.history
+                .event(EventKind::Failed, format!("run failed: {reason}"), now);
             self.finished = Some((Phase::Failed, reason));
         }
+    }
+
+    /// The run succeeded (once).
+    fn succeed(&mut self, now: Instant) {
+        if self.finished.is_none() {
+            let reason = format!("{} steps trained", self.layout.steps);
+            self.history.event(
+                EventKind::Succeeded,
+                format!("run succeeded: {reason}"),
+                now,
+            );
+            self.finished = Some((Phase::Succeeded, reason));
+        }
+    }
+
+    /// How a worker is named in events: id, name and identity fingerprint
+    /// (the last two as the peer sent them, clipped).
+    fn who(worker: u64, name: &str, identity: &str) -> String {
+        format!(
+            "worker {worker} \"{}\" ({})",
+            quoted(name),
+            quoted(&crate::identity::fingerprint_hex(identity))
+        )
     }
 
     /// The vacancy a volunteer should fill: on the stage with the fewest
@@ -570,6 +648,12 @@ impl Coordinator {
                 "pipe_addr and ring_addr must be host:port".into(),
             ));
         }
+        if req.completed > self.layout.steps {
+            return Err(CoordError::Invalid(format!(
+                "a worker of a {}-step run cannot have completed {} steps",
+                self.layout.steps, req.completed
+            )));
+        }
         // The HTTP layer checked the proof; the key is the worker's name.
         let identity = match &req.identity {
             Some(p) if !p.public_key.is_empty() => p.public_key.clone(),
@@ -597,12 +681,15 @@ impl Coordinator {
                         .and_then(|i| self.reserved_identity[i].clone())
                 });
             if owner.is_some_and(|o| o != identity) {
-                return Err(self.refuse(Refusal {
-                    worker: Some(id),
-                    identity: Some(identity),
-                    reason: "identity",
-                    detail: format!("worker {id} belongs to another identity"),
-                }));
+                return Err(self.refuse(
+                    Refusal {
+                        worker: Some(id),
+                        identity: Some(identity),
+                        reason: "identity",
+                        detail: format!("worker {id} belongs to another identity"),
+                    },
+                    now,
+                ));
             }
         }
         // The same worker registering again (its answer was lost) keeps its slot.
@@ -646,6 +733,13 @@ impl Coordinator {
             None => self.best_vacancy(),
         };
         let Some(i) = target else {
+            if !self.standby.iter().any(|s| s.worker == id) {
+                self.history.event(
+                    EventKind::Standby,
+                    format!("{} waits as a standby", Self::who(id, &req.name, &identity)),
+                    now,
+                );
+            }
             self.standby.retain(|s| s.worker != id);
             self.standby.push(Standby {
                 worker: id,
@@ -654,11 +748,30 @@ impl Coordinator {
             });
             return Ok((id, None));
         };
-        self.fill(i, id, &req, now);
+        self.fill(i, id, &req, now, false);
         Ok((id, Some(self.shard_of(i))))
     }
 
-    fn fill(&mut self, i: usize, worker: u64, req: &Register, now: Instant) {
+    /// Puts `worker` in slot `i`; `standby`: a standby taking a vacancy.
+    fn fill(&mut self, i: usize, worker: u64, req: &Register, now: Instant, standby: bool) {
+        let (s, r) = self.shard_of(i);
+        let who = Self::who(
+            worker,
+            &req.name,
+            req.identity.as_ref().map_or("", |p| p.public_key.as_str()),
+        );
+        let (kind, text) = if standby {
+            (
+                EventKind::Reassigned,
+                format!("stage {s} replica {r} reassigned to standby {who}"),
+            )
+        } else {
+            (
+                EventKind::Registered,
+                format!("{who} registered for stage {s} replica {r}"),
+            )
+        };
+        self.history.event(kind, text, now);
         self.reserved[i] = None;
         self.reserved_identity[i] = None;
         let identity = req
@@ -703,7 +816,7 @@ impl Coordinator {
         if self.plan.as_ref().is_some_and(|p| p.epoch == self.epoch) {
             // The current plan went on without this slot's lane: rewire
             // with it.
-            self.new_epoch();
+            self.new_epoch(now);
         }
         self.make_plan(now);
     }
@@ -722,25 +835,59 @@ impl Coordinator {
         Ok(self.epoch)
     }
 
-    /// Vacates `worker`'s slot (its lease expired or its process exited)
-    /// and starts a new epoch; a standby takes the slot at once.
+    /// Vacates `worker`'s slot (its process exited) and starts a new
+    /// epoch; a standby takes the slot at once.
     pub fn lose(&mut self, worker: u64, now: Instant) -> bool {
+        self.vacate(worker, now, "its process exited")
+    }
+
+    /// Vacates `worker`'s slot for the reason `why`. Losing a shard while
+    /// the run trains starts a recovery, which ends when the first step of
+    /// a new epoch is committed.
+    fn vacate(&mut self, worker: u64, now: Instant, why: &str) -> bool {
         if let Some(i) = self.find(worker) {
-            self.slots[i] = None;
+            let training = matches!(self.phase().0, Phase::Training | Phase::Checkpointing);
+            if let Some(slot) = self.slots[i].take() {
+                let (s, r) = self.shard_of(i);
+                self.history.event(
+                    EventKind::Lost,
+                    format!(
+                        "{} lost from stage {s} replica {r}: {why}",
+                        Self::who(worker, &slot.name, &slot.identity)
+                    ),
+                    now,
+                );
+            }
             self.vacant_since[i] = Some(now);
             if self.finished.is_none() {
                 self.reassignments += 1;
             }
-            self.new_epoch();
+            if training && self.recovering_since.is_none() {
+                self.recovering_since = Some(now);
+                self.history.event(
+                    EventKind::Recovery,
+                    format!("recovery started at step {}", self.committed),
+                    now,
+                );
+            }
+            self.new_epoch(now);
             if !self.standby.is_empty() {
                 let sb = self.standby.remove(0);
-                self.fill(i, sb.worker, &sb.req, now);
+                self.fill(i, sb.worker, &sb.req, now, true);
             }
             true
         } else {
             let before = self.standby.len();
             self.standby.retain(|s| s.worker != worker);
-            before != self.standby.len()
+            let left = before != self.standby.len();
+            if left {
+                self.history.event(
+                    EventKind::Lost,
+                    format!("standby worker {worker} left: {why}"),
+                    now,
+                );
+            }
+            left
         }
     }
 
@@ -760,7 +907,7 @@ impl Coordinator {
             if let Some(i) = self.find(w) {
                 lost.push(self.shard_of(i));
             }
-            self.lose(w, now);
+            self.vacate(w, now, "its lease expired");
         }
         let lease = self.lease;
         self.standby
@@ -780,12 +927,12 @@ impl Coordinator {
             // Standbys may take the slots nobody came back for.
             while let (Some(i), false) = (self.best_vacancy(), self.standby.is_empty()) {
                 let sb = self.standby.remove(0);
-                self.fill(i, sb.worker, &sb.req, now);
+                self.fill(i, sb.worker, &sb.req, now, true);
             }
         }
         if let Some((epoch, since)) = self.suspect_since {
             if epoch == self.epoch && now.saturating_duration_since(since) > self.lease {
-                self.new_epoch();
+                self.new_epoch(now);
                 self.make_plan(now);
             }
         }
@@ -801,7 +948,7 @@ impl Coordinator {
             return Err(CoordError::UnknownWorker(f.worker));
         }
         if f.fatal {
-            self.fail_run(format!("worker {}: {}", f.worker, f.error));
+            self.fail_run(format!("worker {}: {}", f.worker, f.error), now);
         } else if f.epoch == self.epoch && self.suspect_since.is_none() {
             // A peer is probably dead; its lease will tell. If nobody is
             // lost within a lease the wiring is renewed anyway.
@@ -984,6 +1131,7 @@ impl Coordinator {
         }
         self.committed = step;
         self.losses.truncate(step as usize);
+        self.history.rewind(step);
         // Without some lanes, or back from that, the route must give work
         // to exactly the lanes that train.
         let fits = self.route.as_ref().is_none_or(|rt| {
@@ -997,6 +1145,22 @@ impl Coordinator {
         if (self.layout.routed && !fits) || lanes.len() < r {
             self.route = Some(self.route_over(&lanes));
         }
+        let text = match (lanes.len() < r, step) {
+            (true, _) => format!(
+                "epoch {}: {} of {r} lanes wired, training from step {step}",
+                self.epoch,
+                lanes.len()
+            ),
+            (false, 0) => format!(
+                "epoch {}: every shard wired, training from the start",
+                self.epoch
+            ),
+            (false, _) => format!(
+                "epoch {}: every shard wired, training from step {step}",
+                self.epoch
+            ),
+        };
+        self.history.event(EventKind::Epoch, text, now);
         self.plan = Some(Plan {
             epoch: self.epoch,
             step,
@@ -1172,12 +1336,13 @@ impl Coordinator {
     /// A worker completed a step. Returns the barrier's answer when it is
     /// decided (`None`: wait and ask [`Coordinator::barrier`] again).
     pub fn step_done(&mut self, d: &StepDone, now: Instant) -> Result<Option<Barrier>, CoordError> {
+        self.check_report(d)?;
         let Some(i) = self.find(d.worker) else {
             self.check_running()?;
             return Err(CoordError::UnknownWorker(d.worker));
         };
         if d.epoch == self.epoch {
-            self.check_commitment(i, d)?;
+            self.check_commitment(i, d, now)?;
             if let Some(s) = self.slots[i].as_mut() {
                 if let Some(c) = &d.commitment {
                     s.commits
@@ -1218,7 +1383,8 @@ impl Coordinator {
             self.started_training = true;
             if let Some(loss) = d.loss {
                 // Every last stage reports the same mean over all replicas.
-                let at = d.completed as usize - 1;
+                // (`check_report` made sure the step is at least 1.)
+                let at = (d.completed - 1) as usize;
                 if self.losses.len() == at {
                     self.losses.push(loss);
                 } else if at < self.losses.len() {
@@ -1227,6 +1393,48 @@ impl Coordinator {
             }
         }
         Ok(self.barrier(d.worker, d.epoch, d.completed, now))
+    }
+
+    /// Refuses a step report whose numbers do not fit the run: a step
+    /// outside `1..=steps`, seconds negative or absurd, counters past any
+    /// real value, a loss that is not a number. (The micro-batches it
+    /// claims are checked against the route by `check_commitment`.)
+    fn check_report(&self, d: &StepDone) -> Result<(), CoordError> {
+        let steps = self.layout.steps;
+        let bad = |what: String| {
+            Err(CoordError::Invalid(format!(
+                "malformed step report: {what}"
+            )))
+        };
+        if d.completed == 0 || d.completed > steps {
+            return bad(format!(
+                "completed must be 1 to {steps} (the run's steps), not {}",
+                d.completed
+            ));
+        }
+        for (name, v) in [
+            ("seconds", d.seconds),
+            ("busy_seconds", d.busy_seconds),
+            ("update_seconds", d.update_seconds),
+        ] {
+            if !(0.0..=MAX_REPORTED_SECONDS).contains(&v) {
+                return bad(format!(
+                    "{name} must be 0 to {MAX_REPORTED_SECONDS}, not {v}"
+                ));
+            }
+        }
+        for (name, v) in [
+            ("link_bytes", d.link_bytes),
+            ("rejected_frames", d.rejected_frames),
+        ] {
+            if v > MAX_REPORTED_COUNT {
+                return bad(format!("{name} {v} is past any real count"));
+            }
+        }
+        if d.loss.is_some_and(|l| !l.is_finite()) {
+            return bad("the loss is not a finite number".into());
+        }
+        Ok(())
     }
 
     /// The micro-batches the current route gives `worker` (none when it
@@ -1254,7 +1462,7 @@ impl Coordinator {
     /// Refuses a step report whose commitment is missing, out of order, or
     /// names micro-batches other than the ones the route gave the shard.
     /// (Its signature was checked by the HTTP layer.)
-    fn check_commitment(&mut self, i: usize, d: &StepDone) -> Result<(), CoordError> {
+    fn check_commitment(&mut self, i: usize, d: &StepDone, now: Instant) -> Result<(), CoordError> {
         let (stage, replica) = self.shard_of(i);
         let completed = self.slots[i].as_ref().map_or(0, |s| s.completed);
         // The same report sent again (its first answer was "wait") is
@@ -1306,12 +1514,15 @@ impl Coordinator {
             None => Ok(()),
             Some((reason, detail)) => {
                 let identity = self.slots[i].as_ref().map(|s| s.identity.clone());
-                Err(self.refuse(Refusal {
-                    worker: Some(d.worker),
-                    identity,
-                    reason,
-                    detail,
-                }))
+                Err(self.refuse(
+                    Refusal {
+                        worker: Some(d.worker),
+                        identity,
+                        reason,
+                        detail,
+                    },
+                    now,
+                ))
             }
         }
     }
@@ -1368,7 +1579,9 @@ impl Coordinator {
         StepBooking {
             step,
             epoch: self.epoch,
-            loss: self.losses.get(step as usize - 1).copied(),
+            loss: (step as usize)
+                .checked_sub(1)
+                .and_then(|at| self.losses.get(at).copied()),
             entries,
         }
     }
@@ -1405,7 +1618,7 @@ impl Coordinator {
             if self.ledger.is_some() {
                 let booking = self.booking(completed);
                 if let Some(Err(e)) = self.ledger.as_mut().map(|l| l.book(&booking)) {
-                    self.fail_run(format!("the ledger cannot book step {completed}: {e}"));
+                    self.fail_run(format!("the ledger cannot book step {completed}: {e}"), now);
                     return stop;
                 }
             }
@@ -1413,6 +1626,22 @@ impl Coordinator {
             self.barrier_times.push((completed, now));
             if self.barrier_times.len() > 20 {
                 self.barrier_times.remove(0);
+            }
+            let loss = self.losses.get((completed - 1) as usize).copied();
+            self.history
+                .step(completed, loss, self.tokens_per_second(), now);
+            if let Some(since) = self.recovering_since.take() {
+                let secs = now.saturating_duration_since(since).as_secs_f64();
+                let (n, total, _) = self.recoveries;
+                self.recoveries = (n + 1, total + secs, Some(secs));
+                self.history.event(
+                    EventKind::Recovered,
+                    format!(
+                        "recovered in {secs:.1} s: step {completed} committed in epoch {}",
+                        self.epoch
+                    ),
+                    now,
+                );
             }
             if self.is_checkpoint_step(completed) {
                 self.pending = Some(PendingCheckpoint {
@@ -1452,33 +1681,32 @@ impl Coordinator {
     }
 
     /// The checkpoint of `step` is committed at `dir`.
-    pub fn checkpoint_committed(&mut self, step: u64, dir: String) {
+    pub fn checkpoint_committed(&mut self, step: u64, dir: String, now: Instant) {
         if self.pending.as_ref().is_some_and(|p| p.step == step) {
             self.pending = None;
         }
+        self.history.event(
+            EventKind::Checkpoint,
+            format!("checkpoint of step {step} committed"),
+            now,
+        );
         self.checkpoint = Some((step, dir));
         if step == self.layout.steps && self.committed == step {
-            self.finished = Some((Phase::Succeeded, format!("{step} steps trained")));
+            self.succeed(now);
         }
     }
 
     /// Ends a run that has nothing to checkpoint once every slot completed
     /// the last step.
-    pub fn finish_without_checkpoint(&mut self) {
-        if self.checkpoint_root.is_none()
-            && self.finished.is_none()
-            && self.committed == self.layout.steps
-        {
-            self.finished = Some((
-                Phase::Succeeded,
-                format!("{} steps trained", self.layout.steps),
-            ));
+    pub fn finish_without_checkpoint(&mut self, now: Instant) {
+        if self.checkpoint_root.is_none() && self.committed == self.layout.steps {
+            self.succeed(now);
         }
     }
 
     /// Marks the run failed (e.g. a checkpoint could not be committed).
-    pub fn abort(&mut self, reason: String) {
-        self.fail_run(reason);
+    pub fn abort(&mut self, reason: String, now: Instant) {
+        self.fail_run(reason, now);
     }
 
     fn phase(&self) -> (Phase, String) {
@@ -1503,17 +1731,22 @@ impl Coordinator {
         (Phase::Training, String::new())
     }
 
-    /// The run's status.
-    pub fn status(&self, now: Instant) -> Status {
-        let (phase, reason) = self.phase();
-        let r = self.layout.replicas;
-        let tps = match (self.barrier_times.first(), self.barrier_times.last()) {
+    /// Training tokens per second over the last barriers passed.
+    fn tokens_per_second(&self) -> f64 {
+        match (self.barrier_times.first(), self.barrier_times.last()) {
             (Some(a), Some(b)) if b.0 > a.0 => {
                 let secs = b.1.saturating_duration_since(a.1).as_secs_f64();
                 (b.0 - a.0) as f64 * self.layout.tokens_per_step as f64 / secs.max(1e-9)
             }
             _ => 0.0,
-        };
+        }
+    }
+
+    /// The run's status.
+    pub fn status(&self, now: Instant) -> Status {
+        let (phase, reason) = self.phase();
+        let r = self.layout.replicas;
+        let tps = self.tokens_per_second();
         let stages = (0..self.layout.stages)
             .map(|s| {
                 let live: Vec<&Slot> = self.slots[s * r..(s + 1) * r].iter().flatten().collect();
@@ -1592,6 +1825,9 @@ impl Coordinator {
             shards,
             contributions: self.contributions(),
             refused_reports: self.refused.values().sum(),
+            recoveries: self.recoveries.0,
+            recovery_seconds_total: self.recoveries.1,
+            last_recovery_seconds: self.recoveries.2,
         }
     }
 

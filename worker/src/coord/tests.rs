@@ -228,13 +228,13 @@ fn checkpoints_are_written_by_one_replica_per_stage_and_end_the_run() {
     assert_eq!(c.status(now).phase, Phase::Checkpointing);
     assert_eq!(c.checkpoint_written(ids[0], 4), Ok(None));
     assert_eq!(c.checkpoint_written(ids[2], 4), Ok(Some(4)));
-    c.checkpoint_committed(4, "/ck/step-00000004".into());
+    c.checkpoint_committed(4, "/ck/step-00000004".into(), now);
     assert_eq!(c.status(now).checkpoint_step, Some(4));
     train(&mut c, &ids, epoch, 4, 10, now);
     assert_eq!(c.finished(), None, "the final checkpoint is still missing");
     c.checkpoint_written(ids[0], 10).expect("written");
     assert_eq!(c.checkpoint_written(ids[2], 10), Ok(Some(10)));
-    c.checkpoint_committed(10, "/ck/step-00000010".into());
+    c.checkpoint_committed(10, "/ck/step-00000010".into(), now);
     assert_eq!(c.status(now).phase, Phase::Succeeded);
     let w = c.wiring(ids[1], epoch).expect("ok").expect("the end");
     assert_eq!(w.finished.as_deref(), Some("Succeeded"));
@@ -325,7 +325,7 @@ fn a_stage_without_survivors_goes_back_to_the_last_checkpoint() {
     train(&mut c, &ids, e2, 0, 4, now);
     c.checkpoint_written(ids[0], 4).expect("written");
     c.checkpoint_written(ids[1], 4).expect("written");
-    c.checkpoint_committed(4, "/ck/step-00000004".into());
+    c.checkpoint_committed(4, "/ck/step-00000004".into(), now);
     train(&mut c, &ids, e2, 4, 6, now);
     c.lose(ids[0], now);
     c.register(reg(Some(0), Some(0), "m"), now)
@@ -668,4 +668,127 @@ fn a_lanes_run_waits_for_every_vacancy() {
     }
     c.expire(later);
     assert_eq!(c.wiring(ids[0], epoch).expect("ok"), None);
+}
+
+#[test]
+fn a_step_report_whose_numbers_do_not_fit_the_run_is_refused_not_a_panic() {
+    let now = Instant::now();
+    let mut c = coord(2, 1, false);
+    let ids = fill(&mut c, now);
+    let epoch = c.epoch();
+    let bad = |f: &dyn Fn(&mut StepDone)| {
+        let mut d = done(&c, ids[1], epoch, 1);
+        f(&mut d);
+        d
+    };
+    let reports = [
+        bad(&|d| d.completed = 0),
+        bad(&|d| d.completed = 11),
+        bad(&|d| d.completed = u64::MAX),
+        bad(&|d| d.seconds = -1.0),
+        bad(&|d| d.busy_seconds = f64::INFINITY),
+        bad(&|d| d.update_seconds = 1e300),
+        bad(&|d| d.link_bytes = u64::MAX),
+        bad(&|d| d.rejected_frames = u64::MAX),
+        bad(&|d| d.loss = Some(f32::INFINITY)),
+    ];
+    for d in &reports {
+        match c.step_done(d, now) {
+            Err(CoordError::Invalid(e)) => assert!(e.contains("malformed step report"), "{e}"),
+            other => panic!("{d:?} answered {other:?}"),
+        }
+    }
+    // Nothing of them was taken: the run is where it was.
+    assert_eq!((c.committed(), c.losses().len()), (0, 0));
+    assert_eq!(c.status(now).shards[1].completed, 0);
+    // A worker cannot register as further along than the run goes.
+    let mut r = reg(None, None, "far");
+    r.completed = u64::MAX;
+    assert!(matches!(c.register(r, now), Err(CoordError::Invalid(_))));
+    // The run goes on.
+    train(&mut c, &ids, epoch, 0, 2, now);
+    assert_eq!(c.committed(), 2);
+}
+
+#[test]
+fn a_recovery_is_timed_from_the_lost_shard_to_the_first_step_after_it() {
+    let t0 = Instant::now();
+    let mut c = coord(2, 2, false);
+    let ids = fill(&mut c, t0);
+    let e1 = c.epoch();
+    train(&mut c, &ids, e1, 0, 3, t0);
+    assert_eq!(c.status(t0).recoveries, 0);
+    let lost = t0 + Duration::from_secs(10);
+    assert!(c.lose(ids[3], lost));
+    let (new, _) = c
+        .register(reg(None, None, "new"), lost + Duration::from_secs(1))
+        .expect("volunteer");
+    let e2 = c.epoch();
+    let w = c.wiring(new, e1).expect("ok").expect("plan");
+    let ids = [ids[0], ids[1], ids[2], new];
+    // Not over until a step of the new epoch is committed.
+    assert_eq!(c.status(lost).recoveries, 0);
+    let back = lost + Duration::from_millis(4500);
+    train(&mut c, &ids, e2, w.step, w.step + 2, back);
+    let s = c.status(back);
+    assert_eq!(s.recoveries, 1);
+    assert_eq!(s.last_recovery_seconds, Some(4.5));
+    assert_eq!(s.recovery_seconds_total, 4.5);
+    // The counters survive a restart.
+    let again = Coordinator::new("t", c.layout().clone(), LEASE, None, Some(c.persisted()));
+    let s = again.status(back);
+    assert_eq!(
+        (
+            s.recoveries,
+            s.recovery_seconds_total,
+            s.last_recovery_seconds
+        ),
+        (1, 4.5, Some(4.5))
+    );
+    // A worker lost before the run trains starts no recovery.
+    let mut fresh = coord(2, 1, false);
+    let ids = fill(&mut fresh, t0);
+    fresh.lose(ids[0], t0);
+    fresh.register(reg(None, None, "x"), t0).expect("register");
+    let e = fresh.epoch();
+    let ids: Vec<u64> = fresh.workers().keys().copied().collect();
+    train(&mut fresh, &ids, e, 0, 1, t0);
+    assert_eq!(fresh.status(t0).recoveries, 0);
+}
+
+#[test]
+fn the_history_keeps_each_committed_step_and_what_happened_to_the_run() {
+    use super::history::EventKind as K;
+    let t0 = Instant::now();
+    let mut c = coord(2, 2, false);
+    let ids = fill(&mut c, t0);
+    let e1 = c.epoch();
+    train(&mut c, &ids, e1, 0, 5, t0);
+    // Step 6 is done by three; the fourth is lost: everyone resumes at 5.
+    for &id in &ids[..3] {
+        c.step_done(&done(&c, id, e1, 6), t0).expect("step");
+    }
+    c.lose(ids[3], t0);
+    c.register(reg(None, None, "new"), t0).expect("volunteer");
+    let h = c.history(t0, 1000.0);
+    let steps: Vec<u64> = h.steps.iter().map(|p| p.step).collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5]);
+    assert_eq!(h.steps[1].loss, Some(0.5));
+    assert!(h.steps.iter().all(|p| p.time == 1000.0));
+    let kinds: Vec<K> = h.events.iter().map(|e| e.kind).collect();
+    for k in [K::Registered, K::Lost, K::Recovery, K::Epoch] {
+        assert!(kinds.contains(&k), "{k:?} missing from {kinds:?}");
+    }
+    let lost = h.events.iter().find(|e| e.kind == K::Lost).expect("lost");
+    assert!(
+        lost.text.contains("\"w11\"") && lost.text.contains("stage 1 replica 1"),
+        "{}",
+        lost.text
+    );
+    // A refused report is an event too.
+    let mut d = done(&c, ids[0], c.epoch(), 1);
+    d.commitment = None;
+    assert!(c.step_done(&d, t0).is_err());
+    let h = c.history(t0, 0.0);
+    assert_eq!(h.events.last().map(|e| e.kind), Some(K::Refused));
 }

@@ -442,7 +442,39 @@ pub struct DataSpec {
     /// How text becomes token ids.
     #[serde(default)]
     pub tokenizer: TokenizerSpec,
+    /// How every file is read: `text` (each file one document), `jsonl`
+    /// (one JSON object per line, each a document) or `parquet` (each row
+    /// a document). Absent: chosen per file by its extension (`.jsonl` and
+    /// `.parquet`; anything else is text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DataFormat>,
+    /// The JSON Lines field or Parquet column that holds the text.
+    /// Absent: `text`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_field: Option<String>,
+    /// Directory where the tokenized corpus (token shards) and a tokenizer
+    /// trained on it are kept and reused. Absent: `.pipewright-cache`
+    /// beside the data (inside the first source when it is a directory,
+    /// else beside its first file), or the system's temporary directory
+    /// where that cannot be written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<String>,
 }
+
+/// Formats of corpus files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    /// UTF-8 text; each file is one document.
+    Text,
+    /// JSON Lines: one JSON object per line; the text is in `textField`.
+    Jsonl,
+    /// Apache Parquet: the text is the string column `textField`.
+    Parquet,
+}
+
+/// Default of `spec.data.textField`.
+pub const DEFAULT_TEXT_FIELD: &str = "text";
 
 fn default_validation_fraction() -> f64 {
     0.05

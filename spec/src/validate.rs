@@ -8,8 +8,8 @@
 
 use crate::error::FieldError;
 use crate::types::{
-    Codec, TaintEffect, TokenizerKind, Toleration, TolerationOperator, TrainingRun, API_VERSION,
-    DEFAULT_LOWRANK_DIVISOR, KIND,
+    Codec, DataFormat, TaintEffect, TokenizerKind, Toleration, TolerationOperator, TrainingRun,
+    API_VERSION, DEFAULT_LOWRANK_DIVISOR, KIND,
 };
 
 /// Smallest BPE vocabulary: the 256 byte tokens plus at least one merge.
@@ -256,6 +256,37 @@ pub static RULES: &[Rule] = &[
         check: |r| {
             let v = r.spec.data.validation_fraction;
             (!(v > 0.0 && v <= 0.5)).then(|| format!("must be in (0, 0.5], got {v}"))
+        },
+    },
+    Rule {
+        field: "spec.data.textField",
+        requirement: "must not be empty when set",
+        check: |r| {
+            let field = r.spec.data.text_field.as_deref()?;
+            field
+                .trim()
+                .is_empty()
+                .then(|| "is empty; name the JSON field or Parquet column holding the text, or leave textField out".to_owned())
+        },
+    },
+    Rule {
+        field: "spec.data.textField",
+        requirement: "does not apply to format text",
+        check: |r| {
+            let d = &r.spec.data;
+            (d.format == Some(DataFormat::Text) && d.text_field.is_some()).then(|| {
+                "must not be set with format text, whose files are documents as they are (only jsonl and parquet have fields)".to_owned()
+            })
+        },
+    },
+    Rule {
+        field: "spec.data.cacheDir",
+        requirement: "must not be empty when set",
+        check: |r| {
+            let dir = r.spec.data.cache_dir.as_deref()?;
+            dir.trim()
+                .is_empty()
+                .then(|| "is empty; name a directory or leave cacheDir out".to_owned())
         },
     },
     Rule {

@@ -10,7 +10,6 @@ use clap::Args;
 
 use crate::checkpoint::{self, hex, Meta};
 use crate::coord::server::{CheckpointContext, Config};
-use crate::data::{resolve_files, Corpus, Tokenizer};
 use crate::model::{partition, ModelConfig};
 use crate::train::run_dir;
 
@@ -66,9 +65,7 @@ pub fn config(
     lease: Duration,
 ) -> Result<Config> {
     let spec = &manifest.spec;
-    let files = resolve_files(&spec.data)?;
-    let tokenizer = Tokenizer::from_spec(&spec.data.tokenizer, &files)?;
-    let corpus = Corpus::load(&spec.data, &tokenizer)?;
+    let (tokenizer, corpus) = crate::data::prepare(&spec.data)?;
     corpus.check_seq_len(spec.model.seq_len)?;
     let model = ModelConfig::from_spec(&spec.model, tokenizer.vocab_size());
     let meta = Meta {

@@ -1,90 +1,93 @@
 //! The corpus: which files, how they split into training and validation
-//! text, and the token streams of both.
+//! text, and the token streams of both — tokenized once into a token shard
+//! on disk and read back through a memory map.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use pipewright_spec::DataSpec;
 use rayon::prelude::*;
 
+use super::cache::Prepared;
+use super::shard::{Fingerprint, Shard, Stats, Tokens, Writer};
+use super::split::{Plan, SideSink, TRAIN};
 use super::{DataError, Tokenizer};
 
 /// Texts are tokenized in pieces of about this many bytes, in parallel.
 const PIECE_BYTES: usize = 64 * 1024;
-/// Largest validation chunk cut out of a long file.
-const MAX_CHUNK_BYTES: usize = 64 * 1024;
-/// Smallest validation chunk, so tiny corpora are not cut into crumbs.
-const MIN_CHUNK_BYTES: usize = 32;
+/// Text gathered before a batch of pieces is tokenized.
+const BATCH_BYTES: usize = 8 << 20;
+/// Name of the cache directory beside the data; never read as corpus.
+pub(crate) const CACHE_DIR_NAME: &str = ".pipewright-cache";
 
 /// Training and validation token streams of a corpus, with the statistics
 /// that metrics and checkpoints need.
 ///
-/// Both streams are non-empty by construction.
+/// Both streams are non-empty by construction. A corpus loaded from files
+/// reads its ids from a memory-mapped token shard, so cloning it is cheap
+/// and its pages belong to the page cache, not to the process.
 #[derive(Clone, Debug)]
 pub struct Corpus {
     files: Vec<PathBuf>,
     skipped: Vec<PathBuf>,
-    train: Vec<u32>,
-    val: Vec<u32>,
+    store: Store,
     train_bytes: u64,
     val_bytes: u64,
     unigram_bits_per_byte: f64,
     fingerprint: [u8; 32],
 }
 
+#[derive(Clone, Debug)]
+enum Store {
+    Memory {
+        train: Arc<Vec<u32>>,
+        val: Arc<Vec<u32>>,
+    },
+    Shard(Shard),
+}
+
 impl Corpus {
     /// Reads the files that `spec` names (see [`resolve_files`]), holds out
     /// about `validationFraction` of the bytes for validation, and tokenizes
-    /// both parts.
+    /// both parts with `tokenizer` — or opens the token shard a previous
+    /// call wrote for the same files, settings and tokenizer (see
+    /// `docs/data.md`).
     ///
-    /// Each file is a document; documents are joined with a newline (one is
-    /// added only where a document does not already end with one). When
-    /// every file is small next to the validation share, whole files go to
-    /// validation; otherwise files are cut into chunks at line boundaries
-    /// and chunks go. Which ones is decided by the blake3 hash of their
-    /// content, so the split depends on neither the order of
+    /// Each document (a text file, a JSON Lines record, a Parquet row) is
+    /// joined to the previous one with a newline (one is added only where a
+    /// document does not already end with one). When every document is
+    /// small next to the validation share, whole documents go to
+    /// validation; otherwise documents are cut into chunks at line
+    /// boundaries and chunks go. Which ones is decided by the blake3 hash
+    /// of their content, so the split depends on neither the order of
     /// `data.sources` nor the order of files on disk, and identical texts
-    /// always land on the same side. Files that are not UTF-8 text (invalid
-    /// UTF-8 or NUL bytes) are skipped and listed in [`Corpus::skipped_files`].
+    /// always land on the same side. Text files that are not UTF-8 text
+    /// (invalid UTF-8 or NUL bytes) are skipped and listed in
+    /// [`Corpus::skipped_files`]. Files are streamed: memory does not grow
+    /// with the corpus.
     pub fn load(spec: &DataSpec, tokenizer: &Tokenizer) -> Result<Corpus, DataError> {
-        let fraction = spec.validation_fraction;
-        if !(fraction > 0.0 && fraction <= 0.5) {
-            return Err(DataError::InvalidField {
-                field: "data.validationFraction",
-                message: format!("{fraction} is outside (0, 0.5]"),
-            });
-        }
-        let paths = resolve_files(spec)?;
-        let texts = paths
-            .par_iter()
-            .map(|p| read_text(p))
-            .collect::<Result<Vec<_>, _>>()?;
+        Prepared::new(spec)?.corpus(tokenizer)
+    }
 
-        let mut files = Vec::new();
-        let mut skipped = Vec::new();
-        let mut documents = Vec::new();
-        for (path, text) in paths.into_iter().zip(texts) {
-            match text {
-                Some(text) => {
-                    files.push(path);
-                    if !text.is_empty() {
-                        documents.push(text);
-                    }
-                }
-                None => skipped.push(path),
-            }
+    /// The corpus of an open shard; `resolved` is the file list it was
+    /// built from.
+    pub(crate) fn from_shard(shard: Shard, resolved: &[PathBuf]) -> Corpus {
+        let skipped: HashSet<usize> = shard.skipped.iter().copied().collect();
+        let (files, skipped) = resolved
+            .iter()
+            .enumerate()
+            .partition::<Vec<_>, _>(|(i, _)| !skipped.contains(i));
+        let strip = |v: Vec<(usize, &PathBuf)>| v.into_iter().map(|(_, p)| p.clone()).collect();
+        Corpus {
+            files: strip(files),
+            skipped: strip(skipped),
+            train_bytes: shard.stats.train_bytes,
+            val_bytes: shard.stats.val_bytes,
+            unigram_bits_per_byte: shard.stats.unigram_bits_per_byte,
+            fingerprint: shard.stats.fingerprint,
+            store: Store::Shard(shard),
         }
-        if documents.is_empty() {
-            return Err(DataError::EmptyCorpus {
-                skipped: skipped.len(),
-            });
-        }
-        let (train_text, val_text) = split_documents(&documents, fraction)?;
-        drop(documents);
-        let mut corpus = Self::from_streams(&train_text, &val_text, tokenizer)?;
-        corpus.files = files;
-        corpus.skipped = skipped;
-        Ok(corpus)
     }
 
     /// A corpus from texts already split, for callers that hold text in
@@ -95,20 +98,21 @@ impl Corpus {
         val_text: &str,
         tokenizer: &Tokenizer,
     ) -> Result<Corpus, DataError> {
-        let train = Stream::whole(train_text);
-        let val = Stream::whole(val_text);
-        Self::from_streams(&train, &val, tokenizer)
-    }
-
-    fn from_streams(
-        train_text: &Stream,
-        val_text: &Stream,
-        tokenizer: &Tokenizer,
-    ) -> Result<Corpus, DataError> {
-        let (train, val) = rayon::join(
-            || encode_stream(tokenizer, train_text, PIECE_BYTES),
-            || encode_stream(tokenizer, val_text, PIECE_BYTES),
-        );
+        let encode = |text: &str| -> Result<Vec<u32>, DataError> {
+            let mut ids = Vec::new();
+            let mut enc = Encoder::new(tokenizer);
+            enc.doc_start();
+            enc.push(text, &mut |t| {
+                ids.extend_from_slice(t);
+                Ok(())
+            })?;
+            enc.finish(&mut |t| {
+                ids.extend_from_slice(t);
+                Ok(())
+            })?;
+            Ok(ids)
+        };
+        let (train, val) = rayon::join(|| encode(train_text), || encode(val_text));
         let (train, val) = (train?, val?);
         if train.is_empty() {
             return Err(DataError::EmptySplit { split: "training" });
@@ -118,27 +122,52 @@ impl Corpus {
                 split: "validation",
             });
         }
-        let fingerprint = fingerprint(&train, &val);
+        let mut fp = Fingerprint::new();
+        for stream in [&train, &val] {
+            fp.begin(stream.len() as u64);
+            fp.ids(stream);
+        }
+        let mut counts = [0u64; 256];
+        for &b in train_text.as_bytes() {
+            counts[b as usize] += 1;
+        }
         Ok(Corpus {
             files: Vec::new(),
             skipped: Vec::new(),
-            train_bytes: train_text.text.len() as u64,
-            val_bytes: val_text.text.len() as u64,
-            unigram_bits_per_byte: unigram_bits_per_byte(train_text.text.as_bytes()),
-            train,
-            val,
-            fingerprint,
+            train_bytes: train_text.len() as u64,
+            val_bytes: val_text.len() as u64,
+            unigram_bits_per_byte: unigram_bits_per_byte(&counts),
+            fingerprint: fp.finish(),
+            store: Store::Memory {
+                train: Arc::new(train),
+                val: Arc::new(val),
+            },
         })
     }
 
     /// Token stream of the training split.
-    pub fn train_tokens(&self) -> &[u32] {
-        &self.train
+    pub fn train_tokens(&self) -> Tokens<'_> {
+        match &self.store {
+            Store::Memory { train, .. } => Tokens::U32(train),
+            Store::Shard(s) => s.train(),
+        }
     }
 
     /// Token stream of the validation split.
-    pub fn val_tokens(&self) -> &[u32] {
-        &self.val
+    pub fn val_tokens(&self) -> Tokens<'_> {
+        match &self.store {
+            Store::Memory { val, .. } => Tokens::U32(val),
+            Store::Shard(s) => s.val(),
+        }
+    }
+
+    /// The token shard the streams are read from (none for a corpus made
+    /// from texts in memory).
+    pub fn shard_path(&self) -> Option<&Path> {
+        match &self.store {
+            Store::Memory { .. } => None,
+            Store::Shard(s) => Some(&s.path),
+        }
     }
 
     /// UTF-8 bytes of training text (the denominator of bits per byte).
@@ -151,7 +180,7 @@ impl Corpus {
         self.val_bytes
     }
 
-    /// The text files the corpus was read from, sorted.
+    /// The files the corpus was read from, sorted.
     pub fn files(&self) -> &[PathBuf] {
         &self.files
     }
@@ -180,17 +209,199 @@ impl Corpus {
     /// cyclically.
     pub fn check_seq_len(&self, seq_len: usize) -> Result<(), DataError> {
         let needed = seq_len.saturating_add(1);
-        for (stream, tokens) in [("training", &self.train), ("validation", &self.val)] {
-            if tokens.len() < needed {
+        for (stream, tokens) in [
+            ("training", self.train_tokens().len()),
+            ("validation", self.val_tokens().len()),
+        ] {
+            if tokens < needed {
                 return Err(DataError::StreamTooShort {
                     stream,
-                    tokens: tokens.len(),
+                    tokens,
                     needed,
                 });
             }
         }
         Ok(())
     }
+}
+
+/// Tokenizes the split of `plan` into a shard at `path`, streaming: each
+/// side's text passes through in bounded batches.
+pub(crate) fn build_shard(
+    plan: &Plan,
+    reading: &super::source::Reading,
+    tokenizer: &Tokenizer,
+    dir: &Path,
+    path: &Path,
+    key: &[u8; 32],
+) -> Result<(), DataError> {
+    let sink = TokenSink {
+        enc: [Encoder::new(tokenizer), Encoder::new(tokenizer)],
+        writer: Writer::new(dir, tokenizer.vocab_size())?,
+        bytes: [0, 0],
+        counts: Box::new([0; 256]),
+    };
+    let mut sink = super::split::Router::run(plan, reading, sink)?;
+    for side in 0..2 {
+        let writer = &mut sink.writer;
+        sink.enc[side].finish(&mut |ids| writer.push(side, ids))?;
+    }
+    if sink.writer.count(0) == 0 {
+        return Err(DataError::EmptySplit { split: "training" });
+    }
+    if sink.writer.count(1) == 0 {
+        return Err(DataError::EmptySplit {
+            split: "validation",
+        });
+    }
+    let mut stats = Stats {
+        vocab: 0,
+        train_tokens: 0,
+        val_tokens: 0,
+        train_bytes: sink.bytes[0],
+        val_bytes: sink.bytes[1],
+        unigram_bits_per_byte: unigram_bits_per_byte(&sink.counts),
+        fingerprint: [0; 32],
+    };
+    sink.writer.finish(path, key, &mut stats, &plan.skipped)
+}
+
+/// Both sides of the split on their way into a shard.
+struct TokenSink<'t> {
+    enc: [Encoder<'t>; 2],
+    writer: Writer,
+    bytes: [u64; 2],
+    counts: Box<[u64; 256]>,
+}
+
+impl SideSink for TokenSink<'_> {
+    fn doc_start(&mut self, side: usize) -> Result<(), DataError> {
+        self.enc[side].doc_start();
+        Ok(())
+    }
+    fn text(&mut self, side: usize, piece: &str) -> Result<(), DataError> {
+        self.bytes[side] += piece.len() as u64;
+        if side == TRAIN {
+            for &b in piece.as_bytes() {
+                self.counts[b as usize] += 1;
+            }
+        }
+        let writer = &mut self.writer;
+        self.enc[side].push(piece, &mut |ids| writer.push(side, ids))
+    }
+}
+
+/// Tokenizes one side's text as it streams by, in batches whose pieces are
+/// encoded in parallel. Cut points are chosen so that the ids equal those
+/// of encoding each document whole: at line starts for tokenizers that
+/// allow it (then ids equal those of encoding the whole side), else at
+/// document starts.
+struct Encoder<'t> {
+    tokenizer: &'t Tokenizer,
+    lines: bool,
+    buf: String,
+    /// Document starts inside `buf` (after its first byte).
+    doc_starts: Vec<usize>,
+    /// Length `buf` must reach before the next attempt to cut it.
+    next_try: usize,
+    /// Bytes between line cuts, and bytes gathered before a batch.
+    piece: usize,
+    batch: usize,
+}
+
+type Emit<'a> = dyn FnMut(&[u32]) -> Result<(), DataError> + 'a;
+
+impl<'t> Encoder<'t> {
+    fn new(tokenizer: &'t Tokenizer) -> Self {
+        Self::with_sizes(tokenizer, PIECE_BYTES, BATCH_BYTES)
+    }
+
+    fn with_sizes(tokenizer: &'t Tokenizer, piece: usize, batch: usize) -> Self {
+        Self {
+            tokenizer,
+            lines: tokenizer.splits_at_line_starts(),
+            buf: String::new(),
+            doc_starts: Vec::new(),
+            next_try: batch,
+            piece,
+            batch,
+        }
+    }
+
+    fn doc_start(&mut self) {
+        if !self.buf.is_empty() {
+            self.doc_starts.push(self.buf.len());
+        }
+    }
+
+    fn push(&mut self, piece: &str, emit: &mut Emit<'_>) -> Result<(), DataError> {
+        if let Tokenizer::Byte = self.tokenizer {
+            let ids: Vec<u32> = piece.bytes().map(u32::from).collect();
+            return emit(&ids);
+        }
+        self.buf.push_str(piece);
+        if self.buf.len() >= self.next_try {
+            self.encode_batch(false, emit)?;
+            self.next_try = (self.buf.len() + self.batch).max(2 * self.buf.len());
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, emit: &mut Emit<'_>) -> Result<(), DataError> {
+        self.encode_batch(true, emit)
+    }
+
+    /// Encodes the text up to the last cut point (all of it when `last`).
+    fn encode_batch(&mut self, last: bool, emit: &mut Emit<'_>) -> Result<(), DataError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let mut cuts = if self.lines {
+            line_start_cuts(self.buf.as_bytes(), self.piece)
+        } else {
+            std::mem::take(&mut self.doc_starts)
+        };
+        let end = if last {
+            cuts.push(self.buf.len());
+            self.buf.len()
+        } else {
+            match cuts.last() {
+                Some(&c) => c,
+                None => return Ok(()),
+            }
+        };
+        let bounds: Vec<(usize, usize)> = std::iter::once(0)
+            .chain(cuts.iter().copied())
+            .zip(cuts.iter().copied())
+            .filter(|(a, b)| a < b)
+            .collect();
+        let text = &self.buf;
+        let tokenizer = self.tokenizer;
+        let pieces = bounds
+            .par_iter()
+            .map(|&(a, b)| tokenizer.encode(&text[a..b]))
+            .collect::<Result<Vec<_>, _>>()?;
+        for ids in &pieces {
+            emit(ids)?;
+        }
+        self.buf.drain(..end);
+        self.doc_starts.clear();
+        self.next_try = self.batch;
+        Ok(())
+    }
+}
+
+/// −Σ p·log2 p over byte frequencies.
+fn unigram_bits_per_byte(counts: &[u64; 256]) -> f64 {
+    let n = counts.iter().sum::<u64>() as f64;
+    counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / n;
+            -p * p.log2()
+        })
+        .sum()
 }
 
 /// The files that `data.sources` and `data.exclude` select, sorted by path
@@ -232,7 +443,11 @@ pub fn resolve_files(spec: &DataSpec) -> Result<Vec<PathBuf>, DataError> {
             });
         }
         let before = files.len();
-        files.extend(matched.into_iter().filter(|p| !excluded(p)));
+        files.extend(
+            matched
+                .into_iter()
+                .filter(|p| !excluded(p) && !in_cache_dir(p)),
+        );
         if files.len() == before {
             return Err(DataError::SourceAllExcluded {
                 index,
@@ -254,6 +469,12 @@ pub fn resolve_files(spec: &DataSpec) -> Result<Vec<PathBuf>, DataError> {
         }
     }
     Ok(unique)
+}
+
+/// Whether `path` lies in a token cache directory (a glob may reach one).
+fn in_cache_dir(path: &Path) -> bool {
+    path.components()
+        .any(|c| c.as_os_str() == std::ffi::OsStr::new(CACHE_DIR_NAME))
 }
 
 /// The files one `data.sources` entry stands for (possibly none).
@@ -327,197 +548,6 @@ fn walk(
     Ok(())
 }
 
-/// Reads a file as text: `None` when it is not UTF-8 or holds NUL bytes
-/// (binary data that happens to decode, such as UTF-16 or index files).
-pub(crate) fn read_text(path: &Path) -> Result<Option<String>, DataError> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if bytes.contains(&0) {
-        return Ok(None);
-    }
-    Ok(String::from_utf8(bytes).ok())
-}
-
-/// A text with the offsets where its documents start: tokenizers that cannot
-/// be cut at line starts are run document by document.
-struct Stream {
-    text: String,
-    doc_starts: Vec<usize>,
-}
-
-impl Stream {
-    fn whole(text: &str) -> Self {
-        Self {
-            text: text.to_string(),
-            doc_starts: vec![0],
-        }
-    }
-}
-
-/// A byte range of one document that goes to one side of the split.
-#[derive(Clone, Copy)]
-struct Unit {
-    doc: usize,
-    start: usize,
-    end: usize,
-}
-
-/// Splits documents into (training, validation) text so that about
-/// `fraction` of the bytes land in validation.
-fn split_documents(documents: &[String], fraction: f64) -> Result<(Stream, Stream), DataError> {
-    let total: u64 = documents.iter().map(|d| d.len() as u64).sum();
-    let target = fraction * total as f64;
-    let largest = documents.iter().map(String::len).max().unwrap_or(0);
-    // Whole files keep validation text unseen in any form during training,
-    // but they can only hit the fraction when each is small next to it.
-    let units: Vec<Unit> = if largest as f64 <= target / 4.0 {
-        documents
-            .iter()
-            .enumerate()
-            .map(|(doc, d)| Unit {
-                doc,
-                start: 0,
-                end: d.len(),
-            })
-            .collect()
-    } else {
-        let chunk = ((target / 8.0) as usize).clamp(MIN_CHUNK_BYTES, MAX_CHUNK_BYTES);
-        documents
-            .iter()
-            .enumerate()
-            .flat_map(|(doc, d)| {
-                chunk_ranges(d, chunk)
-                    .into_iter()
-                    .map(move |(start, end)| Unit { doc, start, end })
-            })
-            .collect()
-    };
-
-    // Visit units in the order of their content hash and take each one that
-    // brings validation closer to the target. The hash order is a fixed
-    // pseudo-random order that ignores paths and file order.
-    let text = |u: &Unit| &documents[u.doc].as_bytes()[u.start..u.end];
-    let mut order: Vec<(u64, usize)> = units
-        .par_iter()
-        .enumerate()
-        .map(|(i, u)| (hash64(text(u)), i))
-        .collect();
-    order.sort_unstable();
-    let mut in_val = vec![false; units.len()];
-    let mut val_bytes = 0u64;
-    for &(_, i) in &order {
-        let len = (units[i].end - units[i].start) as u64;
-        if val_bytes as f64 + len as f64 / 2.0 <= target {
-            in_val[i] = true;
-            val_bytes += len;
-        }
-    }
-    if val_bytes == 0 || val_bytes == total {
-        return Err(DataError::CorpusTooSmall {
-            bytes: total,
-            fraction,
-        });
-    }
-
-    // Where the last unit appended to each side ended, to tell a chunk that
-    // continues its predecessor from the start of another document.
-    let mut last_end: [Option<(usize, usize)>; 2] = [None, None];
-    let mut streams = [
-        Stream {
-            text: String::with_capacity((total - val_bytes) as usize + units.len()),
-            doc_starts: Vec::new(),
-        },
-        Stream {
-            text: String::with_capacity(val_bytes as usize + units.len()),
-            doc_starts: Vec::new(),
-        },
-    ];
-    for (unit, &val) in units.iter().zip(&in_val) {
-        let side = usize::from(val);
-        let stream = &mut streams[side];
-        let continues = last_end[side] == Some((unit.doc, unit.start));
-        if !continues {
-            if !stream.text.is_empty() && !stream.text.ends_with('\n') {
-                stream.text.push('\n');
-            }
-            stream.doc_starts.push(stream.text.len());
-        }
-        stream
-            .text
-            .push_str(&documents[unit.doc][unit.start..unit.end]);
-        last_end[side] = Some((unit.doc, unit.end));
-    }
-    let [train, val] = streams;
-    Ok((train, val))
-}
-
-/// Cuts `text` into pieces of at least `chunk` bytes ending at a newline,
-/// or hard at a character boundary when a line runs past twice that.
-fn chunk_ranges(text: &str, chunk: usize) -> Vec<(usize, usize)> {
-    let bytes = text.as_bytes();
-    let mut ranges = Vec::new();
-    let mut start = 0;
-    while start < bytes.len() {
-        if bytes.len() - start <= chunk {
-            ranges.push((start, bytes.len()));
-            break;
-        }
-        let want = start + chunk;
-        let limit = (start + 2 * chunk).min(bytes.len());
-        let end = match bytes[want - 1..limit].iter().position(|&b| b == b'\n') {
-            Some(p) => want + p,
-            None if limit == bytes.len() => limit,
-            None => {
-                let mut e = want;
-                while !text.is_char_boundary(e) {
-                    e -= 1;
-                }
-                e
-            }
-        };
-        ranges.push((start, end));
-        start = end;
-    }
-    ranges
-}
-
-/// Tokenizes a stream. Cut points are chosen so that the ids equal those of
-/// encoding each document whole: at line starts for tokenizers that allow
-/// it (then ids equal those of encoding the whole stream), else at
-/// document starts.
-fn encode_stream(
-    tokenizer: &Tokenizer,
-    stream: &Stream,
-    piece_bytes: usize,
-) -> Result<Vec<u32>, DataError> {
-    if let Tokenizer::Byte = tokenizer {
-        return tokenizer.encode(&stream.text);
-    }
-    let text = &stream.text;
-    let cuts: Vec<usize> = if tokenizer.splits_at_line_starts() {
-        line_start_cuts(text.as_bytes(), piece_bytes)
-    } else {
-        stream
-            .doc_starts
-            .iter()
-            .copied()
-            .filter(|&c| c > 0)
-            .collect()
-    };
-    let bounds: Vec<(usize, usize)> = std::iter::once(0)
-        .chain(cuts.iter().copied())
-        .zip(cuts.iter().copied().chain(std::iter::once(text.len())))
-        .filter(|(a, b)| a < b)
-        .collect();
-    let pieces = bounds
-        .par_iter()
-        .map(|&(a, b)| tokenizer.encode(&text[a..b]))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(pieces.concat())
-}
-
 /// Offsets of `\n` bytes preceded by a printable ASCII character, at least
 /// `piece_bytes` apart: points where the GPT-2 split pattern always ends a
 /// pre-token, so cutting there changes no id.
@@ -541,61 +571,6 @@ fn line_start_cuts(bytes: &[u8], piece_bytes: usize) -> Vec<usize> {
     cuts
 }
 
-/// First 8 bytes of the blake3 hash, as an ordering key.
-fn hash64(bytes: &[u8]) -> u64 {
-    let hash = blake3::hash(bytes);
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&hash.as_bytes()[..8]);
-    u64::from_le_bytes(first)
-}
-
-/// −Σ p·log2 p over the byte frequencies of `bytes`.
-fn unigram_bits_per_byte(bytes: &[u8]) -> f64 {
-    let counts = bytes
-        .par_chunks(1 << 20)
-        .map(|chunk| {
-            let mut counts = [0u64; 256];
-            for &b in chunk {
-                counts[b as usize] += 1;
-            }
-            counts
-        })
-        .reduce(
-            || [0u64; 256],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(b) {
-                    *x += y;
-                }
-                a
-            },
-        );
-    let n = bytes.len() as f64;
-    counts
-        .iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| {
-            let p = c as f64 / n;
-            -p * p.log2()
-        })
-        .sum()
-}
-
-/// blake3 over both streams with their lengths, so that moving a token from
-/// one stream to the other changes it.
-fn fingerprint(train: &[u32], val: &[u32]) -> [u8; 32] {
-    let mut hasher = blake3::Hasher::new_derive_key("pipewright corpus token streams v1");
-    for stream in [train, val] {
-        hasher.update(&(stream.len() as u64).to_le_bytes());
-        let mut buf = Vec::with_capacity(4 * 4096);
-        for chunk in stream.chunks(4096) {
-            buf.clear();
-            buf.extend(chunk.iter().flat_map(|t| t.to_le_bytes()));
-            hasher.update(&buf);
-        }
-    }
-    *hasher.finalize().as_bytes()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -607,6 +582,9 @@ mod tests {
             exclude: exclude.iter().map(|s| s.to_string()).collect(),
             validation_fraction: fraction,
             tokenizer: TokenizerSpec::default(),
+            format: None,
+            text_field: None,
+            cache_dir: None,
         }
     }
 
@@ -710,7 +688,7 @@ mod tests {
         let text = prose(3, 50_000);
         write(&dir.path().join("f.txt"), &text);
         let c = Corpus::load(&spec(&[dir.path()], &[], 0.1), &Tokenizer::Byte).unwrap();
-        let train = Tokenizer::Byte.decode(c.train_tokens()).unwrap();
+        let train = Tokenizer::Byte.decode(&c.train_tokens().to_vec()).unwrap();
         let lines: HashSet<&str> = text.lines().collect();
         assert!(train.lines().all(|l| lines.contains(l)));
         // At most one newline is added per validation chunk.
@@ -857,7 +835,9 @@ mod tests {
             path: None,
             vocab_size: Some(320),
         };
-        let tok = Tokenizer::from_spec(&tok_spec, &files).unwrap();
+        let mut s = spec(&[dir.path()], &[], 0.1);
+        s.tokenizer = tok_spec;
+        let tok = Tokenizer::from_spec(&s).unwrap();
         let text = format!(
             "{}  trailing spaces  \n\n\n  indented\n\té tab\r\nwindows 日本\n{}",
             prose(9, 3000),
@@ -865,19 +845,37 @@ mod tests {
         );
         let cuts = line_start_cuts(text.as_bytes(), 40);
         assert!(cuts.len() > 50);
-        let stream = Stream::whole(&text);
-        assert_eq!(
-            encode_stream(&tok, &stream, 40).unwrap(),
-            tok.encode(&text).unwrap()
-        );
+        // Streamed in small pieces, cut in small batches: the same ids.
+        for (piece, step) in [(40, 7), (40, 1000), (1000, 13)] {
+            let mut enc = Encoder::with_sizes(&tok, piece, 300);
+            let mut ids = Vec::new();
+            let mut emit = |t: &[u32]| {
+                ids.extend_from_slice(t);
+                Ok(())
+            };
+            enc.doc_start();
+            let mut at = 0;
+            while at < text.len() {
+                let mut end = (at + step).min(text.len());
+                while !text.is_char_boundary(end) {
+                    end += 1;
+                }
+                enc.push(&text[at..end], &mut emit).unwrap();
+                at = end;
+            }
+            enc.finish(&mut emit).unwrap();
+            assert_eq!(
+                ids,
+                tok.encode(&text).unwrap(),
+                "piece {piece}, step {step}"
+            );
+        }
 
         // Loading with BPE keeps every byte: the streams decode to exactly
         // the counted bytes.
-        let mut s = spec(&[dir.path()], &[], 0.1);
-        s.tokenizer = tok_spec;
         let c = Corpus::load(&s, &tok).unwrap();
-        let train = tok.decode(c.train_tokens()).unwrap();
-        let val = tok.decode(c.val_tokens()).unwrap();
+        let train = tok.decode(&c.train_tokens().to_vec()).unwrap();
+        let val = tok.decode(&c.val_tokens().to_vec()).unwrap();
         assert_eq!(
             (train.len() as u64, val.len() as u64),
             (c.train_bytes(), c.val_bytes())

@@ -1,10 +1,13 @@
 //! Training data: the corpus, its tokenizer, and the sampler.
 //!
 //! Flow: [`resolve_files`] turns `data.sources` / `data.exclude` into a sorted
-//! file list; [`Tokenizer::from_spec`] builds the tokenizer (training a BPE on
-//! those files when asked); [`Corpus::load`] reads the files, holds out a
-//! validation split and tokenizes both sides; [`sample_train`] and
-//! [`val_batches`] cut batches out of the token streams.
+//! file list; [`prepare`] builds the tokenizer (training a BPE on the
+//! training split when asked) and the corpus: the files are read as
+//! documents (text, JSON Lines, Parquet), split into training and
+//! validation by content hashes, tokenized once into a token shard in the
+//! cache directory and read back through a memory map; [`sample_train`]
+//! and [`val_batches`] cut batches out of the token streams. The shard
+//! format and the cache are described in `docs/data.md`.
 //!
 //! Invariants the rest of the runtime relies on:
 //! - Everything here is deterministic. The file list is sorted, the split is
@@ -12,20 +15,41 @@
 //!   `(seed, step, micro_batch, replica, row)`, so any process — a stage-0
 //!   replica, a validator re-running a micro-batch, a restarted worker —
 //!   recomputes exactly the same batch from the same corpus.
+//! - Memory does not grow with the corpus: files are streamed while the
+//!   shard is built, and the shard is memory-mapped.
 //! - [`Corpus::fingerprint`] identifies the token streams, so a checkpoint
 //!   can tell whether it is being resumed on the same data.
 //! - [`Tokenizer::save`] writes a directory that Hugging Face `transformers`
 //!   loads and that encodes text to the same ids as [`Tokenizer::encode`].
 
+mod cache;
 mod corpus;
 mod sample;
+mod shard;
+mod source;
+mod split;
+#[cfg(test)]
+mod tests;
 mod tokenizer;
 
 use std::path::PathBuf;
 
 pub use corpus::{resolve_files, Corpus};
 pub use sample::{sample_train, val_batches, Batch};
+pub use shard::Tokens;
 pub use tokenizer::Tokenizer;
+
+/// The tokenizer and the corpus of `spec`: the tokenizer it asks for (a
+/// BPE to be trained is trained on the training split, once, and cached)
+/// and the corpus tokenized by it (from its cached token shard when there
+/// is one). Resolves the files and, when anything must be built, splits
+/// the corpus only once for both.
+pub fn prepare(spec: &pipewright_spec::DataSpec) -> Result<(Tokenizer, Corpus), DataError> {
+    let prepared = cache::Prepared::new(spec)?;
+    let tokenizer = prepared.tokenizer()?;
+    let corpus = prepared.corpus(&tokenizer)?;
+    Ok((tokenizer, corpus))
+}
 
 /// Everything that can go wrong while preparing training data.
 ///
@@ -133,6 +157,32 @@ pub enum DataError {
         tokens: usize,
         /// Tokens one window needs.
         needed: usize,
+    },
+    /// A record of a JSON Lines or Parquet file cannot be used.
+    #[error("{}: {at}: {message}", path.display())]
+    Record {
+        /// The file at fault.
+        path: PathBuf,
+        /// Where in it: `line N` (from 1) or `row N` (from 0).
+        at: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A corpus file cannot be read in its format.
+    #[error("{}: {message}", path.display())]
+    Format {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A token shard is unusable.
+    #[error("token shard {}: {message}", path.display())]
+    Shard {
+        /// The shard file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
     },
     /// A tokenizer configuration file could not be written or parsed.
     #[error("{}: {message}", path.display())]

@@ -5,7 +5,7 @@
 //! trains on a micro-batch, a validator re-running it, a worker that took
 //! over a dead one's shard — computes the identical batch.
 
-use super::Corpus;
+use super::{Corpus, Tokens};
 
 /// A batch of `rows` windows of `seq` tokens, row-major `[rows, seq]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,9 +32,16 @@ impl Batch {
 
     /// Appends the window of `seq + 1` tokens starting at `start`, read
     /// cyclically so a stream shorter than the window still yields one.
-    fn push_window(&mut self, stream: &[u32], start: usize) {
+    fn push_window(&mut self, stream: Tokens<'_>, start: usize) {
         let n = stream.len();
-        let at = |i: usize| stream[(start + i) % n];
+        if start + self.seq < n {
+            // The common case: a contiguous run, copied without a modulo.
+            let window = stream.slice(start..start + self.seq + 1);
+            self.tokens.extend_from_slice(&window[..self.seq]);
+            self.targets.extend_from_slice(&window[1..]);
+            return;
+        }
+        let at = |i: usize| stream.get((start + i) % n);
         self.tokens.extend((0..self.seq).map(at));
         self.targets.extend((1..=self.seq).map(at));
     }
@@ -163,7 +170,7 @@ mod tests {
     #[test]
     fn rows_are_contiguous_windows_and_targets_are_shifted_tokens() {
         let c = corpus();
-        let stream = c.train_tokens();
+        let stream = c.train_tokens().to_vec();
         let seq = 16;
         let batch = sample_train(&c, 1, 2, 3, 4, 8, seq);
         assert_eq!((batch.rows, batch.seq), (8, seq));
@@ -196,7 +203,7 @@ mod tests {
     #[test]
     fn validation_batches_are_fixed_spread_and_disjoint() {
         let c = corpus();
-        let stream = c.val_tokens();
+        let stream = c.val_tokens().to_vec();
         let seq = 31;
         let batches = val_batches(&c, 4, 5, seq);
         assert_eq!(batches, val_batches(&c, 4, 5, seq));

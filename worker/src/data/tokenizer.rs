@@ -1,16 +1,17 @@
 //! Tokenizers: one id per byte, or byte-level BPE through the `tokenizers`
 //! library (loaded from a `tokenizer.json` or trained on the corpus).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use pipewright_spec::{TokenizerKind, TokenizerSpec};
+use pipewright_spec::{DataSpec, TokenizerKind, TokenizerSpec};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::PreTokenizerWrapper;
 
-use super::corpus::read_text;
+use super::source::Reading;
+use super::split::{Plan, Router, SideSink, TRAIN};
 use super::DataError;
 
 /// File name of the tokenizer itself inside a saved tokenizer directory.
@@ -30,12 +31,35 @@ pub enum Tokenizer {
 }
 
 impl Tokenizer {
-    /// Builds the tokenizer that `spec` asks for.
-    ///
-    /// `corpus_files` are the files a BPE is trained on when `spec` gives a
-    /// `vocabSize` and no `path` (see [`super::resolve_files`]); files that
-    /// are not UTF-8 text are skipped, as the corpus does.
-    pub fn from_spec(spec: &TokenizerSpec, corpus_files: &[PathBuf]) -> Result<Self, DataError> {
+    /// Builds the tokenizer that `data.tokenizer` asks for. A BPE with a
+    /// `vocabSize` and no `path` is trained on the training split of the
+    /// corpus `data` names (validation text never shapes the vocabulary),
+    /// once: the result is kept in the corpus's cache directory and
+    /// reused by every later call (see `docs/data.md`).
+    pub fn from_spec(data: &DataSpec) -> Result<Self, DataError> {
+        match Self::untrained(&data.tokenizer)? {
+            Some(t) => Ok(t),
+            None => super::cache::Prepared::new(data)?.tokenizer(),
+        }
+    }
+
+    /// Number of ids of the tokenizer `spec` asks for, without touching
+    /// the corpus: 256 for bytes, `vocabSize` for a BPE to be trained (its
+    /// training refuses any other size), the file's own for a
+    /// `tokenizer.json`.
+    pub fn vocab_size_of(spec: &TokenizerSpec) -> Result<usize, DataError> {
+        match Self::untrained(spec)? {
+            Some(t) => Ok(t.vocab_size()),
+            None => spec.vocab_size.ok_or(DataError::InvalidField {
+                field: "data.tokenizer.vocabSize",
+                message: "a bpe tokenizer needs either path or vocabSize".into(),
+            }),
+        }
+    }
+
+    /// The tokenizer `spec` asks for when it needs no training (bytes, or
+    /// a `tokenizer.json`); `None` for a BPE to be trained on the corpus.
+    pub(crate) fn untrained(spec: &TokenizerSpec) -> Result<Option<Self>, DataError> {
         match spec.kind {
             TokenizerKind::Byte => {
                 if spec.path.is_some() {
@@ -55,7 +79,7 @@ impl Tokenizer {
                         });
                     }
                 }
-                Ok(Self::Byte)
+                Ok(Some(Self::Byte))
             }
             TokenizerKind::Bpe => match &spec.path {
                 Some(path) => {
@@ -72,7 +96,7 @@ impl Tokenizer {
                             });
                         }
                     }
-                    Ok(tokenizer)
+                    Ok(Some(tokenizer))
                 }
                 None => {
                     let vocab_size = spec.vocab_size.ok_or(DataError::InvalidField {
@@ -81,8 +105,58 @@ impl Tokenizer {
                                   vocabSize (to train one on the corpus)"
                             .into(),
                     })?;
-                    train_bpe(vocab_size, corpus_files).map(|t| Self::Bpe(Box::new(t)))
+                    check_bpe_size(vocab_size)?;
+                    Ok(None)
                 }
+            },
+        }
+    }
+
+    /// A BPE tokenizer from a `tokenizer.json` file.
+    pub(crate) fn from_json_file(path: &Path) -> Result<Self, DataError> {
+        Ok(Self::Bpe(Box::new(read_tokenizer_json(path)?)))
+    }
+
+    /// Writes the library's `tokenizer.json` of this tokenizer to `path`,
+    /// through a temporary file in `dir` renamed into place.
+    pub(crate) fn write_json_atomically(&self, dir: &Path, path: &Path) -> Result<(), DataError> {
+        let owned;
+        let library = match self {
+            Self::Byte => {
+                owned = byte_tokenizer_model()?;
+                &owned
+            }
+            Self::Bpe(t) => t.as_ref(),
+        };
+        let json = library
+            .to_string(false)
+            .map_err(|source| DataError::Tokenizer {
+                context: format!("serializing {}", path.display()),
+                source,
+            })?;
+        let io = |source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(dir)
+            .map_err(io)?;
+        std::io::Write::write_all(&mut tmp, json.as_bytes()).map_err(io)?;
+        tmp.as_file().sync_all().map_err(io)?;
+        tmp.persist(path).map_err(|e| io(e.error))?;
+        Ok(())
+    }
+
+    /// A name for what this tokenizer does: equal names encode alike.
+    pub(crate) fn identity(&self) -> String {
+        match self {
+            Self::Byte => "byte".into(),
+            Self::Bpe(t) => match t.to_string(false) {
+                Ok(json) => format!("bpe {}", blake3::hash(json.as_bytes()).to_hex()),
+                // Unserializable: a name no other tokenizer shares, so
+                // nothing cached for another is taken for it.
+                Err(_) => format!("bpe unserializable {:p}", t.as_ref()),
             },
         }
     }
@@ -320,8 +394,8 @@ fn transformers_config(t: &tokenizers::Tokenizer) -> serde_json::Value {
     config
 }
 
-/// Trains a byte-level BPE of exactly `vocab_size` ids on the text files.
-fn train_bpe(vocab_size: usize, files: &[PathBuf]) -> Result<tokenizers::Tokenizer, DataError> {
+/// A BPE vocabulary size is one the trainer can reach.
+fn check_bpe_size(vocab_size: usize) -> Result<(), DataError> {
     if vocab_size <= BYTE_VOCAB || u32::try_from(vocab_size).is_err() {
         return Err(DataError::InvalidField {
             field: "data.tokenizer.vocabSize",
@@ -331,18 +405,101 @@ fn train_bpe(vocab_size: usize, files: &[PathBuf]) -> Result<tokenizers::Tokeniz
             ),
         });
     }
-    let mut texts = Vec::with_capacity(files.len());
-    for path in files {
-        if let Some(text) = read_text(path)? {
-            texts.push(text);
+    Ok(())
+}
+
+/// Trains a BPE of `vocab_size` ids on the lines of the training side of
+/// `plan`, streamed from the files by a reader thread.
+pub(crate) fn train_on_split(
+    vocab_size: usize,
+    plan: &Plan,
+    reading: &Reading,
+) -> Result<Tokenizer, DataError> {
+    check_bpe_size(vocab_size)?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<String>>(8);
+    let (read, trained) = std::thread::scope(|scope| {
+        let reader = scope.spawn(move || {
+            let sink = TrainLines {
+                tx,
+                line: String::new(),
+                batch: Vec::new(),
+                batch_bytes: 0,
+            };
+            let mut sink = Router::run(plan, reading, sink)?;
+            sink.flush_line();
+            sink.send()
+        });
+        let trained = train_bpe(vocab_size, rx.into_iter().flatten());
+        let read = reader.join().unwrap_or_else(|_| {
+            Err(DataError::InvalidField {
+                field: "data.sources",
+                message: "the reader of the training text panicked".into(),
+            })
+        });
+        (read, trained)
+    });
+    read?;
+    Ok(Tokenizer::Bpe(Box::new(trained?)))
+}
+
+/// Lines of training text, sent in batches to the BPE trainer.
+struct TrainLines {
+    tx: std::sync::mpsc::SyncSender<Vec<String>>,
+    line: String,
+    batch: Vec<String>,
+    batch_bytes: usize,
+}
+
+impl TrainLines {
+    fn flush_line(&mut self) {
+        if !self.line.is_empty() {
+            self.batch_bytes += self.line.len();
+            self.batch.push(std::mem::take(&mut self.line));
         }
     }
-    if texts.iter().all(|t| t.is_empty()) {
-        return Err(DataError::EmptyCorpus {
-            skipped: files.len() - texts.len(),
-        });
-    }
 
+    fn send(&mut self) -> Result<(), DataError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.batch_bytes = 0;
+        // The trainer stopped reading: it failed, and says why itself.
+        let _ = self.tx.send(std::mem::take(&mut self.batch));
+        Ok(())
+    }
+}
+
+impl SideSink for TrainLines {
+    fn doc_start(&mut self, _side: usize) -> Result<(), DataError> {
+        Ok(())
+    }
+    fn text(&mut self, side: usize, piece: &str) -> Result<(), DataError> {
+        if side != TRAIN {
+            return Ok(());
+        }
+        for part in piece.split_inclusive('\n') {
+            self.line.push_str(part);
+            if part.ends_with('\n') {
+                self.flush_line();
+            }
+        }
+        if self.batch_bytes >= 1 << 20 {
+            self.send()?;
+        }
+        Ok(())
+    }
+}
+
+/// Trains a byte-level BPE of exactly `vocab_size` ids on `lines`.
+pub(crate) fn train_bpe<I>(vocab_size: usize, lines: I) -> Result<tokenizers::Tokenizer, DataError>
+where
+    I: Iterator<Item = String> + Send,
+{
+    check_bpe_size(vocab_size)?;
+    let mut lines = lines.peekable();
+    if lines.peek().is_none() {
+        return Err(DataError::EmptySplit { split: "training" });
+    }
     let mut tokenizer = tokenizers::Tokenizer::new(BPE::default());
     // No prefix space: encoding then never invents a character, so
     // decode(encode(text)) == text, and line-aligned pieces encode the same
@@ -357,7 +514,6 @@ fn train_bpe(vocab_size: usize, files: &[PathBuf]) -> Result<tokenizers::Tokeniz
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build()
         .into();
-    let lines = texts.iter().flat_map(|t| t.split_inclusive('\n'));
     tokenizer
         .train(&mut trainer, lines)
         .map_err(|source| DataError::Tokenizer {
@@ -382,11 +538,26 @@ fn train_bpe(vocab_size: usize, files: &[PathBuf]) -> Result<tokenizers::Tokeniz
 mod tests {
     use super::*;
 
+    use std::path::PathBuf;
+
     fn bpe_spec(vocab_size: usize) -> TokenizerSpec {
         TokenizerSpec {
             kind: TokenizerKind::Bpe,
             path: None,
             vocab_size: Some(vocab_size),
+        }
+    }
+
+    /// The data section of a corpus of `files` with tokenizer `t`.
+    fn data(files: &[PathBuf], t: TokenizerSpec) -> DataSpec {
+        DataSpec {
+            sources: files.iter().map(|p| p.display().to_string()).collect(),
+            exclude: Vec::new(),
+            validation_fraction: 0.05,
+            tokenizer: t,
+            format: None,
+            text_field: None,
+            cache_dir: None,
         }
     }
 
@@ -464,7 +635,7 @@ mod tests {
     fn trained_bpe_has_the_requested_size_roundtrips_and_is_reproducible() {
         let dir = tempfile::tempdir().unwrap();
         let files = write_corpus(dir.path());
-        let t = Tokenizer::from_spec(&bpe_spec(320), &files).unwrap();
+        let t = Tokenizer::from_spec(&data(&files, bpe_spec(320))).unwrap();
         assert_eq!(t.vocab_size(), 320);
         let text = "the pipeline stage sends a gradient backward\n";
         let ids = t.encode(text).unwrap();
@@ -478,7 +649,10 @@ mod tests {
         assert!(ids.iter().all(|&id| (id as usize) < 320));
         assert_eq!(t.decode(&ids).unwrap(), MIXED);
         // Training is deterministic, so every process builds the same ids.
-        let again = Tokenizer::from_spec(&bpe_spec(320), &files).unwrap();
+        let mut elsewhere = data(&files, bpe_spec(320));
+        let other_cache = tempfile::tempdir().unwrap();
+        elsewhere.cache_dir = Some(other_cache.path().display().to_string());
+        let again = Tokenizer::from_spec(&elsewhere).unwrap();
         assert_eq!(again.encode(MIXED).unwrap(), ids);
         assert!(t.splits_at_line_starts());
     }
@@ -487,7 +661,7 @@ mod tests {
     fn bpe_save_load_keeps_the_encoding() {
         let dir = tempfile::tempdir().unwrap();
         let files = write_corpus(dir.path());
-        let t = Tokenizer::from_spec(&bpe_spec(300), &files).unwrap();
+        let t = Tokenizer::from_spec(&data(&files, bpe_spec(300))).unwrap();
         let out = dir.path().join("tok");
         t.save(&out).unwrap();
         let back = Tokenizer::load(&out).unwrap();
@@ -505,7 +679,7 @@ mod tests {
             path: Some(out.join(TOKENIZER_FILE).display().to_string()),
             vocab_size: None,
         };
-        let from_path = Tokenizer::from_spec(&spec, &[]).unwrap();
+        let from_path = Tokenizer::from_spec(&data(&[], spec.clone())).unwrap();
         assert_eq!(from_path.encode(text).unwrap(), t.encode(text).unwrap());
     }
 
@@ -513,19 +687,19 @@ mod tests {
     fn bad_tokenizer_specs_name_the_field_or_file() {
         let dir = tempfile::tempdir().unwrap();
         let files = write_corpus(dir.path());
-        let err = Tokenizer::from_spec(&bpe_spec(200), &files).unwrap_err();
+        let err = Tokenizer::from_spec(&data(&files, bpe_spec(200))).unwrap_err();
         assert!(
             err.to_string().contains("data.tokenizer.vocabSize"),
             "{err}"
         );
-        let err = Tokenizer::from_spec(&bpe_spec(1_000_000), &files).unwrap_err();
+        let err = Tokenizer::from_spec(&data(&files, bpe_spec(1_000_000))).unwrap_err();
         assert!(err.to_string().contains("fewer than the 1000000"), "{err}");
         let no_size = TokenizerSpec {
             kind: TokenizerKind::Bpe,
             path: None,
             vocab_size: None,
         };
-        let err = Tokenizer::from_spec(&no_size, &files).unwrap_err();
+        let err = Tokenizer::from_spec(&data(&files, no_size.clone())).unwrap_err();
         assert!(
             err.to_string().contains("data.tokenizer.vocabSize"),
             "{err}"
@@ -535,7 +709,7 @@ mod tests {
             path: Some("/nonexistent/tok.json".into()),
             vocab_size: None,
         };
-        let err = Tokenizer::from_spec(&missing, &files).unwrap_err();
+        let err = Tokenizer::from_spec(&data(&files, missing.clone())).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/tok.json"), "{err}");
         let err = Tokenizer::load(dir.path()).unwrap_err();
         assert!(err.to_string().contains("tokenizer.json"), "{err}");
@@ -549,6 +723,6 @@ mod tests {
             path: None,
             vocab_size: Some(512),
         };
-        assert!(Tokenizer::from_spec(&byte_with_size, &[]).is_err());
+        assert!(Tokenizer::from_spec(&data(&[], byte_with_size.clone())).is_err());
     }
 }

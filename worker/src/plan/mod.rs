@@ -120,8 +120,7 @@ pub fn vocab(run: &TrainingRun) -> anyhow::Result<usize> {
         (TokenizerKind::Byte, _) => Ok(crate::data::Tokenizer::Byte.vocab_size()),
         (TokenizerKind::Bpe, Some(v)) => Ok(v),
         (TokenizerKind::Bpe, None) => {
-            let tok = crate::data::Tokenizer::from_spec(t, &[])?;
-            Ok(tok.vocab_size())
+            Ok(crate::data::Tokenizer::vocab_size_of(t)?)
         }
     }
 }

@@ -106,9 +106,7 @@ impl Trainer {
     /// corpus, and stages initialised from the seed.
     pub fn new(manifest: TrainingRun) -> Result<Self, TrainError> {
         let spec = &manifest.spec;
-        let files = crate::data::resolve_files(&spec.data)?;
-        let tokenizer = Tokenizer::from_spec(&spec.data.tokenizer, &files)?;
-        let corpus = Corpus::load(&spec.data, &tokenizer)?;
+        let (tokenizer, corpus) = crate::data::prepare(&spec.data)?;
         corpus.check_seq_len(spec.model.seq_len)?;
         let model = ModelConfig::from_spec(&spec.model, tokenizer.vocab_size());
         let n = spec.pipeline.stages;

@@ -386,16 +386,16 @@ impl StageWorker {
                 shard.stage, shard.replica
             )));
         }
-        let files = crate::data::resolve_files(&spec.data)?;
-        let tokenizer = Tokenizer::from_spec(&spec.data.tokenizer, &files)?;
-        let model = ModelConfig::from_spec(&spec.model, tokenizer.vocab_size());
-        let corpus = if shard.stage == 0 {
-            let c = Corpus::load(&spec.data, &tokenizer)?;
+        // Only the first stage reads the corpus (targets travel with the
+        // activations); the others need the vocabulary size alone.
+        let (vocab, corpus) = if shard.stage == 0 {
+            let (tokenizer, c) = crate::data::prepare(&spec.data)?;
             c.check_seq_len(spec.model.seq_len)?;
-            Some(c)
+            (tokenizer.vocab_size(), Some(c))
         } else {
-            None
+            (Tokenizer::vocab_size_of(&spec.data.tokenizer)?, None)
         };
+        let model = ModelConfig::from_spec(&spec.model, vocab);
         let codec = TensorWire::for_pipeline(&spec.pipeline);
         let seed = spec.training.seed;
         let micro_batches = spec.training.micro_batches;

@@ -64,6 +64,11 @@ pub const COORDINATOR_PORT: i32 = 7070;
 pub const LINK_PORT: i32 = 7071;
 /// Port a shard accepts its ring neighbour (same stage) on.
 pub const RING_PORT: i32 = 7072;
+/// Port the coordinator and every shard serve Prometheus metrics on, named
+/// `metrics` in their pods (what the chart's PodMonitor scrapes).
+pub const METRICS_PORT: i32 = 7073;
+/// Name of the metrics port in pods and the coordinator's Service.
+pub const METRICS_PORT_NAME: &str = "metrics";
 /// Directory the manifest ConfigMap is mounted at.
 pub const MANIFEST_DIR: &str = "/etc/pipewright";
 /// File name of the manifest inside [`MANIFEST_DIR`].
@@ -364,7 +369,10 @@ impl<'a> Blueprint<'a> {
             metadata: self.meta(coordinator_name(&self.name), self.labels(&[])),
             spec: Some(ServiceSpec {
                 selector: Some(self.labels(&[(LABEL_ROLE, ROLE_COORDINATOR.to_owned())])),
-                ports: Some(vec![service_port("coordinator", COORDINATOR_PORT)]),
+                ports: Some(vec![
+                    service_port("coordinator", COORDINATOR_PORT),
+                    service_port(METRICS_PORT_NAME, METRICS_PORT),
+                ]),
                 ..ServiceSpec::default()
             }),
             ..Service::default()
@@ -432,12 +440,17 @@ impl<'a> Blueprint<'a> {
                 COORDINATOR_STATE_DIR.to_owned(),
                 "--out".to_owned(),
                 RUN_DIR.to_owned(),
+                "--metrics-listen".to_owned(),
+                format!("0.0.0.0:{METRICS_PORT}"),
             ],
             vec![
                 self.secret_env(RUN_KEY_ENV, RUN_KEY_FIELD),
                 self.secret_env(JOIN_TOKEN_ENV, JOIN_TOKEN_FIELD),
             ],
-            vec![container_port("coordinator", COORDINATOR_PORT)],
+            vec![
+                container_port("coordinator", COORDINATOR_PORT),
+                container_port(METRICS_PORT_NAME, METRICS_PORT),
+            ],
         );
         container.readiness_probe = Some(Probe {
             http_get: Some(HTTPGetAction {
@@ -524,6 +537,7 @@ impl<'a> Blueprint<'a> {
                 env("PIPEWRIGHT_LISTEN", format!("0.0.0.0:{LINK_PORT}")),
                 env("PIPEWRIGHT_RING_LISTEN", format!("0.0.0.0:{RING_PORT}")),
                 env("PIPEWRIGHT_ADVERTISE", advertise),
+                env("PIPEWRIGHT_METRICS_LISTEN", format!("0.0.0.0:{METRICS_PORT}")),
                 // The name the ledger records beside the pod's identity.
                 pod_name_env("PIPEWRIGHT_NAME"),
                 self.secret_env(JOIN_TOKEN_ENV, JOIN_TOKEN_FIELD),
@@ -531,6 +545,7 @@ impl<'a> Blueprint<'a> {
             vec![
                 container_port("link", LINK_PORT),
                 container_port("ring", RING_PORT),
+                container_port(METRICS_PORT_NAME, METRICS_PORT),
             ],
         );
         let mut tolerations = Vec::new();
@@ -911,7 +926,9 @@ mod tests {
                 "--state",
                 "/var/lib/pipewright/state",
                 "--out",
-                "/var/lib/pipewright/run"
+                "/var/lib/pipewright/run",
+                "--metrics-listen",
+                "0.0.0.0:7073"
             ]
         );
         assert_eq!(

@@ -7,12 +7,14 @@
 //! training loop, `link` the binary frames between stages, `sync` the
 //! data-parallel gradient all-reduce, `identity` a worker's signing key,
 //! `ledger` the contribution ledger and reward shares, `plan` what a run needs of a machine,
-//! `cli` the `pipewright` commands.
+//! `shard` a shard worker's own metrics, `exposition` the `/metrics`
+//! listener, `cli` the `pipewright` commands.
 
 pub mod checkpoint;
 pub mod cli;
 pub mod coord;
 pub mod data;
+pub mod exposition;
 pub mod identity;
 pub mod kernels;
 pub mod ledger;
@@ -22,6 +24,7 @@ pub mod optim;
 pub mod pipeline;
 pub mod plan;
 pub mod schedule;
+pub mod shard;
 pub mod sync;
 pub mod telemetry;
 pub mod train;

@@ -40,6 +40,10 @@ pub struct CoordinatorArgs {
     /// Milliseconds without a heartbeat after which a worker is lost.
     #[arg(long, default_value_t = 2000)]
     pub lease_ms: u64,
+    /// Also serve the Prometheus metrics at `http://ADDR/metrics` (they are
+    /// on the API's address too).
+    #[arg(long, env = "PIPEWRIGHT_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
 }
 
 /// A fresh 32-byte secret as hex, from the OS's randomness.
@@ -153,6 +157,10 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         manifest.metadata.name,
         handle.addr()
     );
+    if let Some(listen) = &args.metrics_listen {
+        let addr = handle.serve_metrics(listen)?;
+        eprintln!("metrics: http://{addr}/metrics");
+    }
     let mut last = (u64::MAX, u64::MAX);
     loop {
         std::thread::sleep(Duration::from_millis(500));

@@ -25,6 +25,7 @@ use crate::coord::api::{
 use crate::coord::{Client, ClientError};
 use crate::kernels::Trans;
 use crate::link::{RunId, RunKey};
+use crate::shard::metrics::ShardMetrics;
 use crate::pipeline::{
     Auth, Peers, PipelineError, RingPeers, Route, Shard, StageState, StageWorker,
 };
@@ -83,6 +84,11 @@ pub struct WorkerArgs {
     /// `~/.config/pipewright/identity`.
     #[arg(long, env = "PIPEWRIGHT_IDENTITY")]
     pub identity: Option<PathBuf>,
+    /// Serve this worker's Prometheus metrics at `http://ADDR/metrics`
+    /// (steps, compute and idle seconds, micro-batches, link bytes, refused
+    /// frames).
+    #[arg(long, env = "PIPEWRIGHT_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Print a progress line with this worker's credit (set by `join`).
     #[arg(skip)]
     pub progress: bool,
@@ -134,6 +140,9 @@ pub struct JoinArgs {
     /// share, every few seconds).
     #[arg(long)]
     pub quiet: bool,
+    /// Serve this machine's Prometheus metrics at `http://ADDR/metrics`.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
 }
 
 /// Run `pipewright join`: a volunteer worker that takes the vacancy on the
@@ -153,6 +162,7 @@ pub fn join(args: JoinArgs) -> Result<()> {
         slowdown: 1.0,
         max_send_rate: args.max_send_rate,
         identity: args.identity,
+        metrics_listen: args.metrics_listen,
         progress: !args.quiet,
     };
     serve(w, &args.token)
@@ -236,6 +246,8 @@ struct Session {
     working: Arc<Mutex<u64>>,
     slowdown: f64,
     max_send_rate: Option<u64>,
+    /// This worker's own metrics (served with `--metrics-listen`).
+    metrics: Arc<ShardMetrics>,
 }
 
 impl Session {
@@ -368,6 +380,12 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
         identity.fingerprint(),
         identity_path.display()
     );
+    let metrics = Arc::new(ShardMetrics::new());
+    if let Some(listen) = &args.metrics_listen {
+        let m = metrics.clone();
+        let addr = crate::exposition::serve(listen, Arc::new(move || m.render()))?;
+        eprintln!("metrics: http://{addr}/metrics");
+    }
     let mut session = Session {
         client: client.clone(),
         identity,
@@ -395,6 +413,7 @@ fn serve(args: WorkerArgs, token: &str) -> Result<()> {
         working: Arc::new(Mutex::new(0)),
         slowdown: args.slowdown,
         max_send_rate,
+        metrics,
     };
     let shard = session.register(None)?;
     // The coordinator chose the stage: refused before any of it is built.
@@ -652,6 +671,12 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
             snapshot = None;
         }
         session.work_in(w.epoch);
+        session.metrics.hold(
+            shard.stage,
+            shard.replica,
+            &session.register.name,
+            &session.identity.fingerprint(),
+        );
         let Some(wk) = worker.as_mut() else {
             unreachable!("prepared above")
         };
@@ -760,6 +785,9 @@ fn train(session: &mut Session, pipe: TcpListener, ring: TcpListener) -> Result<
             let before = wk.state();
             match wk.train_step() {
                 Ok(s) => {
+                    session
+                        .metrics
+                        .record_step(w.shard, w.epoch, &s, wk.traffic());
                     snapshot = Some(before);
                     let commitment = commit(session, wk, w.epoch, &s);
                     let barrier_span = span!("barrier", stage, replica, step).entered();

@@ -1,5 +1,7 @@
 //! The coordinator's Prometheus metrics (prometheus-client): the run's
-//! progress, read from its status when scraped, and counts of API requests.
+//! progress and every shard's standing, read from its status when scraped,
+//! the ledger's contributions, and counts of API requests. Every metric is
+//! listed in `docs/metrics.md`.
 
 use std::sync::atomic::AtomicU64;
 
@@ -10,6 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use super::server::{lock, Shared};
 use super::state::{Phase, Status};
 
 type Labels = Vec<(String, String)>;
@@ -20,19 +23,41 @@ pub(super) struct Metrics {
     step: Gauge,
     loss: Gauge<f64, AtomicU64>,
     tokens_per_second: Gauge<f64, AtomicU64>,
+    steps: Gauge,
+    checkpoint_step: Gauge,
     epoch: Gauge,
-    reassignments: Gauge,
+    reassignments: Counter,
+    recoveries: Counter,
+    recovery_seconds: Counter<f64, AtomicU64>,
+    last_recovery: Gauge<f64, AtomicU64>,
     workers: Gauge,
+    standby: Gauge,
     phase: Family<Labels, Gauge>,
     bubble: Family<Labels, Gauge<f64, AtomicU64>>,
     requests: Family<Labels, Counter>,
     rejected: Counter,
-    rejected_frames: Gauge,
     shard_micro_batches: Family<Labels, Gauge>,
+    shard_live: Family<Labels, Gauge>,
+    heartbeat_age: Family<Labels, Gauge<f64, AtomicU64>>,
+    shard_step_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
+    seconds_per_micro_batch: Family<Labels, Gauge<f64, AtomicU64>>,
     reward_share: Family<Labels, Gauge<f64, AtomicU64>>,
     contribution_flops: Family<Labels, Counter<f64, AtomicU64>>,
     refused_reports: Family<Labels, Counter>,
 }
+
+/// Why a registration or step report is refused (the `reason` label of
+/// `pipewright_refused_reports_total`): a bad registration proof, an
+/// identity already holding a shard, no commitment, a step already
+/// reported, micro-batches the route did not give, fewer than it gave.
+const REFUSAL_REASONS: [&str; 6] = [
+    "signature",
+    "identity",
+    "unsigned",
+    "replayed",
+    "unrouted",
+    "incomplete",
+];
 
 /// What the ledger adds to a scrape.
 #[derive(Default)]
@@ -53,15 +78,24 @@ impl Metrics {
             step: Gauge::default(),
             loss: Gauge::default(),
             tokens_per_second: Gauge::default(),
+            steps: Gauge::default(),
+            checkpoint_step: Gauge::default(),
             epoch: Gauge::default(),
-            reassignments: Gauge::default(),
+            reassignments: Counter::default(),
+            recoveries: Counter::default(),
+            recovery_seconds: Counter::default(),
+            last_recovery: Gauge::default(),
             workers: Gauge::default(),
+            standby: Gauge::default(),
             phase: Family::default(),
             bubble: Family::default(),
             requests: Family::default(),
             rejected: Counter::default(),
-            rejected_frames: Gauge::default(),
             shard_micro_batches: Family::default(),
+            shard_live: Family::default(),
+            heartbeat_age: Family::default(),
+            shard_step_seconds: Family::default(),
+            seconds_per_micro_batch: Family::default(),
             reward_share: Family::default(),
             contribution_flops: Family::default(),
             refused_reports: Family::default(),
@@ -77,6 +111,12 @@ impl Metrics {
             "Training tokens per second over recent steps",
             m.tokens_per_second.clone(),
         );
+        registry.register("run_steps", "Steps the run trains for", m.steps.clone());
+        registry.register(
+            "checkpoint_step",
+            "Step of the last committed checkpoint (0: none yet)",
+            m.checkpoint_step.clone(),
+        );
         registry.register("epoch", "Wiring generation of the run", m.epoch.clone());
         registry.register(
             "reassignments",
@@ -84,9 +124,29 @@ impl Metrics {
             m.reassignments.clone(),
         );
         registry.register(
+            "recoveries",
+            "Recoveries from a lost shard: from the loss until the new epoch's first step committed",
+            m.recoveries.clone(),
+        );
+        registry.register(
+            "recovery_seconds",
+            "Seconds the run spent recovering from lost shards",
+            m.recovery_seconds.clone(),
+        );
+        registry.register(
+            "last_recovery_seconds",
+            "Seconds the last recovery took (NaN before the first)",
+            m.last_recovery.clone(),
+        );
+        registry.register(
             "workers_live",
             "Shards with a live worker",
             m.workers.clone(),
+        );
+        registry.register(
+            "standby_workers",
+            "Volunteers waiting for a vacancy",
+            m.standby.clone(),
         );
         registry.register("phase", "1 for the run's current phase", m.phase.clone());
         registry.register(
@@ -101,14 +161,29 @@ impl Metrics {
             m.rejected.clone(),
         );
         registry.register(
-            "rejected_frames",
-            "Frames the live workers' links refused (malformed, forged, wrong sender) in this epoch",
-            m.rejected_frames.clone(),
-        );
-        registry.register(
             "shard_micro_batches",
             "Micro-batches a shard ran in its last step (its share under routing: throughput)",
             m.shard_micro_batches.clone(),
+        );
+        registry.register(
+            "shard_live",
+            "1 while a shard has a live worker, 0 while it is vacant",
+            m.shard_live.clone(),
+        );
+        registry.register(
+            "shard_heartbeat_age_seconds",
+            "Seconds since a shard's worker was last heard from",
+            m.heartbeat_age.clone(),
+        );
+        registry.register(
+            "shard_last_step_seconds",
+            "Wall time of a shard's last step, as its worker reported it",
+            m.shard_step_seconds.clone(),
+        );
+        registry.register(
+            "shard_seconds_per_micro_batch",
+            "A shard's smoothed compute seconds per micro-batch, which routing weighs",
+            m.seconds_per_micro_batch.clone(),
         );
         registry.register(
             "reward_share",
@@ -125,6 +200,13 @@ impl Metrics {
             "Registrations and step reports refused (forged, replayed, unrouted, unsigned)",
             m.refused_reports.clone(),
         );
+        // Every reason shows as 0 until it happens, so a dashboard shows
+        // a zero rather than no data.
+        for reason in REFUSAL_REASONS {
+            m.refused_reports
+                .get_or_create(&vec![("reason".into(), reason.to_owned())])
+                .inc_by(0);
+        }
         Metrics { registry, ..m }
     }
 
@@ -173,14 +255,30 @@ impl Metrics {
             }
         }
         self.step.set(s.step as i64);
+        self.steps.set(s.steps as i64);
+        self.checkpoint_step
+            .set(s.checkpoint_step.unwrap_or(0) as i64);
         self.loss.set(s.loss.map_or(f64::NAN, f64::from));
         self.tokens_per_second.set(s.tokens_per_second);
         self.epoch.set(s.epoch as i64);
-        self.reassignments.set(s.reassignments as i64);
+        // The status holds the run's total, which survives a restart.
+        let more = s.reassignments.saturating_sub(self.reassignments.get());
+        if more > 0 {
+            self.reassignments.inc_by(more);
+        }
+        let more = s.recoveries.saturating_sub(self.recoveries.get());
+        if more > 0 {
+            self.recoveries.inc_by(more);
+        }
+        let more = s.recovery_seconds_total - self.recovery_seconds.get();
+        if more > 0.0 {
+            self.recovery_seconds.inc_by(more);
+        }
+        self.last_recovery
+            .set(s.last_recovery_seconds.unwrap_or(f64::NAN));
         self.workers
             .set(s.shards.iter().filter(|x| x.worker.is_some()).count() as i64);
-        self.rejected_frames
-            .set(s.shards.iter().map(|x| x.rejected_frames as i64).sum());
+        self.standby.set(s.standby as i64);
         for p in Phase::ALL {
             self.phase
                 .get_or_create(&vec![("phase".into(), p.name().to_owned())])
@@ -192,12 +290,36 @@ impl Metrics {
                 .set(st.bubble);
         }
         for sh in &s.shards {
+            let shard = vec![
+                ("stage".into(), sh.stage.to_string()),
+                ("replica".into(), sh.replica.to_string()),
+            ];
             self.shard_micro_batches
-                .get_or_create(&vec![
-                    ("stage".into(), sh.stage.to_string()),
-                    ("replica".into(), sh.replica.to_string()),
-                ])
+                .get_or_create(&shard)
                 .set(sh.micro_batches as i64);
+            self.shard_live
+                .get_or_create(&shard)
+                .set(i64::from(sh.worker.is_some()));
+            self.shard_step_seconds
+                .get_or_create(&shard)
+                .set(sh.step_seconds);
+            // A vacant shard has no heartbeat and no speed: no sample.
+            match sh.seconds_since_heartbeat {
+                Some(age) => {
+                    self.heartbeat_age.get_or_create(&shard).set(age);
+                }
+                None => {
+                    self.heartbeat_age.remove(&shard);
+                }
+            }
+            match sh.seconds_per_micro_batch {
+                Some(x) => {
+                    self.seconds_per_micro_batch.get_or_create(&shard).set(x);
+                }
+                None => {
+                    self.seconds_per_micro_batch.remove(&shard);
+                }
+            }
         }
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
@@ -205,6 +327,46 @@ impl Metrics {
         }
         out
     }
+}
+
+/// One scrape: the status now and the ledger's figures, rendered.
+pub(super) fn scrape(shared: &Shared) -> String {
+    let c = lock(&shared.coord);
+    let status = c.status(std::time::Instant::now());
+    let mut figures = LedgerFigures {
+        shares: status
+            .contributions
+            .iter()
+            .map(|x| (x.identity.clone(), x.share))
+            .collect(),
+        refused: c
+            .refused()
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect(),
+        ..Default::default()
+    };
+    if let Some(l) = c.ledger() {
+        match l.totals(1, u64::MAX) {
+            Ok(totals) => {
+                figures.flops = totals
+                    .iter()
+                    .map(|t| {
+                        (
+                            crate::identity::fingerprint_hex(&t.identity),
+                            t.forward_flops
+                                + t.input_grad_flops
+                                + t.weight_grad_flops
+                                + t.validation_flops,
+                        )
+                    })
+                    .collect()
+            }
+            Err(e) => tracing::error!("reading the ledger for metrics: {e}"),
+        }
+    }
+    drop(c);
+    shared.metrics.render(&status, &figures)
 }
 
 /// The `path` label of a request: the endpoint, without a stage number;

@@ -362,45 +362,7 @@ async fn history(State(shared): Coord) -> Reply {
 
 /// `GET /metrics`: Prometheus text.
 async fn metrics(State(shared): Coord) -> Reply {
-    blocking(shared, |s| {
-        let c = lock(&s.coord);
-        let status = c.status(Instant::now());
-        let mut figures = super::metrics::LedgerFigures {
-            shares: status
-                .contributions
-                .iter()
-                .map(|x| (x.identity.clone(), x.share))
-                .collect(),
-            refused: c
-                .refused()
-                .iter()
-                .map(|(k, v)| (k.to_string(), *v))
-                .collect(),
-            ..Default::default()
-        };
-        if let Some(l) = c.ledger() {
-            match l.totals(1, u64::MAX) {
-                Ok(totals) => {
-                    figures.flops = totals
-                        .iter()
-                        .map(|t| {
-                            (
-                                crate::identity::fingerprint_hex(&t.identity),
-                                t.forward_flops
-                                    + t.input_grad_flops
-                                    + t.weight_grad_flops
-                                    + t.validation_flops,
-                            )
-                        })
-                        .collect()
-                }
-                Err(e) => tracing::error!("reading the ledger for metrics: {e}"),
-            }
-        }
-        drop(c);
-        Reply::Text(200, s.metrics.render(&status, &figures))
-    })
-    .await
+    blocking(shared, |s| Reply::Text(200, super::metrics::scrape(s))).await
 }
 
 // ---- Worker endpoints (join token) ----

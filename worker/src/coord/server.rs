@@ -158,6 +158,16 @@ impl Handle {
         lock(&self.shared.coord).workers()
     }
 
+    /// Serves the coordinator's metrics on a listener of their own too
+    /// (`GET /metrics` at `listen`, besides the API's). Returns its address.
+    pub fn serve_metrics(&self, listen: &str) -> Result<SocketAddr> {
+        let shared = self.shared.clone();
+        crate::exposition::serve(
+            listen,
+            Arc::new(move || super::metrics::scrape(&shared)),
+        )
+    }
+
     /// Stops serving.
     pub fn shutdown(&self) {
         self.stop.notify_one();

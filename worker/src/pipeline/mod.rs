@@ -788,6 +788,23 @@ impl StageWorker {
             .sum()
     }
 
+    /// Traffic and refusals on the current links to neighbouring stages
+    /// (`.0`) and on the ring (`.1`), since they were made.
+    pub fn traffic(&self) -> (crate::link::Traffic, crate::link::Traffic) {
+        let mut pipe = crate::link::Traffic::default();
+        for i in self.inboxes() {
+            i.link.stats().add_to(&mut pipe);
+        }
+        let mut ring = crate::link::Traffic::default();
+        if let Some(r) = &self.ring {
+            let (a, b) = r.links();
+            for l in [a, b].into_iter().flatten() {
+                l.stats().add_to(&mut ring);
+            }
+        }
+        (pipe, ring)
+    }
+
     /// What this worker commits to for each micro-batch it ran in its last
     /// step, by micro-batch.
     pub fn step_hashes(&self) -> &std::collections::BTreeMap<u64, MicroBatchHashes> {

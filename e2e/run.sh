@@ -517,7 +517,7 @@ eventually 15 "$shards shard pods Running" count_pods "$sel" "$shards"
 
 if true; then
     curl -sf "http://127.0.0.1:${op_metrics[a]}/metrics" >"$work/metrics.txt" || fail "operator /metrics"
-    python3 - "$work/metrics.txt" "$chart/dashboards/pipewright.json" <<'EOF' || fail "operator metrics"
+    python3 - "$work/metrics.txt" "$chart/dashboards/pipewright-operator.json" <<'EOF' || fail "operator metrics"
 import json, re, sys
 text = open(sys.argv[1]).read()
 def value(name, labels=""):

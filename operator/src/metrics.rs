@@ -181,4 +181,28 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn every_metric_is_in_the_metrics_table() {
+        let doc = include_str!("../../docs/metrics.md");
+        let metrics = Metrics::new();
+        metrics.count_runs([&run(1, 1)]);
+        let text = metrics.render();
+        let mut families = 0;
+        for (name, kind) in text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_once(' '))
+        {
+            families += 1;
+            let row = if kind == "counter" {
+                format!("`{name}_total` | counter |")
+            } else {
+                format!("`{name}` | {kind} |")
+            };
+            assert!(doc.contains(&row), "docs/metrics.md lacks {row}");
+        }
+        assert_eq!(families, 5);
+    }
 }
+

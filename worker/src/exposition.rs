@@ -72,3 +72,21 @@ mod tests {
         assert!(err.to_string().contains("256.0.0.1:0"), "{err}");
     }
 }
+
+/// Every metric family in `text` (OpenMetrics, as rendered) that
+/// `docs/metrics.md` does not list with its name and type, as
+/// `name (type)`. Counters are listed with their `_total` samples' name.
+pub fn undocumented(text: &str, doc: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .filter_map(|(name, kind)| {
+            let shown = if kind == "counter" {
+                format!("`{name}_total` | counter |")
+            } else {
+                format!("`{name}` | {kind} |")
+            };
+            (!doc.contains(&shown)).then(|| format!("{name} ({kind})"))
+        })
+        .collect()
+}

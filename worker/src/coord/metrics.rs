@@ -394,3 +394,80 @@ fn endpoint_label(path: &str) -> String {
         "other".into()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_documented() {
+        use pipewright_spec::coordinator::{Contribution, ShardStatus, StageStatus};
+        let m = Metrics::new();
+        m.count("/status", StatusCode::OK);
+        let status = Status {
+            run: "r".into(),
+            phase: Phase::Training,
+            reason: String::new(),
+            step: 3,
+            steps: 10,
+            loss: Some(2.0),
+            tokens_per_second: 100.0,
+            epoch: 1,
+            reassignments: 1,
+            checkpoint_step: None,
+            standby: 0,
+            stages: vec![StageStatus {
+                stage: 0,
+                layers: [0, 2],
+                desired: 1,
+                ready: 1,
+                bubble: 0.1,
+            }],
+            shards: vec![ShardStatus {
+                stage: 0,
+                replica: 0,
+                worker: Some(1),
+                name: Some("w".into()),
+                address: None,
+                state: "live".into(),
+                completed: 3,
+                seconds_since_heartbeat: Some(0.2),
+                step_seconds: 1.0,
+                busy_seconds: 0.8,
+                mean_seconds: [1.0, 0.8, 0.1],
+                mean_link_bytes: 0.0,
+                rejected_frames: 0,
+                micro_batches: 4,
+                seconds_per_micro_batch: Some(0.2),
+                identity: Some("00".into()),
+            }],
+            contributions: vec![Contribution {
+                identity: "00".into(),
+                name: "w".into(),
+                flops: 1e9,
+                micro_batches: 12,
+                share: 1.0,
+            }],
+            refused_reports: 0,
+            recoveries: 1,
+            recovery_seconds_total: 2.5,
+            last_recovery_seconds: Some(2.5),
+        };
+        let figures = LedgerFigures {
+            flops: vec![("00".into(), 1e9)],
+            shares: vec![("00".into(), 1.0)],
+            refused: vec![],
+        };
+        let text = m.render(&status, &figures);
+        // Every family has a sample, so every family is listed below.
+        let families = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        assert_eq!(families, 24, "{text}");
+        assert!(text.contains("pipewright_recovery_seconds_total 2.5"), "{text}");
+        assert!(text.contains("pipewright_reassignments_total 1"), "{text}");
+        let doc = include_str!("../../../docs/metrics.md");
+        assert_eq!(
+            crate::exposition::undocumented(&text, doc),
+            Vec::<String>::new()
+        );
+    }
+}

@@ -334,4 +334,16 @@ mod tests {
         );
         assert!(text.contains("identity=\"00ff00ff00ff00ff\""));
     }
+
+    #[test]
+    fn every_metric_is_documented() {
+        let m = ShardMetrics::new();
+        m.hold(0, 0, "a", "00");
+        m.record_step((0, 0), 1, &step(1.0, 0.5, 0.1, 2), Default::default());
+        let doc = include_str!("../../../docs/metrics.md");
+        assert_eq!(
+            crate::exposition::undocumented(&m.render(), doc),
+            Vec::<String>::new()
+        );
+    }
 }

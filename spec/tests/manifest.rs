@@ -162,6 +162,9 @@ fn everything_set() -> TrainingRun {
                     path: None,
                     vocab_size: Some(8192),
                 },
+                format: Some(pipewright_spec::DataFormat::Jsonl),
+                text_field: Some("content".into()),
+                cache_dir: Some("/var/cache/pipewright".into()),
             },
             training: TrainingSpec {
                 steps: 5000,
@@ -648,4 +651,43 @@ fn non_finite_reward_weights_are_refused_built_in_code() {
             "spec.rewards.minParticipation",
         ]
     );
+}
+
+#[test]
+fn data_format_fields_parse_and_are_checked() {
+    let run = |data: &str| {
+        parse_manifest(&format!(
+            "
+apiVersion: pipewright.dev/v1alpha1
+kind: TrainingRun
+metadata: {{name: formats}}
+spec:
+  model: {{dim: 64, layers: 2, heads: 4, ffnDim: 128, seqLen: 32}}
+  data: {data}
+  training: {{steps: 10, microBatchSize: 2, learningRate: 0.001}}
+"
+        ))
+    };
+    let ok = run("{sources: [d.jsonl], format: jsonl, textField: body, cacheDir: /c}").unwrap();
+    assert_eq!(
+        ok.spec.data.format,
+        Some(pipewright_spec::DataFormat::Jsonl)
+    );
+    assert_eq!(ok.spec.data.text_field.as_deref(), Some("body"));
+    assert_eq!(ok.spec.data.cache_dir.as_deref(), Some("/c"));
+    for (data, field) in [
+        ("{sources: [a], textField: ' '}", "spec.data.textField"),
+        (
+            "{sources: [a], format: text, textField: body}",
+            "spec.data.textField",
+        ),
+        ("{sources: [a], cacheDir: ''}", "spec.data.cacheDir"),
+    ] {
+        let Err(SpecError::Invalid(problems)) = run(data) else {
+            panic!("{data} should be refused");
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, field);
+    }
+    assert!(run("{sources: [a], format: csv}").is_err());
 }

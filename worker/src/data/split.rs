@@ -434,8 +434,8 @@ mod tests {
                 0 => text.push('\n'),
                 1 => text.push('é'),
                 2 => text.push('日'),
-                3 => text.push_str("🦀"),
-                4 if x % 7 == 0 => text.push_str(&"z".repeat(300)),
+                3 => text.push('🦀'),
+                4 if x.is_multiple_of(7) => text.push_str(&"z".repeat(300)),
                 _ => text.push(char::from(b'a' + (x % 26) as u8)),
             }
         }

@@ -36,6 +36,7 @@ pub(super) struct Metrics {
     bubble: Family<Labels, Gauge<f64, AtomicU64>>,
     requests: Family<Labels, Counter>,
     rejected: Counter,
+    panics: Counter,
     shard_micro_batches: Family<Labels, Gauge>,
     shard_live: Family<Labels, Gauge>,
     heartbeat_age: Family<Labels, Gauge<f64, AtomicU64>>,
@@ -91,6 +92,7 @@ impl Metrics {
             bubble: Family::default(),
             requests: Family::default(),
             rejected: Counter::default(),
+            panics: Counter::default(),
             shard_micro_batches: Family::default(),
             shard_live: Family::default(),
             heartbeat_age: Family::default(),
@@ -161,6 +163,11 @@ impl Metrics {
             m.rejected.clone(),
         );
         registry.register(
+            "handler_panics",
+            "API request handlers that panicked (answered 500; the coordinator goes on)",
+            m.panics.clone(),
+        );
+        registry.register(
             "shard_micro_batches",
             "Micro-batches a shard ran in its last step (its share under routing: throughput)",
             m.shard_micro_batches.clone(),
@@ -225,6 +232,11 @@ impl Metrics {
         ) {
             self.rejected.inc();
         }
+    }
+
+    /// Counts one request handler that panicked.
+    pub(super) fn count_panic(&self) {
+        self.panics.inc();
     }
 
     /// The metrics in Prometheus' text format, with the gauges set from `s`.
@@ -461,7 +473,7 @@ mod tests {
         let text = m.render(&status, &figures);
         // Every family has a sample, so every family is listed below.
         let families = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(families, 24, "{text}");
+        assert_eq!(families, 25, "{text}");
         assert!(text.contains("pipewright_recovery_seconds_total 2.5"), "{text}");
         assert!(text.contains("pipewright_reassignments_total 1"), "{text}");
         let doc = include_str!("../../../docs/metrics.md");

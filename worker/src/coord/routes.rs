@@ -142,10 +142,17 @@ fn coord_error(e: CoordError) -> Reply {
 }
 
 /// Runs `f` on the blocking pool.
+/// A handler that panics answers 500 and is counted
+/// (`pipewright_handler_panics_total`); the server goes on.
 async fn blocking(shared: Arc<Shared>, f: impl FnOnce(&Shared) -> Reply + Send + 'static) -> Reply {
+    let mine = shared.clone();
     tokio::task::spawn_blocking(move || f(&shared))
         .await
-        .unwrap_or_else(|e| Reply::Text(500, format!("request handler failed: {e}")))
+        .unwrap_or_else(|e| {
+            mine.metrics.count_panic();
+            tracing::error!("a request handler failed: {e}");
+            Reply::Text(500, format!("request handler failed: {e}"))
+        })
 }
 
 /// Runs `f` on the blocking pool, then saves the state and wakes the long
@@ -782,6 +789,29 @@ pub(super) mod tests {
             })
             .expect("coordinator"),
         )
+    }
+
+    #[test]
+    fn a_panicking_handler_answers_500_is_counted_and_the_server_goes_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = coordinator(dir.path());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let reply = runtime.block_on(blocking(c.clone(), |s| {
+            // Poisons the state's lock on the way out, as a real bug would.
+            let _held = lock(&s.coord);
+            panic!("a bug in a handler")
+        }));
+        assert!(matches!(reply, Reply::Text(500, _)));
+        let (status, text) = send(&c, request(Method::GET, "/metrics", None, ""));
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            text.lines().any(|l| l == "pipewright_handler_panics_total 1"),
+            "{text}"
+        );
+        let (status, _) = send(&c, request(Method::GET, "/status", None, ""));
+        assert_eq!(status, StatusCode::OK);
     }
 
     /// Sends one request through the router: (status, body as text).

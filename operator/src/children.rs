@@ -1040,6 +1040,7 @@ mod tests {
             ("PIPEWRIGHT_LISTEN", "0.0.0.0:7071"),
             ("PIPEWRIGHT_RING_LISTEN", "0.0.0.0:7072"),
             ("PIPEWRIGHT_ADVERTISE", "demo-s1-r0-a2.demo-shards.ml.svc"),
+            ("PIPEWRIGHT_METRICS_LISTEN", "0.0.0.0:7073"),
             ("PIPEWRIGHT_NAME", ""),
             (JOIN_TOKEN_ENV, ""),
         ]);

@@ -52,7 +52,7 @@ use serde_json::{json, Value};
 
 use crate::children::{
     coordinator_name, coordinator_url, run_key_name, shard_pod_name, Blueprint, ChildrenError,
-    Settings, JOIN_TOKEN_FIELD, LABEL_ROLE, LABEL_RUN, ROLE_COORDINATOR, ROLE_SHARD,
+    Settings, GPU_RESOURCE, JOIN_TOKEN_FIELD, LABEL_ROLE, LABEL_RUN, ROLE_COORDINATOR, ROLE_SHARD,
 };
 use crate::coordinator::{CoordinatorProbe, CoordinatorReport};
 use crate::metrics::Metrics;
@@ -1347,7 +1347,23 @@ pub fn observed_status(
             Some(r) if !r.contributions.is_empty() => top_contributors(&r.contributions),
             _ => previous.contributions.clone(),
         },
+        gpus_per_shard: seen
+            .pods
+            .iter()
+            .find(|p| label(p, LABEL_ROLE) == Some(ROLE_SHARD))
+            .map(gpu_request)
+            .or(previous.gpus_per_shard),
     }
+}
+
+/// GPUs a pod's containers request (`nvidia.com/gpu`), 0 when none.
+fn gpu_request(pod: &Pod) -> u32 {
+    pod.spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .filter_map(|c| c.resources.as_ref()?.requests.as_ref()?.get(GPU_RESOURCE))
+        .filter_map(|q| q.0.parse::<u32>().ok())
+        .sum()
 }
 
 /// Status of a suspended run: no pods, everything else kept. The

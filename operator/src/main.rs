@@ -40,8 +40,9 @@ struct RunArgs {
     #[arg(long, env = "PIPEWRIGHT_IMAGE")]
     image: String,
     /// GPUs each shard pod requests when a run does not set
-    /// spec.placement.gpusPerWorker (0: shards run on CPU).
-    #[arg(long, env = "PIPEWRIGHT_GPUS_PER_SHARD", default_value_t = 1)]
+    /// spec.placement.gpusPerWorker (0, the default: shards run on CPU, as
+    /// shard workers do today).
+    #[arg(long, env = "PIPEWRIGHT_GPUS_PER_SHARD", default_value_t = 0)]
     gpus_per_shard: u32,
     /// Reconcile only while holding a coordination.k8s.io Lease, so that of
     /// several replicas exactly one acts.

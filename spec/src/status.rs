@@ -69,6 +69,10 @@ pub struct TrainingRunStatus {
     /// ledger (`pipewright ledger` lists them all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub contributions: Vec<ContributorStatus>,
+    /// GPUs (`nvidia.com/gpu`) each shard pod requests, read from the shard
+    /// pods (0: they run on CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus_per_shard: Option<u32>,
 }
 
 /// One contributor in `status.contributions`.

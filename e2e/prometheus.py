@@ -193,10 +193,11 @@ def cmd_targets(args):
     while True:
         try:
             write_targets(args, mons)
-        except subprocess.CalledProcessError as e:
+        except (subprocess.CalledProcessError, SystemExit) as e:
             if not args.loop:
                 raise
-            print(f"kubectl failed: {e.stderr}", file=sys.stderr)
+            # Logged and tried again: the check then names what is missing.
+            print(f"targets: {getattr(e, 'stderr', None) or e}", file=sys.stderr, flush=True)
         if not args.loop:
             return
         time.sleep(1)
@@ -225,6 +226,11 @@ def api(prom, path, **params):
     return body["data"]
 
 
+def regex_quote(text):
+    """`text` as a literal in a PromQL regex (PromQL strings know no `\-`)."""
+    return re.sub(r"([.+*?()\[\]{}|^$\\])", r"\\\\\1", text)
+
+
 def substitute(expr, variables):
     for name, value in variables.items():
         expr = expr.replace("${" + name + "}", value).replace("$" + name, value)
@@ -236,8 +242,8 @@ def cmd_check(args):
     variables = {
         "__rate_interval": "20s",
         "__interval": "5s",
-        "namespace": re.escape(args.namespace),
-        "run": re.escape(args.run),
+        "namespace": regex_quote(args.namespace),
+        "run": regex_quote(args.run),
     }
     failures, queries = [], 0
     for path in sorted(os.listdir(args.dashboards)):

@@ -264,12 +264,13 @@ for check in "create pods -n $run_ns" "patch trainingruns.pipewright.dev --subre
     "update trainingruns.pipewright.dev --subresource=finalizers -n $run_ns" "patch secrets -n $run_ns" \
     "watch trainingruns.pipewright.dev -A" "create secrets -n $run_ns" "list nodes" \
     "create events.events.k8s.io -n $run_ns" "create poddisruptionbudgets.policy -n $run_ns" \
+    "delete trainingruns.pipewright.dev -n $run_ns" \
     "update leases.coordination.k8s.io -n $system_ns"; do
     # shellcheck disable=SC2086
     [[ $(can $check) == yes ]] || fail "the operator's ServiceAccount cannot $check"
 done
 for check in "delete nodes" "list secrets -n $run_ns" "create deployments.apps -n $run_ns" \
-    "delete trainingruns.pipewright.dev -n $run_ns" "update leases.coordination.k8s.io -n $run_ns" \
+    "update leases.coordination.k8s.io -n $run_ns" \
     "create clusterrolebindings.rbac.authorization.k8s.io"; do
     # shellcheck disable=SC2086
     [[ $(can $check) == no ]] || fail "the operator's ServiceAccount may $check; it should not"
@@ -424,7 +425,9 @@ for stage, nodes in sorted(by_stage.items()):
     assert len(set(nodes)) == len(nodes), f"stage {stage} replicas share a node: {nodes}"
     print(f"    stage {stage}: {', '.join(sorted(nodes))}")
 EOF
-ok "each shard requests 2 nvidia.com/gpu; replicas of a stage are on distinct nodes"
+gpus_shown() { [[ $(k get tr "$run" -n "$run_ns" -o jsonpath='{.status.gpusPerShard}') == 2 ]]; }
+eventually 15 "status.gpusPerShard (kubectl describe) says 2" gpus_shown
+ok "each shard requests 2 nvidia.com/gpu, and status.gpusPerShard says so; replicas of a stage are on distinct nodes"
 for child in "service/$run-shards" "service/$run-coordinator" "configmap/$run-manifest" "secret/$run-key"; do
     k get -n "$run_ns" "$child" >/dev/null || fail "no $child"
 done
@@ -635,7 +638,7 @@ mkdir -p "$work/prometheus/targets"
 "$py" "$e2e/prometheus.py" config --rendered "$work/full.yaml" --dir "$work/prometheus/targets" \
     --out "$work/prometheus/prometheus.yml"
 "$py" "$e2e/prometheus.py" targets --rendered "$work/full.yaml" --dir "$work/prometheus/targets" \
-    --addresses "$work/train/addresses" --serve "$system_ns/$release=127.0.0.1:${op_metrics[b]}" \
+    --addresses "$work/train/addresses" --serve "$system_ns/$release-metrics=127.0.0.1:${op_metrics[b]}" \
     --loop >"$work/prometheus/targets.log" 2>&1 &
 bg_pids+=($!)
 read -r prom_port <<<"$(free_ports 1)"
@@ -739,11 +742,16 @@ contributions_ok() {
 }
 eventually 10 "status.contributions lists the 4 shard pods' identities with shares summing to 100%" contributions_ok
 ok "status.contributions: $(k get tr "$train" -n "$run_ns" -o jsonpath='{range .status.contributions[*]}{.name}={.sharePercent}% {end}')"
-k delete tr -n "$run_ns" "$train" --wait=false >/dev/null
+# spec.ttlSecondsAfterFinished: the operator deletes the finished run.
+gone() { ! k get tr "$train" -n "$run_ns" >/dev/null 2>&1; }
+finished_at=$(k get tr "$train" -n "$run_ns" -o jsonpath='{.status.completionTime}')
+eventually 60 "the operator deletes $train $(sed -n 's/.*ttlSecondsAfterFinished: *\([0-9]*\).*/\1/p' \
+    "$e2e/manifests/train.yaml") s after it finished (at $finished_at)" gone
+ok "the operator deleted $train after its ttlSecondsAfterFinished (finished at $finished_at, gone $(date -u +%H:%M:%SZ))"
 kill "$kubelet_pid"
 wait "$kubelet_pid" || true
 kubelet_pid=
-ok "run deleted; every process stopped"
+ok "every process stopped"
 
 # --- shutdown ------------------------------------------------------------
 say "shutdown: the last operator stops; helm uninstall"

@@ -537,7 +537,10 @@ impl<'a> Blueprint<'a> {
                 env("PIPEWRIGHT_LISTEN", format!("0.0.0.0:{LINK_PORT}")),
                 env("PIPEWRIGHT_RING_LISTEN", format!("0.0.0.0:{RING_PORT}")),
                 env("PIPEWRIGHT_ADVERTISE", advertise),
-                env("PIPEWRIGHT_METRICS_LISTEN", format!("0.0.0.0:{METRICS_PORT}")),
+                env(
+                    "PIPEWRIGHT_METRICS_LISTEN",
+                    format!("0.0.0.0:{METRICS_PORT}"),
+                ),
                 // The name the ledger records beside the pod's identity.
                 pod_name_env("PIPEWRIGHT_NAME"),
                 self.secret_env(JOIN_TOKEN_ENV, JOIN_TOKEN_FIELD),

@@ -205,4 +205,3 @@ mod tests {
         assert_eq!(families, 5);
     }
 }
-

@@ -52,6 +52,24 @@ pub fn serve(listen: &str, render: Arc<dyn Fn() -> String + Send + Sync>) -> Res
     Ok(addr)
 }
 
+/// Every metric family in `text` (OpenMetrics, as rendered) that
+/// `docs/metrics.md` does not list with its name and type, as
+/// `name (type)`. Counters are listed with their `_total` samples' name.
+pub fn undocumented(text: &str, doc: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .filter_map(|(name, kind)| {
+            let shown = if kind == "counter" {
+                format!("`{name}_total` | counter |")
+            } else {
+                format!("`{name}` | {kind} |")
+            };
+            (!doc.contains(&shown)).then(|| format!("{name} ({kind})"))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,22 +89,4 @@ mod tests {
         let err = serve("256.0.0.1:0", Arc::new(String::new)).expect_err("bad address");
         assert!(err.to_string().contains("256.0.0.1:0"), "{err}");
     }
-}
-
-/// Every metric family in `text` (OpenMetrics, as rendered) that
-/// `docs/metrics.md` does not list with its name and type, as
-/// `name (type)`. Counters are listed with their `_total` samples' name.
-pub fn undocumented(text: &str, doc: &str) -> Vec<String> {
-    text.lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.split_once(' '))
-        .filter_map(|(name, kind)| {
-            let shown = if kind == "counter" {
-                format!("`{name}_total` | counter |")
-            } else {
-                format!("`{name}` | {kind} |")
-            };
-            (!doc.contains(&shown)).then(|| format!("{name} ({kind})"))
-        })
-        .collect()
 }

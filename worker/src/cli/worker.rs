@@ -25,10 +25,10 @@ use crate::coord::api::{
 use crate::coord::{Client, ClientError};
 use crate::kernels::Trans;
 use crate::link::{RunId, RunKey};
-use crate::shard::metrics::ShardMetrics;
 use crate::pipeline::{
     Auth, Peers, PipelineError, RingPeers, Route, Shard, StageState, StageWorker,
 };
+use crate::shard::metrics::ShardMetrics;
 use crate::telemetry::{self, span};
 
 /// Environment variable holding the join token.

@@ -474,7 +474,10 @@ mod tests {
         // Every family has a sample, so every family is listed below.
         let families = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         assert_eq!(families, 25, "{text}");
-        assert!(text.contains("pipewright_recovery_seconds_total 2.5"), "{text}");
+        assert!(
+            text.contains("pipewright_recovery_seconds_total 2.5"),
+            "{text}"
+        );
         assert!(text.contains("pipewright_reassignments_total 1"), "{text}");
         let doc = include_str!("../../../docs/metrics.md");
         assert_eq!(

@@ -807,7 +807,8 @@ pub(super) mod tests {
         let (status, text) = send(&c, request(Method::GET, "/metrics", None, ""));
         assert_eq!(status, StatusCode::OK);
         assert!(
-            text.lines().any(|l| l == "pipewright_handler_panics_total 1"),
+            text.lines()
+                .any(|l| l == "pipewright_handler_panics_total 1"),
             "{text}"
         );
         let (status, _) = send(&c, request(Method::GET, "/status", None, ""));

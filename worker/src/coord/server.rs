@@ -162,10 +162,7 @@ impl Handle {
     /// (`GET /metrics` at `listen`, besides the API's). Returns its address.
     pub fn serve_metrics(&self, listen: &str) -> Result<SocketAddr> {
         let shared = self.shared.clone();
-        crate::exposition::serve(
-            listen,
-            Arc::new(move || super::metrics::scrape(&shared)),
-        )
+        crate::exposition::serve(listen, Arc::new(move || super::metrics::scrape(&shared)))
     }
 
     /// Stops serving.

@@ -119,9 +119,7 @@ pub fn vocab(run: &TrainingRun) -> anyhow::Result<usize> {
     match (t.kind, t.vocab_size) {
         (TokenizerKind::Byte, _) => Ok(crate::data::Tokenizer::Byte.vocab_size()),
         (TokenizerKind::Bpe, Some(v)) => Ok(v),
-        (TokenizerKind::Bpe, None) => {
-            Ok(crate::data::Tokenizer::vocab_size_of(t)?)
-        }
+        (TokenizerKind::Bpe, None) => Ok(crate::data::Tokenizer::vocab_size_of(t)?),
     }
 }
 

@@ -300,11 +300,20 @@ mod tests {
             3.0
         );
         assert_eq!(
-            sample(&text, &format!("pipewright_shard_micro_batches_total{shard}")),
+            sample(
+                &text,
+                &format!("pipewright_shard_micro_batches_total{shard}")
+            ),
             16.0
         );
-        let busy = sample(&text, &format!("pipewright_shard_busy_seconds_total{shard}"));
-        let idle = sample(&text, &format!("pipewright_shard_idle_seconds_total{shard}"));
+        let busy = sample(
+            &text,
+            &format!("pipewright_shard_busy_seconds_total{shard}"),
+        );
+        let idle = sample(
+            &text,
+            &format!("pipewright_shard_idle_seconds_total{shard}"),
+        );
         assert!((busy - 2.3).abs() < 1e-9, "{busy}");
         assert!((idle - 1.3).abs() < 1e-9, "{idle}");
         assert_eq!(
@@ -329,7 +338,10 @@ mod tests {
             4.0
         );
         assert_eq!(
-            sample(&text, &format!("pipewright_shard_step_seconds_count{shard}")),
+            sample(
+                &text,
+                &format!("pipewright_shard_step_seconds_count{shard}")
+            ),
             3.0
         );
         assert!(text.contains("identity=\"00ff00ff00ff00ff\""));

@@ -26,7 +26,11 @@
 #             every pod kwok marks Running as a local `pipewright` process
 #             with the pod's args and env (each pod on its own 127.0.0.X);
 #             `kubectl get tr` shows step and loss moving, the coordinator
-#             says Succeeded, and so does the run
+#             says Succeeded, and so does the run; a real Prometheus scrapes
+#             the chart's monitors' targets and every dashboard query returns
+#             data (e2e/prometheus.py); a real Jaeger holds every step's
+#             trace (e2e/traces.py); the operator deletes the run after its
+#             ttlSecondsAfterFinished
 #   shutdown  the last replica stops cleanly; helm uninstall
 #
 # Exits 0 with a SKIP line only when a tool cannot be built (no Go toolchain).

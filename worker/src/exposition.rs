@@ -52,10 +52,11 @@ pub fn serve(listen: &str, render: Arc<dyn Fn() -> String + Send + Sync>) -> Res
     Ok(addr)
 }
 
+#[cfg(test)]
 /// Every metric family in `text` (OpenMetrics, as rendered) that
 /// `docs/metrics.md` does not list with its name and type, as
 /// `name (type)`. Counters are listed with their `_total` samples' name.
-pub fn undocumented(text: &str, doc: &str) -> Vec<String> {
+pub(crate) fn undocumented(text: &str, doc: &str) -> Vec<String> {
     text.lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.split_once(' '))

@@ -26,7 +26,7 @@ fn registered(c: &Arc<Shared>, stage: usize, id: &Identity) -> Registered {
 
 /// `worker`'s report of step `completed` for stage `stage` (replica 0),
 /// committing to `mbs` and signed by `signer`.
-fn report(
+pub(in crate::coord) fn report(
     c: &Arc<Shared>,
     worker: u64,
     stage: usize,

@@ -1116,40 +1116,10 @@ pub(super) mod tests {
         let worker = serde_json::from_str::<Registered>(&text)
             .expect("Registered")
             .worker;
-        let (epoch, mbs) = {
-            let coord = lock(&c.coord);
-            (coord.epoch(), coord.routed_to(worker))
-        };
+        let mbs = lock(&c.coord).routed_to(worker);
         let signed = |completed: u64| {
-            let mut commitment = super::super::api::Commitment {
-                micro_batches: mbs
-                    .iter()
-                    .map(|&mb| super::super::api::MicroBatchCommit {
-                        mb,
-                        input: "ab".repeat(32),
-                        output: "cd".repeat(32),
-                        gradient: "ef".repeat(32),
-                    })
-                    .collect(),
-                signature: String::new(),
-            };
-            let claim = StepClaim {
-                run_id: &c.config.run_id,
-                worker,
-                epoch,
-                completed,
-                shard: (0, 0),
-                loss: None,
-                micro_batches: &mbs,
-                root: commitment.root(),
-            };
-            commitment.signature = id.sign(crate::identity::STEP_DOMAIN, &step_message(&claim));
-            serde_json::json!({
-                "worker": worker, "epoch": epoch, "completed": completed, "loss": null,
-                "grad_norm": 1.0, "seconds": 0.1, "busy_seconds": 0.05,
-                "micro_batches": mbs.len(), "commitment": commitment,
-            })
-            .to_string()
+            let report = super::super::ledger_tests::report(&c, worker, 0, completed, &mbs, &id);
+            serde_json::to_string(&report).expect("json")
         };
         for completed in [0, u64::MAX] {
             let (code, text) = send(

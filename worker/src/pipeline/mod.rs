@@ -783,9 +783,7 @@ impl StageWorker {
 
     /// Bytes sent so far on the current links to neighbouring stages.
     pub fn link_bytes_sent(&self) -> u64 {
-        self.inboxes()
-            .map(|i| i.link.stats().snapshot().bytes_sent)
-            .sum()
+        self.traffic().0.bytes_sent
     }
 
     /// Traffic and refusals on the current links to neighbouring stages
@@ -814,18 +812,8 @@ impl StageWorker {
     /// Frames refused (malformed, forged, from the wrong sender) on the
     /// current links, the ring's included.
     pub fn rejected_frames(&self) -> u64 {
-        let ring = self.ring.as_ref().map_or(0, |r| {
-            let (a, b) = r.links();
-            [a, b]
-                .into_iter()
-                .flatten()
-                .map(|l| l.stats().rejected_total())
-                .sum()
-        });
-        self.inboxes()
-            .map(|i| i.link.stats().rejected_total())
-            .sum::<u64>()
-            + ring
+        let (pipe, ring) = self.traffic();
+        pipe.rejected.iter().chain(&ring.rejected).sum()
     }
 
     /// This worker's shard.

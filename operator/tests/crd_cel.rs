@@ -221,6 +221,24 @@ fn cases() -> Vec<(&'static str, Value)> {
             ]),
         ),
         (
+            "trimmedMean, two replicas",
+            with(&[
+                ("/spec/pipeline/aggregation", json!("trimmedMean")),
+                ("/spec/pipeline/replicas", json!(2)),
+            ]),
+        ),
+        (
+            "median, three replicas",
+            with(&[
+                ("/spec/pipeline/aggregation", json!("median")),
+                ("/spec/pipeline/replicas", json!(3)),
+            ]),
+        ),
+        (
+            "centeredClip, one replica",
+            with(&[("/spec/pipeline/aggregation", json!("centeredClip"))]),
+        ),
+        (
             "blank checkpoint dir",
             with(&[("/spec/checkpoint/dir", json!(""))]),
         ),
@@ -404,6 +422,7 @@ fn every_case_but_the_valid_ones_is_refused() {
         "bpe vocab 300",
         "stages = layers",
         "lowrank, two stages",
+        "median, three replicas",
         "minReplicas = replicas",
         "tolerations valid",
         "storage valid",

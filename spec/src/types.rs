@@ -553,6 +553,34 @@ pub struct TrainingSpec {
     /// Worker threads for kernels in local mode (0: all cores).
     #[serde(default)]
     pub threads: usize,
+    /// Activation recomputation: what a stage keeps of each block between
+    /// its forward and backward passes. `none` keeps every intermediate;
+    /// `full` keeps only each block's input and recomputes the block in the
+    /// backward pass; `selective` also keeps the attention output, so only
+    /// the cheap elementwise and MLP internals are recomputed. The losses
+    /// are the same bits either way; only memory and time change.
+    #[serde(default, skip_serializing_if = "Recompute::is_off")]
+    pub recompute: Recompute,
+}
+
+/// Activation recomputation policies (`spec.training.recompute`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// Keep every intermediate of the forward pass for the backward.
+    #[default]
+    #[serde(rename = "none")]
+    Off,
+    /// Keep each block's input only; recompute the whole block.
+    Full,
+    /// Keep each block's input and attention output; recompute the rest.
+    Selective,
+}
+
+impl Recompute {
+    fn is_off(&self) -> bool {
+        *self == Recompute::Off
+    }
 }
 
 fn one() -> usize {
@@ -596,6 +624,11 @@ pub struct PipelineSpec {
     /// How layers are assigned to stages.
     #[serde(default)]
     pub partition: PartitionKind,
+    /// How the replicas of a stage combine their gradients each step.
+    /// `mean` is the plain average; the others bound what a minority of
+    /// dishonest replicas can do to it, and need at least 3 replicas.
+    #[serde(default, skip_serializing_if = "Aggregation::is_mean")]
+    pub aggregation: Aggregation,
     /// Which replica of the next stage each micro-batch goes to.
     #[serde(default)]
     pub routing: Routing,
@@ -651,6 +684,7 @@ impl Default for PipelineSpec {
             schedule: ScheduleKind::default(),
             codec: Codec::default(),
             partition: PartitionKind::default(),
+            aggregation: Aggregation::default(),
             routing: Routing::default(),
             lowrank: None,
             max_send_megabytes_per_second: None,
@@ -699,6 +733,47 @@ pub enum PartitionKind {
     Balanced,
     /// Balance by each worker's measured speed.
     Measured,
+}
+
+/// How a stage's replicas combine their gradients (`spec.pipeline.aggregation`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Aggregation {
+    /// The arithmetic mean, element by element.
+    #[default]
+    Mean,
+    /// The element-wise median of the replicas' gradients.
+    Median,
+    /// The element-wise mean after dropping the largest and the smallest
+    /// value.
+    TrimmedMean,
+    /// Centered clipping: the mean of the replicas' gradients, each moved
+    /// no farther than a radius from a robust centre.
+    CenteredClip,
+}
+
+impl Aggregation {
+    fn is_mean(&self) -> bool {
+        *self == Aggregation::Mean
+    }
+
+    /// The name a manifest gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Aggregation::Mean => "mean",
+            Aggregation::Median => "median",
+            Aggregation::TrimmedMean => "trimmedMean",
+            Aggregation::CenteredClip => "centeredClip",
+        }
+    }
+
+    /// Fewest replicas this aggregation is defined for.
+    pub fn min_replicas(self) -> usize {
+        match self {
+            Aggregation::Mean => 1,
+            Aggregation::Median | Aggregation::TrimmedMean | Aggregation::CenteredClip => 3,
+        }
+    }
 }
 
 /// How micro-batches travel between the replicas of consecutive stages.

@@ -487,6 +487,22 @@ pub static RULES: &[Rule] = &[
         check: |r| at_most(r.spec.pipeline.replicas as u64, MAX_REPLICAS as u64),
     },
     Rule {
+        field: "spec.pipeline.aggregation",
+        requirement: "median, trimmedMean and centeredClip need spec.pipeline.replicas >= 3",
+        check: |r| {
+            let p = &r.spec.pipeline;
+            let min = p.aggregation.min_replicas();
+            (p.replicas >= 1 && p.replicas < min).then(|| {
+                format!(
+                    "{} needs at least {min} replicas to outvote a dishonest one, \
+                     got spec.pipeline.replicas = {} (use aggregation: mean, or add replicas)",
+                    p.aggregation.name(),
+                    p.replicas
+                )
+            })
+        },
+    },
+    Rule {
         field: "spec.pipeline.codec",
         requirement: "lowrank needs spec.pipeline.stages >= 2",
         check: |r| {

@@ -145,6 +145,14 @@ const BAD: &[(&str, Refusal)] = &[
         Invalid(&["spec.pipeline.codec", "lowrank", "stages >= 2"]),
     ),
     (
+        "trimmed-mean-two-replicas.yaml",
+        Invalid(&[
+            "spec.pipeline.aggregation",
+            "trimmedMean needs at least 3 replicas",
+            "got spec.pipeline.replicas = 2",
+        ]),
+    ),
+    (
         "lowrank-rank-too-wide.yaml",
         Invalid(&[
             "spec.pipeline.lowrank.rank",

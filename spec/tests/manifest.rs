@@ -182,6 +182,7 @@ fn everything_set() -> TrainingRun {
                 eval_every: 250,
                 eval_batches: 4,
                 threads: 6,
+                recompute: pipewright_spec::Recompute::Selective,
             },
             pipeline: PipelineSpec {
                 stages: 4,
@@ -189,6 +190,7 @@ fn everything_set() -> TrainingRun {
                 schedule: ScheduleKind::ZbH1,
                 codec: Codec::Lowrank,
                 partition: PartitionKind::Measured,
+                aggregation: pipewright_spec::Aggregation::TrimmedMean,
                 routing: Routing::Throughput,
                 lowrank: Some(LowrankSpec {
                     rank: 64,

@@ -9,3 +9,4 @@ pub mod fixtures;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod telemetry;

@@ -1,6 +1,6 @@
 //! `pipewright-operator`: the Kubernetes operator binary.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,13 +10,11 @@ use clap::{Parser, Subcommand};
 use kube::runtime::events::{Recorder, Reporter};
 use pipewright_operator::children::Settings;
 use pipewright_operator::coordinator::HttpProbe;
-use pipewright_operator::http::{serve, Endpoints, Health};
+use pipewright_operator::http::{health_router, metrics_router, serve, Health};
 use pipewright_operator::leader::{LeaderElector, LeaseConfig};
 use pipewright_operator::metrics::Metrics;
+use pipewright_operator::telemetry;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::EnvFilter;
 
 /// Kubernetes operator for Pipewright training runs.
 #[derive(Parser)]
@@ -87,55 +85,6 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// The variables naming the OTLP collector; the operator's pods get them
-/// too.
-const OTLP_ENDPOINT_VARS: [&str; 2] = [
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-];
-
-/// Logs to stderr; spans also go to an OTLP collector (HTTP/protobuf) when
-/// `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces-specific variable) is set.
-fn init_tracing() -> anyhow::Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only for a person at a terminal, not in a pod's log.
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let otlp = OTLP_ENDPOINT_VARS
-        .iter()
-        .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));
-    if !otlp {
-        tracing_subscriber::registry().with(filter).with(fmt).init();
-        return Ok(None);
-    }
-    use opentelemetry::trace::TracerProvider as _;
-    use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .build()
-        .context("building the OTLP span exporter")?;
-    let service =
-        std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "pipewright-operator".to_owned());
-    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-        .with_span_processor(
-            BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio).build(),
-        )
-        .with_resource(
-            opentelemetry_sdk::Resource::builder()
-                .with_service_name(service)
-                .build(),
-        )
-        .build();
-    let tracer = provider.tracer("pipewright-operator");
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
-        .init();
-    Ok(Some(provider))
-}
-
 /// Cancels `token` on SIGTERM or SIGINT.
 fn cancel_on_signal(token: CancellationToken) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -152,16 +101,24 @@ fn cancel_on_signal(token: CancellationToken) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let provider = init_tracing()?;
+    let telemetry = telemetry::init()?;
+    let result = operate(args).await;
+    telemetry.shutdown();
+    result
+}
+
+/// Serves metrics and health, then reconciles (with leader election, only
+/// while leading) until a signal or a lost lease.
+async fn operate(args: RunArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone())?;
 
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
-    let metrics_server = serve(args.metrics_addr, Endpoints::Metrics(metrics.clone()))
+    let (_, metrics_server) = serve(args.metrics_addr, metrics_router(metrics.clone()))
         .await
         .with_context(|| format!("serving metrics on {}", args.metrics_addr))?;
-    let health_server = serve(args.health_addr, Endpoints::Health(health.clone()))
+    let (_, health_server) = serve(args.health_addr, health_router(health.clone()))
         .await
         .with_context(|| format!("serving health on {}", args.health_addr))?;
 
@@ -171,44 +128,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     health.set_ready(true);
     let identity = args
         .identity
+        .clone()
         .or_else(|| std::env::var("POD_NAME").ok())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "pipewright-operator".to_owned());
 
-    // Stops the controller: a signal, or (with leader election) a lost lease.
-    let stop = shutdown.child_token();
-    let mut lost = false;
     let elector = if args.leader_elect {
-        let namespace = args
-            .lease_namespace
-            .or_else(|| std::env::var("POD_NAMESPACE").ok())
-            .unwrap_or_else(|| "default".to_owned());
-        let elector = Arc::new(LeaderElector::new(
-            client.clone(),
-            LeaseConfig::new(args.lease_name, namespace, identity.clone()),
-        ));
+        let elector = Arc::new(elector(&args, &client, &identity));
         tracing::info!(identity, lease = %elector.config().name, "waiting for the leader lease");
         if !elector.acquire(&shutdown).await {
-            shutdown_telemetry(provider);
             return Ok(());
         }
         tracing::info!(identity, "leading");
-        health.set_leading(true);
         Some(elector)
     } else {
-        health.set_leading(true);
         None
     };
-    let keeper = elector.clone().map(|elector| {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            elector.keep(&stop).await;
-            // Returned without being stopped: the lease is lost.
-            let lost = !stop.is_cancelled();
-            stop.cancel();
-            lost
-        })
-    });
+    health.set_leading(true);
+    // Stops the controller: a signal, or (with leader election) a lost lease.
+    let stop = shutdown.child_token();
+    let keeper = elector.clone().map(|elector| keep(elector, stop.clone()));
 
     let recorder = Recorder::new(
         client.clone(),
@@ -221,28 +160,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = Settings {
         image: args.image,
         gpus_per_shard: args.gpus_per_shard,
-        pass_env: OTLP_ENDPOINT_VARS
-            .iter()
-            .filter_map(|&k| {
-                let v = std::env::var(k).ok().filter(|v| !v.is_empty())?;
-                Some((k.to_owned(), v))
-            })
-            .collect(),
+        pass_env: telemetry::otlp_env(|k| std::env::var(k).ok()),
     };
-    pipewright_operator::controller::run(
-        client,
-        settings,
-        recorder,
-        probe,
-        metrics,
-        stop.clone().cancelled_owned(),
-    )
-    .await;
+    let stopped = stop.clone().cancelled_owned();
+    pipewright_operator::controller::run(client, settings, recorder, probe, metrics, stopped).await;
     stop.cancel();
     health.set_ready(false);
-    if let Some(keeper) = keeper {
-        lost = keeper.await.unwrap_or(false);
-    }
+    let lost = match keeper {
+        Some(keeper) => keeper.await.unwrap_or(false),
+        None => false,
+    };
     if let (Some(elector), false) = (elector, lost) {
         match elector.release().await {
             Ok(()) => tracing::info!("released the leader lease"),
@@ -251,17 +178,33 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     metrics_server.abort();
     health_server.abort();
-    shutdown_telemetry(provider);
     if lost {
         anyhow::bail!("lost the leader lease; exiting so that only the new leader acts");
     }
     Ok(())
 }
 
-fn shutdown_telemetry(provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>) {
-    if let Some(provider) = provider {
-        if let Err(error) = provider.shutdown() {
-            eprintln!("flushing traces: {error}");
-        }
-    }
+/// The elector of the lease the arguments name.
+fn elector(args: &RunArgs, client: &kube::Client, identity: &str) -> LeaderElector {
+    let namespace = args
+        .lease_namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .unwrap_or_else(|| "default".to_owned());
+    LeaderElector::new(
+        client.clone(),
+        LeaseConfig::new(args.lease_name.clone(), namespace, identity.to_owned()),
+    )
+}
+
+/// Renews the lease until `stop` or until it is lost; either way cancels
+/// `stop`. The task's result says whether the lease was lost.
+fn keep(elector: Arc<LeaderElector>, stop: CancellationToken) -> tokio::task::JoinHandle<bool> {
+    tokio::spawn(async move {
+        elector.keep(&stop).await;
+        // Returned without being stopped: the lease is lost.
+        let lost = !stop.is_cancelled();
+        stop.cancel();
+        lost
+    })
 }

@@ -1,17 +1,21 @@
-use k8s_openapi::api::core::v1::PodCondition;
-use serde_json::json;
+//! Tests of the controller's planning and status together, over several
+//! reconciles, and the fixtures its modules' tests share.
 
+use k8s_openapi::api::core::v1::PodCondition;
+
+use super::plan::{label, pod_phase};
 use super::*;
+use crate::children::{LABEL_ROLE, ROLE_COORDINATOR};
 use crate::fixtures::{at, coordinator, run, shard};
 
 /// Every node is ready.
-fn all_ready(_: &str) -> Option<bool> {
+pub(super) fn all_ready(_: &str) -> Option<bool> {
     Some(true)
 }
 
 /// A 2×2 run whose four shards run at attempt 0 on nodes n1/n2, with the
 /// status a reconcile of exactly that would have written.
-fn settled() -> (TrainingRunResource, Vec<Pod>) {
+pub(super) fn settled() -> (TrainingRunResource, Vec<Pod>) {
     let mut run = run(2, 2);
     let pods = vec![
         coordinator(&run, "Running", "n3"),
@@ -26,7 +30,7 @@ fn settled() -> (TrainingRunResource, Vec<Pod>) {
     (run, pods)
 }
 
-fn status_of(
+pub(super) fn status_of(
     run: &TrainingRunResource,
     pods: &[Pod],
     plan: &PodPlan,
@@ -56,13 +60,13 @@ fn status_of(
 
 /// Plans the pods of `run`, which has no status yet, with `pods` as they
 /// are and every node ready.
-fn first_plan(run: &TrainingRunResource, pods: &[Pod]) -> PodPlan {
+pub(super) fn first_plan(run: &TrainingRunResource, pods: &[Pod]) -> PodPlan {
     plan_pods(run, &TrainingRunStatus::default(), pods, &all_ready)
 }
 
 /// The pod made for attempt `attempt` of shard (`stage`, `replica`) of
 /// `run`, kept off `failed_nodes`.
-fn replacement(
+pub(super) fn replacement(
     run: &TrainingRunResource,
     (stage, replica, attempt): (usize, usize, u32),
     failed_nodes: &[String],
@@ -74,7 +78,7 @@ fn replacement(
 
 /// Plans the pods of `run` from the status it carries, with `pods` as
 /// they are and `node_ready` telling each node's state.
-fn replan_with(
+pub(super) fn replan_with(
     run: &TrainingRunResource,
     pods: &[Pod],
     node_ready: &dyn Fn(&str) -> Option<bool>,
@@ -83,33 +87,16 @@ fn replan_with(
 }
 
 /// [`replan_with`] with every node ready.
-fn replan(run: &TrainingRunResource, pods: &[Pod]) -> PodPlan {
+pub(super) fn replan(run: &TrainingRunResource, pods: &[Pod]) -> PodPlan {
     replan_with(run, pods, &all_ready)
 }
 
-fn planned(stage: usize, replica: usize, attempt: u32) -> PlannedShard {
+pub(super) fn planned(stage: usize, replica: usize, attempt: u32) -> PlannedShard {
     PlannedShard {
         stage,
         replica,
         attempt,
     }
-}
-
-#[test]
-fn a_new_run_gets_every_shard_and_the_coordinator() {
-    let run = run(2, 2);
-    let plan = first_plan(&run, &[]);
-    assert!(plan.create_coordinator);
-    assert_eq!(
-        plan.create,
-        [
-            planned(0, 0, 0),
-            planned(0, 1, 0),
-            planned(1, 0, 0),
-            planned(1, 1, 0)
-        ]
-    );
-    assert!(plan.delete.is_empty() && plan.reassignments.is_empty());
 }
 
 #[test]
@@ -172,53 +159,6 @@ fn a_failed_shard_moves_to_the_next_attempt_off_its_node() {
 }
 
 #[test]
-fn a_shard_on_a_node_that_is_not_ready_moves() {
-    let (run, pods) = settled();
-    let n2_down = |node: &str| Some(node != "n2");
-    let plan = replan_with(&run, &pods, &n2_down);
-    let reasons: Vec<(&str, &str)> = plan
-        .reassignments
-        .iter()
-        .map(|r| (r.from_pod.as_str(), r.reason.as_str()))
-        .collect();
-    assert_eq!(
-        reasons,
-        [
-            ("demo-s0-r1", "NodeNotReady"),
-            ("demo-s1-r1", "NodeNotReady")
-        ]
-    );
-    assert_eq!(plan.create, [planned(0, 1, 1), planned(1, 1, 1)]);
-    assert_eq!(plan.failed_nodes, ["n2"]);
-    // A node that no longer exists loses its pods, and counts as failed.
-    let n1_gone = |node: &str| (node != "n1").then_some(true);
-    let plan = replan_with(&run, &pods, &n1_gone);
-    let reasons: Vec<&str> = plan
-        .reassignments
-        .iter()
-        .map(|r| r.reason.as_str())
-        .collect();
-    assert_eq!(reasons, ["NodeLost", "NodeLost"]);
-    assert_eq!(plan.failed_nodes, ["n1"]);
-}
-
-#[test]
-fn a_coordinator_that_failed_or_lost_its_node_is_replaced() {
-    let (run, mut pods) = settled();
-    let n3_down = |node: &str| Some(node != "n3");
-    let plan = replan_with(&run, &pods, &n3_down);
-    assert_eq!(plan.delete, [("demo-coordinator".to_owned(), Some(0))]);
-    assert!(plan.restart_coordinator && !plan.create_coordinator);
-    pods[0] = coordinator(&run, "Failed", "n3");
-    let plan = replan(&run, &pods);
-    assert_eq!(plan.delete, [("demo-coordinator".to_owned(), None)]);
-    // Once gone, it is made again.
-    pods.remove(0);
-    let plan = replan(&run, &pods);
-    assert!(plan.create_coordinator);
-}
-
-#[test]
 fn a_deleted_or_vanished_shard_pod_counts_once() {
     let (mut run, mut pods) = settled();
     // Deleted by someone else: terminating, so nothing to delete.
@@ -257,87 +197,6 @@ fn a_deleted_or_vanished_shard_pod_counts_once() {
     let plan = replan_with(&run, &pods, &n1_gone);
     assert_eq!(plan.reassignments[0].reason, "NodeLost");
     assert_eq!(plan.failed_nodes, ["n1"]);
-}
-
-#[test]
-fn only_failures_of_the_node_count_against_it() {
-    let (run, pods) = settled();
-    // (pod reason, container reason, disruption, expected reason, node-caused)
-    let cases = [
-        (
-            Some("Evicted"),
-            None,
-            Some("TerminationByKubelet"),
-            "Evicted",
-            true,
-        ),
-        (Some("Evicted"), None, None, "Evicted", true),
-        (
-            Some("OutOfnvidia.com/gpu"),
-            None,
-            None,
-            "OutOfnvidia.com/gpu",
-            true,
-        ),
-        (
-            Some("UnexpectedAdmissionError"),
-            None,
-            None,
-            "UnexpectedAdmissionError",
-            true,
-        ),
-        (
-            Some("Terminated"),
-            None,
-            Some("TerminationByKubelet"),
-            "Terminated",
-            true,
-        ),
-        (None, Some("OOMKilled"), None, "OOMKilled", false),
-        (None, Some("Error"), None, "Error", false),
-        (None, None, None, "PodFailed", false),
-    ];
-    for (pod_reason, container_reason, disrupted, reason, node_caused) in cases {
-        let mut pods = pods.clone();
-        let mut failed = shard(&run, (1, 0, 0), "Failed", "n1");
-        let status = failed.status.as_mut().expect("status");
-        status.reason = pod_reason.map(str::to_owned);
-        if let Some(why) = container_reason {
-            status.container_statuses = Some(vec![serde_json::from_value(json!({
-                "name": "worker", "image": "pipewright:test", "imageID": "", "ready": false,
-                "restartCount": 0,
-                "state": {"terminated": {"exitCode": 1, "reason": why}}
-            }))
-            .expect("container status")]);
-        }
-        if let Some(why) = disrupted {
-            status
-                .conditions
-                .get_or_insert_with(Vec::new)
-                .push(PodCondition {
-                    type_: "DisruptionTarget".to_owned(),
-                    status: "True".to_owned(),
-                    reason: Some(why.to_owned()),
-                    ..PodCondition::default()
-                });
-        }
-        pods[3] = failed;
-        let plan = replan(&run, &pods);
-        assert_eq!(plan.reassignments.len(), 1, "{reason}");
-        assert_eq!(plan.reassignments[0].reason, reason);
-        let expected: &[&str] = if node_caused { &["n1"] } else { &[] };
-        assert_eq!(plan.failed_nodes, expected, "{reason}");
-    }
-}
-
-#[test]
-fn pods_of_old_attempts_and_dropped_shards_are_deleted() {
-    let (mut run, mut pods) = settled();
-    pods.push(shard(&run, (0, 0, 3), "Running", "n4"));
-    run.spec.pipeline.replicas = 1;
-    let plan = replan(&run, &pods);
-    let deleted: Vec<&str> = plan.delete.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(deleted, ["demo-s0-r1", "demo-s1-r1", "demo-s0-r0-a3"]);
 }
 
 #[test]
@@ -412,69 +271,6 @@ fn the_gang_waits_then_says_why_it_does_not_schedule() {
 }
 
 #[test]
-fn a_gang_at_its_minimum_starts_degraded() {
-    let mut run = run(2, 2);
-    run.spec.placement.min_replicas = Some(1);
-    let pods = vec![
-        shard(&run, (0, 0, 0), "Running", "n1"),
-        shard(&run, (0, 1, 0), "Pending", ""),
-        shard(&run, (1, 0, 0), "Running", "n2"),
-        shard(&run, (1, 1, 0), "Running", "n1"),
-    ];
-    let plan = first_plan(&run, &pods);
-    let status = status_of(&run, &pods, &plan, None, at(10));
-    assert_eq!(
-        find_condition(&status, "Scheduled").map(|c| c.status.as_str()),
-        Some("True")
-    );
-    assert_eq!(status.phase, Some(RunPhase::Degraded));
-}
-
-#[test]
-fn progress_comes_from_the_coordinator_and_survives_its_silence() {
-    let (run, pods) = settled();
-    let plan = replan(&run, &pods);
-    let report = CoordinatorReport {
-        phase: Some("Training".to_owned()),
-        step: Some(40),
-        loss: Some(3.25),
-        tokens_per_second: Some(5120.0),
-        contributions: Vec::new(),
-    };
-    let mut run = run;
-    let status = status_of(&run, &pods, &plan, Some(&report), at(200));
-    assert_eq!(
-        (status.step, status.loss, status.tokens_per_second),
-        (Some(40), Some(3.25), Some(5120.0))
-    );
-    assert_eq!(status.training_phase.as_deref(), Some("Training"));
-    run.status = Some(status.clone());
-    // Unreachable next time: the last figures stay.
-    let silent = status_of(&run, &pods, &plan, None, at(210));
-    assert_eq!(silent, status);
-}
-
-#[test]
-fn the_coordinator_decides_the_end() {
-    let (run, mut pods) = settled();
-    let plan = replan(&run, &pods);
-    let failed = CoordinatorReport {
-        phase: Some("Failed".to_owned()),
-        ..CoordinatorReport::default()
-    };
-    let status = status_of(&run, &pods, &plan, Some(&failed), at(300));
-    assert_eq!(status.phase, Some(RunPhase::Failed));
-    assert_eq!(status.completion_time, Some(at(300)));
-    pods[0] = coordinator(&run, "Succeeded", "n3");
-    let status = status_of(&run, &pods, &plan, None, at(400));
-    assert_eq!(status.phase, Some(RunPhase::Succeeded));
-    assert_eq!(
-        find_condition(&status, "Ready").map(|c| c.reason.as_str()),
-        Some("Succeeded")
-    );
-}
-
-#[test]
 fn a_failed_run_stays_failed_until_its_spec_changes() {
     let (mut run, _) = settled();
     let status = run.status.as_mut().expect("status");
@@ -538,37 +334,4 @@ fn reassignment_history_is_bounded_but_the_total_is_not() {
         Some("demo-s0-r0")
     );
     assert_eq!(status.total_reassignments, 71);
-}
-
-#[test]
-fn an_unrunnable_spec_fails_the_run_with_the_reason() {
-    let error = ChildrenError::NameTooLong {
-        run: "demo".to_owned(),
-        name: "x".repeat(70),
-    };
-    let status = refused_status(&run(2, 1), &error, at(1));
-    assert_eq!(status.phase, Some(RunPhase::Failed));
-    assert_eq!(status.conditions[0].reason, "InvalidSpec");
-    assert!(status.conditions[0].message.contains("shorter run name"));
-}
-
-#[test]
-fn covers_ignores_fields_the_api_server_adds() {
-    let want = json!({"spec": {"ports": [{"name": "link", "port": 7071}], "clusterIP": "None"}});
-    let have = json!({"spec": {"ports": [{"name": "link", "port": 7071, "protocol": "TCP"}],
-        "clusterIP": "None", "sessionAffinity": "None"}, "status": {}});
-    assert!(covers(&have, &want));
-    let changed = json!({"spec": {"ports": [{"name": "link", "port": 7000}], "clusterIP": "None"}});
-    assert!(!covers(&have, &changed));
-    let more = json!({"spec": {"ports": [{"name": "link", "port": 7071}, {"name": "ring"}]}});
-    assert!(!covers(&have, &more));
-}
-
-#[test]
-fn status_figures_are_rounded_for_people() {
-    assert_eq!(super::significant4(2.345678), 2.346);
-    assert_eq!(super::significant4(0.0123456), 0.01235);
-    assert_eq!(super::significant4(11.0), 11.0);
-    assert_eq!(super::significant4(12345.6), 12350.0);
-    assert_eq!(super::significant4(0.0), 0.0);
 }

@@ -1,0 +1,545 @@
+//! Planning a run's pods: which to create, delete or replace, decided from
+//! the run's previous status, its pods and the state of their nodes. Pure,
+//! so that every failure case is tested without an API server.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::ResourceExt;
+use pipewright_spec::{Reassignment, ShardStatus, TrainingRunResource, TrainingRunStatus};
+
+use crate::children::{coordinator_name, shard_pod_name, LABEL_ROLE, ROLE_COORDINATOR, ROLE_SHARD};
+
+/// One shard's pod as planned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedShard {
+    /// Pipeline stage.
+    pub stage: usize,
+    /// Replica within the stage.
+    pub replica: usize,
+    /// Moves so far; names the pod.
+    pub attempt: u32,
+}
+
+/// What to do about a run's pods.
+#[derive(Debug, Default, PartialEq)]
+pub struct PodPlan {
+    /// Pods to delete, each with a grace period (`None`: the pod's own).
+    pub delete: Vec<(String, Option<u32>)>,
+    /// Shard pods to create.
+    pub create: Vec<PlannedShard>,
+    /// Whether the coordinator pod must be created.
+    pub create_coordinator: bool,
+    /// Whether the coordinator pod is being replaced (it failed or its node
+    /// is not ready).
+    pub restart_coordinator: bool,
+    /// Every shard with the attempt it is at after this plan, stage-major.
+    pub shards: Vec<PlannedShard>,
+    /// The shards this plan moves.
+    pub reassignments: Vec<Reassignment>,
+    /// Nodes to keep shard pods off: the run's failed nodes, with those
+    /// that caused this plan's moves.
+    pub failed_nodes: Vec<String>,
+}
+
+/// Decides which pods to make and delete, given the run's previous status,
+/// its pods and the state of their nodes (`node_ready`: `Some(ready)`, or
+/// `None` for a node that no longer exists).
+///
+/// A shard moves when its pod failed, is being deleted or is gone, or its
+/// node is not ready or gone. Its node joins `failed_nodes` only when the
+/// node caused the move (see [`failure_of`]).
+pub fn plan_pods(
+    run: &TrainingRunResource,
+    previous: &TrainingRunStatus,
+    pods: &[Pod],
+    node_ready: &dyn Fn(&str) -> Option<bool>,
+) -> PodPlan {
+    let name = run.name_any();
+    let mut plan = PodPlan {
+        failed_nodes: previous.failed_nodes.clone(),
+        ..PodPlan::default()
+    };
+    let recorded: BTreeMap<(u32, u32), &ShardStatus> = previous
+        .shards
+        .iter()
+        .map(|s| ((s.stage, s.replica), s))
+        .collect();
+    // Names of the pods the shards have now, and of those they move to.
+    let mut current = BTreeSet::new();
+    for stage in 0..run.spec.pipeline.stages {
+        for replica in 0..run.spec.pipeline.replicas {
+            let shard = ShardAt {
+                run: &name,
+                stage,
+                replica,
+                recorded: recorded.get(&(index(stage), index(replica))).copied(),
+            };
+            let next = plan_shard(&mut plan, &shard, pods, node_ready);
+            current.insert(shard_pod_name(&name, stage, replica, next.attempt));
+            current.insert(shard.pod_name());
+            plan.shards.push(next);
+        }
+    }
+    plan.delete.extend(stale_shard_pods(pods, &current));
+    plan_coordinator(&mut plan, &name, pods, node_ready);
+    plan
+}
+
+/// One shard of a run, with what the previous status recorded of it.
+struct ShardAt<'a> {
+    run: &'a str,
+    stage: usize,
+    replica: usize,
+    recorded: Option<&'a ShardStatus>,
+}
+
+impl ShardAt<'_> {
+    /// The attempt recorded, 0 for a shard never placed.
+    fn attempt(&self) -> u32 {
+        self.recorded.map_or(0, |s| s.attempt)
+    }
+
+    /// Name of the pod of the recorded attempt.
+    fn pod_name(&self) -> String {
+        shard_pod_name(self.run, self.stage, self.replica, self.attempt())
+    }
+}
+
+/// Plans one shard into `plan`: nothing, a first pod, or a move to the next
+/// attempt. Returns the shard as it is after the plan.
+fn plan_shard(
+    plan: &mut PodPlan,
+    shard: &ShardAt<'_>,
+    pods: &[Pod],
+    node_ready: &dyn Fn(&str) -> Option<bool>,
+) -> PlannedShard {
+    let attempt = shard.attempt();
+    let pod_name = shard.pod_name();
+    let pod = pods
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some(pod_name.as_str()));
+    // Placed before and gone now: deleted, or lost with its node.
+    let vanished =
+        pod.is_none() && shard.recorded.and_then(|s| s.pod.as_deref()) == Some(pod_name.as_str());
+    let failure = match pod {
+        Some(pod) => failure_of(pod, node_ready),
+        None if vanished => Some(vanished_failure(
+            shard.recorded.and_then(|s| s.node.as_deref()),
+            node_ready,
+        )),
+        None => None,
+    };
+    let mut next = PlannedShard {
+        stage: shard.stage,
+        replica: shard.replica,
+        attempt,
+    };
+    let Some(Failure {
+        reason,
+        node_caused,
+    }) = failure
+    else {
+        if pod.is_none() {
+            plan.create.push(next.clone());
+        }
+        return next;
+    };
+    let from_node = pod
+        .and_then(|p| p.spec.as_ref()?.node_name.clone())
+        .or_else(|| shard.recorded.and_then(|s| s.node.clone()));
+    if let (Some(node), true) = (&from_node, node_caused) {
+        if !plan.failed_nodes.contains(node) {
+            plan.failed_nodes.push(node.clone());
+        }
+    }
+    next.attempt = attempt.saturating_add(1);
+    plan.reassignments.push(Reassignment {
+        stage: index(shard.stage),
+        replica: index(shard.replica),
+        from_pod: pod_name.clone(),
+        from_node,
+        to_pod: Some(shard_pod_name(
+            shard.run,
+            shard.stage,
+            shard.replica,
+            next.attempt,
+        )),
+        reason,
+        time: None,
+    });
+    if pod.is_some_and(|p| p.metadata.deletion_timestamp.is_none()) {
+        plan.delete.push((pod_name, None));
+    }
+    plan.create.push(next.clone());
+    next
+}
+
+/// Shard pods of earlier attempts, or of shards the spec no longer has:
+/// every live shard pod whose name is not in `current`.
+fn stale_shard_pods<'a>(
+    pods: &'a [Pod],
+    current: &'a BTreeSet<String>,
+) -> impl Iterator<Item = (String, Option<u32>)> + 'a {
+    pods.iter()
+        .filter(|pod| {
+            label(pod, LABEL_ROLE) == Some(ROLE_SHARD)
+                && pod.metadata.deletion_timestamp.is_none()
+                && !current.contains(&pod.name_any())
+        })
+        .map(|pod| (pod.name_any(), None))
+}
+
+/// Plans the coordinator pod into `plan`: made when missing, replaced when
+/// it failed or its node is not ready or gone.
+fn plan_coordinator(
+    plan: &mut PodPlan,
+    run: &str,
+    pods: &[Pod],
+    node_ready: &dyn Fn(&str) -> Option<bool>,
+) {
+    let coordinator = pods.iter().find(|p| {
+        label(p, LABEL_ROLE) == Some(ROLE_COORDINATOR)
+            && p.metadata.name.as_deref() == Some(coordinator_name(run).as_str())
+    });
+    match coordinator {
+        None => plan.create_coordinator = true,
+        Some(pod) if pod.metadata.deletion_timestamp.is_some() => {}
+        Some(pod) if pod_phase(pod) == Some("Failed") => {
+            plan.delete.push((pod.name_any(), None));
+            plan.restart_coordinator = true;
+        }
+        Some(pod) if on_unready_node(pod, node_ready) => {
+            // Its kubelet cannot confirm a graceful deletion; the name is
+            // freed at once so the replacement can take it.
+            plan.delete.push((pod.name_any(), Some(0)));
+            plan.restart_coordinator = true;
+        }
+        Some(_) => {}
+    }
+}
+
+/// A count or index as the status writes it.
+pub(super) fn index(value: usize) -> u32 {
+    u32::try_from(value).unwrap_or(u32::MAX)
+}
+
+/// The value of label `key` of `pod`.
+pub(super) fn label<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+    pod.metadata.labels.as_ref()?.get(key).map(String::as_str)
+}
+
+/// The pod's phase (`Pending`, `Running`, `Succeeded`, `Failed`).
+pub(super) fn pod_phase(pod: &Pod) -> Option<&str> {
+    pod.status.as_ref()?.phase.as_deref()
+}
+
+/// Whether a node's `Ready` condition is `True`.
+pub(super) fn is_node_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.status == "True")
+}
+
+/// Whether `pod` is bound to a node that is not ready or no longer exists.
+fn on_unready_node(pod: &Pod, node_ready: &dyn Fn(&str) -> Option<bool>) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .is_some_and(|node| node_ready(node) != Some(true))
+}
+
+/// Why a shard's pod lost its shard, and whether its node is to blame.
+#[derive(Clone, Debug, PartialEq)]
+struct Failure {
+    /// Reason recorded in the reassignment and its event.
+    reason: String,
+    /// Whether the node goes into `status.failedNodes`, keeping later shard
+    /// pods of the run off it.
+    node_caused: bool,
+}
+
+impl Failure {
+    fn new(reason: &str, node_caused: bool) -> Self {
+        Self {
+            reason: reason.to_owned(),
+            node_caused,
+        }
+    }
+}
+
+/// `DisruptionTarget` reasons set when the node, not a person or the
+/// scheduler, ends a pod: the node's `NoExecute` taint (not ready,
+/// unreachable), the pod garbage collector (node deleted), the kubelet
+/// (node-pressure eviction, node shutdown).
+const NODE_DISRUPTIONS: [&str; 3] = [
+    "DeletionByTaintManager",
+    "DeletionByPodGC",
+    "TerminationByKubelet",
+];
+
+/// Reasons the kubelet or node lifecycle give a failed pod when the node,
+/// not the pod's own containers, ended it: eviction for node pressure, a
+/// lost or shutting-down node, a pod the node refused to admit (`OutOf…`,
+/// `NodeAffinity`, `UnexpectedAdmissionError`).
+fn node_failure_reason(reason: &str) -> bool {
+    matches!(
+        reason,
+        "Evicted"
+            | "NodeLost"
+            | "Shutdown"
+            | "Terminated"
+            | "NodeShutdown"
+            | "NodeAffinity"
+            | "UnexpectedAdmissionError"
+    ) || reason.starts_with("OutOf")
+}
+
+/// Reason of the pod's `DisruptionTarget` condition, when it has one.
+fn disruption(pod: &Pod) -> Option<&str> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "DisruptionTarget" && c.status == "True")?
+        .reason
+        .as_deref()
+        .filter(|r| !r.is_empty())
+}
+
+/// What failed when a node that is not ready, or gone, held a pod.
+fn node_state_failure(node: &str, node_ready: &dyn Fn(&str) -> Option<bool>) -> Option<Failure> {
+    match node_ready(node) {
+        Some(true) => None,
+        Some(false) => Some(Failure::new("NodeNotReady", true)),
+        None => Some(Failure::new("NodeLost", true)),
+    }
+}
+
+/// Why a shard pod no longer holds its shard, if it does not.
+///
+/// Only the node's doing counts against the node (see [`Failure`]): its
+/// readiness lost, the node gone, a node-initiated disruption or eviction.
+/// A pod deleted by a person, drained off its node (the eviction API) or
+/// preempted, and a container that failed on its own, move the shard but
+/// leave the node usable.
+fn failure_of(pod: &Pod, node_ready: &dyn Fn(&str) -> Option<bool>) -> Option<Failure> {
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+    if let Some(failure) = node.and_then(|n| node_state_failure(n, node_ready)) {
+        return Some(failure);
+    }
+    let disrupted = disruption(pod);
+    let by_node = disrupted.is_some_and(|r| NODE_DISRUPTIONS.contains(&r));
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Some(Failure::new(disrupted.unwrap_or("PodDeleted"), by_node));
+    }
+    if pod_phase(pod) != Some("Failed") {
+        return None;
+    }
+    let status = pod.status.as_ref();
+    let pod_reason = status
+        .and_then(|s| s.reason.clone())
+        .filter(|r| !r.is_empty());
+    let node_caused = by_node || pod_reason.as_deref().is_some_and(node_failure_reason);
+    let reason = pod_reason
+        .or_else(|| {
+            status
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|c| c.first())
+                .and_then(|c| c.state.as_ref()?.terminated.as_ref()?.reason.clone())
+        })
+        .unwrap_or_else(|| "PodFailed".to_owned());
+    Some(Failure {
+        reason,
+        node_caused,
+    })
+}
+
+/// Why a shard pod that is gone without a trace lost its shard: its node
+/// went away or is not ready, or else it was deleted.
+fn vanished_failure(node: Option<&str>, node_ready: &dyn Fn(&str) -> Option<bool>) -> Failure {
+    node.and_then(|n| node_state_failure(n, node_ready))
+        .unwrap_or_else(|| Failure::new("PodDeleted", false))
+}
+
+/// "stage S replica R: pod A on node X -> pod B (reason)".
+pub(super) fn describe(moved: &Reassignment) -> String {
+    let node = moved
+        .from_node
+        .as_deref()
+        .map_or_else(|| "no node".to_owned(), |n| format!("node {n}"));
+    let to = moved.to_pod.as_deref().unwrap_or("none");
+    format!(
+        "stage {} replica {}: pod {} on {node} -> pod {to} ({})",
+        moved.stage, moved.replica, moved.from_pod, moved.reason
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::PodCondition;
+    use serde_json::json;
+
+    use super::*;
+    use crate::controller::tests::{first_plan, planned, replan, replan_with, settled};
+    use crate::fixtures::{coordinator, run, shard};
+
+    #[test]
+    fn a_new_run_gets_every_shard_and_the_coordinator() {
+        let run = run(2, 2);
+        let plan = first_plan(&run, &[]);
+        assert!(plan.create_coordinator);
+        assert_eq!(
+            plan.create,
+            [
+                planned(0, 0, 0),
+                planned(0, 1, 0),
+                planned(1, 0, 0),
+                planned(1, 1, 0)
+            ]
+        );
+        assert!(plan.delete.is_empty() && plan.reassignments.is_empty());
+    }
+
+    #[test]
+    fn a_shard_on_a_node_that_is_not_ready_moves() {
+        let (run, pods) = settled();
+        let n2_down = |node: &str| Some(node != "n2");
+        let plan = replan_with(&run, &pods, &n2_down);
+        let reasons: Vec<(&str, &str)> = plan
+            .reassignments
+            .iter()
+            .map(|r| (r.from_pod.as_str(), r.reason.as_str()))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                ("demo-s0-r1", "NodeNotReady"),
+                ("demo-s1-r1", "NodeNotReady")
+            ]
+        );
+        assert_eq!(plan.create, [planned(0, 1, 1), planned(1, 1, 1)]);
+        assert_eq!(plan.failed_nodes, ["n2"]);
+        // A node that no longer exists loses its pods, and counts as failed.
+        let n1_gone = |node: &str| (node != "n1").then_some(true);
+        let plan = replan_with(&run, &pods, &n1_gone);
+        let reasons: Vec<&str> = plan
+            .reassignments
+            .iter()
+            .map(|r| r.reason.as_str())
+            .collect();
+        assert_eq!(reasons, ["NodeLost", "NodeLost"]);
+        assert_eq!(plan.failed_nodes, ["n1"]);
+    }
+
+    #[test]
+    fn a_coordinator_that_failed_or_lost_its_node_is_replaced() {
+        let (run, mut pods) = settled();
+        let n3_down = |node: &str| Some(node != "n3");
+        let plan = replan_with(&run, &pods, &n3_down);
+        assert_eq!(plan.delete, [("demo-coordinator".to_owned(), Some(0))]);
+        assert!(plan.restart_coordinator && !plan.create_coordinator);
+        pods[0] = coordinator(&run, "Failed", "n3");
+        let plan = replan(&run, &pods);
+        assert_eq!(plan.delete, [("demo-coordinator".to_owned(), None)]);
+        // Once gone, it is made again.
+        pods.remove(0);
+        let plan = replan(&run, &pods);
+        assert!(plan.create_coordinator);
+    }
+
+    /// A shard pod of `run` at (1, 0, 0) on n1 that failed with the pod
+    /// reason, container reason and disruption given.
+    fn failed_shard(
+        run: &TrainingRunResource,
+        pod_reason: Option<&str>,
+        container_reason: Option<&str>,
+        disrupted: Option<&str>,
+    ) -> Pod {
+        let mut failed = shard(run, (1, 0, 0), "Failed", "n1");
+        let status = failed.status.as_mut().expect("status");
+        status.reason = pod_reason.map(str::to_owned);
+        if let Some(why) = container_reason {
+            status.container_statuses = Some(vec![serde_json::from_value(json!({
+                "name": "worker", "image": "pipewright:test", "imageID": "", "ready": false,
+                "restartCount": 0,
+                "state": {"terminated": {"exitCode": 1, "reason": why}}
+            }))
+            .expect("container status")]);
+        }
+        if let Some(why) = disrupted {
+            status
+                .conditions
+                .get_or_insert_with(Vec::new)
+                .push(PodCondition {
+                    type_: "DisruptionTarget".to_owned(),
+                    status: "True".to_owned(),
+                    reason: Some(why.to_owned()),
+                    ..PodCondition::default()
+                });
+        }
+        failed
+    }
+
+    #[test]
+    fn only_failures_of_the_node_count_against_it() {
+        let (run, pods) = settled();
+        // (pod reason, container reason, disruption, expected reason, node-caused)
+        let cases = [
+            (
+                Some("Evicted"),
+                None,
+                Some("TerminationByKubelet"),
+                "Evicted",
+                true,
+            ),
+            (Some("Evicted"), None, None, "Evicted", true),
+            (
+                Some("OutOfnvidia.com/gpu"),
+                None,
+                None,
+                "OutOfnvidia.com/gpu",
+                true,
+            ),
+            (
+                Some("UnexpectedAdmissionError"),
+                None,
+                None,
+                "UnexpectedAdmissionError",
+                true,
+            ),
+            (
+                Some("Terminated"),
+                None,
+                Some("TerminationByKubelet"),
+                "Terminated",
+                true,
+            ),
+            (None, Some("OOMKilled"), None, "OOMKilled", false),
+            (None, Some("Error"), None, "Error", false),
+            (None, None, None, "PodFailed", false),
+        ];
+        for (pod_reason, container_reason, disrupted, reason, node_caused) in cases {
+            let mut pods = pods.clone();
+            pods[3] = failed_shard(&run, pod_reason, container_reason, disrupted);
+            let plan = replan(&run, &pods);
+            assert_eq!(plan.reassignments.len(), 1, "{reason}");
+            assert_eq!(plan.reassignments[0].reason, reason);
+            let expected: &[&str] = if node_caused { &["n1"] } else { &[] };
+            assert_eq!(plan.failed_nodes, expected, "{reason}");
+        }
+    }
+
+    #[test]
+    fn pods_of_old_attempts_and_dropped_shards_are_deleted() {
+        let (mut run, mut pods) = settled();
+        pods.push(shard(&run, (0, 0, 3), "Running", "n4"));
+        run.spec.pipeline.replicas = 1;
+        let plan = replan(&run, &pods);
+        let deleted: Vec<&str> = plan.delete.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(deleted, ["demo-s0-r1", "demo-s1-r1", "demo-s0-r0-a3"]);
+    }
+}

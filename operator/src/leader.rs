@@ -9,6 +9,19 @@
 //! anyone else may start; on shutdown it releases the lease so a standby
 //! takes over at once. Every write carries the resource version read just
 //! before, so two replicas racing for the lease cannot both win.
+//! `tests/leader.rs` checks each of these against a scripted API server.
+//!
+//! Why this is not a crate (checked December 2026 on crates.io):
+//! - `kube-coordinate` (latest 2.0.0-rc.0) depends on `kube` 2; it has no
+//!   release for `kube` 5, which this operator uses.
+//! - `kube-lease-manager` 0.13.1 does support `kube` 5 (with `k8s-openapi`
+//!   0.29), but it decides that a lease expired by adding its duration to
+//!   the holder's `renewTime` and comparing with its own wall clock, so a
+//!   taker whose clock runs ahead of the holder's takes the lease over
+//!   while the holder still acts; the guarantee above (expiry timed by the
+//!   taker's own monotonic clock from when it saw the record change) would
+//!   be lost. It also needs Rust 1.89, above this workspace's 1.85.
+//! - `kube` 5 itself (`kube-runtime`) has no leader election.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

@@ -60,6 +60,19 @@ impl Drop for AttentionCache {
     }
 }
 
+impl AttentionCache {
+    /// Take out the input (the normed residual stream), which a block
+    /// under selective recomputation recomputes instead of keeping.
+    pub fn take_input(&mut self) -> Vec<f32> {
+        std::mem::take(&mut self.x)
+    }
+
+    /// Put back a recomputed input; it must be the bits the forward saw.
+    pub fn restore_input(&mut self, x: Vec<f32>) {
+        pool::give(std::mem::replace(&mut self.x, x));
+    }
+}
+
 impl Attention {
     /// Initialise the projections of block `layer`.
     pub fn new(cfg: &ModelConfig, layer: usize, seed: u64) -> Self {

@@ -1,5 +1,14 @@
 //! One transformer block (pre-norm):
 //! `h = x + attn(norm₁(x))`, `y = h + mlp(norm₂(h))`.
+//!
+//! Activation recomputation (`spec.training.recompute`) decides what a
+//! block keeps between its forward and its backward ([`BlockSaved`]):
+//! everything (`none`), its input only (`full`: the backward runs the
+//! block's forward again), or its input, the residual after attention and
+//! the attention's internals (`selective`: the backward recomputes the two
+//! norms and the MLP). The kernels are deterministic, so a recomputed
+//! intermediate has the bits of the original and the gradients are the
+//! same either way.
 
 use super::attention::{Attention, AttentionCache};
 use super::mlp::{Mlp, MlpCache};
@@ -7,6 +16,7 @@ use super::rmsnorm::{RmsNorm, RmsNormCache};
 use super::{ModelConfig, Param};
 use crate::kernels::ops::{add_assign, Rope};
 use crate::kernels::pool;
+pub use pipewright_spec::Recompute;
 
 /// A transformer block with its parameters.
 #[derive(Clone, Debug)]
@@ -28,6 +38,34 @@ pub struct BlockCache {
     attn: AttentionCache,
     mlp_norm: RmsNormCache,
     mlp: MlpCache,
+}
+
+/// What a block keeps of one forward for its backward, by recomputation
+/// policy. [`Block::recompute`] turns any of them back into a
+/// [`BlockCache`].
+#[derive(Debug)]
+pub enum BlockSaved {
+    /// Every intermediate (`recompute: none`).
+    All(BlockCache),
+    /// The block's input `[B·T, D]` (`recompute: full`).
+    Input(Vec<f32>),
+    /// The block's input, the residual stream after attention (both
+    /// `[B·T, D]`) and the attention's cache without its input
+    /// (`recompute: selective`).
+    Attention {
+        /// Block input.
+        x: Vec<f32>,
+        /// `x + attn(norm₁(x))`, the MLP norm's input.
+        h: Vec<f32>,
+        /// q, k, v, attention output and probabilities.
+        attn: AttentionCache,
+    },
+}
+
+impl Default for BlockSaved {
+    fn default() -> Self {
+        BlockSaved::Input(Vec::new())
+    }
 }
 
 impl Block {
@@ -71,6 +109,72 @@ impl Block {
                 mlp,
             },
         )
+    }
+
+    /// [`Block::forward`] keeping what `policy` asks for.
+    pub fn forward_saving(
+        &self,
+        x: Vec<f32>,
+        batch: usize,
+        seq: usize,
+        rope: &Rope,
+        policy: Recompute,
+    ) -> (Vec<f32>, BlockSaved) {
+        let (y, cache) = self.forward(x, batch, seq, rope);
+        let saved = match policy {
+            Recompute::Off => BlockSaved::All(cache),
+            Recompute::Full => {
+                let BlockCache { attn_norm, .. } = cache;
+                BlockSaved::Input(attn_norm.into_input())
+            }
+            Recompute::Selective => {
+                let BlockCache {
+                    attn_norm,
+                    mut attn,
+                    mlp_norm,
+                    ..
+                } = cache;
+                pool::give(attn.take_input());
+                BlockSaved::Attention {
+                    x: attn_norm.into_input(),
+                    h: mlp_norm.into_input(),
+                    attn,
+                }
+            }
+        };
+        (y, saved)
+    }
+
+    /// Rebuild every intermediate of a forward from what it saved: the same
+    /// values, bit for bit, as [`Block::forward`] kept.
+    pub fn recompute(
+        &self,
+        saved: BlockSaved,
+        batch: usize,
+        seq: usize,
+        rope: &Rope,
+    ) -> BlockCache {
+        match saved {
+            BlockSaved::All(cache) => cache,
+            BlockSaved::Input(x) => {
+                let (y, cache) = self.forward(x, batch, seq, rope);
+                pool::give(y);
+                cache
+            }
+            BlockSaved::Attention { x, h, mut attn } => {
+                let (xn, attn_norm) = self.attn_norm.forward(x);
+                attn.restore_input(xn);
+                let (hn, mlp_norm) = self.mlp_norm.forward(h);
+                let (y, mlp) = self.mlp.forward(hn, batch * seq);
+                pool::give(y);
+                BlockCache {
+                    attn_norm,
+                    attn,
+                    mlp_norm,
+                    mlp,
+                }
+            }
+        }
     }
 
     /// Input half of the backward: `dy` → `dx`.

@@ -23,6 +23,7 @@ pub mod partition;
 pub mod rmsnorm;
 pub mod stage;
 
+pub use block::Recompute;
 pub use config::ModelConfig;
 pub use param::Param;
 pub use partition::partition;

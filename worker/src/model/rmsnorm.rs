@@ -68,4 +68,10 @@ impl RmsNormCache {
     pub fn input(&self) -> &[f32] {
         &self.x
     }
+
+    /// Give up the input, returning the rest of the cache to the pool
+    /// (activation recomputation keeps only the input).
+    pub fn into_input(mut self) -> Vec<f32> {
+        std::mem::take(&mut self.x)
+    }
 }

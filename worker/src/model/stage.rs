@@ -8,13 +8,23 @@
 //! A stage keeps one cache per micro-batch in flight, so a schedule may run
 //! several forwards before their backwards (1F1B, GPipe) and may run the
 //! input half of a backward long before its weight half (zero-bubble).
+//!
+//! Under activation recomputation ([`Stage::set_recompute`]) each block
+//! keeps less of a micro-batch in flight (see [`super::block`]); the input
+//! half of the backward then recomputes one block at a time and runs that
+//! block's weight half at once, so only one block's intermediates exist at
+//! a time. Each parameter's gradient still receives the same terms in the
+//! same order (the weight halves of a stage run in the order of its input
+//! halves under every schedule), so the gradients are the same bits.
 
 mod groups;
+#[cfg(test)]
+mod recompute_tests;
 
 use std::collections::HashMap;
 use std::ops::Range;
 
-use super::block::{Block, BlockCache};
+use super::block::{Block, BlockSaved, Recompute};
 use super::bottleneck::{Projection, ProjectionCache};
 use super::embedding::Embedding;
 use super::head::{Head, HeadCache};
@@ -87,7 +97,7 @@ pub enum StageOutput {
 struct MicroBatchCache {
     tokens: Vec<u32>,
     rows: usize,
-    blocks: Vec<BlockCache>,
+    blocks: Vec<BlockSaved>,
     head: Option<HeadCache>,
     up: Option<ProjectionCache>,
     down: Option<ProjectionCache>,
@@ -114,6 +124,7 @@ pub struct Stage {
     down: Option<Projection>,
     head: Option<Head>,
     rope: Rope,
+    recompute: Recompute,
     inflight: HashMap<u64, MicroBatchCache>,
 }
 
@@ -162,6 +173,7 @@ impl Stage {
             rope: Rope::new(cfg.seq_len, cfg.head_dim(), cfg.rope_theta),
             layers,
             cfg: cfg.clone(),
+            recompute: Recompute::Off,
             inflight: HashMap::new(),
         }
     }
@@ -203,6 +215,17 @@ impl Stage {
         self.down
             .as_ref()
             .map_or(self.cfg.dim, Projection::width_out)
+    }
+
+    /// Choose what each block keeps of a micro-batch for its backward
+    /// (`spec.training.recompute`); applies to forwards from now on.
+    pub fn set_recompute(&mut self, policy: Recompute) {
+        self.recompute = policy;
+    }
+
+    /// The activation recomputation policy.
+    pub fn recompute(&self) -> Recompute {
+        self.recompute
     }
 
     /// Micro-batches with a forward but no completed backward.
@@ -323,10 +346,12 @@ impl Stage {
             }
         };
         for block in &self.blocks {
-            let (y, c) = block.forward(x, batch, seq, &self.rope);
-            x = y;
             if mb.is_some() {
+                let (y, c) = block.forward_saving(x, batch, seq, &self.rope, self.recompute);
+                x = y;
                 cache.blocks.push(c);
+            } else {
+                x = block.forward(x, batch, seq, &self.rope).0;
             }
         }
         let out = match &self.head {
@@ -399,8 +424,18 @@ impl Stage {
                 })
             }
         };
-        for (block, c) in self.blocks.iter().zip(cache.blocks.iter_mut()).rev() {
-            dx = block.backward_input(c, dx, &self.rope);
+        let (batch, seq) = (cache.rows / self.cfg.seq_len.max(1), self.cfg.seq_len);
+        for (block, saved) in self.blocks.iter_mut().zip(cache.blocks.iter_mut()).rev() {
+            match saved {
+                BlockSaved::All(c) => dx = block.backward_input(c, dx, &self.rope),
+                _ => {
+                    // Recompute this block, run both halves of its backward
+                    // and let its intermediates go before the next block.
+                    let mut c = block.recompute(std::mem::take(saved), batch, seq, &self.rope);
+                    dx = block.backward_input(&mut c, dx, &self.rope);
+                    block.backward_weight(&c);
+                }
+            }
         }
         if let (Some(up), Some(c)) = (&self.up, cache.up.as_mut()) {
             dx = up.backward_input(c, dx);

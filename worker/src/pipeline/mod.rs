@@ -425,6 +425,7 @@ impl StageWorker {
         };
         let rank = spec.pipeline.lowrank_rank(model.dim);
         let mut stage = Stage::with_bottleneck(&model, shard.stage, stages, layers, seed, rank);
+        stage.set_recompute(spec.training.recompute);
         let opt = AdamW::new(&stage.params_mut());
         let rows = spec.training.micro_batch_size;
         let worker_id = shard.worker_id();

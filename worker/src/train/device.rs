@@ -26,6 +26,16 @@ impl Trainer {
                 "pipeline.codec lowrank (the learned bottleneck) is not available on the CUDA device yet; use codec f32/f16/bf16/int8 or --device cpu".into(),
             ));
         }
+        let recompute = match self.manifest.spec.training.recompute {
+            crate::model::Recompute::Off => None,
+            crate::model::Recompute::Full => Some("full"),
+            crate::model::Recompute::Selective => Some("selective"),
+        };
+        if let Some(policy) = recompute {
+            return Err(TrainError::Device(format!(
+                "spec.training.recompute: {policy} is not available on the CUDA device (the device model keeps every activation); use recompute: none there, or --device cpu"
+            )));
+        }
         let mut params = Vec::new();
         let mut m = Vec::new();
         let mut v = Vec::new();

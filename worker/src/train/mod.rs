@@ -115,7 +115,11 @@ impl Trainer {
         let stages: Vec<Stage> = partition(&model, n, &[])
             .into_iter()
             .enumerate()
-            .map(|(i, layers)| Stage::with_bottleneck(&model, i, n, layers, seed, rank))
+            .map(|(i, layers)| {
+                let mut s = Stage::with_bottleneck(&model, i, n, layers, seed, rank);
+                s.set_recompute(spec.training.recompute);
+                s
+            })
             .collect();
         let mut stages = stages;
         let opts = stages
@@ -152,11 +156,15 @@ impl Trainer {
         if fp != loaded.meta.data_fingerprint {
             warn!(checkpoint = %checkpoint.display(), "the corpus differs from the one this checkpoint was trained on; samples will differ from an uninterrupted run");
         }
+        let mut stages = loaded.stages;
+        for s in &mut stages {
+            s.set_recompute(manifest.spec.training.recompute);
+        }
         Ok(Self {
             optim: OptimConfig::from_spec(&manifest.spec.training),
             manifest,
             model: loaded.meta.model,
-            stages: loaded.stages,
+            stages,
             opts: loaded.opts,
             tokenizer: loaded.tokenizer,
             corpus,

@@ -2,7 +2,7 @@
 //! group completes: the caller can start averaging a group's gradients with
 //! the other replicas while the rest of the backward still runs.
 
-use super::{Param, Stage, StageError};
+use super::{BlockSaved, Param, Stage, StageError};
 
 impl Stage {
     /// Indices into [`Stage::params`] of the groups of parameters whose
@@ -75,8 +75,12 @@ impl Stage {
         if !tail.is_empty() {
             done(&tail);
         }
-        for (block, c) in self.blocks.iter_mut().zip(&cache.blocks).rev() {
-            block.backward_weight(c);
+        for (block, saved) in self.blocks.iter_mut().zip(&cache.blocks).rev() {
+            // Under recomputation the input half already ran the block's
+            // weight half.
+            if let BlockSaved::All(c) = saved {
+                block.backward_weight(c);
+            }
             done(&block.params());
         }
         if let (Some(up), Some(c)) = (self.up.as_mut(), cache.up.as_ref()) {

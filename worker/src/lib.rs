@@ -7,8 +7,9 @@
 //! training loop, `link` the binary frames between stages, `sync` the
 //! data-parallel gradient all-reduce, `identity` a worker's signing key,
 //! `ledger` the contribution ledger and reward shares, `plan` what a run needs of a machine,
-//! `shard` a shard worker's own metrics, `exposition` the `/metrics`
-//! listener, `cli` the `pipewright` commands.
+//! `shard` the runtime of a shard worker (registration, the epoch loop, the
+//! steps through the coordinator's barrier, its state and metrics),
+//! `exposition` the `/metrics` listener, `cli` the `pipewright` commands.
 
 pub mod checkpoint;
 pub mod cli;

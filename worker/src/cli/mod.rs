@@ -10,6 +10,8 @@ mod plan;
 mod train;
 mod worker;
 
+pub(crate) use coordinator::run_id_hex;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};

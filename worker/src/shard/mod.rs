@@ -1,4 +1,26 @@
-//! What a shard worker keeps beside its pipeline step: its own metrics
-//! (`metrics`), served by [`crate::exposition`].
+//! One shard (stage × replica) of a run, as `pipewright worker` and
+//! `pipewright join` serve it, wired by the run's coordinator.
+//!
+//! - `session`: what the worker needs before training (identity, manifest,
+//!   memory check, listeners, measured speed) and registration, the
+//!   wiring of each epoch, the heartbeat.
+//! - `epoch`: the epoch loop: the wiring, the stage built or kept, its
+//!   state brought to the plan's step, the links of the epoch.
+//! - `step`: the steps of an epoch through the coordinator's barrier: train,
+//!   snapshot, signed commitment, the barrier's answer.
+//! - `state`: restoring the stage's state from where the plan says, handing
+//!   it to a new replica, and delivering checkpoints.
+//! - `metrics`: the worker's own Prometheus metrics, served by
+//!   [`crate::exposition`].
+//!
+//! The worker keeps a snapshot of its state one step back, so any plan can
+//! roll it back; when a peer is lost or the coordinator restarts it drops
+//! the links and asks for the next wiring.
 
+mod epoch;
 pub mod metrics;
+mod session;
+mod state;
+mod step;
+
+pub use session::{Config, Session};

@@ -1,0 +1,158 @@
+//! A shard worker's stage state between epochs: restored from where the
+//! epoch's plan says (held here, fresh, a live replica, a checkpoint),
+//! handed over to a new replica, encoded in checkpoint form (the current
+//! state or the snapshot one step back), and delivered to the coordinator
+//! as this stage's part of a checkpoint.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+
+use super::session::Session;
+use crate::checkpoint;
+use crate::coord::api::{StateSource, Wiring};
+use crate::coord::ClientError;
+use crate::pipeline::{StageState, StageWorker};
+
+/// Brings `worker` to the plan of the epoch `w` wires: restores its state,
+/// hands it to a new replica when asked to (the snapshot is then dropped)
+/// and writes the checkpoint the plan asks for. `false` when the plan
+/// moved on before that was done; an error when this worker cannot take
+/// part in the plan (a fresh worker should).
+pub(super) fn bring_to_plan(
+    session: &Session,
+    worker: &mut StageWorker,
+    snapshot: &mut Option<StageState>,
+    w: &Wiring,
+) -> Result<bool> {
+    match restore(worker, snapshot, w, session) {
+        Ok(true) => {}
+        Ok(false) => return Ok(false),
+        Err(e) => {
+            // Cannot take part in this plan: leave it to a fresh worker.
+            return Err(e.context(format!(
+                "restoring stage {} at step {}",
+                worker.shard().stage,
+                w.step
+            )));
+        }
+    }
+    if w.upload {
+        let bytes = encode_at(worker, snapshot, w.step)?;
+        session
+            .client
+            .put_state(worker.shard().stage, w.epoch, &bytes)
+            .context("handing the stage's state to a new replica")?;
+    }
+    *snapshot = None;
+    if w.checkpoint && !write_checkpoint(session, worker, snapshot, w.step)? {
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// Brings `worker` to the wiring's step from where the wiring says;
+/// `false` when the plan moved on before that could be done.
+fn restore(
+    worker: &mut StageWorker,
+    snapshot: &Option<StageState>,
+    w: &Wiring,
+    session: &Session,
+) -> Result<bool> {
+    let stage = worker.shard().stage;
+    match &w.state {
+        StateSource::Held => {
+            if worker.steps_done() == w.step {
+                return Ok(true);
+            }
+            match snapshot.as_ref().filter(|s| s.step == w.step) {
+                Some(s) => worker.restore(s)?,
+                None => bail!(
+                    "the coordinator expects state at step {} here, but this worker holds step {}",
+                    w.step,
+                    worker.steps_done()
+                ),
+            }
+        }
+        StateSource::Init => {
+            let fresh = StageWorker::prepare_layers(
+                &session.manifest,
+                worker.shard(),
+                session.timeout,
+                Some(w.layers[0]..w.layers[1]),
+            )?;
+            *worker = fresh;
+        }
+        StateSource::Replica => {
+            let bytes = match session.client.get_state(stage, w.epoch) {
+                Ok(b) => b,
+                // The plan moved on (a restarted coordinator, another
+                // loss) before the state arrived: ask for the next one.
+                Err(ClientError::Refused { code: 409, .. }) | Err(ClientError::Unknown) => {
+                    return Ok(false)
+                }
+                Err(e) => return Err(e).context("receiving the stage's state from a live replica"),
+            };
+            restore_bytes(worker, &bytes, w.step, format!("replica of stage {stage}"))?;
+        }
+        StateSource::Checkpoint { dir } => {
+            let bytes = session
+                .client
+                .get_checkpoint(stage, w.step)
+                .with_context(|| format!("fetching stage {stage} of checkpoint {dir}"))?;
+            restore_bytes(
+                worker,
+                &bytes,
+                w.step,
+                format!("{dir}/stage-{stage}.safetensors"),
+            )?;
+        }
+    }
+    Ok(true)
+}
+
+/// Restores the stage from a state in checkpoint form (`source` names it
+/// in errors); refused, changing nothing, when it does not fit the stage.
+fn restore_bytes(worker: &mut StageWorker, bytes: &[u8], step: u64, source: String) -> Result<()> {
+    let src = PathBuf::from(source);
+    let (params, opt) = checkpoint::decode_stage(bytes, &worker.stage().params(), &src)?;
+    worker.restore(&StageState { step, params, opt })?;
+    Ok(())
+}
+
+/// This worker's state at `step` (current or snapshot) in checkpoint form.
+fn encode_at(worker: &StageWorker, snapshot: &Option<StageState>, step: u64) -> Result<Vec<u8>> {
+    let current;
+    let state = if worker.steps_done() == step {
+        current = worker.state();
+        &current
+    } else {
+        snapshot
+            .as_ref()
+            .filter(|s| s.step == step)
+            .with_context(|| format!("no state at step {step} to hand over"))?
+    };
+    checkpoint::encode_stage(&worker.stage().params(), Some(&state.params), &state.opt)
+        .map_err(|e| anyhow::anyhow!("encoding the stage's state: {e}"))
+}
+
+/// Delivers this stage's part of the checkpoint at `step` to the
+/// coordinator, which keeps the run directory. `false` when the
+/// coordinator no longer knows this worker (it restarted): the caller
+/// registers again and is told what to do.
+pub(super) fn write_checkpoint(
+    session: &Session,
+    worker: &StageWorker,
+    snapshot: &Option<StageState>,
+    step: u64,
+) -> Result<bool> {
+    let bytes = encode_at(worker, snapshot, step)?;
+    match session
+        .client
+        .put_checkpoint(session.worker, worker.shard().stage, step, &bytes)
+    {
+        Ok(()) => Ok(true),
+        Err(ClientError::Unknown) => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("delivering the checkpoint of step {step}")),
+    }
+}

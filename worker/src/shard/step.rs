@@ -1,0 +1,213 @@
+//! The step loop of one epoch: each step trains the stage's micro-batches
+//! ([`StageWorker::train_step`]), keeps the state from before it as the
+//! snapshot, signs a commitment to what it computed, and reports at the
+//! coordinator's barrier, whose answer says whether to go on, to write a
+//! checkpoint, and which route the next step takes. A step that breaks off
+//! is reported; one that would break on any worker fails the run.
+
+use std::sync::atomic::Ordering;
+
+use anyhow::{Context, Result};
+
+use super::session::Session;
+use super::state::write_checkpoint;
+use crate::coord::api::{
+    step_message, Barrier, Commitment, Failure, MicroBatchCommit, StepClaim, StepDone, Wiring,
+};
+use crate::coord::ClientError;
+use crate::pipeline::{PipelineError, StageState, StageWorker, WorkerStep};
+use crate::telemetry::{self, span};
+
+/// Whether the epoch trains on after a step.
+enum After {
+    /// The next step, parented on the coordinator's span of it.
+    Next(Option<String>),
+    /// This epoch is over: ask for the next wiring.
+    Stop,
+}
+
+/// Trains the steps of the epoch `w` wires until the run's last step, a
+/// newer epoch, or a barrier that does not proceed. Errors end the worker.
+pub(super) fn run(
+    session: &Session,
+    wk: &mut StageWorker,
+    snapshot: &mut Option<StageState>,
+    w: &Wiring,
+) -> Result<()> {
+    let steps = session.manifest.spec.training.steps;
+    // The coordinator's span of the step to come: from the wiring for the
+    // epoch's first step, then from each barrier's answer.
+    let mut parent = w.traceparent.clone();
+    while wk.steps_done() < steps {
+        if session.epoch_seen.load(Ordering::Relaxed) > w.epoch {
+            break;
+        }
+        match one(session, wk, snapshot, w, parent.take())? {
+            After::Next(next) => parent = next,
+            After::Stop => break,
+        }
+    }
+    Ok(())
+}
+
+/// One step, traced as `shard step` under the coordinator's `parent`.
+fn one(
+    session: &Session,
+    wk: &mut StageWorker,
+    snapshot: &mut Option<StageState>,
+    w: &Wiring,
+    parent: Option<String>,
+) -> Result<After> {
+    let (stage, replica) = w.shard;
+    let step = wk.steps_done() + 1;
+    let step_span = span!("shard step", stage, replica, step, epoch = w.epoch);
+    telemetry::parent_on(&step_span, parent.as_deref());
+    let _in_step = step_span.enter();
+    let before = wk.state();
+    match wk.train_step() {
+        Ok(s) => {
+            session
+                .metrics
+                .record_step(w.shard, w.epoch, &s, wk.traffic());
+            *snapshot = Some(before);
+            let Some(barrier) = report(session, wk, w.epoch, &s)? else {
+                return Ok(After::Stop);
+            };
+            follow(session, wk, snapshot, barrier)
+        }
+        Err(e) => {
+            if is_fatal(&e) {
+                let _ = session.client.fail(&Failure {
+                    worker: session.worker,
+                    epoch: w.epoch,
+                    error: e.to_string(),
+                    fatal: true,
+                });
+                return Err(e).context(format!("step {}", wk.steps_done()));
+            }
+            tracing::warn!("step {} broke off: {e}", wk.steps_done());
+            telemetry::fail(&step_span, e.to_string());
+            report_failure(session, w.epoch, &e);
+            Ok(After::Stop)
+        }
+    }
+}
+
+/// Reports the step `wk` just completed (`s`) at the coordinator's barrier
+/// and waits for its answer; `None` when the coordinator no longer knows
+/// this worker.
+fn report(
+    session: &Session,
+    wk: &StageWorker,
+    epoch: u64,
+    s: &WorkerStep,
+) -> Result<Option<Barrier>> {
+    let shard = wk.shard();
+    let (stage, replica, step) = (shard.stage, shard.replica, wk.steps_done());
+    let commitment = commit(session, wk, epoch, s);
+    let _barrier_span = span!("barrier", stage, replica, step).entered();
+    let barrier = session.client.step(&StepDone {
+        worker: session.worker,
+        epoch,
+        completed: wk.steps_done(),
+        loss: s.loss,
+        grad_norm: s.grad_norm,
+        seconds: s.seconds,
+        busy_seconds: s.busy_seconds,
+        update_seconds: s.update_seconds,
+        link_bytes: s.link_bytes,
+        rejected_frames: wk.rejected_frames(),
+        micro_batches: s.micro_batches,
+        commitment: Some(commitment),
+    });
+    match barrier {
+        Ok(b) => Ok(Some(b)),
+        Err(ClientError::Unknown) => Ok(None),
+        Err(e) => Err(e).context("at the step barrier"),
+    }
+}
+
+/// Does what the barrier's answer says: write this stage's part of a
+/// checkpoint, take a new route, go on or stop.
+fn follow(
+    session: &Session,
+    wk: &mut StageWorker,
+    snapshot: &Option<StageState>,
+    mut barrier: Barrier,
+) -> Result<After> {
+    let parent = barrier.traceparent.take();
+    if barrier.checkpoint {
+        let shard = wk.shard();
+        let (stage, replica, step) = (shard.stage, shard.replica, wk.steps_done());
+        let _s = span!("checkpoint upload", stage, replica, step).entered();
+        if !write_checkpoint(session, wk, snapshot, wk.steps_done())? {
+            return Ok(After::Stop);
+        }
+    }
+    if let Some(route) = barrier.route {
+        wk.set_route(route)
+            .context("the coordinator's route does not fit this run")?;
+    }
+    Ok(if barrier.proceed {
+        After::Next(parent)
+    } else {
+        After::Stop
+    })
+}
+
+/// The signed commitment to the step `wk` just completed: the hashes of
+/// what it computed for each of its micro-batches.
+fn commit(session: &Session, wk: &StageWorker, epoch: u64, s: &WorkerStep) -> Commitment {
+    let micro_batches: Vec<MicroBatchCommit> = wk
+        .step_hashes()
+        .iter()
+        .map(|(&mb, h)| MicroBatchCommit {
+            mb,
+            input: hex::encode(h.input),
+            output: hex::encode(h.output),
+            gradient: hex::encode(h.gradient),
+        })
+        .collect();
+    let mut c = Commitment {
+        micro_batches,
+        signature: String::new(),
+    };
+    let indices = c.indices();
+    let shard = wk.shard();
+    let claim = StepClaim {
+        run_id: &session.run_hex,
+        worker: session.worker,
+        epoch,
+        completed: wk.steps_done(),
+        shard: (shard.stage, shard.replica),
+        loss: s.loss,
+        micro_batches: &indices,
+        root: c.root(),
+    };
+    c.signature = session
+        .identity
+        .sign(crate::identity::STEP_DOMAIN, &step_message(&claim));
+    c
+}
+
+/// A step error that would happen again on any worker: the run fails.
+fn is_fatal(e: &PipelineError) -> bool {
+    matches!(
+        e,
+        PipelineError::Diverged { .. } | PipelineError::Data(_) | PipelineError::Schedule(_)
+    )
+}
+
+/// Tells the coordinator this worker's step (or linking) in `epoch` broke
+/// off, so it can rewire the run.
+pub(super) fn report_failure(session: &Session, epoch: u64, e: &PipelineError) {
+    let r = session.client.fail(&Failure {
+        worker: session.worker,
+        epoch,
+        error: e.to_string(),
+        fatal: false,
+    });
+    if let Err(e) = r {
+        tracing::warn!("reporting a broken step: {e}");
+    }
+}

@@ -470,11 +470,17 @@ pub enum RejectReason {
     WrongRun,
     /// Authentic frame naming another sender than the link's peer.
     WrongSender,
+    /// Authentic, intact tensor (activation, activation gradient or
+    /// gradient contribution) holding a NaN or an infinity.
+    NonFinite,
+    /// Authentic, intact tensor whose norm is beyond the receiver's bound
+    /// (see `docs/byzantine.md`).
+    AbsurdNorm,
 }
 
 impl RejectReason {
     /// Number of reasons (size of the counter array).
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 18;
 
     /// Every reason, in counter order.
     pub const ALL: [RejectReason; Self::COUNT] = [
@@ -494,6 +500,8 @@ impl RejectReason {
         RejectReason::BadContentHash,
         RejectReason::WrongRun,
         RejectReason::WrongSender,
+        RejectReason::NonFinite,
+        RejectReason::AbsurdNorm,
     ];
 
     /// Stable snake_case name, used for metrics labels.
@@ -515,6 +523,8 @@ impl RejectReason {
             RejectReason::BadContentHash => "bad_content_hash",
             RejectReason::WrongRun => "wrong_run",
             RejectReason::WrongSender => "wrong_sender",
+            RejectReason::NonFinite => "non_finite",
+            RejectReason::AbsurdNorm => "absurd_norm",
         }
     }
 }

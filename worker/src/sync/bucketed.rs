@@ -9,6 +9,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::{self, JoinHandle};
 
 use super::ring::{RingError, RingMember};
+use super::robust::Reduce;
 
 /// What the background thread hands back: the member (for the next step)
 /// and the averaged buckets in index order.
@@ -21,7 +22,8 @@ type Outcome = Result<(RingMember, Vec<Vec<f32>>), RingError>;
 /// backward produces them, numbered in that order, for the best overlap.
 #[derive(Debug)]
 pub struct BucketedAllReduce {
-    buckets: usize,
+    /// How each bucket, by index, is combined.
+    rules: Vec<Reduce>,
     tx: Option<Sender<(usize, Vec<f32>)>>,
     worker: Option<JoinHandle<Outcome>>,
 }
@@ -30,13 +32,20 @@ impl BucketedAllReduce {
     /// Starts a background thread that will average `buckets` buckets over
     /// `member`'s ring.
     pub fn start(member: RingMember, buckets: usize) -> Result<Self, RingError> {
+        Self::start_with(member, vec![Reduce::Ring; buckets])
+    }
+
+    /// Starts a background thread that will combine one bucket per entry
+    /// of `rules` over `member`'s ring, bucket `i` as `rules[i]` says.
+    pub fn start_with(member: RingMember, rules: Vec<Reduce>) -> Result<Self, RingError> {
         let (tx, rx) = mpsc::channel();
+        let thread_rules = rules.clone();
         let worker = thread::Builder::new()
             .name("allreduce-buckets".into())
-            .spawn(move || reduce_in_order(member, buckets, rx))
+            .spawn(move || reduce_in_order(member, thread_rules, rx))
             .map_err(|e| RingError::Config(format!("cannot start the bucket thread: {e}")))?;
         Ok(BucketedAllReduce {
-            buckets,
+            rules,
             tx: Some(tx),
             worker: Some(worker),
         })
@@ -44,10 +53,10 @@ impl BucketedAllReduce {
 
     /// Hands bucket `index` over for averaging; returns at once.
     pub fn push(&self, index: usize, data: Vec<f32>) -> Result<(), RingError> {
-        if index >= self.buckets {
+        if index >= self.rules.len() {
             return Err(RingError::Config(format!(
                 "bucket {index} is outside 0..{}",
-                self.buckets
+                self.rules.len()
             )));
         }
         let sent = self.tx.as_ref().map(|tx| tx.send((index, data)));
@@ -82,15 +91,16 @@ impl Drop for BucketedAllReduce {
 
 fn reduce_in_order(
     mut member: RingMember,
-    buckets: usize,
+    rules: Vec<Reduce>,
     rx: Receiver<(usize, Vec<f32>)>,
 ) -> Outcome {
+    let buckets = rules.len();
     let mut waiting: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
     let mut done: Vec<Vec<f32>> = Vec::with_capacity(buckets);
     while done.len() < buckets {
         let next = done.len();
         if let Some(mut data) = waiting.remove(&next) {
-            member.allreduce_mean(&mut data)?;
+            rules[next].apply(&mut member, &mut data)?;
             done.push(data);
             continue;
         }

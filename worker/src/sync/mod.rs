@@ -1,17 +1,30 @@
 //! Data-parallel gradient synchronisation between the replicas of a stage.
 //!
 //! - [`RingMember`]: ring all-reduce (mean) of f32 buffers over
-//!   authenticated TCP links, bit-identical on every rank.
+//!   authenticated TCP links, bit-identical on every rank; and an
+//!   all-gather of every rank's contribution over both directions of the
+//!   same links ([`RingMember::allgather`]).
 //! - [`BucketedAllReduce`]: the same ring fed bucket by bucket from a
 //!   background thread, so gradients of late layers are on the wire while
-//!   backward is still computing the early ones.
+//!   backward is still computing the early ones; each bucket combined as
+//!   its [`Reduce`] says.
+//! - [`aggregate()`]: the robust rules (median, trimmed mean, centered
+//!   clipping) as pure functions of the gathered contributions.
+//! - [`screen_tensor`], [`screen_contributions`]: the checks a tensor
+//!   received from a peer passes before it is used.
 //!
-//! The algorithm is described in `docs/protocol.md`.
+//! The algorithms are described in `docs/protocol.md`, what they defend
+//! against in `docs/byzantine.md`.
 
+pub mod aggregate;
 mod bucketed;
+mod gather;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 mod ring;
+mod robust;
 
+pub use aggregate::aggregate;
 pub use bucketed::BucketedAllReduce;
 pub use ring::{loopback_listeners, on_loopback_ring, RingConfig, RingError, RingMember};
+pub use robust::{screen_contributions, screen_tensor, Reduce, MAX_NORM_RATIO, MAX_TENSOR_RMS};

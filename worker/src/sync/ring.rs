@@ -75,11 +75,11 @@ impl RingConfig {
         }
     }
 
-    fn prev(&self) -> usize {
+    pub(super) fn prev(&self) -> usize {
         (self.rank + self.world - 1) % self.world
     }
 
-    fn next(&self) -> usize {
+    pub(super) fn next(&self) -> usize {
         (self.rank + 1) % self.world
     }
 
@@ -153,20 +153,32 @@ pub enum RingError {
     /// An earlier error left this member unusable.
     #[error("ring member is broken by an earlier error")]
     Broken,
+    /// A contribution arrived intact and authentic but failed the checks
+    /// on its values (NaN or infinity, an absurd norm): refused, counted on
+    /// the link it came from, never used.
+    #[error("refused rank {origin}'s contribution from rank {peer}: {reason}")]
+    Refused {
+        /// The neighbour it arrived from.
+        peer: usize,
+        /// The rank whose contribution it is.
+        origin: usize,
+        /// The refusal's counted reason.
+        reason: &'static str,
+    },
 }
 
 /// One rank of a ring all-reduce.
 #[derive(Debug)]
 pub struct RingMember {
-    config: RingConfig,
+    pub(super) config: RingConfig,
     /// Link to the next rank (absent when `world == 1`).
-    next: Option<Link>,
+    pub(super) next: Option<Link>,
     /// Link from the previous rank (absent when `world == 1`).
-    prev: Option<Link>,
+    pub(super) prev: Option<Link>,
     /// Sequence number of the next operation; every rank must run the same
     /// operations in the same order, and frames carry it to prove it.
-    op: u64,
-    broken: bool,
+    pub(super) op: u64,
+    pub(super) broken: bool,
 }
 
 impl RingMember {
@@ -623,10 +635,10 @@ impl Exchange<'_> {
 /// Bytes of a segment worked on at a time: hashed, summed and hashed again
 /// while they are in this core's cache. A multiple of 4 (whole f32s) and of
 /// BLAKE3's 1 KiB chunk, so pieces keep its SIMD lanes full.
-const PIECE_BYTES: usize = 64 << 10;
+pub(super) const PIECE_BYTES: usize = 64 << 10;
 
 /// How often a waiting receive checks whether the exchange was aborted.
-const ABORT_POLL: Duration = Duration::from_millis(50);
+pub(super) const ABORT_POLL: Duration = Duration::from_millis(50);
 
 /// Largest accepted segment: a frame's dimension is a u32 element count.
 const MAX_SEGMENT_BYTES: usize = 1 << 30;
@@ -638,7 +650,7 @@ fn tag(step: usize, seg: usize) -> u64 {
 
 /// The little-endian bytes of `data` and their BLAKE3 hash, hashed piece by
 /// piece right after each piece is copied.
-fn to_wire_hashed(data: &[f32]) -> (Vec<u8>, crate::link::frame::Digest) {
+pub(super) fn to_wire_hashed(data: &[f32]) -> (Vec<u8>, crate::link::frame::Digest) {
     let mut out = Vec::with_capacity(data.len() * 4);
     let mut hasher = blake3::Hasher::new();
     for piece in data.chunks(PIECE_BYTES / 4) {
@@ -654,7 +666,7 @@ fn to_wire_hashed(data: &[f32]) -> (Vec<u8>, crate::link::frame::Digest) {
 }
 
 /// Copies little-endian f32 `wire` bytes into `out` (same element count).
-fn from_wire(wire: &[u8], out: &mut [f32]) {
+pub(super) fn from_wire(wire: &[u8], out: &mut [f32]) {
     if cfg!(target_endian = "little") {
         bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(wire);
     } else {
@@ -715,7 +727,7 @@ fn wire_f32s(bytes: &mut [u8]) -> Option<&mut [f32]> {
     }
 }
 
-fn link_failure(peer: usize, timeout: Duration, e: LinkError) -> RingError {
+pub(super) fn link_failure(peer: usize, timeout: Duration, e: LinkError) -> RingError {
     match e {
         LinkError::Timeout(_) => RingError::Timeout { peer, timeout },
         LinkError::BadContent => RingError::Protocol {

@@ -1,7 +1,8 @@
 //! The plan against real runs: the peak resident memory of a training
 //! process (`VmHWM`, reported by `pipewright bench train`) is within 15% of
 //! what `plan` says one process needs, for a model whose memory is mostly
-//! parameters and one whose memory is mostly activations.
+//! parameters and one whose memory is mostly activations, and for the
+//! latter with activation recomputation (`training.recompute`) on.
 
 use std::path::Path;
 
@@ -81,4 +82,39 @@ fn plan_matches_the_peak_memory_of_real_runs() {
         "stages: 1",
     );
     assert_within_15_percent("activations", &acts);
+}
+
+#[test]
+fn plan_matches_the_peak_memory_of_runs_that_recompute() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_corpus(dir.path());
+    // The activation-heavy model again, 8 layers: without recomputation
+    // every layer keeps its probabilities and MLP internals for the
+    // backward; `full` keeps each block's input and holds one block's
+    // intermediates at a time; `selective` keeps the attention's.
+    let model = "dim: 128, layers: 8, heads: 8, ffnDim: 512, seqLen: 512, tiedEmbeddings: true";
+    let mut planned = Vec::new();
+    for recompute in ["none", "selective", "full"] {
+        let path = manifest(
+            dir.path(),
+            model,
+            &format!("microBatchSize: 8, microBatches: 1, recompute: {recompute}"),
+            "stages: 1",
+        );
+        let (measured, plan_mib) = measured_and_planned(&path);
+        let error = (plan_mib - measured) / measured;
+        eprintln!(
+            "recompute {recompute}: planned {plan_mib:.1} MiB, measured peak RSS {measured:.1} MiB ({:+.1}%)",
+            error * 100.0
+        );
+        assert!(
+            error.abs() <= 0.15,
+            "recompute {recompute}: planned {plan_mib:.1} MiB, measured {measured:.1} MiB"
+        );
+        planned.push((plan_mib, measured));
+    }
+    // Recomputation must actually save memory, in the plan and for real.
+    let (none, selective, full) = (planned[0], planned[1], planned[2]);
+    assert!(full.0 < selective.0 && selective.0 < none.0, "{planned:?}");
+    assert!(full.1 < 0.6 * none.1, "full recompute measured {planned:?}");
 }

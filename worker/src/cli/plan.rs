@@ -64,7 +64,7 @@ fn print_table(name: &str, spec: &pipewright_spec::TrainingRunSpec, p: &Plan) {
     let t = &spec.training;
     println!(
         "run {name}: {:.1}M parameters, vocabulary {}, {} stage(s) × {} replica(s), \
-         schedule {}, {} micro-batch(es) of {} × {} tokens",
+         schedule {}, {} micro-batch(es) of {} × {} tokens, recompute {}",
         p.params as f64 / 1e6,
         p.vocab,
         p.stages.len(),
@@ -76,6 +76,10 @@ fn print_table(name: &str, spec: &pipewright_spec::TrainingRunSpec, p: &Plan) {
         t.micro_batches,
         t.micro_batch_size,
         spec.model.seq_len,
+        serde_json::to_value(p.recompute)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
     );
     println!(
         "{:>5} {:>9} {:>10} {:>11} {:>11} {:>11} {:>11} {:>9} {:>12} {:>11} {:>12} {:>11}",

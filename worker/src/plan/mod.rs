@@ -25,10 +25,25 @@
 //! (the input half runs over all blocks before the weight half), the
 //! gradients the weight half reads: `n·(4·D + 2·F + H·hd + 2·KV·hd)`, plus
 //! the logits' gradient and the running input gradient.
+//!
+//! Activation recomputation (`spec.training.recompute`) changes what a
+//! block keeps per micro-batch, and its backward then runs one block at a
+//! time (recompute, input half, weight half), so only one block's
+//! intermediates and gradients exist at once:
+//!
+//! ```text
+//!              kept per block and micro-batch           the backward adds
+//! none         as above                                 every block's gradients
+//! full         x                          n·D           one block's intermediates
+//!                                                       and gradients
+//! selective    x, h, q, k, v, out         n·(2·D + 2·H·hd + 2·KV·hd)
+//!              probabilities              B·H·T·T       one block's norms and MLP,
+//!                                                       and its gradients
+//! ```
 
 use std::ops::Range;
 
-use pipewright_spec::{ScheduleKind, TokenizerKind, TrainingRun};
+use pipewright_spec::{Recompute, ScheduleKind, TokenizerKind, TrainingRun};
 use serde::Serialize;
 
 use crate::model::{partition, ModelConfig};
@@ -89,6 +104,8 @@ pub struct Plan {
     pub params: u64,
     /// Pipeline schedule whose peak sizes the activations.
     pub schedule: ScheduleKind,
+    /// What each block keeps for its backward (`spec.training.recompute`).
+    pub recompute: Recompute,
     /// Micro-batches per replica and step.
     pub micro_batches: usize,
     /// Tokens in one optimizer step on one replica.
@@ -152,6 +169,7 @@ pub fn plan(run: &TrainingRun, vocab: usize, stages: Option<usize>) -> Plan {
                 last: s + 1 == n_stages,
                 up: rank.filter(|_| s > 0),
                 down: rank.filter(|_| s + 1 < n_stages),
+                recompute: t.recompute,
             };
             let params = shape.params();
             let kept = shape.kept(batch);
@@ -197,6 +215,7 @@ pub fn plan(run: &TrainingRun, vocab: usize, stages: Option<usize>) -> Plan {
         vocab,
         params: cfg.total_params() as u64,
         schedule: spec.pipeline.schedule,
+        recompute: t.recompute,
         micro_batches: micro,
         tokens_per_step,
         stages,
@@ -263,6 +282,7 @@ struct StageShape<'a> {
     up: Option<usize>,
     /// Rank of the bottleneck's down-projection after this stage.
     down: Option<usize>,
+    recompute: Recompute,
 }
 
 impl StageShape<'_> {
@@ -286,20 +306,20 @@ impl StageShape<'_> {
     /// its backward.
     fn kept(&self, batch: u64) -> u64 {
         let c = self.cfg;
-        let (t, d, f, v) = (
-            c.seq_len as u64,
-            c.dim as u64,
-            c.ffn_dim as u64,
-            c.vocab as u64,
-        );
+        let (t, d, v) = (c.seq_len as u64, c.dim as u64, c.vocab as u64);
         let n = batch.saturating_mul(t);
         let (q, kv) = (c.heads as u64 * c.head_dim() as u64, kv_width(c));
         let probs = batch
             .saturating_mul(c.heads as u64)
             .saturating_mul(t)
             .saturating_mul(t);
-        let per_row = 4 * d + 2 * q + 2 * kv + 3 * f + 2;
-        let block = n.saturating_mul(per_row).saturating_add(probs);
+        let block = match self.recompute {
+            Recompute::Off => self.block_intermediates(batch),
+            Recompute::Full => n.saturating_mul(d),
+            Recompute::Selective => n
+                .saturating_mul(2 * d + 2 * q + 2 * kv)
+                .saturating_add(probs),
+        };
         let mut floats = block.saturating_mul(self.layers);
         if self.last {
             floats = floats.saturating_add(n.saturating_mul(2 * d + 1 + v));
@@ -315,6 +335,21 @@ impl StageShape<'_> {
         floats.saturating_mul(F32)
     }
 
+    /// Floats one block keeps of a micro-batch of `batch` rows without
+    /// recomputation: its every intermediate.
+    fn block_intermediates(&self, batch: u64) -> u64 {
+        let c = self.cfg;
+        let (t, d, f) = (c.seq_len as u64, c.dim as u64, c.ffn_dim as u64);
+        let n = batch.saturating_mul(t);
+        let (q, kv) = (c.heads as u64 * c.head_dim() as u64, kv_width(c));
+        let probs = batch
+            .saturating_mul(c.heads as u64)
+            .saturating_mul(t)
+            .saturating_mul(t);
+        let per_row = 4 * d + 2 * q + 2 * kv + 3 * f + 2;
+        n.saturating_mul(per_row).saturating_add(probs)
+    }
+
     /// Bytes the backward of one micro-batch adds while it runs.
     fn backward(&self, batch: u64) -> u64 {
         let c = self.cfg;
@@ -322,7 +357,14 @@ impl StageShape<'_> {
         let n = batch.saturating_mul(t);
         let q = c.heads as u64 * c.head_dim() as u64;
         let per_block = n.saturating_mul(4 * d + 2 * f + q + 2 * kv_width(c));
-        let mut floats = per_block.saturating_mul(self.layers);
+        let mut floats = match self.recompute {
+            // The input half runs over every block before the weight half.
+            Recompute::Off => per_block.saturating_mul(self.layers),
+            // One block at a time: its recomputed intermediates (what the
+            // micro-batch did not keep of it) and its gradients.
+            Recompute::Full => per_block.saturating_add(self.block_intermediates(batch)),
+            Recompute::Selective => per_block.saturating_add(n.saturating_mul(2 * d + 3 * f + 2)),
+        };
         // The running input gradient and the layer's scratch.
         floats = floats.saturating_add(n.saturating_mul(2 * d + f));
         if self.last {

@@ -123,3 +123,34 @@ fn a_shard_that_does_not_fit_is_refused_naming_its_stage() {
     assert_eq!(shard_fits(&p, None, smallest), Ok(()));
     assert!(shard_fits(&p, None, smallest - 1).is_err());
 }
+
+#[test]
+fn recompute_shrinks_what_a_micro_batch_keeps() {
+    let model = "dim: 64, layers: 8, heads: 4, ffnDim: 192, seqLen: 128";
+    let at = |recompute: &str| {
+        let mut r = run(model, "stages: 2", 4);
+        r.spec.training.recompute = match recompute {
+            "full" => pipewright_spec::Recompute::Full,
+            "selective" => pipewright_spec::Recompute::Selective,
+            _ => pipewright_spec::Recompute::Off,
+        };
+        plan(&r, 256, None)
+    };
+    let (none, selective, full) = (at("none"), at("selective"), at("full"));
+    assert_eq!(full.recompute, pipewright_spec::Recompute::Full);
+    for s in 0..2 {
+        let kept = |p: &Plan| p.stages[s].activation_bytes_per_micro_batch;
+        assert!(kept(&full) < kept(&selective) && kept(&selective) < kept(&none));
+        // Weights and their companions do not change.
+        assert_eq!(full.stages[s].weight_bytes, none.stages[s].weight_bytes);
+        assert!(full.stages[s].total_bytes < none.stages[s].total_bytes);
+    }
+    // Stage 0 (no head) under full recomputation keeps only each block's
+    // input and the received token ids: n·(4·D + 1) floats for 4 blocks.
+    let n = 4 * 128;
+    assert_eq!(
+        full.stages[0].activation_bytes_per_micro_batch,
+        4 * n * (4 * 64 + 1)
+    );
+    assert!(full.single_process_bytes < none.single_process_bytes);
+}

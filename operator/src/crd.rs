@@ -220,6 +220,14 @@ pub static CEL_RULES: &[CelRule] = &[
         Some(".checkpoint.every"),
         "!has(self.checkpoint) || !has(self.checkpoint.every) || self.checkpoint.every <= self.training.steps"),
     // --- spec.placement
+    cel!("spec.placement.memoryPerWorker", "must be a quantity of bytes such as 24Gi, 512Mi or 1G",
+        at "spec.placement", Some(".memoryPerWorker"),
+        "!has(self.memoryPerWorker) \
+         || self.memoryPerWorker.matches('^[0-9]*[1-9][0-9]*(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$')"),
+    cel!("spec.placement.cpuPerWorker", "must be a CPU quantity such as 4, 0.5 or 500m",
+        at "spec.placement", Some(".cpuPerWorker"),
+        "!has(self.cpuPerWorker) || (self.cpuPerWorker.matches('^([0-9]+m|[0-9]+([.][0-9]{1,3})?)$') \
+         && self.cpuPerWorker.matches('[1-9]'))"),
     cel!("spec.placement.topologyKey", "must not be empty", at "spec.placement", Some(".topologyKey"),
         "!has(self.topologyKey) || self.topologyKey.trim() != ''"),
     cel!("spec.placement.minReplicas", "must be at least 1 when set", at "spec.placement",

@@ -306,6 +306,48 @@ fn cases() -> Vec<(&'static str, Value)> {
             ]),
         ),
         (
+            "memoryPerWorker in millibytes",
+            with(&[("/spec/placement/memoryPerWorker", json!("512m"))]),
+        ),
+        (
+            "memoryPerWorker fraction",
+            with(&[("/spec/placement/memoryPerWorker", json!("1.5Gi"))]),
+        ),
+        (
+            "memoryPerWorker zero",
+            with(&[("/spec/placement/memoryPerWorker", json!("0Mi"))]),
+        ),
+        (
+            "cpuPerWorker word",
+            with(&[("/spec/placement/cpuPerWorker", json!("two"))]),
+        ),
+        (
+            "cpuPerWorker zero",
+            with(&[("/spec/placement/cpuPerWorker", json!("0.000"))]),
+        ),
+        (
+            "cpuPerWorker four decimals",
+            with(&[("/spec/placement/cpuPerWorker", json!("0.0005"))]),
+        ),
+        (
+            "cpuPerWorker bytes",
+            with(&[("/spec/placement/cpuPerWorker", json!("2Gi"))]),
+        ),
+        (
+            "resources valid",
+            with(&[
+                ("/spec/placement/memoryPerWorker", json!("24Gi")),
+                ("/spec/placement/cpuPerWorker", json!("500m")),
+            ]),
+        ),
+        (
+            "resources valid, decimal cores and plain bytes",
+            with(&[
+                ("/spec/placement/memoryPerWorker", json!("1073741824")),
+                ("/spec/placement/cpuPerWorker", json!("0.25")),
+            ]),
+        ),
+        (
             "storage size bad",
             with(&[("/spec/storage/size", json!("10GB"))]),
         ),
@@ -425,6 +467,8 @@ fn every_case_but_the_valid_ones_is_refused() {
         "median, three replicas",
         "minReplicas = replicas",
         "tolerations valid",
+        "resources valid",
+        "resources valid, decimal cores and plain bytes",
         "storage valid",
         "storage defaulted",
         "rewards partial",

@@ -190,6 +190,17 @@ pub struct PlacementSpec {
     /// Absent: the operator's `--gpus-per-shard` setting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpus_per_worker: Option<u32>,
+    /// Memory each shard pod requests, as a Kubernetes quantity of bytes
+    /// (`24Gi`, `512Mi`). Absent: the operator derives it per stage from the
+    /// memory plan (the stage's weights, gradients, Adam moments and
+    /// activations at the schedule's peak, plus the process itself), which
+    /// it cannot do for a BPE tokenizer read from a file (no request then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_per_worker: Option<String>,
+    /// CPU each shard pod requests, as a Kubernetes quantity (`4`, `500m`).
+    /// Absent: `spec.training.threads` cores, or 1 when that is 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_per_worker: Option<String>,
     /// Node labels every pod of the run (coordinator and shards) requires.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
@@ -236,6 +247,8 @@ impl Default for PlacementSpec {
     fn default() -> Self {
         Self {
             gpus_per_worker: None,
+            memory_per_worker: None,
+            cpu_per_worker: None,
             node_selector: BTreeMap::new(),
             tolerations: Vec::new(),
             topology_key: default_topology_key(),

@@ -601,6 +601,32 @@ pub static RULES: &[Rule] = &[
     },
     // --- spec.placement (Kubernetes only)
     Rule {
+        field: "spec.placement.memoryPerWorker",
+        requirement: "must be a quantity of bytes such as 24Gi, 512Mi or 1G",
+        check: |r| {
+            let memory = r.spec.placement.memory_per_worker.as_deref()?;
+            (!is_byte_quantity(memory)).then(|| {
+                format!(
+                    "{memory:?} is not a quantity of bytes; write digits with an optional \
+                     suffix Ki, Mi, Gi, Ti, Pi, Ei, k, M, G, T, P or E (e.g. 24Gi)"
+                )
+            })
+        },
+    },
+    Rule {
+        field: "spec.placement.cpuPerWorker",
+        requirement: "must be a CPU quantity such as 4, 0.5 or 500m",
+        check: |r| {
+            let cpu = r.spec.placement.cpu_per_worker.as_deref()?;
+            (!is_cpu_quantity(cpu)).then(|| {
+                format!(
+                    "{cpu:?} is not a CPU quantity above 0; write whole or decimal cores \
+                     (4, 0.5, at most 3 decimals) or millicores (500m)"
+                )
+            })
+        },
+    },
+    Rule {
         field: "spec.placement.topologyKey",
         requirement: "must not be empty",
         check: |r| {
@@ -766,6 +792,21 @@ pub fn is_byte_quantity(size: &str) -> bool {
         && digits.bytes().any(|b| b != b'0')
 }
 
+/// Whether `cpu` is a positive number of cores (`4`, `0.5`, at most three
+/// decimals) or of millicores (`500m`): the subset of Kubernetes quantities
+/// that makes sense for a CPU request.
+pub fn is_cpu_quantity(cpu: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let shape = match cpu.strip_suffix('m') {
+        Some(milli) => digits(milli),
+        None => match cpu.split_once('.') {
+            Some((whole, fraction)) => digits(whole) && digits(fraction) && fraction.len() <= 3,
+            None => digits(cpu),
+        },
+    };
+    shape && cpu.bytes().any(|b| (b'1'..=b'9').contains(&b))
+}
+
 /// `entry [i], [j]` naming the tolerations that match `bad`, if any.
 fn tolerations_where(list: &[Toleration], bad: impl Fn(&Toleration) -> bool) -> Option<String> {
     let at: Vec<String> = list
@@ -850,6 +891,18 @@ mod tests {
             &"a".repeat(64),
         ] {
             assert!(dns_label_problem(bad).is_some(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn cpu_quantities() {
+        for good in ["1", "4", "0.5", "1.25", "500m", "0010", "0.001"] {
+            assert!(is_cpu_quantity(good), "{good:?} refused");
+        }
+        for bad in [
+            "", "0", "0m", "0.000", "m", ".5", "1.", "1.2345", "1e3", "2Gi", "-1", " 1",
+        ] {
+            assert!(!is_cpu_quantity(bad), "{bad:?} accepted");
         }
     }
 

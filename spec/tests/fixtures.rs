@@ -221,6 +221,20 @@ const BAD: &[(&str, Refusal)] = &[
         Parse(&["YAML", "line 14", "checkpoint"]),
     ),
     ("empty.yaml", Parse(&["empty"])),
+    (
+        "memory-per-worker-millibytes.yaml",
+        Invalid(&[
+            "spec.placement.memoryPerWorker",
+            "\"512m\" is not a quantity of bytes",
+        ]),
+    ),
+    (
+        "cpu-per-worker-word.yaml",
+        Invalid(&[
+            "spec.placement.cpuPerWorker",
+            "\"two\" is not a CPU quantity",
+        ]),
+    ),
 ];
 
 #[test]

@@ -101,6 +101,8 @@ fn placement_problems_name_the_field_and_the_entry() {
         "training: {steps: 10, microBatchSize: 2, learningRate: 0.001}
   pipeline: {replicas: 2}
   placement:
+    memoryPerWorker: 1.5Gi
+    cpuPerWorker: 0m
     minReplicas: 3
     topologyKey: ' '
     scheduleTimeoutSeconds: 0
@@ -114,6 +116,8 @@ fn placement_problems_name_the_field_and_the_entry() {
     };
     let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
     let expected = [
+        "spec.placement.memoryPerWorker: \"1.5Gi\" is not a quantity of bytes",
+        "spec.placement.cpuPerWorker: \"0m\" is not a CPU quantity above 0",
         "spec.placement.topologyKey: is empty",
         "spec.placement.minReplicas: 3 exceeds spec.pipeline.replicas (2)",
         "spec.placement.scheduleTimeoutSeconds: must be at least 1, got 0",
@@ -205,6 +209,8 @@ fn everything_set() -> TrainingRun {
             },
             placement: PlacementSpec {
                 gpus_per_worker: Some(2),
+                memory_per_worker: Some("24Gi".into()),
+                cpu_per_worker: Some("3500m".into()),
                 node_selector: BTreeMap::from([("pool".into(), "a100".into())]),
                 tolerations: vec![
                     Toleration {

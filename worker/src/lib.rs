@@ -9,6 +9,7 @@
 //! `ledger` the contribution ledger and reward shares, `plan` what a run needs of a machine,
 //! `shard` the runtime of a shard worker (registration, the epoch loop, the
 //! steps through the coordinator's barrier, its state and metrics),
+//! `local` a run's coordinator and worker processes on one machine,
 //! `exposition` the `/metrics` listener, `cli` the `pipewright` commands.
 
 pub mod checkpoint;
@@ -20,6 +21,7 @@ pub mod identity;
 pub mod kernels;
 pub mod ledger;
 pub mod link;
+pub mod local;
 pub mod model;
 pub mod optim;
 pub mod pipeline;

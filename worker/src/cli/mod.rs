@@ -4,13 +4,13 @@ mod bench;
 #[cfg(feature = "cuda")]
 mod bench_gpu;
 mod coordinator;
-mod launch;
 mod ledger;
 mod plan;
 mod train;
 mod worker;
 
-pub(crate) use coordinator::run_id_hex;
+pub(crate) use coordinator::{config as coordinator_config, random_hex32, run_id_hex};
+pub(crate) use worker::TOKEN_ENV;
 
 use std::path::{Path, PathBuf};
 
@@ -178,7 +178,7 @@ fn forward(path: &Path, text: &str, out: &Path) -> Result<()> {
 
 /// The summary lines of a run's final evaluation beside the corpus's
 /// order-0 entropy.
-fn print_evaluation(eval: &crate::train::EvalReport, unigram: f64) {
+pub(crate) fn print_evaluation(eval: &crate::train::EvalReport, unigram: f64) {
     println!(
         "  validation loss            {:.4} nats/token ({} tokens)",
         eval.loss, eval.tokens

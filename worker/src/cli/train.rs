@@ -236,9 +236,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 );
             }
         }
-        return super::launch::run(
+        return crate::local::run(
             &manifest,
-            &super::launch::LaunchOptions {
+            &crate::local::LaunchOptions {
                 root: &root,
                 threads: args.threads,
                 quiet: args.quiet,

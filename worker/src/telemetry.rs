@@ -261,10 +261,10 @@ pub fn traceparent(span: &Span) -> Option<String> {
 
 fn format_traceparent(sc: &SpanContext) -> String {
     format!(
-        "00-{}-{}-{:02x}",
+        "00-{}-{}-{}",
         sc.trace_id(),
         sc.span_id(),
-        sc.trace_flags().to_u8()
+        hex::encode([sc.trace_flags().to_u8()])
     )
 }
 
@@ -272,24 +272,27 @@ fn format_traceparent(sc: &SpanContext) -> String {
 /// malformed (wrong length, version `ff`, upper case, zero ids).
 pub fn parse_traceparent(text: &str) -> Option<SpanContext> {
     let parts: Vec<&str> = text.trim().split('-').collect();
-    let [version, trace, span, flags, rest @ ..] = parts.as_slice() else {
+    let [version, trace, span, flags_hex, rest @ ..] = parts.as_slice() else {
         return None;
     };
-    let hex = |s: &str, n: usize| {
+    // W3C ids are lower-case hex of a fixed length.
+    let lower_hex = |s: &str, n: usize| {
         s.len() == n
             && s.bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     };
     // Version 00 has exactly four fields; a later version may add some.
-    if !hex(version, 2) || *version == "ff" || (*version == "00" && !rest.is_empty()) {
+    if !lower_hex(version, 2) || *version == "ff" || (*version == "00" && !rest.is_empty()) {
         return None;
     }
-    if !(hex(trace, 32) && hex(span, 16) && hex(flags, 2)) {
+    if !(lower_hex(trace, 32) && lower_hex(span, 16) && lower_hex(flags_hex, 2)) {
         return None;
     }
     let trace = TraceId::from_hex(trace).ok()?;
     let span = SpanId::from_hex(span).ok()?;
-    let flags = u8::from_str_radix(flags, 16).ok()?;
+    let mut flags = [0u8; 1];
+    hex::decode_to_slice(flags_hex, &mut flags).ok()?;
+    let flags = flags[0];
     let sc = SpanContext::new(
         trace,
         span,

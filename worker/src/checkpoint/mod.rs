@@ -416,8 +416,3 @@ pub fn bottleneck_rank(meta: &Meta, dir: &Path) -> Result<Option<usize>, Checkpo
         rank => Ok(rank),
     }
 }
-
-/// Hex form of a 32-byte digest.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}

@@ -1,6 +1,6 @@
 //! `pipewright coordinator`: the per-run coordinator as its own process
 //! (what the operator's coordinator pod runs); `train --processes` runs the
-//! same coordinator inside the launcher.
+//! same coordinator inside the launcher (`crate::local`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::checkpoint::{self, hex, Meta};
+use crate::checkpoint::{self, Meta};
 use crate::coord::server::{CheckpointContext, Config};
 use crate::model::{partition, ModelConfig};
 use crate::train::run_dir;
@@ -49,13 +49,13 @@ pub struct CoordinatorArgs {
 /// A fresh 32-byte secret as hex, from the OS's randomness.
 pub fn random_hex32() -> String {
     let bytes: [u8; 32] = rand::random();
-    hex(&bytes)
+    hex::encode(bytes)
 }
 
 /// The run id every worker of `manifest` uses: derived from its name.
 pub fn run_id_hex(manifest: &pipewright_spec::TrainingRun) -> String {
     let digest = blake3::hash(manifest.metadata.name.as_bytes());
-    hex(&digest.as_bytes()[..16])
+    hex::encode(&digest.as_bytes()[..16])
 }
 
 /// Everything the coordinator of `manifest` needs: the tokenizer and the
@@ -79,7 +79,7 @@ pub fn config(
         model: model.clone(),
         stage_layers: partition(&model, spec.pipeline.stages, &[]),
         seed: spec.training.seed,
-        data_fingerprint: hex(&corpus.fingerprint()),
+        data_fingerprint: hex::encode(corpus.fingerprint()),
         losses: Vec::new(),
     };
     let ledger = Some(root.join(crate::ledger::FILE));
@@ -107,7 +107,7 @@ fn run_key(state_dir: &Path) -> Result<String> {
     if let Ok(k) = std::env::var(RUN_KEY_ENV) {
         let k = k.trim().to_string();
         anyhow::ensure!(
-            k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit()),
+            hex::decode_to_slice(&k, &mut [0u8; 32]).is_ok(),
             "{RUN_KEY_ENV} must be 64 hex digits"
         );
         return Ok(k);

@@ -12,7 +12,7 @@ use std::time::Instant;
 use pipewright_spec::TrainingRun;
 use tracing::warn;
 
-use crate::checkpoint::{self, hex, CheckpointError, Meta};
+use crate::checkpoint::{self, CheckpointError, Meta};
 use crate::data::{sample_train, val_batches, Batch, Corpus, DataError, Tokenizer};
 use crate::model::stage::tie_gradients;
 use crate::model::{partition, ModelConfig, Stage, StageError, StageInput, StageOutput};
@@ -152,7 +152,7 @@ impl Trainer {
         }
         let corpus = Corpus::load(&manifest.spec.data, &loaded.tokenizer)?;
         corpus.check_seq_len(loaded.meta.model.seq_len)?;
-        let fp = hex(&corpus.fingerprint());
+        let fp = hex::encode(corpus.fingerprint());
         if fp != loaded.meta.data_fingerprint {
             warn!(checkpoint = %checkpoint.display(), "the corpus differs from the one this checkpoint was trained on; samples will differ from an uninterrupted run");
         }
@@ -323,7 +323,7 @@ impl Trainer {
             model: self.model.clone(),
             stage_layers: self.stages.iter().map(|s| s.layers.clone()).collect(),
             seed: self.manifest.spec.training.seed,
-            data_fingerprint: hex(&self.corpus.fingerprint()),
+            data_fingerprint: hex::encode(self.corpus.fingerprint()),
             losses: self.losses.clone(),
         };
         let keep = self.manifest.spec.checkpoint.keep;

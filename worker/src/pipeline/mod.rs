@@ -32,6 +32,7 @@
 //! ring. Who those peers are (the wiring) comes from the caller: a static
 //! layout in tests, the coordinator in a run.
 
+pub mod attack;
 pub mod route;
 mod wire;
 
@@ -40,7 +41,7 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use pipewright_spec::{Routing, TrainingRun};
+use pipewright_spec::{Aggregation, Routing, TrainingRun};
 
 use crate::data::{sample_train, Corpus, DataError, Tokenizer};
 use crate::link::codec::{CodecError, TensorWire};
@@ -53,9 +54,10 @@ use crate::model::Param;
 use crate::model::{partition, ModelConfig, Stage, StageError, StageInput, StageOutput};
 use crate::optim::{grad_sq_sum, AdamW, OptimConfig};
 use crate::schedule::{ops, plan, validate, Op, ScheduleError};
-use crate::sync::{BucketedAllReduce, RingConfig, RingError, RingMember};
+use crate::sync::{screen_tensor, BucketedAllReduce, Reduce, RingConfig, RingError, RingMember};
 use crate::telemetry::span;
 
+pub use attack::{Attack, AttackKind};
 pub use route::Route;
 use wire::{decode_f32, decode_scalar, decode_targets, Inbox, Sender, TIE_SLOT};
 
@@ -92,6 +94,17 @@ pub enum PipelineError {
     /// A neighbour sent something the protocol does not allow here.
     #[error("protocol: {0}")]
     Protocol(String),
+    /// A neighbour sent an authentic tensor whose values fail the checks
+    /// (NaN or infinity, an absurd norm): refused, counted, never used.
+    #[error("refused the {what} from the {peer}: {reason}")]
+    Refused {
+        /// Which neighbour: previous stage, next stage, tied stage.
+        peer: &'static str,
+        /// Which tensor (kind, step, micro-batch).
+        what: String,
+        /// The counted reason (`non_finite`, `absurd_norm`).
+        reason: &'static str,
+    },
     /// The loss stopped being a number.
     #[error("loss is {loss} at step {step}: training diverged")]
     Diverged {
@@ -299,6 +312,15 @@ pub struct StageWorker {
     step: u64,
     busy: Duration,
     slowdown: f64,
+    /// How the replicas combine gradients (`spec.pipeline.aggregation`).
+    aggregation: Aggregation,
+    /// A drill: what this shard does dishonestly, if anything.
+    attack: Option<Attack>,
+    /// The last step (0-based) an attack was made at: a step trained again
+    /// is trained honestly.
+    attacked: Option<u64>,
+    /// The attack made in the current step.
+    attacking: Option<AttackKind>,
     /// Content hash of each in-flight micro-batch's forward input.
     inputs: std::collections::HashMap<u64, crate::link::frame::Digest>,
     /// Of each micro-batch this worker ran in the current step: the hashes
@@ -408,6 +430,16 @@ impl StageWorker {
         if cross {
             validate(&plan(kind, stages, replicas * micro_batches))?;
         }
+        let aggregation = spec.pipeline.aggregation;
+        if aggregation != Aggregation::Mean && cross {
+            // Routed replicas run unequal shares of the step, so their
+            // contributions are not alike and a median of them means
+            // nothing.
+            return Err(PipelineError::Layout(format!(
+                "aggregation {} needs routing: lanes (routed replicas' gradients cover unequal shares)",
+                aggregation.name()
+            )));
+        }
         let layers = match layers {
             Some(l) if l.start < l.end && l.end <= model.layers => l,
             Some(l) => {
@@ -481,6 +513,10 @@ impl StageWorker {
             step: 0,
             busy: Duration::ZERO,
             slowdown: 1.0,
+            aggregation,
+            attack: None,
+            attacked: None,
+            attacking: None,
             inputs: std::collections::HashMap::new(),
             outputs: std::collections::BTreeMap::new(),
         })
@@ -688,6 +724,42 @@ impl StageWorker {
     /// least 1), emulating a slower machine: a drill for routing.
     pub fn set_slowdown(&mut self, factor: f64) {
         self.slowdown = factor.max(1.0);
+    }
+
+    /// Makes this shard dishonest on purpose from `attack.from_step` on: a
+    /// drill for the run's defences (see [`attack`]).
+    pub fn set_attack(&mut self, attack: Option<Attack>) {
+        self.attack = attack;
+    }
+
+    /// How this run's replicas combine each bucket of gradients, and (on
+    /// the last stage) the loss sum after them.
+    fn bucket_rules(&self, groups: usize) -> Vec<Reduce> {
+        let mut rules = vec![Reduce::for_gradients(self.aggregation); groups];
+        if self.is_last() {
+            rules.push(match self.aggregation {
+                Aggregation::Mean => Reduce::Ring,
+                // Gathered too, so a replica's loss is screened like its
+                // gradients; reported as the plain mean.
+                _ => Reduce::Gather(Aggregation::Mean),
+            });
+        }
+        rules
+    }
+
+    /// The gradient attack of the current step and its noise seed, if any.
+    fn contribution_attack(&self) -> Option<(AttackKind, u64)> {
+        let kind = self.attacking.filter(|k| k.on_gradients())?;
+        let seed = self.seed
+            ^ self.step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ ((self.shard.stage as u64) << 48)
+            ^ ((self.shard.replica as u64) << 40);
+        Some((kind, seed))
+    }
+
+    /// Under the `nan` drill, the NaN tensor sent in place of `data`.
+    fn poisoned(&self, data: &[f32]) -> Option<Vec<f32>> {
+        (self.attacking == Some(AttackKind::Nan)).then(|| vec![f32::NAN; data.len()])
     }
 
     /// Counts the compute that began at `t` as busy time, first stretching
@@ -941,6 +1013,13 @@ impl StageWorker {
         let mut loss_sum = 0.0f64;
         self.busy = Duration::ZERO;
         self.outputs.clear();
+        self.attacking = match self.attack {
+            Some(a) if step + 1 >= a.from_step && self.attacked.is_none_or(|t| step > t) => {
+                self.attacked = Some(step);
+                Some(a.kind)
+            }
+            _ => None,
+        };
         let order = self.order();
         let micro_batches = order
             .iter()
@@ -1052,13 +1131,16 @@ impl StageWorker {
             (Some(b.tokens), None, b.targets, h, h)
         } else {
             let timeout = self.timeout;
+            let codec = self.codec;
             let prev = self.prev_for(mb)?;
             let t = prev.take(FrameKind::Targets, step, mb, timeout)?;
             let targets = decode_targets(&t, rows, seq)?;
             let a = prev.take(FrameKind::Activation, step, mb, timeout)?;
+            let hidden = decode_f32(&a, rows * seq, width_in, codec)?;
+            screened(prev, &hidden, FrameKind::Activation, step, mb)?;
             (
                 None,
-                Some(decode_f32(&a, rows * seq, width_in, self.codec)?),
+                Some(hidden),
                 targets,
                 a.content_hash(),
                 t.content_hash(),
@@ -1089,11 +1171,12 @@ impl StageWorker {
                 let targets = self
                     .sender
                     .targets(step, mb, &targets, rows, seq, targets_hash)?;
+                let poisoned = self.poisoned(&h);
                 let mut activation = self.sender.matrix(
                     step,
                     mb,
                     FrameKind::Activation,
-                    &h,
+                    poisoned.as_deref().unwrap_or(&h),
                     rows * seq,
                     width_out,
                     self.codec,
@@ -1124,23 +1207,23 @@ impl StageWorker {
         let (grad, input_hash) = if self.is_last() {
             (None, forward_input)
         } else {
-            let f = self
-                .next_for(mb)?
-                .take(FrameKind::Gradient, step, mb, timeout)?;
-            (
-                Some(decode_f32(&f, rows, width_out, self.codec)?),
-                f.content_hash(),
-            )
+            let codec = self.codec;
+            let next = self.next_for(mb)?;
+            let f = next.take(FrameKind::Gradient, step, mb, timeout)?;
+            let grad = decode_f32(&f, rows, width_out, codec)?;
+            screened(next, &grad, FrameKind::Gradient, step, mb)?;
+            (Some(grad), f.content_hash())
         };
         let t = Instant::now();
         let dx = self.stage.backward_input(mb, grad.as_deref())?;
         self.spent(t);
         if let (Some(dx), false) = (dx, self.is_first()) {
+            let poisoned = self.poisoned(&dx);
             let mut frame = self.sender.matrix(
                 step,
                 mb,
                 FrameKind::Gradient,
-                &dx,
+                poisoned.as_deref().unwrap_or(&dx),
                 rows,
                 width_in,
                 self.codec,
@@ -1165,13 +1248,18 @@ impl StageWorker {
         let ring = if overlap { self.ring.take() } else { None };
         let reducer = match ring {
             Some(ring) => {
-                let buckets = self.stage.weight_groups().len() + usize::from(self.is_last());
-                let reducer = BucketedAllReduce::start(ring, buckets)?;
+                let rules = self.bucket_rules(self.stage.weight_groups().len());
+                let reducer = BucketedAllReduce::start_with(ring, rules)?;
                 let mut k = 0;
+                let attack = self.contribution_attack();
                 self.stage.backward_weight_each(mb, &mut |params| {
+                    let mut grads = concat_grads(params);
+                    if let Some((kind, seed)) = attack {
+                        attack::corrupt_gradient(kind, &mut grads, seed ^ k as u64);
+                    }
                     // A failed push means the all-reduce already failed;
                     // waiting for it reports why.
-                    let _ = reducer.push(k, concat_grads(params));
+                    let _ = reducer.push(k, grads);
                     k += 1;
                 })?;
                 Some(reducer)
@@ -1208,11 +1296,16 @@ impl StageWorker {
             // No weight half ran on this worker in this step (a route gave
             // it no micro-batch): its zero gradients join the same buckets.
             (None, Some(ring)) => {
-                let r = BucketedAllReduce::start(ring, groups.len() + usize::from(last))?;
+                let r = BucketedAllReduce::start_with(ring, self.bucket_rules(groups.len()))?;
+                let attack = self.contribution_attack();
                 let params = self.stage.params();
                 for (k, g) in groups.iter().enumerate() {
                     let group: Vec<&Param> = g.iter().map(|&i| params[i]).collect();
-                    r.push(k, concat_grads(&group))?;
+                    let mut grads = concat_grads(&group);
+                    if let Some((kind, seed)) = attack {
+                        attack::corrupt_gradient(kind, &mut grads, seed ^ k as u64);
+                    }
+                    r.push(k, grads)?;
                 }
                 r
             }
@@ -1291,6 +1384,7 @@ impl StageWorker {
         link.send(frame)?;
         let theirs = link.take(FrameKind::Gradient, step, TIE_SLOT, timeout)?;
         let mut theirs = decode_f32(&theirs, vocab, dim, TensorWire::F32)?;
+        screened(link, &theirs, FrameKind::Gradient, step, TIE_SLOT)?;
         let target = if first {
             self.stage.embedding_mut()
         } else {
@@ -1334,6 +1428,30 @@ impl StageWorker {
             prev.send(scalar)?;
         }
         Ok(total.sqrt())
+    }
+}
+
+/// Refuses `data`, received on `inbox` as the `kind` tensor of (`step`,
+/// `mb`), when it holds a NaN or an infinity or its norm is absurd (see
+/// [`screen_tensor`]): the refusal is counted on the link like a malformed
+/// frame's and the step breaks off, so the tensor is never used.
+fn screened(
+    inbox: &Inbox,
+    data: &[f32],
+    kind: FrameKind,
+    step: u64,
+    mb: u64,
+) -> Result<(), PipelineError> {
+    match screen_tensor(data) {
+        None => Ok(()),
+        Some(reason) => {
+            inbox.link.stats().record_rejected(reason);
+            Err(PipelineError::Refused {
+                peer: inbox.name(),
+                what: format!("{kind:?} of step {step} micro-batch {mb}"),
+                reason: reason.name(),
+            })
+        }
     }
 }
 

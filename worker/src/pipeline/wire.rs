@@ -239,6 +239,11 @@ impl Inbox {
         }
     }
 
+    /// Which neighbour this link reaches, for messages.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
     /// The next frame, waiting at most `timeout`, in slices so that a
     /// raised abort flag ends the wait within a fifth of a second.
     fn recv(&self, timeout: Duration) -> Result<Frame, LinkError> {

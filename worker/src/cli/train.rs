@@ -53,6 +53,12 @@ pub struct TrainArgs {
     /// A drill for `routing: throughput`.
     #[arg(long, requires = "processes", value_parser = parse_slow_worker)]
     pub slow_worker: Vec<(usize, usize, f64)>,
+    /// With `--processes`: make one worker dishonest,
+    /// `STAGE/REPLICA=ATTACK[@STEP]` with ATTACK `sign-flip`, `scale`
+    /// (×100), `scale:F`, `noise` or `nan`, from step STEP on; repeatable.
+    /// A drill for `spec.pipeline.aggregation` (see docs/byzantine.md).
+    #[arg(long, requires = "processes", value_parser = crate::pipeline::attack::parse_shard_attack)]
+    pub byzantine: Vec<(usize, usize, crate::pipeline::Attack)>,
     /// With `--processes`: most megabytes per second each worker sends on
     /// each link (kernel pacing), emulating a slower network.
     #[arg(long, requires = "processes", value_parser = super::worker::parse_rate)]
@@ -245,6 +251,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 kills: args.kill_workers,
                 kill_seed: args.kill_seed,
                 slow: &args.slow_worker,
+                byzantine: &args.byzantine,
                 max_send_rate: args.max_send_rate,
                 coordinator_listen: &args.coordinator_listen,
             },

@@ -40,6 +40,8 @@ pub struct LaunchOptions<'a> {
     pub kill_seed: u64,
     /// Workers made slower: `(stage, replica, factor)`.
     pub slow: &'a [(usize, usize, f64)],
+    /// Dishonest workers (a drill): `(stage, replica, attack)`.
+    pub byzantine: &'a [(usize, usize, crate::pipeline::Attack)],
     /// Cap on what each worker sends per link, bytes per second.
     pub max_send_rate: Option<u64>,
     /// Where the coordinator listens.
@@ -71,6 +73,15 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
         if s >= stages || r >= replicas {
             bail!("--slow-worker {s}/{r} is outside the {stages} × {replicas} layout");
         }
+    }
+    for &(s, r, a) in opts.byzantine {
+        if s >= stages || r >= replicas {
+            bail!("--byzantine {s}/{r} is outside the {stages} × {replicas} layout");
+        }
+        if !a.kind.on_gradients() && stages < 2 {
+            bail!("--byzantine {s}/{r}={a}: a pipeline of one stage sends no activations");
+        }
+        eprintln!("drill: stage {s} replica {r} attacks with {a}");
     }
     let spawner = Spawner {
         exe: std::env::current_exe().context("locating the pipewright binary")?,

@@ -45,6 +45,15 @@ impl Spawner<'_> {
             .map_or(1.0, |&(_, _, f)| f);
         let mut command = Command::new(&self.exe);
         command.arg("worker");
+        let attack = self
+            .opts
+            .byzantine
+            .iter()
+            .find(|&&(s, r, _)| (s, r) == (stage, replica));
+        match attack {
+            Some((_, _, a)) => command.env(crate::pipeline::attack::ATTACK_ENV, a.to_string()),
+            None => command.env_remove(crate::pipeline::attack::ATTACK_ENV),
+        };
         if let Some(rate) = self.opts.max_send_rate {
             command.args(["--max-send-rate", &(rate as f64 / 1e6).to_string()]);
         }

@@ -29,6 +29,31 @@ pub enum AttackKind {
     Nan,
 }
 
+/// The environment variable that hands a worker process its drill attack
+/// (`ATTACK[@STEP]`); `pipewright train --processes --byzantine` sets it.
+pub const ATTACK_ENV: &str = "PIPEWRIGHT_BYZANTINE";
+
+/// The attack [`ATTACK_ENV`] asks for, if any.
+pub fn from_env() -> Result<Option<Attack>, String> {
+    match std::env::var(ATTACK_ENV) {
+        Ok(v) if !v.is_empty() => v
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("{ATTACK_ENV}: {e}")),
+        _ => Ok(None),
+    }
+}
+
+/// Parses `STAGE/REPLICA=ATTACK[@STEP]` (`--byzantine`).
+pub fn parse_shard_attack(s: &str) -> Result<(usize, usize, Attack), String> {
+    let bad = || format!("expected STAGE/REPLICA=ATTACK[@STEP] (e.g. 0/1=sign-flip@3), got {s:?}");
+    let (shard, attack) = s.split_once('=').ok_or_else(bad)?;
+    let (stage, replica) = shard.split_once('/').ok_or_else(bad)?;
+    let stage = stage.trim().parse().map_err(|_| bad())?;
+    let replica = replica.trim().parse().map_err(|_| bad())?;
+    Ok((stage, replica, attack.trim().parse()?))
+}
+
 /// The factor of the `scale` attack when none is given.
 pub const SCALE: f32 = 100.0;
 
@@ -180,6 +205,19 @@ mod tests {
         assert!("scale@0".parse::<Attack>().is_err());
         assert!("scale@x".parse::<Attack>().is_err());
         assert!("flip".parse::<Attack>().is_err());
+        assert_eq!(
+            parse_shard_attack("1/2=noise@4"),
+            Ok((
+                1,
+                2,
+                Attack {
+                    kind: AttackKind::Noise,
+                    from_step: 4
+                }
+            ))
+        );
+        assert!(parse_shard_attack("1=noise").is_err());
+        assert!(parse_shard_attack("1/x=noise").is_err());
     }
 
     #[test]

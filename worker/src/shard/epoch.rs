@@ -102,6 +102,7 @@ impl Session {
             let mut wk =
                 StageWorker::prepare_layers(&self.manifest, shard, self.timeout, Some(layers))?;
             wk.set_slowdown(self.slowdown);
+            wk.set_attack(self.attack);
             wk.set_max_send_rate(self.max_send_rate);
             held.worker = Some(wk);
             held.snapshot = None;

@@ -85,6 +85,8 @@ pub struct Session {
     pub(super) abort: Arc<AtomicBool>,
     working: Arc<Mutex<u64>>,
     pub(super) slowdown: f64,
+    /// A drill: what this worker does dishonestly (`PIPEWRIGHT_BYZANTINE`).
+    pub(super) attack: Option<crate::pipeline::Attack>,
     pub(super) max_send_rate: Option<u64>,
     /// This worker's own metrics (served with `--metrics-listen`).
     pub(super) metrics: Arc<ShardMetrics>,
@@ -163,6 +165,7 @@ impl Session {
             abort: Arc::new(AtomicBool::new(false)),
             working: Arc::new(Mutex::new(0)),
             slowdown: config.slowdown,
+            attack: crate::pipeline::attack::from_env().map_err(anyhow::Error::msg)?,
             max_send_rate,
             metrics,
             pipe,

@@ -189,6 +189,20 @@ impl ShardMetrics {
         if let Some(loss) = step.loss {
             self.loss.get_or_create(&labels).set(f64::from(loss));
         }
+        self.record_links((stage, replica), epoch, (pipe, ring));
+    }
+
+    /// Adds what the links of shard (`stage`, `replica`) in `epoch` sent,
+    /// received and refused since last counted (`pipe`, `ring`: their
+    /// counters now). A step that broke off because a received tensor was
+    /// refused counts its refusals here too.
+    pub fn record_links(
+        &self,
+        (stage, replica): (usize, usize),
+        epoch: u64,
+        (pipe, ring): (Traffic, Traffic),
+    ) {
+        let labels = shard_labels(stage, replica);
         let mut base = match self.baseline.lock() {
             Ok(b) => b,
             Err(p) => p.into_inner(),
@@ -345,6 +359,31 @@ mod tests {
             3.0
         );
         assert!(text.contains("identity=\"00ff00ff00ff00ff\""));
+    }
+
+    #[test]
+    fn refusals_of_a_step_that_broke_off_are_counted() {
+        let m = ShardMetrics::new();
+        m.hold(1, 2, "pod-b", "00");
+        let mut pipe = Traffic::default();
+        pipe.rejected[RejectReason::NonFinite as usize] = 1;
+        m.record_links((1, 2), 3, (pipe, Traffic::default()));
+        let text = m.render();
+        let series = |reason: &str| {
+            format!(
+                "pipewright_link_refused_frames_total{{stage=\"1\",replica=\"2\",reason=\"{reason}\"}}"
+            )
+        };
+        assert_eq!(sample(&text, &series("non_finite")), 1.0);
+        assert_eq!(sample(&text, &series("absurd_norm")), 0.0);
+        // The step that follows on the same links does not count it again.
+        m.record_step(
+            (1, 2),
+            3,
+            &step(1.0, 0.5, 0.1, 2),
+            (pipe, Traffic::default()),
+        );
+        assert_eq!(sample(&m.render(), &series("non_finite")), 1.0);
     }
 
     #[test]

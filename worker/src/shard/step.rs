@@ -85,6 +85,7 @@ fn one(
                 });
                 return Err(e).context(format!("step {}", wk.steps_done()));
             }
+            session.metrics.record_links(w.shard, w.epoch, wk.traffic());
             tracing::warn!("step {} broke off: {e}", wk.steps_done());
             telemetry::fail(&step_span, e.to_string());
             report_failure(session, w.epoch, &e);

@@ -92,6 +92,10 @@ pub const RUN_KEY_ENV: &str = "PIPEWRIGHT_RUN_KEY";
 pub const JOIN_TOKEN_ENV: &str = "PIPEWRIGHT_JOIN_TOKEN";
 /// Extended resource requested for GPUs.
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// Resource a shard pod requests its memory as.
+pub const MEMORY_RESOURCE: &str = "memory";
+/// Resource a shard pod requests its cores as.
+pub const CPU_RESOURCE: &str = "cpu";
 /// Node label that tells nodes apart: replicas of one stage never share one.
 pub const HOSTNAME_KEY: &str = "kubernetes.io/hostname";
 /// Longest name a pod host name or a Service may have.
@@ -512,8 +516,44 @@ impl<'a> Blueprint<'a> {
     /// The pod of shard (`stage`, `replica`) after `attempt` moves, kept off
     /// the nodes in `avoid` (where shards of this run failed).
     pub fn shard_pod(&self, stage: usize, replica: usize, attempt: u32, avoid: &[String]) -> Pod {
-        let placement = &self.run.spec.placement;
         let pod_name = shard_pod_name(&self.name, stage, replica, attempt);
+        let mut container = self.worker_container(stage, replica, &pod_name);
+        container.resources = Some(self.shard_resources(stage));
+        let mut spec = self.pod_spec(container, self.shard_tolerations());
+        // The worker's key, created at its first start: the pod's own, so
+        // the ledger books each pod's work to it (beside its pod name).
+        if let Some(volumes) = spec.volumes.as_mut() {
+            volumes.push(Volume {
+                name: "identity".to_owned(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            });
+        }
+        spec.hostname = Some(pod_name.clone());
+        spec.subdomain = Some(shard_service_name(&self.name));
+        // A failed shard is moved by the operator to a new pod on another
+        // node rather than restarted in place.
+        spec.restart_policy = Some("Never".to_owned());
+        spec.affinity = Some(self.shard_affinity(stage, avoid));
+        Pod {
+            metadata: self.meta(
+                pod_name,
+                self.labels(&[
+                    (LABEL_ROLE, ROLE_SHARD.to_owned()),
+                    (LABEL_STAGE, stage.to_string()),
+                    (LABEL_REPLICA, replica.to_string()),
+                    (LABEL_ATTEMPT, attempt.to_string()),
+                ]),
+            ),
+            spec: Some(spec),
+            ..Pod::default()
+        }
+    }
+
+    /// The `pipewright worker` container of shard (`stage`, `replica`) in
+    /// pod `pod_name`: where the coordinator is, what to listen on and
+    /// advertise, the join token, and the identity mount.
+    fn worker_container(&self, stage: usize, replica: usize, pod_name: &str) -> Container {
         let advertise = format!(
             "{pod_name}.{}.{}.svc",
             shard_service_name(&self.name),
@@ -551,25 +591,6 @@ impl<'a> Blueprint<'a> {
                 container_port(METRICS_PORT_NAME, METRICS_PORT),
             ],
         );
-        let mut tolerations = Vec::new();
-        let gpus = self.gpus_per_worker();
-        if gpus > 0 {
-            let amount = BTreeMap::from([(GPU_RESOURCE.to_owned(), Quantity(gpus.to_string()))]);
-            container.resources = Some(ResourceRequirements {
-                requests: Some(amount.clone()),
-                limits: Some(amount),
-                ..ResourceRequirements::default()
-            });
-            // GPU node pools are commonly tainted so that only pods asking
-            // for GPUs land there.
-            tolerations.push(Toleration {
-                key: Some(GPU_RESOURCE.to_owned()),
-                operator: Some("Exists".to_owned()),
-                effect: Some("NoSchedule".to_owned()),
-                ..Toleration::default()
-            });
-        }
-        tolerations.extend(user_tolerations(placement));
         if let Some(mounts) = container.volume_mounts.as_mut() {
             mounts.push(VolumeMount {
                 name: "identity".to_owned(),
@@ -577,35 +598,60 @@ impl<'a> Blueprint<'a> {
                 ..VolumeMount::default()
             });
         }
-        let mut spec = self.pod_spec(container, tolerations);
-        // The worker's key, created at its first start: the pod's own, so
-        // the ledger books each pod's work to it (beside its pod name).
-        if let Some(volumes) = spec.volumes.as_mut() {
-            volumes.push(Volume {
-                name: "identity".to_owned(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Volume::default()
-            });
+        container
+    }
+
+    /// What a shard pod of `stage` requests: its memory
+    /// ([`Blueprint::shard_memory`]), its CPU (`spec.placement.cpuPerWorker`,
+    /// else `spec.training.threads` cores, else 1) and its GPUs, which are
+    /// also its limit (a GPU cannot be shared). Memory and CPU have no limit:
+    /// the plan sizes the stage, it does not cap it.
+    pub fn shard_resources(&self, stage: usize) -> ResourceRequirements {
+        let threads = self.run.spec.training.threads;
+        let cpu = self
+            .run
+            .spec
+            .placement
+            .cpu_per_worker
+            .clone()
+            .unwrap_or_else(|| if threads > 0 { threads } else { 1 }.to_string());
+        let mut requests = BTreeMap::from([(CPU_RESOURCE.to_owned(), Quantity(cpu))]);
+        if let Some(memory) = self.shard_memory(stage) {
+            requests.insert(MEMORY_RESOURCE.to_owned(), memory);
         }
-        spec.hostname = Some(pod_name.clone());
-        spec.subdomain = Some(shard_service_name(&self.name));
-        // A failed shard is moved by the operator to a new pod on another
-        // node rather than restarted in place.
-        spec.restart_policy = Some("Never".to_owned());
-        spec.affinity = Some(self.shard_affinity(stage, avoid));
-        Pod {
-            metadata: self.meta(
-                pod_name,
-                self.labels(&[
-                    (LABEL_ROLE, ROLE_SHARD.to_owned()),
-                    (LABEL_STAGE, stage.to_string()),
-                    (LABEL_REPLICA, replica.to_string()),
-                    (LABEL_ATTEMPT, attempt.to_string()),
-                ]),
-            ),
-            spec: Some(spec),
-            ..Pod::default()
+        let gpus = self.gpus_per_worker();
+        let limits = (gpus > 0).then(|| {
+            let amount = Quantity(gpus.to_string());
+            requests.insert(GPU_RESOURCE.to_owned(), amount.clone());
+            BTreeMap::from([(GPU_RESOURCE.to_owned(), amount)])
+        });
+        ResourceRequirements {
+            requests: Some(requests),
+            limits,
+            ..ResourceRequirements::default()
         }
+    }
+
+    /// Memory a shard pod of `stage` requests: `spec.placement.memoryPerWorker`
+    /// when set.
+    pub fn shard_memory(&self, _stage: usize) -> Option<Quantity> {
+        let placement = &self.run.spec.placement;
+        placement.memory_per_worker.clone().map(Quantity)
+    }
+
+    /// The run's tolerations, after the GPU taint's when shards ask GPUs:
+    /// GPU node pools are commonly tainted so that only pods asking for
+    /// GPUs land there.
+    fn shard_tolerations(&self) -> Vec<Toleration> {
+        let gpu = (self.gpus_per_worker() > 0).then(|| Toleration {
+            key: Some(GPU_RESOURCE.to_owned()),
+            operator: Some("Exists".to_owned()),
+            effect: Some("NoSchedule".to_owned()),
+            ..Toleration::default()
+        });
+        gpu.into_iter()
+            .chain(user_tolerations(&self.run.spec.placement))
+            .collect()
     }
 
     /// The one container of a pod: the image, `args`, `env`, `ports` and the
@@ -1214,7 +1260,51 @@ mod tests {
         };
         let blueprint = Blueprint::new(&cpu, &settings).expect("buildable");
         let spec = blueprint.shard_pod(0, 0, 0, &[]).spec.expect("spec");
-        assert!(spec.containers[0].resources.is_none());
+        let resources = spec.containers[0].resources.clone().expect("resources");
+        let requests = resources.requests.expect("requests");
+        assert!(!requests.contains_key(GPU_RESOURCE) && resources.limits.is_none());
+        assert!(spec
+            .tolerations
+            .is_some_and(|t| t.iter().all(|t| t.key.as_deref() != Some(GPU_RESOURCE))));
+    }
+
+    /// The requests of the container of shard pod (`stage`, 0, 0).
+    fn requests_of(blueprint: &Blueprint<'_>, stage: usize) -> BTreeMap<String, String> {
+        let pod = blueprint.shard_pod(stage, 0, 0, &[]);
+        let resources = pod.spec.expect("spec").containers[0].resources.clone();
+        resources
+            .and_then(|r| r.requests)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect()
+    }
+
+    #[test]
+    fn shard_pods_request_the_cpu_and_memory_the_run_sets() {
+        let mut run = run(2, 1);
+        run.spec.placement.memory_per_worker = Some("24Gi".to_owned());
+        run.spec.placement.cpu_per_worker = Some("3500m".to_owned());
+        run.spec.training.threads = 8;
+        let settings = settings(0);
+        let blueprint = Blueprint::new(&run, &settings).expect("buildable");
+        for stage in 0..2 {
+            let requests = requests_of(&blueprint, stage);
+            assert_eq!(requests[MEMORY_RESOURCE], "24Gi");
+            assert_eq!(requests[CPU_RESOURCE], "3500m");
+        }
+        // Without cpuPerWorker: the run's kernel threads, else one core.
+        run.spec.placement.cpu_per_worker = None;
+        let blueprint = Blueprint::new(&run, &settings).expect("buildable");
+        assert_eq!(requests_of(&blueprint, 1)[CPU_RESOURCE], "8");
+        run.spec.training.threads = 0;
+        let blueprint = Blueprint::new(&run, &settings).expect("buildable");
+        assert_eq!(requests_of(&blueprint, 1)[CPU_RESOURCE], "1");
+        // The coordinator requests nothing.
+        let coordinator = blueprint.children().expect("children").coordinator;
+        assert!(coordinator.spec.expect("spec").containers[0]
+            .resources
+            .is_none());
     }
 
     #[test]

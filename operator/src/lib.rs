@@ -9,4 +9,5 @@ pub mod fixtures;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod quantity;
 pub mod telemetry;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use common::{fake_api, Fake};
 use http::Method;
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::runtime::controller::Action;
 use pipewright_operator::children::Blueprint;
 use pipewright_operator::controller::{error_policy, reconcile, ReconcileError, POLL, RETRY_STALE};
@@ -698,4 +699,59 @@ async fn a_run_with_storage_gets_its_volume_claim_once() {
         .await;
     expect_status(&mut fake, &run).await;
     finish(task, fake).await;
+}
+
+#[tokio::test]
+async fn a_stage_larger_than_every_node_is_reported_and_its_pods_still_made() {
+    let mut run = run(2, 1);
+    run.spec.placement.memory_per_worker = Some("24Gi".to_owned());
+    let small: Vec<Node> = ["n1", "n2"]
+        .into_iter()
+        .map(|name| {
+            let mut n = node(name, true);
+            if let Some(status) = n.status.as_mut() {
+                status.allocatable = Some(
+                    [("memory".to_owned(), Quantity("16Gi".to_owned()))]
+                        .into_iter()
+                        .collect(),
+                );
+            }
+            n
+        })
+        .collect();
+    let (task, mut fake) = reconcile_on(&small, &run, vec![]).await;
+    let coordinator = fake.expect_create(PODS).await;
+    assert_eq!(coordinator["metadata"]["name"], "demo-coordinator");
+    for name in ["demo-s0-r0", "demo-s1-r0"] {
+        let pod = fake.expect_create(PODS).await;
+        assert_eq!(pod["metadata"]["name"], name);
+        assert_eq!(
+            pod["spec"]["containers"][0]["resources"]["requests"]["memory"],
+            "24Gi"
+        );
+    }
+    let (type_, reason, note, _) = fake.expect_event().await;
+    assert_eq!(
+        (type_.as_str(), reason.as_str()),
+        ("Warning", "InsufficientNodeMemory")
+    );
+    assert!(note.starts_with("stage 0 requests 24Gi"), "{note}");
+    let status = expect_status(&mut fake, &run).await;
+    let scheduled = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Scheduled")
+        .expect("Scheduled");
+    assert_eq!(
+        (scheduled.status.as_str(), scheduled.reason.as_str()),
+        ("False", "InsufficientNodeMemory")
+    );
+    assert!(
+        scheduled
+            .message
+            .contains("has 16Gi (17179869184 bytes) allocatable"),
+        "{}",
+        scheduled.message
+    );
+    assert_eq!(finish(task, fake).await, Action::requeue(POLL));
 }

@@ -52,15 +52,17 @@ use kube::{Api, Client, Resource, ResourceExt};
 use pipewright_spec::{Reassignment, RunPhase, TrainingRunResource, TrainingRunStatus};
 
 pub use apply::covers;
-pub use plan::{plan_pods, PlannedShard, PodPlan};
-pub use status::{observed_status, refused_status, suspended_status, Observation};
+pub use plan::{memory_shortfall, plan_pods, PlannedShard, PodPlan};
+pub use status::{
+    observed_status, refused_status, suspended_status, Observation, INSUFFICIENT_NODE_MEMORY,
+};
 
 use apply::{
     announce_moves, apply_plan, delete_live_pods, ensure_children, list_pods, node_readiness_of,
     publish, write_status, Apis,
 };
 use plan::{describe, is_node_ready, label, pod_phase};
-use status::{failed_status, find_condition, is_timeout, seconds_between};
+use status::{failed_status, find_condition, is_unschedulable, seconds_between};
 
 use crate::children::{
     coordinator_name, coordinator_url, Blueprint, ChildrenError, Settings, LABEL_RUN,
@@ -231,6 +233,11 @@ async fn reconcile_run(run: &TrainingRunResource, ctx: &Context) -> Result<Actio
         .and_then(pod_phase)
         .map(str::to_owned);
     let report = coordinator_report(ctx, coordinator_phase.as_deref(), &name, &namespace).await;
+    let stage_pods: Vec<Pod> = (0..run.spec.pipeline.stages)
+        .map(|stage| blueprint.shard_pod(stage, 0, 0, &[]))
+        .collect();
+    let cluster = ctx.nodes.state();
+    let cluster: Vec<&Node> = cluster.iter().map(AsRef::as_ref).collect();
     let observation = Observation {
         pods: &live,
         shards: &plan.shards,
@@ -239,9 +246,10 @@ async fn reconcile_run(run: &TrainingRunResource, ctx: &Context) -> Result<Actio
         new_reassignments: plan.reassignments,
         failed_nodes: plan.failed_nodes,
         total_reassignments: total,
+        memory_shortfall: memory_shortfall(&stage_pods, &cluster),
     };
     let status = observed_status(run, observation, now.clone());
-    announce_schedule_timeout(ctx, run, &previous, &status).await;
+    announce_unschedulable(ctx, run, &previous, &status).await;
     write_status(&apis.runs, run, &status).await?;
     if matches!(status.phase, Some(RunPhase::Failed)) {
         delete_live_pods(&apis.pods, &live).await?;
@@ -323,8 +331,8 @@ async fn coordinator_report(
 }
 
 /// Publishes a warning when the `Scheduled` condition newly says the gang
-/// did not start in time.
-async fn announce_schedule_timeout(
+/// did not start in time or cannot start.
+async fn announce_unschedulable(
     ctx: &Context,
     run: &TrainingRunResource,
     previous: &TrainingRunStatus,
@@ -332,7 +340,7 @@ async fn announce_schedule_timeout(
 ) {
     let scheduled = find_condition(status, "Scheduled");
     let was = find_condition(previous, "Scheduled");
-    if let Some(c) = scheduled.filter(|c| is_timeout(&c.reason)) {
+    if let Some(c) = scheduled.filter(|c| is_unschedulable(&c.reason)) {
         if was.map(|w| w.reason.as_str()) != Some(c.reason.as_str()) {
             publish(ctx, run, EventType::Warning, &c.reason, c.message.clone()).await;
         }

@@ -4,11 +4,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
 use kube::ResourceExt;
 use pipewright_spec::{Reassignment, ShardStatus, TrainingRunResource, TrainingRunStatus};
 
-use crate::children::{coordinator_name, shard_pod_name, LABEL_ROLE, ROLE_COORDINATOR, ROLE_SHARD};
+use crate::children::{
+    coordinator_name, shard_pod_name, LABEL_ROLE, LABEL_STAGE, MEMORY_RESOURCE, ROLE_COORDINATOR,
+    ROLE_SHARD,
+};
+use crate::quantity;
 
 /// One shard's pod as planned.
 #[derive(Clone, Debug, PartialEq)]
@@ -365,6 +369,148 @@ fn vanished_failure(node: Option<&str>, node_ready: &dyn Fn(&str) -> Option<bool
         .unwrap_or_else(|| Failure::new("PodDeleted", false))
 }
 
+/// Why the shard pods of some stage cannot be placed for memory, if they
+/// cannot: `stage_pods` holds one shard pod per stage as the blueprint makes
+/// it, `nodes` every node of the cluster. A pod may run on a node that is not
+/// cordoned, carries its `nodeSelector` labels and has no `NoSchedule` or
+/// `NoExecute` taint it does not tolerate; a stage whose memory request
+/// exceeds the allocatable memory of every such node cannot run anywhere.
+/// The message names each such stage with its request and the largest node
+/// it may run on (or says that none matches).
+///
+/// An empty `nodes` says nothing (the node watch has not filled its cache
+/// yet), and neither does a pod without a memory request or a matching
+/// node that reports no allocatable memory.
+pub fn memory_shortfall(stage_pods: &[Pod], nodes: &[&Node]) -> Option<String> {
+    if nodes.is_empty() {
+        return None;
+    }
+    let mut short = Vec::new();
+    let mut largest_matching = None;
+    for pod in stage_pods {
+        let Some((request, bytes)) = memory_request(pod) else {
+            continue;
+        };
+        let admitting: Vec<&Node> = nodes.iter().copied().filter(|n| admits(n, pod)).collect();
+        let sized: Vec<_> = admitting
+            .iter()
+            .filter_map(|node| Some((allocatable_memory(node)?, *node)))
+            .collect();
+        if sized.len() < admitting.len() {
+            continue; // a node that does not say what it has may hold it
+        }
+        let largest = sized
+            .into_iter()
+            .max_by_key(|(allocatable, _)| allocatable.1);
+        if largest
+            .as_ref()
+            .is_some_and(|((_, allocatable), _)| bytes <= *allocatable)
+        {
+            continue;
+        }
+        let stage = label(pod, LABEL_STAGE).unwrap_or("?");
+        short.push(format!(
+            "stage {stage} requests {request} ({bytes} bytes) of memory"
+        ));
+        largest_matching.get_or_insert(largest);
+    }
+    let largest = largest_matching?;
+    let nodes_part = match largest {
+        Some(((quantity, bytes), node)) => format!(
+            "the largest node the run's pods may use (nodeSelector, tolerations, not cordoned), \
+             {}, has {quantity} ({bytes} bytes) allocatable",
+            node.name_any()
+        ),
+        None => format!(
+            "none of the {} nodes matches the run's nodeSelector and tolerations and is \
+             schedulable",
+            nodes.len()
+        ),
+    };
+    Some(format!(
+        "{}; {nodes_part}; lower spec.placement.memoryPerWorker or use more stages \
+         (spec.pipeline.stages)",
+        short.join(", ")
+    ))
+}
+
+/// The memory a pod's containers request, as written and in bytes.
+fn memory_request(pod: &Pod) -> Option<(String, u64)> {
+    let containers = &pod.spec.as_ref()?.containers;
+    let quantities: Vec<&str> = containers
+        .iter()
+        .filter_map(|c| {
+            c.resources
+                .as_ref()?
+                .requests
+                .as_ref()?
+                .get(MEMORY_RESOURCE)
+        })
+        .map(|q| q.0.as_str())
+        .collect();
+    let bytes = quantities
+        .iter()
+        .filter_map(|q| quantity::bytes(q))
+        .fold(0u64, u64::saturating_add);
+    (!quantities.is_empty()).then(|| (quantities.join(" + "), bytes))
+}
+
+/// A node's allocatable memory, as written and in bytes.
+fn allocatable_memory(node: &Node) -> Option<(String, u64)> {
+    let q = node
+        .status
+        .as_ref()?
+        .allocatable
+        .as_ref()?
+        .get(MEMORY_RESOURCE)?;
+    Some((q.0.clone(), quantity::bytes(&q.0)?))
+}
+
+/// Whether the scheduler may put `pod` on `node` as far as cordons, node
+/// labels and taints go.
+fn admits(node: &Node, pod: &Pod) -> bool {
+    let Some(spec) = pod.spec.as_ref() else {
+        return false;
+    };
+    let node_spec = node.spec.as_ref();
+    if node_spec.and_then(|s| s.unschedulable) == Some(true) {
+        return false;
+    }
+    let labels = node.metadata.labels.as_ref();
+    let selected = spec
+        .node_selector
+        .iter()
+        .flatten()
+        .all(|(key, value)| labels.and_then(|l| l.get(key)) == Some(value));
+    let tolerations = spec.tolerations.as_deref().unwrap_or_default();
+    let tolerated = node_spec
+        .and_then(|s| s.taints.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+        .all(|taint| tolerations.iter().any(|t| tolerates(t, taint)));
+    selected && tolerated
+}
+
+/// Whether toleration `t` tolerates `taint`, as the scheduler decides: the
+/// same effect (or none named), the same key (or none, with `Exists`), and
+/// with `Equal` (the default operator) the same value.
+fn tolerates(t: &Toleration, taint: &Taint) -> bool {
+    let effect = t
+        .effect
+        .as_deref()
+        .is_none_or(|e| e.is_empty() || e == taint.effect);
+    let key = t.key.as_deref().unwrap_or_default();
+    let exists = t.operator.as_deref() == Some("Exists");
+    if !effect || (key.is_empty() && !exists) {
+        return false;
+    }
+    if !key.is_empty() && key != taint.key {
+        return false;
+    }
+    exists || t.value.as_deref().unwrap_or_default() == taint.value.as_deref().unwrap_or_default()
+}
+
 /// "stage S replica R: pod A on node X -> pod B (reason)".
 pub(super) fn describe(moved: &Reassignment) -> String {
     let node = moved
@@ -380,12 +526,14 @@ pub(super) fn describe(moved: &Reassignment) -> String {
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::core::v1::PodCondition;
+    use k8s_openapi::api::core::v1::{NodeSpec, PodCondition};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
     use serde_json::json;
 
     use super::*;
+    use crate::children::Blueprint;
     use crate::controller::tests::{first_plan, planned, replan, replan_with, settled};
-    use crate::fixtures::{coordinator, run, shard};
+    use crate::fixtures::{coordinator, node, run, settings, shard};
 
     #[test]
     fn a_new_run_gets_every_shard_and_the_coordinator() {
@@ -530,6 +678,170 @@ mod tests {
             assert_eq!(plan.reassignments[0].reason, reason);
             let expected: &[&str] = if node_caused { &["n1"] } else { &[] };
             assert_eq!(plan.failed_nodes, expected, "{reason}");
+        }
+    }
+
+    /// `node(name)` with `memory` allocatable, `labels` and `taints`
+    /// (key, effect).
+    fn sized_node(
+        name: &str,
+        memory: &str,
+        labels: &[(&str, &str)],
+        taints: &[(&str, &str)],
+    ) -> Node {
+        let mut n = node(name, true);
+        if let Some(l) = n.metadata.labels.as_mut() {
+            l.extend(
+                labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+            );
+        }
+        if let Some(status) = n.status.as_mut() {
+            status.allocatable = Some(BTreeMap::from([(
+                MEMORY_RESOURCE.to_owned(),
+                Quantity(memory.to_owned()),
+            )]));
+        }
+        let taints = taints
+            .iter()
+            .map(|(key, effect)| Taint {
+                key: (*key).to_owned(),
+                effect: (*effect).to_owned(),
+                ..Taint::default()
+            })
+            .collect();
+        n.spec = Some(NodeSpec {
+            taints: Some(taints),
+            ..NodeSpec::default()
+        });
+        n
+    }
+
+    /// One shard pod per stage of `run`, as the reconcile checks them.
+    fn stage_pods(run: &TrainingRunResource) -> Vec<Pod> {
+        let settings = settings(0);
+        let blueprint = Blueprint::new(run, &settings).expect("buildable");
+        (0..run.spec.pipeline.stages)
+            .map(|stage| blueprint.shard_pod(stage, 0, 0, &[]))
+            .collect()
+    }
+
+    #[test]
+    fn a_stage_larger_than_every_node_it_may_use_is_named() {
+        let mut run = run(2, 1);
+        run.spec.placement.memory_per_worker = Some("24Gi".to_owned());
+        let pods = stage_pods(&run);
+        let small = sized_node("n1", "16Gi", &[], &[]);
+        let big = sized_node("n2", "32Gi", &[], &[]);
+        assert_eq!(memory_shortfall(&pods, &[&small, &big]), None);
+        let message = memory_shortfall(&pods, &[&small]).expect("too small");
+        assert!(
+            message.starts_with(
+                "stage 0 requests 24Gi (25769803776 bytes) of memory, \
+                 stage 1 requests 24Gi (25769803776 bytes) of memory; the largest node"
+            ),
+            "{message}"
+        );
+        assert!(
+            message.contains("n1, has 16Gi (17179869184 bytes) allocatable"),
+            "{message}"
+        );
+        // Exactly the allocatable memory fits; kibibytes as kubelets report them.
+        let exact = sized_node("n3", "25165824Ki", &[], &[]);
+        assert_eq!(memory_shortfall(&pods, &[&exact]), None);
+        // Nothing known about nodes or requests: nothing said.
+        assert_eq!(memory_shortfall(&pods, &[]), None);
+        let silent = node("n4", true);
+        assert_eq!(memory_shortfall(&pods, &[&small, &silent]), None);
+        run.spec.placement.memory_per_worker = None;
+        assert_eq!(memory_shortfall(&stage_pods(&run), &[&small]), None);
+    }
+
+    #[test]
+    fn only_nodes_the_pods_may_use_count() {
+        let mut run = run(1, 1);
+        run.spec.placement.memory_per_worker = Some("24Gi".to_owned());
+        run.spec.placement.node_selector =
+            BTreeMap::from([("pool".to_owned(), "train".to_owned())]);
+        let small = sized_node("small", "16Gi", &[("pool", "train")], &[]);
+        let other_pool = sized_node("other", "64Gi", &[("pool", "serve")], &[]);
+        let tainted = sized_node(
+            "tainted",
+            "64Gi",
+            &[("pool", "train")],
+            &[("dedicated", "NoSchedule")],
+        );
+        let evicting = sized_node(
+            "evicting",
+            "64Gi",
+            &[("pool", "train")],
+            &[("spot", "NoExecute")],
+        );
+        let preferred = sized_node(
+            "preferred",
+            "48Gi",
+            &[("pool", "train")],
+            &[("busy", "PreferNoSchedule")],
+        );
+        let mut cordoned = sized_node("cordoned", "64Gi", &[("pool", "train")], &[]);
+        if let Some(spec) = cordoned.spec.as_mut() {
+            spec.unschedulable = Some(true);
+        }
+        let nodes = [&small, &other_pool, &tainted, &evicting, &cordoned];
+        let message = memory_shortfall(&stage_pods(&run), &nodes).expect("no room");
+        assert!(message.contains("small, has 16Gi"), "{message}");
+        // A PreferNoSchedule taint does not keep a pod off.
+        let with_preferred = [&small, &preferred];
+        assert_eq!(memory_shortfall(&stage_pods(&run), &with_preferred), None);
+        // Tolerating the taints opens those nodes.
+        run.spec.placement.tolerations = vec![pipewright_spec::Toleration {
+            key: Some("dedicated".to_owned()),
+            operator: pipewright_spec::TolerationOperator::Exists,
+            value: None,
+            effect: None,
+            toleration_seconds: None,
+        }];
+        assert_eq!(memory_shortfall(&stage_pods(&run), &nodes), None);
+        // No node matching at all is said too.
+        run.spec.placement.node_selector = BTreeMap::from([("pool".to_owned(), "none".to_owned())]);
+        let message = memory_shortfall(&stage_pods(&run), &nodes).expect("no node");
+        assert!(message.contains("none of the 5 nodes matches"), "{message}");
+    }
+
+    #[test]
+    fn tolerations_match_taints_as_the_scheduler_does() {
+        let taint = Taint {
+            key: "gpu".to_owned(),
+            value: Some("a100".to_owned()),
+            effect: "NoSchedule".to_owned(),
+            ..Taint::default()
+        };
+        let t = |key: Option<&str>, op: Option<&str>, value: Option<&str>, effect: Option<&str>| {
+            Toleration {
+                key: key.map(str::to_owned),
+                operator: op.map(str::to_owned),
+                value: value.map(str::to_owned),
+                effect: effect.map(str::to_owned),
+                toleration_seconds: None,
+            }
+        };
+        for (toleration, matches) in [
+            (t(None, Some("Exists"), None, None), true),
+            (
+                t(Some("gpu"), Some("Exists"), None, Some("NoSchedule")),
+                true,
+            ),
+            (t(Some("gpu"), None, Some("a100"), None), true),
+            (t(Some("gpu"), Some("Equal"), Some("h100"), None), false),
+            (
+                t(Some("gpu"), Some("Exists"), None, Some("NoExecute")),
+                false,
+            ),
+            (t(Some("cpu"), Some("Exists"), None, None), false),
+            (t(None, Some("Equal"), Some("a100"), None), false),
+        ] {
+            assert_eq!(tolerates(&toleration, &taint), matches, "{toleration:?}");
         }
     }
 

@@ -31,6 +31,9 @@ pub struct Observation<'a> {
     pub failed_nodes: Vec<String>,
     /// Moves over the whole run, these included.
     pub total_reassignments: u32,
+    /// Why some stage's shard pods fit on no node for memory
+    /// ([`super::plan::memory_shortfall`]), if so.
+    pub memory_shortfall: Option<String>,
 }
 
 /// The status of a run that is not suspended, finished or refused.
@@ -49,7 +52,8 @@ pub fn observed_status(
         generation,
         now: &now,
     };
-    let (scheduled, scheduling) = conditions.scheduled(run, &tally);
+    let (scheduled, scheduling) =
+        conditions.scheduled(run, &tally, seen.memory_shortfall.as_deref());
     let started =
         scheduled || matches!(previous.phase, Some(RunPhase::Running | RunPhase::Degraded));
     let (degraded, degradation) = conditions.degraded(&tally.stages, started);
@@ -224,8 +228,14 @@ impl Conditions<'_> {
     }
 
     /// `Scheduled`: whether every stage has its minimum of running replicas
-    /// (the gang started), and if not, why.
-    fn scheduled(&self, run: &TrainingRunResource, tally: &Tally<'_>) -> (bool, Condition) {
+    /// (the gang started), and if not, why. A stage that fits on no node
+    /// (`memory_shortfall`) says so at once: no wait makes it fit.
+    fn scheduled(
+        &self,
+        run: &TrainingRunResource,
+        tally: &Tally<'_>,
+        memory_shortfall: Option<&str>,
+    ) -> (bool, Condition) {
         let replicas = tally.replicas;
         let min = index(run.spec.min_replicas());
         let short: Vec<String> = tally
@@ -245,7 +255,9 @@ impl Conditions<'_> {
             .map_or_else(|| self.now.clone(), |c| c.last_transition_time.clone());
         let timeout =
             i64::try_from(run.spec.placement.schedule_timeout_seconds).unwrap_or(i64::MAX);
-        let (reason, message) = if seconds_between(&since, self.now) < timeout {
+        let (reason, message) = if let Some(why) = memory_shortfall {
+            (INSUFFICIENT_NODE_MEMORY, why.to_owned())
+        } else if seconds_between(&since, self.now) < timeout {
             ("WaitingForPods", waiting)
         } else if let Some((pod, why)) = tally.pending.iter().find_map(|p| unschedulable(p)) {
             ("Unschedulable", format!("pod {pod}: {why}"))
@@ -374,9 +386,17 @@ fn is_ready(pod: &Pod) -> bool {
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// Whether a `Scheduled` reason says the gang's timeout passed.
-pub(super) fn is_timeout(reason: &str) -> bool {
-    matches!(reason, "Unschedulable" | "ScheduleTimeout")
+/// Reason of `Scheduled=False` when a stage's memory request exceeds every
+/// node the run's pods may use.
+pub const INSUFFICIENT_NODE_MEMORY: &str = "InsufficientNodeMemory";
+
+/// Whether a `Scheduled` reason says the gang cannot start: its timeout
+/// passed, or a stage fits on no node.
+pub(super) fn is_unschedulable(reason: &str) -> bool {
+    matches!(
+        reason,
+        "Unschedulable" | "ScheduleTimeout" | INSUFFICIENT_NODE_MEMORY
+    )
 }
 
 /// The status's condition of type `type_`.

@@ -53,6 +53,7 @@ pub(super) fn status_of(
             failed_nodes: plan.failed_nodes.clone(),
             total_reassignments: previous.total_reassignments
                 + u32::try_from(plan.reassignments.len()).expect("few"),
+            memory_shortfall: None,
         },
         now,
     )
@@ -268,6 +269,45 @@ fn the_gang_waits_then_says_why_it_does_not_schedule() {
     assert!(scheduled
         .message
         .starts_with("not running after 60s: stage 1"));
+}
+
+#[test]
+fn a_stage_that_fits_no_node_is_unschedulable_at_once() {
+    let mut run = run(2, 1);
+    run.spec.placement.memory_per_worker = Some("24Gi".to_owned());
+    let pods = vec![
+        coordinator(&run, "Running", "n1"),
+        shard(&run, (0, 0, 0), "Pending", ""),
+        shard(&run, (1, 0, 0), "Pending", ""),
+    ];
+    let plan = first_plan(&run, &pods);
+    let why = "stage 1 requests 24Gi (25769803776 bytes) of memory; ...";
+    let seen = |shortfall: Option<&str>| Observation {
+        pods: &pods,
+        shards: &plan.shards,
+        coordinator_phase: Some("Running"),
+        report: None,
+        new_reassignments: Vec::new(),
+        failed_nodes: Vec::new(),
+        total_reassignments: 0,
+        memory_shortfall: shortfall.map(str::to_owned),
+    };
+    // Long before the gang's timeout.
+    let status = observed_status(&run, seen(Some(why)), at(100));
+    assert_eq!(status.phase, Some(RunPhase::Pending));
+    let scheduled = find_condition(&status, "Scheduled").expect("Scheduled");
+    assert_eq!(
+        (scheduled.status.as_str(), scheduled.reason.as_str()),
+        ("False", INSUFFICIENT_NODE_MEMORY)
+    );
+    assert_eq!(scheduled.message, why);
+    assert!(is_unschedulable(&scheduled.reason));
+    // Once a node that holds it joins, the gang waits as usual.
+    run.status = Some(status);
+    let status = observed_status(&run, seen(None), at(110));
+    let scheduled = find_condition(&status, "Scheduled").expect("Scheduled");
+    assert_eq!(scheduled.reason, "WaitingForPods");
+    assert_eq!(scheduled.last_transition_time, at(100));
 }
 
 #[test]

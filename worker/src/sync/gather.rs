@@ -193,12 +193,17 @@ impl Gather<'_> {
             };
             let fed = joined(feed_next).and(joined(feed_prev));
             // A refusal or a sending failure is the root cause; a receive
-            // that merely noticed the abort is not.
+            // that merely noticed the abort is not. A refusal in either
+            // direction wins over the other direction's error.
+            let (forward, backward) = match (forward, backward) {
+                (Err(e @ RingError::Refused { .. }), _)
+                | (_, Err(e @ RingError::Refused { .. })) => return Err(e),
+                pair => pair,
+            };
             let mut received = Vec::new();
             for r in [forward, backward] {
                 match r {
                     Ok(mut v) => received.append(&mut v),
-                    Err(e @ RingError::Refused { .. }) => return Err(e),
                     Err(e) => return fed.and(Err(e)),
                 }
             }
@@ -379,6 +384,10 @@ mod tests {
 
     #[test]
     fn a_non_finite_contribution_is_refused_and_counted() {
+        // Every rank keeps its links until all have their answer: a rank
+        // that has refused and gone would otherwise end its neighbours'
+        // gathers with a closed link before they see the refusal.
+        let answered = std::sync::Barrier::new(3);
         let results = on_ring(
             3,
             |c| c.timeout = std::time::Duration::from_secs(3),
@@ -394,6 +403,7 @@ mod tests {
                     .flatten()
                     .map(|l| l.stats().rejected(RejectReason::NonFinite))
                     .sum::<u64>();
+                answered.wait();
                 (m.rank(), r.err(), counted)
             },
         );

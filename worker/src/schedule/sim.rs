@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use pipewright_spec::ScheduleKind;
 
 use super::validate::{check_structure, ScheduleError};
-use super::Op;
+use super::{peak_in_flight, Op};
 
 /// Durations of one stage's operations, in any consistent time unit.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -199,22 +199,6 @@ pub fn simulate(ops_per_stage: &[Vec<Op>], cost: &StageCosts) -> Result<Timeline
         })
         .collect();
     Ok(Timeline { makespan, stages })
-}
-
-/// Most micro-batches alive at once on a stage running `ops` in order: the
-/// number of activation caches the stage must hold at its peak.
-pub fn peak_in_flight(ops: impl Iterator<Item = Op>) -> usize {
-    let mut alive = 0usize;
-    let mut peak = 0;
-    for op in ops {
-        if matches!(op, Op::Forward { .. }) {
-            alive += 1;
-            peak = peak.max(alive);
-        } else if op.frees_activations() {
-            alive = alive.saturating_sub(1);
-        }
-    }
-    peak
 }
 
 /// The event loop shared by [`simulate`] and the deadlock check of

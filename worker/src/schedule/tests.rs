@@ -56,46 +56,6 @@ fn every_schedule_validates_and_runs_to_completion() {
 }
 
 #[test]
-fn each_list_has_one_forward_and_one_backward_per_micro_batch() {
-    for kind in KINDS {
-        for (stages, m) in grid() {
-            for stage in 0..stages {
-                let ops = ops(kind, stage, stages, m);
-                for mb in 0..m as u32 {
-                    let f = ops.iter().position(|&o| o == Op::Forward { mb });
-                    let whole = ops.iter().filter(|&&o| o == Op::Backward { mb }).count();
-                    let input = ops
-                        .iter()
-                        .filter(|&&o| o == Op::BackwardInput { mb })
-                        .count();
-                    let weight = ops
-                        .iter()
-                        .filter(|&&o| o == Op::BackwardWeight { mb })
-                        .count();
-                    assert_eq!(ops.iter().filter(|&&o| o == Op::Forward { mb }).count(), 1);
-                    assert!(
-                        (whole, input, weight) == (1, 0, 0) || (whole, input, weight) == (0, 1, 1)
-                    );
-                    let first_backward = ops
-                        .iter()
-                        .position(|o| !matches!(o, Op::Forward { .. }) && o.micro_batch() == mb);
-                    assert!(
-                        f < first_backward,
-                        "{kind:?} S={stages} m={m} stage {stage} mb {mb}"
-                    );
-                }
-                let expected = if kind == ScheduleKind::ZbH1 {
-                    3 * m
-                } else {
-                    2 * m
-                };
-                assert_eq!(ops.len(), expected);
-            }
-        }
-    }
-}
-
-#[test]
 fn one_f_one_b_keeps_at_most_s_minus_stage_micro_batches_alive() {
     for (stages, m) in grid() {
         let t = timeline(ScheduleKind::OneFOneB, stages, m);
@@ -138,34 +98,6 @@ fn zb_h1_peak_activation_memory_matches_one_f_one_b() {
             peak_1f1b,
             "S={stages} m={m}"
         );
-    }
-}
-
-#[test]
-fn zb_h1_runs_every_weight_half_after_its_input_half() {
-    for (stages, m) in grid() {
-        for stage in 0..stages {
-            let ops = ops(ScheduleKind::ZbH1, stage, stages, m);
-            // The input halves stay where 1F1B puts its backwards.
-            let inputs: Vec<Op> = ops
-                .iter()
-                .filter(|o| !matches!(o, Op::BackwardWeight { .. }))
-                .copied()
-                .collect();
-            let one_f_one_b: Vec<Op> = super::ops(ScheduleKind::OneFOneB, stage, stages, m)
-                .into_iter()
-                .map(|o| match o {
-                    Op::Backward { mb } => Op::BackwardInput { mb },
-                    other => other,
-                })
-                .collect();
-            assert_eq!(inputs, one_f_one_b, "S={stages} m={m} stage {stage}");
-            for mb in 0..m as u32 {
-                let b = ops.iter().position(|&o| o == Op::BackwardInput { mb });
-                let w = ops.iter().position(|&o| o == Op::BackwardWeight { mb });
-                assert!(b < w);
-            }
-        }
     }
 }
 
@@ -398,9 +330,7 @@ fn simulate_rejects_costs_that_do_not_fit() {
 }
 
 #[test]
-fn out_of_range_stage_has_no_work() {
-    assert!(ops(ScheduleKind::OneFOneB, 4, 4, 8).is_empty());
-    assert!(plan(ScheduleKind::ZbH1, 0, 8).is_empty());
+fn an_empty_step_simulates_to_nothing() {
     let empty = plan(ScheduleKind::Gpipe, 3, 0);
     let t = simulate(&empty, &unit_costs(3, 0.0)).expect("an empty step is valid");
     assert_eq!(t.makespan, 0.0);

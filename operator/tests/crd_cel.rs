@@ -235,6 +235,14 @@ fn cases() -> Vec<(&'static str, Value)> {
             ]),
         ),
         (
+            "median, throughput routing",
+            with(&[
+                ("/spec/pipeline/aggregation", json!("median")),
+                ("/spec/pipeline/replicas", json!(3)),
+                ("/spec/pipeline/routing", json!("throughput")),
+            ]),
+        ),
+        (
             "centeredClip, one replica",
             with(&[("/spec/pipeline/aggregation", json!("centeredClip"))]),
         ),

@@ -8,8 +8,8 @@
 
 use crate::error::FieldError;
 use crate::types::{
-    Codec, DataFormat, TaintEffect, TokenizerKind, Toleration, TolerationOperator, TrainingRun,
-    API_VERSION, DEFAULT_LOWRANK_DIVISOR, KIND,
+    Aggregation, Codec, DataFormat, Routing, TaintEffect, TokenizerKind, Toleration,
+    TolerationOperator, TrainingRun, API_VERSION, DEFAULT_LOWRANK_DIVISOR, KIND,
 };
 
 /// Smallest BPE vocabulary: the 256 byte tokens plus at least one merge.
@@ -498,6 +498,21 @@ pub static RULES: &[Rule] = &[
                      got spec.pipeline.replicas = {} (use aggregation: mean, or add replicas)",
                     p.aggregation.name(),
                     p.replicas
+                )
+            })
+        },
+    },
+    Rule {
+        field: "spec.pipeline.aggregation",
+        requirement: "median, trimmedMean and centeredClip need routing: lanes",
+        check: |r| {
+            let p = &r.spec.pipeline;
+            (p.aggregation != Aggregation::Mean && p.routing == Routing::Throughput).then(|| {
+                format!(
+                    "{} compares the replicas' gradients element by element, which needs \
+                     each replica to have computed an equal share: use routing: lanes \
+                     (routing: throughput gives faster replicas more micro-batches)",
+                    p.aggregation.name()
                 )
             })
         },

@@ -195,7 +195,9 @@ fn everything_set() -> TrainingRun {
                 codec: Codec::Lowrank,
                 partition: PartitionKind::Measured,
                 aggregation: pipewright_spec::Aggregation::TrimmedMean,
-                routing: Routing::Throughput,
+                // The default: a robust aggregation needs every replica to
+                // compute an equal share.
+                routing: Routing::Lanes,
                 lowrank: Some(LowrankSpec {
                     rank: 64,
                     wire: LowrankWire::Bf16,

@@ -387,6 +387,17 @@ mod tests {
     }
 
     #[test]
+    fn every_refusal_reason_is_documented() {
+        let doc = include_str!("../../../docs/metrics.md");
+        let missing: Vec<&str> = RejectReason::ALL
+            .iter()
+            .map(|r| r.name())
+            .filter(|n| !doc.contains(&format!("`{n}`")))
+            .collect();
+        assert_eq!(missing, Vec::<&str>::new());
+    }
+
+    #[test]
     fn every_metric_is_documented() {
         let m = ShardMetrics::new();
         m.hold(0, 0, "a", "00");

@@ -256,7 +256,8 @@ mod tests {
     #[test]
     fn one_wild_replica_cannot_move_the_result_far() {
         let len = 257;
-        let attacks: [(&str, Box<dyn Fn(&[f32]) -> Vec<f32>>); 3] = [
+        type Liar = Box<dyn Fn(&[f32]) -> Vec<f32>>;
+        let attacks: [(&str, Liar); 3] = [
             (
                 "scale",
                 Box::new(|b: &[f32]| b.iter().map(|x| x * 1e6).collect()),

@@ -117,7 +117,7 @@ impl Gather<'_> {
     /// still has one empty segment, so every hop exchanges a frame.
     fn segments(&self, len: usize) -> Vec<std::ops::Range<usize>> {
         if len == 0 {
-            return vec![0..0];
+            return vec![std::ops::Range::default()];
         }
         let seg = self.segment();
         (0..len)

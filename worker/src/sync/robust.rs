@@ -59,10 +59,46 @@ impl Reduce {
                     return Err(member.refuse(origin, reason));
                 }
                 aggregate(rule, &refs, data);
-                Ok(())
+                agree(member, data)
             }
         }
     }
+}
+
+/// Checks that every rank computed the same `aggregate`: the ranks
+/// all-gather a BLAKE3 digest of it (as 16 f32s, each holding 16 bits) and
+/// any difference breaks the operation off. A replica that sent different
+/// contributions to different ranks (or a relay that altered one) makes
+/// honest ranks' aggregates differ; each honest rank compares with its ring
+/// neighbours directly, and with one dishonest rank the honest ones form a
+/// chain of such neighbours, so they either all agree or the step breaks
+/// off.
+fn agree(member: &mut RingMember, aggregate: &[f32]) -> Result<(), RingError> {
+    let mine = digest(aggregate);
+    let all = member.allgather(&mine)?;
+    match all.iter().position(|d| *d != mine) {
+        None => Ok(()),
+        Some(rank) => Err(RingError::Protocol {
+            peer: rank,
+            detail: "its aggregate differs from this rank's: the replicas did not all \
+                     receive the same contributions"
+                .into(),
+        }),
+    }
+}
+
+/// A BLAKE3 digest of `values`' bits, as 16 f32s of 16 bits each (finite,
+/// so they pass the gather's checks).
+fn digest(values: &[f32]) -> Vec<f32> {
+    let mut h = blake3::Hasher::new();
+    for v in values {
+        h.update(&v.to_le_bytes());
+    }
+    h.finalize()
+        .as_bytes()
+        .chunks_exact(2)
+        .map(|b| f32::from(u16::from_le_bytes([b[0], b[1]])))
+        .collect()
 }
 
 /// The first contribution (in rank order, `own` skipped) to refuse, with
@@ -144,6 +180,31 @@ mod tests {
         );
         // Its own contribution is not screened by the replica that made it.
         assert_eq!(screen_contributions(&[&a, &absurd, &b], 1), None);
+    }
+
+    #[test]
+    fn ranks_whose_aggregates_differ_break_off() {
+        // Rank 1 aggregates with another rule than the rest, as if it had
+        // been sent other contributions: every rank notices.
+        let results = on_ring(
+            5,
+            |_| {},
+            |mut m| {
+                let mut data = input(m.rank(), 500);
+                let rule = if m.rank() == 1 {
+                    Aggregation::Median
+                } else {
+                    Aggregation::TrimmedMean
+                };
+                Reduce::Gather(rule).apply(&mut m, &mut data).err()
+            },
+        );
+        for (rank, err) in results.iter().enumerate() {
+            assert!(
+                matches!(err, Some(RingError::Protocol { .. })),
+                "rank {rank}: {err:?}"
+            );
+        }
     }
 
     #[test]

@@ -69,20 +69,7 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
     eprintln!(
         "coordinator on {url}; launching {shards} worker processes ({stages} stage(s) × {replicas} replica(s), {threads} kernel thread(s) each)"
     );
-    for &(s, r, _) in opts.slow {
-        if s >= stages || r >= replicas {
-            bail!("--slow-worker {s}/{r} is outside the {stages} × {replicas} layout");
-        }
-    }
-    for &(s, r, a) in opts.byzantine {
-        if s >= stages || r >= replicas {
-            bail!("--byzantine {s}/{r} is outside the {stages} × {replicas} layout");
-        }
-        if !a.kind.on_gradients() && stages < 2 {
-            bail!("--byzantine {s}/{r}={a}: a pipeline of one stage sends no activations");
-        }
-        eprintln!("drill: stage {s} replica {r} attacks with {a}");
-    }
+    check_drills(opts, stages, replicas)?;
     let spawner = Spawner {
         exe: std::env::current_exe().context("locating the pipewright binary")?,
         manifest: manifest_path,
@@ -125,6 +112,27 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
     })?;
     if supervisor.drill.unrecovered() {
         bail!("a fault drill kill was never recovered from");
+    }
+    Ok(())
+}
+
+/// Refuses a `--slow-worker` or `--byzantine` drill on a shard outside the
+/// `stages` × `replicas` layout, or an activation attack in a pipeline of
+/// one stage; announces each attack.
+fn check_drills(opts: &LaunchOptions<'_>, stages: usize, replicas: usize) -> Result<()> {
+    for &(s, r, _) in opts.slow {
+        if s >= stages || r >= replicas {
+            bail!("--slow-worker {s}/{r} is outside the {stages} × {replicas} layout");
+        }
+    }
+    for &(s, r, a) in opts.byzantine {
+        if s >= stages || r >= replicas {
+            bail!("--byzantine {s}/{r} is outside the {stages} × {replicas} layout");
+        }
+        if !a.kind.on_gradients() && stages < 2 {
+            bail!("--byzantine {s}/{r}={a}: a pipeline of one stage sends no activations");
+        }
+        eprintln!("drill: stage {s} replica {r} attacks with {a}");
     }
     Ok(())
 }

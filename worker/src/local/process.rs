@@ -1,7 +1,8 @@
 //! The worker processes of a local run: one `pipewright worker` per shard,
 //! started with the run's manifest file, the coordinator's URL and join
 //! token, its shard, its kernel threads, its drill slowdown and send cap,
-//! and an identity of its own kept in the run directory.
+//! its attack in a `--byzantine` drill, and an identity of its own kept in
+//! the run directory.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -99,15 +99,26 @@ impl Session {
             .as_ref()
             .is_none_or(|x| x.shard() != shard || x.stage().layers != layers)
         {
-            let mut wk =
-                StageWorker::prepare_layers(&self.manifest, shard, self.timeout, Some(layers))?;
-            wk.set_slowdown(self.slowdown);
-            wk.set_attack(self.attack);
-            wk.set_max_send_rate(self.max_send_rate);
-            held.worker = Some(wk);
+            held.worker = Some(self.new_stage(shard, layers)?);
             held.snapshot = None;
         }
         Ok(())
+    }
+
+    /// A fresh stage of `shard` over `layers`, initialised from the run's
+    /// seed and set up as this worker's flags say (slowdown, send cap,
+    /// drill).
+    pub(super) fn new_stage(
+        &self,
+        shard: Shard,
+        layers: std::ops::Range<usize>,
+    ) -> Result<StageWorker> {
+        let mut wk =
+            StageWorker::prepare_layers(&self.manifest, shard, self.timeout, Some(layers))?;
+        wk.set_slowdown(self.slowdown);
+        wk.set_attack(self.attack);
+        wk.set_max_send_rate(self.max_send_rate);
+        Ok(wk)
     }
 
     /// Starts the epoch `w` wires: brings the state to its step, and links.

@@ -75,13 +75,7 @@ fn restore(
             }
         }
         StateSource::Init => {
-            let fresh = StageWorker::prepare_layers(
-                &session.manifest,
-                worker.shard(),
-                session.timeout,
-                Some(w.layers[0]..w.layers[1]),
-            )?;
-            *worker = fresh;
+            *worker = session.new_stage(worker.shard(), w.layers[0]..w.layers[1])?;
         }
         StateSource::Replica => {
             let bytes = match session.client.get_state(stage, w.epoch) {

@@ -52,7 +52,7 @@ fn train(path: &Path, steps: u64, warmup: u64, threads: usize) -> Result<()> {
     let mut manifest = pipewright_spec::load_manifest(path)
         .with_context(|| format!("reading {}", path.display()))?;
     manifest.spec.training.steps = warmup + steps;
-    super::init_threads(threads);
+    crate::kernels::init_threads(threads);
     let mut trainer = Trainer::new(manifest)?;
     for _ in 0..warmup {
         trainer.train_step()?;

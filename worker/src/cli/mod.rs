@@ -9,8 +9,8 @@ mod plan;
 mod train;
 mod worker;
 
-pub(crate) use coordinator::{config as coordinator_config, random_hex32, run_id_hex};
-pub(crate) use worker::TOKEN_ENV;
+pub(crate) use crate::coord::setup::run_id_hex;
+pub use crate::kernels::init_threads;
 
 use std::path::{Path, PathBuf};
 
@@ -194,17 +194,4 @@ pub(crate) fn print_evaluation(eval: &crate::train::EvalReport, unigram: f64) {
             "ABOVE"
         }
     );
-}
-
-/// Size the global rayon pool (0: one thread per core).
-pub fn init_threads(threads: usize) {
-    let n = if threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        threads
-    };
-    // Fails only if the pool was already built, which is harmless.
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global();
 }

@@ -260,7 +260,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if !args.resume && !may_use_gpu(args.device) {
         check_memory(&manifest, &args.manifest)?;
     }
-    super::init_threads(args.threads.unwrap_or(manifest.spec.training.threads));
+    crate::kernels::init_threads(args.threads.unwrap_or(manifest.spec.training.threads));
     if !args.resume && !args.overwrite {
         if let Ok(latest) = checkpoint::resolve(&root) {
             anyhow::bail!(

@@ -14,8 +14,7 @@ use clap::Args;
 use crate::coord::Client;
 use crate::shard;
 
-/// Environment variable holding the join token.
-pub const TOKEN_ENV: &str = "PIPEWRIGHT_JOIN_TOKEN";
+pub use crate::coord::setup::TOKEN_ENV;
 
 /// Arguments of `pipewright worker`.
 #[derive(Debug, Args)]

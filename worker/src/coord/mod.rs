@@ -10,6 +10,7 @@ mod page;
 pub mod persist;
 mod routes;
 pub mod server;
+pub mod setup;
 pub mod state;
 
 #[cfg(test)]

@@ -15,3 +15,17 @@ pub mod pool;
 pub(crate) mod simd;
 
 pub use matmul::{matmul, matmul_stats, MatmulStats, Trans};
+
+/// Sizes rayon's global pool, where the kernels run (0: one thread per
+/// core). Only the first call in a process takes effect.
+pub fn init_threads(threads: usize) {
+    let n = if threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        threads
+    };
+    // Fails only if the pool was already built, which is harmless.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
+}

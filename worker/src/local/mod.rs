@@ -55,7 +55,7 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
     let shards = stages * replicas;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = opts.threads.unwrap_or((cores / shards).max(1));
-    let token = crate::cli::random_hex32();
+    let token = crate::coord::setup::random_hex32();
     let coord = start_coordinator(manifest, opts, token.clone())?;
     let url = format!("http://{}", coord.addr());
     // The workers read the manifest from a file that lives as long as the run.
@@ -152,10 +152,10 @@ fn start_coordinator(
     }
     crate::ledger::set_aside(&opts.root.join(crate::ledger::FILE))
         .context("setting the previous run's ledger aside")?;
-    let cfg = crate::cli::coordinator_config(
+    let cfg = crate::coord::setup::config(
         manifest,
         token,
-        crate::cli::random_hex32(),
+        crate::coord::setup::random_hex32(),
         state_dir,
         opts.root.to_path_buf(),
         Duration::from_secs(2),

@@ -73,7 +73,7 @@ impl Spawner<'_> {
             // run directory: a relaunched one keeps its account.
             .arg("--identity")
             .arg(identity_file(self.opts.root, stage, replica))
-            .env(crate::cli::TOKEN_ENV, &self.token)
+            .env(crate::coord::setup::TOKEN_ENV, &self.token)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()

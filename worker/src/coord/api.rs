@@ -34,6 +34,11 @@ pub struct Register {
     /// Proof that the worker holds its identity's key (required).
     #[serde(default)]
     pub identity: Option<IdentityProof>,
+    /// Bytes of memory the worker can give a shard (`None`: unknown, as
+    /// from older workers). A worker without a stage of its own is only
+    /// given a shard whose planned bytes fit.
+    #[serde(default)]
+    pub available_memory: Option<u64>,
 }
 
 /// `POST /v1/challenge`'s answer: a fresh nonce to sign when registering.

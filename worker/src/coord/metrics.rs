@@ -3,6 +3,7 @@
 //! the ledger's contributions, and counts of API requests. Every metric is
 //! listed in `docs/metrics.md`.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 
 use axum::http::StatusCode;
@@ -45,6 +46,7 @@ pub(super) struct Metrics {
     reward_share: Family<Labels, Gauge<f64, AtomicU64>>,
     contribution_flops: Family<Labels, Counter<f64, AtomicU64>>,
     refused_reports: Family<Labels, Counter>,
+    memory_refusals: Family<Labels, Counter>,
 }
 
 /// Why a registration or step report is refused (the `reason` label of
@@ -60,7 +62,8 @@ const REFUSAL_REASONS: [&str; 6] = [
     "incomplete",
 ];
 
-/// What the ledger adds to a scrape.
+/// What a scrape adds to the status: the ledger's figures and the
+/// coordinator's memory refusals.
 #[derive(Default)]
 pub(super) struct LedgerFigures {
     /// Verified FLOPs booked per identity fingerprint, the whole run.
@@ -69,6 +72,9 @@ pub(super) struct LedgerFigures {
     pub(super) shares: Vec<(String, f64)>,
     /// Refused reports by reason.
     pub(super) refused: Vec<(String, u64)>,
+    /// Not the ledger's: volunteers the coordinator kept from a stage for
+    /// lack of memory, by stage.
+    pub(super) memory_refusals: BTreeMap<usize, u64>,
 }
 
 impl Metrics {
@@ -101,6 +107,7 @@ impl Metrics {
             reward_share: Family::default(),
             contribution_flops: Family::default(),
             refused_reports: Family::default(),
+            memory_refusals: Family::default(),
         };
         registry.register("step", "Steps completed by every worker", m.step.clone());
         registry.register(
@@ -207,6 +214,11 @@ impl Metrics {
             "Registrations and step reports refused (forged, replayed, unrouted, unsigned)",
             m.refused_reports.clone(),
         );
+        registry.register(
+            "memory_refusals",
+            "Volunteers kept from a vacant shard of a stage whose planned memory exceeds what they have available",
+            m.memory_refusals.clone(),
+        );
         // Every reason shows as 0 until it happens, so a dashboard shows
         // a zero rather than no data.
         for reason in REFUSAL_REASONS {
@@ -261,6 +273,16 @@ impl Metrics {
             let c = self
                 .refused_reports
                 .get_or_create(&vec![("reason".into(), reason.clone())]);
+            let add = n.saturating_sub(c.get());
+            if add > 0 {
+                c.inc_by(add);
+            }
+        }
+        for st in &s.stages {
+            let c = self
+                .memory_refusals
+                .get_or_create(&vec![("stage".into(), st.stage.to_string())]);
+            let n = ledger.memory_refusals.get(&st.stage).copied().unwrap_or(0);
             let add = n.saturating_sub(c.get());
             if add > 0 {
                 c.inc_by(add);
@@ -377,6 +399,7 @@ pub(super) fn scrape(shared: &Shared) -> String {
             Err(e) => tracing::error!("reading the ledger for metrics: {e}"),
         }
     }
+    figures.memory_refusals = c.memory_refusals().clone();
     drop(c);
     shared.metrics.render(&status, &figures)
 }
@@ -469,11 +492,16 @@ mod tests {
             flops: vec![("00".into(), 1e9)],
             shares: vec![("00".into(), 1.0)],
             refused: vec![],
+            memory_refusals: [(0, 2)].into_iter().collect(),
         };
         let text = m.render(&status, &figures);
         // Every family has a sample, so every family is listed below.
         let families = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(families, 25, "{text}");
+        assert_eq!(families, 26, "{text}");
+        assert!(
+            text.contains("pipewright_memory_refusals_total{stage=\"0\"} 2"),
+            "{text}"
+        );
         assert!(
             text.contains("pipewright_recovery_seconds_total 2.5"),
             "{text}"

@@ -205,6 +205,16 @@ impl Shared {
                 spec.training.micro_batch_size,
             )),
             rewards: spec.rewards.clone(),
+            // What a shard of each stage needs, so a volunteer is only given
+            // one it has the memory for.
+            shard_bytes: crate::plan::plan(&config.manifest, config.model.vocab, None)
+                .stages
+                .iter()
+                .map(|s| {
+                    s.total_bytes
+                        .saturating_add(crate::plan::PROCESS_OVERHEAD_BYTES)
+                })
+                .collect(),
         };
         let ledger = match &config.ledger {
             Some(path) => {

@@ -83,6 +83,12 @@ pub struct Layout {
     pub cost: Option<CostModel>,
     /// How shares are computed from the ledger.
     pub rewards: pipewright_spec::RewardsSpec,
+    /// Bytes a shard process of each stage needs by the run's plan
+    /// ([`crate::plan::plan`], the process overhead included). A volunteer
+    /// that says how much memory it has available is never given a shard
+    /// needing more. Empty (or shorter than the stages): not known, any
+    /// worker fits.
+    pub shard_bytes: Vec<u64>,
 }
 
 /// Splits the model's layers into stages given each stage's relative
@@ -269,6 +275,9 @@ pub struct Coordinator {
     recoveries: (u64, f64, Option<f64>),
     /// Since when the run has been recovering from a lost shard.
     recovering_since: Option<Instant>,
+    /// Volunteers kept from a vacant shard they lack the memory for: each
+    /// (worker, stage) once, and the count per stage.
+    memory_refused: (BTreeSet<(u64, usize)>, BTreeMap<usize, u64>),
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -344,6 +353,7 @@ impl Coordinator {
                 p.last_recovery_seconds,
             ),
             recovering_since: None,
+            memory_refused: Default::default(),
         }
     }
 
@@ -590,12 +600,89 @@ impl Coordinator {
         )
     }
 
+    /// Whether a worker with `available` bytes (`None`: unknown) fits a
+    /// shard of slot `i`'s stage by the run's plan.
+    fn fits(&self, i: usize, available: Option<u64>) -> bool {
+        let stage = i / self.layout.replicas.max(1);
+        match (available, self.layout.shard_bytes.get(stage)) {
+            (Some(have), Some(&need)) => need <= have,
+            _ => true,
+        }
+    }
+
+    /// The vacancy volunteer `worker` with `available` bytes should fill
+    /// (see [`Coordinator::best_vacancy`]) among those it fits. Vacancies
+    /// it does not fit are counted as memory refusals, once per worker and
+    /// stage, and stay vacant for a worker that fits.
+    fn vacancy_for(
+        &mut self,
+        worker: u64,
+        name: &str,
+        available: Option<u64>,
+        now: Instant,
+    ) -> Option<usize> {
+        let r = self.layout.replicas.max(1);
+        let unfit: BTreeSet<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].is_none() && self.reserved[i].is_none())
+            .filter(|&i| !self.fits(i, available))
+            .map(|i| i / r)
+            .collect();
+        for stage in unfit {
+            if self.memory_refused.0.insert((worker, stage)) {
+                *self.memory_refused.1.entry(stage).or_default() += 1;
+                let need = self.layout.shard_bytes.get(stage).copied().unwrap_or(0);
+                self.history.event(
+                    EventKind::Refused,
+                    format!(
+                        "worker {worker} \"{}\" not given stage {stage}: it needs {}, the worker has {} available",
+                        quoted(name),
+                        crate::plan::human(need),
+                        crate::plan::human(available.unwrap_or(0)),
+                    ),
+                    now,
+                );
+            }
+        }
+        self.best_vacancy_where(|c, i| c.fits(i, available))
+    }
+
+    /// Volunteers kept from a vacant shard they lack the memory for, per
+    /// stage (each worker counted once per stage).
+    pub fn memory_refusals(&self) -> &BTreeMap<usize, u64> {
+        &self.memory_refused.1
+    }
+
+    /// Gives vacancies to the standbys, first come first served, each the
+    /// best vacancy it fits; a standby that fits none keeps waiting.
+    fn seat_standbys(&mut self, now: Instant) {
+        let mut k = 0;
+        while k < self.standby.len() && self.best_vacancy().is_some() {
+            let (worker, name, available) = {
+                let sb = &self.standby[k];
+                (sb.worker, sb.req.name.clone(), sb.req.available_memory)
+            };
+            match self.vacancy_for(worker, &name, available, now) {
+                Some(i) => {
+                    let sb = self.standby.remove(k);
+                    self.fill(i, sb.worker, &sb.req, now, true);
+                }
+                None => k += 1,
+            }
+        }
+    }
+
     /// The vacancy a volunteer should fill: on the stage with the fewest
     /// live replicas, then the slowest, then the lowest.
     fn best_vacancy(&self) -> Option<usize> {
+        self.best_vacancy_where(|_, _| true)
+    }
+
+    /// [`Coordinator::best_vacancy`] among the slots `allowed` admits.
+    fn best_vacancy_where(&self, allowed: impl Fn(&Self, usize) -> bool) -> Option<usize> {
         let r = self.layout.replicas;
         (0..self.slots.len())
             .filter(|&i| self.slots[i].is_none() && self.reserved[i].is_none())
+            .filter(|&i| allowed(self, i))
             .min_by(|&a, &b| {
                 let live = |i: usize| {
                     let s = i / r;
@@ -730,7 +817,7 @@ impl Coordinator {
                 return Err(CoordError::Taken(s, r));
             }
             Some(i) => Some(i),
-            None => self.best_vacancy(),
+            None => self.vacancy_for(id, &req.name, req.available_memory, now),
         };
         let Some(i) = target else {
             if !self.standby.iter().any(|s| s.worker == id) {
@@ -871,10 +958,8 @@ impl Coordinator {
                 );
             }
             self.new_epoch(now);
-            if !self.standby.is_empty() {
-                let sb = self.standby.remove(0);
-                self.fill(i, sb.worker, &sb.req, now, true);
-            }
+            // The first standby that fits takes it (or another vacancy).
+            self.seat_standbys(now);
             true
         } else {
             let before = self.standby.len();
@@ -925,10 +1010,7 @@ impl Coordinator {
         }
         if freed {
             // Standbys may take the slots nobody came back for.
-            while let (Some(i), false) = (self.best_vacancy(), self.standby.is_empty()) {
-                let sb = self.standby.remove(0);
-                self.fill(i, sb.worker, &sb.req, now, true);
-            }
+            self.seat_standbys(now);
         }
         if let Some((epoch, since)) = self.suspect_since {
             if epoch == self.epoch && now.saturating_duration_since(since) > self.lease {

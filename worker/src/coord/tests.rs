@@ -24,6 +24,7 @@ fn layout(stages: usize, replicas: usize, tied: bool) -> Layout {
         routed: false,
         cost: None,
         rewards: Default::default(),
+        shard_bytes: Vec::new(),
     }
 }
 
@@ -791,4 +792,75 @@ fn the_history_keeps_each_committed_step_and_what_happened_to_the_run() {
     assert!(c.step_done(&d, t0).is_err());
     let h = c.history(t0, 0.0);
     assert_eq!(h.events.last().map(|e| e.kind), Some(K::Refused));
+}
+
+/// A volunteer that says how much memory it has is only given a shard
+/// whose planned bytes fit; a vacancy it does not fit stays vacant for a
+/// worker that fits, and the refusal is counted once per worker and stage.
+#[test]
+fn a_volunteer_is_never_given_a_shard_it_lacks_the_memory_for() {
+    let now = Instant::now();
+    let mut l = layout(2, 1, false);
+    // Stage 0 needs 1000 bytes, stage 1 needs 400.
+    l.shard_bytes = vec![1000, 400];
+    let mut c = Coordinator::new("t", l, LEASE, Some("/ck".into()), None);
+    let with = |tag: &str, bytes: Option<u64>| Register {
+        available_memory: bytes,
+        ..reg(None, None, tag)
+    };
+    // Both stages vacant; the small worker fits only stage 1, though stage
+    // 0 comes first in the usual order.
+    let (small, shard) = c.register(with("small", Some(500)), now).expect("small");
+    assert_eq!(shard, Some((1, 0)));
+    assert_eq!(c.memory_refusals().get(&0), Some(&1));
+    // A second small worker fits no vacancy: it waits, stage 0 stays vacant.
+    let (small2, shard) = c.register(with("small2", Some(999)), now).expect("small2");
+    assert_eq!(shard, None);
+    assert_eq!(c.status(now).standby, 1);
+    assert_eq!(c.memory_refusals().get(&0), Some(&2));
+    assert_eq!(c.memory_refusals().get(&1), None);
+    // Registering again (a lost answer) is not a second refusal.
+    let again = Register {
+        worker: Some(small2),
+        ..with("small2", Some(999))
+    };
+    assert_eq!(c.register(again, now).expect("again").1, None);
+    assert_eq!(c.memory_refusals().get(&0), Some(&2));
+    // A worker that fits takes stage 0; one that does not say (an older
+    // worker) is not held back either.
+    let (big, shard) = c.register(with("big", Some(1000)), now).expect("big");
+    assert_eq!(shard, Some((0, 0)));
+    // Stage 1's worker is lost: the waiting small standby fits it and takes it.
+    c.lose(small, now);
+    assert_eq!(c.workers().get(&small2), Some(&(1, 0)));
+    // Stage 0's worker is lost with only a small standby waiting: the slot
+    // stays vacant, the standby waits, the refusal is counted.
+    let (tiny, shard) = c.register(with("tiny", Some(450)), now).expect("tiny");
+    assert_eq!(shard, None);
+    c.lose(big, now);
+    assert_eq!(c.workers().get(&tiny), None);
+    assert_eq!(c.status(now).standby, 1);
+    assert_eq!(c.memory_refusals().get(&0), Some(&3));
+    assert!(c.status(now).shards[0].worker.is_none());
+    // An older worker (no figure) takes it.
+    let (old, shard) = c.register(with("old", None), now).expect("old");
+    assert_eq!(shard, Some((0, 0)));
+    assert_eq!(c.workers().get(&old), Some(&(0, 0)));
+    // The refusals are in the run's history, naming the stage.
+    let h = c.history(now, 0.0);
+    let text = serde_json::to_string(&h).expect("history json");
+    assert!(text.contains("not given stage 0"), "{text}");
+}
+
+/// Without planned bytes (an older layout) every volunteer fits.
+#[test]
+fn without_a_plan_every_volunteer_fits() {
+    let now = Instant::now();
+    let mut c = coord(1, 1, false);
+    let r = Register {
+        available_memory: Some(1),
+        ..reg(None, None, "v")
+    };
+    assert_eq!(c.register(r, now).expect("v").1, Some((0, 0)));
+    assert!(c.memory_refusals().is_empty());
 }

@@ -387,10 +387,49 @@ fn kv_width(c: &ModelConfig) -> u64 {
     c.kv_heads as u64 * c.head_dim() as u64
 }
 
+/// Environment variable that caps the memory a process plans with
+/// (`24GiB`, `512MiB`): a machine shared with other work offers less than
+/// it has.
+pub const AVAILABLE_MEMORY_ENV: &str = "PIPEWRIGHT_AVAILABLE_MEMORY";
+
+/// Memory this process can give a run now: the lowest of what the machine
+/// has ([`machine_memory`]), the process's own limits on its data segment
+/// and address space (`RLIMIT_DATA`, `RLIMIT_AS`, as `prlimit` sets them)
+/// and [`AVAILABLE_MEMORY_ENV`] (a value that is not a size is reported
+/// and ignored). `None` where none of them is known.
+pub fn available_memory() -> Option<u64> {
+    let offered = std::env::var(AVAILABLE_MEMORY_ENV).ok().and_then(|v| {
+        parse_bytes(&v)
+            .map_err(|e| tracing::warn!("{AVAILABLE_MEMORY_ENV} is ignored: {e}"))
+            .ok()
+    });
+    [machine_memory(), process_limit(), offered]
+        .into_iter()
+        .flatten()
+        .min()
+}
+
+/// The lower of this process's soft limits on its data segment and its
+/// address space, where either is set.
+fn process_limit() -> Option<u64> {
+    [libc::RLIMIT_DATA, libc::RLIMIT_AS]
+        .into_iter()
+        .filter_map(|resource| {
+            let mut r = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes the struct it is given and nothing else.
+            let ok = unsafe { libc::getrlimit(resource, &mut r) } == 0;
+            (ok && r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur)
+        })
+        .min()
+}
+
 /// Memory this machine can give a run now: `MemAvailable` from
 /// `/proc/meminfo`, or the cgroup's limit less its usage when that is lower.
 /// `None` where neither can be read (not Linux).
-pub fn available_memory() -> Option<u64> {
+pub fn machine_memory() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
     let available = meminfo.as_deref().and_then(|m| {
         m.lines()

@@ -155,6 +155,9 @@ impl Session {
                 name: format!("{name}/{}", std::process::id()),
                 speed,
                 identity: None,
+                // Lets the coordinator give a worker without a stage only a
+                // shard it has the memory for.
+                available_memory: crate::plan::available_memory(),
             },
             worker: 0,
             run_id: RunId([0; 16]),

@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# Memory: a model too large for one process trains when its stages are
+# split over processes that each fit. Every stage worker runs under a
+# per-process memory limit (`prlimit --data`, RLIMIT_DATA: the private
+# writable memory a process may map). For S = 1, 2 and 4 stages it trains
+# the largest model of one family (dim 2048, SwiGLU 5632, 16 heads) that the
+# plan fits under the limit, with the leave-one-GiB margin below, and no
+# larger than this machine's memory split S ways: a coordinator plus S
+# `pipewright worker` processes, with training.recompute none and full.
+# Reports each stage's planned bytes against its measured peak resident set
+# (VmHWM, polled) and the run's tokens/s (the coordinator's, over the steps
+# after the first), and shows that the single-process run of the S = 4
+# model is refused by the plan under the same limit. Writes
+# bench/results/memory.md.
+#
+# The limit counts address space the allocator reserves ahead of use, so
+# the model of each S is the largest whose every stage the plan puts at
+# least 1 GiB under it.
+#
+# Usage: bench/memory.sh [--limit SIZE] [--steps N] [--out FILE]
+# Environment: PIPEWRIGHT_BIN (a prebuilt binary; skips the build).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+limit="6GiB"
+steps=3
+out="bench/results/memory.md"
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --limit) limit="$2"; shift 2 ;;
+        --steps) steps="$2"; shift 2 ;;
+        --out) out="$2"; shift 2 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        *) echo "unknown option $1" >&2; exit 2 ;;
+    esac
+done
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+prepare
+started=$(date +%s)
+limit_bytes="$(python3 -c '
+import re, sys
+m = re.fullmatch(r"([0-9.]+)\s*(|B|KiB|MiB|GiB|TiB)", sys.argv[1].strip())
+if not m: sys.exit("--limit: expected a size such as 6GiB, got " + repr(sys.argv[1]))
+scale = {"": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}[m.group(2)]
+print(int(float(m.group(1)) * scale))' "$limit")"
+available_kib="$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo)"
+threads_total="$(nproc)"
+corpus="/usr/share/games/fortunes"
+
+# manifest FILE STAGES LAYERS RECOMPUTE
+manifest() {
+    cat >"$1" <<EOF
+apiVersion: pipewright.dev/v1alpha1
+kind: TrainingRun
+metadata: {name: memory-s$2}
+spec:
+  model: {dim: 2048, layers: $3, heads: 16, ffnDim: 5632, seqLen: 64}
+  data:
+    sources: ["$corpus"]
+    exclude: ["*.dat", "*.u8"]
+  training: {steps: $steps, microBatchSize: 1, microBatches: 4, learningRate: 0.0003, warmupSteps: 0, seed: 1, evalBatches: 1, recompute: $4}
+  pipeline: {stages: $2, replicas: 1, schedule: 1f1b}
+  checkpoint: {keep: 1}
+EOF
+}
+
+# plan_json FILE: the plan as JSON.
+plan_json() { "$PIPEWRIGHT_BIN" plan --json "$1"; }
+
+# largest_stage FILE: bytes of the largest stage plus the process overhead
+# (32 MiB, plan::PROCESS_OVERHEAD_BYTES).
+largest_stage() {
+    plan_json "$1" | python3 -c '
+import json, sys
+p = json.load(sys.stdin)["plan"]
+print(max(s["total_bytes"] for s in p["stages"]) + (32 << 20))'
+}
+
+# layers_for S: the most layers (a multiple of S) whose every stage the
+# plan puts 1 GiB under the limit and whose S stages fit this machine.
+layers_for() {
+    local s="$1" best=0 l need
+    for ((l = s; l <= 64; l += s)); do
+        manifest "$work/probe.yaml" "$s" "$l" none
+        need="$(largest_stage "$work/probe.yaml")"
+        if ((need + (1 << 30) > limit_bytes || need * s > available_kib * 1024 * 9 / 10)); then
+            break
+        fi
+        best="$l"
+    done
+    echo "$best"
+}
+
+# run_one S LAYERS RECOMPUTE: trains and appends one row per stage to $rows.
+run_one() {
+    local s="$1" layers="$2" policy="$3" dir="$work/s$1-$3" port url
+    mkdir -p "$dir"
+    manifest "$dir/run.yaml" "$s" "$layers" "$policy"
+    port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+    url="http://127.0.0.1:$port"
+    PIPEWRIGHT_JOIN_TOKEN=bench "$PIPEWRIGHT_BIN" coordinator "$dir/run.yaml" \
+        --listen "127.0.0.1:$port" --out "$dir/out" 2>"$dir/coordinator.log" &
+    local coord=$!
+    local threads=$((threads_total / s)); ((threads >= 1)) || threads=1
+    local pids=() st
+    for ((st = 0; st < s; st++)); do
+        PIPEWRIGHT_JOIN_TOKEN=bench prlimit --data="$limit_bytes" "$PIPEWRIGHT_BIN" worker "$dir/run.yaml" \
+            --coordinator "$url" --stage "$st" --replica 0 --threads "$threads" \
+            --identity "$dir/id-$st" >/dev/null 2>"$dir/worker-$st.log" &
+        pids+=($!)
+    done
+    # Poll each worker's peak resident set and the coordinator's tokens/s
+    # until every worker has exited.
+    local peaks=() tps="" p i alive status
+    for ((st = 0; st < s; st++)); do peaks+=(0); done
+    while :; do
+        alive=0
+        for i in "${!pids[@]}"; do
+            p="${pids[$i]}"
+            if kill -0 "$p" 2>/dev/null; then
+                alive=1
+                hwm="$(awk '/^VmHWM:/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)"
+                ((${hwm:-0} > ${peaks[$i]})) && peaks[$i]="$hwm"
+            fi
+        done
+        status="$(curl -sf "$url/status" 2>/dev/null || true)"
+        if [[ -n "$status" ]]; then
+            # tokens/s over steps after the first (the first fills buffers).
+            t="$(python3 -c '
+import json, sys
+s = json.loads(sys.argv[1])
+print(s["tokens_per_second"] if s["step"] >= 2 else "")' "$status")"
+            [[ -n "$t" ]] && tps="$t"
+        fi
+        ((alive)) || break
+        sleep 0.5
+    done
+    local rc=0
+    for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+    kill "$coord" 2>/dev/null || true
+    wait "$coord" 2>/dev/null || true
+    if ((rc != 0)); then
+        echo "S=$s recompute $policy: a worker failed" >&2
+        tail -n 20 "$dir"/worker-*.log >&2
+        exit 1
+    fi
+    local plan
+    plan="$(plan_json "$dir/run.yaml")"
+    for ((st = 0; st < s; st++)); do
+        rows+="$(python3 -c '
+import json, sys
+p = json.loads(sys.argv[1])["plan"]
+st, peak_kib, tps, s, policy = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
+stage = p["stages"][st]
+planned = (stage["total_bytes"] + (32 << 20)) / 2**30
+measured = peak_kib / 2**20
+params = p["params"] / 1e9
+tps = "%.1f" % float(tps) if tps else "-"
+print("| %s | %.2fB | %s | %d | %d..%d | %.2f | %.2f | %+.1f%% | %s |" % (
+    s, params, policy, st, stage["layers"]["start"], stage["layers"]["end"],
+    planned, measured, 100 * (planned - measured) / measured, tps if st == 0 else ""))
+' "$plan" "$st" "${peaks[$st]}" "$tps" "$s" "$policy")"$'\n'
+    done
+    echo "S=$s ($layers layers) recompute $policy: peaks ${peaks[*]} KiB, $tps tokens/s"
+    rm -rf "$dir/out"
+}
+
+rows=""
+declare -A chosen
+for s in 1 2 4; do
+    chosen[$s]="$(layers_for "$s")"
+    if ((chosen[$s] == 0)); then
+        echo "no model of this family fits $limit per process on $s stage(s)" >&2
+        exit 1
+    fi
+done
+for s in 1 2 4; do
+    for policy in none full; do
+        run_one "$s" "${chosen[$s]}" "$policy"
+    done
+done
+
+# The S = 4 model in one process, under the same limit: refused by the plan.
+manifest "$work/single.yaml" 4 "${chosen[4]}" none
+if prlimit --data="$limit_bytes" "$PIPEWRIGHT_BIN" train --quiet --out "$work/single" \
+    "$work/single.yaml" >/dev/null 2>"$work/single.err"; then
+    echo "the single-process run of the S = 4 model was not refused" >&2
+    exit 1
+fi
+refusal="$(grep -m1 'needs' "$work/single.err" | sed "s|$work/||g")"
+params4="$(plan_json "$work/single.yaml" | python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["plan"]["params"] / 1e9))')"
+elapsed=$(($(date +%s) - started))
+{
+    echo "# Memory: a model larger than one process trains over stages"
+    echo
+    echo "Every stage worker runs under \`prlimit --data=$limit\` (RLIMIT_DATA). For each"
+    echo "number of stages S the largest model of one family (dim 2048, ffnDim 5632,"
+    echo "16 heads, seqLen 64, byte vocabulary) whose every stage the plan puts 1 GiB"
+    echo "under the limit (the limit also counts address space the allocator"
+    echo "reserves ahead of use) and whose S stages fit this machine's memory."
+    echo "1F1B, 4 micro-batches of 1 × 64 tokens, $steps steps; $threads_total kernel threads"
+    echo "shared by the S workers. Planned = \`plan\`'s stage total plus the process"
+    echo "overhead; measured = the worker's peak resident set (VmHWM). tokens/s is the"
+    echo "coordinator's over the steps after the first."
+    machine
+    echo "Commit: $(git rev-parse --short HEAD). Run time: ${elapsed}s."
+    echo
+    echo "| S | params | recompute | stage | layers | planned GiB | measured GiB | plan error | tokens/s |"
+    echo "|---:|---:|---|---:|---|---:|---:|---:|---:|"
+    printf '%s' "$rows"
+    echo
+    echo "The S = 4 model ($params4 B parameters) in one process under the same limit"
+    echo "(\`pipewright train\` without \`--processes\`) is refused before anything is"
+    echo "allocated:"
+    echo
+    echo "> $refusal"
+} >"$out"
+echo "-> $out (${elapsed}s)"

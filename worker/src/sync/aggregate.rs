@@ -29,7 +29,7 @@ use pipewright_spec::Aggregation;
 use rayon::prelude::*;
 
 /// Iterations of centered clipping after the median start.
-pub const CLIP_ITERATIONS: usize = 3;
+pub const CLIP_ITERATIONS: usize = 1;
 
 /// Elements per parallel task of the element-wise rules (a fixed split,
 /// so the work division never changes a result: each element is computed

@@ -9,7 +9,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::{self, JoinHandle};
 
 use super::ring::{RingError, RingMember};
-use super::robust::Reduce;
+use super::robust::{agree, digest, Reduce};
 
 /// What the background thread hands back: the member (for the next step)
 /// and the averaged buckets in index order.
@@ -97,10 +97,15 @@ fn reduce_in_order(
     let buckets = rules.len();
     let mut waiting: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
     let mut done: Vec<Vec<f32>> = Vec::with_capacity(buckets);
+    // Digests of the gathered buckets' aggregates, checked once at the end.
+    let mut digests = Vec::new();
     while done.len() < buckets {
         let next = done.len();
         if let Some(mut data) = waiting.remove(&next) {
             rules[next].apply(&mut member, &mut data)?;
+            if matches!(rules[next], Reduce::Gather(_)) {
+                digests.extend(digest(&data));
+            }
             done.push(data);
             continue;
         }
@@ -112,6 +117,9 @@ fn reduce_in_order(
         if index < next || waiting.insert(index, data).is_some() {
             return Err(RingError::Config(format!("bucket {index} pushed twice")));
         }
+    }
+    if !digests.is_empty() {
+        agree(&mut member, &digests)?;
     }
     Ok((member, done))
 }

@@ -27,4 +27,6 @@ mod robust;
 pub use aggregate::aggregate;
 pub use bucketed::BucketedAllReduce;
 pub use ring::{loopback_listeners, on_loopback_ring, RingConfig, RingError, RingMember};
-pub use robust::{screen_contributions, screen_tensor, Reduce, MAX_NORM_RATIO, MAX_TENSOR_RMS};
+pub use robust::{
+    agree, digest, screen_contributions, screen_tensor, Reduce, MAX_NORM_RATIO, MAX_TENSOR_RMS,
+};

@@ -4,6 +4,7 @@
 //! library here.
 
 use cudarc::nccl::{Comm, Id, ReduceOp};
+use pipewright_spec::Aggregation;
 
 use crate::kernels::cuda::{Gpu, GpuError, F32};
 
@@ -62,5 +63,19 @@ impl NcclGroup {
     /// Number of ranks.
     pub fn world(&self) -> usize {
         self.comm.world_size()
+    }
+
+    /// Whether this group can combine gradients as `aggregation` asks:
+    /// only the mean. The robust rules need every replica's contribution
+    /// on every replica (see `docs/byzantine.md`), which only the CPU ring
+    /// gathers.
+    pub fn check_aggregation(aggregation: Aggregation) -> Result<(), GpuError> {
+        match aggregation {
+            Aggregation::Mean => Ok(()),
+            other => Err(GpuError::Unsupported(format!(
+                "aggregation {} is not available on GPUs (NCCL averages only); use the CPU workers or aggregation: mean",
+                other.name()
+            ))),
+        }
     }
 }

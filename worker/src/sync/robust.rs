@@ -59,24 +59,25 @@ impl Reduce {
                     return Err(member.refuse(origin, reason));
                 }
                 aggregate(rule, &refs, data);
-                agree(member, data)
+                Ok(())
             }
         }
     }
 }
 
-/// Checks that every rank computed the same `aggregate`: the ranks
-/// all-gather a BLAKE3 digest of it (as 16 f32s, each holding 16 bits) and
-/// any difference breaks the operation off. A replica that sent different
+/// Checks that every rank computed the same aggregates, given their
+/// [`digest`]s (concatenated, one per gathered bucket): the ranks
+/// all-gather them and any difference breaks the operation off.
+/// [`super::BucketedAllReduce`] does this once per step, after its last
+/// bucket. A replica that sent different
 /// contributions to different ranks (or a relay that altered one) makes
 /// honest ranks' aggregates differ; each honest rank compares with its ring
 /// neighbours directly, and with one dishonest rank the honest ones form a
 /// chain of such neighbours, so they either all agree or the step breaks
 /// off.
-fn agree(member: &mut RingMember, aggregate: &[f32]) -> Result<(), RingError> {
-    let mine = digest(aggregate);
-    let all = member.allgather(&mine)?;
-    match all.iter().position(|d| *d != mine) {
+pub fn agree(member: &mut RingMember, digests: &[f32]) -> Result<(), RingError> {
+    let all = member.allgather(digests)?;
+    match all.iter().position(|d| d != digests) {
         None => Ok(()),
         Some(rank) => Err(RingError::Protocol {
             peer: rank,
@@ -89,7 +90,7 @@ fn agree(member: &mut RingMember, aggregate: &[f32]) -> Result<(), RingError> {
 
 /// A BLAKE3 digest of `values`' bits, as 16 f32s of 16 bits each (finite,
 /// so they pass the gather's checks).
-fn digest(values: &[f32]) -> Vec<f32> {
+pub fn digest(values: &[f32]) -> Vec<f32> {
     let mut h = blake3::Hasher::new();
     for v in values {
         h.update(&v.to_le_bytes());
@@ -196,7 +197,10 @@ mod tests {
                 } else {
                     Aggregation::TrimmedMean
                 };
-                Reduce::Gather(rule).apply(&mut m, &mut data).err()
+                Reduce::Gather(rule)
+                    .apply(&mut m, &mut data)
+                    .and_then(|()| agree(&mut m, &digest(&data)))
+                    .err()
             },
         );
         for (rank, err) in results.iter().enumerate() {

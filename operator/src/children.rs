@@ -39,9 +39,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use pipewright_spec::{
-    validate, Metadata, PlacementSpec, TrainingRun, TrainingRunResource, TrainingRunSpec,
+    sizing, validate, Metadata, PlacementSpec, TrainingRun, TrainingRunResource, TrainingRunSpec,
     API_VERSION, KIND,
 };
+
+use crate::quantity;
 
 /// Label naming the run an object belongs to.
 pub const LABEL_RUN: &str = "pipewright.dev/run";
@@ -217,6 +219,9 @@ pub struct Blueprint<'a> {
     name: String,
     namespace: String,
     owner: OwnerReference,
+    /// Bytes a shard process of each stage needs by the memory plan, when
+    /// the manifest alone fixes the vocabulary.
+    planned_memory: Option<Vec<u64>>,
 }
 
 impl<'a> Blueprint<'a> {
@@ -263,6 +268,7 @@ impl<'a> Blueprint<'a> {
             }
         }
         Ok(Self {
+            planned_memory: planned_memory(&manifest),
             run,
             settings,
             name,
@@ -633,10 +639,16 @@ impl<'a> Blueprint<'a> {
     }
 
     /// Memory a shard pod of `stage` requests: `spec.placement.memoryPerWorker`
-    /// when set.
-    pub fn shard_memory(&self, _stage: usize) -> Option<Quantity> {
-        let placement = &self.run.spec.placement;
-        placement.memory_per_worker.clone().map(Quantity)
+    /// when set, else what the memory plan gives the stage (its weights,
+    /// gradients, Adam moments, activations at the schedule's peak and
+    /// allocator slack, plus the process itself), rounded up to a MiB; none
+    /// when the vocabulary is in a tokenizer file the operator cannot read.
+    pub fn shard_memory(&self, stage: usize) -> Option<Quantity> {
+        if let Some(memory) = &self.run.spec.placement.memory_per_worker {
+            return Some(Quantity(memory.clone()));
+        }
+        let bytes = *self.planned_memory.as_ref()?.get(stage)?;
+        Some(Quantity(quantity::mebibytes(bytes)))
     }
 
     /// The run's tolerations, after the GPU taint's when shards ask GPUs:
@@ -789,6 +801,20 @@ impl<'a> Blueprint<'a> {
             node_affinity,
         }
     }
+}
+
+/// Bytes a shard process of each stage of `run` needs: the stage's total by
+/// the memory plan plus the process overhead; `None` when the vocabulary is
+/// known only to a tokenizer file.
+fn planned_memory(run: &TrainingRun) -> Option<Vec<u64>> {
+    let vocab = sizing::manifest_vocab(run)?;
+    let plan = sizing::plan(run, vocab, None);
+    let stages = plan.stages.iter();
+    Some(
+        stages
+            .map(|s| s.total_bytes.saturating_add(sizing::PROCESS_OVERHEAD_BYTES))
+            .collect(),
+    )
 }
 
 /// The run as a local-mode manifest. Kubernetes-only settings are left out:
@@ -1278,6 +1304,40 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k, v.0))
             .collect()
+    }
+
+    #[test]
+    fn shard_pods_request_the_memory_the_plan_gives_their_stage() {
+        let mut run = run(3, 2);
+        run.spec.pipeline.schedule = pipewright_spec::ScheduleKind::Gpipe;
+        run.spec.training.micro_batches = 6;
+        let settings = settings(0);
+        let blueprint = Blueprint::new(&run, &settings).expect("buildable");
+        let manifest = TrainingRun {
+            spec: run.spec.clone(),
+            ..local_manifest("demo", &run)
+        };
+        let plan = sizing::plan(&manifest, sizing::BYTE_VOCAB, None);
+        for stage in 0..3 {
+            let needs = plan.stages[stage].total_bytes + sizing::PROCESS_OVERHEAD_BYTES;
+            let requested = requests_of(&blueprint, stage)[MEMORY_RESOURCE].clone();
+            assert_eq!(requested, quantity::mebibytes(needs), "stage {stage}");
+            let bytes = quantity::bytes(&requested).expect("a quantity");
+            assert!(bytes >= needs && bytes - needs < quantity::MIB);
+        }
+        // The last stage holds the LM head and its logits: it needs most.
+        let last = quantity::bytes(&requests_of(&blueprint, 2)[MEMORY_RESOURCE]);
+        let first = quantity::bytes(&requests_of(&blueprint, 0)[MEMORY_RESOURCE]);
+        assert!(last > first, "{last:?} vs {first:?}");
+        // A tokenizer file hides the vocabulary: no request, unless set.
+        let tokenizer = &mut run.spec.data.tokenizer;
+        tokenizer.kind = pipewright_spec::TokenizerKind::Bpe;
+        tokenizer.path = Some("/data/tokenizer.json".to_owned());
+        let blueprint = Blueprint::new(&run, &settings).expect("buildable");
+        assert!(!requests_of(&blueprint, 0).contains_key(MEMORY_RESOURCE));
+        run.spec.placement.memory_per_worker = Some("2Gi".to_owned());
+        let blueprint = Blueprint::new(&run, &settings).expect("buildable");
+        assert_eq!(requests_of(&blueprint, 0)[MEMORY_RESOURCE], "2Gi");
     }
 
     #[test]

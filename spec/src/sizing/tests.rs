@@ -1,4 +1,4 @@
-use pipewright_spec::{parse_manifest, TrainingRun};
+use crate::{parse_manifest, TrainingRun};
 
 use super::*;
 
@@ -130,14 +130,14 @@ fn recompute_shrinks_what_a_micro_batch_keeps() {
     let at = |recompute: &str| {
         let mut r = run(model, "stages: 2", 4);
         r.spec.training.recompute = match recompute {
-            "full" => pipewright_spec::Recompute::Full,
-            "selective" => pipewright_spec::Recompute::Selective,
-            _ => pipewright_spec::Recompute::Off,
+            "full" => crate::Recompute::Full,
+            "selective" => crate::Recompute::Selective,
+            _ => crate::Recompute::Off,
         };
         plan(&r, 256, None)
     };
     let (none, selective, full) = (at("none"), at("selective"), at("full"));
-    assert_eq!(full.recompute, pipewright_spec::Recompute::Full);
+    assert_eq!(full.recompute, crate::Recompute::Full);
     for s in 0..2 {
         let kept = |p: &Plan| p.stages[s].activation_bytes_per_micro_batch;
         assert!(kept(&full) < kept(&selective) && kept(&selective) < kept(&none));
@@ -153,4 +153,16 @@ fn recompute_shrinks_what_a_micro_batch_keeps() {
         4 * n * (4 * 64 + 1)
     );
     assert!(full.single_process_bytes < none.single_process_bytes);
+}
+
+#[test]
+fn the_manifest_fixes_the_vocabulary_unless_a_file_does() {
+    let mut r = run(SMALL, "stages: 1", 1);
+    assert_eq!(manifest_vocab(&r), Some(BYTE_VOCAB));
+    r.spec.data.tokenizer.kind = TokenizerKind::Bpe;
+    r.spec.data.tokenizer.vocab_size = Some(4096);
+    assert_eq!(manifest_vocab(&r), Some(4096));
+    r.spec.data.tokenizer.vocab_size = None;
+    r.spec.data.tokenizer.path = Some("tokenizer.json".into());
+    assert_eq!(manifest_vocab(&r), None);
 }

@@ -131,3 +131,83 @@ fn a_model_too_large_for_one_process_trains_over_four_that_each_fit() {
     );
     assert!(peak_mib < LIMIT_MIB as f64, "{peak_mib} MiB");
 }
+
+/// A volunteer (a worker without `--stage`) says how much memory it has
+/// (`PIPEWRIGHT_AVAILABLE_MEMORY` here): the coordinator gives one that
+/// fits only the small stage that stage, keeps a second like it as a
+/// standby while the large stage stays vacant, and the large stage goes to
+/// a worker with the memory for it; the run then trains to its end.
+#[test]
+fn the_coordinator_gives_a_volunteer_only_a_shard_that_fits() {
+    use common::procs::{coordinator, free_port, identity, wait_for, Procs};
+    use pipewright::coord::{Client, Phase};
+    use std::process::Stdio;
+    use std::time::Duration;
+
+    let _serial = common::procs::serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    common::write_corpus(dir.path());
+    let path = dir.path().join("run.yaml");
+    // Activations dominate, and 1F1B holds two micro-batches on stage 0
+    // and one on stage 1, so stage 0 needs far more than stage 1.
+    std::fs::write(
+        &path,
+        format!(
+            r#"apiVersion: pipewright.dev/v1alpha1
+kind: TrainingRun
+metadata: {{name: fit}}
+spec:
+  model: {{dim: 64, layers: 2, heads: 8, ffnDim: 192, seqLen: 512}}
+  data: {{sources: ["{}"]}}
+  training: {{steps: 2, microBatchSize: 4, microBatches: 2, learningRate: 0.001, seed: 3, evalBatches: 1}}
+  pipeline: {{stages: 2}}
+"#,
+            dir.path().join("corpus.txt").display()
+        ),
+    )
+    .expect("write manifest");
+    let run = pipewright_spec::load_manifest(&path).expect("manifest");
+    let p = plan(&run, vocab(&run).expect("vocab"), None);
+    let need = |s: usize| p.stages[s].total_bytes + PROCESS_OVERHEAD_BYTES;
+    assert!(need(0) > need(1) + (8 << 20), "{} vs {}", need(0), need(1));
+    let small = (need(0) + need(1)) / 2;
+
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let client = Client::new(&url, "t0ken", Duration::from_secs(30));
+    let mut procs = Procs(vec![coordinator(&path, &dir.path().join("out"), port)]);
+    let volunteer = |tag: &str, memory: Option<u64>| {
+        let mut c = common::pipewright();
+        c.arg("worker")
+            .arg(&path)
+            .args(["--coordinator", &url, "--threads", "1", "--identity"])
+            .arg(identity(&path, tag))
+            .env("PIPEWRIGHT_JOIN_TOKEN", "t0ken")
+            .env_remove(pipewright::plan::AVAILABLE_MEMORY_ENV)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(m) = memory {
+            c.env(pipewright::plan::AVAILABLE_MEMORY_ENV, m.to_string());
+        }
+        c.spawn().expect("start a worker")
+    };
+    // The first small volunteer gets stage 1, though stage 0 comes first.
+    procs.0.push(volunteer("small-a", Some(small)));
+    wait_for(&client, "the small volunteer on stage 1", |s| {
+        s.shards[1].worker.is_some()
+    });
+    // The second waits: stage 0 is vacant but too large for it.
+    procs.0.push(volunteer("small-b", Some(small)));
+    wait_for(&client, "a standby", |s| s.standby == 1);
+    let s = client.status().expect("status");
+    assert!(s.shards[0].worker.is_none(), "{:?}", s.shards);
+    assert_eq!(s.phase, Phase::Pending);
+    // One with the memory for stage 0 takes it; the run trains to its end.
+    procs.0.push(volunteer("large", Some(need(0) + (64 << 20))));
+    wait_for(&client, "the run to succeed", |s| {
+        s.phase == Phase::Succeeded
+    });
+    let s = client.status().expect("status");
+    assert_eq!(s.step, 2);
+    assert_eq!(s.standby, 1, "the small standby never got stage 0");
+}

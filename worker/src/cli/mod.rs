@@ -9,8 +9,6 @@ mod plan;
 mod train;
 mod worker;
 
-pub(crate) use crate::coord::setup::run_id_hex;
-pub use crate::kernels::init_threads;
 
 use std::path::{Path, PathBuf};
 

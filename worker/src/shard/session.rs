@@ -120,7 +120,7 @@ impl Session {
         // Refused before registering: the shard asked for, or the smallest.
         let fits = shard_memory_check(&manifest);
         fits(config.stage)?;
-        crate::cli::init_threads(config.threads.unwrap_or(manifest.spec.training.threads));
+        crate::kernels::init_threads(config.threads.unwrap_or(manifest.spec.training.threads));
         let (pipe, pipe_addr) = bind(&config.listen, config.advertise.as_deref())?;
         let (ring, ring_addr) = bind(&config.ring_listen, config.advertise.as_deref())?;
         let name = config.name.clone().unwrap_or_else(host_name);
@@ -132,7 +132,7 @@ impl Session {
         };
         // The flag wins over the run's cap.
         let max_send_rate = config.max_send_rate.or_else(|| run_send_cap(&manifest));
-        let run_hex = crate::cli::run_id_hex(&manifest);
+        let run_hex = crate::coord::setup::run_id_hex(&manifest);
         eprintln!(
             "identity {} ({})",
             identity.fingerprint(),

@@ -46,7 +46,7 @@ pub struct BlockCache {
 #[derive(Debug)]
 pub enum BlockSaved {
     /// Every intermediate (`recompute: none`).
-    All(BlockCache),
+    All(Box<BlockCache>),
     /// The block's input `[B·T, D]` (`recompute: full`).
     Input(Vec<f32>),
     /// The block's input, the residual stream after attention (both
@@ -58,7 +58,7 @@ pub enum BlockSaved {
         /// `x + attn(norm₁(x))`, the MLP norm's input.
         h: Vec<f32>,
         /// q, k, v, attention output and probabilities.
-        attn: AttentionCache,
+        attn: Box<AttentionCache>,
     },
 }
 
@@ -122,7 +122,7 @@ impl Block {
     ) -> (Vec<f32>, BlockSaved) {
         let (y, cache) = self.forward(x, batch, seq, rope);
         let saved = match policy {
-            Recompute::Off => BlockSaved::All(cache),
+            Recompute::Off => BlockSaved::All(Box::new(cache)),
             Recompute::Full => {
                 let BlockCache { attn_norm, .. } = cache;
                 BlockSaved::Input(attn_norm.into_input())
@@ -138,7 +138,7 @@ impl Block {
                 BlockSaved::Attention {
                     x: attn_norm.into_input(),
                     h: mlp_norm.into_input(),
-                    attn,
+                    attn: Box::new(attn),
                 }
             }
         };
@@ -155,7 +155,7 @@ impl Block {
         rope: &Rope,
     ) -> BlockCache {
         match saved {
-            BlockSaved::All(cache) => cache,
+            BlockSaved::All(cache) => *cache,
             BlockSaved::Input(x) => {
                 let (y, cache) = self.forward(x, batch, seq, rope);
                 pool::give(y);
@@ -169,7 +169,7 @@ impl Block {
                 pool::give(y);
                 BlockCache {
                     attn_norm,
-                    attn,
+                    attn: *attn,
                     mlp_norm,
                     mlp,
                 }

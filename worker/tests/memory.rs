@@ -211,3 +211,57 @@ spec:
     assert_eq!(s.step, 2);
     assert_eq!(s.standby, 1, "the small standby never got stage 0");
 }
+
+/// The multi-process pipeline's stage workers recompute too, and a run
+/// with `recompute: full` or `selective` gives the same losses and final
+/// parameters, bit for bit, as one without, under 1F1B and under ZB-H1
+/// (whose weight halves run apart from the input halves).
+#[test]
+fn stage_workers_recompute_without_changing_a_bit() {
+    use pipewright_spec::{parse_manifest, Recompute};
+    let dir = tempfile::tempdir().expect("tempdir");
+    common::write_corpus(dir.path());
+    for schedule in ["1f1b", "zb-h1"] {
+        let run = |policy: Recompute| {
+            let mut m = parse_manifest(&format!(
+                r#"apiVersion: pipewright.dev/v1alpha1
+kind: TrainingRun
+metadata: {{name: recompute}}
+spec:
+  model: {{dim: 32, layers: 6, heads: 4, kvHeads: 2, ffnDim: 64, seqLen: 32, tiedEmbeddings: true}}
+  data: {{sources: ["{}"]}}
+  training: {{steps: 3, microBatchSize: 2, microBatches: 4, learningRate: 0.01, seed: 11}}
+  pipeline: {{stages: 3, schedule: {schedule}}}
+"#,
+                dir.path().join("corpus.txt").display()
+            ))
+            .expect("manifest");
+            m.spec.training.recompute = policy;
+            let done = common::run_stage_workers(&m, None).expect("pipeline run");
+            let mut losses = Vec::new();
+            let mut params = Vec::new();
+            for (shard, steps, p) in done {
+                if shard.stage == 2 {
+                    losses = steps
+                        .iter()
+                        .map(|s| s.loss.expect("a last stage's loss").to_bits())
+                        .collect::<Vec<u32>>();
+                }
+                let bits: Vec<Vec<u32>> = p
+                    .iter()
+                    .map(|t| t.iter().map(|v| v.to_bits()).collect())
+                    .collect();
+                params.push((shard.stage, bits));
+            }
+            params.sort();
+            (losses, params)
+        };
+        let (losses, params) = run(Recompute::Off);
+        assert_eq!(losses.len(), 3);
+        for policy in [Recompute::Full, Recompute::Selective] {
+            let (l, p) = run(policy);
+            assert_eq!(l, losses, "{schedule}, {policy:?}: losses");
+            assert!(p == params, "{schedule}, {policy:?}: parameters differ");
+        }
+    }
+}

@@ -34,7 +34,7 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<usize, CheckpointError> {
     }
     fs::create_dir_all(out).map_err(io(out))?;
 
-    let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut blobs: Vec<(String, Vec<usize>, std::borrow::Cow<'_, [u8]>)> = Vec::new();
     for stage in &loaded.stages {
         for p in stage.params() {
             if cfg.tied && p.name == LM_HEAD_NAME {

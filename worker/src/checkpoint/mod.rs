@@ -91,8 +91,15 @@ pub fn step_dir(root: &Path, step: u64) -> PathBuf {
     root.join(format!("step-{step:08}"))
 }
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+/// `v` as safetensors' little-endian bytes: the values' own memory where
+/// the machine is little-endian (no copy: a checkpoint of a large stage
+/// costs no second copy of its tensors), else a converted copy.
+fn f32_bytes(v: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(v))
+    } else {
+        std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
 }
 
 fn read_f32(
@@ -125,7 +132,7 @@ pub fn encode_stage(
     data: Option<&[Vec<f32>]>,
     opt: &AdamW,
 ) -> Result<Vec<u8>, String> {
-    let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut blobs: Vec<(String, Vec<usize>, std::borrow::Cow<'_, [u8]>)> = Vec::new();
     for (i, p) in params.iter().enumerate() {
         let values = match data {
             Some(d) => d.get(i).ok_or("fewer tensors than parameters")?,

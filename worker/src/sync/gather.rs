@@ -27,8 +27,8 @@ use super::ring::{
     from_wire, link_failure, to_wire_hashed, RingConfig, RingError, RingMember, ABORT_POLL,
     PIECE_BYTES,
 };
-use crate::link::frame::{Frame, FrameHeader, FrameKind};
-use crate::link::{Codec, DType, Link, LinkError, RejectReason, Shape};
+use crate::link::frame::{Frame, FrameKind};
+use crate::link::{Codec, Link, LinkError, RejectReason};
 
 /// Which way round the ring a contribution travels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,23 +127,7 @@ impl Gather<'_> {
     }
 
     fn frame(&self, way: Way, hop: usize, seg: usize, payload: Vec<u8>) -> Frame {
-        Frame {
-            header: FrameHeader {
-                run_id: self.config.run_id,
-                step: self.op,
-                micro_batch: tag(way, hop, seg),
-                stage: self.config.stage,
-                replica: self.config.rank as u32,
-                kind: FrameKind::AllReduce,
-                dtype: DType::F32,
-                codec: Codec::F32,
-                shape: Shape::vector((payload.len() / 4) as u32),
-                sender: self.config.worker_id,
-                input_hash: [0; 32],
-            },
-            payload,
-            verified_hash: None,
-        }
+        self.config.frame(self.op, tag(way, hop, seg), payload)
     }
 
     fn run(&self, mine: &[f32]) -> Result<Vec<Vec<f32>>, RingError> {

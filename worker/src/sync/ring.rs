@@ -75,6 +75,29 @@ impl RingConfig {
         }
     }
 
+    /// A frame of this member's gradient exchange: f32 `payload` of
+    /// operation `op`, told apart within it by `tag`.
+    pub(super) fn frame(&self, op: u64, tag: u64, payload: Vec<u8>) -> Frame {
+        Frame {
+            header: FrameHeader {
+                run_id: self.run_id,
+                step: op,
+                micro_batch: tag,
+                stage: self.stage,
+                replica: self.rank as u32,
+                kind: FrameKind::AllReduce,
+                dtype: DType::F32,
+                codec: Codec::F32,
+                // Segments are at most MAX_SEGMENT_BYTES, so the count fits.
+                shape: Shape::vector((payload.len() / 4) as u32),
+                sender: self.worker_id,
+                input_hash: [0; 32],
+            },
+            payload,
+            verified_hash: None,
+        }
+    }
+
     pub(super) fn prev(&self) -> usize {
         (self.rank + self.world - 1) % self.world
     }
@@ -434,24 +457,7 @@ impl Exchange<'_> {
 
     /// The frame carrying `data` as segment `seg` of ring step `step`.
     fn frame(&self, step: usize, seg: usize, payload: Vec<u8>) -> Frame {
-        Frame {
-            header: FrameHeader {
-                run_id: self.config.run_id,
-                step: self.op,
-                micro_batch: tag(step, seg),
-                stage: self.config.stage,
-                replica: self.config.rank as u32,
-                kind: FrameKind::AllReduce,
-                dtype: DType::F32,
-                codec: Codec::F32,
-                // Segments are at most MAX_SEGMENT_BYTES, so the count fits.
-                shape: Shape::vector((payload.len() / 4) as u32),
-                sender: self.config.worker_id,
-                input_hash: [0; 32],
-            },
-            payload,
-            verified_hash: None,
-        }
+        self.config.frame(self.op, tag(step, seg), payload)
     }
 
     /// Re-addresses a received frame as our segment `seg` of ring `step`.

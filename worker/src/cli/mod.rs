@@ -9,7 +9,6 @@ mod plan;
 mod train;
 mod worker;
 
-
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};

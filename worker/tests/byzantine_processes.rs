@@ -1,7 +1,9 @@
 //! Attack drills on real processes (`pipewright train --processes
 //! --byzantine`): a stage of 3 replicas with one dishonest replica, under
-//! the plain mean and under the robust aggregations; and a worker that
-//! sends NaN activations, whose frames are refused and counted.
+//! the plain mean and under the robust aggregations; a worker that
+//! sends NaN activations, whose frames are refused and counted; and a
+//! replica that skips its update, outvoted by its replicas' parameter
+//! digests at the coordinator.
 
 use std::path::{Path, PathBuf};
 
@@ -98,6 +100,47 @@ fn nan_activations_are_refused_and_the_run_ends_as_a_clean_one() {
         stderr.contains("refused the Activation") && stderr.contains("non_finite"),
         "{stderr}"
     );
+    assert_same(
+        &losses_in(&d.join("clean").join("summary.json")),
+        &losses_in(&d.join("drill").join("summary.json")),
+    );
+}
+
+#[test]
+fn a_stale_replica_is_outvoted_by_its_replicas_digests_and_the_run_replays_exactly() {
+    let _one_at_a_time = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let m = manifest(d, "stale", 1, 3, "mean");
+    train_processes(&m, &d.join("clean"), &[]);
+    let out = pipewright()
+        .args(["train", "--processes", "--quiet", "--out"])
+        .arg(d.join("drill"))
+        .args(["--byzantine", "0/2=stale@3"])
+        .arg(&m)
+        .output()
+        .expect("run pipewright");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Replica 2 skips its update from step 3 on: at step 3's barrier its
+    // digest differs from the two others', it is refused and dropped, and
+    // its slot is refilled (it registers again) from a majority replica.
+    // Like every drill it attacks again at each later step, and is caught
+    // again each time.
+    let first = stderr
+        .lines()
+        .find(|l| l.contains("digest_mismatch"))
+        .unwrap_or_else(|| panic!("no digest mismatch: {stderr}"));
+    assert!(
+        first.contains("stage 0 replica 2's parameters after step 3"),
+        "{first}"
+    );
+    assert!(
+        !stderr.contains("replica 0's parameters") && !stderr.contains("replica 1's parameters"),
+        "only the stale replica is outvoted: {stderr}"
+    );
+    // Each caught step is trained again from the majority's state: the
+    // run ends exactly where the clean one does.
     assert_same(
         &losses_in(&d.join("clean").join("summary.json")),
         &losses_in(&d.join("drill").join("summary.json")),

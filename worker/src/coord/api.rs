@@ -74,6 +74,12 @@ pub struct Commitment {
     pub micro_batches: Vec<MicroBatchCommit>,
     /// Signature over [`step_message`] in the step domain, 128 hex digits.
     pub signature: String,
+    /// BLAKE3 digest of the stage's parameters after the step's update,
+    /// 64 hex digits: the same on every replica of a stage. Covered by the
+    /// signature through [`Commitment::root`]; a report without one (an
+    /// older worker) signs the root it always did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<String>,
 }
 
 /// The hashes committed for one micro-batch (64 hex digits each).
@@ -95,8 +101,9 @@ impl Commitment {
         self.micro_batches.iter().map(|m| m.mb).collect()
     }
 
-    /// BLAKE3 over every micro-batch's index and hashes: what the
-    /// signature covers of them, and what the ledger keeps.
+    /// BLAKE3 over every micro-batch's index and hashes, then the
+    /// parameters' digest when there is one: what the signature covers of
+    /// them, and what the ledger keeps.
     pub fn root(&self) -> [u8; 32] {
         let mut h = blake3::Hasher::new();
         for m in &self.micro_batches {
@@ -106,7 +113,25 @@ impl Commitment {
                 h.update(b"/");
             }
         }
+        if let Some(p) = &self.params {
+            h.update(b"params=");
+            h.update(p.as_bytes());
+        }
         *h.finalize().as_bytes()
+    }
+
+    /// The parameters' digest: `None` when the report has none,
+    /// `Some(Err(_))` when it is not 64 hex digits.
+    pub fn params_digest(&self) -> Option<Result<[u8; 32], String>> {
+        let p = self.params.as_ref()?;
+        let mut out = [0u8; 32];
+        Some(match hex::decode_to_slice(p, &mut out) {
+            Ok(()) => Ok(out),
+            Err(_) => Err(format!(
+                "the parameters' digest must be 64 hex digits, got {} characters",
+                p.len()
+            )),
+        })
     }
 }
 

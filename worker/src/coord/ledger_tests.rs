@@ -47,6 +47,7 @@ pub(in crate::coord) fn report(
             })
             .collect(),
         signature: String::new(),
+        params: None,
     };
     let claim = StepClaim {
         run_id: &c.config.run_id,

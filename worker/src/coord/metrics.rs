@@ -47,19 +47,24 @@ pub(super) struct Metrics {
     contribution_flops: Family<Labels, Counter<f64, AtomicU64>>,
     refused_reports: Family<Labels, Counter>,
     memory_refusals: Family<Labels, Counter>,
+    digest_mismatches: Family<Labels, Counter>,
 }
 
 /// Why a registration or step report is refused (the `reason` label of
 /// `pipewright_refused_reports_total`): a bad registration proof, an
 /// identity already holding a shard, no commitment, a step already
-/// reported, micro-batches the route did not give, fewer than it gave.
-const REFUSAL_REASONS: [&str; 6] = [
+/// reported, micro-batches the route did not give, fewer than it gave, a
+/// parameters' digest that is not one, or one its stage's majority
+/// outvoted.
+const REFUSAL_REASONS: [&str; 8] = [
     "signature",
     "identity",
     "unsigned",
     "replayed",
     "unrouted",
     "incomplete",
+    "malformed_digest",
+    "digest_mismatch",
 ];
 
 /// What a scrape adds to the status: the ledger's figures and the
@@ -75,6 +80,8 @@ pub(super) struct LedgerFigures {
     /// Not the ledger's: volunteers the coordinator kept from a stage for
     /// lack of memory, by stage.
     pub(super) memory_refusals: BTreeMap<usize, u64>,
+    /// Not the ledger's: parameter digest disagreements, by stage.
+    pub(super) digest_mismatches: BTreeMap<usize, u64>,
 }
 
 impl Metrics {
@@ -108,6 +115,7 @@ impl Metrics {
             contribution_flops: Family::default(),
             refused_reports: Family::default(),
             memory_refusals: Family::default(),
+            digest_mismatches: Family::default(),
         };
         registry.register("step", "Steps completed by every worker", m.step.clone());
         registry.register(
@@ -219,6 +227,11 @@ impl Metrics {
             "Volunteers kept from a vacant shard of a stage whose planned memory exceeds what they have available",
             m.memory_refusals.clone(),
         );
+        registry.register(
+            "digest_mismatches",
+            "Replicas of a stage whose parameters' digest differed from the majority's, and steps broken off for a disagreement without a majority",
+            m.digest_mismatches.clone(),
+        );
         // Every reason shows as 0 until it happens, so a dashboard shows
         // a zero rather than no data.
         for reason in REFUSAL_REASONS {
@@ -283,6 +296,20 @@ impl Metrics {
                 .memory_refusals
                 .get_or_create(&vec![("stage".into(), st.stage.to_string())]);
             let n = ledger.memory_refusals.get(&st.stage).copied().unwrap_or(0);
+            let add = n.saturating_sub(c.get());
+            if add > 0 {
+                c.inc_by(add);
+            }
+        }
+        for st in &s.stages {
+            let c = self
+                .digest_mismatches
+                .get_or_create(&vec![("stage".into(), st.stage.to_string())]);
+            let n = ledger
+                .digest_mismatches
+                .get(&st.stage)
+                .copied()
+                .unwrap_or(0);
             let add = n.saturating_sub(c.get());
             if add > 0 {
                 c.inc_by(add);
@@ -400,6 +427,7 @@ pub(super) fn scrape(shared: &Shared) -> String {
         }
     }
     figures.memory_refusals = c.memory_refusals().clone();
+    figures.digest_mismatches = c.digest_mismatches().clone();
     drop(c);
     shared.metrics.render(&status, &figures)
 }
@@ -493,11 +521,16 @@ mod tests {
             shares: vec![("00".into(), 1.0)],
             refused: vec![],
             memory_refusals: [(0, 2)].into_iter().collect(),
+            digest_mismatches: [(0, 1)].into_iter().collect(),
         };
         let text = m.render(&status, &figures);
         // Every family has a sample, so every family is listed below.
         let families = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(families, 26, "{text}");
+        assert_eq!(families, 27, "{text}");
+        assert!(
+            text.contains("pipewright_digest_mismatches_total{stage=\"0\"} 1"),
+            "{text}"
+        );
         assert!(
             text.contains("pipewright_memory_refusals_total{stage=\"0\"} 2"),
             "{text}"

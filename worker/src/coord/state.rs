@@ -130,6 +130,9 @@ struct Committed {
     signature: String,
     loss: Option<f32>,
     seconds: f64,
+    /// Digest of its stage's parameters after the step (`None`: the
+    /// report had none).
+    params: Option<[u8; 32]>,
 }
 
 #[derive(Clone, Debug)]
@@ -278,6 +281,9 @@ pub struct Coordinator {
     /// Volunteers kept from a vacant shard they lack the memory for: each
     /// (worker, stage) once, and the count per stage.
     memory_refused: (BTreeSet<(u64, usize)>, BTreeMap<usize, u64>),
+    /// Replicas whose parameters' digest differed from their stage's
+    /// majority, and disagreements without a majority, by stage.
+    digest_mismatches: BTreeMap<usize, u64>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -354,6 +360,7 @@ impl Coordinator {
             ),
             recovering_since: None,
             memory_refused: Default::default(),
+            digest_mismatches: BTreeMap::new(),
         }
     }
 
@@ -650,6 +657,12 @@ impl Coordinator {
     /// stage (each worker counted once per stage).
     pub fn memory_refusals(&self) -> &BTreeMap<usize, u64> {
         &self.memory_refused.1
+    }
+
+    /// Parameter digest disagreements by stage: each replica outvoted by
+    /// its stage's majority, and each step broken off for want of one.
+    pub fn digest_mismatches(&self) -> &BTreeMap<usize, u64> {
+        &self.digest_mismatches
     }
 
     /// Gives vacancies to the standbys, first come first served, each the
@@ -1436,6 +1449,7 @@ impl Coordinator {
                         signature: c.signature.clone(),
                         loss: d.loss,
                         seconds: d.seconds,
+                        params: c.params_digest().and_then(Result::ok),
                     });
                 }
                 s.completed = d.completed;
@@ -1563,6 +1577,10 @@ impl Coordinator {
             None => Some((
                 "unsigned",
                 "a step report needs a signed commitment".to_string(),
+            )),
+            Some(c) if matches!(c.params_digest(), Some(Err(_))) => Some((
+                "malformed_digest",
+                c.params_digest().and_then(Result::err).unwrap_or_default(),
             )),
             Some(_) if d.completed < completed || d.completed > completed + 1 => Some((
                 "replayed",
@@ -1695,6 +1713,9 @@ impl Coordinator {
         }) {
             return None;
         }
+        if completed > self.committed && !self.digests_agree(completed, now) {
+            return stop;
+        }
         if completed > self.committed {
             // A step acknowledged to any worker is in the ledger first.
             if self.ledger.is_some() {
@@ -1739,6 +1760,109 @@ impl Coordinator {
             route: self.route.clone(),
             traceparent: None,
         })
+    }
+
+    /// Compares the parameters' digests the replicas of each stage reported
+    /// for `step`, which must be equal (the replicas step the same bits).
+    /// Where a strict majority of three or more agrees, each replica
+    /// outside it is refused, counted and dropped from its slot, so the
+    /// run rewires and the slot is refilled from a majority replica; with
+    /// no majority (two replicas) the disagreement is counted and the step
+    /// is broken off, everyone keeping their slot. Either way the step is
+    /// not committed and is trained again from the one before (`false`).
+    /// Reports without a digest compare equal to each other only.
+    fn digests_agree(&mut self, step: u64, now: Instant) -> bool {
+        let r = self.layout.replicas;
+        let mut outvoted = Vec::new();
+        let mut split = Vec::new();
+        for stage in 0..self.layout.stages {
+            let reports: Vec<(usize, u64, String, Option<[u8; 32]>)> = (stage * r..(stage + 1) * r)
+                .filter(|&j| self.in_plan(j))
+                .filter_map(|j| {
+                    let slot = self.slots[j].as_ref()?;
+                    let c = slot.commits.iter().find(|c| c.completed == step)?;
+                    Some((j, slot.worker, slot.identity.clone(), c.params))
+                })
+                .collect();
+            let Some(first) = reports.first() else {
+                continue;
+            };
+            if reports.iter().all(|x| x.3 == first.3) {
+                continue;
+            }
+            let mut counts: BTreeMap<Option<[u8; 32]>, usize> = BTreeMap::new();
+            for x in &reports {
+                *counts.entry(x.3).or_default() += 1;
+            }
+            let (majority, n) = counts
+                .iter()
+                .max_by_key(|(_, &n)| n)
+                .map(|(d, &n)| (*d, n))
+                .unwrap_or((None, 0));
+            if reports.len() >= 3 && 2 * n > reports.len() {
+                for x in reports.into_iter().filter(|x| x.3 != majority) {
+                    outvoted.push((stage, majority, x));
+                }
+            } else {
+                split.push((stage, reports));
+            }
+        }
+        if outvoted.is_empty() && split.is_empty() {
+            return true;
+        }
+        // The step is trained again from the last committed one, which
+        // every survivor holds (as its snapshot).
+        self.losses.truncate(self.committed as usize);
+        let short = |d: &Option<[u8; 32]>| d.map_or("none".to_string(), |d| hex::encode(&d[..8]));
+        for (stage, reports) in split {
+            *self.digest_mismatches.entry(stage).or_default() += 1;
+            let digests: Vec<String> = reports
+                .iter()
+                .map(|x| format!("replica {}: {}", x.0 % r, short(&x.3)))
+                .collect();
+            let text = format!(
+                "the replicas of stage {stage} disagree on their parameters after step {step} \
+                 with no majority ({}); the step is broken off and trained again",
+                digests.join(", ")
+            );
+            tracing::warn!("{text}");
+            self.history.event(EventKind::Refused, text, now);
+        }
+        let mut dropped = Vec::new();
+        for (stage, majority, (j, worker, identity, digest)) in outvoted {
+            *self.digest_mismatches.entry(stage).or_default() += 1;
+            let _ = self.refuse(
+                Refusal {
+                    worker: Some(worker),
+                    identity: Some(identity),
+                    reason: "digest_mismatch",
+                    detail: format!(
+                        "stage {stage} replica {}'s parameters after step {step} \
+                         ({}) differ from the majority's ({})",
+                        j % r,
+                        short(&digest),
+                        short(&majority)
+                    ),
+                },
+                now,
+            );
+            dropped.push(worker);
+        }
+        if dropped.is_empty() {
+            if self.recovering_since.is_none() {
+                self.recovering_since = Some(now);
+            }
+            self.new_epoch(now);
+            self.make_plan(now);
+        }
+        for w in dropped {
+            self.vacate(
+                w,
+                now,
+                "its parameters' digest differs from its replicas' majority",
+            );
+        }
+        false
     }
 
     /// A stage's part of the pending checkpoint is written. Returns the

@@ -82,6 +82,7 @@ fn done(c: &Coordinator, worker: u64, epoch: u64, completed: u64) -> StepDone {
             })
             .collect(),
         signature: String::new(),
+        params: None,
     };
     StepDone {
         commitment: Some(commitment),
@@ -863,4 +864,155 @@ fn without_a_plan_every_volunteer_fits() {
     };
     assert_eq!(c.register(r, now).expect("v").1, Some((0, 0)));
     assert!(c.memory_refusals().is_empty());
+}
+
+/// `d` with the parameters' digest `digest` (as sent: any text).
+fn with_params(mut d: StepDone, digest: &str) -> StepDone {
+    if let Some(c) = d.commitment.as_mut() {
+        c.params = Some(digest.to_string());
+    }
+    d
+}
+
+/// Every worker of `ids` reports step `step` with its digest from
+/// `digests`; returns the last report's answer.
+fn report_digests(
+    c: &mut Coordinator,
+    ids: &[u64],
+    epoch: u64,
+    step: u64,
+    digests: &[&str],
+    now: Instant,
+) -> Option<super::api::Barrier> {
+    let mut last = None;
+    for (&id, d) in ids.iter().zip(digests) {
+        last = c
+            .step_done(&with_params(done(c, id, epoch, step), d), now)
+            .expect("step");
+    }
+    last
+}
+
+#[test]
+fn replicas_whose_digests_agree_commit_the_step() {
+    let now = Instant::now();
+    let mut c = coord(1, 3, false);
+    let ids = fill(&mut c, now);
+    let e = c.epoch();
+    let a = "ab".repeat(32);
+    for step in 1..=3 {
+        let b = report_digests(&mut c, &ids, e, step, &[&a, &a, &a], now).expect("decided");
+        assert!(b.proceed);
+    }
+    assert_eq!(c.committed(), 3);
+    assert_eq!(c.epoch(), e);
+    assert!(c.digest_mismatches().is_empty());
+    assert_eq!(c.refused().get("digest_mismatch"), None);
+}
+
+#[test]
+fn a_replica_outvoted_by_its_stage_is_refused_dropped_and_refilled_from_the_majority() {
+    let now = Instant::now();
+    let mut c = coord(1, 3, false);
+    let ids = fill(&mut c, now);
+    let e1 = c.epoch();
+    let (a, stale) = ("ab".repeat(32), "cd".repeat(32));
+    for step in 1..=2 {
+        report_digests(&mut c, &ids, e1, step, &[&a, &a, &a], now);
+    }
+    // Step 3: replica 2 holds other parameters than the two others.
+    let b = report_digests(&mut c, &ids, e1, 3, &[&a, &a, &stale], now).expect("decided");
+    assert!(!b.proceed, "the step is not acknowledged");
+    assert_eq!(c.committed(), 2, "the minority's step is not committed");
+    assert_eq!(c.digest_mismatches().get(&0), Some(&1));
+    assert_eq!(c.refused().get("digest_mismatch"), Some(&1));
+    assert_eq!(
+        c.heartbeat(ids[2], now),
+        Err(CoordError::UnknownWorker(ids[2])),
+        "dropped from its slot"
+    );
+    let e2 = c.epoch();
+    assert!(e2 > e1);
+    assert_eq!(c.losses().len(), 2);
+    let events = c.history(now, 0.0).events;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.text.contains("differ from the majority")),
+        "{events:?}"
+    );
+    // The slot is refilled; the newcomer takes the majority's state and
+    // everyone trains step 3 again.
+    let (new, shard) = c.register(reg(None, None, "new"), now).expect("volunteer");
+    assert_eq!(shard, Some((0, 2)));
+    for &id in &ids[..2] {
+        let w = c.wiring(id, e1).expect("ok").expect("plan");
+        assert_eq!((w.step, w.state), (2, StateSource::Held));
+    }
+    let w = c.wiring(new, e1).expect("ok").expect("plan");
+    assert_eq!((w.step, w.state), (2, StateSource::Replica));
+    let e3 = c.epoch();
+    let b =
+        report_digests(&mut c, &[ids[0], ids[1], new], e3, 3, &[&a, &a, &a], now).expect("decided");
+    assert!(b.proceed);
+    assert_eq!(c.committed(), 3);
+}
+
+#[test]
+fn two_replicas_that_disagree_break_the_step_off_and_keep_their_slots() {
+    let now = Instant::now();
+    let mut c = coord(1, 2, false);
+    let ids = fill(&mut c, now);
+    let e1 = c.epoch();
+    let (a, b) = ("ab".repeat(32), "cd".repeat(32));
+    for step in 1..=2 {
+        report_digests(&mut c, &ids, e1, step, &[&a, &a], now);
+    }
+    let answer = report_digests(&mut c, &ids, e1, 3, &[&a, &b], now).expect("decided");
+    assert!(!answer.proceed);
+    assert_eq!(c.committed(), 2);
+    assert_eq!(c.digest_mismatches().get(&0), Some(&1));
+    assert_eq!(
+        c.refused().get("digest_mismatch"),
+        None,
+        "no majority: nobody is refused"
+    );
+    for &id in &ids {
+        assert!(c.heartbeat(id, now).is_ok(), "both keep their slots");
+        let w = c.wiring(id, e1).expect("ok").expect("plan");
+        assert_eq!((w.step, w.state), (2, StateSource::Held));
+    }
+    let events = c.history(now, 0.0).events;
+    assert!(
+        events.iter().any(|e| e.text.contains("no majority")),
+        "{events:?}"
+    );
+    // The replayed step agrees and is committed.
+    let e2 = c.epoch();
+    assert!(e2 > e1);
+    let answer = report_digests(&mut c, &ids, e2, 3, &[&a, &a], now).expect("decided");
+    assert!(answer.proceed);
+    assert_eq!(c.committed(), 3);
+}
+
+#[test]
+fn a_malformed_digest_is_refused_and_counted_not_a_panic() {
+    let now = Instant::now();
+    let mut c = coord(1, 3, false);
+    let ids = fill(&mut c, now);
+    let e = c.epoch();
+    let long = "ab".repeat(40);
+    for bad in ["zz", "", long.as_str(), "é", &"g".repeat(64)] {
+        let r = c.step_done(&with_params(done(&c, ids[0], e, 1), bad), now);
+        assert!(
+            matches!(r, Err(CoordError::Refused("malformed_digest", _))),
+            "{bad:?}: {r:?}"
+        );
+    }
+    assert_eq!(c.refused().get("malformed_digest"), Some(&5));
+    assert_eq!(c.committed(), 0);
+    // A well-formed report still goes through.
+    let a = "ab".repeat(32);
+    report_digests(&mut c, &ids, e, 1, &[&a, &a, &a], now);
+    assert_eq!(c.committed(), 1);
 }

@@ -7,7 +7,8 @@
 //! `scale` multiplies it by 100, `scale:F` by `F`, `noise` adds Gaussian
 //! noise as large as the contribution itself); `nan` poisons every tensor it
 //! sends on the pipeline (activations forward, activation gradients
-//! backward). An attack starts at step `STEP` (1-based, default 1) and is
+//! backward); `stale` skips its optimizer update, so its weights fall
+//! behind its replicas' (the coordinator's digest check catches it). An attack starts at step `STEP` (1-based, default 1) and is
 //! made at most once per step number: a step trained again after its
 //! epoch broke off (a receiver refused what it sent) is trained honestly,
 //! so a drill always ends.
@@ -27,6 +28,9 @@ pub enum AttackKind {
     Noise,
     /// Sends NaN in place of every activation and activation gradient.
     Nan,
+    /// Skips its optimizer update, so its weights stay behind its
+    /// replicas' (stale weights); it reports the step as done.
+    Stale,
 }
 
 /// The environment variable that hands a worker process its drill attack
@@ -65,11 +69,13 @@ impl AttackKind {
             AttackKind::Scale(_) => "scale",
             AttackKind::Noise => "noise",
             AttackKind::Nan => "nan",
+            AttackKind::Stale => "stale",
         }
     }
 
-    /// Whether it changes the gradient contribution (rather than what
-    /// travels on the pipeline).
+    /// Whether it acts on this shard's own step (its gradient
+    /// contribution, or for `stale` its update) rather than on what
+    /// travels on the pipeline.
     pub fn on_gradients(self) -> bool {
         !matches!(self, AttackKind::Nan)
     }
@@ -98,7 +104,7 @@ impl fmt::Display for Attack {
 impl FromStr for Attack {
     type Err = String;
 
-    /// `ATTACK[@STEP]`: `sign-flip`, `scale`, `scale:F`, `noise` or `nan`, from step
+    /// `ATTACK[@STEP]`: `sign-flip`, `scale`, `scale:F`, `noise`, `nan` or `stale`, from step
     /// `STEP` (at least 1; default 1).
     fn from_str(s: &str) -> Result<Self, String> {
         let (name, from) = match s.split_once('@') {
@@ -123,11 +129,12 @@ impl FromStr for Attack {
                 AttackKind::Scale(SCALE),
                 AttackKind::Noise,
                 AttackKind::Nan,
+                AttackKind::Stale,
             ]
             .into_iter()
             .find(|k| k.name() == name)
             .ok_or_else(|| {
-                format!("unknown attack {name:?}: expected sign-flip, scale, scale:F, noise or nan")
+                format!("unknown attack {name:?}: expected sign-flip, scale, scale:F, noise, nan or stale")
             })?,
         };
         Ok(Attack {
@@ -154,7 +161,7 @@ pub fn corrupt_gradient(kind: AttackKind, data: &mut [f32], seed: u64) {
                 *x += sigma * gaussian(&mut state);
             }
         }
-        AttackKind::Nan => {}
+        AttackKind::Nan | AttackKind::Stale => {}
     }
 }
 
@@ -205,6 +212,14 @@ mod tests {
         assert!("scale@0".parse::<Attack>().is_err());
         assert!("scale@x".parse::<Attack>().is_err());
         assert!("flip".parse::<Attack>().is_err());
+        assert_eq!(
+            "stale@3".parse::<Attack>(),
+            Ok(Attack {
+                kind: AttackKind::Stale,
+                from_step: 3
+            })
+        );
+        assert!(AttackKind::Stale.on_gradients(), "a one-stage drill");
         assert_eq!(
             parse_shard_attack("1/2=noise@4"),
             Ok((

@@ -194,6 +194,48 @@ pub struct WorkerStep {
     pub micro_batches: usize,
 }
 
+/// Floats per piece hashed on one thread by [`params_digest`] (1 MiB).
+pub const DIGEST_PIECE: usize = 1 << 18;
+
+/// BLAKE3 over named tensors: each tensor's name, shape and the hashes of
+/// its values' pieces of [`DIGEST_PIECE`] floats, hashed
+/// in parallel. Any change of a value, a name or a shape changes it.
+pub fn params_digest<'a>(
+    tensors: impl Iterator<Item = (&'a str, &'a [usize], &'a [f32])>,
+) -> [u8; 32] {
+    use rayon::prelude::*;
+    let tensors: Vec<_> = tensors.collect();
+    let pieces: Vec<(usize, &[f32])> = tensors
+        .iter()
+        .enumerate()
+        .flat_map(|(i, t)| t.2.chunks(DIGEST_PIECE).map(move |c| (i, c)))
+        .collect();
+    let hashes: Vec<(usize, [u8; 32])> = pieces
+        .par_iter()
+        .map(|&(i, c)| {
+            // In memory order, as the links' content hashes (little-endian
+            // machines only).
+            (i, *blake3::hash(bytemuck::cast_slice(c)).as_bytes())
+        })
+        .collect();
+    let mut h = blake3::Hasher::new();
+    h.update(b"pipewright params v1");
+    let mut next = hashes.iter().peekable();
+    for (i, (name, shape, data)) in tensors.iter().enumerate() {
+        h.update(&(name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(&(shape.len() as u64).to_le_bytes());
+        for d in shape.iter() {
+            h.update(&(*d as u64).to_le_bytes());
+        }
+        h.update(&(data.len() as u64).to_le_bytes());
+        while let Some((_, piece)) = next.next_if(|(j, _)| *j == i) {
+            h.update(piece);
+        }
+    }
+    *h.finalize().as_bytes()
+}
+
 /// Binds every listener of an `stages × replicas` layout on loopback and
 /// wires them statically (every replica of the next stage with `cross`, for
 /// `routing: throughput`; the own replica's only otherwise). Returns one
@@ -749,7 +791,9 @@ impl StageWorker {
 
     /// The gradient attack of the current step and its noise seed, if any.
     fn contribution_attack(&self) -> Option<(AttackKind, u64)> {
-        let kind = self.attacking.filter(|k| k.on_gradients())?;
+        let kind = self
+            .attacking
+            .filter(|&k| k.on_gradients() && k != AttackKind::Stale)?;
         let seed = self.seed
             ^ self.step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
             ^ ((self.shard.stage as u64) << 48)
@@ -790,6 +834,21 @@ impl StageWorker {
         self.stage.clear_in_flight();
         self.stage.zero_grad();
         self.inputs.clear();
+    }
+
+    /// BLAKE3 digest of the stage's parameters (names, shapes and values
+    /// in the stage's order), which replicas of a stage share bit for bit
+    /// after every step; each report carries it signed so the coordinator
+    /// can compare them. The values are hashed in pieces of
+    /// [`DIGEST_PIECE`] floats on rayon's threads, then the pieces' hashes
+    /// in order, so the digest does not depend on the thread count.
+    pub fn params_digest(&self) -> [u8; 32] {
+        params_digest(
+            self.stage
+                .params()
+                .iter()
+                .map(|p| (p.name.as_str(), &p.shape[..], &p.data[..])),
+        )
     }
 
     /// The stage's training state after the last completed step.
@@ -1095,8 +1154,11 @@ impl StageWorker {
         let lr = self.optim.lr_at(step);
         let t = Instant::now();
         let update_span = span!("optimizer", stage, replica).entered();
-        self.opt
-            .step(&mut self.stage.params_mut(), &self.optim, lr, clip);
+        // The `stale` drill skips its update: its weights stay a step behind.
+        if self.attacking != Some(AttackKind::Stale) {
+            self.opt
+                .step(&mut self.stage.params_mut(), &self.optim, lr, clip);
+        }
         self.stage.zero_grad();
         drop(update_span);
         let update = t.elapsed();
@@ -1606,5 +1668,33 @@ pub(crate) fn connect_stream(
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod digest_tests {
+    use super::{params_digest, DIGEST_PIECE};
+
+    #[test]
+    fn the_parameters_digest_sees_every_value_name_and_shape_whatever_the_threads() {
+        let big: Vec<f32> = (0..2 * DIGEST_PIECE + 7).map(|i| i as f32 * 0.5).collect();
+        let small = [1.0f32, 2.0, 3.0, 4.0];
+        let digest = |a: &[f32], name: &str, shape: &[usize]| {
+            params_digest([("w", &[big.len()][..], a), (name, shape, &small[..])].into_iter())
+        };
+        let base = digest(&big, "g", &[4]);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .expect("pool");
+        assert_eq!(pool.install(|| digest(&big, "g", &[4])), base);
+        let mut changed = big.clone();
+        changed[2 * DIGEST_PIECE + 3] = -0.0;
+        assert_ne!(digest(&changed, "g", &[4]), base, "a value");
+        changed = big.clone();
+        changed[0] = -0.0;
+        assert_ne!(digest(&changed, "g", &[4]), base, "a sign bit");
+        assert_ne!(digest(&big, "h", &[4]), base, "a name");
+        assert_ne!(digest(&big, "g", &[2, 2]), base, "a shape");
     }
 }

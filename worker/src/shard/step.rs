@@ -157,7 +157,8 @@ fn follow(
 }
 
 /// The signed commitment to the step `wk` just completed: the hashes of
-/// what it computed for each of its micro-batches.
+/// what it computed for each of its micro-batches and the digest of its
+/// parameters after the update.
 fn commit(session: &Session, wk: &StageWorker, epoch: u64, s: &WorkerStep) -> Commitment {
     let micro_batches: Vec<MicroBatchCommit> = wk
         .step_hashes()
@@ -169,9 +170,19 @@ fn commit(session: &Session, wk: &StageWorker, epoch: u64, s: &WorkerStep) -> Co
             gradient: hex::encode(h.gradient),
         })
         .collect();
+    // The parameters as the update left them, which every replica of the
+    // stage must share (the coordinator compares them).
+    let t = std::time::Instant::now();
+    let digest = wk.params_digest();
+    tracing::debug!(
+        "parameters' digest of step {} in {:.2} ms",
+        s.step + 1,
+        t.elapsed().as_secs_f64() * 1e3
+    );
     let mut c = Commitment {
         micro_batches,
         signature: String::new(),
+        params: Some(hex::encode(digest)),
     };
     let indices = c.indices();
     let shard = wk.shard();

@@ -55,8 +55,10 @@ pub struct TrainArgs {
     pub slow_worker: Vec<(usize, usize, f64)>,
     /// With `--processes`: make one worker dishonest,
     /// `STAGE/REPLICA=ATTACK[@STEP]` with ATTACK `sign-flip`, `scale`
-    /// (×100), `scale:F`, `noise` or `nan`, from step STEP on; repeatable.
-    /// A drill for `spec.pipeline.aggregation` (see docs/byzantine.md).
+    /// (×100), `scale:F`, `noise`, `nan` or `stale` (skips its optimizer
+    /// update), from step STEP on; repeatable. A drill for
+    /// `spec.pipeline.aggregation` and the replicas' digest check (see
+    /// docs/byzantine.md).
     #[arg(long, requires = "processes", value_parser = crate::pipeline::attack::parse_shard_attack)]
     pub byzantine: Vec<(usize, usize, crate::pipeline::Attack)>,
     /// With `--processes`: most megabytes per second each worker sends on

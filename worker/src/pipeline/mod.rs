@@ -851,6 +851,11 @@ impl StageWorker {
         )
     }
 
+    /// The optimizer with its moments, as they are now.
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+
     /// The stage's training state after the last completed step.
     pub fn state(&self) -> StageState {
         StageState {

@@ -115,19 +115,19 @@ fn restore_bytes(worker: &mut StageWorker, bytes: &[u8], step: u64, source: Stri
 }
 
 /// This worker's state at `step` (current or snapshot) in checkpoint form.
+/// The current state is encoded from the live tensors, without a copy.
 fn encode_at(worker: &StageWorker, snapshot: &Option<StageState>, step: u64) -> Result<Vec<u8>> {
-    let current;
-    let state = if worker.steps_done() == step {
-        current = worker.state();
-        &current
+    let params = worker.stage().params();
+    let encoded = if worker.steps_done() == step {
+        checkpoint::encode_stage(&params, None, worker.optimizer())
     } else {
-        snapshot
+        let state = snapshot
             .as_ref()
             .filter(|s| s.step == step)
-            .with_context(|| format!("no state at step {step} to hand over"))?
+            .with_context(|| format!("no state at step {step} to hand over"))?;
+        checkpoint::encode_stage(&params, Some(&state.params), &state.opt)
     };
-    checkpoint::encode_stage(&worker.stage().params(), Some(&state.params), &state.opt)
-        .map_err(|e| anyhow::anyhow!("encoding the stage's state: {e}"))
+    encoded.map_err(|e| anyhow::anyhow!("encoding the stage's state: {e}"))
 }
 
 /// Delivers this stage's part of the checkpoint at `step` to the

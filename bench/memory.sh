@@ -13,12 +13,10 @@
 # and whether the single-process run of the S = 4 model is refused by the
 # plan under the same limit. Writes bench/results/memory.md.
 #
-# A shard process holds more than the plan's stage total: a snapshot of its
-# weights and Adam moments one step back, and while it writes a checkpoint
-# the encoded tensors and the file's bytes; measured at about 13 times its
-# weight bytes beyond the plan on this build. The limit also counts address
-# space the allocator reserves ahead of use. A model fits when plan + 14 x
-# weights + 512 MiB is under the limit.
+# The plan's stage total is what a shard process holds, its snapshot of
+# weights and Adam moments one step back and its checkpoint's bytes
+# included. The limit also counts address space the allocator reserves
+# ahead of use, so a model fits when plan + 512 MiB is under the limit.
 #
 # Usage: bench/memory.sh [--limit SIZE] [--steps N] [--out FILE]
 # Environment: PIPEWRIGHT_BIN (a prebuilt binary; skips the build).
@@ -73,13 +71,12 @@ EOF
 plan_json() { "$PIPEWRIGHT_BIN" plan --json "$1"; }
 
 # largest_shard FILE: what the largest shard process holds: the plan's
-# stage total, the process overhead (32 MiB, plan::PROCESS_OVERHEAD_BYTES),
-# the snapshot and the checkpoint's buffers (14 x the weights).
+# stage total and the process overhead (32 MiB, plan::PROCESS_OVERHEAD_BYTES).
 largest_shard() {
     plan_json "$1" | python3 -c '
 import json, sys
 p = json.load(sys.stdin)["plan"]
-print(max(s["total_bytes"] + 14 * s["weight_bytes"] for s in p["stages"]) + (32 << 20))'
+print(max(s["total_bytes"] for s in p["stages"]) + (32 << 20))'
 }
 
 # layers_for S: the most layers (a multiple of S) whose every shard fits
@@ -210,11 +207,9 @@ elapsed=$(($(date +%s) - started))
     echo "Every stage worker runs under \`prlimit --data=$limit\` (RLIMIT_DATA). For each"
     echo "number of stages S the largest model of one family (dim 1024, ffnDim 2816,"
     echo "16 heads, seqLen 64, byte vocabulary) whose every shard process fits 512 MiB"
-    echo "under the limit and whose S shards fit this machine's memory. A shard process"
-    echo "holds the plan's stage total plus a snapshot of weights and Adam moments one"
-    echo "step back and, while writing a checkpoint, the encoded tensors and the file's"
-    echo "bytes, which the plan does not count yet (the plan error column shows it);"
-    echo "the model is chosen with 14 x its weights beyond the plan."
+    echo "under the limit and whose S shards fit this machine's memory. The plan's"
+    echo "stage total includes the snapshot of weights and Adam moments one step back"
+    echo "a shard process keeps and its checkpoint's bytes while it delivers one."
     echo "1F1B, 4 micro-batches of 1 × 64 tokens, $steps steps; $threads_total kernel threads"
     echo "shared by the S workers. Planned = \`plan\`'s stage total plus the process"
     echo "overhead; measured = the worker's peak resident set (VmHWM). tokens/s: the"

@@ -99,7 +99,14 @@ pub struct StagePlan {
     /// Allocator slack that grows with the parameters
     /// ([`SLACK_BYTES_PER_PARAM`]).
     pub slack_bytes: u64,
-    /// Everything: weights, gradients, moments, activations, slack.
+    /// The weights and Adam moments one step back that a shard worker
+    /// keeps, so that any plan of the coordinator can roll it back.
+    pub snapshot_bytes: u64,
+    /// The stage's checkpoint (weights and moments in safetensors form),
+    /// held while a shard worker delivers it or hands its state over.
+    pub checkpoint_bytes: u64,
+    /// Everything a shard process holds: weights, gradients, moments,
+    /// activations, slack, snapshot and checkpoint.
     pub total_bytes: u64,
     /// Forward + backward FLOPs per token through this stage.
     pub flops_per_token: f64,
@@ -208,8 +215,10 @@ pub fn plan(run: &TrainingRun, vocab: usize, stages: Option<usize>) -> Plan {
                 peak_in_flight: in_flight,
                 activation_bytes,
                 slack_bytes,
+                snapshot_bytes: weight_bytes.saturating_mul(3),
+                checkpoint_bytes: weight_bytes.saturating_mul(3),
                 total_bytes: weight_bytes
-                    .saturating_mul(4)
+                    .saturating_mul(10)
                     .saturating_add(activation_bytes)
                     .saturating_add(slack_bytes),
                 flops_per_token,
@@ -271,7 +280,8 @@ pub fn shard_fits(p: &Plan, stage: Option<usize>, available: u64) -> Result<(), 
     }
     Err(format!(
         "stage {} (layers {}..{}) needs {} ({} weights, {} gradients, {} Adam moments, \
-         {} activations for {} micro-batch(es) in flight), but this machine has {} available; \
+         {} activations for {} micro-batch(es) in flight, {} snapshot one step back, \
+         {} checkpoint), but this machine has {} available; \
          the run needs more stages (spec.pipeline.stages) or machines with more memory",
         s.stage,
         s.layers.start,
@@ -282,6 +292,8 @@ pub fn shard_fits(p: &Plan, stage: Option<usize>, available: u64) -> Result<(), 
         human(s.optimizer_bytes),
         human(s.activation_bytes),
         s.peak_in_flight,
+        human(s.snapshot_bytes),
+        human(s.checkpoint_bytes),
         human(available),
     ))
 }

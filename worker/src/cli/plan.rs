@@ -114,6 +114,10 @@ fn print_table(name: &str, spec: &pipewright_spec::TrainingRunSpec, p: &Plan) {
         );
     }
     println!(
+        "a stage's total is its shard process (pipewright worker): it also holds its weights \
+         and Adam moments one step back, and its checkpoint while delivering it"
+    );
+    println!(
         "one process (pipewright train without --processes): {}",
         human(p.single_process_bytes)
     );

@@ -13,10 +13,12 @@
 # and whether the single-process run of the S = 4 model is refused by the
 # plan under the same limit. Writes bench/results/memory.md.
 #
-# The plan's stage total is what a shard process holds, its snapshot of
-# weights and Adam moments one step back and its checkpoint's bytes
-# included. The limit also counts address space the allocator reserves
-# ahead of use, so a model fits when plan + 512 MiB is under the limit.
+# The plan's stage total counts what a shard process holds besides its
+# training state: its snapshot of weights and Adam moments one step back
+# and its checkpoint's bytes. The limit also counts address space the
+# allocator reserves ahead of use, and the plan still misses some of a
+# worker's buffers (the plan error column shows how much), so a model fits
+# when plan + 8 x weights + 512 MiB is under the limit.
 #
 # Usage: bench/memory.sh [--limit SIZE] [--steps N] [--out FILE]
 # Environment: PIPEWRIGHT_BIN (a prebuilt binary; skips the build).
@@ -70,13 +72,14 @@ EOF
 # plan_json FILE: the plan as JSON.
 plan_json() { "$PIPEWRIGHT_BIN" plan --json "$1"; }
 
-# largest_shard FILE: what the largest shard process holds: the plan's
-# stage total and the process overhead (32 MiB, plan::PROCESS_OVERHEAD_BYTES).
+# largest_shard FILE: what the largest shard process may hold: the plan's
+# stage total, the process overhead (32 MiB, plan::PROCESS_OVERHEAD_BYTES)
+# and a margin of 8 x the weights for what the plan does not count yet.
 largest_shard() {
     plan_json "$1" | python3 -c '
 import json, sys
 p = json.load(sys.stdin)["plan"]
-print(max(s["total_bytes"] for s in p["stages"]) + (32 << 20))'
+print(max(s["total_bytes"] + 8 * s["weight_bytes"] for s in p["stages"]) + (32 << 20))'
 }
 
 # layers_for S: the most layers (a multiple of S) whose every shard fits
@@ -209,7 +212,8 @@ elapsed=$(($(date +%s) - started))
     echo "16 heads, seqLen 64, byte vocabulary) whose every shard process fits 512 MiB"
     echo "under the limit and whose S shards fit this machine's memory. The plan's"
     echo "stage total includes the snapshot of weights and Adam moments one step back"
-    echo "a shard process keeps and its checkpoint's bytes while it delivers one."
+    echo "a shard process keeps and its checkpoint's bytes while it delivers one; the"
+    echo "model is chosen with 8 x its weights beyond the plan as a margin."
     echo "1F1B, 4 micro-batches of 1 × 64 tokens, $steps steps; $threads_total kernel threads"
     echo "shared by the S workers. Planned = \`plan\`'s stage total plus the process"
     echo "overhead; measured = the worker's peak resident set (VmHWM). tokens/s: the"

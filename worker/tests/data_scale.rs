@@ -16,7 +16,6 @@
 mod common;
 
 use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::Instant;
 
@@ -90,21 +89,7 @@ spec:
     cmd.args(["train", "--quiet", "--threads", "2", "--out"])
         .arg(dir.path().join("out"))
         .arg(&manifest);
-    // SAFETY: setrlimit is async-signal-safe and touches no state of the
-    // parent.
-    unsafe {
-        cmd.pre_exec(move || {
-            let r = libc::rlimit {
-                rlim_cur: limit,
-                rlim_max: limit,
-            };
-            if libc::setrlimit(libc::RLIMIT_DATA, &r) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    common::succeed(&mut cmd);
+    common::succeed(&mut common::limited(cmd, limit));
     let trained = started.elapsed() - written;
 
     // Peak resident set of the finished child, in KiB on Linux.

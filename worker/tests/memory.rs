@@ -18,9 +18,7 @@
 
 mod common;
 
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Command;
 
 use pipewright::plan::{plan, vocab, PROCESS_OVERHEAD_BYTES};
 
@@ -49,26 +47,6 @@ spec:
     path
 }
 
-/// `command` under an `RLIMIT_DATA` of `limit` bytes, inherited by
-/// whatever it starts.
-fn limited(mut command: Command, limit: u64) -> Command {
-    // SAFETY: setrlimit is async-signal-safe and touches no state of the
-    // parent.
-    unsafe {
-        command.pre_exec(move || {
-            let r = libc::rlimit {
-                rlim_cur: limit,
-                rlim_max: limit,
-            };
-            if libc::setrlimit(libc::RLIMIT_DATA, &r) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    command
-}
-
 #[test]
 fn a_model_too_large_for_one_process_trains_over_four_that_each_fit() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -93,7 +71,9 @@ fn a_model_too_large_for_one_process_trains_over_four_that_each_fit() {
     cmd.args(["train", "--quiet", "--threads", "1", "--out"])
         .arg(dir.path().join("single"))
         .arg(&path);
-    let out = limited(cmd, limit).output().expect("run pipewright");
+    let out = common::limited(cmd, limit)
+        .output()
+        .expect("run pipewright");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "one process trained: {err}");
     assert!(
@@ -111,7 +91,7 @@ fn a_model_too_large_for_one_process_trains_over_four_that_each_fit() {
     cmd.args(["train", "--processes", "--quiet", "--threads", "1", "--out"])
         .arg(dir.path().join("multi"))
         .arg(&path);
-    let out = common::succeed(&mut limited(cmd, limit));
+    let out = common::succeed(&mut common::limited(cmd, limit));
     assert!(out.contains("all 4 workers finished 2 steps"), "{out}");
     assert!(out.contains("shard reassignments 0"), "{out}");
 

@@ -23,6 +23,27 @@ pub fn pipewright() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pipewright"))
 }
 
+/// `command` under an `RLIMIT_DATA` of `limit` bytes (the private writable
+/// memory it may map), inherited by whatever it starts.
+pub fn limited(mut command: Command, limit: u64) -> Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe and touches no state of the
+    // parent.
+    unsafe {
+        command.pre_exec(move || {
+            let r = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_DATA, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
 /// Runs `command` and returns its standard output, failing the test with
 /// both outputs when it does not succeed.
 pub fn succeed(command: &mut Command) -> String {

@@ -335,10 +335,7 @@ impl StageShape<'_> {
         let (t, d, v) = (c.seq_len as u64, c.dim as u64, c.vocab as u64);
         let n = batch.saturating_mul(t);
         let (q, kv) = (c.heads as u64 * c.head_dim() as u64, kv_width(c));
-        let probs = batch
-            .saturating_mul(c.heads as u64)
-            .saturating_mul(t)
-            .saturating_mul(t);
+        let probs = self.probs(batch);
         let block = match self.recompute {
             Recompute::Off => self.block_intermediates(batch),
             Recompute::Full => n.saturating_mul(d),
@@ -361,6 +358,16 @@ impl StageShape<'_> {
         floats.saturating_mul(F32)
     }
 
+    /// Floats of the attention's probabilities (`[B, H, T, T]`) for a
+    /// micro-batch of `batch` rows.
+    fn probs(&self, batch: u64) -> u64 {
+        let t = self.cfg.seq_len as u64;
+        batch
+            .saturating_mul(self.cfg.heads as u64)
+            .saturating_mul(t)
+            .saturating_mul(t)
+    }
+
     /// Floats one block keeps of a micro-batch of `batch` rows without
     /// recomputation: its every intermediate.
     fn block_intermediates(&self, batch: u64) -> u64 {
@@ -368,10 +375,7 @@ impl StageShape<'_> {
         let (t, d, f) = (c.seq_len as u64, c.dim as u64, c.ffn_dim as u64);
         let n = batch.saturating_mul(t);
         let (q, kv) = (c.heads as u64 * c.head_dim() as u64, kv_width(c));
-        let probs = batch
-            .saturating_mul(c.heads as u64)
-            .saturating_mul(t)
-            .saturating_mul(t);
+        let probs = self.probs(batch);
         let per_row = 4 * d + 2 * q + 2 * kv + 3 * f + 2;
         n.saturating_mul(per_row).saturating_add(probs)
     }

@@ -21,6 +21,8 @@ const HEADER: &str = "pipewright identity v1";
 pub const REGISTER_DOMAIN: &str = "pipewright register v1";
 /// Domain of a step's commitment, sent with the step report.
 pub const STEP_DOMAIN: &str = "pipewright step v1";
+/// Domain of a validator's verdict on an audit.
+pub const AUDIT_DOMAIN: &str = "pipewright audit v1";
 
 /// Why an identity could not be loaded or created.
 #[derive(Debug, thiserror::Error)]

@@ -313,6 +313,114 @@ pub struct Barrier {
     /// (`None` when traces are off, or after the last step).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// Audit orders for this worker (empty: none). A worker that gets some
+    /// carries them out, then sends an [`AuditReport`] for each to
+    /// `POST /v1/audit` and takes that answer as the barrier's (which may
+    /// carry further orders), until one comes without orders.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audits: Vec<AuditOrder>,
+}
+
+/// One audit task given to a worker with the barrier's answer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditOrder {
+    /// Audit id, unique within the run.
+    pub audit: u64,
+    /// Steps completed with the audited step (the step's `completed`).
+    pub step: u64,
+    /// Stage of the audited shard (the worker's own stage).
+    pub stage: usize,
+    /// Global micro-batch index within the step that is recomputed.
+    pub mb: u64,
+    /// What this worker does for it.
+    pub role: AuditRole,
+}
+
+/// A worker's part in an audit.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum AuditRole {
+    /// It is audited: upload the evidence of `mb`
+    /// (`PUT /v1/audit/{audit}/evidence?worker=W`).
+    Provide,
+    /// Recompute `mb` as replica `audited_replica` of the same stage ran
+    /// it, from the evidence (`GET /v1/audit/{audit}/evidence?worker=W`).
+    Validate {
+        /// The audited replica.
+        audited_replica: usize,
+    },
+}
+
+/// `POST /v1/audit`: a worker carried out an audit order. The answer is a
+/// long poll like `POST /v1/step`'s: 204 until the step's audits are
+/// decided, then a [`Barrier`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AuditReport {
+    /// Worker id.
+    pub worker: u64,
+    /// Epoch it trains in.
+    pub epoch: u64,
+    /// Steps completed (the audited step).
+    pub completed: u64,
+    /// The audit.
+    pub audit: u64,
+    /// What it did.
+    pub result: AuditResult,
+}
+
+/// The outcome of an order, by role.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum AuditResult {
+    /// The audited worker uploaded its evidence.
+    Provided,
+    /// A validator's recomputed hashes (64 hex digits each) and its
+    /// signature over [`audit_message`] in the audit domain.
+    Recomputed {
+        /// Hash of the forward output payload (the loss's LE bytes on the
+        /// last stage).
+        output: String,
+        /// Hash of the input-gradient payload (zeros on the first stage).
+        gradient: String,
+        /// Hash of the input it used (stage 0: of the tokens it sampled).
+        input: String,
+        /// Ed25519 signature, 128 hex digits.
+        signature: String,
+    },
+}
+
+/// What an audit's verdict binds: the run, the audit, the audited work and
+/// the recomputed hashes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditClaim<'a> {
+    /// Run id (hex).
+    pub run_id: &'a str,
+    /// Audit id.
+    pub audit: u64,
+    /// The audited step (`completed`).
+    pub step: u64,
+    /// Stage.
+    pub stage: usize,
+    /// Micro-batch.
+    pub mb: u64,
+    /// The audited replica.
+    pub audited_replica: usize,
+    /// Recomputed input hash (hex).
+    pub input: &'a str,
+    /// Recomputed output hash (hex).
+    pub output: &'a str,
+    /// Recomputed gradient hash (hex).
+    pub gradient: &'a str,
+}
+
+/// What a validator signs for a verdict (domain
+/// [`crate::identity::AUDIT_DOMAIN`]).
+pub fn audit_message(c: &AuditClaim<'_>) -> Vec<u8> {
+    format!(
+        "run={} audit={} step={} stage={} mb={} replica={} input={} output={} gradient={}",
+        c.run_id, c.audit, c.step, c.stage, c.mb, c.audited_replica, c.input, c.output, c.gradient
+    )
+    .into_bytes()
 }
 
 /// `POST /v1/heartbeat`: the worker is alive.

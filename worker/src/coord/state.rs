@@ -1700,6 +1700,7 @@ impl Coordinator {
             checkpoint: false,
             route: None,
             traceparent: None,
+            audits: Vec::new(),
         });
         if epoch != self.epoch || self.finished.is_some() {
             return stop;
@@ -1759,6 +1760,7 @@ impl Coordinator {
             checkpoint: self.checkpoint_order(i, completed),
             route: self.route.clone(),
             traceparent: None,
+            audits: Vec::new(),
         })
     }
 

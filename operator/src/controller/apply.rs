@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::plan::{describe, is_node_ready, PodPlan};
+use super::plan::{describe, is_node_ready, quarantine_note, PodPlan};
 use super::{Context, ReconcileError, MANAGER};
 use crate::children::{run_key_name, Blueprint, Children, JOIN_TOKEN_FIELD, LABEL_RUN};
 
@@ -412,6 +412,35 @@ pub(super) async fn announce_moves(
             EventType::Warning,
             "ShardReassigned",
             note,
+            Some(pod),
+        )
+        .await;
+    }
+}
+
+/// One `ShardQuarantined` warning per shard of `plan` whose worker was
+/// quarantined, about the pod left: it names the shard, the pod and the
+/// worker's termination message (the coordinator's reason and step).
+pub(super) async fn announce_quarantines(
+    ctx: &Context,
+    run: &TrainingRunResource,
+    namespace: &str,
+    plan: &PodPlan,
+) {
+    for q in &plan.quarantined {
+        let pod = ObjectReference {
+            api_version: Some("v1".to_owned()),
+            kind: Some("Pod".to_owned()),
+            name: Some(q.pod.clone()),
+            namespace: Some(namespace.to_owned()),
+            ..ObjectReference::default()
+        };
+        publish_about(
+            ctx,
+            run,
+            EventType::Warning,
+            "ShardQuarantined",
+            quarantine_note(q),
             Some(pod),
         )
         .await;

@@ -12,7 +12,11 @@
 //!    this run (`status.failedNodes`: a node not ready or gone, a node-pressure
 //!    eviction, a node that refused the pod; never a pod deleted by a person
 //!    or a drain, nor a container's own failure); more moves than
-//!    `spec.placement.maxReassignments` fail the run;
+//!    `spec.placement.maxReassignments` fail the run. A shard whose worker
+//!    the coordinator quarantined (it exited with code 3, or its termination
+//!    message starts `quarantined:`) moves for `FailedValidation`, with a
+//!    `ShardQuarantined` warning naming the shard, the pod and the message;
+//!    its new pod starts with a new identity;
 //! 6. asks the coordinator for progress ([`CoordinatorProbe`]);
 //! 7. writes the status ([`observed_status`]) when it changed.
 //!
@@ -52,14 +56,17 @@ use kube::{Api, Client, Resource, ResourceExt};
 use pipewright_spec::{Reassignment, RunPhase, TrainingRunResource, TrainingRunStatus};
 
 pub use apply::covers;
-pub use plan::{memory_shortfall, plan_pods, PlannedShard, PodPlan};
+pub use plan::{
+    memory_shortfall, plan_pods, PlannedShard, PodPlan, Quarantined, EXIT_QUARANTINED,
+    FAILED_VALIDATION, QUARANTINED_PREFIX,
+};
 pub use status::{
     observed_status, refused_status, suspended_status, Observation, INSUFFICIENT_NODE_MEMORY,
 };
 
 use apply::{
-    announce_moves, apply_plan, delete_live_pods, ensure_children, list_pods, node_readiness_of,
-    publish, write_status, Apis,
+    announce_moves, announce_quarantines, apply_plan, delete_live_pods, ensure_children, list_pods,
+    node_readiness_of, publish, write_status, Apis,
 };
 use plan::{describe, is_node_ready, label, pod_phase};
 use status::{failed_status, find_condition, is_unschedulable, seconds_between};
@@ -223,6 +230,7 @@ async fn reconcile_run(run: &TrainingRunResource, ctx: &Context) -> Result<Actio
 
     let live = apply_plan(&apis.pods, &plan, &blueprint, &children.coordinator, pods).await?;
     announce_moves(ctx, run, &namespace, &plan).await;
+    announce_quarantines(ctx, run, &namespace, &plan).await;
     if plan.restart_coordinator {
         let note = format!("pod {} failed or lost its node", coordinator_name(&name));
         publish(ctx, run, EventType::Warning, "CoordinatorReplaced", note).await;
@@ -289,6 +297,9 @@ async fn fail_for_moves(
     now: Time,
 ) -> Result<Action, ReconcileError> {
     delete_live_pods(&apis.pods, pods).await?;
+    if let Some(namespace) = run.namespace() {
+        announce_quarantines(ctx, run, &namespace, plan).await;
+    }
     let last = plan
         .reassignments
         .last()

@@ -44,6 +44,35 @@ pub struct PodPlan {
     /// Nodes to keep shard pods off: the run's failed nodes, with those
     /// that caused this plan's moves.
     pub failed_nodes: Vec<String>,
+    /// The moves of this plan whose pod's worker was quarantined (reason
+    /// [`FAILED_VALIDATION`]), with what its termination message says.
+    pub quarantined: Vec<Quarantined>,
+}
+
+/// Reassignment reason of a shard whose worker the run's coordinator
+/// quarantined: it failed validation (an audit convicted it, or its
+/// evidence or parameters' digest did not hold up).
+pub const FAILED_VALIDATION: &str = "FailedValidation";
+
+/// Exit code of a worker that the coordinator quarantined (the worker's
+/// `EXIT_QUARANTINED`).
+pub const EXIT_QUARANTINED: i32 = 3;
+
+/// Prefix of the termination message a quarantined worker writes.
+pub const QUARANTINED_PREFIX: &str = "quarantined:";
+
+/// A shard pod whose worker was quarantined.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Quarantined {
+    /// Pipeline stage of the shard.
+    pub stage: u32,
+    /// Replica of the shard.
+    pub replica: u32,
+    /// The pod whose worker was quarantined.
+    pub pod: String,
+    /// The worker container's termination message (empty when it wrote
+    /// none).
+    pub message: String,
 }
 
 /// Decides which pods to make and delete, given the run's previous status,
@@ -142,6 +171,7 @@ fn plan_shard(
     let Some(Failure {
         reason,
         node_caused,
+        quarantine,
     }) = failure
     else {
         if pod.is_none() {
@@ -158,6 +188,14 @@ fn plan_shard(
         }
     }
     next.attempt = attempt.saturating_add(1);
+    if let Some(message) = quarantine {
+        plan.quarantined.push(Quarantined {
+            stage: index(shard.stage),
+            replica: index(shard.replica),
+            pod: pod_name.clone(),
+            message,
+        });
+    }
     plan.reassignments.push(Reassignment {
         stage: index(shard.stage),
         replica: index(shard.replica),
@@ -263,6 +301,9 @@ struct Failure {
     /// Whether the node goes into `status.failedNodes`, keeping later shard
     /// pods of the run off it.
     node_caused: bool,
+    /// The termination message of a worker that was quarantined; `None`
+    /// for any other failure.
+    quarantine: Option<String>,
 }
 
 impl Failure {
@@ -270,8 +311,28 @@ impl Failure {
         Self {
             reason: reason.to_owned(),
             node_caused,
+            quarantine: None,
         }
     }
+}
+
+/// The termination message of the first container of `pod` that ended
+/// quarantined: exit code [`EXIT_QUARANTINED`], or a termination message
+/// starting with [`QUARANTINED_PREFIX`]. `None` when no container did.
+fn quarantined_container(pod: &Pod) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .iter()
+        .flatten()
+        .filter_map(|c| c.state.as_ref()?.terminated.as_ref())
+        .find(|t| {
+            t.exit_code == EXIT_QUARANTINED
+                || t.message
+                    .as_deref()
+                    .is_some_and(|m| m.trim_start().starts_with(QUARANTINED_PREFIX))
+        })
+        .map(|t| t.message.as_deref().unwrap_or_default().trim().to_owned())
 }
 
 /// `DisruptionTarget` reasons set when the node, not a person or the
@@ -329,7 +390,9 @@ fn node_state_failure(node: &str, node_ready: &dyn Fn(&str) -> Option<bool>) -> 
 /// readiness lost, the node gone, a node-initiated disruption or eviction.
 /// A pod deleted by a person, drained off its node (the eviction API) or
 /// preempted, and a container that failed on its own, move the shard but
-/// leave the node usable.
+/// leave the node usable. A failed pod whose worker was quarantined by the
+/// coordinator (see [`quarantined_container`]) moves for
+/// [`FAILED_VALIDATION`], carrying the termination message.
 fn failure_of(pod: &Pod, node_ready: &dyn Fn(&str) -> Option<bool>) -> Option<Failure> {
     let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
     if let Some(failure) = node.and_then(|n| node_state_failure(n, node_ready)) {
@@ -342,6 +405,15 @@ fn failure_of(pod: &Pod, node_ready: &dyn Fn(&str) -> Option<bool>) -> Option<Fa
     }
     if pod_phase(pod) != Some("Failed") {
         return None;
+    }
+    if let Some(message) = quarantined_container(pod) {
+        // The worker was convicted, not the node: its replacement gets a
+        // fresh identity, and the node stays usable.
+        return Some(Failure {
+            reason: FAILED_VALIDATION.to_owned(),
+            node_caused: by_node,
+            quarantine: Some(message),
+        });
     }
     let status = pod.status.as_ref();
     let pod_reason = status
@@ -359,6 +431,7 @@ fn failure_of(pod: &Pod, node_ready: &dyn Fn(&str) -> Option<bool>) -> Option<Fa
     Some(Failure {
         reason,
         node_caused,
+        quarantine: None,
     })
 }
 
@@ -524,6 +597,19 @@ pub(super) fn describe(moved: &Reassignment) -> String {
     )
 }
 
+/// "stage S replica R: the worker of pod P failed validation: MESSAGE".
+pub(super) fn quarantine_note(q: &Quarantined) -> String {
+    let message = if q.message.is_empty() {
+        "(no termination message)"
+    } else {
+        q.message.as_str()
+    };
+    format!(
+        "stage {} replica {}: the worker of pod {} failed validation: {message}",
+        q.stage, q.replica, q.pod
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::core::v1::{NodeSpec, PodCondition};
@@ -532,8 +618,8 @@ mod tests {
 
     use super::*;
     use crate::children::Blueprint;
-    use crate::controller::tests::{first_plan, planned, replan, replan_with, settled};
-    use crate::fixtures::{coordinator, node, run, settings, shard};
+    use crate::controller::tests::{first_plan, planned, replan, replan_with, settled, status_of};
+    use crate::fixtures::{at, coordinator, node, run, settings, shard};
 
     #[test]
     fn a_new_run_gets_every_shard_and_the_coordinator() {
@@ -679,6 +765,108 @@ mod tests {
             let expected: &[&str] = if node_caused { &["n1"] } else { &[] };
             assert_eq!(plan.failed_nodes, expected, "{reason}");
         }
+    }
+
+    /// A shard pod of `run` at (1, 0, 0) on n1 whose worker container
+    /// terminated with `exit_code` and termination `message`.
+    fn terminated_shard(run: &TrainingRunResource, exit_code: i32, message: Option<&str>) -> Pod {
+        let mut failed = shard(run, (1, 0, 0), "Failed", "n1");
+        let status = failed.status.as_mut().expect("status");
+        status.container_statuses = Some(vec![serde_json::from_value(json!({
+            "name": "worker", "image": "pipewright:test", "imageID": "", "ready": false,
+            "restartCount": 0,
+            "state": {"terminated": {"exitCode": exit_code, "reason": "Error", "message": message}}
+        }))
+        .expect("container status")]);
+        failed
+    }
+
+    #[test]
+    fn a_quarantined_worker_moves_for_failed_validation_to_a_fresh_pod() {
+        let (run, pods) = settled();
+        let message = "quarantined: failed_audit at step 7 (stage 1, replica 0)";
+        let mut quarantined = pods.clone();
+        quarantined[3] = terminated_shard(&run, EXIT_QUARANTINED, Some(message));
+        let plan = replan(&run, &quarantined);
+        assert_eq!(plan.reassignments.len(), 1);
+        let moved = &plan.reassignments[0];
+        assert_eq!(moved.reason, FAILED_VALIDATION);
+        assert_eq!((moved.stage, moved.replica), (1, 0));
+        assert_eq!(moved.to_pod.as_deref(), Some("demo-s1-r0-a1"));
+        // The replacement is a new pod (a new identity volume), as for any
+        // lost shard, and the old one is deleted; the node is not blamed.
+        assert_eq!(plan.create, [planned(1, 0, 1)]);
+        assert_eq!(plan.delete, [("demo-s1-r0".to_owned(), None)]);
+        assert!(plan.failed_nodes.is_empty());
+        assert_eq!(
+            plan.quarantined,
+            [Quarantined {
+                stage: 1,
+                replica: 0,
+                pod: "demo-s1-r0".to_owned(),
+                message: message.to_owned(),
+            }]
+        );
+        assert_eq!(
+            quarantine_note(&plan.quarantined[0]),
+            "stage 1 replica 0: the worker of pod demo-s1-r0 failed validation: \
+             quarantined: failed_audit at step 7 (stage 1, replica 0)"
+        );
+        assert_eq!(
+            describe(moved),
+            "stage 1 replica 0: pod demo-s1-r0 on node n1 -> pod demo-s1-r0-a1 (FailedValidation)"
+        );
+        // The status records the move with its reason, as `kubectl
+        // describe` shows it.
+        let status = status_of(&run, &quarantined, &plan, None, at(200));
+        let recorded = status.reassignments.last().expect("recorded");
+        assert_eq!(recorded.reason, FAILED_VALIDATION);
+        assert_eq!(recorded.from_pod, "demo-s1-r0");
+        assert_eq!(status.total_reassignments, 1);
+
+        // Either sign is enough: the exit code without a message (no
+        // termination log could be written), or the message under another
+        // exit code.
+        let mut silent = pods.clone();
+        silent[3] = terminated_shard(&run, EXIT_QUARANTINED, None);
+        let plan = replan(&run, &silent);
+        assert_eq!(plan.reassignments[0].reason, FAILED_VALIDATION);
+        assert_eq!(plan.quarantined[0].message, "");
+        assert!(quarantine_note(&plan.quarantined[0]).ends_with("(no termination message)"));
+        let mut by_message = pods.clone();
+        by_message[3] = terminated_shard(&run, 1, Some(message));
+        assert_eq!(
+            replan(&run, &by_message).reassignments[0].reason,
+            FAILED_VALIDATION
+        );
+    }
+
+    #[test]
+    fn a_worker_that_failed_otherwise_is_not_failed_validation() {
+        let (run, pods) = settled();
+        for (code, message) in [
+            (
+                1,
+                Some("error: the coordinator at http://c:7070 does not answer"),
+            ),
+            (1, None),
+            (2, Some("a message that mentions quarantined: later on")),
+            (137, None),
+        ] {
+            let mut failed = pods.clone();
+            failed[3] = terminated_shard(&run, code, message);
+            let plan = replan(&run, &failed);
+            assert_eq!(plan.reassignments.len(), 1, "{code} {message:?}");
+            assert_eq!(plan.reassignments[0].reason, "Error", "{code} {message:?}");
+            assert!(plan.quarantined.is_empty(), "{code} {message:?}");
+            assert_eq!(plan.create, [planned(1, 0, 1)]);
+        }
+        // A running pod is never read as quarantined, whatever an earlier
+        // container said.
+        let mut running = pods.clone();
+        running[3] = terminated_shard(&run, EXIT_QUARANTINED, Some("quarantined: x"));
+        running[3].status.as_mut().expect("status").phase = Some("Running".to_owned());
+        assert!(replan(&run, &running).reassignments.is_empty());
     }
 
     /// `node(name)` with `memory` allocatable, `labels` and `taints`

@@ -150,7 +150,7 @@ DASHBOARDS = {
     },
     "faults": {
         "title": "Pipewright / Faults",
-        "description": "Lost workers, reassigned shards, recoveries and heartbeats.",
+        "description": "Lost workers, reassigned shards, recoveries, heartbeats, audits and quarantines.",
         "rows": [
             [
                 ts("Shards reassigned by the coordinator",
@@ -179,6 +179,19 @@ DASHBOARDS = {
             [
                 ts("Epoch (wiring generation)",
                    [q(f"max by (namespace, run) (pipewright_epoch{{{F}}})", "{{namespace}}/{{run}}")]),
+                ts("Quarantined workers",
+                   [q(f"max by (namespace, run) (pipewright_quarantined_workers{{{F}}})",
+                      "{{namespace}}/{{run}}")]),
+            ],
+            [
+                ts("Audits per second by stage and outcome",
+                   [q(f"sum by (namespace, run, stage, outcome) "
+                      f"(rate(pipewright_audits_total{{{F}}}[{RATE}]))",
+                      "{{run}} s{{stage}} {{outcome}}")], unit="ops"),
+                ts("Chain mismatches by stage (a sender's output hash is not its receiver's input hash)",
+                   [q(f"sum by (namespace, run, stage) "
+                      f"(increase(pipewright_chain_mismatches_total{{{F}}}[{RATE}]))",
+                      "{{run}} s{{stage}}")]),
             ],
         ],
     },

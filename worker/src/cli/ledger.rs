@@ -93,6 +93,7 @@ pub fn run(args: LedgerArgs) -> Result<()> {
     let steps = l.steps_in(from, to)?;
     let shares = shares(&l.totals(from, to)?, steps, &rewards);
     let names = names_of(&l)?;
+    let quarantined = l.quarantined()?;
     if args.json {
         let rows: Vec<serde_json::Value> = shares
             .iter()
@@ -109,15 +110,16 @@ pub fn run(args: LedgerArgs) -> Result<()> {
                 "steps": steps,
                 "rewards": rewards,
                 "shares": rows,
+                "quarantined": quarantined,
             }))?
         );
         return Ok(());
     }
     if args.csv {
-        println!("identity,fingerprint,name,stages,micro_batches,tokens,flops,audits_passed,audits_failed,eligible,share");
+        println!("identity,fingerprint,name,stages,micro_batches,tokens,flops,audits_passed,audits_failed,forfeited,eligible,share");
         for s in &shares {
             println!(
-                "{},{},{},{},{},{},{},{},{},{},{}",
+                "{},{},{},{},{},{},{},{},{},{},{},{}",
                 s.identity,
                 s.fingerprint,
                 csv_field(names.get(&s.identity).map_or("", String::as_str)),
@@ -127,6 +129,7 @@ pub fn run(args: LedgerArgs) -> Result<()> {
                 s.flops,
                 s.audits_passed,
                 s.audits_failed,
+                s.forfeited,
                 s.eligible,
                 s.share
             );
@@ -150,8 +153,32 @@ pub fn run(args: LedgerArgs) -> Result<()> {
             s.flops / 1e12,
             format!("{}/{}", s.audits_passed, s.audits_failed),
             100.0 * s.share,
-            if s.eligible { "" } else { " (ineligible)" }
+            if s.forfeited > 0 {
+                " (forfeited)"
+            } else if s.eligible {
+                ""
+            } else {
+                " (ineligible)"
+            }
         );
+    }
+    if !quarantined.is_empty() {
+        println!("\nquarantined (barred from the run; credit over the steps shown forfeited)");
+        for q in &quarantined {
+            let c = &q.conviction;
+            println!(
+                "{:<16}  {:<24}  stage {} replica {}  caught at step {}  {}  forfeits steps {}..{}",
+                crate::identity::fingerprint_hex(&c.identity),
+                truncate(&names.get(&c.identity).cloned().unwrap_or_default(), 24),
+                c.stage,
+                c.replica,
+                c.step,
+                c.reason,
+                q.forfeit_from,
+                q.forfeit_to
+            );
+            println!("    evidence: {}", c.evidence);
+        }
     }
     Ok(())
 }
@@ -279,7 +306,12 @@ fn verify(dir: &Path) -> Result<()> {
         .cloned()
         .collect();
     let served = shares(&l.totals(from, to)?, steps, &rewards);
-    let recomputed = shares(&ledger::totals_of(&in_window), steps, &rewards);
+    let convictions = l.quarantined()?;
+    let recomputed = shares(
+        &ledger::totals_of(&in_window, &convictions),
+        steps,
+        &rewards,
+    );
     if served.len() != recomputed.len() {
         problems.push(format!(
             "{} identities in the served shares, {} in the entries",

@@ -80,6 +80,18 @@ CREATE TABLE IF NOT EXISTS entries (
     PRIMARY KEY (step, stage, replica)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_by_identity ON entries(identity, step);
+CREATE TABLE IF NOT EXISTS quarantine (
+    identity     TEXT PRIMARY KEY,
+    worker       INTEGER NOT NULL,
+    stage        INTEGER NOT NULL,
+    replica      INTEGER NOT NULL,
+    step         INTEGER NOT NULL,
+    reason       TEXT NOT NULL,
+    evidence     TEXT NOT NULL,
+    forfeit_from INTEGER NOT NULL,
+    forfeit_to   INTEGER NOT NULL,
+    at           REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS refusals (
     id       INTEGER PRIMARY KEY,
     at       REAL NOT NULL,
@@ -214,6 +226,52 @@ pub struct Refusal {
     pub reason: &'static str,
     /// What was wrong.
     pub detail: String,
+}
+
+/// A worker convicted of dishonest work: its identity is barred from the
+/// run, and its credit over the reward window that ends just before the
+/// step it was caught at is forfeited.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Conviction {
+    /// The convicted worker's public key (hex).
+    pub identity: String,
+    /// Its worker id (registration).
+    pub worker: u64,
+    /// Its stage.
+    pub stage: usize,
+    /// Its replica.
+    pub replica: usize,
+    /// The step it was caught at (never booked: the step is trained again).
+    pub step: u64,
+    /// Why: `failed_audit`, `bad_evidence` or `digest_mismatch`.
+    pub reason: String,
+    /// The evidence, one line of JSON (micro-batch, committed and
+    /// recomputed hashes, validators).
+    pub evidence: String,
+}
+
+/// A conviction as the ledger keeps it: with the steps whose credit it
+/// forfeits.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Quarantined {
+    /// The conviction.
+    #[serde(flatten)]
+    pub conviction: Conviction,
+    /// First step whose entries of this identity earn nothing.
+    pub forfeit_from: u64,
+    /// Last such step (the last booked before the conviction; 0 with
+    /// `forfeit_from` 1 when nothing was booked yet).
+    pub forfeit_to: u64,
+    /// Unix time it was recorded.
+    pub at: f64,
+}
+
+impl Quarantined {
+    /// Whether the entry of this identity at `step` is forfeited.
+    pub fn forfeits(&self, identity: &str, step: u64) -> bool {
+        self.conviction.identity == identity
+            && (self.forfeit_from..=self.forfeit_to).contains(&step)
+    }
 }
 
 /// An open ledger.
@@ -602,6 +660,89 @@ impl Ledger {
             .map_err(|e| self.err(e))
     }
 
+    /// Records a conviction, durably when it returns: the identity is
+    /// barred and its entries over the reward window that ends at the last
+    /// booked step (`spec.rewards.windowSteps` as the run's meta records it;
+    /// every step when 0) are forfeited. The first conviction of an
+    /// identity stands; a second is ignored (`false`).
+    pub fn quarantine(&mut self, c: &Conviction) -> Result<bool, LedgerError> {
+        let last = self.last_step()?;
+        let rewards: pipewright_spec::RewardsSpec = match self.meta("rewards")? {
+            Some(text) => serde_json::from_str(&text).unwrap_or_default(),
+            None => pipewright_spec::RewardsSpec::default(),
+        };
+        let (from, to) = window_of(last, &rewards);
+        self.conn
+            .execute(
+                "INSERT INTO quarantine(identity, worker, stage, replica, step, reason, evidence,
+                                        forfeit_from, forfeit_to, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT(identity) DO NOTHING",
+                params![
+                    c.identity,
+                    c.worker as i64,
+                    c.stage as i64,
+                    c.replica as i64,
+                    c.step as i64,
+                    c.reason,
+                    c.evidence,
+                    from as i64,
+                    to as i64,
+                    now_unix()
+                ],
+            )
+            .map(|n| n == 1)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every conviction, in the order they were recorded. An older ledger
+    /// without the table has none.
+    pub fn quarantined(&self) -> Result<Vec<Quarantined>, LedgerError> {
+        if !self.has_quarantine()? {
+            return Ok(Vec::new());
+        }
+        let mut q = self
+            .conn
+            .prepare(
+                "SELECT identity, worker, stage, replica, step, reason, evidence,
+                        forfeit_from, forfeit_to, at
+                 FROM quarantine ORDER BY at, identity",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = q
+            .query_map([], |r| {
+                Ok(Quarantined {
+                    conviction: Conviction {
+                        identity: r.get(0)?,
+                        worker: r.get::<_, i64>(1)? as u64,
+                        stage: r.get::<_, i64>(2)? as usize,
+                        replica: r.get::<_, i64>(3)? as usize,
+                        step: r.get::<_, i64>(4)? as u64,
+                        reason: r.get(5)?,
+                        evidence: r.get(6)?,
+                    },
+                    forfeit_from: r.get::<_, i64>(7)? as u64,
+                    forfeit_to: r.get::<_, i64>(8)? as u64,
+                    at: r.get(9)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Whether the ledger has the `quarantine` table (older ledgers, read
+    /// only, may not).
+    fn has_quarantine(&self) -> Result<bool, LedgerError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'quarantine'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)
+            .map_err(|e| self.err(e))
+    }
+
     /// The last booked step (0: none).
     pub fn last_step(&self) -> Result<u64, LedgerError> {
         self.conn
@@ -747,22 +888,39 @@ impl Ledger {
     /// coordinator's shares come from this; `verify` checks it against a
     /// pass over the raw entries.
     pub fn totals(&self, from: u64, to: u64) -> Result<Vec<shares::Totals>, LedgerError> {
+        // An entry is forfeited inside a conviction's range (a ledger from
+        // before convictions were kept has none).
+        let forfeited = if self.has_quarantine()? {
+            "EXISTS (SELECT 1 FROM quarantine q WHERE q.identity = entries.identity
+                AND entries.step BETWEEN q.forfeit_from AND q.forfeit_to)"
+        } else {
+            "0"
+        };
         let mut q = self
             .conn
             .prepare_cached(
-                "SELECT identity,
-                    SUM(CASE WHEN audits_failed = 0 THEN forward_flops ELSE 0 END),
-                    SUM(CASE WHEN audits_failed = 0 THEN input_grad_flops ELSE 0 END),
-                    SUM(CASE WHEN audits_failed = 0 THEN weight_grad_flops ELSE 0 END),
-                    SUM(CASE WHEN audits_failed = 0 THEN validation_flops ELSE 0 END),
-                    SUM(CASE WHEN audits_failed = 0 THEN allreduce_bytes ELSE 0 END),
+                &format!("WITH e AS (
+                    SELECT entries.*, {forfeited} AS forfeited
+                    FROM entries WHERE step BETWEEN ?1 AND ?2
+                 )
+                 SELECT identity,
+                    SUM(CASE WHEN audits_failed = 0 AND NOT forfeited THEN forward_flops ELSE 0 END),
+                    SUM(CASE WHEN audits_failed = 0 AND NOT forfeited
+                        THEN input_grad_flops ELSE 0 END),
+                    SUM(CASE WHEN audits_failed = 0 AND NOT forfeited
+                        THEN weight_grad_flops ELSE 0 END),
+                    SUM(CASE WHEN audits_failed = 0 AND NOT forfeited
+                        THEN validation_flops ELSE 0 END),
+                    SUM(CASE WHEN audits_failed = 0 AND NOT forfeited
+                        THEN allreduce_bytes ELSE 0 END),
                     COUNT(DISTINCT step), SUM(audits_passed), SUM(audits_failed),
                     SUM(tokens),
                     SUM(CASE WHEN micro_batches = '' THEN 0 ELSE
                         LENGTH(micro_batches) - LENGTH(REPLACE(micro_batches, ',', '')) + 1 END),
-                    GROUP_CONCAT(DISTINCT stage)
-                 FROM entries WHERE step BETWEEN ?1 AND ?2
-                 GROUP BY identity ORDER BY identity",
+                    GROUP_CONCAT(DISTINCT stage),
+                    SUM(forfeited)
+                 FROM e
+                 GROUP BY identity ORDER BY identity"),
             )
             .map_err(|e| self.err(e))?;
         let rows = q
@@ -781,6 +939,7 @@ impl Ledger {
                     tokens: r.get::<_, i64>(9)? as u64,
                     micro_batches: r.get::<_, i64>(10)? as u64,
                     stages: stages.split(',').filter_map(|s| s.parse().ok()).collect(),
+                    forfeited: r.get::<_, i64>(12)? as u64,
                 })
             })
             .map_err(|e| self.err(e))?;

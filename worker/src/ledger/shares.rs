@@ -11,7 +11,10 @@
 //! where F, I, W, V are the FLOPs of its entries in the window and B the
 //! bytes it sent in the replicas' all-reduce. An entry whose audit failed
 //! earns nothing, and an identity with a failed audit in the window
-//! forfeits the window's whole credit. An identity that booked work in
+//! forfeits the window's whole credit. A convicted (quarantined) identity
+//! forfeits its entries over the reward window that ended just before the
+//! step it was caught at (`Ledger::quarantine` records that range); in any
+//! window holding one of them it earns nothing and no share. An identity that booked work in
 //! fewer than `minParticipation` of the window's steps earns no share. The
 //! share is the credit over the sum of the eligible identities' credits.
 
@@ -20,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use pipewright_spec::RewardsSpec;
 use serde::Serialize;
 
-use super::Entry;
+use super::{Entry, Quarantined};
 
 /// One identity's sums over a window.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -49,6 +52,8 @@ pub struct Totals {
     pub micro_batches: u64,
     /// Stages served.
     pub stages: BTreeSet<usize>,
+    /// Entries forfeited by a conviction.
+    pub forfeited: u64,
 }
 
 /// One identity's standing.
@@ -74,6 +79,8 @@ pub struct Share {
     pub audits_passed: u64,
     /// Audits failed.
     pub audits_failed: u64,
+    /// Entries in the window forfeited by a conviction.
+    pub forfeited: u64,
     /// Its credit under the run's weights (0 when forfeited).
     pub credit: f64,
     /// Whether it participated enough and forfeited nothing.
@@ -93,8 +100,9 @@ pub fn window_of(last: u64, rewards: &RewardsSpec) -> (u64, u64) {
 }
 
 /// Sums the raw entries per identity (the independent path `verify`
-/// compares with SQLite's sums).
-pub fn totals_of(entries: &[Entry]) -> Vec<Totals> {
+/// compares with SQLite's sums); an entry inside a conviction's forfeited
+/// range earns nothing.
+pub fn totals_of(entries: &[Entry], convictions: &[Quarantined]) -> Vec<Totals> {
     let mut by: BTreeMap<&str, (Totals, BTreeSet<u64>)> = BTreeMap::new();
     for e in entries {
         let (t, steps) = by.entry(&e.identity).or_insert_with(|| {
@@ -106,7 +114,10 @@ pub fn totals_of(entries: &[Entry]) -> Vec<Totals> {
                 BTreeSet::new(),
             )
         });
-        if e.audits_failed == 0 {
+        let forfeited = convictions.iter().any(|q| q.forfeits(&e.identity, e.step));
+        if forfeited {
+            t.forfeited += 1;
+        } else if e.audits_failed == 0 {
             t.forward_flops += e.forward_flops;
             t.input_grad_flops += e.input_grad_flops;
             t.weight_grad_flops += e.weight_grad_flops;
@@ -140,8 +151,9 @@ pub fn shares(totals: &[Totals], window_steps: u64, rewards: &RewardsSpec) -> Ve
             } else {
                 t.steps as f64 / window_steps as f64
             };
-            let eligible = t.audits_failed == 0 && participation >= rewards.min_participation;
-            let credit = if t.audits_failed > 0 {
+            let clean = t.audits_failed == 0 && t.forfeited == 0;
+            let eligible = clean && participation >= rewards.min_participation;
+            let credit = if !clean {
                 0.0
             } else {
                 w.forward * t.forward_flops
@@ -164,6 +176,7 @@ pub fn shares(totals: &[Totals], window_steps: u64, rewards: &RewardsSpec) -> Ve
                 steps: t.steps,
                 audits_passed: t.audits_passed,
                 audits_failed: t.audits_failed,
+                forfeited: t.forfeited,
                 credit,
                 eligible,
                 share: 0.0,

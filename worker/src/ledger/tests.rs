@@ -73,7 +73,7 @@ fn shares_follow_verified_flops_and_sql_agrees_with_the_raw_pass() {
     }
     let rewards = RewardsSpec::default();
     let sql = l.totals(1, 4).unwrap();
-    let raw = shares::totals_of(&l.entries(1, 4).unwrap());
+    let raw = shares::totals_of(&l.entries(1, 4).unwrap(), &[]);
     assert_eq!(sql, raw);
     let s = shares(&sql, 4, &rewards);
     assert_eq!(s[0].identity, "fast");
@@ -136,4 +136,97 @@ fn a_ledger_of_another_run_is_refused() {
     let e = Ledger::open(&path, &[("run_id", "b".into())]).unwrap_err();
     assert!(e.to_string().contains("another run"), "{e}");
     assert!(Ledger::open_read(&dir.path().join("nope")).is_err());
+}
+
+fn conviction(identity: &str, step: u64) -> Conviction {
+    Conviction {
+        identity: identity.into(),
+        worker: 7,
+        stage: 0,
+        replica: 1,
+        step,
+        reason: "failed_audit".into(),
+        evidence: r#"{"mb":3}"#.into(),
+    }
+}
+
+#[test]
+fn a_conviction_forfeits_the_window_before_it_and_stands_once() {
+    let rewards = RewardsSpec {
+        window_steps: 3,
+        ..RewardsSpec::default()
+    };
+    let mut l = Ledger::in_memory(&[
+        ("run_id", "r".into()),
+        ("rewards", serde_json::to_string(&rewards).unwrap()),
+    ])
+    .expect("ledger");
+    for step in 1..=5 {
+        l.book(&booking(
+            step,
+            vec![
+                entry(step, 0, 0, "honest", &[0, 1]),
+                entry(step, 0, 1, "cheat", &[2, 3]),
+            ],
+        ))
+        .unwrap();
+    }
+    // Caught at step 6 (never booked): the window of steps 3..=5 is lost.
+    assert!(l.quarantine(&conviction("cheat", 6)).unwrap());
+    assert!(
+        !l.quarantine(&conviction("cheat", 9)).unwrap(),
+        "the first stands"
+    );
+    let q = l.quarantined().unwrap();
+    assert_eq!(q.len(), 1);
+    assert_eq!((q[0].forfeit_from, q[0].forfeit_to), (3, 5));
+    assert_eq!(q[0].conviction, conviction("cheat", 6));
+    assert!(q[0].forfeits("cheat", 3) && !q[0].forfeits("cheat", 2));
+    assert!(!q[0].forfeits("honest", 4));
+
+    // Over the window the cheat earns nothing; SQL and the raw pass agree.
+    let sql = l.totals(3, 5).unwrap();
+    let raw = shares::totals_of(&l.entries(3, 5).unwrap(), &q);
+    assert_eq!(sql, raw);
+    let s = shares(&sql, 3, &rewards);
+    let cheat = s.iter().find(|s| s.identity == "cheat").unwrap();
+    assert_eq!((cheat.credit, cheat.share, cheat.forfeited), (0.0, 0.0, 3));
+    assert!(!cheat.eligible);
+    let honest = s.iter().find(|s| s.identity == "honest").unwrap();
+    assert_eq!(honest.share, 1.0);
+
+    // Its work before the forfeited window still counts there.
+    let early = shares(&l.totals(1, 2).unwrap(), 2, &rewards);
+    let cheat = early.iter().find(|s| s.identity == "cheat").unwrap();
+    assert!((cheat.share - 0.5).abs() < 1e-12, "{early:?}");
+    assert_eq!(
+        l.totals(1, 2).unwrap(),
+        shares::totals_of(&l.entries(1, 2).unwrap(), &q)
+    );
+}
+
+#[test]
+fn a_conviction_before_any_booking_forfeits_nothing() {
+    let mut l = ledger();
+    assert!(l.quarantine(&conviction("early", 1)).unwrap());
+    let q = l.quarantined().unwrap();
+    assert_eq!((q[0].forfeit_from, q[0].forfeit_to), (1, 0));
+    assert!(!q[0].forfeits("early", 1));
+}
+
+#[test]
+fn convictions_survive_reopening_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(FILE);
+    {
+        let mut l = Ledger::open(&path, &[("run_id", "r".into())]).unwrap();
+        l.book(&booking(1, vec![entry(1, 0, 0, "x", &[0])]))
+            .unwrap();
+        l.quarantine(&conviction("x", 2)).unwrap();
+    }
+    let l = Ledger::open_read(&path).unwrap();
+    let q = l.quarantined().unwrap();
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].conviction.identity, "x");
+    assert_eq!((q[0].forfeit_from, q[0].forfeit_to), (1, 1));
 }

@@ -519,6 +519,27 @@ ok "failed $victim ($old_node) -> $new_pod ($new_node) Running after ${ms} ms"
 eventually 10 "the move of $victim recorded in status.reassignments" recorded "$victim"
 [[ $(moved_reason "$victim") == Evicted ]] || fail "$victim moved for $(moved_reason "$victim"), not Evicted"
 ok "status.reassignments records $victim (Evicted)"
+
+# A worker the coordinator quarantined exits with code 3 and a termination
+# message starting "quarantined:"; kwok runs no container, so the pod's
+# status says so here, as the kubelet would write it.
+read -r victim old_uid old_node _ <<<"$(shard_pod 1 1)"
+[[ -n $victim ]] || fail "no live pod for shard (1, 1)"
+k patch pod -n "$run_ns" "$victim" --subresource status --type merge -p '{"status":{"phase":"Failed",
+    "containerStatuses":[{"name":"worker","image":"pipewright","imageID":"","ready":false,"restartCount":0,
+    "state":{"terminated":{"exitCode":3,"reason":"Error",
+    "message":"quarantined: failed_audit at step 7 (stage 1, replica 1)"}}}]}}' >/dev/null
+eventually 10 "a Running replacement for quarantined pod $victim" replaced 1 1 "$old_uid"
+read -r new_pod _ new_node _ <<<"$(shard_pod 1 1)"
+eventually 10 "the move of $victim recorded in status.reassignments" recorded "$victim"
+[[ $(moved_reason "$victim") == FailedValidation ]] ||
+    fail "$victim moved for $(moved_reason "$victim"), not FailedValidation"
+quarantine_event() {
+    k get events -n "$run_ns" --field-selector "involvedObject.name=$run,reason=ShardQuarantined" \
+        -o jsonpath='{.items[*].message}' | grep -q "pod $victim failed validation: quarantined: failed_audit at step 7"
+}
+eventually 10 "a ShardQuarantined event naming $victim and its termination message" quarantine_event
+ok "quarantined $victim ($old_node) -> $new_pod ($new_node): FailedValidation in status.reassignments, a ShardQuarantined event"
 eventually 15 "run back to Running (is $(phase))" is_phase Running
 eventually 15 "$shards shard pods Running" count_pods "$sel" "$shards"
 

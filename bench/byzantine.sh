@@ -1,0 +1,372 @@
+#!/usr/bin/env bash
+# The Byzantine attack suite: how often, and how fast, the run's checks
+# (audits by recomputation, the chain of micro-batch hashes, parameter
+# digests, signatures) catch each attack drill, what they cost, and what the
+# attacks do to the loss.
+#
+# Trains bench/manifests/byzantine.yaml (2 stages × 3 replicas, one process
+# per shard, `--threads 1`, 40 steps, median aggregation with lanes, audits
+# at the default spec.validation.auditRate) under every attack of
+# `--byzantine` over SEEDS runs each: seed k sets spec.training.seed to k,
+# the attacked shard to stage k mod 2, replica k mod 3 (the colluding pair:
+# stage 0 and stage 1 of replica k mod 3, one lane) and the first attacked
+# step to 3 + (k mod 8). Then CLEAN clean runs: half through the launcher,
+# half started by hand (`pipewright coordinator` and one `pipewright
+# worker` per shard) with one worker on 2 kernel threads, since the
+# launcher gives every worker the same count; and SEEDS clean runs with
+# auditRate 0 for the audits' cost. Each run's verdicts come from its run
+# directory: the ledger's quarantined identities (`pipewright ledger
+# --json`), its refusals and sessions (ledger.sqlite), and summary.json.
+# An attack this build does not know is reported as such, not run.
+# Writes bench/results/byzantine.md.
+#
+# Usage: bench/byzantine.sh [--seeds N] [--clean N] [--quick] [--out FILE]
+#   --seeds N   runs per attack and without audits (default 10)
+#   --clean N   clean runs with audits (default 20)
+#   --quick     2 seeds, 2 clean runs, 20 steps: checks the harness
+# Environment: PIPEWRIGHT_BIN (a prebuilt binary; skips the build).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+seeds=10
+clean=20
+steps=""
+out="bench/results/byzantine.md"
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --seeds) seeds="$2"; shift 2 ;;
+        --clean) clean="$2"; shift 2 ;;
+        --quick) seeds=2; clean=2; steps=20; shift ;;
+        --out) out="$2"; shift 2 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+        *) echo "unknown option $1" >&2; exit 2 ;;
+    esac
+done
+[[ $seeds -ge 1 && $clean -ge 2 ]] || { echo "--seeds must be 1 or more, --clean 2 or more" >&2; exit 2; }
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+prepare
+commit="$(git rev-parse --short HEAD)"
+manifest=bench/manifests/byzantine.yaml
+results="$work/results.jsonl"
+: >"$results"
+per_run_limit=300
+
+# name|spec: SR stands for the seed's shard "S/R", R for its replica.
+attacks=(
+    "act-noise|SR=act-noise"
+    "act-scale|SR=act-scale"
+    "sign-flip|SR=sign-flip"
+    "scale|SR=scale"
+    "lazy-zeros|SR=lazy-zeros"
+    "lazy-replay|SR=lazy-replay"
+    "stale|SR=stale"
+    "forge|SR=forge"
+    "lie|SR=lie"
+    "collude|0/R=act-noise 1/R=act-noise"
+)
+
+# known ATTACK: whether this binary parses `--byzantine 0/0=ATTACK`.
+known() {
+    local err
+    err="$("$PIPEWRIGHT_BIN" train --processes --byzantine "0/0=$1" "$work/no-such-manifest.yaml" 2>&1 || true)"
+    ! grep -q -- "--byzantine" <<<"$err"
+}
+
+# manifest_for SEED AUDIT_RATE: the bench manifest with that seed (and that
+# audit rate unless empty), as a file path.
+manifest_for() {
+    local file="$work/m-$1-${2:-default}.yaml"
+    sed "s/seed: 1,/seed: $1,/" "$manifest" >"$file"
+    [[ -n $steps ]] && sed -i "s/steps: 40,/steps: $steps,/" "$file"
+    [[ -n $2 ]] && printf '  validation: {auditRate: %s}\n' "$2" >>"$file"
+    echo "$file"
+}
+
+# record RUN_DIR KIND NAME SEED START RC MILLISECONDS SHARDS: one JSON line of
+# what the run directory says, appended to $results; the directory is then
+# removed (checkpoints add up).
+record() {
+    python3 - "$@" "$PIPEWRIGHT_BIN" >>"$results" <<'PY'
+import json, os, re, sqlite3, subprocess, sys
+run, kind, name, seed, start, rc, seconds, shards, exe = sys.argv[1:10]
+row = {"kind": kind, "name": name, "seed": int(seed), "start": int(start), "rc": int(rc),
+       "seconds": int(seconds) / 1e3,
+       "shards": [[int(x) for x in s.split("/")] for s in shards.split()],
+       "quarantined": [], "refusals": [], "losses": [], "audits": [0, 0]}
+summary = os.path.join(run, "summary.json")
+if os.path.exists(summary):
+    s = json.load(open(summary))
+    row["step_seconds"] = s.get("step_seconds_measured")
+    row["final_loss"] = s.get("final_loss")
+db = os.path.join(run, "ledger.sqlite")
+if os.path.exists(db):
+    out = subprocess.run([exe, "ledger", run, "--json"], capture_output=True, text=True)
+    if out.returncode == 0:
+        for q in json.loads(out.stdout).get("quarantined", []):
+            c = q.get("conviction", q)
+            row["quarantined"].append({"stage": c["stage"], "replica": c["replica"],
+                                       "step": c["step"], "reason": c["reason"]})
+    else:
+        row["ledger_error"] = out.stderr.strip()[-300:]
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    shard_of = {w: (s, r) for w, s, r in con.execute("SELECT worker, stage, replica FROM sessions")}
+    by_identity = {i: (s, r) for i, s, r in con.execute("SELECT identity, stage, replica FROM sessions")}
+    if "refusals" in tables:
+        for worker, identity, reason, detail in con.execute(
+                "SELECT worker, identity, reason, detail FROM refusals ORDER BY id"):
+            shard = shard_of.get(worker) or by_identity.get(identity)
+            m = re.search(r"\bsteps? (\d+)", detail)
+            row["refusals"].append({"shard": list(shard) if shard else None, "reason": reason,
+                                    "step": int(m.group(1)) if m else None, "detail": detail[:200]})
+    row["losses"] = [l for (l,) in con.execute("SELECT loss FROM steps ORDER BY step")]
+    cols = {r[1] for r in con.execute("PRAGMA table_info(entries)")}
+    if {"audits_passed", "audits_failed"} <= cols:
+        p, f = con.execute("SELECT COALESCE(SUM(audits_passed), 0), COALESCE(SUM(audits_failed), 0) "
+                           "FROM entries").fetchone()
+        row["audits"] = [p, f]
+if row.get("final_loss") is None and row["losses"]:
+    row["final_loss"] = row["losses"][-1]
+print(json.dumps(row))
+PY
+    rm -rf "$1"
+}
+
+# launched RUN_DIR MANIFEST ARGS...: a run through `train --processes`;
+# prints its exit code and milliseconds.
+launched() {
+    local run="$1" man="$2" rc=0 t0
+    shift 2
+    t0=$(date +%s%N)
+    timeout "$per_run_limit" "$PIPEWRIGHT_BIN" train --processes --quiet --threads 1 "$@" \
+        --out "$run" "$man" >"$run.out" 2>"$run.err" || rc=$?
+    echo "$rc $((($(date +%s%N) - t0) / 1000000))"
+}
+
+# by_hand RUN_DIR MANIFEST STAGE REPLICA: a run whose coordinator and six
+# workers this script starts, worker (STAGE, REPLICA) on 2 kernel threads
+# and the others on 1; prints the coordinator's exit code and milliseconds.
+by_hand() {
+    local run="$1" man="$2" odd="$3/$4" rc=0 t0 url="" token s r threads
+    local pids=()
+    mkdir -p "$run/identities"
+    token="$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+    t0=$(date +%s%N)
+    PIPEWRIGHT_JOIN_TOKEN="$token" timeout "$per_run_limit" "$PIPEWRIGHT_BIN" coordinator "$man" \
+        --listen 127.0.0.1:0 --out "$run" 2>"$run.err" &
+    local coordinator=$!
+    for _ in $(seq 200); do
+        url="$(grep -o 'listening on http://[0-9.:]*' "$run.err" | head -1 | cut -d' ' -f3 || true)"
+        [[ -n $url ]] && break
+        sleep 0.05
+    done
+    [[ -n $url ]] || { kill "$coordinator" 2>/dev/null; wait "$coordinator" || true; echo "99 $((($(date +%s%N) - t0) / 1000000))"; return; }
+    for s in 0 1; do
+        for r in 0 1 2; do
+            threads=1
+            [[ "$s/$r" == "$odd" ]] && threads=2
+            PIPEWRIGHT_JOIN_TOKEN="$token" timeout "$per_run_limit" "$PIPEWRIGHT_BIN" worker "$man" \
+                --coordinator "$url" --stage "$s" --replica "$r" --threads "$threads" \
+                --identity "$run/identities/stage-$s-replica-$r" >/dev/null 2>"$run.w$s$r.err" &
+            pids+=($!)
+        done
+    done
+    wait "$coordinator" || rc=$?
+    for p in "${pids[@]}"; do wait "$p" || true; done
+    echo "$rc $((($(date +%s%N) - t0) / 1000000))"
+}
+
+load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
+started=$(date +%s)
+missing=()
+for entry in "${attacks[@]}"; do
+    name="${entry%%|*}"
+    spec="${entry#*|}"
+    wanted=()
+    for one in $spec; do wanted+=("${one#*=}"); done
+    absent=""
+    for a in "${wanted[@]}"; do known "$a" || absent="$a"; done
+    if [[ -n $absent ]]; then
+        echo "attack $name: this build has no '$absent' attack; skipped" >&2
+        missing+=("$name")
+        continue
+    fi
+    for k in $(seq 1 "$seeds"); do
+        stage=$((k % 2)) replica=$((k % 3)) start=$((3 + k % 8))
+        args=() shards=""
+        for one in $spec; do
+            shard="${one%%=*}" attack="${one#*=}"
+            shard="${shard/SR/$stage/$replica}"
+            shard="${shard/R/$replica}"
+            args+=(--byzantine "$shard=$attack@$start")
+            shards+="$shard "
+        done
+        run="$work/$name-$k"
+        read -r rc secs < <(launched "$run" "$(manifest_for "$k" "")" "${args[@]}")
+        record "$run" attack "$name" "$k" "$start" "$rc" "$secs" "$shards"
+        echo "$name seed $k (${args[*]}): exit $rc, $((secs / 1000)) s" >&2
+    done
+done
+# Clean runs, seed by seed: with audits through the launcher, with audits
+# and one worker on 2 threads, and without audits; interleaved, so that a
+# change of the machine's load falls on all three alike.
+half=$(((clean + 1) / 2))
+for k in $(seq 1 $((half > seeds ? half : seeds))); do
+    if ((k <= half)); then
+        run="$work/clean-$k"
+        read -r rc secs < <(launched "$run" "$(manifest_for "$k" "")")
+        record "$run" clean uniform "$k" 0 "$rc" "$secs" ""
+        echo "clean run, seed $k: exit $rc, $((secs / 1000)) s" >&2
+    fi
+    if ((k <= clean / 2)); then
+        run="$work/mixed-$k"
+        read -r rc secs < <(by_hand "$run" "$(manifest_for "$k" "")" $((k % 2)) $((k % 3)))
+        record "$run" clean mixed "$k" 0 "$rc" "$secs" "$((k % 2))/$((k % 3))"
+        echo "clean run, seed $k, worker $((k % 2))/$((k % 3)) on 2 threads: exit $rc, $((secs / 1000)) s" >&2
+    fi
+    if ((k <= seeds)); then
+        run="$work/noaudit-$k"
+        read -r rc secs < <(launched "$run" "$(manifest_for "$k" 0)")
+        record "$run" noaudit uniform "$k" 0 "$rc" "$secs" ""
+        echo "clean run without audits, seed $k: exit $rc, $((secs / 1000)) s" >&2
+    fi
+done
+load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
+elapsed=$(($(date +%s) - started))
+cp "$results" "${out%.md}.jsonl"
+python3 - "$results" "$(machine)" "$commit" "$load_before" "$load_after" "$elapsed" \
+    "${steps:-40}" "${missing[*]:-}" >"$out" <<'PY'
+import json, statistics, sys
+path, machine, commit, before, after, elapsed, steps, missing = sys.argv[1:9]
+rows = [json.loads(l) for l in open(path)]
+order = ["act-noise", "act-scale", "sign-flip", "scale", "lazy-zeros", "lazy-replay", "stale",
+         "forge", "lie", "collude"]
+def med(xs):
+    return statistics.median(xs) if xs else None
+def fmt(x, spec="{:.0f}", none="–"):
+    return none if x is None else spec.format(x)
+
+def verdicts(r):
+    """What names each shard of the run: (shard, step, how) per quarantine or refusal."""
+    out = [((q["stage"], q["replica"]), q["step"], "quarantined: " + q["reason"]) for q in r["quarantined"]]
+    out += [(tuple(f["shard"]) if f["shard"] else None, f["step"], "refused: " + f["reason"])
+            for f in r["refusals"]]
+    return out
+
+clean = {(r["kind"], r["name"], r["seed"]): r for r in rows if r["kind"] in ("clean", "noaudit")}
+print("# The Byzantine attack suite: detection, cost and damage")
+print()
+print(f"`bench/byzantine.sh`: `bench/manifests/byzantine.yaml`, 2 stages × 3 replicas of a 4-layer model")
+print(f"(`dim: 128`), one process per shard (`--threads 1`), 4 micro-batches of 4 × 64 tokens per")
+print(f"replica per step, {steps} steps, `aggregation: median` with `routing: lanes`, audits at the default")
+print("`spec.validation.auditRate` (0.25). Seed k: `spec.training.seed` k, the attacker at stage")
+print("k mod 2, replica k mod 3, attacking from step 3 + (k mod 8) on (`--byzantine S/R=ATTACK@STEP`);")
+print("`collude` is `act-noise` on stage 0 and stage 1 of replica k mod 3 (one lane: the second")
+print("attacker receives the first's output).")
+print()
+print("Detected: the ledger quarantined an attacker's identity, or refused a report naming an")
+print("attacker's worker (a bad signature, an overturned verdict for `lie`, an outvoted parameters'")
+print("digest, a failed audit). Steps to detection: attacked steps up to the detecting one, 1 = the")
+print("first attacked step. Honest convicted: an honest shard quarantined or refused in an attack")
+print("run. Loss: the run's last loss minus the clean run's of the same seed (the launcher's clean")
+print("run with audits), median over seeds.")
+print()
+print("| attack | runs | detected | median steps | worst steps | how (runs) | honest convicted | runs not ended | Δ loss vs clean |")
+print("|---|---:|---:|---:|---:|---|---:|---:|---:|")
+undetected = []
+for name in order:
+    rs = [r for r in rows if r["kind"] == "attack" and r["name"] == name]
+    if not rs:
+        continue
+    det, how, honest, deltas = [], {}, 0, []
+    for r in rs:
+        attackers = {tuple(s) for s in r["shards"]}
+        named = verdicts(r)
+        hits = [(step, h) for shard, step, h in named if shard in attackers]
+        if any(shard not in attackers for shard, _, _ in named):
+            honest += 1
+        if hits:
+            first = [s for s, _ in hits if s is not None]
+            det.append(min(first) - r["start"] + 1 if first else None)
+            for h in sorted({h for _, h in hits}):
+                how[h] = how.get(h, 0) + 1
+        c = clean.get(("clean", "uniform", r["seed"]))
+        if c and c.get("final_loss") is not None and r.get("final_loss") is not None:
+            deltas.append(r["final_loss"] - c["final_loss"])
+    steps_known = [d for d in det if d is not None]
+    failed = sum(1 for r in rs if r["rc"] != 0)
+    if len(det) < len(rs):
+        undetected.append((name, len(rs) - len(det), len(rs), med(deltas)))
+    print(f"| {name} | {len(rs)} | {len(det)}/{len(rs)} ({100 * len(det) / len(rs):.0f}%) | "
+          f"{fmt(med(steps_known), '{:g}')} | {fmt(max(steps_known) if steps_known else None)} | "
+          f"{'; '.join(f'{h} ({n})' for h, n in sorted(how.items())) or '–'} | {honest} | {failed} | "
+          f"{fmt(med(deltas), '{:+.3f}')} |")
+if missing.strip():
+    print()
+    print(f"Not run, unknown to this build: {', '.join(missing.split())}.")
+print()
+cl = [r for r in rows if r["kind"] == "clean"]
+fp = [r for r in cl if r["quarantined"] or r["refusals"] or r["audits"][1] > 0]
+audits = sum(r["audits"][0] + r["audits"][1] for r in cl)
+print(f"## Clean runs")
+print()
+uni = [r for r in cl if r["name"] == "uniform"]
+mix = [r for r in cl if r["name"] == "mixed"]
+print(f"{len(cl)} clean runs with audits: {len(uni)} through the launcher (every worker on 1 kernel")
+print(f"thread), {len(mix)} started by hand with one worker (stage seed mod 2, replica seed mod 3) on 2")
+print(f"threads. False positives (a quarantine, a refusal or a failed audit): {len(fp)} of {len(cl)} runs;")
+print(f"{sum(r['audits'][1] for r in cl)} failed of {audits} audits booked in all.")
+for r in fp:
+    why = [q["reason"] for q in r["quarantined"]] + [f["reason"] for f in r["refusals"]]
+    print(f"- seed {r['seed']} ({r['name']}): {', '.join(why) or 'failed audits'}; "
+          f"{r['refusals'][0]['detail'] if r['refusals'] else ''}")
+same = []
+for r in mix:
+    u = clean.get(("clean", "uniform", r["seed"]))
+    if u and u["losses"] and r["losses"]:
+        same.append(u["losses"] == r["losses"])
+if same:
+    print(f"Losses of every step bit for bit equal to the launcher's run of the same seed: "
+          f"{sum(same)} of {len(same)} runs with a worker on 2 threads.")
+not_ended = [r for r in cl if r["rc"] != 0]
+if not_ended:
+    ended = ", ".join("seed %d (%s, exit %d)" % (r["seed"], r["name"], r["rc"]) for r in not_ended)
+    print(f"Clean runs that did not end well: {ended}.")
+print()
+print("## Cost of the audits")
+print()
+na = [r for r in rows if r["kind"] == "noaudit" and r.get("step_seconds")]
+wa = [r for r in uni if r.get("step_seconds")]
+if na and wa:
+    a, b = med([r["step_seconds"] for r in wa]), med([r["step_seconds"] for r in na])
+    print(f"Median step time (the slowest worker's mean wall time per step, the first step left out):")
+    print(f"{a * 1e3:.1f} ms with audits ({len(wa)} runs), {b * 1e3:.1f} ms with `auditRate: 0` ({len(na)} runs):")
+    print(f"{100 * (a - b) / b:+.1f}% for the audits.", end=" ")
+    by_seed = {r["seed"]: r["step_seconds"] for r in na}
+    ratios = [r["step_seconds"] / by_seed[r["seed"]] - 1 for r in wa if r["seed"] in by_seed]
+    if ratios:
+        print(f"Seed by seed (the runs of a seed follow each other): median "
+              f"{100 * med(ratios):+.1f}%, from {100 * min(ratios):+.1f}% to {100 * max(ratios):+.1f}%.")
+    else:
+        print()
+    equal = [clean.get(("clean", "uniform", r["seed"])) for r in na]
+    eq = [u["losses"] == r["losses"] for u, r in zip(equal, na) if u and u["losses"] and r["losses"]]
+    if eq:
+        print(f"Losses with and without audits bit for bit equal: {sum(eq)} of {len(eq)} seeds (an audit")
+        print("changes nothing of the validator's state).")
+print()
+print("## Mitigated or not caught")
+print()
+if undetected:
+    for name, n, total, delta in undetected:
+        print(f"- `{name}`: undetected in {n} of {total} runs; median Δ loss vs clean {fmt(delta, '{:+.3f}')}.")
+else:
+    print("Every attack run was detected.")
+print()
+print(machine)
+print(f"Commit {commit}. Load average (1, 5, 15 min): {before} before, {after} after; "
+      f"{int(elapsed) // 60} min {int(elapsed) % 60} s in all. Per-run records: "
+      f"`{path.rsplit('/', 1)[-1]}` copied beside this file.")
+PY
+cat "$out"

@@ -129,7 +129,7 @@ fn check_drills(opts: &LaunchOptions<'_>, stages: usize, replicas: usize) -> Res
         if s >= stages || r >= replicas {
             bail!("--byzantine {s}/{r} is outside the {stages} × {replicas} layout");
         }
-        if !a.kind.on_gradients() && stages < 2 {
+        if a.kind.on_pipeline() && stages < 2 {
             bail!("--byzantine {s}/{r}={a}: a pipeline of one stage sends no activations");
         }
         eprintln!("drill: stage {s} replica {r} attacks with {a}");

@@ -1,6 +1,7 @@
 //! Attack drills: a shard that lies on purpose, so the run's defences
-//! (robust aggregation, the checks on received tensors) can be seen at
-//! work (`pipewright train --processes --byzantine STAGE/REPLICA=ATTACK[@STEP]`).
+//! (robust aggregation, the checks on received tensors, the parameters'
+//! digests, audits by recomputation) can be seen at work
+//! (`pipewright train --processes --byzantine STAGE/REPLICA=ATTACK[@STEP]`).
 //!
 //! Gradient attacks change the contribution this shard hands to the
 //! replicas' aggregation, bucket by bucket (`sign-flip` negates it,
@@ -8,7 +9,21 @@
 //! noise as large as the contribution itself); `nan` poisons every tensor it
 //! sends on the pipeline (activations forward, activation gradients
 //! backward); `stale` skips its optimizer update, so its weights fall
-//! behind its replicas' (the coordinator's digest check catches it). An attack starts at step `STEP` (1-based, default 1) and is
+//! behind its replicas' (the coordinator's digest check catches it).
+//!
+//! Pipeline attacks change what the shard sends its neighbouring stages
+//! while it commits honestly to the hashes of what it sent, so only an
+//! audit by recomputation catches them: `act-noise` adds Gaussian noise as
+//! large as the tensor to every activation it sends forward and every
+//! activation gradient it sends back, `act-scale` multiplies them by 100,
+//! `lazy-zeros` sends zeros in place of its forward outputs (the last
+//! stage, which sends none, in place of its activation gradients), and
+//! `lazy-replay` sends the previous step's output of the same micro-batch
+//! again (zeros where it has none). `forge` signs its step reports with a
+//! key that is not its registered identity's, `lie` reports, as an
+//! auditor, hashes that are not the ones it computed.
+//!
+//! An attack starts at step `STEP` (1-based, default 1) and is
 //! made at most once per step number: a step trained again after its
 //! epoch broke off (a receiver refused what it sent) is trained honestly,
 //! so a drill always ends.
@@ -31,6 +46,25 @@ pub enum AttackKind {
     /// Skips its optimizer update, so its weights stay behind its
     /// replicas' (stale weights); it reports the step as done.
     Stale,
+    /// Adds Gaussian noise, whose expected norm is the tensor's own, to
+    /// every activation it sends forward and activation gradient it sends
+    /// back.
+    ActNoise,
+    /// Multiplies every activation it sends forward and activation
+    /// gradient it sends back by [`SCALE`].
+    ActScale,
+    /// Sends zeros in place of its forward outputs (the last stage: of its
+    /// activation gradients).
+    LazyZeros,
+    /// Sends the previous step's forward output of the same micro-batch
+    /// again (the last stage: its activation gradient; zeros where it has
+    /// none).
+    LazyReplay,
+    /// Signs its step reports with a key that is not its registered
+    /// identity's.
+    Forge,
+    /// As an auditor, reports hashes that are not the ones it computed.
+    Lie,
 }
 
 /// The environment variable that hands a worker process its drill attack
@@ -58,8 +92,40 @@ pub fn parse_shard_attack(s: &str) -> Result<(usize, usize, Attack), String> {
     Ok((stage, replica, attack.trim().parse()?))
 }
 
-/// The factor of the `scale` attack when none is given.
+/// The factor of the `scale` attack when none is given, and of
+/// `act-scale`.
 pub const SCALE: f32 = 100.0;
+
+/// Every attack, `scale` with its default factor.
+const ALL: [AttackKind; 11] = [
+    AttackKind::SignFlip,
+    AttackKind::Scale(SCALE),
+    AttackKind::Noise,
+    AttackKind::Nan,
+    AttackKind::Stale,
+    AttackKind::ActNoise,
+    AttackKind::ActScale,
+    AttackKind::LazyZeros,
+    AttackKind::LazyReplay,
+    AttackKind::Forge,
+    AttackKind::Lie,
+];
+
+/// The attacks' names on the command line (`scale:F` too).
+pub const NAMES: [&str; 12] = [
+    "sign-flip",
+    "scale",
+    "scale:F",
+    "noise",
+    "nan",
+    "stale",
+    "act-noise",
+    "act-scale",
+    "lazy-zeros",
+    "lazy-replay",
+    "forge",
+    "lie",
+];
 
 impl AttackKind {
     /// The name the command line uses.
@@ -70,14 +136,34 @@ impl AttackKind {
             AttackKind::Noise => "noise",
             AttackKind::Nan => "nan",
             AttackKind::Stale => "stale",
+            AttackKind::ActNoise => "act-noise",
+            AttackKind::ActScale => "act-scale",
+            AttackKind::LazyZeros => "lazy-zeros",
+            AttackKind::LazyReplay => "lazy-replay",
+            AttackKind::Forge => "forge",
+            AttackKind::Lie => "lie",
         }
     }
 
-    /// Whether it acts on this shard's own step (its gradient
-    /// contribution, or for `stale` its update) rather than on what
-    /// travels on the pipeline.
+    /// Whether it changes this shard's gradient contribution.
     pub fn on_gradients(self) -> bool {
-        !matches!(self, AttackKind::Nan)
+        matches!(
+            self,
+            AttackKind::SignFlip | AttackKind::Scale(_) | AttackKind::Noise
+        )
+    }
+
+    /// Whether it changes what this shard sends its neighbouring stages
+    /// (which a pipeline of one stage does not have).
+    pub fn on_pipeline(self) -> bool {
+        matches!(
+            self,
+            AttackKind::Nan
+                | AttackKind::ActNoise
+                | AttackKind::ActScale
+                | AttackKind::LazyZeros
+                | AttackKind::LazyReplay
+        )
     }
 }
 
@@ -104,8 +190,8 @@ impl fmt::Display for Attack {
 impl FromStr for Attack {
     type Err = String;
 
-    /// `ATTACK[@STEP]`: `sign-flip`, `scale`, `scale:F`, `noise`, `nan` or `stale`, from step
-    /// `STEP` (at least 1; default 1).
+    /// `ATTACK[@STEP]`: one of [`NAMES`] (`scale:F` with a factor), from
+    /// step `STEP` (at least 1; default 1).
     fn from_str(s: &str) -> Result<Self, String> {
         let (name, from) = match s.split_once('@') {
             Some((n, st)) => (
@@ -124,17 +210,11 @@ impl FromStr for Attack {
                     .filter(|x| x.is_finite())
                     .ok_or_else(|| format!("the scale factor must be a number, got {f:?}"))?,
             ),
-            _ => [
-                AttackKind::SignFlip,
-                AttackKind::Scale(SCALE),
-                AttackKind::Noise,
-                AttackKind::Nan,
-                AttackKind::Stale,
-            ]
-            .into_iter()
-            .find(|k| k.name() == name)
-            .ok_or_else(|| {
-                format!("unknown attack {name:?}: expected sign-flip, scale, scale:F, noise, nan or stale")
+            _ => ALL.into_iter().find(|k| k.name() == name).ok_or_else(|| {
+                format!(
+                    "unknown attack {name:?}: expected one of {}",
+                    NAMES.join(", ")
+                )
             })?,
         };
         Ok(Attack {
@@ -161,7 +241,40 @@ pub fn corrupt_gradient(kind: AttackKind, data: &mut [f32], seed: u64) {
                 *x += sigma * gaussian(&mut state);
             }
         }
-        AttackKind::Nan | AttackKind::Stale => {}
+        _ => {}
+    }
+}
+
+/// What a pipeline attack sends in place of `data`, a tensor this shard
+/// sends a neighbour (`forward`: an activation; else an activation
+/// gradient); `previous` is the tensor it computed for the same
+/// micro-batch in the previous step, if it kept one. `None`: it sends
+/// `data` as it is.
+pub fn tamper(
+    kind: AttackKind,
+    data: &[f32],
+    forward: bool,
+    last: bool,
+    previous: Option<&[f32]>,
+    seed: u64,
+) -> Option<Vec<f32>> {
+    // The lazy attacks fake the forward output; the last stage has none
+    // to send, so it fakes its activation gradient.
+    let lazy = forward != last;
+    match kind {
+        AttackKind::Nan => Some(vec![f32::NAN; data.len()]),
+        AttackKind::ActNoise => {
+            let mut x = data.to_vec();
+            corrupt_gradient(AttackKind::Noise, &mut x, seed);
+            Some(x)
+        }
+        AttackKind::ActScale => Some(data.iter().map(|x| x * SCALE).collect()),
+        AttackKind::LazyZeros if lazy => Some(vec![0.0; data.len()]),
+        AttackKind::LazyReplay if lazy => Some(match previous {
+            Some(p) if p.len() == data.len() => p.to_vec(),
+            _ => vec![0.0; data.len()],
+        }),
+        _ => None,
     }
 }
 
@@ -219,7 +332,20 @@ mod tests {
                 from_step: 3
             })
         );
-        assert!(AttackKind::Stale.on_gradients(), "a one-stage drill");
+        assert!(!AttackKind::Stale.on_pipeline(), "a one-stage drill");
+        for name in NAMES.iter().filter(|n| **n != "scale:F") {
+            let a: Attack = name.parse().expect(name);
+            assert_eq!(a.kind.name(), *name);
+            assert_eq!(a.to_string(), format!("{name}@1"));
+        }
+        assert_eq!(
+            "lazy-replay@2".parse::<Attack>(),
+            Ok(Attack {
+                kind: AttackKind::LazyReplay,
+                from_step: 2
+            })
+        );
+        assert!("lazy".parse::<Attack>().is_err());
         assert_eq!(
             parse_shard_attack("1/2=noise@4"),
             Ok((
@@ -253,5 +379,45 @@ mod tests {
         let mut again = big.clone();
         corrupt_gradient(AttackKind::Noise, &mut again, 42);
         assert_eq!(x, again, "the same seed draws the same noise");
+    }
+
+    #[test]
+    fn pipeline_attacks_change_what_is_sent_and_only_that() {
+        let h: Vec<f32> = (0..4096).map(|i| ((i % 11) as f32 - 5.0) * 0.1).collect();
+        let prev = vec![0.5f32; h.len()];
+        let fwd = |k| tamper(k, &h, true, false, Some(&prev), 7);
+        assert!(fwd(AttackKind::Nan).unwrap().iter().all(|x| x.is_nan()));
+        assert_eq!(fwd(AttackKind::ActScale).unwrap()[1], h[1] * SCALE);
+        let noisy = fwd(AttackKind::ActNoise).unwrap();
+        let noise: Vec<f32> = noisy.iter().zip(&h).map(|(a, b)| a - b).collect();
+        let ratio = crate::sync::aggregate::norm(&noise) / crate::sync::aggregate::norm(&h);
+        assert!((ratio - 1.0).abs() < 0.1, "noise norm ratio {ratio}");
+        assert_eq!(fwd(AttackKind::LazyZeros), Some(vec![0.0; h.len()]));
+        assert_eq!(fwd(AttackKind::LazyReplay), Some(prev.clone()));
+        // Nothing kept from the step before: zeros.
+        assert_eq!(
+            tamper(AttackKind::LazyReplay, &h, true, false, None, 7),
+            Some(vec![0.0; h.len()])
+        );
+        // The lazy attacks fake forward outputs only, except on the last
+        // stage, which fakes its gradients.
+        assert_eq!(
+            tamper(AttackKind::LazyZeros, &h, false, false, None, 7),
+            None
+        );
+        assert_eq!(
+            tamper(AttackKind::LazyZeros, &h, false, true, None, 7),
+            Some(vec![0.0; h.len()])
+        );
+        assert!(tamper(AttackKind::ActScale, &h, false, false, None, 7).is_some());
+        for k in [
+            AttackKind::SignFlip,
+            AttackKind::Noise,
+            AttackKind::Stale,
+            AttackKind::Forge,
+            AttackKind::Lie,
+        ] {
+            assert_eq!(fwd(k), None, "{k:?}");
+        }
     }
 }

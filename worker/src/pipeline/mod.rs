@@ -33,6 +33,7 @@
 //! layout in tests, the coordinator in a run.
 
 pub mod attack;
+pub mod audit;
 pub mod route;
 mod wire;
 
@@ -58,6 +59,7 @@ use crate::sync::{screen_tensor, BucketedAllReduce, Reduce, RingConfig, RingErro
 use crate::telemetry::span;
 
 pub use attack::{Attack, AttackKind};
+pub use audit::Evidence;
 pub use route::Route;
 use wire::{decode_f32, decode_scalar, decode_targets, Inbox, Sender, TIE_SLOT};
 
@@ -105,6 +107,10 @@ pub enum PipelineError {
         /// The counted reason (`non_finite`, `absurd_norm`).
         reason: &'static str,
     },
+    /// An audit could not be done (the evidence is malformed or does not
+    /// fit, or this worker does not hold the step's weights).
+    #[error("audit: {0}")]
+    Audit(String),
     /// The loss stopped being a number.
     #[error("loss is {loss} at step {step}: training diverged")]
     Diverged {
@@ -368,6 +374,19 @@ pub struct StageWorker {
     /// Of each micro-batch this worker ran in the current step: the hashes
     /// of its forward input, forward output and input gradient.
     outputs: std::collections::BTreeMap<u64, MicroBatchHashes>,
+    /// Keep what each micro-batch of the current step received, for audits.
+    retain: bool,
+    /// Of each micro-batch of the current step: the payloads received
+    /// (kept when `retain`).
+    evidence: std::collections::BTreeMap<u64, Evidence>,
+    /// The loss scale of the current step's micro-batches.
+    scale: f32,
+    /// Under `lazy-replay`: the tensor computed for each micro-batch in the
+    /// previous step (`.0`) and in the current one (`.1`).
+    replay: (
+        std::collections::HashMap<u64, Vec<f32>>,
+        std::collections::HashMap<u64, Vec<f32>>,
+    ),
 }
 
 /// What a worker commits to for one micro-batch of a step: the BLAKE3
@@ -561,6 +580,10 @@ impl StageWorker {
             attacking: None,
             inputs: std::collections::HashMap::new(),
             outputs: std::collections::BTreeMap::new(),
+            retain: false,
+            evidence: std::collections::BTreeMap::new(),
+            scale: 1.0 / micro_batches.max(1) as f32,
+            replay: Default::default(),
         })
     }
 
@@ -801,9 +824,28 @@ impl StageWorker {
         Some((kind, seed))
     }
 
-    /// Under the `nan` drill, the NaN tensor sent in place of `data`.
-    fn poisoned(&self, data: &[f32]) -> Option<Vec<f32>> {
-        (self.attacking == Some(AttackKind::Nan)).then(|| vec![f32::NAN; data.len()])
+    /// Under a pipeline drill, the tensor sent in place of `data`, which
+    /// this worker computed for `mb` (`forward`: its activation; else its
+    /// activation gradient). Under `lazy-replay` it keeps `data` for the
+    /// next step.
+    fn tampered(&mut self, data: &[f32], mb: u64, forward: bool) -> Option<Vec<f32>> {
+        let kind = self.attack?.kind;
+        if kind == AttackKind::LazyReplay && forward != self.is_last() {
+            self.replay.1.insert(mb, data.to_vec());
+        }
+        let kind = self.attacking.filter(|k| k.on_pipeline())?;
+        let seed = self.seed
+            ^ self.step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ mb.wrapping_mul(0xD1B5_4A32_D192_ED03)
+            ^ ((forward as u64) << 63);
+        let previous = self.replay.0.get(&mb).map(Vec::as_slice);
+        attack::tamper(kind, data, forward, self.is_last(), previous, seed)
+    }
+
+    /// The attack this worker makes in its current step, if any (set when
+    /// the step starts; a step trained again is trained honestly).
+    pub fn attack_now(&self) -> Option<AttackKind> {
+        self.attacking
     }
 
     /// Counts the compute that began at `t` as busy time, first stretching
@@ -1077,6 +1119,12 @@ impl StageWorker {
         let mut loss_sum = 0.0f64;
         self.busy = Duration::ZERO;
         self.outputs.clear();
+        self.evidence.clear();
+        self.scale = scale;
+        let kept = std::mem::take(&mut self.replay.1);
+        if !kept.is_empty() {
+            self.replay.0 = kept;
+        }
         self.attacking = match self.attack {
             Some(a) if step + 1 >= a.from_step && self.attacked.is_none_or(|t| step > t) => {
                 self.attacked = Some(step);
@@ -1205,13 +1253,14 @@ impl StageWorker {
             let a = prev.take(FrameKind::Activation, step, mb, timeout)?;
             let hidden = decode_f32(&a, rows * seq, width_in, codec)?;
             screened(prev, &hidden, FrameKind::Activation, step, mb)?;
-            (
-                None,
-                Some(hidden),
-                targets,
-                a.content_hash(),
-                t.content_hash(),
-            )
+            let hashes = (a.content_hash(), t.content_hash());
+            if self.retain {
+                // The bytes as they arrived, whose hashes are committed.
+                let e = self.evidence.entry(mb).or_default();
+                e.input = Some(a.payload);
+                e.targets = Some(t.payload);
+            }
+            (None, Some(hidden), targets, hashes.0, hashes.1)
         };
         // Each output names the input it was computed from, so a validator
         // can bind a result to its input and its author.
@@ -1238,7 +1287,7 @@ impl StageWorker {
                 let targets = self
                     .sender
                     .targets(step, mb, &targets, rows, seq, targets_hash)?;
-                let poisoned = self.poisoned(&h);
+                let poisoned = self.tampered(&h, mb, true);
                 let mut activation = self.sender.matrix(
                     step,
                     mb,
@@ -1279,13 +1328,17 @@ impl StageWorker {
             let f = next.take(FrameKind::Gradient, step, mb, timeout)?;
             let grad = decode_f32(&f, rows, width_out, codec)?;
             screened(next, &grad, FrameKind::Gradient, step, mb)?;
-            (Some(grad), f.content_hash())
+            let hash = f.content_hash();
+            if self.retain {
+                self.evidence.entry(mb).or_default().gradient = Some(f.payload);
+            }
+            (Some(grad), hash)
         };
         let t = Instant::now();
         let dx = self.stage.backward_input(mb, grad.as_deref())?;
         self.spent(t);
         if let (Some(dx), false) = (dx, self.is_first()) {
-            let poisoned = self.poisoned(&dx);
+            let poisoned = self.tampered(&dx, mb, false);
             let mut frame = self.sender.matrix(
                 step,
                 mb,

@@ -1,0 +1,330 @@
+//! Audits by recomputation, a worker's part: what it keeps of each
+//! micro-batch of its current step (the payloads it received, as they
+//! arrived), that evidence as a safetensors file, and the recomputation of
+//! one micro-batch another replica of its stage ran, with the weights of
+//! before the step, giving the hashes that replica should have committed.
+//!
+//! The recomputation borrows the stage: it swaps the stage's parameter
+//! buffers with the snapshot's (no copy), runs the forward and the input
+//! half of the backward of that one micro-batch, and swaps them back; the
+//! in-flight cache it made is dropped and the gradients it may have
+//! accumulated (a recomputed block runs both halves) are zeroed again, as
+//! they were after the step. Weights, moments, the step's hashes and its
+//! evidence stay as they were.
+
+use std::collections::HashMap;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use super::{MicroBatchHashes, PipelineError, StageState, StageWorker};
+use crate::data::sample_train;
+use crate::link::frame::content_hash;
+use crate::model::{StageInput, StageOutput};
+
+/// The tensor names of an evidence file, in the order they are written.
+const NAMES: [&str; 3] = ["input", "targets", "gradient"];
+
+/// What a worker received for one micro-batch of its current step: the
+/// payloads of the forward input activation and of the targets (not on the
+/// first stage, which reads the corpus) and of the activation gradient
+/// (not on the last stage), byte for byte as they arrived. Their BLAKE3
+/// hashes are the ones the worker committed to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Evidence {
+    /// The input activation's payload.
+    pub input: Option<Vec<u8>>,
+    /// The targets' payload (little-endian u32 token ids).
+    pub targets: Option<Vec<u8>>,
+    /// The activation gradient's payload.
+    pub gradient: Option<Vec<u8>>,
+}
+
+impl Evidence {
+    fn parts(&self) -> [(&'static str, Option<&Vec<u8>>); 3] {
+        [
+            (NAMES[0], self.input.as_ref()),
+            (NAMES[1], self.targets.as_ref()),
+            (NAMES[2], self.gradient.as_ref()),
+        ]
+    }
+
+    /// Bytes held, over every payload.
+    pub fn len(&self) -> usize {
+        self.parts().iter().filter_map(|p| p.1).map(Vec::len).sum()
+    }
+
+    /// Whether it holds no payload.
+    pub fn is_empty(&self) -> bool {
+        self.parts().iter().all(|p| p.1.is_none())
+    }
+
+    /// As a safetensors file: one 1-D `U8` tensor per payload held,
+    /// named `input`, `targets`, `gradient`.
+    pub fn encode(&self) -> Result<Vec<u8>, PipelineError> {
+        let views = self
+            .parts()
+            .into_iter()
+            .filter_map(|(name, bytes)| bytes.map(|b| (name, b)))
+            .map(|(name, b)| {
+                TensorView::new(Dtype::U8, vec![b.len()], b)
+                    .map(|v| (name.to_string(), v))
+                    .map_err(|e| PipelineError::Audit(format!("evidence tensor {name}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        safetensors::serialize(views, None::<HashMap<String, String>>)
+            .map_err(|e| PipelineError::Audit(format!("encoding the evidence: {e}")))
+    }
+
+    /// Reads [`Evidence::encode`]'s bytes (from a peer, through the
+    /// coordinator): refused when it is not a safetensors file, holds a
+    /// tensor of another name, type or rank, or more than `max` bytes.
+    pub fn decode(bytes: &[u8], max: usize) -> Result<Evidence, PipelineError> {
+        let bad = |m: String| PipelineError::Audit(format!("malformed evidence: {m}"));
+        if bytes.len() > max {
+            return Err(bad(format!("{} bytes, more than {max}", bytes.len())));
+        }
+        let st = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+        let mut out = Evidence::default();
+        for (name, t) in st.tensors() {
+            if t.dtype() != Dtype::U8 || t.shape() != [t.data().len()] {
+                return Err(bad(format!(
+                    "tensor {name} is {:?} {:?}, expected a 1-D U8 tensor",
+                    t.dtype(),
+                    t.shape()
+                )));
+            }
+            let slot = match name.as_str() {
+                "input" => &mut out.input,
+                "targets" => &mut out.targets,
+                "gradient" => &mut out.gradient,
+                other => return Err(bad(format!("unexpected tensor {other:?}"))),
+            };
+            *slot = Some(t.data().to_vec());
+        }
+        Ok(out)
+    }
+}
+
+impl StageWorker {
+    /// Keep, from the next step on, what each micro-batch of the current
+    /// step receives (for audits; `spec.validation.auditRate` above 0).
+    /// Dropped when the next step starts.
+    pub fn set_retain(&mut self, on: bool) {
+        self.retain = on;
+        if !on {
+            self.evidence.clear();
+        }
+    }
+
+    /// What micro-batch `mb` of the last step received, when it ran here
+    /// and retention is on.
+    pub fn evidence(&self, mb: u64) -> Option<&Evidence> {
+        self.evidence.get(&mb)
+    }
+
+    /// Recomputes micro-batch `mb` of step `step` (0-based; this worker's
+    /// last completed step) as another replica of this stage ran it: the
+    /// forward from `evidence`'s input (the first stage samples its tokens
+    /// from the corpus, as [`StageWorker::train_step`] does) with the weights
+    /// of `before` (the snapshot of the state before that step) and the
+    /// step's loss scale, then the input half of the backward from the
+    /// evidence's gradient (the last stage: from the loss and the
+    /// evidence's targets). Returns the hashes a worker that sent what it
+    /// computed commits to: of the input, of the output as the run's codec
+    /// encodes it (the last stage: of the loss's bytes) and of the input
+    /// gradient as encoded (zeros on the first stage).
+    ///
+    /// `before`'s buffers are swapped in and out, not copied; it is left as
+    /// it was. Nothing of this worker's own state changes.
+    pub fn recompute(
+        &mut self,
+        before: &mut StageState,
+        step: u64,
+        mb: u64,
+        evidence: &Evidence,
+    ) -> Result<MicroBatchHashes, PipelineError> {
+        if before.step != step || self.step != step + 1 {
+            return Err(PipelineError::Audit(format!(
+                "cannot recompute step {} here: this worker completed {} steps and holds weights of step {}",
+                step + 1,
+                self.step,
+                before.step
+            )));
+        }
+        let all = (self.replicas * self.micro_batches) as u64;
+        if mb >= all {
+            return Err(PipelineError::Audit(format!(
+                "micro-batch {mb} is outside the step's {all}"
+            )));
+        }
+        if self.stage.in_flight() != 0 {
+            return Err(PipelineError::Audit(
+                "the stage has micro-batches in flight".into(),
+            ));
+        }
+        let fits = {
+            let params = self.stage.params();
+            before.params.len() == params.len()
+                && before
+                    .params
+                    .iter()
+                    .zip(&params)
+                    .all(|(a, p)| a.len() == p.len())
+        };
+        if !fits {
+            return Err(PipelineError::Audit(format!(
+                "the snapshot does not fit stage {}",
+                self.shard.stage
+            )));
+        }
+        self.swap_weights(before);
+        let result = self.recompute_with_current_weights(step, mb, evidence);
+        self.swap_weights(before);
+        self.stage.clear_in_flight();
+        // A block that recomputes its activations runs both halves of its
+        // backward; the step left every gradient at zero.
+        self.stage.zero_grad();
+        result
+    }
+
+    /// Exchanges the stage's parameter values with `state`'s.
+    fn swap_weights(&mut self, state: &mut StageState) {
+        for (p, d) in self.stage.params_mut().into_iter().zip(&mut state.params) {
+            std::mem::swap(&mut p.data, d);
+        }
+    }
+
+    fn recompute_with_current_weights(
+        &mut self,
+        step: u64,
+        mb: u64,
+        evidence: &Evidence,
+    ) -> Result<MicroBatchHashes, PipelineError> {
+        let (rows, seq) = (self.rows, self.model.seq_len);
+        let m = self.micro_batches as u64;
+        let codec = self.codec;
+        let (width_in, width_out) = (
+            self.stage.boundary_width_in(),
+            self.stage.boundary_width_out(),
+        );
+        let last = self.is_last();
+        let missing = |what: &str| PipelineError::Audit(format!("the evidence holds no {what}"));
+        let (tokens, hidden, targets, input) = match &self.corpus {
+            Some(corpus) => {
+                let b = sample_train(corpus, self.seed, step, mb % m, mb / m, rows, seq);
+                let h = content_hash(bytemuck::cast_slice(&b.tokens));
+                (Some(b.tokens), None, b.targets, h)
+            }
+            None => {
+                let bytes = evidence.input.as_ref().ok_or_else(|| missing("input"))?;
+                let hidden = codec.decode(bytes, rows * seq, width_in)?;
+                let targets = if last {
+                    let t = evidence
+                        .targets
+                        .as_ref()
+                        .ok_or_else(|| missing("targets"))?;
+                    if t.len() != rows * seq * 4 {
+                        return Err(PipelineError::Audit(format!(
+                            "the evidence's targets hold {} bytes, expected {}",
+                            t.len(),
+                            rows * seq * 4
+                        )));
+                    }
+                    t.chunks_exact(4)
+                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                (None, Some(hidden), targets, content_hash(bytes))
+            }
+        };
+        let input_ref = match (&tokens, &hidden) {
+            (Some(t), _) => StageInput::Tokens(t),
+            (None, Some(h)) => StageInput::Hidden(h),
+            (None, None) => return Err(PipelineError::Layout("no input".into())),
+        };
+        let scale = self.scale;
+        let out = self
+            .stage
+            .forward(mb, input_ref, last.then_some(&targets[..]), rows, scale)?;
+        let output = match out {
+            StageOutput::Loss(l) => content_hash(&l.to_le_bytes()),
+            StageOutput::Hidden(h) => content_hash(&codec.encode(&h, rows * seq, width_out)?),
+        };
+        let grad = if last {
+            None
+        } else {
+            let bytes = evidence
+                .gradient
+                .as_ref()
+                .ok_or_else(|| missing("gradient"))?;
+            Some(codec.decode(bytes, rows * seq, width_out)?)
+        };
+        let dx = self.stage.backward_input(mb, grad.as_deref())?;
+        let gradient = match dx {
+            Some(dx) if !self.is_first() => {
+                content_hash(&codec.encode(&dx, rows * seq, width_in)?)
+            }
+            _ => [0; 32],
+        };
+        Ok(MicroBatchHashes {
+            input,
+            output,
+            gradient,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Evidence;
+
+    #[test]
+    fn evidence_round_trips_and_malformed_files_are_refused() {
+        let e = Evidence {
+            input: Some(vec![1, 2, 3]),
+            targets: None,
+            gradient: Some(vec![9; 10]),
+        };
+        assert_eq!(e.len(), 13);
+        let bytes = e.encode().expect("encode");
+        assert_eq!(Evidence::decode(&bytes, 1 << 20).expect("decode"), e);
+        assert!(Evidence::decode(&bytes, 10).is_err(), "too large");
+        assert!(Evidence::decode(b"not a file", 1 << 20).is_err());
+        assert_eq!(
+            Evidence::decode(&Evidence::default().encode().expect("empty"), 64).expect("empty"),
+            Evidence::default()
+        );
+        // Another name, or another type, is refused.
+        let other = safetensors::serialize(
+            [(
+                "weights".to_string(),
+                safetensors::tensor::TensorView::new(
+                    safetensors::tensor::Dtype::U8,
+                    vec![2],
+                    &[1, 2],
+                )
+                .expect("view"),
+            )],
+            None,
+        )
+        .expect("serialize");
+        assert!(Evidence::decode(&other, 1 << 20).is_err());
+        let f32s = [0u8; 8];
+        let typed = safetensors::serialize(
+            [(
+                "input".to_string(),
+                safetensors::tensor::TensorView::new(
+                    safetensors::tensor::Dtype::F32,
+                    vec![2],
+                    &f32s,
+                )
+                .expect("view"),
+            )],
+            None,
+        )
+        .expect("serialize");
+        assert!(Evidence::decode(&typed, 1 << 20).is_err());
+    }
+}

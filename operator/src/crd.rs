@@ -284,6 +284,10 @@ pub static CEL_RULES: &[CelRule] = &[
     cel!("spec.rewards.minParticipation", "must be a finite number in [0, 1]", at "spec.rewards",
         Some(".minParticipation"),
         "!has(self.minParticipation) || (self.minParticipation >= 0.0 && self.minParticipation <= 1.0)"),
+    // --- spec.validation
+    cel!("spec.validation.auditRate", "must be a finite number in [0, 1]", at "spec.validation",
+        Some(".auditRate"),
+        "!has(self.auditRate) || (self.auditRate >= 0.0 && self.auditRate <= 1.0)"),
 ];
 
 /// The CRD: schema from the spec's types, CEL rules from [`CEL_RULES`] with

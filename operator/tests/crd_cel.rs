@@ -437,6 +437,26 @@ fn cases() -> Vec<(&'static str, Value)> {
         ),
         ("rewards defaulted", with(&[("/spec/rewards", json!({}))])),
         (
+            "validation auditRate < 0",
+            with(&[("/spec/validation", json!({"auditRate": -0.01}))]),
+        ),
+        (
+            "validation auditRate > 1",
+            with(&[("/spec/validation", json!({"auditRate": 1.01}))]),
+        ),
+        (
+            "validation auditRate at the bounds",
+            with(&[("/spec/validation", json!({"auditRate": 0}))]),
+        ),
+        (
+            "validation auditRate one",
+            with(&[("/spec/validation", json!({"auditRate": 1}))]),
+        ),
+        (
+            "validation defaulted",
+            with(&[("/spec/validation", json!({}))]),
+        ),
+        (
             "name not a label",
             with(&[("/metadata/name", json!("Quick_Start"))]),
         ),
@@ -482,6 +502,9 @@ fn every_case_but_the_valid_ones_is_refused() {
         "rewards partial",
         "rewards at the bounds",
         "rewards defaulted",
+        "validation auditRate at the bounds",
+        "validation auditRate one",
+        "validation defaulted",
     ]
     .into();
     for (name, run) in cases() {

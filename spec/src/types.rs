@@ -144,6 +144,48 @@ pub struct TrainingRunSpec {
     /// participation).
     #[serde(default, skip_serializing_if = "RewardsSpec::is_default")]
     pub rewards: RewardsSpec,
+    /// How committed work is checked by recomputation on other replicas.
+    /// Absent: every default (audits at rate 0.25).
+    #[serde(default, skip_serializing_if = "ValidationSpec::is_default")]
+    pub validation: ValidationSpec,
+}
+
+/// Audits by recomputation: at each step, each shard that ran a
+/// micro-batch is audited with probability `auditRate`: one of its
+/// micro-batches, drawn by the coordinator, is recomputed by another replica
+/// of the same stage and the hashes compared with the shard's signed
+/// commitment. Stages with a single replica have no validator and are not
+/// audited.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ValidationSpec {
+    /// Probability (0..=1) that a shard is audited at a step; 0 turns audits
+    /// off.
+    #[serde(default = "default_audit_rate")]
+    pub audit_rate: f64,
+}
+
+/// Default of `spec.validation.auditRate`.
+pub const DEFAULT_AUDIT_RATE: f64 = 0.25;
+
+fn default_audit_rate() -> f64 {
+    DEFAULT_AUDIT_RATE
+}
+
+impl Default for ValidationSpec {
+    fn default() -> Self {
+        Self {
+            audit_rate: DEFAULT_AUDIT_RATE,
+        }
+    }
+}
+
+impl ValidationSpec {
+    /// Whether every field has its default (the section is then left out
+    /// when a manifest is written).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// The coordinator's persistent volume on Kubernetes: a

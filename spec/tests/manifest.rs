@@ -8,7 +8,8 @@ use pipewright_spec::{
     parse_manifest, validate, CheckpointSpec, Codec, DataSpec, LowrankSpec, LowrankWire, Metadata,
     ModelSpec, PartitionKind, PipelineSpec, PlacementSpec, RewardWeights, RewardsSpec, Routing,
     ScheduleKind, SpecError, StorageSpec, TaintEffect, TokenizerKind, TokenizerSpec, Toleration,
-    TolerationOperator, TrainingRun, TrainingRunSpec, TrainingSpec, API_VERSION, KIND,
+    TolerationOperator, TrainingRun, TrainingRunSpec, TrainingSpec, ValidationSpec, API_VERSION,
+    DEFAULT_AUDIT_RATE, KIND,
 };
 
 /// Only the fields that have no default.
@@ -252,6 +253,7 @@ fn everything_set() -> TrainingRun {
                 },
                 min_participation: 0.5,
             },
+            validation: ValidationSpec { audit_rate: 0.125 },
         },
     }
 }
@@ -283,6 +285,7 @@ fn wire_names_are_camel_case_and_enums_lowercase() {
         "weightGradient: 0.25",
         "allReducePerByte: 0.125",
         "minParticipation: 0.5",
+        "auditRate: 0.125",
     ] {
         assert!(yaml.contains(needle), "{needle:?} not in\n{yaml}");
     }
@@ -700,4 +703,41 @@ spec:
         assert_eq!(problems[0].field, field);
     }
     assert!(run("{sources: [a], format: csv}").is_err());
+}
+
+/// `MINIMAL` with a validation section.
+fn with_validation(validation: &str) -> String {
+    format!("{MINIMAL}  validation: {validation}\n")
+}
+
+#[test]
+fn audit_rate_defaults_to_a_quarter_and_must_be_a_probability() {
+    let run = parse_manifest(MINIMAL).expect("valid");
+    assert_eq!(run.spec.validation.audit_rate, DEFAULT_AUDIT_RATE);
+    assert_eq!(DEFAULT_AUDIT_RATE, 0.25);
+    let run = parse_manifest(&with_validation("{}")).expect("valid");
+    assert_eq!(run.spec.validation, ValidationSpec::default());
+    for rate in ["0", "1", "0.5"] {
+        let run = parse_manifest(&with_validation(&format!("{{auditRate: {rate}}}")))
+            .unwrap_or_else(|e| panic!("auditRate {rate}: {e}"));
+        assert_eq!(run.spec.validation.audit_rate, rate.parse::<f64>().unwrap());
+    }
+    for (rate, words) in [("-0.01", "got -0.01"), ("1.5", "got 1.5")] {
+        let Err(SpecError::Invalid(problems)) =
+            parse_manifest(&with_validation(&format!("{{auditRate: {rate}}}")))
+        else {
+            panic!("auditRate {rate} accepted");
+        };
+        assert_eq!(problems.len(), 1, "{rate}: {problems:?}");
+        assert_eq!(problems[0].field, "spec.validation.auditRate");
+        assert!(problems[0].to_string().contains(words), "{}", problems[0]);
+    }
+    assert!(
+        parse_manifest(&with_validation("{auditRate: .nan}")).is_err(),
+        "NaN accepted"
+    );
+    assert!(
+        parse_manifest(&with_validation("{rate: 0.5}")).is_err(),
+        "an unknown field accepted"
+    );
 }

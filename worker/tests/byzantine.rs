@@ -1,16 +1,21 @@
 //! Byzantine tolerance: robust aggregation among a stage's replicas, the
-//! checks on tensors received from a peer, and the attack drills. Stage
+//! checks on tensors received from a peer, recomputation of another
+//! replica's micro-batch (as audits do), and the attack drills. Stage
 //! workers on threads over loopback here; real processes in
 //! `byzantine_processes.rs`.
 
 mod common;
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use pipewright::link::{RejectReason, RunId, RunKey};
-use pipewright::pipeline::{loopback_layout, Attack, Auth, PipelineError, StageWorker};
+use pipewright::pipeline::{
+    loopback_layout, Attack, Auth, Evidence, MicroBatchHashes, PipelineError, StageWorker,
+};
 use pipewright_spec::{parse_manifest, TrainingRun};
 
 const STEPS: u64 = 12;
@@ -203,4 +208,234 @@ fn robust_aggregation_refuses_routed_replicas() {
     };
     let err = StageWorker::prepare(&m, shard, Duration::from_secs(1)).unwrap_err();
     assert!(err.to_string().contains("routing: lanes"), "{err}");
+}
+
+/// One recomputation a worker made of another replica's micro-batch:
+/// whose, which, on how many kernel threads, what that replica committed
+/// and what the recomputation gave.
+#[derive(Debug)]
+struct Recomputation {
+    stage: usize,
+    audited: usize,
+    step: u64,
+    mb: u64,
+    threads: usize,
+    committed: MicroBatchHashes,
+    recomputed: MicroBatchHashes,
+}
+
+/// What each worker ended with in [`audited_run`].
+struct Audited {
+    losses: Vec<f32>,
+    params: Vec<Vec<f32>>,
+    checks: Vec<Recomputation>,
+}
+
+type Published =
+    HashMap<(u64, usize, usize), (BTreeMap<u64, MicroBatchHashes>, Vec<(u64, Evidence)>)>;
+
+/// Every shard on a thread of a `stages × 2` layout. With `pools`, after
+/// each step every worker recomputes each micro-batch its other replica
+/// ran, from that replica's evidence, with its own snapshot, once per
+/// rayon pool of the given thread counts; `tamper` may change the
+/// evidence first. `attack` makes one shard dishonest.
+fn audited_run(
+    m: &TrainingRun,
+    pools: &[usize],
+    attack: Option<((usize, usize), Attack)>,
+    tamper: fn(&mut Evidence),
+) -> Vec<Audited> {
+    let p = &m.spec.pipeline;
+    assert_eq!(p.replicas, 2);
+    let layout = loopback_layout(p.stages, p.replicas, false, false).expect("bind");
+    let auth = Auth {
+        run_id: RunId([5; 16]),
+        key: RunKey([3; 32]),
+    };
+    let shared: Arc<Mutex<Published>> = Arc::default();
+    let barrier = Arc::new(Barrier::new(layout.len()));
+    let handles: Vec<_> = layout
+        .into_iter()
+        .map(|(shard, peers)| {
+            let (m, auth, pools) = (m.clone(), auth.clone(), pools.to_vec());
+            let (shared, barrier) = (shared.clone(), barrier.clone());
+            thread::spawn(move || {
+                let mut w = StageWorker::new(&m, shard, peers, auth, Duration::from_secs(20))
+                    .expect("worker");
+                w.set_retain(!pools.is_empty());
+                if let Some((at, a)) = attack {
+                    if at == (shard.stage, shard.replica) {
+                        w.set_attack(Some(a));
+                    }
+                }
+                let (mut losses, mut checks) = (Vec::new(), Vec::new());
+                for step in 0..m.spec.training.steps {
+                    let mut before = w.state();
+                    losses.extend(w.train_step().expect("step").loss);
+                    if pools.is_empty() {
+                        continue;
+                    }
+                    let mine = w.step_hashes().clone();
+                    let evidence = mine
+                        .keys()
+                        .map(|&mb| (mb, w.evidence(mb).cloned().expect("evidence kept")))
+                        .collect();
+                    shared
+                        .lock()
+                        .unwrap()
+                        .insert((step, shard.stage, shard.replica), (mine.clone(), evidence));
+                    barrier.wait();
+                    let other = 1 - shard.replica;
+                    let (theirs, evidence) = shared
+                        .lock()
+                        .unwrap()
+                        .get(&(step, shard.stage, other))
+                        .cloned()
+                        .expect("the other replica published");
+                    let kept = before.clone();
+                    for (mb, mut e) in evidence {
+                        tamper(&mut e);
+                        for &threads in &pools {
+                            let pool = rayon::ThreadPoolBuilder::new()
+                                .num_threads(threads)
+                                .build()
+                                .expect("pool");
+                            let recomputed = pool
+                                .install(|| w.recompute(&mut before, step, mb, &e))
+                                .expect("recompute");
+                            checks.push(Recomputation {
+                                stage: shard.stage,
+                                audited: other,
+                                step,
+                                mb,
+                                threads,
+                                committed: theirs[&mb],
+                                recomputed,
+                            });
+                        }
+                    }
+                    // The audit left the worker's own commitments, evidence
+                    // and snapshot as they were.
+                    assert_eq!(w.step_hashes(), &mine);
+                    assert!(before == kept, "the snapshot is unchanged");
+                    barrier.wait();
+                }
+                let params = w.stage().params().iter().map(|p| p.data.clone()).collect();
+                let _ = w.finish();
+                Audited {
+                    losses,
+                    params,
+                    checks,
+                }
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("worker thread"))
+        .collect()
+}
+
+fn audit_manifest(dir: &Path, dim: usize, seq: usize, rows: usize, steps: u64) -> TrainingRun {
+    let mut m = manifest(dir, 2, 2, "mean");
+    m.spec.model.dim = dim;
+    m.spec.model.ffn_dim = 3 * dim;
+    m.spec.model.seq_len = seq;
+    m.spec.training.micro_batch_size = rows;
+    m.spec.training.steps = steps;
+    m
+}
+
+/// Every worker recomputes its other replica's micro-batches after every
+/// step: the hashes equal that replica's commitment, and the audits change
+/// nothing of the workers' own training (losses and final weights are a
+/// run's without audits, bit for bit).
+#[test]
+fn a_recomputed_micro_batch_gives_the_committed_hashes_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = audit_manifest(dir.path(), 32, 32, 4, 4);
+    let audited = audited_run(&m, &[1], None, |_| {});
+    let plain = audited_run(&m, &[], None, |_| {});
+    let checks: Vec<&Recomputation> = audited.iter().flat_map(|a| &a.checks).collect();
+    // 4 steps × 2 stages × 2 replicas × 2 micro-batches.
+    assert_eq!(checks.len(), 32);
+    for c in &checks {
+        assert_eq!(c.recomputed, c.committed, "{c:?}");
+        // Replica r runs micro-batches 2r and 2r + 1 of each step.
+        assert_eq!(c.mb / 2, c.audited as u64, "{c:?}");
+    }
+    let mut seen: Vec<(u64, usize, u64)> = checks.iter().map(|c| (c.step, c.stage, c.mb)).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len(), 32, "every micro-batch of every step, once");
+    // Stage 0 reports the hash of the tokens it sampled itself, stage 1
+    // a gradient of its own; the first stage's is zeros.
+    assert!(checks
+        .iter()
+        .all(|c| (c.recomputed.gradient == [0; 32]) == (c.stage == 0)));
+    for (a, p) in audited.iter().zip(&plain) {
+        assert_eq!(a.losses, p.losses, "losses with and without audits");
+        assert!(a.params == p.params, "weights with and without audits");
+    }
+}
+
+/// Recomputation on rayon pools of 1, 2 and 3 threads gives the same bits
+/// as the step itself (run on the default pool), on a model large enough
+/// that the matrix products split their work over threads.
+#[test]
+fn recomputation_is_bitwise_the_same_on_any_thread_count() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = audit_manifest(dir.path(), 128, 64, 8, 1);
+    let out = audited_run(&m, &[1, 2, 3], None, |_| {});
+    let checks: Vec<&Recomputation> = out.iter().flat_map(|a| &a.checks).collect();
+    assert_eq!(checks.len(), 2 * 2 * 2 * 3);
+    for c in checks {
+        assert_eq!(c.recomputed, c.committed, "{} threads: {c:?}", c.threads);
+    }
+}
+
+/// Evidence that is not what arrived, or a worker that sent something
+/// else than it computed (committing to what it sent), does not reproduce.
+#[test]
+fn corrupted_evidence_or_a_dishonest_output_does_not_reproduce() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = audit_manifest(dir.path(), 32, 32, 4, 1);
+    // One byte of the input activation changed: the input's hash and the
+    // output differ (stage 1; stage 0 samples its input itself).
+    let flipped = audited_run(&m, &[1], None, |e| {
+        if let Some(i) = e.input.as_mut() {
+            // An exponent bit of the second value: four times larger or
+            // smaller (a low mantissa bit may not move the loss's bits).
+            i[7] ^= 1;
+        }
+    });
+    for c in flipped.iter().flat_map(|a| &a.checks) {
+        if c.stage == 1 {
+            assert_ne!(c.recomputed.input, c.committed.input);
+            assert_ne!(c.recomputed.output, c.committed.output);
+        } else {
+            assert_eq!(c.recomputed, c.committed);
+        }
+    }
+    // Dishonest senders: what they sent is not what the weights give.
+    for (at, attack, stage) in [
+        ((0, 0), "act-noise", 0),
+        ((0, 1), "lazy-zeros", 0),
+        ((1, 0), "act-scale", 1),
+        ((1, 1), "lazy-zeros", 1),
+    ] {
+        let a: Attack = attack.parse().expect("attack");
+        let out = audited_run(&m, &[1], Some((at, a)), |_| {});
+        let checks: Vec<&Recomputation> = out.iter().flat_map(|a| &a.checks).collect();
+        for c in checks {
+            let audited_attacker = (c.stage, c.audited) == at;
+            let differs = if stage == 0 {
+                c.recomputed.output != c.committed.output
+            } else {
+                // The last stage sends activation gradients.
+                c.recomputed.gradient != c.committed.gradient
+            };
+            assert_eq!(differs, audited_attacker, "{attack}: {c:?}");
+        }
+    }
 }

@@ -31,3 +31,10 @@ pub mod shard;
 pub mod sync;
 pub mod telemetry;
 pub mod train;
+
+/// The exit status of a worker whose identity the run's coordinator
+/// quarantined (convicted by an audit, of bad evidence, or outvoted on its
+/// parameters' digest): the operator reads it as the reassignment reason
+/// `FailedValidation`, the local launcher starts a fresh worker under a new
+/// identity.
+pub const EXIT_QUARANTINED: i32 = 3;

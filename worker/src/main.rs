@@ -19,6 +19,10 @@ fn main() {
     // The last spans go out before the process exits, within seconds.
     telemetry.shutdown();
     if let Err(err) = result {
+        if let Some(q) = err.downcast_ref::<pipewright::shard::Quarantined>() {
+            eprintln!("{q}");
+            std::process::exit(pipewright::EXIT_QUARANTINED);
+        }
         eprintln!("error: {err:#}");
         std::process::exit(1);
     }

@@ -54,11 +54,17 @@ pub struct TrainArgs {
     #[arg(long, requires = "processes", value_parser = parse_slow_worker)]
     pub slow_worker: Vec<(usize, usize, f64)>,
     /// With `--processes`: make one worker dishonest,
-    /// `STAGE/REPLICA=ATTACK[@STEP]` with ATTACK `sign-flip`, `scale`
-    /// (×100), `scale:F`, `noise`, `nan` or `stale` (skips its optimizer
-    /// update), from step STEP on; repeatable. A drill for
-    /// `spec.pipeline.aggregation` and the replicas' digest check (see
-    /// docs/byzantine.md).
+    /// `STAGE/REPLICA=ATTACK[@STEP]`, from step STEP on; repeatable. On its
+    /// gradient contribution: `sign-flip`, `scale` (×100), `scale:F`,
+    /// `noise`; on what it sends other stages: `nan`, `act-noise`
+    /// (Gaussian noise as large as the tensor), `act-scale` (×100),
+    /// `lazy-zeros` (zeros in place of its outputs), `lazy-replay` (the
+    /// previous step's outputs again); on its own step: `stale` (skips its
+    /// optimizer update), `forge` (signs its reports with a key not its
+    /// identity's), `lie` (as an auditor, reports hashes it did not
+    /// compute). A drill for `spec.pipeline.aggregation`, the replicas'
+    /// digest check and audits (`spec.validation.auditRate`); see
+    /// docs/byzantine.md.
     #[arg(long, requires = "processes", value_parser = crate::pipeline::attack::parse_shard_attack)]
     pub byzantine: Vec<(usize, usize, crate::pipeline::Attack)>,
     /// With `--processes`: most megabytes per second each worker sends on

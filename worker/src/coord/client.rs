@@ -8,8 +8,13 @@ use serde::Serialize;
 use ureq::Agent;
 
 use super::api::{
-    Barrier, Failure, Heartbeat, HeartbeatReply, Register, Registered, StepDone, Wiring,
+    AuditReport, Barrier, Failure, Heartbeat, HeartbeatReply, Register, Registered, StepDone,
+    Wiring,
 };
+
+/// The start of the body of a refusal (HTTP 403) the coordinator gives a
+/// quarantined identity, on any request.
+pub const QUARANTINED_PREFIX: &str = "quarantined:";
 
 /// Why a request to the coordinator failed.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +54,19 @@ pub enum ClientError {
         /// What is wrong.
         message: String,
     },
+}
+
+impl ClientError {
+    /// The coordinator's explanation when this is the refusal it gives a
+    /// quarantined identity (HTTP 403, a body starting `quarantined:`).
+    pub fn quarantined(&self) -> Option<&str> {
+        match self {
+            ClientError::Refused {
+                code: 403, message, ..
+            } if message.starts_with(QUARANTINED_PREFIX) => Some(message),
+            _ => None,
+        }
+    }
 }
 
 /// A connection to one run's coordinator, authenticated by the join token.
@@ -276,6 +294,34 @@ impl Client {
     pub fn step(&self, d: &StepDone) -> Result<Barrier, ClientError> {
         loop {
             if let Some(b) = self.call("step", "POST", "/v1/step", Some(d))? {
+                return Ok(b);
+            }
+        }
+    }
+
+    /// Uploads the evidence of audit `audit` (a safetensors file of the
+    /// payloads the audited micro-batch received).
+    pub fn put_evidence(&self, audit: u64, worker: u64, bytes: &[u8]) -> Result<(), ClientError> {
+        let path = format!("/v1/audit/{audit}/evidence?worker={worker}");
+        self.send("evidence upload", "PUT", &path, Body::Bytes(bytes))
+            .map(|_| ())
+    }
+
+    /// Waits for the evidence of audit `audit`, for its validator `worker`.
+    pub fn get_evidence(&self, audit: u64, worker: u64) -> Result<Vec<u8>, ClientError> {
+        let path = format!("/v1/audit/{audit}/evidence?worker={worker}");
+        loop {
+            if let Some(b) = self.send("evidence download", "GET", &path, Body::None)? {
+                return Ok(b);
+            }
+        }
+    }
+
+    /// Reports an audit order carried out and waits for the answer of the
+    /// step's barrier once its audits are decided.
+    pub fn audit(&self, r: &AuditReport) -> Result<Barrier, ClientError> {
+        loop {
+            if let Some(b) = self.call("audit", "POST", "/v1/audit", Some(r))? {
                 return Ok(b);
             }
         }

@@ -5,7 +5,9 @@
 //!
 //! - `mod.rs`: the supervisor: starts the coordinator and the workers,
 //!   shows progress, relaunches a worker process that dies (the coordinator
-//!   rewires the run and training goes on), gives up when they keep dying.
+//!   rewires the run and training goes on), replaces one whose identity was
+//!   quarantined (it exits with [`crate::EXIT_QUARANTINED`]) by a fresh
+//!   process under a new identity, gives up when they keep dying.
 //! - `process`: how a shard's worker process is started.
 //! - `drill`: the `--kill-workers N` fault drill: N random workers killed
 //!   with SIGKILL during the run, and how long each recovery took.
@@ -81,7 +83,7 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
     let mut workers = Vec::with_capacity(shards);
     for s in 0..stages {
         for r in 0..replicas {
-            workers.push(spawner.spawn(s, r)?);
+            workers.push(spawner.spawn(s, r, 1)?);
         }
     }
     let steps = manifest.spec.training.steps;
@@ -96,6 +98,7 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
         steps,
         relaunches: 0,
         most_relaunches: 10 * shards + opts.kills,
+        quarantined: Vec::new(),
     };
     let result = supervisor.watch();
     supervisor.stop();
@@ -109,6 +112,7 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
         losses: coord.losses(),
         relaunches: supervisor.relaunches,
         drill: &supervisor.drill,
+        quarantined: &supervisor.quarantined,
     })?;
     if supervisor.drill.unrecovered() {
         bail!("a fault drill kill was never recovered from");
@@ -191,6 +195,8 @@ struct Supervisor<'a> {
     relaunches: usize,
     /// Relaunches after which the launcher gives up.
     most_relaunches: usize,
+    /// Workers that exited quarantined, in order, each replaced.
+    quarantined: Vec<summary::Replaced>,
 }
 
 impl Supervisor<'_> {
@@ -241,7 +247,8 @@ impl Supervisor<'_> {
 
     /// Processes that ended: on success they are done; otherwise the
     /// coordinator forgets the worker at once and a new one starts (until
-    /// there were too many relaunches).
+    /// there were too many relaunches): under the same identity, or under
+    /// a new one when the old one was quarantined.
     fn reap(&mut self, status: &Status) -> Result<()> {
         let ids = self.coord.workers();
         for w in self.workers.iter_mut().filter(|w| !w.done) {
@@ -262,11 +269,33 @@ impl Supervisor<'_> {
             if self.relaunches > self.most_relaunches {
                 break;
             }
+            if exit.code() == Some(crate::EXIT_QUARANTINED) {
+                let root = self.spawner.opts.root;
+                let old = process::identity_file(root, w.stage, w.replica, w.generation);
+                let new = process::identity_file(root, w.stage, w.replica, w.generation + 1);
+                self.bar.println(format!(
+                    "stage {} replica {} was quarantined at step {} (identity {}); starting a fresh worker under {}",
+                    w.stage,
+                    w.replica,
+                    status.step,
+                    old.display(),
+                    new.display()
+                ));
+                self.quarantined.push(summary::Replaced {
+                    stage: w.stage,
+                    replica: w.replica,
+                    step: status.step,
+                    identity: old,
+                    replacement: new,
+                });
+                *w = self.spawner.spawn(w.stage, w.replica, w.generation + 1)?;
+                continue;
+            }
             self.bar.println(format!(
                 "stage {} replica {} exited ({exit}); starting a new worker",
                 w.stage, w.replica
             ));
-            *w = self.spawner.spawn(w.stage, w.replica)?;
+            *w = self.spawner.spawn(w.stage, w.replica, w.generation)?;
         }
         Ok(())
     }

@@ -2,7 +2,9 @@
 //! started with the run's manifest file, the coordinator's URL and join
 //! token, its shard, its kernel threads, its drill slowdown and send cap,
 //! its attack in a `--byzantine` drill, and an identity of its own kept in
-//! the run directory.
+//! the run directory. A worker whose identity was quarantined is replaced
+//! by a fresh one under a new identity file (`stage-S-replica-R.2`, `.3`,
+//! …), honest even in a drill: the attacker was the machine shut out.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,6 +20,9 @@ pub(super) struct Worker {
     pub(super) child: Child,
     /// The process has ended (and was not relaunched).
     pub(super) done: bool,
+    /// Which identity of the shard it runs as: 1 for the first, one more
+    /// for each that replaced a quarantined one.
+    pub(super) generation: usize,
 }
 
 /// How to start (and restart) a shard's worker process.
@@ -36,8 +41,10 @@ pub(super) struct Spawner<'a> {
 }
 
 impl Spawner<'_> {
-    /// Starts the worker process of (`stage`, `replica`).
-    pub(super) fn spawn(&self, stage: usize, replica: usize) -> Result<Worker> {
+    /// Starts the worker process of (`stage`, `replica`) under the shard's
+    /// identity number `generation` (1: the first; a drill's attack is
+    /// handed to that one only).
+    pub(super) fn spawn(&self, stage: usize, replica: usize, generation: usize) -> Result<Worker> {
         let slowdown = self
             .opts
             .slow
@@ -50,7 +57,7 @@ impl Spawner<'_> {
             .opts
             .byzantine
             .iter()
-            .find(|&&(s, r, _)| (s, r) == (stage, replica));
+            .find(|&&(s, r, _)| (s, r) == (stage, replica) && generation == 1);
         match attack {
             Some((_, _, a)) => command.env(crate::pipeline::attack::ATTACK_ENV, a.to_string()),
             None => command.env_remove(crate::pipeline::attack::ATTACK_ENV),
@@ -72,7 +79,7 @@ impl Spawner<'_> {
             // Each shard's process has an identity of its own, kept in the
             // run directory: a relaunched one keeps its account.
             .arg("--identity")
-            .arg(identity_file(self.opts.root, stage, replica))
+            .arg(identity_file(self.opts.root, stage, replica, generation))
             .env(crate::coord::setup::TOKEN_ENV, &self.token)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -83,13 +90,24 @@ impl Spawner<'_> {
             replica,
             child,
             done: false,
+            generation,
         })
     }
 }
 
-/// Where the identity of shard (`stage`, `replica`) of the run in `root`
-/// is kept.
-fn identity_file(root: &Path, stage: usize, replica: usize) -> PathBuf {
-    root.join("identities")
-        .join(format!("stage-{stage}-replica-{replica}"))
+/// Where identity number `generation` of shard (`stage`, `replica`) of the
+/// run in `root` is kept: `stage-S-replica-R` for the first,
+/// `stage-S-replica-R.G` for the one that replaced the quarantined
+/// number `G − 1`.
+pub(super) fn identity_file(
+    root: &Path,
+    stage: usize,
+    replica: usize,
+    generation: usize,
+) -> PathBuf {
+    let name = format!("stage-{stage}-replica-{replica}");
+    root.join("identities").join(match generation {
+        0 | 1 => name,
+        g => format!("{name}.{g}"),
+    })
 }

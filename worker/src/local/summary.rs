@@ -1,6 +1,7 @@
 //! What a local run prints when it ends, and `summary.json` in its run
 //! directory: time and throughput, reassignments and relaunches, the fault
-//! drill's recoveries, bytes on the stage links per token, the pipeline's
+//! drill's recoveries, the shards whose worker was quarantined and
+//! replaced, bytes on the stage links per token, the pipeline's
 //! efficiency against its schedule's bound, each replica's micro-batches,
 //! and the final checkpoint's validation loss.
 
@@ -28,6 +29,22 @@ pub(super) struct Finished<'a> {
     /// Worker processes started again after they died.
     pub(super) relaunches: usize,
     pub(super) drill: &'a Drill,
+    /// Workers quarantined and replaced, in order.
+    pub(super) quarantined: &'a [Replaced],
+}
+
+/// A worker whose identity was quarantined, and the fresh one that took
+/// its shard.
+#[derive(Debug, Clone)]
+pub(super) struct Replaced {
+    pub(super) stage: usize,
+    pub(super) replica: usize,
+    /// The run's last completed step when it exited.
+    pub(super) step: u64,
+    /// Its identity file (kept: the identity stays barred).
+    pub(super) identity: std::path::PathBuf,
+    /// The replacement's identity file.
+    pub(super) replacement: std::path::PathBuf,
 }
 
 /// The figures both the printed lines and `summary.json` show.
@@ -101,6 +118,16 @@ fn print_run(run: &Finished<'_>, f: &Figures) {
         "  shard reassignments {} (relaunched processes {})",
         run.status.reassignments, run.relaunches
     );
+    for q in run.quarantined {
+        println!(
+            "  quarantined                stage {} replica {} at step {} ({}), replaced by a fresh worker ({})",
+            q.stage,
+            q.replica,
+            q.step,
+            q.identity.display(),
+            q.replacement.display()
+        );
+    }
     if run.drill.kills() > 0 {
         let median = f.recoveries.get(f.recoveries.len() / 2).copied();
         println!(
@@ -174,6 +201,17 @@ fn write_summary(run: &Finished<'_>, f: &Figures, eval: &EvalReport, unigram: f6
         "routing": spec.pipeline.routing,
         "micro_batches_per_replica": f.shares,
         "recovery_seconds": f.recoveries,
+        "quarantined": run
+            .quarantined
+            .iter()
+            .map(|q| json!({
+                "stage": q.stage,
+                "replica": q.replica,
+                "step": q.step,
+                "identity": q.identity,
+                "replacement": q.replacement,
+            }))
+            .collect::<Vec<_>>(),
     });
     let path = run.root.join("summary.json");
     std::fs::write(&path, serde_json::to_string_pretty(&summary)? + "\n")

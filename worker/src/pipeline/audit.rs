@@ -116,6 +116,18 @@ impl StageWorker {
         }
     }
 
+    /// The most bytes an evidence file of this stage can hold: its input
+    /// activation, targets and activation gradient under the run's codec,
+    /// plus room for the file's header.
+    pub fn evidence_limit(&self) -> usize {
+        let rows = self.rows * self.model.seq_len;
+        let width = |w: usize| self.codec.encoded_len(rows, w).unwrap_or(rows * w * 4);
+        width(self.stage.boundary_width_in())
+            + rows * 4
+            + width(self.stage.boundary_width_out())
+            + (64 << 10)
+    }
+
     /// What micro-batch `mb` of the last step received, when it ran here
     /// and retention is on.
     pub fn evidence(&self, mb: u64) -> Option<&Evidence> {

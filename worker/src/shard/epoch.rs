@@ -117,6 +117,10 @@ impl Session {
             StageWorker::prepare_layers(&self.manifest, shard, self.timeout, Some(layers))?;
         wk.set_slowdown(self.slowdown);
         wk.set_attack(self.attack);
+        // Audited stages keep what each micro-batch received until the
+        // next step (a stage of one replica has no validator).
+        let spec = &self.manifest.spec;
+        wk.set_retain(spec.validation.audit_rate > 0.0 && spec.pipeline.replicas > 1);
         wk.set_max_send_rate(self.max_send_rate);
         Ok(wk)
     }

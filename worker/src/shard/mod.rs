@@ -10,6 +10,9 @@
 //!   snapshot, signed commitment, the barrier's answer.
 //! - `state`: restoring the stage's state from where the plan says, handing
 //!   it to a new replica, and delivering checkpoints.
+//! - `audit`: the audit orders a barrier's answer carries (upload the
+//!   evidence, or recompute another replica's micro-batch and sign the
+//!   hashes), and the end of a quarantined worker.
 //! - `metrics`: the worker's own Prometheus metrics, served by
 //!   [`crate::exposition`].
 //!
@@ -17,10 +20,12 @@
 //! roll it back; when a peer is lost or the coordinator restarts it drops
 //! the links and asks for the next wiring.
 
+mod audit;
 mod epoch;
 pub mod metrics;
 mod session;
 mod state;
 mod step;
 
+pub use audit::{Quarantined, TERMINATION_LOG_ENV};
 pub use session::{Config, Session};

@@ -271,7 +271,11 @@ impl Session {
                     tracing::info!("{message}; retrying");
                     std::thread::sleep(Duration::from_millis(250));
                 }
-                other => break other.context("registering with the coordinator")?,
+                other => {
+                    break other.map_err(|e| {
+                        super::audit::client_error(e, "registering with the coordinator")
+                    })?
+                }
             }
         };
         self.worker = reg.worker;
@@ -300,7 +304,7 @@ impl Session {
                     tracing::warn!("the coordinator lost track of this worker; registering again");
                     self.register(held())?;
                 }
-                Err(e) => return Err(e).context("waiting for the wiring"),
+                Err(e) => return Err(super::audit::client_error(e, "waiting for the wiring")),
             }
         }
     }

@@ -3,7 +3,9 @@
 //! snapshot, signs a commitment to what it computed, and reports at the
 //! coordinator's barrier, whose answer says whether to go on, to write a
 //! checkpoint, and which route the next step takes. A step that breaks off
-//! is reported; one that would break on any worker fails the run.
+//! is reported; one that would break on any worker fails the run. The
+//! barrier's answer may carry audit orders ([`super::audit`]): they are
+//! carried out before it is followed.
 
 use std::sync::atomic::Ordering;
 
@@ -73,6 +75,10 @@ fn one(
             let Some(barrier) = report(session, wk, w.epoch, &s)? else {
                 return Ok(After::Stop);
             };
+            let Some(barrier) = super::audit::carry_out(session, wk, snapshot, w.epoch, barrier)?
+            else {
+                return Ok(After::Stop);
+            };
             follow(session, wk, snapshot, barrier)
         }
         Err(e) => {
@@ -124,7 +130,7 @@ fn report(
     match barrier {
         Ok(b) => Ok(Some(b)),
         Err(ClientError::Unknown) => Ok(None),
-        Err(e) => Err(e).context("at the step barrier"),
+        Err(e) => Err(super::audit::client_error(e, "at the step barrier")),
     }
 }
 
@@ -184,6 +190,14 @@ fn commit(session: &Session, wk: &StageWorker, epoch: u64, s: &WorkerStep) -> Co
         signature: String::new(),
         params: Some(hex::encode(digest)),
     };
+    // The `forge` drill signs with a key that is not its identity's.
+    let forged;
+    let signer = if wk.attack_now() == Some(crate::pipeline::AttackKind::Forge) {
+        forged = crate::identity::Identity::generate();
+        &forged
+    } else {
+        &session.identity
+    };
     let indices = c.indices();
     let shard = wk.shard();
     let claim = StepClaim {
@@ -196,9 +210,7 @@ fn commit(session: &Session, wk: &StageWorker, epoch: u64, s: &WorkerStep) -> Co
         micro_batches: &indices,
         root: c.root(),
     };
-    c.signature = session
-        .identity
-        .sign(crate::identity::STEP_DOMAIN, &step_message(&claim));
+    c.signature = signer.sign(crate::identity::STEP_DOMAIN, &step_message(&claim));
     c
 }
 

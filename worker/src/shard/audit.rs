@@ -1,0 +1,251 @@
+//! A shard worker's part in the audits of a step: the barrier's answer may
+//! carry audit orders. For each it is audited on (`Provide`) it uploads
+//! the evidence of that micro-batch; for each it validates (`Validate`) it
+//! fetches the audited replica's evidence, recomputes the micro-batch with
+//! its snapshot of the weights of before the step, and signs the hashes.
+//! It reports every order (`POST /v1/audit`) and takes the answer as the
+//! barrier's, which may carry more orders: until one comes without.
+//!
+//! A quarantined identity is refused on every request (HTTP 403, a body
+//! starting `quarantined:`): the worker writes the reason where Kubernetes
+//! reads a container's termination message and ends with
+//! [`crate::EXIT_QUARANTINED`].
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use super::session::Session;
+use crate::coord::api::{
+    audit_message, AuditClaim, AuditOrder, AuditReport, AuditResult, AuditRole, Barrier,
+};
+use crate::coord::ClientError;
+use crate::pipeline::{AttackKind, Evidence, MicroBatchHashes, StageState, StageWorker};
+use crate::telemetry::span;
+
+/// The environment variable naming the file a quarantined worker writes
+/// its reason to (else `/dev/termination-log` when that is writable).
+pub const TERMINATION_LOG_ENV: &str = "PIPEWRIGHT_TERMINATION_LOG";
+
+/// This worker's identity was quarantined by the run's coordinator: it
+/// must stop. Its message is the coordinator's (`quarantined: …`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Quarantined(pub String);
+
+impl Quarantined {
+    /// The quarantine `e` reports, if it is one: logged and written to the
+    /// termination message file.
+    pub fn from_client(e: &ClientError) -> Option<Quarantined> {
+        let message = e.quarantined()?.trim().to_string();
+        tracing::error!("{message}");
+        match termination_log() {
+            Some(path) => {
+                if let Err(err) = std::fs::write(&path, format!("{message}\n")) {
+                    tracing::warn!("writing {}: {err}", path.display());
+                }
+            }
+            None => tracing::debug!("no termination log to write"),
+        }
+        Some(Quarantined(message))
+    }
+}
+
+/// An error for `e`: [`Quarantined`] when it is one, else `e` with
+/// `context`.
+pub(super) fn client_error(e: ClientError, context: &str) -> anyhow::Error {
+    match Quarantined::from_client(&e) {
+        Some(q) => anyhow::Error::new(q),
+        None => anyhow::Error::new(e).context(context.to_string()),
+    }
+}
+
+/// Where a quarantined worker writes its reason: the file
+/// [`TERMINATION_LOG_ENV`] names, else Kubernetes' `/dev/termination-log`
+/// when it exists and is writable.
+fn termination_log() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(TERMINATION_LOG_ENV).filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let k8s = Path::new("/dev/termination-log");
+    let writable = std::fs::metadata(k8s).is_ok_and(|m| !m.permissions().readonly())
+        && std::fs::OpenOptions::new().append(true).open(k8s).is_ok();
+    writable.then(|| k8s.to_path_buf())
+}
+
+/// Carries out the audit orders `barrier` holds, and those of the answers
+/// after it, until an answer without orders, which it returns. `None` when
+/// the coordinator no longer knows this worker.
+pub(super) fn carry_out(
+    session: &Session,
+    wk: &mut StageWorker,
+    snapshot: &mut Option<StageState>,
+    epoch: u64,
+    mut barrier: Barrier,
+) -> Result<Option<Barrier>> {
+    while !barrier.audits.is_empty() {
+        let orders = std::mem::take(&mut barrier.audits);
+        let shard = wk.shard();
+        let (stage, replica, step) = (shard.stage, shard.replica, wk.steps_done());
+        let _s = span!("audits", stage, replica, step, orders = orders.len()).entered();
+        // Every worker uploads before it waits for another's evidence, so
+        // no two wait on each other.
+        let (provide, validate): (Vec<&AuditOrder>, Vec<&AuditOrder>) = orders
+            .iter()
+            .partition(|o| matches!(o.role, AuditRole::Provide));
+        let mut reports = Vec::with_capacity(orders.len());
+        for o in provide {
+            provide_evidence(session, wk, o)?;
+            reports.push(report(session, wk, epoch, o, AuditResult::Provided));
+        }
+        for o in validate {
+            let result = validate_order(session, wk, snapshot, o)?;
+            reports.push(report(session, wk, epoch, o, result));
+        }
+        // Each report's answer is the step's barrier once its audits are
+        // decided: the reports wait side by side, and every answer is the
+        // same.
+        let answers: Vec<Result<Barrier, ClientError>> = std::thread::scope(|scope| {
+            let waiting: Vec<_> = reports
+                .iter()
+                .map(|r| scope.spawn(move || session.client.audit(r)))
+                .collect();
+            waiting
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(ClientError::Malformed {
+                            what: "audit",
+                            message: "the reporting thread panicked".into(),
+                        })
+                    })
+                })
+                .collect()
+        });
+        let mut last = None;
+        for a in answers {
+            match a {
+                Ok(b) => last = Some(b),
+                Err(ClientError::Unknown) => return Ok(None),
+                Err(e) => return Err(client_error(e, "reporting an audit")),
+            }
+        }
+        barrier = last.context("no audit report was answered")?;
+    }
+    Ok(Some(barrier))
+}
+
+fn report(
+    session: &Session,
+    wk: &StageWorker,
+    epoch: u64,
+    o: &AuditOrder,
+    result: AuditResult,
+) -> AuditReport {
+    AuditReport {
+        worker: session.worker,
+        epoch,
+        completed: wk.steps_done(),
+        audit: o.audit,
+        result,
+    }
+}
+
+/// Uploads what micro-batch `o.mb` of the step received. A worker that
+/// kept nothing for it uploads an empty file, which the coordinator
+/// judges.
+fn provide_evidence(session: &Session, wk: &StageWorker, o: &AuditOrder) -> Result<()> {
+    let evidence = match wk.evidence(o.mb) {
+        Some(e) => e.clone(),
+        None => {
+            tracing::warn!(
+                "audit {}: nothing kept of micro-batch {} of step {}",
+                o.audit,
+                o.mb,
+                o.step
+            );
+            Evidence::default()
+        }
+    };
+    let bytes = evidence.encode()?;
+    session
+        .client
+        .put_evidence(o.audit, session.worker, &bytes)
+        .map_err(|e| client_error(e, "uploading an audit's evidence"))
+}
+
+/// Recomputes the micro-batch `o` names from the audited replica's
+/// evidence and signs the hashes. Evidence that cannot be recomputed
+/// (malformed, or refused by the stage) gives zero hashes: it does not
+/// reproduce.
+fn validate_order(
+    session: &Session,
+    wk: &mut StageWorker,
+    snapshot: &mut Option<StageState>,
+    o: &AuditOrder,
+) -> Result<AuditResult> {
+    let AuditRole::Validate { audited_replica } = o.role else {
+        unreachable!("only validation orders come here")
+    };
+    let bytes = session
+        .client
+        .get_evidence(o.audit, session.worker)
+        .map_err(|e| client_error(e, "fetching an audit's evidence"))?;
+    let before = snapshot.as_mut().with_context(|| {
+        format!(
+            "audit {}: no snapshot of the weights before step {}",
+            o.audit, o.step
+        )
+    })?;
+    let t = std::time::Instant::now();
+    let recomputed = Evidence::decode(&bytes, wk.evidence_limit())
+        .and_then(|e| wk.recompute(before, o.step.saturating_sub(1), o.mb, &e));
+    let mut hashes = match recomputed {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(
+                "audit {}: micro-batch {} of replica {audited_replica} does not recompute: {e}",
+                o.audit,
+                o.mb
+            );
+            MicroBatchHashes::default()
+        }
+    };
+    tracing::info!(
+        "audit {}: recomputed micro-batch {} of stage {} replica {audited_replica} at step {} in {:.1} ms",
+        o.audit,
+        o.mb,
+        o.stage,
+        o.step,
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    if wk.attack_now() == Some(AttackKind::Lie) {
+        // The `lie` drill: a verdict that is not what it computed.
+        hashes.output = *blake3::hash(&hashes.output).as_bytes();
+    }
+    let (input, output, gradient) = (
+        hex::encode(hashes.input),
+        hex::encode(hashes.output),
+        hex::encode(hashes.gradient),
+    );
+    let claim = AuditClaim {
+        run_id: &session.run_hex,
+        audit: o.audit,
+        step: o.step,
+        stage: o.stage,
+        mb: o.mb,
+        audited_replica,
+        input: &input,
+        output: &output,
+        gradient: &gradient,
+    };
+    let signature = session
+        .identity
+        .sign(crate::identity::AUDIT_DOMAIN, &audit_message(&claim));
+    Ok(AuditResult::Recomputed {
+        output,
+        gradient,
+        input,
+        signature,
+    })
+}

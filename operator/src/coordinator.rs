@@ -238,6 +238,7 @@ mod tests {
             recoveries: 0,
             recovery_seconds_total: 0.0,
             last_recovery_seconds: None,
+            quarantined: Vec::new(),
         };
         let wire = serde_json::to_vec(&status).expect("json");
         let read: CoordinatorReport = serde_json::from_slice(&wire).expect("report");

@@ -168,6 +168,24 @@ pub struct Status {
     /// Seconds the last recovery took.
     #[serde(default)]
     pub last_recovery_seconds: Option<f64>,
+    /// Identities convicted of dishonest work and barred from the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quarantined: Vec<QuarantinedStatus>,
+}
+
+/// One quarantined identity in the status.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct QuarantinedStatus {
+    /// Fingerprint of its public key.
+    pub identity: String,
+    /// The stage it served.
+    pub stage: usize,
+    /// The replica it served.
+    pub replica: usize,
+    /// The step it was convicted at (never booked).
+    pub step: u64,
+    /// `failed_audit`, `bad_evidence` or `digest_mismatch`.
+    pub reason: String,
 }
 
 #[cfg(test)]

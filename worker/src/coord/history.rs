@@ -48,6 +48,10 @@ pub enum EventKind {
     Failed,
     /// A registration or step report was refused.
     Refused,
+    /// An audit by recomputation could not be decided (unconfirmed).
+    Audit,
+    /// A worker was convicted of dishonest work and its identity barred.
+    Quarantined,
 }
 
 /// One committed step, as `/v1/history` serves it.

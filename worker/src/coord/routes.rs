@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use super::api::{
-    register_message, step_message, Challenge, Failure, Heartbeat, HeartbeatReply, Register,
-    Registered, StepClaim, StepDone,
+    register_message, step_message, AuditReport, Challenge, Failure, Heartbeat, HeartbeatReply,
+    Register, Registered, StepClaim, StepDone,
 };
 use super::server::{lock, Shared};
 use super::state::CoordError;
@@ -49,6 +49,10 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .put(put_state)
         .fallback(state_method)
         .layer(DefaultBodyLimit::max(MAX_STATE));
+    let evidence = get(get_evidence)
+        .put(put_evidence)
+        .fallback(evidence_method)
+        .layer(DefaultBodyLimit::max(shared.evidence_limit));
     let api = Router::new()
         .route("/v1/manifest", only(get(manifest)))
         .route("/v1/challenge", only(post(challenge)))
@@ -57,6 +61,8 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/wiring", only(get(wiring)))
         .route("/v1/step", only(post(step)))
         .route("/v1/fail", only(post(fail)))
+        .route("/v1/audit", only(post(audit)))
+        .route("/v1/audit/{audit}/evidence", evidence)
         .route("/v1/checkpoint/", checkpoint.clone())
         .route("/v1/checkpoint/{*stage}", checkpoint)
         .route("/v1/state/", state.clone())
@@ -75,7 +81,10 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .merge(api)
         .fallback(no_such_endpoint)
         .layer(DefaultBodyLimit::max(MAX_JSON))
-        .layer(middleware::from_fn(refuse_oversized))
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            refuse_oversized,
+        ))
         .layer(middleware::from_fn_with_state(shared.clone(), count))
         .with_state(shared)
 }
@@ -137,6 +146,7 @@ fn coord_error(e: CoordError) -> Reply {
         CoordError::Finished(_) => 410,
         CoordError::Busy(_) => 409,
         CoordError::Refused(..) => 403,
+        CoordError::Quarantined(_) => 403,
     };
     Reply::Text(code, e.to_string())
 }
@@ -203,10 +213,12 @@ fn unauthorized() -> Reply {
 
 /// Refuses a body whose declared length is over its endpoint's limit
 /// before anything else looks at the request.
-async fn refuse_oversized(request: Request, next: Next) -> Response {
+async fn refuse_oversized(State(shared): Coord, request: Request, next: Next) -> Response {
     let path = request.uri().path();
     let limit = if path.starts_with("/v1/state/") || path.starts_with("/v1/checkpoint/") {
         MAX_STATE
+    } else if path.starts_with("/v1/audit/") {
+        shared.evidence_limit
     } else {
         MAX_JSON
     };
@@ -589,6 +601,104 @@ async fn step(State(shared): Coord, JsonBody(d): JsonBody<StepDone>) -> Reply {
         }
     })
     .await
+}
+
+/// `POST /v1/audit` (long poll): a worker carried out an audit order; the
+/// answer is the barrier's (204 while the step's audits are not decided),
+/// which may carry further orders.
+async fn audit(State(shared): Coord, JsonBody(r): JsonBody<AuditReport>) -> Reply {
+    changing(shared, move |s| {
+        let now = Instant::now;
+        let first = lock(&s.coord).audit_report(&r, &s.config.run_id, now());
+        s.after_change();
+        let decided = match first {
+            Ok(Some(b)) => Ok(Some(b)),
+            Ok(None) => s.poll(|c| Ok(c.barrier(r.worker, r.epoch, r.completed, now()))),
+            Err(e) => Err(e),
+        };
+        lock(&s.coord).finish_without_checkpoint(now());
+        match decided {
+            Ok(Some(mut b)) => {
+                if b.proceed && b.audits.is_empty() {
+                    b.traceparent = s.traces.barrier_passed(r.epoch, r.completed);
+                    if b.checkpoint {
+                        s.traces.checkpoint_ordered(r.completed);
+                    }
+                }
+                json(&b)
+            }
+            Ok(None) => Reply::Empty(204),
+            Err(e) => coord_error(e),
+        }
+    })
+    .await
+}
+
+/// `/v1/audit/{audit}/evidence?worker=W`.
+struct EvidenceAt {
+    audit: u64,
+    worker: u64,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for EvidenceAt {
+    type Rejection = Reply;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Reply> {
+        #[derive(Deserialize)]
+        struct Q {
+            worker: u64,
+        }
+        let bad = || {
+            Reply::Text(
+                400,
+                "evidence needs /v1/audit/AUDIT/evidence?worker=ID".into(),
+            )
+        };
+        let audit = parts
+            .uri
+            .path()
+            .strip_prefix("/v1/audit/")
+            .and_then(|p| p.strip_suffix("/evidence"))
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(bad)?;
+        let Query(q) = Query::<Q>::try_from_uri(&parts.uri).map_err(|_| bad())?;
+        Ok(EvidenceAt {
+            audit,
+            worker: q.worker,
+        })
+    }
+}
+
+/// `PUT /v1/audit/{audit}/evidence?worker=W`: the audited worker's
+/// payloads for the audited micro-batch (a safetensors file).
+async fn put_evidence(State(shared): Coord, at: EvidenceAt, RawBody(body): RawBody) -> Reply {
+    changing(shared, move |s| {
+        let limit = s.evidence_limit;
+        let result =
+            lock(&s.coord).put_evidence(at.worker, at.audit, body.to_vec(), limit, Instant::now());
+        match result {
+            Ok(()) => ok(),
+            Err(e) => coord_error(e),
+        }
+    })
+    .await
+}
+
+/// `GET /v1/audit/{audit}/evidence?worker=W` (long poll): the evidence for
+/// a validator of the audit; 204 while it is not provided.
+async fn get_evidence(State(shared): Coord, at: EvidenceAt) -> Reply {
+    blocking(shared, move |s| {
+        match s.poll(|c| c.evidence_for(at.worker, at.audit)) {
+            Ok(Some(b)) => Reply::Bytes(b),
+            Ok(None) => Reply::Empty(204),
+            Err(e) => coord_error(e),
+        }
+    })
+    .await
+}
+
+async fn evidence_method(_: EvidenceAt) -> Reply {
+    Reply::Text(405, "evidence takes GET or PUT".into())
 }
 
 /// `POST /v1/fail`: a worker reports an error (fatal or not).

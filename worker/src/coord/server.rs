@@ -117,6 +117,8 @@ pub(super) struct Shared {
     pub(super) challenges: Challenges,
     /// The run's step traces (when spans are exported).
     pub(super) traces: crate::telemetry::StepTraces,
+    /// Largest audit evidence accepted, in bytes (see [`evidence_limit`]).
+    pub(super) evidence_limit: usize,
     state_file: StateFile,
 }
 
@@ -254,7 +256,8 @@ impl Shared {
         )
         .with_partitioner(Box::new(move |speeds| {
             crate::model::partition(&model, stages, speeds)
-        }));
+        }))
+        .with_audit_rate(spec.validation.audit_rate);
         let coord = match ledger {
             Some(l) => coord.with_ledger(l),
             None => coord,
@@ -262,7 +265,9 @@ impl Shared {
         let state_file = StateFile::new(config.state_dir.clone());
         let traces =
             crate::telemetry::StepTraces::new(&config.manifest.metadata.name, spec.training.steps);
+        let evidence_limit = evidence_limit(spec, config.model.dim);
         Ok(Shared {
+            evidence_limit,
             traces,
             coord: Mutex::new(coord),
             changed: Condvar::new(),
@@ -350,6 +355,20 @@ impl Shared {
 pub fn tokens_per_step(spec: &pipewright_spec::TrainingRunSpec) -> u64 {
     let t = &spec.training;
     (t.micro_batch_size * t.micro_batches * spec.model.seq_len * spec.pipeline.replicas) as u64
+}
+
+/// The largest audit evidence a worker of `spec` can have to upload: a
+/// micro-batch's input activation and activation gradient as raw f32 (the
+/// widest codec), its targets as u32 token ids, and room for the
+/// safetensors header.
+pub fn evidence_limit(spec: &pipewright_spec::TrainingRunSpec, dim: usize) -> usize {
+    let tokens = spec.training.micro_batch_size * spec.model.seq_len;
+    tokens
+        .saturating_mul(dim)
+        .saturating_mul(4)
+        .saturating_mul(2)
+        .saturating_add(tokens.saturating_mul(4))
+        .saturating_add(64 << 10)
 }
 
 /// Starts the coordinator of `config` on `listen`.

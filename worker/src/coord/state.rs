@@ -31,10 +31,13 @@ use serde::{Deserialize, Serialize};
 
 pub use pipewright_spec::coordinator::{Contribution, Phase, ShardStatus, StageStatus, Status};
 
-use super::api::{Barrier, Failure, Register, StateSource, StepDone, Wiring};
+use super::api::{Barrier, Failure, MicroBatchCommit, Register, StateSource, StepDone, Wiring};
 use super::history::{quoted, EventKind, History, HistoryView};
 use crate::ledger::{CostModel, Entry, Ledger, Refusal, Session, StepBooking};
 use crate::pipeline::Route;
+
+#[path = "audit.rs"]
+mod audit;
 
 /// Recoveries after which a run that keeps failing is given up.
 pub const MAX_EPOCHS: u64 = 1000;
@@ -119,6 +122,11 @@ pub enum CoordError {
     /// another's report, work it was not given): refused and counted.
     #[error("refused: {1}")]
     Refused(&'static str, String),
+    /// The worker or identity was convicted of dishonest work and is
+    /// barred from the run; the text starts with `quarantined:` and names
+    /// the step and the reason.
+    #[error("{0}")]
+    Quarantined(String),
 }
 
 /// What a worker committed to for one step, kept until the step is booked.
@@ -133,6 +141,8 @@ struct Committed {
     /// Digest of its stage's parameters after the step (`None`: the
     /// report had none).
     params: Option<[u8; 32]>,
+    /// Its per-micro-batch hashes, for the chain check and audits.
+    hashes: Vec<MicroBatchCommit>,
 }
 
 #[derive(Clone, Debug)]
@@ -230,6 +240,10 @@ pub struct Persisted {
     /// Seconds the last one took.
     #[serde(default)]
     pub last_recovery_seconds: Option<f64>,
+    /// Key of the audits' draw (hex), kept so that a restarted coordinator
+    /// draws from the same stream; never sent to a worker.
+    #[serde(default)]
+    pub audit_secret: Option<String>,
 }
 
 /// The coordinator of one run.
@@ -284,6 +298,8 @@ pub struct Coordinator {
     /// Replicas whose parameters' digest differed from their stage's
     /// majority, and disagreements without a majority, by stage.
     digest_mismatches: BTreeMap<usize, u64>,
+    /// Audits by recomputation, the chain check and the quarantine.
+    audits: audit::Audits,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -361,6 +377,7 @@ impl Coordinator {
             recovering_since: None,
             memory_refused: Default::default(),
             digest_mismatches: BTreeMap::new(),
+            audits: audit::Audits::new(p.audit_secret.as_deref()),
         }
     }
 
@@ -372,6 +389,7 @@ impl Coordinator {
             Err(e) => tracing::error!("reading the ledger's refusals: {e}"),
         }
         self.ledger = Some(ledger);
+        self.load_convictions();
         self
     }
 
@@ -459,6 +477,7 @@ impl Coordinator {
             recoveries: self.recoveries.0,
             recovery_seconds_total: self.recoveries.1,
             last_recovery_seconds: self.recoveries.2,
+            audit_secret: Some(self.audits.secret_hex()),
         }
     }
 
@@ -763,6 +782,13 @@ impl Coordinator {
                 ))
             }
         };
+        // A convicted identity or worker id is barred for good.
+        if let Some(e) = self
+            .barred_identity(&identity)
+            .or_else(|| req.worker.and_then(|w| self.barred_worker(w)))
+        {
+            return Err(e);
+        }
         // A worker id belongs to the identity that registered it.
         if let Some(id) = req.worker {
             let owner = self
@@ -923,6 +949,9 @@ impl Coordinator {
 
     /// The worker is alive. Returns the current epoch.
     pub fn heartbeat(&mut self, worker: u64, now: Instant) -> Result<u64, CoordError> {
+        if let Some(e) = self.barred_worker(worker) {
+            return Err(e);
+        }
         if let Some(i) = self.find(worker) {
             if let Some(s) = self.slots[i].as_mut() {
                 s.last_seen = now;
@@ -993,6 +1022,8 @@ impl Coordinator {
     /// a broken step was reported but nobody was lost within a lease.
     /// Returns the shards vacated.
     pub fn expire(&mut self, now: Instant) -> Vec<(usize, usize)> {
+        // Parties silent past an open audit's deadline.
+        self.settle_audits(now);
         let mut lost = Vec::new();
         let stale: Vec<u64> = self
             .slots
@@ -1039,6 +1070,9 @@ impl Coordinator {
 
     /// A worker's step failed.
     pub fn fail(&mut self, f: &Failure, now: Instant) -> Result<(), CoordError> {
+        if let Some(e) = self.barred_worker(f.worker) {
+            return Err(e);
+        }
         if self.find(f.worker).is_none() {
             return Err(CoordError::UnknownWorker(f.worker));
         }
@@ -1296,6 +1330,9 @@ impl Coordinator {
     /// The wiring of `worker` for the first epoch after `after`: `None`
     /// while there is none yet (poll again).
     pub fn wiring(&mut self, worker: u64, after: u64) -> Result<Option<Wiring>, CoordError> {
+        if let Some(e) = self.barred_worker(worker) {
+            return Err(e);
+        }
         let Some(i) = self.find(worker) else {
             if let Some((phase, _)) = &self.finished {
                 return Ok(Some(self.finished_wiring(*phase)));
@@ -1411,6 +1448,9 @@ impl Coordinator {
 
     /// The stage whose checkpoint part `worker` may deliver for `step`.
     pub fn checkpoint_stage(&self, worker: u64, step: u64) -> Result<usize, CoordError> {
+        if let Some(e) = self.barred_worker(worker) {
+            return Err(e);
+        }
         let i = self.find(worker).ok_or(CoordError::UnknownWorker(worker))?;
         if self.pending.as_ref().is_none_or(|p| p.step != step) {
             return Err(CoordError::Invalid(format!(
@@ -1431,6 +1471,9 @@ impl Coordinator {
     /// A worker completed a step. Returns the barrier's answer when it is
     /// decided (`None`: wait and ask [`Coordinator::barrier`] again).
     pub fn step_done(&mut self, d: &StepDone, now: Instant) -> Result<Option<Barrier>, CoordError> {
+        if let Some(e) = self.barred_worker(d.worker) {
+            return Err(e);
+        }
         self.check_report(d)?;
         let Some(i) = self.find(d.worker) else {
             self.check_running()?;
@@ -1450,6 +1493,7 @@ impl Coordinator {
                         loss: d.loss,
                         seconds: d.seconds,
                         params: c.params_digest().and_then(Result::ok),
+                        hashes: c.micro_batches.clone(),
                     });
                 }
                 s.completed = d.completed;
@@ -1636,6 +1680,7 @@ impl Coordinator {
             .plan
             .as_ref()
             .map_or(replicas, |p| p.lanes.len().max(1));
+        let tally = self.audit_tally(step);
         let entries = (0..self.slots.len())
             .filter(|&j| self.in_plan(j))
             .filter_map(|j| {
@@ -1666,13 +1711,13 @@ impl Coordinator {
                     input_grad_flops: flops[1],
                     weight_grad_flops: flops[2],
                     allreduce_bytes: allreduce,
-                    validation_flops: 0.0,
+                    validation_flops: tally.validated.get(&slot.worker).copied().unwrap_or(0.0),
                     loss: c.loss,
                     commitment: c.root,
                     signature: c.signature.clone(),
                     reported_seconds: c.seconds,
-                    audits_passed: 0,
-                    audits_failed: 0,
+                    audits_passed: tally.passed.get(&slot.worker).copied().unwrap_or(0),
+                    audits_failed: tally.failed.get(&slot.worker).copied().unwrap_or(0),
                 })
             })
             .collect();
@@ -1714,10 +1759,26 @@ impl Coordinator {
         }) {
             return None;
         }
-        if completed > self.committed && !self.digests_agree(completed, now) {
+        if completed > self.committed
+            && (!self.digests_agree(completed, now) || !self.chain_agrees(completed, now))
+        {
             return stop;
         }
         if completed > self.committed {
+            match self.audit_gate(i, completed, now) {
+                audit::Gate::Broken => return stop,
+                audit::Gate::Wait(orders) if orders.is_empty() => return None,
+                audit::Gate::Wait(orders) => {
+                    return Some(Barrier {
+                        proceed: true,
+                        checkpoint: false,
+                        route: None,
+                        traceparent: None,
+                        audits: orders,
+                    })
+                }
+                audit::Gate::Passed => {}
+            }
             // A step acknowledged to any worker is in the ledger first.
             if self.ledger.is_some() {
                 let booking = self.booking(completed);
@@ -1727,6 +1788,7 @@ impl Coordinator {
                 }
             }
             self.committed = completed;
+            self.close_audits();
             self.barrier_times.push((completed, now));
             if self.barrier_times.len() > 20 {
                 self.barrier_times.remove(0);
@@ -1830,39 +1892,25 @@ impl Coordinator {
             tracing::warn!("{text}");
             self.history.event(EventKind::Refused, text, now);
         }
-        let mut dropped = Vec::new();
-        for (stage, majority, (j, worker, identity, digest)) in outvoted {
+        if outvoted.is_empty() {
+            self.break_off(now);
+        }
+        // An outvoted replica is convicted: quarantined, not let back in.
+        for (stage, majority, (j, _, _, digest)) in outvoted {
             *self.digest_mismatches.entry(stage).or_default() += 1;
-            let _ = self.refuse(
-                Refusal {
-                    worker: Some(worker),
-                    identity: Some(identity),
-                    reason: "digest_mismatch",
-                    detail: format!(
-                        "stage {stage} replica {}'s parameters after step {step} \
-                         ({}) differ from the majority's ({})",
-                        j % r,
-                        short(&digest),
-                        short(&majority)
-                    ),
-                },
-                now,
+            let detail = format!(
+                "stage {stage} replica {}'s parameters after step {step} \
+                 ({}) differ from the majority's ({})",
+                j % r,
+                short(&digest),
+                short(&majority)
             );
-            dropped.push(worker);
-        }
-        if dropped.is_empty() {
-            if self.recovering_since.is_none() {
-                self.recovering_since = Some(now);
-            }
-            self.new_epoch(now);
-            self.make_plan(now);
-        }
-        for w in dropped {
-            self.vacate(
-                w,
-                now,
-                "its parameters' digest differs from its replicas' majority",
-            );
+            let evidence = serde_json::json!({
+                "params": digest.map(hex::encode),
+                "majority": majority.map(hex::encode),
+            })
+            .to_string();
+            self.convict(j, step, "digest_mismatch", detail, evidence, now);
         }
         false
     }
@@ -2036,6 +2084,7 @@ impl Coordinator {
             recoveries: self.recoveries.0,
             recovery_seconds_total: self.recoveries.1,
             last_recovery_seconds: self.recoveries.2,
+            quarantined: self.quarantined_status(),
         }
     }
 

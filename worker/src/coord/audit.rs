@@ -1,0 +1,1197 @@
+//! Audits by recomputation, the coordinator's part (a child of `state`, so
+//! it works on the coordinator's slots directly).
+//!
+//! * **Chain check.** At every step's barrier, for every micro-batch, the
+//!   output hash the sending shard committed must equal the input hash the
+//!   receiving shard (by the step's route) committed. A mismatch means one
+//!   of the two lies about what crossed the link, without saying which: it
+//!   is counted, refused (`chain_mismatch`, naming both) and the step is
+//!   broken off and trained again.
+//! * **Draw.** Once every report of a step is in and the digests agree,
+//!   each training shard of a stage with another training replica is
+//!   audited with probability `auditRate`: one of its micro-batches, and a
+//!   validator among the stage's other training replicas, are drawn from a
+//!   BLAKE3 stream keyed by a secret only the coordinator knows (kept in
+//!   its state file), so no worker can tell in advance which work is
+//!   checked.
+//! * **Orders.** While a step's audits are open the barrier answers only
+//!   with orders: the audited worker uploads the payloads it received for
+//!   the micro-batch (checked against its own and its neighbours' signed
+//!   hashes), the validator downloads them, recomputes, and reports signed
+//!   hashes.
+//! * **Verdict.** Hashes equal to the audited commitment pass. Different
+//!   ones call a second validator: agreeing with the commitment overturns
+//!   the first verdict (the first validator is refused), agreeing with the
+//!   first convicts the audited worker. Without a second validator the
+//!   audit is unconfirmed and the step is trained again.
+//! * **Conviction** (also for evidence never matching the commitments, and
+//!   for a replica outvoted on its parameters' digest): refused, its
+//!   identity quarantined (in the ledger too), its slot vacated, the step
+//!   trained again; any later request of that worker or identity is
+//!   answered 403 `quarantined: ...`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{CoordError, Coordinator, EventKind, Refusal};
+use crate::coord::api::{
+    audit_message, AuditClaim, AuditOrder, AuditReport, AuditResult, MicroBatchCommit,
+};
+use crate::ledger::Conviction;
+
+/// Leases an audit may stay open at least before the silent party is dealt
+/// with (see [`Coordinator::audit_deadline`]).
+const DEADLINE_LEASES: u32 = 10;
+
+/// Step durations an audit may stay open at least.
+const DEADLINE_STEPS: f64 = 4.0;
+
+/// Three hashes of one micro-batch (64 hex digits each).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Hashes {
+    input: String,
+    output: String,
+    gradient: String,
+}
+
+impl Hashes {
+    fn of(c: &MicroBatchCommit) -> Self {
+        Hashes {
+            input: c.input.clone(),
+            output: c.output.clone(),
+            gradient: c.gradient.clone(),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({"input": self.input, "output": self.output, "gradient": self.gradient})
+    }
+}
+
+/// One validator of an audit and its verdict once reported.
+#[derive(Clone, Debug)]
+struct Check {
+    worker: u64,
+    identity: String,
+    verdict: Option<Hashes>,
+}
+
+/// How an audit ended.
+#[derive(Clone, Debug, PartialEq)]
+enum Outcome {
+    /// The recomputation reproduced the commitment.
+    Passed,
+    /// The first validator's verdict was refuted by a second one.
+    Overturned,
+    /// The audited worker is convicted for this reason.
+    Convicted(&'static str, String),
+    /// Two verdicts and no way to tell who lies.
+    Unconfirmed,
+    /// A validator did not answer in time (it is vacated).
+    Silent(u64),
+}
+
+/// One audit of an open step.
+#[derive(Clone, Debug)]
+struct Audit {
+    id: u64,
+    stage: usize,
+    replica: usize,
+    worker: u64,
+    mb: u64,
+    committed: Hashes,
+    /// The provider's payloads, once they matched the commitments.
+    evidence: Option<Arc<Vec<u8>>>,
+    /// Uploads refused for not matching.
+    bad_uploads: u64,
+    checks: Vec<Check>,
+    outcome: Option<Outcome>,
+}
+
+/// The audits of one step while they are open.
+#[derive(Clone, Debug)]
+struct OpenStep {
+    epoch: u64,
+    step: u64,
+    drawn: Instant,
+    list: Vec<Audit>,
+}
+
+/// A conviction as the coordinator keeps it.
+#[derive(Clone, Debug)]
+pub(super) struct Barred {
+    pub(super) conviction: Conviction,
+    /// The refusal's detail, for the 403 answers.
+    pub(super) detail: String,
+}
+
+/// The coordinator's audit bookkeeping.
+pub(super) struct Audits {
+    /// Key of the draw stream (never sent to a worker).
+    secret: [u8; 32],
+    /// Probability a shard is audited at a step.
+    rate: f64,
+    next_id: u64,
+    open: Option<OpenStep>,
+    /// Convictions by identity (public key, hex).
+    barred: BTreeMap<String, Barred>,
+    /// Identity of each convicted worker id.
+    barred_workers: BTreeMap<u64, String>,
+    /// Audit decisions by (stage, outcome).
+    outcomes: BTreeMap<(usize, &'static str), u64>,
+    /// Decisions timed and their seconds from draw to decision.
+    seconds: (u64, f64),
+    /// Chain mismatches by receiving stage.
+    chain: BTreeMap<usize, u64>,
+}
+
+impl Audits {
+    /// Bookkeeping with `secret` (hex, from the state file) or a fresh one.
+    pub(super) fn new(secret: Option<&str>) -> Self {
+        let mut key = [0u8; 32];
+        let known = secret.is_some_and(|s| hex::decode_to_slice(s, &mut key).is_ok());
+        if !known {
+            key = rand::random();
+        }
+        Audits {
+            secret: key,
+            rate: pipewright_spec::DEFAULT_AUDIT_RATE,
+            next_id: 1,
+            open: None,
+            barred: BTreeMap::new(),
+            barred_workers: BTreeMap::new(),
+            outcomes: BTreeMap::new(),
+            seconds: (0, 0.0),
+            chain: BTreeMap::new(),
+        }
+    }
+
+    /// The secret, hex, for the state file.
+    pub(super) fn secret_hex(&self) -> String {
+        hex::encode(self.secret)
+    }
+
+    fn bar(&mut self, b: Barred) {
+        self.barred_workers
+            .insert(b.conviction.worker, b.conviction.identity.clone());
+        self.barred
+            .entry(b.conviction.identity.clone())
+            .or_insert(b);
+    }
+}
+
+/// A number drawn for `what` of shard (`stage`, `replica`) at (`epoch`,
+/// `step`) from the stream keyed by `secret`: the same for the same inputs,
+/// unpredictable without the key.
+pub(super) fn draw(
+    secret: &[u8; 32],
+    epoch: u64,
+    step: u64,
+    stage: usize,
+    replica: usize,
+    what: &str,
+) -> u64 {
+    let mut h = blake3::Hasher::new_keyed(secret);
+    h.update(
+        format!("audit {what} epoch={epoch} step={step} stage={stage} replica={replica}")
+            .as_bytes(),
+    );
+    let b = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&b.as_bytes()[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// `x` as a number uniform in `[0, 1)`.
+fn unit(x: u64) -> f64 {
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Whether `s` is 64 lowercase hex digits.
+fn is_hash(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// What the barrier does about the step's audits.
+pub(super) enum Gate {
+    /// Not decided: these orders for the asking worker (maybe none).
+    Wait(Vec<AuditOrder>),
+    /// The step was broken off (a conviction, an unconfirmed audit, a
+    /// silent validator): answer `proceed: false`.
+    Broken,
+    /// Every audit passed (or none was drawn): commit the step.
+    Passed,
+}
+
+impl Coordinator {
+    /// Sets the probability a shard is audited at each step
+    /// (`spec.validation.auditRate`; 0 turns audits off).
+    pub fn with_audit_rate(mut self, rate: f64) -> Self {
+        self.audits.rate = if rate.is_finite() {
+            rate.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        self
+    }
+
+    /// Sets the key of the audits' draw (tests; a coordinator otherwise
+    /// makes one per run and keeps it in its state file).
+    pub fn with_audit_secret(mut self, secret: [u8; 32]) -> Self {
+        self.audits.secret = secret;
+        self
+    }
+
+    /// Audit decisions by stage and outcome (`passed`, `failed`,
+    /// `overturned`, `unconfirmed`).
+    pub fn audit_outcomes(&self) -> &BTreeMap<(usize, &'static str), u64> {
+        &self.audits.outcomes
+    }
+
+    /// Audits decided and their seconds from draw to decision, all
+    /// together.
+    pub fn audit_seconds(&self) -> (u64, f64) {
+        self.audits.seconds
+    }
+
+    /// Steps broken off for a chain mismatch, by receiving stage.
+    pub fn chain_mismatches(&self) -> &BTreeMap<usize, u64> {
+        &self.audits.chain
+    }
+
+    /// The convictions, oldest first.
+    pub fn convictions(&self) -> Vec<Conviction> {
+        let mut v: Vec<Conviction> = self
+            .audits
+            .barred
+            .values()
+            .map(|b| b.conviction.clone())
+            .collect();
+        v.sort_by_key(|c| (c.step, c.worker));
+        v
+    }
+
+    /// The 403 answer for a request of a quarantined worker id, if it is
+    /// one.
+    pub fn barred_worker(&self, worker: u64) -> Option<CoordError> {
+        let identity = self.audits.barred_workers.get(&worker)?;
+        self.barred_identity(identity)
+    }
+
+    /// The 403 answer for a registration with a quarantined identity.
+    pub(super) fn barred_identity(&self, identity: &str) -> Option<CoordError> {
+        let b = self.audits.barred.get(identity)?;
+        let c = &b.conviction;
+        Some(CoordError::Quarantined(format!(
+            "quarantined: identity {} (worker {}, stage {} replica {}) was convicted at step {} \
+             for {}: {}",
+            crate::identity::fingerprint_hex(&c.identity),
+            c.worker,
+            c.stage,
+            c.replica,
+            c.step,
+            c.reason,
+            b.detail
+        )))
+    }
+
+    /// Loads the ledger's convictions (a restarted coordinator).
+    pub(super) fn load_convictions(&mut self) {
+        let Some(l) = &self.ledger else {
+            return;
+        };
+        match l.quarantined() {
+            Ok(list) => {
+                for q in list {
+                    let detail = format!("evidence {}", q.conviction.evidence);
+                    self.audits.bar(Barred {
+                        conviction: q.conviction,
+                        detail,
+                    });
+                }
+            }
+            Err(e) => tracing::error!("reading the ledger's quarantine: {e}"),
+        }
+    }
+
+    /// Convicts the worker of slot `i` at `step`: refused and counted for
+    /// `reason`, quarantined (in the ledger too), its slot vacated, the
+    /// step trained again from the last committed one.
+    pub(super) fn convict(
+        &mut self,
+        i: usize,
+        step: u64,
+        reason: &'static str,
+        detail: String,
+        evidence: String,
+        now: Instant,
+    ) {
+        let Some(slot) = self.slots[i].clone() else {
+            return;
+        };
+        let (stage, replica) = self.shard_of(i);
+        let conviction = Conviction {
+            identity: slot.identity.clone(),
+            worker: slot.worker,
+            stage,
+            replica,
+            step,
+            reason: reason.to_string(),
+            evidence,
+        };
+        let _ = self.refuse(
+            Refusal {
+                worker: Some(conviction.worker),
+                identity: Some(conviction.identity.clone()),
+                reason,
+                detail: detail.clone(),
+            },
+            now,
+        );
+        if let Some(l) = self.ledger.as_mut() {
+            if let Err(e) = l.quarantine(&conviction) {
+                tracing::error!("recording the conviction in the ledger: {e}");
+            }
+        }
+        let who = Self::who(conviction.worker, &slot.name, &conviction.identity);
+        self.history.event(
+            EventKind::Quarantined,
+            format!("{who} quarantined at step {step} ({reason}): {detail}"),
+            now,
+        );
+        let worker = conviction.worker;
+        self.audits.bar(Barred { conviction, detail });
+        self.losses.truncate(self.committed as usize);
+        self.vacate(worker, now, &format!("quarantined for {reason}"));
+    }
+
+    /// Breaks the current step off: a new epoch in which everyone keeps
+    /// their slot and trains again from the last committed step.
+    pub(super) fn break_off(&mut self, now: Instant) {
+        self.losses.truncate(self.committed as usize);
+        if self.recovering_since.is_none() {
+            self.recovering_since = Some(now);
+        }
+        self.new_epoch(now);
+        self.make_plan(now);
+    }
+
+    /// The committed hashes of micro-batch `mb` of `step` by the training
+    /// replica of `stage` the route gave it: slot and hashes.
+    fn committed_by(&self, stage: usize, mb: u64, step: u64) -> Option<(usize, &MicroBatchCommit)> {
+        let route = self.current_route();
+        let r = self.layout.replicas;
+        let replica = (0..r).find(|&x| route.mine(stage, x).contains(&mb))?;
+        let j = self.idx(stage, replica);
+        let c = self.slots[j]
+            .as_ref()?
+            .commits
+            .iter()
+            .find(|c| c.completed == step)?;
+        c.hashes.iter().find(|h| h.mb == mb).map(|h| (j, h))
+    }
+
+    /// The free check of every micro-batch of `step`: each receiving
+    /// shard's committed input equals the sending shard's committed output.
+    /// On a mismatch the step is broken off (`false`).
+    pub(super) fn chain_agrees(&mut self, step: u64, now: Instant) -> bool {
+        let mut bad = Vec::new();
+        for stage in 1..self.layout.stages {
+            let route = self.current_route();
+            let mbs: Vec<u64> = (0..self.layout.replicas)
+                .filter(|&x| self.in_plan(self.idx(stage, x)))
+                .flat_map(|x| route.mine(stage, x))
+                .collect();
+            for mb in mbs {
+                let (Some((to, got)), Some((from, sent))) = (
+                    self.committed_by(stage, mb, step),
+                    self.committed_by(stage - 1, mb, step),
+                ) else {
+                    continue;
+                };
+                if got.input != sent.output {
+                    bad.push((stage, mb, from, to, sent.output.clone(), got.input.clone()));
+                }
+            }
+        }
+        if bad.is_empty() {
+            return true;
+        }
+        for (stage, mb, from, to, sent, got) in bad {
+            *self.audits.chain.entry(stage).or_default() += 1;
+            let (sender, receiver) = (self.slots[from].clone(), self.slots[to].clone());
+            let (Some(sender), Some(receiver)) = (sender, receiver) else {
+                continue;
+            };
+            let _ = self.refuse(
+                Refusal {
+                    worker: Some(receiver.worker),
+                    identity: Some(receiver.identity.clone()),
+                    reason: "chain_mismatch",
+                    detail: format!(
+                        "micro-batch {mb} of step {step}: stage {} replica {} (worker {}) committed \
+                         output {} and stage {stage} replica {} (worker {}) committed input {}; \
+                         one of the two misreports what crossed the link",
+                        stage - 1,
+                        from % self.layout.replicas,
+                        sender.worker,
+                        short(&sent),
+                        to % self.layout.replicas,
+                        receiver.worker,
+                        short(&got)
+                    ),
+                },
+                now,
+            );
+        }
+        self.break_off(now);
+        false
+    }
+
+    /// Draws the audits of `step` in the current epoch.
+    fn draw_audits(&mut self, step: u64, now: Instant) {
+        let (stages, r) = (self.layout.stages, self.layout.replicas);
+        let mut list = Vec::new();
+        for stage in 0..stages {
+            let training: Vec<usize> = (0..r)
+                .filter(|&x| {
+                    let j = self.idx(stage, x);
+                    self.in_plan(j) && self.slots[j].is_some()
+                })
+                .collect();
+            if training.len() < 2 {
+                continue;
+            }
+            for &replica in &training {
+                let j = self.idx(stage, replica);
+                let Some(slot) = self.slots[j].as_ref() else {
+                    continue;
+                };
+                let Some(c) = slot.commits.iter().find(|c| c.completed == step) else {
+                    continue;
+                };
+                if c.hashes.is_empty() {
+                    continue;
+                }
+                let key = &self.audits.secret;
+                let pick = |what| draw(key, self.epoch, step, stage, replica, what);
+                if unit(pick("rate")) >= self.audits.rate {
+                    continue;
+                }
+                let mb = &c.hashes[(pick("mb") % c.hashes.len() as u64) as usize];
+                let others: Vec<usize> =
+                    training.iter().copied().filter(|&x| x != replica).collect();
+                let v = others[(pick("validator") % others.len() as u64) as usize];
+                let Some(vslot) = self.slots[self.idx(stage, v)].as_ref() else {
+                    continue;
+                };
+                list.push(Audit {
+                    id: 0,
+                    stage,
+                    replica,
+                    worker: slot.worker,
+                    mb: mb.mb,
+                    committed: Hashes::of(mb),
+                    evidence: None,
+                    bad_uploads: 0,
+                    checks: vec![Check {
+                        worker: vslot.worker,
+                        identity: vslot.identity.clone(),
+                        verdict: None,
+                    }],
+                    outcome: None,
+                });
+            }
+        }
+        for a in &mut list {
+            a.id = self.audits.next_id;
+            self.audits.next_id += 1;
+        }
+        if !list.is_empty() {
+            let ids: Vec<String> = list
+                .iter()
+                .map(|a| {
+                    format!(
+                        "stage {} replica {} micro-batch {}",
+                        a.stage, a.replica, a.mb
+                    )
+                })
+                .collect();
+            tracing::info!("step {step}: audits drawn: {}", ids.join(", "));
+        }
+        self.audits.open = Some(OpenStep {
+            epoch: self.epoch,
+            step,
+            drawn: now,
+            list,
+        });
+    }
+
+    /// The open audits of (`epoch`, `step`), if those are the current ones.
+    fn open_for(&self, epoch: u64, step: u64) -> Option<&OpenStep> {
+        self.audits
+            .open
+            .as_ref()
+            .filter(|o| o.epoch == epoch && o.step == step && epoch == self.epoch)
+    }
+
+    /// How long an audit may stay open: [`DEADLINE_LEASES`] leases, or
+    /// [`DEADLINE_STEPS`] times the slowest training shard's last step when
+    /// that is longer.
+    pub(super) fn audit_deadline(&self) -> Duration {
+        let slowest = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|s| s.step_seconds)
+            .fold(0.0f64, f64::max);
+        (self.lease * DEADLINE_LEASES)
+            .max(Duration::from_secs_f64((slowest * DEADLINE_STEPS).min(1e6)))
+    }
+
+    /// The barrier's decision about the audits of `step` for slot `i`:
+    /// draws them the first time, then waits for them (handing out `i`'s
+    /// orders), breaks the step off, or lets it commit.
+    pub(super) fn audit_gate(&mut self, i: usize, step: u64, now: Instant) -> Gate {
+        if self.open_for(self.epoch, step).is_none() {
+            self.draw_audits(step, now);
+        }
+        if self.settle_audits(now) {
+            return Gate::Broken;
+        }
+        let Some(open) = self.open_for(self.epoch, step) else {
+            return Gate::Broken;
+        };
+        if open.list.iter().all(|a| a.outcome.is_some()) {
+            return Gate::Passed;
+        }
+        let worker = self.slots[i].as_ref().map_or(0, |s| s.worker);
+        Gate::Wait(Self::orders(open, worker))
+    }
+
+    /// What `worker` still has to do for `open`'s undecided audits:
+    /// evidence to provide first, then recomputations.
+    fn orders(open: &OpenStep, worker: u64) -> Vec<AuditOrder> {
+        let undecided = || open.list.iter().filter(|a| a.outcome.is_none());
+        let provide = undecided()
+            .filter(|a| a.worker == worker && a.evidence.is_none())
+            .map(|a| AuditOrder {
+                audit: a.id,
+                step: open.step,
+                stage: a.stage,
+                mb: a.mb,
+                role: crate::coord::api::AuditRole::Provide,
+            });
+        let validate = undecided()
+            .filter(|a| {
+                a.checks
+                    .iter()
+                    .any(|c| c.worker == worker && c.verdict.is_none())
+            })
+            .map(|a| AuditOrder {
+                audit: a.id,
+                step: open.step,
+                stage: a.stage,
+                mb: a.mb,
+                role: crate::coord::api::AuditRole::Validate {
+                    audited_replica: a.replica,
+                },
+            });
+        provide.chain(validate).collect()
+    }
+
+    /// Decides every audit whose verdicts are in (calling a second
+    /// validator where the first disagrees), deals with parties silent past
+    /// the deadline, and carries out what the decisions call for. Returns
+    /// whether the step was broken off.
+    pub(super) fn settle_audits(&mut self, now: Instant) -> bool {
+        let Some(mut open) = self.audits.open.take() else {
+            return false;
+        };
+        if open.epoch != self.epoch {
+            // The wiring changed: the step is trained again anyway.
+            return false;
+        }
+        let late = now.saturating_duration_since(open.drawn) > self.audit_deadline();
+        let r = self.layout.replicas;
+        let mut fresh = Vec::new();
+        for a in open.list.iter_mut().filter(|a| a.outcome.is_none()) {
+            let first = a.checks[0].verdict.clone();
+            let second = a.checks.get(1).and_then(|c| c.verdict.clone());
+            a.outcome = match (first, second, a.checks.len()) {
+                (Some(v), _, _) if v == a.committed => Some(Outcome::Passed),
+                (Some(_), None, 1) => {
+                    // A second, independent validator.
+                    let taken: Vec<u64> = std::iter::once(a.worker)
+                        .chain(a.checks.iter().map(|c| c.worker))
+                        .collect();
+                    let candidates: Vec<usize> = (0..r)
+                        .map(|x| self.idx(a.stage, x))
+                        .filter(|&j| self.in_plan(j))
+                        .filter(|&j| {
+                            self.slots[j]
+                                .as_ref()
+                                .is_some_and(|s| !taken.contains(&s.worker))
+                        })
+                        .collect();
+                    if candidates.is_empty() {
+                        Some(Outcome::Unconfirmed)
+                    } else {
+                        let x = draw(
+                            &self.audits.secret,
+                            open.epoch,
+                            open.step,
+                            a.stage,
+                            a.replica,
+                            "second",
+                        );
+                        let j = candidates[(x % candidates.len() as u64) as usize];
+                        let s = self.slots[j].as_ref().expect("a candidate slot is filled");
+                        a.checks.push(Check {
+                            worker: s.worker,
+                            identity: s.identity.clone(),
+                            verdict: None,
+                        });
+                        None
+                    }
+                }
+                (Some(_), Some(v2), _) if v2 == a.committed => Some(Outcome::Overturned),
+                (Some(v1), Some(v2), _) if v1 == v2 => {
+                    let detail = format!(
+                        "stage {} replica {}'s micro-batch {} of step {} does not reproduce: it \
+                         committed input {}, output {}, gradient {}; validators {} and {} both \
+                         recomputed input {}, output {}, gradient {}",
+                        a.stage,
+                        a.replica,
+                        a.mb,
+                        open.step,
+                        short(&a.committed.input),
+                        short(&a.committed.output),
+                        short(&a.committed.gradient),
+                        crate::identity::fingerprint_hex(&a.checks[0].identity),
+                        crate::identity::fingerprint_hex(&a.checks[1].identity),
+                        short(&v1.input),
+                        short(&v1.output),
+                        short(&v1.gradient),
+                    );
+                    Some(Outcome::Convicted("failed_audit", detail))
+                }
+                (Some(_), Some(_), _) => Some(Outcome::Unconfirmed),
+                _ => None,
+            };
+            if a.outcome.is_none() && late {
+                a.outcome = Some(
+                    match (&a.evidence, a.checks.iter().find(|c| c.verdict.is_none())) {
+                        (None, _) => Outcome::Convicted(
+                            "bad_evidence",
+                            format!(
+                            "stage {} replica {} gave no evidence of micro-batch {} of step {} \
+                             matching its commitment within {:.0} s ({} upload(s) refused)",
+                            a.stage,
+                            a.replica,
+                            a.mb,
+                            open.step,
+                            self.audit_deadline().as_secs_f64(),
+                            a.bad_uploads
+                        ),
+                        ),
+                        (Some(_), Some(c)) => Outcome::Silent(c.worker),
+                        (Some(_), None) => Outcome::Unconfirmed,
+                    },
+                );
+            }
+            if let Some(o) = &a.outcome {
+                let label = match o {
+                    Outcome::Passed => Some("passed"),
+                    Outcome::Overturned => Some("overturned"),
+                    Outcome::Convicted(..) => Some("failed"),
+                    Outcome::Unconfirmed => Some("unconfirmed"),
+                    Outcome::Silent(_) => None,
+                };
+                if let Some(label) = label {
+                    *self.audits.outcomes.entry((a.stage, label)).or_default() += 1;
+                    let secs = now.saturating_duration_since(open.drawn).as_secs_f64();
+                    self.audits.seconds.0 += 1;
+                    self.audits.seconds.1 += secs;
+                }
+                fresh.push(a.clone());
+            }
+        }
+        // Carry out the decisions just taken (each once).
+        let step = open.step;
+        self.audits.open = Some(open);
+        let mut convicted = Vec::new();
+        let mut broken = false;
+        for a in fresh {
+            match a.outcome.clone() {
+                Some(Outcome::Passed) => {}
+                Some(Outcome::Overturned) => {
+                    let liar = &a.checks[0];
+                    let text = format!(
+                        "its verdict on stage {} replica {}'s micro-batch {} of step {step} was \
+                         refuted by a second validator ({}), which reproduced the commitment",
+                        a.stage,
+                        a.replica,
+                        a.mb,
+                        crate::identity::fingerprint_hex(&a.checks[1].identity)
+                    );
+                    let _ = self.refuse(
+                        Refusal {
+                            worker: Some(liar.worker),
+                            identity: Some(liar.identity.clone()),
+                            reason: "overturned_verdict",
+                            detail: text,
+                        },
+                        now,
+                    );
+                }
+                Some(Outcome::Convicted(reason, detail)) => {
+                    let recomputed: Vec<Option<serde_json::Value>> = a
+                        .checks
+                        .iter()
+                        .map(|c| c.verdict.as_ref().map(Hashes::json))
+                        .collect();
+                    let validators: Vec<&str> =
+                        a.checks.iter().map(|c| c.identity.as_str()).collect();
+                    let evidence = serde_json::json!({
+                        "audit": a.id,
+                        "mb": a.mb,
+                        "committed": a.committed.json(),
+                        "recomputed": recomputed,
+                        "validators": validators,
+                    })
+                    .to_string();
+                    convicted.push((a.worker, reason, detail, evidence));
+                }
+                Some(Outcome::Unconfirmed) => {
+                    broken = true;
+                    self.history.event(
+                        EventKind::Audit,
+                        format!(
+                            "audit of stage {} replica {}'s micro-batch {} of step {step} \
+                             unconfirmed: the verdicts disagree with the commitment and no other \
+                             validator can tell who is wrong; the step is trained again",
+                            a.stage, a.replica, a.mb
+                        ),
+                        now,
+                    );
+                }
+                Some(Outcome::Silent(w)) => {
+                    broken = true;
+                    let deadline = self.audit_deadline().as_secs_f64();
+                    self.vacate(
+                        w,
+                        now,
+                        &format!("it did not answer its audit order within {deadline:.0} s"),
+                    );
+                }
+                None => {}
+            }
+        }
+        if convicted.is_empty() && !broken {
+            return false;
+        }
+        self.audits.open = None;
+        for (worker, reason, detail, evidence) in convicted {
+            if let Some(i) = self.find(worker) {
+                self.convict(i, step, reason, detail, evidence, now);
+            }
+        }
+        if self.plan.as_ref().is_some_and(|p| p.epoch == self.epoch) {
+            // Nobody was vacated: everyone keeps their slot.
+            self.break_off(now);
+        }
+        true
+    }
+}
+
+/// The first 16 hex digits of a hash, for messages.
+fn short(h: &str) -> String {
+    h.chars().take(16).collect()
+}
+
+/// What the booking of a step takes from its audits: per worker id, audits
+/// passed and failed, and FLOPs recomputed as a validator.
+#[derive(Debug, Default)]
+pub(super) struct Tally {
+    pub(super) passed: BTreeMap<u64, u32>,
+    pub(super) failed: BTreeMap<u64, u32>,
+    pub(super) validated: BTreeMap<u64, f64>,
+}
+
+impl Coordinator {
+    /// The audits of `step` as its booking counts them: an audit passed
+    /// (or overturned) counts for the audited worker, and each validator
+    /// whose verdict reproduced the commitment is credited the forward and
+    /// input-gradient FLOPs of one micro-batch of its stage.
+    pub(super) fn audit_tally(&self, step: u64) -> Tally {
+        let mut t = Tally::default();
+        let Some(open) = self.open_for(self.epoch, step) else {
+            return t;
+        };
+        for a in &open.list {
+            match &a.outcome {
+                Some(Outcome::Passed | Outcome::Overturned) => {
+                    *t.passed.entry(a.worker).or_default() += 1;
+                }
+                Some(Outcome::Convicted(..)) => *t.failed.entry(a.worker).or_default() += 1,
+                _ => continue,
+            }
+            let flops = match &self.layout.cost {
+                Some(m) => {
+                    let layers = self
+                        .layout
+                        .stage_layers
+                        .get(a.stage)
+                        .cloned()
+                        .unwrap_or(0..0);
+                    let f = m.flops(a.stage, self.layout.stages, &layers, 1);
+                    f[0] + f[1]
+                }
+                None => 0.0,
+            };
+            for c in &a.checks {
+                if c.verdict.as_ref() == Some(&a.committed) {
+                    *t.validated.entry(c.worker).or_default() += flops;
+                }
+            }
+        }
+        t
+    }
+
+    /// Forgets the audits of a committed step.
+    pub(super) fn close_audits(&mut self) {
+        self.audits.open = None;
+    }
+
+    /// Refuses and counts a malformed or dishonest audit message of
+    /// `worker`.
+    fn refuse_audit(
+        &mut self,
+        worker: u64,
+        reason: &'static str,
+        detail: String,
+        now: Instant,
+    ) -> CoordError {
+        let identity = self
+            .find(worker)
+            .and_then(|i| self.slots[i].as_ref().map(|s| s.identity.clone()));
+        self.refuse(
+            Refusal {
+                worker: Some(worker),
+                identity,
+                reason,
+                detail,
+            },
+            now,
+        )
+    }
+
+    /// `POST /v1/audit`: `r.worker` carried out an order. A validator's
+    /// verdict must be four well-formed hex strings signed by its identity
+    /// over [`audit_message`] (`run_id` is the run's id); anything else is
+    /// refused and counted. Returns the barrier's answer for the worker
+    /// (`None`: wait).
+    pub fn audit_report(
+        &mut self,
+        r: &AuditReport,
+        run_id: &str,
+        now: Instant,
+    ) -> Result<Option<crate::coord::api::Barrier>, CoordError> {
+        if let Some(e) = self.barred_worker(r.worker) {
+            return Err(e);
+        }
+        let Some(i) = self.find(r.worker) else {
+            self.check_running()?;
+            return Err(CoordError::UnknownWorker(r.worker));
+        };
+        if let Some(s) = self.slots[i].as_mut() {
+            s.last_seen = now;
+        }
+        if r.epoch != self.epoch || r.completed <= self.committed {
+            // A stale report: the barrier says what to do now.
+            return Ok(self.barrier(r.worker, r.epoch, r.completed, now));
+        }
+        let Some(open) = self.open_for(r.epoch, r.completed) else {
+            return Err(CoordError::Invalid(format!(
+                "no audits of step {} are open",
+                r.completed
+            )));
+        };
+        let Some(at) = open.list.iter().position(|a| a.id == r.audit) else {
+            return Err(CoordError::Invalid(format!(
+                "audit {} is not one of step {}'s",
+                r.audit, r.completed
+            )));
+        };
+        let a = open.list[at].clone();
+        let step = open.step;
+        match &r.result {
+            AuditResult::Provided => {
+                if a.worker != r.worker {
+                    return Err(self.refuse_audit(
+                        r.worker,
+                        "audit_report",
+                        format!(
+                            "worker {} reports evidence for audit {} of worker {}",
+                            r.worker, a.id, a.worker
+                        ),
+                        now,
+                    ));
+                }
+            }
+            AuditResult::Recomputed {
+                output,
+                gradient,
+                input,
+                signature,
+            } => {
+                let Some(k) = a.checks.iter().position(|c| c.worker == r.worker) else {
+                    return Err(self.refuse_audit(
+                        r.worker,
+                        "audit_report",
+                        format!("worker {} is not a validator of audit {}", r.worker, a.id),
+                        now,
+                    ));
+                };
+                if ![input, output, gradient].iter().all(|h| is_hash(h)) {
+                    return Err(self.refuse_audit(
+                        r.worker,
+                        "audit_report",
+                        format!("the verdict on audit {} has hashes that are not 64 lowercase hex digits", a.id),
+                        now,
+                    ));
+                }
+                let message = audit_message(&AuditClaim {
+                    run_id,
+                    audit: a.id,
+                    step,
+                    stage: a.stage,
+                    mb: a.mb,
+                    audited_replica: a.replica,
+                    input,
+                    output,
+                    gradient,
+                });
+                let check = &a.checks[k];
+                if !crate::identity::verify(
+                    &check.identity,
+                    crate::identity::AUDIT_DOMAIN,
+                    &message,
+                    signature,
+                ) {
+                    return Err(self.refuse_audit(
+                        r.worker,
+                        "signature",
+                        format!(
+                            "the verdict on audit {} is not signed by worker {}'s identity",
+                            a.id, r.worker
+                        ),
+                        now,
+                    ));
+                }
+                let verdict = Hashes {
+                    input: input.clone(),
+                    output: output.clone(),
+                    gradient: gradient.clone(),
+                };
+                match &check.verdict {
+                    Some(v) if *v != verdict => {
+                        return Err(self.refuse_audit(
+                            r.worker,
+                            "audit_report",
+                            format!("a second, different verdict on audit {}", a.id),
+                            now,
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        if let Some(open) = self.audits.open.as_mut() {
+                            open.list[at].checks[k].verdict = Some(verdict);
+                        }
+                    }
+                }
+            }
+        }
+        self.settle_audits(now);
+        Ok(self.barrier(r.worker, r.epoch, r.completed, now))
+    }
+
+    /// The audit `audit` of the open step, with its index, or why not.
+    fn open_audit(&self, audit: u64) -> Result<(usize, &Audit, u64), CoordError> {
+        let open = self
+            .audits
+            .open
+            .as_ref()
+            .filter(|o| o.epoch == self.epoch)
+            .ok_or_else(|| CoordError::Invalid(format!("audit {audit} is not open")))?;
+        let at = open
+            .list
+            .iter()
+            .position(|a| a.id == audit && a.outcome.is_none())
+            .ok_or_else(|| CoordError::Invalid(format!("audit {audit} is not open")))?;
+        Ok((at, &open.list[at], open.step))
+    }
+
+    /// `PUT /v1/audit/{audit}/evidence?worker=W`: the audited worker's
+    /// payloads for the audited micro-batch, a safetensors file of at most
+    /// `max` bytes. Kept for the validators only when `content_hash(input)`
+    /// equals both the provider's committed input and the committed output
+    /// of the upstream shard that sent it the micro-batch, and
+    /// `content_hash(gradient)` equals the committed gradient of the
+    /// downstream shard; otherwise refused and counted (`bad_evidence`).
+    /// The upload is not signed, so a refused one does not convict by
+    /// itself: a provider with no matching upload when the audit's deadline
+    /// passes is convicted.
+    pub fn put_evidence(
+        &mut self,
+        worker: u64,
+        audit: u64,
+        bytes: Vec<u8>,
+        max: usize,
+        now: Instant,
+    ) -> Result<(), CoordError> {
+        if let Some(e) = self.barred_worker(worker) {
+            return Err(e);
+        }
+        if self.find(worker).is_none() {
+            self.check_running()?;
+            return Err(CoordError::UnknownWorker(worker));
+        }
+        let (at, a, step) = self.open_audit(audit)?;
+        if a.worker != worker {
+            return Err(CoordError::Refused(
+                "audit",
+                format!("worker {worker} is not audit {audit}'s provider"),
+            ));
+        }
+        if a.evidence.is_some() {
+            return Ok(());
+        }
+        let (stage, mb) = (a.stage, a.mb);
+        let committed = a.committed.clone();
+        let last = stage + 1 == self.layout.stages;
+        let problem = match crate::pipeline::Evidence::decode(&bytes, max) {
+            Err(e) => Some(e.to_string()),
+            Ok(ev) => {
+                let hash = |b: &Vec<u8>| hex::encode(crate::link::frame::content_hash(b));
+                let upstream = (stage > 0)
+                    .then(|| {
+                        self.committed_by(stage - 1, mb, step)
+                            .map(|(_, c)| c.output.clone())
+                    })
+                    .flatten();
+                let downstream = (!last)
+                    .then(|| {
+                        self.committed_by(stage + 1, mb, step)
+                            .map(|(_, c)| c.gradient.clone())
+                    })
+                    .flatten();
+                match (stage == 0, &ev.input, &ev.targets, &ev.gradient) {
+                    (true, Some(_), _, _) | (true, _, Some(_), _) => {
+                        Some("the first stage has no input or targets to provide".to_string())
+                    }
+                    (false, None, _, _) => Some("the input is missing".to_string()),
+                    (false, _, None, _) => Some("the targets are missing".to_string()),
+                    _ if last && ev.gradient.is_some() => {
+                        Some("the last stage receives no gradient to provide".to_string())
+                    }
+                    (_, _, _, None) if !last => Some("the gradient is missing".to_string()),
+                    (_, input, _, gradient) => {
+                        let mut p = None;
+                        if let Some(b) = input {
+                            let h = hash(b);
+                            if h != committed.input {
+                                p = Some(format!(
+                                    "the input hashes to {}, its commitment says {}",
+                                    short(&h),
+                                    short(&committed.input)
+                                ));
+                            } else if upstream.as_deref() != Some(h.as_str()) {
+                                p = Some(format!(
+                                    "the input hashes to {}, the upstream shard committed {}",
+                                    short(&h),
+                                    short(upstream.as_deref().unwrap_or("nothing"))
+                                ));
+                            }
+                        }
+                        if let (None, Some(b)) = (&p, gradient) {
+                            let h = hash(b);
+                            if downstream.as_deref() != Some(h.as_str()) {
+                                p = Some(format!(
+                                    "the gradient hashes to {}, the downstream shard committed {}",
+                                    short(&h),
+                                    short(downstream.as_deref().unwrap_or("nothing"))
+                                ));
+                            }
+                        }
+                        p
+                    }
+                }
+            }
+        };
+        match problem {
+            None => {
+                if let Some(open) = self.audits.open.as_mut() {
+                    open.list[at].evidence = Some(Arc::new(bytes));
+                }
+                self.settle_audits(now);
+                Ok(())
+            }
+            Some(p) => {
+                if let Some(open) = self.audits.open.as_mut() {
+                    open.list[at].bad_uploads += 1;
+                }
+                Err(self.refuse_audit(
+                    worker,
+                    "bad_evidence",
+                    format!("evidence of micro-batch {mb} of step {step} (audit {audit}): {p}"),
+                    now,
+                ))
+            }
+        }
+    }
+
+    /// `GET /v1/audit/{audit}/evidence?worker=W`: the evidence for one of
+    /// the audit's validators; `None` while it is not provided.
+    pub fn evidence_for(
+        &self,
+        worker: u64,
+        audit: u64,
+    ) -> Result<Option<Arc<Vec<u8>>>, CoordError> {
+        if let Some(e) = self.barred_worker(worker) {
+            return Err(e);
+        }
+        if self.find(worker).is_none() {
+            self.check_running()?;
+            return Err(CoordError::UnknownWorker(worker));
+        }
+        let (_, a, _) = self.open_audit(audit)?;
+        if !a.checks.iter().any(|c| c.worker == worker) {
+            return Err(CoordError::Refused(
+                "audit",
+                format!("worker {worker} is not a validator of audit {audit}"),
+            ));
+        }
+        Ok(a.evidence.clone())
+    }
+
+    /// The quarantined identities for `/status`.
+    pub(super) fn quarantined_status(
+        &self,
+    ) -> Vec<pipewright_spec::coordinator::QuarantinedStatus> {
+        self.convictions()
+            .into_iter()
+            .map(|c| pipewright_spec::coordinator::QuarantinedStatus {
+                identity: crate::identity::fingerprint_hex(&c.identity),
+                stage: c.stage,
+                replica: c.replica,
+                step: c.step,
+                reason: c.reason,
+            })
+            .collect()
+    }
+}

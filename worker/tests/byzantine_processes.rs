@@ -1,16 +1,27 @@
 //! Attack drills on real processes (`pipewright train --processes
 //! --byzantine`): a stage of 3 replicas with one dishonest replica, under
 //! the plain mean and under the robust aggregations; a worker that
-//! sends NaN activations, whose frames are refused and counted; and a
+//! sends NaN activations, whose frames are refused and counted; a
 //! replica that skips its update, outvoted by its replicas' parameter
-//! digests at the coordinator.
+//! digests at the coordinator, quarantined and replaced; workers that send
+//! what they did not compute, convicted by audits, quarantined and
+//! replaced; a lying auditor overturned; a forged report refused; and a
+//! clean run with audits and a worker on another thread count, where every
+//! audit passes.
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::Duration;
 
 mod common;
 
-use common::procs::{assert_same, serial, train_processes, write_inputs};
+use common::procs::{
+    assert_same, coordinator, free_port, identity, serial, train_processes, wait_for, write_inputs,
+    Procs,
+};
 use common::{losses_in, pipewright};
+use pipewright::coord::{Client, Phase};
+use pipewright::ledger::Ledger;
 
 const STEPS: u64 = 12;
 
@@ -19,7 +30,18 @@ const STEPS: u64 = 12;
 const ROBUST_BOUND: f64 = 0.25;
 
 fn manifest(dir: &Path, name: &str, stages: usize, replicas: usize, aggregation: &str) -> PathBuf {
-    let path = write_inputs(dir, name, stages, replicas, STEPS);
+    manifest_of(dir, name, stages, replicas, aggregation, STEPS)
+}
+
+fn manifest_of(
+    dir: &Path,
+    name: &str,
+    stages: usize,
+    replicas: usize,
+    aggregation: &str,
+    steps: u64,
+) -> PathBuf {
+    let path = write_inputs(dir, name, stages, replicas, steps);
     let yaml = std::fs::read_to_string(&path)
         .expect("manifest")
         .replace("every: 25", "every: 0")
@@ -123,10 +145,10 @@ fn a_stale_replica_is_outvoted_by_its_replicas_digests_and_the_run_replays_exact
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     // Replica 2 skips its update from step 3 on: at step 3's barrier its
-    // digest differs from the two others', it is refused and dropped, and
-    // its slot is refilled (it registers again) from a majority replica.
-    // Like every drill it attacks again at each later step, and is caught
-    // again each time.
+    // digest differs from the two others', it is refused, its identity
+    // quarantined, its process exits and the launcher replaces it by a
+    // fresh, honest one under a new identity, which gets a majority
+    // replica's state.
     let first = stderr
         .lines()
         .find(|l| l.contains("digest_mismatch"))
@@ -139,10 +161,227 @@ fn a_stale_replica_is_outvoted_by_its_replicas_digests_and_the_run_replays_exact
         !stderr.contains("replica 0's parameters") && !stderr.contains("replica 1's parameters"),
         "only the stale replica is outvoted: {stderr}"
     );
+    let v = verdicts(&d.join("drill"));
+    assert_eq!(
+        v.quarantined,
+        vec![(0, 2, 3, "digest_mismatch".to_string())],
+        "{stderr}"
+    );
+    assert_eq!(replaced(&d.join("drill")), vec![(0, 2)]);
+    assert!(
+        d.join("drill/identities/stage-0-replica-2").exists()
+            && d.join("drill/identities/stage-0-replica-2.2").exists(),
+        "the old identity is kept beside the new one"
+    );
     // Each caught step is trained again from the majority's state: the
     // run ends exactly where the clean one does.
     assert_same(
         &losses_in(&d.join("clean").join("summary.json")),
         &losses_in(&d.join("drill").join("summary.json")),
     );
+}
+
+/// A manifest of `steps` steps whose every shard is audited at every step
+/// (`auditRate: 1.0`), so a drill is caught at the step it starts.
+fn audited(dir: &Path, name: &str, stages: usize, replicas: usize, steps: u64) -> PathBuf {
+    let path = manifest_of(dir, name, stages, replicas, "mean", steps);
+    let yaml =
+        std::fs::read_to_string(&path).expect("manifest") + "  validation: {auditRate: 1.0}\n";
+    std::fs::write(&path, yaml).expect("write manifest");
+    path
+}
+
+/// What a run's ledger says about its audits: the quarantined identities
+/// as (stage, replica, step, reason), the refusals by reason, and the
+/// audits passed and failed over every entry.
+struct Verdicts {
+    quarantined: Vec<(usize, usize, u64, String)>,
+    refusals: Vec<(String, u64)>,
+    passed: u64,
+    failed: u64,
+}
+
+fn verdicts(out: &Path) -> Verdicts {
+    let ledger = Ledger::open_read(&out.join(pipewright::ledger::FILE)).expect("the run's ledger");
+    let quarantined = ledger
+        .quarantined()
+        .expect("quarantined")
+        .into_iter()
+        .map(|q| {
+            let c = q.conviction;
+            (c.stage, c.replica, c.step, c.reason)
+        })
+        .collect();
+    let entries = ledger.entries(0, u64::MAX).expect("entries");
+    Verdicts {
+        quarantined,
+        refusals: ledger.refusal_counts().expect("refusals"),
+        passed: entries.iter().map(|e| e.audits_passed as u64).sum(),
+        failed: entries.iter().map(|e| e.audits_failed as u64).sum(),
+    }
+}
+
+fn refused(v: &Verdicts, reason: &str) -> u64 {
+    v.refusals
+        .iter()
+        .find(|(r, _)| r == reason)
+        .map_or(0, |(_, n)| *n)
+}
+
+/// The shards whose worker the launcher replaced after a quarantine, from
+/// the run's summary.
+fn replaced(out: &Path) -> Vec<(usize, usize)> {
+    let text = std::fs::read_to_string(out.join("summary.json")).expect("summary");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    v["quarantined"]
+        .as_array()
+        .expect("a quarantined list")
+        .iter()
+        .map(|q| {
+            (
+                q["stage"].as_u64().expect("stage") as usize,
+                q["replica"].as_u64().expect("replica") as usize,
+            )
+        })
+        .collect()
+}
+
+/// `pipewright train --processes` with a drill; its standard error, after
+/// checking that it succeeded.
+fn drill(manifest: &Path, out: &Path, attack: &str) -> String {
+    let run = pipewright()
+        .args(["train", "--processes", "--quiet", "--out"])
+        .arg(out)
+        .args(["--byzantine", attack])
+        .arg(manifest)
+        .output()
+        .expect("run pipewright");
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(run.status.success(), "{attack}: {stderr}");
+    stderr
+}
+
+/// A worker that sends what it did not compute (noise on its activations,
+/// zeros for its gradients, or its previous step's activations) commits
+/// to what it sent, so the chain of hashes holds; the audit of its first
+/// attacked step recomputes its micro-batch on two other replicas, which
+/// agree with each other and not with it: it is convicted, its identity
+/// quarantined, its process exits and the launcher replaces it by a fresh
+/// one under a new identity. The attacked step is trained again: the run's
+/// losses are a clean run's.
+#[test]
+fn workers_that_send_what_they_did_not_compute_are_convicted_quarantined_and_replaced() {
+    let _one_at_a_time = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let m = audited(d, "lazy", 2, 3, 5);
+    train_processes(&m, &d.join("clean"), &[]);
+    let clean = losses_in(&d.join("clean").join("summary.json"));
+    let v = verdicts(&d.join("clean"));
+    assert!(v.quarantined.is_empty() && v.failed == 0, "clean run");
+    // Every shard with a micro-batch is audited at every step.
+    assert_eq!(v.passed, 5 * 6, "clean run's audits");
+    for (shard, attack) in [
+        ((0, 1), "act-noise@3"),
+        ((1, 2), "lazy-zeros@3"),
+        ((0, 2), "lazy-replay@3"),
+    ] {
+        let out = d.join(attack.replace('@', "-"));
+        let stderr = drill(&m, &out, &format!("{}/{}={attack}", shard.0, shard.1));
+        let v = verdicts(&out);
+        assert_eq!(
+            v.quarantined,
+            vec![(shard.0, shard.1, 3, "failed_audit".to_string())],
+            "{attack}: {stderr}"
+        );
+        assert_eq!(replaced(&out), vec![shard], "{attack}");
+        assert!(
+            stderr.contains(&format!(
+                "stage {} replica {} was quarantined",
+                shard.0, shard.1
+            )),
+            "{attack}: {stderr}"
+        );
+        assert_same(&clean, &losses_in(&out.join("summary.json")));
+    }
+}
+
+/// A validator that reports hashes it did not compute is contradicted by a
+/// second validator that agrees with the audited worker: its verdict is
+/// overturned, the audit passes, nobody is quarantined. A worker that signs
+/// its reports with a key that is not its identity's is refused. Both runs
+/// end as a clean one.
+#[test]
+fn a_lying_auditor_is_overturned_and_a_forged_report_refused() {
+    let _one_at_a_time = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let m = audited(d, "liar", 1, 3, 8);
+    train_processes(&m, &d.join("clean"), &[]);
+    let clean = losses_in(&d.join("clean").join("summary.json"));
+    let stderr = drill(&m, &d.join("lie"), "0/1=lie@2");
+    let v = verdicts(&d.join("lie"));
+    // From step 2 on, replica 1 validates two audits of each step (of
+    // replicas 0 and 2) half the time each: caught once at least.
+    assert!(refused(&v, "overturned_verdict") >= 1, "{stderr}");
+    assert!(v.quarantined.is_empty(), "{:?}", v.quarantined);
+    assert!(replaced(&d.join("lie")).is_empty());
+    assert_same(&clean, &losses_in(&d.join("lie").join("summary.json")));
+    let stderr = drill(&m, &d.join("forge"), "0/2=forge@4");
+    let v = verdicts(&d.join("forge"));
+    assert!(refused(&v, "signature") >= 1, "{stderr}");
+    assert_same(&clean, &losses_in(&d.join("forge").join("summary.json")));
+}
+
+/// A worker process of `manifest`'s shard (`stage`, `replica`) on
+/// `threads` kernel threads.
+fn worker_on(manifest: &Path, url: &str, stage: usize, replica: usize, threads: usize) -> Child {
+    pipewright()
+        .arg("worker")
+        .arg(manifest)
+        .args(["--coordinator", url, "--threads", &threads.to_string()])
+        .args([
+            "--stage",
+            &stage.to_string(),
+            "--replica",
+            &replica.to_string(),
+        ])
+        .arg("--identity")
+        .arg(identity(manifest, &format!("{stage}-{replica}")))
+        .env("PIPEWRIGHT_JOIN_TOKEN", "t0ken")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start a worker")
+}
+
+/// Honest workers pass every audit, even when the validator runs its
+/// kernels on another number of threads than the audited worker: the
+/// recomputation is bitwise the same.
+#[test]
+fn a_clean_run_with_audits_and_a_worker_on_other_threads_fails_no_audit() {
+    let _one_at_a_time = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let m = audited(d, "threads", 2, 3, 4);
+    let out = d.join("run");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let client = Client::new(&url, "t0ken", Duration::from_secs(30));
+    let mut procs = Procs(vec![coordinator(&m, &out, port)]);
+    for s in 0..2 {
+        for r in 0..3 {
+            let threads = if (s, r) == (1, 1) { 3 } else { 1 };
+            procs.0.push(worker_on(&m, &url, s, r, threads));
+        }
+    }
+    wait_for(&client, "the run to succeed", |s| {
+        s.phase == Phase::Succeeded
+    });
+    drop(procs);
+    let v = verdicts(&out);
+    assert_eq!(v.failed, 0, "refusals {:?}", v.refusals);
+    assert_eq!(v.passed, 4 * 6, "every shard audited at every step");
+    assert!(v.quarantined.is_empty(), "{:?}", v.quarantined);
+    assert!(v.refusals.is_empty(), "{:?}", v.refusals);
 }

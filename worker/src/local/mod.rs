@@ -83,7 +83,7 @@ pub fn run(manifest: &TrainingRun, opts: &LaunchOptions<'_>) -> Result<()> {
     let mut workers = Vec::with_capacity(shards);
     for s in 0..stages {
         for r in 0..replicas {
-            workers.push(spawner.spawn(s, r, 1)?);
+            workers.push(spawner.spawn(s, r, 1, 1)?);
         }
     }
     let steps = manifest.spec.training.steps;
@@ -165,6 +165,16 @@ fn start_coordinator(
         Duration::from_secs(2),
     )?;
     crate::coord::start(cfg, opts.coordinator_listen)
+}
+
+/// A line above the progress bar `bar`, or on standard error when `quiet`
+/// (a hidden bar prints nothing).
+fn say(bar: &ProgressBar, quiet: bool, line: String) {
+    if quiet {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
 }
 
 /// The progress bar of a run of `steps` steps (hidden when `quiet`).
@@ -273,7 +283,7 @@ impl Supervisor<'_> {
                 let root = self.spawner.opts.root;
                 let old = process::identity_file(root, w.stage, w.replica, w.generation);
                 let new = process::identity_file(root, w.stage, w.replica, w.generation + 1);
-                self.bar.println(format!(
+                say(&self.bar, self.quiet, format!(
                     "stage {} replica {} was quarantined at step {} (identity {}); starting a fresh worker under {}",
                     w.stage,
                     w.replica,
@@ -288,14 +298,24 @@ impl Supervisor<'_> {
                     identity: old,
                     replacement: new,
                 });
-                *w = self.spawner.spawn(w.stage, w.replica, w.generation + 1)?;
+                *w = self
+                    .spawner
+                    .spawn(w.stage, w.replica, w.generation + 1, 1)?;
                 continue;
             }
-            self.bar.println(format!(
-                "stage {} replica {} exited ({exit}); starting a new worker",
-                w.stage, w.replica
-            ));
-            *w = self.spawner.spawn(w.stage, w.replica, w.generation)?;
+            say(
+                &self.bar,
+                self.quiet,
+                format!(
+                    "stage {} replica {} exited ({exit}); starting a new worker",
+                    w.stage, w.replica
+                ),
+            );
+            // The step it was in is trained again: a drill attacks only
+            // the steps after it.
+            *w = self
+                .spawner
+                .spawn(w.stage, w.replica, w.generation, status.step + 2)?;
         }
         Ok(())
     }

@@ -43,8 +43,16 @@ pub(super) struct Spawner<'a> {
 impl Spawner<'_> {
     /// Starts the worker process of (`stage`, `replica`) under the shard's
     /// identity number `generation` (1: the first; a drill's attack is
-    /// handed to that one only).
-    pub(super) fn spawn(&self, stage: usize, replica: usize, generation: usize) -> Result<Worker> {
+    /// handed to that one only, from step `from` on at the earliest, so a
+    /// process started again does not attack the step its predecessor
+    /// attacked, which is trained again).
+    pub(super) fn spawn(
+        &self,
+        stage: usize,
+        replica: usize,
+        generation: usize,
+        from: u64,
+    ) -> Result<Worker> {
         let slowdown = self
             .opts
             .slow
@@ -59,7 +67,10 @@ impl Spawner<'_> {
             .iter()
             .find(|&&(s, r, _)| (s, r) == (stage, replica) && generation == 1);
         match attack {
-            Some((_, _, a)) => command.env(crate::pipeline::attack::ATTACK_ENV, a.to_string()),
+            Some(&(_, _, mut a)) => {
+                a.from_step = a.from_step.max(from);
+                command.env(crate::pipeline::attack::ATTACK_ENV, a.to_string())
+            }
             None => command.env_remove(crate::pipeline::attack::ATTACK_ENV),
         };
         if let Some(rate) = self.opts.max_send_rate {

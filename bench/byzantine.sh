@@ -99,6 +99,11 @@ if os.path.exists(summary):
     s = json.load(open(summary))
     row["step_seconds"] = s.get("step_seconds_measured")
     row["final_loss"] = s.get("final_loss")
+    row["summary"] = {k: v for k, v in s.items() if k not in ("losses", "final_loss")}
+if os.path.exists(run + ".restarts"):
+    row["restarts"] = open(run + ".restarts").read().splitlines()
+if int(rc) != 0 and os.path.exists(run + ".err"):
+    row["err_tail"] = open(run + ".err", errors="replace").read().splitlines()[-3:]
 db = os.path.join(run, "ledger.sqlite")
 if os.path.exists(db):
     out = subprocess.run([exe, "ledger", run, "--json"], capture_output=True, text=True)
@@ -144,6 +149,27 @@ launched() {
     echo "$rc $((($(date +%s%N) - t0) / 1000000))"
 }
 
+# shard_worker RUN_DIR MANIFEST URL TOKEN STAGE REPLICA THREADS COORDINATOR:
+# runs the worker of shard (STAGE, REPLICA) until it ends with 0 or the
+# coordinator process COORDINATOR is gone. As the launcher does, a worker
+# that exits otherwise is started again, one that was quarantined (exit
+# code 3) under a new identity; each restart is a line in RUN_DIR.restarts.
+shard_worker() {
+    local run="$1" man="$2" url="$3" token="$4" s="$5" r="$6" threads="$7" coordinator="$8"
+    local n=0 rc
+    while :; do
+        rc=0
+        PIPEWRIGHT_JOIN_TOKEN="$token" timeout "$per_run_limit" "$PIPEWRIGHT_BIN" worker "$man" \
+            --coordinator "$url" --stage "$s" --replica "$r" --threads "$threads" \
+            --identity "$run/identities/stage-$s-replica-$r-$n" >/dev/null 2>>"$run.w$s$r.err" || rc=$?
+        ((rc == 0)) && return 0
+        kill -0 "$coordinator" 2>/dev/null || return 0
+        echo "$s/$r exit $rc: $(tail -1 "$run.w$s$r.err")" >>"$run.restarts"
+        ((rc == 3)) && n=$((n + 1))
+        sleep 0.5
+    done
+}
+
 # by_hand RUN_DIR MANIFEST STAGE REPLICA: a run whose coordinator and six
 # workers this script starts, worker (STAGE, REPLICA) on 2 kernel threads
 # and the others on 1; prints the coordinator's exit code and milliseconds.
@@ -166,9 +192,7 @@ by_hand() {
         for r in 0 1 2; do
             threads=1
             [[ "$s/$r" == "$odd" ]] && threads=2
-            PIPEWRIGHT_JOIN_TOKEN="$token" timeout "$per_run_limit" "$PIPEWRIGHT_BIN" worker "$man" \
-                --coordinator "$url" --stage "$s" --replica "$r" --threads "$threads" \
-                --identity "$run/identities/stage-$s-replica-$r" >/dev/null 2>"$run.w$s$r.err" &
+            shard_worker "$run" "$man" "$url" "$token" "$s" "$r" "$threads" "$coordinator" &
             pids+=($!)
         done
     done
@@ -329,6 +353,11 @@ for r in mix:
 if same:
     print(f"Losses of every step bit for bit equal to the launcher's run of the same seed: "
           f"{sum(same)} of {len(same)} runs with a worker on 2 threads.")
+restarted = [r for r in cl if r.get("restarts")]
+if restarted:
+    print(f"Clean runs in which a worker process exited and was started again: {len(restarted)} of {len(cl)};")
+    print("first exit of each: " + "; ".join(f"seed {r['seed']} ({r['name']}): {r['restarts'][0]}"
+                                           for r in restarted) + ".")
 not_ended = [r for r in cl if r["rc"] != 0]
 if not_ended:
     ended = ", ".join("seed %d (%s, exit %d)" % (r["seed"], r["name"], r["rc"]) for r in not_ended)

@@ -283,18 +283,30 @@ impl Supervisor<'_> {
                 let root = self.spawner.opts.root;
                 let old = process::identity_file(root, w.stage, w.replica, w.generation);
                 let new = process::identity_file(root, w.stage, w.replica, w.generation + 1);
+                // The coordinator's record of the conviction, when its
+                // status already shows it.
+                let (step, reason) = self
+                    .coord
+                    .status()
+                    .quarantined
+                    .into_iter()
+                    .filter(|q| (q.stage, q.replica) == (w.stage, w.replica))
+                    .max_by_key(|q| q.step)
+                    .map_or((status.step + 1, "unknown".to_string()), |q| {
+                        (q.step, q.reason)
+                    });
                 say(&self.bar, self.quiet, format!(
-                    "stage {} replica {} was quarantined at step {} (identity {}); starting a fresh worker under {}",
+                    "stage {} replica {} was quarantined at step {step} for {reason} (identity {}); starting a fresh worker under {}",
                     w.stage,
                     w.replica,
-                    status.step,
                     old.display(),
                     new.display()
                 ));
                 self.quarantined.push(summary::Replaced {
                     stage: w.stage,
                     replica: w.replica,
-                    step: status.step,
+                    step,
+                    reason,
                     identity: old,
                     replacement: new,
                 });

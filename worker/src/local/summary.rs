@@ -39,8 +39,10 @@ pub(super) struct Finished<'a> {
 pub(super) struct Replaced {
     pub(super) stage: usize,
     pub(super) replica: usize,
-    /// The run's last completed step when it exited.
+    /// The step it was convicted at.
     pub(super) step: u64,
+    /// Why (`failed_audit`, `bad_evidence`, `digest_mismatch`).
+    pub(super) reason: String,
     /// Its identity file (kept: the identity stays barred).
     pub(super) identity: std::path::PathBuf,
     /// The replacement's identity file.
@@ -120,10 +122,11 @@ fn print_run(run: &Finished<'_>, f: &Figures) {
     );
     for q in run.quarantined {
         println!(
-            "  quarantined                stage {} replica {} at step {} ({}), replaced by a fresh worker ({})",
+            "  quarantined                stage {} replica {} at step {} for {} ({}), replaced by a fresh worker ({})",
             q.stage,
             q.replica,
             q.step,
+            q.reason,
             q.identity.display(),
             q.replacement.display()
         );
@@ -208,6 +211,7 @@ fn write_summary(run: &Finished<'_>, f: &Figures, eval: &EvalReport, unigram: f6
                 "stage": q.stage,
                 "replica": q.replica,
                 "step": q.step,
+                "reason": q.reason,
                 "identity": q.identity,
                 "replacement": q.replacement,
             }))

@@ -3,8 +3,9 @@
 //! the evidence of that micro-batch; for each it validates (`Validate`) it
 //! fetches the audited replica's evidence, recomputes the micro-batch with
 //! its snapshot of the weights of before the step, and signs the hashes.
-//! It reports every order (`POST /v1/audit`) and takes the answer as the
-//! barrier's, which may carry more orders: until one comes without.
+//! It reports every order (`POST /v1/audit`), one after the other, and
+//! takes the answer to the last as the barrier's, which may carry more
+//! orders (a second validation): until one comes without.
 //!
 //! A quarantined identity is refused on every request (HTTP 403, a body
 //! starting `quarantined:`): the worker writes the reason where Kubernetes
@@ -102,29 +103,12 @@ pub(super) fn carry_out(
             let result = validate_order(session, wk, snapshot, o)?;
             reports.push(report(session, wk, epoch, o, result));
         }
-        // Each report's answer is the step's barrier once its audits are
-        // decided: the reports wait side by side, and every answer is the
-        // same.
-        let answers: Vec<Result<Barrier, ClientError>> = std::thread::scope(|scope| {
-            let waiting: Vec<_> = reports
-                .iter()
-                .map(|r| scope.spawn(move || session.client.audit(r)))
-                .collect();
-            waiting
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(ClientError::Malformed {
-                            what: "audit",
-                            message: "the reporting thread panicked".into(),
-                        })
-                    })
-                })
-                .collect()
-        });
+        // The coordinator answers a report at once while this worker still
+        // has orders to report (listing them), and holds the last one until
+        // the step's audits are decided: that answer is the barrier's.
         let mut last = None;
-        for a in answers {
-            match a {
+        for r in &reports {
+            match session.client.audit(r) {
                 Ok(b) => last = Some(b),
                 Err(ClientError::Unknown) => return Ok(None),
                 Err(e) => return Err(client_error(e, "reporting an audit")),

@@ -47,6 +47,9 @@ const DEADLINE_LEASES: u32 = 10;
 /// Step durations an audit may stay open at least.
 const DEADLINE_STEPS: f64 = 4.0;
 
+/// Decision times kept for the metrics' histogram between scrapes.
+const RECENT: usize = 4096;
+
 /// Three hashes of one micro-batch (64 hex digits each).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Hashes {
@@ -142,6 +145,8 @@ pub(super) struct Audits {
     outcomes: BTreeMap<(usize, &'static str), u64>,
     /// Decisions timed and their seconds from draw to decision.
     seconds: (u64, f64),
+    /// The seconds of the last [`RECENT`] decisions, oldest first.
+    recent: std::collections::VecDeque<f64>,
     /// Chain mismatches by receiving stage.
     chain: BTreeMap<usize, u64>,
 }
@@ -156,13 +161,14 @@ impl Audits {
         }
         Audits {
             secret: key,
-            rate: pipewright_spec::DEFAULT_AUDIT_RATE,
+            rate: 0.0,
             next_id: 1,
             open: None,
             barred: BTreeMap::new(),
             barred_workers: BTreeMap::new(),
             outcomes: BTreeMap::new(),
             seconds: (0, 0.0),
+            recent: Default::default(),
             chain: BTreeMap::new(),
         }
     }
@@ -228,7 +234,8 @@ pub(super) enum Gate {
 
 impl Coordinator {
     /// Sets the probability a shard is audited at each step
-    /// (`spec.validation.auditRate`; 0 turns audits off).
+    /// (`spec.validation.auditRate`; 0, the state machine's default, turns
+    /// audits off).
     pub fn with_audit_rate(mut self, rate: f64) -> Self {
         self.audits.rate = if rate.is_finite() {
             rate.clamp(0.0, 1.0)
@@ -255,6 +262,21 @@ impl Coordinator {
     /// together.
     pub fn audit_seconds(&self) -> (u64, f64) {
         self.audits.seconds
+    }
+
+    /// The seconds from draw to decision of the audits decided after the
+    /// first `seen` ones (at most the last 4096 of them).
+    pub fn audit_seconds_since(&self, seen: u64) -> Vec<f64> {
+        let total = self.audits.seconds.0;
+        let new = total
+            .saturating_sub(seen)
+            .min(self.audits.recent.len() as u64) as usize;
+        self.audits
+            .recent
+            .iter()
+            .skip(self.audits.recent.len() - new)
+            .copied()
+            .collect()
     }
 
     /// Steps broken off for a chain mismatch, by receiving stage.
@@ -383,8 +405,10 @@ impl Coordinator {
     /// replica of `stage` the route gave it: slot and hashes.
     fn committed_by(&self, stage: usize, mb: u64, step: u64) -> Option<(usize, &MicroBatchCommit)> {
         let route = self.current_route();
-        let r = self.layout.replicas;
-        let replica = (0..r).find(|&x| route.mine(stage, x).contains(&mb))?;
+        let replica = *route.assign.get(stage)?.get(usize::try_from(mb).ok()?)? as usize;
+        if replica >= self.layout.replicas {
+            return None;
+        }
         let j = self.idx(stage, replica);
         let c = self.slots[j]
             .as_ref()?
@@ -716,6 +740,10 @@ impl Coordinator {
                     let secs = now.saturating_duration_since(open.drawn).as_secs_f64();
                     self.audits.seconds.0 += 1;
                     self.audits.seconds.1 += secs;
+                    if self.audits.recent.len() == RECENT {
+                        self.audits.recent.pop_front();
+                    }
+                    self.audits.recent.push_back(secs);
                 }
                 fresh.push(a.clone());
             }
@@ -1195,3 +1223,7 @@ impl Coordinator {
             .collect()
     }
 }
+
+#[cfg(test)]
+#[path = "audit_tests.rs"]
+mod tests;

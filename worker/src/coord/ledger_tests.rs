@@ -41,7 +41,8 @@ pub(in crate::coord) fn report(
             .iter()
             .map(|&mb| MicroBatchCommit {
                 mb,
-                input: "ab".repeat(32),
+                // Each stage's input is the stage before's output.
+                input: if stage == 0 { "ab" } else { "cd" }.repeat(32),
                 output: "cd".repeat(32),
                 gradient: "ef".repeat(32),
             })

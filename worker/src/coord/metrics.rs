@@ -11,6 +11,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use super::server::{lock, Shared};
@@ -48,15 +49,33 @@ pub(super) struct Metrics {
     refused_reports: Family<Labels, Counter>,
     memory_refusals: Family<Labels, Counter>,
     digest_mismatches: Family<Labels, Counter>,
+    audits: Family<Labels, Counter>,
+    quarantined: Gauge,
+    audit_seconds: Histogram,
+    /// Audit decisions already observed in `audit_seconds`.
+    audits_observed: AtomicU64,
+    chain_mismatches: Family<Labels, Counter>,
 }
+
+/// The outcomes of an audit (the `outcome` label of
+/// `pipewright_audits_total`).
+const AUDIT_OUTCOMES: [&str; 4] = ["passed", "failed", "overturned", "unconfirmed"];
+
+/// Upper bounds of `pipewright_audit_seconds`' buckets.
+const AUDIT_SECONDS_BUCKETS: [f64; 11] = [
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0,
+];
 
 /// Why a registration or step report is refused (the `reason` label of
 /// `pipewright_refused_reports_total`): a bad registration proof, an
 /// identity already holding a shard, no commitment, a step already
 /// reported, micro-batches the route did not give, fewer than it gave, a
 /// parameters' digest that is not one, or one its stage's majority
-/// outvoted.
-const REFUSAL_REASONS: [&str; 8] = [
+/// outvoted; audit evidence that does not match the commitments, a
+/// recomputation that convicted the audited worker, a validator's verdict
+/// overturned by a second validator, a malformed audit report, and a
+/// micro-batch whose sender's output and receiver's input hashes differ.
+const REFUSAL_REASONS: [&str; 13] = [
     "signature",
     "identity",
     "unsigned",
@@ -65,6 +84,11 @@ const REFUSAL_REASONS: [&str; 8] = [
     "incomplete",
     "malformed_digest",
     "digest_mismatch",
+    "bad_evidence",
+    "failed_audit",
+    "overturned_verdict",
+    "audit_report",
+    "chain_mismatch",
 ];
 
 /// What a scrape adds to the status: the ledger's figures and the
@@ -82,6 +106,16 @@ pub(super) struct LedgerFigures {
     pub(super) memory_refusals: BTreeMap<usize, u64>,
     /// Not the ledger's: parameter digest disagreements, by stage.
     pub(super) digest_mismatches: BTreeMap<usize, u64>,
+    /// Not the ledger's: audit decisions by stage and outcome.
+    pub(super) audits: BTreeMap<(usize, &'static str), u64>,
+    /// Not the ledger's: audits decided in all, and the seconds from draw
+    /// to decision of those not yet observed.
+    pub(super) audits_decided: u64,
+    pub(super) audit_seconds: Vec<f64>,
+    /// Not the ledger's: identities quarantined.
+    pub(super) quarantined: usize,
+    /// Not the ledger's: chain mismatches by receiving stage.
+    pub(super) chain_mismatches: BTreeMap<usize, u64>,
 }
 
 impl Metrics {
@@ -116,6 +150,11 @@ impl Metrics {
             refused_reports: Family::default(),
             memory_refusals: Family::default(),
             digest_mismatches: Family::default(),
+            audits: Family::default(),
+            quarantined: Gauge::default(),
+            audit_seconds: Histogram::new(AUDIT_SECONDS_BUCKETS),
+            audits_observed: AtomicU64::new(0),
+            chain_mismatches: Family::default(),
         };
         registry.register("step", "Steps completed by every worker", m.step.clone());
         registry.register(
@@ -232,6 +271,26 @@ impl Metrics {
             "Replicas of a stage whose parameters' digest differed from the majority's, and steps broken off for a disagreement without a majority",
             m.digest_mismatches.clone(),
         );
+        registry.register(
+            "audits",
+            "Audits by recomputation decided, by the audited stage and outcome: passed, failed (the audited worker convicted), overturned (the first validator's verdict refuted by a second), unconfirmed (no second validator to decide)",
+            m.audits.clone(),
+        );
+        registry.register(
+            "quarantined_workers",
+            "Identities convicted of dishonest work and barred from the run",
+            m.quarantined.clone(),
+        );
+        registry.register(
+            "audit_seconds",
+            "Seconds from an audit's draw to its decision",
+            m.audit_seconds.clone(),
+        );
+        registry.register(
+            "chain_mismatches",
+            "Micro-batches whose sending shard's committed output hash differs from the receiving shard's committed input hash, by receiving stage (the step is broken off and trained again)",
+            m.chain_mismatches.clone(),
+        );
         // Every reason shows as 0 until it happens, so a dashboard shows
         // a zero rather than no data.
         for reason in REFUSAL_REASONS {
@@ -315,6 +374,37 @@ impl Metrics {
                 c.inc_by(add);
             }
         }
+        for st in &s.stages {
+            for outcome in AUDIT_OUTCOMES {
+                let c = self.audits.get_or_create(&vec![
+                    ("stage".into(), st.stage.to_string()),
+                    ("outcome".into(), outcome.to_owned()),
+                ]);
+                let n = ledger
+                    .audits
+                    .get(&(st.stage, outcome))
+                    .copied()
+                    .unwrap_or(0);
+                let add = n.saturating_sub(c.get());
+                if add > 0 {
+                    c.inc_by(add);
+                }
+            }
+            let c = self
+                .chain_mismatches
+                .get_or_create(&vec![("stage".into(), st.stage.to_string())]);
+            let n = ledger.chain_mismatches.get(&st.stage).copied().unwrap_or(0);
+            let add = n.saturating_sub(c.get());
+            if add > 0 {
+                c.inc_by(add);
+            }
+        }
+        for secs in &ledger.audit_seconds {
+            self.audit_seconds.observe(*secs);
+        }
+        self.audits_observed
+            .store(ledger.audits_decided, std::sync::atomic::Ordering::Relaxed);
+        self.quarantined.set(ledger.quarantined as i64);
         self.step.set(s.step as i64);
         self.steps.set(s.steps as i64);
         self.checkpoint_step
@@ -428,6 +518,16 @@ pub(super) fn scrape(shared: &Shared) -> String {
     }
     figures.memory_refusals = c.memory_refusals().clone();
     figures.digest_mismatches = c.digest_mismatches().clone();
+    figures.audits = c.audit_outcomes().clone();
+    figures.audits_decided = c.audit_seconds().0;
+    figures.audit_seconds = c.audit_seconds_since(
+        shared
+            .metrics
+            .audits_observed
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
+    figures.quarantined = c.convictions().len();
+    figures.chain_mismatches = c.chain_mismatches().clone();
     drop(c);
     shared.metrics.render(&status, &figures)
 }
@@ -451,8 +551,11 @@ fn endpoint_label(path: &str) -> String {
             | "/v1/fail"
             | "/v1/challenge"
             | "/v1/ledger"
+            | "/v1/audit"
     ) {
         path.into()
+    } else if path.starts_with("/v1/audit/") && path.ends_with("/evidence") {
+        "/v1/audit/evidence".into()
     } else {
         "other".into()
     }
@@ -515,6 +618,7 @@ mod tests {
             recoveries: 1,
             recovery_seconds_total: 2.5,
             last_recovery_seconds: Some(2.5),
+            quarantined: Vec::new(),
         };
         let figures = LedgerFigures {
             flops: vec![("00".into(), 1e9)],
@@ -522,11 +626,26 @@ mod tests {
             refused: vec![],
             memory_refusals: [(0, 2)].into_iter().collect(),
             digest_mismatches: [(0, 1)].into_iter().collect(),
+            audits: [((0, "failed"), 1)].into_iter().collect(),
+            audits_decided: 2,
+            audit_seconds: vec![0.5, 3.0],
+            quarantined: 1,
+            chain_mismatches: [(0, 2)].into_iter().collect(),
         };
         let text = m.render(&status, &figures);
         // Every family has a sample, so every family is listed below.
         let families = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(families, 27, "{text}");
+        assert_eq!(families, 31, "{text}");
+        for line in [
+            "pipewright_audits_total{stage=\"0\",outcome=\"failed\"} 1",
+            "pipewright_audits_total{stage=\"0\",outcome=\"passed\"} 0",
+            "pipewright_quarantined_workers 1",
+            "pipewright_audit_seconds_count 2",
+            "pipewright_audit_seconds_sum 3.5",
+            "pipewright_chain_mismatches_total{stage=\"0\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} not in {text}");
+        }
         assert!(
             text.contains("pipewright_digest_mismatches_total{stage=\"0\"} 1"),
             "{text}"

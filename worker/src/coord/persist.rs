@@ -52,8 +52,21 @@ impl StateFile {
 fn write_state(dir: &Path, p: &Persisted) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(".state.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(p)?)
+    // It holds the audits' key: readable by its owner only.
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
+    // (A temporary file left by an older coordinator keeps its mode.)
+    #[cfg(unix)]
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .with_context(|| format!("restricting {}", tmp.display()))?;
+    std::io::Write::write_all(&mut file, &serde_json::to_vec_pretty(p)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    drop(file);
     std::fs::rename(&tmp, dir.join("state.json"))
         .with_context(|| format!("renaming {}", tmp.display()))?;
     Ok(())

@@ -926,11 +926,24 @@ fn a_replica_outvoted_by_its_stage_is_refused_dropped_and_refilled_from_the_majo
     assert_eq!(c.committed(), 2, "the minority's step is not committed");
     assert_eq!(c.digest_mismatches().get(&0), Some(&1));
     assert_eq!(c.refused().get("digest_mismatch"), Some(&1));
-    assert_eq!(
-        c.heartbeat(ids[2], now),
-        Err(CoordError::UnknownWorker(ids[2])),
-        "dropped from its slot"
-    );
+    // It is convicted: dropped from its slot and barred.
+    match c.heartbeat(ids[2], now) {
+        Err(CoordError::Quarantined(text)) => {
+            assert!(text.starts_with("quarantined:"), "{text}");
+            assert!(
+                text.contains("step 3") && text.contains("digest_mismatch"),
+                "{text}"
+            );
+        }
+        other => panic!("the outvoted replica is not barred: {other:?}"),
+    }
+    assert!(matches!(
+        c.register(reg(Some(0), Some(2), "w02"), now),
+        Err(CoordError::Quarantined(_))
+    ));
+    assert_eq!(c.convictions().len(), 1);
+    assert_eq!(c.convictions()[0].reason, "digest_mismatch");
+    assert_eq!(c.status(now).quarantined.len(), 1);
     let e2 = c.epoch();
     assert!(e2 > e1);
     assert_eq!(c.losses().len(), 2);

@@ -50,7 +50,7 @@ commit="$(git rev-parse --short HEAD)"
 manifest=bench/manifests/byzantine.yaml
 results="$work/results.jsonl"
 : >"$results"
-per_run_limit=300
+per_run_limit=120
 
 # name|spec: SR stands for the seed's shard "S/R", R for its replica.
 attacks=(
@@ -260,9 +260,9 @@ load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
 elapsed=$(($(date +%s) - started))
 cp "$results" "${out%.md}.jsonl"
 python3 - "$results" "$(machine)" "$commit" "$load_before" "$load_after" "$elapsed" \
-    "${steps:-40}" "${missing[*]:-}" >"$out" <<'PY'
+    "${steps:-40}" "${missing[*]:-}" "$per_run_limit" >"$out" <<'PY'
 import json, statistics, sys
-path, machine, commit, before, after, elapsed, steps, missing = sys.argv[1:9]
+path, machine, commit, before, after, elapsed, steps, missing, LIMIT = sys.argv[1:10]
 rows = [json.loads(l) for l in open(path)]
 order = ["act-noise", "act-scale", "sign-flip", "scale", "lazy-zeros", "lazy-replay", "stale",
          "forge", "lie", "collude"]
@@ -294,7 +294,9 @@ print("attacker's worker (a bad signature, an overturned verdict for `lie`, an o
 print("digest, a failed audit). Steps to detection: attacked steps up to the detecting one, 1 = the")
 print("first attacked step. Honest convicted: an honest shard quarantined or refused in an attack")
 print("run. Loss: the run's last loss minus the clean run's of the same seed (the launcher's clean")
-print("run with audits), median over seeds.")
+print("run with audits), median over the seeds whose runs ended.")
+print()
+print(f"Runs not ended: exited with an error, or stopped after {LIMIT} s.")
 print()
 print("| attack | runs | detected | median steps | worst steps | how (runs) | honest convicted | runs not ended | Δ loss vs clean |")
 print("|---|---:|---:|---:|---:|---|---:|---:|---:|")
@@ -316,12 +318,14 @@ for name in order:
             for h in sorted({h for _, h in hits}):
                 how[h] = how.get(h, 0) + 1
         c = clean.get(("clean", "uniform", r["seed"]))
-        if c and c.get("final_loss") is not None and r.get("final_loss") is not None:
+        if r["rc"] == 0 and c and c.get("final_loss") is not None and r.get("final_loss") is not None:
             deltas.append(r["final_loss"] - c["final_loss"])
     steps_known = [d for d in det if d is not None]
     failed = sum(1 for r in rs if r["rc"] != 0)
-    if len(det) < len(rs):
-        undetected.append((name, len(rs) - len(det), len(rs), med(deltas)))
+    missed = [r for r in rs if not any(shard in {tuple(x) for x in r["shards"]}
+                                       for shard, _, _ in verdicts(r))]
+    if missed:
+        undetected.append((name, missed, len(rs), med(deltas)))
     print(f"| {name} | {len(rs)} | {len(det)}/{len(rs)} ({100 * len(det) / len(rs):.0f}%) | "
           f"{fmt(med(steps_known), '{:g}')} | {fmt(max(steps_known) if steps_known else None)} | "
           f"{'; '.join(f'{h} ({n})' for h, n in sorted(how.items())) or '–'} | {honest} | {failed} | "
@@ -388,8 +392,16 @@ print()
 print("## Mitigated or not caught")
 print()
 if undetected:
-    for name, n, total, delta in undetected:
-        print(f"- `{name}`: undetected in {n} of {total} runs; median Δ loss vs clean {fmt(delta, '{:+.3f}')}.")
+    for name, missed, total, delta in undetected:
+        where = {}
+        for r in missed:
+            key = "stage " + " and ".join(str(s[0]) for s in r["shards"])
+            where[key] = where.get(key, 0) + 1
+        slow = [r for r in missed if r["rc"] != 0]
+        print(f"- `{name}`: undetected in {len(missed)} of {total} runs (attacker on "
+              + ", ".join(f"{k}: {n}" for k, n in sorted(where.items()))
+              + f"); median Δ loss vs clean {fmt(delta, '{:+.3f}')}"
+              + (f"; {len(slow)} of them did not end within the limit" if slow else "") + ".")
 else:
     print("Every attack run was detected.")
 print()

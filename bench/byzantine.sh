@@ -24,7 +24,8 @@
 #   --seeds N   runs per attack and without audits (default 10)
 #   --clean N   clean runs with audits (default 20)
 #   --quick     2 seeds, 2 clean runs, 20 steps: checks the harness
-# Environment: PIPEWRIGHT_BIN (a prebuilt binary; skips the build).
+# Environment: PIPEWRIGHT_BIN (a prebuilt binary; skips the build),
+# PIPEWRIGHT_BIN_COMMIT (the commit it was built from, for the report).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -38,7 +39,7 @@ while [[ $# -gt 0 ]]; do
         --clean) clean="$2"; shift 2 ;;
         --quick) seeds=2; clean=2; steps=20; shift ;;
         --out) out="$2"; shift 2 ;;
-        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -46,7 +47,7 @@ done
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 prepare
-commit="$(git rev-parse --short HEAD)"
+commit="${PIPEWRIGHT_BIN_COMMIT:-$(git rev-parse --short HEAD)}"
 manifest=bench/manifests/byzantine.yaml
 results="$work/results.jsonl"
 : >"$results"

@@ -262,7 +262,8 @@ fn drill(manifest: &Path, out: &Path, attack: &str) -> String {
 }
 
 /// A worker that sends what it did not compute (noise on its activations,
-/// zeros for its gradients, or its previous step's activations) commits
+/// zeros for its gradients, its previous step's activations, or gradients
+/// 100 times too large) commits
 /// to what it sent, so the chain of hashes holds; the audit of its first
 /// attacked step recomputes its micro-batch on two other replicas, which
 /// agree with each other and not with it: it is convicted, its identity
@@ -285,6 +286,7 @@ fn workers_that_send_what_they_did_not_compute_are_convicted_quarantined_and_rep
         ((0, 1), "act-noise@3"),
         ((1, 2), "lazy-zeros@3"),
         ((0, 2), "lazy-replay@3"),
+        ((1, 0), "act-scale@3"),
     ] {
         let out = d.join(attack.replace('@', "-"));
         let stderr = drill(&m, &out, &format!("{}/{}={attack}", shard.0, shard.1));

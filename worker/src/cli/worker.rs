@@ -158,7 +158,9 @@ pub fn run(args: WorkerArgs) -> Result<()> {
 }
 
 /// Serves one shard with `token` until the run ends; `args.progress` adds
-/// the progress line.
+/// the progress line. A worker whose identity the coordinator quarantined
+/// ends with a [`shard::Quarantined`] error: `main` prints the
+/// coordinator's line as it is and exits with [`crate::EXIT_QUARANTINED`].
 fn serve(args: WorkerArgs, token: &str) -> Result<()> {
     let progress = args.progress;
     let session = shard::Session::open(shard::Config {

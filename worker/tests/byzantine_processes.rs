@@ -247,9 +247,14 @@ fn replaced(out: &Path) -> Vec<(usize, usize)> {
 }
 
 /// `pipewright train --processes` with a drill; its standard error, after
-/// checking that it succeeded.
+/// checking that it succeeded. A quarantined worker writes its reason to
+/// `out`'s sibling `termination.log`.
 fn drill(manifest: &Path, out: &Path, attack: &str) -> String {
     let run = pipewright()
+        .env(
+            pipewright::shard::TERMINATION_LOG_ENV,
+            out.with_extension("termination.log"),
+        )
         .args(["train", "--processes", "--quiet", "--out"])
         .arg(out)
         .args(["--byzantine", attack])
@@ -297,6 +302,14 @@ fn workers_that_send_what_they_did_not_compute_are_convicted_quarantined_and_rep
             "{attack}: {stderr}"
         );
         assert_eq!(replaced(&out), vec![shard], "{attack}");
+        let message = std::fs::read_to_string(out.with_extension("termination.log"))
+            .expect("the quarantined worker's termination message");
+        assert!(
+            message.starts_with("quarantined:")
+                && message.contains("at step 3")
+                && message.contains("failed_audit"),
+            "{message}"
+        );
         assert!(
             stderr.contains(&format!(
                 "stage {} replica {} was quarantined",

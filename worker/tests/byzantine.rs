@@ -349,11 +349,26 @@ fn audit_manifest(dir: &Path, dim: usize, seq: usize, rows: usize, steps: u64) -
 /// Every worker recomputes its other replica's micro-batches after every
 /// step: the hashes equal that replica's commitment, and the audits change
 /// nothing of the workers' own training (losses and final weights are a
-/// run's without audits, bit for bit).
+/// run's without audits, bit for bit), with activations kept or
+/// recomputed.
 #[test]
 fn a_recomputed_micro_batch_gives_the_committed_hashes_and_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let m = audit_manifest(dir.path(), 32, 32, 4, 4);
+    for recompute in [
+        pipewright_spec::Recompute::Off,
+        pipewright_spec::Recompute::Full,
+    ] {
+        let mut m = audit_manifest(dir.path(), 32, 32, 4, 4);
+        m.spec.training.recompute = recompute;
+        recomputes_as_committed_and_changes_nothing(&m);
+    }
+}
+
+/// [`a_recomputed_micro_batch_gives_the_committed_hashes_and_changes_nothing`]
+/// under `m`'s activation recomputation policy (under `full` a block's
+/// backward input half runs its weight half too).
+fn recomputes_as_committed_and_changes_nothing(m: &TrainingRun) {
+    let m = m.clone();
     let audited = audited_run(&m, &[1], None, |_| {});
     let plain = audited_run(&m, &[], None, |_| {});
     let checks: Vec<&Recomputation> = audited.iter().flat_map(|a| &a.checks).collect();

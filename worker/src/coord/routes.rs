@@ -588,7 +588,8 @@ async fn step(State(shared): Coord, JsonBody(d): JsonBody<StepDone>) -> Reply {
         lock(&s.coord).finish_without_checkpoint(now());
         match decided {
             Ok(Some(mut b)) => {
-                if b.proceed {
+                // (An answer with audit orders has not passed the barrier.)
+                if b.proceed && b.audits.is_empty() {
                     b.traceparent = s.traces.barrier_passed(d.epoch, d.completed);
                     if b.checkpoint {
                         s.traces.checkpoint_ordered(d.completed);
@@ -1058,6 +1059,61 @@ pub(super) mod tests {
         let long = format!("\"{}\"", "x".repeat(MAX_JSON));
         let (code, _) = send(&c, request(Method::POST, "/v1/fail", Some(TOKEN), &long));
         assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[test]
+    fn audit_endpoints_want_the_token_bound_their_bodies_and_refuse_strangers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = coordinator(dir.path());
+        let uri = "/v1/audit/1/evidence?worker=1";
+        // No token: 401, whatever the path.
+        let (code, _) = send(&c, request(Method::GET, uri, None, ""));
+        assert_eq!(code, StatusCode::UNAUTHORIZED);
+        // Evidence larger than a micro-batch's payloads can be: 413.
+        let big = axum::http::Request::builder()
+            .method(Method::PUT)
+            .uri(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+            .header(header::CONTENT_LENGTH, (c.evidence_limit + 1).to_string())
+            .body(Body::empty())
+            .expect("request");
+        let (code, text) = send(&c, big);
+        assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE, "{text}");
+        assert!(
+            c.evidence_limit > MAX_JSON,
+            "room for a micro-batch's payloads"
+        );
+        // A worker the coordinator does not know: 404; a bad query: 400.
+        let (code, text) = send(&c, request(Method::PUT, uri, Some(TOKEN), "junk"));
+        assert_eq!(code, StatusCode::NOT_FOUND, "{text}");
+        let (code, _) = send(&c, request(Method::GET, uri, Some(TOKEN), ""));
+        assert_eq!(code, StatusCode::NOT_FOUND);
+        for bad in ["/v1/audit/x/evidence?worker=1", "/v1/audit/1/evidence"] {
+            let (code, text) = send(&c, request(Method::GET, bad, Some(TOKEN), ""));
+            assert_eq!(code, StatusCode::BAD_REQUEST, "{bad}: {text}");
+        }
+        let (code, _) = send(&c, request(Method::POST, uri, Some(TOKEN), ""));
+        assert_eq!(code, StatusCode::METHOD_NOT_ALLOWED);
+        // A malformed report: 400 naming the problem.
+        let (code, text) = send(
+            &c,
+            request(Method::POST, "/v1/audit", Some(TOKEN), r#"{"worker":1}"#),
+        );
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{text}");
+        assert!(text.contains("epoch"), "{text}");
+        let report =
+            r#"{"worker":1,"epoch":1,"completed":1,"audit":1,"result":{"kind":"provided"}}"#;
+        let (code, _) = send(&c, request(Method::POST, "/v1/audit", Some(TOKEN), report));
+        assert_eq!(code, StatusCode::NOT_FOUND);
+        let (_, text) = send(&c, request(Method::GET, "/metrics", None, ""));
+        assert!(
+            text.contains("pipewright_requests_total{path=\"/v1/audit\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pipewright_requests_total{path=\"/v1/audit/evidence\"}"),
+            "{text}"
+        );
     }
 
     #[test]

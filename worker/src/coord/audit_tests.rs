@@ -311,6 +311,9 @@ fn register(stage: Option<usize>, replica: Option<usize>, key: &Identity) -> Reg
     }
 }
 
+/// Each worker's final answer, and every order carried out.
+type Driven = (BTreeMap<u64, Option<Barrier>>, Vec<(u64, AuditOrder)>);
+
 /// Every worker of `ids` still seated reports `step`; then the orders the
 /// barrier gives are carried out until it answers without orders. Returns
 /// each worker's final answer and every order handed out.
@@ -322,7 +325,7 @@ fn drive(
     epoch: u64,
     step: u64,
     now: Instant,
-) -> (BTreeMap<u64, Option<Barrier>>, Vec<(u64, AuditOrder)>) {
+) -> Driven {
     for &id in ids {
         let d = w.report(c, id, epoch, step);
         c.step_done(&d, now).expect("step report");
@@ -355,18 +358,17 @@ fn drive(
     panic!("the audits never settled: {all:?}");
 }
 
-/// After every report of `step` is in: the worker ordered to validate
-/// `replica`'s audit first.
+/// After every report of step 1 of a one-stage run is in: the worker
+/// ordered to validate `replica`'s audit first.
 fn first_validator_of(
     c: &mut Coordinator,
     w: &World,
     ids: &[u64],
     epoch: u64,
-    step: u64,
-    stage: usize,
     replica: usize,
     now: Instant,
 ) -> u64 {
+    let (step, stage) = (1, 0);
     for &id in ids {
         c.step_done(&w.report(c, id, epoch, step), now)
             .expect("report");
@@ -535,7 +537,7 @@ fn a_lying_first_validator_is_overturned_and_the_audit_passes() {
     let (mut c, ids, keys) = setup(1, 3, 1.0, [5; 32], now);
     let e = c.epoch();
     // Whoever validates replica 0 first lies.
-    let first = first_validator_of(&mut c, &world(1), &ids, e, 1, 0, 0, now);
+    let first = first_validator_of(&mut c, &world(1), &ids, e, 0, now);
     let mut w = world(1);
     w.liars = vec![first];
     let (answers, _) = drive(&mut c, &w, &ids, &keys, e, 1, now);
@@ -815,7 +817,7 @@ fn a_validator_that_never_answers_is_vacated_at_the_deadline() {
     let now = Instant::now();
     let (mut c, ids, keys) = setup(1, 3, 1.0, [19; 32], now);
     let e = c.epoch();
-    let silent = first_validator_of(&mut c, &world(1), &ids, e, 1, 0, 0, now);
+    let silent = first_validator_of(&mut c, &world(1), &ids, e, 0, now);
     let mut w = world(1);
     w.silent = vec![silent];
     let (answers, _) = drive(&mut c, &w, &ids, &keys, e, 1, now);

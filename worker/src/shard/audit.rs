@@ -61,6 +61,25 @@ pub(super) fn client_error(e: ClientError, context: &str) -> anyhow::Error {
     }
 }
 
+/// `Ok(None)` when `e` says the step's audits are gone (the coordinator
+/// no longer knows this worker, the run ended, or it dropped the audits
+/// because the wiring changed: asking for the next wiring says what
+/// now); else the error, [`Quarantined`] when it is one.
+fn moved_on<T>(e: ClientError, context: &str) -> Result<Option<T>> {
+    match &e {
+        ClientError::Unknown | ClientError::Finished => Ok(None),
+        ClientError::Refused {
+            code: 400 | 409,
+            message,
+            ..
+        } => {
+            tracing::warn!("{context}: {message}; asking for the next wiring");
+            Ok(None)
+        }
+        _ => Err(client_error(e, context)),
+    }
+}
+
 /// Where a quarantined worker writes its reason: the file
 /// [`TERMINATION_LOG_ENV`] names, else Kubernetes' `/dev/termination-log`
 /// when it exists and is writable.
@@ -96,11 +115,15 @@ pub(super) fn carry_out(
             .partition(|o| matches!(o.role, AuditRole::Provide));
         let mut reports = Vec::with_capacity(orders.len());
         for o in provide {
-            provide_evidence(session, wk, o)?;
+            if provide_evidence(session, wk, o)?.is_none() {
+                return Ok(None);
+            }
             reports.push(report(session, wk, epoch, o, AuditResult::Provided));
         }
         for o in validate {
-            let result = validate_order(session, wk, snapshot, o)?;
+            let Some(result) = validate_order(session, wk, snapshot, o)? else {
+                return Ok(None);
+            };
             reports.push(report(session, wk, epoch, o, result));
         }
         // The coordinator answers a report at once while this worker still
@@ -110,8 +133,7 @@ pub(super) fn carry_out(
         for r in &reports {
             match session.client.audit(r) {
                 Ok(b) => last = Some(b),
-                Err(ClientError::Unknown) => return Ok(None),
-                Err(e) => return Err(client_error(e, "reporting an audit")),
+                Err(e) => return moved_on(e, "reporting an audit"),
             }
         }
         barrier = last.context("no audit report was answered")?;
@@ -137,8 +159,8 @@ fn report(
 
 /// Uploads what micro-batch `o.mb` of the step received. A worker that
 /// kept nothing for it uploads an empty file, which the coordinator
-/// judges.
-fn provide_evidence(session: &Session, wk: &StageWorker, o: &AuditOrder) -> Result<()> {
+/// judges. `None` when the audits moved on.
+fn provide_evidence(session: &Session, wk: &StageWorker, o: &AuditOrder) -> Result<Option<()>> {
     let evidence = match wk.evidence(o.mb) {
         Some(e) => e.clone(),
         None => {
@@ -152,29 +174,29 @@ fn provide_evidence(session: &Session, wk: &StageWorker, o: &AuditOrder) -> Resu
         }
     };
     let bytes = evidence.encode()?;
-    session
-        .client
-        .put_evidence(o.audit, session.worker, &bytes)
-        .map_err(|e| client_error(e, "uploading an audit's evidence"))
+    match session.client.put_evidence(o.audit, session.worker, &bytes) {
+        Ok(()) => Ok(Some(())),
+        Err(e) => moved_on(e, "uploading an audit's evidence"),
+    }
 }
 
 /// Recomputes the micro-batch `o` names from the audited replica's
 /// evidence and signs the hashes. Evidence that cannot be recomputed
 /// (malformed, or refused by the stage) gives zero hashes: it does not
-/// reproduce.
+/// reproduce. `None` when the audits moved on.
 fn validate_order(
     session: &Session,
     wk: &mut StageWorker,
     snapshot: &mut Option<StageState>,
     o: &AuditOrder,
-) -> Result<AuditResult> {
+) -> Result<Option<AuditResult>> {
     let AuditRole::Validate { audited_replica } = o.role else {
         unreachable!("only validation orders come here")
     };
-    let bytes = session
-        .client
-        .get_evidence(o.audit, session.worker)
-        .map_err(|e| client_error(e, "fetching an audit's evidence"))?;
+    let bytes = match session.client.get_evidence(o.audit, session.worker) {
+        Ok(b) => b,
+        Err(e) => return moved_on(e, "fetching an audit's evidence"),
+    };
     let before = snapshot.as_mut().with_context(|| {
         format!(
             "audit {}: no snapshot of the weights before step {}",
@@ -226,10 +248,10 @@ fn validate_order(
     let signature = session
         .identity
         .sign(crate::identity::AUDIT_DOMAIN, &audit_message(&claim));
-    Ok(AuditResult::Recomputed {
+    Ok(Some(AuditResult::Recomputed {
         output,
         gradient,
         input,
         signature,
-    })
+    }))
 }

@@ -221,7 +221,7 @@ if ((cost)); then
     rows=""
     for snap in memory disk; do
         run_one 4 "$cost_layers" none "$snap"
-        cost_rows+="| $snap | $cost_layers | ${last_tps:-"-"} |"$'\n'
+        cost_rows+="| $snap | $cost_layers | $(python3 -c 'import sys; print("%.1f" % float(sys.argv[1]) if sys.argv[1] else "-")' "$last_tps") |"$'\n'
     done
     cost_detail="$rows"
 fi

@@ -668,7 +668,11 @@ async fn put_checkpoint(State(shared): Coord, at: CheckpointAt, body: axum::body
         Ok(Err(reply)) => return reply,
         Err(e) => return Reply::Text(500, format!("request handler failed: {e}")),
     };
-    let partial = path.with_extension("partial");
+    // Its own name per upload, so a retried upload never meets one still
+    // arriving.
+    static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let partial = path.with_extension(format!("{n}.partial"));
     if let Err(reply) = receive_to_file(body, &partial).await {
         let _ = std::fs::remove_file(&partial);
         return reply;

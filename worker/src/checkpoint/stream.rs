@@ -513,7 +513,7 @@ mod tests {
         );
 
         // Another stage's parameters: refused before anything changes.
-        let mut wrong = vec![Param::filled("model.norm.weight", &[5], 3.0, false)];
+        let mut wrong = [Param::filled("model.norm.weight", &[5], 3.0, false)];
         let mut wrong_opt = AdamW::new(&wrong.iter_mut().collect::<Vec<_>>());
         let mut muts: Vec<&mut Param> = wrong.iter_mut().collect();
         let e = read_stage_into(&path, &mut muts, &mut wrong_opt).unwrap_err();

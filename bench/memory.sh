@@ -45,7 +45,7 @@ while [[ $# -gt 0 ]]; do
         --layers) fixed_layers="$2"; shift 2 ;;
         --no-cost) cost=0; shift ;;
         --out) out="$2"; shift 2 ;;
-        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done

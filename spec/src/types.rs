@@ -616,6 +616,32 @@ pub struct TrainingSpec {
     /// are the same bits either way; only memory and time change.
     #[serde(default, skip_serializing_if = "Recompute::is_off")]
     pub recompute: Recompute,
+    /// Where a shard worker keeps its weights and Adam moments one step
+    /// back, so that any plan can roll its stage back a step: `memory` (the
+    /// default) or `disk`, a file in the worker's temporary directory
+    /// (`TMPDIR`), which takes 12 bytes per parameter off the process at
+    /// the cost of writing them every step and reading them back on a
+    /// roll-back.
+    #[serde(default, skip_serializing_if = "SnapshotPlace::is_memory")]
+    pub snapshot: SnapshotPlace,
+}
+
+/// Where a shard worker keeps its state one step back
+/// (`spec.training.snapshot`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotPlace {
+    /// In the process's memory.
+    #[default]
+    Memory,
+    /// In a file of the worker's temporary directory.
+    Disk,
+}
+
+impl SnapshotPlace {
+    fn is_memory(&self) -> bool {
+        *self == SnapshotPlace::Memory
+    }
 }
 
 /// Activation recomputation policies (`spec.training.recompute`).

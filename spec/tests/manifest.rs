@@ -188,6 +188,7 @@ fn everything_set() -> TrainingRun {
                 eval_batches: 4,
                 threads: 6,
                 recompute: pipewright_spec::Recompute::Selective,
+                snapshot: pipewright_spec::SnapshotPlace::Disk,
             },
             pipeline: PipelineSpec {
                 stages: 4,

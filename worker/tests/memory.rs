@@ -245,3 +245,57 @@ spec:
         }
     }
 }
+
+/// With `spec.training.snapshot: disk` the state one step back lives in a
+/// file of each worker's temporary directory: workers killed mid-run are
+/// replaced, the survivors roll back from their files, and the run ends
+/// with the same losses as an undisturbed run that keeps its snapshots in
+/// memory. No snapshot file is left behind (a replacement removes those
+/// of killed workers), and the plan takes the snapshot off every stage.
+#[test]
+fn a_run_with_its_snapshots_on_disk_recovers_from_kills_as_one_in_memory_does() {
+    use common::procs::{assert_same, serial, train_processes, write_inputs};
+    let _one_at_a_time = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let memory = write_inputs(dir.path(), "snap", 3, 2, 40);
+    let yaml = std::fs::read_to_string(&memory).expect("manifest");
+    assert!(yaml.contains("threads: 1}"), "{yaml}");
+    let disk = dir.path().join("snap-disk.yaml");
+    std::fs::write(
+        &disk,
+        yaml.replace("threads: 1}", "threads: 1, snapshot: disk}"),
+    )
+    .expect("write manifest");
+
+    let (m, d) = (
+        pipewright_spec::load_manifest(&memory).expect("manifest"),
+        pipewright_spec::load_manifest(&disk).expect("manifest"),
+    );
+    let (pm, pd) = (plan(&m, 256, None), plan(&d, 256, None));
+    for (a, b) in pm.stages.iter().zip(&pd.stages) {
+        assert_eq!(a.total_bytes - b.total_bytes, 3 * a.weight_bytes);
+        assert_eq!(b.snapshot_bytes, 0);
+    }
+
+    train_processes(&memory, &dir.path().join("clean"), &[]);
+    let scratch = dir.path().join("scratch");
+    std::fs::create_dir_all(&scratch).expect("scratch");
+    let out = common::succeed(
+        common::pipewright()
+            .args(["train", "--processes", "--quiet", "--out"])
+            .arg(dir.path().join("drill"))
+            .args(["--kill-workers", "3", "--kill-seed", "7"])
+            .arg(&disk)
+            .env("TMPDIR", &scratch),
+    );
+    assert!(out.contains("fault drill: 3 kill(s), 3 recovered"), "{out}");
+    let summary = |run: &str| common::losses_in(&dir.path().join(run).join("summary.json"));
+    assert_same(&summary("clean"), &summary("drill"));
+    let left: Vec<_> = std::fs::read_dir(&scratch)
+        .expect("scratch")
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with("pipewright-snapshot-"))
+        .collect();
+    assert!(left.is_empty(), "snapshot files left: {left:?}");
+}

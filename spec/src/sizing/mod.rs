@@ -57,7 +57,7 @@ use std::ops::Range;
 
 use serde::Serialize;
 
-use crate::{Recompute, ScheduleKind, TokenizerKind, TrainingRun};
+use crate::{Recompute, ScheduleKind, SnapshotPlace, TokenizerKind, TrainingRun};
 pub use model::ModelConfig;
 pub use partition::partition;
 
@@ -100,13 +100,13 @@ pub struct StagePlan {
     /// ([`SLACK_BYTES_PER_PARAM`]).
     pub slack_bytes: u64,
     /// The weights and Adam moments one step back that a shard worker
-    /// keeps, so that any plan of the coordinator can roll it back.
+    /// keeps in memory, so that any plan of the coordinator can roll it
+    /// back; 0 when `spec.training.snapshot` keeps them on disk. (A
+    /// checkpoint or a hand-over is streamed from the tensors or that
+    /// file, so it adds no copy of the state.)
     pub snapshot_bytes: u64,
-    /// The stage's checkpoint (weights and moments in safetensors form),
-    /// held while a shard worker delivers it or hands its state over.
-    pub checkpoint_bytes: u64,
     /// Everything a shard process holds: weights, gradients, moments,
-    /// activations, slack, snapshot and checkpoint.
+    /// activations, slack and snapshot.
     pub total_bytes: u64,
     /// Forward + backward FLOPs per token through this stage.
     pub flops_per_token: f64,
@@ -203,6 +203,10 @@ pub fn plan(run: &TrainingRun, vocab: usize, stages: Option<usize>) -> Plan {
                 .saturating_add(backward);
             let weight_bytes = params.saturating_mul(F32);
             let slack_bytes = (params as f64 * SLACK_BYTES_PER_PARAM) as u64;
+            let snapshot_bytes = match t.snapshot {
+                SnapshotPlace::Memory => weight_bytes.saturating_mul(3),
+                SnapshotPlace::Disk => 0,
+            };
             let flops_per_token = shape.flops_per_token();
             StagePlan {
                 stage: s,
@@ -215,10 +219,10 @@ pub fn plan(run: &TrainingRun, vocab: usize, stages: Option<usize>) -> Plan {
                 peak_in_flight: in_flight,
                 activation_bytes,
                 slack_bytes,
-                snapshot_bytes: weight_bytes.saturating_mul(3),
-                checkpoint_bytes: weight_bytes.saturating_mul(3),
+                snapshot_bytes,
                 total_bytes: weight_bytes
-                    .saturating_mul(10)
+                    .saturating_mul(4)
+                    .saturating_add(snapshot_bytes)
                     .saturating_add(activation_bytes)
                     .saturating_add(slack_bytes),
                 flops_per_token,
@@ -280,8 +284,8 @@ pub fn shard_fits(p: &Plan, stage: Option<usize>, available: u64) -> Result<(), 
     }
     Err(format!(
         "stage {} (layers {}..{}) needs {} ({} weights, {} gradients, {} Adam moments, \
-         {} activations for {} micro-batch(es) in flight, {} snapshot one step back, \
-         {} checkpoint), but this machine has {} available; \
+         {} activations for {} micro-batch(es) in flight, {} snapshot one step back), \
+         but this machine has {} available; \
          the run needs more stages (spec.pipeline.stages) or machines with more memory",
         s.stage,
         s.layers.start,
@@ -293,7 +297,6 @@ pub fn shard_fits(p: &Plan, stage: Option<usize>, available: u64) -> Result<(), 
         human(s.activation_bytes),
         s.peak_in_flight,
         human(s.snapshot_bytes),
-        human(s.checkpoint_bytes),
         human(available),
     ))
 }

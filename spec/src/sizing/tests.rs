@@ -166,3 +166,20 @@ fn the_manifest_fixes_the_vocabulary_unless_a_file_does() {
     r.spec.data.tokenizer.path = Some("tokenizer.json".into());
     assert_eq!(manifest_vocab(&r), None);
 }
+
+#[test]
+fn a_snapshot_on_disk_takes_three_times_the_weights_off_every_stage() {
+    let mut r = run(SMALL, "stages: 2", 4);
+    let memory = plan(&r, 256, None);
+    r.spec.training.snapshot = SnapshotPlace::Disk;
+    let disk = plan(&r, 256, None);
+    for (m, d) in memory.stages.iter().zip(&disk.stages) {
+        assert_eq!(m.snapshot_bytes, 3 * m.weight_bytes);
+        assert_eq!(d.snapshot_bytes, 0);
+        assert_eq!(m.total_bytes - d.total_bytes, 3 * m.weight_bytes);
+        // Weights, gradients and both moments stay in memory either way.
+        assert!(d.total_bytes >= 4 * d.weight_bytes + d.activation_bytes);
+    }
+    // One process keeps no snapshot: its figure does not change.
+    assert_eq!(memory.single_process_bytes, disk.single_process_bytes);
+}

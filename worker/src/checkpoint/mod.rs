@@ -5,6 +5,7 @@
 //! a `latest` pointer.
 
 pub mod export;
+pub mod stream;
 
 use std::collections::HashMap;
 use std::fs;

@@ -115,7 +115,12 @@ fn print_table(name: &str, spec: &pipewright_spec::TrainingRunSpec, p: &Plan) {
     }
     println!(
         "a stage's total is its shard process (pipewright worker): it also holds its weights \
-         and Adam moments one step back, and its checkpoint while delivering it"
+         and Adam moments one step back ({}; a checkpoint is streamed from the tensors)",
+        match p.stages.first().map(|s| s.snapshot_bytes) {
+            Some(0) => "on disk: spec.training.snapshot is disk".to_string(),
+            Some(b) => format!("{} in memory", human(b)),
+            None => String::new(),
+        }
     );
     println!(
         "one process (pipewright train without --processes): {}",

@@ -7,6 +7,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use ureq::Agent;
 
+use crate::pipeline::StatePart;
+
 use super::api::{
     AuditReport, Barrier, Failure, Heartbeat, HeartbeatReply, Register, Registered, StepDone,
     Wiring,
@@ -83,8 +85,13 @@ pub struct Client {
 enum Body<'a> {
     None,
     Json(Vec<u8>),
-    Bytes(&'a [u8]),
+    /// A stage's state, read from its tensors (or file) as it is sent.
+    Part(&'a StatePart<'a>),
 }
+
+/// The least rate an upload of a stage's state is given time for: its
+/// deadline grows with its size beyond the client's usual 30 s.
+const PART_BYTES_PER_SECOND: u64 = 20 << 20;
 
 impl Client {
     /// A client of the coordinator at `url` (`http://host:port`).
@@ -127,22 +134,31 @@ impl Client {
                     .get(&url)
                     .header("Authorization", &self.auth)
                     .call(),
-                (Body::Bytes(b), "PUT") => self
-                    .agent
-                    .put(&url)
-                    .header("Authorization", &self.auth)
-                    .send(*b),
                 (Body::Json(b), _) => self
                     .agent
                     .post(&url)
                     .header("Authorization", &self.auth)
                     .header("Content-Type", "application/json")
                     .send(b.as_slice()),
-                (Body::Bytes(b), _) => self
-                    .agent
-                    .post(&url)
-                    .header("Authorization", &self.auth)
-                    .send(*b),
+                (Body::Part(p), _) => match p.open() {
+                    Ok(mut reader) => {
+                        let seconds = 30 + p.len() / PART_BYTES_PER_SECOND;
+                        self.agent
+                            .put(&url)
+                            .config()
+                            .timeout_global(Some(Duration::from_secs(seconds)))
+                            .build()
+                            .header("Authorization", &self.auth)
+                            .header("Content-Length", p.len().to_string())
+                            .send(ureq::SendBody::from_reader(&mut reader))
+                    }
+                    Err(e) => {
+                        return Err(ClientError::Malformed {
+                            what,
+                            message: format!("reading the state to send: {e}"),
+                        })
+                    }
+                },
             };
             let mut resp = match result {
                 Ok(r) => r,
@@ -335,10 +351,10 @@ impl Client {
         worker: u64,
         stage: usize,
         step: u64,
-        bytes: &[u8],
+        part: &StatePart<'_>,
     ) -> Result<(), ClientError> {
         let path = format!("/v1/checkpoint/{stage}?step={step}&worker={worker}");
-        self.send("checkpoint upload", "PUT", &path, Body::Bytes(bytes))
+        self.send("checkpoint upload", "PUT", &path, Body::Part(part))
             .map(|_| ())
     }
 
@@ -359,9 +375,14 @@ impl Client {
     }
 
     /// Hands this stage's state to a new replica.
-    pub fn put_state(&self, stage: usize, epoch: u64, bytes: &[u8]) -> Result<(), ClientError> {
+    pub fn put_state(
+        &self,
+        stage: usize,
+        epoch: u64,
+        part: &StatePart<'_>,
+    ) -> Result<(), ClientError> {
         let path = format!("/v1/state/{stage}?epoch={epoch}");
-        self.send("state upload", "PUT", &path, Body::Bytes(bytes))
+        self.send("state upload", "PUT", &path, Body::Part(part))
             .map(|_| ())
     }
 

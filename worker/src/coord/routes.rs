@@ -297,6 +297,7 @@ fn stage_after(path: &str, prefix: &str) -> Option<usize> {
 }
 
 /// Where a checkpoint part goes: `/v1/checkpoint/{stage}?step=N[&worker=ID]`.
+#[derive(Clone)]
 struct CheckpointAt {
     stage: usize,
     step: u64,
@@ -760,34 +761,118 @@ async fn state_method(_: StateAt) -> Reply {
 }
 
 /// `PUT /v1/checkpoint/{stage}?step=N&worker=ID`: a stage's part of the
-/// pending checkpoint, from its writer, stored in the checkpoint's
-/// temporary directory; the last part commits the checkpoint.
-async fn put_checkpoint(State(shared): Coord, at: CheckpointAt, RawBody(body): RawBody) -> Reply {
-    changing(shared, move |s| store_checkpoint_part(s, &at, &body)).await
+/// pending checkpoint, from its writer, written to the checkpoint's
+/// temporary directory as it arrives (the coordinator never holds a part
+/// in memory), checked from its header, then kept; the last part commits
+/// the checkpoint.
+async fn put_checkpoint(State(shared): Coord, at: CheckpointAt, body: axum::body::Body) -> Reply {
+    let target = {
+        let at = at.clone();
+        tokio::task::spawn_blocking({
+            let shared = shared.clone();
+            move || checkpoint_part_path(&shared, &at)
+        })
+        .await
+    };
+    let path = match target {
+        Ok(Ok(p)) => p,
+        Ok(Err(reply)) => return reply,
+        Err(e) => return Reply::Text(500, format!("request handler failed: {e}")),
+    };
+    // Its own name per upload, so a retried upload never meets one still
+    // arriving.
+    static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let partial = path.with_extension(format!("{n}.partial"));
+    if let Err(reply) = receive_to_file(body, &partial).await {
+        let _ = std::fs::remove_file(&partial);
+        return reply;
+    }
+    changing(shared, move |s| {
+        store_checkpoint_part(s, &at, &path, &partial)
+    })
+    .await
 }
 
-fn store_checkpoint_part(shared: &Shared, at: &CheckpointAt, body: &[u8]) -> Reply {
+/// Writes a request body to `path` as it arrives, refusing one over
+/// [`MAX_STATE`] bytes.
+async fn receive_to_file(mut body: axum::body::Body, path: &std::path::Path) -> Result<(), Reply> {
+    use axum::body::HttpBody;
+    use std::io::Write;
+    let failed = |e: std::io::Error| Reply::Text(500, format!("writing {}: {e}", path.display()));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(failed)?;
+    }
+    let mut file =
+        std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).map_err(failed)?);
+    let mut received = 0usize;
+    while let Some(frame) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
+        let frame = frame.map_err(|e| Reply::Text(400, format!("reading the body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            received += data.len();
+            if received > MAX_STATE {
+                return Err(Reply::Text(
+                    413,
+                    format!("body larger than {MAX_STATE} bytes"),
+                ));
+            }
+            file.write_all(&data).map_err(failed)?;
+        }
+    }
+    file.flush().map_err(failed)
+}
+
+/// Where the part `at` names goes, once its uploader is known to be the
+/// writer of that stage's part of a pending checkpoint.
+fn checkpoint_part_path(shared: &Shared, at: &CheckpointAt) -> Result<std::path::PathBuf, Reply> {
     let (stage, step) = (at.stage, at.step);
     let Some(worker) = at.worker else {
-        return Reply::Text(400, "checkpoint upload needs &worker=ID".into());
+        return Err(Reply::Text(
+            400,
+            "checkpoint upload needs &worker=ID".into(),
+        ));
     };
     let Some(ctx) = &shared.config.checkpoint else {
-        return Reply::Text(409, "this run keeps no checkpoints".into());
+        return Err(Reply::Text(409, "this run keeps no checkpoints".into()));
     };
     match lock(&shared.coord).checkpoint_stage(worker, step) {
         Ok(s) if s == stage => {}
         Ok(s) => {
-            return Reply::Text(
+            return Err(Reply::Text(
                 400,
                 format!("worker {worker} serves stage {s}, not {stage}"),
-            )
+            ))
         }
-        Err(e) => return coord_error(e),
+        Err(e) => return Err(coord_error(e)),
     }
+    Ok(checkpoint::tmp_dir(&ctx.root, step).join(format!("stage-{stage}.safetensors")))
+}
+
+/// Keeps the part received in `partial` as `path` once its writer is
+/// still the one expected and its header fits the stage; a part that does
+/// not is removed.
+fn store_checkpoint_part(
+    shared: &Shared,
+    at: &CheckpointAt,
+    path: &std::path::Path,
+    partial: &std::path::Path,
+) -> Reply {
+    let stage = at.stage;
+    let Some(worker) = at.worker else {
+        return Reply::Text(400, "checkpoint upload needs &worker=ID".into());
+    };
+    // The plan may have moved on while the part arrived.
+    if let Err(reply) = checkpoint_part_path(shared, at) {
+        let _ = std::fs::remove_file(partial);
+        return reply;
+    }
+    let Some(ctx) = &shared.config.checkpoint else {
+        return Reply::Text(409, "this run keeps no checkpoints".into());
+    };
     // Refuse a part that is not this stage's state before it is kept.
     let params_ok = {
-        let tmp = checkpoint::tmp_dir(&ctx.root, step);
-        let path = tmp.join(format!("stage-{stage}.safetensors"));
         let all = lock(&shared.coord).layout().stage_layers.clone();
         let layers = all.get(stage).cloned().unwrap_or(0..0);
         let rank = ctx
@@ -796,7 +881,7 @@ fn store_checkpoint_part(shared: &Shared, at: &CheckpointAt, body: &[u8]) -> Rep
             .spec
             .pipeline
             .lowrank_rank(ctx.meta.model.dim);
-        let st = crate::model::Stage::with_bottleneck(
+        let tensors = checkpoint::stream::stage_tensors(
             &ctx.meta.model,
             stage,
             all.len(),
@@ -804,26 +889,16 @@ fn store_checkpoint_part(shared: &Shared, at: &CheckpointAt, body: &[u8]) -> Rep
             ctx.meta.seed,
             rank,
         );
-        checkpoint::decode_stage(body, &st.params(), &path)
-            .map(|_| path)
-            .map_err(|e| e.to_string())
+        checkpoint::stream::check_stage_file(partial, &tensors).map_err(|e| e.to_string())
     };
-    let path = match params_ok {
-        Ok(p) => p,
-        Err(e) => return Reply::Text(400, format!("not a state of stage {stage}: {e}")),
-    };
-    let written = path
-        .parent()
-        .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| {
-            let part = path.with_extension("partial");
-            std::fs::write(&part, body)?;
-            std::fs::rename(&part, &path)
-        });
-    if let Err(e) = written {
+    if let Err(e) = params_ok {
+        let _ = std::fs::remove_file(partial);
+        return Reply::Text(400, format!("not a state of stage {stage}: {e}"));
+    }
+    if let Err(e) = std::fs::rename(partial, path) {
         return Reply::Text(500, format!("writing {}: {e}", path.display()));
     }
-    let done = lock(&shared.coord).checkpoint_written(worker, step);
+    let done = lock(&shared.coord).checkpoint_written(worker, at.step);
     match done {
         Ok(Some(step)) => {
             shared.commit_checkpoint(step);

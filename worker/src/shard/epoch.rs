@@ -13,15 +13,14 @@ use super::session::Session;
 use super::{state, step};
 use crate::coord::api::Wiring;
 use crate::link::{RunId, RunKey};
-use crate::pipeline::{Auth, Peers, RingPeers, Route, Shard, StageState, StageWorker};
+use crate::pipeline::{Auth, Peers, RingPeers, Route, Shard, Snapshot, StageWorker};
 use crate::telemetry::{self, span};
 
 /// What a worker holds across epochs: its stage (once wired) and a
 /// snapshot of its state one step back, so any plan can roll it back.
-#[derive(Default)]
 struct Held {
     worker: Option<StageWorker>,
-    snapshot: Option<StageState>,
+    snapshot: Snapshot,
 }
 
 impl Held {
@@ -30,7 +29,7 @@ impl Held {
     fn report(&self) -> Option<(u64, bool)> {
         self.worker
             .as_ref()
-            .map(|w| (w.steps_done(), self.snapshot.is_some()))
+            .map(|w| (w.steps_done(), self.snapshot.is_one_back(w.steps_done())))
     }
 }
 
@@ -38,7 +37,10 @@ impl Session {
     /// Epoch after epoch until the run ends: `Ok` when it succeeded.
     pub(super) fn train(&mut self) -> Result<()> {
         let steps = self.manifest.spec.training.steps;
-        let mut held = Held::default();
+        let mut held = Held {
+            worker: None,
+            snapshot: Snapshot::new(self.manifest.spec.training.snapshot),
+        };
         let mut after = 0u64;
         loop {
             let report = held.report();
@@ -100,7 +102,7 @@ impl Session {
             .is_none_or(|x| x.shard() != shard || x.stage().layers != layers)
         {
             held.worker = Some(self.new_stage(shard, layers)?);
-            held.snapshot = None;
+            held.snapshot.clear();
         }
         Ok(())
     }
@@ -130,12 +132,7 @@ impl Session {
     /// run's steps are done, or linking failed): ask for the next wiring.
     /// Restoring, handing over and linking belong to the trace of the
     /// epoch's first step.
-    fn enter(
-        &self,
-        wk: &mut StageWorker,
-        snapshot: &mut Option<StageState>,
-        w: &Wiring,
-    ) -> Result<bool> {
+    fn enter(&self, wk: &mut StageWorker, snapshot: &mut Snapshot, w: &Wiring) -> Result<bool> {
         let (stage, replica) = w.shard;
         let setup = span!(
             "epoch start",

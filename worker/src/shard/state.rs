@@ -9,10 +9,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 use super::session::Session;
-use crate::checkpoint;
 use crate::coord::api::{StateSource, Wiring};
 use crate::coord::ClientError;
-use crate::pipeline::{StageState, StageWorker};
+use crate::pipeline::{Snapshot, StageWorker, StatePart};
 
 /// Brings `worker` to the plan of the epoch `w` wires: restores its state,
 /// hands it to a new replica when asked to (the snapshot is then dropped)
@@ -22,7 +21,7 @@ use crate::pipeline::{StageState, StageWorker};
 pub(super) fn bring_to_plan(
     session: &Session,
     worker: &mut StageWorker,
-    snapshot: &mut Option<StageState>,
+    snapshot: &mut Snapshot,
     w: &Wiring,
 ) -> Result<bool> {
     match restore(worker, snapshot, w, session) {
@@ -38,13 +37,13 @@ pub(super) fn bring_to_plan(
         }
     }
     if w.upload {
-        let bytes = encode_at(worker, snapshot, w.step)?;
+        let part = part_at(worker, snapshot, w.step)?;
         session
             .client
-            .put_state(worker.shard().stage, w.epoch, &bytes)
+            .put_state(worker.shard().stage, w.epoch, &part)
             .context("handing the stage's state to a new replica")?;
     }
-    *snapshot = None;
+    snapshot.clear();
     if w.checkpoint && !write_checkpoint(session, worker, snapshot, w.step)? {
         return Ok(false);
     }
@@ -55,7 +54,7 @@ pub(super) fn bring_to_plan(
 /// `false` when the plan moved on before that could be done.
 fn restore(
     worker: &mut StageWorker,
-    snapshot: &Option<StageState>,
+    snapshot: &Snapshot,
     w: &Wiring,
     session: &Session,
 ) -> Result<bool> {
@@ -65,9 +64,9 @@ fn restore(
             if worker.steps_done() == w.step {
                 return Ok(true);
             }
-            match snapshot.as_ref().filter(|s| s.step == w.step) {
-                Some(s) => worker.restore(s)?,
-                None => bail!(
+            match snapshot.step() {
+                Some(s) if s == w.step => snapshot.restore_into(worker)?,
+                _ => bail!(
                     "the coordinator expects state at step {} here, but this worker holds step {}",
                     w.step,
                     worker.steps_done()
@@ -108,26 +107,28 @@ fn restore(
 /// Restores the stage from a state in checkpoint form (`source` names it
 /// in errors); refused, changing nothing, when it does not fit the stage.
 fn restore_bytes(worker: &mut StageWorker, bytes: &[u8], step: u64, source: String) -> Result<()> {
-    let src = PathBuf::from(source);
-    let (params, opt) = checkpoint::decode_stage(bytes, &worker.stage().params(), &src)?;
-    worker.restore(&StageState { step, params, opt })?;
+    worker.restore_part(bytes, step, &PathBuf::from(source))?;
     Ok(())
 }
 
-/// This worker's state at `step` (current or snapshot) in checkpoint form.
-/// The current state is encoded from the live tensors, without a copy.
-fn encode_at(worker: &StageWorker, snapshot: &Option<StageState>, step: u64) -> Result<Vec<u8>> {
-    let params = worker.stage().params();
-    let encoded = if worker.steps_done() == step {
-        checkpoint::encode_stage(&params, None, worker.optimizer())
+/// This worker's state at `step` (current or snapshot) in checkpoint form,
+/// encoded from the tensors as it is sent (or read from the snapshot's
+/// file): no copy of the state is made.
+fn part_at<'a>(
+    worker: &'a StageWorker,
+    snapshot: &'a Snapshot,
+    step: u64,
+) -> Result<StatePart<'a>> {
+    let part = if worker.steps_done() == step {
+        worker.part()
+    } else if snapshot.step() == Some(step) {
+        snapshot
+            .part(worker)
+            .and_then(|p| p.ok_or_else(|| "the snapshot is gone".to_string()))
     } else {
-        let state = snapshot
-            .as_ref()
-            .filter(|s| s.step == step)
-            .with_context(|| format!("no state at step {step} to hand over"))?;
-        checkpoint::encode_stage(&params, Some(&state.params), &state.opt)
+        bail!("no state at step {step} to hand over")
     };
-    encoded.map_err(|e| anyhow::anyhow!("encoding the stage's state: {e}"))
+    part.map_err(|e| anyhow::anyhow!("encoding the stage's state: {e}"))
 }
 
 /// Delivers this stage's part of the checkpoint at `step` to the
@@ -137,13 +138,13 @@ fn encode_at(worker: &StageWorker, snapshot: &Option<StageState>, step: u64) -> 
 pub(super) fn write_checkpoint(
     session: &Session,
     worker: &StageWorker,
-    snapshot: &Option<StageState>,
+    snapshot: &Snapshot,
     step: u64,
 ) -> Result<bool> {
-    let bytes = encode_at(worker, snapshot, step)?;
+    let part = part_at(worker, snapshot, step)?;
     match session
         .client
-        .put_checkpoint(session.worker, worker.shard().stage, step, &bytes)
+        .put_checkpoint(session.worker, worker.shard().stage, step, &part)
     {
         Ok(()) => Ok(true),
         Err(ClientError::Unknown) => Ok(false),

@@ -17,7 +17,7 @@ use crate::coord::api::{
     step_message, Barrier, Commitment, Failure, MicroBatchCommit, StepClaim, StepDone, Wiring,
 };
 use crate::coord::ClientError;
-use crate::pipeline::{PipelineError, StageState, StageWorker, WorkerStep};
+use crate::pipeline::{PipelineError, Snapshot, StageWorker, WorkerStep};
 use crate::telemetry::{self, span};
 
 /// Whether the epoch trains on after a step.
@@ -33,7 +33,7 @@ enum After {
 pub(super) fn run(
     session: &Session,
     wk: &mut StageWorker,
-    snapshot: &mut Option<StageState>,
+    snapshot: &mut Snapshot,
     w: &Wiring,
 ) -> Result<()> {
     let steps = session.manifest.spec.training.steps;
@@ -56,7 +56,7 @@ pub(super) fn run(
 fn one(
     session: &Session,
     wk: &mut StageWorker,
-    snapshot: &mut Option<StageState>,
+    snapshot: &mut Snapshot,
     w: &Wiring,
     parent: Option<String>,
 ) -> Result<After> {
@@ -65,13 +65,16 @@ fn one(
     let step_span = span!("shard step", stage, replica, step, epoch = w.epoch);
     telemetry::parent_on(&step_span, parent.as_deref());
     let _in_step = step_span.enter();
-    let before = wk.state();
+    // The state before the step, kept in the snapshot's own buffers (or
+    // file): after a failed step it holds the state the worker is still at.
+    snapshot
+        .keep(wk)
+        .with_context(|| format!("keeping the state of step {}", wk.steps_done()))?;
     match wk.train_step() {
         Ok(s) => {
             session
                 .metrics
                 .record_step(w.shard, w.epoch, &s, wk.traffic());
-            *snapshot = Some(before);
             let Some(barrier) = report(session, wk, w.epoch, &s)? else {
                 return Ok(After::Stop);
             };
@@ -139,7 +142,7 @@ fn report(
 fn follow(
     session: &Session,
     wk: &mut StageWorker,
-    snapshot: &Option<StageState>,
+    snapshot: &Snapshot,
     mut barrier: Barrier,
 ) -> Result<After> {
     let parent = barrier.traceparent.take();

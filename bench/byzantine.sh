@@ -25,7 +25,8 @@
 #   --clean N   clean runs with audits (default 20)
 #   --quick     2 seeds, 2 clean runs, 20 steps: checks the harness
 # Environment: PIPEWRIGHT_BIN (a prebuilt binary; skips the build),
-# PIPEWRIGHT_BIN_COMMIT (the commit it was built from, for the report).
+# PIPEWRIGHT_BIN_COMMIT (the commit it was built from, for the report),
+# BENCH_RECORDS (a file to keep every run's record in, one JSON line each).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -39,7 +40,7 @@ while [[ $# -gt 0 ]]; do
         --clean) clean="$2"; shift 2 ;;
         --quick) seeds=2; clean=2; steps=20; shift ;;
         --out) out="$2"; shift 2 ;;
-        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -259,7 +260,7 @@ for k in $(seq 1 $((half > seeds ? half : seeds))); do
 done
 load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
 elapsed=$(($(date +%s) - started))
-cp "$results" "${out%.md}.jsonl"
+[[ -n ${BENCH_RECORDS:-} ]] && cp "$results" "$BENCH_RECORDS"
 python3 - "$results" "$(machine)" "$commit" "$load_before" "$load_after" "$elapsed" \
     "${steps:-40}" "${missing[*]:-}" "$per_run_limit" >"$out" <<'PY'
 import json, statistics, sys
@@ -390,6 +391,21 @@ if na and wa:
         print(f"Losses with and without audits bit for bit equal: {sum(eq)} of {len(eq)} seeds (an audit")
         print("changes nothing of the validator's state).")
 print()
+# What each drill changes, for the attacks the checks cannot see by design.
+NOTES = {
+    "sign-flip": "The drill changes only the gradient contribution it hands to the aggregation: "
+                 "audits recompute activations and activation gradients, not contributions, and the "
+                 "parameters' digests agree since every replica applies the same median. Mitigated by "
+                 "the median, not detected.",
+    "scale": "As `sign-flip`: a gradient contribution ×100, cut off by the median, seen by no check.",
+    "lazy-zeros": "From stage 0 the zeros make the gradient contribution of the stage-1 replica that "
+                  "receives them absurd (RMSNorm of a zero vector): that stage's gradient ring refuses "
+                  "it (`absurd_norm`, counted on the link, not in the ledger) and the step breaks off "
+                  "before its barrier, where audits are drawn. A drill attacks a step number once, so "
+                  "the replay is honest: the damage is the time, an epoch per attacked step, and the "
+                  "honest receiver takes the blame on the link.",
+}
+clean_seconds = med([r["seconds"] for r in uni]) or 0.0
 print("## Mitigated or not caught")
 print()
 if undetected:
@@ -399,16 +415,18 @@ if undetected:
             key = "stage " + " and ".join(str(s[0]) for s in r["shards"])
             where[key] = where.get(key, 0) + 1
         slow = [r for r in missed if r["rc"] != 0]
+        took = med([r["seconds"] for r in missed])
         print(f"- `{name}`: undetected in {len(missed)} of {total} runs (attacker on "
               + ", ".join(f"{k}: {n}" for k, n in sorted(where.items()))
-              + f"); median Δ loss vs clean {fmt(delta, '{:+.3f}')}"
-              + (f"; {len(slow)} of them did not end within the limit" if slow else "") + ".")
+              + f"); median Δ loss vs clean {fmt(delta, '{:+.3f}')}; these runs took {took:.0f} s "
+              + f"(median; a clean run {clean_seconds:.0f} s)"
+              + (f"; {len(slow)} of them did not end within the limit" if slow else "") + ". "
+              + NOTES.get(name, ""))
 else:
     print("Every attack run was detected.")
 print()
 print(machine)
 print(f"Commit {commit}. Load average (1, 5, 15 min): {before} before, {after} after; "
-      f"{int(elapsed) // 60} min {int(elapsed) % 60} s in all. Per-run records: "
-      f"`{path.rsplit('/', 1)[-1]}` copied beside this file.")
+      f"{int(elapsed) // 60} min {int(elapsed) % 60} s in all.")
 PY
 cat "$out"

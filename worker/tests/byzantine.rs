@@ -454,3 +454,42 @@ fn corrupted_evidence_or_a_dishonest_output_does_not_reproduce() {
         }
     }
 }
+
+/// A validator whose snapshot lives on disk (`spec.training.snapshot:
+/// disk`) lends an audit the same weights of before the step as one that
+/// keeps it in memory: those the worker held before it trained the step.
+#[test]
+fn a_disk_snapshot_lends_an_audit_the_weights_of_before_the_step() {
+    use pipewright::pipeline::Snapshot;
+    use pipewright_spec::SnapshotPlace;
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path(), 1, 1, "mean");
+    let (shard, peers) = loopback_layout(1, 1, false, false)
+        .expect("bind")
+        .into_iter()
+        .next()
+        .expect("one shard");
+    let auth = Auth {
+        run_id: RunId([6; 16]),
+        key: RunKey([1; 32]),
+    };
+    let mut w = StageWorker::new(&m, shard, peers, auth, Duration::from_secs(20)).expect("worker");
+    w.train_step().expect("first step");
+    let (mut memory, mut disk) = (
+        Snapshot::new(SnapshotPlace::Memory),
+        Snapshot::new(SnapshotPlace::Disk),
+    );
+    assert!(disk.before(&w).unwrap().is_none(), "nothing kept yet");
+    memory.keep(&w).unwrap();
+    disk.keep(&w).unwrap();
+    let held: Vec<Vec<f32>> = w.stage().params().iter().map(|p| p.data.clone()).collect();
+    w.train_step().expect("second step");
+    let now: Vec<Vec<f32>> = w.stage().params().iter().map(|p| p.data.clone()).collect();
+    assert_ne!(now, held, "the step moved the weights");
+    for snap in [&mut memory, &mut disk] {
+        let mut before = snap.before(&w).unwrap().expect("kept");
+        assert_eq!(before.state().step, 1);
+        assert_eq!(before.state().params, held);
+    }
+    let _ = w.finish();
+}

@@ -343,6 +343,24 @@ pub fn read_stage_into(
     Ok(())
 }
 
+/// Reads the parameter values (not the moments) of the checkpoint part at
+/// `path` into new buffers shaped like `params` (names and lengths), in
+/// their order. The header is checked first.
+pub fn read_weights(
+    path: &Path,
+    params: &[(&str, usize)],
+) -> Result<Vec<Vec<f32>>, CheckpointError> {
+    let mut file = File::open(path).map_err(io_err(path))?;
+    let layout = layout(&mut file, params, path)?;
+    let mut out = Vec::with_capacity(params.len());
+    for (i, (_, len)) in params.iter().enumerate() {
+        let mut values = vec![0.0f32; *len];
+        read_f32_at(&mut file, layout.tensors[i][0].start, &mut values, path)?;
+        out.push(values);
+    }
+    Ok(out)
+}
+
 /// Reads the checkpoint part `bytes` (from a live replica or the
 /// coordinator) straight into `params`' values and `opt`'s moments and
 /// step count, zeroing the gradients, without decoding a copy of it. The

@@ -85,6 +85,8 @@ pub struct Client {
 enum Body<'a> {
     None,
     Json(Vec<u8>),
+    /// Raw bytes (an audit's evidence).
+    Bytes(&'a [u8]),
     /// A stage's state, read from its tensors (or file) as it is sent.
     Part(&'a StatePart<'a>),
 }
@@ -140,6 +142,16 @@ impl Client {
                     .header("Authorization", &self.auth)
                     .header("Content-Type", "application/json")
                     .send(b.as_slice()),
+                (Body::Bytes(b), "PUT") => self
+                    .agent
+                    .put(&url)
+                    .header("Authorization", &self.auth)
+                    .send(*b),
+                (Body::Bytes(b), _) => self
+                    .agent
+                    .post(&url)
+                    .header("Authorization", &self.auth)
+                    .send(*b),
                 (Body::Part(p), _) => match p.open() {
                     Ok(mut reader) => {
                         let seconds = 30 + p.len() / PART_BYTES_PER_SECOND;

@@ -62,7 +62,7 @@ use crate::telemetry::span;
 pub use attack::{Attack, AttackKind};
 pub use audit::Evidence;
 pub use route::Route;
-pub use snapshot::{Snapshot, StatePart};
+pub use snapshot::{Before, Snapshot, StatePart};
 use wire::{decode_f32, decode_scalar, decode_targets, Inbox, Sender, TIE_SLOT};
 
 /// Why a stage worker failed.

@@ -253,6 +253,61 @@ impl Snapshot {
     }
 }
 
+/// The state before a step, lent to recompute a micro-batch of that step
+/// (an audit): the kept state itself in memory, or, from a disk snapshot,
+/// its weights read back into buffers of their own (the moments are not
+/// needed and not read).
+pub enum Before<'a> {
+    /// The in-memory snapshot.
+    Kept(&'a mut StageState),
+    /// Weights read back from the disk snapshot.
+    Read(StageState),
+}
+
+impl Before<'_> {
+    /// The state to recompute with.
+    pub fn state(&mut self) -> &mut StageState {
+        match self {
+            Before::Kept(s) => s,
+            Before::Read(s) => s,
+        }
+    }
+}
+
+impl Snapshot {
+    /// The state kept, to recompute a micro-batch of the step after it;
+    /// `None` when nothing is kept. A disk snapshot's weights are read back
+    /// (costing one read of the weights and their size in memory while the
+    /// audit runs).
+    pub fn before(&mut self, wk: &StageWorker) -> Result<Option<Before<'_>>, PipelineError> {
+        let Some(step) = self.step else {
+            return Ok(None);
+        };
+        match &mut self.kept {
+            Kept::Memory(Some(s)) => Ok(Some(Before::Kept(s))),
+            Kept::Memory(None) => Ok(None),
+            Kept::Disk(path) => {
+                let params = wk.stage.params();
+                let shapes: Vec<(&str, usize)> =
+                    params.iter().map(|p| (p.name.as_str(), p.len())).collect();
+                let weights =
+                    crate::checkpoint::stream::read_weights(path, &shapes).map_err(|e| {
+                        PipelineError::Layout(format!("reading the snapshot back: {e}"))
+                    })?;
+                Ok(Some(Before::Read(StageState {
+                    step,
+                    params: weights,
+                    opt: crate::optim::AdamW {
+                        m: Vec::new(),
+                        v: Vec::new(),
+                        t: 0,
+                    },
+                })))
+            }
+        }
+    }
+}
+
 impl Drop for Snapshot {
     fn drop(&mut self) {
         self.clear();

@@ -21,7 +21,7 @@ use crate::coord::api::{
     audit_message, AuditClaim, AuditOrder, AuditReport, AuditResult, AuditRole, Barrier,
 };
 use crate::coord::ClientError;
-use crate::pipeline::{AttackKind, Evidence, MicroBatchHashes, StageState, StageWorker};
+use crate::pipeline::{AttackKind, Evidence, MicroBatchHashes, Snapshot, StageWorker};
 use crate::telemetry::span;
 
 /// The environment variable naming the file a quarantined worker writes
@@ -99,7 +99,7 @@ fn termination_log() -> Option<PathBuf> {
 pub(super) fn carry_out(
     session: &Session,
     wk: &mut StageWorker,
-    snapshot: &mut Option<StageState>,
+    snapshot: &mut Snapshot,
     epoch: u64,
     mut barrier: Barrier,
 ) -> Result<Option<Barrier>> {
@@ -187,7 +187,7 @@ fn provide_evidence(session: &Session, wk: &StageWorker, o: &AuditOrder) -> Resu
 fn validate_order(
     session: &Session,
     wk: &mut StageWorker,
-    snapshot: &mut Option<StageState>,
+    snapshot: &mut Snapshot,
     o: &AuditOrder,
 ) -> Result<Option<AuditResult>> {
     let AuditRole::Validate { audited_replica } = o.role else {
@@ -197,15 +197,18 @@ fn validate_order(
         Ok(b) => b,
         Err(e) => return moved_on(e, "fetching an audit's evidence"),
     };
-    let before = snapshot.as_mut().with_context(|| {
-        format!(
-            "audit {}: no snapshot of the weights before step {}",
-            o.audit, o.step
-        )
-    })?;
+    let mut before = snapshot
+        .before(wk)
+        .with_context(|| format!("audit {}: the snapshot", o.audit))?
+        .with_context(|| {
+            format!(
+                "audit {}: no snapshot of the weights before step {}",
+                o.audit, o.step
+            )
+        })?;
     let t = std::time::Instant::now();
     let recomputed = Evidence::decode(&bytes, wk.evidence_limit())
-        .and_then(|e| wk.recompute(before, o.step.saturating_sub(1), o.mb, &e));
+        .and_then(|e| wk.recompute(before.state(), o.step.saturating_sub(1), o.mb, &e));
     let mut hashes = match recomputed {
         Ok(h) => h,
         Err(e) => {

@@ -39,6 +39,7 @@ use crate::coord::api::{
     audit_message, AuditClaim, AuditOrder, AuditReport, AuditResult, MicroBatchCommit,
 };
 use crate::ledger::Conviction;
+use crate::pipeline::Route;
 
 /// Leases an audit may stay open at least before the silent party is dealt
 /// with (see [`Coordinator::audit_deadline`]).
@@ -402,9 +403,15 @@ impl Coordinator {
     }
 
     /// The committed hashes of micro-batch `mb` of `step` by the training
-    /// replica of `stage` the route gave it: slot and hashes.
-    fn committed_by(&self, stage: usize, mb: u64, step: u64) -> Option<(usize, &MicroBatchCommit)> {
-        let route = self.current_route();
+    /// replica of `stage` that `route` (the step's) gave it: slot and
+    /// hashes.
+    fn committed_by(
+        &self,
+        route: &Route,
+        stage: usize,
+        mb: u64,
+        step: u64,
+    ) -> Option<(usize, &MicroBatchCommit)> {
         let replica = *route.assign.get(stage)?.get(usize::try_from(mb).ok()?)? as usize;
         if replica >= self.layout.replicas {
             return None;
@@ -423,16 +430,16 @@ impl Coordinator {
     /// On a mismatch the step is broken off (`false`).
     pub(super) fn chain_agrees(&mut self, step: u64, now: Instant) -> bool {
         let mut bad = Vec::new();
+        let route = self.current_route();
         for stage in 1..self.layout.stages {
-            let route = self.current_route();
             let mbs: Vec<u64> = (0..self.layout.replicas)
                 .filter(|&x| self.in_plan(self.idx(stage, x)))
                 .flat_map(|x| route.mine(stage, x))
                 .collect();
             for mb in mbs {
                 let (Some((to, got)), Some((from, sent))) = (
-                    self.committed_by(stage, mb, step),
-                    self.committed_by(stage - 1, mb, step),
+                    self.committed_by(&route, stage, mb, step),
+                    self.committed_by(&route, stage - 1, mb, step),
                 ) else {
                     continue;
                 };
@@ -1106,15 +1113,16 @@ impl Coordinator {
             Err(e) => Some(e.to_string()),
             Ok(ev) => {
                 let hash = |b: &Vec<u8>| hex::encode(crate::link::frame::content_hash(b));
+                let route = self.current_route();
                 let upstream = (stage > 0)
                     .then(|| {
-                        self.committed_by(stage - 1, mb, step)
+                        self.committed_by(&route, stage - 1, mb, step)
                             .map(|(_, c)| c.output.clone())
                     })
                     .flatten();
                 let downstream = (!last)
                     .then(|| {
-                        self.committed_by(stage + 1, mb, step)
+                        self.committed_by(&route, stage + 1, mb, step)
                             .map(|(_, c)| c.gradient.clone())
                     })
                     .flatten();

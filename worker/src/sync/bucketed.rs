@@ -8,12 +8,15 @@ use std::collections::BTreeMap;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::{self, JoinHandle};
 
+use super::contribution::{ContributionReport, Contributions};
 use super::ring::{RingError, RingMember};
 use super::robust::{agree, digest, Reduce};
 
-/// What the background thread hands back: the member (for the next step)
-/// and the averaged buckets in index order.
-type Outcome = Result<(RingMember, Vec<Vec<f32>>), RingError>;
+/// What the background thread hands back: the member (for the next step),
+/// the combined buckets in index order, and what the gathered buckets
+/// showed of every replica's contribution (none when no bucket was
+/// gathered).
+type Outcome = Result<(RingMember, Vec<Vec<f32>>, Option<ContributionReport>), RingError>;
 
 /// A step's worth of bucketed all-reduces running on a background thread.
 ///
@@ -70,7 +73,18 @@ impl BucketedAllReduce {
 
     /// Waits until every bucket is averaged and returns the ring member
     /// together with the averaged buckets, in index order.
-    pub fn wait(mut self) -> Result<(RingMember, Vec<Vec<f32>>), RingError> {
+    pub fn wait(self) -> Result<(RingMember, Vec<Vec<f32>>), RingError> {
+        self.wait_observed().map(|(m, buckets, _)| (m, buckets))
+    }
+
+    /// [`BucketedAllReduce::wait`], with the report of every replica's
+    /// contribution over the gathered buckets (their hashes as received,
+    /// this replica's as sent, and their statistics against the aggregate);
+    /// `None` when no bucket was gathered (every rule [`Reduce::Ring`]).
+    /// The report comes only once the replicas agreed on the aggregates.
+    pub fn wait_observed(
+        mut self,
+    ) -> Result<(RingMember, Vec<Vec<f32>>, Option<ContributionReport>), RingError> {
         // Closing the channel tells the thread no more buckets are coming.
         drop(self.tx.take());
         match self.worker.take().map(JoinHandle::join) {
@@ -99,10 +113,14 @@ fn reduce_in_order(
     let mut done: Vec<Vec<f32>> = Vec::with_capacity(buckets);
     // Digests of the gathered buckets' aggregates, checked once at the end.
     let mut digests = Vec::new();
+    let mut seen = rules
+        .iter()
+        .any(|r| matches!(r, Reduce::Gather(_)))
+        .then(|| Contributions::new(member.world(), member.rank()));
     while done.len() < buckets {
         let next = done.len();
         if let Some(mut data) = waiting.remove(&next) {
-            rules[next].apply(&mut member, &mut data)?;
+            rules[next].apply_observed(&mut member, &mut data, seen.as_mut())?;
             if matches!(rules[next], Reduce::Gather(_)) {
                 digests.extend(digest(&data));
             }
@@ -121,7 +139,7 @@ fn reduce_in_order(
     if !digests.is_empty() {
         agree(&mut member, &digests)?;
     }
-    Ok((member, done))
+    Ok((member, done, seen.map(Contributions::finish)))
 }
 
 #[cfg(test)]
@@ -171,6 +189,76 @@ mod tests {
             }
             assert_eq!(got, &results[0]);
         }
+    }
+
+    #[test]
+    fn gathered_buckets_report_every_contribution_and_name_the_attacker() {
+        use crate::sync::contribution::{contribution_hash, Suspicion};
+        use pipewright_spec::Aggregation;
+        let sizes = [700usize, 0, 5000];
+        let total: usize = sizes.iter().sum();
+        // Rank `r`'s buckets: a common gradient with a little of its own
+        // noise; rank 2 flips its sign. The last bucket (a loss sum) is
+        // gathered for its mean.
+        let buckets = |r: usize| -> Vec<Vec<f32>> {
+            let mut g = input(0, total);
+            for (i, x) in g.iter_mut().enumerate() {
+                *x += 0.001 * ((i + r) % 3) as f32;
+                if r == 2 {
+                    *x = -*x;
+                }
+            }
+            let mut parts = Vec::new();
+            let mut at = 0;
+            for &n in &sizes {
+                parts.push(g[at..at + n].to_vec());
+                at += n;
+            }
+            parts.push(vec![40.0 + r as f32]);
+            parts
+        };
+        let mut rules = vec![Reduce::Gather(Aggregation::Median); sizes.len()];
+        rules.push(Reduce::Gather(Aggregation::Mean));
+        let results = on_ring(
+            3,
+            |_| {},
+            |member| {
+                let parts = buckets(member.rank());
+                let job = BucketedAllReduce::start_with(member, rules.clone()).expect("start");
+                for (i, p) in parts.into_iter().enumerate().rev() {
+                    job.push(i, p).expect("push");
+                }
+                let (_, _, report) = job.wait_observed().expect("wait");
+                report.expect("gathered buckets give a report")
+            },
+        );
+        let expected: Vec<[u8; 32]> = (0..3)
+            .map(|r| contribution_hash(buckets(r).iter().map(Vec::as_slice)))
+            .collect();
+        for (rank, report) in results.iter().enumerate() {
+            assert_eq!(report.own, rank);
+            assert_eq!(report.hashes, expected, "rank {rank}");
+            assert_eq!(report.sent(), expected[rank]);
+            let named: Vec<(usize, Suspicion)> = report.suspects();
+            if rank == 2 {
+                assert!(named.is_empty(), "{named:?}");
+            } else {
+                assert_eq!(named, vec![(2, Suspicion::Direction)], "rank {rank}");
+            }
+            // Every rank computed the same statistics.
+            assert_eq!(report.stats, results[0].stats);
+        }
+        // Under the ring's mean nothing is gathered and nothing reported.
+        let reports = on_ring(
+            3,
+            |_| {},
+            |member| {
+                let job = BucketedAllReduce::start(member, 1).expect("start");
+                job.push(0, vec![1.0; 10]).expect("push");
+                job.wait_observed().expect("wait").2
+            },
+        );
+        assert!(reports.iter().all(Option::is_none));
     }
 
     #[test]

@@ -10,6 +10,10 @@
 //!   its [`Reduce`] says.
 //! - [`aggregate()`]: the robust rules (median, trimmed mean, centered
 //!   clipping) as pure functions of the gathered contributions.
+//! - [`ContributionReport`]: under a robust rule, the hash of every
+//!   replica's contribution to the step as this replica received it (its
+//!   own: as it sent it) and each one's cosine and norm ratio against the
+//!   aggregate, from which it names the suspect peers.
 //! - [`screen_tensor`], [`screen_contributions`]: the checks a tensor
 //!   received from a peer passes before it is used.
 //!
@@ -18,6 +22,7 @@
 
 pub mod aggregate;
 mod bucketed;
+pub mod contribution;
 mod gather;
 #[cfg(feature = "cuda")]
 pub mod nccl;
@@ -26,6 +31,7 @@ mod robust;
 
 pub use aggregate::aggregate;
 pub use bucketed::BucketedAllReduce;
+pub use contribution::{ContributionReport, ContributionStats, Suspicion};
 pub use ring::{loopback_listeners, on_loopback_ring, RingConfig, RingError, RingMember};
 pub use robust::{
     agree, digest, screen_contributions, screen_tensor, Reduce, MAX_NORM_RATIO, MAX_TENSOR_RMS,

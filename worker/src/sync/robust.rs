@@ -12,6 +12,7 @@
 use pipewright_spec::Aggregation;
 
 use super::aggregate::{aggregate, norm};
+use super::contribution::Contributions;
 use super::ring::{RingError, RingMember};
 use crate::link::RejectReason;
 
@@ -50,6 +51,18 @@ impl Reduce {
 
     /// Replaces `data` with its combination over the ring's members.
     pub fn apply(self, member: &mut RingMember, data: &mut [f32]) -> Result<(), RingError> {
+        self.apply_observed(member, data, None)
+    }
+
+    /// [`Reduce::apply`], and under a gather, adds every rank's contribution
+    /// and the aggregate to `seen` (a bucket gathered for its plain mean is
+    /// hashed, not measured: see [`Contributions::add`]).
+    pub fn apply_observed(
+        self,
+        member: &mut RingMember,
+        data: &mut [f32],
+        seen: Option<&mut Contributions>,
+    ) -> Result<(), RingError> {
         match self {
             Reduce::Ring => member.allreduce_mean(data),
             Reduce::Gather(rule) => {
@@ -59,6 +72,9 @@ impl Reduce {
                     return Err(member.refuse(origin, reason));
                 }
                 aggregate(rule, &refs, data);
+                if let Some(seen) = seen {
+                    seen.add(&refs, data, rule != Aggregation::Mean);
+                }
                 Ok(())
             }
         }

@@ -164,10 +164,11 @@ pub struct ValidationSpec {
     #[serde(default = "default_audit_rate")]
     pub audit_rate: f64,
     /// Probability (0..=1) that a shard's whole contribution to a step's
-    /// robust aggregation is audited at random (besides the audits its
-    /// peers' suspicion orders); 0 turns random contribution audits off.
-    /// Meaningful only under a robust `pipeline.aggregation`: under `mean`
-    /// the ring mixes the contributions and none is attributable.
+    /// robust aggregation is drawn for a contribution audit; 0 turns random
+    /// contribution audits off. Meaningful only under a robust
+    /// `pipeline.aggregation` (under `mean` the ring mixes the contributions
+    /// and none is attributable). Reserved: accepted and validated, but the
+    /// coordinator does not order contribution audits yet.
     #[serde(default = "default_contribution_audit_rate")]
     pub contribution_audit_rate: f64,
 }

@@ -105,8 +105,15 @@ pub struct StagePlan {
     /// checkpoint or a hand-over is streamed from the tensors or that
     /// file, so it adds no copy of the state.)
     pub snapshot_bytes: u64,
+    /// What a shard keeps of its step's micro-batches for audits (their
+    /// received input activations, targets and activation gradients, one
+    /// step's worth at 4 bytes a value: no codec sends more): 0 with one
+    /// replica or with audits off (`spec.validation`). Counted for the
+    /// micro-batches of its own lane (`routing: lanes`); under
+    /// `routing: throughput` a fast worker may run, and keep, more.
+    pub evidence_bytes: u64,
     /// Everything a shard process holds: weights, gradients, moments,
-    /// activations, slack and snapshot.
+    /// activations, slack, snapshot and audit evidence.
     pub total_bytes: u64,
     /// Forward + backward FLOPs per token through this stage.
     pub flops_per_token: f64,
@@ -207,6 +214,14 @@ pub fn plan(run: &TrainingRun, vocab: usize, stages: Option<usize>) -> Plan {
                 SnapshotPlace::Memory => weight_bytes.saturating_mul(3),
                 SnapshotPlace::Disk => 0,
             };
+            let audited = spec.pipeline.replicas > 1
+                && (spec.validation.audit_rate > 0.0
+                    || spec.validation.contribution_audit_rate > 0.0);
+            let evidence_bytes = if audited {
+                shape.evidence(batch).saturating_mul(micro as u64)
+            } else {
+                0
+            };
             let flops_per_token = shape.flops_per_token();
             StagePlan {
                 stage: s,
@@ -220,9 +235,11 @@ pub fn plan(run: &TrainingRun, vocab: usize, stages: Option<usize>) -> Plan {
                 activation_bytes,
                 slack_bytes,
                 snapshot_bytes,
+                evidence_bytes,
                 total_bytes: weight_bytes
                     .saturating_mul(4)
                     .saturating_add(snapshot_bytes)
+                    .saturating_add(evidence_bytes)
                     .saturating_add(activation_bytes)
                     .saturating_add(slack_bytes),
                 flops_per_token,
@@ -284,8 +301,8 @@ pub fn shard_fits(p: &Plan, stage: Option<usize>, available: u64) -> Result<(), 
     }
     Err(format!(
         "stage {} (layers {}..{}) needs {} ({} weights, {} gradients, {} Adam moments, \
-         {} activations for {} micro-batch(es) in flight, {} snapshot one step back), \
-         but this machine has {} available; \
+         {} activations for {} micro-batch(es) in flight, {} snapshot one step back, \
+         {} kept for audits), but this machine has {} available; \
          the run needs more stages (spec.pipeline.stages) or machines with more memory",
         s.stage,
         s.layers.start,
@@ -297,6 +314,7 @@ pub fn shard_fits(p: &Plan, stage: Option<usize>, available: u64) -> Result<(), 
         human(s.activation_bytes),
         s.peak_in_flight,
         human(s.snapshot_bytes),
+        human(s.evidence_bytes),
         human(available),
     ))
 }
@@ -315,6 +333,20 @@ struct StageShape<'a> {
 }
 
 impl StageShape<'_> {
+    /// Bytes of what one micro-batch of `batch` sequences received that a
+    /// shard keeps for audits: the input activation and the targets (not
+    /// on the first stage, which reads the corpus) and the activation
+    /// gradient (not on the last), at 4 bytes a value.
+    fn evidence(&self, batch: u64) -> u64 {
+        let tokens = batch.saturating_mul(self.cfg.seq_len as u64);
+        let d = self.cfg.dim as u64;
+        let width_in = self.up.map_or(d, |r| r as u64);
+        let width_out = self.down.map_or(d, |r| r as u64);
+        let input = if self.first { 0 } else { width_in + 1 };
+        let gradient = if self.last { 0 } else { width_out };
+        tokens.saturating_mul(input + gradient).saturating_mul(F32)
+    }
+
     fn params(&self) -> u64 {
         let c = self.cfg;
         let (d, v) = (c.dim as u64, c.vocab as u64);

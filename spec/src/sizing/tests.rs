@@ -183,3 +183,28 @@ fn a_snapshot_on_disk_takes_three_times_the_weights_off_every_stage() {
     // One process keeps no snapshot: its figure does not change.
     assert_eq!(memory.single_process_bytes, disk.single_process_bytes);
 }
+
+#[test]
+fn audited_replicas_keep_one_step_of_what_they_received() {
+    // Three stages of 64 wide, 4 micro-batches of 4 × 32 tokens per lane.
+    let tokens = 4 * 32;
+    let r = run(SMALL, "stages: 3, replicas: 2", 4);
+    let audited = plan(&r, 256, None);
+    let e: Vec<u64> = audited.stages.iter().map(|s| s.evidence_bytes).collect();
+    // The first stage keeps the gradients it received, the last the
+    // activations and targets, the middle both.
+    assert_eq!(e[0], 4 * tokens * 64 * 4);
+    assert_eq!(e[2], 4 * tokens * (64 + 1) * 4);
+    assert_eq!(e[1], 4 * tokens * (64 + 1 + 64) * 4);
+
+    let mut off = r.clone();
+    off.spec.validation.audit_rate = 0.0;
+    off.spec.validation.contribution_audit_rate = 0.0;
+    let single = run(SMALL, "stages: 3, replicas: 1", 4);
+    for p in [plan(&off, 256, None), plan(&single, 256, None)] {
+        for (s, a) in p.stages.iter().zip(&audited.stages) {
+            assert_eq!(s.evidence_bytes, 0);
+            assert_eq!(a.total_bytes - s.total_bytes, a.evidence_bytes);
+        }
+    }
+}

@@ -122,6 +122,18 @@ fn print_table(name: &str, spec: &pipewright_spec::TrainingRunSpec, p: &Plan) {
             None => String::new(),
         }
     );
+    if let Some(e) = p
+        .stages
+        .iter()
+        .map(|s| s.evidence_bytes)
+        .max()
+        .filter(|&e| e > 0)
+    {
+        println!(
+            "with audits on (spec.validation) each also keeps what its step's micro-batches              received, up to {} (counted in its total)",
+            human(e)
+        );
+    }
     println!(
         "one process (pipewright train without --processes): {}",
         human(p.single_process_bytes)

@@ -95,7 +95,7 @@ fn each_identity_is_booked_exactly_the_micro_batches_its_route_gave_it() {
     let _one_at_a_time = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let steps = 30;
-    let m = write_inputs(dir.path(), "books", 2, 2, steps);
+    let m = unaudited(write_inputs(dir.path(), "books", 2, 2, steps));
     let run = dir.path().join("run");
     train_processes(&m, &run, &[]);
 
@@ -182,7 +182,7 @@ fn a_slow_workers_share_falls_to_the_fraction_of_micro_batches_it_computed() {
     let _one_at_a_time = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let steps = 40;
-    let m = routed(write_inputs(dir.path(), "slow", 2, 2, steps));
+    let m = routed(unaudited(write_inputs(dir.path(), "slow", 2, 2, steps)));
     let run = dir.path().join("run");
     train_processes(&m, &run, &["--slow-worker", "1/1=3"]);
 
@@ -210,6 +210,16 @@ fn a_slow_workers_share_falls_to_the_fraction_of_micro_batches_it_computed() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
+}
+
+/// The manifest at `path` with audits off: these tests compare shares to
+/// the work routed alone, and across runs, while audits credit validators
+/// with a draw each run keys afresh.
+fn unaudited(path: std::path::PathBuf) -> std::path::PathBuf {
+    let yaml = std::fs::read_to_string(&path).expect("manifest");
+    std::fs::write(&path, format!("{yaml}  validation: {{auditRate: 0}}\n"))
+        .expect("write manifest");
+    path
 }
 
 /// A small deterministic generator for the kill moments.
@@ -247,7 +257,7 @@ fn a_coordinator_killed_at_twenty_random_moments_books_every_step_once() {
     let _one_at_a_time = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let steps = 160;
-    let m = write_inputs(dir.path(), "kills", 2, 2, steps);
+    let m = unaudited(write_inputs(dir.path(), "kills", 2, 2, steps));
     let out = dir.path().join("run");
     let (port, url, client, mut procs) = start_run(&m, &out);
     let ledger_path = out.join("ledger.sqlite");

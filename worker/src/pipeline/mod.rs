@@ -56,7 +56,9 @@ use crate::model::Param;
 use crate::model::{partition, ModelConfig, Stage, StageError, StageInput, StageOutput};
 use crate::optim::{grad_sq_sum, AdamW, OptimConfig};
 use crate::schedule::{ops, plan, validate, Op, ScheduleError};
-use crate::sync::{screen_tensor, BucketedAllReduce, Reduce, RingConfig, RingError, RingMember};
+use crate::sync::{
+    screen_tensor, BucketedAllReduce, ContributionReport, Reduce, RingConfig, RingError, RingMember,
+};
 use crate::telemetry::span;
 
 pub use attack::{Attack, AttackKind};
@@ -371,6 +373,9 @@ pub struct StageWorker {
     attacked: Option<u64>,
     /// The attack made in the current step.
     attacking: Option<AttackKind>,
+    /// Under a robust rule, what this worker's last step's gather showed of
+    /// every replica's contribution (see [`StageWorker::contributions`]).
+    contributions: Option<ContributionReport>,
     /// Content hash of each in-flight micro-batch's forward input.
     inputs: std::collections::HashMap<u64, crate::link::frame::Digest>,
     /// Of each micro-batch this worker ran in the current step: the hashes
@@ -580,6 +585,7 @@ impl StageWorker {
             attack: None,
             attacked: None,
             attacking: None,
+            contributions: None,
             inputs: std::collections::HashMap::new(),
             outputs: std::collections::BTreeMap::new(),
             retain: false,
@@ -984,6 +990,23 @@ impl StageWorker {
         (pipe, ring)
     }
 
+    /// Under a robust rule (the replicas all-gather their contributions),
+    /// what this worker's last completed step showed of every replica's
+    /// contribution: the hash of each as received (this worker's own: as
+    /// sent, what its step commitment covers) and each one's cosine and norm
+    /// ratio against the aggregate, with the suspect peers. Indexed by ring
+    /// rank ([`StageWorker::replica_of_rank`] names the replica). `None`
+    /// under `mean`, with a single replica, and before the first step.
+    pub fn contributions(&self) -> Option<&ContributionReport> {
+        self.contributions.as_ref()
+    }
+
+    /// The replica of the stage at `rank` of the replicas' ring (the ring
+    /// joins the training lanes in replica order).
+    pub fn replica_of_rank(&self, rank: usize) -> Option<usize> {
+        self.lanes.get(rank).copied()
+    }
+
     /// What this worker commits to for each micro-batch it ran in its last
     /// step, by micro-batch.
     pub fn step_hashes(&self) -> &std::collections::BTreeMap<u64, MicroBatchHashes> {
@@ -1122,6 +1145,7 @@ impl StageWorker {
         self.busy = Duration::ZERO;
         self.outputs.clear();
         self.evidence.clear();
+        self.contributions = None;
         self.scale = scale;
         let kept = std::mem::take(&mut self.replay.1);
         if !kept.is_empty() {
@@ -1435,8 +1459,9 @@ impl StageWorker {
         if last {
             reducer.push(groups.len(), vec![loss_sum as f32])?;
         }
-        let (ring, buckets) = reducer.wait()?;
+        let (ring, buckets, seen) = reducer.wait_observed()?;
         self.ring = Some(ring);
+        self.contributions = seen;
         let mut params = self.stage.params_mut();
         for (g, bucket) in groups.iter().zip(&buckets) {
             let mut at = 0;

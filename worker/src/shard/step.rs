@@ -75,6 +75,7 @@ fn one(
             session
                 .metrics
                 .record_step(w.shard, w.epoch, &s, wk.traffic());
+            log_suspects(wk, stage, step);
             let Some(barrier) = report(session, wk, w.epoch, &s)? else {
                 return Ok(After::Stop);
             };
@@ -236,5 +237,25 @@ pub(super) fn report_failure(session: &Session, epoch: u64, e: &PipelineError) {
     });
     if let Err(e) = r {
         tracing::warn!("reporting a broken step: {e}");
+    }
+}
+
+/// Logs each peer whose contribution to the step's robust aggregation this
+/// worker finds suspect (`sync::contribution`: cosine with the aggregate
+/// below 0, or a norm ratio beyond 30× either way). A suspicion convicts
+/// no one; the line says what was seen.
+fn log_suspects(wk: &StageWorker, stage: usize, step: u64) {
+    let Some(report) = wk.contributions() else {
+        return;
+    };
+    for (rank, why) in report.suspects() {
+        let s = report.stats[rank];
+        let peer = wk.replica_of_rank(rank).unwrap_or(rank);
+        tracing::warn!(
+            "step {step}: suspect contribution from stage {stage} replica {peer} ({why}): \
+             cosine {:.3} and norm ratio {:.3} against the aggregate",
+            s.cosine,
+            s.norm_ratio
+        );
     }
 }

@@ -80,6 +80,15 @@ pub struct Commitment {
     /// older worker) signs the root it always did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub params: Option<String>,
+    /// Under a robust aggregation, the BLAKE3 hash of the contribution the
+    /// worker handed to the replicas' gather in this step (every gathered
+    /// bucket's little-endian f32 bytes, in bucket order: see
+    /// `sync::contribution`), 64 hex digits. Covered by the signature
+    /// through [`Commitment::root`]; absent under `mean` (the ring mixes
+    /// contributions, none is attributable) and from older workers, whose
+    /// root is unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contribution: Option<String>,
 }
 
 /// The hashes committed for one micro-batch (64 hex digits each).
@@ -117,7 +126,25 @@ impl Commitment {
             h.update(b"params=");
             h.update(p.as_bytes());
         }
+        if let Some(c) = &self.contribution {
+            h.update(b"contribution=");
+            h.update(c.as_bytes());
+        }
         *h.finalize().as_bytes()
+    }
+
+    /// The contribution's hash: `None` when the report has none,
+    /// `Some(Err(_))` when it is not 64 hex digits.
+    pub fn contribution_hash(&self) -> Option<Result<[u8; 32], String>> {
+        let c = self.contribution.as_ref()?;
+        let mut out = [0u8; 32];
+        Some(match hex::decode_to_slice(c, &mut out) {
+            Ok(()) => Ok(out),
+            Err(_) => Err(format!(
+                "the contribution's hash must be 64 hex digits, got {} characters",
+                c.len()
+            )),
+        })
     }
 
     /// The parameters' digest: `None` when the report has none,

@@ -111,6 +111,7 @@ impl World {
                 .collect(),
             signature: String::new(),
             params: None,
+            contribution: None,
         };
         StepDone {
             commitment: Some(commitment),

@@ -49,6 +49,7 @@ pub(in crate::coord) fn report(
             .collect(),
         signature: String::new(),
         params: None,
+        contribution: None,
     };
     let claim = StepClaim {
         run_id: &c.config.run_id,

@@ -1626,6 +1626,12 @@ impl Coordinator {
                 "malformed_digest",
                 c.params_digest().and_then(Result::err).unwrap_or_default(),
             )),
+            Some(c) if matches!(c.contribution_hash(), Some(Err(_))) => Some((
+                "malformed_digest",
+                c.contribution_hash()
+                    .and_then(Result::err)
+                    .unwrap_or_default(),
+            )),
             Some(_) if d.completed < completed || d.completed > completed + 1 => Some((
                 "replayed",
                 format!(

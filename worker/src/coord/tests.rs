@@ -83,6 +83,7 @@ fn done(c: &Coordinator, worker: u64, epoch: u64, completed: u64) -> StepDone {
             .collect(),
         signature: String::new(),
         params: None,
+        contribution: None,
     };
     StepDone {
         commitment: Some(commitment),
@@ -1028,4 +1029,52 @@ fn a_malformed_digest_is_refused_and_counted_not_a_panic() {
     let a = "ab".repeat(32);
     report_digests(&mut c, &ids, e, 1, &[&a, &a, &a], now);
     assert_eq!(c.committed(), 1);
+}
+
+#[test]
+fn a_malformed_contribution_hash_is_refused_and_a_report_without_one_still_counts() {
+    let now = Instant::now();
+    let mut c = coord(1, 3, false);
+    let ids = fill(&mut c, now);
+    let e = c.epoch();
+    for bad in ["zz", "", &"g".repeat(64)] {
+        let mut d = done(&c, ids[0], e, 1);
+        if let Some(cm) = d.commitment.as_mut() {
+            cm.contribution = Some(bad.to_string());
+        }
+        let r = c.step_done(&d, now);
+        assert!(
+            matches!(r, Err(CoordError::Refused("malformed_digest", _))),
+            "{bad:?}: {r:?}"
+        );
+    }
+    assert_eq!(c.refused().get("malformed_digest"), Some(&3));
+    // Reports without a contribution's hash (under `mean`, or from an
+    // older worker) commit the step as before.
+    let a = "ab".repeat(32);
+    report_digests(&mut c, &ids, e, 1, &[&a, &a, &a], now);
+    assert_eq!(c.committed(), 1);
+}
+
+#[test]
+fn the_commitment_root_covers_the_contribution_hash_and_keeps_the_old_root_without_one() {
+    let mut cm = super::api::Commitment {
+        params: Some("cd".repeat(32)),
+        ..Default::default()
+    };
+    let old = cm.root();
+    cm.contribution = Some("ab".repeat(32));
+    let with = cm.root();
+    assert_ne!(old, with);
+    cm.contribution = Some("ac".repeat(32));
+    assert_ne!(cm.root(), with);
+    assert_eq!(cm.contribution_hash(), Some(Ok([0xac; 32])));
+    cm.contribution = None;
+    assert_eq!(cm.root(), old);
+    assert_eq!(cm.contribution_hash(), None);
+    // Absent on the wire when absent, and an old report parses.
+    let json = serde_json::to_string(&cm).expect("json");
+    assert!(!json.contains("contribution"), "{json}");
+    let back: super::api::Commitment = serde_json::from_str(&json).expect("parse");
+    assert_eq!(back, cm);
 }

@@ -193,6 +193,8 @@ fn commit(session: &Session, wk: &StageWorker, epoch: u64, s: &WorkerStep) -> Co
         micro_batches,
         signature: String::new(),
         params: Some(hex::encode(digest)),
+        // What this worker sent in the replicas' gather (robust rules only).
+        contribution: wk.contributions().map(|r| hex::encode(r.sent())),
     };
     // The `forge` drill signs with a key that is not its identity's.
     let forged;

@@ -16,7 +16,10 @@ use super::robust::{agree, digest, Reduce};
 /// the combined buckets in index order, and what the gathered buckets
 /// showed of every replica's contribution (none when no bucket was
 /// gathered).
-type Outcome = Result<(RingMember, Vec<Vec<f32>>, Option<ContributionReport>), RingError>;
+type Outcome = Result<Observed, RingError>;
+
+/// The member, the combined buckets and the contributions' report.
+type Observed = (RingMember, Vec<Vec<f32>>, Option<ContributionReport>);
 
 /// A step's worth of bucketed all-reduces running on a background thread.
 ///
@@ -82,9 +85,7 @@ impl BucketedAllReduce {
     /// this replica's as sent, and their statistics against the aggregate);
     /// `None` when no bucket was gathered (every rule [`Reduce::Ring`]).
     /// The report comes only once the replicas agreed on the aggregates.
-    pub fn wait_observed(
-        mut self,
-    ) -> Result<(RingMember, Vec<Vec<f32>>, Option<ContributionReport>), RingError> {
+    pub fn wait_observed(mut self) -> Result<Observed, RingError> {
         // Closing the channel tells the thread no more buckets are coming.
         drop(self.tx.take());
         match self.worker.take().map(JoinHandle::join) {

@@ -54,7 +54,7 @@ impl ContributionStats {
         let ratio = self.norm_ratio;
         if self.cosine.is_nan() || self.cosine < SUSPECT_COSINE {
             Some(Suspicion::Direction)
-        } else if ratio.is_nan() || ratio > SUSPECT_NORM_RATIO || ratio < 1.0 / SUSPECT_NORM_RATIO {
+        } else if !(1.0 / SUSPECT_NORM_RATIO..=SUSPECT_NORM_RATIO).contains(&ratio) {
             Some(Suspicion::Norm)
         } else {
             None

@@ -135,6 +135,18 @@ if os.path.exists(db):
         row["audits"] = [p, f]
 if row.get("final_loss") is None and row["losses"]:
     row["final_loss"] = row["losses"][-1]
+# The workers' suspicions of a peer's gradient contribution (robust rules):
+# each honest peer logs the same one, kept once per step and shard.
+import glob
+seen = set()
+for f in [run + ".err"] + sorted(glob.glob(run + ".w*.err")):
+    if os.path.exists(f):
+        for line in open(f, errors="replace"):
+            m = re.search(r"step (\d+): suspect contribution from stage (\d+) replica (\d+) \((\w+)\)", line)
+            if m:
+                seen.add((int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4)))
+row["suspicions"] = [{"step": st, "stage": sg, "replica": rp, "why": why}
+                     for st, sg, rp, why in sorted(seen)]
 print(json.dumps(row))
 PY
     rm -rf "$1"
@@ -424,6 +436,34 @@ if undetected:
               + NOTES.get(name, ""))
 else:
     print("Every attack run was detected.")
+print()
+# Suspicion of gradient contributions: every replica measures each peer's
+# contribution in the gather (cosine with the aggregate, norm against the
+# median norm) and logs the suspect ones; a suspicion convicts no one.
+print("## Suspected gradient contributions")
+print()
+print("Runs whose worker logs name the attacker's contribution as suspect (cosine < 0 or norm ratio")
+print("beyond 30×, `docs/byzantine.md`), steps from the first attacked one to the first suspicion")
+print("(1 = at once), and shards wrongly suspected in clean runs. A suspicion convicts no one.")
+print()
+print("| attack | runs | attacker suspected | median steps | honest shards suspected |")
+print("| --- | --- | --- | --- | --- |")
+for name in ["sign-flip", "scale"]:
+    rs = [r for r in rows if r["kind"] == "attack" and r["name"] == name]
+    if not rs:
+        continue
+    hit, delays, wrong = 0, [], 0
+    for r in rs:
+        bad = {tuple(x) for x in r["shards"]}
+        on = [x for x in r.get("suspicions", []) if (x["stage"], x["replica"]) in bad]
+        wrong += len({(x["stage"], x["replica"]) for x in r.get("suspicions", [])} - bad)
+        if on:
+            hit += 1
+            delays.append(min(x["step"] for x in on) - r["start"] + 1)
+    print(f"| {name} | {len(rs)} | {hit} | {fmt(med(delays), '{:.0f}')} | {wrong} |")
+cl = [r for r in rows if r["kind"] in ("clean", "noaudit")]
+fp = sum(len(r.get("suspicions", [])) for r in cl)
+print(f"| (clean runs) | {len(cl)} | | | {fp} suspicions |")
 print()
 print(machine)
 print(f"Commit {commit}. Load average (1, 5, 15 min): {before} before, {after} after; "

@@ -288,9 +288,6 @@ pub static CEL_RULES: &[CelRule] = &[
     cel!("spec.validation.auditRate", "must be a finite number in [0, 1]", at "spec.validation",
         Some(".auditRate"),
         "!has(self.auditRate) || (self.auditRate >= 0.0 && self.auditRate <= 1.0)"),
-    cel!("spec.validation.contributionAuditRate", "must be a finite number in [0, 1]",
-        at "spec.validation", Some(".contributionAuditRate"),
-        "!has(self.contributionAuditRate) || (self.contributionAuditRate >= 0.0 && self.contributionAuditRate <= 1.0)"),
 ];
 
 /// The CRD: schema from the spec's types, CEL rules from [`CEL_RULES`] with

@@ -457,21 +457,6 @@ fn cases() -> Vec<(&'static str, Value)> {
             with(&[("/spec/validation", json!({}))]),
         ),
         (
-            "validation contributionAuditRate < 0",
-            with(&[("/spec/validation", json!({"contributionAuditRate": -0.01}))]),
-        ),
-        (
-            "validation contributionAuditRate > 1",
-            with(&[("/spec/validation", json!({"contributionAuditRate": 1.5}))]),
-        ),
-        (
-            "validation contributionAuditRate at the bounds",
-            with(&[(
-                "/spec/validation",
-                json!({"contributionAuditRate": 0, "auditRate": 1}),
-            )]),
-        ),
-        (
             "name not a label",
             with(&[("/metadata/name", json!("Quick_Start"))]),
         ),
@@ -520,7 +505,6 @@ fn every_case_but_the_valid_ones_is_refused() {
         "validation auditRate at the bounds",
         "validation auditRate one",
         "validation defaulted",
-        "validation contributionAuditRate at the bounds",
     ]
     .into();
     for (name, run) in cases() {

@@ -163,14 +163,6 @@ pub struct ValidationSpec {
     /// off.
     #[serde(default = "default_audit_rate")]
     pub audit_rate: f64,
-    /// Probability (0..=1) that a shard's whole contribution to a step's
-    /// robust aggregation is drawn for a contribution audit; 0 turns random
-    /// contribution audits off. Meaningful only under a robust
-    /// `pipeline.aggregation` (under `mean` the ring mixes the contributions
-    /// and none is attributable). Reserved: accepted and validated, but the
-    /// coordinator does not order contribution audits yet.
-    #[serde(default = "default_contribution_audit_rate")]
-    pub contribution_audit_rate: f64,
 }
 
 /// Default of `spec.validation.auditRate`.
@@ -180,18 +172,10 @@ fn default_audit_rate() -> f64 {
     DEFAULT_AUDIT_RATE
 }
 
-/// Default of `spec.validation.contributionAuditRate`.
-pub const DEFAULT_CONTRIBUTION_AUDIT_RATE: f64 = 0.05;
-
-fn default_contribution_audit_rate() -> f64 {
-    DEFAULT_CONTRIBUTION_AUDIT_RATE
-}
-
 impl Default for ValidationSpec {
     fn default() -> Self {
         Self {
             audit_rate: DEFAULT_AUDIT_RATE,
-            contribution_audit_rate: DEFAULT_CONTRIBUTION_AUDIT_RATE,
         }
     }
 }

@@ -796,15 +796,6 @@ pub static RULES: &[Rule] = &[
                 .then(|| format!("must be a finite number in [0, 1], got {v}"))
         },
     },
-    Rule {
-        field: "spec.validation.contributionAuditRate",
-        requirement: "must be a finite number in [0, 1]",
-        check: |r| {
-            let v = r.spec.validation.contribution_audit_rate;
-            (!(0.0..=1.0).contains(&v))
-                .then(|| format!("must be a finite number in [0, 1], got {v}"))
-        },
-    },
 ];
 
 /// Suffixes of a Kubernetes quantity of bytes accepted in

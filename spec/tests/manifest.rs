@@ -9,7 +9,7 @@ use pipewright_spec::{
     ModelSpec, PartitionKind, PipelineSpec, PlacementSpec, RewardWeights, RewardsSpec, Routing,
     ScheduleKind, SpecError, StorageSpec, TaintEffect, TokenizerKind, TokenizerSpec, Toleration,
     TolerationOperator, TrainingRun, TrainingRunSpec, TrainingSpec, ValidationSpec, API_VERSION,
-    DEFAULT_AUDIT_RATE, DEFAULT_CONTRIBUTION_AUDIT_RATE, KIND,
+    DEFAULT_AUDIT_RATE, KIND,
 };
 
 /// Only the fields that have no default.
@@ -254,10 +254,7 @@ fn everything_set() -> TrainingRun {
                 },
                 min_participation: 0.5,
             },
-            validation: ValidationSpec {
-                audit_rate: 0.125,
-                contribution_audit_rate: 0.0625,
-            },
+            validation: ValidationSpec { audit_rate: 0.125 },
         },
     }
 }
@@ -743,41 +740,5 @@ fn audit_rate_defaults_to_a_quarter_and_must_be_a_probability() {
     assert!(
         parse_manifest(&with_validation("{rate: 0.5}")).is_err(),
         "an unknown field accepted"
-    );
-}
-
-#[test]
-fn contribution_audit_rate_defaults_to_a_twentieth_and_must_be_a_probability() {
-    let run = parse_manifest(MINIMAL).expect("valid");
-    assert_eq!(
-        run.spec.validation.contribution_audit_rate,
-        DEFAULT_CONTRIBUTION_AUDIT_RATE
-    );
-    assert_eq!(DEFAULT_CONTRIBUTION_AUDIT_RATE, 0.05);
-    for rate in ["0", "1", "0.5"] {
-        let run = parse_manifest(&with_validation(&format!(
-            "{{contributionAuditRate: {rate}}}"
-        )))
-        .unwrap_or_else(|e| panic!("contributionAuditRate {rate}: {e}"));
-        assert_eq!(
-            run.spec.validation.contribution_audit_rate,
-            rate.parse::<f64>().unwrap()
-        );
-        // The other rate keeps its default.
-        assert_eq!(run.spec.validation.audit_rate, DEFAULT_AUDIT_RATE);
-    }
-    for (rate, words) in [("-0.01", "got -0.01"), ("1.5", "got 1.5")] {
-        let Err(SpecError::Invalid(problems)) = parse_manifest(&with_validation(&format!(
-            "{{contributionAuditRate: {rate}}}"
-        ))) else {
-            panic!("contributionAuditRate {rate} accepted");
-        };
-        assert_eq!(problems.len(), 1, "{rate}: {problems:?}");
-        assert_eq!(problems[0].field, "spec.validation.contributionAuditRate");
-        assert!(problems[0].to_string().contains(words), "{}", problems[0]);
-    }
-    assert!(
-        parse_manifest(&with_validation("{contributionAuditRate: .nan}")).is_err(),
-        "NaN accepted"
     );
 }

@@ -199,7 +199,6 @@ fn audited_replicas_keep_one_step_of_what_they_received() {
 
     let mut off = r.clone();
     off.spec.validation.audit_rate = 0.0;
-    off.spec.validation.contribution_audit_rate = 0.0;
     let single = run(SMALL, "stages: 3, replicas: 1", 4);
     for p in [plan(&off, 256, None), plan(&single, 256, None)] {
         for (s, a) in p.stages.iter().zip(&audited.stages) {

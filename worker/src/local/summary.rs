@@ -66,15 +66,43 @@ struct Figures {
 pub(super) fn report(run: &Finished<'_>) -> Result<()> {
     let figures = figures(run);
     print_run(run, &figures);
-    let (eval, unigram) = score(run)?;
-    crate::cli::print_evaluation(&eval, unigram);
+    let scored = match too_large_to_score(run.manifest) {
+        Some(why) => {
+            println!("  final evaluation           skipped: {why}");
+            None
+        }
+        None => {
+            let (eval, unigram) = score(run)?;
+            crate::cli::print_evaluation(&eval, unigram);
+            Some((eval, unigram))
+        }
+    };
     if let Some(step) = run.status.checkpoint_step {
         println!(
             "  checkpoint                 {}",
             crate::checkpoint::step_dir(run.root, step).display()
         );
     }
-    write_summary(run, &figures, &eval, unigram)
+    write_summary(run, &figures, scored.as_ref())
+}
+
+/// Why this process cannot score the final checkpoint, if it cannot: the
+/// evaluation loads the whole model here, so a model that only trains when
+/// split over processes (its single-process plan exceeds the memory this
+/// process has, `RLIMIT_DATA` and `RLIMIT_AS` included) is not scored.
+fn too_large_to_score(manifest: &TrainingRun) -> Option<String> {
+    use crate::plan::{available_memory, human, plan, vocab};
+    let available = available_memory()?;
+    let vocab = vocab(manifest).ok()?;
+    let needs = plan(manifest, vocab, None).single_process_bytes;
+    (needs > available).then(|| {
+        format!(
+            "the whole model needs {} in one process and this one has {} available; \
+             score the checkpoint with `pipewright eval` where it fits",
+            human(needs),
+            human(available)
+        )
+    })
 }
 
 fn figures(run: &Finished<'_>) -> Figures {
@@ -181,13 +209,17 @@ fn score(run: &Finished<'_>) -> Result<(EvalReport, f64)> {
     Ok((eval, corpus.unigram_bits_per_byte()))
 }
 
-fn write_summary(run: &Finished<'_>, f: &Figures, eval: &EvalReport, unigram: f64) -> Result<()> {
+fn write_summary(
+    run: &Finished<'_>,
+    f: &Figures,
+    scored: Option<&(EvalReport, f64)>,
+) -> Result<()> {
     let m = run.manifest;
     let spec = &m.spec;
     let summary = json!({
-        "val_loss": eval.loss,
-        "val_bits_per_byte": eval.bits_per_byte,
-        "unigram_bits_per_byte": unigram,
+        "val_loss": scored.map(|(e, _)| e.loss),
+        "val_bits_per_byte": scored.map(|(e, _)| e.bits_per_byte),
+        "unigram_bits_per_byte": scored.map(|(_, u)| *u),
         "processes": spec.pipeline.stages * spec.pipeline.replicas,
         "codec": spec.pipeline.codec,
         "link_bytes_per_token": f.link_bytes_per_token,

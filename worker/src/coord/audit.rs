@@ -1089,13 +1089,7 @@ impl Coordinator {
         max: usize,
         now: Instant,
     ) -> Result<(), CoordError> {
-        if let Some(e) = self.barred_worker(worker) {
-            return Err(e);
-        }
-        if self.find(worker).is_none() {
-            self.check_running()?;
-            return Err(CoordError::UnknownWorker(worker));
-        }
+        self.check_audit_party(worker)?;
         let (at, a, step) = self.open_audit(audit)?;
         if a.worker != worker {
             return Err(CoordError::Refused(
@@ -1191,13 +1185,9 @@ impl Coordinator {
         }
     }
 
-    /// `GET /v1/audit/{audit}/evidence?worker=W`: the evidence for one of
-    /// the audit's validators; `None` while it is not provided.
-    pub fn evidence_for(
-        &self,
-        worker: u64,
-        audit: u64,
-    ) -> Result<Option<Arc<Vec<u8>>>, CoordError> {
+    /// Refuses a worker that is quarantined, or not (or no longer) in the
+    /// run, as a party to an audit.
+    fn check_audit_party(&self, worker: u64) -> Result<(), CoordError> {
         if let Some(e) = self.barred_worker(worker) {
             return Err(e);
         }
@@ -1205,6 +1195,17 @@ impl Coordinator {
             self.check_running()?;
             return Err(CoordError::UnknownWorker(worker));
         }
+        Ok(())
+    }
+
+    /// `GET /v1/audit/{audit}/evidence?worker=W`: the evidence for one of
+    /// the audit's validators; `None` while it is not provided.
+    pub fn evidence_for(
+        &self,
+        worker: u64,
+        audit: u64,
+    ) -> Result<Option<Arc<Vec<u8>>>, CoordError> {
+        self.check_audit_party(worker)?;
         let (_, a, _) = self.open_audit(audit)?;
         if !a.checks.iter().any(|c| c.worker == worker) {
             return Err(CoordError::Refused(

@@ -322,6 +322,23 @@ pub struct StepDone {
     /// valid one is refused and credits nothing).
     #[serde(default)]
     pub commitment: Option<Commitment>,
+    /// Under a robust aggregation, the replicas of its stage (by replica
+    /// index) whose contribution to this step's gather the worker found
+    /// suspect (empty: none, and under `mean`). Each one suspected by
+    /// another replica is contribution-audited; a suspicion never convicts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub suspects: Vec<SuspectReport>,
+}
+
+/// One replica whose contribution a worker found suspect in a step.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SuspectReport {
+    /// The suspected replica of the reporter's stage (replica index, not
+    /// ring rank).
+    pub replica: usize,
+    /// Why: `cosine` (it points away from the others) or `norm_ratio`
+    /// (its norm is far from theirs).
+    pub reason: String,
 }
 
 /// Answer to [`StepDone`].
@@ -357,10 +374,27 @@ pub struct AuditOrder {
     pub step: u64,
     /// Stage of the audited shard (the worker's own stage).
     pub stage: usize,
-    /// Global micro-batch index within the step that is recomputed.
+    /// Global micro-batch index within the step that is recomputed (for a
+    /// contribution audit: the scope's first micro-batch, unused).
     pub mb: u64,
     /// What this worker does for it.
     pub role: AuditRole,
+    /// `Some`: a contribution audit of the audited replica's whole step
+    /// (its contribution to the robust aggregation); `None`: a micro-batch
+    /// audit of `mb`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contribution: Option<ContributionScope>,
+}
+
+/// What a contribution audit covers: every micro-batch the audited replica
+/// ran in the step.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ContributionScope {
+    /// The audited replica's committed micro-batch indices, in its
+    /// commitment's order ([`Commitment::indices`]). The provider uploads
+    /// the evidence of all of them in one set; the validator recomputes the
+    /// replica's whole step from it.
+    pub micro_batches: Vec<u64>,
 }
 
 /// A worker's part in an audit.
@@ -414,6 +448,19 @@ pub enum AuditResult {
         /// Ed25519 signature, 128 hex digits.
         signature: String,
     },
+    /// A validator's answer to a contribution audit: the hash of the
+    /// contribution it recomputed from the evidence, the hash of the
+    /// contribution it received from the audited replica in the step's
+    /// gather (64 zeros when it has none), and its signature over
+    /// [`contribution_message`] in the audit domain.
+    Contribution {
+        /// Hash of the recomputed contribution (64 hex digits).
+        recomputed: String,
+        /// Hash of the contribution as received (64 hex digits).
+        received: String,
+        /// Ed25519 signature, 128 hex digits.
+        signature: String,
+    },
 }
 
 /// What an audit's verdict binds: the run, the audit, the audited work and
@@ -446,6 +493,37 @@ pub fn audit_message(c: &AuditClaim<'_>) -> Vec<u8> {
     format!(
         "run={} audit={} step={} stage={} mb={} replica={} input={} output={} gradient={}",
         c.run_id, c.audit, c.step, c.stage, c.mb, c.audited_replica, c.input, c.output, c.gradient
+    )
+    .into_bytes()
+}
+
+/// What a contribution audit's verdict binds: the run, the audit, the
+/// audited replica's step and the two hashes the validator reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ContributionClaim<'a> {
+    /// Run id (hex).
+    pub run_id: &'a str,
+    /// Audit id.
+    pub audit: u64,
+    /// The audited step (`completed`).
+    pub step: u64,
+    /// Stage.
+    pub stage: usize,
+    /// The audited replica.
+    pub audited_replica: usize,
+    /// Hash of the recomputed contribution (hex).
+    pub recomputed: &'a str,
+    /// Hash of the contribution as the validator received it (hex).
+    pub received: &'a str,
+}
+
+/// What a validator signs for a contribution audit (domain
+/// [`crate::identity::AUDIT_DOMAIN`]); the word `contribution` keeps it
+/// apart from every [`audit_message`].
+pub fn contribution_message(c: &ContributionClaim<'_>) -> Vec<u8> {
+    format!(
+        "run={} audit={} step={} stage={} contribution replica={} recomputed={} received={}",
+        c.run_id, c.audit, c.step, c.stage, c.audited_replica, c.recomputed, c.received
     )
     .into_bytes()
 }

@@ -615,6 +615,7 @@ impl Coordinator {
                 stage: a.stage,
                 mb: a.mb,
                 role: crate::coord::api::AuditRole::Provide,
+                contribution: None,
             });
         let validate = undecided()
             .filter(|a| {
@@ -630,6 +631,7 @@ impl Coordinator {
                 role: crate::coord::api::AuditRole::Validate {
                     audited_replica: a.replica,
                 },
+                contribution: None,
             });
         provide.chain(validate).collect()
     }
@@ -1049,6 +1051,14 @@ impl Coordinator {
                         }
                     }
                 }
+            }
+            AuditResult::Contribution { .. } => {
+                return Err(self.refuse_audit(
+                    r.worker,
+                    "audit_report",
+                    format!("audit {} is not a contribution audit", a.id),
+                    now,
+                ));
             }
         }
         self.settle_audits(now);

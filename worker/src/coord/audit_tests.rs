@@ -115,6 +115,7 @@ impl World {
         };
         StepDone {
             commitment: Some(commitment),
+            suspects: Vec::new(),
             worker,
             epoch,
             completed: step,

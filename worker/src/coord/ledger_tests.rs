@@ -75,6 +75,7 @@ pub(in crate::coord) fn report(
         rejected_frames: 0,
         micro_batches: mbs.len(),
         commitment: Some(commitment),
+        suspects: Vec::new(),
     }
 }
 

@@ -87,6 +87,7 @@ fn done(c: &Coordinator, worker: u64, epoch: u64, completed: u64) -> StepDone {
     };
     StepDone {
         commitment: Some(commitment),
+        suspects: Vec::new(),
         worker,
         epoch,
         completed,

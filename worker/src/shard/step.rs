@@ -130,6 +130,7 @@ fn report(
         rejected_frames: wk.rejected_frames(),
         micro_batches: s.micro_batches,
         commitment: Some(commitment),
+        suspects: Vec::new(),
     });
     match barrier {
         Ok(b) => Ok(Some(b)),

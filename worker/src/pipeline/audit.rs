@@ -12,7 +12,7 @@
 //! they were after the step. Weights, moments, the step's hashes and its
 //! evidence stay as they were.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
@@ -23,6 +23,12 @@ use crate::model::{StageInput, StageOutput};
 
 /// The tensor names of an evidence file, in the order they are written.
 const NAMES: [&str; 3] = ["input", "targets", "gradient"];
+
+/// The metadata key of a set file (several micro-batches' evidence in
+/// one) listing every micro-batch it holds, in decimal, ascending, comma
+/// separated: a micro-batch whose stage keeps no payload (one stage that
+/// is both first and last) has no tensor to name it.
+const SET_KEY: &str = "micro_batches";
 
 /// What a worker received for one micro-batch of its current step: the
 /// payloads of the forward input activation and of the targets (not on the
@@ -103,6 +109,104 @@ impl Evidence {
         }
         Ok(out)
     }
+}
+
+impl Evidence {
+    /// Several micro-batches' evidence as one safetensors file (a
+    /// contribution audit's upload): each payload a 1-D `U8` tensor named
+    /// `"{mb}.input"`, `"{mb}.targets"` or `"{mb}.gradient"` (`mb` in
+    /// decimal), and the metadata entry `micro_batches` listing every
+    /// micro-batch of the set, payloads or not.
+    pub fn encode_set(set: &BTreeMap<u64, Evidence>) -> Result<Vec<u8>, PipelineError> {
+        let mut views = Vec::new();
+        for (mb, e) in set {
+            for (name, bytes) in e.parts() {
+                let Some(b) = bytes else { continue };
+                let name = format!("{mb}.{name}");
+                let view = TensorView::new(Dtype::U8, vec![b.len()], b)
+                    .map_err(|e| PipelineError::Audit(format!("evidence tensor {name}: {e}")))?;
+                views.push((name, view));
+            }
+        }
+        let list = set.keys().map(u64::to_string).collect::<Vec<_>>().join(",");
+        let meta = HashMap::from([(SET_KEY.to_string(), list)]);
+        safetensors::serialize(views, Some(meta))
+            .map_err(|e| PipelineError::Audit(format!("encoding the evidence set: {e}")))
+    }
+
+    /// Reads [`Evidence::encode_set`]'s bytes (from a peer, through the
+    /// coordinator): refused when it is not a safetensors file, is longer
+    /// than `max` bytes, holds a tensor whose name is not
+    /// `<micro-batch>.<input|targets|gradient>` (the micro-batch in
+    /// canonical decimal) or that is not a 1-D `U8` tensor, or names a
+    /// micro-batch its `micro_batches` list lacks. Every listed micro-batch
+    /// has an entry (empty where it holds no payload); without the list,
+    /// the micro-batches are those the tensors name.
+    pub fn decode_set(bytes: &[u8], max: usize) -> Result<BTreeMap<u64, Evidence>, PipelineError> {
+        let bad = |m: String| PipelineError::Audit(format!("malformed evidence set: {m}"));
+        if bytes.len() > max {
+            return Err(bad(format!("{} bytes, more than {max}", bytes.len())));
+        }
+        let st = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+        let mut out = BTreeMap::new();
+        let listed = match header.metadata().as_ref().and_then(|m| m.get(SET_KEY)) {
+            Some(list) => {
+                let mut last = None;
+                for item in list.split(',').filter(|_| !list.is_empty()) {
+                    let mb = parse_mb(item).ok_or_else(|| {
+                        bad(format!("{SET_KEY} lists {item:?}, not a micro-batch"))
+                    })?;
+                    if last.is_some_and(|l| l >= mb) {
+                        return Err(bad(format!("{SET_KEY} is not strictly ascending at {mb}")));
+                    }
+                    last = Some(mb);
+                    out.insert(mb, Evidence::default());
+                }
+                true
+            }
+            None => false,
+        };
+        for (name, t) in st.tensors() {
+            let (mb, part) = name
+                .split_once('.')
+                .and_then(|(mb, part)| Some((parse_mb(mb)?, part)))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "unexpected tensor {name:?}, expected <micro-batch>.<input|targets|gradient>"
+                    ))
+                })?;
+            if t.dtype() != Dtype::U8 || t.shape() != [t.data().len()] {
+                return Err(bad(format!(
+                    "tensor {name} is {:?} {:?}, expected a 1-D U8 tensor",
+                    t.dtype(),
+                    t.shape()
+                )));
+            }
+            if listed && !out.contains_key(&mb) {
+                return Err(bad(format!(
+                    "tensor {name} is of micro-batch {mb}, which {SET_KEY} does not list"
+                )));
+            }
+            let e = out.entry(mb).or_default();
+            let slot = match part {
+                "input" => &mut e.input,
+                "targets" => &mut e.targets,
+                "gradient" => &mut e.gradient,
+                _ => return Err(bad(format!(
+                    "unexpected tensor {name:?}, expected <micro-batch>.<input|targets|gradient>"
+                ))),
+            };
+            *slot = Some(t.data().to_vec());
+        }
+        Ok(out)
+    }
+}
+
+/// A micro-batch index in canonical decimal (no sign, no leading zero).
+fn parse_mb(s: &str) -> Option<u64> {
+    let mb = s.parse::<u64>().ok()?;
+    (mb.to_string() == s).then_some(mb)
 }
 
 impl StageWorker {
@@ -338,5 +442,95 @@ mod tests {
         )
         .expect("serialize");
         assert!(Evidence::decode(&typed, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn evidence_sets_round_trip_and_malformed_sets_are_refused() {
+        use std::collections::{BTreeMap, HashMap};
+
+        use safetensors::tensor::{Dtype, TensorView};
+
+        let set = BTreeMap::from([
+            (
+                0,
+                Evidence {
+                    input: Some(vec![1, 2, 3]),
+                    targets: Some(vec![4; 8]),
+                    gradient: Some(vec![9; 10]),
+                },
+            ),
+            // A stage that keeps nothing for a micro-batch still lists it.
+            (3, Evidence::default()),
+            (
+                12,
+                Evidence {
+                    input: None,
+                    targets: None,
+                    gradient: Some(vec![7; 5]),
+                },
+            ),
+        ]);
+        let bytes = Evidence::encode_set(&set).expect("encode");
+        assert_eq!(Evidence::decode_set(&bytes, 1 << 20).expect("decode"), set);
+        assert!(Evidence::decode_set(&bytes, bytes.len()).is_ok());
+        let err = Evidence::decode_set(&bytes, bytes.len() - 1).expect_err("over the limit");
+        assert!(err.to_string().contains("more than"), "{err}");
+        let empty = Evidence::encode_set(&BTreeMap::new()).expect("empty");
+        assert!(Evidence::decode_set(&empty, 1 << 10)
+            .expect("empty")
+            .is_empty());
+        assert!(Evidence::decode_set(b"not a file", 1 << 20).is_err());
+
+        let file =
+            |name: &str, dtype: Dtype, shape: Vec<usize>, data: &[u8], list: Option<&str>| {
+                let view = TensorView::new(dtype, shape, data).expect("view");
+                let meta =
+                    list.map(|l| HashMap::from([("micro_batches".to_string(), l.to_string())]));
+                safetensors::serialize([(name.to_string(), view)], meta).expect("serialize")
+            };
+        let decode = |b: &[u8]| Evidence::decode_set(b, 1 << 20);
+        // A well-formed single tensor, with and without the list.
+        let one = decode(&file("5.gradient", Dtype::U8, vec![2], &[1, 2], Some("5"))).expect("ok");
+        assert_eq!(one[&5].gradient.as_deref(), Some(&[1u8, 2][..]));
+        assert_eq!(
+            decode(&file("5.gradient", Dtype::U8, vec![2], &[1, 2], None)).expect("ok"),
+            one
+        );
+        // Names that are not <u64>.<input|targets|gradient>.
+        for name in [
+            "input",
+            "x.input",
+            "5.weights",
+            "5",
+            "-1.input",
+            "+5.input",
+            "05.input",
+            "5.input.x",
+            "18446744073709551616.input",
+            ".input",
+            "5.",
+        ] {
+            let err = decode(&file(name, Dtype::U8, vec![2], &[1, 2], None)).expect_err(name);
+            assert!(
+                err.to_string().contains("unexpected tensor"),
+                "{name}: {err}"
+            );
+        }
+        // Another type, or another rank.
+        let f32s = [0u8; 8];
+        let err = decode(&file("1.input", Dtype::F32, vec![2], &f32s, None)).expect_err("F32");
+        assert!(err.to_string().contains("1-D U8"), "{err}");
+        let err = decode(&file("1.input", Dtype::U8, vec![2, 4], &f32s, None)).expect_err("2-D");
+        assert!(err.to_string().contains("1-D U8"), "{err}");
+        // A tensor of a micro-batch the list lacks, and malformed lists.
+        let err = decode(&file("1.input", Dtype::U8, vec![2], &[1, 2], Some("0,2")))
+            .expect_err("unlisted");
+        assert!(err.to_string().contains("does not list"), "{err}");
+        for list in ["0,,2", "2,1", "1,1", "a", "01", " 1"] {
+            assert!(
+                decode(&file("1.input", Dtype::U8, vec![2], &[1, 2], Some(list))).is_err(),
+                "{list:?}"
+            );
+        }
     }
 }

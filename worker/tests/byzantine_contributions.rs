@@ -13,7 +13,7 @@ use std::thread;
 use std::time::Duration;
 
 use pipewright::link::{RunId, RunKey};
-use pipewright::pipeline::{loopback_layout, Attack, Auth, StageWorker};
+use pipewright::pipeline::{loopback_layout, Attack, Auth, Evidence, StageWorker};
 use pipewright::sync::contribution::{SUSPECT_COSINE, SUSPECT_NORM_RATIO};
 use pipewright::sync::{ContributionReport, Suspicion};
 use pipewright_spec::{parse_manifest, TrainingRun};
@@ -185,6 +185,220 @@ fn sign_flipped_and_scaled_contributions_are_suspected_by_every_honest_peer() {
                     }
                 }
             }
+        }
+    }
+}
+
+/// What one worker published after a step for the others to recompute:
+/// its committed micro-batches' evidence and the hash of the contribution
+/// it sent.
+type Published = (std::collections::BTreeMap<u64, Evidence>, [u8; 32]);
+
+/// One recomputation of a replica's contribution by another replica of its
+/// stage.
+#[derive(Debug)]
+struct Recomputed {
+    stage: usize,
+    validator: usize,
+    audited: usize,
+    step: u64,
+    /// The audited replica's own `contributions().sent()`.
+    sent: [u8; 32],
+    /// The hash of the audited replica's contribution as the validator
+    /// received it in the gather.
+    received: [u8; 32],
+    recomputed: [u8; 32],
+}
+
+/// Per shard: the losses of its steps (last stage), its final weights and
+/// the recomputations it made.
+struct Audited {
+    losses: Vec<f32>,
+    params: Vec<Vec<f32>>,
+    checks: Vec<Recomputed>,
+}
+
+/// Every shard of `m`'s layout on a thread. With `audit`, after each step
+/// every worker recomputes the contribution of each other replica of its
+/// stage from that replica's evidence, with its own snapshot of the weights
+/// before the step, and checks that the recomputation left its own state
+/// (weights, moments, gradients, commitments, evidence, contributions)
+/// exactly as it was.
+fn audited_run(
+    m: &TrainingRun,
+    audit: bool,
+    attack: Option<((usize, usize), Attack)>,
+) -> Vec<Audited> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Barrier, Mutex};
+    let p = &m.spec.pipeline;
+    let layout = loopback_layout(p.stages, p.replicas, false, false).expect("bind");
+    let auth = Auth {
+        run_id: RunId([7; 16]),
+        key: RunKey([3; 32]),
+    };
+    let shared: Arc<Mutex<HashMap<(u64, usize, usize), Published>>> = Arc::default();
+    let barrier = Arc::new(Barrier::new(layout.len()));
+    let handles: Vec<_> = layout
+        .into_iter()
+        .map(|(shard, peers)| {
+            let (m, auth) = (m.clone(), auth.clone());
+            let (shared, barrier) = (shared.clone(), barrier.clone());
+            thread::spawn(move || {
+                let mut w = StageWorker::new(&m, shard, peers, auth, Duration::from_secs(20))
+                    .expect("worker");
+                w.set_retain(audit);
+                if let Some((at, a)) = attack {
+                    if at == (shard.stage, shard.replica) {
+                        w.set_attack(Some(a));
+                    }
+                }
+                let (mut losses, mut checks) = (Vec::new(), Vec::new());
+                for step in 0..m.spec.training.steps {
+                    let mut before = w.state();
+                    losses.extend(w.train_step().expect("step").loss);
+                    if !audit {
+                        continue;
+                    }
+                    let report = w.contributions().cloned().expect("a robust rule reports");
+                    let hashes = w.step_hashes().clone();
+                    let evidence: std::collections::BTreeMap<u64, Evidence> = hashes
+                        .keys()
+                        .map(|&mb| (mb, w.evidence(mb).cloned().expect("evidence kept")))
+                        .collect();
+                    shared.lock().unwrap().insert(
+                        (step, shard.stage, shard.replica),
+                        (evidence.clone(), report.sent()),
+                    );
+                    barrier.wait();
+                    let (state, kept) = (w.state(), before.clone());
+                    for audited in (0..m.spec.pipeline.replicas).filter(|&r| r != shard.replica) {
+                        let (theirs, sent) = shared
+                            .lock()
+                            .unwrap()
+                            .get(&(step, shard.stage, audited))
+                            .cloned()
+                            .expect("published");
+                        let scope: Vec<u64> = theirs.keys().copied().collect();
+                        let recomputed = w
+                            .recompute_contribution(&mut before, step, audited, &scope, &theirs)
+                            .expect("recompute the contribution");
+                        let rank = (0..m.spec.pipeline.replicas)
+                            .find(|&k| w.replica_of_rank(k) == Some(audited))
+                            .expect("rank");
+                        checks.push(Recomputed {
+                            stage: shard.stage,
+                            validator: shard.replica,
+                            audited,
+                            step,
+                            sent,
+                            received: report.hashes[rank],
+                            recomputed,
+                        });
+                    }
+                    // Nothing of the validator's own state moved.
+                    assert!(w.state() == state, "weights, moments and step unchanged");
+                    assert!(before == kept, "the snapshot is unchanged");
+                    assert!(
+                        w.stage()
+                            .params()
+                            .iter()
+                            .all(|p| p.grad.iter().all(|&g| g == 0.0)),
+                        "gradients zero, as the step left them"
+                    );
+                    assert_eq!(w.stage().in_flight(), 0);
+                    assert_eq!(w.step_hashes(), &hashes);
+                    for (mb, e) in &evidence {
+                        assert_eq!(w.evidence(*mb), Some(e));
+                    }
+                    assert_eq!(w.contributions(), Some(&report));
+                    barrier.wait();
+                }
+                let params = w.stage().params().iter().map(|p| p.data.clone()).collect();
+                let _ = w.finish();
+                Audited {
+                    losses,
+                    params,
+                    checks,
+                }
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("worker thread"))
+        .collect()
+}
+
+/// A 2-stage × 3-replica manifest with several micro-batches per replica.
+fn audit_manifest(
+    dir: &Path,
+    rule: &str,
+    schedule: pipewright_spec::ScheduleKind,
+    recompute: pipewright_spec::Recompute,
+) -> TrainingRun {
+    let mut m = manifest(dir, 2, rule, false);
+    m.spec.training.steps = 3;
+    m.spec.training.micro_batches = 3;
+    m.spec.pipeline.schedule = schedule;
+    m.spec.training.recompute = recompute;
+    m
+}
+
+/// Every replica recomputes every other replica's whole contribution at
+/// every step, from its evidence and with its own snapshot: the hash is
+/// the one that replica sent, bit for bit, under each schedule with
+/// activations kept or recomputed; and the audits change nothing of the
+/// validators' training (losses and final weights are a run's without
+/// audits, bit for bit).
+#[test]
+fn a_recomputed_contribution_is_the_one_an_honest_replica_sent_and_changes_nothing() {
+    use pipewright_spec::{Recompute, ScheduleKind};
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (rule, schedule, recompute) in [
+        ("median", ScheduleKind::OneFOneB, Recompute::Off),
+        ("median", ScheduleKind::ZbH1, Recompute::Off),
+        ("centeredClip", ScheduleKind::Gpipe, Recompute::Full),
+        ("trimmedMean", ScheduleKind::ZbH1, Recompute::Full),
+    ] {
+        let m = audit_manifest(dir.path(), rule, schedule, recompute);
+        let audited = audited_run(&m, true, None);
+        let plain = audited_run(&m, false, None);
+        let checks: Vec<&Recomputed> = audited.iter().flat_map(|a| &a.checks).collect();
+        // 3 steps × 2 stages × 3 validators × 2 audited replicas.
+        assert_eq!(checks.len(), 36, "{rule} {schedule:?} {recompute:?}");
+        for c in &checks {
+            assert_eq!(
+                c.recomputed, c.sent,
+                "{rule} {schedule:?} {recompute:?}: {c:?}"
+            );
+            assert_eq!(c.received, c.sent, "{c:?}");
+        }
+        for (a, p) in audited.iter().zip(&plain) {
+            assert_eq!(a.losses, p.losses, "losses with and without audits");
+            assert!(a.params == p.params, "weights with and without audits");
+        }
+    }
+}
+
+/// A replica that sign-flips or scales its contribution (and commits to
+/// what it sent) is not what its evidence recomputes to, from the first
+/// attacked step on; every honest replica still recomputes to what it sent.
+#[test]
+fn a_sign_flipped_or_scaled_contribution_does_not_recompute() {
+    use pipewright_spec::{Recompute, ScheduleKind};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = audit_manifest(dir.path(), "median", ScheduleKind::OneFOneB, Recompute::Off);
+    for (attack, at) in [("sign-flip", (1, 2)), ("scale", (0, 0))] {
+        let a: Attack = format!("{attack}@2").parse().expect("attack");
+        let out = audited_run(&m, true, Some((at, a)));
+        let checks: Vec<&Recomputed> = out.iter().flat_map(|a| &a.checks).collect();
+        assert_eq!(checks.len(), 36);
+        for c in checks {
+            // The attacker's peers received what it sent and committed to.
+            assert_eq!(c.received, c.sent, "{attack}: {c:?}");
+            let lies = (c.stage, c.audited) == at && c.step >= 1;
+            assert_eq!(c.recomputed != c.sent, lies, "{attack}: {c:?}");
         }
     }
 }

@@ -1,25 +1,30 @@
 //! Audits by recomputation, a worker's part: what it keeps of each
 //! micro-batch of its current step (the payloads it received, as they
-//! arrived), that evidence as a safetensors file, and the recomputation of
-//! one micro-batch another replica of its stage ran, with the weights of
-//! before the step, giving the hashes that replica should have committed.
+//! arrived), that evidence as a safetensors file (one micro-batch's, or a
+//! set of them), and the recomputation of another replica of its stage's
+//! work with the weights of before the step: of one micro-batch, giving the
+//! hashes that replica should have committed, or of its whole step, giving
+//! the hash of the gradient contribution it should have sent to a robust
+//! aggregation.
 //!
 //! The recomputation borrows the stage: it swaps the stage's parameter
-//! buffers with the snapshot's (no copy), runs the forward and the input
-//! half of the backward of that one micro-batch, and swaps them back; the
-//! in-flight cache it made is dropped and the gradients it may have
-//! accumulated (a recomputed block runs both halves) are zeroed again, as
-//! they were after the step. Weights, moments, the step's hashes and its
-//! evidence stay as they were.
+//! buffers with the snapshot's (no copy), runs the forwards and backwards
+//! it recomputes, and swaps them back; the in-flight caches it made are
+//! dropped and the gradients it accumulated are zeroed again, as they were
+//! after the step. Weights, moments, the step's hashes, its evidence and
+//! its view of the replicas' contributions stay as they were.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use pipewright_spec::Aggregation;
 
 use super::{MicroBatchHashes, PipelineError, StageState, StageWorker};
 use crate::data::sample_train;
 use crate::link::frame::content_hash;
 use crate::model::{StageInput, StageOutput};
+use crate::schedule::Op;
 
 /// The tensor names of an evidence file, in the order they are written.
 const NAMES: [&str; 3] = ["input", "targets", "gradient"];
@@ -193,9 +198,11 @@ impl Evidence {
                 "input" => &mut e.input,
                 "targets" => &mut e.targets,
                 "gradient" => &mut e.gradient,
-                _ => return Err(bad(format!(
+                _ => {
+                    return Err(bad(format!(
                     "unexpected tensor {name:?}, expected <micro-batch>.<input|targets|gradient>"
-                ))),
+                )))
+                }
             };
             *slot = Some(t.data().to_vec());
         }
@@ -259,6 +266,155 @@ impl StageWorker {
         mb: u64,
         evidence: &Evidence,
     ) -> Result<MicroBatchHashes, PipelineError> {
+        self.check_recomputable(before, step)?;
+        let all = (self.replicas * self.micro_batches) as u64;
+        if mb >= all {
+            return Err(PipelineError::Audit(format!(
+                "micro-batch {mb} is outside the step's {all}"
+            )));
+        }
+        self.with_weights_of(before, |w| {
+            let (input, out) = w.replay_forward(step, mb, evidence)?;
+            let output = match out {
+                StageOutput::Loss(l) => content_hash(&l.to_le_bytes()),
+                StageOutput::Hidden(h) => {
+                    let rows = w.hidden_rows();
+                    content_hash(&w.codec.encode(&h, rows, w.stage.boundary_width_out())?)
+                }
+            };
+            let dx = w.replay_backward_input(mb, evidence)?;
+            let gradient = match dx {
+                Some(dx) if !w.is_first() => {
+                    let rows = w.hidden_rows();
+                    content_hash(&w.codec.encode(&dx, rows, w.stage.boundary_width_in())?)
+                }
+                _ => [0; 32],
+            };
+            Ok(MicroBatchHashes {
+                input,
+                output,
+                gradient,
+            })
+        })
+    }
+
+    /// Recomputes the contribution replica `audited_replica` of this stage
+    /// made to step `step`'s robust aggregation (0-based; this worker's last
+    /// completed step) and returns its hash, as
+    /// [`crate::sync::contribution::contribution_hash`] gives it: what that
+    /// replica committed to ([`crate::sync::ContributionReport::sent`]) if
+    /// it sent what it computed.
+    ///
+    /// With the weights of `before` (the snapshot of the state before the
+    /// step) and the step's loss scale, it runs every operation the replica's
+    /// schedule gives it ([`StageWorker::order_for`]) on `micro_batches`
+    /// (the replica's committed micro-batches; each must be one it runs),
+    /// in that order: each forward from the micro-batch's evidence (the first
+    /// stage samples its tokens from the corpus, as
+    /// [`StageWorker::train_step`] does), each input half of the backward
+    /// from the evidence's gradient (the last stage: from the loss and the
+    /// evidence's targets) and each weight half, accumulating the weight
+    /// gradients as the step does. Their hash, group by group of
+    /// parameters, then on the last stage the sum of the micro-batches'
+    /// losses, is the contribution's.
+    ///
+    /// `evidence` must hold exactly the micro-batches of `micro_batches`.
+    /// Refused under `aggregation: mean` (the ring mixes contributions;
+    /// none is gathered whole). `before`'s buffers are swapped in and out,
+    /// not copied; it is left as it was. Nothing of this worker's own state
+    /// changes: weights, moments, gradients (zero after a step, zero
+    /// again), in-flight caches, the step's hashes, its evidence and its
+    /// [`StageWorker::contributions`].
+    pub fn recompute_contribution(
+        &mut self,
+        before: &mut StageState,
+        step: u64,
+        audited_replica: usize,
+        micro_batches: &[u64],
+        evidence: &BTreeMap<u64, Evidence>,
+    ) -> Result<[u8; 32], PipelineError> {
+        if self.aggregation == Aggregation::Mean {
+            return Err(PipelineError::Audit(
+                "under aggregation: mean no replica's contribution is gathered whole".into(),
+            ));
+        }
+        if audited_replica >= self.replicas {
+            return Err(PipelineError::Audit(format!(
+                "replica {audited_replica} is outside the stage's {}",
+                self.replicas
+            )));
+        }
+        self.check_recomputable(before, step)?;
+        let order = self.order_for(audited_replica);
+        let runs: BTreeSet<u64> = order
+            .iter()
+            .filter(|op| matches!(op, Op::Forward { .. }))
+            .map(|op| u64::from(op.micro_batch()))
+            .collect();
+        let mut scope = BTreeSet::new();
+        for &mb in micro_batches {
+            if !scope.insert(mb) {
+                return Err(PipelineError::Audit(format!(
+                    "micro-batch {mb} is listed twice"
+                )));
+            }
+            if !runs.contains(&mb) {
+                return Err(PipelineError::Audit(format!(
+                    "replica {audited_replica} of stage {} runs no micro-batch {mb} in step {}",
+                    self.shard.stage,
+                    step + 1
+                )));
+            }
+        }
+        if let Some(mb) = scope
+            .symmetric_difference(&evidence.keys().copied().collect())
+            .next()
+        {
+            return Err(PipelineError::Audit(format!(
+                "the evidence's micro-batches are not the audited ones (micro-batch {mb})"
+            )));
+        }
+        let ops: Vec<Op> = order
+            .into_iter()
+            .filter(|op| scope.contains(&u64::from(op.micro_batch())))
+            .collect();
+        self.with_weights_of(before, |w| {
+            // The step left every gradient at zero; the recomputation
+            // accumulates from there.
+            w.stage.zero_grad();
+            let mut loss_sum = 0f64;
+            for op in ops {
+                let mb = u64::from(op.micro_batch());
+                let e = &evidence[&mb];
+                match op {
+                    Op::Forward { .. } => {
+                        if let (_, StageOutput::Loss(l)) = w.replay_forward(step, mb, e)? {
+                            loss_sum += f64::from(l);
+                        }
+                    }
+                    Op::Backward { .. } => {
+                        w.replay_backward_input(mb, e)?;
+                        w.stage.backward_weight(mb)?;
+                    }
+                    Op::BackwardInput { .. } => {
+                        w.replay_backward_input(mb, e)?;
+                    }
+                    Op::BackwardWeight { .. } => w.stage.backward_weight(mb)?,
+                }
+            }
+            if w.stage.in_flight() != 0 {
+                return Err(PipelineError::Audit(
+                    "the replica's order left micro-batches without a backward".into(),
+                ));
+            }
+            Ok(w.contribution_hash(loss_sum))
+        })
+    }
+
+    /// Refuses a recomputation of step `step` (0-based) unless it is this
+    /// worker's last completed step, `before` holds the state before it
+    /// and fits the stage, and no micro-batch is in flight.
+    fn check_recomputable(&self, before: &StageState, step: u64) -> Result<(), PipelineError> {
         if before.step != step || self.step != step + 1 {
             return Err(PipelineError::Audit(format!(
                 "cannot recompute step {} here: this worker completed {} steps and holds weights of step {}",
@@ -267,38 +423,40 @@ impl StageWorker {
                 before.step
             )));
         }
-        let all = (self.replicas * self.micro_batches) as u64;
-        if mb >= all {
-            return Err(PipelineError::Audit(format!(
-                "micro-batch {mb} is outside the step's {all}"
-            )));
-        }
         if self.stage.in_flight() != 0 {
             return Err(PipelineError::Audit(
                 "the stage has micro-batches in flight".into(),
             ));
         }
-        let fits = {
-            let params = self.stage.params();
-            before.params.len() == params.len()
-                && before
-                    .params
-                    .iter()
-                    .zip(&params)
-                    .all(|(a, p)| a.len() == p.len())
-        };
+        let params = self.stage.params();
+        let fits = before.params.len() == params.len()
+            && before
+                .params
+                .iter()
+                .zip(&params)
+                .all(|(a, p)| a.len() == p.len());
         if !fits {
             return Err(PipelineError::Audit(format!(
                 "the snapshot does not fit stage {}",
                 self.shard.stage
             )));
         }
+        Ok(())
+    }
+
+    /// Runs `f` with `before`'s weights swapped into the stage, then swaps
+    /// them back, drops whatever `f` left in flight and zeroes the
+    /// gradients it accumulated (a block that recomputes its activations
+    /// runs both halves of its backward), as the step left them.
+    fn with_weights_of<T>(
+        &mut self,
+        before: &mut StageState,
+        f: impl FnOnce(&mut Self) -> Result<T, PipelineError>,
+    ) -> Result<T, PipelineError> {
         self.swap_weights(before);
-        let result = self.recompute_with_current_weights(step, mb, evidence);
+        let result = f(self);
         self.swap_weights(before);
         self.stage.clear_in_flight();
-        // A block that recomputes its activations runs both halves of its
-        // backward; the step left every gradient at zero.
         self.stage.zero_grad();
         result
     }
@@ -310,21 +468,22 @@ impl StageWorker {
         }
     }
 
-    fn recompute_with_current_weights(
+    /// The forward of micro-batch `mb` of step `step` from `evidence` (the
+    /// first stage: from the tokens it samples, as
+    /// [`StageWorker::train_step`] does) with the current weights and the
+    /// step's loss scale, kept in flight for its backward. Returns the
+    /// hash of the input used and the stage's output.
+    fn replay_forward(
         &mut self,
         step: u64,
         mb: u64,
         evidence: &Evidence,
-    ) -> Result<MicroBatchHashes, PipelineError> {
+    ) -> Result<([u8; 32], StageOutput), PipelineError> {
         let (rows, seq) = (self.rows, self.model.seq_len);
         let m = self.micro_batches as u64;
         let codec = self.codec;
-        let (width_in, width_out) = (
-            self.stage.boundary_width_in(),
-            self.stage.boundary_width_out(),
-        );
+        let width_in = self.stage.boundary_width_in();
         let last = self.is_last();
-        let missing = |what: &str| PipelineError::Audit(format!("the evidence holds no {what}"));
         let (tokens, hidden, targets, input) = match &self.corpus {
             Some(corpus) => {
                 let b = sample_train(corpus, self.seed, step, mb % m, mb / m, rows, seq);
@@ -332,16 +491,19 @@ impl StageWorker {
                 (Some(b.tokens), None, b.targets, h)
             }
             None => {
-                let bytes = evidence.input.as_ref().ok_or_else(|| missing("input"))?;
+                let bytes = evidence
+                    .input
+                    .as_ref()
+                    .ok_or_else(|| missing(mb, "input"))?;
                 let hidden = codec.decode(bytes, rows * seq, width_in)?;
                 let targets = if last {
                     let t = evidence
                         .targets
                         .as_ref()
-                        .ok_or_else(|| missing("targets"))?;
+                        .ok_or_else(|| missing(mb, "targets"))?;
                     if t.len() != rows * seq * 4 {
                         return Err(PipelineError::Audit(format!(
-                            "the evidence's targets hold {} bytes, expected {}",
+                            "the evidence's targets of micro-batch {mb} hold {} bytes, expected {}",
                             t.len(),
                             rows * seq * 4
                         )));
@@ -364,32 +526,34 @@ impl StageWorker {
         let out = self
             .stage
             .forward(mb, input_ref, last.then_some(&targets[..]), rows, scale)?;
-        let output = match out {
-            StageOutput::Loss(l) => content_hash(&l.to_le_bytes()),
-            StageOutput::Hidden(h) => content_hash(&codec.encode(&h, rows * seq, width_out)?),
-        };
-        let grad = if last {
+        Ok((input, out))
+    }
+
+    /// The input half of the backward of micro-batch `mb`, in flight, from
+    /// `evidence`'s gradient (the last stage: from its loss). Returns the
+    /// input gradient.
+    fn replay_backward_input(
+        &mut self,
+        mb: u64,
+        evidence: &Evidence,
+    ) -> Result<Option<Vec<f32>>, PipelineError> {
+        let grad = if self.is_last() {
             None
         } else {
             let bytes = evidence
                 .gradient
                 .as_ref()
-                .ok_or_else(|| missing("gradient"))?;
-            Some(codec.decode(bytes, rows * seq, width_out)?)
+                .ok_or_else(|| missing(mb, "gradient"))?;
+            let width_out = self.stage.boundary_width_out();
+            Some(self.codec.decode(bytes, self.hidden_rows(), width_out)?)
         };
-        let dx = self.stage.backward_input(mb, grad.as_deref())?;
-        let gradient = match dx {
-            Some(dx) if !self.is_first() => {
-                content_hash(&codec.encode(&dx, rows * seq, width_in)?)
-            }
-            _ => [0; 32],
-        };
-        Ok(MicroBatchHashes {
-            input,
-            output,
-            gradient,
-        })
+        Ok(self.stage.backward_input(mb, grad.as_deref())?)
     }
+}
+
+/// The error of evidence that lacks a payload the stage needs.
+fn missing(mb: u64, what: &str) -> PipelineError {
+    PipelineError::Audit(format!("the evidence of micro-batch {mb} holds no {what}"))
 }
 
 #[cfg(test)]

@@ -944,7 +944,15 @@ impl StageWorker {
     /// manifest's `pipeline.schedule` and the route; micro-batch numbers are
     /// the step's (`0 .. replicas × micro_batches`).
     pub fn order(&self) -> Vec<Op> {
-        let (s, r, m) = (self.shard.stage, self.shard.replica, self.micro_batches);
+        self.order_for(self.shard.replica)
+    }
+
+    /// The operations replica `replica` of this stage runs in the next step
+    /// (the route this worker holds): [`StageWorker::order`] as that
+    /// replica computes it. An audit recomputes a replica's step in this
+    /// order.
+    pub fn order_for(&self, replica: usize) -> Vec<Op> {
+        let (s, r, m) = (self.shard.stage, replica, self.micro_batches);
         if self.route.is_lanes(m) {
             // Each replica is a pipeline of its own: its schedule for its
             // own M micro-batches, numbered within the step.
@@ -1457,7 +1465,7 @@ impl StageWorker {
             }
         };
         if last {
-            reducer.push(groups.len(), vec![loss_sum as f32])?;
+            reducer.push(groups.len(), loss_bucket(loss_sum))?;
         }
         let (ring, buckets, seen) = reducer.wait_observed()?;
         self.ring = Some(ring);
@@ -1578,6 +1586,35 @@ impl StageWorker {
     }
 }
 
+/// The last stage's bucket after its gradients': the sum of its
+/// micro-batches' losses in the step, gathered (or ring-summed) for the
+/// step's mean loss.
+fn loss_bucket(loss_sum: f64) -> Vec<f32> {
+    vec![loss_sum as f32]
+}
+
+impl StageWorker {
+    /// The hash of the contribution the stage's gradients as they are now
+    /// make to the replicas' aggregation, as
+    /// [`crate::sync::contribution::contribution_hash`] gives it (the hash
+    /// in [`ContributionReport::hashes`]): one bucket per group
+    /// of [`Stage::weight_groups`], each its parameters' gradients one
+    /// after the other ([`concat_grads`]), then on the last stage the loss
+    /// bucket of `loss_sum`. The bytes are hashed where they lie, group by
+    /// group, which is the same stream as the concatenated buckets.
+    fn contribution_hash(&self, loss_sum: f64) -> [u8; 32] {
+        let params = self.stage.params();
+        let groups = self.stage.weight_groups();
+        let loss = self.is_last().then(|| loss_bucket(loss_sum));
+        crate::sync::contribution::contribution_hash(
+            groups
+                .iter()
+                .flat_map(|g| g.iter().map(|&i| &params[i].grad[..]))
+                .chain(loss.as_deref()),
+        )
+    }
+}
+
 /// Refuses `data`, received on `inbox` as the `kind` tensor of (`step`,
 /// `mb`), when it holds a NaN or an infinity or its norm is absurd (see
 /// [`screen_tensor`]): the refusal is counted on the link like a malformed
@@ -1650,7 +1687,8 @@ pub(crate) fn accept_within(
     }
 }
 
-/// The gradients of `params`, one after the other.
+/// The gradients of `params`, one after the other: the bucket of one
+/// weight group handed to the replicas' aggregation.
 fn concat_grads(params: &[&Param]) -> Vec<f32> {
     let mut buf = Vec::with_capacity(params.iter().map(|p| p.grad.len()).sum());
     for p in params {

@@ -288,6 +288,15 @@ pub static CEL_RULES: &[CelRule] = &[
     cel!("spec.validation.auditRate", "must be a finite number in [0, 1]", at "spec.validation",
         Some(".auditRate"),
         "!has(self.auditRate) || (self.auditRate >= 0.0 && self.auditRate <= 1.0)"),
+    cel!("spec.validation.contributionAuditRate", "must be a finite number in [0, 1]",
+        at "spec.validation", Some(".contributionAuditRate"),
+        "!has(self.contributionAuditRate) || (self.contributionAuditRate >= 0.0 && self.contributionAuditRate <= 1.0)"),
+    cel!("spec.validation.contributionAuditRate",
+        "must be 0 or unset when spec.pipeline.aggregation is mean (the ring mixes contributions, none can be attributed)",
+        at "spec", Some(".validation.contributionAuditRate"),
+        "!has(self.validation) || !has(self.validation.contributionAuditRate) \
+         || self.validation.contributionAuditRate <= 0.0 \
+         || (has(self.pipeline) && has(self.pipeline.aggregation) && self.pipeline.aggregation != 'mean')"),
 ];
 
 /// The CRD: schema from the spec's types, CEL rules from [`CEL_RULES`] with

@@ -457,6 +457,67 @@ fn cases() -> Vec<(&'static str, Value)> {
             with(&[("/spec/validation", json!({}))]),
         ),
         (
+            "validation contributionAuditRate < 0",
+            with(&[
+                (
+                    "/spec/pipeline",
+                    json!({"replicas": 3, "aggregation": "median"}),
+                ),
+                ("/spec/validation", json!({"contributionAuditRate": -0.01})),
+            ]),
+        ),
+        (
+            "validation contributionAuditRate > 1",
+            with(&[
+                (
+                    "/spec/pipeline",
+                    json!({"replicas": 3, "aggregation": "median"}),
+                ),
+                ("/spec/validation", json!({"contributionAuditRate": 1.5})),
+            ]),
+        ),
+        (
+            "validation contributionAuditRate at the bounds, median",
+            with(&[
+                (
+                    "/spec/pipeline",
+                    json!({"replicas": 3, "aggregation": "median"}),
+                ),
+                (
+                    "/spec/validation",
+                    json!({"contributionAuditRate": 1, "auditRate": 0}),
+                ),
+            ]),
+        ),
+        (
+            "validation contributionAuditRate 0 under mean",
+            with(&[("/spec/validation", json!({"contributionAuditRate": 0}))]),
+        ),
+        (
+            "validation contributionAuditRate under mean by default",
+            with(&[("/spec/validation", json!({"contributionAuditRate": 0.05}))]),
+        ),
+        (
+            "validation contributionAuditRate under mean named",
+            with(&[
+                (
+                    "/spec/pipeline",
+                    json!({"replicas": 3, "aggregation": "mean"}),
+                ),
+                ("/spec/validation", json!({"contributionAuditRate": 1})),
+            ]),
+        ),
+        (
+            "validation contributionAuditRate under trimmedMean",
+            with(&[
+                (
+                    "/spec/pipeline",
+                    json!({"replicas": 4, "aggregation": "trimmedMean"}),
+                ),
+                ("/spec/validation", json!({"contributionAuditRate": 0.25})),
+            ]),
+        ),
+        (
             "name not a label",
             with(&[("/metadata/name", json!("Quick_Start"))]),
         ),
@@ -505,6 +566,9 @@ fn every_case_but_the_valid_ones_is_refused() {
         "validation auditRate at the bounds",
         "validation auditRate one",
         "validation defaulted",
+        "validation contributionAuditRate at the bounds, median",
+        "validation contributionAuditRate 0 under mean",
+        "validation contributionAuditRate under trimmedMean",
     ]
     .into();
     for (name, run) in cases() {

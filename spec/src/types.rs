@@ -163,6 +163,17 @@ pub struct ValidationSpec {
     /// off.
     #[serde(default = "default_audit_rate")]
     pub audit_rate: f64,
+    /// Probability (0..=1) that a training shard's whole contribution to a
+    /// step's robust aggregation is audited at random: a neighbour in the
+    /// replicas' ring recomputes the shard's whole step and compares the
+    /// contribution with the one the shard signed and the one it received.
+    /// Unset: 0.05 under a robust `pipeline.aggregation` (median,
+    /// trimmedMean, centeredClip), 0 under `mean`, where the ring mixes the
+    /// contributions and none can be attributed (a rate above 0 is then
+    /// refused). Replicas a peer reports as suspect are audited whatever
+    /// the rate, under a robust rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contribution_audit_rate: Option<f64>,
 }
 
 /// Default of `spec.validation.auditRate`.
@@ -172,10 +183,15 @@ fn default_audit_rate() -> f64 {
     DEFAULT_AUDIT_RATE
 }
 
+/// `spec.validation.contributionAuditRate` when unset under a robust
+/// aggregation.
+pub const DEFAULT_CONTRIBUTION_AUDIT_RATE: f64 = 0.05;
+
 impl Default for ValidationSpec {
     fn default() -> Self {
         Self {
             audit_rate: DEFAULT_AUDIT_RATE,
+            contribution_audit_rate: None,
         }
     }
 }
@@ -185,6 +201,18 @@ impl ValidationSpec {
     /// when a manifest is written).
     pub fn is_default(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// The probability a shard's contribution is audited at random under
+    /// `aggregation`: the manifest's rate when set, else
+    /// [`DEFAULT_CONTRIBUTION_AUDIT_RATE`] under a robust rule; always 0
+    /// under `mean` (nothing to attribute).
+    pub fn effective_contribution_audit_rate(&self, aggregation: Aggregation) -> f64 {
+        if aggregation == Aggregation::Mean {
+            return 0.0;
+        }
+        self.contribution_audit_rate
+            .unwrap_or(DEFAULT_CONTRIBUTION_AUDIT_RATE)
     }
 }
 

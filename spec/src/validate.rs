@@ -796,6 +796,30 @@ pub static RULES: &[Rule] = &[
                 .then(|| format!("must be a finite number in [0, 1], got {v}"))
         },
     },
+    Rule {
+        field: "spec.validation.contributionAuditRate",
+        requirement: "must be a finite number in [0, 1]",
+        check: |r| {
+            let v = r.spec.validation.contribution_audit_rate?;
+            (!(0.0..=1.0).contains(&v))
+                .then(|| format!("must be a finite number in [0, 1], got {v}"))
+        },
+    },
+    Rule {
+        field: "spec.validation.contributionAuditRate",
+        requirement: "must be 0 or unset when spec.pipeline.aggregation is mean (the ring mixes contributions, none can be attributed)",
+        check: |r| {
+            let v = r.spec.validation.contribution_audit_rate?;
+            (v > 0.0 && r.spec.pipeline.aggregation == Aggregation::Mean).then(|| {
+                format!(
+                    "is {v} but spec.pipeline.aggregation is mean: the ring all-reduce mixes \
+                     the replicas' contributions on the way, so no replica's contribution can \
+                     be attributed or audited (use median, trimmedMean or centeredClip, or \
+                     leave contributionAuditRate unset)"
+                )
+            })
+        },
+    },
 ];
 
 /// Suffixes of a Kubernetes quantity of bytes accepted in

@@ -9,7 +9,7 @@ use pipewright_spec::{
     ModelSpec, PartitionKind, PipelineSpec, PlacementSpec, RewardWeights, RewardsSpec, Routing,
     ScheduleKind, SpecError, StorageSpec, TaintEffect, TokenizerKind, TokenizerSpec, Toleration,
     TolerationOperator, TrainingRun, TrainingRunSpec, TrainingSpec, ValidationSpec, API_VERSION,
-    DEFAULT_AUDIT_RATE, KIND,
+    DEFAULT_AUDIT_RATE, DEFAULT_CONTRIBUTION_AUDIT_RATE, KIND,
 };
 
 /// Only the fields that have no default.
@@ -254,7 +254,10 @@ fn everything_set() -> TrainingRun {
                 },
                 min_participation: 0.5,
             },
-            validation: ValidationSpec { audit_rate: 0.125 },
+            validation: ValidationSpec {
+                audit_rate: 0.125,
+                contribution_audit_rate: Some(0.0625),
+            },
         },
     }
 }
@@ -741,4 +744,87 @@ fn audit_rate_defaults_to_a_quarter_and_must_be_a_probability() {
         parse_manifest(&with_validation("{rate: 0.5}")).is_err(),
         "an unknown field accepted"
     );
+}
+
+/// `MINIMAL` under `aggregation` (three replicas) with a validation section.
+fn robust_with_validation(aggregation: &str, validation: &str) -> String {
+    format!(
+        "{MINIMAL}  pipeline: {{replicas: 3, aggregation: {aggregation}}}\n  validation: {validation}\n"
+    )
+}
+
+#[test]
+fn contribution_audit_rate_defaults_by_the_aggregation_and_must_be_a_probability() {
+    assert_eq!(DEFAULT_CONTRIBUTION_AUDIT_RATE, 0.05);
+    // Unset: 0 under mean, 0.05 under every robust rule.
+    let run = parse_manifest(MINIMAL).expect("valid");
+    assert_eq!(run.spec.validation.contribution_audit_rate, None);
+    let v = &run.spec.validation;
+    assert_eq!(
+        v.effective_contribution_audit_rate(run.spec.pipeline.aggregation),
+        0.0
+    );
+    for rule in ["median", "trimmedMean", "centeredClip"] {
+        let run = parse_manifest(&robust_with_validation(rule, "{}")).expect("valid");
+        let v = &run.spec.validation;
+        assert_eq!(
+            v.effective_contribution_audit_rate(run.spec.pipeline.aggregation),
+            DEFAULT_CONTRIBUTION_AUDIT_RATE,
+            "{rule}"
+        );
+    }
+    // Set: taken as it is under a robust rule.
+    for rate in ["0", "1", "0.5"] {
+        let m = robust_with_validation("median", &format!("{{contributionAuditRate: {rate}}}"));
+        let run = parse_manifest(&m).unwrap_or_else(|e| panic!("rate {rate}: {e}"));
+        let want = rate.parse::<f64>().unwrap();
+        assert_eq!(run.spec.validation.contribution_audit_rate, Some(want));
+        let v = &run.spec.validation;
+        assert_eq!(
+            v.effective_contribution_audit_rate(run.spec.pipeline.aggregation),
+            want
+        );
+        // The other rate keeps its default.
+        assert_eq!(run.spec.validation.audit_rate, DEFAULT_AUDIT_RATE);
+    }
+    for (rate, words) in [("-0.01", "got -0.01"), ("1.5", "got 1.5")] {
+        let m = robust_with_validation("median", &format!("{{contributionAuditRate: {rate}}}"));
+        let Err(SpecError::Invalid(problems)) = parse_manifest(&m) else {
+            panic!("contributionAuditRate {rate} accepted");
+        };
+        assert_eq!(problems.len(), 1, "{rate}: {problems:?}");
+        assert_eq!(problems[0].field, "spec.validation.contributionAuditRate");
+        assert!(problems[0].to_string().contains(words), "{}", problems[0]);
+    }
+    assert!(
+        parse_manifest(&robust_with_validation(
+            "median",
+            "{contributionAuditRate: .nan}"
+        ))
+        .is_err(),
+        "NaN accepted"
+    );
+}
+
+#[test]
+fn a_contribution_audit_rate_under_mean_is_refused_naming_both_fields() {
+    // 0 is allowed under mean (it asks for nothing).
+    let run = parse_manifest(&with_validation("{contributionAuditRate: 0}")).expect("valid");
+    assert_eq!(run.spec.validation.contribution_audit_rate, Some(0.0));
+    for m in [
+        with_validation("{contributionAuditRate: 0.1}"),
+        format!(
+            "{MINIMAL}  pipeline: {{replicas: 3, aggregation: mean}}\n  \
+             validation: {{contributionAuditRate: 1}}\n"
+        ),
+    ] {
+        let Err(SpecError::Invalid(problems)) = parse_manifest(&m) else {
+            panic!("a contribution audit rate under mean accepted: {m}");
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "spec.validation.contributionAuditRate");
+        let text = problems[0].to_string();
+        assert!(text.contains("spec.pipeline.aggregation"), "{text}");
+        assert!(text.contains("mixes"), "{text}");
+    }
 }

@@ -214,7 +214,12 @@ pub fn plan(run: &TrainingRun, vocab: usize, stages: Option<usize>) -> Plan {
                 SnapshotPlace::Memory => weight_bytes.saturating_mul(3),
                 SnapshotPlace::Disk => 0,
             };
-            let audited = spec.pipeline.replicas > 1 && spec.validation.audit_rate > 0.0;
+            let audited = spec.pipeline.replicas > 1
+                && (spec.validation.audit_rate > 0.0
+                    || spec
+                        .validation
+                        .effective_contribution_audit_rate(spec.pipeline.aggregation)
+                        > 0.0);
             let evidence_bytes = if audited {
                 shape.evidence(batch).saturating_mul(micro as u64)
             } else {

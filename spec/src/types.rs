@@ -170,8 +170,9 @@ pub struct ValidationSpec {
     /// Unset: 0.05 under a robust `pipeline.aggregation` (median,
     /// trimmedMean, centeredClip), 0 under `mean`, where the ring mixes the
     /// contributions and none can be attributed (a rate above 0 is then
-    /// refused). Replicas a peer reports as suspect are audited whatever
-    /// the rate, under a robust rule.
+    /// refused). While the rate is above 0, a replica that another replica
+    /// reports as suspect is also audited in that step; 0 turns contribution
+    /// audits off altogether.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub contribution_audit_rate: Option<f64>,
 }

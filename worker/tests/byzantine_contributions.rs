@@ -190,9 +190,13 @@ fn sign_flipped_and_scaled_contributions_are_suspected_by_every_honest_peer() {
 }
 
 /// What one worker published after a step for the others to recompute:
-/// its committed micro-batches' evidence and the hash of the contribution
-/// it sent.
-type Published = (std::collections::BTreeMap<u64, Evidence>, [u8; 32]);
+/// its committed micro-batches' evidence, the hash of the contribution it
+/// sent and the one it commits to.
+type Published = (
+    std::collections::BTreeMap<u64, Evidence>,
+    [u8; 32],
+    [u8; 32],
+);
 
 /// One recomputation of a replica's contribution by another replica of its
 /// stage.
@@ -204,6 +208,8 @@ struct Recomputed {
     step: u64,
     /// The audited replica's own `contributions().sent()`.
     sent: [u8; 32],
+    /// What the audited replica commits to in its step report.
+    committed: [u8; 32],
     /// The hash of the audited replica's contribution as the validator
     /// received it in the gather.
     received: [u8; 32],
@@ -268,12 +274,16 @@ fn audited_run(
                         .collect();
                     shared.lock().unwrap().insert(
                         (step, shard.stage, shard.replica),
-                        (evidence.clone(), report.sent()),
+                        (
+                            evidence.clone(),
+                            report.sent(),
+                            w.committed_contribution().expect("committed"),
+                        ),
                     );
                     barrier.wait();
                     let (state, kept) = (w.state(), before.clone());
                     for audited in (0..m.spec.pipeline.replicas).filter(|&r| r != shard.replica) {
-                        let (theirs, sent) = shared
+                        let (theirs, sent, committed) = shared
                             .lock()
                             .unwrap()
                             .get(&(step, shard.stage, audited))
@@ -292,6 +302,7 @@ fn audited_run(
                             audited,
                             step,
                             sent,
+                            committed,
                             received: report.hashes[rank],
                             recomputed,
                         });
@@ -368,11 +379,13 @@ fn a_recomputed_contribution_is_the_one_an_honest_replica_sent_and_changes_nothi
         // 3 steps × 2 stages × 3 validators × 2 audited replicas.
         assert_eq!(checks.len(), 36, "{rule} {schedule:?} {recompute:?}");
         for c in &checks {
+            assert_ne!(c.validator, c.audited, "{c:?}");
             assert_eq!(
                 c.recomputed, c.sent,
                 "{rule} {schedule:?} {recompute:?}: {c:?}"
             );
             assert_eq!(c.received, c.sent, "{c:?}");
+            assert_eq!(c.committed, c.sent, "{c:?}");
         }
         for (a, p) in audited.iter().zip(&plain) {
             assert_eq!(a.losses, p.losses, "losses with and without audits");
@@ -384,21 +397,34 @@ fn a_recomputed_contribution_is_the_one_an_honest_replica_sent_and_changes_nothi
 /// A replica that sign-flips or scales its contribution (and commits to
 /// what it sent) is not what its evidence recomputes to, from the first
 /// attacked step on; every honest replica still recomputes to what it sent.
+/// A `contribution-lie` replica commits to the honest contribution, which
+/// its evidence recomputes to, but its peers received another.
 #[test]
 fn a_sign_flipped_or_scaled_contribution_does_not_recompute() {
     use pipewright_spec::{Recompute, ScheduleKind};
     let dir = tempfile::tempdir().expect("tempdir");
     let m = audit_manifest(dir.path(), "median", ScheduleKind::OneFOneB, Recompute::Off);
-    for (attack, at) in [("sign-flip", (1, 2)), ("scale", (0, 0))] {
+    for (attack, at) in [
+        ("sign-flip", (1, 2)),
+        ("scale", (0, 0)),
+        ("contribution-lie", (0, 1)),
+    ] {
         let a: Attack = format!("{attack}@2").parse().expect("attack");
         let out = audited_run(&m, true, Some((at, a)));
         let checks: Vec<&Recomputed> = out.iter().flat_map(|a| &a.checks).collect();
         assert_eq!(checks.len(), 36);
         for c in checks {
-            // The attacker's peers received what it sent and committed to.
+            // Every peer received what the audited replica sent.
             assert_eq!(c.received, c.sent, "{attack}: {c:?}");
             let lies = (c.stage, c.audited) == at && c.step >= 1;
             assert_eq!(c.recomputed != c.sent, lies, "{attack}: {c:?}");
+            if attack == "contribution-lie" {
+                // It signs the honest contribution and sends another.
+                assert_eq!(c.recomputed, c.committed, "{attack}: {c:?}");
+                assert_eq!(c.committed != c.sent, lies, "{attack}: {c:?}");
+            } else {
+                assert_eq!(c.committed, c.sent, "{attack}: {c:?}");
+            }
         }
     }
 }

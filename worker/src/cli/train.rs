@@ -56,7 +56,8 @@ pub struct TrainArgs {
     /// With `--processes`: make one worker dishonest,
     /// `STAGE/REPLICA=ATTACK[@STEP]`, from step STEP on; repeatable. On its
     /// gradient contribution: `sign-flip`, `scale` (×100), `scale:F`,
-    /// `noise`; on what it sends other stages: `nan`, `act-noise`
+    /// `noise`, `contribution-lie` (sends it negated, commits to the honest
+    /// one); on what it sends other stages: `nan`, `act-noise`
     /// (Gaussian noise as large as the tensor), `act-scale` (×100),
     /// `lazy-zeros` (zeros in place of its outputs), `lazy-replay` (the
     /// previous step's outputs again); on its own step: `stale` (skips its

@@ -6,7 +6,8 @@
 //! Gradient attacks change the contribution this shard hands to the
 //! replicas' aggregation, bucket by bucket (`sign-flip` negates it,
 //! `scale` multiplies it by 100, `scale:F` by `F`, `noise` adds Gaussian
-//! noise as large as the contribution itself); `nan` poisons every tensor it
+//! noise as large as the contribution itself; `contribution-lie` sends it
+//! negated but commits to the hash of the honest one); `nan` poisons every tensor it
 //! sends on the pipeline (activations forward, activation gradients
 //! backward); `stale` skips its optimizer update, so its weights fall
 //! behind its replicas' (the coordinator's digest check catches it).
@@ -65,6 +66,10 @@ pub enum AttackKind {
     Forge,
     /// As an auditor, reports hashes that are not the ones it computed.
     Lie,
+    /// Sends its gradient contribution negated, as [`AttackKind::SignFlip`]
+    /// does, but commits to the hash of the honest one: it signs one thing
+    /// and sends another.
+    ContributionLie,
 }
 
 /// The environment variable that hands a worker process its drill attack
@@ -97,7 +102,7 @@ pub fn parse_shard_attack(s: &str) -> Result<(usize, usize, Attack), String> {
 pub const SCALE: f32 = 100.0;
 
 /// Every attack, `scale` with its default factor.
-const ALL: [AttackKind; 11] = [
+const ALL: [AttackKind; 12] = [
     AttackKind::SignFlip,
     AttackKind::Scale(SCALE),
     AttackKind::Noise,
@@ -109,10 +114,11 @@ const ALL: [AttackKind; 11] = [
     AttackKind::LazyReplay,
     AttackKind::Forge,
     AttackKind::Lie,
+    AttackKind::ContributionLie,
 ];
 
 /// The attacks' names on the command line (`scale:F` too).
-pub const NAMES: [&str; 12] = [
+pub const NAMES: [&str; 13] = [
     "sign-flip",
     "scale",
     "scale:F",
@@ -125,6 +131,7 @@ pub const NAMES: [&str; 12] = [
     "lazy-replay",
     "forge",
     "lie",
+    "contribution-lie",
 ];
 
 impl AttackKind {
@@ -142,6 +149,7 @@ impl AttackKind {
             AttackKind::LazyReplay => "lazy-replay",
             AttackKind::Forge => "forge",
             AttackKind::Lie => "lie",
+            AttackKind::ContributionLie => "contribution-lie",
         }
     }
 
@@ -149,7 +157,10 @@ impl AttackKind {
     pub fn on_gradients(self) -> bool {
         matches!(
             self,
-            AttackKind::SignFlip | AttackKind::Scale(_) | AttackKind::Noise
+            AttackKind::SignFlip
+                | AttackKind::Scale(_)
+                | AttackKind::Noise
+                | AttackKind::ContributionLie
         )
     }
 
@@ -228,7 +239,9 @@ impl FromStr for Attack {
 /// so a drill is reproducible.
 pub fn corrupt_gradient(kind: AttackKind, data: &mut [f32], seed: u64) {
     match kind {
-        AttackKind::SignFlip => data.iter_mut().for_each(|x| *x = -*x),
+        AttackKind::SignFlip | AttackKind::ContributionLie => {
+            data.iter_mut().for_each(|x| *x = -*x)
+        }
         AttackKind::Scale(f) => data.iter_mut().for_each(|x| *x *= f),
         AttackKind::Noise => {
             if data.is_empty() {
@@ -368,6 +381,10 @@ mod tests {
         corrupt_gradient(AttackKind::SignFlip, &mut x, 0);
         assert_eq!(x, vec![-1.0, 2.0, -0.5, -4.0]);
         let mut x = g.clone();
+        corrupt_gradient(AttackKind::ContributionLie, &mut x, 0);
+        assert_eq!(x, vec![-1.0, 2.0, -0.5, -4.0], "sends what sign-flip sends");
+        assert!(AttackKind::ContributionLie.on_gradients());
+        let mut x = g.clone();
         corrupt_gradient(AttackKind::Scale(SCALE), &mut x, 0);
         assert_eq!(x, vec![100.0, -200.0, 50.0, 400.0]);
         let big: Vec<f32> = (0..20_000).map(|i| (i % 7) as f32 - 3.0).collect();
@@ -416,6 +433,7 @@ mod tests {
             AttackKind::Stale,
             AttackKind::Forge,
             AttackKind::Lie,
+            AttackKind::ContributionLie,
         ] {
             assert_eq!(fwd(k), None, "{k:?}");
         }

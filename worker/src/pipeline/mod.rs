@@ -376,6 +376,9 @@ pub struct StageWorker {
     /// Under a robust rule, what this worker's last step's gather showed of
     /// every replica's contribution (see [`StageWorker::contributions`]).
     contributions: Option<ContributionReport>,
+    /// Under the `contribution-lie` drill, the hash of the honest
+    /// contribution of the current step, committed in place of the one sent.
+    committed: Option<[u8; 32]>,
     /// Content hash of each in-flight micro-batch's forward input.
     inputs: std::collections::HashMap<u64, crate::link::frame::Digest>,
     /// Of each micro-batch this worker ran in the current step: the hashes
@@ -586,6 +589,7 @@ impl StageWorker {
             attacked: None,
             attacking: None,
             contributions: None,
+            committed: None,
             inputs: std::collections::HashMap::new(),
             outputs: std::collections::BTreeMap::new(),
             retain: false,
@@ -1009,6 +1013,16 @@ impl StageWorker {
         self.contributions.as_ref()
     }
 
+    /// The hash of the contribution this worker commits to for its last
+    /// completed step (its step report's `contribution`): the one it sent,
+    /// [`ContributionReport::sent`]; under the `contribution-lie` drill the
+    /// honest one it did not send. `None` where
+    /// [`StageWorker::contributions`] is.
+    pub fn committed_contribution(&self) -> Option<[u8; 32]> {
+        let sent = self.contributions.as_ref()?.sent();
+        Some(self.committed.unwrap_or(sent))
+    }
+
     /// The replica of the stage at `rank` of the replicas' ring (the ring
     /// joins the training lanes in replica order).
     pub fn replica_of_rank(&self, rank: usize) -> Option<usize> {
@@ -1154,6 +1168,7 @@ impl StageWorker {
         self.outputs.clear();
         self.evidence.clear();
         self.contributions = None;
+        self.committed = None;
         self.scale = scale;
         let kept = std::mem::take(&mut self.replay.1);
         if !kept.is_empty() {
@@ -1467,6 +1482,12 @@ impl StageWorker {
         if last {
             reducer.push(groups.len(), loss_bucket(loss_sum))?;
         }
+        // The `contribution-lie` drill commits to the honest contribution:
+        // the gradients still hold it (what was pushed is a copy).
+        self.committed = self
+            .contribution_attack()
+            .filter(|(k, _)| *k == AttackKind::ContributionLie)
+            .map(|_| self.contribution_hash(loss_sum));
         let (ring, buckets, seen) = reducer.wait_observed()?;
         self.ring = Some(ring);
         self.contributions = seen;

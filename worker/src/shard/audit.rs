@@ -1,8 +1,11 @@
 //! A shard worker's part in the audits of a step: the barrier's answer may
 //! carry audit orders. For each it is audited on (`Provide`) it uploads
-//! the evidence of that micro-batch; for each it validates (`Validate`) it
-//! fetches the audited replica's evidence, recomputes the micro-batch with
-//! its snapshot of the weights of before the step, and signs the hashes.
+//! the evidence of that micro-batch (a contribution audit: of every
+//! micro-batch of its step, in one set); for each it validates
+//! (`Validate`) it fetches the audited replica's evidence, recomputes the
+//! micro-batch (a contribution audit: the replica's whole step and its
+//! gradient contribution) with its snapshot of the weights of before the
+//! step, and signs the hashes.
 //! It reports every order (`POST /v1/audit`), one after the other, and
 //! takes the answer to the last as the barrier's, which may carry more
 //! orders (a second validation): until one comes without.
@@ -18,7 +21,8 @@ use anyhow::{Context, Result};
 
 use super::session::Session;
 use crate::coord::api::{
-    audit_message, AuditClaim, AuditOrder, AuditReport, AuditResult, AuditRole, Barrier,
+    audit_message, contribution_message, AuditClaim, AuditOrder, AuditReport, AuditResult,
+    AuditRole, Barrier, ContributionClaim, ContributionScope,
 };
 use crate::coord::ClientError;
 use crate::pipeline::{AttackKind, Evidence, MicroBatchHashes, Snapshot, StageWorker};
@@ -157,23 +161,33 @@ fn report(
     }
 }
 
-/// Uploads what micro-batch `o.mb` of the step received. A worker that
-/// kept nothing for it uploads an empty file, which the coordinator
+/// Uploads what micro-batch `o.mb` of the step received (a contribution
+/// audit: every micro-batch of its scope, in one set). A worker that kept
+/// nothing for a micro-batch uploads it empty, which the coordinator
 /// judges. `None` when the audits moved on.
 fn provide_evidence(session: &Session, wk: &StageWorker, o: &AuditOrder) -> Result<Option<()>> {
-    let evidence = match wk.evidence(o.mb) {
+    let kept = |mb: u64| match wk.evidence(mb) {
         Some(e) => e.clone(),
         None => {
             tracing::warn!(
-                "audit {}: nothing kept of micro-batch {} of step {}",
+                "audit {}: nothing kept of micro-batch {mb} of step {}",
                 o.audit,
-                o.mb,
                 o.step
             );
             Evidence::default()
         }
     };
-    let bytes = evidence.encode()?;
+    let bytes = match &o.contribution {
+        None => kept(o.mb).encode()?,
+        Some(scope) => {
+            let set = scope
+                .micro_batches
+                .iter()
+                .map(|&mb| (mb, kept(mb)))
+                .collect();
+            Evidence::encode_set(&set)?
+        }
+    };
     match session.client.put_evidence(o.audit, session.worker, &bytes) {
         Ok(()) => Ok(Some(())),
         Err(e) => moved_on(e, "uploading an audit's evidence"),
@@ -206,6 +220,17 @@ fn validate_order(
                 o.audit, o.step
             )
         })?;
+    if let Some(scope) = &o.contribution {
+        return Ok(Some(validate_contribution(
+            session,
+            wk,
+            before.state(),
+            o,
+            audited_replica,
+            scope,
+            &bytes,
+        )));
+    }
     let t = std::time::Instant::now();
     let recomputed = Evidence::decode(&bytes, wk.evidence_limit())
         .and_then(|e| wk.recompute(before.state(), o.step.saturating_sub(1), o.mb, &e));
@@ -257,4 +282,84 @@ fn validate_order(
         input,
         signature,
     }))
+}
+
+/// A contribution audit's verdict: recomputes replica `audited_replica`'s
+/// whole step from the evidence set `bytes` with the weights of `before`,
+/// and signs the hash of the contribution recomputed together with the
+/// hash of the one this worker received from that replica in the step's
+/// gather. Evidence that cannot be recomputed (malformed, incomplete, or
+/// refused by the stage) gives a zero hash: it does not reproduce; no
+/// report of the gather (none was made) gives a zero `received`.
+fn validate_contribution(
+    session: &Session,
+    wk: &mut StageWorker,
+    before: &mut crate::pipeline::StageState,
+    o: &AuditOrder,
+    audited_replica: usize,
+    scope: &ContributionScope,
+    bytes: &[u8],
+) -> AuditResult {
+    let t = std::time::Instant::now();
+    let limit = wk
+        .evidence_limit()
+        .saturating_mul(scope.micro_batches.len().max(1));
+    let recomputed = Evidence::decode_set(bytes, limit).and_then(|set| {
+        wk.recompute_contribution(
+            before,
+            o.step.saturating_sub(1),
+            audited_replica,
+            &scope.micro_batches,
+            &set,
+        )
+    });
+    let mut recomputed = match recomputed {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(
+                "audit {}: the contribution of replica {audited_replica} does not recompute: {e}",
+                o.audit
+            );
+            [0; 32]
+        }
+    };
+    tracing::info!(
+        "audit {}: recomputed the contribution of stage {} replica {audited_replica} at step {} \
+         ({} micro-batches) in {:.1} ms",
+        o.audit,
+        o.stage,
+        o.step,
+        scope.micro_batches.len(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let received = wk
+        .contributions()
+        .and_then(|r| {
+            let rank =
+                (0..r.hashes.len()).find(|&k| wk.replica_of_rank(k) == Some(audited_replica))?;
+            r.hashes.get(rank).copied()
+        })
+        .unwrap_or([0; 32]);
+    if wk.attack_now() == Some(AttackKind::Lie) {
+        // The `lie` drill: a verdict that is not what it computed.
+        recomputed = *blake3::hash(&recomputed).as_bytes();
+    }
+    let (recomputed, received) = (hex::encode(recomputed), hex::encode(received));
+    let claim = ContributionClaim {
+        run_id: &session.run_hex,
+        audit: o.audit,
+        step: o.step,
+        stage: o.stage,
+        audited_replica,
+        recomputed: &recomputed,
+        received: &received,
+    };
+    let signature = session
+        .identity
+        .sign(crate::identity::AUDIT_DOMAIN, &contribution_message(&claim));
+    AuditResult::Contribution {
+        recomputed,
+        received,
+        signature,
+    }
 }

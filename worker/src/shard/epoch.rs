@@ -120,9 +120,13 @@ impl Session {
         wk.set_slowdown(self.slowdown);
         wk.set_attack(self.attack);
         // Audited stages keep what each micro-batch received until the
-        // next step (a stage of one replica has no validator).
+        // next step (a stage of one replica has no validator): under
+        // micro-batch audits, and under a robust rule, whose contributions
+        // are audited when a peer suspects one whatever the rate.
         let spec = &self.manifest.spec;
-        wk.set_retain(spec.validation.audit_rate > 0.0 && spec.pipeline.replicas > 1);
+        let audited = spec.validation.audit_rate > 0.0
+            || spec.pipeline.aggregation != pipewright_spec::Aggregation::Mean;
+        wk.set_retain(audited && spec.pipeline.replicas > 1);
         wk.set_max_send_rate(self.max_send_rate);
         Ok(wk)
     }

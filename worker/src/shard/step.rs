@@ -14,7 +14,8 @@ use anyhow::{Context, Result};
 use super::session::Session;
 use super::state::write_checkpoint;
 use crate::coord::api::{
-    step_message, Barrier, Commitment, Failure, MicroBatchCommit, StepClaim, StepDone, Wiring,
+    step_message, Barrier, Commitment, Failure, MicroBatchCommit, StepClaim, StepDone,
+    SuspectReport, Wiring,
 };
 use crate::coord::ClientError;
 use crate::pipeline::{PipelineError, Snapshot, StageWorker, WorkerStep};
@@ -130,7 +131,7 @@ fn report(
         rejected_frames: wk.rejected_frames(),
         micro_batches: s.micro_batches,
         commitment: Some(commitment),
-        suspects: Vec::new(),
+        suspects: suspects(wk),
     });
     match barrier {
         Ok(b) => Ok(Some(b)),
@@ -195,7 +196,7 @@ fn commit(session: &Session, wk: &StageWorker, epoch: u64, s: &WorkerStep) -> Co
         signature: String::new(),
         params: Some(hex::encode(digest)),
         // What this worker sent in the replicas' gather (robust rules only).
-        contribution: wk.contributions().map(|r| hex::encode(r.sent())),
+        contribution: wk.committed_contribution().map(hex::encode),
     };
     // The `forge` drill signs with a key that is not its identity's.
     let forged;
@@ -241,6 +242,24 @@ pub(super) fn report_failure(session: &Session, epoch: u64, e: &PipelineError) {
     if let Err(e) = r {
         tracing::warn!("reporting a broken step: {e}");
     }
+}
+
+/// The replicas of this worker's stage whose contribution to its last
+/// step's gather it found suspect, by replica index, with the reason
+/// (`cosine` or `norm_ratio`); the coordinator audits each one's
+/// contribution. Empty under `mean`.
+fn suspects(wk: &StageWorker) -> Vec<SuspectReport> {
+    let Some(report) = wk.contributions() else {
+        return Vec::new();
+    };
+    report
+        .suspects()
+        .into_iter()
+        .map(|(rank, why)| SuspectReport {
+            replica: wk.replica_of_rank(rank).unwrap_or(rank),
+            reason: why.name().to_string(),
+        })
+        .collect()
 }
 
 /// Logs each peer whose contribution to the step's robust aggregation this

@@ -121,11 +121,13 @@ impl Session {
         wk.set_attack(self.attack);
         // Audited stages keep what each micro-batch received until the
         // next step (a stage of one replica has no validator): under
-        // micro-batch audits, and under a robust rule, whose contributions
-        // are audited when a peer suspects one whatever the rate.
+        // micro-batch audits or contribution audits.
         let spec = &self.manifest.spec;
         let audited = spec.validation.audit_rate > 0.0
-            || spec.pipeline.aggregation != pipewright_spec::Aggregation::Mean;
+            || spec
+                .validation
+                .effective_contribution_audit_rate(spec.pipeline.aggregation)
+                > 0.0;
         wk.set_retain(audited && spec.pipeline.replicas > 1);
         wk.set_max_send_rate(self.max_send_rate);
         Ok(wk)

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The Byzantine attack suite: how often, and how fast, the run's checks
-# (audits by recomputation, the chain of micro-batch hashes, parameter
-# digests, signatures) catch each attack drill, what they cost, and what the
+# (audits by recomputation of micro-batches and of gradient contributions,
+# the chain of micro-batch hashes, parameter digests, signatures) catch each
+# attack drill, what they cost, and what the
 # attacks do to the loss.
 #
 # Trains bench/manifests/byzantine.yaml (2 stages × 3 replicas, one process
 # per shard, `--threads 1`, 40 steps, median aggregation with lanes, audits
-# at the default spec.validation.auditRate) under every attack of
+# at the default spec.validation.auditRate and contributionAuditRate, and a
+# contribution audit of each replica a peer suspects) under every attack of
 # `--byzantine` over SEEDS runs each: seed k sets spec.training.seed to k,
 # the attacked shard to stage k mod 2, replica k mod 3 (the colluding pair:
 # stage 0 and stage 1 of replica k mod 3, one lane) and the first attacked
@@ -14,9 +16,10 @@
 # half started by hand (`pipewright coordinator` and one `pipewright
 # worker` per shard) with one worker on 2 kernel threads, since the
 # launcher gives every worker the same count; and SEEDS clean runs with
-# auditRate 0 for the audits' cost. Each run's verdicts come from its run
-# directory: the ledger's quarantined identities (`pipewright ledger
-# --json`), its refusals and sessions (ledger.sqlite), and summary.json.
+# auditRate and contributionAuditRate 0 for the audits' cost. Each run's
+# verdicts come from its run directory: the ledger's quarantined identities
+# (`pipewright ledger --json`), its refusals and sessions (ledger.sqlite),
+# and summary.json.
 # An attack this build does not know is reported as such, not run.
 # Writes bench/results/byzantine.md.
 #
@@ -60,6 +63,7 @@ attacks=(
     "act-scale|SR=act-scale"
     "sign-flip|SR=sign-flip"
     "scale|SR=scale"
+    "contribution-lie|SR=contribution-lie"
     "lazy-zeros|SR=lazy-zeros"
     "lazy-replay|SR=lazy-replay"
     "stale|SR=stale"
@@ -76,12 +80,12 @@ known() {
 }
 
 # manifest_for SEED AUDIT_RATE: the bench manifest with that seed (and that
-# audit rate unless empty), as a file path.
+# rate for both kinds of audits unless empty), as a file path.
 manifest_for() {
     local file="$work/m-$1-${2:-default}.yaml"
     sed "s/seed: 1,/seed: $1,/" "$manifest" >"$file"
     [[ -n $steps ]] && sed -i "s/steps: 40,/steps: $steps,/" "$file"
-    [[ -n $2 ]] && printf '  validation: {auditRate: %s}\n' "$2" >>"$file"
+    [[ -n $2 ]] && printf '  validation: {auditRate: %s, contributionAuditRate: %s}\n' "$2" "$2" >>"$file"
     echo "$file"
 }
 
@@ -278,8 +282,8 @@ python3 - "$results" "$(machine)" "$commit" "$load_before" "$load_after" "$elaps
 import json, statistics, sys
 path, machine, commit, before, after, elapsed, steps, missing, LIMIT = sys.argv[1:10]
 rows = [json.loads(l) for l in open(path)]
-order = ["act-noise", "act-scale", "sign-flip", "scale", "lazy-zeros", "lazy-replay", "stale",
-         "forge", "lie", "collude"]
+order = ["act-noise", "act-scale", "sign-flip", "scale", "contribution-lie", "lazy-zeros",
+         "lazy-replay", "stale", "forge", "lie", "collude"]
 def med(xs):
     return statistics.median(xs) if xs else None
 def fmt(x, spec="{:.0f}", none="–"):
@@ -298,14 +302,15 @@ print()
 print(f"`bench/byzantine.sh`: `bench/manifests/byzantine.yaml`, 2 stages × 3 replicas of a 4-layer model")
 print(f"(`dim: 128`), one process per shard (`--threads 1`), 4 micro-batches of 4 × 64 tokens per")
 print(f"replica per step, {steps} steps, `aggregation: median` with `routing: lanes`, audits at the default")
-print("`spec.validation.auditRate` (0.25). Seed k: `spec.training.seed` k, the attacker at stage")
+print("`spec.validation.auditRate` (0.25) and `contributionAuditRate` (0.05), and a contribution audit of")
+print("each replica a peer suspects. Seed k: `spec.training.seed` k, the attacker at stage")
 print("k mod 2, replica k mod 3, attacking from step 3 + (k mod 8) on (`--byzantine S/R=ATTACK@STEP`);")
 print("`collude` is `act-noise` on stage 0 and stage 1 of replica k mod 3 (one lane: the second")
 print("attacker receives the first's output).")
 print()
 print("Detected: the ledger quarantined an attacker's identity, or refused a report naming an")
 print("attacker's worker (a bad signature, an overturned verdict for `lie`, an outvoted parameters'")
-print("digest, a failed audit). Steps to detection: attacked steps up to the detecting one, 1 = the")
+print("digest, a failed micro-batch or contribution audit). Steps to detection: attacked steps up to the detecting one, 1 = the")
 print("first attacked step. Honest convicted: an honest shard quarantined or refused in an attack")
 print("run. Loss: the run's last loss minus the clean run's of the same seed (the launcher's clean")
 print("run with audits), median over the seeds whose runs ended.")
@@ -388,7 +393,8 @@ wa = [r for r in uni if r.get("step_seconds")]
 if na and wa:
     a, b = med([r["step_seconds"] for r in wa]), med([r["step_seconds"] for r in na])
     print(f"Median step time (the slowest worker's mean wall time per step, the first step left out):")
-    print(f"{a * 1e3:.1f} ms with audits ({len(wa)} runs), {b * 1e3:.1f} ms with `auditRate: 0` ({len(na)} runs):")
+    print(f"{a * 1e3:.1f} ms with audits ({len(wa)} runs), {b * 1e3:.1f} ms with `auditRate: 0` and")
+    print(f"`contributionAuditRate: 0` ({len(na)} runs):")
     print(f"{100 * (a - b) / b:+.1f}% for the audits.", end=" ")
     by_seed = {r["seed"]: r["step_seconds"] for r in na}
     ratios = [r["step_seconds"] / by_seed[r["seed"]] - 1 for r in wa if r["seed"] in by_seed]
@@ -405,11 +411,15 @@ if na and wa:
 print()
 # What each drill changes, for the attacks the checks cannot see by design.
 NOTES = {
-    "sign-flip": "The drill changes only the gradient contribution it hands to the aggregation: "
-                 "audits recompute activations and activation gradients, not contributions, and the "
-                 "parameters' digests agree since every replica applies the same median. Mitigated by "
-                 "the median, not detected.",
-    "scale": "As `sign-flip`: a gradient contribution ×100, cut off by the median, seen by no check.",
+    "sign-flip": "The drill changes only the gradient contribution it hands to the aggregation, "
+                 "which the median cuts off; the parameters' digests agree since every replica applies "
+                 "the same median, and micro-batch audits do not recompute contributions. Only a "
+                 "contribution audit convicts it: drawn at contributionAuditRate, or ordered when a peer "
+                 "suspects the contribution.",
+    "scale": "As `sign-flip`: a gradient contribution ×100, cut off by the median, convicted only by "
+             "a contribution audit.",
+    "contribution-lie": "As `sign-flip`, but it signs the honest contribution's hash: a contribution "
+                        "audit convicts it on what its neighbours received.",
     "lazy-zeros": "From stage 0 the zeros make the gradient contribution of the stage-1 replica that "
                   "receives them absurd (RMSNorm of a zero vector): that stage's gradient ring refuses "
                   "it (`absurd_norm`, counted on the link, not in the ledger) and the step breaks off "
@@ -448,7 +458,7 @@ print("(1 = at once), and shards wrongly suspected in clean runs. A suspicion co
 print()
 print("| attack | runs | attacker suspected | median steps | honest shards suspected |")
 print("| --- | --- | --- | --- | --- |")
-for name in ["sign-flip", "scale"]:
+for name in ["sign-flip", "scale", "contribution-lie"]:
     rs = [r for r in rows if r["kind"] == "attack" and r["name"] == name]
     if not rs:
         continue

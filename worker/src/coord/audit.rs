@@ -29,6 +29,11 @@
 //!   identity quarantined (in the ledger too), its slot vacated, the step
 //!   trained again; any later request of that worker or identity is
 //!   answered 403 `quarantined: ...`.
+//! * **Contribution audits** (under a robust aggregation, see
+//!   [`contribution`]): a replica's whole step is recomputed by a ring
+//!   neighbour and the hash of its contribution compared with the one it
+//!   signed and the one the neighbour received; same orders, deadlines,
+//!   convictions and booking, their own verdict rule and metrics.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,10 +41,14 @@ use std::time::{Duration, Instant};
 
 use super::{CoordError, Coordinator, EventKind, Refusal};
 use crate::coord::api::{
-    audit_message, AuditClaim, AuditOrder, AuditReport, AuditResult, MicroBatchCommit,
+    audit_message, AuditClaim, AuditOrder, AuditReport, AuditResult, ContributionScope,
+    MicroBatchCommit,
 };
 use crate::ledger::Conviction;
-use crate::pipeline::Route;
+use crate::pipeline::{Evidence, Route};
+
+#[path = "contribution_audit.rs"]
+mod contribution;
 
 /// Leases an audit may stay open at least before the silent party is dealt
 /// with (see [`Coordinator::audit_deadline`]).
@@ -73,12 +82,45 @@ impl Hashes {
     }
 }
 
+/// What a validator reported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// A micro-batch recomputed: its three hashes.
+    Hashes(Hashes),
+    /// A contribution: the hash recomputed and the hash received (64 hex
+    /// digits each).
+    Contribution {
+        recomputed: String,
+        received: String,
+    },
+}
+
 /// One validator of an audit and its verdict once reported.
 #[derive(Clone, Debug)]
 struct Check {
     worker: u64,
     identity: String,
-    verdict: Option<Hashes>,
+    verdict: Option<Verdict>,
+}
+
+/// What an audit checks.
+#[derive(Clone, Debug)]
+enum Kind {
+    /// One micro-batch, against its three committed hashes.
+    MicroBatch { mb: u64, committed: Hashes },
+    /// The audited replica's whole step, against its committed
+    /// contribution.
+    Contribution(contribution::Scope),
+}
+
+/// What a verdict rule says about an audit so far.
+enum Next {
+    /// A verdict is still missing.
+    Wait,
+    /// The first verdict disputes the commitment: call a second validator.
+    Second,
+    /// Decided.
+    Decided(Outcome),
 }
 
 /// How an audit ended.
@@ -103,14 +145,136 @@ struct Audit {
     stage: usize,
     replica: usize,
     worker: u64,
-    mb: u64,
-    committed: Hashes,
+    kind: Kind,
     /// The provider's payloads, once they matched the commitments.
     evidence: Option<Arc<Vec<u8>>>,
     /// Uploads refused for not matching.
     bad_uploads: u64,
     checks: Vec<Check>,
     outcome: Option<Outcome>,
+}
+
+impl Audit {
+    /// The micro-batch its orders name: the audited one, or a contribution
+    /// audit's first (unused by the worker).
+    fn mb(&self) -> u64 {
+        match &self.kind {
+            Kind::MicroBatch { mb, .. } => *mb,
+            Kind::Contribution(scope) => scope.first_mb(),
+        }
+    }
+
+    /// What is audited, for messages: `stage S replica R's micro-batch M`
+    /// or `stage S replica R's contribution`.
+    fn what(&self) -> String {
+        match &self.kind {
+            Kind::MicroBatch { mb, .. } => {
+                format!(
+                    "stage {} replica {}'s micro-batch {mb}",
+                    self.stage, self.replica
+                )
+            }
+            Kind::Contribution(_) => {
+                format!(
+                    "stage {} replica {}'s contribution",
+                    self.stage, self.replica
+                )
+            }
+        }
+    }
+
+    /// Whether `v` reproduces what the audited worker committed to (for a
+    /// contribution: the recomputed hash equals the committed one).
+    fn reproduces(&self, v: &Verdict) -> bool {
+        match (&self.kind, v) {
+            (Kind::MicroBatch { committed, .. }, Verdict::Hashes(h)) => h == committed,
+            (Kind::Contribution(scope), Verdict::Contribution { recomputed, .. }) => {
+                *recomputed == scope.committed
+            }
+            _ => false,
+        }
+    }
+
+    /// The verdict rule of a micro-batch audit: the first validator's
+    /// hashes equal to the commitment pass; otherwise a second validator's
+    /// equal to the commitment overturn the first, equal to the first's
+    /// convict, anything else leaves it unconfirmed.
+    fn decide_micro_batch(&self, step: u64, mb: u64, committed: &Hashes) -> Next {
+        let verdict = |k: usize| match self.checks.get(k).map(|c| &c.verdict) {
+            Some(Some(Verdict::Hashes(h))) => Some(h),
+            _ => None,
+        };
+        let Some(v1) = verdict(0) else {
+            return Next::Wait;
+        };
+        if v1 == committed {
+            return Next::Decided(Outcome::Passed);
+        }
+        if self.checks.len() == 1 {
+            return Next::Second;
+        }
+        let Some(v2) = verdict(1) else {
+            return Next::Wait;
+        };
+        Next::Decided(if v2 == committed {
+            Outcome::Overturned
+        } else if v1 == v2 {
+            Outcome::Convicted(
+                "failed_audit",
+                format!(
+                    "stage {} replica {}'s micro-batch {mb} of step {step} does not reproduce: \
+                     it committed input {}, output {}, gradient {}; validators {} and {} both \
+                     recomputed input {}, output {}, gradient {}",
+                    self.stage,
+                    self.replica,
+                    short(&committed.input),
+                    short(&committed.output),
+                    short(&committed.gradient),
+                    crate::identity::fingerprint_hex(&self.checks[0].identity),
+                    crate::identity::fingerprint_hex(&self.checks[1].identity),
+                    short(&v1.input),
+                    short(&v1.output),
+                    short(&v1.gradient),
+                ),
+            )
+        } else {
+            Outcome::Unconfirmed
+        })
+    }
+
+    /// What the audit's verdicts decide so far.
+    fn decide(&self, step: u64) -> Next {
+        match &self.kind {
+            Kind::MicroBatch { mb, committed } => self.decide_micro_batch(step, *mb, committed),
+            Kind::Contribution(scope) => self.decide_contribution(step, scope),
+        }
+    }
+
+    /// The conviction's evidence (one line of JSON).
+    fn evidence_json(&self) -> String {
+        let validators: Vec<&str> = self.checks.iter().map(|c| c.identity.as_str()).collect();
+        match &self.kind {
+            Kind::MicroBatch { mb, committed } => {
+                let recomputed: Vec<Option<serde_json::Value>> = self
+                    .checks
+                    .iter()
+                    .map(|c| match &c.verdict {
+                        Some(Verdict::Hashes(h)) => Some(h.json()),
+                        _ => None,
+                    })
+                    .collect();
+                serde_json::json!({
+                    "audit": self.id,
+                    "mb": mb,
+                    "committed": committed.json(),
+                    "recomputed": recomputed,
+                    "validators": validators,
+                })
+            }
+            Kind::Contribution(scope) => scope.evidence_json(self.id, &self.checks, &validators),
+        }
+        .to_string()
+    }
 }
 
 /// The audits of one step while they are open.
@@ -150,6 +314,15 @@ pub(super) struct Audits {
     recent: std::collections::VecDeque<f64>,
     /// Chain mismatches by receiving stage.
     chain: BTreeMap<usize, u64>,
+    /// Probability a shard's contribution is audited at a step.
+    contribution_rate: f64,
+    /// Whether the replicas combine gradients by a robust rule (their
+    /// contributions are then attributable, and committed).
+    robust: bool,
+    /// Contribution audit decisions by (stage, outcome).
+    contribution_outcomes: BTreeMap<(usize, &'static str), u64>,
+    /// Suspicions reported by (suspected stage, reason).
+    suspicions: BTreeMap<(usize, &'static str), u64>,
 }
 
 impl Audits {
@@ -171,6 +344,10 @@ impl Audits {
             seconds: (0, 0.0),
             recent: Default::default(),
             chain: BTreeMap::new(),
+            contribution_rate: 0.0,
+            robust: false,
+            contribution_outcomes: BTreeMap::new(),
+            suspicions: BTreeMap::new(),
         }
     }
 
@@ -524,8 +701,10 @@ impl Coordinator {
                     stage,
                     replica,
                     worker: slot.worker,
-                    mb: mb.mb,
-                    committed: Hashes::of(mb),
+                    kind: Kind::MicroBatch {
+                        mb: mb.mb,
+                        committed: Hashes::of(mb),
+                    },
                     evidence: None,
                     bad_uploads: 0,
                     checks: vec![Check {
@@ -537,20 +716,13 @@ impl Coordinator {
                 });
             }
         }
+        list.extend(self.draw_contribution_audits(step));
         for a in &mut list {
             a.id = self.audits.next_id;
             self.audits.next_id += 1;
         }
         if !list.is_empty() {
-            let ids: Vec<String> = list
-                .iter()
-                .map(|a| {
-                    format!(
-                        "stage {} replica {} micro-batch {}",
-                        a.stage, a.replica, a.mb
-                    )
-                })
-                .collect();
+            let ids: Vec<String> = list.iter().map(Audit::what).collect();
             tracing::info!("step {step}: audits drawn: {}", ids.join(", "));
         }
         self.audits.open = Some(OpenStep {
@@ -607,31 +779,35 @@ impl Coordinator {
     /// evidence to provide first, then recomputations.
     fn orders(open: &OpenStep, worker: u64) -> Vec<AuditOrder> {
         let undecided = || open.list.iter().filter(|a| a.outcome.is_none());
+        let order = |a: &Audit, role| AuditOrder {
+            audit: a.id,
+            step: open.step,
+            stage: a.stage,
+            mb: a.mb(),
+            role,
+            contribution: match &a.kind {
+                Kind::MicroBatch { .. } => None,
+                Kind::Contribution(scope) => Some(ContributionScope {
+                    micro_batches: scope.indices(),
+                }),
+            },
+        };
         let provide = undecided()
             .filter(|a| a.worker == worker && a.evidence.is_none())
-            .map(|a| AuditOrder {
-                audit: a.id,
-                step: open.step,
-                stage: a.stage,
-                mb: a.mb,
-                role: crate::coord::api::AuditRole::Provide,
-                contribution: None,
-            });
+            .map(|a| order(a, crate::coord::api::AuditRole::Provide));
         let validate = undecided()
             .filter(|a| {
                 a.checks
                     .iter()
                     .any(|c| c.worker == worker && c.verdict.is_none())
             })
-            .map(|a| AuditOrder {
-                audit: a.id,
-                step: open.step,
-                stage: a.stage,
-                mb: a.mb,
-                role: crate::coord::api::AuditRole::Validate {
-                    audited_replica: a.replica,
-                },
-                contribution: None,
+            .map(|a| {
+                order(
+                    a,
+                    crate::coord::api::AuditRole::Validate {
+                        audited_replica: a.replica,
+                    },
+                )
             });
         provide.chain(validate).collect()
     }
@@ -649,71 +825,18 @@ impl Coordinator {
             return false;
         }
         let late = now.saturating_duration_since(open.drawn) > self.audit_deadline();
-        let r = self.layout.replicas;
         let mut fresh = Vec::new();
         for a in open.list.iter_mut().filter(|a| a.outcome.is_none()) {
-            let first = a.checks[0].verdict.clone();
-            let second = a.checks.get(1).and_then(|c| c.verdict.clone());
-            a.outcome = match (first, second, a.checks.len()) {
-                (Some(v), _, _) if v == a.committed => Some(Outcome::Passed),
-                (Some(_), None, 1) => {
-                    // A second, independent validator.
-                    let taken: Vec<u64> = std::iter::once(a.worker)
-                        .chain(a.checks.iter().map(|c| c.worker))
-                        .collect();
-                    let candidates: Vec<usize> = (0..r)
-                        .map(|x| self.idx(a.stage, x))
-                        .filter(|&j| self.in_plan(j))
-                        .filter(|&j| {
-                            self.slots[j]
-                                .as_ref()
-                                .is_some_and(|s| !taken.contains(&s.worker))
-                        })
-                        .collect();
-                    if candidates.is_empty() {
-                        Some(Outcome::Unconfirmed)
-                    } else {
-                        let x = draw(
-                            &self.audits.secret,
-                            open.epoch,
-                            open.step,
-                            a.stage,
-                            a.replica,
-                            "second",
-                        );
-                        let j = candidates[(x % candidates.len() as u64) as usize];
-                        let s = self.slots[j].as_ref().expect("a candidate slot is filled");
-                        a.checks.push(Check {
-                            worker: s.worker,
-                            identity: s.identity.clone(),
-                            verdict: None,
-                        });
+            a.outcome = match a.decide(open.step) {
+                Next::Wait => None,
+                Next::Decided(o) => Some(o),
+                Next::Second => match self.second_validator(a, open.epoch, open.step) {
+                    Some(check) => {
+                        a.checks.push(check);
                         None
                     }
-                }
-                (Some(_), Some(v2), _) if v2 == a.committed => Some(Outcome::Overturned),
-                (Some(v1), Some(v2), _) if v1 == v2 => {
-                    let detail = format!(
-                        "stage {} replica {}'s micro-batch {} of step {} does not reproduce: it \
-                         committed input {}, output {}, gradient {}; validators {} and {} both \
-                         recomputed input {}, output {}, gradient {}",
-                        a.stage,
-                        a.replica,
-                        a.mb,
-                        open.step,
-                        short(&a.committed.input),
-                        short(&a.committed.output),
-                        short(&a.committed.gradient),
-                        crate::identity::fingerprint_hex(&a.checks[0].identity),
-                        crate::identity::fingerprint_hex(&a.checks[1].identity),
-                        short(&v1.input),
-                        short(&v1.output),
-                        short(&v1.gradient),
-                    );
-                    Some(Outcome::Convicted("failed_audit", detail))
-                }
-                (Some(_), Some(_), _) => Some(Outcome::Unconfirmed),
-                _ => None,
+                    None => Some(Outcome::Unconfirmed),
+                },
             };
             if a.outcome.is_none() && late {
                 a.outcome = Some(
@@ -721,15 +844,13 @@ impl Coordinator {
                         (None, _) => Outcome::Convicted(
                             "bad_evidence",
                             format!(
-                            "stage {} replica {} gave no evidence of micro-batch {} of step {} \
-                             matching its commitment within {:.0} s ({} upload(s) refused)",
-                            a.stage,
-                            a.replica,
-                            a.mb,
-                            open.step,
-                            self.audit_deadline().as_secs_f64(),
-                            a.bad_uploads
-                        ),
+                                "{} gave no evidence of step {} matching its commitment within \
+                                 {:.0} s ({} upload(s) refused)",
+                                a.what(),
+                                open.step,
+                                self.audit_deadline().as_secs_f64(),
+                                a.bad_uploads
+                            ),
                         ),
                         (Some(_), Some(c)) => Outcome::Silent(c.worker),
                         (Some(_), None) => Outcome::Unconfirmed,
@@ -745,7 +866,11 @@ impl Coordinator {
                     Outcome::Silent(_) => None,
                 };
                 if let Some(label) = label {
-                    *self.audits.outcomes.entry((a.stage, label)).or_default() += 1;
+                    let counts = match a.kind {
+                        Kind::MicroBatch { .. } => &mut self.audits.outcomes,
+                        Kind::Contribution(_) => &mut self.audits.contribution_outcomes,
+                    };
+                    *counts.entry((a.stage, label)).or_default() += 1;
                     let secs = now.saturating_duration_since(open.drawn).as_secs_f64();
                     self.audits.seconds.0 += 1;
                     self.audits.seconds.1 += secs;
@@ -768,11 +893,9 @@ impl Coordinator {
                 Some(Outcome::Overturned) => {
                     let liar = &a.checks[0];
                     let text = format!(
-                        "its verdict on stage {} replica {}'s micro-batch {} of step {step} was \
-                         refuted by a second validator ({}), which reproduced the commitment",
-                        a.stage,
-                        a.replica,
-                        a.mb,
+                        "its verdict on {} of step {step} was refuted by a second validator \
+                         ({}), which reproduced the commitment",
+                        a.what(),
                         crate::identity::fingerprint_hex(&a.checks[1].identity)
                     );
                     let _ = self.refuse(
@@ -786,32 +909,17 @@ impl Coordinator {
                     );
                 }
                 Some(Outcome::Convicted(reason, detail)) => {
-                    let recomputed: Vec<Option<serde_json::Value>> = a
-                        .checks
-                        .iter()
-                        .map(|c| c.verdict.as_ref().map(Hashes::json))
-                        .collect();
-                    let validators: Vec<&str> =
-                        a.checks.iter().map(|c| c.identity.as_str()).collect();
-                    let evidence = serde_json::json!({
-                        "audit": a.id,
-                        "mb": a.mb,
-                        "committed": a.committed.json(),
-                        "recomputed": recomputed,
-                        "validators": validators,
-                    })
-                    .to_string();
-                    convicted.push((a.worker, reason, detail, evidence));
+                    convicted.push((a.worker, reason, detail, a.evidence_json()));
                 }
                 Some(Outcome::Unconfirmed) => {
                     broken = true;
                     self.history.event(
                         EventKind::Audit,
                         format!(
-                            "audit of stage {} replica {}'s micro-batch {} of step {step} \
-                             unconfirmed: the verdicts disagree with the commitment and no other \
-                             validator can tell who is wrong; the step is trained again",
-                            a.stage, a.replica, a.mb
+                            "audit of {} of step {step} unconfirmed: the verdicts disagree with \
+                             the commitment and no other validator can tell who is wrong; the \
+                             step is trained again",
+                            a.what()
                         ),
                         now,
                     );
@@ -843,6 +951,59 @@ impl Coordinator {
         }
         true
     }
+
+    /// The second, independent validator of `a` whose first verdict
+    /// disputes the commitment (`None`: there is none, the audit is
+    /// unconfirmed). A micro-batch audit draws one among the stage's other
+    /// training replicas (neither the audited one nor the first validator);
+    /// a contribution audit takes the audited replica's other ring
+    /// neighbour.
+    fn second_validator(&self, a: &Audit, epoch: u64, step: u64) -> Option<Check> {
+        let j = match &a.kind {
+            Kind::MicroBatch { .. } => {
+                let taken: Vec<u64> = std::iter::once(a.worker)
+                    .chain(a.checks.iter().map(|c| c.worker))
+                    .collect();
+                let candidates: Vec<usize> = (0..self.layout.replicas)
+                    .map(|x| self.idx(a.stage, x))
+                    .filter(|&j| self.in_plan(j))
+                    .filter(|&j| {
+                        self.slots[j]
+                            .as_ref()
+                            .is_some_and(|s| !taken.contains(&s.worker))
+                    })
+                    .collect();
+                if candidates.is_empty() {
+                    return None;
+                }
+                let x = draw(
+                    &self.audits.secret,
+                    epoch,
+                    step,
+                    a.stage,
+                    a.replica,
+                    "second",
+                );
+                candidates[(x % candidates.len() as u64) as usize]
+            }
+            Kind::Contribution(scope) => {
+                let j = self.idx(a.stage, scope.second?);
+                let taken = self.slots[j].as_ref().is_none_or(|s| {
+                    s.worker == a.worker || a.checks.iter().any(|c| c.worker == s.worker)
+                });
+                if taken || !self.in_plan(j) {
+                    return None;
+                }
+                j
+            }
+        };
+        let s = self.slots[j].as_ref()?;
+        Some(Check {
+            worker: s.worker,
+            identity: s.identity.clone(),
+            verdict: None,
+        })
+    }
 }
 
 /// The first 16 hex digits of a hash, for messages.
@@ -862,8 +1023,11 @@ pub(super) struct Tally {
 impl Coordinator {
     /// The audits of `step` as its booking counts them: an audit passed
     /// (or overturned) counts for the audited worker, and each validator
-    /// whose verdict reproduced the commitment is credited the forward and
-    /// input-gradient FLOPs of one micro-batch of its stage.
+    /// whose verdict reproduced the commitment is credited what it
+    /// recomputed: for a micro-batch audit the forward and input-gradient
+    /// FLOPs of one micro-batch of its stage, for a contribution audit the
+    /// forward and both backward halves' FLOPs of every micro-batch the
+    /// audited replica ran.
     pub(super) fn audit_tally(&self, step: u64) -> Tally {
         let mut t = Tally::default();
         let Some(open) = self.open_for(self.epoch, step) else {
@@ -885,13 +1049,22 @@ impl Coordinator {
                         .get(a.stage)
                         .cloned()
                         .unwrap_or(0..0);
-                    let f = m.flops(a.stage, self.layout.stages, &layers, 1);
-                    f[0] + f[1]
+                    match &a.kind {
+                        Kind::MicroBatch { .. } => {
+                            let f = m.flops(a.stage, self.layout.stages, &layers, 1);
+                            f[0] + f[1]
+                        }
+                        Kind::Contribution(scope) => {
+                            let n = scope.micro_batches.len() as u64;
+                            let f = m.flops(a.stage, self.layout.stages, &layers, n);
+                            f[0] + f[1] + f[2]
+                        }
+                    }
                 }
                 None => 0.0,
             };
             for c in &a.checks {
-                if c.verdict.as_ref() == Some(&a.committed) {
+                if c.verdict.as_ref().is_some_and(|v| a.reproduces(v)) {
                     *t.validated.entry(c.worker).or_default() += flops;
                 }
             }
@@ -986,83 +1159,161 @@ impl Coordinator {
                 input,
                 signature,
             } => {
-                let Some(k) = a.checks.iter().position(|c| c.worker == r.worker) else {
+                let Kind::MicroBatch { mb, .. } = &a.kind else {
                     return Err(self.refuse_audit(
                         r.worker,
                         "audit_report",
-                        format!("worker {} is not a validator of audit {}", r.worker, a.id),
+                        format!(
+                            "audit {} is a contribution audit; a micro-batch's hashes answer \
+                             nothing",
+                            a.id
+                        ),
                         now,
                     ));
                 };
-                if ![input, output, gradient].iter().all(|h| is_hash(h)) {
-                    return Err(self.refuse_audit(
-                        r.worker,
-                        "audit_report",
-                        format!("the verdict on audit {} has hashes that are not 64 lowercase hex digits", a.id),
-                        now,
-                    ));
-                }
                 let message = audit_message(&AuditClaim {
                     run_id,
                     audit: a.id,
                     step,
                     stage: a.stage,
-                    mb: a.mb,
+                    mb: *mb,
                     audited_replica: a.replica,
                     input,
                     output,
                     gradient,
                 });
-                let check = &a.checks[k];
-                if !crate::identity::verify(
-                    &check.identity,
-                    crate::identity::AUDIT_DOMAIN,
+                let verdict = Verdict::Hashes(Hashes {
+                    input: input.clone(),
+                    output: output.clone(),
+                    gradient: gradient.clone(),
+                });
+                self.take_verdict(
+                    r.worker,
+                    at,
+                    &a,
+                    [input, output, gradient],
                     &message,
                     signature,
-                ) {
+                    verdict,
+                    now,
+                )?;
+            }
+            AuditResult::Contribution {
+                recomputed,
+                received,
+                signature,
+            } => {
+                if !matches!(a.kind, Kind::Contribution(_)) {
                     return Err(self.refuse_audit(
                         r.worker,
-                        "signature",
+                        "audit_report",
                         format!(
-                            "the verdict on audit {} is not signed by worker {}'s identity",
-                            a.id, r.worker
+                            "audit {} is a micro-batch audit; a contribution's hashes answer \
+                             nothing",
+                            a.id
                         ),
                         now,
                     ));
                 }
-                let verdict = Hashes {
-                    input: input.clone(),
-                    output: output.clone(),
-                    gradient: gradient.clone(),
+                let message = crate::coord::api::contribution_message(
+                    &crate::coord::api::ContributionClaim {
+                        run_id,
+                        audit: a.id,
+                        step,
+                        stage: a.stage,
+                        audited_replica: a.replica,
+                        recomputed,
+                        received,
+                    },
+                );
+                let verdict = Verdict::Contribution {
+                    recomputed: recomputed.clone(),
+                    received: received.clone(),
                 };
-                match &check.verdict {
-                    Some(v) if *v != verdict => {
-                        return Err(self.refuse_audit(
-                            r.worker,
-                            "audit_report",
-                            format!("a second, different verdict on audit {}", a.id),
-                            now,
-                        ));
-                    }
-                    Some(_) => {}
-                    None => {
-                        if let Some(open) = self.audits.open.as_mut() {
-                            open.list[at].checks[k].verdict = Some(verdict);
-                        }
-                    }
-                }
-            }
-            AuditResult::Contribution { .. } => {
-                return Err(self.refuse_audit(
+                self.take_verdict(
                     r.worker,
-                    "audit_report",
-                    format!("audit {} is not a contribution audit", a.id),
+                    at,
+                    &a,
+                    [recomputed, received],
+                    &message,
+                    signature,
+                    verdict,
                     now,
-                ));
+                )?;
             }
         }
         self.settle_audits(now);
         Ok(self.barrier(r.worker, r.epoch, r.completed, now))
+    }
+
+    /// Records `worker`'s verdict on audit `a` (at `at` in the open step's
+    /// list) once it is a validator of it, every hash in `hashes` is 64
+    /// lowercase hex digits, `signature` is its identity's over `message`
+    /// in the audit domain, and it does not contradict a verdict it gave
+    /// before; anything else is refused and counted.
+    #[allow(clippy::too_many_arguments)]
+    fn take_verdict<const N: usize>(
+        &mut self,
+        worker: u64,
+        at: usize,
+        a: &Audit,
+        hashes: [&String; N],
+        message: &[u8],
+        signature: &str,
+        verdict: Verdict,
+        now: Instant,
+    ) -> Result<(), CoordError> {
+        let Some(k) = a.checks.iter().position(|c| c.worker == worker) else {
+            return Err(self.refuse_audit(
+                worker,
+                "audit_report",
+                format!("worker {worker} is not a validator of audit {}", a.id),
+                now,
+            ));
+        };
+        if !hashes.iter().all(|h| is_hash(h)) {
+            return Err(self.refuse_audit(
+                worker,
+                "audit_report",
+                format!(
+                    "the verdict on audit {} has hashes that are not 64 lowercase hex digits",
+                    a.id
+                ),
+                now,
+            ));
+        }
+        let check = &a.checks[k];
+        if !crate::identity::verify(
+            &check.identity,
+            crate::identity::AUDIT_DOMAIN,
+            message,
+            signature,
+        ) {
+            return Err(self.refuse_audit(
+                worker,
+                "signature",
+                format!(
+                    "the verdict on audit {} is not signed by worker {worker}'s identity",
+                    a.id
+                ),
+                now,
+            ));
+        }
+        match &check.verdict {
+            Some(v) if *v != verdict => Err(self.refuse_audit(
+                worker,
+                "audit_report",
+                format!("a second, different verdict on audit {}", a.id),
+                now,
+            )),
+            Some(_) => Ok(()),
+            None => {
+                if let Some(open) = self.audits.open.as_mut() {
+                    open.list[at].checks[k].verdict = Some(verdict);
+                }
+                Ok(())
+            }
+        }
     }
 
     /// The audit `audit` of the open step, with its index, or why not.
@@ -1083,14 +1334,16 @@ impl Coordinator {
 
     /// `PUT /v1/audit/{audit}/evidence?worker=W`: the audited worker's
     /// payloads for the audited micro-batch, a safetensors file of at most
-    /// `max` bytes. Kept for the validators only when `content_hash(input)`
-    /// equals both the provider's committed input and the committed output
-    /// of the upstream shard that sent it the micro-batch, and
-    /// `content_hash(gradient)` equals the committed gradient of the
-    /// downstream shard; otherwise refused and counted (`bad_evidence`).
-    /// The upload is not signed, so a refused one does not convict by
-    /// itself: a provider with no matching upload when the audit's deadline
-    /// passes is convicted.
+    /// `max` bytes (for a contribution audit: the set of every micro-batch
+    /// of its scope, at most `max` bytes per micro-batch, which must be
+    /// exactly the scope's). Kept for the validators only when, for every
+    /// micro-batch, `content_hash(input)` equals both the provider's
+    /// committed input and the committed output of the upstream shard that
+    /// sent it the micro-batch, and `content_hash(gradient)` equals the
+    /// committed gradient of the downstream shard; otherwise refused and
+    /// counted (`bad_evidence`). The upload is not signed, so a refused one
+    /// does not convict by itself: a provider with no matching upload when
+    /// the audit's deadline passes is convicted.
     pub fn put_evidence(
         &mut self,
         worker: u64,
@@ -1110,67 +1363,13 @@ impl Coordinator {
         if a.evidence.is_some() {
             return Ok(());
         }
-        let (stage, mb) = (a.stage, a.mb);
-        let committed = a.committed.clone();
-        let last = stage + 1 == self.layout.stages;
-        let problem = match crate::pipeline::Evidence::decode(&bytes, max) {
-            Err(e) => Some(e.to_string()),
-            Ok(ev) => {
-                let hash = |b: &Vec<u8>| hex::encode(crate::link::frame::content_hash(b));
-                let route = self.current_route();
-                let upstream = (stage > 0)
-                    .then(|| {
-                        self.committed_by(&route, stage - 1, mb, step)
-                            .map(|(_, c)| c.output.clone())
-                    })
-                    .flatten();
-                let downstream = (!last)
-                    .then(|| {
-                        self.committed_by(&route, stage + 1, mb, step)
-                            .map(|(_, c)| c.gradient.clone())
-                    })
-                    .flatten();
-                match (stage == 0, &ev.input, &ev.targets, &ev.gradient) {
-                    (true, Some(_), _, _) | (true, _, Some(_), _) => {
-                        Some("the first stage has no input or targets to provide".to_string())
-                    }
-                    (false, None, _, _) => Some("the input is missing".to_string()),
-                    (false, _, None, _) => Some("the targets are missing".to_string()),
-                    _ if last && ev.gradient.is_some() => {
-                        Some("the last stage receives no gradient to provide".to_string())
-                    }
-                    (_, _, _, None) if !last => Some("the gradient is missing".to_string()),
-                    (_, input, _, gradient) => {
-                        let mut p = None;
-                        if let Some(b) = input {
-                            let h = hash(b);
-                            if h != committed.input {
-                                p = Some(format!(
-                                    "the input hashes to {}, its commitment says {}",
-                                    short(&h),
-                                    short(&committed.input)
-                                ));
-                            } else if upstream.as_deref() != Some(h.as_str()) {
-                                p = Some(format!(
-                                    "the input hashes to {}, the upstream shard committed {}",
-                                    short(&h),
-                                    short(upstream.as_deref().unwrap_or("nothing"))
-                                ));
-                            }
-                        }
-                        if let (None, Some(b)) = (&p, gradient) {
-                            let h = hash(b);
-                            if downstream.as_deref() != Some(h.as_str()) {
-                                p = Some(format!(
-                                    "the gradient hashes to {}, the downstream shard committed {}",
-                                    short(&h),
-                                    short(downstream.as_deref().unwrap_or("nothing"))
-                                ));
-                            }
-                        }
-                        p
-                    }
-                }
+        let problem = match &a.kind {
+            Kind::MicroBatch { mb, committed } => match Evidence::decode(&bytes, max) {
+                Err(e) => Some(e.to_string()),
+                Ok(ev) => self.evidence_problem(a.stage, *mb, step, committed, &ev),
+            },
+            Kind::Contribution(scope) => {
+                self.evidence_set_problem(a.stage, step, scope, &bytes, max)
             }
         };
         match problem {
@@ -1182,15 +1381,84 @@ impl Coordinator {
                 Ok(())
             }
             Some(p) => {
+                let what = a.what();
                 if let Some(open) = self.audits.open.as_mut() {
                     open.list[at].bad_uploads += 1;
                 }
                 Err(self.refuse_audit(
                     worker,
                     "bad_evidence",
-                    format!("evidence of micro-batch {mb} of step {step} (audit {audit}): {p}"),
+                    format!("evidence of {what} in step {step} (audit {audit}): {p}"),
                     now,
                 ))
+            }
+        }
+    }
+
+    /// What is wrong with `ev` as the evidence of micro-batch `mb` of
+    /// `step` on `stage`, whose shard committed `committed` (`None`: it
+    /// matches its own and its neighbours' commitments).
+    fn evidence_problem(
+        &self,
+        stage: usize,
+        mb: u64,
+        step: u64,
+        committed: &Hashes,
+        ev: &Evidence,
+    ) -> Option<String> {
+        let last = stage + 1 == self.layout.stages;
+        let hash = |b: &Vec<u8>| hex::encode(crate::link::frame::content_hash(b));
+        let route = self.current_route();
+        let upstream = (stage > 0)
+            .then(|| {
+                self.committed_by(&route, stage - 1, mb, step)
+                    .map(|(_, c)| c.output.clone())
+            })
+            .flatten();
+        let downstream = (!last)
+            .then(|| {
+                self.committed_by(&route, stage + 1, mb, step)
+                    .map(|(_, c)| c.gradient.clone())
+            })
+            .flatten();
+        match (stage == 0, &ev.input, &ev.targets, &ev.gradient) {
+            (true, Some(_), _, _) | (true, _, Some(_), _) => {
+                Some("the first stage has no input or targets to provide".to_string())
+            }
+            (false, None, _, _) => Some("the input is missing".to_string()),
+            (false, _, None, _) => Some("the targets are missing".to_string()),
+            _ if last && ev.gradient.is_some() => {
+                Some("the last stage receives no gradient to provide".to_string())
+            }
+            (_, _, _, None) if !last => Some("the gradient is missing".to_string()),
+            (_, input, _, gradient) => {
+                if let Some(b) = input {
+                    let h = hash(b);
+                    if h != committed.input {
+                        return Some(format!(
+                            "the input hashes to {}, its commitment says {}",
+                            short(&h),
+                            short(&committed.input)
+                        ));
+                    } else if upstream.as_deref() != Some(h.as_str()) {
+                        return Some(format!(
+                            "the input hashes to {}, the upstream shard committed {}",
+                            short(&h),
+                            short(upstream.as_deref().unwrap_or("nothing"))
+                        ));
+                    }
+                }
+                if let Some(b) = gradient {
+                    let h = hash(b);
+                    if downstream.as_deref() != Some(h.as_str()) {
+                        return Some(format!(
+                            "the gradient hashes to {}, the downstream shard committed {}",
+                            short(&h),
+                            short(downstream.as_deref().unwrap_or("nothing"))
+                        ));
+                    }
+                }
+                None
             }
         }
     }

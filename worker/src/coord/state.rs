@@ -39,6 +39,16 @@ use crate::pipeline::Route;
 #[path = "audit.rs"]
 mod audit;
 
+/// The reason a suspicion names, as the metrics label it (`None`: not a
+/// reason a worker reports).
+fn suspicion_reason(reason: &str) -> Option<&'static str> {
+    match reason {
+        "cosine" => Some("cosine"),
+        "norm_ratio" => Some("norm_ratio"),
+        _ => None,
+    }
+}
+
 /// Recoveries after which a run that keeps failing is given up.
 pub const MAX_EPOCHS: u64 = 1000;
 
@@ -143,6 +153,11 @@ struct Committed {
     params: Option<[u8; 32]>,
     /// Its per-micro-batch hashes, for the chain check and audits.
     hashes: Vec<MicroBatchCommit>,
+    /// The hash of its contribution to a robust aggregation (64 lowercase
+    /// hex digits; `None`: the report had none).
+    contribution: Option<String>,
+    /// The replicas of its stage it reported suspect, with the reason.
+    suspects: Vec<(usize, &'static str)>,
 }
 
 #[derive(Clone, Debug)]
@@ -1494,6 +1509,12 @@ impl Coordinator {
                         seconds: d.seconds,
                         params: c.params_digest().and_then(Result::ok),
                         hashes: c.micro_batches.clone(),
+                        contribution: c.contribution_hash().and_then(Result::ok).map(hex::encode),
+                        suspects: d
+                            .suspects
+                            .iter()
+                            .filter_map(|x| Some((x.replica, suspicion_reason(&x.reason)?)))
+                            .collect(),
                     });
                 }
                 s.completed = d.completed;
@@ -1574,7 +1595,51 @@ impl Coordinator {
         if d.loss.is_some_and(|l| !l.is_finite()) {
             return bad("the loss is not a finite number".into());
         }
+        let replicas = self.layout.replicas;
+        if d.suspects.len() > replicas {
+            return bad(format!(
+                "{} suspects reported, more than the {replicas} replicas of a stage",
+                d.suspects.len()
+            ));
+        }
+        for x in &d.suspects {
+            if x.replica >= replicas {
+                return bad(format!(
+                    "suspect replica {} is not one of the stage's {replicas}",
+                    x.replica
+                ));
+            }
+            if suspicion_reason(&x.reason).is_none() {
+                return bad(format!(
+                    "suspect replica {}'s reason {:?} is neither cosine nor norm_ratio",
+                    x.replica, x.reason
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// What slot (`stage`, `replica`) committed to for `step`, if it did.
+    fn commit_of(&self, stage: usize, replica: usize, step: u64) -> Option<&Committed> {
+        self.slots
+            .get(self.idx(stage, replica))?
+            .as_ref()?
+            .commits
+            .iter()
+            .find(|c| c.completed == step)
+    }
+
+    /// Whether every step report must commit to its contribution: the
+    /// replicas combine gradients by a robust rule and the current epoch
+    /// trains two or more of them (so they gather each other's).
+    fn contributions_committed(&self) -> bool {
+        self.robust_aggregation()
+            && self
+                .plan
+                .as_ref()
+                .filter(|p| p.epoch == self.epoch)
+                .map_or(self.layout.replicas, |p| p.lanes.len())
+                > 1
     }
 
     /// The micro-batches the current route gives `worker` (none when it
@@ -1631,6 +1696,13 @@ impl Coordinator {
                 c.contribution_hash()
                     .and_then(Result::err)
                     .unwrap_or_default(),
+            )),
+            Some(c) if c.contribution.is_none() && self.contributions_committed() => Some((
+                "malformed_digest",
+                "under a robust aggregation a step report of a stage with two or more \
+                 training replicas commits to its contribution's hash \
+                 (commitment.contribution), and this one has none"
+                    .to_string(),
             )),
             Some(_) if d.completed < completed || d.completed > completed + 1 => Some((
                 "replayed",

@@ -55,11 +55,17 @@ pub(super) struct Metrics {
     /// Audit decisions already observed in `audit_seconds`.
     audits_observed: AtomicU64,
     chain_mismatches: Family<Labels, Counter>,
+    contribution_audits: Family<Labels, Counter>,
+    contribution_suspicions: Family<Labels, Counter>,
 }
 
 /// The outcomes of an audit (the `outcome` label of
 /// `pipewright_audits_total`).
 const AUDIT_OUTCOMES: [&str; 4] = ["passed", "failed", "overturned", "unconfirmed"];
+
+/// Why a replica reports another's contribution suspect (the `reason`
+/// label of `pipewright_contribution_suspicions_total`).
+const SUSPICION_REASONS: [&str; 2] = ["cosine", "norm_ratio"];
 
 /// Upper bounds of `pipewright_audit_seconds`' buckets.
 const AUDIT_SECONDS_BUCKETS: [f64; 11] = [
@@ -70,7 +76,8 @@ const AUDIT_SECONDS_BUCKETS: [f64; 11] = [
 /// `pipewright_refused_reports_total`): a bad registration proof, an
 /// identity already holding a shard, no commitment, a step already
 /// reported, micro-batches the route did not give, fewer than it gave, a
-/// parameters' digest that is not one, or one its stage's majority
+/// parameters' digest or contribution hash that is not one (or no
+/// contribution hash under a robust aggregation), a digest its stage's majority
 /// outvoted; audit evidence that does not match the commitments, a
 /// recomputation that convicted the audited worker, a validator's verdict
 /// overturned by a second validator, a malformed audit report, and a
@@ -116,6 +123,10 @@ pub(super) struct LedgerFigures {
     pub(super) quarantined: usize,
     /// Not the ledger's: chain mismatches by receiving stage.
     pub(super) chain_mismatches: BTreeMap<usize, u64>,
+    /// Not the ledger's: contribution audit decisions by stage and outcome.
+    pub(super) contribution_audits: BTreeMap<(usize, &'static str), u64>,
+    /// Not the ledger's: suspicions reported by suspected stage and reason.
+    pub(super) contribution_suspicions: BTreeMap<(usize, &'static str), u64>,
 }
 
 impl Metrics {
@@ -155,6 +166,8 @@ impl Metrics {
             audit_seconds: Histogram::new(AUDIT_SECONDS_BUCKETS),
             audits_observed: AtomicU64::new(0),
             chain_mismatches: Family::default(),
+            contribution_audits: Family::default(),
+            contribution_suspicions: Family::default(),
         };
         registry.register("step", "Steps completed by every worker", m.step.clone());
         registry.register(
@@ -291,6 +304,16 @@ impl Metrics {
             "Micro-batches whose sending shard's committed output hash differs from the receiving shard's committed input hash, by receiving stage (the step is broken off and trained again)",
             m.chain_mismatches.clone(),
         );
+        registry.register(
+            "contribution_audits",
+            "Contribution audits decided (a replica's whole step recomputed by its ring neighbours under a robust aggregation), by the audited stage and outcome: passed, failed (the audited worker convicted), overturned (the first validator's verdict refuted by the second), unconfirmed (no second validator, or the two disagree)",
+            m.contribution_audits.clone(),
+        );
+        registry.register(
+            "contribution_suspicions",
+            "Replicas reported suspect by another replica of their stage, by the suspected stage and reason: cosine (its contribution points away from the aggregate), norm_ratio (its norm is far from the replicas' median); each one is contribution-audited while contribution audits are on",
+            m.contribution_suspicions.clone(),
+        );
         // Every reason shows as 0 until it happens, so a dashboard shows
         // a zero rather than no data.
         for reason in REFUSAL_REASONS {
@@ -397,6 +420,36 @@ impl Metrics {
             let add = n.saturating_sub(c.get());
             if add > 0 {
                 c.inc_by(add);
+            }
+            for outcome in AUDIT_OUTCOMES {
+                let c = self.contribution_audits.get_or_create(&vec![
+                    ("stage".into(), st.stage.to_string()),
+                    ("outcome".into(), outcome.to_owned()),
+                ]);
+                let n = ledger
+                    .contribution_audits
+                    .get(&(st.stage, outcome))
+                    .copied()
+                    .unwrap_or(0);
+                let add = n.saturating_sub(c.get());
+                if add > 0 {
+                    c.inc_by(add);
+                }
+            }
+            for reason in SUSPICION_REASONS {
+                let c = self.contribution_suspicions.get_or_create(&vec![
+                    ("stage".into(), st.stage.to_string()),
+                    ("reason".into(), reason.to_owned()),
+                ]);
+                let n = ledger
+                    .contribution_suspicions
+                    .get(&(st.stage, reason))
+                    .copied()
+                    .unwrap_or(0);
+                let add = n.saturating_sub(c.get());
+                if add > 0 {
+                    c.inc_by(add);
+                }
             }
         }
         for secs in &ledger.audit_seconds {
@@ -528,6 +581,8 @@ pub(super) fn scrape(shared: &Shared) -> String {
     );
     figures.quarantined = c.convictions().len();
     figures.chain_mismatches = c.chain_mismatches().clone();
+    figures.contribution_audits = c.contribution_audit_outcomes().clone();
+    figures.contribution_suspicions = c.contribution_suspicions().clone();
     drop(c);
     shared.metrics.render(&status, &figures)
 }
@@ -631,11 +686,13 @@ mod tests {
             audit_seconds: vec![0.5, 3.0],
             quarantined: 1,
             chain_mismatches: [(0, 2)].into_iter().collect(),
+            contribution_audits: [((0, "failed"), 2)].into_iter().collect(),
+            contribution_suspicions: [((0, "cosine"), 3)].into_iter().collect(),
         };
         let text = m.render(&status, &figures);
         // Every family has a sample, so every family is listed below.
         let families = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(families, 31, "{text}");
+        assert_eq!(families, 33, "{text}");
         for line in [
             "pipewright_audits_total{stage=\"0\",outcome=\"failed\"} 1",
             "pipewright_audits_total{stage=\"0\",outcome=\"passed\"} 0",
@@ -643,6 +700,10 @@ mod tests {
             "pipewright_audit_seconds_count 2",
             "pipewright_audit_seconds_sum 3.5",
             "pipewright_chain_mismatches_total{stage=\"0\"} 2",
+            "pipewright_contribution_audits_total{stage=\"0\",outcome=\"failed\"} 2",
+            "pipewright_contribution_audits_total{stage=\"0\",outcome=\"unconfirmed\"} 0",
+            "pipewright_contribution_suspicions_total{stage=\"0\",reason=\"cosine\"} 3",
+            "pipewright_contribution_suspicions_total{stage=\"0\",reason=\"norm_ratio\"} 0",
         ] {
             assert!(text.contains(line), "{line} not in {text}");
         }

@@ -52,7 +52,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
     let evidence = get(get_evidence)
         .put(put_evidence)
         .fallback(evidence_method)
-        .layer(DefaultBodyLimit::max(shared.evidence_limit));
+        .layer(DefaultBodyLimit::max(shared.evidence_body_limit));
     let api = Router::new()
         .route("/v1/manifest", only(get(manifest)))
         .route("/v1/challenge", only(post(challenge)))
@@ -218,7 +218,7 @@ async fn refuse_oversized(State(shared): Coord, request: Request, next: Next) ->
     let limit = if path.starts_with("/v1/state/") || path.starts_with("/v1/checkpoint/") {
         MAX_STATE
     } else if path.starts_with("/v1/audit/") {
-        shared.evidence_limit
+        shared.evidence_body_limit
     } else {
         MAX_JSON
     };
@@ -672,7 +672,9 @@ impl<S: Send + Sync> FromRequestParts<S> for EvidenceAt {
 }
 
 /// `PUT /v1/audit/{audit}/evidence?worker=W`: the audited worker's
-/// payloads for the audited micro-batch (a safetensors file).
+/// payloads for the audited micro-batch (a safetensors file), or for a
+/// contribution audit the set of every micro-batch it ran (at most
+/// [`Shared::evidence_limit`] bytes per micro-batch).
 async fn put_evidence(State(shared): Coord, at: EvidenceAt, RawBody(body): RawBody) -> Reply {
     changing(shared, move |s| {
         let limit = s.evidence_limit;
@@ -1149,7 +1151,10 @@ pub(super) mod tests {
             .method(Method::PUT)
             .uri(uri)
             .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
-            .header(header::CONTENT_LENGTH, (c.evidence_limit + 1).to_string())
+            .header(
+                header::CONTENT_LENGTH,
+                (c.evidence_body_limit + 1).to_string(),
+            )
             .body(Body::empty())
             .expect("request");
         let (code, text) = send(&c, big);

@@ -117,8 +117,13 @@ pub(super) struct Shared {
     pub(super) challenges: Challenges,
     /// The run's step traces (when spans are exported).
     pub(super) traces: crate::telemetry::StepTraces,
-    /// Largest audit evidence accepted, in bytes (see [`evidence_limit`]).
+    /// Largest audit evidence accepted for one micro-batch, in bytes (see
+    /// [`evidence_limit`]).
     pub(super) evidence_limit: usize,
+    /// Largest evidence upload accepted, in bytes: a contribution audit's
+    /// set of every micro-batch of a replica's step when those audits are
+    /// on, else one micro-batch's (see [`evidence_body_limit`]).
+    pub(super) evidence_body_limit: usize,
     state_file: StateFile,
 }
 
@@ -257,7 +262,12 @@ impl Shared {
         .with_partitioner(Box::new(move |speeds| {
             crate::model::partition(&model, stages, speeds)
         }))
-        .with_audit_rate(spec.validation.audit_rate);
+        .with_audit_rate(spec.validation.audit_rate)
+        .with_robust_aggregation(spec.pipeline.aggregation != pipewright_spec::Aggregation::Mean)
+        .with_contribution_audit_rate(
+            spec.validation
+                .effective_contribution_audit_rate(spec.pipeline.aggregation),
+        );
         let coord = match ledger {
             Some(l) => coord.with_ledger(l),
             None => coord,
@@ -266,8 +276,10 @@ impl Shared {
         let traces =
             crate::telemetry::StepTraces::new(&config.manifest.metadata.name, spec.training.steps);
         let evidence_limit = evidence_limit(spec, config.model.dim);
+        let evidence_body_limit = evidence_body_limit(spec, evidence_limit);
         Ok(Shared {
             evidence_limit,
+            evidence_body_limit,
             traces,
             coord: Mutex::new(coord),
             changed: Condvar::new(),
@@ -369,6 +381,33 @@ pub fn evidence_limit(spec: &pipewright_spec::TrainingRunSpec, dim: usize) -> us
         .saturating_mul(2)
         .saturating_add(tokens.saturating_mul(4))
         .saturating_add(64 << 10)
+}
+
+/// Most bytes an evidence upload may have, whatever the run.
+pub const MAX_EVIDENCE_BODY: usize = 1 << 36;
+
+/// The largest evidence upload of a worker of `spec`, one micro-batch's
+/// evidence being at most `per_micro_batch` bytes: when contribution audits
+/// can be ordered (a robust aggregation, two or more replicas, a rate above
+/// 0) the set of every micro-batch a replica runs in a step
+/// (`training.microBatches` of them, since robust rules need
+/// `routing: lanes`), else one micro-batch's; at most
+/// [`MAX_EVIDENCE_BODY`].
+pub fn evidence_body_limit(
+    spec: &pipewright_spec::TrainingRunSpec,
+    per_micro_batch: usize,
+) -> usize {
+    let contribution_audits = spec.pipeline.replicas > 1
+        && spec
+            .validation
+            .effective_contribution_audit_rate(spec.pipeline.aggregation)
+            > 0.0;
+    let n = if contribution_audits {
+        spec.training.micro_batches.max(1)
+    } else {
+        1
+    };
+    per_micro_batch.saturating_mul(n).min(MAX_EVIDENCE_BODY)
 }
 
 /// Starts the coordinator of `config` on `listen`.

@@ -41,6 +41,16 @@ struct World {
     silent: Vec<u64>,
     /// Worker ids whose committed input differs from what was sent them.
     misreport_input: Vec<u64>,
+    /// (stage, replica) whose gradient contribution is corrupted (as a
+    /// sign flip is) and committed as sent.
+    flip: Option<(usize, usize)>,
+    /// (stage, replica) that commits its honest contribution and sends a
+    /// corrupted one.
+    send_lie: Option<(usize, usize)>,
+    /// Suspicions reported: (reporting worker, suspected replica, reason).
+    suspects: Vec<(u64, usize, &'static str)>,
+    /// Worker ids that upload an evidence set lacking a micro-batch.
+    short_sets: Vec<u64>,
 }
 
 impl World {
@@ -101,21 +111,47 @@ impl World {
         }
     }
 
+    /// The contribution a replica of stage `s` computes from `inputs`, the
+    /// hashes of its micro-batches' inputs in its commitment's order.
+    fn honest_contribution(&self, s: usize, inputs: &[String]) -> String {
+        hash(format!("contribution {s} of {}", inputs.join(",")).as_bytes())
+    }
+
+    /// What shard (`s`, `r`) commits as its contribution, and what it
+    /// sends its ring neighbours.
+    fn contribution(&self, c: &Coordinator, s: usize, r: usize, mbs: &[u64]) -> (String, String) {
+        let inputs: Vec<String> = mbs.iter().map(|&m| self.input_hash(c, s, m)).collect();
+        let honest = self.honest_contribution(s, &inputs);
+        let corrupted = hash(format!("flipped {s} {r}").as_bytes());
+        if self.flip == Some((s, r)) {
+            (corrupted.clone(), corrupted)
+        } else if self.send_lie == Some((s, r)) {
+            (honest, corrupted)
+        } else {
+            (honest.clone(), honest)
+        }
+    }
+
     fn report(&self, c: &Coordinator, worker: u64, epoch: u64, step: u64) -> StepDone {
-        let (_, (s, _)) = c.identity_of(worker).expect("a worker with a slot");
+        let (_, (s, r)) = c.identity_of(worker).expect("a worker with a slot");
+        let mbs = c.routed_to(worker);
         let commitment = Commitment {
-            micro_batches: c
-                .routed_to(worker)
-                .into_iter()
-                .map(|m| self.commit(c, worker, s, m))
-                .collect(),
+            micro_batches: mbs.iter().map(|&m| self.commit(c, worker, s, m)).collect(),
             signature: String::new(),
             params: None,
-            contribution: None,
+            contribution: Some(self.contribution(c, s, r, &mbs).0),
         };
         StepDone {
             commitment: Some(commitment),
-            suspects: Vec::new(),
+            suspects: self
+                .suspects
+                .iter()
+                .filter(|x| x.0 == worker)
+                .map(|&(_, replica, reason)| crate::coord::api::SuspectReport {
+                    replica,
+                    reason: reason.into(),
+                })
+                .collect(),
             worker,
             epoch,
             completed: step,
@@ -156,6 +192,17 @@ impl World {
         o: &AuditOrder,
         now: Instant,
     ) -> bool {
+        if let Some(scope) = &o.contribution {
+            return self.carry_out_contribution(
+                c,
+                keys,
+                worker,
+                epoch,
+                o,
+                &scope.micro_batches,
+                now,
+            );
+        }
         match &o.role {
             AuditRole::Provide => {
                 let bytes = if self.forgers.contains(&worker) {
@@ -214,6 +261,126 @@ impl World {
                 true
             }
         }
+    }
+}
+
+impl World {
+    /// Carries out one contribution audit order of `worker` covering
+    /// `mbs`; `false` when it cannot yet.
+    #[allow(clippy::too_many_arguments)]
+    fn carry_out_contribution(
+        &self,
+        c: &mut Coordinator,
+        keys: &BTreeMap<u64, Identity>,
+        worker: u64,
+        epoch: u64,
+        o: &AuditOrder,
+        mbs: &[u64],
+        now: Instant,
+    ) -> bool {
+        match &o.role {
+            AuditRole::Provide => {
+                let mut set: BTreeMap<u64, Evidence> = mbs
+                    .iter()
+                    .map(|&m| (m, self.evidence(c, o.stage, m)))
+                    .collect();
+                if self.forgers.contains(&worker) {
+                    if let Some(e) = set.values_mut().next() {
+                        e.input = Some(b"forged".to_vec());
+                    }
+                }
+                if self.short_sets.contains(&worker) {
+                    let first = *set.keys().next().expect("a micro-batch");
+                    set.remove(&first);
+                }
+                let bytes = Evidence::encode_set(&set).expect("encode");
+                let _ = c.put_evidence(worker, o.audit, bytes, MAX, now);
+                let _ = c.audit_report(
+                    &AuditReport {
+                        worker,
+                        epoch,
+                        completed: o.step,
+                        audit: o.audit,
+                        result: AuditResult::Provided,
+                    },
+                    RUN_ID,
+                    now,
+                );
+                true
+            }
+            AuditRole::Validate { audited_replica } => {
+                if self.silent.contains(&worker) {
+                    return true;
+                }
+                let Some(bytes) = c
+                    .evidence_for(worker, o.audit)
+                    .expect("a validator may read")
+                else {
+                    return false;
+                };
+                let set = Evidence::decode_set(&bytes, MAX * mbs.len()).expect("evidence set");
+                let inputs: Vec<String> = mbs
+                    .iter()
+                    .map(|m| match &set[m].input {
+                        Some(b) => hash(b),
+                        None => hash(format!("tokens {m}").as_bytes()),
+                    })
+                    .collect();
+                let mut recomputed = self.honest_contribution(o.stage, &inputs);
+                if self.liars.contains(&worker) {
+                    recomputed = hash(b"a lie");
+                }
+                let (route_mbs, received) = {
+                    let mine = c.current_route().mine(o.stage, *audited_replica);
+                    let sent = self.contribution(c, o.stage, *audited_replica, &mine).1;
+                    (mine, sent)
+                };
+                assert_eq!(route_mbs, mbs, "the scope is the audited replica's route");
+                let report = signed_contribution(
+                    &keys[&worker],
+                    worker,
+                    epoch,
+                    o,
+                    *audited_replica,
+                    &recomputed,
+                    &received,
+                );
+                let _ = c.audit_report(&report, RUN_ID, now);
+                true
+            }
+        }
+    }
+}
+
+/// A validator's contribution verdict for `o`, signed by `key`.
+fn signed_contribution(
+    key: &Identity,
+    worker: u64,
+    epoch: u64,
+    o: &AuditOrder,
+    audited_replica: usize,
+    recomputed: &str,
+    received: &str,
+) -> AuditReport {
+    let message = crate::coord::api::contribution_message(&crate::coord::api::ContributionClaim {
+        run_id: RUN_ID,
+        audit: o.audit,
+        step: o.step,
+        stage: o.stage,
+        audited_replica,
+        recomputed,
+        received,
+    });
+    AuditReport {
+        worker,
+        epoch,
+        completed: o.step,
+        audit: o.audit,
+        result: AuditResult::Contribution {
+            recomputed: recomputed.into(),
+            received: received.into(),
+            signature: key.sign(AUDIT_DOMAIN, &message),
+        },
     }
 }
 
@@ -1012,3 +1179,6 @@ fn audits_are_booked_with_the_step() {
         assert!(t.validation_flops > 0.0, "{t:?}");
     }
 }
+
+#[path = "contribution_audit_tests.rs"]
+mod contribution;

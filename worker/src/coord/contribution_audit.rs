@@ -37,7 +37,8 @@ use crate::coord::api::MicroBatchCommit;
 use crate::coord::state::Coordinator;
 use crate::pipeline::Evidence;
 
-/// A received hash that says the validator has no report of the gather.
+/// The hash a validator reports for what it could not recompute, or for
+/// what it did not receive (no report of the gather).
 const NO_REPORT: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// What one contribution audit covers.
@@ -146,9 +147,9 @@ impl Audit {
             self.replica,
             short(c)
         );
-        // A validator without a report of the gather says 64 zeros; two of
-        // them agreeing on that prove nothing about what was sent.
-        let detail = if r1 == r2 && r1 != c {
+        // A validator that could not recompute, or has no report of the
+        // gather, says 64 zeros: two of them agreeing on that prove nothing.
+        let detail = if r1 == r2 && r1 != c && r1 != NO_REPORT {
             Some(format!(
                 "{head}, but its work does not give it: {validators} both recomputed {} from \
                  its evidence",

@@ -5,9 +5,11 @@
 //! replica that skips its update, outvoted by its replicas' parameter
 //! digests at the coordinator, quarantined and replaced; workers that send
 //! what they did not compute, convicted by audits, quarantined and
-//! replaced; a lying auditor overturned; a forged report refused; and a
+//! replaced; a lying auditor overturned; a forged report refused; a
 //! clean run with audits and a worker on another thread count, where every
-//! audit passes.
+//! audit passes; replicas that distort their gradient contribution,
+//! convicted by contribution audits, quarantined and replaced; and a lying
+//! contribution auditor overturned.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -399,4 +401,128 @@ fn a_clean_run_with_audits_and_a_worker_on_other_threads_fails_no_audit() {
     assert_eq!(v.passed, 4 * 6, "every shard audited at every step");
     assert!(v.quarantined.is_empty(), "{:?}", v.quarantined);
     assert!(v.refusals.is_empty(), "{:?}", v.refusals);
+}
+
+/// A manifest of `steps` steps under `aggregation` whose every training
+/// shard's contribution is audited at every step
+/// (`contributionAuditRate: 1.0`), micro-batch audits off, so a gradient
+/// drill is caught at the step it starts and only contribution audits
+/// catch it.
+fn contribution_audited(
+    dir: &Path,
+    name: &str,
+    stages: usize,
+    aggregation: &str,
+    steps: u64,
+) -> PathBuf {
+    let path = manifest_of(dir, name, stages, 3, aggregation, steps);
+    let yaml = std::fs::read_to_string(&path).expect("manifest")
+        + "  validation: {auditRate: 0, contributionAuditRate: 1.0}\n";
+    std::fs::write(&path, yaml).expect("write manifest");
+    path
+}
+
+/// A replica that sign-flips or scales its gradient contribution commits to
+/// what it sent, so its peers received what it signed; the contribution
+/// audit of its first attacked step recomputes its whole step on its two
+/// ring neighbours, who agree with each other and not with it: it is
+/// convicted, its identity quarantined, its process exits and the launcher
+/// replaces it by a fresh one under a new identity. One that commits to
+/// the honest contribution but sends a negated one (`contribution-lie`) is
+/// convicted on what its neighbours received. The attacked step is trained
+/// again: the run's losses are a clean run's. The clean run fails no
+/// audit.
+#[test]
+fn gradient_drills_are_convicted_by_contribution_audits_quarantined_and_replaced() {
+    let _one_at_a_time = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let m = contribution_audited(d, "contrib", 2, "median", 5);
+    train_processes(&m, &d.join("clean"), &[]);
+    let clean = losses_in(&d.join("clean").join("summary.json"));
+    let v = verdicts(&d.join("clean"));
+    assert!(
+        v.quarantined.is_empty() && v.failed == 0,
+        "clean run: {:?}",
+        v.refusals
+    );
+    assert!(v.refusals.is_empty(), "clean run: {:?}", v.refusals);
+    // Every training shard's contribution is audited at every step.
+    assert_eq!(v.passed, 5 * 6, "clean run's audits");
+    for (shard, attack) in [
+        ((0, 1), "sign-flip@3"),
+        ((1, 2), "scale@3"),
+        ((1, 0), "contribution-lie@3"),
+    ] {
+        let out = d.join(attack.replace('@', "-"));
+        let stderr = drill(&m, &out, &format!("{}/{}={attack}", shard.0, shard.1));
+        let v = verdicts(&out);
+        assert_eq!(
+            v.quarantined,
+            vec![(shard.0, shard.1, 3, "failed_audit".to_string())],
+            "{attack}: {stderr}"
+        );
+        assert_eq!(replaced(&out), vec![shard], "{attack}");
+        let message = std::fs::read_to_string(out.with_extension("termination.log"))
+            .expect("the quarantined worker's termination message");
+        assert!(
+            message.starts_with("quarantined:")
+                && message.contains("at step 3")
+                && message.contains("failed_audit"),
+            "{message}"
+        );
+        // Both validators say why: the sign-flipped and scaled
+        // contributions are not what the evidence recomputes to (and are
+        // what was received); the liar's is, but it sent another.
+        let evidence = conviction_evidence(&out);
+        assert!(evidence["contribution"].is_string(), "{evidence}");
+        let committed = &evidence["contribution"];
+        let (recomputed, received) = (
+            evidence["recomputed"].as_array().expect("recomputed"),
+            evidence["received"].as_array().expect("received"),
+        );
+        assert_eq!((recomputed.len(), received.len()), (2, 2), "{evidence}");
+        let lie = attack.starts_with("contribution-lie");
+        for k in 0..2 {
+            assert_eq!(&recomputed[k] == committed, lie, "{attack}: {evidence}");
+            assert_eq!(&received[k] == committed, !lie, "{attack}: {evidence}");
+        }
+        assert_same(&clean, &losses_in(&out.join("summary.json")));
+    }
+}
+
+/// The evidence of the one conviction in the run at `out`, as JSON.
+fn conviction_evidence(out: &Path) -> serde_json::Value {
+    let ledger = Ledger::open_read(&out.join(pipewright::ledger::FILE)).expect("the run's ledger");
+    let q = ledger.quarantined().expect("quarantined");
+    assert_eq!(q.len(), 1, "one conviction");
+    serde_json::from_str(&q[0].conviction.evidence).expect("the evidence is JSON")
+}
+
+/// A validator that reports a recomputed contribution it did not compute
+/// is contradicted by the audited replica's other neighbour, which agrees
+/// with the audited replica's commitment: its verdict is overturned,
+/// nobody is quarantined, and the run ends as a clean one.
+#[test]
+fn a_lying_contribution_auditor_is_overturned() {
+    let _one_at_a_time = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let m = contribution_audited(d, "contrib-liar", 1, "centeredClip", 6);
+    train_processes(&m, &d.join("clean"), &[]);
+    let clean = losses_in(&d.join("clean").join("summary.json"));
+    let v = verdicts(&d.join("clean"));
+    assert!(
+        v.failed == 0 && v.refusals.is_empty(),
+        "clean run: {:?}",
+        v.refusals
+    );
+    let stderr = drill(&m, &d.join("lie"), "0/1=lie@2");
+    let v = verdicts(&d.join("lie"));
+    // From step 2 on, replica 1 is the first validator of each of its two
+    // neighbours' audits half the time: overturned once at least.
+    assert!(refused(&v, "overturned_verdict") >= 1, "{stderr}");
+    assert!(v.quarantined.is_empty(), "{:?}", v.quarantined);
+    assert!(replaced(&d.join("lie")).is_empty());
+    assert_same(&clean, &losses_in(&d.join("lie").join("summary.json")));
 }

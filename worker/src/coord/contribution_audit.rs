@@ -242,7 +242,7 @@ impl Coordinator {
                     }
                 }
             }
-            for (_, by) in &suspected {
+            for by in suspected.values() {
                 for &(_, reason) in by {
                     *self.audits.suspicions.entry((stage, reason)).or_default() += 1;
                 }

@@ -150,7 +150,7 @@ DASHBOARDS = {
     },
     "faults": {
         "title": "Pipewright / Faults",
-        "description": "Lost workers, reassigned shards, recoveries, heartbeats, audits and quarantines.",
+        "description": "Lost workers, reassigned shards, recoveries, heartbeats, audits, contribution audits and quarantines.",
         "rows": [
             [
                 ts("Shards reassigned by the coordinator",
@@ -192,6 +192,16 @@ DASHBOARDS = {
                    [q(f"sum by (namespace, run, stage) "
                       f"(increase(pipewright_chain_mismatches_total{{{F}}}[{RATE}]))",
                       "{{run}} s{{stage}}")]),
+            ],
+            [
+                ts("Contribution audits per second by stage and outcome (robust aggregation)",
+                   [q(f"sum by (namespace, run, stage, outcome) "
+                      f"(rate(pipewright_contribution_audits_total{{{F}}}[{RATE}]))",
+                      "{{run}} s{{stage}} {{outcome}}")], unit="ops"),
+                ts("Suspect contributions reported by stage and reason",
+                   [q(f"sum by (namespace, run, stage, reason) "
+                      f"(increase(pipewright_contribution_suspicions_total{{{F}}}[{RATE}]))",
+                      "{{run}} s{{stage}} {{reason}}")]),
             ],
         ],
     },

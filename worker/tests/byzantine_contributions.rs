@@ -206,6 +206,8 @@ struct Recomputed {
     validator: usize,
     audited: usize,
     step: u64,
+    /// The validator's rayon threads (0: the default pool).
+    threads: usize,
     /// The audited replica's own `contributions().sent()`.
     sent: [u8; 32],
     /// What the audited replica commits to in its step report.
@@ -224,15 +226,16 @@ struct Audited {
     checks: Vec<Recomputed>,
 }
 
-/// Every shard of `m`'s layout on a thread. With `audit`, after each step
-/// every worker recomputes the contribution of each other replica of its
-/// stage from that replica's evidence, with its own snapshot of the weights
-/// before the step, and checks that the recomputation left its own state
-/// (weights, moments, gradients, commitments, evidence, contributions)
-/// exactly as it was.
+/// Every shard of `m`'s layout on a thread. With `pools` (rayon thread
+/// counts; 0: the default pool), after each step every worker recomputes
+/// the contribution of each other replica of its stage from that
+/// replica's evidence, with its own snapshot of the weights before the
+/// step, once per pool, and checks that the recomputation left its own
+/// state (weights, moments, gradients, commitments, evidence,
+/// contributions) exactly as it was.
 fn audited_run(
     m: &TrainingRun,
-    audit: bool,
+    pools: &[usize],
     attack: Option<((usize, usize), Attack)>,
 ) -> Vec<Audited> {
     use std::collections::HashMap;
@@ -248,8 +251,9 @@ fn audited_run(
     let handles: Vec<_> = layout
         .into_iter()
         .map(|(shard, peers)| {
-            let (m, auth) = (m.clone(), auth.clone());
+            let (m, auth, pools) = (m.clone(), auth.clone(), pools.to_vec());
             let (shared, barrier) = (shared.clone(), barrier.clone());
+            let audit = !pools.is_empty();
             thread::spawn(move || {
                 let mut w = StageWorker::new(&m, shard, peers, auth, Duration::from_secs(20))
                     .expect("worker");
@@ -290,22 +294,40 @@ fn audited_run(
                             .cloned()
                             .expect("published");
                         let scope: Vec<u64> = theirs.keys().copied().collect();
-                        let recomputed = w
-                            .recompute_contribution(&mut before, step, audited, &scope, &theirs)
-                            .expect("recompute the contribution");
                         let rank = (0..m.spec.pipeline.replicas)
                             .find(|&k| w.replica_of_rank(k) == Some(audited))
                             .expect("rank");
-                        checks.push(Recomputed {
-                            stage: shard.stage,
-                            validator: shard.replica,
-                            audited,
-                            step,
-                            sent,
-                            committed,
-                            received: report.hashes[rank],
-                            recomputed,
-                        });
+                        for &threads in &pools {
+                            let mut again = || {
+                                w.recompute_contribution(
+                                    &mut before,
+                                    step,
+                                    audited,
+                                    &scope,
+                                    &theirs,
+                                )
+                            };
+                            let recomputed = match threads {
+                                0 => again(),
+                                n => rayon::ThreadPoolBuilder::new()
+                                    .num_threads(n)
+                                    .build()
+                                    .expect("pool")
+                                    .install(again),
+                            }
+                            .expect("recompute the contribution");
+                            checks.push(Recomputed {
+                                stage: shard.stage,
+                                validator: shard.replica,
+                                audited,
+                                step,
+                                threads,
+                                sent,
+                                committed,
+                                received: report.hashes[rank],
+                                recomputed,
+                            });
+                        }
                     }
                     // Nothing of the validator's own state moved.
                     assert!(w.state() == state, "weights, moments and step unchanged");
@@ -373,8 +395,8 @@ fn a_recomputed_contribution_is_the_one_an_honest_replica_sent_and_changes_nothi
         ("trimmedMean", ScheduleKind::ZbH1, Recompute::Full),
     ] {
         let m = audit_manifest(dir.path(), rule, schedule, recompute);
-        let audited = audited_run(&m, true, None);
-        let plain = audited_run(&m, false, None);
+        let audited = audited_run(&m, &[0], None);
+        let plain = audited_run(&m, &[], None);
         let checks: Vec<&Recomputed> = audited.iter().flat_map(|a| &a.checks).collect();
         // 3 steps × 2 stages × 3 validators × 2 audited replicas.
         assert_eq!(checks.len(), 36, "{rule} {schedule:?} {recompute:?}");
@@ -410,7 +432,7 @@ fn a_sign_flipped_or_scaled_contribution_does_not_recompute() {
         ("contribution-lie", (0, 1)),
     ] {
         let a: Attack = format!("{attack}@2").parse().expect("attack");
-        let out = audited_run(&m, true, Some((at, a)));
+        let out = audited_run(&m, &[0], Some((at, a)));
         let checks: Vec<&Recomputed> = out.iter().flat_map(|a| &a.checks).collect();
         assert_eq!(checks.len(), 36);
         for c in checks {
@@ -426,5 +448,29 @@ fn a_sign_flipped_or_scaled_contribution_does_not_recompute() {
                 assert_eq!(c.committed, c.sent, "{attack}: {c:?}");
             }
         }
+    }
+}
+
+/// A contribution recomputed on rayon pools of 1, 2 and 3 threads has the
+/// same bits as the one the replica computed in its step (on the default
+/// pool), on a model large enough that the matrix products, the weight
+/// gradients' included, split their work over threads.
+#[test]
+fn a_recomputed_contribution_is_bitwise_the_same_on_any_thread_count() {
+    use pipewright_spec::{Recompute, ScheduleKind};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut m = audit_manifest(dir.path(), "median", ScheduleKind::ZbH1, Recompute::Off);
+    m.spec.model.dim = 128;
+    m.spec.model.ffn_dim = 384;
+    m.spec.model.seq_len = 64;
+    m.spec.training.micro_batch_size = 8;
+    m.spec.training.micro_batches = 2;
+    m.spec.training.steps = 1;
+    let out = audited_run(&m, &[1, 2, 3], None);
+    let checks: Vec<&Recomputed> = out.iter().flat_map(|a| &a.checks).collect();
+    // 2 stages × 3 validators × 2 audited replicas × 3 pools.
+    assert_eq!(checks.len(), 36);
+    for c in checks {
+        assert_eq!(c.recomputed, c.sent, "{} threads: {c:?}", c.threads);
     }
 }

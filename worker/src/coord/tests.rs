@@ -1079,3 +1079,58 @@ fn the_commitment_root_covers_the_contribution_hash_and_keeps_the_old_root_witho
     let back: super::api::Commitment = serde_json::from_str(&json).expect("parse");
     assert_eq!(back, cm);
 }
+
+/// A coordinator's shared state for the quickstart manifest changed by
+/// `edit`.
+fn shared_for(
+    dir: &std::path::Path,
+    edit: impl FnOnce(&mut pipewright_spec::TrainingRunSpec),
+) -> super::server::Shared {
+    let mut manifest =
+        pipewright_spec::parse_manifest(include_str!("../../../examples/quickstart.yaml"))
+            .expect("quickstart manifest");
+    edit(&mut manifest.spec);
+    let model = crate::model::ModelConfig::from_spec(&manifest.spec.model, 256);
+    super::server::Shared::new(super::server::Config {
+        manifest,
+        token: "t".into(),
+        run_key: "0".repeat(64),
+        run_id: "1".repeat(32),
+        lease: Duration::from_secs(60),
+        state_dir: dir.to_path_buf(),
+        checkpoint: None,
+        model,
+        ledger: None,
+    })
+    .expect("coordinator")
+}
+
+#[test]
+fn contribution_audits_follow_the_manifests_aggregation_and_rate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Under mean: no robust rule, evidence of one micro-batch at a time.
+    let mean = shared_for(dir.path(), |s| s.pipeline.replicas = 3);
+    assert!(!super::server::lock(&mean.coord).robust_aggregation());
+    assert_eq!(mean.evidence_body_limit, mean.evidence_limit);
+    // Under a robust rule at the default rate: a replica's whole step.
+    let robust = shared_for(dir.path(), |s| {
+        s.pipeline.replicas = 3;
+        s.pipeline.aggregation = pipewright_spec::Aggregation::Median;
+    });
+    assert!(super::server::lock(&robust.coord).robust_aggregation());
+    assert_eq!(robust.evidence_body_limit, 2 * robust.evidence_limit);
+    // Contribution audits off: one micro-batch again.
+    let off = shared_for(dir.path(), |s| {
+        s.pipeline.replicas = 3;
+        s.pipeline.aggregation = pipewright_spec::Aggregation::Median;
+        s.validation.contribution_audit_rate = Some(0.0);
+    });
+    assert_eq!(off.evidence_body_limit, off.evidence_limit);
+    // Bounded whatever the manifest asks.
+    let mut spec = robust.config.manifest.spec.clone();
+    spec.training.micro_batches = usize::MAX;
+    assert_eq!(
+        super::server::evidence_body_limit(&spec, 1 << 30),
+        super::server::MAX_EVIDENCE_BODY
+    );
+}

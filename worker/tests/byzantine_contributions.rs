@@ -198,6 +198,10 @@ type Published = (
     [u8; 32],
 );
 
+/// Every worker's [`Published`], by (step, stage, replica).
+type Board =
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(u64, usize, usize), Published>>>;
+
 /// One recomputation of a replica's contribution by another replica of its
 /// stage.
 #[derive(Debug)]
@@ -238,15 +242,14 @@ fn audited_run(
     pools: &[usize],
     attack: Option<((usize, usize), Attack)>,
 ) -> Vec<Audited> {
-    use std::collections::HashMap;
-    use std::sync::{Arc, Barrier, Mutex};
+    use std::sync::{Arc, Barrier};
     let p = &m.spec.pipeline;
     let layout = loopback_layout(p.stages, p.replicas, false, false).expect("bind");
     let auth = Auth {
         run_id: RunId([7; 16]),
         key: RunKey([3; 32]),
     };
-    let shared: Arc<Mutex<HashMap<(u64, usize, usize), Published>>> = Arc::default();
+    let shared = Board::default();
     let barrier = Arc::new(Barrier::new(layout.len()));
     let handles: Vec<_> = layout
         .into_iter()

@@ -526,3 +526,46 @@ fn a_lying_contribution_auditor_is_overturned() {
     assert!(replaced(&d.join("lie")).is_empty());
     assert_same(&clean, &losses_in(&d.join("lie").join("summary.json")));
 }
+
+/// With contribution audits all but never drawn at random, a replica that
+/// sign-flips its contribution is still audited, and convicted, at its
+/// first attacked step: both other replicas report it as suspect with
+/// their step reports, and a suspected replica is audited.
+#[test]
+fn a_suspected_contribution_is_audited_and_convicted_without_a_random_draw() {
+    let _one_at_a_time = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let m = contribution_audited(d, "suspected", 1, "median", 5);
+    let yaml = std::fs::read_to_string(&m).expect("manifest").replace(
+        "contributionAuditRate: 1.0",
+        "contributionAuditRate: 0.000001",
+    );
+    std::fs::write(&m, yaml).expect("write manifest");
+    train_processes(&m, &d.join("clean"), &[]);
+    let clean = losses_in(&d.join("clean").join("summary.json"));
+    let v = verdicts(&d.join("clean"));
+    // Nobody is suspected, so (all but surely) nothing is audited.
+    assert_eq!((v.passed, v.failed), (0, 0), "{:?}", v.refusals);
+    let out = d.join("flip");
+    let stderr = drill(&m, &out, "0/2=sign-flip@3");
+    let v = verdicts(&out);
+    assert_eq!(
+        v.quarantined,
+        vec![(0, 2, 3, "failed_audit".to_string())],
+        "{stderr}"
+    );
+    let evidence = conviction_evidence(&out);
+    let by: Vec<u64> = evidence["suspected_by"]
+        .as_array()
+        .expect("suspected_by")
+        .iter()
+        .map(|s| {
+            assert_eq!(s["reason"], "cosine", "{evidence}");
+            s["replica"].as_u64().expect("replica")
+        })
+        .collect();
+    assert_eq!(by, vec![0, 1], "{evidence}");
+    assert_eq!(replaced(&out), vec![(0, 2)]);
+    assert_same(&clean, &losses_in(&out.join("summary.json")));
+}

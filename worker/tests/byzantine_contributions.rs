@@ -477,3 +477,74 @@ fn a_recomputed_contribution_is_bitwise_the_same_on_any_thread_count() {
         assert_eq!(c.recomputed, c.sent, "{} threads: {c:?}", c.threads);
     }
 }
+
+/// A recomputation that cannot be right is refused, naming why, and
+/// leaves the validator as it was: a micro-batch the audited replica does
+/// not run or one listed twice, evidence of other micro-batches, a replica
+/// outside the stage, a step this worker did not just complete, and any
+/// contribution under `mean`.
+#[test]
+fn impossible_contribution_recomputations_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut m = manifest(dir.path(), 1, "median", false);
+    m.spec.training.steps = 1;
+    let mut mean = m.clone();
+    mean.spec.pipeline.aggregation = pipewright_spec::Aggregation::Mean;
+    for m in [m, mean] {
+        let robust = m.spec.pipeline.aggregation != pipewright_spec::Aggregation::Mean;
+        let layout = loopback_layout(1, 3, false, false).expect("bind");
+        let auth = Auth {
+            run_id: RunId([8; 16]),
+            key: RunKey([3; 32]),
+        };
+        let handles: Vec<_> = layout
+            .into_iter()
+            .map(|(shard, peers)| {
+                let (m, auth) = (m.clone(), auth.clone());
+                thread::spawn(move || {
+                    let mut w = StageWorker::new(&m, shard, peers, auth, Duration::from_secs(20))
+                        .expect("worker");
+                    w.set_retain(true);
+                    let mut before = w.state();
+                    w.train_step().expect("step");
+                    let state = w.state();
+                    // Replica 1 runs micro-batches 2 and 3 of the step (2 each).
+                    let evidence = |mbs: &[u64]| {
+                        mbs.iter()
+                            .map(|&mb| (mb, Evidence::default()))
+                            .collect::<std::collections::BTreeMap<_, _>>()
+                    };
+                    let mut refusal = |replica, step, scope: &[u64], held: &[u64]| {
+                        w.recompute_contribution(&mut before, step, replica, scope, &evidence(held))
+                            .expect_err("refused")
+                            .to_string()
+                    };
+                    let cases = [
+                        (1, 0, vec![2, 4], vec![2, 4], "runs no micro-batch 4"),
+                        (1, 0, vec![2, 2], vec![2], "listed twice"),
+                        (1, 0, vec![2, 3], vec![2], "not the audited ones"),
+                        (1, 0, vec![2], vec![2, 3], "not the audited ones"),
+                        (3, 0, vec![2], vec![2], "outside the stage"),
+                        (1, 1, vec![2, 3], vec![2, 3], "cannot recompute step 2"),
+                    ];
+                    let mut said = Vec::new();
+                    for (replica, step, scope, held, why) in cases {
+                        let e = refusal(replica, step, &scope, &held);
+                        said.push((e, if robust { why } else { "mean" }));
+                    }
+                    let ok =
+                        w.recompute_contribution(&mut before, 0, 1, &[2, 3], &evidence(&[2, 3]));
+                    assert_eq!(ok.is_ok(), robust, "{ok:?}");
+                    assert!(w.state() == state, "nothing moved");
+                    let _ = w.finish();
+                    said
+                })
+            })
+            .collect();
+        for h in handles {
+            for (e, why) in h.join().expect("worker thread") {
+                assert!(e.contains(why), "{e} (expected {why:?})");
+            }
+        }
+    }
+}

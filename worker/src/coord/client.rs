@@ -335,6 +335,15 @@ impl Client {
             .map(|_| ())
     }
 
+    /// Shows the coordinator a pipeline frame `worker` refused in `epoch`
+    /// (`frame`: the frame encoded as it arrived, with its author's
+    /// signature); the coordinator's verdict as text.
+    pub fn complain(&self, worker: u64, epoch: u64, frame: &[u8]) -> Result<String, ClientError> {
+        let path = format!("/v1/complaint?worker={worker}&epoch={epoch}");
+        self.send("complaint", "POST", &path, Body::Bytes(frame))
+            .map(|b| String::from_utf8_lossy(&b.unwrap_or_default()).into_owned())
+    }
+
     /// Waits for the evidence of audit `audit`, for its validator `worker`.
     pub fn get_evidence(&self, audit: u64, worker: u64) -> Result<Vec<u8>, ClientError> {
         let path = format!("/v1/audit/{audit}/evidence?worker={worker}");

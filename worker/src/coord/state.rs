@@ -38,6 +38,9 @@ use crate::pipeline::Route;
 
 #[path = "audit.rs"]
 mod audit;
+#[path = "complaint.rs"]
+mod complaint;
+pub use complaint::ComplaintVerdict;
 
 /// Recoveries after which a run that keeps failing is given up.
 pub const MAX_EPOCHS: u64 = 1000;
@@ -1411,6 +1414,7 @@ impl Coordinator {
             route: self.route.clone(),
             lanes,
             traceparent: None,
+            keys: self.shard_keys(),
         }))
     }
 
@@ -1430,6 +1434,7 @@ impl Coordinator {
             route: None,
             lanes: Vec::new(),
             traceparent: None,
+            keys: Vec::new(),
         }
     }
 

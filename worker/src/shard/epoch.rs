@@ -160,6 +160,7 @@ impl Session {
             wk.unlink();
             return Ok(false);
         }
+        super::complaint::authorship(self, wk, w)?;
         Ok(true)
     }
 
@@ -215,14 +216,8 @@ impl Session {
 /// The link credentials of one epoch: links of different epochs cannot
 /// connect to each other.
 fn epoch_auth(run_id: &RunId, key: &RunKey, epoch: u64) -> Auth {
-    let mut h = blake3::Hasher::new();
-    h.update(b"pipewright epoch");
-    h.update(&run_id.0);
-    h.update(&epoch.to_le_bytes());
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&h.finalize().as_bytes()[..16]);
     Auth {
-        run_id: RunId(id),
+        run_id: crate::link::sign::epoch_run_id(run_id, epoch),
         key: key.clone(),
     }
 }

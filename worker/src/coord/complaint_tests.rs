@@ -1,0 +1,251 @@
+//! Complaints about refused frames through the state machine: a frame
+//! that fails the screen and carries its author's signature convicts the
+//! author; an honest frame, a forged or altered signature, a reinterpreted
+//! payload and malformed bodies convict nobody and are counted.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use super::super::{ComplaintVerdict, CoordError, Coordinator, Layout};
+use crate::coord::api::{IdentityProof, Register};
+use crate::identity::Identity;
+use crate::link::codec::TensorWire;
+use crate::link::frame::{encode, Frame, FrameHeader, SIGNATURE_LEN};
+use crate::link::sign::{epoch_run_id, sign_frame};
+use crate::link::{FrameKind, RunId, RunKey, Shape, WorkerId};
+
+const RUN: RunId = RunId([7; 16]);
+const KEY: RunKey = RunKey([9; 32]);
+
+fn layout() -> Layout {
+    Layout {
+        stages: 2,
+        replicas: 3,
+        steps: 10,
+        tied: false,
+        stage_layers: vec![0..1, 1..2],
+        checkpoint_every: 0,
+        tokens_per_step: 100,
+        measured: false,
+        micro_batches: 2,
+        routed: false,
+        cost: None,
+        rewards: Default::default(),
+        shard_bytes: Vec::new(),
+    }
+}
+
+/// A 2 × 3 run with every shard registered under its own identity: the
+/// coordinator, the worker ids by shard and the identities by shard.
+fn setup(
+    now: Instant,
+) -> (
+    Coordinator,
+    BTreeMap<(usize, usize), u64>,
+    BTreeMap<(usize, usize), Identity>,
+) {
+    let mut c = Coordinator::new("t", layout(), Duration::from_secs(2), None, None);
+    let (mut ids, mut keys) = (BTreeMap::new(), BTreeMap::new());
+    for s in 0..2 {
+        for r in 0..3 {
+            let key = Identity::from_secret([(10 + s * 3 + r) as u8; 32]);
+            let reg = Register {
+                stage: Some(s),
+                replica: Some(r),
+                pipe_addr: "w:1".into(),
+                ring_addr: "w:2".into(),
+                name: key.fingerprint(),
+                identity: Some(IdentityProof {
+                    public_key: key.public_hex(),
+                    ..IdentityProof::default()
+                }),
+                ..Register::default()
+            };
+            let (id, _) = c.register(reg, now).expect("register");
+            ids.insert((s, r), id);
+            keys.insert((s, r), key);
+        }
+    }
+    (c, ids, keys)
+}
+
+/// An activation frame of stage 0 `replica` at `step`, micro-batch 1,
+/// of `values` (4 × 8 f32), in `epoch`.
+fn activation(epoch: u64, replica: u32, step: u64, values: &[f32]) -> Frame {
+    let wire = TensorWire::F32;
+    Frame::new(
+        FrameHeader {
+            run_id: epoch_run_id(&RUN, epoch),
+            step,
+            micro_batch: 1,
+            stage: 0,
+            replica,
+            kind: FrameKind::Activation,
+            dtype: wire.dtype,
+            codec: wire.codec,
+            shape: Shape::matrix(4, 8),
+            sender: WorkerId([replica as u8; 16]),
+            input_hash: [3; 32],
+            signature: [0; SIGNATURE_LEN],
+        },
+        wire.encode(values, 4, 8).expect("encode"),
+    )
+}
+
+fn signed(mut f: Frame, by: &Identity) -> Vec<u8> {
+    sign_frame(&mut f, by);
+    encode(&f, &KEY)
+}
+
+fn refusal(r: Result<ComplaintVerdict, CoordError>) -> &'static str {
+    match r {
+        Err(CoordError::Refused(reason, _)) => reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn nan_values() -> Vec<f32> {
+    let mut v = vec![0.5f32; 32];
+    v[17] = f32::NAN;
+    v
+}
+
+#[test]
+fn a_signed_frame_every_receiver_refuses_convicts_its_author_once() {
+    let now = Instant::now();
+    let (mut c, ids, keys) = setup(now);
+    let e = c.epoch();
+    let nan = signed(activation(e, 1, 4, &nan_values()), &keys[&(0, 1)]);
+    let verdict = c.complaint(ids[&(1, 1)], e, &nan, &KEY, &RUN, now);
+    assert_eq!(
+        verdict.expect("convicted"),
+        ComplaintVerdict::Convicted {
+            shard: (0, 1),
+            worker: ids[&(0, 1)]
+        }
+    );
+    let convicted = c.convictions();
+    assert_eq!(convicted.len(), 1);
+    assert_eq!(convicted[0].identity, keys[&(0, 1)].public_hex());
+    assert_eq!((convicted[0].stage, convicted[0].replica), (0, 1));
+    assert_eq!(convicted[0].step, 5);
+    assert_eq!(convicted[0].reason, "refused_frame");
+    assert!(convicted[0].evidence.contains("non_finite"));
+    assert!(c.barred_worker(ids[&(0, 1)]).is_some(), "quarantined");
+    assert_eq!(c.refused().get("refused_frame"), Some(&1));
+    // Another receiver showing the same frame later changes nothing.
+    let again = c.complaint(ids[&(1, 2)], e, &nan, &KEY, &RUN, now);
+    assert_eq!(again.expect("known"), ComplaintVerdict::AlreadyConvicted);
+    assert_eq!(c.convictions().len(), 1);
+    assert_eq!(c.refused().get("complaint"), None);
+
+    // An absurd norm convicts as well.
+    let absurd = signed(activation(e, 2, 4, &[3e7; 32]), &keys[&(0, 2)]);
+    let verdict = c.complaint(ids[&(1, 2)], e, &absurd, &KEY, &RUN, now);
+    assert!(matches!(
+        verdict,
+        Ok(ComplaintVerdict::Convicted { shard: (0, 2), .. })
+    ));
+    assert!(c.convictions()[1].evidence.contains("absurd_norm"));
+}
+
+#[test]
+fn a_complaint_about_an_honest_frame_convicts_no_one_and_is_counted() {
+    let now = Instant::now();
+    let (mut c, ids, keys) = setup(now);
+    let e = c.epoch();
+    let values: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) * 0.25).collect();
+    let honest = signed(activation(e, 0, 2, &values), &keys[&(0, 0)]);
+    let r = c.complaint(ids[&(1, 0)], e, &honest, &KEY, &RUN, now);
+    assert_eq!(refusal(r), "unfounded_complaint");
+    // Zeros, the lazy worker's activations, pass the screen too: a
+    // complaint about them convicts no one either.
+    let zeros = signed(activation(e, 0, 2, &[0.0; 32]), &keys[&(0, 0)]);
+    let r = c.complaint(ids[&(1, 0)], e, &zeros, &KEY, &RUN, now);
+    assert_eq!(refusal(r), "unfounded_complaint");
+    assert!(c.convictions().is_empty());
+    assert!(c.barred_worker(ids[&(0, 0)]).is_none());
+    assert!(c.barred_worker(ids[&(1, 0)]).is_none());
+    assert_eq!(c.refused().get("unfounded_complaint"), Some(&2));
+}
+
+#[test]
+fn forged_altered_or_reinterpreted_frames_and_malformed_complaints_convict_no_one() {
+    let now = Instant::now();
+    let (mut c, ids, keys) = setup(now);
+    let e = c.epoch();
+    let complainer = ids[&(1, 1)];
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    // A NaN frame in stage 0 replica 1's name, signed by another identity
+    // (the complainer's own, or a stranger's).
+    let frame = activation(e, 1, 4, &nan_values());
+    cases.push((
+        "signed by the complainer",
+        signed(frame.clone(), &keys[&(1, 1)]),
+    ));
+    let stranger = Identity::from_secret([99; 32]);
+    cases.push(("signed by a stranger", signed(frame.clone(), &stranger)));
+    cases.push(("unsigned", encode(&frame, &KEY)));
+    // An honest frame, signed, whose payload the complainer replaced by
+    // NaN (the frame re-encoded with the new payload's hash).
+    let values = vec![0.25f32; 32];
+    let mut altered = activation(e, 1, 4, &values);
+    sign_frame(&mut altered, &keys[&(0, 1)]);
+    altered.payload = TensorWire::F32.encode(&nan_values(), 4, 8).expect("encode");
+    altered.verified_hash = None;
+    cases.push(("altered payload", encode(&altered, &KEY)));
+    // The author's bytes read under another shape.
+    let mut reshaped = activation(e, 1, 4, &values);
+    sign_frame(&mut reshaped, &keys[&(0, 1)]);
+    reshaped.header.shape = Shape::matrix(8, 4);
+    cases.push(("another shape", encode(&reshaped, &KEY)));
+    // A NaN frame signed by its author, but of another epoch, another
+    // run key, cut short, or not a frame at all.
+    let other_epoch = activation(e + 7, 1, 4, &nan_values());
+    cases.push(("another epoch", signed(other_epoch, &keys[&(0, 1)])));
+    let mut f = activation(e, 1, 4, &nan_values());
+    sign_frame(&mut f, &keys[&(0, 1)]);
+    cases.push(("another run key", encode(&f, &RunKey([1; 32]))));
+    let whole = encode(&f, &KEY);
+    cases.push(("truncated", whole[..whole.len() - 5].to_vec()));
+    cases.push(("empty", Vec::new()));
+    cases.push(("noise", (0..600).map(|i| (i * 7 % 256) as u8).collect()));
+    // A targets frame is not a screened tensor.
+    let mut targets = activation(e, 1, 4, &nan_values());
+    targets.header.kind = FrameKind::Targets;
+    cases.push(("targets", signed(targets, &keys[&(0, 1)])));
+    for (what, body) in &cases {
+        let r = c.complaint(complainer, e, body, &KEY, &RUN, now);
+        assert_eq!(refusal(r), "complaint", "{what}");
+    }
+    assert!(c.convictions().is_empty(), "nobody convicted");
+    assert_eq!(c.refused().get("complaint"), Some(&(cases.len() as u64)));
+    // The genuine frame still convicts its author.
+    let r = c.complaint(complainer, e, &whole, &KEY, &RUN, now);
+    assert!(matches!(
+        r,
+        Ok(ComplaintVerdict::Convicted { shard: (0, 1), .. })
+    ));
+    // A complaint from an unknown or a quarantined worker is not heard.
+    assert!(matches!(
+        c.complaint(9999, e, &whole, &KEY, &RUN, now),
+        Err(CoordError::UnknownWorker(9999))
+    ));
+    assert!(matches!(
+        c.complaint(ids[&(0, 1)], e, &whole, &KEY, &RUN, now),
+        Err(CoordError::Quarantined(_))
+    ));
+}
+
+#[test]
+fn the_wiring_hands_out_every_shard_holders_public_key() {
+    let now = Instant::now();
+    let (c, _, keys) = setup(now);
+    let mut got = c.shard_keys();
+    got.sort();
+    let want: Vec<(usize, usize, String)> = keys
+        .iter()
+        .map(|(&(s, r), k)| (s, r, k.public_hex()))
+        .collect();
+    assert_eq!(got, want);
+}

@@ -291,6 +291,10 @@ pub struct Wiring {
     /// signature of every pipeline frame against them (empty: no check).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keys: Vec<(usize, usize, String)>,
+    /// Rechecks of a broken step this worker carries out before it links
+    /// (`POST /v1/recheck`; `coord::complaint`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rechecks: Vec<super::complaint_api::RecheckOrder>,
 }
 
 /// `POST /v1/step`: a worker completed a step; the answer comes when every

@@ -67,6 +67,8 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/audit", only(post(audit)))
         .route("/v1/audit/{audit}/evidence", evidence)
         .route("/v1/complaint", complaints)
+        .route("/v1/broken", only(post(broken)))
+        .route("/v1/recheck", only(post(recheck)))
         .route("/v1/checkpoint/", checkpoint.clone())
         .route("/v1/checkpoint/{*stage}", checkpoint)
         .route("/v1/state/", state.clone())
@@ -760,6 +762,42 @@ async fn complaint(
             Ok(super::state::ComplaintVerdict::AlreadyConvicted) => {
                 Reply::Text(200, "the frame's author was convicted before".into())
             }
+            Err(e) => coord_error(e),
+        }
+    })
+    .await
+}
+
+/// `POST /v1/broken`: after a step broke off, a worker reports the signed
+/// headers of the frames it took and its suspects; the answer says how
+/// many rechecks it caused (`coord::complaint`).
+async fn broken(
+    State(shared): Coord,
+    JsonBody(b): JsonBody<super::complaint_api::BrokenStep>,
+) -> Reply {
+    changing(shared, move |s| {
+        let mut run = [0u8; 16];
+        if hex::decode_to_slice(&s.config.run_id, &mut run).is_err() {
+            return Reply::Text(500, "the coordinator's run id is not hex".into());
+        }
+        let result = lock(&s.coord).broken_step(&b, &crate::link::RunId(run), Instant::now());
+        match result {
+            Ok(n) => Reply::Text(200, format!("{n} recheck(s) ordered")),
+            Err(e) => coord_error(e),
+        }
+    })
+    .await
+}
+
+/// `POST /v1/recheck`: a validator's signed verdict on a recheck.
+async fn recheck(
+    State(shared): Coord,
+    JsonBody(r): JsonBody<super::complaint_api::RecheckReport>,
+) -> Reply {
+    changing(shared, move |s| {
+        let result = lock(&s.coord).recheck_report(&r, &s.config.run_id, Instant::now());
+        match result {
+            Ok(()) => ok(),
             Err(e) => coord_error(e),
         }
     })

@@ -303,6 +303,8 @@ pub struct Coordinator {
     digest_mismatches: BTreeMap<usize, u64>,
     /// Audits by recomputation, the chain check and the quarantine.
     audits: audit::Audits,
+    /// Rechecks of broken steps (`complaint`).
+    rechecks: complaint::Rechecks,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -381,6 +383,7 @@ impl Coordinator {
             memory_refused: Default::default(),
             digest_mismatches: BTreeMap::new(),
             audits: audit::Audits::new(p.audit_secret.as_deref()),
+            rechecks: Default::default(),
         }
     }
 
@@ -1415,6 +1418,7 @@ impl Coordinator {
             lanes,
             traceparent: None,
             keys: self.shard_keys(),
+            rechecks: self.recheck_orders(worker),
         }))
     }
 
@@ -1435,6 +1439,7 @@ impl Coordinator {
             lanes: Vec::new(),
             traceparent: None,
             keys: Vec::new(),
+            rechecks: Vec::new(),
         }
     }
 

@@ -89,6 +89,98 @@ pub fn verify_frame(frame: &Frame, key: &VerifyingKey) -> bool {
     )
 }
 
+/// A frame's header as its author signed it, without the payload: what a
+/// receiver keeps of each frame it took and reports after a broken step
+/// (`coord::complaint_api::BrokenStep`). Hashes and the signature in hex.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SignedHeader {
+    /// The epoch's run id (32 hex digits).
+    pub run_id: String,
+    /// The author's stage.
+    pub stage: u32,
+    /// The author's replica.
+    pub replica: u32,
+    /// The step, 0-based.
+    pub step: u64,
+    /// The micro-batch.
+    pub mb: u64,
+    /// The frame's kind, dtype and codec as their wire bytes.
+    pub kind: u8,
+    /// Element type on the wire.
+    pub dtype: u8,
+    /// Codec.
+    pub codec: u8,
+    /// The tensor's dimensions, outermost first (at most 4).
+    pub dims: Vec<u32>,
+    /// BLAKE3 of the payload.
+    pub payload_hash: String,
+    /// BLAKE3 of the input it was computed from.
+    pub input_hash: String,
+    /// The author's signature.
+    pub signature: String,
+}
+
+/// A [`SignedHeader`] read back: the header fields, the payload's hash.
+pub type ParsedHeader = (FrameHeader, Digest);
+
+impl SignedHeader {
+    /// The signed header of `frame`.
+    pub fn of(frame: &Frame) -> Self {
+        let h = &frame.header;
+        SignedHeader {
+            run_id: hex::encode(h.run_id.0),
+            stage: h.stage,
+            replica: h.replica,
+            step: h.step,
+            mb: h.micro_batch,
+            kind: h.kind as u8,
+            dtype: h.dtype as u8,
+            codec: h.codec as u8,
+            dims: h.shape.dims().to_vec(),
+            payload_hash: hex::encode(frame.content_hash()),
+            input_hash: hex::encode(h.input_hash),
+            signature: hex::encode(h.signature),
+        }
+    }
+
+    /// The header it describes and the payload's hash; refused, saying
+    /// which field, when a field is not what a frame can carry.
+    pub fn parse(&self) -> Result<ParsedHeader, String> {
+        fn hex_n<const N: usize>(what: &str, text: &str) -> Result<[u8; N], String> {
+            let mut out = [0u8; N];
+            hex::decode_to_slice(text, &mut out)
+                .map_err(|_| format!("{what} is not {} hex digits", 2 * N))?;
+            Ok(out)
+        }
+        let kind = super::FrameKind::from_byte(self.kind).ok_or("unknown frame kind")?;
+        let dtype = super::DType::from_byte(self.dtype).ok_or("unknown dtype")?;
+        let codec = super::Codec::from_byte(self.codec).ok_or("unknown codec")?;
+        let shape = super::Shape::new(&self.dims).ok_or("more than 4 dimensions")?;
+        let header = FrameHeader {
+            run_id: RunId(hex_n("run id", &self.run_id)?),
+            step: self.step,
+            micro_batch: self.mb,
+            stage: self.stage,
+            replica: self.replica,
+            kind,
+            dtype,
+            codec,
+            shape,
+            sender: super::WorkerId::default(),
+            input_hash: hex_n("input hash", &self.input_hash)?,
+            signature: hex_n("signature", &self.signature)?,
+        };
+        Ok((header, hex_n("payload hash", &self.payload_hash)?))
+    }
+
+    /// Whether its signature is `key`'s (false when it does not parse).
+    pub fn verify(&self, key: &VerifyingKey) -> bool {
+        self.parse().is_ok_and(|(h, hash)| {
+            identity::verify_bytes(key, FRAME_DOMAIN, &frame_message(&h, &hash), &h.signature)
+        })
+    }
+}
+
 /// Why a frame's signature was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {

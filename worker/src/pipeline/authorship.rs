@@ -14,10 +14,13 @@
 use std::sync::Arc;
 
 use super::{PipelineError, StageWorker};
+use crate::data::sample_train;
 use crate::identity::Identity;
 use crate::link::codec::TensorWire;
-use crate::link::sign::PeerKeys;
+use crate::link::frame::{content_hash, Digest};
+use crate::link::sign::{PeerKeys, SignedHeader};
 use crate::link::Frame;
+use crate::model::{StageInput, StageOutput};
 use crate::sync::screen_tensor;
 
 impl StageWorker {
@@ -84,5 +87,66 @@ impl StageWorker {
                 })
             }
         }
+    }
+
+    /// The signed headers of the tensor frames (activations, activation
+    /// gradients, targets) this worker took in step `step` (0-based) from
+    /// its current links, checked against the peers' keys (none without
+    /// keys).
+    pub fn received_headers(&self, step: u64) -> Vec<SignedHeader> {
+        self.prev
+            .iter()
+            .chain(self.next.iter())
+            .flatten()
+            .chain(self.tie.iter())
+            .flat_map(|inbox| inbox.taken(step).cloned())
+            .collect()
+    }
+
+    /// A recheck: the forward of micro-batch `mb` of step `step` (0-based)
+    /// as any replica of the first stage computes it with the weights this
+    /// worker holds, which must be those of before that step (its state
+    /// after a broken step was rolled back). Returns the hashes of the
+    /// sampled tokens and of the output as the run's codec encodes it: what
+    /// an honest author's signed activation frame carries as its
+    /// `input_hash` and payload hash. Nothing of this worker's state
+    /// changes (the micro-batch's cache is dropped).
+    pub fn recheck_forward(
+        &mut self,
+        step: u64,
+        mb: u64,
+    ) -> Result<(Digest, Digest), PipelineError> {
+        let refuse = |m: String| Err(PipelineError::Audit(format!("recheck: {m}")));
+        if self.step != step {
+            return refuse(format!(
+                "this worker holds the weights of before step {}, not {}",
+                self.step + 1,
+                step + 1
+            ));
+        }
+        let all = (self.replicas * self.micro_batches) as u64;
+        if mb >= all {
+            return refuse(format!("micro-batch {mb} is outside the step's {all}"));
+        }
+        if self.stage.in_flight() != 0 {
+            return refuse("the stage has micro-batches in flight".into());
+        }
+        let (Some(corpus), false) = (&self.corpus, self.is_last()) else {
+            return refuse("only a first stage that sends activations rechecks".into());
+        };
+        let (rows, seq) = (self.rows, self.model.seq_len);
+        let m = self.micro_batches as u64;
+        let b = sample_train(corpus, self.seed, step, mb % m, mb / m, rows, seq);
+        let input = content_hash(bytemuck::cast_slice(&b.tokens));
+        let width = self.stage.boundary_width_out();
+        let out = self
+            .stage
+            .forward(mb, StageInput::Tokens(&b.tokens), None, rows, self.scale);
+        self.stage.clear_in_flight();
+        let output = match out? {
+            StageOutput::Hidden(h) => content_hash(&self.codec.encode(&h, rows * seq, width)?),
+            StageOutput::Loss(_) => return refuse("the first stage computed a loss".into()),
+        };
+        Ok((input, output))
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::identity::Identity;
 use crate::link::codec::TensorWire;
 use crate::link::frame::{Digest, Frame, FrameHeader};
-use crate::link::sign::{sign_frame, PeerKeys};
+use crate::link::sign::{sign_frame, PeerKeys, SignedHeader};
 use crate::link::{Codec, DType, FrameKind, Link, LinkError, RejectReason, RunId, Shape, WorkerId};
 
 use super::PipelineError;
@@ -237,6 +237,10 @@ pub(crate) struct Inbox {
     /// The public keys every frame's author signature is checked against
     /// (none: frames are not checked).
     keys: Option<Arc<PeerKeys>>,
+    /// The signed headers of the tensor frames (activations, gradients,
+    /// targets) taken for the newest step seen, for a report after the
+    /// step broke off.
+    taken: Vec<SignedHeader>,
 }
 
 impl Inbox {
@@ -253,7 +257,27 @@ impl Inbox {
             max_early,
             abort,
             keys: None,
+            taken: Vec::new(),
         }
+    }
+
+    /// The signed headers of the tensor frames taken for `step`.
+    pub fn taken(&self, step: u64) -> impl Iterator<Item = &SignedHeader> {
+        self.taken.iter().filter(move |h| h.step == step)
+    }
+
+    /// Keeps `frame`'s signed header (a tensor frame), forgetting those of
+    /// older steps.
+    fn keep_header(&mut self, frame: &Frame) {
+        let h = &frame.header;
+        if !matches!(
+            h.kind,
+            FrameKind::Activation | FrameKind::Gradient | FrameKind::Targets
+        ) {
+            return;
+        }
+        self.taken.retain(|t| t.step >= h.step);
+        self.taken.push(SignedHeader::of(frame));
     }
 
     /// Checks the author signature of every frame taken from now on
@@ -274,13 +298,16 @@ impl Inbox {
 
     /// `frame` when its author signature verifies (or no keys are set);
     /// otherwise the refusal, counted on the link as `bad_signature`.
-    fn authored(&self, frame: Frame) -> Result<Frame, PipelineError> {
+    fn authored(&mut self, frame: Frame) -> Result<Frame, PipelineError> {
         let Some(keys) = &self.keys else {
             return Ok(frame);
         };
         let peer = self.peer_shard().unwrap_or((u32::MAX, u32::MAX));
         match keys.check(&frame, peer) {
-            Ok(()) => Ok(frame),
+            Ok(()) => {
+                self.keep_header(&frame);
+                Ok(frame)
+            }
             Err(e) => {
                 self.link
                     .stats()

@@ -146,6 +146,7 @@ impl Session {
         if !state::bring_to_plan(self, wk, snapshot, w)? {
             return Ok(false);
         }
+        super::complaint::carry_out_rechecks(self, wk, w);
         if wk.steps_done() >= self.manifest.spec.training.steps {
             return Ok(false);
         }

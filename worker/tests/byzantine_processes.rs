@@ -138,6 +138,60 @@ fn nan_senders_are_convicted_by_the_frame_they_signed_quarantined_and_replaced()
     }
 }
 
+/// A first stage that sends zeros as its activations (`lazy-zeros`)
+/// passes every check on what it sends, but makes its receiver's honest
+/// backward absurd (RMSNorm of a zero row), so its own contribution in its
+/// stage's gather comes back absurd and the step breaks off there, before
+/// its barrier: no audit is drawn (audits are off here anyway). Its peers
+/// name it as the suspect, its receiver reports the signed headers of its
+/// activations, and two other replicas of the first stage recheck them
+/// before the next epoch links: they convict it (`failed_recheck`); it is
+/// quarantined and replaced, and the run ends. Nobody honest is refused.
+#[test]
+fn a_first_stage_that_sends_zeros_is_convicted_by_the_recheck_of_a_broken_step() {
+    let _one_at_a_time = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let m = manifest_of(d, "zeros", 2, 3, "median", 10);
+    let yaml = std::fs::read_to_string(&m).expect("manifest") + "  validation: {auditRate: 0}\n";
+    std::fs::write(&m, yaml).expect("write manifest");
+    let out = d.join("zeros");
+    let stderr = drill(&m, &out, "0/1=lazy-zeros@3");
+    let v = verdicts(&out);
+    assert_eq!(v.quarantined.len(), 1, "{:?}: {stderr}", v.quarantined);
+    let (stage, replica, step, reason) = v.quarantined[0].clone();
+    assert_eq!(
+        (stage, replica, reason.as_str()),
+        (0, 1, "failed_recheck"),
+        "{stderr}"
+    );
+    assert!(
+        (3..=6).contains(&step),
+        "convicted at step {step}: {stderr}"
+    );
+    assert!(stderr.contains("absurd_norm"), "{stderr}");
+    assert_eq!(replaced(&out), vec![(0, 1)]);
+    for honest in [
+        "complaint",
+        "unfounded_complaint",
+        "signature",
+        "audit_report",
+    ] {
+        assert_eq!(refused(&v, honest), 0, "{honest}: {:?}", v.refusals);
+    }
+    let message = std::fs::read_to_string(out.with_extension("termination.log"))
+        .expect("the quarantined worker's termination message");
+    assert!(
+        message.starts_with("quarantined:") && message.contains("failed_recheck"),
+        "{message}"
+    );
+    assert_eq!(
+        losses_in(&out.join("summary.json")).len(),
+        10,
+        "the run ends"
+    );
+}
+
 #[test]
 fn a_stale_replica_is_outvoted_by_its_replicas_digests_and_the_run_replays_exactly() {
     let _one_at_a_time = serial();

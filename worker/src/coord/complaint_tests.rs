@@ -249,3 +249,246 @@ fn the_wiring_hands_out_every_shard_holders_public_key() {
         .collect();
     assert_eq!(got, want);
 }
+
+mod rechecks {
+    use super::*;
+    use crate::coord::complaint_api::{recheck_message, BrokenStep, RecheckReport};
+    use crate::identity::RECHECK_DOMAIN;
+    use crate::link::sign::SignedHeader;
+
+    const RUN_HEX: &str = "0707070707070707";
+
+    /// The signed header of stage 0 `replica`'s activation of micro-batch
+    /// `mb` at `step`, computed from the tokens whose hash is `input` and
+    /// hashing to `output`'s bytes.
+    fn header(
+        e: u64,
+        replica: u32,
+        step: u64,
+        mb: u64,
+        by: &Identity,
+        bytes: &[f32],
+    ) -> SignedHeader {
+        let mut f = activation(e, replica, step, bytes);
+        f.header.micro_batch = mb;
+        f.header.input_hash = tokens(mb);
+        sign_frame(&mut f, by);
+        SignedHeader::of(&f)
+    }
+
+    fn tokens(mb: u64) -> [u8; 32] {
+        *blake3::hash(format!("tokens {mb}").as_bytes()).as_bytes()
+    }
+
+    fn honest(mb: u64) -> Vec<f32> {
+        (0..32).map(|i| (i as f32 + mb as f32) * 0.1).collect()
+    }
+
+    fn output_hash(values: &[f32]) -> String {
+        hex::encode(blake3::hash(&TensorWire::F32.encode(values, 4, 8).expect("encode")).as_bytes())
+    }
+
+    /// Stage 0 replica 1 signs `sent(mb)` for micro-batches 0 and 1 of step
+    /// 3; its receiver reports the headers and a stage-0 peer suspects it.
+    /// Returns how many rechecks were ordered.
+    fn broken_step(
+        c: &mut Coordinator,
+        ids: &BTreeMap<(usize, usize), u64>,
+        keys: &BTreeMap<(usize, usize), Identity>,
+        sent: fn(u64) -> Vec<f32>,
+        now: Instant,
+    ) -> usize {
+        let e = c.epoch();
+        let frames = (0..2)
+            .map(|mb| header(e, 1, 3, mb, &keys[&(0, 1)], &sent(mb)))
+            .collect();
+        let receiver = BrokenStep {
+            worker: ids[&(1, 1)],
+            epoch: e,
+            step: 3,
+            suspects: Vec::new(),
+            frames,
+        };
+        assert_eq!(c.broken_step(&receiver, &RUN, now).expect("kept"), 0);
+        let peer = BrokenStep {
+            worker: ids[&(0, 0)],
+            epoch: e,
+            step: 3,
+            suspects: vec![(0, 1)],
+            frames: Vec::new(),
+        };
+        c.broken_step(&peer, &RUN, now).expect("ordered")
+    }
+
+    /// Each validator (stage 0 replicas 0 and 2) carries out its orders,
+    /// reporting what `computes(validator, mb)` gives.
+    fn validate(
+        c: &mut Coordinator,
+        ids: &BTreeMap<(usize, usize), u64>,
+        keys: &BTreeMap<(usize, usize), Identity>,
+        computes: &dyn Fn(usize, u64) -> Vec<f32>,
+        now: Instant,
+    ) {
+        for v in [0, 2] {
+            let worker = ids[&(0, v)];
+            let orders = c.recheck_orders(worker);
+            assert_eq!(orders.len(), 2, "validator {v}: {orders:?}");
+            for o in orders {
+                let (input, output) = (hex::encode(tokens(o.mb)), output_hash(&computes(v, o.mb)));
+                let message = recheck_message(RUN_HEX, &o, &input, &output);
+                let r = RecheckReport {
+                    worker,
+                    recheck: o.recheck,
+                    signature: keys[&(0, v)].sign(RECHECK_DOMAIN, &message),
+                    input,
+                    output,
+                };
+                c.recheck_report(&r, RUN_HEX, now).expect("accepted");
+            }
+            assert!(c.recheck_orders(worker).is_empty());
+        }
+    }
+
+    #[test]
+    fn a_first_stage_that_signed_zeros_is_convicted_by_two_validators() {
+        let now = Instant::now();
+        let (mut c, ids, keys) = setup(now);
+        let epoch = c.epoch();
+        assert_eq!(broken_step(&mut c, &ids, &keys, |_| vec![0.0; 32], now), 2);
+        assert!(c.epoch() > epoch, "a new epoch carries the orders");
+        assert!(
+            c.recheck_orders(ids[&(0, 1)]).is_empty(),
+            "not its own validator"
+        );
+        validate(&mut c, &ids, &keys, &|_, mb| honest(mb), now);
+        let convicted = c.convictions();
+        assert_eq!(convicted.len(), 1, "{convicted:?}");
+        assert_eq!((convicted[0].stage, convicted[0].replica), (0, 1));
+        assert_eq!(convicted[0].reason, "failed_recheck");
+        assert_eq!(convicted[0].step, 4);
+        assert!(c.barred_worker(ids[&(0, 1)]).is_some());
+        assert_eq!(c.recheck_outcomes().get("failed"), Some(&2));
+        assert_eq!(c.open_rechecks(), 0);
+        for v in [(0, 0), (0, 2), (1, 1)] {
+            assert!(c.barred_worker(ids[&v]).is_none(), "{v:?} is honest");
+        }
+    }
+
+    #[test]
+    fn a_recheck_of_an_honest_worker_convicts_no_one() {
+        let now = Instant::now();
+        let (mut c, ids, keys) = setup(now);
+        assert_eq!(broken_step(&mut c, &ids, &keys, honest, now), 2);
+        validate(&mut c, &ids, &keys, &|_, mb| honest(mb), now);
+        assert!(c.convictions().is_empty());
+        assert_eq!(c.recheck_outcomes().get("passed"), Some(&2));
+        // The same step reported again orders nothing more.
+        assert_eq!(broken_step(&mut c, &ids, &keys, honest, now), 0);
+    }
+
+    #[test]
+    fn validators_that_disagree_convict_no_one() {
+        let now = Instant::now();
+        let (mut c, ids, keys) = setup(now);
+        assert_eq!(broken_step(&mut c, &ids, &keys, |_| vec![0.0; 32], now), 2);
+        // Validator 2 lies: neither the signed value nor validator 0's.
+        validate(
+            &mut c,
+            &ids,
+            &keys,
+            &|v, mb| if v == 2 { vec![9.0; 32] } else { honest(mb) },
+            now,
+        );
+        assert!(c.convictions().is_empty());
+        assert_eq!(c.recheck_outcomes().get("unconfirmed"), Some(&2));
+    }
+
+    #[test]
+    fn forged_headers_and_bad_verdicts_are_refused_and_counted() {
+        let now = Instant::now();
+        let (mut c, ids, keys) = setup(now);
+        let e = c.epoch();
+        let report = |frames: Vec<SignedHeader>| BrokenStep {
+            worker: ids[&(1, 1)],
+            epoch: e,
+            step: 3,
+            suspects: vec![(0, 1)],
+            frames,
+        };
+        let zeros = [0.0f32; 32];
+        // Signed by another identity than the shard's, of another step,
+        // of another epoch, or not a header at all.
+        let forged = header(e, 1, 3, 0, &keys[&(1, 1)], &zeros);
+        let other_step = header(e, 1, 2, 0, &keys[&(0, 1)], &zeros);
+        let other_epoch = header(e + 3, 1, 3, 0, &keys[&(0, 1)], &zeros);
+        let mut garbled = header(e, 1, 3, 0, &keys[&(0, 1)], &zeros);
+        garbled.signature = "zz".into();
+        for (what, f) in [
+            ("forged", forged),
+            ("other step", other_step),
+            ("other epoch", other_epoch),
+            ("garbled", garbled),
+        ] {
+            let r = c.broken_step(&report(vec![f]), &RUN, now);
+            assert_eq!(refusal_of(r), "complaint", "{what}");
+        }
+        assert_eq!(c.open_rechecks(), 0, "nothing kept");
+        assert_eq!(c.refused().get("complaint"), Some(&4));
+        // A genuine one orders a recheck; verdicts from a non-validator,
+        // with a bad signature or malformed hashes are refused.
+        let genuine = header(e, 1, 3, 0, &keys[&(0, 1)], &zeros);
+        assert_eq!(
+            c.broken_step(&report(vec![genuine]), &RUN, now)
+                .expect("ok"),
+            1
+        );
+        let o = c.recheck_orders(ids[&(0, 0)]).pop().expect("an order");
+        let (input, output) = (hex::encode(tokens(0)), output_hash(&honest(0)));
+        let message = recheck_message(RUN_HEX, &o, &input, &output);
+        let good = RecheckReport {
+            worker: ids[&(0, 0)],
+            recheck: o.recheck,
+            signature: keys[&(0, 0)].sign(RECHECK_DOMAIN, &message),
+            input: input.clone(),
+            output: output.clone(),
+        };
+        let stranger = RecheckReport {
+            worker: ids[&(1, 0)],
+            signature: keys[&(1, 0)].sign(RECHECK_DOMAIN, &message),
+            ..good.clone()
+        };
+        assert_eq!(
+            refusal_of_unit(c.recheck_report(&stranger, RUN_HEX, now)),
+            "audit_report"
+        );
+        let mut unsigned = good.clone();
+        unsigned.signature = keys[&(0, 2)].sign(RECHECK_DOMAIN, &message);
+        assert_eq!(
+            refusal_of_unit(c.recheck_report(&unsigned, RUN_HEX, now)),
+            "signature"
+        );
+        let mut malformed = good.clone();
+        malformed.output = "xyz".into();
+        assert_eq!(
+            refusal_of_unit(c.recheck_report(&malformed, RUN_HEX, now)),
+            "audit_report"
+        );
+        c.recheck_report(&good, RUN_HEX, now)
+            .expect("the genuine verdict");
+        assert!(c.convictions().is_empty());
+    }
+
+    fn refusal_of(r: Result<usize, CoordError>) -> &'static str {
+        match r {
+            Err(CoordError::Refused(reason, _)) => reason,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    fn refusal_of_unit(r: Result<(), CoordError>) -> &'static str {
+        match r {
+            Err(CoordError::Refused(reason, _)) => reason,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+}

@@ -77,8 +77,9 @@ const AUDIT_SECONDS_BUCKETS: [f64; 11] = [
 /// micro-batch whose sender's output and receiver's input hashes differ;
 /// a signed pipeline frame that fails the receiver's screen (its author
 /// convicted), a complaint that is malformed or whose frame's signature
-/// does not verify, and one whose frame passes the screen.
-const REFUSAL_REASONS: [&str; 16] = [
+/// does not verify, one whose frame passes the screen, and a broken step's
+/// signed activation that two validators' recheck does not reproduce.
+const REFUSAL_REASONS: [&str; 17] = [
     "signature",
     "identity",
     "unsigned",
@@ -95,6 +96,7 @@ const REFUSAL_REASONS: [&str; 16] = [
     "refused_frame",
     "complaint",
     "unfounded_complaint",
+    "failed_recheck",
 ];
 
 /// What a scrape adds to the status: the ledger's figures and the

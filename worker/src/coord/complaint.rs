@@ -85,13 +85,17 @@ struct Recheck {
     reporter: u64,
 }
 
+/// One author's signed activation headers of a broken step, by
+/// micro-batch, with the worker that reported each.
+type Kept = BTreeMap<u64, (SignedHeader, u64)>;
+
 /// The rechecks' state: what broken steps' reports said and the rechecks
 /// ordered.
 #[derive(Debug, Default)]
 pub(super) struct Rechecks {
     /// By step (0-based): each first-stage author's signed activation
     /// headers, verified, with their reporter.
-    frames: BTreeMap<u64, BTreeMap<usize, BTreeMap<u64, (SignedHeader, u64)>>>,
+    frames: BTreeMap<u64, BTreeMap<usize, Kept>>,
     /// By step: the first-stage replicas suspected.
     suspects: BTreeMap<u64, BTreeSet<usize>>,
     /// Open rechecks by id.

@@ -37,13 +37,10 @@ fn layout() -> Layout {
 
 /// A 2 × 3 run with every shard registered under its own identity: the
 /// coordinator, the worker ids by shard and the identities by shard.
-fn setup(
-    now: Instant,
-) -> (
-    Coordinator,
-    BTreeMap<(usize, usize), u64>,
-    BTreeMap<(usize, usize), Identity>,
-) {
+/// Worker ids and identities by shard.
+type ByShard<T> = BTreeMap<(usize, usize), T>;
+
+fn setup(now: Instant) -> (Coordinator, ByShard<u64>, ByShard<Identity>) {
     let mut c = Coordinator::new("t", layout(), Duration::from_secs(2), None, None);
     let (mut ids, mut keys) = (BTreeMap::new(), BTreeMap::new());
     for s in 0..2 {

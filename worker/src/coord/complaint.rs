@@ -225,6 +225,15 @@ impl Coordinator {
         };
         let (author_worker, identity) = (slot.worker, slot.identity.clone());
         let signed = public_key_from_hex(&identity).is_some_and(|k| verify_frame(&frame, &k));
+        if !signed && epoch < self.epoch {
+            // A shard changes hands only with a new epoch: the author of a
+            // frame of an earlier one may have been replaced since.
+            return Err(CoordError::Invalid(format!(
+                "complaint: the {what} of epoch {epoch} is not signed by the shard's holder of \
+                 epoch {}; its author may have left",
+                self.epoch
+            )));
+        }
         if !signed {
             let detail = format!(
                 "the {what} is not signed by the identity {} holding that shard",
@@ -369,9 +378,11 @@ impl Coordinator {
                 .and_then(public_key_from_hex)
                 .is_some_and(|k| f.verify(&k));
             if !signed {
-                // The author may have been replaced since; its frames are
-                // then no longer anyone's to recheck.
-                if holder.is_none() {
+                // A shard changes hands only with a new epoch: in a report
+                // of an earlier one, or for a shard nobody holds now, the
+                // author may have been replaced since, and its frames are
+                // no longer anyone's to recheck.
+                if holder.is_none() || b.epoch < self.epoch {
                     continue;
                 }
                 let detail = format!(

@@ -439,6 +439,16 @@ mod rechecks {
                 .expect("ok"),
             1
         );
+        // The recheck started a new epoch: a late report of the old one
+        // whose header its shard's holder did not sign (the author may
+        // have been replaced since) is dropped, not held against anyone.
+        assert!(c.epoch() > e);
+        let late = header(e, 1, 3, 1, &keys[&(1, 1)], &zeros);
+        assert_eq!(
+            c.broken_step(&report(vec![late]), &RUN, now).expect("ok"),
+            0
+        );
+        assert_eq!(c.refused().get("complaint"), Some(&4));
         let o = c.recheck_orders(ids[&(0, 0)]).pop().expect("an order");
         let (input, output) = (hex::encode(tokens(0)), output_hash(&honest(0)));
         let message = recheck_message(RUN_HEX, &o, &input, &output);

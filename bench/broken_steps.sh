@@ -90,14 +90,15 @@ lines = ["# Attacks that break a step off: complaints and rechecks", "",
          "to the convicting one, 1 = the first attacked step. Honest convicted: another shard "
          "quarantined. Honest refused: a refusal recorded against a shard that is not the "
          "attacker's. Runs not ended: exited with an error or stopped after 120 s.", "",
-         "| attack | audits | runs | detected | median steps | worst steps | how (runs) | "
-         "honest convicted | honest refused | runs not ended | median seconds |",
-         "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+         "| attack | audits | runs | detected | on stage 0 | on stage 1 | median steps | worst steps | "
+         "how (runs) | honest convicted | honest refused | runs not ended | median seconds |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
 groups = {}
 for r in rows:
     groups.setdefault((r["attack"], r["rate"]), []).append(r)
 for (attack, rate), rs in groups.items():
     det, steps, how, honest_q, honest_r, not_ended = 0, [], {}, 0, 0, 0
+    by_stage = {0: [0, 0], 1: [0, 0]}
     for r in rs:
         mine = [q for q in r["quarantined"] if [q["stage"], q["replica"]] == r["shard"]]
         others = [q for q in r["quarantined"] if [q["stage"], q["replica"]] != r["shard"]]
@@ -106,7 +107,9 @@ for (attack, rate), rs in groups.items():
                         if f["shard"] is not None and list(f["shard"]) != r["shard"])
         if r["rc"] != 0:
             not_ended += 1
+        by_stage[r["shard"][0]][1] += 1
         if mine:
+            by_stage[r["shard"][0]][0] += 1
             det += 1
             first = min(mine, key=lambda q: q["step"])
             steps.append(first["step"] - r["start"] + 1)
@@ -117,7 +120,9 @@ for (attack, rate), rs in groups.items():
     hows = "; ".join(f"{k} ({v})" for k, v in sorted(how.items())) or "–"
     secs = statistics.median(r["seconds"] for r in rs)
     audits = "off" if rate == "0" else "0.25"
-    lines.append(f"| {attack} | {audits} | {n} | {det}/{n} ({100 * det // n}%) | {med} | {worst} | "
+    st = [f"{by_stage[g][0]}/{by_stage[g][1]}" for g in (0, 1)]
+    lines.append(f"| {attack} | {audits} | {n} | {det}/{n} ({100 * det // n}%) | {st[0]} | {st[1]} | "
+                 f"{med} | {worst} | "
                  f"{hows} | {honest_q} | {honest_r} | {not_ended} | {secs:.1f} |")
 lines += ["", f"{machine}", f"Commit {commit}; {int(total) // 60} min {int(total) % 60} s in all.", ""]
 open(out, "w").write("\n".join(lines))

@@ -163,6 +163,7 @@ fn over_link(payload: usize, frames: usize, rate: Option<u64>) -> Duration {
         shape: Shape::matrix(1, (payload / 4) as u32),
         sender: WorkerId([1; 16]),
         input_hash: [0; 32],
+        signature: [0; pipewright::link::frame::SIGNATURE_LEN],
     };
     let start = Instant::now();
     for i in 0..frames {

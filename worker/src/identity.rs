@@ -23,6 +23,10 @@ pub const REGISTER_DOMAIN: &str = "pipewright register v1";
 pub const STEP_DOMAIN: &str = "pipewright step v1";
 /// Domain of a validator's verdict on an audit.
 pub const AUDIT_DOMAIN: &str = "pipewright audit v1";
+/// Domain of a pipeline frame's author signature (`link::sign`).
+pub const FRAME_DOMAIN: &str = "pipewright frame v1";
+/// Domain of a validator's verdict on a recheck of a broken step.
+pub const RECHECK_DOMAIN: &str = "pipewright recheck v1";
 
 /// Why an identity could not be loaded or created.
 #[derive(Debug, thiserror::Error)]
@@ -185,8 +189,33 @@ impl Identity {
 
     /// Signs `message` in `domain`; the signature in hex.
     pub fn sign(&self, domain: &str, message: &[u8]) -> String {
-        hex::encode(self.key.sign(&framed(domain, message)).to_bytes())
+        hex::encode(self.sign_bytes(domain, message))
     }
+
+    /// Signs `message` in `domain`; the signature's 64 bytes.
+    pub fn sign_bytes(&self, domain: &str, message: &[u8]) -> [u8; 64] {
+        self.key.sign(&framed(domain, message)).to_bytes()
+    }
+}
+
+/// A public key given in hex, when it is 64 hex digits naming a valid
+/// Ed25519 point.
+pub fn public_key_from_hex(public_key: &str) -> Option<VerifyingKey> {
+    let mut k = [0u8; 32];
+    hex::decode_to_slice(public_key, &mut k).ok()?;
+    VerifyingKey::from_bytes(&k).ok()
+}
+
+/// Whether `signature` is `key`'s over `message` in `domain` (strict
+/// verification, as [`verify`]).
+pub fn verify_bytes(
+    key: &VerifyingKey,
+    domain: &str,
+    message: &[u8],
+    signature: &[u8; 64],
+) -> bool {
+    key.verify_strict(&framed(domain, message), &Signature::from_bytes(signature))
+        .is_ok()
 }
 
 fn parse(text: &str) -> Option<Identity> {

@@ -1,7 +1,7 @@
 //! Attack drills on real processes (`pipewright train --processes
 //! --byzantine`): a stage of 3 replicas with one dishonest replica, under
-//! the plain mean and under the robust aggregations; a worker that
-//! sends NaN activations, whose frames are refused and counted; a
+//! the plain mean and under the robust aggregations; workers that send
+//! NaN, convicted by the signed frames their receivers refused; a
 //! replica that skips its update, outvoted by its replicas' parameter
 //! digests at the coordinator, quarantined and replaced; workers that send
 //! what they did not compute, convicted by audits, quarantined and
@@ -101,32 +101,96 @@ fn one_dishonest_replica_of_three_damages_the_mean_but_not_the_robust_rules() {
     );
 }
 
+/// A worker that sends NaN (activations forward, activation gradients
+/// back) signs what it sends: its receiver refuses the frame and shows it
+/// to the coordinator, which convicts the signer (`refused_frame`) at the
+/// first attacked step; its identity is quarantined, the launcher replaces
+/// it under a new identity, and the step is trained again: the run's
+/// losses are a clean run's.
 #[test]
-fn nan_activations_are_refused_and_the_run_ends_as_a_clean_one() {
+fn nan_senders_are_convicted_by_the_frame_they_signed_quarantined_and_replaced() {
     let _one_at_a_time = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let m = manifest(d, "nan", 2, 1, "mean");
+    let m = manifest_of(d, "nan", 2, 3, "median", 6);
     train_processes(&m, &d.join("clean"), &[]);
-    let out = pipewright()
-        .args(["train", "--processes", "--quiet", "--out"])
-        .arg(d.join("drill"))
-        .args(["--byzantine", "0/0=nan@3"])
-        .arg(&m)
-        .output()
-        .expect("run pipewright");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    // Stage 1 refuses every poisoned activation (one per attacked step:
-    // a step trained again after its epoch broke off is honest) and the
-    // run replays those steps: it ends exactly where the clean one does.
-    assert!(
-        stderr.contains("refused the Activation") && stderr.contains("non_finite"),
+    let clean = losses_in(&d.join("clean").join("summary.json"));
+    for shard in [(0, 1), (1, 2)] {
+        let out = d.join(format!("nan-{}-{}", shard.0, shard.1));
+        let stderr = drill(&m, &out, &format!("{}/{}=nan@3", shard.0, shard.1));
+        assert!(stderr.contains("non_finite"), "{stderr}");
+        let v = verdicts(&out);
+        assert_eq!(
+            v.quarantined,
+            vec![(shard.0, shard.1, 3, "refused_frame".to_string())],
+            "{stderr}"
+        );
+        assert_eq!(refused(&v, "refused_frame"), 1, "{:?}", v.refusals);
+        for honest in ["complaint", "unfounded_complaint", "signature"] {
+            assert_eq!(refused(&v, honest), 0, "{honest}: {:?}", v.refusals);
+        }
+        assert_eq!(replaced(&out), vec![shard]);
+        let message = std::fs::read_to_string(out.with_extension("termination.log"))
+            .expect("the quarantined worker's termination message");
+        assert!(
+            message.starts_with("quarantined:") && message.contains("refused_frame"),
+            "{message}"
+        );
+        assert_same(&clean, &losses_in(&out.join("summary.json")));
+    }
+}
+
+/// A first stage that sends zeros as its activations (`lazy-zeros`)
+/// passes every check on what it sends, but makes its receiver's honest
+/// backward absurd (RMSNorm of a zero row), so its own contribution in its
+/// stage's gather comes back absurd and the step breaks off there, before
+/// its barrier: no audit is drawn (audits are off here anyway). Its peers
+/// name it as the suspect, its receiver reports the signed headers of its
+/// activations, and two other replicas of the first stage recheck them
+/// before the next epoch links: they convict it (`failed_recheck`); it is
+/// quarantined and replaced, and the run ends. Nobody honest is refused.
+#[test]
+fn a_first_stage_that_sends_zeros_is_convicted_by_the_recheck_of_a_broken_step() {
+    let _one_at_a_time = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let m = manifest_of(d, "zeros", 2, 3, "median", 10);
+    let yaml = std::fs::read_to_string(&m).expect("manifest") + "  validation: {auditRate: 0}\n";
+    std::fs::write(&m, yaml).expect("write manifest");
+    let out = d.join("zeros");
+    let stderr = drill(&m, &out, "0/1=lazy-zeros@3");
+    let v = verdicts(&out);
+    assert_eq!(v.quarantined.len(), 1, "{:?}: {stderr}", v.quarantined);
+    let (stage, replica, step, reason) = v.quarantined[0].clone();
+    assert_eq!(
+        (stage, replica, reason.as_str()),
+        (0, 1, "failed_recheck"),
         "{stderr}"
     );
-    assert_same(
-        &losses_in(&d.join("clean").join("summary.json")),
-        &losses_in(&d.join("drill").join("summary.json")),
+    assert!(
+        (3..=6).contains(&step),
+        "convicted at step {step}: {stderr}"
+    );
+    assert!(stderr.contains("absurd_norm"), "{stderr}");
+    assert_eq!(replaced(&out), vec![(0, 1)]);
+    for honest in [
+        "complaint",
+        "unfounded_complaint",
+        "signature",
+        "audit_report",
+    ] {
+        assert_eq!(refused(&v, honest), 0, "{honest}: {:?}", v.refusals);
+    }
+    let message = std::fs::read_to_string(out.with_extension("termination.log"))
+        .expect("the quarantined worker's termination message");
+    assert!(
+        message.starts_with("quarantined:") && message.contains("failed_recheck"),
+        "{message}"
+    );
+    assert_eq!(
+        losses_in(&out.join("summary.json")).len(),
+        10,
+        "the run ends"
     );
 }
 

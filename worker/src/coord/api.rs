@@ -286,6 +286,15 @@ pub struct Wiring {
     /// that step on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// The registered public key (hex) of every worker that holds a shard
+    /// in this epoch, `(stage, replica, key)`: a worker checks the author
+    /// signature of every pipeline frame against them (empty: no check).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<(usize, usize, String)>,
+    /// Rechecks of a broken step this worker carries out before it links
+    /// (`POST /v1/recheck`; `coord::complaint`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rechecks: Vec<super::complaint_api::RecheckOrder>,
 }
 
 /// `POST /v1/step`: a worker completed a step; the answer comes when every

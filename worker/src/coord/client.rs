@@ -335,6 +335,36 @@ impl Client {
             .map(|_| ())
     }
 
+    /// Shows the coordinator a pipeline frame `worker` refused in `epoch`
+    /// (`frame`: the frame encoded as it arrived, with its author's
+    /// signature); the coordinator's verdict as text.
+    pub fn complain(&self, worker: u64, epoch: u64, frame: &[u8]) -> Result<String, ClientError> {
+        let path = format!("/v1/complaint?worker={worker}&epoch={epoch}");
+        self.send("complaint", "POST", &path, Body::Bytes(frame))
+            .map(|b| String::from_utf8_lossy(&b.unwrap_or_default()).into_owned())
+    }
+
+    /// Reports a broken step's signed frame headers and suspects; the
+    /// coordinator's answer as text.
+    pub fn broken(&self, b: &super::complaint_api::BrokenStep) -> Result<String, ClientError> {
+        let body = serde_json::to_vec(b).map_err(|e| ClientError::Malformed {
+            what: "broken step report",
+            message: e.to_string(),
+        })?;
+        self.send("broken step report", "POST", "/v1/broken", Body::Json(body))
+            .map(|b| String::from_utf8_lossy(&b.unwrap_or_default()).into_owned())
+    }
+
+    /// Reports a validator's verdict on a recheck.
+    pub fn recheck(&self, r: &super::complaint_api::RecheckReport) -> Result<(), ClientError> {
+        let body = serde_json::to_vec(r).map_err(|e| ClientError::Malformed {
+            what: "recheck report",
+            message: e.to_string(),
+        })?;
+        self.send("recheck report", "POST", "/v1/recheck", Body::Json(body))
+            .map(|_| ())
+    }
+
     /// Waits for the evidence of audit `audit`, for its validator `worker`.
     pub fn get_evidence(&self, audit: u64, worker: u64) -> Result<Vec<u8>, ClientError> {
         let path = format!("/v1/audit/{audit}/evidence?worker={worker}");

@@ -81,8 +81,12 @@ const AUDIT_SECONDS_BUCKETS: [f64; 11] = [
 /// outvoted; audit evidence that does not match the commitments, a
 /// recomputation that convicted the audited worker, a validator's verdict
 /// overturned by a second validator, a malformed audit report, and a
-/// micro-batch whose sender's output and receiver's input hashes differ.
-const REFUSAL_REASONS: [&str; 13] = [
+/// micro-batch whose sender's output and receiver's input hashes differ;
+/// a signed pipeline frame that fails the receiver's screen (its author
+/// convicted), a complaint that is malformed or whose frame's signature
+/// does not verify, one whose frame passes the screen, and a broken step's
+/// signed activation that two validators' recheck does not reproduce.
+const REFUSAL_REASONS: [&str; 17] = [
     "signature",
     "identity",
     "unsigned",
@@ -96,6 +100,10 @@ const REFUSAL_REASONS: [&str; 13] = [
     "overturned_verdict",
     "audit_report",
     "chain_mismatch",
+    "refused_frame",
+    "complaint",
+    "unfounded_complaint",
+    "failed_recheck",
 ];
 
 /// What a scrape adds to the status: the ledger's figures and the

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod client;
+pub mod complaint_api;
 pub mod history;
 mod metrics;
 mod page;

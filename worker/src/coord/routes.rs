@@ -53,6 +53,9 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .put(put_evidence)
         .fallback(evidence_method)
         .layer(DefaultBodyLimit::max(shared.evidence_body_limit));
+    let complaints = post(complaint)
+        .fallback(no_such_endpoint)
+        .layer(DefaultBodyLimit::max(complaint_limit(&shared)));
     let api = Router::new()
         .route("/v1/manifest", only(get(manifest)))
         .route("/v1/challenge", only(post(challenge)))
@@ -63,6 +66,9 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/fail", only(post(fail)))
         .route("/v1/audit", only(post(audit)))
         .route("/v1/audit/{audit}/evidence", evidence)
+        .route("/v1/complaint", complaints)
+        .route("/v1/broken", only(post(broken)))
+        .route("/v1/recheck", only(post(recheck)))
         .route("/v1/checkpoint/", checkpoint.clone())
         .route("/v1/checkpoint/{*stage}", checkpoint)
         .route("/v1/state/", state.clone())
@@ -219,6 +225,8 @@ async fn refuse_oversized(State(shared): Coord, request: Request, next: Next) ->
         MAX_STATE
     } else if path.starts_with("/v1/audit/") {
         shared.evidence_body_limit
+    } else if path == "/v1/complaint" {
+        complaint_limit(&shared)
     } else {
         MAX_JSON
     };
@@ -703,6 +711,99 @@ async fn get_evidence(State(shared): Coord, at: EvidenceAt) -> Reply {
 
 async fn evidence_method(_: EvidenceAt) -> Reply {
     Reply::Text(405, "evidence takes GET or PUT".into())
+}
+
+/// The largest complaint accepted: one pipeline frame, the larger of an
+/// activation block of a micro-batch (within the evidence limit) and a
+/// tied embedding gradient (`vocab × dim` f32), plus room for its header.
+fn complaint_limit(shared: &Shared) -> usize {
+    let m = &shared.config.model;
+    let tied = m.vocab.saturating_mul(m.dim).saturating_mul(4);
+    shared.evidence_limit.max(tied.saturating_add(64 << 10))
+}
+
+/// `POST /v1/complaint?worker=W&epoch=E`.
+#[derive(Deserialize)]
+struct ComplaintQuery {
+    worker: u64,
+    epoch: u64,
+}
+
+/// `POST /v1/complaint?worker=W&epoch=E`: a worker shows the signed
+/// pipeline frame it refused in epoch `E`, encoded as it arrived
+/// (`coord::complaint`); the answer names the author convicted, or the
+/// refusal of the complaint.
+async fn complaint(
+    State(shared): Coord,
+    Query(q): Query<ComplaintQuery>,
+    RawBody(body): RawBody,
+) -> Reply {
+    changing(shared, move |s| {
+        let (mut key, mut run) = ([0u8; 32], [0u8; 16]);
+        if hex::decode_to_slice(&s.config.run_key, &mut key).is_err()
+            || hex::decode_to_slice(&s.config.run_id, &mut run).is_err()
+        {
+            return Reply::Text(500, "the coordinator's run key or id is not hex".into());
+        }
+        let result = lock(&s.coord).complaint(
+            q.worker,
+            q.epoch,
+            &body,
+            &crate::link::RunKey(key),
+            &crate::link::RunId(run),
+            Instant::now(),
+        );
+        match result {
+            Ok(super::state::ComplaintVerdict::Convicted { shard, worker }) => Reply::Text(
+                200,
+                format!(
+                    "convicted worker {worker} (stage {} replica {}), the frame's author",
+                    shard.0, shard.1
+                ),
+            ),
+            Ok(super::state::ComplaintVerdict::AlreadyConvicted) => {
+                Reply::Text(200, "the frame's author was convicted before".into())
+            }
+            Err(e) => coord_error(e),
+        }
+    })
+    .await
+}
+
+/// `POST /v1/broken`: after a step broke off, a worker reports the signed
+/// headers of the frames it took and its suspects; the answer says how
+/// many rechecks it caused (`coord::complaint`).
+async fn broken(
+    State(shared): Coord,
+    JsonBody(b): JsonBody<super::complaint_api::BrokenStep>,
+) -> Reply {
+    changing(shared, move |s| {
+        let mut run = [0u8; 16];
+        if hex::decode_to_slice(&s.config.run_id, &mut run).is_err() {
+            return Reply::Text(500, "the coordinator's run id is not hex".into());
+        }
+        let result = lock(&s.coord).broken_step(&b, &crate::link::RunId(run), Instant::now());
+        match result {
+            Ok(n) => Reply::Text(200, format!("{n} recheck(s) ordered")),
+            Err(e) => coord_error(e),
+        }
+    })
+    .await
+}
+
+/// `POST /v1/recheck`: a validator's signed verdict on a recheck.
+async fn recheck(
+    State(shared): Coord,
+    JsonBody(r): JsonBody<super::complaint_api::RecheckReport>,
+) -> Reply {
+    changing(shared, move |s| {
+        let result = lock(&s.coord).recheck_report(&r, &s.config.run_id, Instant::now());
+        match result {
+            Ok(()) => ok(),
+            Err(e) => coord_error(e),
+        }
+    })
+    .await
 }
 
 /// `POST /v1/fail`: a worker reports an error (fatal or not).

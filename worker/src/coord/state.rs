@@ -38,6 +38,9 @@ use crate::pipeline::Route;
 
 #[path = "audit.rs"]
 mod audit;
+#[path = "complaint.rs"]
+mod complaint;
+pub use complaint::ComplaintVerdict;
 
 /// The reason a suspicion names, as the metrics label it (`None`: not a
 /// reason a worker reports).
@@ -315,6 +318,8 @@ pub struct Coordinator {
     digest_mismatches: BTreeMap<usize, u64>,
     /// Audits by recomputation, the chain check and the quarantine.
     audits: audit::Audits,
+    /// Rechecks of broken steps (`complaint`).
+    rechecks: complaint::Rechecks,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -393,6 +398,7 @@ impl Coordinator {
             memory_refused: Default::default(),
             digest_mismatches: BTreeMap::new(),
             audits: audit::Audits::new(p.audit_secret.as_deref()),
+            rechecks: Default::default(),
         }
     }
 
@@ -1426,6 +1432,8 @@ impl Coordinator {
             route: self.route.clone(),
             lanes,
             traceparent: None,
+            keys: self.shard_keys(),
+            rechecks: self.recheck_orders(worker),
         }))
     }
 
@@ -1445,6 +1453,8 @@ impl Coordinator {
             route: None,
             lanes: Vec::new(),
             traceparent: None,
+            keys: Vec::new(),
+            rechecks: Vec::new(),
         }
     }
 

@@ -737,6 +737,7 @@ mod tests {
                 shape: Shape::new(&[len as u32]).expect("rank 1"),
                 sender: WorkerId([from; 16]),
                 input_hash: [0; 32],
+                signature: [0; crate::link::frame::SIGNATURE_LEN],
             },
             payload: (0..len).map(|i| (i as u64 + step) as u8).collect(),
             verified_hash: None,

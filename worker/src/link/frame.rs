@@ -1,11 +1,14 @@
 //! Length-prefixed, authenticated binary frames.
 //!
-//! A frame is a fixed 156-byte little-endian header, the tensor payload, and
+//! A frame is a fixed 220-byte little-endian header, the tensor payload, and
 //! a 32-byte tag. The header carries the BLAKE3 hash of the payload, which
 //! validators use to bind an output tensor to the input it was computed from
 //! and to its author; the tag is a BLAKE3 keyed hash (the run key) of the
 //! header, and so, through that hash, of the payload as well. Nothing a peer
-//! without the key sends is ever accepted. The byte-by-byte layout is in
+//! without the key sends is ever accepted. The header also carries the
+//! author's Ed25519 signature of the frame (`link::sign`; zero when the
+//! frame is not signed), which, unlike the tag, names one worker. The
+//! byte-by-byte layout is in
 //! `docs/protocol.md`; the constants below are the single source of truth
 //! for it.
 //!
@@ -21,9 +24,11 @@ use thiserror::Error;
 /// First four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"PWFR";
 /// Frame format version this build writes and accepts.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Length of the fixed header in bytes.
-pub const HEADER_LEN: usize = 156;
+pub const HEADER_LEN: usize = 220;
+/// Length of the author's signature carried in the header.
+pub const SIGNATURE_LEN: usize = 64;
 /// Length of the authentication tag that follows the payload.
 pub const TAG_LEN: usize = 32;
 /// Largest tensor rank a frame can describe.
@@ -47,7 +52,8 @@ const OFF_SENDER: usize = 52;
 const OFF_DIMS: usize = 68;
 const OFF_PAYLOAD_HASH: usize = 84;
 const OFF_INPUT_HASH: usize = 116;
-const OFF_PAYLOAD_LEN: usize = 148;
+const OFF_SIGNATURE: usize = 148;
+const OFF_PAYLOAD_LEN: usize = 212;
 
 /// The 32-byte key every frame of a run is authenticated with.
 #[derive(Clone, PartialEq, Eq)]
@@ -278,6 +284,10 @@ pub struct FrameHeader {
     /// Content hash of the input this tensor was computed from (all zero
     /// when there is none), so a validator can bind output to input.
     pub input_hash: Digest,
+    /// The author's Ed25519 signature over the frame's signed fields
+    /// (`link::sign::frame_message`); all zero when unsigned. Covered by the
+    /// tag like every header field.
+    pub signature: [u8; SIGNATURE_LEN],
 }
 
 /// A frame: header plus payload bytes.
@@ -476,11 +486,14 @@ pub enum RejectReason {
     /// Authentic, intact tensor whose norm is beyond the receiver's bound
     /// (see `docs/byzantine.md`).
     AbsurdNorm,
+    /// Authentic, intact pipeline frame whose author signature is missing
+    /// or does not verify against the author's registered public key.
+    BadSignature,
 }
 
 impl RejectReason {
     /// Number of reasons (size of the counter array).
-    pub const COUNT: usize = 18;
+    pub const COUNT: usize = 19;
 
     /// Every reason, in counter order.
     pub const ALL: [RejectReason; Self::COUNT] = [
@@ -502,6 +515,7 @@ impl RejectReason {
         RejectReason::WrongSender,
         RejectReason::NonFinite,
         RejectReason::AbsurdNorm,
+        RejectReason::BadSignature,
     ];
 
     /// Stable snake_case name, used for metrics labels.
@@ -525,6 +539,7 @@ impl RejectReason {
             RejectReason::WrongSender => "wrong_sender",
             RejectReason::NonFinite => "non_finite",
             RejectReason::AbsurdNorm => "absurd_norm",
+            RejectReason::BadSignature => "bad_signature",
         }
     }
 }
@@ -590,6 +605,7 @@ fn header_bytes(header: &FrameHeader, payload_len: u64, payload_hash: &Digest) -
     }
     h[OFF_PAYLOAD_HASH..OFF_PAYLOAD_HASH + 32].copy_from_slice(payload_hash);
     h[OFF_INPUT_HASH..OFF_INPUT_HASH + 32].copy_from_slice(&header.input_hash);
+    h[OFF_SIGNATURE..OFF_SIGNATURE + SIGNATURE_LEN].copy_from_slice(&header.signature);
     h[OFF_PAYLOAD_LEN..OFF_PAYLOAD_LEN + 8].copy_from_slice(&payload_len.to_le_bytes());
     h
 }
@@ -755,6 +771,7 @@ fn parse_header(head: &[u8; HEADER_LEN]) -> Result<ParsedHeader, FrameError> {
             shape,
             sender: WorkerId(array_at(head, OFF_SENDER)),
             input_hash: array_at(head, OFF_INPUT_HASH),
+            signature: array_at(head, OFF_SIGNATURE),
         },
         payload_hash: array_at(head, OFF_PAYLOAD_HASH),
         payload_len,
@@ -973,6 +990,7 @@ mod tests {
             shape: Shape::new(dims).expect("rank <= 4"),
             sender: WorkerId([9; 16]),
             input_hash: [5; 32],
+            signature: [0; SIGNATURE_LEN],
         }
     }
 
@@ -1107,7 +1125,8 @@ mod tests {
             assert_eq!(err.reason(), Some(want), "byte {at} = {value}: {err}");
         };
         check(0, b'X', RejectReason::BadMagic);
-        check(OFF_VERSION, 2, RejectReason::UnsupportedVersion);
+        check(OFF_VERSION, 1, RejectReason::UnsupportedVersion);
+        check(OFF_VERSION, 3, RejectReason::UnsupportedVersion);
         check(OFF_KIND, 0, RejectReason::UnknownKind);
         check(OFF_KIND, 200, RejectReason::UnknownKind);
         check(OFF_DTYPE, 9, RejectReason::UnknownDType);

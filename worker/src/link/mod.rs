@@ -6,6 +6,7 @@
 //!   per-row int8).
 //! - [`Link`]: one TCP connection to a peer, opened with a mutual key proof,
 //!   carrying frames both ways with bounded queues and backpressure.
+//! - [`sign`]: pipeline frames signed by their author's identity key.
 //! - [`LinkStats`]: traffic and rejection counters for metrics.
 //! - [`cap_send_rate`]: a kernel-paced cap on a link's sending rate.
 //!
@@ -16,6 +17,7 @@ mod conn;
 pub mod frame;
 mod handshake;
 mod pace;
+pub mod sign;
 mod stats;
 
 pub use conn::{Link, LinkConfig, LinkError};

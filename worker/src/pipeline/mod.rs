@@ -34,6 +34,7 @@
 
 pub mod attack;
 pub mod audit;
+mod authorship;
 pub mod route;
 mod snapshot;
 mod wire;
@@ -109,6 +110,15 @@ pub enum PipelineError {
         /// Which tensor (kind, step, micro-batch).
         what: String,
         /// The counted reason (`non_finite`, `absurd_norm`).
+        reason: &'static str,
+    },
+    /// This worker's own output would be refused by its receiver (NaN or
+    /// infinity, an absurd norm): it is not sent and the step breaks off.
+    #[error("not sending the {what}: its values would be refused ({reason})")]
+    Unsendable {
+        /// Which tensor (kind, step, micro-batch).
+        what: String,
+        /// The reason a receiver would give (`non_finite`, `absurd_norm`).
         reason: &'static str,
     },
     /// An audit could not be done (the evidence is malformed or does not
@@ -397,6 +407,8 @@ pub struct StageWorker {
         std::collections::HashMap<u64, Vec<f32>>,
         std::collections::HashMap<u64, Vec<f32>>,
     ),
+    /// The signed frame refused in the current step, for a complaint.
+    refused: Option<crate::link::Frame>,
 }
 
 /// What a worker commits to for one micro-batch of a step: the BLAKE3
@@ -537,6 +549,7 @@ impl StageWorker {
             worker_id,
             stage: shard.stage as u32,
             replica: shard.replica as u32,
+            signer: None,
         };
         let mut link_config = LinkConfig::new(RunId([0; 16]), RunKey([0; 32]), worker_id);
         // Every frame of a step may be queued at once (a neighbour can run a
@@ -596,6 +609,7 @@ impl StageWorker {
             evidence: std::collections::BTreeMap::new(),
             scale: 1.0 / micro_batches.max(1) as f32,
             replay: Default::default(),
+            refused: None,
         })
     }
 
@@ -1167,6 +1181,7 @@ impl StageWorker {
         self.busy = Duration::ZERO;
         self.outputs.clear();
         self.evidence.clear();
+        self.refused = None;
         self.contributions = None;
         self.committed = None;
         self.scale = scale;
@@ -1301,7 +1316,10 @@ impl StageWorker {
             let targets = decode_targets(&t, rows, seq)?;
             let a = prev.take(FrameKind::Activation, step, mb, timeout)?;
             let hidden = decode_f32(&a, rows * seq, width_in, codec)?;
-            screened(prev, &hidden, FrameKind::Activation, step, mb)?;
+            if let Err(e) = screened(prev, &hidden, FrameKind::Activation, step, mb) {
+                self.keep_refused(a);
+                return Err(e);
+            }
             let hashes = (a.content_hash(), t.content_hash());
             if self.retain {
                 // The bytes as they arrived, whose hashes are committed.
@@ -1347,6 +1365,9 @@ impl StageWorker {
                     self.codec,
                     input_hash,
                 )?;
+                if poisoned.is_none() {
+                    Self::screen_outgoing(&activation, self.codec, rows * seq, width_out)?;
+                }
                 let record = self.outputs.entry(mb).or_default();
                 record.input = input_hash;
                 record.output = activation.hash_payload();
@@ -1376,7 +1397,10 @@ impl StageWorker {
             let next = self.next_for(mb)?;
             let f = next.take(FrameKind::Gradient, step, mb, timeout)?;
             let grad = decode_f32(&f, rows, width_out, codec)?;
-            screened(next, &grad, FrameKind::Gradient, step, mb)?;
+            if let Err(e) = screened(next, &grad, FrameKind::Gradient, step, mb) {
+                self.keep_refused(f);
+                return Err(e);
+            }
             let hash = f.content_hash();
             if self.retain {
                 self.evidence.entry(mb).or_default().gradient = Some(f.payload);
@@ -1398,6 +1422,9 @@ impl StageWorker {
                 self.codec,
                 input_hash,
             )?;
+            if poisoned.is_none() {
+                Self::screen_outgoing(&frame, self.codec, rows, width_in)?;
+            }
             self.outputs.entry(mb).or_default().gradient = frame.hash_payload();
             self.prev_for(mb)?.send(frame)?;
         }
@@ -1550,6 +1577,7 @@ impl StageWorker {
             TensorWire::F32,
             [0; 32],
         )?;
+        Self::screen_outgoing(&frame, TensorWire::F32, vocab, dim)?;
         let timeout = self.timeout;
         let link = match (self.tie.is_some(), first) {
             (true, _) => self.tie.as_mut(),
@@ -1558,9 +1586,12 @@ impl StageWorker {
         }
         .ok_or_else(|| PipelineError::Layout("no link to the tied stage".into()))?;
         link.send(frame)?;
-        let theirs = link.take(FrameKind::Gradient, step, TIE_SLOT, timeout)?;
-        let mut theirs = decode_f32(&theirs, vocab, dim, TensorWire::F32)?;
-        screened(link, &theirs, FrameKind::Gradient, step, TIE_SLOT)?;
+        let frame = link.take(FrameKind::Gradient, step, TIE_SLOT, timeout)?;
+        let mut theirs = decode_f32(&frame, vocab, dim, TensorWire::F32)?;
+        if let Err(e) = screened(link, &theirs, FrameKind::Gradient, step, TIE_SLOT) {
+            self.keep_refused(frame);
+            return Err(e);
+        }
         let target = if first {
             self.stage.embedding_mut()
         } else {

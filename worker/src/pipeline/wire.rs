@@ -7,9 +7,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::identity::Identity;
 use crate::link::codec::TensorWire;
 use crate::link::frame::{Digest, Frame, FrameHeader};
-use crate::link::{Codec, DType, FrameKind, Link, LinkError, RunId, Shape, WorkerId};
+use crate::link::sign::{sign_frame, PeerKeys, SignedHeader};
+use crate::link::{Codec, DType, FrameKind, Link, LinkError, RejectReason, RunId, Shape, WorkerId};
 
 use super::PipelineError;
 
@@ -20,16 +22,26 @@ pub(crate) const TIE_SLOT: u64 = u64::MAX;
 /// pipeline (partial sums) and back down (the total).
 pub(crate) const NORM_SLOT: u64 = u64::MAX - 1;
 
-/// Who is sending: the fields every outgoing frame shares.
-#[derive(Clone, Copy, Debug)]
+/// Who is sending: the fields every outgoing frame shares, and the
+/// identity that signs every frame (none: frames go unsigned).
+#[derive(Clone, Debug)]
 pub(crate) struct Sender {
     pub run_id: RunId,
     pub worker_id: WorkerId,
     pub stage: u32,
     pub replica: u32,
+    pub signer: Option<Arc<Identity>>,
 }
 
 impl Sender {
+    /// Signs `frame` with this worker's identity, when it has one.
+    fn signed(&self, mut frame: Frame) -> Frame {
+        if let Some(id) = &self.signer {
+            sign_frame(&mut frame, id);
+        }
+        frame
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn header(
         &self,
@@ -53,6 +65,7 @@ impl Sender {
             shape,
             sender: self.worker_id,
             input_hash: input,
+            signature: [0; crate::link::frame::SIGNATURE_LEN],
         }
     }
 
@@ -72,11 +85,11 @@ impl Sender {
     ) -> Result<Frame, PipelineError> {
         let shape = matrix_shape(rows, cols)?;
         let payload = codec.encode(data, rows, cols)?;
-        Ok(Frame {
+        Ok(self.signed(Frame {
             header: self.header(step, mb, kind, codec.dtype, codec.codec, shape, input),
             payload,
             verified_hash: None,
-        })
+        }))
     }
 
     /// Target token ids `[rows, seq]`, drawn with the input whose content
@@ -92,7 +105,7 @@ impl Sender {
     ) -> Result<Frame, PipelineError> {
         let shape = matrix_shape(rows, seq)?;
         let payload = targets.iter().flat_map(|t| t.to_le_bytes()).collect();
-        Ok(Frame {
+        Ok(self.signed(Frame {
             header: self.header(
                 step,
                 mb,
@@ -104,13 +117,13 @@ impl Sender {
             ),
             payload,
             verified_hash: None,
-        })
+        }))
     }
 
     /// One f64 (a sum of squares), as two little-endian u32 words so the
     /// frame's dtype and length stay consistent.
     pub fn scalar(&self, step: u64, value: f64) -> Frame {
-        Frame {
+        self.signed(Frame {
             header: self.header(
                 step,
                 NORM_SLOT,
@@ -122,7 +135,7 @@ impl Sender {
             ),
             payload: value.to_le_bytes().to_vec(),
             verified_hash: None,
-        }
+        })
     }
 }
 
@@ -221,6 +234,13 @@ pub(crate) struct Inbox {
     early: HashMap<(u8, u64, u64), Frame>,
     max_early: usize,
     abort: Option<Arc<AtomicBool>>,
+    /// The public keys every frame's author signature is checked against
+    /// (none: frames are not checked).
+    keys: Option<Arc<PeerKeys>>,
+    /// The signed headers of the tensor frames (activations, gradients,
+    /// targets) taken for the newest step seen, for a report after the
+    /// step broke off.
+    taken: Vec<SignedHeader>,
 }
 
 impl Inbox {
@@ -236,6 +256,72 @@ impl Inbox {
             early: HashMap::new(),
             max_early,
             abort,
+            keys: None,
+            taken: Vec::new(),
+        }
+    }
+
+    /// The signed headers of the tensor frames taken for `step`.
+    pub fn taken(&self, step: u64) -> impl Iterator<Item = &SignedHeader> {
+        self.taken.iter().filter(move |h| h.step == step)
+    }
+
+    /// Keeps `frame`'s signed header (a tensor frame), forgetting those of
+    /// older steps.
+    fn keep_header(&mut self, frame: &Frame) {
+        let h = &frame.header;
+        if !matches!(
+            h.kind,
+            FrameKind::Activation | FrameKind::Gradient | FrameKind::Targets
+        ) {
+            return;
+        }
+        self.taken.retain(|t| t.step >= h.step);
+        self.taken.push(SignedHeader::of(frame));
+    }
+
+    /// Checks the author signature of every frame taken from now on
+    /// against `keys` (none: no check).
+    pub fn set_keys(&mut self, keys: Option<Arc<PeerKeys>>) {
+        self.keys = keys;
+    }
+
+    /// The shard at the other end, as its link id names it.
+    fn peer_shard(&self) -> Option<(u32, u32)> {
+        let id = self.link.peer().0;
+        let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0xff; 8]));
+        Some((
+            u32::try_from(word(&id[..8])).ok()?,
+            u32::try_from(word(&id[8..])).ok()?,
+        ))
+    }
+
+    /// `frame` when its author signature verifies (or no keys are set);
+    /// otherwise the refusal, counted on the link as `bad_signature`.
+    fn authored(&mut self, frame: Frame) -> Result<Frame, PipelineError> {
+        let Some(keys) = &self.keys else {
+            return Ok(frame);
+        };
+        let peer = self.peer_shard().unwrap_or((u32::MAX, u32::MAX));
+        match keys.check(&frame, peer) {
+            Ok(()) => {
+                self.keep_header(&frame);
+                Ok(frame)
+            }
+            Err(e) => {
+                self.link
+                    .stats()
+                    .record_rejected(RejectReason::BadSignature);
+                let h = &frame.header;
+                Err(PipelineError::Refused {
+                    peer: self.name,
+                    what: format!(
+                        "{:?} of step {} micro-batch {} ({e})",
+                        h.kind, h.step, h.micro_batch
+                    ),
+                    reason: RejectReason::BadSignature.name(),
+                })
+            }
         }
     }
 
@@ -292,7 +378,7 @@ impl Inbox {
     ) -> Result<Frame, PipelineError> {
         let key = (kind as u8, step, mb);
         if let Some(f) = self.early.remove(&key) {
-            return Ok(f);
+            return self.authored(f);
         }
         loop {
             let f = self.recv(timeout).map_err(|e| PipelineError::Link {
@@ -302,7 +388,7 @@ impl Inbox {
             let h = &f.header;
             let got = (h.kind as u8, h.step, h.micro_batch);
             if got == key {
-                return Ok(f);
+                return self.authored(f);
             }
             // Neighbours never lag behind this worker: a step boundary
             // needs the whole pipeline, so an older frame is a broken peer.
@@ -328,6 +414,7 @@ mod tests {
             worker_id: WorkerId([2; 16]),
             stage: 1,
             replica: 0,
+            signer: None,
         }
     }
 

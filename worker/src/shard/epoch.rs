@@ -152,6 +152,7 @@ impl Session {
         if !state::bring_to_plan(self, wk, snapshot, w)? {
             return Ok(false);
         }
+        super::complaint::carry_out_rechecks(self, wk, w);
         if wk.steps_done() >= self.manifest.spec.training.steps {
             return Ok(false);
         }
@@ -166,6 +167,7 @@ impl Session {
             wk.unlink();
             return Ok(false);
         }
+        super::complaint::authorship(self, wk, w)?;
         Ok(true)
     }
 
@@ -221,14 +223,8 @@ impl Session {
 /// The link credentials of one epoch: links of different epochs cannot
 /// connect to each other.
 fn epoch_auth(run_id: &RunId, key: &RunKey, epoch: u64) -> Auth {
-    let mut h = blake3::Hasher::new();
-    h.update(b"pipewright epoch");
-    h.update(&run_id.0);
-    h.update(&epoch.to_le_bytes());
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&h.finalize().as_bytes()[..16]);
     Auth {
-        run_id: RunId(id),
+        run_id: crate::link::sign::epoch_run_id(run_id, epoch),
         key: key.clone(),
     }
 }

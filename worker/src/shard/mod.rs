@@ -13,6 +13,9 @@
 //! - `audit`: the audit orders a barrier's answer carries (upload the
 //!   evidence, or recompute another replica's micro-batch and sign the
 //!   hashes), and the end of a quarantined worker.
+//! - `complaint`: frames signed with the worker's identity and checked
+//!   against the neighbours' keys, and the complaint about a refused
+//!   signed frame.
 //! - `metrics`: the worker's own Prometheus metrics, served by
 //!   [`crate::exposition`].
 //!
@@ -21,6 +24,7 @@
 //! the links and asks for the next wiring.
 
 mod audit;
+mod complaint;
 mod epoch;
 pub mod metrics;
 mod session;

@@ -212,7 +212,8 @@ impl Session {
 
     /// Every 250 ms until `stop`: tells the coordinator this worker lives,
     /// notes the newest epoch, and raises the abort flag when that is past
-    /// the one this worker is wired for.
+    /// the one this worker is wired for, or when the coordinator answers
+    /// that this worker is quarantined.
     fn heartbeat(&self, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>> {
         let (client, epoch, id, abort, working) = (
             self.client.clone(),
@@ -234,6 +235,13 @@ impl Session {
                             }
                         }
                         Err(ClientError::Unknown) | Err(ClientError::Finished) => {}
+                        Err(e) if e.quarantined().is_some() => {
+                            // Convicted (a complaint or a recheck may come
+                            // while this worker waits for its peers): every
+                            // wait ends, and its next request says why.
+                            abort.store(true, Ordering::Relaxed);
+                            tracing::warn!("heartbeat: {e}");
+                        }
                         Err(e) => tracing::warn!("heartbeat: {e}"),
                     }
                     std::thread::sleep(Duration::from_millis(250));

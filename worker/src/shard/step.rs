@@ -99,6 +99,7 @@ fn one(
             session.metrics.record_links(w.shard, w.epoch, wk.traffic());
             tracing::warn!("step {} broke off: {e}", wk.steps_done());
             telemetry::fail(&step_span, e.to_string());
+            super::complaint::lodge(session, wk, w.epoch, &e);
             report_failure(session, w.epoch, &e);
             Ok(After::Stop)
         }

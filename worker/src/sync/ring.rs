@@ -92,6 +92,7 @@ impl RingConfig {
                 shape: Shape::vector((payload.len() / 4) as u32),
                 sender: self.worker_id,
                 input_hash: [0; 32],
+                signature: [0; crate::link::frame::SIGNATURE_LEN],
             },
             payload,
             verified_hash: None,

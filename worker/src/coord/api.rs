@@ -419,6 +419,12 @@ pub enum AuditRole {
         /// The audited replica.
         audited_replica: usize,
     },
+    /// The coordinator recomputes the disputed micro-batch itself (a stage
+    /// with no second validator): upload the stage's parameters of before
+    /// the step, as the snapshot holds them
+    /// (`PUT /v1/audit/{audit}/weights?worker=W`, every value as
+    /// little-endian f32 in the stage's parameter order).
+    Weights,
 }
 
 /// `POST /v1/audit`: a worker carried out an audit order. The answer is a

@@ -151,7 +151,63 @@ struct Audit {
     /// Uploads refused for not matching.
     bad_uploads: u64,
     checks: Vec<Check>,
+    /// The coordinator as second validator (a disputed micro-batch audit
+    /// with no other replica to call).
+    referee: Option<Referee>,
     outcome: Option<Outcome>,
+}
+
+/// The coordinator's own recomputation of a disputed micro-batch.
+#[derive(Clone, Debug)]
+struct Referee {
+    /// The digest of the stage's parameters before the audited step that
+    /// its replicas committed and agreed on: an upload must have it.
+    digest: [u8; 32],
+    /// The workers ordered to upload those parameters (the validator and
+    /// the audited worker; the first matching upload is used).
+    uploaders: Vec<u64>,
+    /// Whether a recomputation is under way (one per audit at a time).
+    started: bool,
+    /// The uploaders that uploaded (matching or not): not ordered again.
+    tried: Vec<u64>,
+    /// Uploads refused for not matching the digest.
+    refused: u64,
+    /// Its hashes, or why it could not recompute.
+    result: Option<Result<Hashes, String>>,
+}
+
+/// What the coordinator needs to recompute a disputed micro-batch itself
+/// (see [`Coordinator::referee_job`]).
+#[derive(Clone, Debug)]
+pub struct RefereeJob {
+    /// The audit.
+    pub audit: u64,
+    /// The audited step, 1-based (steps completed).
+    pub step: u64,
+    /// The stage.
+    pub stage: usize,
+    /// The disputed micro-batch.
+    pub mb: u64,
+    /// The audited worker's evidence (matched its commitments).
+    pub evidence: Arc<Vec<u8>>,
+    /// The digest the uploaded parameters must have.
+    pub digest: [u8; 32],
+    /// The loss scale of the step's micro-batches.
+    pub scale: f32,
+}
+
+/// How a recomputation by the coordinator ended (see
+/// [`Coordinator::referee_done`]).
+#[derive(Clone, Debug)]
+pub enum RefereeResult {
+    /// The recomputed hashes (input, output, gradient), raw.
+    Hashes([[u8; 32]; 3]),
+    /// The uploaded parameters were not the agreed ones (or not the
+    /// stage's): refused and counted, never used.
+    BadWeights(String),
+    /// The recomputation failed (the stage cannot be built here, e.g. the
+    /// first stage's corpus is unreadable, or the evidence is refused).
+    Failed(String),
 }
 
 impl Audit {
@@ -211,7 +267,35 @@ impl Audit {
             return Next::Decided(Outcome::Passed);
         }
         if self.checks.len() == 1 {
-            return Next::Second;
+            return match self.referee.as_ref().map(|r| &r.result) {
+                None => Next::Second,
+                Some(None) => Next::Wait,
+                Some(Some(Err(_))) => Next::Decided(Outcome::Unconfirmed),
+                Some(Some(Ok(h))) => Next::Decided(if h == committed {
+                    Outcome::Overturned
+                } else if h == v1 {
+                    Outcome::Convicted(
+                        "failed_audit",
+                        format!(
+                            "stage {} replica {}'s micro-batch {mb} of step {step} does not \
+                             reproduce: it committed input {}, output {}, gradient {}; validator \
+                             {} and the coordinator both recomputed input {}, output {}, \
+                             gradient {}",
+                            self.stage,
+                            self.replica,
+                            short(&committed.input),
+                            short(&committed.output),
+                            short(&committed.gradient),
+                            crate::identity::fingerprint_hex(&self.checks[0].identity),
+                            short(&v1.input),
+                            short(&v1.output),
+                            short(&v1.gradient),
+                        ),
+                    )
+                } else {
+                    Outcome::Unconfirmed
+                }),
+            };
         }
         let Some(v2) = verdict(1) else {
             return Next::Wait;
@@ -263,13 +347,18 @@ impl Audit {
                         _ => None,
                     })
                     .collect();
-                serde_json::json!({
+                let mut j = serde_json::json!({
                     "audit": self.id,
                     "mb": mb,
                     "committed": committed.json(),
                     "recomputed": recomputed,
                     "validators": validators,
-                })
+                });
+                if let Some(Some(Ok(h))) = self.referee.as_ref().map(|r| &r.result) {
+                    j["second_validator"] = "coordinator".into();
+                    j["coordinator"] = h.json();
+                }
+                j
             }
             Kind::Contribution(scope) => scope.evidence_json(self.id, &self.checks, &validators),
         }
@@ -323,6 +412,14 @@ pub(super) struct Audits {
     contribution_outcomes: BTreeMap<(usize, &'static str), u64>,
     /// Suspicions reported by (suspected stage, reason).
     suspicions: BTreeMap<(usize, &'static str), u64>,
+    /// Whether the coordinator recomputes a disputed micro-batch itself
+    /// when its stage has no second validator.
+    referee: bool,
+    /// The coordinator's recomputations by (stage, outcome).
+    recomputations: BTreeMap<(usize, &'static str), u64>,
+    /// The coordinator's recomputations timed and their seconds (upload
+    /// checked, stage built, micro-batch recomputed).
+    recompute_seconds: (u64, f64),
 }
 
 impl Audits {
@@ -348,6 +445,9 @@ impl Audits {
             robust: false,
             contribution_outcomes: BTreeMap::new(),
             suspicions: BTreeMap::new(),
+            referee: false,
+            recomputations: BTreeMap::new(),
+            recompute_seconds: (0, 0.0),
         }
     }
 
@@ -707,6 +807,7 @@ impl Coordinator {
                     },
                     evidence: None,
                     bad_uploads: 0,
+                    referee: None,
                     checks: vec![Check {
                         worker: vslot.worker,
                         identity: vslot.identity.clone(),
@@ -809,7 +910,17 @@ impl Coordinator {
                     },
                 )
             });
-        provide.chain(validate).collect()
+        let weights = undecided()
+            .filter(|a| {
+                a.referee.as_ref().is_some_and(|r| {
+                    r.result.is_none()
+                        && !r.started
+                        && r.uploaders.contains(&worker)
+                        && !r.tried.contains(&worker)
+                })
+            })
+            .map(|a| order(a, crate::coord::api::AuditRole::Weights));
+        provide.chain(validate).chain(weights).collect()
     }
 
     /// Decides every audit whose verdicts are in (calling a second
@@ -835,7 +946,13 @@ impl Coordinator {
                         a.checks.push(check);
                         None
                     }
-                    None => Some(Outcome::Unconfirmed),
+                    None => match self.referee_for(a, open.step) {
+                        Some(r) => {
+                            a.referee = Some(r);
+                            None
+                        }
+                        None => Some(Outcome::Unconfirmed),
+                    },
                 },
             };
             if a.outcome.is_none() && late {
@@ -892,11 +1009,14 @@ impl Coordinator {
                 Some(Outcome::Passed) => {}
                 Some(Outcome::Overturned) => {
                     let liar = &a.checks[0];
+                    let second = match a.checks.get(1) {
+                        Some(c) => crate::identity::fingerprint_hex(&c.identity),
+                        None => "the coordinator".to_string(),
+                    };
                     let text = format!(
                         "its verdict on {} of step {step} was refuted by a second validator \
-                         ({}), which reproduced the commitment",
+                         ({second}), which reproduced the commitment",
                         a.what(),
-                        crate::identity::fingerprint_hex(&a.checks[1].identity)
                     );
                     let _ = self.refuse(
                         Refusal {
@@ -1003,6 +1123,219 @@ impl Coordinator {
             identity: s.identity.clone(),
             verdict: None,
         })
+    }
+}
+
+impl Coordinator {
+    /// Makes the coordinator the second validator of a disputed micro-batch
+    /// audit whose stage has no other replica to call (two replicas): it
+    /// orders the parameters of before the step uploaded and recomputes the
+    /// micro-batch itself (see [`Coordinator::referee_job`]). Off (the state
+    /// machine's default), such a dispute is unconfirmed.
+    pub fn with_coordinator_validator(mut self, on: bool) -> Self {
+        self.audits.referee = on;
+        self
+    }
+
+    /// The coordinator's recomputations by stage and outcome (`convicted`,
+    /// `overturned`, `unconfirmed`, `failed`, `refused_weights`).
+    pub fn coordinator_recomputations(&self) -> &BTreeMap<(usize, &'static str), u64> {
+        &self.audits.recomputations
+    }
+
+    /// The coordinator's recomputations timed and their seconds, all
+    /// together.
+    pub fn coordinator_recompute_seconds(&self) -> (u64, f64) {
+        self.audits.recompute_seconds
+    }
+
+    /// The coordinator as second validator of `a` (a micro-batch audit of
+    /// `step` whose first verdict disputes the commitment), when it is one
+    /// and the replicas of its stage agreed on their parameters' digest
+    /// after the step before (`None`: the audit is unconfirmed; so too at
+    /// the first step, whose weights no report committed to).
+    fn referee_for(&self, a: &Audit, step: u64) -> Option<Referee> {
+        if !self.audits.referee || !matches!(a.kind, Kind::MicroBatch { .. }) {
+            return None;
+        }
+        a.evidence.as_ref()?;
+        let before = step.checked_sub(1).filter(|&b| b > 0)?;
+        let digests: Vec<[u8; 32]> = (0..self.layout.replicas)
+            .filter_map(|x| self.slots[self.idx(a.stage, x)].as_ref())
+            .filter_map(|s| s.commits.iter().find(|c| c.completed == before))
+            .map(|c| c.params)
+            .collect::<Option<Vec<_>>>()?;
+        let digest = *digests.first()?;
+        if digests.iter().any(|d| *d != digest) {
+            return None;
+        }
+        let validator = a.checks.first()?.worker;
+        Some(Referee {
+            digest,
+            uploaders: vec![validator, a.worker],
+            started: false,
+            tried: Vec::new(),
+            refused: 0,
+            result: None,
+        })
+    }
+
+    /// `PUT /v1/audit/{audit}/weights?worker=W`, before the upload is
+    /// read: what the coordinator needs to recompute the audit's disputed
+    /// micro-batch from `worker`'s upload (`None`: no recomputation is
+    /// wanted now, one is under way or done). Refused unless `worker` is
+    /// one of the audit's uploaders. The recomputation is the caller's
+    /// (outside the state machine's lock), one at a time; it reports with
+    /// [`Coordinator::referee_done`].
+    pub fn referee_job(
+        &mut self,
+        worker: u64,
+        audit: u64,
+    ) -> Result<Option<RefereeJob>, CoordError> {
+        self.check_audit_party(worker)?;
+        let (at, a, step) = self.open_audit(audit)?;
+        let Some(r) = &a.referee else {
+            return Err(CoordError::Refused(
+                "audit",
+                format!("audit {audit} wants no parameters"),
+            ));
+        };
+        if !r.uploaders.contains(&worker) {
+            return Err(CoordError::Refused(
+                "audit",
+                format!("worker {worker} is not ordered to upload audit {audit}'s parameters"),
+            ));
+        }
+        let (Kind::MicroBatch { mb, .. }, Some(evidence)) = (&a.kind, &a.evidence) else {
+            return Ok(None);
+        };
+        if r.started || r.result.is_some() {
+            return Ok(None);
+        }
+        let (r_all, m) = (self.layout.replicas, self.layout.micro_batches.max(1));
+        let lanes = (0..r_all)
+            .filter(|&x| self.in_plan(self.idx(a.stage, x)))
+            .count();
+        let scale = if lanes == r_all {
+            1.0 / m as f32
+        } else {
+            lanes as f32 / (r_all * m) as f32
+        };
+        let job = RefereeJob {
+            audit,
+            step,
+            stage: a.stage,
+            mb: *mb,
+            evidence: evidence.clone(),
+            digest: r.digest,
+            scale,
+        };
+        if let Some(r) = self
+            .audits
+            .open
+            .as_mut()
+            .and_then(|o| o.list[at].referee.as_mut())
+        {
+            r.started = true;
+            r.tried.push(worker);
+        }
+        Ok(Some(job))
+    }
+
+    /// The coordinator's recomputation of audit `audit` from `worker`'s
+    /// upload ended with `result` after `seconds`. Parameters that are not
+    /// the agreed ones are refused and counted (`bad_weights`; another
+    /// uploader's may still come); hashes decide the audit: equal to the
+    /// commitment, the validator is overturned; equal to the validator's,
+    /// the audited worker is convicted; anything else (a failure included)
+    /// leaves it unconfirmed.
+    pub fn referee_done(
+        &mut self,
+        worker: u64,
+        audit: u64,
+        result: RefereeResult,
+        seconds: f64,
+        now: Instant,
+    ) -> Result<(), CoordError> {
+        let Ok((at, a, step)) = self.open_audit(audit) else {
+            // Decided otherwise meanwhile (the deadline, a new epoch).
+            return Ok(());
+        };
+        let (stage, what) = (a.stage, a.what());
+        let Kind::MicroBatch { committed, .. } = &a.kind else {
+            return Ok(());
+        };
+        let v1 = match a.checks.first().and_then(|c| c.verdict.as_ref()) {
+            Some(Verdict::Hashes(h)) => Some(h.clone()),
+            _ => None,
+        };
+        let committed = committed.clone();
+        let label;
+        let mut refused = None;
+        let outcome = match result {
+            RefereeResult::BadWeights(p) => {
+                label = "refused_weights";
+                refused = Some(p);
+                None
+            }
+            RefereeResult::Failed(p) => {
+                label = "failed";
+                self.history.event(
+                    EventKind::Audit,
+                    format!("the coordinator could not recompute {what} of step {step}: {p}"),
+                    now,
+                );
+                Some(Err(p))
+            }
+            RefereeResult::Hashes([input, output, gradient]) => {
+                let h = Hashes {
+                    input: hex::encode(input),
+                    output: hex::encode(output),
+                    gradient: hex::encode(gradient),
+                };
+                label = if h == committed {
+                    "overturned"
+                } else if Some(&h) == v1.as_ref() {
+                    "convicted"
+                } else {
+                    "unconfirmed"
+                };
+                tracing::info!(
+                    "audit {audit}: the coordinator recomputed {what} of step {step} in \
+                     {seconds:.3} s: {label}"
+                );
+                Some(Ok(h))
+            }
+        };
+        *self
+            .audits
+            .recomputations
+            .entry((stage, label))
+            .or_default() += 1;
+        self.audits.recompute_seconds.0 += 1;
+        self.audits.recompute_seconds.1 += seconds;
+        if let Some(r) = self
+            .audits
+            .open
+            .as_mut()
+            .and_then(|o| o.list[at].referee.as_mut())
+        {
+            r.started = false;
+            match outcome {
+                Some(o) => r.result = Some(o),
+                None => r.refused += 1,
+            }
+        }
+        if let Some(p) = refused {
+            return Err(self.refuse_audit(
+                worker,
+                "bad_weights",
+                format!("parameters uploaded for {what} in step {step} (audit {audit}): {p}"),
+                now,
+            ));
+        }
+        self.settle_audits(now);
+        Ok(())
     }
 }
 
@@ -1141,7 +1474,11 @@ impl Coordinator {
         let step = open.step;
         match &r.result {
             AuditResult::Provided => {
-                if a.worker != r.worker {
+                let uploader = a
+                    .referee
+                    .as_ref()
+                    .is_some_and(|x| x.uploaders.contains(&r.worker));
+                if a.worker != r.worker && !uploader {
                     return Err(self.refuse_audit(
                         r.worker,
                         "audit_report",

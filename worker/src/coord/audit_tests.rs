@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use super::super::{CoordError, Coordinator, Layout};
+use super::super::{CoordError, Coordinator, Layout, RefereeResult};
 use crate::coord::api::{
     audit_message, AuditClaim, AuditOrder, AuditReport, AuditResult, AuditRole, Barrier,
     Commitment, IdentityProof, MicroBatchCommit, Register, StepDone,
@@ -51,6 +51,12 @@ struct World {
     suspects: Vec<(u64, usize, &'static str)>,
     /// Worker ids that upload an evidence set lacking a micro-batch.
     short_sets: Vec<u64>,
+    /// Reports commit to a digest of the stage's parameters after the
+    /// step (the same on every replica).
+    params: bool,
+    /// Worker ids that upload parameters other than the agreed ones when
+    /// the coordinator recomputes a disputed micro-batch.
+    bad_weights: Vec<u64>,
 }
 
 impl World {
@@ -138,7 +144,9 @@ impl World {
         let commitment = Commitment {
             micro_batches: mbs.iter().map(|&m| self.commit(c, worker, s, m)).collect(),
             signature: String::new(),
-            params: None,
+            params: self
+                .params
+                .then(|| hash(format!("params of stage {s} after step {step}").as_bytes())),
             contribution: Some(self.contribution(c, s, r, &mbs).0),
         };
         StepDone {
@@ -260,7 +268,55 @@ impl World {
                 let _ = c.audit_report(&report, RUN_ID, now);
                 true
             }
+            AuditRole::Weights => {
+                self.upload_weights(c, worker, o, now);
+                let _ = c.audit_report(
+                    &AuditReport {
+                        worker,
+                        epoch,
+                        completed: o.step,
+                        audit: o.audit,
+                        result: AuditResult::Provided,
+                    },
+                    RUN_ID,
+                    now,
+                );
+                true
+            }
         }
+    }
+
+    /// `worker` uploads its parameters of before step `o.step`, and the
+    /// coordinator does what its server does with them: refuses those whose
+    /// digest is not the one the replicas committed, else recomputes the
+    /// micro-batch honestly from the evidence it holds.
+    fn upload_weights(&self, c: &mut Coordinator, worker: u64, o: &AuditOrder, now: Instant) {
+        let Some(job) = c.referee_job(worker, o.audit).expect("an uploader") else {
+            return;
+        };
+        assert_eq!(job.step, o.step);
+        let digest = if self.bad_weights.contains(&worker) {
+            hash(b"other parameters")
+        } else {
+            hash(format!("params of stage {} after step {}", o.stage, o.step - 1).as_bytes())
+        };
+        let result = if digest != hex::encode(job.digest) {
+            RefereeResult::BadWeights(format!("they digest to {}", &digest[..16]))
+        } else {
+            let ev = Evidence::decode(&job.evidence, MAX).expect("evidence");
+            let input = match &ev.input {
+                Some(b) => hash(b),
+                None => hash(format!("tokens {}", job.mb).as_bytes()),
+            };
+            let (i, out, g) = self.recompute(job.stage, job.mb, &input);
+            let raw = |h: &str| {
+                let mut b = [0u8; 32];
+                hex::decode_to_slice(h, &mut b).expect("hex");
+                b
+            };
+            RefereeResult::Hashes([raw(&i), raw(&out), raw(&g)])
+        };
+        let _ = c.referee_done(worker, o.audit, result, 0.01, now);
     }
 }
 
@@ -348,6 +404,7 @@ impl World {
                 let _ = c.audit_report(&report, RUN_ID, now);
                 true
             }
+            AuditRole::Weights => unreachable!("a contribution audit wants no parameters"),
         }
     }
 }
@@ -835,7 +892,7 @@ fn forged_and_malformed_audit_messages_are_refused_and_counted() {
     // another key, malformed hashes, then a second different verdict.
     let replica = match validate.role {
         AuditRole::Validate { audited_replica } => audited_replica,
-        AuditRole::Provide => unreachable!(),
+        AuditRole::Provide | AuditRole::Weights => unreachable!(),
     };
     let ev = Evidence::decode(
         &c.evidence_for(validator, provide.audit)
@@ -1182,3 +1239,151 @@ fn audits_are_booked_with_the_step() {
 
 #[path = "contribution_audit_tests.rs"]
 mod contribution;
+
+/// A 1-stage × 2-replica run with the coordinator as second validator,
+/// whose replicas commit to their parameters' digest, with step 1
+/// committed honestly.
+fn two_replicas_refereed(
+    secret: [u8; 32],
+    now: Instant,
+) -> (Coordinator, Vec<u64>, BTreeMap<u64, Identity>, World) {
+    let (c, ids, keys) = setup(1, 2, 1.0, secret, now);
+    let mut c = c.with_coordinator_validator(true);
+    let mut w = world(1);
+    w.params = true;
+    let e = c.epoch();
+    let (answers, _) = drive(&mut c, &w, &ids, &keys, e, 1, now);
+    assert!(answers
+        .values()
+        .all(|b| b.as_ref().is_some_and(|b| b.proceed)));
+    assert_eq!(c.committed(), 1);
+    (c, ids, keys, w)
+}
+
+#[test]
+fn with_two_replicas_the_coordinator_recomputes_and_convicts_the_dishonest_worker() {
+    let now = Instant::now();
+    let (mut c, ids, keys, mut w) = two_replicas_refereed([11; 32], now);
+    let e = c.epoch();
+    w.cheat = Some((0, 0));
+    let (answers, orders) = drive(&mut c, &w, &ids, &keys, e, 2, now);
+    assert!(answers[&ids[1]].as_ref().is_some_and(|b| !b.proceed));
+    // One upload was enough: the first uploader's (the cheater's own,
+    // honest parameters).
+    let uploads: Vec<u64> = orders
+        .iter()
+        .filter(|(_, o)| o.role == AuditRole::Weights)
+        .map(|(x, _)| *x)
+        .collect();
+    assert_eq!(uploads, vec![ids[0]], "{orders:?}");
+    assert_eq!(c.committed(), 1, "the step is not booked");
+    assert_eq!(c.audit_outcomes().get(&(0, "failed")), Some(&1));
+    assert_eq!(c.audit_outcomes().get(&(0, "unconfirmed")), None);
+    assert_eq!(
+        c.coordinator_recomputations().get(&(0, "convicted")),
+        Some(&1)
+    );
+    assert_eq!(c.coordinator_recompute_seconds().0, 1);
+    let convictions = c.convictions();
+    assert_eq!(convictions.len(), 1);
+    assert_eq!(convictions[0].worker, ids[0]);
+    assert_eq!(convictions[0].reason, "failed_audit");
+    let evidence: serde_json::Value =
+        serde_json::from_str(&convictions[0].evidence).expect("one line of JSON");
+    assert_eq!(evidence["second_validator"], "coordinator");
+    assert_eq!(evidence["coordinator"], evidence["recomputed"][0]);
+    assert!(
+        c.heartbeat(ids[1], now).is_ok(),
+        "the validator keeps its slot"
+    );
+    assert!(matches!(
+        c.heartbeat(ids[0], now),
+        Err(CoordError::Quarantined(_))
+    ));
+}
+
+#[test]
+fn with_two_replicas_the_coordinator_overturns_a_lying_validator() {
+    let now = Instant::now();
+    let (mut c, ids, keys, mut w) = two_replicas_refereed([12; 32], now);
+    let e = c.epoch();
+    // Replica 1 validates replica 0 and lies.
+    w.liars = vec![ids[1]];
+    let (answers, _) = drive(&mut c, &w, &ids, &keys, e, 2, now);
+    assert!(answers
+        .values()
+        .all(|b| b.as_ref().is_some_and(|b| b.proceed)));
+    assert_eq!(c.committed(), 2, "the audit passes and the step commits");
+    assert_eq!(c.audit_outcomes().get(&(0, "overturned")), Some(&1));
+    assert_eq!(
+        c.coordinator_recomputations().get(&(0, "overturned")),
+        Some(&1)
+    );
+    assert_eq!(c.refused().get("overturned_verdict"), Some(&1));
+    assert!(c.convictions().is_empty());
+    assert!(c
+        .history(now, 0.0)
+        .events
+        .iter()
+        .any(|ev| ev.text.contains("the coordinator")));
+}
+
+#[test]
+fn parameters_not_matching_the_agreed_digest_are_refused_and_the_other_upload_decides() {
+    let now = Instant::now();
+    let (mut c, ids, keys, mut w) = two_replicas_refereed([13; 32], now);
+    let e = c.epoch();
+    w.cheat = Some((0, 0));
+    // The cheater, first to be asked, uploads other parameters.
+    w.bad_weights = vec![ids[0]];
+    let (_, orders) = drive(&mut c, &w, &ids, &keys, e, 2, now);
+    let uploads: Vec<u64> = orders
+        .iter()
+        .filter(|(_, o)| o.role == AuditRole::Weights)
+        .map(|(x, _)| *x)
+        .collect();
+    assert_eq!(uploads, vec![ids[0], ids[1]], "{orders:?}");
+    assert_eq!(c.refused().get("bad_weights"), Some(&1));
+    assert_eq!(
+        c.coordinator_recomputations().get(&(0, "refused_weights")),
+        Some(&1)
+    );
+    assert_eq!(
+        c.coordinator_recomputations().get(&(0, "convicted")),
+        Some(&1)
+    );
+    let convictions = c.convictions();
+    assert_eq!(convictions.len(), 1);
+    assert_eq!(convictions[0].worker, ids[0]);
+}
+
+#[test]
+fn parameters_refused_by_every_uploader_leave_the_audit_unconfirmed_at_the_deadline() {
+    let now = Instant::now();
+    let (mut c, ids, keys, mut w) = two_replicas_refereed([14; 32], now);
+    let e = c.epoch();
+    w.cheat = Some((0, 0));
+    w.bad_weights = ids.clone();
+    let (answers, _) = drive(&mut c, &w, &ids, &keys, e, 2, now);
+    assert!(answers[&ids[0]].is_none(), "waiting for parameters");
+    assert_eq!(c.refused().get("bad_weights"), Some(&2));
+    let later = now + c.audit_deadline() + Duration::from_secs(1);
+    assert!(c.barrier(ids[1], e, 2, later).is_some_and(|b| !b.proceed));
+    assert_eq!(c.audit_outcomes().get(&(0, "unconfirmed")), Some(&1));
+    assert!(c.convictions().is_empty());
+}
+
+#[test]
+fn at_the_first_step_no_digest_is_agreed_and_a_dispute_stays_unconfirmed() {
+    let now = Instant::now();
+    let (c, ids, keys) = setup(1, 2, 1.0, [15; 32], now);
+    let mut c = c.with_coordinator_validator(true);
+    let e = c.epoch();
+    let mut w = world(1);
+    w.params = true;
+    w.cheat = Some((0, 0));
+    let (_, orders) = drive(&mut c, &w, &ids, &keys, e, 1, now);
+    assert!(orders.iter().all(|(_, o)| o.role != AuditRole::Weights));
+    assert_eq!(c.audit_outcomes().get(&(0, "unconfirmed")), Some(&1));
+    assert!(c.coordinator_recomputations().is_empty());
+}

@@ -335,6 +335,15 @@ impl Client {
             .map(|_| ())
     }
 
+    /// Uploads the stage's parameters of before the audited step for audit
+    /// `audit` (`StageWorker::encode_weights`); answered once the
+    /// coordinator has recomputed the disputed micro-batch.
+    pub fn put_weights(&self, audit: u64, worker: u64, bytes: &[u8]) -> Result<(), ClientError> {
+        let path = format!("/v1/audit/{audit}/weights?worker={worker}");
+        self.send("weights upload", "PUT", &path, Body::Bytes(bytes))
+            .map(|_| ())
+    }
+
     /// Shows the coordinator a pipeline frame `worker` refused in `epoch`
     /// (`frame`: the frame encoded as it arrived, with its author's
     /// signature); the coordinator's verdict as text.

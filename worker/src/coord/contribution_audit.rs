@@ -297,6 +297,7 @@ impl Coordinator {
                     }),
                     evidence: None,
                     bad_uploads: 0,
+                    referee: None,
                     checks: vec![Check {
                         worker: v.worker,
                         identity: v.identity.clone(),

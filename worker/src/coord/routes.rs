@@ -53,6 +53,9 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .put(put_evidence)
         .fallback(evidence_method)
         .layer(DefaultBodyLimit::max(shared.evidence_body_limit));
+    let weights = axum::routing::put(put_weights)
+        .fallback(weights_method)
+        .layer(DefaultBodyLimit::max(MAX_STATE));
     let complaints = post(complaint)
         .fallback(no_such_endpoint)
         .layer(DefaultBodyLimit::max(complaint_limit(&shared)));
@@ -66,6 +69,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/fail", only(post(fail)))
         .route("/v1/audit", only(post(audit)))
         .route("/v1/audit/{audit}/evidence", evidence)
+        .route("/v1/audit/{audit}/weights", weights)
         .route("/v1/complaint", complaints)
         .route("/v1/broken", only(post(broken)))
         .route("/v1/recheck", only(post(recheck)))
@@ -221,7 +225,10 @@ fn unauthorized() -> Reply {
 /// before anything else looks at the request.
 async fn refuse_oversized(State(shared): Coord, request: Request, next: Next) -> Response {
     let path = request.uri().path();
-    let limit = if path.starts_with("/v1/state/") || path.starts_with("/v1/checkpoint/") {
+    let limit = if path.starts_with("/v1/state/")
+        || path.starts_with("/v1/checkpoint/")
+        || (path.starts_with("/v1/audit/") && path.ends_with("/weights"))
+    {
         MAX_STATE
     } else if path.starts_with("/v1/audit/") {
         shared.evidence_body_limit
@@ -707,6 +714,68 @@ async fn get_evidence(State(shared): Coord, at: EvidenceAt) -> Reply {
         }
     })
     .await
+}
+
+/// `/v1/audit/{audit}/weights?worker=W`.
+struct WeightsAt {
+    audit: u64,
+    worker: u64,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for WeightsAt {
+    type Rejection = Reply;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Reply> {
+        #[derive(Deserialize)]
+        struct Q {
+            worker: u64,
+        }
+        let bad = || Reply::Text(400, "weights need /v1/audit/AUDIT/weights?worker=ID".into());
+        let audit = parts
+            .uri
+            .path()
+            .strip_prefix("/v1/audit/")
+            .and_then(|p| p.strip_suffix("/weights"))
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(bad)?;
+        let Query(q) = Query::<Q>::try_from_uri(&parts.uri).map_err(|_| bad())?;
+        Ok(WeightsAt {
+            audit,
+            worker: q.worker,
+        })
+    }
+}
+
+/// `PUT /v1/audit/{audit}/weights?worker=W`: a replica ordered to (a
+/// disputed micro-batch audit with no second validator) uploads its
+/// stage's parameters of before the step. One upload at a time is taken:
+/// the coordinator checks their digest against the one the replicas
+/// committed and recomputes the micro-batch on this request's thread,
+/// outside the state machine's lock; the answer comes once it is done.
+async fn put_weights(State(shared): Coord, at: WeightsAt, RawBody(body): RawBody) -> Reply {
+    changing(shared, move |s| {
+        let _one = lock(&s.referee);
+        let job = lock(&s.coord).referee_job(at.worker, at.audit);
+        let job = match job {
+            Ok(Some(j)) => j,
+            Ok(None) => return ok(),
+            Err(e) => return coord_error(e),
+        };
+        let t = Instant::now();
+        let result = s.recompute_disputed(&job, &body);
+        let seconds = t.elapsed().as_secs_f64();
+        let done =
+            lock(&s.coord).referee_done(at.worker, at.audit, result, seconds, Instant::now());
+        match done {
+            Ok(()) => ok(),
+            Err(e) => coord_error(e),
+        }
+    })
+    .await
+}
+
+async fn weights_method(_: WeightsAt) -> Reply {
+    Reply::Text(405, "weights take PUT".into())
 }
 
 async fn evidence_method(_: EvidenceAt) -> Reply {

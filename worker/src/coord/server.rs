@@ -16,10 +16,11 @@ use anyhow::{Context, Result};
 
 use super::metrics::Metrics;
 use super::persist::{load_state, StateFile};
-use super::state::{CoordError, Coordinator, Status};
+use super::state::{CoordError, Coordinator, RefereeJob, RefereeResult, Status};
 use crate::checkpoint::{self, Meta};
 use crate::data::Tokenizer;
 use crate::model::ModelConfig;
+use crate::pipeline::{Evidence, Shard, StageWorker};
 
 /// How long a long-polling request waits before answering "not yet" (the
 /// client asks again).
@@ -124,6 +125,9 @@ pub(super) struct Shared {
     /// set of every micro-batch of a replica's step when those audits are
     /// on, else one micro-batch's (see [`evidence_body_limit`]).
     pub(super) evidence_body_limit: usize,
+    /// Held while the coordinator recomputes a disputed micro-batch: one
+    /// recomputation at a time.
+    pub(super) referee: Mutex<()>,
     state_file: StateFile,
 }
 
@@ -263,6 +267,7 @@ impl Shared {
             crate::model::partition(&model, stages, speeds)
         }))
         .with_audit_rate(spec.validation.audit_rate)
+        .with_coordinator_validator(true)
         .with_robust_aggregation(spec.pipeline.aggregation != pipewright_spec::Aggregation::Mean)
         .with_contribution_audit_rate(
             spec.validation
@@ -287,8 +292,62 @@ impl Shared {
             handoff: Mutex::new(HashMap::new()),
             metrics: Metrics::new(),
             challenges: Challenges::default(),
+            referee: Mutex::new(()),
             state_file,
         })
+    }
+
+    /// Recomputes the disputed micro-batch of `job` in this process, as a
+    /// validator would (see `StageWorker::recompute`), with the parameters
+    /// `weights` (a [`StageWorker::encode_weights`] upload): builds the
+    /// stage's layer range from the run's manifest without links (the
+    /// first stage reads the run's corpus to sample its tokens; where it
+    /// cannot, the result is [`RefereeResult::Failed`]), refuses
+    /// parameters that are not the stage's size or whose digest is not
+    /// `job.digest` ([`RefereeResult::BadWeights`]), and recomputes from
+    /// the evidence the coordinator holds. Runs on the caller's thread,
+    /// outside the state machine's lock.
+    pub(super) fn recompute_disputed(&self, job: &RefereeJob, weights: &[u8]) -> RefereeResult {
+        let layers = lock(&self.coord)
+            .layout()
+            .stage_layers
+            .get(job.stage)
+            .cloned();
+        let shard = Shard {
+            stage: job.stage,
+            replica: 0,
+        };
+        let mut wk = match StageWorker::prepare_layers(
+            &self.config.manifest,
+            shard,
+            Duration::from_secs(1),
+            layers,
+        ) {
+            Ok(w) => w,
+            Err(e) => {
+                return RefereeResult::Failed(format!("building stage {}: {e}", job.stage));
+            }
+        };
+        let before = job.step.saturating_sub(1);
+        let (mut state, digest) = match wk.decode_weights(weights, before) {
+            Ok(x) => x,
+            Err(e) => return RefereeResult::BadWeights(e.to_string()),
+        };
+        if digest != job.digest {
+            return RefereeResult::BadWeights(format!(
+                "they digest to {}, the stage's replicas committed {} after step {before}",
+                hex::encode(&digest[..8]),
+                hex::encode(&job.digest[..8])
+            ));
+        }
+        let evidence = match Evidence::decode(&job.evidence, self.evidence_limit) {
+            Ok(e) => e,
+            Err(e) => return RefereeResult::Failed(e.to_string()),
+        };
+        match wk.recompute_detached(&mut state, before, job.mb, &evidence, job.scale) {
+            Ok(h) => RefereeResult::Hashes([h.input, h.output, h.gradient]),
+            Err(e) => RefereeResult::Failed(e.to_string()),
+        }
     }
 
     /// Persists the state when it changed and wakes every long poll.

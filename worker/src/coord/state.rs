@@ -38,6 +38,7 @@ use crate::pipeline::Route;
 
 #[path = "audit.rs"]
 mod audit;
+pub use audit::{RefereeJob, RefereeResult};
 #[path = "complaint.rs"]
 mod complaint;
 pub use complaint::ComplaintVerdict;

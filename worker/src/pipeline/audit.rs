@@ -411,6 +411,89 @@ impl StageWorker {
         })
     }
 
+    /// The bytes of a stage's parameters as a weights upload carries them
+    /// (`PUT /v1/audit/{audit}/weights`): every parameter's values as
+    /// little-endian f32, in the stage's parameter order, nothing else.
+    pub fn encode_weights(state: &StageState) -> Vec<u8> {
+        let floats: usize = state.params.iter().map(Vec::len).sum();
+        let mut out = Vec::with_capacity(floats * 4);
+        for p in &state.params {
+            out.extend_from_slice(bytemuck::cast_slice(p));
+        }
+        out
+    }
+
+    /// Bytes of this stage's [`StageWorker::encode_weights`]: 4 per
+    /// parameter value.
+    pub fn weights_len(&self) -> usize {
+        self.stage.params().iter().map(|p| p.data.len() * 4).sum()
+    }
+
+    /// Reads a weights upload for this stage (at step `step`, 0-based:
+    /// the weights before step `step + 1`) and returns them with their
+    /// [`super::params_digest`] under this stage's parameter names and
+    /// shapes. Refused unless it holds exactly
+    /// [`StageWorker::weights_len`] bytes.
+    pub fn decode_weights(
+        &self,
+        bytes: &[u8],
+        step: u64,
+    ) -> Result<(StageState, [u8; 32]), PipelineError> {
+        let want = self.weights_len();
+        if bytes.len() != want {
+            return Err(PipelineError::Audit(format!(
+                "the weights upload holds {} bytes, stage {}'s parameters take {want}",
+                bytes.len(),
+                self.shard.stage
+            )));
+        }
+        let live = self.stage.params();
+        let mut params = Vec::with_capacity(live.len());
+        let mut at = 0;
+        for p in &live {
+            let n = p.data.len() * 4;
+            params.push(
+                bytes[at..at + n]
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect::<Vec<f32>>(),
+            );
+            at += n;
+        }
+        let digest = super::params_digest(
+            live.iter()
+                .zip(&params)
+                .map(|(p, d)| (p.name.as_str(), &p.shape[..], &d[..])),
+        );
+        let state = StageState {
+            step,
+            params,
+            // A recomputation reads the weights alone.
+            opt: crate::optim::AdamW::default(),
+        };
+        Ok((state, digest))
+    }
+
+    /// [`StageWorker::recompute`] on a worker that did not train (the
+    /// coordinator's, built by [`StageWorker::prepare_layers`] without
+    /// links): it takes step `step` (0-based) as its last completed one
+    /// and `scale` (the loss scale every micro-batch of that step had) as
+    /// the step's, then recomputes micro-batch `mb` with the weights of
+    /// `before` from `evidence`.
+    pub fn recompute_detached(
+        &mut self,
+        before: &mut StageState,
+        step: u64,
+        mb: u64,
+        evidence: &Evidence,
+        scale: f32,
+    ) -> Result<MicroBatchHashes, PipelineError> {
+        self.step = step + 1;
+        self.scale = scale;
+        before.step = step;
+        self.recompute(before, step, mb, evidence)
+    }
+
     /// Refuses a recomputation of step `step` (0-based) unless it is this
     /// worker's last completed step, `before` holds the state before it
     /// and fits the stage, and no micro-batch is in flight.

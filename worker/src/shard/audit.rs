@@ -114,9 +114,12 @@ pub(super) fn carry_out(
         let _s = span!("audits", stage, replica, step, orders = orders.len()).entered();
         // Every worker uploads before it waits for another's evidence, so
         // no two wait on each other.
-        let (provide, validate): (Vec<&AuditOrder>, Vec<&AuditOrder>) = orders
+        let (provide, rest): (Vec<&AuditOrder>, Vec<&AuditOrder>) = orders
             .iter()
             .partition(|o| matches!(o.role, AuditRole::Provide));
+        let (weights, validate): (Vec<&AuditOrder>, Vec<&AuditOrder>) = rest
+            .into_iter()
+            .partition(|o| matches!(o.role, AuditRole::Weights));
         let mut reports = Vec::with_capacity(orders.len());
         for o in provide {
             if provide_evidence(session, wk, o)?.is_none() {
@@ -129,6 +132,12 @@ pub(super) fn carry_out(
                 return Ok(None);
             };
             reports.push(report(session, wk, epoch, o, result));
+        }
+        for o in weights {
+            if upload_weights(session, wk, snapshot, o)?.is_none() {
+                return Ok(None);
+            }
+            reports.push(report(session, wk, epoch, o, AuditResult::Provided));
         }
         // The coordinator answers a report at once while this worker still
         // has orders to report (listing them), and holds the last one until
@@ -191,6 +200,42 @@ fn provide_evidence(session: &Session, wk: &StageWorker, o: &AuditOrder) -> Resu
     match session.client.put_evidence(o.audit, session.worker, &bytes) {
         Ok(()) => Ok(Some(())),
         Err(e) => moved_on(e, "uploading an audit's evidence"),
+    }
+}
+
+/// Uploads the stage's parameters of before the audited step, from the
+/// snapshot, for the coordinator to recompute a disputed micro-batch
+/// itself; the answer comes once it has. `None` when the audits moved on.
+fn upload_weights(
+    session: &Session,
+    wk: &StageWorker,
+    snapshot: &mut Snapshot,
+    o: &AuditOrder,
+) -> Result<Option<()>> {
+    let mut before = snapshot
+        .before(wk)
+        .with_context(|| format!("audit {}: the snapshot", o.audit))?
+        .with_context(|| {
+            format!(
+                "audit {}: no snapshot of the weights before step {}",
+                o.audit, o.step
+            )
+        })?;
+    let bytes = StageWorker::encode_weights(before.state());
+    let t = std::time::Instant::now();
+    match session.client.put_weights(o.audit, session.worker, &bytes) {
+        Ok(()) => {
+            tracing::info!(
+                "audit {}: uploaded stage {}'s parameters of before step {} ({} bytes) in {:.1} ms",
+                o.audit,
+                o.stage,
+                o.step,
+                bytes.len(),
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            Ok(Some(()))
+        }
+        Err(e) => moved_on(e, "uploading an audit's parameters"),
     }
 }
 

@@ -1419,6 +1419,7 @@ impl Coordinator {
             traceparent: None,
             keys: self.shard_keys(),
             rechecks: self.recheck_orders(worker),
+            recheck_only: self.recheck_only(plan.epoch),
         }))
     }
 
@@ -1440,6 +1441,7 @@ impl Coordinator {
             traceparent: None,
             keys: Vec::new(),
             rechecks: Vec::new(),
+            recheck_only: false,
         }
     }
 

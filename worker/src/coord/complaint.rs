@@ -66,6 +66,9 @@ const MAX_OPEN_RECHECKS: usize = 256;
 /// Most frames and suspects one broken step's report may name.
 const MAX_REPORTED: usize = 4096;
 
+/// A validator's recomputed (input, output) hashes.
+type Hashes = ([u8; 32], [u8; 32]);
+
 /// A recheck of one signed activation frame of a broken step.
 #[derive(Clone, Debug)]
 struct Recheck {
@@ -80,7 +83,7 @@ struct Recheck {
     output: [u8; 32],
     /// The validators' worker ids, and their verdicts as they come.
     validators: Vec<u64>,
-    verdicts: BTreeMap<u64, Option<([u8; 32], [u8; 32])>>,
+    verdicts: BTreeMap<u64, Option<Hashes>>,
     /// Who reported the frame.
     reporter: u64,
 }
@@ -624,8 +627,8 @@ impl Coordinator {
     /// Decides a recheck whose validators have all reported.
     fn decide_recheck(&mut self, id: u64, rc: Recheck, now: Instant) {
         let signed = (rc.input, rc.output);
-        let all: Vec<Option<([u8; 32], [u8; 32])>> = rc.verdicts.values().copied().collect();
-        let verdicts: Vec<([u8; 32], [u8; 32])> = all.iter().flatten().copied().collect();
+        let all: Vec<Option<Hashes>> = rc.verdicts.values().copied().collect();
+        let verdicts: Vec<Hashes> = all.iter().flatten().copied().collect();
         let agree = verdicts.len() == all.len() && verdicts.windows(2).all(|w| w[0] == w[1]);
         let what = format!(
             "stage 0 replica {}'s activation of micro-batch {} of step {}",

@@ -295,6 +295,10 @@ pub struct Wiring {
     /// (`POST /v1/recheck`; `coord::complaint`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rechecks: Vec<super::complaint_api::RecheckOrder>,
+    /// An epoch started for rechecks: carry out `rechecks`, do not link,
+    /// and ask for the next wiring.
+    #[serde(default)]
+    pub recheck_only: bool,
 }
 
 /// `POST /v1/step`: a worker completed a step; the answer comes when every

@@ -66,6 +66,9 @@ const MAX_OPEN_RECHECKS: usize = 256;
 /// Most frames and suspects one broken step's report may name.
 const MAX_REPORTED: usize = 4096;
 
+/// A validator's recomputed (input, output) hashes.
+type Hashes = ([u8; 32], [u8; 32]);
+
 /// A recheck of one signed activation frame of a broken step.
 #[derive(Clone, Debug)]
 struct Recheck {
@@ -80,7 +83,7 @@ struct Recheck {
     output: [u8; 32],
     /// The validators' worker ids, and their verdicts as they come.
     validators: Vec<u64>,
-    verdicts: BTreeMap<u64, ([u8; 32], [u8; 32])>,
+    verdicts: BTreeMap<u64, Option<Hashes>>,
     /// Who reported the frame.
     reporter: u64,
 }
@@ -105,6 +108,9 @@ pub(super) struct Rechecks {
     next: u64,
     /// Decided rechecks by outcome (`passed`, `failed`, `unconfirmed`).
     outcomes: BTreeMap<&'static str, u64>,
+    /// The epoch started for rechecks, in which nobody links (its wiring
+    /// says `recheck_only`), and the rechecks it waits for.
+    hold: Option<(u64, BTreeSet<u64>)>,
 }
 
 /// What a complaint came to.
@@ -436,6 +442,7 @@ impl Coordinator {
         let dropped = (before - self.rechecks.open.len()) as u64;
         if dropped > 0 {
             *self.rechecks.outcomes.entry("unconfirmed").or_default() += dropped;
+            self.release_hold(now);
         }
         let mut wanted = Vec::new();
         for (&step, suspects) in &self.rechecks.suspects {
@@ -504,6 +511,8 @@ impl Coordinator {
                 now,
             );
             self.break_off(now);
+            let waiting: BTreeSet<u64> = self.rechecks.open.keys().copied().collect();
+            self.rechecks.hold = Some((self.epoch, waiting));
         }
         ordered
     }
@@ -550,8 +559,11 @@ impl Coordinator {
             replica: rc.replica,
         };
         let (mut input, mut output) = ([0u8; 32], [0u8; 32]);
-        if hex::decode_to_slice(&r.input, &mut input).is_err()
-            || hex::decode_to_slice(&r.output, &mut output).is_err()
+        let could_not = r.error.is_some() && r.input.is_empty() && r.output.is_empty();
+        if !could_not
+            && (r.error.is_some()
+                || hex::decode_to_slice(&r.input, &mut input).is_err()
+                || hex::decode_to_slice(&r.output, &mut output).is_err())
         {
             let detail = "hashes are not 64 hex digits".to_string();
             return Err(self.refuse(refusal("audit_report", detail), now));
@@ -567,20 +579,57 @@ impl Coordinator {
         let Some(rc) = self.rechecks.open.get_mut(&r.recheck) else {
             return Ok(());
         };
-        rc.verdicts.entry(r.worker).or_insert((input, output));
+        let verdict = (!could_not).then_some((input, output));
+        if could_not {
+            tracing::warn!(
+                "worker {} could not carry out recheck {}: {}",
+                r.worker,
+                r.recheck,
+                r.error.as_deref().unwrap_or_default()
+            );
+        }
+        rc.verdicts.entry(r.worker).or_insert(verdict);
         if rc.verdicts.len() == rc.validators.len() {
             if let Some(rc) = self.rechecks.open.remove(&r.recheck) {
                 self.decide_recheck(r.recheck, rc, now);
             }
         }
+        self.release_hold(now);
         Ok(())
+    }
+
+    /// Whether `epoch` was started for rechecks: its wiring tells every
+    /// worker to carry out its orders and not to link.
+    pub(super) fn recheck_only(&self, epoch: u64) -> bool {
+        self.rechecks
+            .hold
+            .as_ref()
+            .is_some_and(|(e, _)| *e == epoch)
+    }
+
+    /// Once every recheck an epoch was started for is decided (or
+    /// dropped), starts the next epoch, in which the run trains again; a
+    /// conviction may have started one already.
+    fn release_hold(&mut self, now: Instant) {
+        let Some((epoch, ids)) = &self.rechecks.hold else {
+            return;
+        };
+        if ids.iter().any(|id| self.rechecks.open.contains_key(id)) {
+            return;
+        }
+        let current = *epoch == self.epoch;
+        self.rechecks.hold = None;
+        if current {
+            self.break_off(now);
+        }
     }
 
     /// Decides a recheck whose validators have all reported.
     fn decide_recheck(&mut self, id: u64, rc: Recheck, now: Instant) {
         let signed = (rc.input, rc.output);
-        let verdicts: Vec<([u8; 32], [u8; 32])> = rc.verdicts.values().copied().collect();
-        let agree = verdicts.windows(2).all(|w| w[0] == w[1]);
+        let all: Vec<Option<Hashes>> = rc.verdicts.values().copied().collect();
+        let verdicts: Vec<Hashes> = all.iter().flatten().copied().collect();
+        let agree = verdicts.len() == all.len() && verdicts.windows(2).all(|w| w[0] == w[1]);
         let what = format!(
             "stage 0 replica {}'s activation of micro-batch {} of step {}",
             rc.replica,
@@ -589,7 +638,7 @@ impl Coordinator {
         );
         let outcome = if verdicts.contains(&signed) {
             "passed"
-        } else if agree {
+        } else if agree && verdicts.len() >= 2 {
             "failed"
         } else {
             "unconfirmed"

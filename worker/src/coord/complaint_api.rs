@@ -58,6 +58,10 @@ pub struct RecheckReport {
     /// Its identity's signature (hex) of [`recheck_message`] in the domain
     /// `pipewright recheck v1`.
     pub signature: String,
+    /// Why it could not recompute (it holds another step's weights); then
+    /// `input` and `output` are empty, and signed so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// What a validator signs for a recheck:

@@ -339,6 +339,7 @@ mod rechecks {
                     signature: keys[&(0, v)].sign(RECHECK_DOMAIN, &message),
                     input,
                     output,
+                    error: None,
                 };
                 c.recheck_report(&r, RUN_HEX, now).expect("accepted");
             }
@@ -353,6 +354,7 @@ mod rechecks {
         let epoch = c.epoch();
         assert_eq!(broken_step(&mut c, &ids, &keys, |_| vec![0.0; 32], now), 2);
         assert!(c.epoch() > epoch, "a new epoch carries the orders");
+        assert!(c.recheck_only(c.epoch()), "in which nobody links");
         assert!(
             c.recheck_orders(ids[&(0, 1)]).is_empty(),
             "not its own validator"
@@ -366,6 +368,7 @@ mod rechecks {
         assert!(c.barred_worker(ids[&(0, 1)]).is_some());
         assert_eq!(c.recheck_outcomes().get("failed"), Some(&2));
         assert_eq!(c.open_rechecks(), 0);
+        assert!(!c.recheck_only(c.epoch()), "the conviction's epoch trains");
         for v in [(0, 0), (0, 2), (1, 1)] {
             assert!(c.barred_worker(ids[&v]).is_none(), "{v:?} is honest");
         }
@@ -376,9 +379,13 @@ mod rechecks {
         let now = Instant::now();
         let (mut c, ids, keys) = setup(now);
         assert_eq!(broken_step(&mut c, &ids, &keys, honest, now), 2);
+        let held = c.epoch();
+        assert!(c.recheck_only(held));
         validate(&mut c, &ids, &keys, &|_, mb| honest(mb), now);
         assert!(c.convictions().is_empty());
         assert_eq!(c.recheck_outcomes().get("passed"), Some(&2));
+        assert!(c.epoch() > held, "decided: the run trains again");
+        assert!(!c.recheck_only(c.epoch()));
         // The same step reported again orders nothing more.
         assert_eq!(broken_step(&mut c, &ids, &keys, honest, now), 0);
     }
@@ -458,6 +465,7 @@ mod rechecks {
             signature: keys[&(0, 0)].sign(RECHECK_DOMAIN, &message),
             input: input.clone(),
             output: output.clone(),
+            error: None,
         };
         let stranger = RecheckReport {
             worker: ids[&(1, 0)],
@@ -483,6 +491,36 @@ mod rechecks {
         c.recheck_report(&good, RUN_HEX, now)
             .expect("the genuine verdict");
         assert!(c.convictions().is_empty());
+    }
+
+    #[test]
+    fn a_validator_that_could_not_recompute_leaves_the_recheck_unconfirmed() {
+        let now = Instant::now();
+        let (mut c, ids, keys) = setup(now);
+        assert_eq!(broken_step(&mut c, &ids, &keys, |_| vec![0.0; 32], now), 2);
+        for v in [0, 2] {
+            let worker = ids[&(0, v)];
+            for o in c.recheck_orders(worker) {
+                let (input, output) = if v == 0 {
+                    (String::new(), String::new())
+                } else {
+                    (hex::encode(tokens(o.mb)), output_hash(&honest(o.mb)))
+                };
+                let message = recheck_message(RUN_HEX, &o, &input, &output);
+                let r = RecheckReport {
+                    worker,
+                    recheck: o.recheck,
+                    signature: keys[&(0, v)].sign(RECHECK_DOMAIN, &message),
+                    error: (v == 0).then(|| "holds another step".to_string()),
+                    input,
+                    output,
+                };
+                c.recheck_report(&r, RUN_HEX, now).expect("accepted");
+            }
+        }
+        assert!(c.convictions().is_empty(), "one validator cannot convict");
+        assert_eq!(c.recheck_outcomes().get("unconfirmed"), Some(&2));
+        assert!(!c.recheck_only(c.epoch()));
     }
 
     fn refusal_of(r: Result<usize, CoordError>) -> &'static str {

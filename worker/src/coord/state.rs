@@ -1435,6 +1435,7 @@ impl Coordinator {
             traceparent: None,
             keys: self.shard_keys(),
             rechecks: self.recheck_orders(worker),
+            recheck_only: self.recheck_only(plan.epoch),
         }))
     }
 
@@ -1456,6 +1457,7 @@ impl Coordinator {
             traceparent: None,
             keys: Vec::new(),
             rechecks: Vec::new(),
+            recheck_only: false,
         }
     }
 

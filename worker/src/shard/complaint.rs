@@ -106,15 +106,15 @@ fn complain(session: &Session, wk: &mut StageWorker, epoch: u64) {
 /// Carries out the rechecks `w` orders: recomputes each micro-batch's
 /// forward with the state `wk` holds (rolled back to before the broken
 /// step), signs the hashes and reports them. A recheck this worker cannot
-/// do (it holds another step's weights) is logged and left: the
+/// do (it holds another step's weights) is reported as such, signed; the
 /// coordinator leaves it unconfirmed.
 pub(super) fn carry_out_rechecks(session: &Session, wk: &mut StageWorker, w: &Wiring) {
     for o in &w.rechecks {
-        let (input, output) = match wk.recheck_forward(o.step, o.mb) {
-            Ok((i, o)) => (hex::encode(i), hex::encode(o)),
+        let (input, output, error) = match wk.recheck_forward(o.step, o.mb) {
+            Ok((i, o)) => (hex::encode(i), hex::encode(o), None),
             Err(e) => {
                 tracing::warn!("recheck {}: {e}", o.recheck);
-                continue;
+                (String::new(), String::new(), Some(e.to_string()))
             }
         };
         let message = recheck_message(&session.run_hex, o, &input, &output);
@@ -124,6 +124,7 @@ pub(super) fn carry_out_rechecks(session: &Session, wk: &mut StageWorker, w: &Wi
             signature: session.identity.sign(RECHECK_DOMAIN, &message),
             input,
             output,
+            error,
         };
         if let Err(e) = session.client.recheck(&report) {
             tracing::warn!("reporting recheck {}: {e}", o.recheck);

@@ -153,6 +153,10 @@ impl Session {
             return Ok(false);
         }
         super::complaint::carry_out_rechecks(self, wk, w);
+        if w.recheck_only {
+            // An epoch for rechecks: nobody links in it.
+            return Ok(false);
+        }
         if wk.steps_done() >= self.manifest.spec.training.steps {
             return Ok(false);
         }

@@ -633,3 +633,37 @@ fn a_suspected_contribution_is_audited_and_convicted_without_a_random_draw() {
     assert_eq!(replaced(&out), vec![(0, 2)]);
     assert_same(&clean, &losses_in(&out.join("summary.json")));
 }
+
+/// With two replicas a stage has no second validator: when the one
+/// validator disputes the audited worker's commitment, the coordinator
+/// recomputes the micro-batch itself, from the parameters of before the
+/// step uploaded by a replica (checked against the digest both committed)
+/// and the evidence it holds. A worker that sends noise in place of its
+/// activation gradients is convicted at the step it starts, quarantined
+/// and replaced; the step is trained again and the run's losses are a
+/// clean run's.
+#[test]
+fn with_two_replicas_the_coordinator_recomputes_a_disputed_audit_and_convicts() {
+    let _one_at_a_time = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let m = audited(d, "pair", 2, 2, 5);
+    train_processes(&m, &d.join("clean"), &[]);
+    let clean = losses_in(&d.join("clean").join("summary.json"));
+    let v = verdicts(&d.join("clean"));
+    assert!(v.quarantined.is_empty() && v.failed == 0, "clean run");
+    assert_eq!(v.passed, 5 * 4, "clean run's audits");
+    let out = d.join("noise");
+    let stderr = drill(&m, &out, "1/1=act-noise@3");
+    let v = verdicts(&out);
+    assert_eq!(
+        v.quarantined,
+        vec![(1, 1, 3, "failed_audit".to_string())],
+        "{stderr}"
+    );
+    assert_eq!(replaced(&out), vec![(1, 1)]);
+    let evidence = conviction_evidence(&out);
+    assert_eq!(evidence["second_validator"], "coordinator", "{evidence}");
+    assert_eq!(evidence["coordinator"], evidence["recomputed"][0]);
+    assert_same(&clean, &losses_in(&out.join("summary.json")));
+}

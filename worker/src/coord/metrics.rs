@@ -57,6 +57,8 @@ pub(super) struct Metrics {
     chain_mismatches: Family<Labels, Counter>,
     contribution_audits: Family<Labels, Counter>,
     contribution_suspicions: Family<Labels, Counter>,
+    coordinator_recomputations: Family<Labels, Counter>,
+    coordinator_recompute_seconds: Counter<f64, AtomicU64>,
 }
 
 /// The outcomes of an audit (the `outcome` label of
@@ -66,6 +68,16 @@ const AUDIT_OUTCOMES: [&str; 4] = ["passed", "failed", "overturned", "unconfirme
 /// Why a replica reports another's contribution suspect (the `reason`
 /// label of `pipewright_contribution_suspicions_total`).
 const SUSPICION_REASONS: [&str; 2] = ["cosine", "norm_ratio"];
+
+/// How the coordinator's own recomputation of a disputed micro-batch ended
+/// (the `outcome` label of `pipewright_coordinator_recomputations_total`).
+const RECOMPUTE_OUTCOMES: [&str; 5] = [
+    "convicted",
+    "overturned",
+    "unconfirmed",
+    "failed",
+    "refused_weights",
+];
 
 /// Upper bounds of `pipewright_audit_seconds`' buckets.
 const AUDIT_SECONDS_BUCKETS: [f64; 11] = [
@@ -85,8 +97,10 @@ const AUDIT_SECONDS_BUCKETS: [f64; 11] = [
 /// a signed pipeline frame that fails the receiver's screen (its author
 /// convicted), a complaint that is malformed or whose frame's signature
 /// does not verify, one whose frame passes the screen, and a broken step's
-/// signed activation that two validators' recheck does not reproduce.
-const REFUSAL_REASONS: [&str; 17] = [
+/// signed activation that two validators' recheck does not reproduce;
+/// parameters uploaded for the coordinator's recomputation that are not
+/// the ones the stage's replicas committed.
+const REFUSAL_REASONS: [&str; 18] = [
     "signature",
     "identity",
     "unsigned",
@@ -104,6 +118,7 @@ const REFUSAL_REASONS: [&str; 17] = [
     "complaint",
     "unfounded_complaint",
     "failed_recheck",
+    "bad_weights",
 ];
 
 /// What a scrape adds to the status: the ledger's figures and the
@@ -135,6 +150,10 @@ pub(super) struct LedgerFigures {
     pub(super) contribution_audits: BTreeMap<(usize, &'static str), u64>,
     /// Not the ledger's: suspicions reported by suspected stage and reason.
     pub(super) contribution_suspicions: BTreeMap<(usize, &'static str), u64>,
+    /// Not the ledger's: the coordinator's recomputations by stage and
+    /// outcome, and their seconds in all.
+    pub(super) coordinator_recomputations: BTreeMap<(usize, &'static str), u64>,
+    pub(super) coordinator_recompute_seconds: f64,
 }
 
 impl Metrics {
@@ -176,6 +195,8 @@ impl Metrics {
             chain_mismatches: Family::default(),
             contribution_audits: Family::default(),
             contribution_suspicions: Family::default(),
+            coordinator_recomputations: Family::default(),
+            coordinator_recompute_seconds: Counter::default(),
         };
         registry.register("step", "Steps completed by every worker", m.step.clone());
         registry.register(
@@ -322,6 +343,16 @@ impl Metrics {
             "Replicas reported suspect by another replica of their stage, by the suspected stage and reason: cosine (its contribution points away from the aggregate), norm_ratio (its norm is far from the replicas' median); each one is contribution-audited while contribution audits are on",
             m.contribution_suspicions.clone(),
         );
+        registry.register(
+            "coordinator_recomputations",
+            "Disputed micro-batch audits of a stage with no second validator (two replicas) that the coordinator recomputed itself, by stage and outcome: convicted (it agreed with the validator), overturned (it reproduced the commitment), unconfirmed (it agreed with neither), failed (it could not recompute, e.g. the first stage's corpus is unreadable here), refused_weights (an upload of parameters not matching the replicas' committed digest)",
+            m.coordinator_recomputations.clone(),
+        );
+        registry.register(
+            "coordinator_recompute_seconds",
+            "Seconds the coordinator spent on its own recomputations of disputed micro-batches (checking the uploaded parameters, building the stage, recomputing), all together",
+            m.coordinator_recompute_seconds.clone(),
+        );
         // Every reason shows as 0 until it happens, so a dashboard shows
         // a zero rather than no data.
         for reason in REFUSAL_REASONS {
@@ -460,6 +491,27 @@ impl Metrics {
                 }
             }
         }
+        for st in &s.stages {
+            for outcome in RECOMPUTE_OUTCOMES {
+                let c = self.coordinator_recomputations.get_or_create(&vec![
+                    ("stage".into(), st.stage.to_string()),
+                    ("outcome".into(), outcome.to_owned()),
+                ]);
+                let n = ledger
+                    .coordinator_recomputations
+                    .get(&(st.stage, outcome))
+                    .copied()
+                    .unwrap_or(0);
+                let add = n.saturating_sub(c.get());
+                if add > 0 {
+                    c.inc_by(add);
+                }
+            }
+        }
+        let add = ledger.coordinator_recompute_seconds - self.coordinator_recompute_seconds.get();
+        if add > 0.0 {
+            self.coordinator_recompute_seconds.inc_by(add);
+        }
         for secs in &ledger.audit_seconds {
             self.audit_seconds.observe(*secs);
         }
@@ -591,6 +643,8 @@ pub(super) fn scrape(shared: &Shared) -> String {
     figures.chain_mismatches = c.chain_mismatches().clone();
     figures.contribution_audits = c.contribution_audit_outcomes().clone();
     figures.contribution_suspicions = c.contribution_suspicions().clone();
+    figures.coordinator_recomputations = c.coordinator_recomputations().clone();
+    figures.coordinator_recompute_seconds = c.coordinator_recompute_seconds().1;
     drop(c);
     shared.metrics.render(&status, &figures)
 }
@@ -619,6 +673,8 @@ fn endpoint_label(path: &str) -> String {
         path.into()
     } else if path.starts_with("/v1/audit/") && path.ends_with("/evidence") {
         "/v1/audit/evidence".into()
+    } else if path.starts_with("/v1/audit/") && path.ends_with("/weights") {
+        "/v1/audit/weights".into()
     } else {
         "other".into()
     }
@@ -696,11 +752,13 @@ mod tests {
             chain_mismatches: [(0, 2)].into_iter().collect(),
             contribution_audits: [((0, "failed"), 2)].into_iter().collect(),
             contribution_suspicions: [((0, "cosine"), 3)].into_iter().collect(),
+            coordinator_recomputations: [((0, "convicted"), 1)].into_iter().collect(),
+            coordinator_recompute_seconds: 0.25,
         };
         let text = m.render(&status, &figures);
         // Every family has a sample, so every family is listed below.
         let families = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(families, 33, "{text}");
+        assert_eq!(families, 35, "{text}");
         for line in [
             "pipewright_audits_total{stage=\"0\",outcome=\"failed\"} 1",
             "pipewright_audits_total{stage=\"0\",outcome=\"passed\"} 0",
@@ -712,6 +770,9 @@ mod tests {
             "pipewright_contribution_audits_total{stage=\"0\",outcome=\"unconfirmed\"} 0",
             "pipewright_contribution_suspicions_total{stage=\"0\",reason=\"cosine\"} 3",
             "pipewright_contribution_suspicions_total{stage=\"0\",reason=\"norm_ratio\"} 0",
+            "pipewright_coordinator_recomputations_total{stage=\"0\",outcome=\"convicted\"} 1",
+            "pipewright_coordinator_recomputations_total{stage=\"0\",outcome=\"failed\"} 0",
+            "pipewright_coordinator_recompute_seconds_total 0.25",
         ] {
             assert!(text.contains(line), "{line} not in {text}");
         }

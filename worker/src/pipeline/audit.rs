@@ -642,6 +642,51 @@ fn missing(mb: u64, what: &str) -> PipelineError {
 #[cfg(test)]
 mod tests {
     use super::Evidence;
+    use crate::pipeline::{Shard, StageWorker};
+
+    /// Stage 1 of a 2-stage run (it reads no corpus), without links.
+    fn last_stage() -> StageWorker {
+        let yaml = r#"
+apiVersion: pipewright.dev/v1alpha1
+kind: TrainingRun
+metadata: {name: weights}
+spec:
+  model: {dim: 32, layers: 2, heads: 4, kvHeads: 2, ffnDim: 64, seqLen: 16}
+  data: {sources: ["unused.txt"]}
+  training: {steps: 2, microBatchSize: 2, microBatches: 2, learningRate: 0.01, seed: 3}
+  pipeline: {stages: 2, replicas: 2}
+"#;
+        let m = pipewright_spec::parse_manifest(yaml).expect("manifest");
+        let shard = Shard {
+            stage: 1,
+            replica: 0,
+        };
+        StageWorker::prepare(&m, shard, std::time::Duration::from_secs(1)).expect("stage")
+    }
+
+    #[test]
+    fn uploaded_weights_digest_as_the_stage_does_and_other_weights_do_not() {
+        let w = last_stage();
+        let state = w.state();
+        let bytes = StageWorker::encode_weights(&state);
+        assert_eq!(bytes.len(), w.weights_len());
+        let (decoded, digest) = w.decode_weights(&bytes, 4).expect("decode");
+        assert_eq!(decoded.params, state.params);
+        assert_eq!(decoded.step, 4);
+        assert_eq!(digest, w.params_digest(), "the digest a replica commits");
+        // One value changed: another digest.
+        let mut other = bytes.clone();
+        other[5] ^= 1;
+        let (_, d) = w.decode_weights(&other, 4).expect("decode");
+        assert_ne!(d, digest);
+        // Not the stage's size: refused.
+        for n in [0, bytes.len() - 4, bytes.len() + 4] {
+            let mut b = bytes.clone();
+            b.resize(n, 0);
+            let e = w.decode_weights(&b, 4).unwrap_err().to_string();
+            assert!(e.contains("bytes"), "{e}");
+        }
+    }
 
     #[test]
     fn evidence_round_trips_and_malformed_files_are_refused() {

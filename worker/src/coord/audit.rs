@@ -22,8 +22,13 @@
 //! * **Verdict.** Hashes equal to the audited commitment pass. Different
 //!   ones call a second validator: agreeing with the commitment overturns
 //!   the first verdict (the first validator is refused), agreeing with the
-//!   first convicts the audited worker. Without a second validator the
-//!   audit is unconfirmed and the step is trained again.
+//!   first convicts the audited worker. Without another replica to call
+//!   (two replicas) the coordinator is the second validator: it orders the
+//!   stage's parameters of before the step uploaded, checks them against
+//!   the digest the replicas committed, and recomputes the micro-batch
+//!   itself (the server does, outside this state machine:
+//!   [`Coordinator::referee_job`], [`Coordinator::referee_done`]). Where it
+//!   cannot, the audit is unconfirmed and the step is trained again.
 //! * **Conviction** (also for evidence never matching the commitments, and
 //!   for a replica outvoted on its parameters' digest): refused, its
 //!   identity quarantined (in the ledger too), its slot vacated, the step

@@ -55,7 +55,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .layer(DefaultBodyLimit::max(shared.evidence_body_limit));
     let weights = axum::routing::put(put_weights)
         .fallback(weights_method)
-        .layer(DefaultBodyLimit::max(MAX_STATE));
+        .layer(DefaultBodyLimit::max(shared.weights_body_limit));
     let complaints = post(complaint)
         .fallback(no_such_endpoint)
         .layer(DefaultBodyLimit::max(complaint_limit(&shared)));
@@ -225,10 +225,9 @@ fn unauthorized() -> Reply {
 /// before anything else looks at the request.
 async fn refuse_oversized(State(shared): Coord, request: Request, next: Next) -> Response {
     let path = request.uri().path();
-    let limit = if path.starts_with("/v1/state/")
-        || path.starts_with("/v1/checkpoint/")
-        || (path.starts_with("/v1/audit/") && path.ends_with("/weights"))
-    {
+    let limit = if path.starts_with("/v1/audit/") && path.ends_with("/weights") {
+        shared.weights_body_limit
+    } else if path.starts_with("/v1/state/") || path.starts_with("/v1/checkpoint/") {
         MAX_STATE
     } else if path.starts_with("/v1/audit/") {
         shared.evidence_body_limit

@@ -125,6 +125,11 @@ pub(super) struct Shared {
     /// set of every micro-batch of a replica's step when those audits are
     /// on, else one micro-batch's (see [`evidence_body_limit`]).
     pub(super) evidence_body_limit: usize,
+    /// Largest parameters upload accepted for the coordinator's own
+    /// recomputation, in bytes: every parameter of the model (a tied head
+    /// counted twice) at 4 bytes; the exact size, the stage's, is checked
+    /// once the stage is built.
+    pub(super) weights_body_limit: usize,
     /// Held while the coordinator recomputes a disputed micro-batch: one
     /// recomputation at a time.
     pub(super) referee: Mutex<()>,
@@ -282,8 +287,14 @@ impl Shared {
             crate::telemetry::StepTraces::new(&config.manifest.metadata.name, spec.training.steps);
         let evidence_limit = evidence_limit(spec, config.model.dim);
         let evidence_body_limit = evidence_body_limit(spec, evidence_limit);
+        let weights_body_limit = {
+            let p = crate::plan::plan(&config.manifest, config.model.vocab, None).params;
+            let head = (config.model.vocab * config.model.dim) as u64;
+            usize::try_from((p + head).saturating_mul(4)).unwrap_or(usize::MAX)
+        };
         Ok(Shared {
             evidence_limit,
+            weights_body_limit,
             evidence_body_limit,
             traces,
             coord: Mutex::new(coord),

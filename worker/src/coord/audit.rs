@@ -1188,8 +1188,8 @@ impl Coordinator {
     /// `PUT /v1/audit/{audit}/weights?worker=W`, before the upload is
     /// read: what the coordinator needs to recompute the audit's disputed
     /// micro-batch from `worker`'s upload (`None`: no recomputation is
-    /// wanted now, one is under way or done). Refused unless `worker` is
-    /// one of the audit's uploaders. The recomputation is the caller's
+    /// wanted now: one is under way, or the audit is decided or gone).
+    /// Refused unless `worker` is one of an undecided audit's uploaders. The recomputation is the caller's
     /// (outside the state machine's lock), one at a time; it reports with
     /// [`Coordinator::referee_done`].
     pub fn referee_job(
@@ -1198,7 +1198,12 @@ impl Coordinator {
         audit: u64,
     ) -> Result<Option<RefereeJob>, CoordError> {
         self.check_audit_party(worker)?;
-        let (at, a, step) = self.open_audit(audit)?;
+        let Ok((at, a, step)) = self.open_audit(audit) else {
+            // Decided (maybe from another uploader's parameters) or gone
+            // with its step: the upload is not needed, and the report that
+            // follows gets the barrier's answer.
+            return Ok(None);
+        };
         let Some(r) = &a.referee else {
             return Err(CoordError::Refused(
                 "audit",

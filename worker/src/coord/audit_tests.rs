@@ -1309,11 +1309,21 @@ fn with_two_replicas_the_coordinator_overturns_a_lying_validator() {
     let e = c.epoch();
     // Replica 1 validates replica 0 and lies.
     w.liars = vec![ids[1]];
-    let (answers, _) = drive(&mut c, &w, &ids, &keys, e, 2, now);
+    let (answers, orders) = drive(&mut c, &w, &ids, &keys, e, 2, now);
     assert!(answers
         .values()
         .all(|b| b.as_ref().is_some_and(|b| b.proceed)));
     assert_eq!(c.committed(), 2, "the audit passes and the step commits");
+    // An upload that comes after the decision (the other uploader's, sent
+    // at the same time) is not needed, and not refused.
+    let audit = orders
+        .iter()
+        .find(|(_, o)| o.role == AuditRole::Weights)
+        .map(|(_, o)| o.audit)
+        .expect("parameters were ordered");
+    for &id in &ids {
+        assert!(c.referee_job(id, audit).expect("not refused").is_none());
+    }
     assert_eq!(c.audit_outcomes().get(&(0, "overturned")), Some(&1));
     assert_eq!(
         c.coordinator_recomputations().get(&(0, "overturned")),

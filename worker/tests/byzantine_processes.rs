@@ -667,3 +667,27 @@ fn with_two_replicas_the_coordinator_recomputes_a_disputed_audit_and_convicts() 
     assert_eq!(evidence["coordinator"], evidence["recomputed"][0]);
     assert_same(&clean, &losses_in(&out.join("summary.json")));
 }
+
+/// With two replicas a validator that reports hashes it did not compute
+/// is contradicted by the coordinator's own recomputation, which agrees
+/// with the audited worker: its verdict is overturned at every step it
+/// lies, every audit passes, nobody is quarantined and the run ends as a
+/// clean one, without a step trained again for it.
+#[test]
+fn with_two_replicas_a_lying_auditor_is_overturned_by_the_coordinator() {
+    let _one_at_a_time = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let m = audited(d, "liar-pair", 1, 2, 5);
+    train_processes(&m, &d.join("clean"), &[]);
+    let clean = losses_in(&d.join("clean").join("summary.json"));
+    let stderr = drill(&m, &d.join("lie"), "0/1=lie@2");
+    let v = verdicts(&d.join("lie"));
+    // From step 2 on, replica 1 validates replica 0 at every step.
+    assert_eq!(refused(&v, "overturned_verdict"), 4, "{stderr}");
+    assert_eq!(refused(&v, "bad_weights"), 0, "{stderr}");
+    assert!(v.quarantined.is_empty(), "{:?}", v.quarantined);
+    assert_eq!(v.passed, 5 * 2, "every audit passes");
+    assert!(replaced(&d.join("lie")).is_empty());
+    assert_same(&clean, &losses_in(&d.join("lie").join("summary.json")));
+}

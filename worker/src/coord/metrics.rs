@@ -407,20 +407,14 @@ impl Metrics {
             let c = self
                 .refused_reports
                 .get_or_create(&vec![("reason".into(), reason.clone())]);
-            let add = n.saturating_sub(c.get());
-            if add > 0 {
-                c.inc_by(add);
-            }
+            raise_to(&c, *n);
         }
         for st in &s.stages {
             let c = self
                 .memory_refusals
                 .get_or_create(&vec![("stage".into(), st.stage.to_string())]);
             let n = ledger.memory_refusals.get(&st.stage).copied().unwrap_or(0);
-            let add = n.saturating_sub(c.get());
-            if add > 0 {
-                c.inc_by(add);
-            }
+            raise_to(&c, n);
         }
         for st in &s.stages {
             let c = self
@@ -431,10 +425,7 @@ impl Metrics {
                 .get(&st.stage)
                 .copied()
                 .unwrap_or(0);
-            let add = n.saturating_sub(c.get());
-            if add > 0 {
-                c.inc_by(add);
-            }
+            raise_to(&c, n);
         }
         for st in &s.stages {
             for outcome in AUDIT_OUTCOMES {
@@ -447,19 +438,13 @@ impl Metrics {
                     .get(&(st.stage, outcome))
                     .copied()
                     .unwrap_or(0);
-                let add = n.saturating_sub(c.get());
-                if add > 0 {
-                    c.inc_by(add);
-                }
+                raise_to(&c, n);
             }
             let c = self
                 .chain_mismatches
                 .get_or_create(&vec![("stage".into(), st.stage.to_string())]);
             let n = ledger.chain_mismatches.get(&st.stage).copied().unwrap_or(0);
-            let add = n.saturating_sub(c.get());
-            if add > 0 {
-                c.inc_by(add);
-            }
+            raise_to(&c, n);
             for outcome in AUDIT_OUTCOMES {
                 let c = self.contribution_audits.get_or_create(&vec![
                     ("stage".into(), st.stage.to_string()),
@@ -470,10 +455,7 @@ impl Metrics {
                     .get(&(st.stage, outcome))
                     .copied()
                     .unwrap_or(0);
-                let add = n.saturating_sub(c.get());
-                if add > 0 {
-                    c.inc_by(add);
-                }
+                raise_to(&c, n);
             }
             for reason in SUSPICION_REASONS {
                 let c = self.contribution_suspicions.get_or_create(&vec![
@@ -485,10 +467,7 @@ impl Metrics {
                     .get(&(st.stage, reason))
                     .copied()
                     .unwrap_or(0);
-                let add = n.saturating_sub(c.get());
-                if add > 0 {
-                    c.inc_by(add);
-                }
+                raise_to(&c, n);
             }
         }
         for st in &s.stages {
@@ -502,10 +481,7 @@ impl Metrics {
                     .get(&(st.stage, outcome))
                     .copied()
                     .unwrap_or(0);
-                let add = n.saturating_sub(c.get());
-                if add > 0 {
-                    c.inc_by(add);
-                }
+                raise_to(&c, n);
             }
         }
         let add = ledger.coordinator_recompute_seconds - self.coordinator_recompute_seconds.get();
@@ -526,14 +502,8 @@ impl Metrics {
         self.tokens_per_second.set(s.tokens_per_second);
         self.epoch.set(s.epoch as i64);
         // The status holds the run's total, which survives a restart.
-        let more = s.reassignments.saturating_sub(self.reassignments.get());
-        if more > 0 {
-            self.reassignments.inc_by(more);
-        }
-        let more = s.recoveries.saturating_sub(self.recoveries.get());
-        if more > 0 {
-            self.recoveries.inc_by(more);
-        }
+        raise_to(&self.reassignments, s.reassignments);
+        raise_to(&self.recoveries, s.recoveries);
         let more = s.recovery_seconds_total - self.recovery_seconds.get();
         if more > 0.0 {
             self.recovery_seconds.inc_by(more);
@@ -677,6 +647,16 @@ fn endpoint_label(path: &str) -> String {
         "/v1/audit/weights".into()
     } else {
         "other".into()
+    }
+}
+
+/// Raises counter `c` to `total`, a running total kept elsewhere (the
+/// state machine's or the ledger's): a counter only goes up, so a total
+/// below it (never the case) leaves it as it is.
+fn raise_to(c: &Counter, total: u64) {
+    let add = total.saturating_sub(c.get());
+    if add > 0 {
+        c.inc_by(add);
     }
 }
 

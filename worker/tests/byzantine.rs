@@ -50,58 +50,42 @@ struct Outcome {
 
 /// Runs every shard on a thread; `attack` makes one shard dishonest.
 fn run(m: &TrainingRun, attack: Option<((usize, usize), Attack)>) -> Vec<Outcome> {
-    let p = &m.spec.pipeline;
-    let layout = loopback_layout(p.stages, p.replicas, false, false).expect("bind");
-    let auth = Auth {
-        run_id: RunId([4; 16]),
-        key: RunKey([2; 32]),
-    };
-    let handles: Vec<_> = layout
-        .into_iter()
-        .map(|(shard, peers)| {
-            let (m, auth) = (m.clone(), auth.clone());
-            thread::spawn(move || {
-                let mut w = StageWorker::new(&m, shard, peers, auth, Duration::from_secs(20))
-                    .expect("worker");
-                if let Some((at, a)) = attack {
-                    if at == (shard.stage, shard.replica) {
-                        w.set_attack(Some(a));
-                    }
+    let steps = m.spec.training.steps;
+    common::on_loopback_workers(m, false, Duration::from_secs(20), move |mut w| {
+        let shard = w.shard();
+        if let Some((at, a)) = attack {
+            if at == (shard.stage, shard.replica) {
+                w.set_attack(Some(a));
+            }
+        }
+        let mut losses = Vec::new();
+        let mut error = None;
+        for _ in 0..steps {
+            match w.train_step() {
+                Ok(s) => losses.extend(s.loss),
+                Err(e) => {
+                    error = Some(e);
+                    break;
                 }
-                let mut losses = Vec::new();
-                let mut error = None;
-                for _ in 0..m.spec.training.steps {
-                    match w.train_step() {
-                        Ok(s) => losses.extend(s.loss),
-                        Err(e) => {
-                            error = Some(e);
-                            break;
-                        }
-                    }
-                }
-                let (pipe, ring) = w.traffic();
-                let refused = RejectReason::ALL
-                    .iter()
-                    .map(|&r| pipe.rejected[r as usize] + ring.rejected[r as usize])
-                    .collect();
-                let params = w.stage().params().iter().map(|p| p.data.clone()).collect();
-                if error.is_none() {
-                    let _ = w.finish();
-                }
-                Outcome {
-                    stage: shard.stage,
-                    losses,
-                    params,
-                    refused,
-                    error,
-                }
-            })
-        })
-        .collect();
-    handles
-        .into_iter()
-        .map(|h| h.join().expect("worker thread"))
-        .collect()
+            }
+        }
+        let (pipe, ring) = w.traffic();
+        let refused = RejectReason::ALL
+            .iter()
+            .map(|&r| pipe.rejected[r as usize] + ring.rejected[r as usize])
+            .collect();
+        let params = w.stage().params().iter().map(|p| p.data.clone()).collect();
+        if error.is_none() {
+            let _ = w.finish();
+        }
+        Outcome {
+            stage: shard.stage,
+            losses,
+            params,
+            refused,
+            error,
+        }
+    })
 }
 
 fn final_loss(out: &[Outcome]) -> f32 {

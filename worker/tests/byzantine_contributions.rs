@@ -42,43 +42,27 @@ spec:
 type Reports = Vec<((usize, usize), Vec<ContributionReport>)>;
 
 fn run(m: &TrainingRun, attack: Option<((usize, usize), Attack)>) -> Reports {
-    let p = &m.spec.pipeline;
-    let layout = loopback_layout(p.stages, p.replicas, false, false).expect("bind");
-    let auth = Auth {
-        run_id: RunId([6; 16]),
-        key: RunKey([3; 32]),
-    };
-    let handles: Vec<_> = layout
-        .into_iter()
-        .map(|(shard, peers)| {
-            let (m, auth) = (m.clone(), auth.clone());
-            thread::spawn(move || {
-                let mut w = StageWorker::new(&m, shard, peers, auth, Duration::from_secs(20))
-                    .expect("worker");
-                if let Some((at, a)) = attack {
-                    if at == (shard.stage, shard.replica) {
-                        w.set_attack(Some(a));
-                    }
-                }
-                let mut reports = Vec::new();
-                for step in 0..m.spec.training.steps {
-                    w.train_step()
-                        .unwrap_or_else(|e| panic!("step {step}: {e}"));
-                    reports.push(
-                        w.contributions()
-                            .cloned()
-                            .expect("a robust rule reports contributions"),
-                    );
-                }
-                let _ = w.finish();
-                ((shard.stage, shard.replica), reports)
-            })
-        })
-        .collect();
-    handles
-        .into_iter()
-        .map(|h| h.join().expect("worker thread"))
-        .collect()
+    let steps = m.spec.training.steps;
+    common::on_loopback_workers(m, false, Duration::from_secs(20), move |mut w| {
+        let shard = w.shard();
+        if let Some((at, a)) = attack {
+            if at == (shard.stage, shard.replica) {
+                w.set_attack(Some(a));
+            }
+        }
+        let mut reports = Vec::new();
+        for step in 0..steps {
+            w.train_step()
+                .unwrap_or_else(|e| panic!("step {step}: {e}"));
+            reports.push(
+                w.contributions()
+                    .cloned()
+                    .expect("a robust rule reports contributions"),
+            );
+        }
+        let _ = w.finish();
+        ((shard.stage, shard.replica), reports)
+    })
 }
 
 /// Every replica received from each peer the contribution that peer says

@@ -7,13 +7,12 @@
 mod common;
 
 use std::path::Path;
-use std::thread;
 use std::time::Duration;
 
 use pipewright::identity::Identity;
 use pipewright::link::sign::PeerKeys;
-use pipewright::link::{RejectReason, RunId, RunKey};
-use pipewright::pipeline::{loopback_layout, Auth, PipelineError, StageWorker};
+use pipewright::link::RejectReason;
+use pipewright::pipeline::PipelineError;
 use pipewright_spec::{parse_manifest, TrainingRun};
 
 fn manifest(dir: &Path) -> TrainingRun {
@@ -47,50 +46,34 @@ struct Signing {
 type Ran = Vec<(Vec<f32>, Option<PipelineError>, u64)>;
 
 fn run(m: &TrainingRun, signing: &Signing, timeout: Duration) -> Ran {
-    let layout = loopback_layout(2, 1, true, false).expect("bind");
-    let auth = Auth {
-        run_id: RunId([4; 16]),
-        key: RunKey([2; 32]),
-    };
     let keys = signing.registered.as_ref().map(|ids| {
         PeerKeys::from_hex(&[(0, 0, ids[0].public_hex()), (1, 0, ids[1].public_hex())])
             .expect("keys")
     });
-    let handles: Vec<_> = layout
-        .into_iter()
-        .map(|(shard, peers)| {
-            let (m, auth, keys) = (m.clone(), auth.clone(), keys.clone());
-            let signer = signing.signers[shard.stage].clone();
-            thread::spawn(move || {
-                let mut w = StageWorker::new(&m, shard, peers, auth, timeout).expect("worker");
-                w.set_signer(signer);
-                w.set_peer_keys(keys);
-                let (mut losses, mut error) = (Vec::new(), None);
-                for _ in 0..m.spec.training.steps {
-                    match w.train_step() {
-                        Ok(s) => losses.extend(s.loss),
-                        Err(e) => {
-                            error = Some(e);
-                            break;
-                        }
-                    }
+    let (signers, steps) = (signing.signers.clone(), m.spec.training.steps);
+    common::on_loopback_workers(m, true, timeout, move |mut w| {
+        w.set_signer(signers[w.shard().stage].clone());
+        w.set_peer_keys(keys.clone());
+        let (mut losses, mut error) = (Vec::new(), None);
+        for _ in 0..steps {
+            match w.train_step() {
+                Ok(s) => losses.extend(s.loss),
+                Err(e) => {
+                    error = Some(e);
+                    break;
                 }
-                let (pipe, _) = w.traffic();
-                if error.is_none() {
-                    let _ = w.finish();
-                }
-                (
-                    losses,
-                    error,
-                    pipe.rejected[RejectReason::BadSignature as usize],
-                )
-            })
-        })
-        .collect();
-    handles
-        .into_iter()
-        .map(|h| h.join().expect("worker thread"))
-        .collect()
+            }
+        }
+        let (pipe, _) = w.traffic();
+        if error.is_none() {
+            let _ = w.finish();
+        }
+        (
+            losses,
+            error,
+            pipe.rejected[RejectReason::BadSignature as usize],
+        )
+    })
 }
 
 fn ids() -> [Identity; 2] {

@@ -135,3 +135,34 @@ pub fn run_stage_workers(m: &TrainingRun, route: Option<Route>) -> Result<Finish
     }
     results.into_iter().collect()
 }
+
+/// Runs every shard of `m` (`m.spec.pipeline`'s stages × replicas, the
+/// embedding tie linked when `tied`) as a stage worker on a thread, linked
+/// over loopback TCP with `timeout`, and hands each worker to `each`;
+/// returns what `each` gives, in the layout's shard order.
+pub fn on_loopback_workers<T: Send + 'static>(
+    m: &TrainingRun,
+    tied: bool,
+    timeout: Duration,
+    each: impl Fn(StageWorker) -> T + Clone + Send + 'static,
+) -> Vec<T> {
+    let p = &m.spec.pipeline;
+    let layout = loopback_layout(p.stages, p.replicas, tied, false).expect("bind");
+    let auth = Auth {
+        run_id: RunId([4; 16]),
+        key: RunKey([2; 32]),
+    };
+    let handles: Vec<_> = layout
+        .into_iter()
+        .map(|(shard, peers)| {
+            let (m, auth, each) = (m.clone(), auth.clone(), each.clone());
+            thread::spawn(move || {
+                each(StageWorker::new(&m, shard, peers, auth, timeout).expect("worker"))
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("worker thread"))
+        .collect()
+}

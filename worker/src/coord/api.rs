@@ -136,29 +136,31 @@ impl Commitment {
     /// The contribution's hash: `None` when the report has none,
     /// `Some(Err(_))` when it is not 64 hex digits.
     pub fn contribution_hash(&self) -> Option<Result<[u8; 32], String>> {
-        let c = self.contribution.as_ref()?;
-        let mut out = [0u8; 32];
-        Some(match hex::decode_to_slice(c, &mut out) {
-            Ok(()) => Ok(out),
-            Err(_) => Err(format!(
-                "the contribution's hash must be 64 hex digits, got {} characters",
-                c.len()
-            )),
-        })
+        Some(digest_field(
+            self.contribution.as_deref()?,
+            "the contribution's hash",
+        ))
     }
 
     /// The parameters' digest: `None` when the report has none,
     /// `Some(Err(_))` when it is not 64 hex digits.
     pub fn params_digest(&self) -> Option<Result<[u8; 32], String>> {
-        let p = self.params.as_ref()?;
-        let mut out = [0u8; 32];
-        Some(match hex::decode_to_slice(p, &mut out) {
-            Ok(()) => Ok(out),
-            Err(_) => Err(format!(
-                "the parameters' digest must be 64 hex digits, got {} characters",
-                p.len()
-            )),
-        })
+        Some(digest_field(
+            self.params.as_deref()?,
+            "the parameters' digest",
+        ))
+    }
+}
+
+/// `text` as 32 bytes, or why not (naming `what`).
+fn digest_field(text: &str, what: &str) -> Result<[u8; 32], String> {
+    let mut out = [0u8; 32];
+    match hex::decode_to_slice(text, &mut out) {
+        Ok(()) => Ok(out),
+        Err(_) => Err(format!(
+            "{what} must be 64 hex digits, got {} characters",
+            text.len()
+        )),
     }
 }
 

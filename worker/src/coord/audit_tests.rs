@@ -5,15 +5,15 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use super::super::{CoordError, Coordinator, Layout, RefereeResult};
+use super::super::{CoordError, Coordinator, RefereeResult};
 use crate::coord::api::{
     audit_message, AuditClaim, AuditOrder, AuditReport, AuditResult, AuditRole, Barrier,
-    Commitment, IdentityProof, MicroBatchCommit, Register, StepDone,
+    Commitment, MicroBatchCommit, StepDone,
 };
+use crate::coord::test_support::{layout, register, seat_all, LEASE};
 use crate::identity::{Identity, AUDIT_DOMAIN};
 use crate::pipeline::Evidence;
 
-const LEASE: Duration = Duration::from_secs(2);
 const MAX: usize = 1 << 20;
 const RUN_ID: &str = "0123456789abcdef0123456789abcdef";
 
@@ -477,24 +477,6 @@ fn signed(
     }
 }
 
-fn layout(stages: usize, replicas: usize) -> Layout {
-    Layout {
-        stages,
-        replicas,
-        steps: 10,
-        tied: false,
-        stage_layers: (0..stages).map(|s| s..s + 1).collect(),
-        checkpoint_every: 0,
-        tokens_per_step: 100,
-        measured: false,
-        micro_batches: 2,
-        routed: false,
-        cost: None,
-        rewards: Default::default(),
-        shard_bytes: Vec::new(),
-    }
-}
-
 /// A coordinator of `stages` × `replicas` with every shard registered
 /// under a real identity; ids stage major and their keys.
 fn setup(
@@ -507,34 +489,8 @@ fn setup(
     let mut c = Coordinator::new("t", layout(stages, replicas), LEASE, None, None)
         .with_audit_rate(rate)
         .with_audit_secret(secret);
-    let mut ids = Vec::new();
-    let mut keys = BTreeMap::new();
-    for s in 0..stages {
-        for r in 0..replicas {
-            let key = Identity::from_secret([(s * replicas + r + 1) as u8; 32]);
-            let (id, _) = c
-                .register(register(Some(s), Some(r), &key), now)
-                .expect("register");
-            ids.push(id);
-            keys.insert(id, key);
-        }
-    }
+    let (ids, keys) = seat_all(&mut c, 1, now);
     (c, ids, keys)
-}
-
-fn register(stage: Option<usize>, replica: Option<usize>, key: &Identity) -> Register {
-    Register {
-        stage,
-        replica,
-        pipe_addr: "w:1".into(),
-        ring_addr: "w:2".into(),
-        name: key.fingerprint(),
-        identity: Some(IdentityProof {
-            public_key: key.public_hex(),
-            ..IdentityProof::default()
-        }),
-        ..Register::default()
-    }
 }
 
 /// Each worker's final answer, and every order carried out.

@@ -4,10 +4,10 @@
 //! payload and malformed bodies convict nobody and are counted.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::super::{ComplaintVerdict, CoordError, Coordinator, Layout};
-use crate::coord::api::{IdentityProof, Register};
+use super::super::{ComplaintVerdict, CoordError, Coordinator};
+use crate::coord::test_support::{layout, seat_all, LEASE};
 use crate::identity::Identity;
 use crate::link::codec::TensorWire;
 use crate::link::frame::{encode, Frame, FrameHeader, SIGNATURE_LEN};
@@ -17,51 +17,19 @@ use crate::link::{FrameKind, RunId, RunKey, Shape, WorkerId};
 const RUN: RunId = RunId([7; 16]);
 const KEY: RunKey = RunKey([9; 32]);
 
-fn layout() -> Layout {
-    Layout {
-        stages: 2,
-        replicas: 3,
-        steps: 10,
-        tied: false,
-        stage_layers: vec![0..1, 1..2],
-        checkpoint_every: 0,
-        tokens_per_step: 100,
-        measured: false,
-        micro_batches: 2,
-        routed: false,
-        cost: None,
-        rewards: Default::default(),
-        shard_bytes: Vec::new(),
-    }
-}
-
-/// A 2 × 3 run with every shard registered under its own identity: the
-/// coordinator, the worker ids by shard and the identities by shard.
 /// Worker ids and identities by shard.
 type ByShard<T> = BTreeMap<(usize, usize), T>;
 
+/// A 2 × 3 run with every shard registered under its own identity: the
+/// coordinator, the worker ids by shard and the identities by shard.
 fn setup(now: Instant) -> (Coordinator, ByShard<u64>, ByShard<Identity>) {
-    let mut c = Coordinator::new("t", layout(), Duration::from_secs(2), None, None);
+    let mut c = Coordinator::new("t", layout(2, 3), LEASE, None, None);
+    let (list, mut by_id) = seat_all(&mut c, 10, now);
     let (mut ids, mut keys) = (BTreeMap::new(), BTreeMap::new());
-    for s in 0..2 {
-        for r in 0..3 {
-            let key = Identity::from_secret([(10 + s * 3 + r) as u8; 32]);
-            let reg = Register {
-                stage: Some(s),
-                replica: Some(r),
-                pipe_addr: "w:1".into(),
-                ring_addr: "w:2".into(),
-                name: key.fingerprint(),
-                identity: Some(IdentityProof {
-                    public_key: key.public_hex(),
-                    ..IdentityProof::default()
-                }),
-                ..Register::default()
-            };
-            let (id, _) = c.register(reg, now).expect("register");
-            ids.insert((s, r), id);
-            keys.insert((s, r), key);
-        }
+    for (i, id) in list.into_iter().enumerate() {
+        let shard = (i / 3, i % 3);
+        ids.insert(shard, id);
+        keys.insert(shard, by_id.remove(&id).expect("a key per id"));
     }
     (c, ids, keys)
 }

@@ -17,6 +17,8 @@ pub mod state;
 #[cfg(test)]
 mod ledger_tests;
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;
 
 pub use client::{Client, ClientError};

@@ -12,19 +12,9 @@ const LEASE: Duration = Duration::from_secs(2);
 
 fn layout(stages: usize, replicas: usize, tied: bool) -> Layout {
     Layout {
-        stages,
-        replicas,
-        steps: 10,
         tied,
-        stage_layers: (0..stages).map(|s| s..s + 1).collect(),
         checkpoint_every: 4,
-        tokens_per_step: 100,
-        measured: false,
-        micro_batches: 2,
-        routed: false,
-        cost: None,
-        rewards: Default::default(),
-        shard_bytes: Vec::new(),
+        ..super::test_support::layout(stages, replicas)
     }
 }
 

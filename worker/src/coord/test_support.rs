@@ -1,0 +1,72 @@
+//! What the coordinator's state-machine tests share: a small layout and a
+//! run with every shard registered under an identity of its own.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use super::api::{IdentityProof, Register};
+use super::{Coordinator, Layout};
+use crate::identity::Identity;
+
+/// The lease of the test coordinators.
+pub(super) const LEASE: Duration = Duration::from_secs(2);
+
+/// `stages` × `replicas`, one layer per stage, 2 micro-batches per replica,
+/// no checkpoints, untied.
+pub(super) fn layout(stages: usize, replicas: usize) -> Layout {
+    Layout {
+        stages,
+        replicas,
+        steps: 10,
+        tied: false,
+        stage_layers: (0..stages).map(|s| s..s + 1).collect(),
+        checkpoint_every: 0,
+        tokens_per_step: 100,
+        measured: false,
+        micro_batches: 2,
+        routed: false,
+        cost: None,
+        rewards: Default::default(),
+        shard_bytes: Vec::new(),
+    }
+}
+
+/// A registration for (`stage`, `replica`) under `key`.
+pub(super) fn register(stage: Option<usize>, replica: Option<usize>, key: &Identity) -> Register {
+    Register {
+        stage,
+        replica,
+        pipe_addr: "w:1".into(),
+        ring_addr: "w:2".into(),
+        name: key.fingerprint(),
+        identity: Some(IdentityProof {
+            public_key: key.public_hex(),
+            ..IdentityProof::default()
+        }),
+        ..Register::default()
+    }
+}
+
+/// Registers every shard of `c`'s layout, stage major, shard `i` under the
+/// identity of secret `[first + i; 32]`: the worker ids in that order and
+/// each id's identity.
+pub(super) fn seat_all(
+    c: &mut Coordinator,
+    first: u8,
+    now: Instant,
+) -> (Vec<u64>, BTreeMap<u64, Identity>) {
+    let (stages, replicas) = (c.layout().stages, c.layout().replicas);
+    let mut ids = Vec::new();
+    let mut keys = BTreeMap::new();
+    for s in 0..stages {
+        for r in 0..replicas {
+            let key = Identity::from_secret([first + (s * replicas + r) as u8; 32]);
+            let (id, _) = c
+                .register(register(Some(s), Some(r), &key), now)
+                .expect("register");
+            ids.push(id);
+            keys.insert(id, key);
+        }
+    }
+    (ids, keys)
+}

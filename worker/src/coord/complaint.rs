@@ -189,6 +189,9 @@ impl Coordinator {
             let detail = format!("the frame is not of epoch {epoch} of this run");
             return refuse(self, "complaint", detail);
         }
+        if h.kind == FrameKind::Targets {
+            return self.targets_complaint(worker, complainer.clone(), epoch, &frame, now);
+        }
         let (stage, replica) = (h.stage as usize, h.replica as usize);
         let what = format!(
             "{:?} of stage {stage} replica {replica}, step {} micro-batch {}",

@@ -175,7 +175,8 @@ fn forged_altered_or_reinterpreted_frames_and_malformed_complaints_convict_no_on
     cases.push(("truncated", whole[..whole.len() - 5].to_vec()));
     cases.push(("empty", Vec::new()));
     cases.push(("noise", (0..600).map(|i| (i * 7 % 256) as u8).collect()));
-    // A targets frame is not a screened tensor.
+    // An activation relabelled as targets: not target ids and their
+    // origin (`relayed_targets`).
     let mut targets = activation(e, 1, 4, &nan_values());
     targets.header.kind = FrameKind::Targets;
     cases.push(("targets", signed(targets, &keys[&(0, 1)])));

@@ -99,8 +99,9 @@ const AUDIT_SECONDS_BUCKETS: [f64; 11] = [
 /// does not verify, one whose frame passes the screen, and a broken step's
 /// signed activation that two validators' recheck does not reproduce;
 /// parameters uploaded for the coordinator's recomputation that are not
-/// the ones the stage's replicas committed.
-const REFUSAL_REASONS: [&str; 18] = [
+/// the ones the stage's replicas committed; a signed targets frame whose
+/// first stage's origin does not verify (its author convicted).
+const REFUSAL_REASONS: [&str; 19] = [
     "signature",
     "identity",
     "unsigned",
@@ -119,6 +120,7 @@ const REFUSAL_REASONS: [&str; 18] = [
     "unfounded_complaint",
     "failed_recheck",
     "bad_weights",
+    "altered_targets",
 ];
 
 /// What a scrape adds to the status: the ledger's figures and the

@@ -42,6 +42,8 @@ pub use audit::{RefereeJob, RefereeResult};
 #[path = "complaint.rs"]
 mod complaint;
 pub use complaint::ComplaintVerdict;
+#[path = "relayed_targets.rs"]
+mod relayed_targets;
 
 /// The reason a suspicion names, as the metrics label it (`None`: not a
 /// reason a worker reports).

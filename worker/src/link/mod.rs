@@ -7,6 +7,8 @@
 //! - [`Link`]: one TCP connection to a peer, opened with a mutual key proof,
 //!   carrying frames both ways with bounded queues and backpressure.
 //! - [`sign`]: pipeline frames signed by their author's identity key.
+//! - [`origin`]: the first stage's signature over a micro-batch's targets,
+//!   relayed unchanged to the last stage.
 //! - [`LinkStats`]: traffic and rejection counters for metrics.
 //! - [`cap_send_rate`]: a kernel-paced cap on a link's sending rate.
 //!
@@ -16,6 +18,7 @@ pub mod codec;
 mod conn;
 pub mod frame;
 mod handshake;
+pub mod origin;
 mod pace;
 pub mod sign;
 mod stats;

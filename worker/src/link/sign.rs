@@ -233,6 +233,11 @@ impl PeerKeys {
         self.keys.is_empty()
     }
 
+    /// The key of the shard (`stage`, `replica`), if known.
+    pub fn key(&self, stage: u32, replica: u32) -> Option<&VerifyingKey> {
+        self.keys.get(&(stage, replica))
+    }
+
     /// Checks that `frame` was signed by the shard `peer` = (stage, replica)
     /// it came from: the header must name that shard and carry a signature
     /// that verifies against its key.

@@ -136,6 +136,9 @@ fn check_drills(opts: &LaunchOptions<'_>, stages: usize, replicas: usize) -> Res
         if a.kind.on_pipeline() && stages < 2 {
             bail!("--byzantine {s}/{r}={a}: a pipeline of one stage sends no activations");
         }
+        if a.kind.relays_targets() && !(1..stages.saturating_sub(1)).contains(&s) {
+            bail!("--byzantine {s}/{r}={a}: only a middle stage relays targets");
+        }
         eprintln!("drill: stage {s} replica {r} attacks with {a}");
     }
     Ok(())

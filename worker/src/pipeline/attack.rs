@@ -22,7 +22,9 @@
 //! `lazy-replay` sends the previous step's output of the same micro-batch
 //! again (zeros where it has none). `forge` signs its step reports with a
 //! key that is not its registered identity's, `lie` reports, as an
-//! auditor, hashes that are not the ones it computed.
+//! auditor, hashes that are not the ones it computed. `alter-targets`
+//! (a middle stage) relays targets shifted by one position under the
+//! first stage's signature over the true ones.
 //!
 //! An attack starts at step `STEP` (1-based, default 1) and is
 //! made at most once per step number: a step trained again after its
@@ -70,6 +72,9 @@ pub enum AttackKind {
     /// does, but commits to the hash of the honest one: it signs one thing
     /// and sends another.
     ContributionLie,
+    /// A middle stage that relays the targets shifted by one position,
+    /// with the first stage's origin of the true ones.
+    AlterTargets,
 }
 
 /// The environment variable that hands a worker process its drill attack
@@ -102,7 +107,7 @@ pub fn parse_shard_attack(s: &str) -> Result<(usize, usize, Attack), String> {
 pub const SCALE: f32 = 100.0;
 
 /// Every attack, `scale` with its default factor.
-const ALL: [AttackKind; 12] = [
+const ALL: [AttackKind; 13] = [
     AttackKind::SignFlip,
     AttackKind::Scale(SCALE),
     AttackKind::Noise,
@@ -115,10 +120,11 @@ const ALL: [AttackKind; 12] = [
     AttackKind::Forge,
     AttackKind::Lie,
     AttackKind::ContributionLie,
+    AttackKind::AlterTargets,
 ];
 
 /// The attacks' names on the command line (`scale:F` too).
-pub const NAMES: [&str; 13] = [
+pub const NAMES: [&str; 14] = [
     "sign-flip",
     "scale",
     "scale:F",
@@ -132,6 +138,7 @@ pub const NAMES: [&str; 13] = [
     "forge",
     "lie",
     "contribution-lie",
+    "alter-targets",
 ];
 
 impl AttackKind {
@@ -150,6 +157,7 @@ impl AttackKind {
             AttackKind::Forge => "forge",
             AttackKind::Lie => "lie",
             AttackKind::ContributionLie => "contribution-lie",
+            AttackKind::AlterTargets => "alter-targets",
         }
     }
 
@@ -174,7 +182,13 @@ impl AttackKind {
                 | AttackKind::ActScale
                 | AttackKind::LazyZeros
                 | AttackKind::LazyReplay
+                | AttackKind::AlterTargets
         )
+    }
+
+    /// Whether only a middle stage, which relays the targets, can make it.
+    pub fn relays_targets(self) -> bool {
+        self == AttackKind::AlterTargets
     }
 }
 
@@ -288,6 +302,20 @@ pub fn tamper(
             _ => vec![0.0; data.len()],
         }),
         _ => None,
+    }
+}
+
+/// What the `alter-targets` drill relays in place of `targets`: every
+/// id moved one position earlier (the first to the end), so each position
+/// is trained to predict the token after its own target; where that
+/// changes nothing (all ids equal), the first id is replaced.
+pub fn alter_targets(targets: &mut [u32]) {
+    let before = targets.first().copied();
+    targets.rotate_left(1);
+    if targets.windows(2).all(|w| w[0] == w[1]) {
+        if let (Some(t), Some(b)) = (targets.first_mut(), before) {
+            *t = u32::from(b == 0);
+        }
     }
 }
 
@@ -434,8 +462,33 @@ mod tests {
             AttackKind::Forge,
             AttackKind::Lie,
             AttackKind::ContributionLie,
+            AttackKind::AlterTargets,
         ] {
             assert_eq!(fwd(k), None, "{k:?}");
+        }
+    }
+
+    #[test]
+    fn alter_targets_relays_other_targets() {
+        assert_eq!(
+            "alter-targets@3".parse::<Attack>(),
+            Ok(Attack {
+                kind: AttackKind::AlterTargets,
+                from_step: 3
+            })
+        );
+        assert!(AttackKind::AlterTargets.relays_targets());
+        assert!(AttackKind::AlterTargets.on_pipeline());
+        assert!(!AttackKind::ActNoise.relays_targets());
+        let mut t = vec![5, 6, 7, 8];
+        alter_targets(&mut t);
+        assert_eq!(t, vec![6, 7, 8, 5]);
+        // All alike: still changed, and still a valid id.
+        for (id, want) in [(3, 0), (0, 1)] {
+            let mut t = vec![id; 6];
+            alter_targets(&mut t);
+            assert_eq!(t[0], want);
+            assert_eq!(&t[1..], &[id; 5]);
         }
     }
 }

@@ -1301,34 +1301,50 @@ impl StageWorker {
             self.stage.boundary_width_in(),
             self.stage.boundary_width_out(),
         );
-        let (tokens, hidden, targets, input_hash, targets_hash) = if let Some(corpus) = &self.corpus
-        {
-            // Micro-batch `mb` of the step holds replica `mb / M`'s data,
-            // whichever replica runs it.
-            let b = sample_train(corpus, self.seed, step, mb % m, mb / m, rows, seq);
-            let h = crate::link::frame::content_hash(bytemuck::cast_slice(&b.tokens));
-            (Some(b.tokens), None, b.targets, h, h)
-        } else {
-            let timeout = self.timeout;
-            let codec = self.codec;
-            let prev = self.prev_for(mb)?;
-            let t = prev.take(FrameKind::Targets, step, mb, timeout)?;
-            let targets = decode_targets(&t, rows, seq)?;
-            let a = prev.take(FrameKind::Activation, step, mb, timeout)?;
-            let hidden = decode_f32(&a, rows * seq, width_in, codec)?;
-            if let Err(e) = screened(prev, &hidden, FrameKind::Activation, step, mb) {
-                self.keep_refused(a);
-                return Err(e);
-            }
-            let hashes = (a.content_hash(), t.content_hash());
-            if self.retain {
-                // The bytes as they arrived, whose hashes are committed.
-                let e = self.evidence.entry(mb).or_default();
-                e.input = Some(a.payload);
-                e.targets = Some(t.payload);
-            }
-            (None, Some(hidden), targets, hashes.0, hashes.1)
-        };
+        // The first stage samples the targets; later stages take them with
+        // their origin, the first stage's signature, which a relay passes on.
+        let (tokens, hidden, targets, origin, input_hash, targets_hash) =
+            if let Some(corpus) = &self.corpus {
+                // Micro-batch `mb` of the step holds replica `mb / M`'s data,
+                // whichever replica runs it.
+                let b = sample_train(corpus, self.seed, step, mb % m, mb / m, rows, seq);
+                let h = crate::link::frame::content_hash(bytemuck::cast_slice(&b.tokens));
+                (Some(b.tokens), None, b.targets, None, h, h)
+            } else {
+                let timeout = self.timeout;
+                let codec = self.codec;
+                let sampler = self.route.replica(0, mb) as u32;
+                let prev = self.prev_for(mb)?;
+                let mut t = prev.take(FrameKind::Targets, step, mb, timeout)?;
+                let (targets, origin) = decode_targets(&t, rows, seq)?;
+                if let Err(e) = prev.check_origin(&t, &origin, sampler) {
+                    self.keep_refused(t);
+                    return Err(e);
+                }
+                let a = prev.take(FrameKind::Activation, step, mb, timeout)?;
+                let hidden = decode_f32(&a, rows * seq, width_in, codec)?;
+                if let Err(e) = screened(prev, &hidden, FrameKind::Activation, step, mb) {
+                    self.keep_refused(a);
+                    return Err(e);
+                }
+                let hashes = (a.content_hash(), t.content_hash());
+                if self.retain {
+                    // The bytes as they arrived, whose hashes are committed; of
+                    // the targets, the ids without their origin.
+                    let e = self.evidence.entry(mb).or_default();
+                    e.input = Some(a.payload);
+                    t.payload.truncate(rows * seq * 4);
+                    e.targets = Some(t.payload);
+                }
+                (
+                    None,
+                    Some(hidden),
+                    targets,
+                    Some(origin),
+                    hashes.0,
+                    hashes.1,
+                )
+            };
         // Each output names the input it was computed from, so a validator
         // can bind a result to its input and its author.
         self.inputs.insert(mb, input_hash);
@@ -1351,9 +1367,20 @@ impl StageWorker {
                 Ok(Some(l))
             }
             StageOutput::Hidden(h) => {
-                let targets = self
-                    .sender
-                    .targets(step, mb, &targets, rows, seq, targets_hash)?;
+                let targets = match origin {
+                    None => self
+                        .sender
+                        .targets(step, mb, &targets, rows, seq, targets_hash)?,
+                    Some(origin) => {
+                        let mut targets = targets;
+                        // The `alter-targets` drill relays other targets.
+                        if self.attacking == Some(AttackKind::AlterTargets) {
+                            attack::alter_targets(&mut targets);
+                        }
+                        self.sender
+                            .relay_targets(step, mb, &targets, &origin, targets_hash)?
+                    }
+                };
                 let poisoned = self.tampered(&h, mb, true);
                 let mut activation = self.sender.matrix(
                     step,

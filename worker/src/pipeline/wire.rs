@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use crate::identity::Identity;
 use crate::link::codec::TensorWire;
 use crate::link::frame::{Digest, Frame, FrameHeader};
+use crate::link::origin::{Origin, ORIGIN_LEN};
 use crate::link::sign::{sign_frame, PeerKeys, SignedHeader};
 use crate::link::{Codec, DType, FrameKind, Link, LinkError, RejectReason, RunId, Shape, WorkerId};
 
@@ -92,8 +93,10 @@ impl Sender {
         }))
     }
 
-    /// Target token ids `[rows, seq]`, drawn with the input whose content
-    /// hash is `input`.
+    /// The first stage's targets frame: the target token ids of
+    /// (`step`, `mb`), `rows × seq` of them, sampled with the tokens whose
+    /// content hash is `input`, followed by their [`Origin`] signed by this
+    /// worker (see [`Sender::targets_frame`]).
     pub fn targets(
         &self,
         step: u64,
@@ -103,8 +106,58 @@ impl Sender {
         seq: usize,
         input: Digest,
     ) -> Result<Frame, PipelineError> {
-        let shape = matrix_shape(rows, seq)?;
-        let payload = targets.iter().flat_map(|t| t.to_le_bytes()).collect();
+        if targets.len() != rows * seq {
+            return Err(PipelineError::Layout(format!(
+                "{} target ids, expected {rows} × {seq}",
+                targets.len()
+            )));
+        }
+        let bytes: Vec<u8> = targets.iter().flat_map(|t| t.to_le_bytes()).collect();
+        let origin = Origin::new(
+            self.signer.as_deref(),
+            &self.run_id,
+            self.replica,
+            step,
+            mb,
+            &bytes,
+            input,
+        );
+        self.targets_frame(step, mb, bytes, &origin, input)
+    }
+
+    /// A middle stage's targets frame: the target ids it received for
+    /// (`step`, `mb`) and their first stage's `origin`, relayed unchanged,
+    /// under its own signature; `input` is the content hash of the targets
+    /// frame it received.
+    pub fn relay_targets(
+        &self,
+        step: u64,
+        mb: u64,
+        targets: &[u32],
+        origin: &Origin,
+        input: Digest,
+    ) -> Result<Frame, PipelineError> {
+        let bytes = targets.iter().flat_map(|t| t.to_le_bytes()).collect();
+        self.targets_frame(step, mb, bytes, origin, input)
+    }
+
+    /// A targets frame: a `[n + 25]` vector of u32 words, the `n` target ids
+    /// (`targets`, little-endian) then the 100 bytes of their `origin`.
+    fn targets_frame(
+        &self,
+        step: u64,
+        mb: u64,
+        mut payload: Vec<u8>,
+        origin: &Origin,
+        input: Digest,
+    ) -> Result<Frame, PipelineError> {
+        payload.extend_from_slice(&origin.to_bytes());
+        let words = u32::try_from(payload.len() / 4).map_err(|_| {
+            PipelineError::Layout(format!(
+                "{} target bytes do not fit a frame shape",
+                payload.len()
+            ))
+        })?;
         Ok(self.signed(Frame {
             header: self.header(
                 step,
@@ -112,7 +165,7 @@ impl Sender {
                 FrameKind::Targets,
                 DType::U32,
                 Codec::Raw,
-                shape,
+                Shape::vector(words),
                 input,
             ),
             payload,
@@ -152,25 +205,44 @@ fn matrix_shape(rows: usize, cols: usize) -> Result<Shape, PipelineError> {
 
 /// Checks that `frame` holds a `[rows, cols]` tensor with the expected
 /// dtype and codec; a peer that disagrees is refused, never trusted.
-fn check_shape(
+fn check_matrix(
     frame: &Frame,
     dtype: DType,
     codec: Codec,
     rows: usize,
     cols: usize,
 ) -> Result<(), PipelineError> {
+    check_dims(frame, dtype, codec, &[rows, cols])
+}
+
+/// Checks that `frame` holds a `[len]` vector with the expected dtype and
+/// codec.
+fn check_vector(
+    frame: &Frame,
+    dtype: DType,
+    codec: Codec,
+    len: usize,
+) -> Result<(), PipelineError> {
+    check_dims(frame, dtype, codec, &[len])
+}
+
+fn check_dims(
+    frame: &Frame,
+    dtype: DType,
+    codec: Codec,
+    want: &[usize],
+) -> Result<(), PipelineError> {
     let h = &frame.header;
     let dims = h.shape.dims();
     let ok = h.dtype == dtype
         && h.codec == codec
-        && dims.len() == 2
-        && dims[0] as usize == rows
-        && dims[1] as usize == cols;
+        && dims.len() == want.len()
+        && dims.iter().zip(want).all(|(&d, &w)| d as usize == w);
     if ok {
         Ok(())
     } else {
         Err(PipelineError::Protocol(format!(
-            "{:?} frame of micro-batch {} is {:?}/{:?} {:?}, expected {dtype:?}/{codec:?} [{rows}, {cols}]",
+            "{:?} frame of micro-batch {} is {:?}/{:?} {:?}, expected {dtype:?}/{codec:?} {want:?}",
             h.kind, h.micro_batch, h.dtype, h.codec, dims
         )))
     }
@@ -183,30 +255,33 @@ pub(crate) fn decode_f32(
     cols: usize,
     codec: TensorWire,
 ) -> Result<Vec<f32>, PipelineError> {
-    check_shape(frame, codec.dtype, codec.codec, rows, cols)?;
+    check_matrix(frame, codec.dtype, codec.codec, rows, cols)?;
     Ok(codec.decode(&frame.payload, rows, cols)?)
 }
 
-/// Decodes a `[rows, seq]` target-id frame (ids are range-checked by the
-/// stage that consumes them).
+/// Decodes a targets frame of `rows × seq` target ids (ids are
+/// range-checked by the stage that consumes them): the ids and their
+/// first stage's origin, which [`Inbox::check_origin`] checks.
 pub(crate) fn decode_targets(
     frame: &Frame,
     rows: usize,
     seq: usize,
-) -> Result<Vec<u32>, PipelineError> {
-    check_shape(frame, DType::U32, Codec::Raw, rows, seq)?;
-    if frame.payload.len() != rows * seq * 4 {
+) -> Result<(Vec<u32>, Origin), PipelineError> {
+    let words = rows * seq + ORIGIN_LEN / 4;
+    check_vector(frame, DType::U32, Codec::Raw, words)?;
+    let split = Origin::split(&frame.payload).filter(|(t, _)| t.len() == rows * seq * 4);
+    let Some((targets, origin)) = split else {
         return Err(PipelineError::Protocol(format!(
             "targets payload has {} bytes, expected {}",
             frame.payload.len(),
-            rows * seq * 4
+            words * 4
         )));
-    }
-    Ok(frame
-        .payload
+    };
+    let ids = targets
         .chunks_exact(4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
+        .collect();
+    Ok((ids, origin))
 }
 
 /// Decodes a frame built by [`Sender::scalar`].
@@ -325,6 +400,57 @@ impl Inbox {
         }
     }
 
+    /// Checks the first stage's `origin` of the targets `frame` carries
+    /// (as [`decode_targets`] read it): it must name
+    /// `replica`, the first-stage replica the route gives the micro-batch,
+    /// and carry that replica's signature over these ids at the frame's
+    /// step and micro-batch in this epoch (no keys set: no check). A
+    /// refusal is counted on the link as `bad_signature`.
+    pub fn check_origin(
+        &self,
+        frame: &Frame,
+        origin: &Origin,
+        replica: u32,
+    ) -> Result<(), PipelineError> {
+        let Some(keys) = &self.keys else {
+            return Ok(());
+        };
+        let h = &frame.header;
+        let bytes = Origin::split(&frame.payload).map_or(&[][..], |(t, _)| t);
+        let why = if origin.replica != replica {
+            Some(format!(
+                "they name first-stage replica {}, not {replica} which sampled them",
+                origin.replica
+            ))
+        } else {
+            match keys.key(0, replica) {
+                None => Some(format!(
+                    "no public key is known for stage 0 replica {replica}"
+                )),
+                Some(k) if !origin.verify(k, &h.run_id, h.step, h.micro_batch, bytes) => {
+                    Some(format!(
+                        "the first stage's signature over them does not verify against stage 0 replica {replica}"
+                    ))
+                }
+                Some(_) => None,
+            }
+        };
+        let Some(why) = why else {
+            return Ok(());
+        };
+        self.link
+            .stats()
+            .record_rejected(RejectReason::BadSignature);
+        Err(PipelineError::Refused {
+            peer: self.name,
+            what: format!(
+                "Targets of step {} micro-batch {} ({why})",
+                h.step, h.micro_batch
+            ),
+            reason: RejectReason::BadSignature.name(),
+        })
+    }
+
     /// Which neighbour this link reaches, for messages.
     pub fn name(&self) -> &'static str {
         self.name
@@ -419,6 +545,34 @@ mod tests {
     }
 
     #[test]
+    fn a_first_stage_signs_the_origin_of_its_targets() {
+        let id = Identity::from_secret([3; 32]);
+        let s = Sender {
+            stage: 0,
+            replica: 1,
+            signer: Some(Arc::new(id.clone())),
+            ..sender()
+        };
+        let targets: Vec<u32> = (0..6).collect();
+        let f = s.targets(4, 2, &targets, 2, 3, [7; 32]).expect("encode");
+        let (ids, origin) = decode_targets(&f, 2, 3).expect("decode");
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&id.public_key()).expect("key");
+        let bytes: Vec<u8> = ids.iter().flat_map(|t| t.to_le_bytes()).collect();
+        assert_eq!(origin.replica, 1);
+        assert!(origin.verify(&key, &s.run_id, 4, 2, &bytes));
+        assert!(crate::link::sign::verify_frame(&f, &key), "and the frame");
+        // Targets of another shape than the run's are refused.
+        assert!(matches!(
+            decode_targets(&f, 2, 4),
+            Err(PipelineError::Protocol(_))
+        ));
+        assert!(matches!(
+            s.targets(4, 2, &targets, 2, 4, [7; 32]),
+            Err(PipelineError::Layout(_))
+        ));
+    }
+
+    #[test]
     fn tensors_targets_and_scalars_round_trip_exactly() {
         let s = sender();
         let data: Vec<f32> = (0..12).map(|i| i as f32 * -0.37 + 1e-8).collect();
@@ -439,8 +593,24 @@ mod tests {
         assert_eq!(f.header.sender, WorkerId([2; 16]), "and its author");
         let targets: Vec<u32> = (0..8).map(|i| i * 1000 + 7).collect();
         let f = s.targets(3, 1, &targets, 2, 4, [6; 32]).expect("encode");
-        assert_eq!(decode_targets(&f, 2, 4).expect("decode"), targets);
+        let (ids, origin) = decode_targets(&f, 2, 4).expect("decode");
+        assert_eq!(ids, targets);
         assert_eq!(f.header.input_hash, [6; 32]);
+        assert_eq!(f.header.shape.dims(), &[8 + 25], "ids and origin");
+        // Unsigned sender: the origin names it and the tokens, unsigned.
+        assert_eq!((origin.replica, origin.input), (0, [6; 32]));
+        assert_eq!(origin.signature, [0; 64]);
+        // A relay passes ids and origin on byte for byte, under its own
+        // header.
+        let relay = Sender {
+            stage: 2,
+            ..sender()
+        };
+        let r = relay
+            .relay_targets(3, 1, &ids, &origin, f.content_hash())
+            .expect("relay");
+        assert_eq!(r.payload, f.payload);
+        assert_eq!((r.header.stage, r.header.input_hash), (2, f.content_hash()));
         let v = 12_345.678_901_234_5_f64;
         assert_eq!(decode_scalar(&s.scalar(3, v)).expect("decode"), v);
     }

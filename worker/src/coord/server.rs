@@ -101,6 +101,78 @@ impl Challenges {
     }
 }
 
+/// The digests of stages' initial parameters, by (stage, layers); `None`:
+/// the stage cannot be built here.
+type InitialCache = HashMap<(usize, std::ops::Range<usize>), Option<[u8; 32]>>;
+
+/// The digest of stage `stage`'s initial parameters over `layers` (the
+/// weights the run's seed gives before its first step), from a stage built
+/// from `manifest` without links; `None` when it cannot be built here (the
+/// first stage reads the run's corpus).
+fn initial_digest(
+    manifest: &pipewright_spec::TrainingRun,
+    stage: usize,
+    layers: std::ops::Range<usize>,
+) -> Option<[u8; 32]> {
+    let t = Instant::now();
+    let shard = Shard { stage, replica: 0 };
+    match StageWorker::prepare_layers(manifest, shard, Duration::from_secs(1), Some(layers)) {
+        Ok(wk) => {
+            let d = wk.params_digest();
+            tracing::info!(
+                "stage {stage}: the digest of its initial parameters is {} ({:.1} ms)",
+                hex::encode(&d[..8]),
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            Some(d)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "stage {stage}: the digest of its initial parameters cannot be computed here \
+                 ({e}); its audits of the first step go without"
+            );
+            None
+        }
+    }
+}
+
+/// How the state machine learns the digest of a stage's initial parameters
+/// (see [`Coordinator::with_initial_digests`]): from a cache that a thread
+/// fills for `layers` (the stages' layer ranges now) as the coordinator
+/// starts, when audits are on, or computed on demand for a range it lacks.
+fn initial_digests(
+    manifest: &pipewright_spec::TrainingRun,
+    layers: &[std::ops::Range<usize>],
+) -> super::state::InitialDigest {
+    let cache: Arc<Mutex<InitialCache>> = Arc::default();
+    if manifest.spec.validation.audit_rate > 0.0 {
+        let (cache, manifest, layers) = (cache.clone(), manifest.clone(), layers.to_vec());
+        let spawned = thread::Builder::new()
+            .name("initial-digests".into())
+            .spawn(move || {
+                for (stage, l) in layers.into_iter().enumerate() {
+                    if lock(&cache).contains_key(&(stage, l.clone())) {
+                        continue;
+                    }
+                    let d = initial_digest(&manifest, stage, l.clone());
+                    lock(&cache).insert((stage, l), d);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("starting the initial digests' thread: {e}");
+        }
+    }
+    let manifest = manifest.clone();
+    Box::new(move |stage: usize, layers: std::ops::Range<usize>| {
+        if let Some(d) = lock(&cache).get(&(stage, layers.clone())) {
+            return *d;
+        }
+        let d = initial_digest(&manifest, stage, layers.clone());
+        lock(&cache).insert((stage, layers), d);
+        d
+    })
+}
+
 /// Stage states handed from a live replica to a new one, by (epoch, stage).
 type Handoffs = HashMap<(u64, usize), Arc<Vec<u8>>>;
 
@@ -256,6 +328,7 @@ impl Shared {
             }
             None => None,
         };
+        let initial = initial_digests(&config.manifest, &layout.stage_layers);
         let (model, stages) = (config.model.clone(), spec.pipeline.stages);
         let root = config
             .checkpoint
@@ -273,6 +346,7 @@ impl Shared {
         }))
         .with_audit_rate(spec.validation.audit_rate)
         .with_coordinator_validator(true)
+        .with_initial_digests(initial)
         .with_robust_aggregation(spec.pipeline.aggregation != pipewright_spec::Aggregation::Mean)
         .with_contribution_audit_rate(
             spec.validation
@@ -346,7 +420,8 @@ impl Shared {
         };
         if digest != job.digest {
             return RefereeResult::BadWeights(format!(
-                "they digest to {}, the stage's replicas committed {} after step {before}",
+                "they digest to {}, the digest agreed for the stage's parameters after step \
+                 {before} is {}",
                 hex::encode(&digest[..8]),
                 hex::encode(&job.digest[..8])
             ));

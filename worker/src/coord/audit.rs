@@ -481,8 +481,8 @@ pub(super) struct Audits {
     /// Computes the digest of a stage's initial parameters (from the run's
     /// seed, see `model::init`) over a layer range; `None`: it cannot.
     initial: Option<InitialDigest>,
-    /// Its answers by (stage, first layer, end of the layers).
-    initial_cache: BTreeMap<(usize, usize, usize), Option<[u8; 32]>>,
+    /// Its digests by (stage, first layer, end of the layers).
+    initial_cache: BTreeMap<(usize, usize, usize), [u8; 32]>,
 }
 
 /// Computes the digest of stage `stage`'s initial parameters over `layers`
@@ -977,17 +977,17 @@ impl Coordinator {
     }
 
     /// The digest of stage `stage`'s initial parameters over its current
-    /// layers, computed once per layer range (`None`: no way to compute it
-    /// was given, or it failed).
+    /// layers, asked for until it is given once per layer range (`None`: no
+    /// way to compute it was given, or it is not known yet, or it failed).
     fn initial_digest(&mut self, stage: usize) -> Option<[u8; 32]> {
         let layers = self.layout.stage_layers.get(stage)?.clone();
         let key = (stage, layers.start, layers.end);
         if let Some(d) = self.audits.initial_cache.get(&key) {
-            return *d;
+            return Some(*d);
         }
-        let d = (self.audits.initial.as_ref()?)(stage, layers);
+        let d = (self.audits.initial.as_ref()?)(stage, layers)?;
         self.audits.initial_cache.insert(key, d);
-        d
+        Some(d)
     }
 
     /// The open audits of (`epoch`, `step`), if those are the current ones.
@@ -1332,9 +1332,11 @@ impl Coordinator {
     /// initial parameters (`f(stage, layers)`, the parameters the run's
     /// seed gives that layer range before any step), the digest every
     /// audit of the first step takes as the one agreed for the weights
-    /// before it. Called at most once per stage and layer range, under the
-    /// state machine's lock: the server hands in a cache it fills in the
-    /// background as the run starts.
+    /// before it. Called under the state machine's lock, for a stage and
+    /// layer range until it gives a digest (`None`: not known, or not yet;
+    /// that first step's audit goes without): the server hands in a cache
+    /// it fills on a thread as the run starts, and computes nothing under
+    /// the lock.
     pub fn with_initial_digests(mut self, f: InitialDigest) -> Self {
         self.audits.initial = Some(f);
         self

@@ -101,9 +101,10 @@ impl Challenges {
     }
 }
 
-/// The digests of stages' initial parameters, by (stage, layers); `None`:
-/// the stage cannot be built here.
-type InitialCache = HashMap<(usize, std::ops::Range<usize>), Option<[u8; 32]>>;
+/// The digests of stages' initial parameters, by (stage, layers): `None`
+/// while one is being computed, `Some(None)` when the stage cannot be built
+/// here.
+type InitialCache = HashMap<(usize, std::ops::Range<usize>), Option<Option<[u8; 32]>>>;
 
 /// The digest of stage `stage`'s initial parameters over `layers` (the
 /// weights the run's seed gives before its first step), from a stage built
@@ -136,40 +137,75 @@ fn initial_digest(
     }
 }
 
+/// Computes the digests of `ranges` (stage, layers) one after the other on
+/// a thread of their own, into `cache`, where each is marked as under way
+/// first.
+fn compute_initial(
+    cache: &Arc<Mutex<InitialCache>>,
+    manifest: &pipewright_spec::TrainingRun,
+    ranges: Vec<(usize, std::ops::Range<usize>)>,
+) {
+    let ranges: Vec<_> = {
+        let mut c = lock(cache);
+        let new: Vec<_> = ranges.into_iter().filter(|k| !c.contains_key(k)).collect();
+        for k in &new {
+            c.insert(k.clone(), None);
+        }
+        new
+    };
+    if ranges.is_empty() {
+        return;
+    }
+    let (filled, manifest, todo) = (cache.clone(), manifest.clone(), ranges.clone());
+    let spawned = thread::Builder::new()
+        .name("initial-digests".into())
+        .spawn(move || {
+            for (stage, l) in todo {
+                let d = initial_digest(&manifest, stage, l.clone());
+                lock(&filled).insert((stage, l), Some(d));
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("starting the initial digests' thread: {e}");
+        let mut c = lock(cache);
+        for k in ranges {
+            c.remove(&k);
+        }
+    }
+}
+
 /// How the state machine learns the digest of a stage's initial parameters
-/// (see [`Coordinator::with_initial_digests`]): from a cache that a thread
-/// fills for `layers` (the stages' layer ranges now) as the coordinator
-/// starts, when audits are on, or computed on demand for a range it lacks.
+/// (see [`Coordinator::with_initial_digests`]), never computing one under
+/// its lock: a thread computes them for `layers` (the stages' layer ranges
+/// now) as the coordinator starts, when audits are on; a range asked for
+/// that is not known yet is `None` (that first step's audit goes without),
+/// and one not under way either is put to a thread for the next time.
 fn initial_digests(
     manifest: &pipewright_spec::TrainingRun,
     layers: &[std::ops::Range<usize>],
 ) -> super::state::InitialDigest {
     let cache: Arc<Mutex<InitialCache>> = Arc::default();
     if manifest.spec.validation.audit_rate > 0.0 {
-        let (cache, manifest, layers) = (cache.clone(), manifest.clone(), layers.to_vec());
-        let spawned = thread::Builder::new()
-            .name("initial-digests".into())
-            .spawn(move || {
-                for (stage, l) in layers.into_iter().enumerate() {
-                    if lock(&cache).contains_key(&(stage, l.clone())) {
-                        continue;
-                    }
-                    let d = initial_digest(&manifest, stage, l.clone());
-                    lock(&cache).insert((stage, l), d);
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::warn!("starting the initial digests' thread: {e}");
-        }
+        compute_initial(
+            &cache,
+            manifest,
+            layers.iter().cloned().enumerate().collect(),
+        );
     }
     let manifest = manifest.clone();
     Box::new(move |stage: usize, layers: std::ops::Range<usize>| {
-        if let Some(d) = lock(&cache).get(&(stage, layers.clone())) {
-            return *d;
+        let known = lock(&cache).get(&(stage, layers.clone())).cloned();
+        match known {
+            Some(d) => d.flatten(),
+            None => {
+                tracing::info!(
+                    "stage {stage}: the digest of its initial parameters over layers {layers:?} \
+                     is not known yet; its audit of this first step goes without"
+                );
+                compute_initial(&cache, &manifest, vec![(stage, layers)]);
+                None
+            }
         }
-        let d = initial_digest(&manifest, stage, layers.clone());
-        lock(&cache).insert((stage, layers), d);
-        d
     })
 }
 

@@ -154,8 +154,9 @@ pub struct TrainingRunSpec {
 /// micro-batch is audited with probability `auditRate`: one of its
 /// micro-batches, drawn by the coordinator, is recomputed by another replica
 /// of the same stage and the hashes compared with the shard's signed
-/// commitment. Stages with a single replica have no validator and are not
-/// audited.
+/// commitment. A stage with a single training replica has the coordinator
+/// as validator: it recomputes the micro-batch itself from the worker's
+/// evidence and uploaded parameters (`docs/byzantine.md`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ValidationSpec {

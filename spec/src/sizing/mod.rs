@@ -107,8 +107,9 @@ pub struct StagePlan {
     pub snapshot_bytes: u64,
     /// What a shard keeps of its step's micro-batches for audits (their
     /// received input activations, targets and activation gradients, one
-    /// step's worth at 4 bytes a value: no codec sends more): 0 with one
-    /// replica or with audits off (`spec.validation`). Counted for the
+    /// step's worth at 4 bytes a value: no codec sends more): 0 with audits
+    /// off (`spec.validation`; with one replica, with micro-batch audits
+    /// off, whose validator is then the coordinator). Counted for the
     /// micro-batches of its own lane (`routing: lanes`); under
     /// `routing: throughput` a fast worker may run, and keep, more.
     pub evidence_bytes: u64,
@@ -214,9 +215,12 @@ pub fn plan(run: &TrainingRun, vocab: usize, stages: Option<usize>) -> Plan {
                 SnapshotPlace::Memory => weight_bytes.saturating_mul(3),
                 SnapshotPlace::Disk => 0,
             };
-            let audited = spec.pipeline.replicas > 1
-                && (spec.validation.audit_rate > 0.0
-                    || spec
+            // Micro-batch audits keep it with any number of replicas (a
+            // stage of one has the coordinator as validator); contribution
+            // audits need another replica.
+            let audited = spec.validation.audit_rate > 0.0
+                || (spec.pipeline.replicas > 1
+                    && spec
                         .validation
                         .effective_contribution_audit_rate(spec.pipeline.aggregation)
                         > 0.0);

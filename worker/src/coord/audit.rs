@@ -13,7 +13,14 @@
 //!   validator among the stage's other training replicas, are drawn from a
 //!   BLAKE3 stream keyed by a secret only the coordinator knows (kept in
 //!   its state file), so no worker can tell in advance which work is
-//!   checked.
+//!   checked. A stage with one training replica has the coordinator as
+//!   its validator: the audited worker uploads its evidence and its
+//!   parameters of before the step, which must have the digest it signed
+//!   after the step before (at the first step: the digest of the run's
+//!   initial parameters, which the coordinator derives itself), and the
+//!   coordinator's recomputation decides alone (it is the run owner's
+//!   process): equal hashes pass, others convict; no matching parameters
+//!   by the deadline convict too (`bad_weights`).
 //! * **Orders.** While a step's audits are open the barrier answers only
 //!   with orders: the audited worker uploads the payloads it received for
 //!   the micro-batch (checked against its own and its neighbours' signed
@@ -141,6 +148,10 @@ enum Outcome {
     Unconfirmed,
     /// A validator did not answer in time (it is vacated).
     Silent(u64),
+    /// The coordinator, sole validator of a stage with one training
+    /// replica, could not recompute (it cannot build the stage): nothing
+    /// disputes the commitment and the step goes on, unchecked.
+    Unchecked,
 }
 
 /// One audit of an open step.
@@ -265,6 +276,9 @@ impl Audit {
             Some(Some(Verdict::Hashes(h))) => Some(h),
             _ => None,
         };
+        if self.checks.is_empty() {
+            return self.decide_alone(step, mb, committed);
+        }
         let Some(v1) = verdict(0) else {
             return Next::Wait;
         };
@@ -331,6 +345,40 @@ impl Audit {
         })
     }
 
+    /// The verdict rule of a micro-batch audit of a stage with one
+    /// training replica, whose one validator is the coordinator: its
+    /// hashes equal to the commitment pass, other hashes convict (the
+    /// coordinator is the run owner's process, trusted), a recomputation
+    /// it could not make leaves the audit unchecked.
+    fn decide_alone(&self, step: u64, mb: u64, committed: &Hashes) -> Next {
+        let Some(r) = &self.referee else {
+            return Next::Decided(Outcome::Unchecked);
+        };
+        match &r.result {
+            None => Next::Wait,
+            Some(Err(_)) => Next::Decided(Outcome::Unchecked),
+            Some(Ok(h)) if h == committed => Next::Decided(Outcome::Passed),
+            Some(Ok(h)) => Next::Decided(Outcome::Convicted(
+                "failed_audit",
+                format!(
+                    "stage {} replica {}'s micro-batch {mb} of step {step} does not reproduce: \
+                     it committed input {}, output {}, gradient {}; the coordinator, the \
+                     validator of a stage with one training replica, recomputed input {}, \
+                     output {}, gradient {} from its evidence and the parameters it committed \
+                     to before the step",
+                    self.stage,
+                    self.replica,
+                    short(&committed.input),
+                    short(&committed.output),
+                    short(&committed.gradient),
+                    short(&h.input),
+                    short(&h.output),
+                    short(&h.gradient),
+                ),
+            )),
+        }
+    }
+
     /// What the audit's verdicts decide so far.
     fn decide(&self, step: u64) -> Next {
         match &self.kind {
@@ -360,7 +408,12 @@ impl Audit {
                     "validators": validators,
                 });
                 if let Some(Some(Ok(h))) = self.referee.as_ref().map(|r| &r.result) {
-                    j["second_validator"] = "coordinator".into();
+                    let role = if self.checks.is_empty() {
+                        "validator"
+                    } else {
+                        "second_validator"
+                    };
+                    j[role] = "coordinator".into();
                     j["coordinator"] = h.json();
                 }
                 j
@@ -425,7 +478,16 @@ pub(super) struct Audits {
     /// The coordinator's recomputations timed and their seconds (upload
     /// checked, stage built, micro-batch recomputed).
     recompute_seconds: (u64, f64),
+    /// Computes the digest of a stage's initial parameters (from the run's
+    /// seed, see `model::init`) over a layer range; `None`: it cannot.
+    initial: Option<InitialDigest>,
+    /// Its digests by (stage, first layer, end of the layers).
+    initial_cache: BTreeMap<(usize, usize, usize), [u8; 32]>,
 }
+
+/// Computes the digest of stage `stage`'s initial parameters over `layers`
+/// (see [`Coordinator::with_initial_digests`]).
+pub type InitialDigest = Box<dyn Fn(usize, std::ops::Range<usize>) -> Option<[u8; 32]> + Send>;
 
 impl Audits {
     /// Bookkeeping with `secret` (hex, from the state file) or a fresh one.
@@ -453,6 +515,8 @@ impl Audits {
             referee: false,
             recomputations: BTreeMap::new(),
             recompute_seconds: (0, 0.0),
+            initial: None,
+            initial_cache: BTreeMap::new(),
         }
     }
 
@@ -775,7 +839,11 @@ impl Coordinator {
                     self.in_plan(j) && self.slots[j].is_some()
                 })
                 .collect();
-            if training.len() < 2 {
+            if let [sole] = training[..] {
+                list.extend(self.sole_audit(stage, sole, step));
+                continue;
+            }
+            if training.is_empty() {
                 continue;
             }
             for &replica in &training {
@@ -837,6 +905,89 @@ impl Coordinator {
             drawn: now,
             list,
         });
+    }
+
+    /// The audit of shard (`stage`, `replica`), its stage's one training
+    /// replica, at `step`, when the draw picks it and the coordinator
+    /// validates such audits: it recomputes the micro-batch itself from
+    /// the worker's evidence and its parameters of before the step, which
+    /// must have the digest the same worker committed after the step before
+    /// (at the first step: the digest of the run's initial parameters,
+    /// which the coordinator derives from the manifest). `None` as well
+    /// when no such digest is known (a worker whose state came from a
+    /// checkpoint or a replica has committed none yet): the shard is not
+    /// audited at that step.
+    fn sole_audit(&mut self, stage: usize, replica: usize, step: u64) -> Option<Audit> {
+        if !self.audits.referee {
+            return None;
+        }
+        let j = self.idx(stage, replica);
+        let slot = self.slots[j].as_ref()?;
+        let c = slot.commits.iter().find(|c| c.completed == step)?;
+        if c.hashes.is_empty() {
+            return None;
+        }
+        let key = &self.audits.secret;
+        let pick = |what| draw(key, self.epoch, step, stage, replica, what);
+        if unit(pick("rate")) >= self.audits.rate {
+            return None;
+        }
+        let mb = c.hashes[(pick("mb") % c.hashes.len() as u64) as usize].clone();
+        let worker = slot.worker;
+        let before = step.checked_sub(1)?;
+        let committed = slot
+            .commits
+            .iter()
+            .find(|c| c.completed == before)
+            .and_then(|c| c.params);
+        let digest = if before == 0 {
+            self.initial_digest(stage)
+        } else {
+            committed
+        };
+        let Some(digest) = digest else {
+            tracing::info!(
+                "step {step}: stage {stage} replica {replica} is not audited: no digest of its \
+                 parameters after step {before} is known"
+            );
+            return None;
+        };
+        Some(Audit {
+            id: 0,
+            stage,
+            replica,
+            worker,
+            kind: Kind::MicroBatch {
+                mb: mb.mb,
+                committed: Hashes::of(&mb),
+            },
+            evidence: None,
+            bad_uploads: 0,
+            checks: Vec::new(),
+            referee: Some(Referee {
+                digest,
+                uploaders: vec![worker],
+                started: false,
+                tried: Vec::new(),
+                refused: 0,
+                result: None,
+            }),
+            outcome: None,
+        })
+    }
+
+    /// The digest of stage `stage`'s initial parameters over its current
+    /// layers, asked for until it is given once per layer range (`None`: no
+    /// way to compute it was given, or it is not known yet, or it failed).
+    fn initial_digest(&mut self, stage: usize) -> Option<[u8; 32]> {
+        let layers = self.layout.stage_layers.get(stage)?.clone();
+        let key = (stage, layers.start, layers.end);
+        if let Some(d) = self.audits.initial_cache.get(&key) {
+            return Some(*d);
+        }
+        let d = (self.audits.initial.as_ref()?)(stage, layers)?;
+        self.audits.initial_cache.insert(key, d);
+        Some(d)
     }
 
     /// The open audits of (`epoch`, `step`), if those are the current ones.
@@ -917,12 +1068,13 @@ impl Coordinator {
             });
         let weights = undecided()
             .filter(|a| {
-                a.referee.as_ref().is_some_and(|r| {
-                    r.result.is_none()
-                        && !r.started
-                        && r.uploaders.contains(&worker)
-                        && !r.tried.contains(&worker)
-                })
+                a.evidence.is_some()
+                    && a.referee.as_ref().is_some_and(|r| {
+                        r.result.is_none()
+                            && !r.started
+                            && r.uploaders.contains(&worker)
+                            && !r.tried.contains(&worker)
+                    })
             })
             .map(|a| order(a, crate::coord::api::AuditRole::Weights));
         provide.chain(validate).chain(weights).collect()
@@ -961,23 +1113,22 @@ impl Coordinator {
                 },
             };
             if a.outcome.is_none() && late {
-                a.outcome = Some(
-                    match (&a.evidence, a.checks.iter().find(|c| c.verdict.is_none())) {
-                        (None, _) => Outcome::Convicted(
-                            "bad_evidence",
-                            format!(
-                                "{} gave no evidence of step {} matching its commitment within \
+                a.outcome = match (&a.evidence, a.checks.iter().find(|c| c.verdict.is_none())) {
+                    (Some(_), None) if a.checks.is_empty() => self.sole_audit_late(a, open.step),
+                    (None, _) => Some(Outcome::Convicted(
+                        "bad_evidence",
+                        format!(
+                            "{} gave no evidence of step {} matching its commitment within \
                                  {:.0} s ({} upload(s) refused)",
-                                a.what(),
-                                open.step,
-                                self.audit_deadline().as_secs_f64(),
-                                a.bad_uploads
-                            ),
+                            a.what(),
+                            open.step,
+                            self.audit_deadline().as_secs_f64(),
+                            a.bad_uploads
                         ),
-                        (Some(_), Some(c)) => Outcome::Silent(c.worker),
-                        (Some(_), None) => Outcome::Unconfirmed,
-                    },
-                );
+                    )),
+                    (Some(_), Some(c)) => Some(Outcome::Silent(c.worker)),
+                    (Some(_), None) => Some(Outcome::Unconfirmed),
+                };
             }
             if let Some(o) = &a.outcome {
                 let label = match o {
@@ -985,7 +1136,7 @@ impl Coordinator {
                     Outcome::Overturned => Some("overturned"),
                     Outcome::Convicted(..) => Some("failed"),
                     Outcome::Unconfirmed => Some("unconfirmed"),
-                    Outcome::Silent(_) => None,
+                    Outcome::Silent(_) | Outcome::Unchecked => None,
                 };
                 if let Some(label) = label {
                     let counts = match a.kind {
@@ -1049,6 +1200,17 @@ impl Coordinator {
                         now,
                     );
                 }
+                Some(Outcome::Unchecked) => {
+                    self.history.event(
+                        EventKind::Audit,
+                        format!(
+                            "audit of {} of step {step} unchecked: the coordinator, its only \
+                             validator, could not recompute it; the step goes on",
+                            a.what()
+                        ),
+                        now,
+                    );
+                }
                 Some(Outcome::Silent(w)) => {
                     broken = true;
                     let deadline = self.audit_deadline().as_secs_f64();
@@ -1075,6 +1237,30 @@ impl Coordinator {
             self.break_off(now);
         }
         true
+    }
+
+    /// What the deadline decides about `a`, an audit of a stage with one
+    /// training replica whose evidence came: a recomputation under way is
+    /// waited for (`None`); otherwise no upload of the parameters the
+    /// worker committed to came (none, or only refused ones): it is
+    /// convicted (`bad_weights`), as a provider that never provides its
+    /// evidence is.
+    fn sole_audit_late(&self, a: &Audit, step: u64) -> Option<Outcome> {
+        let r = a.referee.as_ref()?;
+        if r.started {
+            return None;
+        }
+        Some(Outcome::Convicted(
+            "bad_weights",
+            format!(
+                "{} gave no parameters of before step {step} with the digest {} it committed to \
+                 within {:.0} s ({} upload(s) refused)",
+                a.what(),
+                hex::encode(&r.digest[..8]),
+                self.audit_deadline().as_secs_f64(),
+                r.refused
+            ),
+        ))
     }
 
     /// The second, independent validator of `a` whose first verdict
@@ -1142,6 +1328,20 @@ impl Coordinator {
         self
     }
 
+    /// Gives the coordinator a way to compute the digest of a stage's
+    /// initial parameters (`f(stage, layers)`, the parameters the run's
+    /// seed gives that layer range before any step), the digest every
+    /// audit of the first step takes as the one agreed for the weights
+    /// before it. Called under the state machine's lock, for a stage and
+    /// layer range until it gives a digest (`None`: not known, or not yet;
+    /// that first step's audit goes without): the server hands in a cache
+    /// it fills on a thread as the run starts, and computes nothing under
+    /// the lock.
+    pub fn with_initial_digests(mut self, f: InitialDigest) -> Self {
+        self.audits.initial = Some(f);
+        self
+    }
+
     /// The coordinator's recomputations by stage and outcome (`convicted`,
     /// `overturned`, `unconfirmed`, `failed`, `refused_weights`).
     pub fn coordinator_recomputations(&self) -> &BTreeMap<(usize, &'static str), u64> {
@@ -1157,23 +1357,31 @@ impl Coordinator {
     /// The coordinator as second validator of `a` (a micro-batch audit of
     /// `step` whose first verdict disputes the commitment), when it is one
     /// and the replicas of its stage agreed on their parameters' digest
-    /// after the step before (`None`: the audit is unconfirmed; so too at
-    /// the first step, whose weights no report committed to).
-    fn referee_for(&self, a: &Audit, step: u64) -> Option<Referee> {
+    /// after the step before (`None`: the audit is unconfirmed). At the
+    /// first step, whose weights no report committed to, the agreed digest
+    /// is the one of the run's initial parameters, which the coordinator
+    /// derives itself (see [`Coordinator::with_initial_digests`]; without
+    /// it, the audit is unconfirmed).
+    fn referee_for(&mut self, a: &Audit, step: u64) -> Option<Referee> {
         if !self.audits.referee || !matches!(a.kind, Kind::MicroBatch { .. }) {
             return None;
         }
         a.evidence.as_ref()?;
-        let before = step.checked_sub(1).filter(|&b| b > 0)?;
-        let digests: Vec<[u8; 32]> = (0..self.layout.replicas)
-            .filter_map(|x| self.slots[self.idx(a.stage, x)].as_ref())
-            .filter_map(|s| s.commits.iter().find(|c| c.completed == before))
-            .map(|c| c.params)
-            .collect::<Option<Vec<_>>>()?;
-        let digest = *digests.first()?;
-        if digests.iter().any(|d| *d != digest) {
-            return None;
-        }
+        let before = step.checked_sub(1)?;
+        let digest = if before == 0 {
+            self.initial_digest(a.stage)?
+        } else {
+            let digests: Vec<[u8; 32]> = (0..self.layout.replicas)
+                .filter_map(|x| self.slots[self.idx(a.stage, x)].as_ref())
+                .filter_map(|s| s.commits.iter().find(|c| c.completed == before))
+                .map(|c| c.params)
+                .collect::<Option<Vec<_>>>()?;
+            let digest = *digests.first()?;
+            if digests.iter().any(|d| *d != digest) {
+                return None;
+            }
+            digest
+        };
         let validator = a.checks.first()?.worker;
         Some(Referee {
             digest,
@@ -1258,7 +1466,10 @@ impl Coordinator {
     /// uploader's may still come); hashes decide the audit: equal to the
     /// commitment, the validator is overturned; equal to the validator's,
     /// the audited worker is convicted; anything else (a failure included)
-    /// leaves it unconfirmed.
+    /// leaves it unconfirmed. Where the coordinator is the only validator
+    /// (a stage with one training replica), hashes equal to the commitment
+    /// pass the audit, other hashes convict, and a failure leaves it
+    /// unchecked (the step goes on).
     pub fn referee_done(
         &mut self,
         worker: u64,
@@ -1280,6 +1491,9 @@ impl Coordinator {
             _ => None,
         };
         let committed = committed.clone();
+        // The coordinator is the only validator of a stage with one
+        // training replica.
+        let alone = a.checks.is_empty();
         let label;
         let mut refused = None;
         let outcome = match result {
@@ -1303,9 +1517,11 @@ impl Coordinator {
                     output: hex::encode(output),
                     gradient: hex::encode(gradient),
                 };
-                label = if h == committed {
+                label = if h == committed && alone {
+                    "passed"
+                } else if h == committed {
                     "overturned"
-                } else if Some(&h) == v1.as_ref() {
+                } else if alone || Some(&h) == v1.as_ref() {
                     "convicted"
                 } else {
                     "unconfirmed"
@@ -1861,3 +2077,7 @@ impl Coordinator {
 #[cfg(test)]
 #[path = "audit_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "referee_tests.rs"]
+mod referee_tests;

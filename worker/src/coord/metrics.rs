@@ -71,7 +71,8 @@ const SUSPICION_REASONS: [&str; 2] = ["cosine", "norm_ratio"];
 
 /// How the coordinator's own recomputation of a disputed micro-batch ended
 /// (the `outcome` label of `pipewright_coordinator_recomputations_total`).
-const RECOMPUTE_OUTCOMES: [&str; 5] = [
+const RECOMPUTE_OUTCOMES: [&str; 6] = [
+    "passed",
     "convicted",
     "overturned",
     "unconfirmed",

@@ -101,6 +101,114 @@ impl Challenges {
     }
 }
 
+/// The digests of stages' initial parameters, by (stage, layers): `None`
+/// while one is being computed, `Some(None)` when the stage cannot be built
+/// here.
+type InitialCache = HashMap<(usize, std::ops::Range<usize>), Option<Option<[u8; 32]>>>;
+
+/// The digest of stage `stage`'s initial parameters over `layers` (the
+/// weights the run's seed gives before its first step), from a stage built
+/// from `manifest` without links; `None` when it cannot be built here (the
+/// first stage reads the run's corpus).
+fn initial_digest(
+    manifest: &pipewright_spec::TrainingRun,
+    stage: usize,
+    layers: std::ops::Range<usize>,
+) -> Option<[u8; 32]> {
+    let t = Instant::now();
+    let shard = Shard { stage, replica: 0 };
+    match StageWorker::prepare_layers(manifest, shard, Duration::from_secs(1), Some(layers)) {
+        Ok(wk) => {
+            let d = wk.params_digest();
+            tracing::info!(
+                "stage {stage}: the digest of its initial parameters is {} ({:.1} ms)",
+                hex::encode(&d[..8]),
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            Some(d)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "stage {stage}: the digest of its initial parameters cannot be computed here \
+                 ({e}); its audits of the first step go without"
+            );
+            None
+        }
+    }
+}
+
+/// Computes the digests of `ranges` (stage, layers) one after the other on
+/// a thread of their own, into `cache`, where each is marked as under way
+/// first.
+fn compute_initial(
+    cache: &Arc<Mutex<InitialCache>>,
+    manifest: &pipewright_spec::TrainingRun,
+    ranges: Vec<(usize, std::ops::Range<usize>)>,
+) {
+    let ranges: Vec<_> = {
+        let mut c = lock(cache);
+        let new: Vec<_> = ranges.into_iter().filter(|k| !c.contains_key(k)).collect();
+        for k in &new {
+            c.insert(k.clone(), None);
+        }
+        new
+    };
+    if ranges.is_empty() {
+        return;
+    }
+    let (filled, manifest, todo) = (cache.clone(), manifest.clone(), ranges.clone());
+    let spawned = thread::Builder::new()
+        .name("initial-digests".into())
+        .spawn(move || {
+            for (stage, l) in todo {
+                let d = initial_digest(&manifest, stage, l.clone());
+                lock(&filled).insert((stage, l), Some(d));
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("starting the initial digests' thread: {e}");
+        let mut c = lock(cache);
+        for k in ranges {
+            c.remove(&k);
+        }
+    }
+}
+
+/// How the state machine learns the digest of a stage's initial parameters
+/// (see [`Coordinator::with_initial_digests`]), never computing one under
+/// its lock: a thread computes them for `layers` (the stages' layer ranges
+/// now) as the coordinator starts, when audits are on; a range asked for
+/// that is not known yet is `None` (that first step's audit goes without),
+/// and one not under way either is put to a thread for the next time.
+fn initial_digests(
+    manifest: &pipewright_spec::TrainingRun,
+    layers: &[std::ops::Range<usize>],
+) -> super::state::InitialDigest {
+    let cache: Arc<Mutex<InitialCache>> = Arc::default();
+    if manifest.spec.validation.audit_rate > 0.0 {
+        compute_initial(
+            &cache,
+            manifest,
+            layers.iter().cloned().enumerate().collect(),
+        );
+    }
+    let manifest = manifest.clone();
+    Box::new(move |stage: usize, layers: std::ops::Range<usize>| {
+        let known = lock(&cache).get(&(stage, layers.clone())).cloned();
+        match known {
+            Some(d) => d.flatten(),
+            None => {
+                tracing::info!(
+                    "stage {stage}: the digest of its initial parameters over layers {layers:?} \
+                     is not known yet; its audit of this first step goes without"
+                );
+                compute_initial(&cache, &manifest, vec![(stage, layers)]);
+                None
+            }
+        }
+    })
+}
+
 /// Stage states handed from a live replica to a new one, by (epoch, stage).
 type Handoffs = HashMap<(u64, usize), Arc<Vec<u8>>>;
 
@@ -256,6 +364,7 @@ impl Shared {
             }
             None => None,
         };
+        let initial = initial_digests(&config.manifest, &layout.stage_layers);
         let (model, stages) = (config.model.clone(), spec.pipeline.stages);
         let root = config
             .checkpoint
@@ -273,6 +382,7 @@ impl Shared {
         }))
         .with_audit_rate(spec.validation.audit_rate)
         .with_coordinator_validator(true)
+        .with_initial_digests(initial)
         .with_robust_aggregation(spec.pipeline.aggregation != pipewright_spec::Aggregation::Mean)
         .with_contribution_audit_rate(
             spec.validation
@@ -346,7 +456,8 @@ impl Shared {
         };
         if digest != job.digest {
             return RefereeResult::BadWeights(format!(
-                "they digest to {}, the stage's replicas committed {} after step {before}",
+                "they digest to {}, the digest agreed for the stage's parameters after step \
+                 {before} is {}",
                 hex::encode(&digest[..8]),
                 hex::encode(&job.digest[..8])
             ));

@@ -5,7 +5,10 @@
 //! (`Validate`) it fetches the audited replica's evidence, recomputes the
 //! micro-batch (a contribution audit: the replica's whole step and its
 //! gradient contribution) with its snapshot of the weights of before the
-//! step, and signs the hashes.
+//! step, and signs the hashes. For each parameters order (`Weights`: the
+//! coordinator recomputes a micro-batch itself, as second validator of a
+//! disputed audit or as the only one of a stage with one training replica)
+//! it uploads its stage's parameters of before the step from the snapshot.
 //! It reports every order (`POST /v1/audit`), one after the other, and
 //! takes the answer to the last as the barrier's, which may carry more
 //! orders (a second validation): until one comes without.
@@ -204,8 +207,10 @@ fn provide_evidence(session: &Session, wk: &StageWorker, o: &AuditOrder) -> Resu
 }
 
 /// Uploads the stage's parameters of before the audited step, from the
-/// snapshot, for the coordinator to recompute a disputed micro-batch
-/// itself; the answer comes once it has. `None` when the audits moved on.
+/// snapshot, for the coordinator to recompute a micro-batch itself (a
+/// disputed one, or any audited one of a stage with one training
+/// replica); the answer comes once it has. `None` when the audits moved
+/// on.
 fn upload_weights(
     session: &Session,
     wk: &StageWorker,

@@ -120,15 +120,18 @@ impl Session {
         wk.set_slowdown(self.slowdown);
         wk.set_attack(self.attack);
         // Audited stages keep what each micro-batch received until the
-        // next step (a stage of one replica has no validator): under
-        // micro-batch audits or contribution audits.
+        // next step: under micro-batch audits (a stage of one replica too:
+        // the coordinator validates it, from this evidence and the
+        // snapshot's parameters, which every worker keeps), or under
+        // contribution audits (which need another replica).
         let spec = &self.manifest.spec;
-        let audited = spec.validation.audit_rate > 0.0
-            || spec
-                .validation
-                .effective_contribution_audit_rate(spec.pipeline.aggregation)
-                > 0.0;
-        wk.set_retain(audited && spec.pipeline.replicas > 1);
+        let contributions = spec
+            .validation
+            .effective_contribution_audit_rate(spec.pipeline.aggregation)
+            > 0.0;
+        wk.set_retain(
+            spec.validation.audit_rate > 0.0 || (contributions && spec.pipeline.replicas > 1),
+        );
         wk.set_max_send_rate(self.max_send_rate);
         Ok(wk)
     }

@@ -7,7 +7,9 @@
 //! replicas' aggregation, bucket by bucket (`sign-flip` negates it,
 //! `scale` multiplies it by 100, `scale:F` by `F`, `noise` adds Gaussian
 //! noise as large as the contribution itself; `contribution-lie` sends it
-//! negated but commits to the hash of the honest one); `nan` poisons every tensor it
+//! negated but commits to the hash of the honest one; `grad-nan` sends NaN
+//! in place of it, which the gradient ring would refuse to send for an
+//! honest worker); `nan` poisons every tensor it
 //! sends on the pipeline (activations forward, activation gradients
 //! backward); `stale` skips its optimizer update, so its weights fall
 //! behind its replicas' (the coordinator's digest check catches it).
@@ -70,6 +72,9 @@ pub enum AttackKind {
     /// does, but commits to the hash of the honest one: it signs one thing
     /// and sends another.
     ContributionLie,
+    /// Sends NaN in place of its gradient contribution (every value, every
+    /// bucket), signed, in the ring all-reduce or the gather.
+    GradNan,
 }
 
 /// The environment variable that hands a worker process its drill attack
@@ -102,7 +107,7 @@ pub fn parse_shard_attack(s: &str) -> Result<(usize, usize, Attack), String> {
 pub const SCALE: f32 = 100.0;
 
 /// Every attack, `scale` with its default factor.
-const ALL: [AttackKind; 12] = [
+const ALL: [AttackKind; 13] = [
     AttackKind::SignFlip,
     AttackKind::Scale(SCALE),
     AttackKind::Noise,
@@ -115,10 +120,11 @@ const ALL: [AttackKind; 12] = [
     AttackKind::Forge,
     AttackKind::Lie,
     AttackKind::ContributionLie,
+    AttackKind::GradNan,
 ];
 
 /// The attacks' names on the command line (`scale:F` too).
-pub const NAMES: [&str; 13] = [
+pub const NAMES: [&str; 14] = [
     "sign-flip",
     "scale",
     "scale:F",
@@ -132,6 +138,7 @@ pub const NAMES: [&str; 13] = [
     "forge",
     "lie",
     "contribution-lie",
+    "grad-nan",
 ];
 
 impl AttackKind {
@@ -150,6 +157,7 @@ impl AttackKind {
             AttackKind::Forge => "forge",
             AttackKind::Lie => "lie",
             AttackKind::ContributionLie => "contribution-lie",
+            AttackKind::GradNan => "grad-nan",
         }
     }
 
@@ -161,6 +169,7 @@ impl AttackKind {
                 | AttackKind::Scale(_)
                 | AttackKind::Noise
                 | AttackKind::ContributionLie
+                | AttackKind::GradNan
         )
     }
 
@@ -243,6 +252,7 @@ pub fn corrupt_gradient(kind: AttackKind, data: &mut [f32], seed: u64) {
             data.iter_mut().for_each(|x| *x = -*x)
         }
         AttackKind::Scale(f) => data.iter_mut().for_each(|x| *x *= f),
+        AttackKind::GradNan => data.fill(f32::NAN),
         AttackKind::Noise => {
             if data.is_empty() {
                 return;
@@ -387,6 +397,10 @@ mod tests {
         let mut x = g.clone();
         corrupt_gradient(AttackKind::Scale(SCALE), &mut x, 0);
         assert_eq!(x, vec![100.0, -200.0, 50.0, 400.0]);
+        let mut x = g.clone();
+        corrupt_gradient(AttackKind::GradNan, &mut x, 0);
+        assert!(x.iter().all(|v| v.is_nan()), "{x:?}");
+        assert!(AttackKind::GradNan.on_gradients() && !AttackKind::GradNan.on_pipeline());
         let big: Vec<f32> = (0..20_000).map(|i| (i % 7) as f32 - 3.0).collect();
         let mut x = big.clone();
         corrupt_gradient(AttackKind::Noise, &mut x, 42);

@@ -1506,7 +1506,12 @@ impl StageWorker {
                     if let Some((kind, seed)) = attack {
                         attack::corrupt_gradient(kind, &mut grads, seed ^ k as u64);
                     }
-                    r.push(k, grads)?;
+                    // A failed push means the all-reduce already failed;
+                    // waiting for it reports why (a refused frame, kept
+                    // for a complaint, rather than `RingError::Broken`).
+                    if r.push(k, grads).is_err() {
+                        break;
+                    }
                 }
                 r
             }
@@ -1520,7 +1525,8 @@ impl StageWorker {
                     loss: loss_sum as f32,
                 });
             }
-            reducer.push(groups.len(), loss_bucket(loss_sum))?;
+            // As above: a failure is reported by the wait below.
+            let _ = reducer.push(groups.len(), loss_bucket(loss_sum));
         }
         // The `contribution-lie` drill commits to the honest contribution:
         // the gradients still hold it (what was pushed is a copy).

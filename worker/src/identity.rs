@@ -27,6 +27,8 @@ pub const AUDIT_DOMAIN: &str = "pipewright audit v1";
 pub const FRAME_DOMAIN: &str = "pipewright frame v1";
 /// Domain of a validator's verdict on a recheck of a broken step.
 pub const RECHECK_DOMAIN: &str = "pipewright recheck v1";
+/// Domain of a gradient ring frame's author signature (`link::sign`).
+pub const RING_DOMAIN: &str = "pipewright ring v1";
 
 /// Why an identity could not be loaded or created.
 #[derive(Debug, thiserror::Error)]

@@ -24,6 +24,16 @@
 //! complainer beyond the count: the complaint is not signed, so anyone
 //! holding the join token could send one in a worker's name.
 //!
+//! **Gradient ring frames** (`AllReduce`: a partial sum or finished chunk
+//! of the ring all-reduce, a gathered contribution under a robust rule)
+//! are signed by their author too (`sync::ring`), and an honest replica
+//! never sends a value of its own that is not finite. A signed ring frame
+//! holding a NaN or an infinity convicts its author the same way
+//! (`refused_frame`). Only that screen is applied: the norm test of the
+//! gathered contributions needs the other replicas' contributions, which
+//! the frame alone does not show, so a ring frame whose values are all
+//! finite makes its complaint unfounded.
+//!
 //! **Rechecks of a broken step.** A frame can pass the screen and still
 //! break the step: zeros sent as activations make the receiver's honest
 //! backward absurd (RMSNorm of a zero row), so the step breaks off in a
@@ -56,7 +66,7 @@ use crate::ledger::Refusal;
 use crate::link::codec::TensorWire;
 use crate::link::frame::{decode, FrameLimits};
 use crate::link::sign::{epoch_run_id, verify_frame, SignedHeader};
-use crate::link::{Codec, FrameKind, RunId, RunKey};
+use crate::link::{Codec, FrameKind, RejectReason, RunId, RunKey};
 use crate::sync::screen_tensor;
 
 /// Most rechecks open at once; a broken step's reports beyond it order
@@ -199,21 +209,26 @@ impl Coordinator {
             h.step + 1,
             h.micro_batch
         );
+        let ring = h.kind == FrameKind::AllReduce;
         let wire = match (h.kind, h.codec) {
             (FrameKind::Activation | FrameKind::Gradient, Codec::Lowrank) => {
                 TensorWire::lowrank(h.dtype).ok()
             }
-            (FrameKind::Activation | FrameKind::Gradient, c) => {
+            (FrameKind::Activation | FrameKind::Gradient | FrameKind::AllReduce, c) => {
                 TensorWire::plain(c).ok().filter(|w| w.dtype == h.dtype)
             }
             _ => None,
         };
-        let dims = h.shape.dims();
-        let (Some(wire), [rows, cols]) = (wire, dims) else {
+        // A ring frame is a vector of f32s; a pipeline tensor a matrix.
+        let shape = match (ring, h.shape.dims()) {
+            (true, [n]) if h.codec == Codec::F32 => Some((1, *n as usize)),
+            (false, [rows, cols]) => Some((*rows as usize, *cols as usize)),
+            _ => None,
+        };
+        let (Some(wire), Some((rows, cols))) = (wire, shape) else {
             let detail = format!("the {what} is not a tensor a receiver screens");
             return refuse(self, "complaint", detail);
         };
-        let (rows, cols) = (*rows as usize, *cols as usize);
         // A signature of an identity convicted before: another receiver's
         // complaint (or an audit) came first.
         let earlier = self
@@ -260,7 +275,14 @@ impl Coordinator {
                 )
             }
         };
-        let Some(reason) = screen_tensor(&values) else {
+        // A ring frame is screened for what its receivers refuse from it
+        // alone: a NaN or an infinity.
+        let verdict = if ring {
+            (!values.iter().all(|v| v.is_finite())).then_some(RejectReason::NonFinite)
+        } else {
+            screen_tensor(&values)
+        };
+        let Some(reason) = verdict else {
             let detail = format!("the {what} passes the receivers' screen");
             return refuse(self, "unfounded_complaint", detail);
         };
@@ -697,3 +719,7 @@ impl Coordinator {
 #[cfg(test)]
 #[path = "complaint_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "ring_complaint_tests.rs"]
+mod ring_tests;

@@ -783,13 +783,15 @@ async fn evidence_method(_: EvidenceAt) -> Reply {
     Reply::Text(405, "evidence takes GET or PUT".into())
 }
 
-/// The largest complaint accepted: one pipeline frame, the larger of an
-/// activation block of a micro-batch (within the evidence limit) and a
-/// tied embedding gradient (`vocab × dim` f32), plus room for its header.
+/// The largest complaint accepted: one frame, the largest of an
+/// activation block of a micro-batch (within the evidence limit), a tied
+/// embedding gradient (`vocab × dim` f32) and a gradient ring segment,
+/// plus room for its header.
 fn complaint_limit(shared: &Shared) -> usize {
     let m = &shared.config.model;
     let tied = m.vocab.saturating_mul(m.dim).saturating_mul(4);
-    shared.evidence_limit.max(tied.saturating_add(64 << 10))
+    let largest = tied.max(crate::sync::SEGMENT_BYTES);
+    shared.evidence_limit.max(largest.saturating_add(64 << 10))
 }
 
 /// `POST /v1/complaint?worker=W&epoch=E`.

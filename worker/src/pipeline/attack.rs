@@ -7,7 +7,9 @@
 //! replicas' aggregation, bucket by bucket (`sign-flip` negates it,
 //! `scale` multiplies it by 100, `scale:F` by `F`, `noise` adds Gaussian
 //! noise as large as the contribution itself; `contribution-lie` sends it
-//! negated but commits to the hash of the honest one); `nan` poisons every tensor it
+//! negated but commits to the hash of the honest one; `grad-nan` sends NaN
+//! in place of it, which the gradient ring would refuse to send for an
+//! honest worker); `nan` poisons every tensor it
 //! sends on the pipeline (activations forward, activation gradients
 //! backward); `stale` skips its optimizer update, so its weights fall
 //! behind its replicas' (the coordinator's digest check catches it).
@@ -75,6 +77,9 @@ pub enum AttackKind {
     /// A middle stage that relays the targets shifted by one position,
     /// with the first stage's origin of the true ones.
     AlterTargets,
+    /// Sends NaN in place of its gradient contribution (every value, every
+    /// bucket), signed, in the ring all-reduce or the gather.
+    GradNan,
 }
 
 /// The environment variable that hands a worker process its drill attack
@@ -107,7 +112,7 @@ pub fn parse_shard_attack(s: &str) -> Result<(usize, usize, Attack), String> {
 pub const SCALE: f32 = 100.0;
 
 /// Every attack, `scale` with its default factor.
-const ALL: [AttackKind; 13] = [
+const ALL: [AttackKind; 14] = [
     AttackKind::SignFlip,
     AttackKind::Scale(SCALE),
     AttackKind::Noise,
@@ -121,10 +126,11 @@ const ALL: [AttackKind; 13] = [
     AttackKind::Lie,
     AttackKind::ContributionLie,
     AttackKind::AlterTargets,
+    AttackKind::GradNan,
 ];
 
 /// The attacks' names on the command line (`scale:F` too).
-pub const NAMES: [&str; 14] = [
+pub const NAMES: [&str; 15] = [
     "sign-flip",
     "scale",
     "scale:F",
@@ -139,6 +145,7 @@ pub const NAMES: [&str; 14] = [
     "lie",
     "contribution-lie",
     "alter-targets",
+    "grad-nan",
 ];
 
 impl AttackKind {
@@ -158,6 +165,7 @@ impl AttackKind {
             AttackKind::Lie => "lie",
             AttackKind::ContributionLie => "contribution-lie",
             AttackKind::AlterTargets => "alter-targets",
+            AttackKind::GradNan => "grad-nan",
         }
     }
 
@@ -169,6 +177,7 @@ impl AttackKind {
                 | AttackKind::Scale(_)
                 | AttackKind::Noise
                 | AttackKind::ContributionLie
+                | AttackKind::GradNan
         )
     }
 
@@ -257,6 +266,7 @@ pub fn corrupt_gradient(kind: AttackKind, data: &mut [f32], seed: u64) {
             data.iter_mut().for_each(|x| *x = -*x)
         }
         AttackKind::Scale(f) => data.iter_mut().for_each(|x| *x *= f),
+        AttackKind::GradNan => data.fill(f32::NAN),
         AttackKind::Noise => {
             if data.is_empty() {
                 return;
@@ -415,6 +425,10 @@ mod tests {
         let mut x = g.clone();
         corrupt_gradient(AttackKind::Scale(SCALE), &mut x, 0);
         assert_eq!(x, vec![100.0, -200.0, 50.0, 400.0]);
+        let mut x = g.clone();
+        corrupt_gradient(AttackKind::GradNan, &mut x, 0);
+        assert!(x.iter().all(|v| v.is_nan()), "{x:?}");
+        assert!(AttackKind::GradNan.on_gradients() && !AttackKind::GradNan.on_pipeline());
         let big: Vec<f32> = (0..20_000).map(|i| (i % 7) as f32 - 3.0).collect();
         let mut x = big.clone();
         corrupt_gradient(AttackKind::Noise, &mut x, 42);

@@ -1,7 +1,8 @@
 //! Who wrote what on the pipeline, a worker's part: it signs every frame it
 //! sends with its identity ([`StageWorker::set_signer`]), checks the author
 //! signature of every frame it takes against the public keys the
-//! coordinator handed out ([`StageWorker::set_peer_keys`]), never sends a
+//! coordinator handed out ([`StageWorker::set_peer_keys`]) — its gradient
+//! ring's frames too (`sync::ring`, `sync::gather`) —, never sends a
 //! tensor of its own that a receiver would refuse
 //! ([`StageWorker::screen_outgoing`]), and keeps the signed frame it
 //! refused ([`StageWorker::take_refused`]) so that it can show it to the
@@ -28,6 +29,9 @@ impl StageWorker {
     /// (none: frames go unsigned, as in a run without a coordinator).
     pub fn set_signer(&mut self, identity: Option<Identity>) {
         self.sender.signer = identity.map(Arc::new);
+        if let Some(ring) = self.ring.as_mut() {
+            ring.set_signer(self.sender.signer.clone());
+        }
     }
 
     /// Checks the author signature of every frame taken from the current
@@ -47,6 +51,9 @@ impl StageWorker {
             .chain(self.tie.iter_mut());
         for inbox in inboxes {
             inbox.set_keys(keys.clone());
+        }
+        if let Some(ring) = self.ring.as_mut() {
+            ring.set_keys(keys);
         }
     }
 

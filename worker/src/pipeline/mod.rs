@@ -734,6 +734,8 @@ impl StageWorker {
                     worker_id,
                 );
                 c.stage = shard.stage as u32;
+                c.replicas = self.lanes.iter().map(|&l| l as u32).collect();
+                c.signer = self.sender.signer.clone();
                 c.timeout = timeout;
                 c.abort = self.link_config.abort.clone();
                 c.max_send_rate = self.link_config.max_send_rate;
@@ -1196,6 +1198,9 @@ impl StageWorker {
             }
             _ => None,
         };
+        if let Some(ring) = self.ring.as_mut() {
+            ring.begin_step(step, self.attacking != Some(AttackKind::GradNan));
+        }
         let order = self.order();
         let micro_batches = order
             .iter()
@@ -1528,13 +1533,27 @@ impl StageWorker {
                     if let Some((kind, seed)) = attack {
                         attack::corrupt_gradient(kind, &mut grads, seed ^ k as u64);
                     }
-                    r.push(k, grads)?;
+                    // A failed push means the all-reduce already failed;
+                    // waiting for it reports why (a refused frame, kept
+                    // for a complaint, rather than `RingError::Broken`).
+                    if r.push(k, grads).is_err() {
+                        break;
+                    }
                 }
                 r
             }
         };
         if last {
-            reducer.push(groups.len(), loss_bucket(loss_sum))?;
+            // A loss that is not a number is divergence, not something to
+            // send: the ring would refuse to (`RingError::Unsendable`).
+            if !(loss_sum as f32).is_finite() {
+                return Err(PipelineError::Diverged {
+                    step: self.step,
+                    loss: loss_sum as f32,
+                });
+            }
+            // As above: a failure is reported by the wait below.
+            let _ = reducer.push(groups.len(), loss_bucket(loss_sum));
         }
         // The `contribution-lie` drill commits to the honest contribution:
         // the gradients still hold it (what was pushed is a copy).

@@ -1,8 +1,9 @@
 //! Signed frames and complaints, a shard worker's part: each epoch it
-//! signs its frames with its identity and checks its neighbours' against
-//! the public keys of the wiring (`pipeline::authorship`); when a step
-//! breaks off because it refused a signed frame (non-finite values, an
-//! absurd norm), it shows that frame to the coordinator
+//! signs its frames (its gradient ring's too) with its identity and checks
+//! its neighbours' and its replicas' against the public keys of the wiring
+//! (`pipeline::authorship`); when a step breaks off because it refused a
+//! signed frame (non-finite values, an absurd norm; in the gradient ring,
+//! non-finite values), it shows that frame to the coordinator
 //! (`POST /v1/complaint`, `coord::complaint`), which convicts the frame's
 //! author when the frame is what it says. After any broken step it
 //! reports the signed headers of the frames it took and its suspects
@@ -44,16 +45,33 @@ pub(super) fn authorship(session: &Session, wk: &mut StageWorker, w: &Wiring) ->
 /// its inputs when its own output would have been refused). Failures to
 /// report are logged; the step's failure is reported either way.
 pub(super) fn lodge(session: &Session, wk: &mut StageWorker, epoch: u64, e: &PipelineError) {
-    complain(session, wk, epoch);
+    // A ring frame refused for its values travels in the ring's error.
+    let ring_frame = match e {
+        PipelineError::Ring(RingError::Refused { frame: Some(f), .. }) => {
+            Some(f.0.as_ref().clone())
+        }
+        _ => None,
+    };
+    complain(session, wk.take_refused().or(ring_frame), epoch);
     let step = wk.steps_done();
     let frames = wk.received_headers(step);
     let shard = wk.shard();
     let suspects: Vec<(usize, usize)> = match e {
+        // A frame whose author signature does not verify was written by
+        // whoever sent it over the link, not by the author it names.
+        PipelineError::Ring(RingError::Refused {
+            peer,
+            reason: "bad_signature",
+            ..
+        }) => wk
+            .replica_of_rank(*peer)
+            .map(|r| vec![(shard.stage, r)])
+            .unwrap_or_default(),
         PipelineError::Ring(RingError::Refused { origin, .. }) => wk
             .replica_of_rank(*origin)
             .map(|r| vec![(shard.stage, r)])
             .unwrap_or_default(),
-        PipelineError::Unsendable { .. } => {
+        PipelineError::Unsendable { .. } | PipelineError::Ring(RingError::Unsendable { .. }) => {
             let mut s: Vec<(usize, usize)> = frames
                 .iter()
                 .map(|f| (f.stage as usize, f.replica as usize))
@@ -81,10 +99,11 @@ pub(super) fn lodge(session: &Session, wk: &mut StageWorker, epoch: u64, e: &Pip
     }
 }
 
-/// When `wk` refused a signed frame in its step, shows it to the
-/// coordinator and logs the verdict.
-fn complain(session: &Session, wk: &mut StageWorker, epoch: u64) {
-    let Some(frame) = wk.take_refused() else {
+/// When this worker refused a signed frame in its step (`refused`: a
+/// pipeline frame, or a gradient ring frame), shows it to the coordinator
+/// and logs the verdict.
+fn complain(session: &Session, refused: Option<crate::link::Frame>, epoch: u64) {
+    let Some(frame) = refused else {
         return;
     };
     let h = &frame.header;

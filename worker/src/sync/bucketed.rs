@@ -281,4 +281,44 @@ mod tests {
             "{missing}"
         );
     }
+
+    /// Once a bucket's all-reduce failed, a later push fails (`Broken`) but
+    /// the wait still reports the failure itself: here the refusal of a
+    /// NaN chunk, with the refused frame kept for a complaint.
+    #[test]
+    fn after_a_failed_push_the_wait_reports_the_refusal() {
+        let answered = std::sync::Barrier::new(3);
+        let results = on_ring(
+            3,
+            |c| c.timeout = std::time::Duration::from_secs(3),
+            |mut member| {
+                let rank = member.rank();
+                // Rank 1 sends NaN, as the `grad-nan` drill does.
+                member.begin_step(0, rank != 1);
+                let job = BucketedAllReduce::start(member, 2).expect("start");
+                let fill = if rank == 1 { f32::NAN } else { 1.0 };
+                let _ = job.push(0, vec![fill; 3000]);
+                // Long enough for rank 2 to refuse rank 1's chunk.
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                let pushed = job.push(1, vec![1.0; 10]);
+                let r = job.wait().err();
+                answered.wait();
+                (pushed, r)
+            },
+        );
+        let (pushed, err) = &results[2];
+        assert!(matches!(pushed, Err(RingError::Broken)), "{pushed:?}");
+        assert!(
+            matches!(
+                err,
+                Some(RingError::Refused {
+                    origin: 1,
+                    reason: "non_finite",
+                    frame: Some(_),
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+    }
 }

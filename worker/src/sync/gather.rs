@@ -16,7 +16,14 @@
 //! Every received segment is checked against its authenticated hash and,
 //! in the same pass, for NaN and infinities: a non-finite value is refused
 //! (reason `non_finite`, counted on the link it arrived on) and the whole
-//! operation fails. See `docs/protocol.md`.
+//! operation fails. A contribution's frames name its author, not the rank
+//! that relays them, and carry the author's signature (when the member
+//! signs, `RingMember::set_signer`): a relay forwards them untouched and
+//! every receiver checks them against the author's key (`bad_signature`),
+//! so with more than 3 replicas a relay cannot pass off a contribution of
+//! its own making as another's. A rank does not send a contribution of its
+//! own that is not finite (`RingError::Unsendable`). See
+//! `docs/protocol.md`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -24,8 +31,8 @@ use std::thread;
 use std::time::Instant;
 
 use super::ring::{
-    from_wire, link_failure, to_wire_hashed, RingConfig, RingError, RingMember, ABORT_POLL,
-    PIECE_BYTES,
+    from_wire, link_failure, ring_tag, to_wire_hashed, RefusedFrame, RingConfig, RingError,
+    RingMember, ABORT_POLL, MAX_SEGMENTS, PIECE_BYTES,
 };
 use crate::link::frame::{Frame, FrameKind};
 use crate::link::{Codec, Link, LinkError, RejectReason};
@@ -39,10 +46,12 @@ enum Way {
     Backward = 1,
 }
 
-/// The `micro_batch` field of a gather frame: a flag bit that no ring
-/// all-reduce tag has, the direction, the hop (1-based) and the segment.
-fn tag(way: Way, hop: usize, seg: usize) -> u64 {
-    (1 << 63) | ((way as u64) << 62) | ((hop as u64) << 32) | seg as u64
+/// The `micro_batch` field of a gather frame of operation `op`: the
+/// gather's flag bit, the operation and the segment ([`ring_tag`]). Its
+/// author writes it once and sends the same signed frame both ways; relays
+/// forward it untouched, and the receiver knows from the hop whose it is.
+fn tag(op: u64, seg: usize) -> u64 {
+    ring_tag(true, op, 0, seg)
 }
 
 /// Hops each direction relays in a ring of `n`: (forward, backward).
@@ -64,11 +73,18 @@ impl RingMember {
         let (Some(next), Some(prev)) = (&self.next, &self.prev) else {
             return Ok(vec![mine.to_vec()]);
         };
+        if self.screen_own && !mine.iter().all(|x| x.is_finite()) {
+            self.broken = true;
+            return Err(RingError::Unsendable {
+                what: "its own contribution".into(),
+            });
+        }
         let gather = Gather {
             config: &self.config,
             next,
             prev,
             op,
+            step: self.step,
             abort: AtomicBool::new(false),
         };
         let result = gather.run(mine);
@@ -96,6 +112,7 @@ impl RingMember {
             peer,
             origin,
             reason: reason.name(),
+            frame: None,
         }
     }
 }
@@ -105,6 +122,7 @@ struct Gather<'a> {
     next: &'a Link,
     prev: &'a Link,
     op: u64,
+    step: u64,
     abort: AtomicBool,
 }
 
@@ -126,36 +144,33 @@ impl Gather<'_> {
             .collect()
     }
 
-    fn frame(&self, way: Way, hop: usize, seg: usize, payload: Vec<u8>) -> Frame {
-        self.config.frame(self.op, tag(way, hop, seg), payload)
-    }
-
     fn run(&self, mine: &[f32]) -> Result<Vec<Vec<f32>>, RingError> {
         let n = self.config.world;
         let rank = self.config.rank;
         let (fwd_hops, back_hops) = hops(n);
         let (to_next, next_box) = mpsc::channel::<Frame>();
         let (to_prev, prev_box) = mpsc::channel::<Frame>();
-        // Our own contribution, hashed once, goes both ways.
-        let own: Vec<(Vec<u8>, crate::link::frame::Digest)> = self
-            .segments(mine.len())
-            .into_iter()
-            .map(|r| to_wire_hashed(&mine[r]))
-            .collect();
-        for (seg, (payload, hash)) in own.iter().enumerate() {
-            for (way, hops, tx) in [
-                (Way::Forward, fwd_hops, &to_next),
-                (Way::Backward, back_hops, &to_prev),
-            ] {
-                if hops > 0 {
-                    let mut f = self.frame(way, 1, seg, payload.clone());
-                    f.verified_hash = Some(*hash);
-                    // The feeders have not started; the channel is open.
-                    let _ = tx.send(f);
-                }
+        let segments = self.segments(mine.len());
+        if segments.len() >= MAX_SEGMENTS {
+            return Err(RingError::Config(format!(
+                "a contribution of {} elements needs more than {MAX_SEGMENTS} segments",
+                mine.len()
+            )));
+        }
+        // Our own contribution, hashed and signed once, goes both ways.
+        for (seg, r) in segments.into_iter().enumerate() {
+            let (payload, hash) = to_wire_hashed(&mine[r]);
+            let f = self
+                .config
+                .frame(self.step, tag(self.op, seg), payload, hash);
+            // The feeders have not started; the channels are open.
+            if back_hops > 0 {
+                let _ = to_prev.send(f.clone());
+            }
+            if fwd_hops > 0 {
+                let _ = to_next.send(f);
             }
         }
-        drop(own);
         let len = mine.len();
         let received = thread::scope(|s| {
             let feed_next = s.spawn(|| self.feed(self.next, self.config.next(), next_box));
@@ -260,25 +275,30 @@ impl Gather<'_> {
             for (seg, range) in self.segments(len).into_iter().enumerate() {
                 let local = &mut data[range.clone()];
                 let mut finite = true;
-                let frame =
-                    self.receive(link, peer, tag(way, hop, seg), range.len(), |at, bytes| {
-                        let x = &mut local[at / 4..at / 4 + bytes.len() / 4];
-                        from_wire(bytes, x);
-                        finite &= x.iter().all(|v| v.is_finite());
-                    })?;
+                let frame = self.receive(link, peer, origin, seg, range.len(), |at, bytes| {
+                    let x = &mut local[at / 4..at / 4 + bytes.len() / 4];
+                    from_wire(bytes, x);
+                    finite &= x.iter().all(|v| v.is_finite());
+                })?;
                 if !finite {
                     link.stats().record_rejected(RejectReason::NonFinite);
                     return Err(RingError::Refused {
                         peer,
                         origin,
                         reason: RejectReason::NonFinite.name(),
+                        frame: Some(RefusedFrame(Box::new(frame))),
                     });
                 }
                 if hop < hops {
+                    // Relayed untouched: the author's header and signature.
                     let mut f = frame;
-                    f.header.micro_batch = tag(way, hop + 1, seg);
-                    f.header.replica = rank as u32;
                     f.header.sender = self.config.worker_id;
+                    #[cfg(test)]
+                    if let (Some(tamper), Some(id)) =
+                        (self.config.relay_tamper, self.config.signer.as_deref())
+                    {
+                        tamper(&mut f, id);
+                    }
                     relay.send(f).map_err(|_| RingError::PeerGone {
                         peer,
                         reason: "sending stopped".into(),
@@ -290,13 +310,15 @@ impl Gather<'_> {
         Ok(out)
     }
 
-    /// The next frame from `link`, checked to be the one expected, its
-    /// payload checked against its hash while `each` reads it.
+    /// The next frame from `link`, checked to be segment `seg` of rank
+    /// `origin`'s contribution, its payload checked against its hash while
+    /// `each` reads it, then its author signature against `origin`'s key.
     fn receive(
         &self,
         link: &Link,
         peer: usize,
-        tag: u64,
+        origin: usize,
+        seg: usize,
         elems: usize,
         each: impl FnMut(usize, &mut [u8]),
     ) -> Result<Frame, RingError> {
@@ -319,26 +341,163 @@ impl Gather<'_> {
             }
         };
         let h = authentic.header();
-        let expected = (self.op, tag, peer as u32, elems * 4);
-        let got = (h.step, h.micro_batch, h.replica, authentic.payload_len());
+        let expected = (
+            self.step,
+            tag(self.op, seg),
+            self.config.stage,
+            self.config.replica(origin),
+            elems * 4,
+        );
+        let got = (
+            h.step,
+            h.micro_batch,
+            h.stage,
+            h.replica,
+            authentic.payload_len(),
+        );
         if h.kind != FrameKind::AllReduce || h.codec != Codec::F32 || expected != got {
             return Err(RingError::Protocol {
                 peer,
                 detail: format!(
-                    "expected gather (op, tag, rank, bytes) = {expected:?}, got {:?} {got:?}",
+                    "expected gather (step, tag, stage, author replica, bytes) = {expected:?}, got {:?} {got:?}",
                     h.kind
                 ),
             });
         }
-        link.verify_in_pieces(authentic, PIECE_BYTES, each)
-            .map_err(|e| link_failure(peer, timeout, e))
+        let frame = link
+            .verify_in_pieces(authentic, PIECE_BYTES, each)
+            .map_err(|e| link_failure(peer, timeout, e))?;
+        self.config.check_author(&frame, link, peer, origin)?;
+        Ok(frame)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::ring::tests::{input, on_ring};
+    use crate::identity::Identity;
+    use crate::link::sign::sign_frame;
+    use crate::sync::ring::tests::{counted, input, on_ring, signing};
+
+    /// A dishonest relay's forgery: the contribution it relays negated,
+    /// still in its author's name, signed with the relay's own key (the
+    /// only one it holds).
+    fn forge(f: &mut Frame, relay: &Identity) {
+        negate(f, relay);
+        sign_frame(f, relay);
+    }
+
+    /// A dishonest relay's alteration: the contribution negated, its
+    /// author's signature left as it was.
+    fn negate(f: &mut Frame, _: &Identity) {
+        for b in f.payload.chunks_exact_mut(4) {
+            let x = -f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            b.copy_from_slice(&x.to_le_bytes());
+        }
+        f.verified_hash = None;
+    }
+
+    #[test]
+    fn signed_gathers_deliver_every_contribution_and_refuse_none() {
+        for world in 1..=5 {
+            let results = on_ring(
+                world,
+                |c| {
+                    c.segment_bytes = 4096;
+                    signing(c);
+                },
+                |mut m| {
+                    m.begin_step(2, true);
+                    let all = m.allgather(&input(m.rank(), 3000)).expect("gather");
+                    (all, counted(&m, RejectReason::BadSignature))
+                },
+            );
+            for (rank, (all, refused)) in results.iter().enumerate() {
+                for (r, c) in all.iter().enumerate() {
+                    assert_eq!(c, &input(r, 3000), "world {world} rank {rank} got {r}");
+                }
+                assert_eq!(*refused, 0);
+            }
+        }
+    }
+
+    /// With 5 replicas rank 2 relays rank 1's contribution to rank 3 and
+    /// rank 3's to rank 1. Unsigned, its forgery is taken for its author's;
+    /// signed, it is refused (`bad_signature`) and counted by the receiver
+    /// it reaches, whether it re-signs the frame with its own key or leaves
+    /// the author's signature on an altered payload, and taken by nobody.
+    /// (The first receiver to refuse ends its gather, so whether the other
+    /// relayed contribution still reaches rank 2, to be forged and refused
+    /// too, depends on timing: at least one is, and every refusal anywhere
+    /// is of a relayed forgery.)
+    #[test]
+    fn a_relay_cannot_pass_off_a_contribution_in_anothers_name() {
+        let unsigned = on_ring(
+            5,
+            |c| {
+                if c.rank == 2 {
+                    c.relay_tamper = Some(forge);
+                    c.signer = Some(std::sync::Arc::new(Identity::from_secret([2; 32])));
+                }
+            },
+            |mut m| m.allgather(&input(m.rank(), 2000)).expect("gather"),
+        );
+        assert_ne!(unsigned[3][1], input(1, 2000), "forged unseen");
+        assert_ne!(unsigned[1][3], input(3, 2000), "forged unseen");
+        for tamper in [forge as fn(&mut Frame, &Identity), negate] {
+            let answered = std::sync::Barrier::new(5);
+            let results = on_ring(
+                5,
+                |c| {
+                    c.timeout = std::time::Duration::from_secs(3);
+                    signing(c);
+                    if c.rank == 2 {
+                        c.relay_tamper = Some(tamper);
+                    }
+                },
+                |mut m| {
+                    let r = m.allgather(&input(m.rank(), 2000));
+                    answered.wait();
+                    (r, counted(&m, RejectReason::BadSignature))
+                },
+            );
+            let mut refusals = 0;
+            for (rank, (got, refused)) in results.iter().enumerate() {
+                // Only ranks 1 and 3 take anything through rank 2; the
+                // others may finish, with every contribution as its author
+                // sent it.
+                let err = match got {
+                    Ok(all) => {
+                        assert!(rank != 1 && rank != 3, "rank {rank} finished");
+                        for (r, c) in all.iter().enumerate() {
+                            assert_eq!(c, &input(r, 2000), "rank {rank} took {r}'s");
+                        }
+                        None
+                    }
+                    Err(e) => Some(e),
+                };
+                if let Some(RingError::Refused {
+                    peer,
+                    origin,
+                    reason,
+                    ..
+                }) = err
+                {
+                    let expected = match rank {
+                        3 => 1,
+                        1 => 3,
+                        _ => panic!("rank {rank} refused {origin} ({reason})"),
+                    };
+                    assert_eq!((*peer, *origin, *reason), (2, expected, "bad_signature"));
+                    assert_eq!(*refused, 1, "rank {rank}");
+                    refusals += 1;
+                } else {
+                    assert_eq!(*refused, 0, "rank {rank}: {err:?}");
+                }
+            }
+            assert!(refusals >= 1, "nobody refused the forgery");
+        }
+    }
 
     #[test]
     fn every_rank_gets_every_contribution_in_rank_order() {
@@ -380,6 +539,8 @@ mod tests {
                 if m.rank() == 1 {
                     mine[4321] = f32::NAN;
                 }
+                // Rank 1 sends it anyway, as the `grad-nan` drill does.
+                m.begin_step(0, m.rank() != 1);
                 let r = m.allgather(&mine);
                 let (next, prev) = m.links();
                 let counted = [next, prev]
@@ -400,6 +561,35 @@ mod tests {
                 "rank {rank}: {err:?}"
             );
             assert_eq!(counted, 1, "rank {rank}");
+        }
+    }
+
+    #[test]
+    fn an_honest_rank_never_sends_a_non_finite_contribution() {
+        let answered = std::sync::Barrier::new(3);
+        let results = on_ring(
+            3,
+            |c| c.timeout = std::time::Duration::from_secs(2),
+            |mut m| {
+                let mut mine = input(m.rank(), 5000);
+                if m.rank() == 1 {
+                    mine[17] = f32::INFINITY;
+                }
+                let r = m.allgather(&mine).err();
+                answered.wait();
+                (r, counted(&m, RejectReason::NonFinite))
+            },
+        );
+        assert!(
+            matches!(results[1].0, Some(RingError::Unsendable { .. })),
+            "{:?}",
+            results[1].0
+        );
+        // Its replicas' gathers fail without its contribution, and nothing
+        // non-finite ever reached them.
+        for (rank, (err, refused)) in results.iter().enumerate() {
+            assert!(err.is_some(), "rank {rank}");
+            assert_eq!(*refused, 0, "rank {rank}");
         }
     }
 }

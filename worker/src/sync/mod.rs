@@ -32,7 +32,10 @@ mod robust;
 pub use aggregate::aggregate;
 pub use bucketed::BucketedAllReduce;
 pub use contribution::{ContributionReport, ContributionStats, Suspicion};
-pub use ring::{loopback_listeners, on_loopback_ring, RingConfig, RingError, RingMember};
+pub use ring::{
+    loopback_listeners, on_loopback_ring, RefusedFrame, RingConfig, RingError, RingMember,
+    SEGMENT_BYTES,
+};
 pub use robust::{
     agree, digest, screen_contributions, screen_tensor, Reduce, MAX_NORM_RATIO, MAX_TENSOR_RMS,
 };

@@ -16,6 +16,19 @@
 //! `c` (`((x_c + x_{c+1}) + x_{c+2}) + …`), whatever the timing, and the
 //! owner's final bits are copied verbatim to everyone else, so every rank
 //! ends with bit-identical results.
+//!
+//! Authorship: with a signer ([`RingMember::set_signer`]) every frame a
+//! rank writes carries its identity's signature (`link::sign`, domain
+//! `pipewright ring v1`): its own chunk and the partial sums it forwards in
+//! the reduce-scatter, and the chunk it finished for the all-gather, which
+//! the other ranks forward untouched, so its header names the chunk's owner
+//! and its signature stays the owner's. With keys
+//! ([`RingMember::set_keys`]) a receiver checks every frame against the key
+//! of the author it expects (`bad_signature` otherwise). A received partial
+//! sum or chunk with a NaN or an infinity is refused (`non_finite`) and
+//! kept as it arrived, for a complaint; and a rank never sends a value of
+//! its own that is not finite ([`RingError::Unsendable`]), so such a frame
+//! with a valid signature proves its author broke the protocol.
 
 use std::net::{SocketAddr, TcpListener};
 use std::ops::Range;
@@ -26,9 +39,13 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::link::frame::{Frame, FrameHeader, FrameKind, FrameLimits};
+use std::sync::Arc;
+
+use crate::identity::Identity;
+use crate::link::frame::{Digest, Frame, FrameHeader, FrameKind, FrameLimits};
+use crate::link::sign::{sign_frame, PeerKeys};
 use crate::link::{
-    Codec, DType, Link, LinkConfig, LinkError, Role, RunId, RunKey, Shape, WorkerId,
+    Codec, DType, Link, LinkConfig, LinkError, RejectReason, Role, RunId, RunKey, Shape, WorkerId,
 };
 
 /// Settings of one ring member.
@@ -56,10 +73,22 @@ pub struct RingConfig {
     /// Most bytes per second sent to the next rank (see
     /// [`LinkConfig::max_send_rate`]).
     pub max_send_rate: Option<u64>,
+    /// The stage's replica each rank holds, by rank: the author a frame
+    /// names (and whose key checks it). Empty: rank `r` is replica `r`.
+    pub replicas: Vec<u32>,
+    /// Signs every frame this member writes (none: frames go unsigned).
+    pub signer: Option<Arc<Identity>>,
+    /// Checks the author signature of every frame received (none: no
+    /// check).
+    pub keys: Option<Arc<PeerKeys>>,
+    /// A test's dishonest relay: what it does to a gathered frame it
+    /// relays, with its own identity.
+    #[cfg(test)]
+    pub(crate) relay_tamper: Option<fn(&mut Frame, &Identity)>,
 }
 
 impl RingConfig {
-    /// A config with 1 MiB segments and a 30 s timeout.
+    /// A config with segments of [`SEGMENT_BYTES`] and a 30 s timeout.
     pub fn new(rank: usize, world: usize, run_id: RunId, key: RunKey, worker_id: WorkerId) -> Self {
         RingConfig {
             rank,
@@ -68,23 +97,34 @@ impl RingConfig {
             key,
             worker_id,
             stage: 0,
-            segment_bytes: 1 << 20,
+            segment_bytes: SEGMENT_BYTES,
             timeout: Duration::from_secs(30),
             abort: None,
             max_send_rate: None,
+            replicas: Vec::new(),
+            signer: None,
+            keys: None,
+            #[cfg(test)]
+            relay_tamper: None,
         }
     }
 
-    /// A frame of this member's gradient exchange: f32 `payload` of
-    /// operation `op`, told apart within it by `tag`.
-    pub(super) fn frame(&self, op: u64, tag: u64, payload: Vec<u8>) -> Frame {
-        Frame {
+    /// The replica rank `rank` holds (see [`RingConfig::replicas`]).
+    pub(super) fn replica(&self, rank: usize) -> u32 {
+        self.replicas.get(rank).copied().unwrap_or(rank as u32)
+    }
+
+    /// A frame this member writes in its gradient exchange: f32 `payload`
+    /// whose BLAKE3 hash is `hash`, of training step `step`, told apart
+    /// within it by `tag` ([`ring_tag`]); signed when it has a signer.
+    pub(super) fn frame(&self, step: u64, tag: u64, payload: Vec<u8>, hash: Digest) -> Frame {
+        let mut frame = Frame {
             header: FrameHeader {
                 run_id: self.run_id,
-                step: op,
+                step,
                 micro_batch: tag,
                 stage: self.stage,
-                replica: self.rank as u32,
+                replica: self.replica(self.rank),
                 kind: FrameKind::AllReduce,
                 dtype: DType::F32,
                 codec: Codec::F32,
@@ -95,7 +135,39 @@ impl RingConfig {
                 signature: [0; crate::link::frame::SIGNATURE_LEN],
             },
             payload,
-            verified_hash: None,
+            verified_hash: Some(hash),
+        };
+        if let Some(id) = &self.signer {
+            sign_frame(&mut frame, id);
+        }
+        frame
+    }
+
+    /// Checks the author signature of `frame`, received from `link`, which
+    /// should be rank `author`'s (no keys: no check). A failure is counted
+    /// on the link (`bad_signature`) and refuses the frame.
+    pub(super) fn check_author(
+        &self,
+        frame: &Frame,
+        link: &Link,
+        peer: usize,
+        author: usize,
+    ) -> Result<(), RingError> {
+        let Some(keys) = &self.keys else {
+            return Ok(());
+        };
+        match keys.check(frame, (self.stage, self.replica(author))) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!("refused a gradient ring frame from rank {peer}: {e}");
+                link.stats().record_rejected(RejectReason::BadSignature);
+                Err(RingError::Refused {
+                    peer,
+                    origin: author,
+                    reason: RejectReason::BadSignature.name(),
+                    frame: None,
+                })
+            }
         }
     }
 
@@ -177,18 +249,45 @@ pub enum RingError {
     /// An earlier error left this member unusable.
     #[error("ring member is broken by an earlier error")]
     Broken,
-    /// A contribution arrived intact and authentic but failed the checks
-    /// on its values (NaN or infinity, an absurd norm): refused, counted on
+    /// A frame arrived intact and authentic (run key) but its author
+    /// signature does not verify (`bad_signature`), or its values failed
+    /// the checks (NaN or infinity, an absurd norm): refused, counted on
     /// the link it came from, never used.
     #[error("refused rank {origin}'s contribution from rank {peer}: {reason}")]
     Refused {
         /// The neighbour it arrived from.
         peer: usize,
-        /// The rank whose contribution it is.
+        /// The rank whose contribution (or partial sum, or finished chunk)
+        /// the frame says it is: its author.
         origin: usize,
         /// The refusal's counted reason.
         reason: &'static str,
+        /// The refused frame as it arrived, when it is signed and refused
+        /// for values anyone can check from it alone (`non_finite`): the
+        /// evidence of a complaint.
+        frame: Option<RefusedFrame>,
     },
+    /// This member's own values (its contribution, or a partial sum it
+    /// would forward) are not finite: not sent, so an honest member never
+    /// signs a frame its receiver would refuse.
+    #[error("not sending {what}: it holds a NaN or an infinity")]
+    Unsendable {
+        /// Which values.
+        what: String,
+    },
+}
+
+/// A refused ring frame kept for a complaint (its `Debug` shows the header
+/// only).
+#[derive(Clone)]
+pub struct RefusedFrame(pub Box<Frame>);
+
+impl std::fmt::Debug for RefusedFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefusedFrame")
+            .field("header", &self.0.header)
+            .finish()
+    }
 }
 
 /// One rank of a ring all-reduce.
@@ -199,9 +298,16 @@ pub struct RingMember {
     pub(super) next: Option<Link>,
     /// Link from the previous rank (absent when `world == 1`).
     pub(super) prev: Option<Link>,
-    /// Sequence number of the next operation; every rank must run the same
-    /// operations in the same order, and frames carry it to prove it.
+    /// Sequence number of the next operation within the training step;
+    /// every rank must run the same operations in the same order, and
+    /// frames carry it to prove it.
     pub(super) op: u64,
+    /// The training step the operations belong to (0-based), carried and
+    /// signed in every frame ([`RingMember::begin_step`]).
+    pub(super) step: u64,
+    /// Whether this member refuses to send its own non-finite values
+    /// ([`RingError::Unsendable`]); only a drill turns it off.
+    pub(super) screen_own: bool,
     pub(super) broken: bool,
 }
 
@@ -242,12 +348,26 @@ impl RingMember {
                 "segment_bytes must be between 4 and {MAX_SEGMENT_BYTES}"
             )));
         }
+        if config.world > MAX_WORLD {
+            return Err(RingError::Config(format!(
+                "a ring has at most {MAX_WORLD} members"
+            )));
+        }
+        if !config.replicas.is_empty() && config.replicas.len() != config.world {
+            return Err(RingError::Config(format!(
+                "{} replicas named for a ring of {}",
+                config.replicas.len(),
+                config.world
+            )));
+        }
         if config.world == 1 {
             return Ok(RingMember {
                 config,
                 next: None,
                 prev: None,
                 op: 0,
+                step: 0,
+                screen_own: true,
                 broken: false,
             });
         }
@@ -267,8 +387,32 @@ impl RingMember {
             prev: Some(prev?),
             config,
             op: 0,
+            step: 0,
+            screen_own: true,
             broken: false,
         })
+    }
+
+    /// Starts training step `step` (0-based): the operations that follow
+    /// are numbered from 0 within it, and every frame carries and signs
+    /// the step. `screen_own: false` (a drill only) lets this member send
+    /// its own non-finite values.
+    pub fn begin_step(&mut self, step: u64, screen_own: bool) {
+        self.step = step;
+        self.op = 0;
+        self.screen_own = screen_own;
+    }
+
+    /// Signs every frame this member writes from now on with `identity`
+    /// (none: unsigned).
+    pub fn set_signer(&mut self, identity: Option<Arc<Identity>>) {
+        self.config.signer = identity;
+    }
+
+    /// Checks every frame received from now on against the author's key in
+    /// `keys` (none: no check).
+    pub fn set_keys(&mut self, keys: Option<Arc<PeerKeys>>) {
+        self.config.keys = keys;
     }
 
     /// This member's rank.
@@ -305,12 +449,21 @@ impl RingMember {
             // A ring of one: the mean is the buffer itself.
             return Ok(());
         };
+        let plan = Plan::new(buf.len(), self.config.world, self.config.segment_bytes / 4);
+        if plan.len.div_ceil(plan.segment) >= MAX_SEGMENTS {
+            return Err(RingError::Config(format!(
+                "a buffer of {} elements needs more than {MAX_SEGMENTS} segments",
+                buf.len()
+            )));
+        }
         let result = Exchange {
             config: &self.config,
             next,
             prev,
             op,
-            plan: Plan::new(buf.len(), self.config.world, self.config.segment_bytes / 4),
+            step: self.step,
+            screen_own: self.screen_own,
+            plan,
             abort: AtomicBool::new(false),
         }
         .run(buf);
@@ -444,6 +597,8 @@ struct Exchange<'a> {
     next: &'a Link,
     prev: &'a Link,
     op: u64,
+    step: u64,
+    screen_own: bool,
     plan: Plan,
     /// Set when either side of the exchange fails, so the other stops
     /// promptly instead of waiting out its timeout.
@@ -456,17 +611,35 @@ impl Exchange<'_> {
         (self.config.rank + n * 2 - offset % n) % n
     }
 
-    /// The frame carrying `data` as segment `seg` of ring step `step`.
-    fn frame(&self, step: usize, seg: usize, payload: Vec<u8>) -> Frame {
-        self.config.frame(self.op, tag(step, seg), payload)
+    /// The frame this rank writes carrying `payload` (hashed `hash`) as
+    /// segment `seg` of ring step `step`, signed.
+    fn frame(&self, step: usize, seg: usize, payload: Vec<u8>, hash: Digest) -> Frame {
+        self.config.frame(
+            self.step,
+            ring_tag(false, self.op, step, seg),
+            payload,
+            hash,
+        )
     }
 
-    /// Re-addresses a received frame as our segment `seg` of ring `step`.
-    fn forward(&self, mut frame: Frame, step: usize, seg: usize) -> Frame {
-        frame.header.micro_batch = tag(step, seg);
-        frame.header.replica = self.config.rank as u32;
-        frame.header.sender = self.config.worker_id;
-        frame
+    /// The rank that wrote what arrives at ring step `step`: the previous
+    /// rank in the reduce-scatter (its partial sum), the chunk's owner in
+    /// the all-gather.
+    fn author(&self, step: usize) -> usize {
+        let n = self.config.world;
+        if step < n - 1 {
+            self.config.prev()
+        } else {
+            // Chunk `rank − (step − n + 1)` is owned by the rank before it.
+            (self.config.rank + 2 * n - (step + 2 - n) % n) % n
+        }
+    }
+
+    /// The ring step whose tag a frame arriving at ring step `step` carries:
+    /// its own in the reduce-scatter; in the all-gather, the one at which
+    /// its owner finished the chunk (the frame is forwarded untouched).
+    fn tag_step(&self, step: usize) -> usize {
+        step.min(self.config.world - 1)
     }
 
     fn run(&self, buf: &mut [f32]) -> Result<(), RingError> {
@@ -534,17 +707,21 @@ impl Exchange<'_> {
             })
         };
         // Reduce-scatter, step 0: send our own chunk `rank`, hashed piece by
-        // piece as it is copied out.
+        // piece as it is copied out, checked to be finite.
         for (seg, range) in self
             .plan
             .segments(self.chunk_index(0))
             .into_iter()
             .enumerate()
         {
-            let (payload, hash) = to_wire_hashed(&buf[range]);
-            let mut frame = self.frame(0, seg, payload);
-            frame.verified_hash = Some(hash);
-            send(frame)?;
+            let data = &buf[range];
+            if self.screen_own && !data.iter().all(|x| x.is_finite()) {
+                return Err(RingError::Unsendable {
+                    what: format!("its own gradient (segment {seg} of its chunk)"),
+                });
+            }
+            let (payload, hash) = to_wire_hashed(data);
+            send(self.frame(0, seg, payload, hash))?;
         }
         let n_f32 = n as f32;
         for step in 0..n - 1 {
@@ -552,42 +729,83 @@ impl Exchange<'_> {
             let last = step == n - 2;
             for (seg, range) in self.plan.segments(chunk).into_iter().enumerate() {
                 // One pass per piece, while it is in cache: check the
-                // incoming bytes against their hash, add our values, hash
-                // the sum for the frame that forwards it. The received frame
-                // carries the sum on, so no allocation. Only the chunk's
-                // owner (the last step) keeps the sum; on every other rank
-                // the all-gather overwrites it anyway.
+                // incoming bytes against their hash and that they are
+                // finite, add them to our values (in our buffer: on every
+                // rank but the chunk's owner, the all-gather overwrites
+                // them anyway), hash the sum for the frame that forwards it.
+                // The received frame keeps what arrived, for a complaint if
+                // it is refused; once accepted it carries the sum on, so no
+                // allocation.
                 let local = &mut buf[range.clone()];
                 let mut out = blake3::Hasher::new();
+                let (mut incoming_finite, mut sum_finite) = (true, true);
                 let mut frame = self.receive(step, seg, range.len(), |at, bytes| {
+                    if !incoming_finite {
+                        return;
+                    }
+                    if !finite_wire(bytes) {
+                        incoming_finite = false;
+                        return;
+                    }
                     let x = &mut local[at / 4..at / 4 + bytes.len() / 4];
                     if last {
                         finish_sum(bytes, x, n_f32);
                     } else {
                         accumulate(bytes, x);
                     }
-                    out.update(bytes);
+                    sum_finite &= x.iter().all(|v| v.is_finite());
+                    hash_f32s(&mut out, x);
                 })?;
-                frame.verified_hash = Some(*out.finalize().as_bytes());
-                send(self.forward(frame, step + 1, seg))?;
+                if !incoming_finite {
+                    return Err(self.refuse_non_finite(frame, self.author(step)));
+                }
+                if self.screen_own && !sum_finite {
+                    return Err(RingError::Unsendable {
+                        what: format!("the partial sum of segment {seg} at ring step {}", step + 1),
+                    });
+                }
+                to_wire_into(&buf[range], &mut frame.payload);
+                let payload = std::mem::take(&mut frame.payload);
+                let hash = *out.finalize().as_bytes();
+                send(self.frame(step + 1, seg, payload, hash))?;
             }
         }
         // All-gather: finished chunks travel on around the ring verbatim,
-        // so a forwarded frame keeps the hash verified on receipt and is not
-        // hashed again.
+        // their owner's header and signature untouched, so a forwarded
+        // frame keeps the hash verified on receipt and is not hashed again.
         for step in n - 1..2 * (n - 1) {
             let chunk = self.chunk_index(step - (n - 1));
             for (seg, range) in self.plan.segments(chunk).into_iter().enumerate() {
                 let local = &mut buf[range.clone()];
-                let frame = self.receive(step, seg, range.len(), |at, bytes| {
-                    from_wire(bytes, &mut local[at / 4..at / 4 + bytes.len() / 4]);
+                let mut finite = true;
+                let mut frame = self.receive(step, seg, range.len(), |at, bytes| {
+                    let x = &mut local[at / 4..at / 4 + bytes.len() / 4];
+                    from_wire(bytes, x);
+                    finite &= x.iter().all(|v| v.is_finite());
                 })?;
+                if !finite {
+                    return Err(self.refuse_non_finite(frame, self.author(step)));
+                }
                 if step + 1 < 2 * (n - 1) {
-                    send(self.forward(frame, step + 1, seg))?;
+                    frame.header.sender = self.config.worker_id;
+                    send(frame)?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// Counts a refusal of `frame`, written by rank `author`, for a NaN or
+    /// an infinity on the link from the previous rank, and returns the
+    /// error that reports it with the frame as it arrived.
+    fn refuse_non_finite(&self, frame: Frame, author: usize) -> RingError {
+        self.prev.stats().record_rejected(RejectReason::NonFinite);
+        RingError::Refused {
+            peer: self.config.prev(),
+            origin: author,
+            reason: RejectReason::NonFinite.name(),
+            frame: Some(RefusedFrame(Box::new(frame))),
+        }
     }
 
     /// Receives the next frame from the previous rank, checks it is the one
@@ -622,20 +840,36 @@ impl Exchange<'_> {
             }
         };
         let h = authentic.header();
-        let expected = (self.op, tag(step, seg), peer as u32, elems * 4);
-        let got = (h.step, h.micro_batch, h.replica, authentic.payload_len());
+        let author = self.author(step);
+        let expected = (
+            self.step,
+            ring_tag(false, self.op, self.tag_step(step), seg),
+            self.config.stage,
+            self.config.replica(author),
+            elems * 4,
+        );
+        let got = (
+            h.step,
+            h.micro_batch,
+            h.stage,
+            h.replica,
+            authentic.payload_len(),
+        );
         if h.kind != FrameKind::AllReduce || h.codec != Codec::F32 || expected != got {
             return Err(RingError::Protocol {
                 peer,
                 detail: format!(
-                    "expected (op, step<<32|segment, rank, bytes) = {expected:?}, got {:?} {got:?}",
+                    "expected (step, tag, stage, author replica, bytes) = {expected:?}, got {:?} {got:?}",
                     h.kind
                 ),
             });
         }
-        self.prev
+        let frame = self
+            .prev
             .verify_in_pieces(authentic, PIECE_BYTES, each)
-            .map_err(|e| link_failure(peer, timeout, e))
+            .map_err(|e| link_failure(peer, timeout, e))?;
+        self.config.check_author(&frame, self.prev, peer, author)?;
+        Ok(frame)
     }
 }
 
@@ -647,12 +881,61 @@ pub(super) const PIECE_BYTES: usize = 64 << 10;
 /// How often a waiting receive checks whether the exchange was aborted.
 pub(super) const ABORT_POLL: Duration = Duration::from_millis(50);
 
+/// The segments' size unless configured: 1 MiB.
+pub const SEGMENT_BYTES: usize = 1 << 20;
+
 /// Largest accepted segment: a frame's dimension is a u32 element count.
 const MAX_SEGMENT_BYTES: usize = 1 << 30;
 
-/// The `micro_batch` field of a ring frame: ring step and segment index.
-fn tag(step: usize, seg: usize) -> u64 {
-    ((step as u64) << 32) | seg as u64
+/// Most members of a ring: the ring step fits 16 bits of a tag.
+const MAX_WORLD: usize = 1 << 15;
+
+/// Most segments of one buffer: the segment fits 24 bits of a tag.
+pub(super) const MAX_SEGMENTS: usize = 1 << 24;
+
+/// The `micro_batch` field of a ring or gather frame: bit 63 marks the
+/// gather, bits 40–62 the operation within the training step, bits 24–39
+/// the ring step (0 in the gather) and bits 0–23 the segment. It names the
+/// bucket and segment a frame carries, and its author signs it.
+pub(super) fn ring_tag(gather: bool, op: u64, step: usize, seg: usize) -> u64 {
+    (u64::from(gather) << 63)
+        | ((op & ((1 << 23) - 1)) << 40)
+        | ((step as u64 & 0xFFFF) << 24)
+        | (seg as u64 & ((1 << 24) - 1))
+}
+
+/// Whether every little-endian f32 in `bytes` is finite.
+pub(super) fn finite_wire(bytes: &[u8]) -> bool {
+    if cfg!(target_endian = "little") {
+        if let Ok(v) = bytemuck::try_cast_slice::<u8, f32>(bytes) {
+            return v.iter().all(|x| x.is_finite());
+        }
+    }
+    bytes
+        .chunks_exact(4)
+        .all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite())
+}
+
+/// Feeds the little-endian bytes of `data` to `hasher`.
+fn hash_f32s(hasher: &mut blake3::Hasher, data: &[f32]) {
+    if cfg!(target_endian = "little") {
+        hasher.update(bytemuck::cast_slice(data));
+    } else {
+        for x in data {
+            hasher.update(&x.to_le_bytes());
+        }
+    }
+}
+
+/// Writes the little-endian bytes of `data` over `out` (same length).
+fn to_wire_into(data: &[f32], out: &mut [u8]) {
+    if cfg!(target_endian = "little") {
+        out.copy_from_slice(bytemuck::cast_slice(data));
+    } else {
+        for (b, x) in out.chunks_exact_mut(4).zip(data) {
+            b.copy_from_slice(&x.to_le_bytes());
+        }
+    }
 }
 
 /// The little-endian bytes of `data` and their BLAKE3 hash, hashed piece by
@@ -684,51 +967,50 @@ pub(super) fn from_wire(wire: &[u8], out: &mut [f32]) {
 }
 
 /// A reduce-scatter step on a rank that forwards the sum:
-/// `incoming[i] = incoming[i] + local[i]` (the little-endian f32 bytes of a
-/// received piece). The incoming partial sum always comes first: the fixed
-/// order that makes the result independent of timing.
-fn accumulate(incoming: &mut [u8], local: &[f32]) {
+/// `local[i] += incoming[i]` (`incoming`: the little-endian f32 bytes of a
+/// received piece, left as they arrived). The incoming partial sum is
+/// always the one added to: the fixed grouping that makes the result
+/// independent of timing (a single f32 addition is exact whichever operand
+/// comes first).
+fn accumulate(incoming: &[u8], local: &mut [f32]) {
     match wire_f32s(incoming) {
         // A loop without branches inside, so the compiler vectorises it.
         Some(wire) => {
-            for (w, x) in wire.iter_mut().zip(local) {
-                *w += *x;
+            for (w, x) in wire.iter().zip(local.iter_mut()) {
+                *x += *w;
             }
         }
         None => {
-            for (b, x) in incoming.chunks_exact_mut(4).zip(local) {
-                let sum = f32::from_le_bytes([b[0], b[1], b[2], b[3]]) + *x;
-                b.copy_from_slice(&sum.to_le_bytes());
+            for (b, x) in incoming.chunks_exact(4).zip(local.iter_mut()) {
+                *x += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
         }
     }
 }
 
 /// The chunk owner's last reduce-scatter step: the mean
-/// `(incoming[i] + local[i]) / n`, written both to `local` and back into
-/// `incoming` for the all-gather.
-fn finish_sum(incoming: &mut [u8], local: &mut [f32], n: f32) {
+/// `(incoming[i] + local[i]) / n`, written to `local` (and from there into
+/// the frame that starts its all-gather).
+fn finish_sum(incoming: &[u8], local: &mut [f32], n: f32) {
     match wire_f32s(incoming) {
         Some(wire) => {
-            for (w, x) in wire.iter_mut().zip(local.iter_mut()) {
+            for (w, x) in wire.iter().zip(local.iter_mut()) {
                 *x = (*w + *x) / n;
-                *w = *x;
             }
         }
         None => {
-            for (b, x) in incoming.chunks_exact_mut(4).zip(local.iter_mut()) {
+            for (b, x) in incoming.chunks_exact(4).zip(local.iter_mut()) {
                 *x = (f32::from_le_bytes([b[0], b[1], b[2], b[3]]) + *x) / n;
-                b.copy_from_slice(&x.to_le_bytes());
             }
         }
     }
 }
 
-/// The bytes as f32s when they can be used in place: on a little-endian
+/// The bytes as f32s when they can be read in place: on a little-endian
 /// machine with 4-byte-aligned bytes.
-fn wire_f32s(bytes: &mut [u8]) -> Option<&mut [f32]> {
+fn wire_f32s(bytes: &[u8]) -> Option<&[f32]> {
     if cfg!(target_endian = "little") {
-        bytemuck::try_cast_slice_mut::<u8, f32>(bytes).ok()
+        bytemuck::try_cast_slice::<u8, f32>(bytes).ok()
     } else {
         None
     }
@@ -833,8 +1115,163 @@ pub(crate) mod tests {
         }
     }
 
-    fn bits(v: &[f32]) -> Vec<u32> {
+    pub(crate) fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// The identity of rank `r` of a test ring (stage 0, replica `r`).
+    pub(crate) fn identity_of(rank: usize) -> Identity {
+        Identity::from_secret([rank as u8 + 60; 32])
+    }
+
+    /// The public keys of a test ring of `world` (stage 0).
+    pub(crate) fn ring_keys(world: usize) -> Arc<PeerKeys> {
+        let entries: Vec<(usize, usize, String)> = (0..world)
+            .map(|r| (0, r, identity_of(r).public_hex()))
+            .collect();
+        Arc::new(PeerKeys::from_hex(&entries).expect("keys"))
+    }
+
+    /// Makes `c` sign with its rank's identity and check every frame
+    /// against the ring's keys.
+    pub(crate) fn signing(c: &mut RingConfig) {
+        c.signer = Some(Arc::new(identity_of(c.rank)));
+        c.keys = Some(ring_keys(c.world));
+    }
+
+    /// Refusals counted for `reason` on both of `m`'s links.
+    pub(crate) fn counted(m: &RingMember, reason: RejectReason) -> u64 {
+        let (next, prev) = m.links();
+        [next, prev]
+            .into_iter()
+            .flatten()
+            .map(|l| l.stats().rejected(reason))
+            .sum()
+    }
+
+    #[test]
+    fn signed_rings_verify_and_reduce_bit_for_bit_as_unsigned_ones() {
+        for world in 1..=4 {
+            let len = 10_007;
+            let run = |sign: bool| {
+                on_ring(
+                    world,
+                    |c| {
+                        c.segment_bytes = 4096;
+                        if sign {
+                            signing(c);
+                        }
+                    },
+                    |mut m| {
+                        m.begin_step(3, true);
+                        let mut buf = input(m.rank(), len);
+                        m.allreduce_mean(&mut buf).expect("allreduce");
+                        let refused = counted(&m, RejectReason::BadSignature);
+                        (bits(&buf), refused)
+                    },
+                )
+            };
+            let plain = run(false);
+            let signed = run(true);
+            for (rank, ((a, _), (b, refused))) in plain.iter().zip(&signed).enumerate() {
+                assert_eq!(a, b, "world {world} rank {rank}");
+                assert_eq!(*refused, 0, "world {world} rank {rank}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_frame_not_signed_by_its_author_is_refused_and_counted() {
+        // Rank 1 signs with a key that is not its registered one, or not
+        // at all: rank 2, which receives its partial sums, refuses the
+        // first one (`bad_signature`).
+        for stranger in [true, false] {
+            let answered = std::sync::Barrier::new(3);
+            let results = on_ring(
+                3,
+                |c| {
+                    c.timeout = Duration::from_secs(3);
+                    signing(c);
+                    if c.rank == 1 {
+                        c.signer = stranger.then(|| Arc::new(Identity::from_secret([1; 32])));
+                    }
+                },
+                |mut m| {
+                    let mut buf = input(m.rank(), 5000);
+                    let r = m.allreduce_mean(&mut buf).err();
+                    answered.wait();
+                    (r, counted(&m, RejectReason::BadSignature))
+                },
+            );
+            let (err, refused) = &results[2];
+            assert!(
+                matches!(
+                    err,
+                    Some(RingError::Refused {
+                        peer: 1,
+                        origin: 1,
+                        reason: "bad_signature",
+                        frame: None
+                    })
+                ),
+                "stranger {stranger}: {err:?}"
+            );
+            assert_eq!(*refused, 1, "stranger {stranger}");
+        }
+    }
+
+    #[test]
+    fn non_finite_values_are_refused_with_their_frame_and_never_sent_by_an_honest_rank() {
+        for honest in [true, false] {
+            let answered = std::sync::Barrier::new(3);
+            let results = on_ring(
+                3,
+                |c| {
+                    c.timeout = Duration::from_secs(3);
+                    signing(c);
+                },
+                |mut m| {
+                    let rank = m.rank();
+                    // Rank 1's own screen is on unless it is the drill.
+                    m.begin_step(0, honest || rank != 1);
+                    let mut buf = input(rank, 6000);
+                    if rank == 1 {
+                        // In its own chunk (the second third).
+                        buf[2500] = f32::INFINITY;
+                    }
+                    let r = m.allreduce_mean(&mut buf).err();
+                    answered.wait();
+                    (r, counted(&m, RejectReason::NonFinite))
+                },
+            );
+            if honest {
+                let (err, _) = &results[1];
+                assert!(matches!(err, Some(RingError::Unsendable { .. })), "{err:?}");
+                assert!(results.iter().all(|(_, n)| *n == 0), "nothing refused");
+                continue;
+            }
+            let (err, refused) = &results[2];
+            let Some(RingError::Refused {
+                peer: 1,
+                origin: 1,
+                reason: "non_finite",
+                frame: Some(frame),
+            }) = err
+            else {
+                panic!("{err:?}");
+            };
+            assert_eq!(*refused, 1);
+            // Kept as it arrived, signed by its author.
+            let f = &frame.0;
+            assert!(ring_keys(3).check(f, (0, 1)).is_ok());
+            let mut values = vec![0f32; f.payload.len() / 4];
+            from_wire(&f.payload, &mut values);
+            assert!(values.iter().any(|v| !v.is_finite()));
+            assert_eq!(
+                f.content_hash(),
+                crate::link::frame::content_hash(&f.payload)
+            );
+        }
     }
 
     #[test]

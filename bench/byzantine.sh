@@ -16,7 +16,10 @@
 # half started by hand (`pipewright coordinator` and one `pipewright
 # worker` per shard) with one worker on 2 kernel threads, since the
 # launcher gives every worker the same count; and SEEDS clean runs with
-# auditRate and contributionAuditRate 0 for the audits' cost. Each run's
+# auditRate and contributionAuditRate 0 for the audits' cost. The pipeline
+# attacks run a second time on bench/manifests/byzantine-single.yaml (2
+# stages × 1 replica, the coordinator as validator; the attacker at stage
+# k mod 2), beside SEEDS clean runs of it. Each run's
 # verdicts come from its run directory: the ledger's quarantined identities
 # (`pipewright ledger --json`), its refusals and sessions (ledger.sqlite),
 # and summary.json.
@@ -24,9 +27,12 @@
 # Writes bench/results/byzantine.md.
 #
 # Usage: bench/byzantine.sh [--seeds N] [--clean N] [--quick] [--out FILE]
-#   --seeds N   runs per attack and without audits (default 10)
+#   --seeds N   runs per attack, without audits and with one replica (default 10)
 #   --clean N   clean runs with audits (default 20)
 #   --quick     2 seeds, 2 clean runs, 20 steps: checks the harness
+#   --only LIST only these attacks, comma-separated names as the report
+#               prints them (e.g. "grad-nan,lazy-zeros (1 replica)"); the
+#               clean runs are made all the same
 # Environment: PIPEWRIGHT_BIN (a prebuilt binary; skips the build),
 # PIPEWRIGHT_BIN_COMMIT (the commit it was built from, for the report),
 # BENCH_RECORDS (a file to keep every run's record in, one JSON line each).
@@ -37,13 +43,15 @@ seeds=10
 clean=20
 steps=""
 out="bench/results/byzantine.md"
+only=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --seeds) seeds="$2"; shift 2 ;;
         --clean) clean="$2"; shift 2 ;;
         --quick) seeds=2; clean=2; steps=20; shift ;;
         --out) out="$2"; shift 2 ;;
-        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        --only) only=",$2,"; shift 2 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -57,20 +65,31 @@ results="$work/results.jsonl"
 : >"$results"
 per_run_limit=120
 
-# name|spec: SR stands for the seed's shard "S/R", R for its replica.
+# name|spec[|single]: SR stands for the seed's shard "S/R", R for its
+# replica. `single` runs on bench/manifests/byzantine-single.yaml (2 stages
+# × 1 replica: no replica to validate, the coordinator recomputes), where R
+# is 0.
 attacks=(
     "act-noise|SR=act-noise"
     "act-scale|SR=act-scale"
     "sign-flip|SR=sign-flip"
     "scale|SR=scale"
     "contribution-lie|SR=contribution-lie"
+    "grad-nan|SR=grad-nan"
     "lazy-zeros|SR=lazy-zeros"
     "lazy-replay|SR=lazy-replay"
     "stale|SR=stale"
     "forge|SR=forge"
     "lie|SR=lie"
     "collude|0/R=act-noise 1/R=act-noise"
+    "act-noise|SR=act-noise|single"
+    "act-scale|SR=act-scale|single"
+    "lazy-zeros|SR=lazy-zeros|single"
+    "lazy-replay|SR=lazy-replay|single"
+    "stale|SR=stale|single"
+    "forge|SR=forge|single"
 )
+single_manifest=bench/manifests/byzantine-single.yaml
 
 # known ATTACK: whether this binary parses `--byzantine 0/0=ATTACK`.
 known() {
@@ -79,13 +98,21 @@ known() {
     ! grep -q -- "--byzantine" <<<"$err"
 }
 
-# manifest_for SEED AUDIT_RATE: the bench manifest with that seed (and that
-# rate for both kinds of audits unless empty), as a file path.
+# manifest_for SEED AUDIT_RATE [single]: the bench manifest (the one-replica
+# one with `single`) with that seed (and that rate for both kinds of audits
+# unless empty), as a file path.
 manifest_for() {
-    local file="$work/m-$1-${2:-default}.yaml"
-    sed "s/seed: 1,/seed: $1,/" "$manifest" >"$file"
+    local base="$manifest" file="$work/m-$1-${2:-default}${3:+-$3}.yaml"
+    [[ ${3:-} == single ]] && base="$single_manifest"
+    sed "s/seed: 1,/seed: $1,/" "$base" >"$file"
     [[ -n $steps ]] && sed -i "s/steps: 40,/steps: $steps,/" "$file"
-    [[ -n $2 ]] && printf '  validation: {auditRate: %s, contributionAuditRate: %s}\n' "$2" "$2" >>"$file"
+    if [[ -n $2 ]]; then
+        if [[ ${3:-} == single ]]; then
+            printf '  validation: {auditRate: %s}\n' "$2" >>"$file"
+        else
+            printf '  validation: {auditRate: %s, contributionAuditRate: %s}\n' "$2" "$2" >>"$file"
+        fi
+    fi
     echo "$file"
 }
 
@@ -223,8 +250,9 @@ load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
 started=$(date +%s)
 missing=()
 for entry in "${attacks[@]}"; do
-    name="${entry%%|*}"
-    spec="${entry#*|}"
+    IFS='|' read -r name spec layout <<<"$entry"
+    [[ -n $layout ]] && name="$name (1 replica)"
+    [[ -z $only || $only == *",$name,"* ]] || continue
     wanted=()
     for one in $spec; do wanted+=("${one#*=}"); done
     absent=""
@@ -236,6 +264,7 @@ for entry in "${attacks[@]}"; do
     fi
     for k in $(seq 1 "$seeds"); do
         stage=$((k % 2)) replica=$((k % 3)) start=$((3 + k % 8))
+        [[ -n $layout ]] && replica=0
         args=() shards=""
         for one in $spec; do
             shard="${one%%=*}" attack="${one#*=}"
@@ -244,8 +273,9 @@ for entry in "${attacks[@]}"; do
             args+=(--byzantine "$shard=$attack@$start")
             shards+="$shard "
         done
-        run="$work/$name-$k"
-        read -r rc secs < <(launched "$run" "$(manifest_for "$k" "")" "${args[@]}")
+        run="$work/${name// /_}-$k"
+        run="${run//[()]/}"
+        read -r rc secs < <(launched "$run" "$(manifest_for "$k" "" "$layout")" "${args[@]}")
         record "$run" attack "$name" "$k" "$start" "$rc" "$secs" "$shards"
         echo "$name seed $k (${args[*]}): exit $rc, $((secs / 1000)) s" >&2
     done
@@ -268,6 +298,12 @@ for k in $(seq 1 $((half > seeds ? half : seeds))); do
         echo "clean run, seed $k, worker $((k % 2))/$((k % 3)) on 2 threads: exit $rc, $((secs / 1000)) s" >&2
     fi
     if ((k <= seeds)); then
+        run="$work/single-$k"
+        read -r rc secs < <(launched "$run" "$(manifest_for "$k" "" single)")
+        record "$run" clean single "$k" 0 "$rc" "$secs" ""
+        echo "clean run with one replica per stage, seed $k: exit $rc, $((secs / 1000)) s" >&2
+    fi
+    if ((k <= seeds)); then
         run="$work/noaudit-$k"
         read -r rc secs < <(launched "$run" "$(manifest_for "$k" 0)")
         record "$run" noaudit uniform "$k" 0 "$rc" "$secs" ""
@@ -282,8 +318,14 @@ python3 - "$results" "$(machine)" "$commit" "$load_before" "$load_after" "$elaps
 import json, statistics, sys
 path, machine, commit, before, after, elapsed, steps, missing, LIMIT = sys.argv[1:10]
 rows = [json.loads(l) for l in open(path)]
-order = ["act-noise", "act-scale", "sign-flip", "scale", "contribution-lie", "lazy-zeros",
-         "lazy-replay", "stale", "forge", "lie", "collude"]
+order = []
+for r in rows:
+    if r["kind"] == "attack" and r["name"] not in order:
+        order.append(r["name"])
+def clean_of(r):
+    """The clean run to compare an attack run with: same seed, same layout."""
+    single = r["name"].endswith("(1 replica)")
+    return clean.get(("clean", "single" if single else "uniform", r["seed"]))
 def med(xs):
     return statistics.median(xs) if xs else None
 def fmt(x, spec="{:.0f}", none="–"):
@@ -306,7 +348,10 @@ print("`spec.validation.auditRate` (0.25) and `contributionAuditRate` (0.05), an
 print("each replica a peer suspects. Seed k: `spec.training.seed` k, the attacker at stage")
 print("k mod 2, replica k mod 3, attacking from step 3 + (k mod 8) on (`--byzantine S/R=ATTACK@STEP`);")
 print("`collude` is `act-noise` on stage 0 and stage 1 of replica k mod 3 (one lane: the second")
-print("attacker receives the first's output).")
+print("attacker receives the first's output). An attack marked \"(1 replica)\" runs on")
+print("`bench/manifests/byzantine-single.yaml`: the same model and steps on 2 stages × 1 replica under")
+print("`mean`, the attacker at stage k mod 2 (no replica to validate it: the coordinator recomputes")
+print("each audited micro-batch from the worker's uploaded parameters).")
 print()
 print("Detected: the ledger quarantined an attacker's identity, or refused a report naming an")
 print("attacker's worker (a bad signature, an overturned verdict for `lie`, an outvoted parameters'")
@@ -337,7 +382,7 @@ for name in order:
             det.append(min(first) - r["start"] + 1 if first else None)
             for h in sorted({h for _, h in hits}):
                 how[h] = how.get(h, 0) + 1
-        c = clean.get(("clean", "uniform", r["seed"]))
+        c = clean_of(r)
         if r["rc"] == 0 and c and c.get("final_loss") is not None and r.get("final_loss") is not None:
             deltas.append(r["final_loss"] - c["final_loss"])
     steps_known = [d for d in det if d is not None]
@@ -361,9 +406,10 @@ print(f"## Clean runs")
 print()
 uni = [r for r in cl if r["name"] == "uniform"]
 mix = [r for r in cl if r["name"] == "mixed"]
+sin = [r for r in cl if r["name"] == "single"]
 print(f"{len(cl)} clean runs with audits: {len(uni)} through the launcher (every worker on 1 kernel")
 print(f"thread), {len(mix)} started by hand with one worker (stage seed mod 2, replica seed mod 3) on 2")
-print(f"threads. False positives (a quarantine, a refusal or a failed audit): {len(fp)} of {len(cl)} runs;")
+print(f"threads, {len(sin)} with one replica per stage. False positives (a quarantine, a refusal or a failed audit): {len(fp)} of {len(cl)} runs;")
 print(f"{sum(r['audits'][1] for r in cl)} failed of {audits} audits booked in all.")
 for r in fp:
     why = [q["reason"] for q in r["quarantined"]] + [f["reason"] for f in r["refusals"]]

@@ -10,16 +10,12 @@ use crate::coord::api::{
     audit_message, AuditClaim, AuditOrder, AuditReport, AuditResult, AuditRole, Barrier,
     Commitment, MicroBatchCommit, StepDone,
 };
-use crate::coord::test_support::{layout, register, seat_all, LEASE};
+use crate::coord::test_support::{hash, layout, register, seat_all, LEASE};
 use crate::identity::{Identity, AUDIT_DOMAIN};
 use crate::pipeline::Evidence;
 
 const MAX: usize = 1 << 20;
 const RUN_ID: &str = "0123456789abcdef0123456789abcdef";
-
-fn hash(bytes: &[u8]) -> String {
-    hex::encode(blake3::hash(bytes).as_bytes())
-}
 
 fn zeros() -> String {
     "0".repeat(64)

@@ -3,11 +3,10 @@
 //! author; an honest frame, a forged or altered signature, a reinterpreted
 //! payload and malformed bodies convict nobody and are counted.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use super::super::{ComplaintVerdict, CoordError, Coordinator};
-use crate::coord::test_support::{layout, seat_all, LEASE};
+use crate::coord::test_support::{self, refusal, seated_by_shard, ByShard};
 use crate::identity::Identity;
 use crate::link::codec::TensorWire;
 use crate::link::frame::{encode, Frame, FrameHeader, SIGNATURE_LEN};
@@ -17,21 +16,10 @@ use crate::link::{FrameKind, RunId, RunKey, Shape, WorkerId};
 const RUN: RunId = RunId([7; 16]);
 const KEY: RunKey = RunKey([9; 32]);
 
-/// Worker ids and identities by shard.
-type ByShard<T> = BTreeMap<(usize, usize), T>;
-
 /// A 2 × 3 run with every shard registered under its own identity: the
 /// coordinator, the worker ids by shard and the identities by shard.
 fn setup(now: Instant) -> (Coordinator, ByShard<u64>, ByShard<Identity>) {
-    let mut c = Coordinator::new("t", layout(2, 3), LEASE, None, None);
-    let (list, mut by_id) = seat_all(&mut c, 10, now);
-    let (mut ids, mut keys) = (BTreeMap::new(), BTreeMap::new());
-    for (i, id) in list.into_iter().enumerate() {
-        let shard = (i / 3, i % 3);
-        ids.insert(shard, id);
-        keys.insert(shard, by_id.remove(&id).expect("a key per id"));
-    }
-    (c, ids, keys)
+    seated_by_shard(2, 3, 10, now)
 }
 
 /// An activation frame of stage 0 `replica` at `step`, micro-batch 1,
@@ -57,16 +45,8 @@ fn activation(epoch: u64, replica: u32, step: u64, values: &[f32]) -> Frame {
     )
 }
 
-fn signed(mut f: Frame, by: &Identity) -> Vec<u8> {
-    sign_frame(&mut f, by);
-    encode(&f, &KEY)
-}
-
-fn refusal(r: Result<ComplaintVerdict, CoordError>) -> &'static str {
-    match r {
-        Err(CoordError::Refused(reason, _)) => reason,
-        other => panic!("expected a refusal, got {other:?}"),
-    }
+fn signed(f: Frame, by: &Identity) -> Vec<u8> {
+    test_support::signed(f, by, &KEY)
 }
 
 fn nan_values() -> Vec<f32> {
@@ -259,8 +239,8 @@ mod rechecks {
     /// Returns how many rechecks were ordered.
     fn broken_step(
         c: &mut Coordinator,
-        ids: &BTreeMap<(usize, usize), u64>,
-        keys: &BTreeMap<(usize, usize), Identity>,
+        ids: &ByShard<u64>,
+        keys: &ByShard<Identity>,
         sent: fn(u64) -> Vec<f32>,
         now: Instant,
     ) -> usize {
@@ -290,8 +270,8 @@ mod rechecks {
     /// reporting what `computes(validator, mb)` gives.
     fn validate(
         c: &mut Coordinator,
-        ids: &BTreeMap<(usize, usize), u64>,
-        keys: &BTreeMap<(usize, usize), Identity>,
+        ids: &ByShard<u64>,
+        keys: &ByShard<Identity>,
         computes: &dyn Fn(usize, u64) -> Vec<f32>,
         now: Instant,
     ) {
@@ -403,7 +383,7 @@ mod rechecks {
             ("garbled", garbled),
         ] {
             let r = c.broken_step(&report(vec![f]), &RUN, now);
-            assert_eq!(refusal_of(r), "complaint", "{what}");
+            assert_eq!(refusal(r), "complaint", "{what}");
         }
         assert_eq!(c.open_rechecks(), 0, "nothing kept");
         assert_eq!(c.refused().get("complaint"), Some(&4));
@@ -442,19 +422,19 @@ mod rechecks {
             ..good.clone()
         };
         assert_eq!(
-            refusal_of_unit(c.recheck_report(&stranger, RUN_HEX, now)),
+            refusal(c.recheck_report(&stranger, RUN_HEX, now)),
             "audit_report"
         );
         let mut unsigned = good.clone();
         unsigned.signature = keys[&(0, 2)].sign(RECHECK_DOMAIN, &message);
         assert_eq!(
-            refusal_of_unit(c.recheck_report(&unsigned, RUN_HEX, now)),
+            refusal(c.recheck_report(&unsigned, RUN_HEX, now)),
             "signature"
         );
         let mut malformed = good.clone();
         malformed.output = "xyz".into();
         assert_eq!(
-            refusal_of_unit(c.recheck_report(&malformed, RUN_HEX, now)),
+            refusal(c.recheck_report(&malformed, RUN_HEX, now)),
             "audit_report"
         );
         c.recheck_report(&good, RUN_HEX, now)
@@ -490,19 +470,5 @@ mod rechecks {
         assert!(c.convictions().is_empty(), "one validator cannot convict");
         assert_eq!(c.recheck_outcomes().get("unconfirmed"), Some(&2));
         assert!(!c.recheck_only(c.epoch()));
-    }
-
-    fn refusal_of(r: Result<usize, CoordError>) -> &'static str {
-        match r {
-            Err(CoordError::Refused(reason, _)) => reason,
-            other => panic!("expected a refusal, got {other:?}"),
-        }
-    }
-
-    fn refusal_of_unit(r: Result<(), CoordError>) -> &'static str {
-        match r {
-            Err(CoordError::Refused(reason, _)) => reason,
-            other => panic!("expected a refusal, got {other:?}"),
-        }
     }
 }

@@ -9,21 +9,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::super::{CoordError, Coordinator, Layout, RefereeResult};
+use super::super::{CoordError, Coordinator, RefereeResult};
 use crate::coord::api::{
     audit_message, AuditClaim, AuditOrder, AuditReport, AuditResult, AuditRole, Barrier,
-    Commitment, IdentityProof, MicroBatchCommit, Register, StepDone,
+    Commitment, MicroBatchCommit, StepDone,
 };
+use crate::coord::test_support::{hash, layout, seat_all, LEASE};
 use crate::identity::{Identity, AUDIT_DOMAIN};
 use crate::pipeline::Evidence;
 
-const LEASE: Duration = Duration::from_secs(2);
 const MAX: usize = 1 << 20;
 const RUN_ID: &str = "00112233445566778899aabbccddeeff";
-
-fn hash(bytes: &[u8]) -> String {
-    hex::encode(blake3::hash(bytes).as_bytes())
-}
 
 fn raw(h: &str) -> [u8; 32] {
     let mut b = [0u8; 32];
@@ -257,24 +253,6 @@ impl World {
     }
 }
 
-fn layout(stages: usize, replicas: usize) -> Layout {
-    Layout {
-        stages,
-        replicas,
-        steps: 10,
-        tied: false,
-        stage_layers: (0..stages).map(|s| s..s + 1).collect(),
-        checkpoint_every: 0,
-        tokens_per_step: 100,
-        measured: false,
-        micro_batches: 2,
-        routed: false,
-        cost: None,
-        rewards: Default::default(),
-        shard_bytes: Vec::new(),
-    }
-}
-
 /// A coordinator of `stages` × `replicas` auditing every shard at every
 /// step with itself as validator, every shard registered under a real
 /// identity (ids stage major, and their keys); with `initial`, it knows the
@@ -300,28 +278,7 @@ fn setup(
             },
         ));
     }
-    let mut ids = Vec::new();
-    let mut keys = BTreeMap::new();
-    for s in 0..stages {
-        for r in 0..replicas {
-            let key = Identity::from_secret([(40 + s * replicas + r) as u8; 32]);
-            let register = Register {
-                stage: Some(s),
-                replica: Some(r),
-                pipe_addr: "w:1".into(),
-                ring_addr: "w:2".into(),
-                name: key.fingerprint(),
-                identity: Some(IdentityProof {
-                    public_key: key.public_hex(),
-                    ..IdentityProof::default()
-                }),
-                ..Register::default()
-            };
-            let (id, _) = c.register(register, now).expect("register");
-            ids.push(id);
-            keys.insert(id, key);
-        }
-    }
+    let (ids, keys) = seat_all(&mut c, 40, now);
     (c, ids, keys)
 }
 

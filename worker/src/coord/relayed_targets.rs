@@ -148,11 +148,10 @@ impl Coordinator {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
 
-    use super::super::{ComplaintVerdict, CoordError, Coordinator, Layout};
-    use crate::coord::api::{IdentityProof, Register};
+    use super::super::{ComplaintVerdict, Coordinator};
+    use crate::coord::test_support::{refusal, seated_by_shard, ByShard};
     use crate::identity::Identity;
     use crate::link::frame::{encode, Frame, FrameHeader, SIGNATURE_LEN};
     use crate::link::origin::{Origin, ORIGIN_LEN};
@@ -164,48 +163,9 @@ mod tests {
     const STEP: u64 = 4;
     const MB: u64 = 1;
 
-    type ByShard<T> = BTreeMap<(usize, usize), T>;
-
     /// A 3 × 2 run, every shard registered under its own identity.
     fn setup(now: Instant) -> (Coordinator, ByShard<u64>, ByShard<Identity>) {
-        let layout = Layout {
-            stages: 3,
-            replicas: 2,
-            steps: 10,
-            tied: false,
-            stage_layers: vec![0..1, 1..2, 2..3],
-            checkpoint_every: 0,
-            tokens_per_step: 100,
-            measured: false,
-            micro_batches: 2,
-            routed: false,
-            cost: None,
-            rewards: Default::default(),
-            shard_bytes: Vec::new(),
-        };
-        let mut c = Coordinator::new("t", layout, Duration::from_secs(2), None, None);
-        let (mut ids, mut keys) = (BTreeMap::new(), BTreeMap::new());
-        for s in 0..3 {
-            for r in 0..2 {
-                let key = Identity::from_secret([(40 + s * 2 + r) as u8; 32]);
-                let reg = Register {
-                    stage: Some(s),
-                    replica: Some(r),
-                    pipe_addr: "w:1".into(),
-                    ring_addr: "w:2".into(),
-                    name: key.fingerprint(),
-                    identity: Some(IdentityProof {
-                        public_key: key.public_hex(),
-                        ..IdentityProof::default()
-                    }),
-                    ..Register::default()
-                };
-                let (id, _) = c.register(reg, now).expect("register");
-                ids.insert((s, r), id);
-                keys.insert((s, r), key);
-            }
-        }
-        (c, ids, keys)
+        seated_by_shard(3, 2, 40, now)
     }
 
     fn ids() -> Vec<u32> {
@@ -255,13 +215,6 @@ mod tests {
             sign_frame(&mut f, by);
         }
         encode(&f, &KEY)
-    }
-
-    fn refusal(r: Result<ComplaintVerdict, CoordError>) -> &'static str {
-        match r {
-            Err(CoordError::Refused(reason, _)) => reason,
-            other => panic!("expected a refusal, got {other:?}"),
-        }
     }
 
     #[test]

@@ -6,12 +6,11 @@
 //! unsigned, signed in the pipeline frames' domain, altered, reshaped, of
 //! another epoch or run key convicts no one and is counted (`complaint`).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::super::{ComplaintVerdict, CoordError, Coordinator, Layout};
-use crate::coord::api::{IdentityProof, Register};
+use super::super::{ComplaintVerdict, Coordinator};
+use crate::coord::test_support::{self, refusal, seated_by_shard, ByShard};
 use crate::identity::{Identity, FRAME_DOMAIN};
 use crate::link::frame::{encode, Frame, FrameHeader, SIGNATURE_LEN};
 use crate::link::sign::{epoch_run_id, frame_message, sign_frame, PeerKeys};
@@ -21,49 +20,10 @@ use crate::sync::{on_loopback_ring, RingConfig, RingError};
 const RUN: RunId = RunId([5; 16]);
 const KEY: RunKey = RunKey([11; 32]);
 
-type ByShard<T> = BTreeMap<(usize, usize), T>;
-
 /// A 2 × 3 run with every shard registered under its own identity: the
 /// coordinator, the worker ids and the identities by shard.
 fn setup(now: Instant) -> (Coordinator, ByShard<u64>, ByShard<Identity>) {
-    let layout = Layout {
-        stages: 2,
-        replicas: 3,
-        steps: 10,
-        tied: false,
-        stage_layers: vec![0..1, 1..2],
-        checkpoint_every: 0,
-        tokens_per_step: 100,
-        measured: false,
-        micro_batches: 2,
-        routed: false,
-        cost: None,
-        rewards: Default::default(),
-        shard_bytes: Vec::new(),
-    };
-    let mut c = Coordinator::new("t", layout, Duration::from_secs(2), None, None);
-    let (mut ids, mut keys) = (BTreeMap::new(), BTreeMap::new());
-    for s in 0..2 {
-        for r in 0..3 {
-            let key = Identity::from_secret([(40 + s * 3 + r) as u8; 32]);
-            let reg = Register {
-                stage: Some(s),
-                replica: Some(r),
-                pipe_addr: "w:1".into(),
-                ring_addr: "w:2".into(),
-                name: key.fingerprint(),
-                identity: Some(IdentityProof {
-                    public_key: key.public_hex(),
-                    ..IdentityProof::default()
-                }),
-                ..Register::default()
-            };
-            let (id, _) = c.register(reg, now).expect("register");
-            ids.insert((s, r), id);
-            keys.insert((s, r), key);
-        }
-    }
-    (c, ids, keys)
+    seated_by_shard(2, 3, 40, now)
 }
 
 /// A gradient ring frame of stage 1 `replica` at training step `step`
@@ -88,16 +48,8 @@ fn ring_frame(epoch: u64, replica: u32, step: u64, values: &[f32]) -> Frame {
     )
 }
 
-fn signed(mut f: Frame, by: &Identity) -> Vec<u8> {
-    sign_frame(&mut f, by);
-    encode(&f, &KEY)
-}
-
-fn refusal(r: Result<ComplaintVerdict, CoordError>) -> &'static str {
-    match r {
-        Err(CoordError::Refused(reason, _)) => reason,
-        other => panic!("expected a refusal, got {other:?}"),
-    }
+fn signed(f: Frame, by: &Identity) -> Vec<u8> {
+    test_support::signed(f, by, &KEY)
 }
 
 fn with(at: usize, value: f32) -> Vec<f32> {

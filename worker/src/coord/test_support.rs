@@ -1,12 +1,18 @@
-//! What the coordinator's state-machine tests share: a small layout and a
-//! run with every shard registered under an identity of its own.
+//! What the coordinator's state-machine tests share: a small layout, a
+//! run with every shard registered under an identity of its own, and the
+//! signed frames and refusals of complaints.
 
 use std::collections::BTreeMap;
+use std::fmt::Debug;
 use std::time::{Duration, Instant};
 
 use super::api::{IdentityProof, Register};
+use super::state::CoordError;
 use super::{Coordinator, Layout};
 use crate::identity::Identity;
+use crate::link::frame::{encode, Frame};
+use crate::link::sign::sign_frame;
+use crate::link::RunKey;
 
 /// The lease of the test coordinators.
 pub(super) const LEASE: Duration = Duration::from_secs(2);
@@ -69,4 +75,46 @@ pub(super) fn seat_all(
         }
     }
     (ids, keys)
+}
+
+/// Worker ids or identities by shard (stage, replica).
+pub(super) type ByShard<T> = BTreeMap<(usize, usize), T>;
+
+/// A run of `stages` × `replicas` (`layout`) with every shard seated as
+/// `seat_all` seats them from secret `first`: the coordinator, the worker
+/// ids by shard and the identities by shard.
+pub(super) fn seated_by_shard(
+    stages: usize,
+    replicas: usize,
+    first: u8,
+    now: Instant,
+) -> (Coordinator, ByShard<u64>, ByShard<Identity>) {
+    let mut c = Coordinator::new("t", layout(stages, replicas), LEASE, None, None);
+    let (list, mut by_id) = seat_all(&mut c, first, now);
+    let (mut ids, mut keys) = (BTreeMap::new(), BTreeMap::new());
+    for (i, id) in list.into_iter().enumerate() {
+        let shard = (i / replicas, i % replicas);
+        ids.insert(shard, id);
+        keys.insert(shard, by_id.remove(&id).expect("a key per id"));
+    }
+    (c, ids, keys)
+}
+
+/// `f` signed by `by` and encoded with the run key `key`.
+pub(super) fn signed(mut f: Frame, by: &Identity, key: &RunKey) -> Vec<u8> {
+    sign_frame(&mut f, by);
+    encode(&f, key)
+}
+
+/// The reason of a refusal; panics on anything else.
+pub(super) fn refusal<T: Debug>(r: Result<T, CoordError>) -> &'static str {
+    match r {
+        Err(CoordError::Refused(reason, _)) => reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// The blake3 hash of `bytes`, in hex.
+pub(super) fn hash(bytes: &[u8]) -> String {
+    hex::encode(blake3::hash(bytes).as_bytes())
 }

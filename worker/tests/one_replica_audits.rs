@@ -174,3 +174,42 @@ fn a_sole_replica_that_sends_what_it_did_not_compute_is_convicted_by_the_coordin
         assert_same(&clean, &losses_in(&out.join("summary.json")));
     }
 }
+
+/// A worker alone on its stage that skips its optimizer update (`stale`)
+/// computes honest activations and gradients, which its audit's
+/// micro-batch reproduces, but the coordinator also replays its update
+/// from the parameters and moments it committed to before the step and
+/// the gradient it committed to applying: the parameters' digest it signed
+/// after the step is not the replay's, so it is convicted
+/// (`wrong_update`) at the first attacked step, quarantined and replaced,
+/// and the run's losses are a clean run's. The first step too, whose
+/// moments must be the initial zeros.
+#[test]
+fn a_sole_replica_that_skips_its_update_is_convicted_by_the_replayed_update() {
+    let _one_at_a_time = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let m = manifest(d, "sole", "{auditRate: 1.0}");
+    train_processes(&m, &d.join("clean"), &[]);
+    let clean = losses_in(&d.join("clean").join("summary.json"));
+    for (stage, attack, step) in [(1, "stale@3", 3), (0, "stale@1", 1)] {
+        let out = d.join(attack.replace('@', "-"));
+        let stderr = drill(&m, &out, &format!("{stage}/0={attack}"));
+        let v = verdicts(&out);
+        assert_eq!(
+            v.quarantined,
+            vec![(stage, 0, step, "wrong_update".to_string())],
+            "{attack}: {stderr}"
+        );
+        assert_eq!(v.evidence[0]["validator"], "coordinator", "{attack}");
+        assert!(
+            v.refusals
+                .iter()
+                .any(|(r, n)| r == "wrong_update" && *n == 1),
+            "{attack}: {:?}",
+            v.refusals
+        );
+        assert_eq!(replaced(&out), vec![(stage, 0)], "{attack}");
+        assert_same(&clean, &losses_in(&out.join("summary.json")));
+    }
+}

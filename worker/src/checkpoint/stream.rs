@@ -343,6 +343,32 @@ pub fn read_stage_into(
     Ok(())
 }
 
+/// Reads the parameter values and the optimizer's moments and step count
+/// of the checkpoint part at `path` into new buffers shaped like `params`
+/// (names and lengths), in their order. The header is checked first.
+pub fn read_state(
+    path: &Path,
+    params: &[(&str, usize)],
+) -> Result<(Vec<Vec<f32>>, AdamW), CheckpointError> {
+    let mut file = File::open(path).map_err(io_err(path))?;
+    let layout = layout(&mut file, params, path)?;
+    let mut values = Vec::with_capacity(params.len());
+    let mut opt = AdamW {
+        m: Vec::with_capacity(params.len()),
+        v: Vec::with_capacity(params.len()),
+        t: layout.t,
+    };
+    for (i, (_, len)) in params.iter().enumerate() {
+        let [rv, rm, rv2] = &layout.tensors[i];
+        for (range, out) in [(rv, &mut values), (rm, &mut opt.m), (rv2, &mut opt.v)] {
+            let mut x = vec![0.0f32; *len];
+            read_f32_at(&mut file, range.start, &mut x, path)?;
+            out.push(x);
+        }
+    }
+    Ok((values, opt))
+}
+
 /// Reads the parameter values (not the moments) of the checkpoint part at
 /// `path` into new buffers shaped like `params` (names and lengths), in
 /// their order. The header is checked first.

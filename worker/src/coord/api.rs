@@ -89,6 +89,18 @@ pub struct Commitment {
     /// root is unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub contribution: Option<String>,
+    /// On a stage with one training replica under audits, the BLAKE3
+    /// digest of the optimizer's moments after the step's update
+    /// (`pipeline::moments_digest`), 64 hex digits: what the coordinator
+    /// holds the worker's next update to. Covered by the signature through
+    /// [`Commitment::root`]; absent elsewhere, and the root unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moments: Option<String>,
+    /// With `moments`: the BLAKE3 digest of the gradient the step's update
+    /// applied and the global norm it was clipped by
+    /// (`pipeline::applied_digest`), 64 hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<String>,
 }
 
 /// The hashes committed for one micro-batch (64 hex digits each).
@@ -130,6 +142,14 @@ impl Commitment {
             h.update(b"contribution=");
             h.update(c.as_bytes());
         }
+        if let Some(m) = &self.moments {
+            h.update(b"moments=");
+            h.update(m.as_bytes());
+        }
+        if let Some(a) = &self.applied {
+            h.update(b"applied=");
+            h.update(a.as_bytes());
+        }
         *h.finalize().as_bytes()
     }
 
@@ -139,6 +159,24 @@ impl Commitment {
         Some(digest_field(
             self.contribution.as_deref()?,
             "the contribution's hash",
+        ))
+    }
+
+    /// The moments' digest: `None` when the report has none,
+    /// `Some(Err(_))` when it is not 64 hex digits.
+    pub fn moments_digest(&self) -> Option<Result<[u8; 32], String>> {
+        Some(digest_field(
+            self.moments.as_deref()?,
+            "the optimizer moments' digest",
+        ))
+    }
+
+    /// The applied gradient's digest: `None` when the report has none,
+    /// `Some(Err(_))` when it is not 64 hex digits.
+    pub fn applied_digest(&self) -> Option<Result<[u8; 32], String>> {
+        Some(digest_field(
+            self.applied.as_deref()?,
+            "the applied gradient's digest",
         ))
     }
 
@@ -431,6 +469,12 @@ pub enum AuditRole {
     /// (`PUT /v1/audit/{audit}/weights?worker=W`, every value as
     /// little-endian f32 in the stage's parameter order).
     Weights,
+    /// As `Weights`, for a stage with one training replica whose update the
+    /// coordinator replays too: upload the stage's parameters and optimizer
+    /// moments of before the step and the gradient the step's update
+    /// applied, with its global norm (`PUT /v1/audit/{audit}/weights?worker=W`,
+    /// the layout of `StageWorker::encode_update`).
+    Update,
 }
 
 /// `POST /v1/audit`: a worker carried out an audit order. The answer is a

@@ -190,6 +190,28 @@ struct Referee {
     refused: u64,
     /// Its hashes, or why it could not recompute.
     result: Option<Result<Hashes, String>>,
+    /// On a stage with one training replica: the update the coordinator
+    /// replays too (`None`: the micro-batch alone).
+    update: Option<UpdateCheck>,
+    /// Why the replayed update did not give the digests committed to
+    /// (`None`: it did, or none was replayed).
+    wrong_update: Option<String>,
+}
+
+/// What the coordinator holds a stage with one training replica to when it
+/// replays the update of an audited step (see `pipeline::update`): the
+/// digests the worker signed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpdateCheck {
+    /// Its optimizer moments' digest after the step before (`None` at the
+    /// first step: the moments must be the initial zeros).
+    pub moments_before: Option<[u8; 32]>,
+    /// The digest of the gradient the audited step's update applied.
+    pub applied: [u8; 32],
+    /// Its parameters' digest after the audited step.
+    pub params_after: [u8; 32],
+    /// Its moments' digest after the audited step.
+    pub moments_after: [u8; 32],
 }
 
 /// What the coordinator needs to recompute a disputed micro-batch itself
@@ -210,6 +232,8 @@ pub struct RefereeJob {
     pub digest: [u8; 32],
     /// The loss scale of the step's micro-batches.
     pub scale: f32,
+    /// The update to replay as well (the upload is then an update upload).
+    pub update: Option<UpdateCheck>,
 }
 
 /// How a recomputation by the coordinator ended (see
@@ -224,6 +248,9 @@ pub enum RefereeResult {
     /// The recomputation failed (the stage cannot be built here, e.g. the
     /// first stage's corpus is unreadable, or the evidence is refused).
     Failed(String),
+    /// The micro-batch's recomputed hashes, and the replayed update did
+    /// not give the digests the worker committed to (why, for the record).
+    WrongUpdate([[u8; 32]; 3], String),
 }
 
 impl Audit {
@@ -357,7 +384,19 @@ impl Audit {
         match &r.result {
             None => Next::Wait,
             Some(Err(_)) => Next::Decided(Outcome::Unchecked),
-            Some(Ok(h)) if h == committed => Next::Decided(Outcome::Passed),
+            Some(Ok(h)) if h == committed => match &r.wrong_update {
+                None => Next::Decided(Outcome::Passed),
+                Some(why) => Next::Decided(Outcome::Convicted(
+                    "wrong_update",
+                    format!(
+                        "stage {} replica {}'s optimizer update of step {step} does not \
+                         reproduce: the coordinator, the validator of a stage with one training \
+                         replica, replayed it from the parameters and moments it committed to \
+                         before the step and the gradient it committed to applying: {why}",
+                        self.stage, self.replica,
+                    ),
+                )),
+            },
             Some(Ok(h)) => Next::Decided(Outcome::Convicted(
                 "failed_audit",
                 format!(
@@ -940,6 +979,28 @@ impl Coordinator {
             .iter()
             .find(|c| c.completed == before)
             .and_then(|c| c.params);
+        // Its update too, where it committed to the moments it started the
+        // step from (at the first step: none, they are zeros) and to what
+        // the step's update applied and left.
+        let moments_before = slot
+            .commits
+            .iter()
+            .find(|c| c.completed == before)
+            .and_then(|c| c.update)
+            .map(|u| u.0);
+        let update = match (c.update, c.params) {
+            (Some((moments_after, applied)), Some(params_after))
+                if before == 0 || moments_before.is_some() =>
+            {
+                Some(UpdateCheck {
+                    moments_before,
+                    applied,
+                    params_after,
+                    moments_after,
+                })
+            }
+            _ => None,
+        };
         let digest = if before == 0 {
             self.initial_digest(stage)
         } else {
@@ -971,6 +1032,8 @@ impl Coordinator {
                 tried: Vec::new(),
                 refused: 0,
                 result: None,
+                update,
+                wrong_update: None,
             }),
             outcome: None,
         })
@@ -1076,7 +1139,17 @@ impl Coordinator {
                             && !r.tried.contains(&worker)
                     })
             })
-            .map(|a| order(a, crate::coord::api::AuditRole::Weights));
+            .map(|a| {
+                let update = a.referee.as_ref().is_some_and(|r| r.update.is_some());
+                order(
+                    a,
+                    if update {
+                        crate::coord::api::AuditRole::Update
+                    } else {
+                        crate::coord::api::AuditRole::Weights
+                    },
+                )
+            });
         provide.chain(validate).chain(weights).collect()
     }
 
@@ -1318,6 +1391,13 @@ impl Coordinator {
 }
 
 impl Coordinator {
+    /// Whether the coordinator replays the updates of stages with one
+    /// training replica it audits (it validates them, and audits are on):
+    /// their step reports must then commit to their updates.
+    pub(super) fn audits_replay_updates(&self) -> bool {
+        self.audits.referee && self.audits.rate > 0.0
+    }
+
     /// Makes the coordinator the second validator of a disputed micro-batch
     /// audit whose stage has no other replica to call (two replicas): it
     /// orders the parameters of before the step uploaded and recomputes the
@@ -1390,6 +1470,8 @@ impl Coordinator {
             tried: Vec::new(),
             refused: 0,
             result: None,
+            update: None,
+            wrong_update: None,
         })
     }
 
@@ -1447,6 +1529,7 @@ impl Coordinator {
             evidence: evidence.clone(),
             digest: r.digest,
             scale,
+            update: r.update.clone(),
         };
         if let Some(r) = self
             .audits
@@ -1496,6 +1579,7 @@ impl Coordinator {
         let alone = a.checks.is_empty();
         let label;
         let mut refused = None;
+        let mut wrong_update = None;
         let outcome = match result {
             RefereeResult::BadWeights(p) => {
                 label = "refused_weights";
@@ -1510,6 +1594,15 @@ impl Coordinator {
                     now,
                 );
                 Some(Err(p))
+            }
+            RefereeResult::WrongUpdate(hashes, why) => {
+                wrong_update = Some(why);
+                label = "wrong_update";
+                Some(Ok(Hashes {
+                    input: hex::encode(hashes[0]),
+                    output: hex::encode(hashes[1]),
+                    gradient: hex::encode(hashes[2]),
+                }))
             }
             RefereeResult::Hashes([input, output, gradient]) => {
                 let h = Hashes {
@@ -1547,6 +1640,7 @@ impl Coordinator {
             .and_then(|o| o.list[at].referee.as_mut())
         {
             r.started = false;
+            r.wrong_update = wrong_update;
             match outcome {
                 Some(o) => r.result = Some(o),
                 None => r.refused += 1,

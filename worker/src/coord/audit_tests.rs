@@ -144,6 +144,8 @@ impl World {
                 .params
                 .then(|| hash(format!("params of stage {s} after step {step}").as_bytes())),
             contribution: Some(self.contribution(c, s, r, &mbs).0),
+            moments: None,
+            applied: None,
         };
         StepDone {
             commitment: Some(commitment),
@@ -264,7 +266,7 @@ impl World {
                 let _ = c.audit_report(&report, RUN_ID, now);
                 true
             }
-            AuditRole::Weights => {
+            AuditRole::Weights | AuditRole::Update => {
                 self.upload_weights(c, worker, o, now);
                 let _ = c.audit_report(
                     &AuditReport {
@@ -400,7 +402,9 @@ impl World {
                 let _ = c.audit_report(&report, RUN_ID, now);
                 true
             }
-            AuditRole::Weights => unreachable!("a contribution audit wants no parameters"),
+            AuditRole::Weights | AuditRole::Update => {
+                unreachable!("a contribution audit wants no parameters")
+            }
         }
     }
 }
@@ -844,7 +848,7 @@ fn forged_and_malformed_audit_messages_are_refused_and_counted() {
     // another key, malformed hashes, then a second different verdict.
     let replica = match validate.role {
         AuditRole::Validate { audited_replica } => audited_replica,
-        AuditRole::Provide | AuditRole::Weights => unreachable!(),
+        AuditRole::Provide | AuditRole::Weights | AuditRole::Update => unreachable!(),
     };
     let ev = Evidence::decode(
         &c.evidence_for(validator, provide.audit)

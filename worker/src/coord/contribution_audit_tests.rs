@@ -98,7 +98,9 @@ fn at_rate_one_every_shard_is_audited_by_a_ring_neighbour_and_passes() {
         let audited = match o.role {
             AuditRole::Provide => replica_of(&c, *w),
             AuditRole::Validate { audited_replica } => audited_replica,
-            AuditRole::Weights => unreachable!("a contribution audit wants no parameters"),
+            AuditRole::Weights | AuditRole::Update => {
+                unreachable!("a contribution audit wants no parameters")
+            }
         };
         assert_eq!(scope.micro_batches, c.current_route().mine(0, audited));
         assert_eq!(o.mb, scope.micro_batches[0]);
@@ -538,7 +540,9 @@ fn validators_that_could_not_recompute_or_received_nothing_convict_no_one() {
                         );
                         c.audit_report(&r, RUN_ID, now).expect("taken");
                     }
-                    AuditRole::Weights => unreachable!("a contribution audit wants no parameters"),
+                    AuditRole::Weights | AuditRole::Update => {
+                        unreachable!("a contribution audit wants no parameters")
+                    }
                 }
                 orders.push((id, o));
             }

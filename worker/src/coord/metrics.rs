@@ -71,13 +71,14 @@ const SUSPICION_REASONS: [&str; 2] = ["cosine", "norm_ratio"];
 
 /// How the coordinator's own recomputation of a disputed micro-batch ended
 /// (the `outcome` label of `pipewright_coordinator_recomputations_total`).
-const RECOMPUTE_OUTCOMES: [&str; 6] = [
+const RECOMPUTE_OUTCOMES: [&str; 7] = [
     "passed",
     "convicted",
     "overturned",
     "unconfirmed",
     "failed",
     "refused_weights",
+    "wrong_update",
 ];
 
 /// Upper bounds of `pipewright_audit_seconds`' buckets.
@@ -101,8 +102,10 @@ const AUDIT_SECONDS_BUCKETS: [f64; 11] = [
 /// signed activation that two validators' recheck does not reproduce;
 /// parameters uploaded for the coordinator's recomputation that are not
 /// the ones the stage's replicas committed; a signed targets frame whose
-/// first stage's origin does not verify (its author convicted).
-const REFUSAL_REASONS: [&str; 19] = [
+/// first stage's origin does not verify (its author convicted); an
+/// optimizer update of a stage with one training replica that the
+/// coordinator's replay does not reproduce (its worker convicted).
+const REFUSAL_REASONS: [&str; 20] = [
     "signature",
     "identity",
     "unsigned",
@@ -122,6 +125,7 @@ const REFUSAL_REASONS: [&str; 19] = [
     "failed_recheck",
     "bad_weights",
     "altered_targets",
+    "wrong_update",
 ];
 
 /// What a scrape adds to the status: the ledger's figures and the
@@ -348,7 +352,7 @@ impl Metrics {
         );
         registry.register(
             "coordinator_recomputations",
-            "Disputed micro-batch audits of a stage with no second validator (two replicas) that the coordinator recomputed itself, by stage and outcome: convicted (it agreed with the validator), overturned (it reproduced the commitment), unconfirmed (it agreed with neither), failed (it could not recompute, e.g. the first stage's corpus is unreadable here), refused_weights (an upload of parameters not matching the replicas' committed digest)",
+            "Disputed micro-batch audits of a stage with no second validator (two replicas) that the coordinator recomputed itself, by stage and outcome: convicted (it agreed with the validator), overturned (it reproduced the commitment), unconfirmed (it agreed with neither), failed (it could not recompute, e.g. the first stage's corpus is unreadable here), refused_weights (an upload of parameters not matching the replicas' committed digest); and every audit of a stage with one training replica, which the coordinator validates alone: passed, convicted, failed, refused_weights, or wrong_update (the micro-batch reproduced, the replayed optimizer update did not)",
             m.coordinator_recomputations.clone(),
         );
         registry.register(

@@ -33,6 +33,16 @@ fn params(s: usize, step: u64) -> String {
     hash(format!("stage {s} parameters after {step}").as_bytes())
 }
 
+/// The digest of stage `s`'s optimizer moments after `step` steps.
+fn moments(s: usize, step: u64) -> String {
+    hash(format!("stage {s} moments after {step}").as_bytes())
+}
+
+/// The digest of the gradient stage `s`'s update of `step` applied.
+fn applied(s: usize, step: u64) -> String {
+    hash(format!("stage {s} gradient applied at {step}").as_bytes())
+}
+
 /// What the workers of a run do: honest, except those named.
 #[derive(Clone, Default)]
 struct World {
@@ -49,6 +59,11 @@ struct World {
     no_evidence: Vec<u64>,
     /// The coordinator cannot rebuild the stage (its recomputation fails).
     cannot_build: bool,
+    /// Worker ids whose optimizer update, replayed, does not give the
+    /// digests they committed to (a skipped or altered update).
+    wrong_update: Vec<u64>,
+    /// Worker ids whose reports commit to no update.
+    no_update: Vec<u64>,
 }
 
 impl World {
@@ -117,6 +132,8 @@ impl World {
             commitment: Some(Commitment {
                 micro_batches,
                 params: Some(params(s, step)),
+                moments: (!self.no_update.contains(&worker)).then(|| moments(s, step)),
+                applied: (!self.no_update.contains(&worker)).then(|| applied(s, step)),
                 ..Commitment::default()
             }),
             suspects: Vec::new(),
@@ -175,7 +192,7 @@ impl World {
                 let _ = c.audit_report(&provided, RUN_ID, now);
                 true
             }
-            AuditRole::Weights => {
+            AuditRole::Weights | AuditRole::Update => {
                 if self.no_weights.contains(&worker) {
                     return false;
                 }
@@ -247,7 +264,27 @@ impl World {
                 None => hash(format!("tokens {}", job.mb).as_bytes()),
             };
             let [i, out, g] = self.recompute(job.stage, job.mb, &input);
-            RefereeResult::Hashes([raw(&i), raw(&out), raw(&g)])
+            let hashes = [raw(&i), raw(&out), raw(&g)];
+            match &job.update {
+                // The update the worker committed to, replayed.
+                Some(u) => {
+                    let (s, t) = (job.stage, job.step);
+                    let before = (t > 1).then(|| raw(&moments(s, t - 1)));
+                    assert_eq!(u.moments_before, before, "the moments of before the step");
+                    assert_eq!(u.applied, raw(&applied(s, t)));
+                    assert_eq!(u.params_after, raw(&params(s, t)));
+                    assert_eq!(u.moments_after, raw(&moments(s, t)));
+                    if self.wrong_update.contains(&worker) {
+                        RefereeResult::WrongUpdate(
+                            hashes,
+                            "its parameters after the step digest to another value".into(),
+                        )
+                    } else {
+                        RefereeResult::Hashes(hashes)
+                    }
+                }
+                None => RefereeResult::Hashes(hashes),
+            }
         };
         let _ = c.referee_done(worker, o.audit, result, 0.02, now);
     }
@@ -361,8 +398,9 @@ fn stages_of_one_replica_are_audited_by_the_coordinator_and_honest_work_passes()
             roles(&orders, &AuditRole::Provide),
             vec![(ids[0], 0), (ids[1], 1)]
         );
+        // With its update, which the coordinator replays.
         assert_eq!(
-            roles(&orders, &AuditRole::Weights),
+            roles(&orders, &AuditRole::Update),
             vec![(ids[0], 0), (ids[1], 1)]
         );
         assert!(orders
@@ -427,7 +465,7 @@ fn parameters_not_matching_the_workers_own_digest_are_refused_and_convict_at_the
     let (answers, orders) = drive(&mut c, &w, &ids, &keys, 2, now);
     assert!(answers[&ids[0]].is_none(), "waiting for its parameters");
     // One upload, refused, counted, and not ordered again.
-    assert_eq!(roles(&orders, &AuditRole::Weights), vec![(ids[0], 0)]);
+    assert_eq!(roles(&orders, &AuditRole::Update), vec![(ids[0], 0)]);
     assert_eq!(c.refused().get("bad_weights"), Some(&1));
     assert_eq!(
         c.coordinator_recomputations().get(&(0, "refused_weights")),
@@ -526,8 +564,81 @@ fn the_first_step_is_decided_with_the_digest_of_the_initial_parameters() {
     assert!(proceeds(&answers) && orders.is_empty(), "{orders:?}");
     let (answers, orders) = drive(&mut c, &w, &ids, &keys, 2, now);
     assert!(proceeds(&answers));
-    assert_eq!(roles(&orders, &AuditRole::Weights), vec![(ids[0], 0)]);
+    assert_eq!(roles(&orders, &AuditRole::Update), vec![(ids[0], 0)]);
     assert_eq!(c.audit_outcomes().get(&(0, "passed")), Some(&1));
+}
+
+#[test]
+fn a_sole_replica_whose_update_does_not_replay_is_convicted() {
+    let now = Instant::now();
+    let (mut c, ids, keys) = setup(2, 1, [30; 32], Some(Arc::default()), now);
+    let mut w = world(2);
+    for step in 1..=2 {
+        let (answers, _) = drive(&mut c, &w, &ids, &keys, step, now);
+        assert!(proceeds(&answers), "step {step}");
+    }
+    // Stage 1's worker skips (or alters) its update of step 3: its
+    // forward and backward are honest, its update does not replay.
+    w.wrong_update = vec![ids[1]];
+    let (answers, _) = drive(&mut c, &w, &ids, &keys, 3, now);
+    assert!(answers[&ids[0]].as_ref().is_some_and(|b| !b.proceed));
+    assert_eq!(c.committed(), 2, "the step is not booked");
+    assert_eq!(c.audit_outcomes().get(&(1, "failed")), Some(&1));
+    assert_eq!(c.audit_outcomes().get(&(0, "passed")), Some(&3));
+    assert_eq!(
+        c.coordinator_recomputations().get(&(1, "wrong_update")),
+        Some(&1)
+    );
+    let convictions = c.convictions();
+    assert_eq!(convictions.len(), 1);
+    assert_eq!((convictions[0].worker, convictions[0].step), (ids[1], 3));
+    assert_eq!(convictions[0].reason, "wrong_update");
+    assert_eq!(c.refused().get("wrong_update"), Some(&1));
+    assert!(matches!(
+        c.heartbeat(ids[1], now),
+        Err(CoordError::Quarantined(_))
+    ));
+    assert!(c.heartbeat(ids[0], now).is_ok(), "stage 0 keeps its slot");
+}
+
+#[test]
+fn a_sole_replica_must_commit_to_its_update() {
+    let now = Instant::now();
+    // One replica per stage, audited by the coordinator: a report without
+    // its update's digests is refused.
+    let (mut c, ids, _) = setup(2, 1, [31; 32], Some(Arc::default()), now);
+    let w = World {
+        no_update: vec![ids[0]],
+        ..world(2)
+    };
+    let d = w.report(&c, ids[0], c.epoch(), 1);
+    let e = c.step_done(&d, now).unwrap_err().to_string();
+    assert!(e.contains("commitment.moments"), "{e}");
+    assert_eq!(c.refused().get("malformed_digest"), Some(&1));
+    // A digest that is not one is refused too.
+    let mut d = world(2).report(&c, ids[0], c.epoch(), 1);
+    if let Some(cm) = d.commitment.as_mut() {
+        cm.applied = Some("xyz".into());
+    }
+    assert!(c.step_done(&d, now).is_err());
+    assert_eq!(c.refused().get("malformed_digest"), Some(&2));
+    // Two replicas compare digests instead: no update is asked for.
+    let (mut c, ids, _) = setup(2, 2, [32; 32], Some(Arc::default()), now);
+    let w = World {
+        no_update: ids.clone(),
+        ..world(2)
+    };
+    let d = w.report(&c, ids[0], c.epoch(), 1);
+    c.step_done(&d, now).expect("accepted");
+    // Nor without audits.
+    let (c, ids, _) = setup(2, 1, [33; 32], Some(Arc::default()), now);
+    let mut c = c.with_audit_rate(0.0);
+    let w = World {
+        no_update: ids.clone(),
+        ..world(2)
+    };
+    let d = w.report(&c, ids[0], c.epoch(), 1);
+    c.step_done(&d, now).expect("accepted");
 }
 
 #[test]

@@ -235,8 +235,9 @@ pub(super) struct Shared {
     pub(super) evidence_body_limit: usize,
     /// Largest parameters upload accepted for the coordinator's own
     /// recomputation, in bytes: every parameter of the model (a tied head
-    /// counted twice) at 4 bytes; the exact size, the stage's, is checked
-    /// once the stage is built.
+    /// counted twice) at 16 bytes (an update upload holds the parameters,
+    /// two moments and a gradient) plus 16; the exact size, the stage's, is
+    /// checked once the stage is built.
     pub(super) weights_body_limit: usize,
     /// Held while the coordinator recomputes a disputed micro-batch: one
     /// recomputation at a time.
@@ -400,7 +401,8 @@ impl Shared {
         let weights_body_limit = {
             let p = crate::plan::plan(&config.manifest, config.model.vocab, None).params;
             let head = (config.model.vocab * config.model.dim) as u64;
-            usize::try_from((p + head).saturating_mul(4)).unwrap_or(usize::MAX)
+            // An update upload: parameters, two moments and a gradient.
+            usize::try_from((p + head).saturating_mul(16).saturating_add(16)).unwrap_or(usize::MAX)
         };
         Ok(Shared {
             evidence_limit,
@@ -450,7 +452,50 @@ impl Shared {
             }
         };
         let before = job.step.saturating_sub(1);
-        let (mut state, digest) = match wk.decode_weights(weights, before) {
+        // An update upload carries the moments and the applied gradient
+        // after the parameters; they must be the ones committed to.
+        let upload = match &job.update {
+            None => None,
+            Some(check) => {
+                let up = match wk.decode_update(weights, before) {
+                    Ok(up) => up,
+                    Err(e) => return RefereeResult::BadWeights(e.to_string()),
+                };
+                let moments_before = check
+                    .moments_before
+                    .unwrap_or_else(|| wk.moments_digest_of(wk.optimizer()));
+                if up.moments != moments_before {
+                    return RefereeResult::BadWeights(format!(
+                        "their optimizer moments digest to {}, the moments committed to after \
+                         step {before} digest to {}",
+                        hex::encode(&up.moments[..8]),
+                        hex::encode(&moments_before[..8])
+                    ));
+                }
+                if up.applied_digest != check.applied {
+                    return RefereeResult::BadWeights(format!(
+                        "the applied gradient digests to {}, the one committed to for step {} \
+                         to {}",
+                        hex::encode(&up.applied_digest[..8]),
+                        job.step,
+                        hex::encode(&check.applied[..8])
+                    ));
+                }
+                Some(up)
+            }
+        };
+        let decoded = match &upload {
+            Some(up) => Ok((
+                crate::pipeline::StageState {
+                    step: before,
+                    params: up.before.params.clone(),
+                    opt: crate::optim::AdamW::default(),
+                },
+                up.params,
+            )),
+            None => wk.decode_weights(weights, before),
+        };
+        let (mut state, digest) = match decoded {
             Ok(x) => x,
             Err(e) => return RefereeResult::BadWeights(e.to_string()),
         };
@@ -466,9 +511,36 @@ impl Shared {
             Ok(e) => e,
             Err(e) => return RefereeResult::Failed(e.to_string()),
         };
-        match wk.recompute_detached(&mut state, before, job.mb, &evidence, job.scale) {
-            Ok(h) => RefereeResult::Hashes([h.input, h.output, h.gradient]),
-            Err(e) => RefereeResult::Failed(e.to_string()),
+        let hashes = match wk.recompute_detached(&mut state, before, job.mb, &evidence, job.scale) {
+            Ok(h) => [h.input, h.output, h.gradient],
+            Err(e) => return RefereeResult::Failed(e.to_string()),
+        };
+        let (Some(check), Some(up)) = (&job.update, upload) else {
+            return RefereeResult::Hashes(hashes);
+        };
+        // The update, replayed from the committed state and gradient.
+        let (params, moments) = wk.replay_update(up);
+        let mut wrong = Vec::new();
+        if params != check.params_after {
+            wrong.push(format!(
+                "its parameters after step {} digest to {}, it committed to {}",
+                job.step,
+                hex::encode(&params[..8]),
+                hex::encode(&check.params_after[..8])
+            ));
+        }
+        if moments != check.moments_after {
+            wrong.push(format!(
+                "its moments after step {} digest to {}, it committed to {}",
+                job.step,
+                hex::encode(&moments[..8]),
+                hex::encode(&check.moments_after[..8])
+            ));
+        }
+        if wrong.is_empty() {
+            RefereeResult::Hashes(hashes)
+        } else {
+            RefereeResult::WrongUpdate(hashes, wrong.join("; "))
         }
     }
 

@@ -162,6 +162,10 @@ struct Committed {
     /// The hash of its contribution to a robust aggregation (64 lowercase
     /// hex digits; `None`: the report had none).
     contribution: Option<String>,
+    /// On a stage with one training replica: the digests of its optimizer
+    /// moments after the step and of the gradient its update applied
+    /// (`None`: the report had none).
+    update: Option<([u8; 32], [u8; 32])>,
     /// The replicas of its stage it reported suspect, with the reason.
     suspects: Vec<(usize, &'static str)>,
 }
@@ -1525,6 +1529,10 @@ impl Coordinator {
                         params: c.params_digest().and_then(Result::ok),
                         hashes: c.micro_batches.clone(),
                         contribution: c.contribution_hash().and_then(Result::ok).map(hex::encode),
+                        update: c
+                            .moments_digest()
+                            .and_then(Result::ok)
+                            .zip(c.applied_digest().and_then(Result::ok)),
                         suspects: d
                             .suspects
                             .iter()
@@ -1647,6 +1655,21 @@ impl Coordinator {
     /// Whether every step report must commit to its contribution: the
     /// replicas combine gradients by a robust rule and the current epoch
     /// trains two or more of them (so they gather each other's).
+    /// Whether the step reports of this epoch commit to their update
+    /// (`moments`, `applied`): the epoch trains one replica of each stage
+    /// and the coordinator audits such stages itself, replaying their
+    /// updates (`pipeline::update`). The worker's side of the rule is
+    /// `shard::epoch`'s.
+    pub(super) fn updates_committed(&self) -> bool {
+        self.audits_replay_updates()
+            && self
+                .plan
+                .as_ref()
+                .filter(|p| p.epoch == self.epoch)
+                .map_or(self.layout.replicas, |p| p.lanes.len())
+                == 1
+    }
+
     fn contributions_committed(&self) -> bool {
         self.robust_aggregation()
             && self
@@ -1712,6 +1735,23 @@ impl Coordinator {
                     .and_then(Result::err)
                     .unwrap_or_default(),
             )),
+            Some(c) if matches!(c.moments_digest(), Some(Err(_))) => Some((
+                "malformed_digest",
+                c.moments_digest().and_then(Result::err).unwrap_or_default(),
+            )),
+            Some(c) if matches!(c.applied_digest(), Some(Err(_))) => Some((
+                "malformed_digest",
+                c.applied_digest().and_then(Result::err).unwrap_or_default(),
+            )),
+            Some(c) if (c.moments.is_none() || c.applied.is_none()) && self.updates_committed() => {
+                Some((
+                    "malformed_digest",
+                    "a step report of a stage with one training replica under audits commits to \
+                     its optimizer moments and the gradient its update applied \
+                     (commitment.moments, commitment.applied), and this one lacks one"
+                        .to_string(),
+                ))
+            }
             Some(c) if c.contribution.is_none() && self.contributions_committed() => Some((
                 "malformed_digest",
                 "under a robust aggregation a step report of a stage with two or more \

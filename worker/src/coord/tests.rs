@@ -74,6 +74,8 @@ fn done(c: &Coordinator, worker: u64, epoch: u64, completed: u64) -> StepDone {
         signature: String::new(),
         params: None,
         contribution: None,
+        moments: None,
+        applied: None,
     };
     StepDone {
         commitment: Some(commitment),

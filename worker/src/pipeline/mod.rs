@@ -37,6 +37,7 @@ pub mod audit;
 mod authorship;
 pub mod route;
 mod snapshot;
+pub mod update;
 mod wire;
 
 use std::io;
@@ -223,6 +224,48 @@ pub const DIGEST_PIECE: usize = 1 << 18;
 pub fn params_digest<'a>(
     tensors: impl Iterator<Item = (&'a str, &'a [usize], &'a [f32])>,
 ) -> [u8; 32] {
+    tensors_digest(b"pipewright params v1", &[], tensors)
+}
+
+/// BLAKE3 over a stage's optimizer moments as an update left them: the
+/// text `pipewright moments v1`, the step count `t` (le u64), then, as
+/// [`params_digest`] hashes tensors, every parameter's first moment under
+/// its name and shape, then every second moment. A worker of a stage with
+/// one training replica commits to it after each step, so that the
+/// coordinator can hold it to its optimizer's state (see
+/// [`StageWorker::replay_update`]).
+pub fn moments_digest<'a>(
+    params: impl Iterator<Item = (&'a str, &'a [usize])> + Clone,
+    opt: &'a AdamW,
+) -> [u8; 32] {
+    let m = params.clone().zip(&opt.m).map(|((n, s), d)| (n, s, &d[..]));
+    let v = params.zip(&opt.v).map(|((n, s), d)| (n, s, &d[..]));
+    tensors_digest(b"pipewright moments v1", &opt.t.to_le_bytes(), m.chain(v))
+}
+
+/// BLAKE3 over the gradient an optimizer update applied: the text
+/// `pipewright applied v1`, the global gradient norm the clip was taken
+/// from (le f64 bits), then every parameter's gradient under its name and
+/// shape, as [`params_digest`] hashes tensors.
+pub fn applied_digest<'a>(
+    grads: impl Iterator<Item = (&'a str, &'a [usize], &'a [f32])>,
+    grad_norm: f64,
+) -> [u8; 32] {
+    tensors_digest(
+        b"pipewright applied v1",
+        &grad_norm.to_bits().to_le_bytes(),
+        grads,
+    )
+}
+
+/// BLAKE3 over `domain`, `prefix`, then each named tensor's name, shape and
+/// the hashes of its values' pieces of [`DIGEST_PIECE`] floats, hashed in
+/// parallel (the result does not depend on the thread count).
+fn tensors_digest<'a>(
+    domain: &[u8],
+    prefix: &[u8],
+    tensors: impl Iterator<Item = (&'a str, &'a [usize], &'a [f32])>,
+) -> [u8; 32] {
     use rayon::prelude::*;
     let tensors: Vec<_> = tensors.collect();
     let pieces: Vec<(usize, &[f32])> = tensors
@@ -239,7 +282,8 @@ pub fn params_digest<'a>(
         })
         .collect();
     let mut h = blake3::Hasher::new();
-    h.update(b"pipewright params v1");
+    h.update(domain);
+    h.update(prefix);
     let mut next = hashes.iter().peekable();
     for (i, (name, shape, data)) in tensors.iter().enumerate() {
         h.update(&(name.len() as u64).to_le_bytes());
@@ -399,6 +443,11 @@ pub struct StageWorker {
     /// Of each micro-batch of the current step: the payloads received
     /// (kept when `retain`).
     evidence: std::collections::BTreeMap<u64, Evidence>,
+    /// Keep the gradient each optimizer update applies, for the
+    /// coordinator to replay the update (see [`update`]).
+    keep_update: bool,
+    /// The last step's applied gradient (kept when `keep_update`).
+    applied: Option<update::Applied>,
     /// The loss scale of the current step's micro-batches.
     scale: f32,
     /// Under `lazy-replay`: the tensor computed for each micro-batch in the
@@ -607,6 +656,8 @@ impl StageWorker {
             outputs: std::collections::BTreeMap::new(),
             retain: false,
             evidence: std::collections::BTreeMap::new(),
+            keep_update: false,
+            applied: None,
             scale: 1.0 / micro_batches.max(1) as f32,
             replay: Default::default(),
             refused: None,
@@ -1274,6 +1325,9 @@ impl StageWorker {
         };
         let clip = self.optim.clip_factor(grad_norm);
         let lr = self.optim.lr_at(step);
+        // What the update applies, kept before it runs (the `stale` drill
+        // keeps it too: it computed the gradient, it only skips the update).
+        self.keep_applied(step, grad_norm);
         let t = Instant::now();
         let update_span = span!("optimizer", stage, replica).entered();
         // The `stale` drill skips its update: its weights stay a step behind.

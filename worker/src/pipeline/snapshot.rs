@@ -308,6 +308,36 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// As [`Snapshot::before`], with the optimizer's moments and step count
+    /// too (a disk snapshot's are read back as well), for an update upload.
+    pub fn before_with_moments(
+        &mut self,
+        wk: &StageWorker,
+    ) -> Result<Option<Before<'_>>, PipelineError> {
+        let Some(step) = self.step else {
+            return Ok(None);
+        };
+        match &mut self.kept {
+            Kept::Disk(path) => {
+                let params = wk.stage.params();
+                let shapes: Vec<(&str, usize)> =
+                    params.iter().map(|p| (p.name.as_str(), p.len())).collect();
+                let (weights, opt) =
+                    crate::checkpoint::stream::read_state(path, &shapes).map_err(|e| {
+                        PipelineError::Layout(format!("reading the snapshot back: {e}"))
+                    })?;
+                Ok(Some(Before::Read(StageState {
+                    step,
+                    params: weights,
+                    opt,
+                })))
+            }
+            Kept::Memory(_) => self.before(wk),
+        }
+    }
+}
+
 impl Drop for Snapshot {
     fn drop(&mut self) {
         self.clear();

@@ -122,7 +122,7 @@ pub(super) fn carry_out(
             .partition(|o| matches!(o.role, AuditRole::Provide));
         let (weights, validate): (Vec<&AuditOrder>, Vec<&AuditOrder>) = rest
             .into_iter()
-            .partition(|o| matches!(o.role, AuditRole::Weights));
+            .partition(|o| matches!(o.role, AuditRole::Weights | AuditRole::Update));
         let mut reports = Vec::with_capacity(orders.len());
         for o in provide {
             if provide_evidence(session, wk, o)?.is_none() {
@@ -217,16 +217,30 @@ fn upload_weights(
     snapshot: &mut Snapshot,
     o: &AuditOrder,
 ) -> Result<Option<()>> {
-    let mut before = snapshot
-        .before(wk)
-        .with_context(|| format!("audit {}: the snapshot", o.audit))?
-        .with_context(|| {
-            format!(
-                "audit {}: no snapshot of the weights before step {}",
-                o.audit, o.step
-            )
-        })?;
-    let bytes = StageWorker::encode_weights(before.state());
+    let update = o.role == AuditRole::Update;
+    let mut before = if update {
+        snapshot.before_with_moments(wk)
+    } else {
+        snapshot.before(wk)
+    }
+    .with_context(|| format!("audit {}: the snapshot", o.audit))?
+    .with_context(|| {
+        format!(
+            "audit {}: no snapshot of the weights before step {}",
+            o.audit, o.step
+        )
+    })?;
+    // With the update: the moments of before the step and what the step's
+    // update applied, for the coordinator to replay it. A worker that kept
+    // none uploads its parameters alone, which the coordinator refuses.
+    let bytes = if update {
+        wk.encode_update(before.state()).unwrap_or_else(|e| {
+            tracing::warn!("audit {}: no update to upload: {e}", o.audit);
+            StageWorker::encode_weights(before.state())
+        })
+    } else {
+        StageWorker::encode_weights(before.state())
+    };
     let t = std::time::Instant::now();
     match session.client.put_weights(o.audit, session.worker, &bytes) {
         Ok(()) => {

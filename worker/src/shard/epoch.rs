@@ -212,6 +212,11 @@ impl Session {
         } else {
             w.lanes.clone()
         };
+        // A stage with one training replica under audits keeps what each
+        // update applies and commits to it: the coordinator replays the
+        // update of each step it audits (`pipeline::update`; the
+        // coordinator's side of the rule is `updates_committed`).
+        wk.set_keep_update(spec.validation.audit_rate > 0.0 && lanes.len() == 1);
         wk.set_lanes(lanes)
             .context("the coordinator's training replicas do not fit this run")?;
         let route = w.route.clone().unwrap_or_else(|| {

@@ -187,6 +187,7 @@ fn commit(session: &Session, wk: &StageWorker, epoch: u64, s: &WorkerStep) -> Co
     // stage must share (the coordinator compares them).
     let t = std::time::Instant::now();
     let digest = wk.params_digest();
+    let update = wk.committed_update();
     tracing::debug!(
         "parameters' digest of step {} in {:.2} ms",
         s.step + 1,
@@ -198,6 +199,11 @@ fn commit(session: &Session, wk: &StageWorker, epoch: u64, s: &WorkerStep) -> Co
         params: Some(hex::encode(digest)),
         // What this worker sent in the replicas' gather (robust rules only).
         contribution: wk.committed_contribution().map(hex::encode),
+        // A stage with one training replica under audits: its optimizer's
+        // state and the gradient its update applied, which the coordinator
+        // replays (`pipeline::update`).
+        moments: update.map(|u| hex::encode(u.0)),
+        applied: update.map(|u| hex::encode(u.1)),
     };
     // The `forge` drill signs with a key that is not its identity's.
     let forged;

@@ -1,0 +1,411 @@
+//! Replaying an optimizer update, so that a stage with one training
+//! replica is held to its update as well as to its forward and backward.
+//!
+//! Replicas of a stage compare their parameters' digests after every
+//! update; a stage with one training replica has nobody to compare with.
+//! Its worker therefore commits, in each signed step report, to two more
+//! digests: of its optimizer moments after the update
+//! ([`super::moments_digest`]) and of the gradient the update applied with
+//! the global norm its clip came from ([`super::applied_digest`]). When the
+//! coordinator audits such a stage at a step it asks for an update upload
+//! ([`StageWorker::encode_update`]): the parameters and moments of before
+//! the step, which must have the digests the worker committed to after the
+//! step before, and the applied gradient, which must have the digest it
+//! committed to for the step. It then replays AdamW on them
+//! ([`StageWorker::replay_update`]) with the run's schedule: an honest
+//! worker's parameters' and moments' digests after the step come out bit
+//! for bit (the update is a fixed sequence of f32 operations), and a worker
+//! that skipped its update, applied another one or altered its weights or
+//! moments afterwards does not reproduce the digests it signed.
+//!
+//! What this does not check is the applied gradient itself: it is the
+//! stage's own sum over its micro-batches, which no one else holds. The
+//! micro-batch audits check the forward and input backward of one
+//! micro-batch at a time, not its weight gradient.
+
+use super::{applied_digest, moments_digest, PipelineError, StageState, StageWorker};
+use crate::optim::AdamW;
+
+/// The gradient a step's optimizer update applied, as it was before the
+/// clip, and the global norm its clip factor came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Applied {
+    /// The step (0-based) whose update applied it.
+    pub step: u64,
+    /// Every parameter's gradient, in the stage's parameter order.
+    pub grads: Vec<Vec<f32>>,
+    /// The global gradient norm of the step.
+    pub grad_norm: f64,
+}
+
+/// An update upload read back (see [`StageWorker::decode_update`]): the
+/// stage's state before the step and what the update applied, with the
+/// digests they have.
+#[derive(Debug)]
+pub struct UpdateUpload {
+    /// Parameters and moments before the step.
+    pub before: StageState,
+    /// The applied gradient and norm.
+    pub applied: Applied,
+    /// [`super::params_digest`] of `before`'s parameters.
+    pub params: [u8; 32],
+    /// [`super::moments_digest`] of `before`'s moments.
+    pub moments: [u8; 32],
+    /// [`super::applied_digest`] of `applied`.
+    pub applied_digest: [u8; 32],
+}
+
+impl StageWorker {
+    /// Keeps (or stops keeping) the gradient each optimizer update applies,
+    /// for an update upload. Costs one copy of the stage's gradients per
+    /// step.
+    pub fn set_keep_update(&mut self, on: bool) {
+        self.keep_update = on;
+        if !on {
+            self.applied = None;
+        }
+    }
+
+    /// Keeps the gradients as they are now (before the update of `step`)
+    /// with the step's global norm, reusing the buffers of the step before.
+    pub(super) fn keep_applied(&mut self, step: u64, grad_norm: f64) {
+        if !self.keep_update {
+            self.applied = None;
+            return;
+        }
+        let params = self.stage.params();
+        let a = self.applied.get_or_insert_with(|| Applied {
+            step,
+            grads: Vec::new(),
+            grad_norm,
+        });
+        a.step = step;
+        a.grad_norm = grad_norm;
+        a.grads.resize_with(params.len(), Vec::new);
+        for (g, p) in a.grads.iter_mut().zip(&params) {
+            g.clear();
+            g.extend_from_slice(&p.grad);
+        }
+    }
+
+    /// The applied gradient of the last completed step, when it was kept.
+    fn last_applied(&self) -> Option<&Applied> {
+        self.applied
+            .as_ref()
+            .filter(|a| self.keep_update && a.step + 1 == self.step)
+    }
+
+    /// What this worker commits to about its last step's update, when it
+    /// keeps updates: the digest of its moments after it and the digest of
+    /// the gradient it applied.
+    pub fn committed_update(&self) -> Option<([u8; 32], [u8; 32])> {
+        let a = self.last_applied()?;
+        Some((self.moments_digest_of(&self.opt), self.applied_digest_of(a)))
+    }
+
+    /// [`super::moments_digest`] of `opt` under this stage's parameter
+    /// names and shapes.
+    pub fn moments_digest_of(&self, opt: &AdamW) -> [u8; 32] {
+        let params = self.stage.params();
+        moments_digest(params.iter().map(|p| (p.name.as_str(), &p.shape[..])), opt)
+    }
+
+    /// [`super::applied_digest`] of `a` under this stage's parameter names
+    /// and shapes.
+    fn applied_digest_of(&self, a: &Applied) -> [u8; 32] {
+        let params = self.stage.params();
+        applied_digest(
+            params
+                .iter()
+                .zip(&a.grads)
+                .map(|(p, g)| (p.name.as_str(), &p.shape[..], &g[..])),
+            a.grad_norm,
+        )
+    }
+
+    /// Bytes of this stage's [`StageWorker::encode_update`]: four arrays
+    /// of the parameters' size and 16 bytes.
+    pub fn update_len(&self) -> usize {
+        4 * self.weights_len() + 16
+    }
+
+    /// The update upload of the last completed step: `before`'s (the state
+    /// before that step, the snapshot's) parameters, first moments and
+    /// second moments, then the gradient the step's update applied, each
+    /// as every value's little-endian f32 in the stage's parameter order;
+    /// then `before`'s step count `t` (le u64) and the step's global
+    /// gradient norm (le f64). Refused when no applied gradient of that
+    /// step was kept or `before` does not fit the stage.
+    pub fn encode_update(&self, before: &StageState) -> Result<Vec<u8>, PipelineError> {
+        let a = self.last_applied().ok_or_else(|| {
+            PipelineError::Audit(format!(
+                "no applied gradient of step {} was kept",
+                self.step
+            ))
+        })?;
+        let params = self.stage.params();
+        let n = params.len();
+        let fits = |v: &[Vec<f32>]| {
+            v.len() == n && v.iter().zip(&params).all(|(x, p)| x.len() == p.data.len())
+        };
+        if !fits(&before.params) || !fits(&before.opt.m) || !fits(&before.opt.v) {
+            return Err(PipelineError::Audit(
+                "the state before the step does not fit the stage (no moments kept?)".into(),
+            ));
+        }
+        let mut out = Vec::with_capacity(self.update_len());
+        for part in [&before.params, &before.opt.m, &before.opt.v, &a.grads] {
+            for x in part.iter() {
+                out.extend_from_slice(bytemuck::cast_slice(x));
+            }
+        }
+        out.extend_from_slice(&before.opt.t.to_le_bytes());
+        out.extend_from_slice(&a.grad_norm.to_bits().to_le_bytes());
+        Ok(out)
+    }
+
+    /// Reads an update upload for this stage whose state is the one after
+    /// `step` steps (0-based: the update replayed is step `step + 1`'s).
+    /// Refused unless it holds exactly [`StageWorker::update_len`] bytes
+    /// and the norm is finite and not negative.
+    pub fn decode_update(&self, bytes: &[u8], step: u64) -> Result<UpdateUpload, PipelineError> {
+        let want = self.update_len();
+        if bytes.len() != want {
+            return Err(PipelineError::Audit(format!(
+                "the update upload holds {} bytes, stage {}'s takes {want}",
+                bytes.len(),
+                self.shard.stage
+            )));
+        }
+        let w = self.weights_len();
+        let (before, digest) = self.decode_weights(&bytes[..w], step)?;
+        let arrays = |k: usize| -> Vec<Vec<f32>> {
+            let part = &bytes[k * w..(k + 1) * w];
+            let mut at = 0;
+            self.stage
+                .params()
+                .iter()
+                .map(|p| {
+                    let n = p.data.len() * 4;
+                    let v = part[at..at + n]
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect();
+                    at += n;
+                    v
+                })
+                .collect()
+        };
+        let word = |k: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[4 * w + 8 * k..4 * w + 8 * (k + 1)]);
+            u64::from_le_bytes(b)
+        };
+        let grad_norm = f64::from_bits(word(1));
+        if !grad_norm.is_finite() || grad_norm < 0.0 {
+            return Err(PipelineError::Audit(format!(
+                "the update upload's global norm {grad_norm} is not a norm"
+            )));
+        }
+        let opt = AdamW {
+            m: arrays(1),
+            v: arrays(2),
+            t: word(0),
+        };
+        let applied = Applied {
+            step,
+            grads: arrays(3),
+            grad_norm,
+        };
+        let moments = self.moments_digest_of(&opt);
+        let applied_digest = self.applied_digest_of(&applied);
+        Ok(UpdateUpload {
+            before: StageState {
+                step,
+                params: before.params,
+                opt,
+            },
+            applied,
+            params: digest,
+            moments,
+            applied_digest,
+        })
+    }
+
+    /// Replays the optimizer update of step `up.before.step + 1` on this
+    /// worker's stage, as a step does: the stage's parameters and moments
+    /// become `up.before`'s, its gradients the applied ones, and AdamW
+    /// steps with the run's learning rate at that step and the clip factor
+    /// of the applied norm. Returns the digests of the parameters and of
+    /// the moments after it, which an honest worker committed to. Meant for
+    /// a worker that does not train (the coordinator's); the stage's
+    /// gradients are zeroed after.
+    pub fn replay_update(&mut self, up: UpdateUpload) -> ([u8; 32], [u8; 32]) {
+        let step = up.before.step;
+        for ((p, data), grad) in self
+            .stage
+            .params_mut()
+            .into_iter()
+            .zip(up.before.params)
+            .zip(up.applied.grads)
+        {
+            p.data = data;
+            p.grad = grad;
+        }
+        self.opt = up.before.opt;
+        let lr = self.optim.lr_at(step);
+        let clip = self.optim.clip_factor(up.applied.grad_norm);
+        self.opt
+            .step(&mut self.stage.params_mut(), &self.optim, lr, clip);
+        self.stage.zero_grad();
+        self.step = step + 1;
+        (self.params_digest(), self.moments_digest_of(&self.opt))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::pipeline::{AttackKind, Shard, StageWorker};
+
+    const MANIFEST: &str = r#"
+apiVersion: pipewright.dev/v1alpha1
+kind: TrainingRun
+metadata: {name: update}
+spec:
+  model: {dim: 32, layers: 2, heads: 4, kvHeads: 2, ffnDim: 64, seqLen: 16}
+  data: {sources: ["CORPUS"]}
+  training: {steps: 6, microBatchSize: 2, microBatches: 2, learningRate: 0.01, seed: 3, warmupSteps: 2, gradClip: 0.5}
+  pipeline: {stages: 1, replicas: 1}
+"#;
+
+    /// A one-stage, one-replica worker on a small corpus, keeping updates.
+    fn worker(dir: &std::path::Path) -> StageWorker {
+        let corpus = dir.join("corpus.txt");
+        std::fs::write(
+            &corpus,
+            "the quick brown fox jumps over the lazy dog. ".repeat(200),
+        )
+        .expect("corpus");
+        let yaml = MANIFEST.replace("CORPUS", corpus.to_str().expect("path"));
+        let m = pipewright_spec::parse_manifest(&yaml).expect("manifest");
+        let shard = Shard {
+            stage: 0,
+            replica: 0,
+        };
+        let mut w =
+            StageWorker::prepare(&m, shard, std::time::Duration::from_secs(5)).expect("worker");
+        w.set_keep_update(true);
+        w
+    }
+
+    /// One step of a worker that keeps its updates, as its upload and
+    /// what it committed to.
+    struct Stepped {
+        upload: Vec<u8>,
+        params_before: [u8; 32],
+        moments_before: [u8; 32],
+        params_after: [u8; 32],
+        moments_after: [u8; 32],
+        applied: [u8; 32],
+    }
+
+    /// Steps `w` once.
+    fn step(w: &mut StageWorker) -> Stepped {
+        let before = w.state();
+        let params_before = w.params_digest();
+        let moments_before = w.moments_digest_of(w.optimizer());
+        w.train_step().expect("step");
+        let (moments_after, applied) = w.committed_update().expect("kept");
+        Stepped {
+            upload: w.encode_update(&before).expect("upload"),
+            params_before,
+            moments_before,
+            params_after: w.params_digest(),
+            moments_after,
+            applied,
+        }
+    }
+
+    #[test]
+    fn an_honest_update_replays_bit_for_bit_and_a_skipped_one_does_not() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut w = worker(dir.path());
+        // The coordinator's worker: built from the manifest, never trained.
+        let mut judge = worker(dir.path());
+        let fresh = judge.moments_digest_of(judge.optimizer());
+        for k in 0..4u64 {
+            if k == 3 {
+                w.set_attack(Some(crate::pipeline::Attack {
+                    kind: AttackKind::Stale,
+                    from_step: 4,
+                }));
+            }
+            let Stepped {
+                upload,
+                params_before,
+                moments_before,
+                params_after,
+                moments_after,
+                applied,
+            } = step(&mut w);
+            assert_eq!(upload.len(), judge.update_len());
+            if k == 0 {
+                assert_eq!(
+                    moments_before, fresh,
+                    "the first step starts from zero moments"
+                );
+            }
+            let up = judge.decode_update(&upload, k).expect("decode");
+            assert_eq!(up.params, params_before);
+            assert_eq!(up.moments, moments_before);
+            assert_eq!(up.applied_digest, applied);
+            let (p, m) = judge.replay_update(up);
+            if k < 3 {
+                assert_eq!((p, m), (params_after, moments_after), "step {}", k + 1);
+            } else {
+                // The `stale` drill skipped its update: it commits to the
+                // weights and moments it holds, which do not replay.
+                assert_eq!(params_after, params_before);
+                assert_ne!(p, params_after);
+                assert_ne!(m, moments_after);
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_update_uploads_are_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut w = worker(dir.path());
+        let upload = step(&mut w).upload;
+        let judge = worker(dir.path());
+        for n in [0, upload.len() - 1, upload.len() + 8] {
+            let mut b = upload.clone();
+            b.resize(n, 0);
+            let e = judge.decode_update(&b, 0).unwrap_err().to_string();
+            assert!(e.contains("bytes"), "{e}");
+        }
+        for bad in [f64::NAN, f64::INFINITY, -1.0] {
+            let mut b = upload.clone();
+            let at = b.len() - 8;
+            b[at..].copy_from_slice(&bad.to_bits().to_le_bytes());
+            let e = judge.decode_update(&b, 0).unwrap_err().to_string();
+            assert!(e.contains("not a norm"), "{e}");
+        }
+        // One gradient value changed: another applied digest.
+        let good = judge
+            .decode_update(&upload, 0)
+            .expect("decode")
+            .applied_digest;
+        let mut b = upload.clone();
+        let at = 3 * judge.weights_len() + 4;
+        b[at] ^= 1;
+        assert_ne!(
+            judge.decode_update(&b, 0).expect("decode").applied_digest,
+            good
+        );
+        // Without a kept gradient there is nothing to upload.
+        w.set_keep_update(false);
+        assert!(w.committed_update().is_none());
+        assert!(w.encode_update(&w.state()).is_err());
+    }
+}

@@ -139,11 +139,16 @@ fn only_rank_values_per_token_cross_a_boundary() {
                 "{{stages: 3, codec: lowrank, lowrank: {{rank: {rank}, wire: {wire}}}}}"
             ));
             let saved = (per_width * (DIM * 4 - rank * bytes)) as u64;
-            // A step's count may miss a small control frame (a norm, 196
-            // bytes) still in its sender's queue when the run ends.
+            // Each run's count may miss the small control frames (signed
+            // norms, a few hundred bytes each) still in their senders'
+            // queues when it ends, more of them on a loaded machine. The
+            // slack stays far below what one value of width more or less
+            // per row would change (`per_width * 2` bytes, 48 KiB here).
             let diff = full as i64 - low as i64;
+            let slack = 8 << 10;
+            assert!(slack < per_width * 2);
             assert!(
-                diff.abs_diff(saved as i64) <= 1024,
+                diff.abs_diff(saved as i64) <= slack as u64,
                 "rank {rank} on {wire}: {diff} bytes saved, expected {saved}"
             );
             eprintln!(

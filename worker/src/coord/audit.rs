@@ -131,6 +131,10 @@ enum Next {
     Wait,
     /// The first verdict disputes the commitment: call a second validator.
     Second,
+    /// Two validators agree against the commitment: the coordinator
+    /// confirms by recomputing itself where it can; where it cannot, the
+    /// outcome given (the two validators' conviction) stands.
+    Confirm(Outcome),
     /// Decided.
     Decided(Outcome),
 }
@@ -346,15 +350,19 @@ impl Audit {
         let Some(v2) = verdict(1) else {
             return Next::Wait;
         };
-        Next::Decided(if v2 == committed {
-            Outcome::Overturned
-        } else if v1 == v2 {
+        if v2 == committed {
+            return Next::Decided(Outcome::Overturned);
+        }
+        if v1 != v2 {
+            return Next::Decided(Outcome::Unconfirmed);
+        }
+        let convict = |confirmed: &str| {
             Outcome::Convicted(
                 "failed_audit",
                 format!(
                     "stage {} replica {}'s micro-batch {mb} of step {step} does not reproduce: \
                      it committed input {}, output {}, gradient {}; validators {} and {} both \
-                     recomputed input {}, output {}, gradient {}",
+                     recomputed input {}, output {}, gradient {}{confirmed}",
                     self.stage,
                     self.replica,
                     short(&committed.input),
@@ -367,9 +375,21 @@ impl Audit {
                     short(&v1.gradient),
                 ),
             )
-        } else {
-            Outcome::Unconfirmed
-        })
+        };
+        // Two validators agree against the commitment. Two colluding
+        // validators could agree on a lie, so the coordinator recomputes
+        // too before anyone is convicted, where it can.
+        match self.referee.as_ref().map(|r| &r.result) {
+            None => Next::Confirm(convict("")),
+            Some(None) => Next::Wait,
+            // It cannot recompute here: the two validators' word stands.
+            Some(Some(Err(_))) => Next::Decided(convict("")),
+            Some(Some(Ok(h))) if h == committed => Next::Decided(Outcome::Overturned),
+            Some(Some(Ok(h))) if h == v1 => {
+                Next::Decided(convict("; the coordinator's recomputation agrees"))
+            }
+            Some(Some(Ok(_))) => Next::Decided(Outcome::Unconfirmed),
+        }
     }
 
     /// The verdict rule of a micro-batch audit of a stage with one
@@ -447,10 +467,10 @@ impl Audit {
                     "validators": validators,
                 });
                 if let Some(Some(Ok(h))) = self.referee.as_ref().map(|r| &r.result) {
-                    let role = if self.checks.is_empty() {
-                        "validator"
-                    } else {
-                        "second_validator"
+                    let role = match self.checks.len() {
+                        0 => "validator",
+                        1 => "second_validator",
+                        _ => "confirmed_by",
                     };
                     j[role] = "coordinator".into();
                     j["coordinator"] = h.json();
@@ -1184,6 +1204,13 @@ impl Coordinator {
                         None => Some(Outcome::Unconfirmed),
                     },
                 },
+                Next::Confirm(fallback) => match self.referee_for(a, open.step) {
+                    Some(r) => {
+                        a.referee = Some(r);
+                        None
+                    }
+                    None => Some(fallback),
+                },
             };
             if a.outcome.is_none() && late {
                 a.outcome = match (&a.evidence, a.checks.iter().find(|c| c.verdict.is_none())) {
@@ -1237,25 +1264,38 @@ impl Coordinator {
             match a.outcome.clone() {
                 Some(Outcome::Passed) => {}
                 Some(Outcome::Overturned) => {
-                    let liar = &a.checks[0];
+                    // The first validator was refuted; where the coordinator
+                    // refuted two validators who agreed, both were.
+                    let by_coordinator = a
+                        .referee
+                        .as_ref()
+                        .is_some_and(|r| matches!(r.result, Some(Ok(_))));
+                    let liars = if by_coordinator { a.checks.len() } else { 1 };
                     let second = match a.checks.get(1) {
-                        Some(c) => crate::identity::fingerprint_hex(&c.identity),
-                        None => "the coordinator".to_string(),
+                        Some(c) if !by_coordinator => crate::identity::fingerprint_hex(&c.identity),
+                        _ => "the coordinator".to_string(),
                     };
-                    let text = format!(
-                        "its verdict on {} of step {step} was refuted by a second validator \
-                         ({second}), which reproduced the commitment",
-                        a.what(),
-                    );
-                    let _ = self.refuse(
-                        Refusal {
-                            worker: Some(liar.worker),
-                            identity: Some(liar.identity.clone()),
-                            reason: "overturned_verdict",
-                            detail: text,
-                        },
-                        now,
-                    );
+                    for liar in a.checks.iter().take(liars) {
+                        let text = format!(
+                            "its verdict on {} of step {step} was refuted by {} ({second}), \
+                             which reproduced the commitment",
+                            a.what(),
+                            if by_coordinator {
+                                "the coordinator's own recomputation"
+                            } else {
+                                "a second validator"
+                            },
+                        );
+                        let _ = self.refuse(
+                            Refusal {
+                                worker: Some(liar.worker),
+                                identity: Some(liar.identity.clone()),
+                                reason: "overturned_verdict",
+                                detail: text,
+                            },
+                            now,
+                        );
+                    }
                 }
                 Some(Outcome::Convicted(reason, detail)) => {
                     convicted.push((a.worker, reason, detail, a.evidence_json()));
@@ -1462,10 +1502,14 @@ impl Coordinator {
             }
             digest
         };
-        let validator = a.checks.first()?.worker;
+        // The validators and the audited worker: the first upload with the
+        // agreed digest is used, whoever sends it.
+        let mut uploaders: Vec<u64> = a.checks.iter().map(|c| c.worker).collect();
+        uploaders.first()?;
+        uploaders.push(a.worker);
         Some(Referee {
             digest,
-            uploaders: vec![validator, a.worker],
+            uploaders,
             started: false,
             tried: Vec::new(),
             refused: 0,

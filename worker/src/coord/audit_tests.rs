@@ -1353,3 +1353,91 @@ fn at_the_first_step_no_digest_is_agreed_and_a_dispute_stays_unconfirmed() {
     assert_eq!(c.audit_outcomes().get(&(0, "unconfirmed")), Some(&1));
     assert!(c.coordinator_recomputations().is_empty());
 }
+
+/// A 1 × 3 run with the coordinator as validator of last resort, whose
+/// step 1 every honest shard passed (so the replicas agreed on a digest).
+fn three_replicas_refereed(
+    secret: [u8; 32],
+    now: Instant,
+) -> (Coordinator, Vec<u64>, BTreeMap<u64, Identity>, World) {
+    let (c, ids, keys) = setup(1, 3, 1.0, secret, now);
+    let mut c = c.with_coordinator_validator(true);
+    let mut w = world(1);
+    w.params = true;
+    let e = c.epoch();
+    let (answers, _) = drive(&mut c, &w, &ids, &keys, e, 1, now);
+    assert!(answers
+        .values()
+        .all(|b| b.as_ref().is_some_and(|b| b.proceed)));
+    assert_eq!(c.committed(), 1);
+    (c, ids, keys, w)
+}
+
+#[test]
+fn two_colluding_validators_cannot_convict_an_honest_worker() {
+    let now = Instant::now();
+    let (mut c, ids, keys, mut w) = three_replicas_refereed([41; 32], now);
+    // Replicas 1 and 2 lie in every verdict, the same lie: whenever both
+    // validate replica 0, they agree against its honest commitment.
+    w.liars = vec![ids[1], ids[2]];
+    let e = c.epoch();
+    let (answers, orders) = drive(&mut c, &w, &ids, &keys, e, 2, now);
+    assert!(
+        answers
+            .values()
+            .all(|b| b.as_ref().is_some_and(|b| b.proceed)),
+        "{orders:?}"
+    );
+    assert_eq!(c.committed(), 2, "the step is booked");
+    assert!(c.convictions().is_empty(), "{:?}", c.convictions());
+    assert_eq!(c.audit_outcomes().get(&(0, "failed")), None);
+    // Replica 0's audit: both liars validated it, and the coordinator's
+    // own recomputation reproduced the commitment and refuted both.
+    let validated_0: Vec<u64> = orders
+        .iter()
+        .filter(|(_, o)| o.role == (AuditRole::Validate { audited_replica: 0 }))
+        .map(|(v, _)| *v)
+        .collect();
+    assert_eq!(validated_0.len(), 2, "{orders:?}");
+    assert_eq!(
+        c.coordinator_recomputations().get(&(0, "overturned")),
+        Some(&1)
+    );
+    // Every verdict they gave was refuted (replica 0's audit: both; each
+    // other audit a liar validated first: the liar, by the honest second
+    // validator or the coordinator).
+    let refused = c.refused().get("overturned_verdict").copied().unwrap_or(0);
+    assert!(refused >= 2, "{:?}", c.refused());
+    assert!(c
+        .history(now, 0.0)
+        .events
+        .iter()
+        .any(|ev| ev.text.contains("the coordinator's own recomputation")));
+    for id in &ids {
+        assert!(c.heartbeat(*id, now).is_ok(), "nobody is quarantined");
+    }
+}
+
+#[test]
+fn a_failure_two_validators_agree_on_is_confirmed_by_the_coordinator() {
+    let now = Instant::now();
+    let (mut c, ids, keys, mut w) = three_replicas_refereed([42; 32], now);
+    w.cheat = Some((0, 0));
+    let e = c.epoch();
+    let (answers, _) = drive(&mut c, &w, &ids, &keys, e, 2, now);
+    assert!(answers[&ids[1]].as_ref().is_some_and(|b| !b.proceed));
+    assert_eq!(c.committed(), 1, "the step is not booked");
+    assert_eq!(
+        c.coordinator_recomputations().get(&(0, "convicted")),
+        Some(&1)
+    );
+    let convictions = c.convictions();
+    assert_eq!(convictions.len(), 1);
+    assert_eq!(convictions[0].worker, ids[0]);
+    assert_eq!(convictions[0].reason, "failed_audit");
+    let evidence: serde_json::Value =
+        serde_json::from_str(&convictions[0].evidence).expect("one line of JSON");
+    assert_eq!(evidence["validators"].as_array().map(Vec::len), Some(2));
+    assert_eq!(evidence["confirmed_by"], "coordinator");
+    assert_eq!(evidence["coordinator"], evidence["recomputed"][0]);
+}

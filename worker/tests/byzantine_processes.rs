@@ -316,17 +316,18 @@ fn replaced(out: &Path) -> Vec<(usize, usize)> {
 /// checking that it succeeded. A quarantined worker writes its reason to
 /// `out`'s sibling `termination.log`.
 fn drill(manifest: &Path, out: &Path, attack: &str) -> String {
-    let run = pipewright()
-        .env(
-            pipewright::shard::TERMINATION_LOG_ENV,
-            out.with_extension("termination.log"),
-        )
-        .args(["train", "--processes", "--quiet", "--out"])
-        .arg(out)
-        .args(["--byzantine", attack])
-        .arg(manifest)
-        .output()
-        .expect("run pipewright");
+    let mut cmd = pipewright();
+    cmd.env(
+        pipewright::shard::TERMINATION_LOG_ENV,
+        out.with_extension("termination.log"),
+    )
+    .args(["train", "--processes", "--quiet", "--out"])
+    .arg(out);
+    // Several drills, separated by spaces.
+    for a in attack.split_whitespace() {
+        cmd.args(["--byzantine", a]);
+    }
+    let run = cmd.arg(manifest).output().expect("run pipewright");
     let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
     assert!(run.status.success(), "{attack}: {stderr}");
     stderr
@@ -389,9 +390,12 @@ fn workers_that_send_what_they_did_not_compute_are_convicted_quarantined_and_rep
 
 /// A validator that reports hashes it did not compute is contradicted by a
 /// second validator that agrees with the audited worker: its verdict is
-/// overturned, the audit passes, nobody is quarantined. A worker that signs
-/// its reports with a key that is not its identity's is refused. Both runs
-/// end as a clean one.
+/// overturned, the audit passes, nobody is quarantined. Two validators
+/// that tell the same lie (colluding) agree against an honest worker when
+/// both validate it, but convict no one: the coordinator recomputes the
+/// micro-batch itself, reproduces the commitment and refutes both. A
+/// worker that signs its reports with a key that is not its identity's is
+/// refused. Every run ends as a clean one.
 #[test]
 fn a_lying_auditor_is_overturned_and_a_forged_report_refused() {
     let _one_at_a_time = serial();
@@ -408,6 +412,15 @@ fn a_lying_auditor_is_overturned_and_a_forged_report_refused() {
     assert!(v.quarantined.is_empty(), "{:?}", v.quarantined);
     assert!(replaced(&d.join("lie")).is_empty());
     assert_same(&clean, &losses_in(&d.join("lie").join("summary.json")));
+    let stderr = drill(&m, &d.join("collude"), "0/1=lie@2 0/2=lie@2");
+    let v = verdicts(&d.join("collude"));
+    // Replica 0's audit is validated by both liars at every step from 2
+    // on: both refuted each time.
+    assert!(refused(&v, "overturned_verdict") >= 2, "{stderr}");
+    assert_eq!(refused(&v, "failed_audit"), 0, "{stderr}");
+    assert!(v.quarantined.is_empty(), "{:?}", v.quarantined);
+    assert!(replaced(&d.join("collude")).is_empty());
+    assert_same(&clean, &losses_in(&d.join("collude").join("summary.json")));
     let stderr = drill(&m, &d.join("forge"), "0/2=forge@4");
     let v = verdicts(&d.join("forge"));
     assert!(refused(&v, "signature") >= 1, "{stderr}");

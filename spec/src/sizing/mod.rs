@@ -111,7 +111,10 @@ pub struct StagePlan {
     /// off (`spec.validation`; with one replica, with micro-batch audits
     /// off, whose validator is then the coordinator). Counted for the
     /// micro-batches of its own lane (`routing: lanes`); under
-    /// `routing: throughput` a fast worker may run, and keep, more.
+    /// `routing: throughput` a fast worker may run, and keep, more. With
+    /// one replica and micro-batch audits on, also one copy of the
+    /// gradients: the gradient its update applied, which the coordinator
+    /// replays the update from.
     pub evidence_bytes: u64,
     /// Everything a shard process holds: weights, gradients, moments,
     /// activations, slack, snapshot and audit evidence.
@@ -224,8 +227,16 @@ pub fn plan(run: &TrainingRun, vocab: usize, stages: Option<usize>) -> Plan {
                         .validation
                         .effective_contribution_audit_rate(spec.pipeline.aggregation)
                         > 0.0);
+            let applied = if spec.pipeline.replicas == 1 && spec.validation.audit_rate > 0.0 {
+                weight_bytes
+            } else {
+                0
+            };
             let evidence_bytes = if audited {
-                shape.evidence(batch).saturating_mul(micro as u64)
+                shape
+                    .evidence(batch)
+                    .saturating_mul(micro as u64)
+                    .saturating_add(applied)
             } else {
                 0
             };

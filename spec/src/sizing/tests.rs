@@ -203,15 +203,23 @@ fn audited_replicas_keep_one_step_of_what_they_received() {
         assert_eq!(s.evidence_bytes, 0);
         assert_eq!(a.total_bytes - s.total_bytes, a.evidence_bytes);
     }
-    // A stage of one replica keeps as much (the coordinator audits it),
-    // unless audits are off.
+    // A stage of one replica keeps as much (the coordinator audits it)
+    // and one copy of its gradients (the coordinator replays its update
+    // from the gradient it applied), unless audits are off.
     let mut single = run(SMALL, "stages: 3, replicas: 1", 4);
-    let kept: Vec<u64> = plan(&single, 256, None)
+    let single_plan = plan(&single, 256, None);
+    let kept: Vec<u64> = single_plan
         .stages
         .iter()
-        .map(|s| s.evidence_bytes)
+        .zip(&e)
+        .map(|(s, e)| s.evidence_bytes - e)
         .collect();
-    assert_eq!(kept, e);
+    let gradients: Vec<u64> = single_plan
+        .stages
+        .iter()
+        .map(|s| s.gradient_bytes)
+        .collect();
+    assert_eq!(kept, gradients);
     single.spec.validation.audit_rate = 0.0;
     assert!(plan(&single, 256, None)
         .stages

@@ -129,8 +129,14 @@ fn print_table(name: &str, spec: &pipewright_spec::TrainingRunSpec, p: &Plan) {
         .max()
         .filter(|&e| e > 0)
     {
+        let applied = if spec.pipeline.replicas == 1 {
+            " and a copy of the gradient its update applied (the coordinator replays the update)"
+        } else {
+            ""
+        };
         println!(
-            "with audits on (spec.validation) each also keeps what its step's micro-batches              received, up to {} (counted in its total)",
+            "with audits on (spec.validation) each also keeps what its step's micro-batches \
+             received{applied}, up to {} (counted in its total)",
             human(e)
         );
     }

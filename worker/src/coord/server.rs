@@ -365,7 +365,25 @@ impl Shared {
             }
             None => None,
         };
-        let initial = initial_digests(&config.manifest, &layout.stage_layers);
+        // The coordinator validates the audits of stages with one training
+        // replica, and referees two-replica disputes, by recomputing a
+        // micro-batch in this process: it needs the memory for it.
+        let referee = match referee_memory(&config.manifest, config.model.vocab) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::warn!(
+                    "{why}: the coordinator recomputes no audit itself, so stages with one \
+                     training replica are not audited and two-replica disputes stay unconfirmed"
+                );
+                false
+            }
+        };
+        // The initial parameters' digests serve the coordinator's own
+        // recomputations only.
+        let initial = initial_digests(
+            &config.manifest,
+            if referee { &layout.stage_layers } else { &[] },
+        );
         let (model, stages) = (config.model.clone(), spec.pipeline.stages);
         let root = config
             .checkpoint
@@ -382,7 +400,7 @@ impl Shared {
             crate::model::partition(&model, stages, speeds)
         }))
         .with_audit_rate(spec.validation.audit_rate)
-        .with_coordinator_validator(true)
+        .with_coordinator_validator(referee)
         .with_initial_digests(initial)
         .with_robust_aggregation(spec.pipeline.aggregation != pipewright_spec::Aggregation::Mean)
         .with_contribution_audit_rate(
@@ -453,49 +471,17 @@ impl Shared {
         };
         let before = job.step.saturating_sub(1);
         // An update upload carries the moments and the applied gradient
-        // after the parameters; they must be the ones committed to.
-        let upload = match &job.update {
-            None => None,
-            Some(check) => {
-                let up = match wk.decode_update(weights, before) {
-                    Ok(up) => up,
-                    Err(e) => return RefereeResult::BadWeights(e.to_string()),
-                };
-                let moments_before = check
-                    .moments_before
-                    .unwrap_or_else(|| wk.moments_digest_of(wk.optimizer()));
-                if up.moments != moments_before {
-                    return RefereeResult::BadWeights(format!(
-                        "their optimizer moments digest to {}, the moments committed to after \
-                         step {before} digest to {}",
-                        hex::encode(&up.moments[..8]),
-                        hex::encode(&moments_before[..8])
-                    ));
-                }
-                if up.applied_digest != check.applied {
-                    return RefereeResult::BadWeights(format!(
-                        "the applied gradient digests to {}, the one committed to for step {} \
-                         to {}",
-                        hex::encode(&up.applied_digest[..8]),
-                        job.step,
-                        hex::encode(&check.applied[..8])
-                    ));
-                }
-                Some(up)
-            }
+        // after the parameters. They are decoded after the micro-batch's
+        // recomputation, so that its activations and they are not held at
+        // once (the coordinator's memory is one stage's and one upload's).
+        let params = match &job.update {
+            None => weights,
+            Some(_) => match wk.update_params(weights) {
+                Ok(p) => p,
+                Err(e) => return RefereeResult::BadWeights(e.to_string()),
+            },
         };
-        let decoded = match &upload {
-            Some(up) => Ok((
-                crate::pipeline::StageState {
-                    step: before,
-                    params: up.before.params.clone(),
-                    opt: crate::optim::AdamW::default(),
-                },
-                up.params,
-            )),
-            None => wk.decode_weights(weights, before),
-        };
-        let (mut state, digest) = match decoded {
+        let (mut state, digest) = match wk.decode_weights(params, before) {
             Ok(x) => x,
             Err(e) => return RefereeResult::BadWeights(e.to_string()),
         };
@@ -515,11 +501,37 @@ impl Shared {
             Ok(h) => [h.input, h.output, h.gradient],
             Err(e) => return RefereeResult::Failed(e.to_string()),
         };
-        let (Some(check), Some(up)) = (&job.update, upload) else {
+        let Some(check) = &job.update else {
             return RefereeResult::Hashes(hashes);
         };
+        let up = match wk.decode_update(weights, before) {
+            Ok(up) => up,
+            Err(e) => return RefereeResult::BadWeights(e.to_string()),
+        };
+        // The moments and the gradient must be the ones committed to; at
+        // the first step the moments are the zeros this stage, built here
+        // and never stepped, holds.
+        let moments_before = check
+            .moments_before
+            .unwrap_or_else(|| wk.moments_digest_of(wk.optimizer()));
+        if up.moments != moments_before {
+            return RefereeResult::BadWeights(format!(
+                "their optimizer moments digest to {}, the moments committed to after step \
+                 {before} digest to {}",
+                hex::encode(&up.moments[..8]),
+                hex::encode(&moments_before[..8])
+            ));
+        }
+        if up.applied_digest != check.applied {
+            return RefereeResult::BadWeights(format!(
+                "the applied gradient digests to {}, the one committed to for step {} to {}",
+                hex::encode(&up.applied_digest[..8]),
+                job.step,
+                hex::encode(&check.applied[..8])
+            ));
+        }
         // The update, replayed from the committed state and gradient.
-        let (params, moments) = wk.replay_update(up);
+        let (params, moments) = wk.replay_update(state, up);
         let mut wrong = Vec::new();
         if params != check.params_after {
             wrong.push(format!(
@@ -714,4 +726,48 @@ pub fn start(config: Config, listen: &str) -> Result<Handle> {
             .context("starting the lease sweeper")?;
     }
     Ok(Handle { shared, addr, stop })
+}
+
+/// Whether this process has the memory to recompute an audited micro-batch
+/// of the run's largest stage itself (`Err`: why not): the stage as its
+/// shard process holds it (the plan's total), an update upload of it and
+/// its decoded copy (16 bytes per parameter each), a quarter more for the
+/// allocator, the process overhead, and what this process holds already,
+/// against what it may use
+/// ([`crate::plan::available_memory`]; unknown: it is assumed to fit).
+fn referee_memory(manifest: &pipewright_spec::TrainingRun, vocab: usize) -> Result<(), String> {
+    let Some(available) = crate::plan::available_memory() else {
+        return Ok(());
+    };
+    let plan = crate::plan::plan(manifest, vocab, None);
+    let stage = plan.largest_stage();
+    let resident = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024);
+    // A quarter more for the allocator: measured on a 4-stage run of
+    // 10.4M parameters, a recomputation with the update's replay raised
+    // the coordinator's resident set by 1.16 times the stage's total and
+    // its upload's bytes.
+    let need = stage
+        .total_bytes
+        .saturating_add(stage.params.saturating_mul(32))
+        .saturating_mul(5)
+        / 4
+        + crate::plan::PROCESS_OVERHEAD_BYTES
+        + resident;
+    if need > available {
+        return Err(format!(
+            "recomputing a micro-batch of stage {} needs about {} here, and this process has {}",
+            stage.stage,
+            crate::plan::human(need),
+            crate::plan::human(available)
+        ));
+    }
+    Ok(())
 }

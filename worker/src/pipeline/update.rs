@@ -38,18 +38,19 @@ pub struct Applied {
     pub grad_norm: f64,
 }
 
-/// An update upload read back (see [`StageWorker::decode_update`]): the
-/// stage's state before the step and what the update applied, with the
-/// digests they have.
+/// The part of an update upload after the parameters, read back (see
+/// [`StageWorker::decode_update`]): the moments before the step and what
+/// the update applied, with the digests they have. The parameters are
+/// read with [`StageWorker::decode_weights`] from the upload's first
+/// [`StageWorker::weights_len`] bytes, so that a recomputation can use them
+/// before the rest is decoded.
 #[derive(Debug)]
 pub struct UpdateUpload {
-    /// Parameters and moments before the step.
-    pub before: StageState,
+    /// The moments and step count before the step.
+    pub opt: AdamW,
     /// The applied gradient and norm.
     pub applied: Applied,
-    /// [`super::params_digest`] of `before`'s parameters.
-    pub params: [u8; 32],
-    /// [`super::moments_digest`] of `before`'s moments.
+    /// [`super::moments_digest`] of `opt`.
     pub moments: [u8; 32],
     /// [`super::applied_digest`] of `applied`.
     pub applied_digest: [u8; 32],
@@ -164,11 +165,10 @@ impl StageWorker {
         Ok(out)
     }
 
-    /// Reads an update upload for this stage whose state is the one after
-    /// `step` steps (0-based: the update replayed is step `step + 1`'s).
-    /// Refused unless it holds exactly [`StageWorker::update_len`] bytes
-    /// and the norm is finite and not negative.
-    pub fn decode_update(&self, bytes: &[u8], step: u64) -> Result<UpdateUpload, PipelineError> {
+    /// Checks that `bytes` is an update upload of this stage's size
+    /// ([`StageWorker::update_len`]) and returns its parameters' part, for
+    /// [`StageWorker::decode_weights`].
+    pub fn update_params<'a>(&self, bytes: &'a [u8]) -> Result<&'a [u8], PipelineError> {
         let want = self.update_len();
         if bytes.len() != want {
             return Err(PipelineError::Audit(format!(
@@ -177,8 +177,17 @@ impl StageWorker {
                 self.shard.stage
             )));
         }
+        Ok(&bytes[..self.weights_len()])
+    }
+
+    /// Reads the moments and the applied gradient of an update upload for
+    /// this stage whose state is the one after `step` steps (0-based: the
+    /// update replayed is step `step + 1`'s). Refused unless it holds
+    /// exactly [`StageWorker::update_len`] bytes and the norm is finite and
+    /// not negative.
+    pub fn decode_update(&self, bytes: &[u8], step: u64) -> Result<UpdateUpload, PipelineError> {
+        self.update_params(bytes)?;
         let w = self.weights_len();
-        let (before, digest) = self.decode_weights(&bytes[..w], step)?;
         let arrays = |k: usize| -> Vec<Vec<f32>> {
             let part = &bytes[k * w..(k + 1) * w];
             let mut at = 0;
@@ -220,39 +229,34 @@ impl StageWorker {
         let moments = self.moments_digest_of(&opt);
         let applied_digest = self.applied_digest_of(&applied);
         Ok(UpdateUpload {
-            before: StageState {
-                step,
-                params: before.params,
-                opt,
-            },
+            opt,
             applied,
-            params: digest,
             moments,
             applied_digest,
         })
     }
 
-    /// Replays the optimizer update of step `up.before.step + 1` on this
-    /// worker's stage, as a step does: the stage's parameters and moments
-    /// become `up.before`'s, its gradients the applied ones, and AdamW
-    /// steps with the run's learning rate at that step and the clip factor
-    /// of the applied norm. Returns the digests of the parameters and of
-    /// the moments after it, which an honest worker committed to. Meant for
-    /// a worker that does not train (the coordinator's); the stage's
-    /// gradients are zeroed after.
-    pub fn replay_update(&mut self, up: UpdateUpload) -> ([u8; 32], [u8; 32]) {
-        let step = up.before.step;
+    /// Replays the optimizer update of step `before.step + 1` on this
+    /// worker's stage, as a step does: the stage's parameters become
+    /// `before`'s, its moments `up`'s, its gradients the applied ones, and
+    /// AdamW steps with the run's learning rate at that step and the clip
+    /// factor of the applied norm. Returns the digests of the parameters
+    /// and of the moments after it, which an honest worker committed to.
+    /// Meant for a worker that does not train (the coordinator's); the
+    /// stage's gradients are zeroed after.
+    pub fn replay_update(&mut self, before: StageState, up: UpdateUpload) -> ([u8; 32], [u8; 32]) {
+        let step = before.step;
         for ((p, data), grad) in self
             .stage
             .params_mut()
             .into_iter()
-            .zip(up.before.params)
+            .zip(before.params)
             .zip(up.applied.grads)
         {
             p.data = data;
             p.grad = grad;
         }
-        self.opt = up.before.opt;
+        self.opt = up.opt;
         let lr = self.optim.lr_at(step);
         let clip = self.optim.clip_factor(up.applied.grad_norm);
         self.opt
@@ -355,11 +359,13 @@ spec:
                     "the first step starts from zero moments"
                 );
             }
+            let params = judge.update_params(&upload).expect("the size");
+            let (before, digest) = judge.decode_weights(params, k).expect("parameters");
             let up = judge.decode_update(&upload, k).expect("decode");
-            assert_eq!(up.params, params_before);
+            assert_eq!(digest, params_before);
             assert_eq!(up.moments, moments_before);
             assert_eq!(up.applied_digest, applied);
-            let (p, m) = judge.replay_update(up);
+            let (p, m) = judge.replay_update(before, up);
             if k < 3 {
                 assert_eq!((p, m), (params_after, moments_after), "step {}", k + 1);
             } else {

@@ -532,6 +532,9 @@ pub(super) struct Audits {
     /// Whether the coordinator recomputes a disputed micro-batch itself
     /// when its stage has no second validator.
     referee: bool,
+    /// Whether audit evidence must carry its targets' origin, the first
+    /// stage's signature, which the coordinator verifies.
+    target_origins: bool,
     /// The coordinator's recomputations by (stage, outcome).
     recomputations: BTreeMap<(usize, &'static str), u64>,
     /// The coordinator's recomputations timed and their seconds (upload
@@ -572,6 +575,7 @@ impl Audits {
             contribution_outcomes: BTreeMap::new(),
             suspicions: BTreeMap::new(),
             referee: false,
+            target_origins: false,
             recomputations: BTreeMap::new(),
             recompute_seconds: (0, 0.0),
             initial: None,
@@ -1431,6 +1435,18 @@ impl Coordinator {
 }
 
 impl Coordinator {
+    /// Makes every audit's evidence of a stage after the first carry its
+    /// targets as they arrived, with their origin (the first stage's
+    /// signature over the ids and the tokens' hash), and checks it: the
+    /// signature under the current epoch's run id by the holder of the
+    /// first-stage replica the route names for the micro-batch, over the
+    /// tokens that replica committed. Off (the state machine's default),
+    /// the targets are taken as uploaded.
+    pub fn with_target_origins(mut self, on: bool) -> Self {
+        self.audits.target_origins = on;
+        self
+    }
+
     /// Whether the coordinator replays the updates of stages with one
     /// training replica it audits (it validates them, and audits are on):
     /// their step reports must then commit to their updates.
@@ -2096,6 +2112,65 @@ impl Coordinator {
         }
     }
 
+    /// Why the targets `t` an audited worker kept of micro-batch `mb` of
+    /// `step` (1-based) are not the ones its first stage sampled, if they
+    /// are not: they must be the ids followed by their origin
+    /// (`link::origin`), whose replica is the first-stage replica the route
+    /// names for `mb`, whose tokens' hash is the input that replica
+    /// committed to, and whose signature verifies under the current epoch's
+    /// run id with the key of the identity holding that replica.
+    fn targets_problem(&self, route: &Route, mb: u64, step: u64, t: &[u8]) -> Option<String> {
+        let Some((ids, origin)) = crate::link::origin::Origin::split(t) else {
+            return Some("the targets carry no origin".to_string());
+        };
+        let sampler = origin.replica as usize;
+        if sampler >= self.layout.replicas
+            || Some(sampler)
+                != route
+                    .assign
+                    .first()
+                    .and_then(|a| a.get(mb as usize))
+                    .map(|&r| r as usize)
+        {
+            return Some(format!(
+                "the targets' origin names first-stage replica {sampler}, which did not sample \
+                 micro-batch {mb}"
+            ));
+        }
+        let tokens = hex::encode(origin.input);
+        match self.committed_by(route, 0, mb, step) {
+            Some((_, c)) if c.input == tokens => {}
+            Some((_, c)) => {
+                return Some(format!(
+                    "the targets' origin names tokens hashing to {}, the first stage committed {}",
+                    short(&tokens),
+                    short(&c.input)
+                ))
+            }
+            None => {
+                return Some(format!(
+                    "no first-stage commitment of micro-batch {mb} to check the targets' origin \
+                     against"
+                ))
+            }
+        }
+        let key = self.slots[self.idx(0, sampler)]
+            .as_ref()
+            .and_then(|s| crate::identity::public_key_from_hex(&s.identity));
+        let base = crate::link::RunId(
+            blake3::hash(self.run.as_bytes()).as_bytes()[..16]
+                .try_into()
+                .unwrap_or([0; 16]),
+        );
+        let run = crate::link::sign::epoch_run_id(&base, self.epoch);
+        let signed = key.is_some_and(|k| origin.verify(&k, &run, step.saturating_sub(1), mb, ids));
+        (!signed).then(|| {
+            format!(
+                "the targets' origin is not first-stage replica {sampler}'s signature over them"
+            )
+        })
+    }
+
     /// What is wrong with `ev` as the evidence of micro-batch `mb` of
     /// `step` on `stage`, whose shard committed `committed` (`None`: it
     /// matches its own and its neighbours' commitments).
@@ -2159,7 +2234,12 @@ impl Coordinator {
                         ));
                     }
                 }
-                None
+                match &ev.targets {
+                    Some(t) if self.audits.target_origins => {
+                        self.targets_problem(&route, mb, step, t)
+                    }
+                    _ => None,
+                }
             }
         }
     }

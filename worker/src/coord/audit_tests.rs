@@ -1441,3 +1441,76 @@ fn a_failure_two_validators_agree_on_is_confirmed_by_the_coordinator() {
     assert_eq!(evidence["confirmed_by"], "coordinator");
     assert_eq!(evidence["coordinator"], evidence["recomputed"][0]);
 }
+
+#[test]
+fn evidence_targets_must_carry_the_first_stages_signature_over_them() {
+    use crate::link::origin::Origin;
+    let now = Instant::now();
+    let (c, ids, keys) = setup(2, 1, 0.0, [43; 32], now);
+    let mut c = c.with_target_origins(true);
+    let w = world(2);
+    let e = c.epoch();
+    let (answers, _) = drive(&mut c, &w, &ids, &keys, e, 1, now);
+    assert!(answers
+        .values()
+        .all(|b| b.as_ref().is_some_and(|b| b.proceed)));
+    // What the coordinator's frames of this epoch are signed under: the
+    // run id every worker derives from the run's name ("t").
+    let base = crate::link::RunId(
+        blake3::hash(b"t").as_bytes()[..16]
+            .try_into()
+            .expect("16 bytes"),
+    );
+    let run = crate::link::sign::epoch_run_id(&base, e);
+    let mb = 0;
+    let committed = super::Hashes::of(&w.commit(&c, ids[1], 1, mb));
+    let tokens: [u8; 32] = *blake3::hash(format!("tokens {mb}").as_bytes()).as_bytes();
+    let ids_bytes: Vec<u8> = (0..32u32).flat_map(|t| t.to_le_bytes()).collect();
+    let honest = w.evidence(&c, 1, mb);
+    let with = |targets: Vec<u8>| Evidence {
+        targets: Some(targets),
+        ..honest.clone()
+    };
+    let signed = |by: &Identity, replica: u32, step: u64, ids: &[u8], input: [u8; 32]| {
+        let o = Origin::new(Some(by), &run, replica, step, mb, ids, input);
+        [ids, &o.to_bytes()[..]].concat()
+    };
+    let first = &keys[&ids[0]];
+    // The first stage's signature over the ids, at step 1 (0-based 0),
+    // over the tokens it committed: taken.
+    let good = signed(first, 0, 0, &ids_bytes, tokens);
+    assert_eq!(c.evidence_problem(1, mb, 1, &committed, &with(good)), None);
+    // Other ids than it signed: refused.
+    let mut altered = signed(first, 0, 0, &ids_bytes, tokens);
+    altered[0] ^= 1;
+    let p = c.evidence_problem(1, mb, 1, &committed, &with(altered));
+    assert!(
+        p.as_deref().is_some_and(|p| p.contains("signature")),
+        "{p:?}"
+    );
+    // Signed by the audited worker itself, for another step, over other
+    // tokens, naming a replica that did not sample it, or without an
+    // origin: refused.
+    for (bad, why) in [
+        (
+            signed(&keys[&ids[1]], 0, 0, &ids_bytes, tokens),
+            "signature",
+        ),
+        (signed(first, 0, 1, &ids_bytes, tokens), "signature"),
+        (signed(first, 0, 0, &ids_bytes, [7; 32]), "tokens"),
+        (signed(first, 1, 0, &ids_bytes, tokens), "did not sample"),
+        (ids_bytes.clone(), "origin"),
+    ] {
+        let p = c.evidence_problem(1, mb, 1, &committed, &with(bad));
+        assert!(
+            p.as_deref().is_some_and(|p| p.contains(why)),
+            "{why}: {p:?}"
+        );
+    }
+    // Off, the targets are taken as uploaded.
+    let c = c.with_target_origins(false);
+    assert_eq!(
+        c.evidence_problem(1, mb, 1, &committed, &with(ids_bytes)),
+        None
+    );
+}

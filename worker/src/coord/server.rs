@@ -401,6 +401,7 @@ impl Shared {
         }))
         .with_audit_rate(spec.validation.audit_rate)
         .with_coordinator_validator(referee)
+        .with_target_origins(true)
         .with_initial_digests(initial)
         .with_robust_aggregation(spec.pipeline.aggregation != pipewright_spec::Aggregation::Mean)
         .with_contribution_audit_rate(

@@ -584,14 +584,19 @@ impl StageWorker {
                         .targets
                         .as_ref()
                         .ok_or_else(|| missing(mb, "targets"))?;
-                    if t.len() != rows * seq * 4 {
-                        return Err(PipelineError::Audit(format!(
-                            "the evidence's targets of micro-batch {mb} hold {} bytes, expected {}",
-                            t.len(),
-                            rows * seq * 4
-                        )));
-                    }
-                    t.chunks_exact(4)
+                    // The ids, then their origin (`link::origin`).
+                    let ids = crate::link::origin::Origin::split(t)
+                        .map(|(ids, _)| ids)
+                        .filter(|ids| ids.len() == rows * seq * 4)
+                        .ok_or_else(|| {
+                            PipelineError::Audit(format!(
+                                "the evidence's targets of micro-batch {mb} hold {} bytes, \
+                                 expected {} and their origin",
+                                t.len(),
+                                rows * seq * 4
+                            ))
+                        })?;
+                    ids.chunks_exact(4)
                         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                         .collect()
                 } else {

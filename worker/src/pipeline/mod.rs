@@ -1374,7 +1374,7 @@ impl StageWorker {
                 let codec = self.codec;
                 let sampler = self.route.replica(0, mb) as u32;
                 let prev = self.prev_for(mb)?;
-                let mut t = prev.take(FrameKind::Targets, step, mb, timeout)?;
+                let t = prev.take(FrameKind::Targets, step, mb, timeout)?;
                 let (targets, origin) = decode_targets(&t, rows, seq)?;
                 if let Err(e) = prev.check_origin(&t, &origin, sampler) {
                     self.keep_refused(t);
@@ -1389,10 +1389,10 @@ impl StageWorker {
                 let hashes = (a.content_hash(), t.content_hash());
                 if self.retain {
                     // The bytes as they arrived, whose hashes are committed; of
-                    // the targets, the ids without their origin.
+                    // the targets, the ids with their origin, which the
+                    // coordinator checks against the first stage's signature.
                     let e = self.evidence.entry(mb).or_default();
                     e.input = Some(a.payload);
-                    t.payload.truncate(rows * seq * 4);
                     e.targets = Some(t.payload);
                 }
                 (

@@ -1196,14 +1196,15 @@ fn audits_are_booked_with_the_step() {
 #[path = "contribution_audit_tests.rs"]
 mod contribution;
 
-/// A 1-stage × 2-replica run with the coordinator as second validator,
-/// whose replicas commit to their parameters' digest, with step 1
-/// committed honestly.
-fn two_replicas_refereed(
+/// A 1 × `replicas` run with the coordinator as validator of last resort,
+/// whose step 1 every honest shard passed (so the replicas agreed on a
+/// digest of their parameters).
+fn refereed(
+    replicas: usize,
     secret: [u8; 32],
     now: Instant,
 ) -> (Coordinator, Vec<u64>, BTreeMap<u64, Identity>, World) {
-    let (c, ids, keys) = setup(1, 2, 1.0, secret, now);
+    let (c, ids, keys) = setup(1, replicas, 1.0, secret, now);
     let mut c = c.with_coordinator_validator(true);
     let mut w = world(1);
     w.params = true;
@@ -1219,7 +1220,7 @@ fn two_replicas_refereed(
 #[test]
 fn with_two_replicas_the_coordinator_recomputes_and_convicts_the_dishonest_worker() {
     let now = Instant::now();
-    let (mut c, ids, keys, mut w) = two_replicas_refereed([11; 32], now);
+    let (mut c, ids, keys, mut w) = refereed(2, [11; 32], now);
     let e = c.epoch();
     w.cheat = Some((0, 0));
     let (answers, orders) = drive(&mut c, &w, &ids, &keys, e, 2, now);
@@ -1261,7 +1262,7 @@ fn with_two_replicas_the_coordinator_recomputes_and_convicts_the_dishonest_worke
 #[test]
 fn with_two_replicas_the_coordinator_overturns_a_lying_validator() {
     let now = Instant::now();
-    let (mut c, ids, keys, mut w) = two_replicas_refereed([12; 32], now);
+    let (mut c, ids, keys, mut w) = refereed(2, [12; 32], now);
     let e = c.epoch();
     // Replica 1 validates replica 0 and lies.
     w.liars = vec![ids[1]];
@@ -1297,7 +1298,7 @@ fn with_two_replicas_the_coordinator_overturns_a_lying_validator() {
 #[test]
 fn parameters_not_matching_the_agreed_digest_are_refused_and_the_other_upload_decides() {
     let now = Instant::now();
-    let (mut c, ids, keys, mut w) = two_replicas_refereed([13; 32], now);
+    let (mut c, ids, keys, mut w) = refereed(2, [13; 32], now);
     let e = c.epoch();
     w.cheat = Some((0, 0));
     // The cheater, first to be asked, uploads other parameters.
@@ -1326,7 +1327,7 @@ fn parameters_not_matching_the_agreed_digest_are_refused_and_the_other_upload_de
 #[test]
 fn parameters_refused_by_every_uploader_leave_the_audit_unconfirmed_at_the_deadline() {
     let now = Instant::now();
-    let (mut c, ids, keys, mut w) = two_replicas_refereed([14; 32], now);
+    let (mut c, ids, keys, mut w) = refereed(2, [14; 32], now);
     let e = c.epoch();
     w.cheat = Some((0, 0));
     w.bad_weights = ids.clone();
@@ -1354,29 +1355,10 @@ fn at_the_first_step_no_digest_is_agreed_and_a_dispute_stays_unconfirmed() {
     assert!(c.coordinator_recomputations().is_empty());
 }
 
-/// A 1 × 3 run with the coordinator as validator of last resort, whose
-/// step 1 every honest shard passed (so the replicas agreed on a digest).
-fn three_replicas_refereed(
-    secret: [u8; 32],
-    now: Instant,
-) -> (Coordinator, Vec<u64>, BTreeMap<u64, Identity>, World) {
-    let (c, ids, keys) = setup(1, 3, 1.0, secret, now);
-    let mut c = c.with_coordinator_validator(true);
-    let mut w = world(1);
-    w.params = true;
-    let e = c.epoch();
-    let (answers, _) = drive(&mut c, &w, &ids, &keys, e, 1, now);
-    assert!(answers
-        .values()
-        .all(|b| b.as_ref().is_some_and(|b| b.proceed)));
-    assert_eq!(c.committed(), 1);
-    (c, ids, keys, w)
-}
-
 #[test]
 fn two_colluding_validators_cannot_convict_an_honest_worker() {
     let now = Instant::now();
-    let (mut c, ids, keys, mut w) = three_replicas_refereed([41; 32], now);
+    let (mut c, ids, keys, mut w) = refereed(3, [41; 32], now);
     // Replicas 1 and 2 lie in every verdict, the same lie: whenever both
     // validate replica 0, they agree against its honest commitment.
     w.liars = vec![ids[1], ids[2]];
@@ -1421,7 +1403,7 @@ fn two_colluding_validators_cannot_convict_an_honest_worker() {
 #[test]
 fn a_failure_two_validators_agree_on_is_confirmed_by_the_coordinator() {
     let now = Instant::now();
-    let (mut c, ids, keys, mut w) = three_replicas_refereed([42; 32], now);
+    let (mut c, ids, keys, mut w) = refereed(3, [42; 32], now);
     w.cheat = Some((0, 0));
     let e = c.epoch();
     let (answers, _) = drive(&mut c, &w, &ids, &keys, e, 2, now);

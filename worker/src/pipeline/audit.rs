@@ -448,18 +448,7 @@ impl StageWorker {
             )));
         }
         let live = self.stage.params();
-        let mut params = Vec::with_capacity(live.len());
-        let mut at = 0;
-        for p in &live {
-            let n = p.data.len() * 4;
-            params.push(
-                bytes[at..at + n]
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect::<Vec<f32>>(),
-            );
-            at += n;
-        }
+        let params = self.per_param(bytes);
         let digest = super::params_digest(
             live.iter()
                 .zip(&params)
@@ -472,6 +461,25 @@ impl StageWorker {
             opt: crate::optim::AdamW::default(),
         };
         Ok((state, digest))
+    }
+
+    /// `bytes` (little-endian f32s, [`StageWorker::weights_len`] of them)
+    /// cut into one array per parameter of the stage, in its order.
+    pub(super) fn per_param(&self, bytes: &[u8]) -> Vec<Vec<f32>> {
+        let mut at = 0;
+        self.stage
+            .params()
+            .iter()
+            .map(|p| {
+                let n = p.data.len() * 4;
+                let v = bytes[at..at + n]
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                at += n;
+                v
+            })
+            .collect()
     }
 
     /// [`StageWorker::recompute`] on a worker that did not train (the

@@ -188,23 +188,7 @@ impl StageWorker {
     pub fn decode_update(&self, bytes: &[u8], step: u64) -> Result<UpdateUpload, PipelineError> {
         self.update_params(bytes)?;
         let w = self.weights_len();
-        let arrays = |k: usize| -> Vec<Vec<f32>> {
-            let part = &bytes[k * w..(k + 1) * w];
-            let mut at = 0;
-            self.stage
-                .params()
-                .iter()
-                .map(|p| {
-                    let n = p.data.len() * 4;
-                    let v = part[at..at + n]
-                        .chunks_exact(4)
-                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                        .collect();
-                    at += n;
-                    v
-                })
-                .collect()
-        };
+        let arrays = |k: usize| self.per_param(&bytes[k * w..(k + 1) * w]);
         let word = |k: usize| {
             let mut b = [0u8; 8];
             b.copy_from_slice(&bytes[4 * w + 8 * k..4 * w + 8 * (k + 1)]);

@@ -3,11 +3,12 @@
 //! audited micro-batch itself from the worker's evidence and the
 //! parameters of before the step the worker uploads (accepted only with
 //! the digest that worker committed to after the step before, or at the
-//! first step the digest of the run's initial parameters). A clean run
-//! audited at every step passes every audit and trains as a run without
-//! audits; a worker that sends what it did not compute is convicted at the
-//! step it starts, quarantined and replaced, and the run's losses are a
-//! clean run's.
+//! first step the digest of the run's initial parameters), then replays the
+//! worker's optimizer update from the moments and the applied gradient it
+//! committed to. A clean run audited at every step passes every audit and
+//! trains as a run without audits; a worker that sends what it did not
+//! compute, or skips its update, is convicted at the step it starts,
+//! quarantined and replaced, and the run's losses are a clean run's.
 
 use std::path::{Path, PathBuf};
 

@@ -11,7 +11,8 @@
 # contribution audit of each replica a peer suspects) under every attack of
 # `--byzantine` over SEEDS runs each: seed k sets spec.training.seed to k,
 # the attacked shard to stage k mod 2, replica k mod 3 (the colluding pair:
-# stage 0 and stage 1 of replica k mod 3, one lane) and the first attacked
+# stage 0 and stage 1 of replica k mod 3, one lane; the lying pair: replicas
+# k mod 3 and k + 1 mod 3 of stage k mod 2) and the first attacked
 # step to 3 + (k mod 8). Then CLEAN clean runs: half through the launcher,
 # half started by hand (`pipewright coordinator` and one `pipewright
 # worker` per shard) with one worker on 2 kernel threads, since the
@@ -66,7 +67,7 @@ results="$work/results.jsonl"
 per_run_limit=120
 
 # name|spec[|single]: SR stands for the seed's shard "S/R", R for its
-# replica. `single` runs on bench/manifests/byzantine-single.yaml (2 stages
+# replica, SQ for the next replica of the same stage "S/(R+1 mod 3)". `single` runs on bench/manifests/byzantine-single.yaml (2 stages
 # × 1 replica: no replica to validate, the coordinator recomputes), where R
 # is 0.
 attacks=(
@@ -81,6 +82,7 @@ attacks=(
     "stale|SR=stale"
     "forge|SR=forge"
     "lie|SR=lie"
+    "lie pair|SR=lie SQ=lie"
     "collude|0/R=act-noise 1/R=act-noise"
     "act-noise|SR=act-noise|single"
     "act-scale|SR=act-scale|single"
@@ -268,6 +270,7 @@ for entry in "${attacks[@]}"; do
         args=() shards=""
         for one in $spec; do
             shard="${one%%=*}" attack="${one#*=}"
+            shard="${shard/SQ/$stage/$(((replica + 1) % 3))}"
             shard="${shard/SR/$stage/$replica}"
             shard="${shard/R/$replica}"
             args+=(--byzantine "$shard=$attack@$start")
@@ -348,7 +351,8 @@ print("`spec.validation.auditRate` (0.25) and `contributionAuditRate` (0.05), an
 print("each replica a peer suspects. Seed k: `spec.training.seed` k, the attacker at stage")
 print("k mod 2, replica k mod 3, attacking from step 3 + (k mod 8) on (`--byzantine S/R=ATTACK@STEP`);")
 print("`collude` is `act-noise` on stage 0 and stage 1 of replica k mod 3 (one lane: the second")
-print("attacker receives the first's output). An attack marked \"(1 replica)\" runs on")
+print("attacker receives the first's output); `lie pair` is `lie` on replicas k mod 3 and k + 1 mod 3")
+print("of stage k mod 2, two colluding validators that tell the same lie. An attack marked \"(1 replica)\" runs on")
 print("`bench/manifests/byzantine-single.yaml`: the same model and steps on 2 stages × 1 replica under")
 print("`mean`, the attacker at stage k mod 2 (no replica to validate it: the coordinator recomputes")
 print("each audited micro-batch from the worker's uploaded parameters).")

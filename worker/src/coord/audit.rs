@@ -216,6 +216,13 @@ pub struct UpdateCheck {
     pub params_after: [u8; 32],
     /// Its moments' digest after the audited step.
     pub moments_after: [u8; 32],
+    /// The global gradient norm every other stage's worker reported for
+    /// the audited step, where there are other stages and they agree (the
+    /// norm is summed along the pipeline and the total handed back, so
+    /// every stage holds the same bits): the norm the update must have
+    /// been clipped by. `None`: no other stage (the coordinator derives
+    /// it from the applied gradient), or they disagree.
+    pub grad_norm: Option<f64>,
 }
 
 /// What the coordinator needs to recompute a disputed micro-batch itself
@@ -1012,6 +1019,18 @@ impl Coordinator {
             .find(|c| c.completed == before)
             .and_then(|c| c.update)
             .map(|u| u.0);
+        // The global norm the other stages reported for the step.
+        let norms: Vec<u64> = (0..self.layout.stages)
+            .filter(|&s| s != stage)
+            .flat_map(|s| (0..self.layout.replicas).map(move |r| (s, r)))
+            .filter_map(|(s, r)| self.slots[self.idx(s, r)].as_ref())
+            .filter_map(|x| x.commits.iter().find(|c| c.completed == step))
+            .map(|c| c.grad_norm.to_bits())
+            .collect();
+        let grad_norm = norms
+            .first()
+            .filter(|&&n| norms.iter().all(|&m| m == n))
+            .map(|&n| f64::from_bits(n));
         let update = match (c.update, c.params) {
             (Some((moments_after, applied)), Some(params_after))
                 if before == 0 || moments_before.is_some() =>
@@ -1021,6 +1040,7 @@ impl Coordinator {
                     applied,
                     params_after,
                     moments_after,
+                    grad_norm,
                 })
             }
             _ => None,

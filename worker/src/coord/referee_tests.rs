@@ -274,6 +274,9 @@ impl World {
                     assert_eq!(u.applied, raw(&applied(s, t)));
                     assert_eq!(u.params_after, raw(&params(s, t)));
                     assert_eq!(u.moments_after, raw(&moments(s, t)));
+                    // The norm the other stage reported; alone, none.
+                    let other = (self.stages > 1).then_some(1.0);
+                    assert_eq!(u.grad_norm, other);
                     if self.wrong_update.contains(&worker) {
                         RefereeResult::WrongUpdate(
                             hashes,

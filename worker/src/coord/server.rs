@@ -531,6 +531,26 @@ impl Shared {
                 hex::encode(&check.applied[..8])
             ));
         }
+        // The norm it clipped by must be the step's global norm: the one
+        // every other stage reported, or alone in the pipeline its own
+        // gradient's (a made-up norm would scale its update down to
+        // nothing and still replay).
+        let stages = lock(&self.coord).layout().stage_layers.len();
+        let norm = match (check.grad_norm, stages) {
+            (Some(n), _) => Some(n),
+            (None, 1) => Some(wk.own_norm(&up.applied.grads)),
+            (None, _) => None,
+        };
+        if let Some(n) = norm.filter(|n| n.to_bits() != up.applied.grad_norm.to_bits()) {
+            return RefereeResult::WrongUpdate(
+                hashes,
+                format!(
+                    "its update of step {} was clipped by a global gradient norm of {}, the \
+                     step's is {n}",
+                    job.step, up.applied.grad_norm
+                ),
+            );
+        }
         // The update, replayed from the committed state and gradient.
         let (params, moments) = wk.replay_update(state, up);
         let mut wrong = Vec::new();

@@ -166,6 +166,8 @@ struct Committed {
     /// moments after the step and of the gradient its update applied
     /// (`None`: the report had none).
     update: Option<([u8; 32], [u8; 32])>,
+    /// The global gradient norm it reported (the same on every stage).
+    grad_norm: f64,
     /// The replicas of its stage it reported suspect, with the reason.
     suspects: Vec<(usize, &'static str)>,
 }
@@ -1533,6 +1535,7 @@ impl Coordinator {
                             .moments_digest()
                             .and_then(Result::ok)
                             .zip(c.applied_digest().and_then(Result::ok)),
+                        grad_norm: d.grad_norm,
                         suspects: d
                             .suspects
                             .iter()

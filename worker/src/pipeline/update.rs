@@ -124,6 +124,23 @@ impl StageWorker {
         )
     }
 
+    /// The global gradient norm a run of this stage alone computes from
+    /// `grads` (its parameters' gradients, in order), bit for bit as
+    /// `global_norm` does with no other stage: the square root of the sum
+    /// of every gradient's squares in f64, parameter by parameter, the
+    /// tied head left out.
+    pub fn own_norm(&self, grads: &[Vec<f32>]) -> f64 {
+        let tied = self.model.tied;
+        self.stage
+            .params()
+            .iter()
+            .zip(grads)
+            .filter(|(p, _)| !(tied && p.name == super::LM_HEAD_NAME))
+            .map(|(_, g)| g.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+            .sum::<f64>()
+            .sqrt()
+    }
+
     /// Bytes of this stage's [`StageWorker::encode_update`]: four arrays
     /// of the parameters' size and 16 bytes.
     pub fn update_len(&self) -> usize {
@@ -349,6 +366,13 @@ spec:
             assert_eq!(digest, params_before);
             assert_eq!(up.moments, moments_before);
             assert_eq!(up.applied_digest, applied);
+            // Alone in the pipeline, its norm is its own gradient's.
+            assert_eq!(
+                judge.own_norm(&up.applied.grads).to_bits(),
+                up.applied.grad_norm.to_bits(),
+                "step {}",
+                k + 1
+            );
             let (p, m) = judge.replay_update(before, up);
             if k < 3 {
                 assert_eq!((p, m), (params_after, moments_after), "step {}", k + 1);
@@ -360,6 +384,33 @@ spec:
                 assert_ne!(m, moments_after);
             }
         }
+    }
+
+    #[test]
+    fn a_made_up_norm_replays_but_is_not_the_steps_norm() {
+        // A worker that claims a huge global norm clips its gradient to
+        // almost nothing and still replays: only the norm check catches it.
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut w = worker(dir.path());
+        let before = w.state();
+        w.train_step().expect("step");
+        let honest = w.last_applied().expect("kept").grad_norm;
+        let mut judge = worker(dir.path());
+        let mut upload = w.encode_update(&before).expect("upload");
+        let at = upload.len() - 8;
+        upload[at..].copy_from_slice(&1e30f64.to_bits().to_le_bytes());
+        let params = judge.update_params(&upload).expect("the size");
+        let (state, _) = judge.decode_weights(params, 0).expect("parameters");
+        let up = judge.decode_update(&upload, 0).expect("decode");
+        assert_eq!(
+            judge.own_norm(&up.applied.grads).to_bits(),
+            honest.to_bits()
+        );
+        assert_ne!(up.applied.grad_norm.to_bits(), honest.to_bits());
+        // Its replay is self-consistent: the digests of what a worker that
+        // applied that norm would hold.
+        let (p, _) = judge.replay_update(state, up);
+        assert_ne!(p, w.params_digest(), "not the honest update");
     }
 
     #[test]

@@ -343,48 +343,35 @@ pub fn read_stage_into(
     Ok(())
 }
 
-/// Reads the parameter values and the optimizer's moments and step count
-/// of the checkpoint part at `path` into new buffers shaped like `params`
-/// (names and lengths), in their order. The header is checked first.
+/// Reads the parameter values of the checkpoint part at `path` into new
+/// buffers shaped like `params` (names and lengths), in their order, and
+/// with `moments` the optimizer's moments and step count as well (without,
+/// the optimizer returned is empty). The header is checked first.
 pub fn read_state(
     path: &Path,
     params: &[(&str, usize)],
+    moments: bool,
 ) -> Result<(Vec<Vec<f32>>, AdamW), CheckpointError> {
     let mut file = File::open(path).map_err(io_err(path))?;
     let layout = layout(&mut file, params, path)?;
     let mut values = Vec::with_capacity(params.len());
-    let mut opt = AdamW {
-        m: Vec::with_capacity(params.len()),
-        v: Vec::with_capacity(params.len()),
-        t: layout.t,
-    };
+    let mut opt = AdamW::default();
+    if moments {
+        opt.t = layout.t;
+    }
     for (i, (_, len)) in params.iter().enumerate() {
         let [rv, rm, rv2] = &layout.tensors[i];
-        for (range, out) in [(rv, &mut values), (rm, &mut opt.m), (rv2, &mut opt.v)] {
+        let mut parts = vec![(rv, &mut values)];
+        if moments {
+            parts.extend([(rm, &mut opt.m), (rv2, &mut opt.v)]);
+        }
+        for (range, out) in parts {
             let mut x = vec![0.0f32; *len];
             read_f32_at(&mut file, range.start, &mut x, path)?;
             out.push(x);
         }
     }
     Ok((values, opt))
-}
-
-/// Reads the parameter values (not the moments) of the checkpoint part at
-/// `path` into new buffers shaped like `params` (names and lengths), in
-/// their order. The header is checked first.
-pub fn read_weights(
-    path: &Path,
-    params: &[(&str, usize)],
-) -> Result<Vec<Vec<f32>>, CheckpointError> {
-    let mut file = File::open(path).map_err(io_err(path))?;
-    let layout = layout(&mut file, params, path)?;
-    let mut out = Vec::with_capacity(params.len());
-    for (i, (_, len)) in params.iter().enumerate() {
-        let mut values = vec![0.0f32; *len];
-        read_f32_at(&mut file, layout.tensors[i][0].start, &mut values, path)?;
-        out.push(values);
-    }
-    Ok(out)
 }
 
 /// Reads the checkpoint part `bytes` (from a live replica or the

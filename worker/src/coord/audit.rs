@@ -1005,20 +1005,12 @@ impl Coordinator {
         let mb = c.hashes[(pick("mb") % c.hashes.len() as u64) as usize].clone();
         let worker = slot.worker;
         let before = step.checked_sub(1)?;
-        let committed = slot
-            .commits
-            .iter()
-            .find(|c| c.completed == before)
-            .and_then(|c| c.params);
+        let prev = slot.commits.iter().find(|c| c.completed == before);
+        let committed = prev.and_then(|c| c.params);
         // Its update too, where it committed to the moments it started the
         // step from (at the first step: none, they are zeros) and to what
         // the step's update applied and left.
-        let moments_before = slot
-            .commits
-            .iter()
-            .find(|c| c.completed == before)
-            .and_then(|c| c.update)
-            .map(|u| u.0);
+        let moments_before = prev.and_then(|c| c.update).map(|u| u.0);
         // The global norm the other stages reported for the step.
         let norms: Vec<u64> = (0..self.layout.stages)
             .filter(|&s| s != stage)
@@ -1659,7 +1651,12 @@ impl Coordinator {
         let alone = a.checks.is_empty();
         let label;
         let mut refused = None;
-        let mut wrong_update = None;
+        // A replay that did not reproduce comes with the micro-batch's
+        // hashes, which decide as any others do.
+        let wrong_update = match &result {
+            RefereeResult::WrongUpdate(_, why) => Some(why.clone()),
+            _ => None,
+        };
         let outcome = match result {
             RefereeResult::BadWeights(p) => {
                 label = "refused_weights";
@@ -1675,22 +1672,16 @@ impl Coordinator {
                 );
                 Some(Err(p))
             }
-            RefereeResult::WrongUpdate(hashes, why) => {
-                wrong_update = Some(why);
-                label = "wrong_update";
-                Some(Ok(Hashes {
-                    input: hex::encode(hashes[0]),
-                    output: hex::encode(hashes[1]),
-                    gradient: hex::encode(hashes[2]),
-                }))
-            }
-            RefereeResult::Hashes([input, output, gradient]) => {
+            RefereeResult::Hashes([input, output, gradient])
+            | RefereeResult::WrongUpdate([input, output, gradient], _) => {
                 let h = Hashes {
                     input: hex::encode(input),
                     output: hex::encode(output),
                     gradient: hex::encode(gradient),
                 };
-                label = if h == committed && alone {
+                label = if wrong_update.is_some() {
+                    "wrong_update"
+                } else if h == committed && alone {
                     "passed"
                 } else if h == committed {
                     "overturned"
@@ -2143,45 +2134,31 @@ impl Coordinator {
         let Some((ids, origin)) = crate::link::origin::Origin::split(t) else {
             return Some("the targets carry no origin".to_string());
         };
+        let Some((j, c)) = self.committed_by(route, 0, mb, step) else {
+            return Some(format!(
+                "no first-stage commitment of micro-batch {mb} to check the targets' origin \
+                 against"
+            ));
+        };
         let sampler = origin.replica as usize;
-        if sampler >= self.layout.replicas
-            || Some(sampler)
-                != route
-                    .assign
-                    .first()
-                    .and_then(|a| a.get(mb as usize))
-                    .map(|&r| r as usize)
-        {
+        if sampler >= self.layout.replicas || j != self.idx(0, sampler) {
             return Some(format!(
                 "the targets' origin names first-stage replica {sampler}, which did not sample \
                  micro-batch {mb}"
             ));
         }
         let tokens = hex::encode(origin.input);
-        match self.committed_by(route, 0, mb, step) {
-            Some((_, c)) if c.input == tokens => {}
-            Some((_, c)) => {
-                return Some(format!(
-                    "the targets' origin names tokens hashing to {}, the first stage committed {}",
-                    short(&tokens),
-                    short(&c.input)
-                ))
-            }
-            None => {
-                return Some(format!(
-                    "no first-stage commitment of micro-batch {mb} to check the targets' origin \
-                     against"
-                ))
-            }
+        if c.input != tokens {
+            return Some(format!(
+                "the targets' origin names tokens hashing to {}, the first stage committed {}",
+                short(&tokens),
+                short(&c.input)
+            ));
         }
-        let key = self.slots[self.idx(0, sampler)]
+        let key = self.slots[j]
             .as_ref()
             .and_then(|s| crate::identity::public_key_from_hex(&s.identity));
-        let base = crate::link::RunId(
-            blake3::hash(self.run.as_bytes()).as_bytes()[..16]
-                .try_into()
-                .unwrap_or([0; 16]),
-        );
+        let base = crate::link::RunId(crate::coord::setup::run_id(&self.run));
         let run = crate::link::sign::epoch_run_id(&base, self.epoch);
         let signed = key.is_some_and(|k| origin.verify(&k, &run, step.saturating_sub(1), mb, ids));
         (!signed).then(|| {

@@ -1438,11 +1438,7 @@ fn evidence_targets_must_carry_the_first_stages_signature_over_them() {
         .all(|b| b.as_ref().is_some_and(|b| b.proceed)));
     // What the coordinator's frames of this epoch are signed under: the
     // run id every worker derives from the run's name ("t").
-    let base = crate::link::RunId(
-        blake3::hash(b"t").as_bytes()[..16]
-            .try_into()
-            .expect("16 bytes"),
-    );
+    let base = crate::link::RunId(crate::coord::setup::run_id("t"));
     let run = crate::link::sign::epoch_run_id(&base, e);
     let mb = 0;
     let committed = super::Hashes::of(&w.commit(&c, ids[1], 1, mb));

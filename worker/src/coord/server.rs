@@ -535,8 +535,7 @@ impl Shared {
         // every other stage reported, or alone in the pipeline its own
         // gradient's (a made-up norm would scale its update down to
         // nothing and still replay).
-        let stages = lock(&self.coord).layout().stage_layers.len();
-        let norm = match (check.grad_norm, stages) {
+        let norm = match (check.grad_norm, self.config.manifest.spec.pipeline.stages) {
             (Some(n), _) => Some(n),
             (None, 1) => Some(wk.own_norm(&up.applied.grads)),
             (None, _) => None,
@@ -553,23 +552,21 @@ impl Shared {
         }
         // The update, replayed from the committed state and gradient.
         let (params, moments) = wk.replay_update(state, up);
-        let mut wrong = Vec::new();
-        if params != check.params_after {
-            wrong.push(format!(
-                "its parameters after step {} digest to {}, it committed to {}",
+        let wrong: Vec<String> = [
+            ("parameters", params, check.params_after),
+            ("moments", moments, check.moments_after),
+        ]
+        .into_iter()
+        .filter(|(_, got, signed)| got != signed)
+        .map(|(what, got, signed)| {
+            format!(
+                "its {what} after step {} digest to {}, it committed to {}",
                 job.step,
-                hex::encode(&params[..8]),
-                hex::encode(&check.params_after[..8])
-            ));
-        }
-        if moments != check.moments_after {
-            wrong.push(format!(
-                "its moments after step {} digest to {}, it committed to {}",
-                job.step,
-                hex::encode(&moments[..8]),
-                hex::encode(&check.moments_after[..8])
-            ));
-        }
+                hex::encode(&got[..8]),
+                hex::encode(&signed[..8])
+            )
+        })
+        .collect();
         if wrong.is_empty() {
             RefereeResult::Hashes(hashes)
         } else {

@@ -26,8 +26,15 @@ pub fn random_hex32() -> String {
 
 /// The run id every worker of `manifest` uses: derived from its name.
 pub fn run_id_hex(manifest: &pipewright_spec::TrainingRun) -> String {
-    let digest = blake3::hash(manifest.metadata.name.as_bytes());
-    hex::encode(&digest.as_bytes()[..16])
+    hex::encode(run_id(&manifest.metadata.name))
+}
+
+/// The run id of the run named `name`: the first 16 bytes of its BLAKE3
+/// hash.
+pub fn run_id(name: &str) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&blake3::hash(name.as_bytes()).as_bytes()[..16]);
+    id
 }
 
 /// Everything the coordinator of `manifest` needs: the tokenizer and the

@@ -278,8 +278,25 @@ impl Snapshot {
     /// The state kept, to recompute a micro-batch of the step after it;
     /// `None` when nothing is kept. A disk snapshot's weights are read back
     /// (costing one read of the weights and their size in memory while the
-    /// audit runs).
+    /// audit runs), without its moments.
     pub fn before(&mut self, wk: &StageWorker) -> Result<Option<Before<'_>>, PipelineError> {
+        self.read_back(wk, false)
+    }
+
+    /// As [`Snapshot::before`], with the optimizer's moments and step count
+    /// too (a disk snapshot's are read back as well), for an update upload.
+    pub fn before_with_moments(
+        &mut self,
+        wk: &StageWorker,
+    ) -> Result<Option<Before<'_>>, PipelineError> {
+        self.read_back(wk, true)
+    }
+
+    fn read_back(
+        &mut self,
+        wk: &StageWorker,
+        moments: bool,
+    ) -> Result<Option<Before<'_>>, PipelineError> {
         let Some(step) = self.step else {
             return Ok(None);
         };
@@ -290,41 +307,8 @@ impl Snapshot {
                 let params = wk.stage.params();
                 let shapes: Vec<(&str, usize)> =
                     params.iter().map(|p| (p.name.as_str(), p.len())).collect();
-                let weights =
-                    crate::checkpoint::stream::read_weights(path, &shapes).map_err(|e| {
-                        PipelineError::Layout(format!("reading the snapshot back: {e}"))
-                    })?;
-                Ok(Some(Before::Read(StageState {
-                    step,
-                    params: weights,
-                    opt: crate::optim::AdamW {
-                        m: Vec::new(),
-                        v: Vec::new(),
-                        t: 0,
-                    },
-                })))
-            }
-        }
-    }
-}
-
-impl Snapshot {
-    /// As [`Snapshot::before`], with the optimizer's moments and step count
-    /// too (a disk snapshot's are read back as well), for an update upload.
-    pub fn before_with_moments(
-        &mut self,
-        wk: &StageWorker,
-    ) -> Result<Option<Before<'_>>, PipelineError> {
-        let Some(step) = self.step else {
-            return Ok(None);
-        };
-        match &mut self.kept {
-            Kept::Disk(path) => {
-                let params = wk.stage.params();
-                let shapes: Vec<(&str, usize)> =
-                    params.iter().map(|p| (p.name.as_str(), p.len())).collect();
-                let (weights, opt) =
-                    crate::checkpoint::stream::read_state(path, &shapes).map_err(|e| {
+                let (weights, opt) = crate::checkpoint::stream::read_state(path, &shapes, moments)
+                    .map_err(|e| {
                         PipelineError::Layout(format!("reading the snapshot back: {e}"))
                     })?;
                 Ok(Some(Before::Read(StageState {
@@ -333,7 +317,6 @@ impl Snapshot {
                     opt,
                 })))
             }
-            Kept::Memory(_) => self.before(wk),
         }
     }
 }

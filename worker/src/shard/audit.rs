@@ -206,6 +206,29 @@ fn provide_evidence(session: &Session, wk: &StageWorker, o: &AuditOrder) -> Resu
     }
 }
 
+/// The snapshot's state of before `o`'s step (with the optimizer's
+/// moments when `moments`), or why there is none.
+fn state_before<'a>(
+    snapshot: &'a mut Snapshot,
+    wk: &StageWorker,
+    o: &AuditOrder,
+    moments: bool,
+) -> Result<crate::pipeline::Before<'a>> {
+    let before = if moments {
+        snapshot.before_with_moments(wk)
+    } else {
+        snapshot.before(wk)
+    };
+    before
+        .with_context(|| format!("audit {}: the snapshot", o.audit))?
+        .with_context(|| {
+            format!(
+                "audit {}: no snapshot of the weights before step {}",
+                o.audit, o.step
+            )
+        })
+}
+
 /// Uploads the stage's parameters of before the audited step, from the
 /// snapshot, for the coordinator to recompute a micro-batch itself (a
 /// disputed one, or any audited one of a stage with one training
@@ -218,18 +241,7 @@ fn upload_weights(
     o: &AuditOrder,
 ) -> Result<Option<()>> {
     let update = o.role == AuditRole::Update;
-    let mut before = if update {
-        snapshot.before_with_moments(wk)
-    } else {
-        snapshot.before(wk)
-    }
-    .with_context(|| format!("audit {}: the snapshot", o.audit))?
-    .with_context(|| {
-        format!(
-            "audit {}: no snapshot of the weights before step {}",
-            o.audit, o.step
-        )
-    })?;
+    let mut before = state_before(snapshot, wk, o, update)?;
     // With the update: the moments of before the step and what the step's
     // update applied, for the coordinator to replay it. A worker that kept
     // none uploads its parameters alone, which the coordinator refuses.
@@ -275,15 +287,7 @@ fn validate_order(
         Ok(b) => b,
         Err(e) => return moved_on(e, "fetching an audit's evidence"),
     };
-    let mut before = snapshot
-        .before(wk)
-        .with_context(|| format!("audit {}: the snapshot", o.audit))?
-        .with_context(|| {
-            format!(
-                "audit {}: no snapshot of the weights before step {}",
-                o.audit, o.step
-            )
-        })?;
+    let mut before = state_before(snapshot, wk, o, false)?;
     if let Some(scope) = &o.contribution {
         return Ok(Some(validate_contribution(
             session,

@@ -579,7 +579,11 @@ fn conviction_evidence(out: &Path) -> serde_json::Value {
 /// A validator that reports a recomputed contribution it did not compute
 /// is contradicted by the audited replica's other neighbour, which agrees
 /// with the audited replica's commitment: its verdict is overturned,
-/// nobody is quarantined, and the run ends as a clean one.
+/// nobody is quarantined, and the run ends as a clean one. Two colluding
+/// validators, the honest replica's only two neighbours, agree against it
+/// at every step, but convict no one: the coordinator recomputes the
+/// replica's whole step itself, reproduces its commitment and refutes
+/// both.
 #[test]
 fn a_lying_contribution_auditor_is_overturned() {
     let _one_at_a_time = serial();
@@ -602,6 +606,16 @@ fn a_lying_contribution_auditor_is_overturned() {
     assert!(v.quarantined.is_empty(), "{:?}", v.quarantined);
     assert!(replaced(&d.join("lie")).is_empty());
     assert_same(&clean, &losses_in(&d.join("lie").join("summary.json")));
+    let out = d.join("collude");
+    let stderr = drill(&m, &out, "0/0=lie@2 0/1=lie@2");
+    let v = verdicts(&out);
+    // Replica 2's contribution is validated by both liars at every step
+    // from 2 on (5 steps): both refuted each time.
+    assert!(refused(&v, "overturned_verdict") >= 10, "{stderr}");
+    assert_eq!(refused(&v, "failed_audit"), 0, "{stderr}");
+    assert!(v.quarantined.is_empty(), "{:?}", v.quarantined);
+    assert!(replaced(&out).is_empty());
+    assert_same(&clean, &losses_in(&out.join("summary.json")));
 }
 
 /// With contribution audits all but never drawn at random, a replica that

@@ -192,8 +192,10 @@ struct Referee {
     tried: Vec<u64>,
     /// Uploads refused for not matching the digest.
     refused: u64,
-    /// Its hashes, or why it could not recompute.
-    result: Option<Result<Hashes, String>>,
+    /// What it recomputed (a micro-batch's hashes, or a contribution's
+    /// hash with [`NO_REPORT`] received: the coordinator takes no part in
+    /// the gather), or why it could not.
+    result: Option<Result<Verdict, String>>,
     /// On a stage with one training replica: the update the coordinator
     /// replays too (`None`: the micro-batch alone).
     update: Option<UpdateCheck>,
@@ -245,6 +247,19 @@ pub struct RefereeJob {
     pub scale: f32,
     /// The update to replay as well (the upload is then an update upload).
     pub update: Option<UpdateCheck>,
+    /// A contribution audit's scope: the whole step of a replica is
+    /// recomputed, not the micro-batch `mb` (the evidence is then a set).
+    pub contribution: Option<ContributionJob>,
+}
+
+/// A disputed contribution the coordinator recomputes (see
+/// [`RefereeJob::contribution`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContributionJob {
+    /// The audited replica.
+    pub replica: usize,
+    /// Its micro-batches, in its commitment's order.
+    pub micro_batches: Vec<u64>,
 }
 
 /// How a recomputation by the coordinator ended (see
@@ -262,6 +277,8 @@ pub enum RefereeResult {
     /// The micro-batch's recomputed hashes, and the replayed update did
     /// not give the digests the worker committed to (why, for the record).
     WrongUpdate([[u8; 32]; 3], String),
+    /// A contribution audit's: the recomputed contribution's hash, raw.
+    Contribution([u8; 32]),
 }
 
 impl Audit {
@@ -327,8 +344,10 @@ impl Audit {
             return match self.referee.as_ref().map(|r| &r.result) {
                 None => Next::Second,
                 Some(None) => Next::Wait,
-                Some(Some(Err(_))) => Next::Decided(Outcome::Unconfirmed),
-                Some(Some(Ok(h))) => Next::Decided(if h == committed {
+                Some(Some(Err(_)) | Some(Ok(Verdict::Contribution { .. }))) => {
+                    Next::Decided(Outcome::Unconfirmed)
+                }
+                Some(Some(Ok(Verdict::Hashes(h)))) => Next::Decided(if h == committed {
                     Outcome::Overturned
                 } else if h == v1 {
                     Outcome::Convicted(
@@ -391,8 +410,10 @@ impl Audit {
             Some(None) => Next::Wait,
             // It cannot recompute here: the two validators' word stands.
             Some(Some(Err(_))) => Next::Decided(convict("")),
-            Some(Some(Ok(h))) if h == committed => Next::Decided(Outcome::Overturned),
-            Some(Some(Ok(h))) if h == v1 => {
+            Some(Some(Ok(Verdict::Hashes(h)))) if h == committed => {
+                Next::Decided(Outcome::Overturned)
+            }
+            Some(Some(Ok(Verdict::Hashes(h)))) if h == v1 => {
                 Next::Decided(convict("; the coordinator's recomputation agrees"))
             }
             Some(Some(Ok(_))) => Next::Decided(Outcome::Unconfirmed),
@@ -410,8 +431,8 @@ impl Audit {
         };
         match &r.result {
             None => Next::Wait,
-            Some(Err(_)) => Next::Decided(Outcome::Unchecked),
-            Some(Ok(h)) if h == committed => match &r.wrong_update {
+            Some(Err(_) | Ok(Verdict::Contribution { .. })) => Next::Decided(Outcome::Unchecked),
+            Some(Ok(Verdict::Hashes(h))) if h == committed => match &r.wrong_update {
                 None => Next::Decided(Outcome::Passed),
                 Some(why) => Next::Decided(Outcome::Convicted(
                     "wrong_update",
@@ -424,7 +445,7 @@ impl Audit {
                     ),
                 )),
             },
-            Some(Ok(h)) => Next::Decided(Outcome::Convicted(
+            Some(Ok(Verdict::Hashes(h))) => Next::Decided(Outcome::Convicted(
                 "failed_audit",
                 format!(
                     "stage {} replica {}'s micro-batch {mb} of step {step} does not reproduce: \
@@ -473,7 +494,8 @@ impl Audit {
                     "recomputed": recomputed,
                     "validators": validators,
                 });
-                if let Some(Some(Ok(h))) = self.referee.as_ref().map(|r| &r.result) {
+                if let Some(Some(Ok(Verdict::Hashes(h)))) = self.referee.as_ref().map(|r| &r.result)
+                {
                     let role = match self.checks.len() {
                         0 => "validator",
                         1 => "second_validator",
@@ -484,7 +506,15 @@ impl Audit {
                 }
                 j
             }
-            Kind::Contribution(scope) => scope.evidence_json(self.id, &self.checks, &validators),
+            Kind::Contribution(scope) => {
+                let redone = match self.referee.as_ref().map(|r| &r.result) {
+                    Some(Some(Ok(Verdict::Contribution { recomputed, .. }))) => {
+                        Some(recomputed.as_str())
+                    }
+                    _ => None,
+                };
+                scope.evidence_json(self.id, &self.checks, &validators, redone)
+            }
         }
         .to_string()
     }
@@ -1511,7 +1541,7 @@ impl Coordinator {
     /// derives itself (see [`Coordinator::with_initial_digests`]; without
     /// it, the audit is unconfirmed).
     fn referee_for(&mut self, a: &Audit, step: u64) -> Option<Referee> {
-        if !self.audits.referee || !matches!(a.kind, Kind::MicroBatch { .. }) {
+        if !self.audits.referee {
             return None;
         }
         a.evidence.as_ref()?;
@@ -1578,8 +1608,15 @@ impl Coordinator {
                 format!("worker {worker} is not ordered to upload audit {audit}'s parameters"),
             ));
         }
-        let (Kind::MicroBatch { mb, .. }, Some(evidence)) = (&a.kind, &a.evidence) else {
+        let Some(evidence) = &a.evidence else {
             return Ok(None);
+        };
+        let contribution = match &a.kind {
+            Kind::MicroBatch { .. } => None,
+            Kind::Contribution(scope) => Some(ContributionJob {
+                replica: a.replica,
+                micro_batches: scope.indices(),
+            }),
         };
         if r.started || r.result.is_some() {
             return Ok(None);
@@ -1597,11 +1634,12 @@ impl Coordinator {
             audit,
             step,
             stage: a.stage,
-            mb: *mb,
+            mb: a.mb(),
             evidence: evidence.clone(),
             digest: r.digest,
             scale,
             update: r.update.clone(),
+            contribution,
         };
         if let Some(r) = self
             .audits
@@ -1638,33 +1676,23 @@ impl Coordinator {
             return Ok(());
         };
         let (stage, what) = (a.stage, a.what());
-        let Kind::MicroBatch { committed, .. } = &a.kind else {
-            return Ok(());
-        };
-        let v1 = match a.checks.first().and_then(|c| c.verdict.as_ref()) {
-            Some(Verdict::Hashes(h)) => Some(h.clone()),
-            _ => None,
-        };
-        let committed = committed.clone();
-        // The coordinator is the only validator of a stage with one
-        // training replica.
-        let alone = a.checks.is_empty();
-        let label;
         let mut refused = None;
         // A replay that did not reproduce comes with the micro-batch's
         // hashes, which decide as any others do.
-        let wrong_update = match &result {
-            RefereeResult::WrongUpdate(_, why) => Some(why.clone()),
-            _ => None,
+        let mut wrong_update = None;
+        let hashes = |[input, output, gradient]: [[u8; 32]; 3]| {
+            Verdict::Hashes(Hashes {
+                input: hex::encode(input),
+                output: hex::encode(output),
+                gradient: hex::encode(gradient),
+            })
         };
         let outcome = match result {
             RefereeResult::BadWeights(p) => {
-                label = "refused_weights";
                 refused = Some(p);
                 None
             }
             RefereeResult::Failed(p) => {
-                label = "failed";
                 self.history.event(
                     EventKind::Audit,
                     format!("the coordinator could not recompute {what} of step {step}: {p}"),
@@ -1672,31 +1700,47 @@ impl Coordinator {
                 );
                 Some(Err(p))
             }
-            RefereeResult::Hashes([input, output, gradient])
-            | RefereeResult::WrongUpdate([input, output, gradient], _) => {
-                let h = Hashes {
-                    input: hex::encode(input),
-                    output: hex::encode(output),
-                    gradient: hex::encode(gradient),
-                };
-                label = if wrong_update.is_some() {
-                    "wrong_update"
-                } else if h == committed && alone {
-                    "passed"
-                } else if h == committed {
-                    "overturned"
-                } else if alone || Some(&h) == v1.as_ref() {
-                    "convicted"
-                } else {
-                    "unconfirmed"
-                };
-                tracing::info!(
-                    "audit {audit}: the coordinator recomputed {what} of step {step} in \
-                     {seconds:.3} s: {label}"
-                );
-                Some(Ok(h))
+            RefereeResult::Hashes(h) => Some(Ok(hashes(h))),
+            RefereeResult::WrongUpdate(h, why) => {
+                wrong_update = Some(why);
+                Some(Ok(hashes(h)))
             }
+            RefereeResult::Contribution(c) => Some(Ok(Verdict::Contribution {
+                recomputed: hex::encode(c),
+                // The coordinator takes no part in the gather.
+                received: contribution::NO_REPORT.to_string(),
+            })),
         };
+        let Some(open) = self.audits.open.as_mut() else {
+            return Ok(());
+        };
+        let a = &mut open.list[at];
+        if let Some(r) = a.referee.as_mut() {
+            r.started = false;
+            r.wrong_update = wrong_update;
+            match &outcome {
+                Some(o) => r.result = Some(o.clone()),
+                None => r.refused += 1,
+            }
+        }
+        // What the recomputation decides, for the metrics.
+        let label = match &outcome {
+            None => "refused_weights",
+            Some(Err(_)) => "failed",
+            Some(Ok(_)) => match a.decide(step) {
+                Next::Decided(Outcome::Passed) => "passed",
+                Next::Decided(Outcome::Overturned) => "overturned",
+                Next::Decided(Outcome::Convicted("wrong_update", _)) => "wrong_update",
+                Next::Decided(Outcome::Convicted(..)) => "convicted",
+                _ => "unconfirmed",
+            },
+        };
+        if outcome.as_ref().is_some_and(Result::is_ok) {
+            tracing::info!(
+                "audit {audit}: the coordinator recomputed {what} of step {step} in \
+                 {seconds:.3} s: {label}"
+            );
+        }
         *self
             .audits
             .recomputations
@@ -1704,19 +1748,6 @@ impl Coordinator {
             .or_default() += 1;
         self.audits.recompute_seconds.0 += 1;
         self.audits.recompute_seconds.1 += seconds;
-        if let Some(r) = self
-            .audits
-            .open
-            .as_mut()
-            .and_then(|o| o.list[at].referee.as_mut())
-        {
-            r.started = false;
-            r.wrong_update = wrong_update;
-            match outcome {
-                Some(o) => r.result = Some(o),
-                None => r.refused += 1,
-            }
-        }
         if let Some(p) = refused {
             return Err(self.refuse_audit(
                 worker,

@@ -198,7 +198,8 @@ impl World {
         o: &AuditOrder,
         now: Instant,
     ) -> bool {
-        if let Some(scope) = &o.contribution {
+        let parameters = matches!(o.role, AuditRole::Weights | AuditRole::Update);
+        if let (Some(scope), false) = (&o.contribution, parameters) {
             return self.carry_out_contribution(
                 c,
                 keys,
@@ -298,8 +299,25 @@ impl World {
         } else {
             hash(format!("params of stage {} after step {}", o.stage, o.step - 1).as_bytes())
         };
+        let raw = |h: &str| {
+            let mut b = [0u8; 32];
+            hex::decode_to_slice(h, &mut b).expect("hex");
+            b
+        };
         let result = if digest != hex::encode(job.digest) {
             RefereeResult::BadWeights(format!("they digest to {}", &digest[..16]))
+        } else if let Some(cj) = &job.contribution {
+            let set = Evidence::decode_set(&job.evidence, MAX * cj.micro_batches.len())
+                .expect("evidence set");
+            let inputs: Vec<String> = cj
+                .micro_batches
+                .iter()
+                .map(|m| match &set[m].input {
+                    Some(b) => hash(b),
+                    None => hash(format!("tokens {m}").as_bytes()),
+                })
+                .collect();
+            RefereeResult::Contribution(raw(&self.honest_contribution(job.stage, &inputs)))
         } else {
             let ev = Evidence::decode(&job.evidence, MAX).expect("evidence");
             let input = match &ev.input {
@@ -307,11 +325,6 @@ impl World {
                 None => hash(format!("tokens {}", job.mb).as_bytes()),
             };
             let (i, out, g) = self.recompute(job.stage, job.mb, &input);
-            let raw = |h: &str| {
-                let mut b = [0u8; 32];
-                hex::decode_to_slice(h, &mut b).expect("hex");
-                b
-            };
             RefereeResult::Hashes([raw(&i), raw(&out), raw(&g)])
         };
         let _ = c.referee_done(worker, o.audit, result, 0.01, now);
@@ -403,7 +416,7 @@ impl World {
                 true
             }
             AuditRole::Weights | AuditRole::Update => {
-                unreachable!("a contribution audit wants no parameters")
+                unreachable!("carried out as any audit's parameters")
             }
         }
     }

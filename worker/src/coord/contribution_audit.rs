@@ -24,11 +24,23 @@
 //!   recomputed from the evidence and the hash of the one it received in
 //!   the gather, signed. Both equal to the committed hash pass. Otherwise
 //!   the second validator reports: both equal to the commitment overturn
-//!   the first verdict; the two recomputed hashes equal to each other and
-//!   not to the commitment convict (the worker signed a contribution its
-//!   work does not give), as do the two received hashes (it signed one
-//!   contribution and sent another); anything else, or no second
-//!   validator, leaves the audit unconfirmed and the step is trained again.
+//!   the first verdict. The two recomputed hashes equal to each other and
+//!   not to the commitment say the worker signed a contribution its work
+//!   does not give; two colluding neighbours could say so of an honest
+//!   worker, so the coordinator (where it validates) recomputes the step
+//!   itself from the uploaded parameters of before the step (checked
+//!   against the digest the replicas agreed on) and the evidence: equal to
+//!   the commitment, both validators are refused (`overturned_verdict`);
+//!   equal to theirs, the worker is convicted; where it cannot recompute,
+//!   the two verdicts convict. The two received hashes equal to each other
+//!   and not to the commitment convict (it signed one contribution and
+//!   sent another): what crossed the gather is the neighbours' word, which
+//!   the coordinator cannot check. Anything else leaves the audit
+//!   unconfirmed and the step is trained again. With two replicas (one
+//!   neighbour) the coordinator is the second validator: its
+//!   recomputation equal to the validator's convicts, equal to the
+//!   commitment overturns a disputed recomputation, and a dispute about
+//!   what was received alone stays unconfirmed.
 
 use std::collections::BTreeMap;
 
@@ -39,7 +51,8 @@ use crate::pipeline::Evidence;
 
 /// The hash a validator reports for what it could not recompute, or for
 /// what it did not receive (no report of the gather).
-const NO_REPORT: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub(super) const NO_REPORT: &str =
+    "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// What one contribution audit covers.
 #[derive(Clone, Debug)]
@@ -69,12 +82,14 @@ impl Scope {
     }
 
     /// A conviction's evidence: what was committed, what each validator
-    /// recomputed and received, and who they are.
+    /// recomputed and received, and who they are; with `redone`, the hash
+    /// the coordinator recomputed.
     pub(super) fn evidence_json(
         &self,
         audit: u64,
         checks: &[Check],
         validators: &[&str],
+        redone: Option<&str>,
     ) -> serde_json::Value {
         let (mut recomputed, mut received) = (Vec::new(), Vec::new());
         for c in checks {
@@ -97,7 +112,7 @@ impl Scope {
             .iter()
             .map(|(replica, reason)| serde_json::json!({"replica": replica, "reason": reason}))
             .collect();
-        serde_json::json!({
+        let mut j = serde_json::json!({
             "audit": audit,
             "contribution": self.committed,
             "micro_batches": self.indices(),
@@ -105,7 +120,17 @@ impl Scope {
             "received": received,
             "validators": validators,
             "suspected_by": suspected_by,
-        })
+        });
+        if let Some(h) = redone {
+            let role = if checks.len() == 1 {
+                "second_validator"
+            } else {
+                "confirmed_by"
+            };
+            j[role] = "coordinator".into();
+            j["coordinator"] = h.into();
+        }
+        j
     }
 }
 
@@ -120,6 +145,13 @@ impl Audit {
             })) => Some((recomputed.as_str(), received.as_str())),
             _ => None,
         };
+        // The coordinator's own recomputation: `None` none asked for,
+        // `Some(None)` under way, `Some(Some(None))` it could not.
+        let redone = self.referee.as_ref().map(|r| match &r.result {
+            None => None,
+            Some(Ok(Verdict::Contribution { recomputed, .. })) => Some(Some(recomputed.as_str())),
+            Some(_) => Some(None),
+        });
         let c = scope.committed.as_str();
         let Some((r1, x1)) = verdict(0) else {
             return Next::Wait;
@@ -127,8 +159,41 @@ impl Audit {
         if r1 == c && x1 == c {
             return Next::Decided(Outcome::Passed);
         }
+        let head = format!(
+            "stage {} replica {} signed contribution {} for step {step}",
+            self.stage,
+            self.replica,
+            short(c)
+        );
+        let fingerprint = |k: usize| crate::identity::fingerprint_hex(&self.checks[k].identity);
         if self.checks.len() == 1 {
-            return Next::Second;
+            // One ring neighbour only (two replicas): the coordinator is
+            // the second validator where it can recompute.
+            return match redone {
+                None => Next::Second,
+                Some(None) => Next::Wait,
+                Some(Some(None)) => Next::Decided(Outcome::Unconfirmed),
+                // Its recomputation gives the commitment: the validator's
+                // recomputed hash is refuted. What it says it received is
+                // its word alone against the worker's.
+                Some(Some(Some(h))) if h == c => Next::Decided(if r1 == c {
+                    Outcome::Unconfirmed
+                } else {
+                    Outcome::Overturned
+                }),
+                Some(Some(Some(h))) if h == r1 && r1 != NO_REPORT => {
+                    Next::Decided(Outcome::Convicted(
+                        "failed_audit",
+                        format!(
+                            "{head}, but its work does not give it: validator {} and the \
+                             coordinator both recomputed {} from its evidence",
+                            fingerprint(0),
+                            short(r1)
+                        ),
+                    ))
+                }
+                Some(Some(Some(_))) => Next::Decided(Outcome::Unconfirmed),
+            };
         }
         let Some((r2, x2)) = verdict(1) else {
             return Next::Wait;
@@ -136,37 +201,48 @@ impl Audit {
         if r2 == c && x2 == c {
             return Next::Decided(Outcome::Overturned);
         }
-        let validators = format!(
-            "validators {} and {}",
-            crate::identity::fingerprint_hex(&self.checks[0].identity),
-            crate::identity::fingerprint_hex(&self.checks[1].identity)
-        );
-        let head = format!(
-            "stage {} replica {} signed contribution {} for step {step}",
-            self.stage,
-            self.replica,
-            short(c)
-        );
+        let validators = format!("validators {} and {}", fingerprint(0), fingerprint(1));
         // A validator that could not recompute, or has no report of the
         // gather, says 64 zeros: two of them agreeing on that prove nothing.
-        let detail = if r1 == r2 && r1 != c && r1 != NO_REPORT {
-            Some(format!(
-                "{head}, but its work does not give it: {validators} both recomputed {} from \
-                 its evidence",
-                short(r1)
-            ))
-        } else if x1 == x2 && x1 != c && x1 != NO_REPORT {
-            Some(format!(
-                "{head}, but sent another one: {validators} both received {}",
-                short(x1)
-            ))
-        } else {
-            None
-        };
-        Next::Decided(match detail {
-            Some(d) => Outcome::Convicted("failed_audit", d),
-            None => Outcome::Unconfirmed,
-        })
+        if r1 == r2 && r1 != c && r1 != NO_REPORT {
+            // Two validators agree the work does not give the commitment.
+            // Two colluding neighbours could agree on a lie, so the
+            // coordinator recomputes the step too before anyone is
+            // convicted, where it can.
+            let convict = |confirmed: &str| {
+                Outcome::Convicted(
+                    "failed_audit",
+                    format!(
+                        "{head}, but its work does not give it: {validators} both recomputed \
+                         {} from its evidence{confirmed}",
+                        short(r1)
+                    ),
+                )
+            };
+            return match redone {
+                None => Next::Confirm(convict("")),
+                Some(None) => Next::Wait,
+                // It cannot recompute here: the two validators' word stands.
+                Some(Some(None)) => Next::Decided(convict("")),
+                Some(Some(Some(h))) if h == c => Next::Decided(Outcome::Overturned),
+                Some(Some(Some(h))) if h == r1 => {
+                    Next::Decided(convict("; the coordinator's recomputation agrees"))
+                }
+                Some(Some(Some(_))) => Next::Decided(Outcome::Unconfirmed),
+            };
+        }
+        if x1 == x2 && x1 != c && x1 != NO_REPORT {
+            // What crossed the gather is the two neighbours' word: the
+            // coordinator takes no part in it and cannot check it.
+            return Next::Decided(Outcome::Convicted(
+                "failed_audit",
+                format!(
+                    "{head}, but sent another one: {validators} both received {}",
+                    short(x1)
+                ),
+            ));
+        }
+        Next::Decided(Outcome::Unconfirmed)
     }
 }
 

@@ -701,3 +701,122 @@ fn old_bodies_parse_and_new_fields_are_left_out_when_empty() {
         "run=r audit=1 step=2 stage=0 contribution replica=3 recomputed=a received=b"
     );
 }
+
+/// A 1 × `replicas` run under a robust aggregation, contribution audits
+/// at rate 1, the coordinator validating, whose step 1 every honest shard
+/// passed (so the replicas agreed on a digest of their parameters).
+fn refereed_robust(
+    replicas: usize,
+    secret: [u8; 32],
+    now: Instant,
+) -> (Coordinator, Vec<u64>, BTreeMap<u64, Identity>, World) {
+    let (c, ids, keys) = robust(1, replicas, 1.0, secret, now);
+    let mut c = c.with_coordinator_validator(true);
+    let mut w = world(1);
+    w.params = true;
+    let e = c.epoch();
+    let (answers, _) = drive(&mut c, &w, &ids, &keys, e, 1, now);
+    assert!(proceeded(&answers), "{:?}", c.refused());
+    assert_eq!(c.committed(), 1);
+    (c, ids, keys, w)
+}
+
+#[test]
+fn two_lying_neighbours_are_refuted_by_the_coordinators_recomputation() {
+    let now = Instant::now();
+    let (mut c, ids, keys, mut w) = refereed_robust(3, [84; 32], now);
+    // Replicas 0 and 1, the honest replica 2's only ring neighbours, both
+    // say its work does not give what it signed.
+    w.liars = vec![ids[0], ids[1]];
+    let e = c.epoch();
+    let (answers, orders) = drive(&mut c, &w, &ids, &keys, e, 2, now);
+    assert!(c.convictions().is_empty(), "{:?}", c.convictions());
+    // The coordinator recomputed replica 2's step from uploaded parameters.
+    let uploads = contribution_orders(&orders)
+        .iter()
+        .filter(|(_, o)| o.role == AuditRole::Weights)
+        .count();
+    assert!(uploads >= 1, "{orders:?}");
+    assert!(
+        c.coordinator_recomputations()
+            .get(&(0, "overturned"))
+            .is_some_and(|&n| n >= 1),
+        "{:?}",
+        c.coordinator_recomputations()
+    );
+    // Both liars were refuted and refused; nobody was convicted, and the
+    // honest replica keeps its slot.
+    assert!(c
+        .refused()
+        .get("overturned_verdict")
+        .is_some_and(|&n| n >= 2));
+    assert!(c.heartbeat(ids[2], now).is_ok());
+    assert!(c.status(now).quarantined.is_empty());
+    assert!(answers.contains_key(&ids[2]));
+}
+
+#[test]
+fn a_flipped_contribution_is_convicted_with_the_coordinators_recomputation_agreeing() {
+    let now = Instant::now();
+    let (mut c, ids, keys, mut w) = refereed_robust(3, [85; 32], now);
+    w.flip = Some((0, 1));
+    let e = c.epoch();
+    drive(&mut c, &w, &ids, &keys, e, 2, now);
+    let convictions = c.convictions();
+    assert_eq!(convictions.len(), 1, "{:?}", c.refused());
+    assert_eq!(convictions[0].worker, ids[1]);
+    let evidence: serde_json::Value =
+        serde_json::from_str(&convictions[0].evidence).expect("one line of JSON");
+    assert_eq!(evidence["confirmed_by"], "coordinator");
+    assert_eq!(evidence["coordinator"], evidence["recomputed"][0]);
+    assert_eq!(evidence["recomputed"][0], evidence["recomputed"][1]);
+    assert_ne!(evidence["coordinator"], evidence["contribution"]);
+    assert_eq!(
+        c.coordinator_recomputations().get(&(0, "convicted")),
+        Some(&1)
+    );
+    assert!(c.refused().get("overturned_verdict").is_none());
+}
+
+#[test]
+fn with_two_replicas_the_coordinator_is_the_second_validator_of_a_contribution() {
+    let now = Instant::now();
+    // A flipped contribution: the one neighbour and the coordinator agree.
+    let (mut c, ids, keys, mut w) = refereed_robust(2, [86; 32], now);
+    w.flip = Some((0, 0));
+    let e = c.epoch();
+    drive(&mut c, &w, &ids, &keys, e, 2, now);
+    let convictions = c.convictions();
+    assert_eq!(convictions.len(), 1, "{:?}", c.refused());
+    assert_eq!(convictions[0].worker, ids[0]);
+    let evidence: serde_json::Value =
+        serde_json::from_str(&convictions[0].evidence).expect("one line of JSON");
+    assert_eq!(evidence["second_validator"], "coordinator");
+    assert_eq!(evidence["coordinator"], evidence["recomputed"][0]);
+    assert!(c.heartbeat(ids[1], now).is_ok(), "the validator stays");
+    // A lying validator: the coordinator reproduces the commitment and
+    // refutes it; the step goes on.
+    let (mut c, ids, keys, mut w) = refereed_robust(2, [87; 32], now);
+    w.liars = vec![ids[1]];
+    let e = c.epoch();
+    drive(&mut c, &w, &ids, &keys, e, 2, now);
+    assert!(c.convictions().is_empty());
+    assert!(c
+        .refused()
+        .get("overturned_verdict")
+        .is_some_and(|&n| n >= 1));
+    assert!(c.heartbeat(ids[0], now).is_ok());
+    // A replica that sends other than it signed: the coordinator's
+    // recomputation gives the commitment and cannot see the gather, so
+    // the one neighbour's word convicts no one; the step is trained again.
+    let (mut c, ids, keys, mut w) = refereed_robust(2, [88; 32], now);
+    w.send_lie = Some((0, 0));
+    let e = c.epoch();
+    drive(&mut c, &w, &ids, &keys, e, 2, now);
+    assert!(c.convictions().is_empty());
+    assert!(c
+        .contribution_audit_outcomes()
+        .get(&(0, "unconfirmed"))
+        .is_some_and(|&n| n >= 1));
+    assert_eq!(c.committed(), 1);
+}

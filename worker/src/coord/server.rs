@@ -494,6 +494,28 @@ impl Shared {
                 hex::encode(&job.digest[..8])
             ));
         }
+        if let Some(c) = &job.contribution {
+            // A contribution audit's evidence is a set, checked against the
+            // commitments when it was uploaded.
+            let limit = self
+                .evidence_limit
+                .saturating_mul(c.micro_batches.len().max(1));
+            let set = match Evidence::decode_set(&job.evidence, limit) {
+                Ok(set) => set,
+                Err(e) => return RefereeResult::Failed(e.to_string()),
+            };
+            return match wk.recompute_contribution_detached(
+                &mut state,
+                before,
+                c.replica,
+                &c.micro_batches,
+                &set,
+                job.scale,
+            ) {
+                Ok(h) => RefereeResult::Contribution(h),
+                Err(e) => RefereeResult::Failed(e.to_string()),
+            };
+        }
         let evidence = match Evidence::decode(&job.evidence, self.evidence_limit) {
             Ok(e) => e,
             Err(e) => return RefereeResult::Failed(e.to_string()),

@@ -502,6 +502,27 @@ impl StageWorker {
         self.recompute(before, step, mb, evidence)
     }
 
+    /// [`StageWorker::recompute_contribution`] on a worker that did not
+    /// train (the coordinator's), as [`StageWorker::recompute_detached`]
+    /// is for one micro-batch: it takes step `step` (0-based) as its last
+    /// completed one and `scale` as the step's loss scale, then recomputes
+    /// replica `audited_replica`'s contribution with the weights of
+    /// `before` from `evidence`.
+    pub fn recompute_contribution_detached(
+        &mut self,
+        before: &mut StageState,
+        step: u64,
+        audited_replica: usize,
+        micro_batches: &[u64],
+        evidence: &BTreeMap<u64, Evidence>,
+        scale: f32,
+    ) -> Result<[u8; 32], PipelineError> {
+        self.step = step + 1;
+        self.scale = scale;
+        before.step = step;
+        self.recompute_contribution(before, step, audited_replica, micro_batches, evidence)
+    }
+
     /// Refuses a recomputation of step `step` (0-based) unless it is this
     /// worker's last completed step, `before` holds the state before it
     /// and fits the stage, and no micro-batch is in flight.

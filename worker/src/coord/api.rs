@@ -620,3 +620,30 @@ pub struct Failure {
     /// run fails.
     pub fatal: bool,
 }
+
+#[cfg(test)]
+mod float_tests {
+    use super::StepDone;
+
+    /// A step report's gradient norm comes back with the same bits it was
+    /// sent with: the coordinator compares it bit for bit with the norm a
+    /// replayed update was clipped by. Among these, values a best-effort
+    /// float parser reads one unit in the last place off.
+    #[test]
+    fn a_reported_gradient_norm_round_trips_bit_for_bit() {
+        let mut d: StepDone = serde_json::from_value(serde_json::json!({
+            "worker": 1, "epoch": 1, "completed": 1, "loss": null, "grad_norm": 1.0,
+            "seconds": 0.1, "busy_seconds": 0.1
+        }))
+        .expect("a minimal report");
+        // The norm two stages of a run were convicted over, then 10,000 more.
+        let mut x = 1.931_192_556_607_925_8_f64;
+        for k in 0..10_000u64 {
+            d.grad_norm = x;
+            let back: StepDone =
+                serde_json::from_str(&serde_json::to_string(&d).expect("json")).expect("parse");
+            assert_eq!(back.grad_norm.to_bits(), x.to_bits(), "{x:e}");
+            x = f64::from_bits(x.to_bits().wrapping_add(0x9E37_79B9 * k + 1)) * 1.0001;
+        }
+    }
+}

@@ -202,6 +202,12 @@ struct Referee {
     /// Why the replayed update did not give the digests committed to
     /// (`None`: it did, or none was replayed).
     wrong_update: Option<String>,
+    /// With an update replayed: every micro-batch of the step with its
+    /// committed hashes. The worker uploads the evidence of all of them,
+    /// and the coordinator recomputes the step's weight gradients from it,
+    /// which must be the gradient the update applied (`None`: the audited
+    /// micro-batch alone).
+    whole_step: Option<Vec<MicroBatchCommit>>,
 }
 
 /// What the coordinator holds a stage with one training replica to when it
@@ -247,6 +253,10 @@ pub struct RefereeJob {
     pub scale: f32,
     /// The update to replay as well (the upload is then an update upload).
     pub update: Option<UpdateCheck>,
+    /// With the update: every micro-batch of the step, whose recomputed
+    /// weight gradients must be the gradient the update applied (the
+    /// evidence is then a set of them all).
+    pub whole_step: Option<Vec<u64>>,
     /// A contribution audit's scope: the whole step of a replica is
     /// recomputed, not the micro-batch `mb` (the evidence is then a set).
     pub contribution: Option<ContributionJob>,
@@ -1053,6 +1063,8 @@ impl Coordinator {
             .first()
             .filter(|&&n| norms.iter().all(|&m| m == n))
             .map(|&n| f64::from_bits(n));
+        // With the update, the whole step's evidence (see `Referee`).
+        let all = c.hashes.clone();
         let update = match (c.update, c.params) {
             (Some((moments_after, applied)), Some(params_after))
                 if before == 0 || moments_before.is_some() =>
@@ -1098,6 +1110,7 @@ impl Coordinator {
                 tried: Vec::new(),
                 refused: 0,
                 result: None,
+                whole_step: update.is_some().then_some(all),
                 update,
                 wrong_update: None,
             }),
@@ -1171,9 +1184,16 @@ impl Coordinator {
             stage: a.stage,
             mb: a.mb(),
             role,
-            contribution: match &a.kind {
-                Kind::MicroBatch { .. } => None,
-                Kind::Contribution(scope) => Some(ContributionScope {
+            contribution: match (
+                &a.kind,
+                a.referee.as_ref().and_then(|r| r.whole_step.as_ref()),
+            ) {
+                (Kind::MicroBatch { .. }, None) => None,
+                // The evidence of the whole step, as one set.
+                (Kind::MicroBatch { .. }, Some(all)) => Some(ContributionScope {
+                    micro_batches: all.iter().map(|m| m.mb).collect(),
+                }),
+                (Kind::Contribution(scope), _) => Some(ContributionScope {
                     micro_batches: scope.indices(),
                 }),
             },
@@ -1574,6 +1594,7 @@ impl Coordinator {
             result: None,
             update: None,
             wrong_update: None,
+            whole_step: None,
         })
     }
 
@@ -1639,6 +1660,10 @@ impl Coordinator {
             digest: r.digest,
             scale,
             update: r.update.clone(),
+            whole_step: r
+                .whole_step
+                .as_ref()
+                .map(|all| all.iter().map(|m| m.mb).collect()),
             contribution,
         };
         if let Some(r) = self
@@ -2122,13 +2147,17 @@ impl Coordinator {
         if a.evidence.is_some() {
             return Ok(());
         }
-        let problem = match &a.kind {
-            Kind::MicroBatch { mb, committed } => match Evidence::decode(&bytes, max) {
+        let whole_step = a.referee.as_ref().and_then(|r| r.whole_step.as_deref());
+        let problem = match (&a.kind, whole_step) {
+            (Kind::MicroBatch { .. }, Some(all)) => {
+                self.evidence_set_problem(a.stage, step, all, &bytes, max)
+            }
+            (Kind::MicroBatch { mb, committed }, None) => match Evidence::decode(&bytes, max) {
                 Err(e) => Some(e.to_string()),
                 Ok(ev) => self.evidence_problem(a.stage, *mb, step, committed, &ev),
             },
-            Kind::Contribution(scope) => {
-                self.evidence_set_problem(a.stage, step, scope, &bytes, max)
+            (Kind::Contribution(scope), _) => {
+                self.evidence_set_problem(a.stage, step, &scope.micro_batches, &bytes, max)
             }
         };
         match problem {

@@ -386,25 +386,25 @@ impl Coordinator {
         list
     }
 
-    /// What is wrong with `bytes` as the evidence set of a contribution
-    /// audit of `scope` at `stage` in `step` (`None`: nothing): not a set
-    /// of at most `max` bytes per micro-batch, not exactly the scope's
-    /// micro-batches, or a micro-batch whose payloads do not match its own
-    /// and its neighbours' commitments.
+    /// What is wrong with `bytes` as the evidence set of an audit of
+    /// `micro_batches` (with their commitments) at `stage` in `step`
+    /// (`None`: nothing): not a set of at most `max` bytes per micro-batch,
+    /// not exactly those micro-batches, or a micro-batch whose payloads do
+    /// not match its own and its neighbours' commitments.
     pub(super) fn evidence_set_problem(
         &self,
         stage: usize,
         step: u64,
-        scope: &Scope,
+        micro_batches: &[MicroBatchCommit],
         bytes: &[u8],
         max: usize,
     ) -> Option<String> {
-        let limit = max.saturating_mul(scope.micro_batches.len().max(1));
+        let limit = max.saturating_mul(micro_batches.len().max(1));
         let set = match Evidence::decode_set(bytes, limit) {
             Ok(set) => set,
             Err(e) => return Some(e.to_string()),
         };
-        let mut want = scope.indices();
+        let mut want: Vec<u64> = micro_batches.iter().map(|m| m.mb).collect();
         want.sort_unstable();
         let got: Vec<u64> = set.keys().copied().collect();
         if got != want {
@@ -412,7 +412,7 @@ impl Coordinator {
                 "the set holds micro-batches {got:?}, the audit covers {want:?}"
             ));
         }
-        scope.micro_batches.iter().find_map(|m| {
+        micro_batches.iter().find_map(|m| {
             let ev = set.get(&m.mb)?;
             self.evidence_problem(stage, m.mb, step, &super::Hashes::of(m), ev)
                 .map(|p| format!("micro-batch {}: {p}", m.mb))

@@ -229,9 +229,9 @@ pub(super) struct Shared {
     /// Largest audit evidence accepted for one micro-batch, in bytes (see
     /// [`evidence_limit`]).
     pub(super) evidence_limit: usize,
-    /// Largest evidence upload accepted, in bytes: a contribution audit's
-    /// set of every micro-batch of a replica's step when those audits are
-    /// on, else one micro-batch's (see [`evidence_body_limit`]).
+    /// Largest evidence upload accepted, in bytes: a set of every
+    /// micro-batch of a step when audits or contribution audits are on,
+    /// else one micro-batch's (see [`evidence_body_limit`]).
     pub(super) evidence_body_limit: usize,
     /// Largest parameters upload accepted for the coordinator's own
     /// recomputation, in bytes: every parameter of the model (a tied head
@@ -516,11 +516,38 @@ impl Shared {
                 Err(e) => RefereeResult::Failed(e.to_string()),
             };
         }
-        let evidence = match Evidence::decode(&job.evidence, self.evidence_limit) {
-            Ok(e) => e,
-            Err(e) => return RefereeResult::Failed(e.to_string()),
+        // With the whole step the evidence is a set of every micro-batch,
+        // checked against the commitments when it was uploaded.
+        let set = match &job.whole_step {
+            None => None,
+            Some(all) => {
+                let limit = self.evidence_limit.saturating_mul(all.len().max(1));
+                match Evidence::decode_set(&job.evidence, limit) {
+                    Ok(set) => Some(set),
+                    Err(e) => return RefereeResult::Failed(e.to_string()),
+                }
+            }
         };
-        let hashes = match wk.recompute_detached(&mut state, before, job.mb, &evidence, job.scale) {
+        let one;
+        let evidence = match &set {
+            Some(set) => match set.get(&job.mb) {
+                Some(e) => e,
+                None => {
+                    return RefereeResult::Failed(format!(
+                        "the evidence set lacks micro-batch {}",
+                        job.mb
+                    ))
+                }
+            },
+            None => match Evidence::decode(&job.evidence, self.evidence_limit) {
+                Ok(e) => {
+                    one = e;
+                    &one
+                }
+                Err(e) => return RefereeResult::Failed(e.to_string()),
+            },
+        };
+        let hashes = match wk.recompute_detached(&mut state, before, job.mb, evidence, job.scale) {
             Ok(h) => [h.input, h.output, h.gradient],
             Err(e) => return RefereeResult::Failed(e.to_string()),
         };
@@ -571,6 +598,18 @@ impl Shared {
                     job.step, up.applied.grad_norm
                 ),
             );
+        }
+        // The gradient applied must be the one the step's micro-batches
+        // give (the tied matrices aside), recomputed from their evidence.
+        if let (Some(all), Some(set)) = (&job.whole_step, &set) {
+            let grads =
+                match wk.recompute_gradients_detached(&mut state, before, all, set, job.scale) {
+                    Ok(g) => g,
+                    Err(e) => return RefereeResult::Failed(e.to_string()),
+                };
+            if let Some(why) = wk.applied_mismatch(&grads, &up.applied.grads) {
+                return RefereeResult::WrongUpdate(hashes, format!("step {}: {why}", job.step));
+            }
         }
         // The update, replayed from the committed state and gradient.
         let (params, moments) = wk.replay_update(state, up);
@@ -692,11 +731,14 @@ pub fn evidence_limit(spec: &pipewright_spec::TrainingRunSpec, dim: usize) -> us
 pub const MAX_EVIDENCE_BODY: usize = 1 << 36;
 
 /// The largest evidence upload of a worker of `spec`, one micro-batch's
-/// evidence being at most `per_micro_batch` bytes: when contribution audits
-/// can be ordered (a robust aggregation, two or more replicas, a rate above
-/// 0) the set of every micro-batch a replica runs in a step
-/// (`training.microBatches` of them, since robust rules need
-/// `routing: lanes`), else one micro-batch's; at most
+/// evidence being at most `per_micro_batch` bytes: when audits are on, the
+/// set of every micro-batch a stage's one training replica runs in a step
+/// (the coordinator recomputes its whole step; at most
+/// `training.microBatches` × `pipeline.replicas`, every micro-batch of the
+/// step); when only contribution audits can be ordered (a robust
+/// aggregation, two or more replicas, a rate above 0) the set of every
+/// micro-batch a replica runs (`training.microBatches` of them, since
+/// robust rules need `routing: lanes`), else one micro-batch's; at most
 /// [`MAX_EVIDENCE_BODY`].
 pub fn evidence_body_limit(
     spec: &pipewright_spec::TrainingRunSpec,
@@ -707,8 +749,14 @@ pub fn evidence_body_limit(
             .validation
             .effective_contribution_audit_rate(spec.pipeline.aggregation)
             > 0.0;
-    let n = if contribution_audits {
-        spec.training.micro_batches.max(1)
+    let m = spec.training.micro_batches.max(1);
+    // A stage with one training replica audited by the coordinator
+    // uploads its whole step's evidence (any stage may train alone while
+    // the others stand by).
+    let n = if spec.validation.audit_rate > 0.0 {
+        m.saturating_mul(spec.pipeline.replicas.max(1))
+    } else if contribution_audits {
+        m
     } else {
         1
     };

@@ -1100,14 +1100,22 @@ fn shared_for(
 #[test]
 fn contribution_audits_follow_the_manifests_aggregation_and_rate() {
     let dir = tempfile::tempdir().expect("tempdir");
-    // Under mean: no robust rule, evidence of one micro-batch at a time.
+    // Under mean with audits on: no robust rule, but a stage training
+    // alone uploads its whole step (at most every micro-batch of it).
     let mean = shared_for(dir.path(), |s| s.pipeline.replicas = 3);
     assert!(!super::server::lock(&mean.coord).robust_aggregation());
-    assert_eq!(mean.evidence_body_limit, mean.evidence_limit);
+    assert_eq!(mean.evidence_body_limit, 2 * 3 * mean.evidence_limit);
+    // Audits off: one micro-batch at a time.
+    let one = shared_for(dir.path(), |s| {
+        s.pipeline.replicas = 3;
+        s.validation.audit_rate = 0.0;
+    });
+    assert_eq!(one.evidence_body_limit, one.evidence_limit);
     // Under a robust rule at the default rate: a replica's whole step.
     let robust = shared_for(dir.path(), |s| {
         s.pipeline.replicas = 3;
         s.pipeline.aggregation = pipewright_spec::Aggregation::Median;
+        s.validation.audit_rate = 0.0;
     });
     assert!(super::server::lock(&robust.coord).robust_aggregation());
     assert_eq!(robust.evidence_body_limit, 2 * robust.evidence_limit);
@@ -1115,6 +1123,7 @@ fn contribution_audits_follow_the_manifests_aggregation_and_rate() {
     let off = shared_for(dir.path(), |s| {
         s.pipeline.replicas = 3;
         s.pipeline.aggregation = pipewright_spec::Aggregation::Median;
+        s.validation.audit_rate = 0.0;
         s.validation.contribution_audit_rate = Some(0.0);
     });
     assert_eq!(off.evidence_body_limit, off.evidence_limit);

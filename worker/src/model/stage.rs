@@ -526,6 +526,23 @@ impl Stage {
         self.head.as_mut().map(|h| (&mut h.weight, h.tied))
     }
 
+    /// The indices in [`Stage::params`] of the matrices a tied model's
+    /// first and last stage share: the embedding (on the first stage) and
+    /// the LM head (on the last). Empty in an untied model.
+    pub fn tied_indices(&self) -> Vec<usize> {
+        if !self.cfg.tied {
+            return Vec::new();
+        }
+        let mut v = Vec::new();
+        if self.embed.is_some() {
+            v.push(0);
+        }
+        if self.head.as_ref().is_some_and(|h| h.tied) {
+            v.push(self.params().len() - 1);
+        }
+        v
+    }
+
     /// Set every gradient to zero.
     pub fn zero_grad(&mut self) {
         for p in self.params_mut() {

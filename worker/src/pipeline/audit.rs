@@ -345,7 +345,95 @@ impl StageWorker {
             )));
         }
         self.check_recomputable(before, step)?;
-        let order = self.order_for(audited_replica);
+        let ops = self.ops_of(step, audited_replica, micro_batches, evidence)?;
+        self.with_weights_of(before, |w| {
+            let loss_sum = w.run_ops(step, ops, evidence)?;
+            Ok(w.contribution_hash(loss_sum))
+        })
+    }
+
+    /// The weight gradients a stage with one training replica accumulates
+    /// over step `step` (0-based) from `evidence` (every micro-batch of the
+    /// step) with the weights of `before`, on a worker that did not train
+    /// (the coordinator's): every operation of the step's schedule, as
+    /// [`StageWorker::recompute_contribution`] runs them, at loss scale
+    /// `scale`. Every parameter's gradient, in the stage's order, before
+    /// the tied matrices' exchange, the clip and the update.
+    pub fn recompute_gradients_detached(
+        &mut self,
+        before: &mut StageState,
+        step: u64,
+        micro_batches: &[u64],
+        evidence: &BTreeMap<u64, Evidence>,
+        scale: f32,
+    ) -> Result<Vec<Vec<f32>>, PipelineError> {
+        self.step = step + 1;
+        self.scale = scale;
+        before.step = step;
+        self.check_recomputable(before, step)?;
+        let ops = self.ops_of(step, 0, micro_batches, evidence)?;
+        self.with_weights_of(before, |w| {
+            w.run_ops(step, ops, evidence)?;
+            Ok(w.stage.params().iter().map(|p| p.grad.clone()).collect())
+        })
+    }
+
+    /// Why `applied` (a step's applied gradient, as an update upload
+    /// carries it) is not `recomputed` (the one its micro-batches give,
+    /// [`StageWorker::recompute_gradients_detached`]), bit for bit: the
+    /// first parameter that differs (`None`: none does). The tied
+    /// embedding and head matrices are left out: their gradients hold the
+    /// other tied stage's too, which no evidence carries.
+    pub fn applied_mismatch(
+        &self,
+        recomputed: &[Vec<f32>],
+        applied: &[Vec<f32>],
+    ) -> Option<String> {
+        let params = self.stage.params();
+        if recomputed.len() != applied.len() || applied.len() != params.len() {
+            return Some(format!(
+                "it holds {} parameters' gradients, the stage has {}",
+                applied.len(),
+                params.len()
+            ));
+        }
+        let tied = self.stage.tied_indices();
+        params
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !tied.contains(i))
+            .find_map(|(i, p)| {
+                let (r, a) = (&recomputed[i], &applied[i]);
+                let same =
+                    r.len() == a.len() && r.iter().zip(a).all(|(x, y)| x.to_bits() == y.to_bits());
+                (!same).then(|| {
+                    let at = r
+                        .iter()
+                        .zip(a)
+                        .position(|(x, y)| x.to_bits() != y.to_bits())
+                        .unwrap_or(0);
+                    format!(
+                        "the gradient it applied to {} is not the one its micro-batches give \
+                         (element {at}: {} applied, {} recomputed)",
+                        p.name,
+                        a.get(at).copied().unwrap_or(f32::NAN),
+                        r.get(at).copied().unwrap_or(f32::NAN)
+                    )
+                })
+            })
+    }
+
+    /// The operations replica `replica`'s schedule gives it in step `step`
+    /// on `micro_batches` (each one it runs, none twice), in order, once
+    /// `evidence` holds exactly those micro-batches.
+    fn ops_of(
+        &self,
+        step: u64,
+        replica: usize,
+        micro_batches: &[u64],
+        evidence: &BTreeMap<u64, Evidence>,
+    ) -> Result<Vec<Op>, PipelineError> {
+        let order = self.order_for(replica);
         let runs: BTreeSet<u64> = order
             .iter()
             .filter(|op| matches!(op, Op::Forward { .. }))
@@ -360,7 +448,7 @@ impl StageWorker {
             }
             if !runs.contains(&mb) {
                 return Err(PipelineError::Audit(format!(
-                    "replica {audited_replica} of stage {} runs no micro-batch {mb} in step {}",
+                    "replica {replica} of stage {} runs no micro-batch {mb} in step {}",
                     self.shard.stage,
                     step + 1
                 )));
@@ -374,41 +462,51 @@ impl StageWorker {
                 "the evidence's micro-batches are not the audited ones (micro-batch {mb})"
             )));
         }
-        let ops: Vec<Op> = order
+        Ok(order
             .into_iter()
             .filter(|op| scope.contains(&u64::from(op.micro_batch())))
-            .collect();
-        self.with_weights_of(before, |w| {
-            // The step left every gradient at zero; the recomputation
-            // accumulates from there.
-            w.stage.zero_grad();
-            let mut loss_sum = 0f64;
-            for op in ops {
-                let mb = u64::from(op.micro_batch());
-                let e = &evidence[&mb];
-                match op {
-                    Op::Forward { .. } => {
-                        if let (_, StageOutput::Loss(l)) = w.replay_forward(step, mb, e)? {
-                            loss_sum += f64::from(l);
-                        }
+            .collect())
+    }
+
+    /// Runs `ops` of step `step` from `evidence` with the weights in place,
+    /// accumulating the weight gradients from zero as the step does.
+    /// Returns the sum of the micro-batches' losses (0 but on the last
+    /// stage).
+    fn run_ops(
+        &mut self,
+        step: u64,
+        ops: Vec<Op>,
+        evidence: &BTreeMap<u64, Evidence>,
+    ) -> Result<f64, PipelineError> {
+        // The step left every gradient at zero; the recomputation
+        // accumulates from there.
+        self.stage.zero_grad();
+        let mut loss_sum = 0f64;
+        for op in ops {
+            let mb = u64::from(op.micro_batch());
+            let e = &evidence[&mb];
+            match op {
+                Op::Forward { .. } => {
+                    if let (_, StageOutput::Loss(l)) = self.replay_forward(step, mb, e)? {
+                        loss_sum += f64::from(l);
                     }
-                    Op::Backward { .. } => {
-                        w.replay_backward_input(mb, e)?;
-                        w.stage.backward_weight(mb)?;
-                    }
-                    Op::BackwardInput { .. } => {
-                        w.replay_backward_input(mb, e)?;
-                    }
-                    Op::BackwardWeight { .. } => w.stage.backward_weight(mb)?,
                 }
+                Op::Backward { .. } => {
+                    self.replay_backward_input(mb, e)?;
+                    self.stage.backward_weight(mb)?;
+                }
+                Op::BackwardInput { .. } => {
+                    self.replay_backward_input(mb, e)?;
+                }
+                Op::BackwardWeight { .. } => self.stage.backward_weight(mb)?,
             }
-            if w.stage.in_flight() != 0 {
-                return Err(PipelineError::Audit(
-                    "the replica's order left micro-batches without a backward".into(),
-                ));
-            }
-            Ok(w.contribution_hash(loss_sum))
-        })
+        }
+        if self.stage.in_flight() != 0 {
+            return Err(PipelineError::Audit(
+                "the replica's order left micro-batches without a backward".into(),
+            ));
+        }
+        Ok(loss_sum)
     }
 
     /// The bytes of a stage's parameters as a weights upload carries them

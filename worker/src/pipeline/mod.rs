@@ -1574,7 +1574,22 @@ impl StageWorker {
         let groups = self.stage.weight_groups();
         let reducer = match (reducer, self.ring.take()) {
             (Some(r), _) => r,
-            (None, None) => return Ok(last.then_some((loss_sum / m) as f32)),
+            (None, None) => {
+                // Alone on its stage, a gradient drill changes the gradient
+                // its own update applies (and commits to), group by group
+                // as a ring's buckets would be.
+                if let Some((kind, seed)) = self.contribution_attack().filter(|(k, _)| {
+                    !matches!(k, AttackKind::ContributionLie | AttackKind::GradNan)
+                }) {
+                    for (k, g) in groups.iter().enumerate() {
+                        let mut params = self.stage.params_mut();
+                        for &i in g {
+                            attack::corrupt_gradient(kind, &mut params[i].grad, seed ^ k as u64);
+                        }
+                    }
+                }
+                return Ok(last.then_some((loss_sum / m) as f32));
+            }
             // No weight half ran on this worker in this step (a route gave
             // it no micro-batch): its zero gradients join the same buckets.
             (None, Some(ring)) => {

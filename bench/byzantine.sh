@@ -89,6 +89,8 @@ attacks=(
     "lazy-zeros|SR=lazy-zeros|single"
     "lazy-replay|SR=lazy-replay|single"
     "stale|SR=stale|single"
+    "sign-flip|SR=sign-flip|single"
+    "scale|SR=scale|single"
     "forge|SR=forge|single"
 )
 single_manifest=bench/manifests/byzantine-single.yaml

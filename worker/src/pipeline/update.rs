@@ -18,10 +18,10 @@
 //! that skipped its update, applied another one or altered its weights or
 //! moments afterwards does not reproduce the digests it signed.
 //!
-//! What this does not check is the applied gradient itself: it is the
-//! stage's own sum over its micro-batches, which no one else holds. The
-//! micro-batch audits check the forward and input backward of one
-//! micro-batch at a time, not its weight gradient.
+//! The applied gradient itself is checked apart: the coordinator
+//! recomputes the step's weight gradients from the evidence of every
+//! micro-batch of the step ([`StageWorker::recompute_gradients_detached`])
+//! and holds the applied one to them ([`StageWorker::applied_mismatch`]).
 
 use super::{applied_digest, moments_digest, PipelineError, StageState, StageWorker};
 use crate::optim::AdamW;
@@ -384,6 +384,56 @@ spec:
                 assert_ne!(m, moments_after);
             }
         }
+    }
+
+    /// The whole step recomputed from the parameters before it gives the
+    /// gradient an honest worker applied, bit for bit, at each of 3 steps
+    /// (the tied matrices aside); the `sign-flip` and `scale` drills, which
+    /// a lone replica applies to its own update, do not.
+    #[test]
+    fn the_applied_gradient_is_the_one_the_steps_micro_batches_give() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut judge = worker(dir.path());
+        // One stage samples its tokens: its evidence holds no payload.
+        let set: std::collections::BTreeMap<u64, crate::pipeline::Evidence> = (0..2)
+            .map(|m| (m, crate::pipeline::Evidence::default()))
+            .collect();
+        for attack in [
+            None,
+            Some(AttackKind::SignFlip),
+            Some(AttackKind::Scale(100.0)),
+        ] {
+            let mut w = worker(dir.path());
+            w.set_attack(attack.map(|kind| crate::pipeline::Attack { kind, from_step: 3 }));
+            for k in 0..3u64 {
+                let Stepped { upload, .. } = step(&mut w);
+                let params = judge.update_params(&upload).expect("the size");
+                let (mut before, _) = judge.decode_weights(params, k).expect("parameters");
+                let up = judge.decode_update(&upload, k).expect("decode");
+                let grads = judge
+                    .recompute_gradients_detached(&mut before, k, &[0, 1], &set, 0.5)
+                    .expect("recomputed");
+                let why = judge.applied_mismatch(&grads, &up.applied.grads);
+                if attack.is_none() || k < 2 {
+                    assert_eq!(why, None, "{attack:?} step {}", k + 1);
+                } else {
+                    let why = why.expect("another gradient");
+                    assert!(
+                        why.contains("is not the one its micro-batches give"),
+                        "{why}"
+                    );
+                }
+            }
+        }
+        // Evidence of other micro-batches than the step's is refused.
+        let mut w = worker(dir.path());
+        let Stepped { upload, .. } = step(&mut w);
+        let (mut before, _) = judge
+            .decode_weights(judge.update_params(&upload).expect("size"), 0)
+            .expect("parameters");
+        assert!(judge
+            .recompute_gradients_detached(&mut before, 0, &[0], &set, 0.5)
+            .is_err());
     }
 
     #[test]

@@ -186,7 +186,18 @@ impl World {
                 if self.no_evidence.contains(&worker) {
                     return false;
                 }
-                let bytes = self.evidence(o.stage, o.mb).encode().expect("encode");
+                // With the update replayed, the whole step's evidence.
+                let bytes = match &o.contribution {
+                    Some(scope) => {
+                        let set: BTreeMap<u64, Evidence> = scope
+                            .micro_batches
+                            .iter()
+                            .map(|&m| (m, self.evidence(o.stage, m)))
+                            .collect();
+                        Evidence::encode_set(&set).expect("encode")
+                    }
+                    None => self.evidence(o.stage, o.mb).encode().expect("encode"),
+                };
                 c.put_evidence(worker, o.audit, bytes, MAX, now)
                     .expect("matching evidence");
                 let _ = c.audit_report(&provided, RUN_ID, now);
@@ -258,7 +269,16 @@ impl World {
         } else if self.cannot_build {
             RefereeResult::Failed("the corpus is unreadable here".into())
         } else {
-            let ev = Evidence::decode(&job.evidence, MAX).expect("evidence");
+            let ev = match &job.whole_step {
+                Some(all) => {
+                    assert!(job.update.is_some(), "the whole step with the update");
+                    let mut set =
+                        Evidence::decode_set(&job.evidence, MAX * all.len()).expect("a set");
+                    assert_eq!(set.keys().copied().collect::<Vec<_>>(), *all);
+                    set.remove(&job.mb).expect("the audited micro-batch")
+                }
+                None => Evidence::decode(&job.evidence, MAX).expect("evidence"),
+            };
             let input = match &ev.input {
                 Some(b) => hash(b),
                 None => hash(format!("tokens {}", job.mb).as_bytes()),

@@ -838,13 +838,14 @@ fn referee_memory(manifest: &pipewright_spec::TrainingRun, vocab: usize) -> Resu
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024);
-    // A quarter more for the allocator: measured on a 4-stage run of
-    // 10.4M parameters, a recomputation with the update's replay raised
-    // the coordinator's resident set by 1.16 times the stage's total and
-    // its upload's bytes.
+    // Per parameter: an update upload (16 bytes) and its decoded copy
+    // (16), and the whole step's recomputed gradients (4). A quarter more
+    // for the allocator: measured on a 4-stage run of 10.4M parameters, a
+    // recomputation with the update's replay raised the coordinator's
+    // resident set by 1.16 times the stage's total and its upload's bytes.
     let need = stage
         .total_bytes
-        .saturating_add(stage.params.saturating_mul(32))
+        .saturating_add(stage.params.saturating_mul(36))
         .saturating_mul(5)
         / 4
         + crate::plan::PROCESS_OVERHEAD_BYTES

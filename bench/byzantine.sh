@@ -314,6 +314,12 @@ for k in $(seq 1 $((half > seeds ? half : seeds))); do
         record "$run" noaudit uniform "$k" 0 "$rc" "$secs" ""
         echo "clean run without audits, seed $k: exit $rc, $((secs / 1000)) s" >&2
     fi
+    if ((k <= seeds)); then
+        run="$work/noaudit-single-$k"
+        read -r rc secs < <(launched "$run" "$(manifest_for "$k" 0 single)")
+        record "$run" noaudit single "$k" 0 "$rc" "$secs" ""
+        echo "clean run with one replica per stage without audits, seed $k: exit $rc, $((secs / 1000)) s" >&2
+    fi
 done
 load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
 elapsed=$(($(date +%s) - started))
@@ -322,6 +328,7 @@ python3 - "$results" "$(machine)" "$commit" "$load_before" "$load_after" "$elaps
     "${steps:-40}" "${missing[*]:-}" "$per_run_limit" >"$out" <<'PY'
 import json, statistics, sys
 path, machine, commit, before, after, elapsed, steps, missing, LIMIT = sys.argv[1:10]
+single_manifest_name = "bench/manifests/byzantine-single.yaml"
 rows = [json.loads(l) for l in open(path)]
 order = []
 for r in rows:
@@ -441,7 +448,7 @@ if not_ended:
 print()
 print("## Cost of the audits")
 print()
-na = [r for r in rows if r["kind"] == "noaudit" and r.get("step_seconds")]
+na = [r for r in rows if r["kind"] == "noaudit" and r["name"] == "uniform" and r.get("step_seconds")]
 wa = [r for r in uni if r.get("step_seconds")]
 if na and wa:
     a, b = med([r["step_seconds"] for r in wa]), med([r["step_seconds"] for r in na])
@@ -461,6 +468,25 @@ if na and wa:
     if eq:
         print(f"Losses with and without audits bit for bit equal: {sum(eq)} of {len(eq)} seeds (an audit")
         print("changes nothing of the validator's state).")
+# With one replica per stage the coordinator is the validator: it
+# recomputes the audited micro-batch and the whole step, and replays the
+# update, while the step waits.
+ns = {r["seed"]: r["step_seconds"] for r in rows
+      if r["kind"] == "noaudit" and r["name"] == "single" and r.get("step_seconds")}
+ws = [r for r in sin if r.get("step_seconds") and r["seed"] in ns]
+if ws:
+    a, b = med([r["step_seconds"] for r in ws]), med([ns[r["seed"]] for r in ws])
+    ratios = [r["step_seconds"] / ns[r["seed"]] - 1 for r in ws]
+    print()
+    print(f"With one replica per stage (`{single_manifest_name}`, the coordinator as validator:")
+    print(f"the audited micro-batch, the whole step's gradients and the update recomputed):")
+    print(f"{a * 1e3:.1f} ms with audits, {b * 1e3:.1f} ms with `auditRate: 0` ({len(ws)} seeds):")
+    print(f"{100 * (a - b) / b:+.1f}% for the audits; seed by seed {100 * min(ratios):+.1f}% to "
+          f"{100 * max(ratios):+.1f}% (median {100 * med(ratios):+.1f}%).")
+    eq = [r["losses"] == clean[("noaudit", "single", r["seed"])]["losses"] for r in ws
+          if r["losses"] and clean.get(("noaudit", "single", r["seed"]), {}).get("losses")]
+    if eq:
+        print(f"Losses with and without audits bit for bit equal: {sum(eq)} of {len(eq)} seeds.")
 print()
 # What each drill changes, for the attacks the checks cannot see by design.
 NOTES = {

@@ -328,7 +328,6 @@ python3 - "$results" "$(machine)" "$commit" "$load_before" "$load_after" "$elaps
     "${steps:-40}" "${missing[*]:-}" "$per_run_limit" >"$out" <<'PY'
 import json, statistics, sys
 path, machine, commit, before, after, elapsed, steps, missing, LIMIT = sys.argv[1:10]
-single_manifest_name = "bench/manifests/byzantine-single.yaml"
 rows = [json.loads(l) for l in open(path)]
 order = []
 for r in rows:
@@ -448,45 +447,38 @@ if not_ended:
 print()
 print("## Cost of the audits")
 print()
-na = [r for r in rows if r["kind"] == "noaudit" and r["name"] == "uniform" and r.get("step_seconds")]
-wa = [r for r in uni if r.get("step_seconds")]
-if na and wa:
-    a, b = med([r["step_seconds"] for r in wa]), med([r["step_seconds"] for r in na])
-    print(f"Median step time (the slowest worker's mean wall time per step, the first step left out):")
-    print(f"{a * 1e3:.1f} ms with audits ({len(wa)} runs), {b * 1e3:.1f} ms with `auditRate: 0` and")
-    print(f"`contributionAuditRate: 0` ({len(na)} runs):")
-    print(f"{100 * (a - b) / b:+.1f}% for the audits.", end=" ")
-    by_seed = {r["seed"]: r["step_seconds"] for r in na}
-    ratios = [r["step_seconds"] / by_seed[r["seed"]] - 1 for r in wa if r["seed"] in by_seed]
-    if ratios:
-        print(f"Seed by seed (the runs of a seed follow each other): median "
-              f"{100 * med(ratios):+.1f}%, from {100 * min(ratios):+.1f}% to {100 * max(ratios):+.1f}%.")
-    else:
-        print()
-    equal = [clean.get(("clean", "uniform", r["seed"])) for r in na]
-    eq = [u["losses"] == r["losses"] for u, r in zip(equal, na) if u and u["losses"] and r["losses"]]
-    if eq:
-        print(f"Losses with and without audits bit for bit equal: {sum(eq)} of {len(eq)} seeds (an audit")
-        print("changes nothing of the validator's state).")
-# With one replica per stage the coordinator is the validator: it
-# recomputes the audited micro-batch and the whole step, and replays the
-# update, while the step waits.
-ns = {r["seed"]: r["step_seconds"] for r in rows
-      if r["kind"] == "noaudit" and r["name"] == "single" and r.get("step_seconds")}
-ws = [r for r in sin if r.get("step_seconds") and r["seed"] in ns]
-if ws:
-    a, b = med([r["step_seconds"] for r in ws]), med([ns[r["seed"]] for r in ws])
-    ratios = [r["step_seconds"] / ns[r["seed"]] - 1 for r in ws]
+def wall(r):
+    """The run's training wall time per step: the audits' waits at the
+    step barrier count, which a worker's own step time leaves out."""
+    s = r.get("summary") or {}
+    return s["seconds"] / s["steps"] if s.get("seconds") and s.get("steps") else None
+
+print("Wall time per step: each run's training wall time over its steps (from the launcher's")
+print("summary), so the time every worker waits at the step barrier while the step's audits are")
+print("decided counts; the runs of a seed follow each other.")
+print()
+def cost(label, audited, plain):
+    by_seed = {r["seed"]: wall(r) for r in plain if wall(r)}
+    pairs = [(wall(r), by_seed[r["seed"]]) for r in audited if wall(r) and r["seed"] in by_seed]
+    if not pairs:
+        return
+    a, b = med([x for x, _ in pairs]), med([y for _, y in pairs])
+    ratios = [x / y - 1 for x, y in pairs]
+    print(f"{label}: {a * 1e3:.1f} ms with audits, {b * 1e3:.1f} ms with `auditRate: 0` and "
+          f"`contributionAuditRate: 0` ({len(pairs)} seeds): {100 * (a - b) / b:+.1f}% for the audits; "
+          f"seed by seed median {100 * med(ratios):+.1f}%, from {100 * min(ratios):+.1f}% to "
+          f"{100 * max(ratios):+.1f}%.")
     print()
-    print(f"With one replica per stage (`{single_manifest_name}`, the coordinator as validator:")
-    print(f"the audited micro-batch, the whole step's gradients and the update recomputed):")
-    print(f"{a * 1e3:.1f} ms with audits, {b * 1e3:.1f} ms with `auditRate: 0` ({len(ws)} seeds):")
-    print(f"{100 * (a - b) / b:+.1f}% for the audits; seed by seed {100 * min(ratios):+.1f}% to "
-          f"{100 * max(ratios):+.1f}% (median {100 * med(ratios):+.1f}%).")
-    eq = [r["losses"] == clean[("noaudit", "single", r["seed"])]["losses"] for r in ws
-          if r["losses"] and clean.get(("noaudit", "single", r["seed"]), {}).get("losses")]
-    if eq:
-        print(f"Losses with and without audits bit for bit equal: {sum(eq)} of {len(eq)} seeds.")
+na = [r for r in rows if r["kind"] == "noaudit" and r["name"] == "uniform"]
+ns = [r for r in rows if r["kind"] == "noaudit" and r["name"] == "single"]
+cost("2 stages × 3 replicas (`bench/manifests/byzantine.yaml`, replicas validate)", uni, na)
+cost("2 stages × 1 replica (`bench/manifests/byzantine-single.yaml`, the coordinator validates: "
+     "the audited micro-batch, the whole step's gradients and the update)", sin, ns)
+pairs = [(clean.get(("clean", r["name"], r["seed"])), r) for r in na + ns]
+eq = [u["losses"] == r["losses"] for u, r in pairs if u and u["losses"] and r["losses"]]
+if eq:
+    print(f"Losses with and without audits bit for bit equal: {sum(eq)} of {len(eq)} seeds (an audit")
+    print("changes nothing of the validator's state).")
 print()
 # What each drill changes, for the attacks the checks cannot see by design.
 NOTES = {

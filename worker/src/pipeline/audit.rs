@@ -367,9 +367,7 @@ impl StageWorker {
         evidence: &BTreeMap<u64, Evidence>,
         scale: f32,
     ) -> Result<Vec<Vec<f32>>, PipelineError> {
-        self.step = step + 1;
-        self.scale = scale;
-        before.step = step;
+        self.detach_at(before, step, scale);
         self.check_recomputable(before, step)?;
         let ops = self.ops_of(step, 0, micro_batches, evidence)?;
         self.with_weights_of(before, |w| {
@@ -594,9 +592,7 @@ impl StageWorker {
         evidence: &Evidence,
         scale: f32,
     ) -> Result<MicroBatchHashes, PipelineError> {
-        self.step = step + 1;
-        self.scale = scale;
-        before.step = step;
+        self.detach_at(before, step, scale);
         self.recompute(before, step, mb, evidence)
     }
 
@@ -615,10 +611,17 @@ impl StageWorker {
         evidence: &BTreeMap<u64, Evidence>,
         scale: f32,
     ) -> Result<[u8; 32], PipelineError> {
+        self.detach_at(before, step, scale);
+        self.recompute_contribution(before, step, audited_replica, micro_batches, evidence)
+    }
+
+    /// Makes this worker, which did not train (the coordinator's), take
+    /// step `step` (0-based) as its last completed one, `scale` as that
+    /// step's loss scale and `before` as the state before it.
+    fn detach_at(&mut self, before: &mut StageState, step: u64, scale: f32) {
         self.step = step + 1;
         self.scale = scale;
         before.step = step;
-        self.recompute_contribution(before, step, audited_replica, micro_batches, evidence)
     }
 
     /// Refuses a recomputation of step `step` (0-based) unless it is this

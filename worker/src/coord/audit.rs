@@ -253,17 +253,18 @@ pub struct RefereeJob {
     pub scale: f32,
     /// The update to replay as well (the upload is then an update upload).
     pub update: Option<UpdateCheck>,
-    /// With the update: every micro-batch of the step, whose recomputed
-    /// weight gradients must be the gradient the update applied (the
-    /// evidence is then a set of them all).
-    pub whole_step: Option<Vec<u64>>,
+    /// With the update: the audited replica and every micro-batch of its
+    /// step, whose recomputed weight gradients must be the gradient the
+    /// update applied (the evidence is then a set of them all).
+    pub whole_step: Option<ContributionJob>,
     /// A contribution audit's scope: the whole step of a replica is
     /// recomputed, not the micro-batch `mb` (the evidence is then a set).
     pub contribution: Option<ContributionJob>,
 }
 
-/// A disputed contribution the coordinator recomputes (see
-/// [`RefereeJob::contribution`]).
+/// A replica's whole step the coordinator recomputes: a disputed
+/// contribution (see [`RefereeJob::contribution`]) or a lone replica's
+/// applied gradient (see [`RefereeJob::whole_step`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ContributionJob {
     /// The audited replica.
@@ -1660,10 +1661,10 @@ impl Coordinator {
             digest: r.digest,
             scale,
             update: r.update.clone(),
-            whole_step: r
-                .whole_step
-                .as_ref()
-                .map(|all| all.iter().map(|m| m.mb).collect()),
+            whole_step: r.whole_step.as_ref().map(|all| ContributionJob {
+                replica: a.replica,
+                micro_batches: all.iter().map(|m| m.mb).collect(),
+            }),
             contribution,
         };
         if let Some(r) = self

@@ -273,8 +273,9 @@ impl World {
                 Some(all) => {
                     assert!(job.update.is_some(), "the whole step with the update");
                     let mut set =
-                        Evidence::decode_set(&job.evidence, MAX * all.len()).expect("a set");
-                    assert_eq!(set.keys().copied().collect::<Vec<_>>(), *all);
+                        Evidence::decode_set(&job.evidence, MAX * all.micro_batches.len())
+                            .expect("a set");
+                    assert_eq!(set.keys().copied().collect::<Vec<_>>(), all.micro_batches);
                     set.remove(&job.mb).expect("the audited micro-batch")
                 }
                 None => Evidence::decode(&job.evidence, MAX).expect("evidence"),

@@ -521,7 +521,9 @@ impl Shared {
         let set = match &job.whole_step {
             None => None,
             Some(all) => {
-                let limit = self.evidence_limit.saturating_mul(all.len().max(1));
+                let limit = self
+                    .evidence_limit
+                    .saturating_mul(all.micro_batches.len().max(1));
                 match Evidence::decode_set(&job.evidence, limit) {
                     Ok(set) => Some(set),
                     Err(e) => return RefereeResult::Failed(e.to_string()),
@@ -602,11 +604,17 @@ impl Shared {
         // The gradient applied must be the one the step's micro-batches
         // give (the tied matrices aside), recomputed from their evidence.
         if let (Some(all), Some(set)) = (&job.whole_step, &set) {
-            let grads =
-                match wk.recompute_gradients_detached(&mut state, before, all, set, job.scale) {
-                    Ok(g) => g,
-                    Err(e) => return RefereeResult::Failed(e.to_string()),
-                };
+            let grads = match wk.recompute_gradients_detached(
+                &mut state,
+                before,
+                all.replica,
+                &all.micro_batches,
+                set,
+                job.scale,
+            ) {
+                Ok(g) => g,
+                Err(e) => return RefereeResult::Failed(e.to_string()),
+            };
             if let Some(why) = wk.applied_mismatch(&grads, &up.applied.grads) {
                 return RefereeResult::WrongUpdate(hashes, format!("step {}: {why}", job.step));
             }

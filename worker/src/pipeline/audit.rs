@@ -352,9 +352,10 @@ impl StageWorker {
         })
     }
 
-    /// The weight gradients a stage with one training replica accumulates
-    /// over step `step` (0-based) from `evidence` (every micro-batch of the
-    /// step) with the weights of `before`, on a worker that did not train
+    /// The weight gradients replica `replica`, its stage's one training
+    /// replica, accumulates over step `step` (0-based) from `evidence`
+    /// (every micro-batch it ran) with the weights of `before`, on a worker
+    /// that did not train
     /// (the coordinator's): every operation of the step's schedule, as
     /// [`StageWorker::recompute_contribution`] runs them, at loss scale
     /// `scale`. Every parameter's gradient, in the stage's order, before
@@ -363,13 +364,14 @@ impl StageWorker {
         &mut self,
         before: &mut StageState,
         step: u64,
+        replica: usize,
         micro_batches: &[u64],
         evidence: &BTreeMap<u64, Evidence>,
         scale: f32,
     ) -> Result<Vec<Vec<f32>>, PipelineError> {
         self.detach_at(before, step, scale);
         self.check_recomputable(before, step)?;
-        let ops = self.ops_of(step, 0, micro_batches, evidence)?;
+        let ops = self.ops_of(step, replica, micro_batches, evidence)?;
         self.with_weights_of(before, |w| {
             w.run_ops(step, ops, evidence)?;
             Ok(w.stage.params().iter().map(|p| p.grad.clone()).collect())

@@ -411,7 +411,7 @@ spec:
                 let (mut before, _) = judge.decode_weights(params, k).expect("parameters");
                 let up = judge.decode_update(&upload, k).expect("decode");
                 let grads = judge
-                    .recompute_gradients_detached(&mut before, k, &[0, 1], &set, 0.5)
+                    .recompute_gradients_detached(&mut before, k, 0, &[0, 1], &set, 0.5)
                     .expect("recomputed");
                 let why = judge.applied_mismatch(&grads, &up.applied.grads);
                 if attack.is_none() || k < 2 {
@@ -432,7 +432,7 @@ spec:
             .decode_weights(judge.update_params(&upload).expect("size"), 0)
             .expect("parameters");
         assert!(judge
-            .recompute_gradients_detached(&mut before, 0, &[0], &set, 0.5)
+            .recompute_gradients_detached(&mut before, 0, 0, &[0], &set, 0.5)
             .is_err());
     }
 

@@ -104,7 +104,9 @@ fn drill(manifest: &Path, out: &Path, attack: &str) -> String {
 /// With every shard audited at every step, a clean run of one replica per
 /// stage passes all its audits (the first step's too, against the initial
 /// parameters' digest), refuses nothing, and trains exactly as the same
-/// run with audits off.
+/// run with audits off. So too with `snapshot: disk`, where the
+/// parameters and moments of an update upload are read back from the
+/// snapshot file.
 #[test]
 fn a_clean_one_replica_run_audited_at_every_step_passes_and_trains_as_without_audits() {
     let _one_at_a_time = serial();
@@ -127,6 +129,22 @@ fn a_clean_one_replica_run_audited_at_every_step_passes_and_trains_as_without_au
     assert_same(
         &losses_in(&d.join("unaudited").join("summary.json")),
         &losses_in(&d.join("every").join("summary.json")),
+    );
+    let yaml = std::fs::read_to_string(&m).expect("manifest");
+    assert!(yaml.contains("threads: 1}"), "{yaml}");
+    let disk = d.join("disk.yaml");
+    std::fs::write(
+        &disk,
+        yaml.replace("threads: 1}", "threads: 1, snapshot: disk}"),
+    )
+    .expect("write manifest");
+    train_processes(&disk, &d.join("disk"), &[]);
+    let v = verdicts(&d.join("disk"));
+    assert!(v.refusals.is_empty(), "{:?}", v.refusals);
+    assert_eq!((v.passed, v.failed), (STEPS * 2, 0), "snapshot: disk");
+    assert_same(
+        &losses_in(&d.join("unaudited").join("summary.json")),
+        &losses_in(&d.join("disk").join("summary.json")),
     );
 }
 

@@ -748,15 +748,14 @@ impl<S: Send + Sync> FromRequestParts<S> for WeightsAt {
 /// `PUT /v1/audit/{audit}/weights?worker=W`: a replica ordered to (a
 /// disputed micro-batch audit with no second validator, or any audit of a
 /// stage with one training replica) uploads its stage's parameters of
-/// before the step. As many uploads are taken at once as the coordinator
-/// has memory for recomputing (at most one per stage and CPU): it checks
+/// before the step. One upload at a time is taken: the coordinator checks
 /// their digest against the agreed one (the replicas' committed digest,
 /// the sole replica's own, or at the first step the initial parameters')
 /// and recomputes the micro-batch on this request's thread, outside the
 /// state machine's lock; the answer comes once it is done.
 async fn put_weights(State(shared): Coord, at: WeightsAt, RawBody(body): RawBody) -> Reply {
     changing(shared, move |s| {
-        let _slot = s.referee.hold();
+        let _one = lock(&s.referee);
         let job = lock(&s.coord).referee_job(at.worker, at.audit);
         let job = match job {
             Ok(Some(j)) => j,

@@ -239,9 +239,9 @@ pub(super) struct Shared {
     /// two moments and a gradient) plus 16; the exact size, the stage's, is
     /// checked once the stage is built.
     pub(super) weights_body_limit: usize,
-    /// A slot is held while the coordinator recomputes an audit: as many
-    /// at once as its memory holds.
-    pub(super) referee: Referees,
+    /// Held while the coordinator recomputes a disputed micro-batch: one
+    /// recomputation at a time.
+    pub(super) referee: Mutex<()>,
     state_file: StateFile,
 }
 
@@ -368,17 +368,16 @@ impl Shared {
         // The coordinator validates the audits of stages with one training
         // replica, and referees two-replica disputes, by recomputing a
         // micro-batch in this process: it needs the memory for it.
-        let slots = match referee_memory(&config.manifest, config.model.vocab) {
-            Ok(n) => n,
+        let referee = match referee_memory(&config.manifest, config.model.vocab) {
+            Ok(()) => true,
             Err(why) => {
                 tracing::warn!(
                     "{why}: the coordinator recomputes no audit itself, so stages with one \
                      training replica are not audited and two-replica disputes stay unconfirmed"
                 );
-                0
+                false
             }
         };
-        let referee = slots > 0;
         // The initial parameters' digests serve the coordinator's own
         // recomputations only.
         let initial = initial_digests(
@@ -435,7 +434,7 @@ impl Shared {
             handoff: Mutex::new(HashMap::new()),
             metrics: Metrics::new(),
             challenges: Challenges::default(),
-            referee: Referees::new(slots),
+            referee: Mutex::new(()),
             state_file,
         })
     }
@@ -832,18 +831,11 @@ pub fn start(config: Config, listen: &str) -> Result<Handle> {
 /// allocator, the process overhead, and what this process holds already,
 /// against what it may use
 /// ([`crate::plan::available_memory`]; unknown: it is assumed to fit).
-/// How many of its own recomputations of audits the coordinator may run
-/// at once: as many as its memory holds (each the largest stage's plan
-/// total, 36 bytes per parameter of it, a quarter more; see below), at most
-/// one per stage and per CPU. `Err` when not even one fits (it then
-/// recomputes nothing).
-fn referee_memory(manifest: &pipewright_spec::TrainingRun, vocab: usize) -> Result<usize, String> {
-    let plan = crate::plan::plan(manifest, vocab, None);
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let most = manifest.spec.pipeline.stages.min(cpus).max(1);
+fn referee_memory(manifest: &pipewright_spec::TrainingRun, vocab: usize) -> Result<(), String> {
     let Some(available) = crate::plan::available_memory() else {
-        return Ok(most);
+        return Ok(());
     };
+    let plan = crate::plan::plan(manifest, vocab, None);
     let stage = plan.largest_stage();
     let resident = std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -859,13 +851,13 @@ fn referee_memory(manifest: &pipewright_spec::TrainingRun, vocab: usize) -> Resu
     // for the allocator: measured on a 4-stage run of 10.4M parameters, a
     // recomputation with the update's replay raised the coordinator's
     // resident set by 1.16 times the stage's total and its upload's bytes.
-    let each = stage
+    let need = stage
         .total_bytes
         .saturating_add(stage.params.saturating_mul(36))
         .saturating_mul(5)
-        / 4;
-    let base = crate::plan::PROCESS_OVERHEAD_BYTES + resident;
-    let need = each + base;
+        / 4
+        + crate::plan::PROCESS_OVERHEAD_BYTES
+        + resident;
     if need > available {
         return Err(format!(
             "recomputing a micro-batch of stage {} needs about {} here, and this process has {}",
@@ -874,46 +866,5 @@ fn referee_memory(manifest: &pipewright_spec::TrainingRun, vocab: usize) -> Resu
             crate::plan::human(available)
         ));
     }
-    let fit = usize::try_from((available - base) / each.max(1)).unwrap_or(usize::MAX);
-    Ok(fit.clamp(1, most))
-}
-
-/// The coordinator's slots for its own recomputations of audits: a
-/// recomputation holds one while it runs, so as many run at once as the
-/// coordinator's memory holds (see `referee_memory`).
-pub(super) struct Referees {
-    free: Mutex<usize>,
-    freed: Condvar,
-}
-
-impl Referees {
-    fn new(slots: usize) -> Self {
-        Referees {
-            free: Mutex::new(slots.max(1)),
-            freed: Condvar::new(),
-        }
-    }
-
-    /// Waits for a free slot and holds it until the guard is dropped.
-    pub(super) fn hold(&self) -> RefereeSlot<'_> {
-        let mut free = lock(&self.free);
-        while *free == 0 {
-            free = self
-                .freed
-                .wait(free)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
-        *free -= 1;
-        RefereeSlot(self)
-    }
-}
-
-/// A slot of [`Referees`], given back when dropped.
-pub(super) struct RefereeSlot<'a>(&'a Referees);
-
-impl Drop for RefereeSlot<'_> {
-    fn drop(&mut self) {
-        *lock(&self.0.free) += 1;
-        self.0.freed.notify_one();
-    }
+    Ok(())
 }

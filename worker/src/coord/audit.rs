@@ -1633,6 +1633,9 @@ impl Coordinator {
         let Some(evidence) = &a.evidence else {
             return Ok(None);
         };
+        if r.started || r.result.is_some() {
+            return Ok(None);
+        }
         let contribution = match &a.kind {
             Kind::MicroBatch { .. } => None,
             Kind::Contribution(scope) => Some(ContributionJob {
@@ -1640,9 +1643,6 @@ impl Coordinator {
                 micro_batches: scope.indices(),
             }),
         };
-        if r.started || r.result.is_some() {
-            return Ok(None);
-        }
         let (r_all, m) = (self.layout.replicas, self.layout.micro_batches.max(1));
         let lanes = (0..r_all)
             .filter(|&x| self.in_plan(self.idx(a.stage, x)))

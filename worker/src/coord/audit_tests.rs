@@ -1217,7 +1217,16 @@ fn refereed(
     secret: [u8; 32],
     now: Instant,
 ) -> (Coordinator, Vec<u64>, BTreeMap<u64, Identity>, World) {
-    let (c, ids, keys) = setup(1, replicas, 1.0, secret, now);
+    refereed_from(setup(1, replicas, 1.0, secret, now), now)
+}
+
+/// `run` (a one-stage coordinator, its ids and keys) with the coordinator
+/// as validator of last resort, whose step 1 every honest shard passed (so
+/// the replicas agreed on a digest of their parameters).
+fn refereed_from(
+    (c, ids, keys): (Coordinator, Vec<u64>, BTreeMap<u64, Identity>),
+    now: Instant,
+) -> (Coordinator, Vec<u64>, BTreeMap<u64, Identity>, World) {
     let mut c = c.with_coordinator_validator(true);
     let mut w = world(1);
     w.params = true;

@@ -710,15 +710,7 @@ fn refereed_robust(
     secret: [u8; 32],
     now: Instant,
 ) -> (Coordinator, Vec<u64>, BTreeMap<u64, Identity>, World) {
-    let (c, ids, keys) = robust(1, replicas, 1.0, secret, now);
-    let mut c = c.with_coordinator_validator(true);
-    let mut w = world(1);
-    w.params = true;
-    let e = c.epoch();
-    let (answers, _) = drive(&mut c, &w, &ids, &keys, e, 1, now);
-    assert!(proceeded(&answers), "{:?}", c.refused());
-    assert_eq!(c.committed(), 1);
-    (c, ids, keys, w)
+    refereed_from(robust(1, replicas, 1.0, secret, now), now)
 }
 
 #[test]

@@ -5,6 +5,7 @@
 //! are in `routes.rs`); the metrics and the state file have files of their
 //! own (`metrics.rs`, `persist.rs`).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,7 +17,7 @@ use anyhow::{Context, Result};
 
 use super::metrics::Metrics;
 use super::persist::{load_state, StateFile};
-use super::state::{CoordError, Coordinator, RefereeJob, RefereeResult, Status};
+use super::state::{ContributionJob, CoordError, Coordinator, RefereeJob, RefereeResult, Status};
 use crate::checkpoint::{self, Meta};
 use crate::data::Tokenizer;
 use crate::model::ModelConfig;
@@ -494,13 +495,17 @@ impl Shared {
                 hex::encode(&job.digest[..8])
             ));
         }
-        if let Some(c) = &job.contribution {
-            // A contribution audit's evidence is a set, checked against the
-            // commitments when it was uploaded.
+        // A contribution audit's evidence, or a whole step's, is a set of
+        // micro-batches, checked against the commitments when it was
+        // uploaded.
+        let decode_set = |scope: &ContributionJob| {
             let limit = self
                 .evidence_limit
-                .saturating_mul(c.micro_batches.len().max(1));
-            let set = match Evidence::decode_set(&job.evidence, limit) {
+                .saturating_mul(scope.micro_batches.len().max(1));
+            Evidence::decode_set(&job.evidence, limit)
+        };
+        if let Some(c) = &job.contribution {
+            let set = match decode_set(c) {
                 Ok(set) => set,
                 Err(e) => return RefereeResult::Failed(e.to_string()),
             };
@@ -516,40 +521,25 @@ impl Shared {
                 Err(e) => RefereeResult::Failed(e.to_string()),
             };
         }
-        // With the whole step the evidence is a set of every micro-batch,
-        // checked against the commitments when it was uploaded.
-        let set = match &job.whole_step {
-            None => None,
-            Some(all) => {
-                let limit = self
-                    .evidence_limit
-                    .saturating_mul(all.micro_batches.len().max(1));
-                match Evidence::decode_set(&job.evidence, limit) {
-                    Ok(set) => Some(set),
-                    Err(e) => return RefereeResult::Failed(e.to_string()),
-                }
-            }
+        let set = match job.whole_step.as_ref().map(decode_set).transpose() {
+            Ok(set) => set,
+            Err(e) => return RefereeResult::Failed(e.to_string()),
         };
-        let one;
+        // The audited micro-batch's evidence: from the set, or alone.
         let evidence = match &set {
-            Some(set) => match set.get(&job.mb) {
-                Some(e) => e,
-                None => {
-                    return RefereeResult::Failed(format!(
-                        "the evidence set lacks micro-batch {}",
-                        job.mb
-                    ))
-                }
-            },
-            None => match Evidence::decode(&job.evidence, self.evidence_limit) {
-                Ok(e) => {
-                    one = e;
-                    &one
-                }
-                Err(e) => return RefereeResult::Failed(e.to_string()),
-            },
+            Some(set) => set
+                .get(&job.mb)
+                .map(Cow::Borrowed)
+                .ok_or_else(|| format!("the evidence set lacks micro-batch {}", job.mb)),
+            None => Evidence::decode(&job.evidence, self.evidence_limit)
+                .map(Cow::Owned)
+                .map_err(|e| e.to_string()),
         };
-        let hashes = match wk.recompute_detached(&mut state, before, job.mb, evidence, job.scale) {
+        let evidence = match evidence {
+            Ok(e) => e,
+            Err(e) => return RefereeResult::Failed(e),
+        };
+        let hashes = match wk.recompute_detached(&mut state, before, job.mb, &evidence, job.scale) {
             Ok(h) => [h.input, h.output, h.gradient],
             Err(e) => return RefereeResult::Failed(e.to_string()),
         };

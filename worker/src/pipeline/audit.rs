@@ -355,8 +355,8 @@ impl StageWorker {
     /// The weight gradients replica `replica`, its stage's one training
     /// replica, accumulates over step `step` (0-based) from `evidence`
     /// (every micro-batch it ran) with the weights of `before`, on a worker
-    /// that did not train
-    /// (the coordinator's): every operation of the step's schedule, as
+    /// that did not train (the coordinator's): every operation of the
+    /// step's schedule, as
     /// [`StageWorker::recompute_contribution`] runs them, at loss scale
     /// `scale`. Every parameter's gradient, in the stage's order, before
     /// the tied matrices' exchange, the clip and the update.
@@ -404,22 +404,19 @@ impl StageWorker {
             .filter(|(i, _)| !tied.contains(i))
             .find_map(|(i, p)| {
                 let (r, a) = (&recomputed[i], &applied[i]);
-                let same =
-                    r.len() == a.len() && r.iter().zip(a).all(|(x, y)| x.to_bits() == y.to_bits());
-                (!same).then(|| {
-                    let at = r
-                        .iter()
-                        .zip(a)
-                        .position(|(x, y)| x.to_bits() != y.to_bits())
-                        .unwrap_or(0);
-                    format!(
-                        "the gradient it applied to {} is not the one its micro-batches give \
+                // The first element that differs, or where the shorter ends.
+                let at = r
+                    .iter()
+                    .zip(a)
+                    .position(|(x, y)| x.to_bits() != y.to_bits())
+                    .or((r.len() != a.len()).then(|| r.len().min(a.len())))?;
+                Some(format!(
+                    "the gradient it applied to {} is not the one its micro-batches give \
                          (element {at}: {} applied, {} recomputed)",
-                        p.name,
-                        a.get(at).copied().unwrap_or(f32::NAN),
-                        r.get(at).copied().unwrap_or(f32::NAN)
-                    )
-                })
+                    p.name,
+                    a.get(at).copied().unwrap_or(f32::NAN),
+                    r.get(at).copied().unwrap_or(f32::NAN)
+                ))
             })
     }
 

@@ -1581,8 +1581,8 @@ impl StageWorker {
                 if let Some((kind, seed)) = self.contribution_attack().filter(|(k, _)| {
                     !matches!(k, AttackKind::ContributionLie | AttackKind::GradNan)
                 }) {
+                    let mut params = self.stage.params_mut();
                     for (k, g) in groups.iter().enumerate() {
-                        let mut params = self.stage.params_mut();
                         for &i in g {
                             attack::corrupt_gradient(kind, &mut params[i].grad, seed ^ k as u64);
                         }

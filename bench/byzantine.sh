@@ -83,6 +83,7 @@ attacks=(
     "forge|SR=forge"
     "lie|SR=lie"
     "lie pair|SR=lie SQ=lie"
+    "lie-received pair|SR=lie-received SQ=lie-received"
     "collude|0/R=act-noise 1/R=act-noise"
     "act-noise|SR=act-noise|single"
     "act-scale|SR=act-scale|single"
@@ -360,7 +361,8 @@ print("each replica a peer suspects. Seed k: `spec.training.seed` k, the attacke
 print("k mod 2, replica k mod 3, attacking from step 3 + (k mod 8) on (`--byzantine S/R=ATTACK@STEP`);")
 print("`collude` is `act-noise` on stage 0 and stage 1 of replica k mod 3 (one lane: the second")
 print("attacker receives the first's output); `lie pair` is `lie` on replicas k mod 3 and k + 1 mod 3")
-print("of stage k mod 2, two colluding validators that tell the same lie. An attack marked \"(1 replica)\" runs on")
+print("of stage k mod 2, two colluding validators that tell the same lie (`lie-received pair`: the same")
+print("lie about what the third replica sent them in the gather, which only its signed frames prove). An attack marked \"(1 replica)\" runs on")
 print("`bench/manifests/byzantine-single.yaml`: the same model and steps on 2 stages × 1 replica under")
 print("`mean`, the attacker at stage k mod 2 (no replica to validate it: the coordinator recomputes")
 print("each audited micro-batch from the worker's uploaded parameters).")

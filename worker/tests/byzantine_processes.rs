@@ -506,7 +506,8 @@ fn contribution_audited(
 /// convicted, its identity quarantined, its process exits and the launcher
 /// replaces it by a fresh one under a new identity. One that commits to
 /// the honest contribution but sends a negated one (`contribution-lie`) is
-/// convicted on what its neighbours received. The attacked step is trained
+/// convicted on what its first validator proves it received: the frames it
+/// signed. The attacked step is trained
 /// again: the run's losses are a clean run's. The clean run fails no
 /// audit.
 #[test]
@@ -548,9 +549,11 @@ fn gradient_drills_are_convicted_by_contribution_audits_quarantined_and_replaced
                 && message.contains("failed_audit"),
             "{message}"
         );
-        // Both validators say why: the sign-flipped and scaled
+        // The validators say why: the sign-flipped and scaled
         // contributions are not what the evidence recomputes to (and are
-        // what was received); the liar's is, but it sent another.
+        // what was received), which both validators agree on; the liar's
+        // is, but it sent another, which the first validator proves alone
+        // with the frames the liar signed.
         let evidence = conviction_evidence(&out);
         assert!(evidence["contribution"].is_string(), "{evidence}");
         let committed = &evidence["contribution"];
@@ -558,12 +561,15 @@ fn gradient_drills_are_convicted_by_contribution_audits_quarantined_and_replaced
             evidence["recomputed"].as_array().expect("recomputed"),
             evidence["received"].as_array().expect("received"),
         );
-        assert_eq!((recomputed.len(), received.len()), (2, 2), "{evidence}");
         let lie = attack.starts_with("contribution-lie");
-        for k in 0..2 {
+        let n = if lie { 1 } else { 2 };
+        assert_eq!((recomputed.len(), received.len()), (n, n), "{evidence}");
+        for k in 0..n {
             assert_eq!(&recomputed[k] == committed, lie, "{attack}: {evidence}");
             assert_eq!(&received[k] == committed, !lie, "{attack}: {evidence}");
         }
+        let frames = evidence["receipt_frames"][0].as_u64().unwrap_or(0);
+        assert_eq!(frames > 0, lie, "{attack}: {evidence}");
         assert_same(&clean, &losses_in(&out.join("summary.json")));
     }
 }
@@ -583,7 +589,8 @@ fn conviction_evidence(out: &Path) -> serde_json::Value {
 /// validators, the honest replica's only two neighbours, agree against it
 /// at every step, but convict no one: the coordinator recomputes the
 /// replica's whole step itself, reproduces its commitment and refutes
-/// both.
+/// both. Nor can they by saying the replica sent them something else:
+/// that needs the frames it signed.
 #[test]
 fn a_lying_contribution_auditor_is_overturned() {
     let _one_at_a_time = serial();
@@ -612,6 +619,19 @@ fn a_lying_contribution_auditor_is_overturned() {
     // Replica 2's contribution is validated by both liars at every step
     // from 2 on (5 steps): both refuted each time.
     assert!(refused(&v, "overturned_verdict") >= 10, "{stderr}");
+    assert_eq!(refused(&v, "failed_audit"), 0, "{stderr}");
+    assert!(v.quarantined.is_empty(), "{:?}", v.quarantined);
+    assert!(replaced(&out).is_empty());
+    assert_same(&clean, &losses_in(&out.join("summary.json")));
+    // The same two say instead that the honest replica sent them another
+    // contribution than it committed to, both the same one: a claim about
+    // the gather that needs the frames it signed, which they do not have.
+    // Each claim is struck and counted; their recomputations agree with the
+    // commitment, so every audit passes.
+    let out = d.join("collude-received");
+    let stderr = drill(&m, &out, "0/0=lie-received@2 0/1=lie-received@2");
+    let v = verdicts(&out);
+    assert!(refused(&v, "unproven_receipt") >= 10, "{stderr}");
     assert_eq!(refused(&v, "failed_audit"), 0, "{stderr}");
     assert!(v.quarantined.is_empty(), "{:?}", v.quarantined);
     assert!(replaced(&out).is_empty());

@@ -448,6 +448,12 @@ pub struct ContributionScope {
     /// the evidence of all of them in one set; the validator recomputes the
     /// replica's whole step from it.
     pub micro_batches: Vec<u64>,
+    /// The contribution hash the audited replica committed to (64 hex
+    /// digits; a contribution audit's only): a validator that received
+    /// another one proves it with the frames it received
+    /// (`PUT /v1/audit/{audit}/receipt`, `sync::receipt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed: Option<String>,
 }
 
 /// A worker's part in an audit.

@@ -113,6 +113,38 @@ struct Check {
     worker: u64,
     identity: String,
     verdict: Option<Verdict>,
+    /// A contribution audit's: what the frames it proved receiving from
+    /// the audited replica make (`PUT /v1/audit/{audit}/receipt`).
+    receipt: Option<Receipt>,
+}
+
+impl Check {
+    /// Whether the contribution it says it `received` needs no proof (it
+    /// is the `committed` one, or it says it received none) or has one.
+    fn proves(&self, received: &str, committed: &str) -> bool {
+        received == committed
+            || received == contribution::NO_REPORT
+            || self.receipt.as_ref().is_some_and(|r| r.hash == received)
+    }
+
+    /// What it received, as the verdict rule takes it: its claim when
+    /// [`Check::proves`] it, [`contribution::NO_REPORT`] (struck)
+    /// otherwise.
+    fn received<'a>(&self, claimed: &'a str, committed: &str) -> &'a str {
+        if self.proves(claimed, committed) {
+            claimed
+        } else {
+            contribution::NO_REPORT
+        }
+    }
+}
+
+/// A receipt a validator proved: the contribution hash the audited
+/// replica's signed frames make (64 hex digits), and how many frames.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Receipt {
+    hash: String,
+    frames: usize,
 }
 
 /// What an audit checks.
@@ -996,6 +1028,7 @@ impl Coordinator {
                         worker: vslot.worker,
                         identity: vslot.identity.clone(),
                         verdict: None,
+                        receipt: None,
                     }],
                     outcome: None,
                 });
@@ -1193,9 +1226,11 @@ impl Coordinator {
                 // The evidence of the whole step, as one set.
                 (Kind::MicroBatch { .. }, Some(all)) => Some(ContributionScope {
                     micro_batches: all.iter().map(|m| m.mb).collect(),
+                    committed: None,
                 }),
                 (Kind::Contribution(scope), _) => Some(ContributionScope {
                     micro_batches: scope.indices(),
+                    committed: Some(scope.committed.clone()),
                 }),
             },
         };
@@ -1493,6 +1528,7 @@ impl Coordinator {
             worker: s.worker,
             identity: s.identity.clone(),
             verdict: None,
+            receipt: None,
         })
     }
 }
@@ -2025,6 +2061,7 @@ impl Coordinator {
                     verdict,
                     now,
                 )?;
+                self.count_unproven_receipt(r.worker, &a, received, now);
             }
         }
         self.settle_audits(now);
@@ -2098,6 +2135,109 @@ impl Coordinator {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Refuses and counts (`unproven_receipt`) a contribution verdict
+    /// `worker` just gave on `a` (the audit as it was before) that says it
+    /// received a contribution other than the committed one without having
+    /// proved it (`PUT /v1/audit/{audit}/receipt`): the verdict rule
+    /// strikes that claim (see [`Check::received`]). Counted once.
+    fn count_unproven_receipt(&mut self, worker: u64, a: &Audit, received: &str, now: Instant) {
+        let (Kind::Contribution(scope), Some(check)) =
+            (&a.kind, a.checks.iter().find(|c| c.worker == worker))
+        else {
+            return;
+        };
+        if check.verdict.is_some() || check.proves(received, &scope.committed) {
+            return;
+        }
+        let detail = format!(
+            "it says it received contribution {} from stage {} replica {} in step {}'s gather, \
+             not the committed {}, and showed no frames of it signed by that replica",
+            short(received),
+            a.stage,
+            a.replica,
+            self.audits.open.as_ref().map_or(0, |o| o.step),
+            short(&scope.committed)
+        );
+        let _ = self.refuse_audit(worker, "unproven_receipt", detail, now);
+    }
+
+    /// `PUT /v1/audit/{audit}/receipt?worker=W`: validator `worker` of
+    /// contribution audit `audit` proves what the audited replica sent it
+    /// in the step's gathers with the frames themselves (`sync::receipt`;
+    /// `run_id`: the run's id). Each frame's signature must be the audited
+    /// identity's over the step and epoch of the audit, and the frames the
+    /// whole contribution; the hash they make is kept for the verdict rule.
+    /// A proof that fails is refused and counted (`bad_receipt`) and keeps
+    /// nothing.
+    pub fn put_receipt(
+        &mut self,
+        worker: u64,
+        audit: u64,
+        bytes: &[u8],
+        run_id: &crate::link::RunId,
+        now: Instant,
+    ) -> Result<(), CoordError> {
+        self.check_audit_party(worker)?;
+        let (at, a, step) = self.open_audit(audit)?;
+        let Some(k) = a.checks.iter().position(|c| c.worker == worker) else {
+            return Err(CoordError::Refused(
+                "audit",
+                format!("worker {worker} is not a validator of audit {audit}"),
+            ));
+        };
+        if !matches!(a.kind, Kind::Contribution(_)) {
+            return Err(CoordError::Invalid(format!(
+                "audit {audit} is a micro-batch audit: no receipt proves anything in it"
+            )));
+        }
+        let key = self
+            .find(a.worker)
+            .and_then(|i| self.slots[i].as_ref())
+            .and_then(|s| crate::identity::public_key_from_hex(&s.identity));
+        let Some(key) = key else {
+            return Err(CoordError::Invalid(format!(
+                "audit {audit}'s replica is no longer registered"
+            )));
+        };
+        let epoch = self.audits.open.as_ref().map_or(self.epoch, |o| o.epoch);
+        let author = crate::sync::receipt::Author {
+            run_id: crate::link::sign::epoch_run_id(run_id, epoch),
+            step: step.saturating_sub(1),
+            stage: a.stage as u32,
+            replica: a.replica as u32,
+            key: &key,
+        };
+        let (stage, replica) = (a.stage, a.replica);
+        match crate::sync::receipt::verify(bytes, &author, (bytes.len() / 4) as u64) {
+            Ok(p) => {
+                tracing::info!(
+                    "audit {audit}: worker {worker} proved receiving contribution {} from stage \
+                     {stage} replica {replica} ({} frames, {} elements)",
+                    short(&hex::encode(p.hash)),
+                    p.frames,
+                    p.elements
+                );
+                if let Some(open) = self.audits.open.as_mut() {
+                    open.list[at].checks[k].receipt = Some(Receipt {
+                        hash: hex::encode(p.hash),
+                        frames: p.frames,
+                    });
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.refuse_audit(
+                worker,
+                "bad_receipt",
+                format!(
+                    "its proof of what stage {stage} replica {replica} sent it in step {}'s \
+                     gather is refused: {e}",
+                    step
+                ),
+                now,
+            )),
         }
     }
 

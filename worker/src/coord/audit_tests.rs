@@ -43,6 +43,9 @@ struct World {
     /// (stage, replica) that commits its honest contribution and sends a
     /// corrupted one.
     send_lie: Option<(usize, usize)>,
+    /// Worker ids that, as contribution validators, say they received a
+    /// contribution other than the one sent them, with no proof.
+    receipt_liars: Vec<u64>,
     /// Suspicions reported: (reporting worker, suspected replica, reason).
     suspects: Vec<(u64, usize, &'static str)>,
     /// Worker ids that upload an evidence set lacking a micro-batch.
@@ -124,7 +127,9 @@ impl World {
     fn contribution(&self, c: &Coordinator, s: usize, r: usize, mbs: &[u64]) -> (String, String) {
         let inputs: Vec<String> = mbs.iter().map(|&m| self.input_hash(c, s, m)).collect();
         let honest = self.honest_contribution(s, &inputs);
-        let corrupted = hash(format!("flipped {s} {r}").as_bytes());
+        let corrupted = hex::encode(crate::sync::contribution::contribution_hash([
+            corrupted_contribution(s, r).as_slice(),
+        ]));
         if self.flip == Some((s, r)) {
             (corrupted.clone(), corrupted)
         } else if self.send_lie == Some((s, r)) {
@@ -397,12 +402,35 @@ impl World {
                 if self.liars.contains(&worker) {
                     recomputed = hash(b"a lie");
                 }
-                let (route_mbs, received) = {
+                let (route_mbs, mut received) = {
                     let mine = c.current_route().mine(o.stage, *audited_replica);
                     let sent = self.contribution(c, o.stage, *audited_replica, &mine).1;
                     (mine, sent)
                 };
                 assert_eq!(route_mbs, mbs, "the scope is the audited replica's route");
+                let committed = self.contribution(c, o.stage, *audited_replica, mbs).0;
+                if self.receipt_liars.contains(&worker) {
+                    received = hash(b"a receipt it cannot prove");
+                } else if received != committed {
+                    // Proved with the frames the audited replica signed.
+                    let audited = keys
+                        .keys()
+                        .copied()
+                        .find(|&id| {
+                            c.identity_of(id).map(|x| x.1) == Some((o.stage, *audited_replica))
+                        })
+                        .expect("the audited worker");
+                    let proof = crate::sync::receipt::signed_proof(
+                        &keys[&audited],
+                        crate::link::sign::epoch_run_id(&run_id(), epoch),
+                        o.step - 1,
+                        (o.stage as u32, *audited_replica as u32),
+                        &[corrupted_contribution(o.stage, *audited_replica).as_slice()],
+                        1024,
+                    );
+                    c.put_receipt(worker, o.audit, &proof, &run_id(), now)
+                        .expect("a proof of what was sent");
+                }
                 let report = signed_contribution(
                     &keys[&worker],
                     worker,
@@ -420,6 +448,21 @@ impl World {
             }
         }
     }
+}
+
+/// The contribution a `flip` or `send_lie` replica (`s`, `r`) sends: a
+/// real one, so a neighbour can prove receiving it.
+fn corrupted_contribution(s: usize, r: usize) -> Vec<f32> {
+    (0..1500)
+        .map(|i| (i + 7 * s + 3 * r) as f32 * -0.25)
+        .collect()
+}
+
+/// [`RUN_ID`] as bytes.
+fn run_id() -> crate::link::RunId {
+    let mut id = [0u8; 16];
+    hex::decode_to_slice(RUN_ID, &mut id).expect("hex");
+    crate::link::RunId(id)
 }
 
 /// A validator's contribution verdict for `o`, signed by `key`.

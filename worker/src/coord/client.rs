@@ -344,6 +344,14 @@ impl Client {
             .map(|_| ())
     }
 
+    /// Uploads, for contribution audit `audit`, the proof of what the
+    /// audited replica sent this worker (`sync::receipt`).
+    pub fn put_receipt(&self, audit: u64, worker: u64, bytes: &[u8]) -> Result<(), ClientError> {
+        let path = format!("/v1/audit/{audit}/receipt?worker={worker}");
+        self.send("receipt upload", "PUT", &path, Body::Bytes(bytes))
+            .map(|_| ())
+    }
+
     /// Shows the coordinator a pipeline frame `worker` refused in `epoch`
     /// (`frame`: the frame encoded as it arrived, with its author's
     /// signature); the coordinator's verdict as text.

@@ -22,25 +22,36 @@
 //!   micro-batch audit, and the set must be exactly the audit's scope.
 //! * **Verdict.** A validator reports the hash of the contribution it
 //!   recomputed from the evidence and the hash of the one it received in
-//!   the gather, signed. Both equal to the committed hash pass. Otherwise
-//!   the second validator reports: both equal to the commitment overturn
-//!   the first verdict. The two recomputed hashes equal to each other and
-//!   not to the commitment say the worker signed a contribution its work
-//!   does not give; two colluding neighbours could say so of an honest
-//!   worker, so the coordinator (where it validates) recomputes the step
-//!   itself from the uploaded parameters of before the step (checked
-//!   against the digest the replicas agreed on) and the evidence: equal to
-//!   the commitment, both validators are refused (`overturned_verdict`);
-//!   equal to theirs, the worker is convicted; where it cannot recompute,
-//!   the two verdicts convict. The two received hashes equal to each other
-//!   and not to the commitment convict (it signed one contribution and
-//!   sent another): what crossed the gather is the neighbours' word, which
-//!   the coordinator cannot check. Anything else leaves the audit
-//!   unconfirmed and the step is trained again. With two replicas (one
-//!   neighbour) the coordinator is the second validator: its
-//!   recomputation equal to the validator's convicts, equal to the
-//!   commitment overturns a disputed recomputation, and a dispute about
-//!   what was received alone stays unconfirmed.
+//!   the gather, signed. Both equal to the committed hash pass.
+//! * **Receipts need proof.** A validator that says it received another
+//!   contribution than the committed one must first show the coordinator
+//!   the frames it received (`PUT /v1/audit/{audit}/receipt`,
+//!   `sync::receipt`): each signed by the audited replica for this step
+//!   and epoch, together its whole contribution. A proved receipt of
+//!   another contribution convicts at once: the replica signed one
+//!   contribution's frames and committed to another, and its own
+//!   signatures say so. A receipt claimed without proof is refused and
+//!   counted (`unproven_receipt`) and struck from the verdict, so two
+//!   colluding neighbours cannot convict an honest replica by saying it
+//!   sent them something else.
+//! * **Recomputations.** Otherwise the second validator reports: its
+//!   recomputation equal to the commitment passes the audit where the
+//!   first one's was too (a receipt struck or not kept leaves nothing
+//!   disputed) and overturns the first verdict where it was not. The two
+//!   recomputed hashes equal to each other and not to the commitment say
+//!   the worker signed a contribution its work does not give; two
+//!   colluding neighbours could say so of an honest worker, so the
+//!   coordinator (where it validates) recomputes the step itself from the
+//!   uploaded parameters of before the step (checked against the digest
+//!   the replicas agreed on) and the evidence: equal to the commitment,
+//!   both validators are refused (`overturned_verdict`); equal to theirs,
+//!   the worker is convicted; where it cannot recompute, the two verdicts
+//!   convict. Anything else leaves the audit unconfirmed and the step is
+//!   trained again. With two replicas (one neighbour) the coordinator is
+//!   the second validator: a recomputation equal to the commitment passes
+//!   (nothing proved otherwise), the coordinator's recomputation equal to
+//!   the validator's convicts, equal to the commitment overturns a
+//!   disputed recomputation.
 
 use std::collections::BTreeMap;
 
@@ -82,7 +93,8 @@ impl Scope {
     }
 
     /// A conviction's evidence: what was committed, what each validator
-    /// recomputed and received, and who they are; with `redone`, the hash
+    /// recomputed and received (with the frames it proved receiving), and
+    /// who they are; with `redone`, the hash
     /// the coordinator recomputed.
     pub(super) fn evidence_json(
         &self,
@@ -92,6 +104,12 @@ impl Scope {
         redone: Option<&str>,
     ) -> serde_json::Value {
         let (mut recomputed, mut received) = (Vec::new(), Vec::new());
+        // How many signed frames each validator showed of what it received
+        // (none: it proved no receipt).
+        let proved: Vec<Option<usize>> = checks
+            .iter()
+            .map(|c| c.receipt.as_ref().map(|r| r.frames))
+            .collect();
         for c in checks {
             match &c.verdict {
                 Some(Verdict::Contribution {
@@ -118,6 +136,7 @@ impl Scope {
             "micro_batches": self.indices(),
             "recomputed": recomputed,
             "received": received,
+            "receipt_frames": proved,
             "validators": validators,
             "suspected_by": suspected_by,
         });
@@ -138,12 +157,19 @@ impl Audit {
     /// The verdict rule of a contribution audit (see the module's
     /// documentation).
     pub(super) fn decide_contribution(&self, step: u64, scope: &Scope) -> Next {
-        let verdict = |k: usize| match self.checks.get(k).map(|c| &c.verdict) {
-            Some(Some(Verdict::Contribution {
-                recomputed,
-                received,
-            })) => Some((recomputed.as_str(), received.as_str())),
-            _ => None,
+        let c = scope.committed.as_str();
+        // A receipt of another contribution than the committed one counts
+        // only with its proof (the frames, signed by the audited replica);
+        // without, it is struck.
+        let verdict = |k: usize| {
+            let check = self.checks.get(k)?;
+            match &check.verdict {
+                Some(Verdict::Contribution {
+                    recomputed,
+                    received,
+                }) => Some((recomputed.as_str(), check.received(received, c))),
+                _ => None,
+            }
         };
         // The coordinator's own recomputation: `None` none asked for,
         // `Some(None)` under way, `Some(Some(None))` it could not.
@@ -152,7 +178,6 @@ impl Audit {
             Some(Ok(Verdict::Contribution { recomputed, .. })) => Some(Some(recomputed.as_str())),
             Some(_) => Some(None),
         });
-        let c = scope.committed.as_str();
         let Some((r1, x1)) = verdict(0) else {
             return Next::Wait;
         };
@@ -166,21 +191,44 @@ impl Audit {
             short(c)
         );
         let fingerprint = |k: usize| crate::identity::fingerprint_hex(&self.checks[k].identity);
+        // A proved receipt of another contribution: the replica signed the
+        // frames of one contribution and committed to another. The
+        // signatures are the proof; no second opinion is needed.
+        let proved = |k: usize, x: &str| {
+            let frames = self.checks[k].receipt.as_ref().map_or(0, |r| r.frames);
+            Next::Decided(Outcome::Convicted(
+                "failed_audit",
+                format!(
+                    "{head}, but sent another one: validator {} showed the {frames} frames it \
+                     received of it, signed by it, and they make {}",
+                    fingerprint(k),
+                    short(x)
+                ),
+            ))
+        };
+        if x1 != c && x1 != NO_REPORT {
+            return proved(0, x1);
+        }
         if self.checks.len() == 1 {
+            // With two ring neighbours, the other one is called (where it
+            // is gone, the coordinator is, as with one).
+            if scope.second.is_some() && redone.is_none() {
+                return Next::Second;
+            }
             // One ring neighbour only (two replicas): the coordinator is
-            // the second validator where it can recompute.
+            // the second validator where it can recompute. A recomputation
+            // that gives the commitment, with no receipt (none kept, or an
+            // unproved one struck), leaves nothing to dispute.
+            if r1 == c {
+                return Next::Decided(Outcome::Passed);
+            }
             return match redone {
                 None => Next::Second,
                 Some(None) => Next::Wait,
                 Some(Some(None)) => Next::Decided(Outcome::Unconfirmed),
                 // Its recomputation gives the commitment: the validator's
-                // recomputed hash is refuted. What it says it received is
-                // its word alone against the worker's.
-                Some(Some(Some(h))) if h == c => Next::Decided(if r1 == c {
-                    Outcome::Unconfirmed
-                } else {
-                    Outcome::Overturned
-                }),
+                // recomputed hash is refuted.
+                Some(Some(Some(h))) if h == c => Next::Decided(Outcome::Overturned),
                 Some(Some(Some(h))) if h == r1 && r1 != NO_REPORT => {
                     Next::Decided(Outcome::Convicted(
                         "failed_audit",
@@ -198,8 +246,18 @@ impl Audit {
         let Some((r2, x2)) = verdict(1) else {
             return Next::Wait;
         };
-        if r2 == c && x2 == c {
-            return Next::Decided(Outcome::Overturned);
+        if x2 != c && x2 != NO_REPORT {
+            return proved(1, x2);
+        }
+        // The second recomputation gives the commitment and neither
+        // validator proved a receipt of anything else: the first verdict's
+        // recomputation, if it disputed the commitment, is refuted.
+        if r2 == c {
+            return Next::Decided(if r1 == c {
+                Outcome::Passed
+            } else {
+                Outcome::Overturned
+            });
         }
         let validators = format!("validators {} and {}", fingerprint(0), fingerprint(1));
         // A validator that could not recompute, or has no report of the
@@ -230,17 +288,6 @@ impl Audit {
                 }
                 Some(Some(Some(_))) => Next::Decided(Outcome::Unconfirmed),
             };
-        }
-        if x1 == x2 && x1 != c && x1 != NO_REPORT {
-            // What crossed the gather is the two neighbours' word: the
-            // coordinator takes no part in it and cannot check it.
-            return Next::Decided(Outcome::Convicted(
-                "failed_audit",
-                format!(
-                    "{head}, but sent another one: {validators} both received {}",
-                    short(x1)
-                ),
-            ));
         }
         Next::Decided(Outcome::Unconfirmed)
     }
@@ -378,6 +425,7 @@ impl Coordinator {
                         worker: v.worker,
                         identity: v.identity.clone(),
                         verdict: None,
+                        receipt: None,
                     }],
                     outcome: None,
                 });

@@ -272,17 +272,97 @@ fn a_replica_that_sends_other_than_it_signed_is_convicted_by_what_was_received()
     assert_eq!(convictions.len(), 1, "{:?}", c.refused());
     assert_eq!(convictions[0].worker, ids[2]);
     let evidence: serde_json::Value = serde_json::from_str(&convictions[0].evidence).expect("JSON");
-    // Both recomputed what it signed, both received something else.
+    // The first validator recomputed what it signed and proved, with the
+    // frames it signed, receiving something else: no second one needed.
     let committed = evidence["contribution"].clone();
-    for k in 0..2 {
-        assert_eq!(evidence["recomputed"][k], committed);
-        assert_ne!(evidence["received"][k], committed);
-    }
+    assert_eq!(evidence["recomputed"][0], committed);
+    assert_ne!(evidence["received"][0], committed);
+    assert_eq!(
+        evidence["receipt_frames"][0], 2,
+        "1500 elements, 1024 a frame"
+    );
+    assert_eq!(evidence["recomputed"][1], serde_json::Value::Null);
     let detail = &c.history(now, 0.0).events;
     assert!(
-        detail.iter().any(|ev| ev.text.contains("sent another one")),
+        detail
+            .iter()
+            .any(|ev| ev.text.contains("sent another one") && ev.text.contains("2 frames")),
         "{detail:?}"
     );
+    assert_eq!(c.refused().get("unproven_receipt"), None);
+}
+
+#[test]
+fn two_neighbours_that_claim_a_receipt_they_cannot_prove_convict_no_one() {
+    // Both ring neighbours of replica 1 say it sent them another
+    // contribution than it committed to, the same lie, with no frames.
+    let now = Instant::now();
+    let (mut c, ids, keys) = robust(1, 3, 1.0, [91; 32], now);
+    let e = c.epoch();
+    let mut w = world(1);
+    w.receipt_liars = vec![ids[0], ids[2]];
+    let (answers, _) = drive(&mut c, &w, &ids, &keys, e, 1, now);
+    assert!(c.convictions().is_empty(), "{:?}", c.convictions());
+    // Every receipt they claimed is struck and counted against them; the
+    // recomputations agree with the commitments, so the step goes on.
+    assert!(c.refused().get("unproven_receipt").is_some_and(|&n| n >= 2));
+    // Both were asked about replica 1, the second after the first's claim
+    // was struck.
+    let struck = c
+        .history(now, 0.0)
+        .events
+        .iter()
+        .filter(|ev| ev.text.contains("unproven_receipt") && ev.text.contains("replica 1 in"))
+        .count();
+    assert_eq!(struck, 2);
+    assert!(proceeded(&answers), "{:?}", c.refused());
+    assert_eq!(c.committed(), 1);
+    assert_eq!(c.contribution_audit_outcomes().get(&(0, "failed")), None);
+}
+
+#[test]
+fn a_proof_of_another_replica_step_epoch_or_of_a_part_is_refused_and_counted() {
+    let now = Instant::now();
+    let (mut c, ids, keys) = robust(1, 3, 1.0, [92; 32], now);
+    let e = c.epoch();
+    let mut w = world(1);
+    w.send_lie = Some((0, 1));
+    let v = first_contribution_validator(&mut c, &w, &ids, e, 1, now);
+    let audit = c
+        .barrier(v, e, 1, now)
+        .expect("orders")
+        .audits
+        .into_iter()
+        .find(|o| o.role == (AuditRole::Validate { audited_replica: 1 }))
+        .expect("the validation order")
+        .audit;
+    let sent = corrupted_contribution(0, 1);
+    let (first, rest) = sent.split_at(1024);
+    let epoch_id = crate::link::sign::epoch_run_id(&run_id(), e);
+    let proof = |key: &Identity, id, step, replica: u32, parts: &[&[f32]]| {
+        crate::sync::receipt::signed_proof(key, id, step, (0, replica), parts, 1024)
+    };
+    let bad = [
+        // Signed by another replica, in its own name or in replica 1's.
+        proof(&keys[&ids[2]], epoch_id, 0, 2, &[&sent]),
+        proof(&keys[&ids[2]], epoch_id, 0, 1, &[&sent]),
+        // Another step, another epoch.
+        proof(&keys[&ids[1]], epoch_id, 1, 1, &[&sent]),
+        proof(&keys[&ids[1]], run_id(), 0, 1, &[&sent]),
+        // Its first frame only (a whole frame of 1024 elements).
+        proof(&keys[&ids[1]], epoch_id, 0, 1, &[first, rest])[..10 + 96 + 4096].to_vec(),
+        // Not a proof at all.
+        b"pwreceipt1 and then nothing of the kind".to_vec(),
+    ];
+    for (k, p) in bad.iter().enumerate() {
+        let r = c.put_receipt(v, audit, p, &run_id(), now);
+        assert!(
+            matches!(r, Err(CoordError::Refused("bad_receipt", _))),
+            "{k}: {r:?}"
+        );
+    }
+    assert_eq!(c.refused().get("bad_receipt"), Some(&(bad.len() as u64)));
+    assert!(c.convictions().is_empty());
 }
 
 #[test]
@@ -670,6 +750,18 @@ fn old_bodies_parse_and_new_fields_are_left_out_when_empty() {
     let mut o2 = o.clone();
     o2.contribution = Some(ContributionScope {
         micro_batches: vec![3, 5],
+        committed: None,
+    });
+    let back: AuditOrder =
+        serde_json::from_str(&serde_json::to_string(&o2).expect("json")).expect("parse");
+    assert_eq!(back, o2);
+    // A scope without the committed hash (an older coordinator's) reads
+    // as none; with it, it reads back.
+    let text = serde_json::to_string(&o2).expect("json");
+    assert!(!text.contains("committed"), "{text}");
+    o2.contribution = Some(ContributionScope {
+        micro_batches: vec![3, 5],
+        committed: Some("c".repeat(64)),
     });
     let back: AuditOrder =
         serde_json::from_str(&serde_json::to_string(&o2).expect("json")).expect("parse");
@@ -798,17 +890,28 @@ fn with_two_replicas_the_coordinator_is_the_second_validator_of_a_contribution()
         .get("overturned_verdict")
         .is_some_and(|&n| n >= 1));
     assert!(c.heartbeat(ids[0], now).is_ok());
-    // A replica that sends other than it signed: the coordinator's
-    // recomputation gives the commitment and cannot see the gather, so
-    // the one neighbour's word convicts no one; the step is trained again.
+    // A replica that sends other than it signed: the one neighbour proves
+    // it with the frames it signed, which convicts with no recomputation
+    // by the coordinator.
     let (mut c, ids, keys, mut w) = refereed_robust(2, [88; 32], now);
     w.send_lie = Some((0, 0));
     let e = c.epoch();
     drive(&mut c, &w, &ids, &keys, e, 2, now);
+    let convictions = c.convictions();
+    assert_eq!(convictions.len(), 1, "{:?}", c.refused());
+    assert_eq!(convictions[0].worker, ids[0]);
+    let evidence: serde_json::Value =
+        serde_json::from_str(&convictions[0].evidence).expect("one line of JSON");
+    assert_eq!(evidence["receipt_frames"][0], 2);
+    assert_eq!(evidence["coordinator"], serde_json::Value::Null);
+    assert!(c.coordinator_recomputations().is_empty());
+    // The neighbour claims a receipt it cannot prove: struck, and with its
+    // recomputation equal to the commitment the audit passes.
+    let (mut c, ids, keys, mut w) = refereed_robust(2, [89; 32], now);
+    w.receipt_liars = vec![ids[1]];
+    let e = c.epoch();
+    drive(&mut c, &w, &ids, &keys, e, 2, now);
     assert!(c.convictions().is_empty());
-    assert!(c
-        .contribution_audit_outcomes()
-        .get(&(0, "unconfirmed"))
-        .is_some_and(|&n| n >= 1));
-    assert_eq!(c.committed(), 1);
+    assert!(c.refused().get("unproven_receipt").is_some_and(|&n| n >= 1));
+    assert_eq!(c.committed(), 2);
 }

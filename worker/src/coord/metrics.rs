@@ -104,8 +104,10 @@ const AUDIT_SECONDS_BUCKETS: [f64; 11] = [
 /// the ones the stage's replicas committed; a signed targets frame whose
 /// first stage's origin does not verify (its author convicted); an
 /// optimizer update of a stage with one training replica that the
-/// coordinator's replay does not reproduce (its worker convicted).
-const REFUSAL_REASONS: [&str; 20] = [
+/// coordinator's replay does not reproduce (its worker convicted); a
+/// contribution audit's proof of receipt that does not verify, and a
+/// receipt claimed without one.
+const REFUSAL_REASONS: [&str; 22] = [
     "signature",
     "identity",
     "unsigned",
@@ -126,6 +128,8 @@ const REFUSAL_REASONS: [&str; 20] = [
     "bad_weights",
     "altered_targets",
     "wrong_update",
+    "bad_receipt",
+    "unproven_receipt",
 ];
 
 /// What a scrape adds to the status: the ledger's figures and the
@@ -652,6 +656,8 @@ fn endpoint_label(path: &str) -> String {
         "/v1/audit/evidence".into()
     } else if path.starts_with("/v1/audit/") && path.ends_with("/weights") {
         "/v1/audit/weights".into()
+    } else if path.starts_with("/v1/audit/") && path.ends_with("/receipt") {
+        "/v1/audit/receipt".into()
     } else {
         "other".into()
     }

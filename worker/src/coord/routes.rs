@@ -56,6 +56,11 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
     let weights = axum::routing::put(put_weights)
         .fallback(weights_method)
         .layer(DefaultBodyLimit::max(shared.weights_body_limit));
+    // A receipt holds one contribution (4 bytes a parameter and frame
+    // headers), within the weights' limit (16 bytes a parameter).
+    let receipt = axum::routing::put(put_receipt)
+        .fallback(receipt_method)
+        .layer(DefaultBodyLimit::max(shared.weights_body_limit));
     let complaints = post(complaint)
         .fallback(no_such_endpoint)
         .layer(DefaultBodyLimit::max(complaint_limit(&shared)));
@@ -70,6 +75,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/audit", only(post(audit)))
         .route("/v1/audit/{audit}/evidence", evidence)
         .route("/v1/audit/{audit}/weights", weights)
+        .route("/v1/audit/{audit}/receipt", receipt)
         .route("/v1/complaint", complaints)
         .route("/v1/broken", only(post(broken)))
         .route("/v1/recheck", only(post(recheck)))
@@ -225,7 +231,9 @@ fn unauthorized() -> Reply {
 /// before anything else looks at the request.
 async fn refuse_oversized(State(shared): Coord, request: Request, next: Next) -> Response {
     let path = request.uri().path();
-    let limit = if path.starts_with("/v1/audit/") && path.ends_with("/weights") {
+    let limit = if path.starts_with("/v1/audit/")
+        && (path.ends_with("/weights") || path.ends_with("/receipt"))
+    {
         shared.weights_body_limit
     } else if path.starts_with("/v1/state/") || path.starts_with("/v1/checkpoint/") {
         MAX_STATE
@@ -650,6 +658,26 @@ async fn audit(State(shared): Coord, JsonBody(r): JsonBody<AuditReport>) -> Repl
     .await
 }
 
+/// The audit and worker of `/v1/audit/{audit}/{suffix}?worker=W`; a 400
+/// naming that form when the request is not of it.
+fn audit_at(parts: &Parts, suffix: &str, what: &str) -> Result<(u64, u64), Reply> {
+    #[derive(Deserialize)]
+    struct Q {
+        worker: u64,
+    }
+    let bad = || Reply::Text(400, format!("{what} /v1/audit/AUDIT/{suffix}?worker=ID"));
+    let audit = parts
+        .uri
+        .path()
+        .strip_prefix("/v1/audit/")
+        .and_then(|p| p.strip_suffix(suffix))
+        .and_then(|p| p.strip_suffix('/'))
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(bad)?;
+    let Query(q) = Query::<Q>::try_from_uri(&parts.uri).map_err(|_| bad())?;
+    Ok((audit, q.worker))
+}
+
 /// `/v1/audit/{audit}/evidence?worker=W`.
 struct EvidenceAt {
     audit: u64,
@@ -660,28 +688,8 @@ impl<S: Send + Sync> FromRequestParts<S> for EvidenceAt {
     type Rejection = Reply;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Reply> {
-        #[derive(Deserialize)]
-        struct Q {
-            worker: u64,
-        }
-        let bad = || {
-            Reply::Text(
-                400,
-                "evidence needs /v1/audit/AUDIT/evidence?worker=ID".into(),
-            )
-        };
-        let audit = parts
-            .uri
-            .path()
-            .strip_prefix("/v1/audit/")
-            .and_then(|p| p.strip_suffix("/evidence"))
-            .and_then(|a| a.parse().ok())
-            .ok_or_else(bad)?;
-        let Query(q) = Query::<Q>::try_from_uri(&parts.uri).map_err(|_| bad())?;
-        Ok(EvidenceAt {
-            audit,
-            worker: q.worker,
-        })
+        let (audit, worker) = audit_at(parts, "evidence", "evidence needs")?;
+        Ok(EvidenceAt { audit, worker })
     }
 }
 
@@ -725,24 +733,52 @@ impl<S: Send + Sync> FromRequestParts<S> for WeightsAt {
     type Rejection = Reply;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Reply> {
-        #[derive(Deserialize)]
-        struct Q {
-            worker: u64,
-        }
-        let bad = || Reply::Text(400, "weights need /v1/audit/AUDIT/weights?worker=ID".into());
-        let audit = parts
-            .uri
-            .path()
-            .strip_prefix("/v1/audit/")
-            .and_then(|p| p.strip_suffix("/weights"))
-            .and_then(|a| a.parse().ok())
-            .ok_or_else(bad)?;
-        let Query(q) = Query::<Q>::try_from_uri(&parts.uri).map_err(|_| bad())?;
-        Ok(WeightsAt {
-            audit,
-            worker: q.worker,
-        })
+        let (audit, worker) = audit_at(parts, "weights", "weights need")?;
+        Ok(WeightsAt { audit, worker })
     }
+}
+
+/// `/v1/audit/{audit}/receipt?worker=W`.
+struct ReceiptAt {
+    audit: u64,
+    worker: u64,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ReceiptAt {
+    type Rejection = Reply;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Reply> {
+        let (audit, worker) = audit_at(parts, "receipt", "a receipt needs")?;
+        Ok(ReceiptAt { audit, worker })
+    }
+}
+
+/// `PUT /v1/audit/{audit}/receipt?worker=W`: a contribution audit's
+/// validator proves what the audited replica sent it in the step's gathers
+/// with the frames it received (`sync::receipt`); checked at once.
+async fn put_receipt(State(shared): Coord, at: ReceiptAt, RawBody(body): RawBody) -> Reply {
+    changing(shared, move |s| {
+        let mut run = [0u8; 16];
+        if hex::decode_to_slice(&s.config.run_id, &mut run).is_err() {
+            return Reply::Text(500, "the coordinator's run id is not hex".into());
+        }
+        let result = lock(&s.coord).put_receipt(
+            at.worker,
+            at.audit,
+            &body,
+            &crate::link::RunId(run),
+            Instant::now(),
+        );
+        match result {
+            Ok(()) => ok(),
+            Err(e) => coord_error(e),
+        }
+    })
+    .await
+}
+
+async fn receipt_method(_: ReceiptAt) -> Reply {
+    Reply::Text(405, "a receipt takes PUT".into())
 }
 
 /// `PUT /v1/audit/{audit}/weights?worker=W`: a replica ordered to (a

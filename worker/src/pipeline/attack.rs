@@ -24,7 +24,8 @@
 //! `lazy-replay` sends the previous step's output of the same micro-batch
 //! again (zeros where it has none). `forge` signs its step reports with a
 //! key that is not its registered identity's, `lie` reports, as an
-//! auditor, hashes that are not the ones it computed. `alter-targets`
+//! auditor, hashes that are not the ones it computed, `lie-received`, as a
+//! contribution audit's validator, a contribution it did not receive. `alter-targets`
 //! (a middle stage) relays targets shifted by one position under the
 //! first stage's signature over the true ones.
 //!
@@ -70,6 +71,10 @@ pub enum AttackKind {
     Forge,
     /// As an auditor, reports hashes that are not the ones it computed.
     Lie,
+    /// As a contribution audit's validator, says it received a
+    /// contribution other than the one it received (the hash of that
+    /// hash, so two colluding validators tell the same lie), with no proof.
+    LieReceived,
     /// Sends its gradient contribution negated, as [`AttackKind::SignFlip`]
     /// does, but commits to the hash of the honest one: it signs one thing
     /// and sends another.
@@ -112,7 +117,7 @@ pub fn parse_shard_attack(s: &str) -> Result<(usize, usize, Attack), String> {
 pub const SCALE: f32 = 100.0;
 
 /// Every attack, `scale` with its default factor.
-const ALL: [AttackKind; 14] = [
+const ALL: [AttackKind; 15] = [
     AttackKind::SignFlip,
     AttackKind::Scale(SCALE),
     AttackKind::Noise,
@@ -124,13 +129,14 @@ const ALL: [AttackKind; 14] = [
     AttackKind::LazyReplay,
     AttackKind::Forge,
     AttackKind::Lie,
+    AttackKind::LieReceived,
     AttackKind::ContributionLie,
     AttackKind::AlterTargets,
     AttackKind::GradNan,
 ];
 
 /// The attacks' names on the command line (`scale:F` too).
-pub const NAMES: [&str; 15] = [
+pub const NAMES: [&str; 16] = [
     "sign-flip",
     "scale",
     "scale:F",
@@ -143,6 +149,7 @@ pub const NAMES: [&str; 15] = [
     "lazy-replay",
     "forge",
     "lie",
+    "lie-received",
     "contribution-lie",
     "alter-targets",
     "grad-nan",
@@ -163,6 +170,7 @@ impl AttackKind {
             AttackKind::LazyReplay => "lazy-replay",
             AttackKind::Forge => "forge",
             AttackKind::Lie => "lie",
+            AttackKind::LieReceived => "lie-received",
             AttackKind::ContributionLie => "contribution-lie",
             AttackKind::AlterTargets => "alter-targets",
             AttackKind::GradNan => "grad-nan",

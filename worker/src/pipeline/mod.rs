@@ -1080,6 +1080,17 @@ impl StageWorker {
         self.contributions.as_ref()
     }
 
+    /// The proof of what replica `replica` of the stage sent this worker
+    /// in its last step's gathers: the frames it signed, as received
+    /// straight from it (`sync::receipt`). `None` when it is not a ring
+    /// neighbour, nothing was gathered, or the ring does not check frames
+    /// against keys.
+    pub fn receipt_proof(&self, replica: usize) -> Option<Vec<u8>> {
+        let ring = self.ring.as_ref()?;
+        let rank = (0..ring.world()).find(|&k| self.replica_of_rank(k) == Some(replica))?;
+        ring.receipt_proof(rank)
+    }
+
     /// The hash of the contribution this worker commits to for its last
     /// completed step (its step report's `contribution`): the one it sent,
     /// [`ContributionReport::sent`]; under the `contribution-lie` drill the

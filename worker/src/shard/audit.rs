@@ -352,6 +352,43 @@ fn validate_order(
     }))
 }
 
+/// Uploads the proof of what replica `audited_replica` sent this worker in
+/// the step's gathers (the frames it signed, `sync::receipt`) when that is
+/// not the contribution it committed to: the coordinator strikes a receipt
+/// claimed without one. A failed upload is logged; the claim then stands
+/// unproven.
+fn prove_receipt(
+    session: &Session,
+    wk: &StageWorker,
+    o: &AuditOrder,
+    audited_replica: usize,
+    scope: &ContributionScope,
+    received: &str,
+) {
+    let zero = hex::encode([0u8; 32]);
+    if received == zero || scope.committed.as_deref().is_none_or(|c| c == received) {
+        return;
+    }
+    let Some(proof) = wk.receipt_proof(audited_replica) else {
+        tracing::warn!(
+            "audit {}: received contribution {} from replica {audited_replica}, not the one it \
+             committed to, but kept no frames of it to prove it",
+            o.audit,
+            &received[..16]
+        );
+        return;
+    };
+    match session.client.put_receipt(o.audit, session.worker, &proof) {
+        Ok(()) => tracing::info!(
+            "audit {}: proved receiving contribution {} from replica {audited_replica} ({} bytes)",
+            o.audit,
+            &received[..16],
+            proof.len()
+        ),
+        Err(e) => tracing::warn!("audit {}: the receipt's proof was not taken: {e}", o.audit),
+    }
+}
+
 /// A contribution audit's verdict: recomputes replica `audited_replica`'s
 /// whole step from the evidence set `bytes` with the weights of `before`,
 /// and signs the hash of the contribution recomputed together with the
@@ -408,11 +445,17 @@ fn validate_contribution(
             r.hashes.get(rank).copied()
         })
         .unwrap_or([0; 32]);
-    if wk.attack_now() == Some(AttackKind::Lie) {
+    let mut received = hex::encode(received);
+    match wk.attack_now() {
         // The `lie` drill: a verdict that is not what it computed.
-        recomputed = *blake3::hash(&recomputed).as_bytes();
+        Some(AttackKind::Lie) => recomputed = *blake3::hash(&recomputed).as_bytes(),
+        // The `lie-received` drill: a receipt it cannot prove.
+        Some(AttackKind::LieReceived) => {
+            received = hex::encode(blake3::hash(received.as_bytes()).as_bytes());
+        }
+        _ => prove_receipt(session, wk, o, audited_replica, scope, &received),
     }
-    let (recomputed, received) = (hex::encode(recomputed), hex::encode(received));
+    let recomputed = hex::encode(recomputed);
     let claim = ContributionClaim {
         run_id: &session.run_hex,
         audit: o.audit,

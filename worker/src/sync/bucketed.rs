@@ -9,6 +9,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::{self, JoinHandle};
 
 use super::contribution::{ContributionReport, Contributions};
+use super::receipt::Part;
 use super::ring::{RingError, RingMember};
 use super::robust::{agree, digest, Reduce};
 
@@ -114,14 +115,24 @@ fn reduce_in_order(
     let mut done: Vec<Vec<f32>> = Vec::with_capacity(buckets);
     // Digests of the gathered buckets' aggregates, checked once at the end.
     let mut digests = Vec::new();
-    let mut seen = rules
-        .iter()
-        .any(|r| matches!(r, Reduce::Gather(_)))
-        .then(|| Contributions::new(member.world(), member.rank()));
+    let gathered = |rules: &[Reduce]| {
+        rules
+            .iter()
+            .filter(|r| matches!(r, Reduce::Gather(_)))
+            .count()
+    };
+    let parts = u32::try_from(gathered(&rules))
+        .map_err(|_| RingError::Config("too many gathered buckets".into()))?;
+    let mut seen = (parts > 0).then(|| Contributions::new(member.world(), member.rank()));
     while done.len() < buckets {
         let next = done.len();
         if let Some(mut data) = waiting.remove(&next) {
-            rules[next].apply_observed(&mut member, &mut data, seen.as_mut())?;
+            // Its place among the gathered buckets, which their frames sign.
+            let part = Part {
+                index: gathered(&rules[..next]) as u32,
+                count: parts,
+            };
+            rules[next].apply_observed(&mut member, &mut data, seen.as_mut(), Some(part))?;
             if matches!(rules[next], Reduce::Gather(_)) {
                 digests.extend(digest(&data));
             }

@@ -30,6 +30,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Instant;
 
+use super::receipt::{shape_field, Part, Receipt};
 use super::ring::{
     from_wire, link_failure, ring_tag, to_wire_hashed, RefusedFrame, RingConfig, RingError,
     RingMember, ABORT_POLL, MAX_SEGMENTS, PIECE_BYTES,
@@ -65,6 +66,20 @@ impl RingMember {
     /// buffer of the same length, in the same order relative to the
     /// member's other operations.
     pub fn allgather(&mut self, mine: &[f32]) -> Result<Vec<Vec<f32>>, RingError> {
+        self.allgather_part(mine, None)
+    }
+
+    /// [`RingMember::allgather`] of bucket `part` of this step's
+    /// contribution: its frames sign the contribution's shape
+    /// ([`super::receipt::shape_field`]), a received frame that signs
+    /// another shape is refused, and the neighbours' frames are kept as
+    /// receipts ([`RingMember::receipt_proof`]) when frames are checked
+    /// against keys.
+    pub fn allgather_part(
+        &mut self,
+        mine: &[f32],
+        part: Option<Part>,
+    ) -> Result<Vec<Vec<f32>>, RingError> {
         if self.broken {
             return Err(RingError::Broken);
         }
@@ -86,10 +101,16 @@ impl RingMember {
             op,
             step: self.step,
             abort: AtomicBool::new(false),
+            shape: shape_field(part, mine.len()),
+            keep: part.filter(|_| self.config.keys.is_some()),
         };
         let result = gather.run(mine);
         self.broken = result.is_err();
-        result
+        let (all, receipts) = result?;
+        for (origin, mut r) in receipts {
+            self.receipts.entry(origin).or_default().append(&mut r);
+        }
+        Ok(all)
     }
 
     /// Counts a refusal (`reason`) of rank `origin`'s contribution, as
@@ -124,7 +145,19 @@ struct Gather<'a> {
     op: u64,
     step: u64,
     abort: AtomicBool,
+    /// The `input_hash` field every frame of this gather signs.
+    shape: [u8; 32],
+    /// The bucket's place in the contribution, when the frames received
+    /// straight from their author are kept as receipts.
+    keep: Option<Part>,
 }
+
+/// Every rank's contribution, and the receipts kept (by author rank).
+type Gathered = (Vec<Vec<f32>>, Vec<(usize, Vec<Receipt>)>);
+
+/// A contribution received one way: its author's rank, the values, and
+/// its receipts when they are kept.
+type Arrived = (usize, Vec<f32>, Vec<Receipt>);
 
 impl Gather<'_> {
     fn segment(&self) -> usize {
@@ -144,7 +177,7 @@ impl Gather<'_> {
             .collect()
     }
 
-    fn run(&self, mine: &[f32]) -> Result<Vec<Vec<f32>>, RingError> {
+    fn run(&self, mine: &[f32]) -> Result<Gathered, RingError> {
         let n = self.config.world;
         let rank = self.config.rank;
         let (fwd_hops, back_hops) = hops(n);
@@ -160,9 +193,9 @@ impl Gather<'_> {
         // Our own contribution, hashed and signed once, goes both ways.
         for (seg, r) in segments.into_iter().enumerate() {
             let (payload, hash) = to_wire_hashed(&mine[r]);
-            let f = self
-                .config
-                .frame(self.step, tag(self.op, seg), payload, hash);
+            let f =
+                self.config
+                    .frame_shaped(self.step, tag(self.op, seg), payload, hash, self.shape);
             // The feeders have not started; the channels are open.
             if back_hops > 0 {
                 let _ = to_prev.send(f.clone());
@@ -210,15 +243,21 @@ impl Gather<'_> {
         })?;
         let mut all: Vec<Option<Vec<f32>>> = vec![None; n];
         all[rank] = Some(mine.to_vec());
-        for (origin, data) in received {
+        let mut receipts = Vec::new();
+        for (origin, data, kept) in received {
             all[origin] = Some(data);
+            if !kept.is_empty() {
+                receipts.push((origin, kept));
+            }
         }
-        all.into_iter()
+        let all = all
+            .into_iter()
             .enumerate()
             .map(|(r, c)| {
                 c.ok_or_else(|| RingError::Config(format!("rank {r}'s contribution never came")))
             })
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok((all, receipts))
     }
 
     /// Sends what arrives on `outbox` to `link`, then flushes it.
@@ -251,14 +290,15 @@ impl Gather<'_> {
 
     /// Receives the contributions travelling `way`, `hops` of them, and
     /// relays each one hop further (through `relay`) until it has gone
-    /// `hops` hops. Returns them with their author's rank.
+    /// `hops` hops. Returns them with their author's rank and, for the one
+    /// that came straight from its author, its receipts when they are kept.
     fn direction(
         &self,
         way: Way,
         hops: usize,
         len: usize,
         relay: mpsc::Sender<Frame>,
-    ) -> Result<Vec<(usize, Vec<f32>)>, RingError> {
+    ) -> Result<Vec<Arrived>, RingError> {
         let n = self.config.world;
         let rank = self.config.rank;
         let (link, peer) = match way {
@@ -272,6 +312,7 @@ impl Gather<'_> {
                 Way::Backward => (rank + hop) % n,
             };
             let mut data = vec![0f32; len];
+            let mut kept = Vec::new();
             for (seg, range) in self.segments(len).into_iter().enumerate() {
                 let local = &mut data[range.clone()];
                 let mut finite = true;
@@ -287,6 +328,15 @@ impl Gather<'_> {
                         origin,
                         reason: RejectReason::NonFinite.name(),
                         frame: Some(RefusedFrame(Box::new(frame))),
+                    });
+                }
+                if let (1, Some(part)) = (hop, self.keep) {
+                    kept.push(Receipt {
+                        tag: frame.header.micro_batch,
+                        part,
+                        part_len: len as u64,
+                        signature: frame.header.signature,
+                        payload: frame.payload.clone(),
                     });
                 }
                 if hop < hops {
@@ -305,7 +355,7 @@ impl Gather<'_> {
                     })?;
                 }
             }
-            out.push((origin, data));
+            out.push((origin, data, kept));
         }
         Ok(out)
     }
@@ -347,6 +397,7 @@ impl Gather<'_> {
             self.config.stage,
             self.config.replica(origin),
             elems * 4,
+            self.shape,
         );
         let got = (
             h.step,
@@ -354,12 +405,14 @@ impl Gather<'_> {
             h.stage,
             h.replica,
             authentic.payload_len(),
+            h.input_hash,
         );
         if h.kind != FrameKind::AllReduce || h.codec != Codec::F32 || expected != got {
             return Err(RingError::Protocol {
                 peer,
                 detail: format!(
-                    "expected gather (step, tag, stage, author replica, bytes) = {expected:?}, got {:?} {got:?}",
+                    "expected gather (step, tag, stage, author replica, bytes, shape) = \
+                     {expected:?}, got {:?} {got:?}",
                     h.kind
                 ),
             });

@@ -14,6 +14,9 @@
 //!   replica's contribution to the step as this replica received it (its
 //!   own: as it sent it) and each one's cosine and norm ratio against the
 //!   aggregate, from which it names the suspect peers.
+//! - [`receipt`]: the signed frames of the contributions a replica
+//!   received from its ring neighbours, kept for the step, and the
+//!   coordinator's check of them: a validator's proof of what it received.
 //! - [`screen_tensor`], [`screen_contributions`]: the checks a tensor
 //!   received from a peer passes before it is used.
 //!
@@ -26,6 +29,7 @@ pub mod contribution;
 mod gather;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod receipt;
 mod ring;
 mod robust;
 

@@ -118,6 +118,20 @@ impl RingConfig {
     /// whose BLAKE3 hash is `hash`, of training step `step`, told apart
     /// within it by `tag` ([`ring_tag`]); signed when it has a signer.
     pub(super) fn frame(&self, step: u64, tag: u64, payload: Vec<u8>, hash: Digest) -> Frame {
+        self.frame_shaped(step, tag, payload, hash, [0; 32])
+    }
+
+    /// [`RingConfig::frame`] with `input_hash` in its header's field of
+    /// that name (a gathered contribution's shape,
+    /// [`super::receipt::shape_field`]).
+    pub(super) fn frame_shaped(
+        &self,
+        step: u64,
+        tag: u64,
+        payload: Vec<u8>,
+        hash: Digest,
+        input_hash: [u8; 32],
+    ) -> Frame {
         let mut frame = Frame {
             header: FrameHeader {
                 run_id: self.run_id,
@@ -131,7 +145,7 @@ impl RingConfig {
                 // Segments are at most MAX_SEGMENT_BYTES, so the count fits.
                 shape: Shape::vector((payload.len() / 4) as u32),
                 sender: self.worker_id,
-                input_hash: [0; 32],
+                input_hash,
                 signature: [0; crate::link::frame::SIGNATURE_LEN],
             },
             payload,
@@ -309,6 +323,11 @@ pub struct RingMember {
     /// ([`RingError::Unsendable`]); only a drill turns it off.
     pub(super) screen_own: bool,
     pub(super) broken: bool,
+    /// The step's receipts of the contributions received straight from
+    /// their author (a ring neighbour), by the author's rank: kept while
+    /// frames are checked against keys, for a contribution audit's proof
+    /// (`sync::receipt`).
+    pub(super) receipts: std::collections::BTreeMap<usize, Vec<super::receipt::Receipt>>,
 }
 
 impl RingMember {
@@ -369,6 +388,7 @@ impl RingMember {
                 step: 0,
                 screen_own: true,
                 broken: false,
+                receipts: Default::default(),
             });
         }
         let link_config = config.link_config();
@@ -390,6 +410,7 @@ impl RingMember {
             step: 0,
             screen_own: true,
             broken: false,
+            receipts: Default::default(),
         })
     }
 
@@ -401,6 +422,17 @@ impl RingMember {
         self.step = step;
         self.op = 0;
         self.screen_own = screen_own;
+        self.receipts.clear();
+    }
+
+    /// The proof (`sync::receipt`) of the contribution rank `origin` sent
+    /// this member straight in the current step's gathers: `None` when it
+    /// sent none here (it is no ring neighbour, no contribution was
+    /// gathered, or frames were not checked against keys).
+    pub fn receipt_proof(&self, origin: usize) -> Option<Vec<u8>> {
+        self.receipts
+            .get(&origin)
+            .map(|r| super::receipt::encode(r))
     }
 
     /// Signs every frame this member writes from now on with `identity`

@@ -13,6 +13,7 @@ use pipewright_spec::Aggregation;
 
 use super::aggregate::{aggregate, norm};
 use super::contribution::Contributions;
+use super::receipt::Part;
 use super::ring::{RingError, RingMember};
 use crate::link::RejectReason;
 
@@ -51,22 +52,25 @@ impl Reduce {
 
     /// Replaces `data` with its combination over the ring's members.
     pub fn apply(self, member: &mut RingMember, data: &mut [f32]) -> Result<(), RingError> {
-        self.apply_observed(member, data, None)
+        self.apply_observed(member, data, None, None)
     }
 
     /// [`Reduce::apply`], and under a gather, adds every rank's contribution
     /// and the aggregate to `seen` (a bucket gathered for its plain mean is
-    /// hashed, not measured: see [`Contributions::add`]).
+    /// hashed, not measured: see [`Contributions::add`]). `part`: the
+    /// bucket's place among the step's gathered buckets, which its frames
+    /// sign (`sync::receipt`).
     pub fn apply_observed(
         self,
         member: &mut RingMember,
         data: &mut [f32],
         seen: Option<&mut Contributions>,
+        part: Option<Part>,
     ) -> Result<(), RingError> {
         match self {
             Reduce::Ring => member.allreduce_mean(data),
             Reduce::Gather(rule) => {
-                let all = member.allgather(data)?;
+                let all = member.allgather_part(data, part)?;
                 let refs: Vec<&[f32]> = all.iter().map(Vec::as_slice).collect();
                 if let Some((origin, reason)) = screen_contributions(&refs, member.rank()) {
                     return Err(member.refuse(origin, reason));

@@ -599,6 +599,14 @@ pub fn contribution_message(c: &ContributionClaim<'_>) -> Vec<u8> {
     .into_bytes()
 }
 
+/// What a contribution audit's validator signs for the proof of receipt
+/// it uploads (domain [`crate::identity::AUDIT_DOMAIN`]; `proof`: the
+/// BLAKE3 hash of the upload, 64 hex digits):
+/// `run=<run_id> audit=<id> receipt worker=<w> proof=<hex>`.
+pub fn receipt_message(run_id: &str, audit: u64, worker: u64, proof: &str) -> Vec<u8> {
+    format!("run={run_id} audit={audit} receipt worker={worker} proof={proof}").into_bytes()
+}
+
 /// `POST /v1/heartbeat`: the worker is alive.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Heartbeat {

@@ -139,6 +139,39 @@ impl Check {
     }
 }
 
+/// What checking a proof of receipt needs ([`Coordinator::receipt_job`]).
+#[derive(Clone, Debug)]
+pub struct ReceiptJob {
+    /// The run id of the epoch the audited step was trained in.
+    run_id: crate::link::RunId,
+    /// The audited step, 1-based.
+    step: u64,
+    stage: usize,
+    replica: usize,
+    /// The audited replica's registered key.
+    key: ed25519_dalek::VerifyingKey,
+}
+
+impl ReceiptJob {
+    /// Checks `bytes` as a proof of the audited replica's whole
+    /// contribution of at most `max_elements` elements
+    /// ([`crate::sync::receipt::verify`]).
+    pub fn check(
+        &self,
+        bytes: &[u8],
+        max_elements: u64,
+    ) -> Result<crate::sync::receipt::Proven, String> {
+        let author = crate::sync::receipt::Author {
+            run_id: self.run_id,
+            step: self.step.saturating_sub(1),
+            stage: self.stage as u32,
+            replica: self.replica as u32,
+            key: &self.key,
+        };
+        crate::sync::receipt::verify(bytes, &author, max_elements)
+    }
+}
+
 /// A receipt a validator proved: the contribution hash the audited
 /// replica's signed frames make (64 hex digits), and how many frames.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -2164,25 +2197,44 @@ impl Coordinator {
         let _ = self.refuse_audit(worker, "unproven_receipt", detail, now);
     }
 
-    /// `PUT /v1/audit/{audit}/receipt?worker=W`: validator `worker` of
-    /// contribution audit `audit` proves what the audited replica sent it
-    /// in the step's gathers with the frames themselves (`sync::receipt`;
-    /// `run_id`: the run's id). Each frame's signature must be the audited
-    /// identity's over the step and epoch of the audit, and the frames the
-    /// whole contribution; the hash they make is kept for the verdict rule.
-    /// A proof that fails is refused and counted (`bad_receipt`) and keeps
-    /// nothing.
+    /// `PUT /v1/audit/{audit}/receipt?worker=W&signature=S`: validator
+    /// `worker` of contribution audit `audit` proves what the audited
+    /// replica sent it in the step's gathers with the frames themselves
+    /// (`sync::receipt`; `run_id`: the run's id). [`Coordinator::receipt_job`],
+    /// the proof checked, [`Coordinator::receipt_done`], in one call.
     pub fn put_receipt(
         &mut self,
         worker: u64,
         audit: u64,
         bytes: &[u8],
+        signature: &str,
         run_id: &crate::link::RunId,
         now: Instant,
     ) -> Result<(), CoordError> {
+        let job = self.receipt_job(worker, audit, bytes, signature, run_id, now)?;
+        let proven = job.check(bytes, (bytes.len() / 4) as u64);
+        self.receipt_done(worker, audit, &job, proven, now)
+    }
+
+    /// What checking validator `worker`'s proof of receipt for audit
+    /// `audit` needs: refused unless the audit is an open contribution
+    /// audit, `worker` one of its validators, and `signature` its identity's
+    /// over [`crate::coord::api::receipt_message`] of `bytes` (so nobody
+    /// else can put a proof in its name), in the audit domain. The proof
+    /// itself is checked outside the state machine's lock
+    /// ([`ReceiptJob::check`]).
+    pub fn receipt_job(
+        &mut self,
+        worker: u64,
+        audit: u64,
+        bytes: &[u8],
+        signature: &str,
+        run_id: &crate::link::RunId,
+        now: Instant,
+    ) -> Result<ReceiptJob, CoordError> {
         self.check_audit_party(worker)?;
-        let (at, a, step) = self.open_audit(audit)?;
-        let Some(k) = a.checks.iter().position(|c| c.worker == worker) else {
+        let (_, a, step) = self.open_audit(audit)?;
+        let Some(check) = a.checks.iter().find(|c| c.worker == worker) else {
             return Err(CoordError::Refused(
                 "audit",
                 format!("worker {worker} is not a validator of audit {audit}"),
@@ -2192,6 +2244,27 @@ impl Coordinator {
             return Err(CoordError::Invalid(format!(
                 "audit {audit} is a micro-batch audit: no receipt proves anything in it"
             )));
+        }
+        let message = crate::coord::api::receipt_message(
+            &hex::encode(run_id.0),
+            audit,
+            worker,
+            &hex::encode(blake3::hash(bytes).as_bytes()),
+        );
+        if !crate::identity::verify(
+            &check.identity,
+            crate::identity::AUDIT_DOMAIN,
+            &message,
+            signature,
+        ) {
+            return Err(self.refuse_audit(
+                worker,
+                "signature",
+                format!(
+                    "the receipt for audit {audit} is not signed by worker {worker}'s identity"
+                ),
+                now,
+            ));
         }
         let key = self
             .find(a.worker)
@@ -2203,42 +2276,59 @@ impl Coordinator {
             )));
         };
         let epoch = self.audits.open.as_ref().map_or(self.epoch, |o| o.epoch);
-        let author = crate::sync::receipt::Author {
+        Ok(ReceiptJob {
             run_id: crate::link::sign::epoch_run_id(run_id, epoch),
-            step: step.saturating_sub(1),
-            stage: a.stage as u32,
-            replica: a.replica as u32,
-            key: &key,
-        };
-        let (stage, replica) = (a.stage, a.replica);
-        match crate::sync::receipt::verify(bytes, &author, (bytes.len() / 4) as u64) {
-            Ok(p) => {
-                tracing::info!(
-                    "audit {audit}: worker {worker} proved receiving contribution {} from stage \
-                     {stage} replica {replica} ({} frames, {} elements)",
-                    short(&hex::encode(p.hash)),
-                    p.frames,
-                    p.elements
-                );
-                if let Some(open) = self.audits.open.as_mut() {
-                    open.list[at].checks[k].receipt = Some(Receipt {
-                        hash: hex::encode(p.hash),
-                        frames: p.frames,
-                    });
-                }
-                Ok(())
+            step,
+            stage: a.stage,
+            replica: a.replica,
+            key,
+        })
+    }
+
+    /// Keeps the hash validator `worker`'s checked proof for audit `audit`
+    /// makes (its last one stands), or refuses and counts a proof that
+    /// failed (`bad_receipt`) and keeps nothing.
+    pub fn receipt_done(
+        &mut self,
+        worker: u64,
+        audit: u64,
+        job: &ReceiptJob,
+        proven: Result<crate::sync::receipt::Proven, String>,
+        now: Instant,
+    ) -> Result<(), CoordError> {
+        let (stage, replica, step) = (job.stage, job.replica, job.step);
+        let p = match proven {
+            Ok(p) => p,
+            Err(e) => {
+                return Err(self.refuse_audit(
+                    worker,
+                    "bad_receipt",
+                    format!(
+                        "its proof of what stage {stage} replica {replica} sent it in step \
+                         {step}'s gather is refused: {e}"
+                    ),
+                    now,
+                ))
             }
-            Err(e) => Err(self.refuse_audit(
-                worker,
-                "bad_receipt",
-                format!(
-                    "its proof of what stage {stage} replica {replica} sent it in step {}'s \
-                     gather is refused: {e}",
-                    step
-                ),
-                now,
-            )),
+        };
+        let (at, a, _) = self.open_audit(audit)?;
+        let Some(k) = a.checks.iter().position(|c| c.worker == worker) else {
+            return Err(CoordError::Invalid(format!("audit {audit} moved on")));
+        };
+        tracing::info!(
+            "audit {audit}: worker {worker} proved receiving contribution {} from stage {stage} \
+             replica {replica} ({} frames, {} elements)",
+            short(&hex::encode(p.hash)),
+            p.frames,
+            p.elements
+        );
+        if let Some(open) = self.audits.open.as_mut() {
+            open.list[at].checks[k].receipt = Some(Receipt {
+                hash: hex::encode(p.hash),
+                frames: p.frames,
+            });
         }
+        Ok(())
     }
 
     /// The audit `audit` of the open step, with its index, or why not.

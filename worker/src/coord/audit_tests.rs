@@ -428,7 +428,8 @@ impl World {
                         &[corrupted_contribution(o.stage, *audited_replica).as_slice()],
                         1024,
                     );
-                    c.put_receipt(worker, o.audit, &proof, &run_id(), now)
+                    let signature = receipt_signature(&keys[&worker], worker, o.audit, &proof);
+                    c.put_receipt(worker, o.audit, &proof, &signature, &run_id(), now)
                         .expect("a proof of what was sent");
                 }
                 let report = signed_contribution(
@@ -456,6 +457,18 @@ fn corrupted_contribution(s: usize, r: usize) -> Vec<f32> {
     (0..1500)
         .map(|i| (i + 7 * s + 3 * r) as f32 * -0.25)
         .collect()
+}
+
+/// `worker`'s signature, with `key`, of its proof of receipt `proof` for
+/// audit `audit`.
+fn receipt_signature(key: &Identity, worker: u64, audit: u64, proof: &[u8]) -> String {
+    let message = crate::coord::api::receipt_message(
+        RUN_ID,
+        audit,
+        worker,
+        &hex::encode(blake3::hash(proof).as_bytes()),
+    );
+    key.sign(AUDIT_DOMAIN, &message)
 }
 
 /// [`RUN_ID`] as bytes.

@@ -345,9 +345,16 @@ impl Client {
     }
 
     /// Uploads, for contribution audit `audit`, the proof of what the
-    /// audited replica sent this worker (`sync::receipt`).
-    pub fn put_receipt(&self, audit: u64, worker: u64, bytes: &[u8]) -> Result<(), ClientError> {
-        let path = format!("/v1/audit/{audit}/receipt?worker={worker}");
+    /// audited replica sent this worker (`sync::receipt`), with its
+    /// identity's `signature` over `api::receipt_message`.
+    pub fn put_receipt(
+        &self,
+        audit: u64,
+        worker: u64,
+        bytes: &[u8],
+        signature: &str,
+    ) -> Result<(), ClientError> {
+        let path = format!("/v1/audit/{audit}/receipt?worker={worker}&signature={signature}");
         self.send("receipt upload", "PUT", &path, Body::Bytes(bytes))
             .map(|_| ())
     }

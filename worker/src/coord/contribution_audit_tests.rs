@@ -321,7 +321,7 @@ fn two_neighbours_that_claim_a_receipt_they_cannot_prove_convict_no_one() {
 }
 
 #[test]
-fn a_proof_of_another_replica_step_epoch_or_of_a_part_is_refused_and_counted() {
+fn a_proof_of_another_replica_step_epoch_or_of_a_part_or_in_anothers_name_is_refused() {
     let now = Instant::now();
     let (mut c, ids, keys) = robust(1, 3, 1.0, [92; 32], now);
     let e = c.epoch();
@@ -355,13 +355,40 @@ fn a_proof_of_another_replica_step_epoch_or_of_a_part_is_refused_and_counted() {
         b"pwreceipt1 and then nothing of the kind".to_vec(),
     ];
     for (k, p) in bad.iter().enumerate() {
-        let r = c.put_receipt(v, audit, p, &run_id(), now);
+        let signature = receipt_signature(&keys[&v], v, audit, p);
+        let r = c.put_receipt(v, audit, p, &signature, &run_id(), now);
         assert!(
             matches!(r, Err(CoordError::Refused("bad_receipt", _))),
             "{k}: {r:?}"
         );
     }
     assert_eq!(c.refused().get("bad_receipt"), Some(&(bad.len() as u64)));
+    // A true proof in the validator's name, signed by anyone else (the
+    // audited replica, to displace the validator's own), is refused
+    // before it is read.
+    let true_proof = proof(&keys[&ids[1]], epoch_id, 0, 1, &[&sent]);
+    for signer in [ids[1], ids[2]] {
+        if signer == v {
+            continue;
+        }
+        let signature = receipt_signature(&keys[&signer], v, audit, &true_proof);
+        let r = c.put_receipt(v, audit, &true_proof, &signature, &run_id(), now);
+        assert!(
+            matches!(r, Err(CoordError::Refused("signature", _))),
+            "{r:?}"
+        );
+    }
+    // Signed for another upload: refused too.
+    let signature = receipt_signature(&keys[&v], v, audit, &bad[0]);
+    let r = c.put_receipt(v, audit, &true_proof, &signature, &run_id(), now);
+    assert!(
+        matches!(r, Err(CoordError::Refused("signature", _))),
+        "{r:?}"
+    );
+    // Its own, signed by it: kept.
+    let signature = receipt_signature(&keys[&v], v, audit, &true_proof);
+    c.put_receipt(v, audit, &true_proof, &signature, &run_id(), now)
+        .expect("the validator's proof");
     assert!(c.convictions().is_empty());
 }
 

@@ -738,38 +738,66 @@ impl<S: Send + Sync> FromRequestParts<S> for WeightsAt {
     }
 }
 
-/// `/v1/audit/{audit}/receipt?worker=W`.
+/// `/v1/audit/{audit}/receipt?worker=W&signature=S`.
 struct ReceiptAt {
     audit: u64,
     worker: u64,
+    signature: String,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for ReceiptAt {
     type Rejection = Reply;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Reply> {
-        let (audit, worker) = audit_at(parts, "receipt", "a receipt needs")?;
-        Ok(ReceiptAt { audit, worker })
+        #[derive(Deserialize)]
+        struct Q {
+            signature: String,
+        }
+        let what = "a receipt needs";
+        let (audit, worker) = audit_at(parts, "receipt", what)?;
+        let Query(q) = Query::<Q>::try_from_uri(&parts.uri).map_err(|_| {
+            Reply::Text(
+                400,
+                format!("{what} /v1/audit/AUDIT/receipt?worker=ID&signature=HEX"),
+            )
+        })?;
+        Ok(ReceiptAt {
+            audit,
+            worker,
+            signature: q.signature,
+        })
     }
 }
 
-/// `PUT /v1/audit/{audit}/receipt?worker=W`: a contribution audit's
-/// validator proves what the audited replica sent it in the step's gathers
-/// with the frames it received (`sync::receipt`); checked at once.
+/// `PUT /v1/audit/{audit}/receipt?worker=W&signature=S`: a contribution
+/// audit's validator proves what the audited replica sent it in the
+/// step's gathers with the frames it received (`sync::receipt`), signed
+/// by its identity. The frames are checked on this request's thread,
+/// outside the state machine's lock: each signature, and that they are a
+/// whole contribution of at most the model's parameters.
 async fn put_receipt(State(shared): Coord, at: ReceiptAt, RawBody(body): RawBody) -> Reply {
     changing(shared, move |s| {
         let mut run = [0u8; 16];
         if hex::decode_to_slice(&s.config.run_id, &mut run).is_err() {
             return Reply::Text(500, "the coordinator's run id is not hex".into());
         }
-        let result = lock(&s.coord).put_receipt(
+        let run = crate::link::RunId(run);
+        let job = lock(&s.coord).receipt_job(
             at.worker,
             at.audit,
             &body,
-            &crate::link::RunId(run),
+            &at.signature,
+            &run,
             Instant::now(),
         );
-        match result {
+        let job = match job {
+            Ok(j) => j,
+            Err(e) => return coord_error(e),
+        };
+        // The weights' limit is 16 bytes a parameter of the whole model.
+        let proven = job.check(&body, (s.weights_body_limit / 16) as u64 + 1);
+        let done = lock(&s.coord).receipt_done(at.worker, at.audit, &job, proven, Instant::now());
+        match done {
             Ok(()) => ok(),
             Err(e) => coord_error(e),
         }

@@ -378,7 +378,19 @@ fn prove_receipt(
         );
         return;
     };
-    match session.client.put_receipt(o.audit, session.worker, &proof) {
+    let message = crate::coord::api::receipt_message(
+        &session.run_hex,
+        o.audit,
+        session.worker,
+        &hex::encode(blake3::hash(&proof).as_bytes()),
+    );
+    let signature = session
+        .identity
+        .sign(crate::identity::AUDIT_DOMAIN, &message);
+    match session
+        .client
+        .put_receipt(o.audit, session.worker, &proof, &signature)
+    {
         Ok(()) => tracing::info!(
             "audit {}: proved receiving contribution {} from replica {audited_replica} ({} bytes)",
             o.audit,

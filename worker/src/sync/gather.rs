@@ -36,7 +36,7 @@ use super::ring::{
     RingMember, ABORT_POLL, MAX_SEGMENTS, PIECE_BYTES,
 };
 use crate::link::frame::{Frame, FrameKind};
-use crate::link::{Codec, Link, LinkError, RejectReason};
+use crate::link::{Codec, Link, LinkError, RejectReason, Shape};
 
 /// Which way round the ring a contribution travels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -397,6 +397,7 @@ impl Gather<'_> {
             self.config.stage,
             self.config.replica(origin),
             elems * 4,
+            Shape::vector(elems as u32),
             self.shape,
         );
         let got = (
@@ -405,13 +406,14 @@ impl Gather<'_> {
             h.stage,
             h.replica,
             authentic.payload_len(),
+            h.shape,
             h.input_hash,
         );
         if h.kind != FrameKind::AllReduce || h.codec != Codec::F32 || expected != got {
             return Err(RingError::Protocol {
                 peer,
                 detail: format!(
-                    "expected gather (step, tag, stage, author replica, bytes, shape) = \
+                    "expected gather (step, tag, stage, author replica, bytes, shape, part) = \
                      {expected:?}, got {:?} {got:?}",
                     h.kind
                 ),

@@ -24,7 +24,8 @@
 //! little-endian, where `parts` is the number of gathered buckets of the
 //! step, `part` this bucket's index among them and `part_len` its element
 //! count. A receiver refuses a frame whose shape is not its own bucket's
-//! (replicas of a stage lay out their buckets alike), so a set whose
+//! (replicas of a stage lay out their buckets alike), or whose header's
+//! tensor shape is not a vector of its segment's length, so a set whose
 //! frames cover, in order, every part `0..parts` and every segment of
 //! each, adding up to each `part_len`, is the whole contribution.
 //! Gathers that are not a contribution (the replicas' digest agreement)
@@ -184,8 +185,8 @@ pub fn verify(bytes: &[u8], author: &Author<'_>, max_elements: u64) -> Result<Pr
         elements = elements.saturating_add(n);
         if elements > max_elements {
             return Err(format!(
-                "the frames hold more than the {max_elements} elements a contribution of the \
-                 stage can"
+                "the frames hold more than the {max_elements} elements allowed (the model's \
+                 parameters)"
             ));
         }
         if tag >> 63 != 1 {

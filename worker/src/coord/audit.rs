@@ -139,39 +139,6 @@ impl Check {
     }
 }
 
-/// What checking a proof of receipt needs ([`Coordinator::receipt_job`]).
-#[derive(Clone, Debug)]
-pub struct ReceiptJob {
-    /// The run id of the epoch the audited step was trained in.
-    run_id: crate::link::RunId,
-    /// The audited step, 1-based.
-    step: u64,
-    stage: usize,
-    replica: usize,
-    /// The audited replica's registered key.
-    key: ed25519_dalek::VerifyingKey,
-}
-
-impl ReceiptJob {
-    /// Checks `bytes` as a proof of the audited replica's whole
-    /// contribution of at most `max_elements` elements
-    /// ([`crate::sync::receipt::verify`]).
-    pub fn check(
-        &self,
-        bytes: &[u8],
-        max_elements: u64,
-    ) -> Result<crate::sync::receipt::Proven, String> {
-        let author = crate::sync::receipt::Author {
-            run_id: self.run_id,
-            step: self.step.saturating_sub(1),
-            stage: self.stage as u32,
-            replica: self.replica as u32,
-            key: &self.key,
-        };
-        crate::sync::receipt::verify(bytes, &author, max_elements)
-    }
-}
-
 /// A receipt a validator proved: the contribution hash the audited
 /// replica's signed frames make (64 hex digits), and how many frames.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -2202,7 +2169,8 @@ impl Coordinator {
     /// replica sent it in the step's gathers with the frames themselves
     /// (`sync::receipt`; `run_id`: the run's id). [`Coordinator::receipt_job`],
     /// the proof checked, [`Coordinator::receipt_done`], in one call.
-    pub fn put_receipt(
+    #[cfg(test)]
+    pub(crate) fn put_receipt(
         &mut self,
         worker: u64,
         audit: u64,
@@ -2211,18 +2179,18 @@ impl Coordinator {
         run_id: &crate::link::RunId,
         now: Instant,
     ) -> Result<(), CoordError> {
-        let job = self.receipt_job(worker, audit, bytes, signature, run_id, now)?;
-        let proven = job.check(bytes, (bytes.len() / 4) as u64);
-        self.receipt_done(worker, audit, &job, proven, now)
+        let author = self.receipt_job(worker, audit, bytes, signature, run_id, now)?;
+        let proven = crate::sync::receipt::verify(bytes, &author, (bytes.len() / 4) as u64);
+        self.receipt_done(worker, audit, &author, proven, now)
     }
 
     /// What checking validator `worker`'s proof of receipt for audit
     /// `audit` needs: refused unless the audit is an open contribution
     /// audit, `worker` one of its validators, and `signature` its identity's
     /// over [`crate::coord::api::receipt_message`] of `bytes` (so nobody
-    /// else can put a proof in its name), in the audit domain. The proof
-    /// itself is checked outside the state machine's lock
-    /// ([`ReceiptJob::check`]).
+    /// else can put a proof in its name), in the audit domain. Returns the
+    /// author the proof must be of; the proof itself is checked outside the
+    /// state machine's lock ([`crate::sync::receipt::verify`]).
     pub fn receipt_job(
         &mut self,
         worker: u64,
@@ -2231,7 +2199,7 @@ impl Coordinator {
         signature: &str,
         run_id: &crate::link::RunId,
         now: Instant,
-    ) -> Result<ReceiptJob, CoordError> {
+    ) -> Result<crate::sync::receipt::Author, CoordError> {
         self.check_audit_party(worker)?;
         let (_, a, step) = self.open_audit(audit)?;
         let Some(check) = a.checks.iter().find(|c| c.worker == worker) else {
@@ -2276,11 +2244,12 @@ impl Coordinator {
             )));
         };
         let epoch = self.audits.open.as_ref().map_or(self.epoch, |o| o.epoch);
-        Ok(ReceiptJob {
+        Ok(crate::sync::receipt::Author {
             run_id: crate::link::sign::epoch_run_id(run_id, epoch),
-            step,
-            stage: a.stage,
-            replica: a.replica,
+            // The frames carry the step 0-based.
+            step: step.saturating_sub(1),
+            stage: a.stage as u32,
+            replica: a.replica as u32,
             key,
         })
     }
@@ -2292,11 +2261,11 @@ impl Coordinator {
         &mut self,
         worker: u64,
         audit: u64,
-        job: &ReceiptJob,
+        author: &crate::sync::receipt::Author,
         proven: Result<crate::sync::receipt::Proven, String>,
         now: Instant,
     ) -> Result<(), CoordError> {
-        let (stage, replica, step) = (job.stage, job.replica, job.step);
+        let (stage, replica, step) = (author.stage, author.replica, author.step + 1);
         let p = match proven {
             Ok(p) => p,
             Err(e) => {

@@ -769,6 +769,14 @@ impl<S: Send + Sync> FromRequestParts<S> for ReceiptAt {
     }
 }
 
+/// The run's id, as the coordinator's configuration gives it in hex.
+fn run_id(s: &Shared) -> Result<crate::link::RunId, Reply> {
+    let mut run = [0u8; 16];
+    hex::decode_to_slice(&s.config.run_id, &mut run)
+        .map_err(|_| Reply::Text(500, "the coordinator's run id is not hex".into()))?;
+    Ok(crate::link::RunId(run))
+}
+
 /// `PUT /v1/audit/{audit}/receipt?worker=W&signature=S`: a contribution
 /// audit's validator proves what the audited replica sent it in the
 /// step's gathers with the frames it received (`sync::receipt`), signed
@@ -777,12 +785,11 @@ impl<S: Send + Sync> FromRequestParts<S> for ReceiptAt {
 /// whole contribution of at most the model's parameters.
 async fn put_receipt(State(shared): Coord, at: ReceiptAt, RawBody(body): RawBody) -> Reply {
     changing(shared, move |s| {
-        let mut run = [0u8; 16];
-        if hex::decode_to_slice(&s.config.run_id, &mut run).is_err() {
-            return Reply::Text(500, "the coordinator's run id is not hex".into());
-        }
-        let run = crate::link::RunId(run);
-        let job = lock(&s.coord).receipt_job(
+        let run = match run_id(s) {
+            Ok(r) => r,
+            Err(reply) => return reply,
+        };
+        let author = lock(&s.coord).receipt_job(
             at.worker,
             at.audit,
             &body,
@@ -790,13 +797,15 @@ async fn put_receipt(State(shared): Coord, at: ReceiptAt, RawBody(body): RawBody
             &run,
             Instant::now(),
         );
-        let job = match job {
-            Ok(j) => j,
+        let author = match author {
+            Ok(a) => a,
             Err(e) => return coord_error(e),
         };
         // The weights' limit is 16 bytes a parameter of the whole model.
-        let proven = job.check(&body, (s.weights_body_limit / 16) as u64 + 1);
-        let done = lock(&s.coord).receipt_done(at.worker, at.audit, &job, proven, Instant::now());
+        let max_elements = (s.weights_body_limit / 16) as u64 + 1;
+        let proven = crate::sync::receipt::verify(&body, &author, max_elements);
+        let done =
+            lock(&s.coord).receipt_done(at.worker, at.audit, &author, proven, Instant::now());
         match done {
             Ok(()) => ok(),
             Err(e) => coord_error(e),
@@ -914,11 +923,11 @@ async fn broken(
     JsonBody(b): JsonBody<super::complaint_api::BrokenStep>,
 ) -> Reply {
     changing(shared, move |s| {
-        let mut run = [0u8; 16];
-        if hex::decode_to_slice(&s.config.run_id, &mut run).is_err() {
-            return Reply::Text(500, "the coordinator's run id is not hex".into());
-        }
-        let result = lock(&s.coord).broken_step(&b, &crate::link::RunId(run), Instant::now());
+        let run = match run_id(s) {
+            Ok(r) => r,
+            Err(reply) => return reply,
+        };
+        let result = lock(&s.coord).broken_step(&b, &run, Instant::now());
         match result {
             Ok(n) => Reply::Text(200, format!("{n} recheck(s) ordered")),
             Err(e) => coord_error(e),

@@ -38,7 +38,7 @@ use crate::pipeline::Route;
 
 #[path = "audit.rs"]
 mod audit;
-pub use audit::{ContributionJob, InitialDigest, ReceiptJob, RefereeJob, RefereeResult};
+pub use audit::{ContributionJob, InitialDigest, RefereeJob, RefereeResult};
 #[path = "complaint.rs"]
 mod complaint;
 pub use complaint::ComplaintVerdict;

@@ -115,26 +115,26 @@ fn reduce_in_order(
     let mut done: Vec<Vec<f32>> = Vec::with_capacity(buckets);
     // Digests of the gathered buckets' aggregates, checked once at the end.
     let mut digests = Vec::new();
-    let gathered = |rules: &[Reduce]| {
-        rules
-            .iter()
-            .filter(|r| matches!(r, Reduce::Gather(_)))
-            .count()
-    };
-    let parts = u32::try_from(gathered(&rules))
+    let gathered = rules
+        .iter()
+        .filter(|r| matches!(r, Reduce::Gather(_)))
+        .count();
+    let parts = u32::try_from(gathered)
         .map_err(|_| RingError::Config("too many gathered buckets".into()))?;
     let mut seen = (parts > 0).then(|| Contributions::new(member.world(), member.rank()));
+    // The gathered buckets so far: the next one's place among them.
+    let mut part = Part {
+        index: 0,
+        count: parts,
+    };
     while done.len() < buckets {
         let next = done.len();
         if let Some(mut data) = waiting.remove(&next) {
             // Its place among the gathered buckets, which their frames sign.
-            let part = Part {
-                index: gathered(&rules[..next]) as u32,
-                count: parts,
-            };
             rules[next].apply_observed(&mut member, &mut data, seen.as_mut(), Some(part))?;
             if matches!(rules[next], Reduce::Gather(_)) {
                 digests.extend(digest(&data));
+                part.index += 1;
             }
             done.push(data);
             continue;

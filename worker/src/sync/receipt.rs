@@ -107,9 +107,11 @@ pub fn encode(receipts: &[Receipt]) -> Vec<u8> {
     out
 }
 
-/// Whose contribution a proof must be, and where it was sent.
+/// Whose contribution a proof must be, and where it was sent: what the
+/// coordinator needs to check one (it gathers it under its lock and checks
+/// the proof outside it).
 #[derive(Clone, Copy, Debug)]
-pub struct Author<'a> {
+pub struct Author {
     /// The run id of the epoch the step was trained in
     /// (`link::sign::epoch_run_id`).
     pub run_id: RunId,
@@ -119,7 +121,7 @@ pub struct Author<'a> {
     pub stage: u32,
     pub replica: u32,
     /// Its registered key.
-    pub key: &'a VerifyingKey,
+    pub key: VerifyingKey,
 }
 
 /// What a checked proof shows.
@@ -152,7 +154,7 @@ struct Under {
 /// gives, and the frames the complete set (every part, every segment, in
 /// order); at most `max_elements` elements. Returns the hash they make, or
 /// what is wrong.
-pub fn verify(bytes: &[u8], author: &Author<'_>, max_elements: u64) -> Result<Proven, String> {
+pub fn verify(bytes: &[u8], author: &Author, max_elements: u64) -> Result<Proven, String> {
     let mut rest = bytes
         .strip_prefix(MAGIC)
         .ok_or("the proof does not start with pwreceipt1")?;
@@ -242,7 +244,7 @@ pub fn verify(bytes: &[u8], author: &Author<'_>, max_elements: u64) -> Result<Pr
         };
         let payload_hash = *blake3::hash(payload).as_bytes();
         if !crate::identity::verify_bytes(
-            author.key,
+            &author.key,
             domain_of(FrameKind::AllReduce),
             &frame_message(&header, &payload_hash),
             &signature,
@@ -384,13 +386,13 @@ mod tests {
         )
     }
 
-    fn author(replica: usize, key: &VerifyingKey) -> Author<'_> {
+    fn author(replica: usize, key: &VerifyingKey) -> Author {
         Author {
             run_id: RunId([6; 16]),
             step: 4,
             stage: 0,
             replica: replica as u32,
-            key,
+            key: *key,
         }
     }
 

@@ -247,6 +247,10 @@ fn audited_run(
                 let mut w = StageWorker::new(&m, shard, peers, auth, Duration::from_secs(20))
                     .expect("worker");
                 w.set_retain(!pools.is_empty());
+                let mut judge = (!pools.is_empty()).then(|| {
+                    StageWorker::prepare_layers(&m, shard, Duration::from_secs(1), None)
+                        .expect("a stage built apart")
+                });
                 if let Some((at, a)) = attack {
                     if at == (shard.stage, shard.replica) {
                         w.set_attack(Some(a));
@@ -277,15 +281,21 @@ fn audited_run(
                         .cloned()
                         .expect("the other replica published");
                     let kept = before.clone();
-                    for (mb, mut e) in evidence {
-                        tamper(&mut e);
+                    let evidence: BTreeMap<u64, Evidence> = evidence
+                        .into_iter()
+                        .map(|(mb, mut e)| {
+                            tamper(&mut e);
+                            (mb, e)
+                        })
+                        .collect();
+                    for (&mb, e) in &evidence {
                         for &threads in &pools {
                             let pool = rayon::ThreadPoolBuilder::new()
                                 .num_threads(threads)
                                 .build()
                                 .expect("pool");
                             let recomputed = pool
-                                .install(|| w.recompute(&mut before, step, mb, &e))
+                                .install(|| w.recompute(&mut before, step, mb, e))
                                 .expect("recompute");
                             checks.push(Recomputation {
                                 stage: shard.stage,
@@ -293,6 +303,32 @@ fn audited_run(
                                 step,
                                 mb,
                                 threads,
+                                committed: theirs[&mb],
+                                recomputed,
+                            });
+                        }
+                    }
+                    // A stage built apart, as the coordinator's is: one
+                    // pass over the other replica's whole step gives each
+                    // of its micro-batches' hashes too (`threads` 0).
+                    if let Some(judge) = judge.as_mut() {
+                        let mbs: Vec<u64> = evidence.keys().copied().collect();
+                        let scale = 1.0 / m.spec.training.micro_batches as f32;
+                        for &mb in &mbs {
+                            let mut b = kept.clone();
+                            let (recomputed, grads) = judge
+                                .recompute_step_detached(
+                                    &mut b, step, other, &mbs, &evidence, scale, mb,
+                                )
+                                .expect("one pass over the step");
+                            assert_eq!(grads.len(), judge.stage().params().len());
+                            assert!(b == kept, "the state lent is given back as it was");
+                            checks.push(Recomputation {
+                                stage: shard.stage,
+                                audited: other,
+                                step,
+                                mb,
+                                threads: 0,
                                 committed: theirs[&mb],
                                 recomputed,
                             });
@@ -356,8 +392,9 @@ fn recomputes_as_committed_and_changes_nothing(m: &TrainingRun) {
     let audited = audited_run(&m, &[1], None, |_| {});
     let plain = audited_run(&m, &[], None, |_| {});
     let checks: Vec<&Recomputation> = audited.iter().flat_map(|a| &a.checks).collect();
-    // 4 steps × 2 stages × 2 replicas × 2 micro-batches.
-    assert_eq!(checks.len(), 32);
+    // 4 steps × 2 stages × 2 replicas × 2 micro-batches, recomputed alone
+    // and in one pass over the step on a stage built apart.
+    assert_eq!(checks.len(), 64);
     for c in &checks {
         assert_eq!(c.recomputed, c.committed, "{c:?}");
         // Replica r runs micro-batches 2r and 2r + 1 of each step.
@@ -378,16 +415,17 @@ fn recomputes_as_committed_and_changes_nothing(m: &TrainingRun) {
     }
 }
 
-/// Recomputation on rayon pools of 1, 2 and 3 threads gives the same bits
-/// as the step itself (run on the default pool), on a model large enough
-/// that the matrix products split their work over threads.
+/// Recomputation on rayon pools of 1, 2 and 3 threads, and one pass over
+/// the step on a stage built apart, give the same bits as the step itself
+/// (run on the default pool), on a model large enough that the matrix
+/// products split their work over threads.
 #[test]
 fn recomputation_is_bitwise_the_same_on_any_thread_count() {
     let dir = tempfile::tempdir().expect("tempdir");
     let m = audit_manifest(dir.path(), 128, 64, 8, 1);
     let out = audited_run(&m, &[1, 2, 3], None, |_| {});
     let checks: Vec<&Recomputation> = out.iter().flat_map(|a| &a.checks).collect();
-    assert_eq!(checks.len(), 2 * 2 * 2 * 3);
+    assert_eq!(checks.len(), 2 * 2 * 2 * (3 + 1));
     for c in checks {
         assert_eq!(c.recomputed, c.committed, "{} threads: {c:?}", c.threads);
     }

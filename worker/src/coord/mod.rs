@@ -9,6 +9,7 @@ pub mod history;
 mod metrics;
 mod page;
 pub mod persist;
+mod referee;
 mod routes;
 pub mod server;
 pub mod setup;

@@ -828,7 +828,7 @@ async fn receipt_method(_: ReceiptAt) -> Reply {
 /// state machine's lock; the answer comes once it is done.
 async fn put_weights(State(shared): Coord, at: WeightsAt, RawBody(body): RawBody) -> Reply {
     changing(shared, move |s| {
-        let _one = lock(&s.referee);
+        let mut referees = lock(&s.referee);
         let job = lock(&s.coord).referee_job(at.worker, at.audit);
         let job = match job {
             Ok(Some(j)) => j,
@@ -836,7 +836,7 @@ async fn put_weights(State(shared): Coord, at: WeightsAt, RawBody(body): RawBody
             Err(e) => return coord_error(e),
         };
         let t = Instant::now();
-        let result = s.recompute_disputed(&job, &body);
+        let result = s.recompute_disputed(&mut referees, &job, &body);
         let seconds = t.elapsed().as_secs_f64();
         let done =
             lock(&s.coord).referee_done(at.worker, at.audit, result, seconds, Instant::now());

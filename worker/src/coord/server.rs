@@ -5,7 +5,6 @@
 //! are in `routes.rs`); the metrics and the state file have files of their
 //! own (`metrics.rs`, `persist.rs`).
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,11 +16,11 @@ use anyhow::{Context, Result};
 
 use super::metrics::Metrics;
 use super::persist::{load_state, StateFile};
-use super::state::{ContributionJob, CoordError, Coordinator, RefereeJob, RefereeResult, Status};
+use super::state::{CoordError, Coordinator, Status};
 use crate::checkpoint::{self, Meta};
 use crate::data::Tokenizer;
 use crate::model::ModelConfig;
-use crate::pipeline::{Evidence, Shard, StageWorker};
+use crate::pipeline::{Shard, StageWorker};
 
 /// How long a long-polling request waits before answering "not yet" (the
 /// client asks again).
@@ -240,9 +239,10 @@ pub(super) struct Shared {
     /// two moments and a gradient) plus 16; the exact size, the stage's, is
     /// checked once the stage is built.
     pub(super) weights_body_limit: usize,
-    /// Held while the coordinator recomputes a disputed micro-batch: one
-    /// recomputation at a time.
-    pub(super) referee: Mutex<()>,
+    /// The stages the coordinator built for its own recomputations, kept
+    /// between them; held while it recomputes: one recomputation at a
+    /// time.
+    pub(super) referee: Mutex<super::referee::Referees>,
     state_file: StateFile,
 }
 
@@ -369,8 +369,9 @@ impl Shared {
         // The coordinator validates the audits of stages with one training
         // replica, and referees two-replica disputes, by recomputing a
         // micro-batch in this process: it needs the memory for it.
-        let referee = match referee_memory(&config.manifest, config.model.vocab) {
-            Ok(()) => true,
+        let kept = super::referee::memory(&config.manifest, config.model.vocab);
+        let referee = match &kept {
+            Ok(_) => true,
             Err(why) => {
                 tracing::warn!(
                     "{why}: the coordinator recomputes no audit itself, so stages with one \
@@ -435,202 +436,9 @@ impl Shared {
             handoff: Mutex::new(HashMap::new()),
             metrics: Metrics::new(),
             challenges: Challenges::default(),
-            referee: Mutex::new(()),
+            referee: Mutex::new(super::referee::Referees::new(kept.unwrap_or(0))),
             state_file,
         })
-    }
-
-    /// Recomputes the disputed micro-batch of `job` in this process, as a
-    /// validator would (see `StageWorker::recompute`), with the parameters
-    /// `weights` (a [`StageWorker::encode_weights`] upload): builds the
-    /// stage's layer range from the run's manifest without links (the
-    /// first stage reads the run's corpus to sample its tokens; where it
-    /// cannot, the result is [`RefereeResult::Failed`]), refuses
-    /// parameters that are not the stage's size or whose digest is not
-    /// `job.digest` ([`RefereeResult::BadWeights`]), and recomputes from
-    /// the evidence the coordinator holds. Runs on the caller's thread,
-    /// outside the state machine's lock.
-    pub(super) fn recompute_disputed(&self, job: &RefereeJob, weights: &[u8]) -> RefereeResult {
-        let layers = lock(&self.coord)
-            .layout()
-            .stage_layers
-            .get(job.stage)
-            .cloned();
-        let shard = Shard {
-            stage: job.stage,
-            replica: 0,
-        };
-        let mut wk = match StageWorker::prepare_layers(
-            &self.config.manifest,
-            shard,
-            Duration::from_secs(1),
-            layers,
-        ) {
-            Ok(w) => w,
-            Err(e) => {
-                return RefereeResult::Failed(format!("building stage {}: {e}", job.stage));
-            }
-        };
-        let before = job.step.saturating_sub(1);
-        // An update upload carries the moments and the applied gradient
-        // after the parameters. They are decoded after the micro-batch's
-        // recomputation, so that its activations and they are not held at
-        // once (the coordinator's memory is one stage's and one upload's).
-        let params = match &job.update {
-            None => weights,
-            Some(_) => match wk.update_params(weights) {
-                Ok(p) => p,
-                Err(e) => return RefereeResult::BadWeights(e.to_string()),
-            },
-        };
-        let (mut state, digest) = match wk.decode_weights(params, before) {
-            Ok(x) => x,
-            Err(e) => return RefereeResult::BadWeights(e.to_string()),
-        };
-        if digest != job.digest {
-            return RefereeResult::BadWeights(format!(
-                "they digest to {}, the digest agreed for the stage's parameters after step \
-                 {before} is {}",
-                hex::encode(&digest[..8]),
-                hex::encode(&job.digest[..8])
-            ));
-        }
-        // A contribution audit's evidence, or a whole step's, is a set of
-        // micro-batches, checked against the commitments when it was
-        // uploaded.
-        let decode_set = |scope: &ContributionJob| {
-            let limit = self
-                .evidence_limit
-                .saturating_mul(scope.micro_batches.len().max(1));
-            Evidence::decode_set(&job.evidence, limit)
-        };
-        if let Some(c) = &job.contribution {
-            let set = match decode_set(c) {
-                Ok(set) => set,
-                Err(e) => return RefereeResult::Failed(e.to_string()),
-            };
-            return match wk.recompute_contribution_detached(
-                &mut state,
-                before,
-                c.replica,
-                &c.micro_batches,
-                &set,
-                job.scale,
-            ) {
-                Ok(h) => RefereeResult::Contribution(h),
-                Err(e) => RefereeResult::Failed(e.to_string()),
-            };
-        }
-        let set = match job.whole_step.as_ref().map(decode_set).transpose() {
-            Ok(set) => set,
-            Err(e) => return RefereeResult::Failed(e.to_string()),
-        };
-        // The audited micro-batch's evidence: from the set, or alone.
-        let evidence = match &set {
-            Some(set) => set
-                .get(&job.mb)
-                .map(Cow::Borrowed)
-                .ok_or_else(|| format!("the evidence set lacks micro-batch {}", job.mb)),
-            None => Evidence::decode(&job.evidence, self.evidence_limit)
-                .map(Cow::Owned)
-                .map_err(|e| e.to_string()),
-        };
-        let evidence = match evidence {
-            Ok(e) => e,
-            Err(e) => return RefereeResult::Failed(e),
-        };
-        let hashes = match wk.recompute_detached(&mut state, before, job.mb, &evidence, job.scale) {
-            Ok(h) => [h.input, h.output, h.gradient],
-            Err(e) => return RefereeResult::Failed(e.to_string()),
-        };
-        let Some(check) = &job.update else {
-            return RefereeResult::Hashes(hashes);
-        };
-        let up = match wk.decode_update(weights, before) {
-            Ok(up) => up,
-            Err(e) => return RefereeResult::BadWeights(e.to_string()),
-        };
-        // The moments and the gradient must be the ones committed to; at
-        // the first step the moments are the zeros this stage, built here
-        // and never stepped, holds.
-        let moments_before = check
-            .moments_before
-            .unwrap_or_else(|| wk.moments_digest_of(wk.optimizer()));
-        if up.moments != moments_before {
-            return RefereeResult::BadWeights(format!(
-                "their optimizer moments digest to {}, the moments committed to after step \
-                 {before} digest to {}",
-                hex::encode(&up.moments[..8]),
-                hex::encode(&moments_before[..8])
-            ));
-        }
-        if up.applied_digest != check.applied {
-            return RefereeResult::BadWeights(format!(
-                "the applied gradient digests to {}, the one committed to for step {} to {}",
-                hex::encode(&up.applied_digest[..8]),
-                job.step,
-                hex::encode(&check.applied[..8])
-            ));
-        }
-        // The norm it clipped by must be the step's global norm: the one
-        // every other stage reported, or alone in the pipeline its own
-        // gradient's (a made-up norm would scale its update down to
-        // nothing and still replay).
-        let norm = match (check.grad_norm, self.config.manifest.spec.pipeline.stages) {
-            (Some(n), _) => Some(n),
-            (None, 1) => Some(wk.own_norm(&up.applied.grads)),
-            (None, _) => None,
-        };
-        if let Some(n) = norm.filter(|n| n.to_bits() != up.applied.grad_norm.to_bits()) {
-            return RefereeResult::WrongUpdate(
-                hashes,
-                format!(
-                    "its update of step {} was clipped by a global gradient norm of {}, the \
-                     step's is {n}",
-                    job.step, up.applied.grad_norm
-                ),
-            );
-        }
-        // The gradient applied must be the one the step's micro-batches
-        // give (the tied matrices aside), recomputed from their evidence.
-        if let (Some(all), Some(set)) = (&job.whole_step, &set) {
-            let grads = match wk.recompute_gradients_detached(
-                &mut state,
-                before,
-                all.replica,
-                &all.micro_batches,
-                set,
-                job.scale,
-            ) {
-                Ok(g) => g,
-                Err(e) => return RefereeResult::Failed(e.to_string()),
-            };
-            if let Some(why) = wk.applied_mismatch(&grads, &up.applied.grads) {
-                return RefereeResult::WrongUpdate(hashes, format!("step {}: {why}", job.step));
-            }
-        }
-        // The update, replayed from the committed state and gradient.
-        let (params, moments) = wk.replay_update(state, up);
-        let wrong: Vec<String> = [
-            ("parameters", params, check.params_after),
-            ("moments", moments, check.moments_after),
-        ]
-        .into_iter()
-        .filter(|(_, got, signed)| got != signed)
-        .map(|(what, got, signed)| {
-            format!(
-                "its {what} after step {} digest to {}, it committed to {}",
-                job.step,
-                hex::encode(&got[..8]),
-                hex::encode(&signed[..8])
-            )
-        })
-        .collect();
-        if wrong.is_empty() {
-            RefereeResult::Hashes(hashes)
-        } else {
-            RefereeResult::WrongUpdate(hashes, wrong.join("; "))
-        }
     }
 
     /// Persists the state when it changed and wakes every long poll.
@@ -812,49 +620,4 @@ pub fn start(config: Config, listen: &str) -> Result<Handle> {
             .context("starting the lease sweeper")?;
     }
     Ok(Handle { shared, addr, stop })
-}
-
-/// Whether this process has the memory to recompute an audited micro-batch
-/// of the run's largest stage itself (`Err`: why not): the stage as its
-/// shard process holds it (the plan's total), an update upload of it and
-/// its decoded copy (16 bytes per parameter each), a quarter more for the
-/// allocator, the process overhead, and what this process holds already,
-/// against what it may use
-/// ([`crate::plan::available_memory`]; unknown: it is assumed to fit).
-fn referee_memory(manifest: &pipewright_spec::TrainingRun, vocab: usize) -> Result<(), String> {
-    let Some(available) = crate::plan::available_memory() else {
-        return Ok(());
-    };
-    let plan = crate::plan::plan(manifest, vocab, None);
-    let stage = plan.largest_stage();
-    let resident = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024);
-    // Per parameter: an update upload (16 bytes) and its decoded copy
-    // (16), and the whole step's recomputed gradients (4). A quarter more
-    // for the allocator: measured on a 4-stage run of 10.4M parameters, a
-    // recomputation with the update's replay raised the coordinator's
-    // resident set by 1.16 times the stage's total and its upload's bytes.
-    let need = stage
-        .total_bytes
-        .saturating_add(stage.params.saturating_mul(36))
-        .saturating_mul(5)
-        / 4
-        + crate::plan::PROCESS_OVERHEAD_BYTES
-        + resident;
-    if need > available {
-        return Err(format!(
-            "recomputing a micro-batch of stage {} needs about {} here, and this process has {}",
-            stage.stage,
-            crate::plan::human(need),
-            crate::plan::human(available)
-        ));
-    }
-    Ok(())
 }

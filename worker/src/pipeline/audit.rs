@@ -275,26 +275,41 @@ impl StageWorker {
         }
         self.with_weights_of(before, |w| {
             let (input, out) = w.replay_forward(step, mb, evidence)?;
-            let output = match out {
-                StageOutput::Loss(l) => content_hash(&l.to_le_bytes()),
-                StageOutput::Hidden(h) => {
-                    let rows = w.hidden_rows();
-                    content_hash(&w.codec.encode(&h, rows, w.stage.boundary_width_out())?)
-                }
-            };
+            let output = w.output_hash(&out)?;
             let dx = w.replay_backward_input(mb, evidence)?;
-            let gradient = match dx {
-                Some(dx) if !w.is_first() => {
-                    let rows = w.hidden_rows();
-                    content_hash(&w.codec.encode(&dx, rows, w.stage.boundary_width_in())?)
-                }
-                _ => [0; 32],
-            };
             Ok(MicroBatchHashes {
                 input,
                 output,
-                gradient,
+                gradient: w.gradient_hash(dx.as_deref())?,
             })
+        })
+    }
+
+    /// The hash of a recomputed micro-batch's output, as
+    /// [`MicroBatchHashes::output`] holds it: of the loss's bytes on the
+    /// last stage, of the encoded activations elsewhere.
+    fn output_hash(&self, out: &StageOutput) -> Result<[u8; 32], PipelineError> {
+        Ok(match out {
+            StageOutput::Loss(l) => content_hash(&l.to_le_bytes()),
+            StageOutput::Hidden(h) => content_hash(&self.codec.encode(
+                h,
+                self.hidden_rows(),
+                self.stage.boundary_width_out(),
+            )?),
+        })
+    }
+
+    /// The hash of a recomputed micro-batch's input gradient, as
+    /// [`MicroBatchHashes::gradient`] holds it (zeros on the first stage,
+    /// which sends none).
+    fn gradient_hash(&self, dx: Option<&[f32]>) -> Result<[u8; 32], PipelineError> {
+        Ok(match dx {
+            Some(dx) if !self.is_first() => content_hash(&self.codec.encode(
+                dx,
+                self.hidden_rows(),
+                self.stage.boundary_width_in(),
+            )?),
+            _ => [0; 32],
         })
     }
 
@@ -347,7 +362,7 @@ impl StageWorker {
         self.check_recomputable(before, step)?;
         let ops = self.ops_of(step, audited_replica, micro_batches, evidence)?;
         self.with_weights_of(before, |w| {
-            let loss_sum = w.run_ops(step, ops, evidence)?;
+            let (loss_sum, _) = w.run_ops(step, ops, evidence, None)?;
             Ok(w.contribution_hash(loss_sum))
         })
     }
@@ -359,8 +374,14 @@ impl StageWorker {
     /// step's schedule, as
     /// [`StageWorker::recompute_contribution`] runs them, at loss scale
     /// `scale`. Every parameter's gradient, in the stage's order, before
-    /// the tied matrices' exchange, the clip and the update.
-    pub fn recompute_gradients_detached(
+    /// the tied matrices' exchange, the clip and the update; and from the
+    /// same pass the hashes of micro-batch `audited` (one of
+    /// `micro_batches`), which [`StageWorker::recompute_detached`] gives
+    /// alone: its forward and the input half of its backward are the
+    /// same operations on the same weights, whatever the gradients
+    /// accumulated around them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn recompute_step_detached(
         &mut self,
         before: &mut StageState,
         step: u64,
@@ -368,19 +389,31 @@ impl StageWorker {
         micro_batches: &[u64],
         evidence: &BTreeMap<u64, Evidence>,
         scale: f32,
-    ) -> Result<Vec<Vec<f32>>, PipelineError> {
+        audited: u64,
+    ) -> Result<(MicroBatchHashes, Vec<Vec<f32>>), PipelineError> {
         self.detach_at(before, step, scale);
         self.check_recomputable(before, step)?;
+        if !micro_batches.contains(&audited) {
+            return Err(PipelineError::Audit(format!(
+                "micro-batch {audited} is not one of the step's recomputed ones"
+            )));
+        }
         let ops = self.ops_of(step, replica, micro_batches, evidence)?;
         self.with_weights_of(before, |w| {
-            w.run_ops(step, ops, evidence)?;
-            Ok(w.stage.params().iter().map(|p| p.grad.clone()).collect())
+            let (_, hashes) = w.run_ops(step, ops, evidence, Some(audited))?;
+            let hashes = hashes.ok_or_else(|| {
+                PipelineError::Audit(format!("the step's order never ran micro-batch {audited}"))
+            })?;
+            Ok((
+                hashes,
+                w.stage.params().iter().map(|p| p.grad.clone()).collect(),
+            ))
         })
     }
 
     /// Why `applied` (a step's applied gradient, as an update upload
     /// carries it) is not `recomputed` (the one its micro-batches give,
-    /// [`StageWorker::recompute_gradients_detached`]), bit for bit: the
+    /// [`StageWorker::recompute_step_detached`]), bit for bit: the
     /// first parameter that differs (`None`: none does). The tied
     /// embedding and head matrices are left out: their gradients hold the
     /// other tied stage's too, which no evidence carries.
@@ -468,32 +501,47 @@ impl StageWorker {
     /// Runs `ops` of step `step` from `evidence` with the weights in place,
     /// accumulating the weight gradients from zero as the step does.
     /// Returns the sum of the micro-batches' losses (0 but on the last
-    /// stage).
+    /// stage) and, for micro-batch `watch`, its hashes as
+    /// [`StageWorker::recompute`] gives them (`None` where `ops` runs no
+    /// forward and input backward of it).
     fn run_ops(
         &mut self,
         step: u64,
         ops: Vec<Op>,
         evidence: &BTreeMap<u64, Evidence>,
-    ) -> Result<f64, PipelineError> {
+        watch: Option<u64>,
+    ) -> Result<(f64, Option<MicroBatchHashes>), PipelineError> {
         // The step left every gradient at zero; the recomputation
         // accumulates from there.
         self.stage.zero_grad();
         let mut loss_sum = 0f64;
+        let (mut seen, mut hashes) = (None, None);
         for op in ops {
             let mb = u64::from(op.micro_batch());
             let e = &evidence[&mb];
+            let watched = watch == Some(mb);
             match op {
                 Op::Forward { .. } => {
-                    if let (_, StageOutput::Loss(l)) = self.replay_forward(step, mb, e)? {
+                    let (input, out) = self.replay_forward(step, mb, e)?;
+                    if watched {
+                        seen = Some((input, self.output_hash(&out)?));
+                    }
+                    if let StageOutput::Loss(l) = out {
                         loss_sum += f64::from(l);
                     }
                 }
-                Op::Backward { .. } => {
-                    self.replay_backward_input(mb, e)?;
-                    self.stage.backward_weight(mb)?;
-                }
-                Op::BackwardInput { .. } => {
-                    self.replay_backward_input(mb, e)?;
+                Op::Backward { .. } | Op::BackwardInput { .. } => {
+                    let dx = self.replay_backward_input(mb, e)?;
+                    if let (true, Some((input, output))) = (watched, seen) {
+                        hashes = Some(MicroBatchHashes {
+                            input,
+                            output,
+                            gradient: self.gradient_hash(dx.as_deref())?,
+                        });
+                    }
+                    if matches!(op, Op::Backward { .. }) {
+                        self.stage.backward_weight(mb)?;
+                    }
                 }
                 Op::BackwardWeight { .. } => self.stage.backward_weight(mb)?,
             }
@@ -503,7 +551,7 @@ impl StageWorker {
                 "the replica's order left micro-batches without a backward".into(),
             ));
         }
-        Ok(loss_sum)
+        Ok((loss_sum, hashes))
     }
 
     /// The bytes of a stage's parameters as a weights upload carries them

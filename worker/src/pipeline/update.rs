@@ -20,7 +20,7 @@
 //!
 //! The applied gradient itself is checked apart: the coordinator
 //! recomputes the step's weight gradients from the evidence of every
-//! micro-batch of the step ([`StageWorker::recompute_gradients_detached`])
+//! micro-batch of the step ([`StageWorker::recompute_step_detached`])
 //! and holds the applied one to them ([`StageWorker::applied_mismatch`]).
 
 use super::{applied_digest, moments_digest, PipelineError, StageState, StageWorker};
@@ -410,8 +410,8 @@ spec:
                 let params = judge.update_params(&upload).expect("the size");
                 let (mut before, _) = judge.decode_weights(params, k).expect("parameters");
                 let up = judge.decode_update(&upload, k).expect("decode");
-                let grads = judge
-                    .recompute_gradients_detached(&mut before, k, 0, &[0, 1], &set, 0.5)
+                let (_, grads) = judge
+                    .recompute_step_detached(&mut before, k, 0, &[0, 1], &set, 0.5, 1)
                     .expect("recomputed");
                 let why = judge.applied_mismatch(&grads, &up.applied.grads);
                 if attack.is_none() || k < 2 {
@@ -432,8 +432,16 @@ spec:
             .decode_weights(judge.update_params(&upload).expect("size"), 0)
             .expect("parameters");
         assert!(judge
-            .recompute_gradients_detached(&mut before, 0, 0, &[0], &set, 0.5)
+            .recompute_step_detached(&mut before, 0, 0, &[0], &set, 0.5, 0)
             .is_err());
+        // An audited micro-batch outside the recomputed ones is refused.
+        let two: std::collections::BTreeMap<u64, crate::pipeline::Evidence> =
+            (0..2).map(|m| (m, Default::default())).collect();
+        let e = judge
+            .recompute_step_detached(&mut before, 0, 0, &[0, 1], &two, 0.5, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("micro-batch 2"), "{e}");
     }
 
     #[test]

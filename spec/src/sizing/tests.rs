@@ -226,3 +226,41 @@ fn audited_replicas_keep_one_step_of_what_they_received() {
         .iter()
         .all(|s| s.evidence_bytes == 0));
 }
+
+#[test]
+fn replicas_hold_what_combining_their_gradients_needs() {
+    let plan_of = |pipeline: &str, vocab: usize| plan(&run(SMALL, pipeline, 4), vocab, None);
+    let alone = plan_of("stages: 2, replicas: 1", 256);
+    assert!(alone.stages.iter().all(|s| s.aggregation_bytes == 0));
+    let robust = "aggregation: median, routing: lanes";
+    let mean = plan_of("stages: 2, replicas: 3", 256);
+    let median = plan_of(&format!("stages: 2, replicas: 3, {robust}"), 256);
+    let median5 = plan_of(&format!("stages: 2, replicas: 5, {robust}"), 256);
+    // SMALL: 64 wide, 4 heads (no grouped keys), a 128 wide MLP. With a
+    // vocabulary of 256 a block (4 × 64 × 64 + 3 × 64 × 128 + 2 × 64) is
+    // the largest bucket of both stages.
+    let block = (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64) * 4;
+    for (k, s) in mean.stages.iter().enumerate() {
+        assert_eq!(s.aggregation_bytes, 2 * s.gradient_bytes);
+        let m = &median.stages[k];
+        assert_eq!(m.aggregation_bytes, 5 * m.gradient_bytes + 3 * block);
+        let m5 = &median5.stages[k];
+        assert_eq!(m5.aggregation_bytes - m.aggregation_bytes, 2 * block);
+        // Counted in the total, over the stage alone (whose evidence holds
+        // a copy of its applied gradient for the coordinator's replay).
+        let a = &alone.stages[k];
+        let rest = |x: &StagePlan| x.total_bytes - x.evidence_bytes;
+        assert_eq!(rest(s) - rest(a), s.aggregation_bytes);
+        assert_eq!(rest(m) - rest(a), m.aggregation_bytes);
+    }
+    // With a vocabulary of 4096 the first stage's largest bucket is its
+    // embedding (4096 × 64), the last's its head and final norm.
+    let wide = plan_of(&format!("stages: 2, replicas: 3, {robust}"), 4096);
+    for (s, bucket) in wide.stages.iter().zip([4096 * 64, 4096 * 64 + 64]) {
+        assert_eq!(s.aggregation_bytes, 5 * s.gradient_bytes + 3 * bucket * 4);
+    }
+    // A refusal names it.
+    let s = &median.stages[0];
+    let why = shard_fits(&median, Some(0), s.total_bytes / 2).unwrap_err();
+    assert!(why.contains("to combine the replicas' gradients"), "{why}");
+}

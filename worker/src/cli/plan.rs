@@ -140,6 +140,26 @@ fn print_table(name: &str, spec: &pipewright_spec::TrainingRunSpec, p: &Plan) {
             human(e)
         );
     }
+    if let Some(a) = p
+        .stages
+        .iter()
+        .map(|s| s.aggregation_bytes)
+        .max()
+        .filter(|&a| a > 0)
+    {
+        let receipts = if spec.pipeline.aggregation == pipewright_spec::Aggregation::Mean {
+            ""
+        } else {
+            ", its ring neighbours' contributions kept as receipts for the step"
+        };
+        println!(
+            "with {} replicas each also holds what combining their gradients ({}) needs: copies \
+             of its gradients and the combined result{receipts}, up to {} (counted in its total)",
+            spec.pipeline.replicas,
+            spec.pipeline.aggregation.name(),
+            human(a)
+        );
+    }
     println!(
         "one process (pipewright train without --processes): {}",
         human(p.single_process_bytes)

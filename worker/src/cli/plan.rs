@@ -122,13 +122,10 @@ fn print_table(name: &str, spec: &pipewright_spec::TrainingRunSpec, p: &Plan) {
             None => String::new(),
         }
     );
-    if let Some(e) = p
-        .stages
-        .iter()
-        .map(|s| s.evidence_bytes)
-        .max()
-        .filter(|&e| e > 0)
-    {
+    // The most any stage holds of one kind, where any holds some.
+    let most =
+        |of: fn(&crate::plan::StagePlan) -> u64| p.stages.iter().map(of).max().filter(|&b| b > 0);
+    if let Some(e) = most(|s| s.evidence_bytes) {
         let applied = if spec.pipeline.replicas == 1 {
             " and a copy of the gradient its update applied (the coordinator replays the update)"
         } else {
@@ -140,13 +137,7 @@ fn print_table(name: &str, spec: &pipewright_spec::TrainingRunSpec, p: &Plan) {
             human(e)
         );
     }
-    if let Some(a) = p
-        .stages
-        .iter()
-        .map(|s| s.aggregation_bytes)
-        .max()
-        .filter(|&a| a > 0)
-    {
+    if let Some(a) = most(|s| s.aggregation_bytes) {
         let receipts = if spec.pipeline.aggregation == pipewright_spec::Aggregation::Mean {
             ""
         } else {

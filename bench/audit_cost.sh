@@ -9,7 +9,7 @@
 # change of the machine's load falls on all three alike. The cost is the
 # wall time per step (each run's training wall time over its steps, from
 # the launcher's summary: the workers' waits at the step barrier while
-# audits are decided count). Losses are compared bit for bit.
+# audits are decided count). Every step's loss is compared bit for bit.
 # Writes bench/results/audit-cost.md.
 #
 # Usage: bench/audit_cost.sh BASE_BIN [--seeds N] [--only single|uniform] [--out FILE]
@@ -69,7 +69,8 @@ import json, sys
 path, layout, seed, variant, rc = sys.argv[1:]
 try:
     s = json.load(open(path))
-    print(layout, seed, variant, rc, s["seconds"] / s["steps"], s["final_loss"])
+    losses = s.get("losses") or [s["final_loss"]]
+    print(layout, seed, variant, rc, s["seconds"] / s["steps"], ",".join(repr(l) for l in losses))
 except (OSError, ValueError, KeyError):
     print(layout, seed, variant, rc, "nan", "nan")
 PY

@@ -370,7 +370,7 @@ fn audit_manifest(dir: &Path, dim: usize, seq: usize, rows: usize, steps: u64) -
 /// step: the hashes equal that replica's commitment, and the audits change
 /// nothing of the workers' own training (losses and final weights are a
 /// run's without audits, bit for bit), with activations kept or
-/// recomputed.
+/// recomputed, and under ZB-H1.
 #[test]
 fn a_recomputed_micro_batch_gives_the_committed_hashes_and_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -382,6 +382,12 @@ fn a_recomputed_micro_batch_gives_the_committed_hashes_and_changes_nothing() {
         m.spec.training.recompute = recompute;
         recomputes_as_committed_and_changes_nothing(&m);
     }
+    // Under ZB-H1 the input half and the weight half of a backward are
+    // separate operations; the pass over the step takes the watched
+    // micro-batch's gradient from the input half.
+    let mut m = audit_manifest(dir.path(), 32, 32, 4, 4);
+    m.spec.pipeline.schedule = pipewright_spec::ScheduleKind::ZbH1;
+    recomputes_as_committed_and_changes_nothing(&m);
 }
 
 /// [`a_recomputed_micro_batch_gives_the_committed_hashes_and_changes_nothing`]

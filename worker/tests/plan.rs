@@ -3,8 +3,9 @@
 //! what `plan` says one process needs, for a model whose memory is mostly
 //! parameters and one whose memory is mostly activations, and for the
 //! latter with activation recomputation (`training.recompute`) on; and the
-//! peak of each shard process of a replicated stage is within 15% of what
-//! `plan` gives its stage, under the ring's mean and under a robust rule.
+//! peaks of the shard processes of a replicated stage (their median within
+//! 15%, each within 25%) of what `plan` gives its stage, under the ring's
+//! mean and under a robust rule.
 
 use std::path::Path;
 
@@ -161,8 +162,10 @@ fn children_peaks(launcher: &mut std::process::Child) -> std::collections::BTree
     }
 }
 
-/// A shard process of a stage with 3 replicas peaks within 15% of what the
-/// plan gives its stage (with the process overhead), under the ring's mean
+/// The shard processes of a stage with 3 replicas peak within 15% (their
+/// median; each within 25%) of what the plan gives their stage (with the
+/// process overhead; `VmHWM` polled every 20 ms while they run, so a peak
+/// in a worker's last 20 ms could be missed), under the ring's mean
 /// and under a robust rule, whose gather and receipts hold several more
 /// copies of the gradients: 7M parameters, so the gradients (27 MiB) and
 /// what combining them holds dominate.

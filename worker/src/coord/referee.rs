@@ -27,19 +27,30 @@ struct Built {
 }
 
 /// The stages the coordinator built for its recomputations, the most
-/// recently used last, at most `capacity` of them (what this process's
-/// memory allows, [`memory`]).
+/// recently used last: at most `capacity` of them (what this process's
+/// memory allowed when it started, [`memory`]), and another one is kept
+/// only while the machine still has `room` bytes available (the shard
+/// processes of `pipewright train --processes` start after the
+/// coordinator, on the same machine).
 pub(super) struct Referees {
     capacity: usize,
+    room: u64,
     built: Vec<Built>,
 }
 
 impl Referees {
-    pub(super) fn new(capacity: usize) -> Self {
+    pub(super) fn new(kept: Kept) -> Self {
         Referees {
-            capacity: capacity.max(1),
+            capacity: kept.capacity.max(1),
+            room: kept.room,
             built: Vec::new(),
         }
+    }
+
+    /// Drops every kept stage (after a recomputation panicked, a stage may
+    /// hold micro-batches in flight).
+    pub(super) fn clear(&mut self) {
+        self.built.clear();
     }
 
     /// Stage `stage` over `layers`, built from `manifest` unless kept; the
@@ -57,6 +68,12 @@ impl Referees {
         let b = match at {
             Some(i) => self.built.remove(i),
             None => {
+                // Another stage kept only with room for it and a
+                // recomputation beside; otherwise the kept ones go first.
+                let short = crate::plan::available_memory().is_some_and(|a| a < self.room);
+                if short {
+                    self.built.clear();
+                }
                 let shard = Shard { stage, replica: 0 };
                 let worker = StageWorker::prepare_layers(
                     manifest,
@@ -120,9 +137,8 @@ impl Shared {
         let wk = &mut built.worker;
         let before = job.step.saturating_sub(1);
         // An update upload carries the moments and the applied gradient
-        // after the parameters. They are decoded after the recomputation,
-        // so that its activations and they are not held at once (the
-        // coordinator's memory is one stage's and one upload's).
+        // after the parameters ([`memory`] counts the upload, its decoded
+        // copy and the recomputation at once).
         let params = match &job.update {
             None => weights,
             Some(_) => match wk.update_params(weights) {
@@ -168,6 +184,38 @@ impl Shared {
                 Err(e) => RefereeResult::Failed(e.to_string()),
             };
         }
+        // An update's moments and applied gradient must be the ones
+        // committed to (at the first step the moments are the zeros a
+        // stage built and never stepped holds): checked before anything
+        // is recomputed.
+        let up = match &job.update {
+            None => None,
+            Some(check) => {
+                let up = match wk.decode_update(weights, before) {
+                    Ok(up) => up,
+                    Err(e) => return RefereeResult::BadWeights(e.to_string()),
+                };
+                let moments_before = check.moments_before.unwrap_or(fresh_moments);
+                if up.moments != moments_before {
+                    return RefereeResult::BadWeights(format!(
+                        "their optimizer moments digest to {}, the moments committed to after \
+                         step {before} digest to {}",
+                        hex::encode(&up.moments[..8]),
+                        hex::encode(&moments_before[..8])
+                    ));
+                }
+                if up.applied_digest != check.applied {
+                    return RefereeResult::BadWeights(format!(
+                        "the applied gradient digests to {}, the one committed to for step {} \
+                         to {}",
+                        hex::encode(&up.applied_digest[..8]),
+                        job.step,
+                        hex::encode(&check.applied[..8])
+                    ));
+                }
+                Some((check, up))
+            }
+        };
         // With the whole step's evidence, the audited micro-batch's hashes
         // and the step's gradients come from one pass over the step.
         let (hashes, grads) = match &job.whole_step {
@@ -201,33 +249,9 @@ impl Shared {
             }
         };
         let hashes = [hashes.input, hashes.output, hashes.gradient];
-        let Some(check) = &job.update else {
+        let Some((check, up)) = up else {
             return RefereeResult::Hashes(hashes);
         };
-        let up = match wk.decode_update(weights, before) {
-            Ok(up) => up,
-            Err(e) => return RefereeResult::BadWeights(e.to_string()),
-        };
-        // The moments and the gradient must be the ones committed to; at
-        // the first step the moments are the zeros a stage built and never
-        // stepped holds.
-        let moments_before = check.moments_before.unwrap_or(fresh_moments);
-        if up.moments != moments_before {
-            return RefereeResult::BadWeights(format!(
-                "their optimizer moments digest to {}, the moments committed to after step \
-                 {before} digest to {}",
-                hex::encode(&up.moments[..8]),
-                hex::encode(&moments_before[..8])
-            ));
-        }
-        if up.applied_digest != check.applied {
-            return RefereeResult::BadWeights(format!(
-                "the applied gradient digests to {}, the one committed to for step {} to {}",
-                hex::encode(&up.applied_digest[..8]),
-                job.step,
-                hex::encode(&check.applied[..8])
-            ));
-        }
         // The norm it clipped by must be the step's global norm: the one
         // every other stage reported, or alone in the pipeline its own
         // gradient's (a made-up norm would scale its update down to
@@ -280,29 +304,43 @@ impl Shared {
     }
 }
 
-/// How many built stages this process may keep for its recomputations
+/// How many built stages this process may keep for its recomputations,
+/// and the memory the machine must still have for it to keep another
 /// (`Err`: it has not the memory to recompute one of the run's largest
 /// stage, and why). One recomputation needs the stage as its shard
-/// process holds it (the plan's total), an update upload of it and its
-/// decoded copy (16 bytes per parameter each) and the whole step's
-/// recomputed gradients (4), a quarter more for the allocator, the
+/// process holds it (the plan's total, less what combining replicas'
+/// gradients holds: the coordinator combines none), an update upload of
+/// it and its decoded copy (16 bytes per parameter each) and the whole
+/// step's recomputed gradients (4), a quarter more for the allocator, the
 /// process overhead and what this process holds already; each further
-/// stage kept needs its weights, gradients and moments, a quarter more,
-/// against what is left. Measured on a 4-stage run of 10.4M parameters, a
-/// recomputation with the update's replay raised the coordinator's
-/// resident set by 1.16 times the stage's total and its upload's bytes.
-/// Memory this process cannot know ([`crate::plan::available_memory`]) is
-/// assumed to hold every stage.
+/// stage kept needs its weights, gradients and moments, a quarter more.
+/// Measured on a 4-stage run of 10.4M parameters, a recomputation with the
+/// update's replay raised the coordinator's resident set by 1.16 times the
+/// stage's total and its upload's bytes. Where this process cannot know
+/// its memory ([`crate::plan::available_memory`]) one stage is kept.
 pub(super) fn memory(
     manifest: &pipewright_spec::TrainingRun,
     vocab: usize,
-) -> Result<usize, String> {
+) -> Result<Kept, String> {
     let plan = crate::plan::plan(manifest, vocab, None);
     let stages = plan.stages.len().max(1);
+    let stage = plan
+        .stages
+        .iter()
+        .max_by_key(|s| s.total_bytes - s.aggregation_bytes)
+        .expect("a plan has at least one stage");
+    let one = (stage.total_bytes - stage.aggregation_bytes)
+        .saturating_add(stage.params.saturating_mul(36))
+        .saturating_mul(5)
+        / 4;
+    let kept =
+        (stage.weight_bytes + stage.gradient_bytes + stage.optimizer_bytes).saturating_mul(5) / 4;
     let Some(available) = crate::plan::available_memory() else {
-        return Ok(stages);
+        return Ok(Kept {
+            capacity: 1,
+            room: 0,
+        });
     };
-    let stage = plan.largest_stage();
     let resident = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -312,13 +350,7 @@ pub(super) fn memory(
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024);
-    let need = stage
-        .total_bytes
-        .saturating_add(stage.params.saturating_mul(36))
-        .saturating_mul(5)
-        / 4
-        + crate::plan::PROCESS_OVERHEAD_BYTES
-        + resident;
+    let need = one + crate::plan::PROCESS_OVERHEAD_BYTES + resident;
     if need > available {
         return Err(format!(
             "recomputing a micro-batch of stage {} needs about {} here, and this process has {}",
@@ -327,15 +359,27 @@ pub(super) fn memory(
             crate::plan::human(available)
         ));
     }
-    let kept =
-        (stage.weight_bytes + stage.gradient_bytes + stage.optimizer_bytes).saturating_mul(5) / 4;
     let more = (available - need) / kept.max(1);
-    Ok(1 + usize::try_from(more).unwrap_or(usize::MAX).min(stages - 1))
+    Ok(Kept {
+        capacity: 1 + usize::try_from(more).unwrap_or(usize::MAX).min(stages - 1),
+        room: one.saturating_add(kept),
+    })
+}
+
+/// What [`memory`] allows [`Referees`] to keep.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Kept {
+    /// Built stages at most.
+    pub(super) capacity: usize,
+    /// Bytes the machine must have available, when a stage is built, to
+    /// keep the ones built before beside it: one recomputation and one
+    /// more kept stage.
+    pub(super) room: u64,
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Referees;
+    use super::{Kept, Referees};
 
     const MANIFEST: &str = r#"
 apiVersion: pipewright.dev/v1alpha1
@@ -349,12 +393,16 @@ spec:
 "#;
 
     /// Built stages are kept up to the capacity, the least recently used
-    /// making room; a stage over other layers is another stage; a stage
-    /// that cannot be built is an error, not a kept stage.
+    /// making room, and only while the machine has the room for another;
+    /// a stage over other layers is another stage; a stage that cannot be
+    /// built is an error, not a kept stage.
     #[test]
     fn built_stages_are_kept_up_to_the_capacity() {
         let m = pipewright_spec::parse_manifest(MANIFEST).expect("manifest");
-        let mut r = Referees::new(2);
+        let mut r = Referees::new(Kept {
+            capacity: 2,
+            room: 0,
+        });
         // A mark on the stage built, to know it again.
         r.get(&m, 1, Some(1..2)).expect("stage 1").fresh_moments = [7; 32];
         r.get(&m, 2, Some(2..3)).expect("stage 2");
@@ -374,10 +422,30 @@ spec:
         );
         assert_eq!(r.kept(), 2);
         // Capacity 0 keeps one all the same: the one in use.
-        let mut one = Referees::new(0);
+        let mut one = Referees::new(Kept {
+            capacity: 0,
+            room: 0,
+        });
         one.get(&m, 1, None).expect("stage 1");
         one.get(&m, 2, None).expect("stage 2");
         assert_eq!(one.kept(), 1);
         assert_eq!(one.built[0].stage, 2);
+        // Without the room on the machine for another, a new stage is
+        // built alone.
+        if crate::plan::available_memory().is_some() {
+            let mut tight = Referees::new(Kept {
+                capacity: 3,
+                room: u64::MAX,
+            });
+            tight.get(&m, 1, None).expect("stage 1");
+            tight.get(&m, 2, None).expect("stage 2");
+            assert_eq!(tight.kept(), 1);
+            // A kept one is handed out all the same.
+            tight.get(&m, 2, None).expect("stage 2");
+            assert_eq!(tight.kept(), 1);
+        }
+        // Cleared: nothing kept.
+        r.clear();
+        assert_eq!(r.kept(), 0);
     }
 }

@@ -829,6 +829,12 @@ async fn receipt_method(_: ReceiptAt) -> Reply {
 async fn put_weights(State(shared): Coord, at: WeightsAt, RawBody(body): RawBody) -> Reply {
     changing(shared, move |s| {
         let mut referees = lock(&s.referee);
+        if s.referee.is_poisoned() {
+            // A recomputation panicked: its stage may hold micro-batches
+            // in flight. Every kept stage is built again.
+            referees.clear();
+            s.referee.clear_poison();
+        }
         let job = lock(&s.coord).referee_job(at.worker, at.audit);
         let job = match job {
             Ok(Some(j)) => j,

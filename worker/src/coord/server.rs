@@ -436,7 +436,12 @@ impl Shared {
             handoff: Mutex::new(HashMap::new()),
             metrics: Metrics::new(),
             challenges: Challenges::default(),
-            referee: Mutex::new(super::referee::Referees::new(kept.unwrap_or(0))),
+            referee: Mutex::new(super::referee::Referees::new(kept.unwrap_or(
+                super::referee::Kept {
+                    capacity: 1,
+                    room: 0,
+                },
+            ))),
             state_file,
         })
     }

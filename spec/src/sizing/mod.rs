@@ -415,38 +415,36 @@ impl StageShape<'_> {
         tokens.saturating_mul(input + gradient).saturating_mul(F32)
     }
 
-    /// Parameters of the largest group the stage's gradients are combined
-    /// by (`Stage::weight_groups`): a block, the head with the final norm
-    /// (and a down-projection), or the embedding (and an up-projection).
-    fn largest_bucket(&self) -> u64 {
+    /// Parameters of the groups the stage's gradients are combined by
+    /// (`Stage::weight_groups`): the embedding with an up-projection
+    /// (`front`, 0 where the stage has neither), one block (`block`, each of
+    /// `layers`), the head with the final norm and a down-projection
+    /// (`tail`, 0 where it has none of them).
+    fn buckets(&self) -> Buckets {
         let c = self.cfg;
         let (d, v) = (c.dim as u64, c.vocab as u64);
-        let block = if self.layers > 0 {
-            c.block_params() as u64
-        } else {
-            0
-        };
-        let down = self.down.map_or(0, |r| r as u64 * d);
-        let up = self.up.map_or(0, |r| r as u64 * d);
-        let tail = if self.last { v * d + d } else { 0 } + down;
-        let front = if self.first { v * d } else { 0 } + up;
-        block.max(tail).max(front)
+        let projection = |r: Option<usize>| r.map_or(0, |r| r as u64 * d);
+        Buckets {
+            front: if self.first { v * d } else { 0 } + projection(self.up),
+            block: c.block_params() as u64,
+            tail: if self.last { v * d + d } else { 0 } + projection(self.down),
+        }
+    }
+
+    /// Parameters of the largest group the stage's gradients are combined
+    /// by: a block, the head group or the embedding group.
+    fn largest_bucket(&self) -> u64 {
+        let b = self.buckets();
+        let block = if self.layers > 0 { b.block } else { 0 };
+        block.max(b.front).max(b.tail)
     }
 
     fn params(&self) -> u64 {
-        let c = self.cfg;
-        let (d, v) = (c.dim as u64, c.vocab as u64);
-        let mut p = self.layers.saturating_mul(c.block_params() as u64);
-        if self.first {
-            p = p.saturating_add(v * d);
-        }
-        for r in [self.up, self.down].into_iter().flatten() {
-            p = p.saturating_add(r as u64 * d);
-        }
-        if self.last {
-            p = p.saturating_add(v * d + d);
-        }
-        p
+        let b = self.buckets();
+        self.layers
+            .saturating_mul(b.block)
+            .saturating_add(b.front)
+            .saturating_add(b.tail)
     }
 
     /// Bytes one micro-batch of `batch` rows keeps between its forward and
@@ -531,6 +529,13 @@ impl StageShape<'_> {
         }
         f
     }
+}
+
+/// Parameters of a stage's groups of gradients ([`StageShape::buckets`]).
+struct Buckets {
+    front: u64,
+    block: u64,
+    tail: u64,
 }
 
 /// Width of the key (or value) projection.

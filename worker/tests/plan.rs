@@ -122,7 +122,7 @@ fn plan_matches_the_peak_memory_of_runs_that_recompute() {
     assert!(full.1 < 0.6 * none.1, "full recompute measured {planned:?}");
 }
 
-/// The peak resident set (`VmHWM`, KiB) each child process of `launcher`
+/// The peak resident set (`VmHWM`, bytes) each child process of `launcher`
 /// reached, polled until the launcher exits, by pid.
 #[cfg(target_os = "linux")]
 fn children_peaks(launcher: &mut std::process::Child) -> std::collections::BTreeMap<u32, u64> {
@@ -145,14 +145,9 @@ fn children_peaks(launcher: &mut std::process::Child) -> std::collections::BTree
                 continue;
             }
             let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
-            let hwm = status
-                .lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok());
-            if let Some(kb) = hwm {
+            if let Some(bytes) = pipewright::plan::proc_field(&status, "VmHWM") {
                 let peak = peaks.entry(pid).or_insert(0);
-                *peak = (*peak).max(kb);
+                *peak = (*peak).max(bytes);
             }
         }
         if done {
@@ -205,7 +200,10 @@ fn plan_matches_the_peak_memory_of_replicated_shard_processes() {
             "{aggregation}: {} worker processes seen",
             peaks.len()
         );
-        let mut measured: Vec<f64> = peaks.values().map(|&kb| kb as f64 / 1024.0).collect();
+        let mut measured: Vec<f64> = peaks
+            .values()
+            .map(|&b| b as f64 / (1u64 << 20) as f64)
+            .collect();
         measured.sort_by(f64::total_cmp);
         for m in &measured {
             eprintln!(

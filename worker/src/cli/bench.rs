@@ -86,14 +86,5 @@ fn train(path: &Path, steps: u64, warmup: u64, threads: usize) -> Result<()> {
 
 /// Peak resident memory of this process (Linux `VmHWM`), MiB.
 fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|kb| kb.parse::<f64>().ok())
-            })
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    crate::plan::own_status("VmHWM").map_or(0.0, |b| b as f64 / (1u64 << 20) as f64)
 }

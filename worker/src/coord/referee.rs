@@ -341,15 +341,7 @@ pub(super) fn memory(
             room: 0,
         });
     };
-    let resident = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024);
+    let resident = crate::plan::own_status("VmRSS").unwrap_or(0);
     let need = one + crate::plan::PROCESS_OVERHEAD_BYTES + resident;
     if need > available {
         return Err(format!(

@@ -72,13 +72,9 @@ fn process_limit() -> Option<u64> {
 /// `None` where neither can be read (not Linux).
 pub fn machine_memory() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
-    let available = meminfo.as_deref().and_then(|m| {
-        m.lines()
-            .find(|l| l.starts_with("MemAvailable:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-    });
+    let available = meminfo
+        .as_deref()
+        .and_then(|m| proc_field(m, "MemAvailable"));
     let read = |p: &str| {
         std::fs::read_to_string(p)
             .ok()
@@ -95,5 +91,35 @@ pub fn machine_memory() -> Option<u64> {
     match (available, cgroup) {
         (Some(a), Some(c)) => Some(a.min(c)),
         (a, c) => a.or(c),
+    }
+}
+
+/// The value of `field` in the text of a `/proc` file of `Field:  N kB`
+/// lines (`/proc/meminfo`, `/proc/PID/status`), in bytes.
+pub fn proc_field(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
+/// [`proc_field`] of this process's `/proc/self/status` (`VmRSS`, `VmHWM`):
+/// `None` where it cannot be read (not Linux).
+pub fn own_status(field: &str) -> Option<u64> {
+    proc_field(&std::fs::read_to_string("/proc/self/status").ok()?, field)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proc_field;
+
+    #[test]
+    fn proc_fields_are_read_in_bytes_by_their_exact_name() {
+        let status = "Name:\tpipewright\nVmHWMx:\t9 kB\nVmHWM:\t  2048 kB\nVmRSS:\t1 kB\n";
+        assert_eq!(proc_field(status, "VmHWM"), Some(2048 * 1024));
+        assert_eq!(proc_field(status, "VmRSS"), Some(1024));
+        assert_eq!(proc_field(status, "VmSwap"), None);
+        assert_eq!(proc_field("MemAvailable: lots kB\n", "MemAvailable"), None);
     }
 }
